@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class HerdsConfig(AppConfig):
+    name = "herds"
+    verbose_name = "Herds"

@@ -1,0 +1,172 @@
+"""Hypervisor settings. Everything a deployment changes comes from the environment."""
+
+import os
+import socket
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from hypervisor_site.env import envbool, envint, envpath, envpaths
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = envbool("DJANGO_DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and envbool("HYPERVISOR_PRODUCTION", False):
+        raise ImproperlyConfigured("SECRET_KEY must be set when HYPERVISOR_PRODUCTION is on")
+    # Local, embedded use only: `make run` and the tests. Production sets SECRET_KEY.
+    SECRET_KEY = "hypervisor-local-development-key-not-for-production"  # noqa: S105
+
+ALLOWED_HOSTS = [
+    h.strip() for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost").split(",") if h
+]
+CSRF_TRUSTED_ORIGINS = [
+    o.strip() for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
+]
+
+HYPERVISOR_DATA_DIR = envpath("HYPERVISOR_DATA_DIR", BASE_DIR / "var")
+HYPERVISOR_LOCK_ROOT = envpath("HYPERVISOR_LOCK_ROOT", HYPERVISOR_DATA_DIR / "locks")
+HYPERVISOR_IMPORT_ROOTS = envpaths("HYPERVISOR_IMPORT_ROOTS")
+HYPERVISOR_MAX_FILE_BYTES = envint("HYPERVISOR_MAX_FILE_BYTES", 1024 * 1024, minimum=1)
+HYPERVISOR_LEASE_SECONDS = envint("HYPERVISOR_LEASE_SECONDS", 300, minimum=1)
+# The host identity written on claims. Workers on different machines must differ here;
+# the reaper only judges pids of its own host.
+HYPERVISOR_HOST = os.environ.get("HYPERVISOR_HOST") or socket.gethostname()
+HYPERVISOR_HUMAN_ASSIGNEE = os.environ.get("HYPERVISOR_HUMAN_ASSIGNEE", "nic")
+HYPERVISOR_BOT_ASSIGNEE = os.environ.get("HYPERVISOR_BOT_ASSIGNEE", "bot")
+HYPERVISOR_REAP_INTERVAL = envint("HYPERVISOR_REAP_INTERVAL", 30, minimum=1)
+HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minimum=1)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "django_htmx",
+    "template_partials",
+    "huey.contrib.djhuey",
+    "workqueue",
+    "herds",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "hypervisor_site.urls"
+WSGI_APPLICATION = "hypervisor_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    }
+]
+
+_default_db = f"sqlite:///{HYPERVISOR_DATA_DIR / 'hypervisor.sqlite3'}"
+try:
+    DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL") or _default_db)}
+except Exception as exc:  # dj_database_url raises several kinds for a malformed URL
+    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE: a claim reads then writes; a deferred BEGIN would fail at once with
+    # "database is locked" instead of waiting for the writer ahead of it.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"]["TEST"] = {"NAME": str(HYPERVISOR_DATA_DIR / "test.sqlite3")}
+else:
+    DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "board"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = HYPERVISOR_DATA_DIR / "static"
+
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+if envbool("HYPERVISOR_PRODUCTION", False):
+    SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Huey: SQLite storage under the data folder by default, Redis when HUEY_REDIS_URL is set.
+# `immediate` is set explicitly: huey's default follows DEBUG.
+_consumer = {
+    "workers": envint("HUEY_WORKERS", 4, minimum=1),
+    "worker_type": "thread",
+    # An idle consumer polls SQLite; a short max_delay keeps launch pickup well under 1 s.
+    "initial_delay": 0.05,
+    "backoff": 1.15,
+    "max_delay": 0.25,
+    "periodic": True,
+    "check_worker_health": True,
+}
+if os.environ.get("HUEY_REDIS_URL"):
+    HUEY = {
+        "huey_class": "huey.RedisHuey",
+        "name": os.environ.get("HUEY_NAME", "hypervisor"),
+        "url": os.environ["HUEY_REDIS_URL"],
+        "immediate": envbool("HUEY_IMMEDIATE", False),
+        "blocking": True,
+        "consumer": _consumer,
+    }
+else:
+    HUEY = {
+        "huey_class": "huey.SqliteHuey",
+        "name": os.environ.get("HUEY_NAME", "hypervisor"),
+        "filename": str(HYPERVISOR_DATA_DIR / "huey.sqlite3"),
+        "immediate": envbool("HUEY_IMMEDIATE", False),
+        "consumer": _consumer,
+    }
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"huey": {"level": os.environ.get("HUEY_LOG_LEVEL", "WARNING")}},
+}
+
+HYPERVISOR_DATA_DIR.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,103 @@
+"""Shared fixtures: real databases, real worker processes, a lock root per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from workqueue.models import Queue, Status, Task
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGE = str(ROOT / "manage.py")
+
+
+@pytest.fixture(autouse=True)
+def lock_root(settings, tmp_path) -> Path:
+    root = tmp_path / "locks"
+    root.mkdir()
+    settings.HYPERVISOR_LOCK_ROOT = root
+    settings.HYPERVISOR_IMPORT_ROOTS = []
+    return root
+
+
+def database_url() -> str:
+    """The URL of the test database, for processes the test starts."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or "postgres"
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{user}{password}@{host}:{port}/{db['NAME']}"
+
+
+@pytest.fixture
+def process_env(transactional_db, lock_root, tmp_path) -> dict[str, str]:
+    """Environment for child processes: the same test database and lock root."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "HYPERVISOR_LOCK_ROOT": str(lock_root),
+        "HYPERVISOR_DATA_DIR": str(data_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env
+
+
+def start_manage(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, MANAGE, *args],
+        env=env,
+        cwd=ROOT,
+        stdout=kwargs.pop("stdout", subprocess.PIPE),
+        stderr=kwargs.pop("stderr", subprocess.PIPE),
+        text=True,
+        **kwargs,
+    )
+
+
+def run_manage(args: list[str], env: dict[str, str], timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, MANAGE, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def make_tasks(queue: str, count: int, **fields) -> list[Task]:
+    Queue.objects.get_or_create(name=queue)
+    tasks = [
+        Task(queue=queue, key=f"t{i:06d}", title=f"Task {i}", status=Status.QUEUED, **fields)
+        for i in range(count)
+    ]
+    return Task.objects.bulk_create(tasks, batch_size=1000)
+
+
+@pytest.fixture
+def write_task(tmp_path):
+    """Write a markdown task file under tmp_path/tasks and return its path."""
+    folder = tmp_path / "tasks"
+    folder.mkdir(exist_ok=True)
+
+    def write(name: str, text: str | bytes) -> Path:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text, encoding="utf-8")
+        return path
+
+    write.folder = folder
+    return write

@@ -1,0 +1,500 @@
+"""Claims: take ready tasks exactly once, finish them with a fencing check, reap the dead.
+
+The hot path is a few bulk statements per batch, never an ORM call per task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from django.db import OperationalError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from workqueue import locks
+from workqueue.locks import Identity, LockError, OwnerFile
+from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    queue: str
+    key: str
+    title: str
+    path: str
+    fence: int
+
+
+@dataclass
+class Result:
+    """What a processor reports for one claim."""
+
+    status: str = Status.DONE  # done, blocked, or queued to give the task back
+    outcome: str = ""
+    reason: str = ""
+    evidence: str = ""
+    next_step: str = ""
+    commit: str = ""
+    tokens: int = 0
+    output_tail: str = ""
+    data: dict = field(default_factory=dict)
+
+    def row_values(self) -> dict:
+        return {
+            "status": self.status,
+            "outcome": self.outcome or (self.status == Status.DONE and "success" or ""),
+            "reason": self.reason,
+            "evidence": self.evidence,
+            "next_step": self.next_step,
+            "commit": self.commit,
+            "tokens": self.tokens,
+            "output_tail": self.output_tail,
+            "result": self.data,
+        }
+
+
+@dataclass
+class FinishReport:
+    finished: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+
+
+def claim_ready_tasks(
+    queue: str,
+    identity: Identity,
+    owner_file: OwnerFile,
+    limit: int = 1,
+    lease_seconds: int = 300,
+    filters=None,
+) -> list[Claim]:
+    """Claim up to `limit` ready tasks: the database row first, then the lock directory.
+
+    Tasks whose lock directory a live outside holder already has go back untouched.
+    Raises LockError, after giving every task back, when the lock root cannot take locks.
+    """
+    claims = _claim_rows(queue, identity, limit, lease_seconds, filters)
+    if not claims:
+        return []
+    try:
+        owner_file.refresh()
+    except LockError:
+        give_back(identity, claims, EventKind.LOCK_FAILED, "cannot write owner file")
+        raise
+    held, busy = [], []
+    for _i, claim in enumerate(claims):
+        try:
+            owner = locks.acquire(claim.queue, claim.key, owner_file)
+        except LockError as exc:
+            for taken in held:
+                locks.release(taken.queue, taken.key)
+            give_back(identity, claims, EventKind.LOCK_FAILED, str(exc))
+            raise
+        if owner is None:
+            held.append(claim)
+        else:
+            busy.append((claim, owner))
+    for claim, owner in busy:
+        give_back(identity, [claim], EventKind.LOCK_BUSY, "lock directory held", owner)
+    return held
+
+
+def _claim_rows(queue, identity, limit, lease_seconds, filters) -> list[Claim]:
+    candidates = Task.objects.filter(queue=queue).ready().claim_order()
+    if filters is not None:
+        candidates = filters.apply(candidates)
+    candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+    for attempt in range(20):
+        try:
+            with transaction.atomic():
+                rows = list(
+                    candidates.values_list("id", "key", "title", "source_path", "fence")[:limit]
+                )
+                if not rows:
+                    return []
+                now = timezone.now()
+                # One fence for the batch, above every fence these tasks ever had.
+                fence = max(r[4] for r in rows) + 1
+                ids = [r[0] for r in rows]
+                Task.objects.filter(pk__in=ids).update(
+                    status=Status.CLAIMED,
+                    holder=identity.worker,
+                    holder_host=identity.host,
+                    holder_pid=identity.pid,
+                    holder_started=identity.started,
+                    holder_herd=identity.herd,
+                    fence=fence,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    claimed_at=now,
+                    attempts=F("attempts") + 1,
+                    updated_at=now,
+                )
+                TaskEvent.objects.bulk_create(
+                    TaskEvent(
+                        task_id=i,
+                        at=now,
+                        kind=EventKind.CLAIMED,
+                        actor=identity.worker,
+                        fence=fence,
+                    )
+                    for i in ids
+                )
+            return [Claim(r[0], queue, r[1], r[2], r[3], fence) for r in rows]
+        except OperationalError as exc:
+            # SQLite's busy handler sleeps in fixed steps and can starve one writer;
+            # back off with jitter so that waiting writers interleave.
+            if not _is_lock_contention(exc) or attempt == 19:
+                raise
+            time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
+    return []
+
+
+def _is_lock_contention(exc: OperationalError) -> bool:
+    return connection.vendor == "sqlite" and "locked" in str(exc)
+
+
+def give_back(
+    identity: Identity, claims: list[Claim], kind: str, message: str, owner: dict | None = None
+) -> None:
+    """Undo claims that never started: back to queued, the attempt not counted."""
+    now = timezone.now()
+    with transaction.atomic():
+        for fence, ids in _by_fence(claims).items():
+            Task.objects.filter(
+                pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
+            ).update(
+                status=Status.QUEUED,
+                attempts=F("attempts") - 1,
+                lease_expires_at=None,
+                updated_at=now,
+                **_no_holder(),
+            )
+        TaskEvent.objects.bulk_create(
+            TaskEvent(
+                task_id=c.id,
+                at=now,
+                kind=kind,
+                actor=identity.worker,
+                fence=c.fence,
+                message=message,
+                data={"owner": owner} if owner else {},
+            )
+            for c in claims
+        )
+
+
+def finish_claims(identity: Identity, finished: list[tuple[Claim, Result]]) -> FinishReport:
+    """Record results in one transaction; each row only if its fencing number still matches.
+
+    A holder that lost its claim (reaped, then claimed by another) is refused, and the
+    refusal is recorded; the task's newer result is left untouched.
+    """
+    report = FinishReport()
+    if not finished:
+        return report
+    now = timezone.now()
+    # Tasks with the same fence and the same result share one UPDATE (all of a no-op batch).
+    groups: dict[tuple, tuple[dict, list[int]]] = {}
+    for claim, result in finished:
+        values = result.row_values()
+        signature = (claim.fence, json.dumps(values, sort_keys=True, default=str))
+        groups.setdefault(signature, (values, []))[1].append(claim.id)
+    with transaction.atomic():
+        for (fence, _), (values, ids) in groups.items():
+            status = values["status"]
+            extra = {"finished_at": now} if status != Status.QUEUED else _requeue_fields()
+            if status == Status.QUEUED:
+                values = {"status": Status.QUEUED, "output_tail": values["output_tail"]}
+            updated = Task.objects.filter(
+                pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
+            ).update(updated_at=now, lease_expires_at=None, **values, **extra)
+            if updated == len(ids):
+                report.finished.extend(ids)
+                continue
+            refused = set(
+                Task.objects.filter(pk__in=ids)
+                .exclude(fence=fence, status=status, updated_at=now)
+                .values_list("id", flat=True)
+            )
+            report.refused.extend(refused)
+            report.finished.extend(i for i in ids if i not in refused)
+        refused = set(report.refused)
+        events = []
+        for claim, result in finished:
+            if claim.id in refused:
+                events.append(
+                    TaskEvent(
+                        task_id=claim.id,
+                        at=now,
+                        kind=EventKind.LATE_FINISH_REFUSED,
+                        actor=identity.worker,
+                        fence=claim.fence,
+                        message="finish refused: claim lost (fencing number no longer matches)",
+                        data={"status": result.status, "outcome": result.outcome},
+                    )
+                )
+            else:
+                events.append(_finish_event(identity, claim, result, now))
+        TaskEvent.objects.bulk_create(events)
+    for claim, _ in finished:
+        if claim.id not in refused:
+            locks.release(claim.queue, claim.key)
+    _apply_pending_changes([c.id for c, _ in finished if c.id not in refused])
+    return report
+
+
+def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> TaskEvent:
+    kind = {Status.DONE: EventKind.DONE, Status.BLOCKED: EventKind.BLOCKED}.get(
+        result.status, EventKind.RELEASED
+    )
+    message = result.reason if result.status != Status.DONE else result.outcome
+    data = {"tokens": result.tokens} if result.tokens else {}
+    if result.commit:
+        data["commit"] = result.commit
+    return TaskEvent(
+        task_id=claim.id,
+        at=now,
+        kind=kind,
+        actor=identity.worker,
+        fence=claim.fence,
+        message=message or "",
+        data=data,
+    )
+
+
+def heartbeat(identity: Identity, lease_seconds: int) -> int:
+    """Extend the lease of every task this worker holds."""
+    return Task.objects.held_by(identity.worker).update(
+        lease_expires_at=timezone.now() + timedelta(seconds=lease_seconds)
+    )
+
+
+def release_claims(identity: Identity, claims: list[Claim], message: str) -> None:
+    """Give back claims a stopping worker will not process (the attempt stays counted)."""
+    now = timezone.now()
+    with transaction.atomic():
+        for fence, ids in _by_fence(claims).items():
+            Task.objects.filter(
+                pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
+            ).update(status=Status.QUEUED, updated_at=now, **_requeue_fields())
+        TaskEvent.objects.bulk_create(
+            TaskEvent(
+                task_id=c.id,
+                at=now,
+                kind=EventKind.RELEASED,
+                actor=identity.worker,
+                fence=c.fence,
+                message=message,
+            )
+            for c in claims
+        )
+    for claim in claims:
+        locks.release(claim.queue, claim.key)
+
+
+@dataclass
+class StaleClaim:
+    task: Task
+    why: str
+
+
+@dataclass
+class ReapReport:
+    requeued: list[StaleClaim] = field(default_factory=list)
+    blocked: list[StaleClaim] = field(default_factory=list)
+    orphan_locks: list[Path] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        def rows(items):
+            return [
+                {
+                    "queue": s.task.queue,
+                    "key": s.task.key,
+                    "holder": s.task.holder,
+                    "host": s.task.holder_host,
+                    "pid": s.task.holder_pid,
+                    "why": s.why,
+                }
+                for s in items
+            ]
+
+        return {
+            "requeued": rows(self.requeued),
+            "blocked": rows(self.blocked),
+            "orphan_locks": [str(p) for p in self.orphan_locks],
+        }
+
+
+def find_stale_claims(queue: str | None = None, holder_pid: int | None = None) -> list[StaleClaim]:
+    """Claims whose holder is provably dead on this host, or whose lease ran out."""
+    now = timezone.now()
+    # Outside holders (a file that says in_progress) have no pid: only a person releases them.
+    claimed = Task.objects.claimed().in_queue(queue).filter(holder_pid__isnull=False)
+    if holder_pid is not None:
+        claimed = claimed.filter(holder_pid=holder_pid)
+    verdicts: dict[tuple, bool] = {}
+    stale = []
+    for task in claimed.iterator():
+        holder = (task.holder_host, task.holder_pid, task.holder_started)
+        if holder not in verdicts:
+            verdicts[holder] = locks.owner_is_dead(*holder)
+        if verdicts[holder]:
+            stale.append(StaleClaim(task, f"holder pid {task.holder_pid} is gone"))
+        elif task.lease_expires_at and task.lease_expires_at < now:
+            stale.append(StaleClaim(task, "lease expired"))
+    return stale
+
+
+def release_stale_claims(
+    queue: str | None = None,
+    dry_run: bool = False,
+    actor: str = "reaper",
+    holder_pid: int | None = None,
+) -> ReapReport:
+    """Put stale claims back in the queue (or block them past the attempt limit)."""
+    report = ReapReport()
+    limits = dict(Queue.objects.values_list("name", "max_attempts"))
+    for stale in find_stale_claims(queue, holder_pid):
+        task = stale.task
+        limit = limits.get(task.queue, 3)
+        blocked = task.attempts >= limit
+        (report.blocked if blocked else report.requeued).append(stale)
+        if dry_run:
+            continue
+        now = timezone.now()
+        reason = f"abandoned {task.attempts} times" if blocked else ""
+        with transaction.atomic():
+            updated = Task.objects.filter(
+                pk=task.pk, status=Status.CLAIMED, fence=task.fence
+            ).update(
+                status=Status.BLOCKED if blocked else Status.QUEUED,
+                reason=reason or F("reason"),
+                updated_at=now,
+                lease_expires_at=None,
+                **({"finished_at": now} if blocked else _requeue_fields()),
+            )
+            if updated:
+                TaskEvent.objects.create(
+                    task=task,
+                    at=now,
+                    kind=EventKind.REAPED,
+                    actor=actor,
+                    fence=task.fence,
+                    message=f"{stale.why}; " + (reason or "back to queued"),
+                    data={
+                        "holder": task.holder,
+                        "host": task.holder_host,
+                        "pid": task.holder_pid,
+                        "herd": task.holder_herd,
+                        "attempts": task.attempts,
+                    },
+                )
+        if updated:
+            locks.release(task.queue, task.key)
+    if holder_pid is None:
+        report.orphan_locks = release_orphan_locks(queue, dry_run)
+    return report
+
+
+def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> list[Path]:
+    """Lock directories with no claim behind them whose owner is dead on this host."""
+    held = set(
+        (locks.lock_name(q), locks.lock_name(k))
+        for q, k in Task.objects.claimed().in_queue(queue).values_list("queue", "key")
+    )
+    removed = []
+    for lock in locks.list_locks(queue):
+        if (lock.queue_dir, lock.name) in held:
+            continue
+        # A live owner may be an outside tool, or one of ours between finish and rmdir.
+        if lock.owner_alive is False or (lock.owner is None and lock.age_seconds > 60):
+            removed.append(lock.path)
+            if not dry_run:
+                locks.remove(lock.path)
+    return removed
+
+
+def release_task(task: Task, actor: str, message: str = "") -> bool:
+    """A person releases a claim (or requeues a task): back to queued, lock removed."""
+    now = timezone.now()
+    with transaction.atomic():
+        updated = Task.objects.filter(pk=task.pk, fence=task.fence, status=task.status).update(
+            status=Status.QUEUED, updated_at=now, **_requeue_fields()
+        )
+        if updated:
+            TaskEvent.objects.create(
+                task=task,
+                at=now,
+                kind=EventKind.REQUEUED,
+                actor=actor,
+                fence=task.fence,
+                message=message or f"requeued from {task.status}",
+            )
+    if updated and task.status == Status.CLAIMED:
+        locks.release(task.queue, task.key)
+    return bool(updated)
+
+
+def set_task_status(task: Task, status: str, actor: str, reason: str = "") -> bool:
+    """A person marks a task done or blocked from the board or the admin."""
+    now = timezone.now()
+    values = {"status": status, "updated_at": now, "finished_at": now, "lease_expires_at": None}
+    if status == Status.BLOCKED:
+        values["reason"] = reason
+    else:
+        values["outcome"] = "closed"
+    with transaction.atomic():
+        updated = Task.objects.filter(pk=task.pk, fence=task.fence, status=task.status).update(
+            **values
+        )
+        if updated:
+            TaskEvent.objects.create(
+                task=task,
+                at=now,
+                kind=EventKind.BLOCKED if status == Status.BLOCKED else EventKind.DONE,
+                actor=actor,
+                fence=task.fence,
+                message=reason or f"marked {status} by {actor}",
+            )
+    if updated and task.status == Status.CLAIMED:
+        locks.release(task.queue, task.key)
+    return bool(updated)
+
+
+def _apply_pending_changes(ids: list[int]) -> None:
+    pending = list(Task.objects.filter(pk__in=ids, change_pending=True))
+    if pending:
+        from workqueue.importer import refresh_from_source
+
+        for task in pending:
+            refresh_from_source(task)
+
+
+def _by_fence(claims: list[Claim]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for claim in claims:
+        groups[claim.fence].append(claim.id)
+    return groups
+
+
+def _no_holder() -> dict:
+    return {
+        "holder": "",
+        "holder_host": "",
+        "holder_pid": None,
+        "holder_started": None,
+        "holder_herd": None,
+    }
+
+
+def _requeue_fields() -> dict:
+    return {"lease_expires_at": None, **_no_holder()}

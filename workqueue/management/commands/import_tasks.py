@@ -1,0 +1,36 @@
+import json
+import sys
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from workqueue.importer import Importer
+
+
+class Command(BaseCommand):
+    help = "Import markdown task files (folders, .md files or .txt queue files) into a queue."
+
+    def add_arguments(self, parser):
+        parser.add_argument("paths", nargs="+", metavar="PATH")
+        parser.add_argument("--queue", default="default")
+        parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    def handle(self, *args, **options):
+        paths = [Path(p) for p in options["paths"]]
+        # Folders named on the command line are import roots for this run.
+        roots = [p.resolve() for p in paths if p.is_dir()]
+        progress = sys.stderr.isatty() and not options["json"]
+        report = Importer(options["queue"], roots, progress=progress).run(paths)
+        if options["json"]:
+            self.stdout.write(json.dumps(report.as_dict()))
+        else:
+            for error in report.errors:
+                self.stderr.write(f"{error['path']}: {error['error']}")
+            self.stdout.write(
+                f"{report.imported} imported, {report.updated} updated, "
+                f"{report.unchanged} unchanged, {report.closed} closed, "
+                f"{report.deferred} deferred (claimed), {report.missing} missing, "
+                f"{len(report.errors)} errors"
+            )
+        if report.errors and not report.accepted:
+            raise CommandError("nothing could be imported")

@@ -1,0 +1,26 @@
+import json
+
+from django.core.management.base import BaseCommand
+
+from workqueue.models import Task
+
+
+class Command(BaseCommand):
+    help = "Counts per status, claims per worker, stale claims and the oldest claim's age."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--queue")
+        parser.add_argument("--json", action="store_true")
+
+    def handle(self, *args, **options):
+        stats = Task.objects.stats(options["queue"])
+        if options["json"]:
+            self.stdout.write(json.dumps(stats))
+            return
+        for status, count in stats["counts"].items():
+            self.stdout.write(f"{status:>8}: {count}")
+        for holder, count in stats["claimed_by"].items():
+            self.stdout.write(f"  held by {holder}: {count}")
+        self.stdout.write(f"stale claims: {stats['stale']}")
+        age = stats["oldest_claim_seconds"]
+        self.stdout.write(f"oldest claim: {age:.0f} s" if age is not None else "oldest claim: -")

@@ -1,0 +1,32 @@
+import json
+
+from django.core.management.base import BaseCommand
+
+from workqueue.claims import release_stale_claims
+
+
+class Command(BaseCommand):
+    help = "Release claims whose holder died or whose lease ran out, and orphan lock folders."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--queue")
+        parser.add_argument("--dry-run", action="store_true", help="list, change nothing")
+        parser.add_argument("--json", action="store_true")
+
+    def handle(self, *args, **options):
+        report = release_stale_claims(options["queue"], dry_run=options["dry_run"])
+        if options["json"]:
+            self.stdout.write(json.dumps(report.as_dict()))
+            return
+        verb = "would release" if options["dry_run"] else "released"
+        data = report.as_dict()
+        for row in data["requeued"]:
+            self.stdout.write(f"{verb} {row['queue']}/{row['key']} to queued: {row['why']}")
+        for row in data["blocked"]:
+            self.stdout.write(f"{verb} {row['queue']}/{row['key']} to blocked: {row['why']}")
+        for path in data["orphan_locks"]:
+            self.stdout.write(f"{verb} orphan lock {path}")
+        self.stdout.write(
+            f"{len(data['requeued'])} requeued, {len(data['blocked'])} blocked, "
+            f"{len(data['orphan_locks'])} orphan locks"
+        )

@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.db.models import Count, Exists, Min, OuterRef, Q
+from django.utils import timezone
+
+
+class Status(models.TextChoices):
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    DONE = "done"
+    BLOCKED = "blocked"
+
+
+class Outcome(models.TextChoices):
+    SUCCESS = "success"
+    CLOSED = "closed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class Queue(models.Model):
+    """Per-queue settings. A queue exists as soon as a task names it."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    max_attempts = models.PositiveIntegerField(
+        default=3, help_text="Claims a task may lose to dead workers before it is blocked."
+    )
+    stamp_claims = models.BooleanField(
+        default=False,
+        help_text="Write claimed_by/herd/claimed_at into the task file while it is held.",
+    )
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TaskQuerySet(models.QuerySet):
+    def in_queue(self, queue: str | None) -> TaskQuerySet:
+        return self.filter(queue=queue) if queue else self
+
+    def queued(self) -> TaskQuerySet:
+        return self.filter(status=Status.QUEUED)
+
+    def claimed(self) -> TaskQuerySet:
+        return self.filter(status=Status.CLAIMED)
+
+    def waiting(self) -> TaskQuerySet:
+        """Queued tasks with a dependency that is not done yet."""
+        return self.queued().filter(has_dependencies=True).filter(Exists(_unmet_dependencies()))
+
+    def ready(self) -> TaskQuerySet:
+        """Queued tasks whose every dependency is done."""
+        return self.queued().filter(Q(has_dependencies=False) | ~Exists(_unmet_dependencies()))
+
+    def claim_order(self) -> TaskQuerySet:
+        # Priority follows the P0..P4 convention: a lower number is more urgent.
+        return self.order_by("priority", "id")
+
+    def lease_expired(self, now=None) -> TaskQuerySet:
+        return self.claimed().filter(
+            lease_expires_at__lt=now or timezone.now(), holder_pid__isnull=False
+        )
+
+    def held_by(self, worker: str) -> TaskQuerySet:
+        return self.claimed().filter(holder=worker)
+
+    def counts(self) -> dict[str, int]:
+        found = dict(self.values_list("status").annotate(n=Count("id")).order_by())
+        return {status: found.get(status, 0) for status in Status.values}
+
+    def stats(self, queue: str | None = None) -> dict:
+        from workqueue.claims import find_stale_claims
+
+        tasks = self.in_queue(queue)
+        claimed = tasks.claimed()
+        oldest = claimed.aggregate(oldest=Min("claimed_at"))["oldest"]
+        return {
+            "counts": tasks.counts(),
+            "claimed_by": dict(
+                claimed.values_list("holder").annotate(n=Count("id")).order_by("holder")
+            ),
+            "stale": len(find_stale_claims(queue)),
+            "oldest_claim_seconds": (timezone.now() - oldest).total_seconds() if oldest else None,
+        }
+
+
+def _unmet_dependencies():
+    done = Task.objects.filter(queue=OuterRef("task__queue"), key=OuterRef("key"), status="done")
+    return Dependency.objects.filter(task=OuterRef("pk")).exclude(Exists(done))
+
+
+class Task(models.Model):
+    queue = models.CharField(max_length=100)
+    key = models.CharField(max_length=500)
+    title = models.CharField(max_length=500, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    priority = models.IntegerField(default=2)
+    project = models.CharField(max_length=200, blank=True)
+    assignee = models.CharField(max_length=200, blank=True)
+    type = models.CharField(max_length=100, blank=True)
+    complexity = models.CharField(max_length=100, blank=True)
+    tags = models.JSONField(default=list, blank=True)
+    # "|a|b|" so that a tag filter is a plain LIKE on every database.
+    tag_index = models.CharField(max_length=1000, blank=True, default="")
+    depends_on = models.JSONField(default=list, blank=True)
+    has_dependencies = models.BooleanField(default=False)
+    frontmatter = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    body = models.TextField(blank=True)
+
+    # Where it came from; a change is detected by size and mtime first, then the hash.
+    source_path = models.CharField(max_length=1000, blank=True)
+    source_size = models.BigIntegerField(null=True, blank=True)
+    source_mtime_ns = models.BigIntegerField(null=True, blank=True)
+    source_sha256 = models.CharField(max_length=64, blank=True)
+    source_missing = models.BooleanField(default=False)
+    change_pending = models.BooleanField(
+        default=False, help_text="The file changed while claimed; re-read when the claim ends."
+    )
+    closed_by = models.CharField(max_length=50, blank=True, help_text="Rule that closed it.")
+
+    # The claim: the row half of it. The other half is the lock directory.
+    holder = models.CharField(max_length=200, blank=True)
+    holder_host = models.CharField(max_length=200, blank=True)
+    holder_pid = models.IntegerField(null=True, blank=True)
+    holder_started = models.FloatField(null=True, blank=True)
+    holder_herd = models.BigIntegerField(null=True, blank=True)
+    fence = models.BigIntegerField(default=0)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    # The result.
+    outcome = models.CharField(max_length=100, blank=True)
+    reason = models.TextField(blank=True)
+    evidence = models.TextField(blank=True)
+    next_step = models.TextField(blank=True)
+    commit = models.CharField(max_length=100, blank=True)
+    tokens = models.BigIntegerField(default=0)
+    output_tail = models.TextField(blank=True)
+    result = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = TaskQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["queue", "key"], name="task_unique_key_per_queue")
+        ]
+        indexes = [
+            # The claim path: only queued rows, in claim order.
+            models.Index(
+                fields=["queue", "priority", "id"],
+                name="task_claim_path",
+                condition=Q(status="queued"),
+            ),
+            models.Index(fields=["queue", "status", "priority", "id"], name="task_board"),
+            models.Index(
+                fields=["lease_expires_at"], name="task_claimed", condition=Q(status="claimed")
+            ),
+            models.Index(fields=["queue", "source_path"], name="task_source"),
+            models.Index(fields=["updated_at"], name="task_updated"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.queue}/{self.key}"
+
+    @property
+    def lease_left(self) -> timedelta | None:
+        if self.status != Status.CLAIMED or self.lease_expires_at is None:
+            return None
+        return self.lease_expires_at - timezone.now()
+
+    def is_stale(self) -> bool:
+        from workqueue.locks import owner_is_dead
+
+        if self.status != Status.CLAIMED:
+            return False
+        if self.lease_expires_at and self.lease_expires_at < timezone.now():
+            return True
+        return owner_is_dead(self.holder_host, self.holder_pid, self.holder_started)
+
+
+class Dependency(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="dependencies")
+    key = models.CharField(max_length=500)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["task", "key"], name="dependency_unique")]
+        verbose_name_plural = "dependencies"
+
+    def __str__(self) -> str:
+        return f"{self.task.key} -> {self.key}"
+
+
+class EventKind(models.TextChoices):
+    IMPORTED = "imported"
+    UPDATED = "updated"
+    CHANGE_DEFERRED = "change_deferred"
+    MISSING = "missing"
+    CLAIMED = "claimed"
+    LOCK_BUSY = "lock_busy"
+    LOCK_FAILED = "lock_failed"
+    DONE = "done"
+    BLOCKED = "blocked"
+    RELEASED = "released"
+    REQUEUED = "requeued"
+    REAPED = "reaped"
+    LATE_FINISH_REFUSED = "late_finish_refused"
+    NOTE = "note"
+
+
+class TaskEvent(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=30, choices=EventKind.choices)
+    actor = models.CharField(max_length=200, blank=True)
+    fence = models.BigIntegerField(null=True, blank=True)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["task", "-at"], name="event_timeline")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.task_id} at {self.at:%Y-%m-%d %H:%M:%S}"

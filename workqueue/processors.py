@@ -1,0 +1,263 @@
+"""What a worker does with a claimed task.
+
+Built-ins run in the worker process; `command` runs an agent CLI or a script as an
+argument list, never through a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from django.utils.module_loading import import_string
+
+from workqueue.claims import Claim, Result
+from workqueue.models import Status
+
+GIVE_BACK_EXIT = 75  # EX_TEMPFAIL: "not now, give the task to someone else"
+TAIL_CHARS = 4000
+PLACEHOLDERS = ("path", "key", "queue", "title")
+AGENT_LINE = re.compile(r"^(COMPLETED|BLOCKED):\s*(\S.*)?$", re.MULTILINE)
+
+
+class Processor:
+    name = "processor"
+    # Built-ins are fast: the worker finishes a whole prefetched batch in one write.
+    finish_in_batches = True
+
+    def process(self, claim: Claim, context: WorkContext) -> Result:
+        raise NotImplementedError
+
+
+class WorkContext:
+    """What a processor may ask of the worker running it."""
+
+    def __init__(self, worker_name: str, stopping: Callable[[], bool], dry_run: bool = False):
+        self.worker_name = worker_name
+        self.stopping = stopping
+        self.dry_run = dry_run
+
+
+class NoopProcessor(Processor):
+    """Reads the task file and reports success: the baseline for throughput."""
+
+    name = "noop"
+
+    def process(self, claim: Claim, context: WorkContext) -> Result:
+        if claim.path:
+            try:
+                with open(claim.path, "rb") as f:
+                    f.read()
+            except OSError as exc:
+                return Result(status=Status.BLOCKED, reason=f"cannot read {claim.path}: {exc}")
+        return Result(status=Status.DONE, outcome="success")
+
+
+class CommandProcessor(Processor):
+    name = "command"
+    finish_in_batches = False
+
+    def __init__(
+        self,
+        argv: list[str],
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        secrets: list[str] | None = None,
+    ):
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("a command is a non-empty list of strings")
+        self.argv = argv
+        self.timeout = timeout
+        self.env = env or {}
+        self.cwd = cwd
+        self.secrets = [s for s in (secrets or []) if s]
+        self.last_output = ""
+
+    def arguments(self, claim: Claim, extra: dict | None = None) -> list[str]:
+        values = {
+            "path": claim.path,
+            "key": claim.key,
+            "queue": claim.queue,
+            "title": claim.title,
+            **(extra or {}),
+        }
+        # Plain replacement, not str.format: a title with braces must not be interpreted.
+        args = []
+        for arg in self.argv:
+            for name, value in values.items():
+                arg = arg.replace("{" + name + "}", value or "")
+            args.append(arg)
+        return args
+
+    def process(
+        self, claim: Claim, context: WorkContext, extra: dict | None = None, cwd: str | None = None
+    ) -> Result:
+        env = {
+            **os.environ,
+            **self.env,
+            "HYPERVISOR_TASK_KEY": claim.key,
+            "HYPERVISOR_TASK_PATH": claim.path,
+            "HYPERVISOR_QUEUE": claim.queue,
+            "HYPERVISOR_WORKER": context.worker_name,
+        }
+        args = self.arguments(claim, extra)
+        started = time.monotonic()
+        try:
+            child = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=cwd or self.cwd,
+                text=True,
+                errors="replace",
+            )
+        except OSError as exc:
+            return Result(status=Status.BLOCKED, reason=f"cannot start {args[0]}: {exc.strerror}")
+        try:
+            stdout, stderr = child.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            stdout, stderr = child.communicate()
+            self.last_output = self._mask(stdout + stderr)
+            return Result(
+                status=Status.BLOCKED,
+                outcome="timed_out",
+                reason=f"timed out after {self.timeout:g} s",
+                output_tail=self.last_output[-TAIL_CHARS:],
+            )
+        stdout, stderr = self._mask(stdout), self._mask(stderr)
+        self.last_output = stdout + stderr
+        result = interpret(child.returncode, stdout, stderr, claim.key)
+        if child.returncode < 0 and context.stopping():
+            # Stopped with the herd (cancel or Ctrl-C): the task is not at fault.
+            result = Result(status=Status.QUEUED, reason="worker stopped")
+        result.output_tail = (stdout + ("\n" + stderr if stderr else ""))[-TAIL_CHARS:]
+        result.data.setdefault("seconds", round(time.monotonic() - started, 3))
+        return result
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "********")
+        return text
+
+
+def interpret(code: int, stdout: str, stderr: str, key: str) -> Result:
+    """Turn an exit code and output into a result, reading the agent's last words."""
+    if code == GIVE_BACK_EXIT:
+        return Result(status=Status.QUEUED, reason="the command gave the task back (exit 75)")
+    result = (
+        Result(status=Status.DONE, outcome="success")
+        if code == 0
+        else Result(status=Status.BLOCKED, reason=_exit_reason(code, stderr))
+    )
+    _read_agent_lines(result, stdout)
+    _read_json_line(result, stdout)
+    return result
+
+
+def _exit_reason(code: int, stderr: str) -> str:
+    tail = stderr.strip()[-500:]
+    if code < 0:
+        try:
+            what = signal.Signals(-code).name
+        except ValueError:
+            what = f"signal {-code}"
+        return f"killed by {what}" + (f": {tail}" if tail else "")
+    return tail or f"exited with code {code}"
+
+
+def _read_agent_lines(result: Result, stdout: str) -> None:
+    found = list(AGENT_LINE.finditer(stdout))
+    if not found:
+        return
+    last = found[-1]
+    after = stdout[last.end() :]
+    reason = re.search(r"^Reason:\s*(.+)$", after, re.MULTILINE)
+    following = re.search(r"^Next:\s*(.+)$", after, re.MULTILINE)
+    if last.group(1) == "BLOCKED":
+        result.status = Status.BLOCKED
+        result.reason = reason.group(1).strip() if reason else "the agent reported BLOCKED"
+    else:
+        result.status = Status.DONE
+        result.outcome = result.outcome or "success"
+        result.reason = ""
+    if following:
+        result.next_step = following.group(1).strip()
+
+
+def _read_json_line(result: Result, stdout: str) -> None:
+    lines = stdout.strip().splitlines()
+    if not lines:
+        return
+    try:
+        data = json.loads(lines[-1])
+    except ValueError:
+        return
+    if not isinstance(data, dict):
+        return
+    status = data.get("status")
+    if status in (Status.DONE, "success", "completed"):
+        result.status = Status.DONE
+        result.reason = ""
+    elif status == Status.BLOCKED:
+        result.status = Status.BLOCKED
+    for name, attr in (
+        ("outcome", "outcome"),
+        ("reason", "reason"),
+        ("evidence", "evidence"),
+        ("next", "next_step"),
+        ("commit", "commit"),
+    ):
+        if data.get(name) is not None:
+            setattr(result, attr, str(data[name]))
+    with contextlib.suppress(TypeError, ValueError):
+        result.tokens = max(0, int(data.get("tokens") or 0))
+    if result.status == Status.DONE and not result.outcome:
+        result.outcome = "success"
+
+
+BUILT_IN = {
+    "noop": "workqueue.processors.NoopProcessor",
+    "triage": "workqueue.triage.TriageProcessor",
+}
+
+
+def load_processor(name: str, command: list[str] | None = None, **options) -> Processor:
+    """A processor by name: a built-in, `command` (with its argument list) or a dotted path."""
+    if name == "command":
+        return CommandProcessor(command or [], **options)
+    target = BUILT_IN.get(name, name)
+    if "." not in target:
+        raise ValueError(f"unknown processor {name!r}: use noop, triage, command or a dotted path")
+    try:
+        found = import_string(target)
+    except ImportError as exc:
+        raise ValueError(f"cannot import processor {name!r}: {exc}") from None
+    if isinstance(found, type):
+        return found(**options) if options else found()
+    if callable(found):
+        return _FunctionProcessor(found)
+    raise ValueError(f"processor {name!r} is neither a class nor a function")
+
+
+class _FunctionProcessor(Processor):
+    def __init__(self, function):
+        self.function = function
+        self.name = getattr(function, "__name__", "function")
+
+    def process(self, claim: Claim, context: WorkContext) -> Result:
+        return self.function(claim, context)
+
+
+def read_claim_file(claim: Claim) -> str:
+    return Path(claim.path).read_text(encoding="utf-8")

@@ -1,0 +1,12 @@
+"""Hooks for whoever supervises workers (the herds app) without the engine knowing it.
+
+Receivers get the Worker as `sender`; they may set `sender.stop_requested` to drain it.
+"""
+
+from django.dispatch import Signal
+
+worker_started = Signal()
+worker_heartbeat = Signal()
+tasks_finished = Signal()  # kwargs: finished=[(Claim, Result)], refused=[task ids]
+worker_lock_failed = Signal()  # kwargs: message
+worker_stopped = Signal()  # kwargs: exit_code

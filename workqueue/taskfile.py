@@ -1,0 +1,179 @@
+"""Reading one markdown task file: frontmatter (YAML, safe loading only) and body."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass
+
+import yaml
+
+try:
+    from yaml import CSafeLoader as SafeLoader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader
+
+FENCE = re.compile(r"^---[ \t]*\r?\n", re.ASCII)
+CLOSING = re.compile(r"^(?:---|\.\.\.)[ \t]*\r?$", re.MULTILINE)
+HEADING = re.compile(r"^#[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+CLOSE_SECTION = re.compile(r"^##[ \t]+(?:Close Reason|Closed)\b", re.MULTILINE | re.IGNORECASE)
+
+PRIORITY_WORDS = {
+    "critical": 0,
+    "urgent": 0,
+    "highest": 0,
+    "high": 1,
+    "medium": 2,
+    "normal": 2,
+    "low": 3,
+    "lowest": 4,
+}
+DEFAULT_PRIORITY = 2
+
+
+class TaskFileError(ValueError):
+    """A file that cannot become a task; the message says why in one line."""
+
+
+@dataclass
+class TaskFile:
+    frontmatter: dict
+    body: str
+    # Character offsets of the YAML text inside the file, for in-place edits.
+    yaml_start: int = 0
+    yaml_end: int = 0
+
+
+def decode(raw: bytes) -> str:
+    if not raw.strip():
+        raise TaskFileError("empty file")
+    if b"\x00" in raw[:8192]:
+        raise TaskFileError("binary file (contains NUL bytes), not markdown")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(f"not UTF-8 text (invalid byte at offset {exc.start})") from None
+    return text.removeprefix("\ufeff")
+
+
+def parse(raw: bytes) -> TaskFile:
+    text = decode(raw)
+    opening = FENCE.match(text)
+    if not opening:
+        return TaskFile({}, text)
+    closing = CLOSING.search(text, opening.end())
+    if not closing:
+        raise TaskFileError("unclosed frontmatter: no closing '---' line")
+    yaml_text = text[opening.end() : closing.start()]
+    body = text[closing.end() :].removeprefix("\r").removeprefix("\n")
+    return TaskFile(load_yaml(yaml_text), body, opening.end(), closing.start())
+
+
+def load_yaml(yaml_text: str) -> dict:
+    if "*" in yaml_text and _has_alias(yaml_text):
+        # Aliases let a few lines expand into gigabytes (the "billion laughs").
+        raise TaskFileError("YAML aliases (*name) are not allowed in frontmatter")
+    try:
+        data = yaml.load(yaml_text, Loader=SafeLoader)  # noqa: S506 - SafeLoader
+    except yaml.constructor.ConstructorError as exc:
+        tag = getattr(exc, "problem", "") or str(exc)
+        raise TaskFileError(
+            f"YAML {tag.strip()} (only plain YAML is allowed: safe loading)"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise TaskFileError(f"YAML syntax error {_where(exc)}: {_problem(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TaskFileError(f"frontmatter is a {type(data).__name__}, not a mapping of fields")
+    return {str(k): _jsonable(v) for k, v in data.items()}
+
+
+def _has_alias(yaml_text: str) -> bool:
+    try:
+        return any(
+            isinstance(e, yaml.AliasEvent) for e in yaml.parse(yaml_text, Loader=SafeLoader)
+        )
+    except yaml.YAMLError:
+        return False  # load_yaml reports the syntax error itself
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"at line {mark.line + 2}, column {mark.column + 1}" if mark else "in frontmatter"
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime.date | datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def text_field(fm: dict, name: str, limit: int = 200) -> str:
+    value = fm.get(name)
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value)
+    return str(value).strip()[:limit]
+
+
+def list_field(fm: dict, name: str) -> list[str]:
+    value = fm.get(name)
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [p for p in re.split(r"[,\s]+", value) if p]
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if v is not None and str(v).strip()]
+    return [str(value)]
+
+
+def priority(fm: dict) -> int:
+    value = fm.get("priority")
+    if value is None or value == "":
+        return DEFAULT_PRIORITY
+    if isinstance(value, bool):
+        raise TaskFileError(f"priority: {value!r} is not a number or P0-P4/high/medium/low")
+    if isinstance(value, int | float):
+        return int(value)
+    word = str(value).strip().lower()
+    if word.isdigit():
+        return int(word)
+    if re.fullmatch(r"p\d", word):
+        return int(word[1])
+    if word in PRIORITY_WORDS:
+        return PRIORITY_WORDS[word]
+    raise TaskFileError(f"priority: {value!r} is not a number or P0-P4/high/medium/low")
+
+
+def title(fm: dict, body: str, fallback: str) -> str:
+    found = text_field(fm, "title", 500)
+    if found:
+        return found
+    heading = HEADING.search(body)
+    return (heading.group(1).strip() if heading else fallback)[:500]
+
+
+def close_rule(fm: dict, body: str) -> tuple[str, str] | None:
+    """(rule, outcome) when the file says the task is closed."""
+    status = text_field(fm, "status").lower()
+    if status in ("done", "closed"):
+        return f"status_{status}", "closed"
+    if status in ("cancelled", "canceled"):
+        return "status_cancelled", "cancelled"
+    if CLOSE_SECTION.search(body):
+        return "close_reason_section", "closed"
+    if fm.get("close_reason"):
+        return "close_reason_field", "closed"
+    return None

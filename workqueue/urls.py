@@ -1,0 +1,7 @@
+from django.urls import path
+
+from workqueue import views
+
+urlpatterns = [
+    path("", views.board, name="board"),
+]

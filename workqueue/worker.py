@@ -1,0 +1,186 @@
+"""The worker loop: claim, process outside any transaction, finish, repeat."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from django.db import close_old_connections, connection
+
+from workqueue import claims, signals
+from workqueue.claims import Claim, Result
+from workqueue.locks import Identity, LockError, OwnerFile
+from workqueue.models import Status
+from workqueue.processors import Processor, WorkContext
+
+log = logging.getLogger("workqueue.worker")
+
+EXIT_OK = 0
+EXIT_LOCK_ROOT = 3  # the lock root cannot take locks: nothing was claimed
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    done: int = 0
+    blocked: int = 0
+    released: int = 0
+    refused: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    slowest_claim: float = 0.0
+
+    def as_dict(self) -> dict:
+        runtime = time.monotonic() - self.started
+        finished = self.done + self.blocked
+        return {
+            "claimed": self.claimed,
+            "done": self.done,
+            "blocked": self.blocked,
+            "released": self.released,
+            "refused": self.refused,
+            "tokens": self.tokens,
+            "runtime_seconds": round(runtime, 3),
+            "items_per_second": round(finished / runtime, 1) if runtime else 0.0,
+            "slowest_claim_seconds": round(self.slowest_claim, 4),
+        }
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: str,
+        processor: Processor,
+        batch: int = 0,
+        prefetch: int = 1,
+        lease_seconds: int = 300,
+        name: str | None = None,
+        herd: int | None = None,
+        filters=None,
+        dry_run: bool = False,
+    ):
+        self.queue = queue
+        self.processor = processor
+        self.batch = batch
+        self.prefetch = max(1, prefetch)
+        self.lease_seconds = lease_seconds
+        self.identity = Identity.current(name, herd)
+        self.owner_file = OwnerFile(self.identity)
+        self.filters = filters
+        self.stats = WorkerStats()
+        self.stop_requested = False
+        self.stop_reason = ""
+        self.current: Claim | None = None
+        self.context = WorkContext(self.identity.worker, lambda: self.stop_requested, dry_run)
+        self._beating = threading.Event()
+
+    # Signals only set a flag; the loop notices between tasks.
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop(f"received {signal.Signals(signum).name}")
+
+    def stop(self, reason: str) -> None:
+        if not self.stop_requested:
+            self.stop_requested = True
+            self.stop_reason = reason
+
+    def run(self) -> int:
+        signals.worker_started.send(sender=self)
+        beat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
+        beat.start()
+        code = EXIT_OK
+        try:
+            while not self.stop_requested and self.work_one_batch():
+                pass
+        except LockError as exc:
+            log.error("%s: %s; stopped claiming", self.identity.worker, exc)
+            self.stop(str(exc))
+            signals.worker_lock_failed.send(sender=self, message=str(exc))
+            code = EXIT_LOCK_ROOT
+        finally:
+            self._beating.set()
+            beat.join(timeout=5)
+            self.owner_file.discard()
+        signals.worker_stopped.send(sender=self, exit_code=code)
+        return code
+
+    def remaining(self) -> int | None:
+        if not self.batch:
+            return None
+        return self.batch - self.stats.done - self.stats.blocked - self.stats.released
+
+    def work_one_batch(self) -> bool:
+        """Claim, process and finish one batch. Returns False when there is no more work."""
+        left = self.remaining()
+        if left is not None and left <= 0:
+            return False
+        limit = self.prefetch if left is None else min(self.prefetch, left)
+        started = time.monotonic()
+        batch = claims.claim_ready_tasks(
+            self.queue, self.identity, self.owner_file, limit, self.lease_seconds, self.filters
+        )
+        self.stats.slowest_claim = max(self.stats.slowest_claim, time.monotonic() - started)
+        if not batch:
+            return False
+        self.stats.claimed += len(batch)
+        done: list[tuple[Claim, Result]] = []
+        for i, claim in enumerate(batch):
+            if self.stop_requested:
+                claims.release_claims(
+                    self.identity, batch[i:], f"worker stopping: {self.stop_reason}"
+                )
+                self.stats.released += len(batch) - i
+                break
+            self.current = claim
+            result = self.processor.process(claim, self.context)
+            self.current = None
+            done.append((claim, result))
+            if not self.processor.finish_in_batches:
+                self.finish(done)
+                done = []
+        self.finish(done)
+        return True
+
+    def finish(self, done: list[tuple[Claim, Result]]) -> None:
+        if not done:
+            return
+        report = claims.finish_claims(self.identity, done)
+        refused = set(report.refused)
+        for claim, result in done:
+            if claim.id in refused:
+                self.stats.refused += 1
+                log.warning(
+                    "%s: finish of %s refused: claim lost", self.identity.worker, claim.key
+                )
+                continue
+            if result.status == Status.DONE:
+                self.stats.done += 1
+            elif result.status == Status.BLOCKED:
+                self.stats.blocked += 1
+            else:
+                self.stats.released += 1
+            self.stats.tokens += result.tokens
+            if not self.processor.finish_in_batches:
+                log.info(
+                    "%s %s %s %s", claim.key, result.status, result.outcome, result.reason[:200]
+                )
+        signals.tasks_finished.send(sender=self, finished=done, refused=report.refused)
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.5, min(self.lease_seconds / 3, 10))
+        try:
+            while not self._beating.wait(interval):
+                try:
+                    claims.heartbeat(self.identity, self.lease_seconds)
+                    signals.worker_heartbeat.send(sender=self)
+                except Exception:  # a lost heartbeat is retried; the lease covers the gap
+                    log.exception("heartbeat failed")
+                    close_old_connections()
+        finally:
+            connection.close()
