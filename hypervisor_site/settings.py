@@ -83,6 +83,8 @@ TEMPLATES = [
     }
 ]
 
+# Lets two test runs on one machine keep separate test databases.
+_test_tag = os.environ.get("HYPERVISOR_TEST_TAG", "main")
 _default_db = f"sqlite:///{HYPERVISOR_DATA_DIR / 'hypervisor.sqlite3'}"
 try:
     DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL") or _default_db)}
@@ -96,9 +98,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 30,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
-    DATABASES["default"]["TEST"] = {"NAME": str(HYPERVISOR_DATA_DIR / "test.sqlite3")}
+    # A file, not memory: the tests start real worker processes that share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(HYPERVISOR_DATA_DIR / f"test-{_test_tag}.sqlite3")}
 else:
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{_test_tag}"}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
