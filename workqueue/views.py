@@ -1,11 +1,246 @@
+"""The board: four columns, live refresh, card actions, and the task detail drawer."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.db.models import Max
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    QueryDict,
+)
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.cache import patch_cache_control
+from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.vary import vary_on_headers
 
-from workqueue.models import Task
+from workqueue import claims, locks
+from workqueue.forms import ACTIONS, BoardFilterForm, LoadMoreForm, TaskActionForm
+from workqueue.models import Queue, Status, Task
+from workqueue.rendering import render_markdown
+
+PAGE_SIZE = 50
+# Ages and lease countdowns change with the clock, not the rows: re-render that often.
+CLOCK_SECONDS = 15
+CARD_FIELDS = (
+    "id", "queue", "key", "title", "status", "priority", "project", "assignee", "type",
+    "created_at", "updated_at", "holder", "holder_host", "holder_pid", "holder_started",
+    "lease_expires_at", "outcome", "reason", "result", "source_missing", "change_pending",
+)  # fmt: skip
 
 
+def _filters(data: QueryDict) -> BoardFilterForm | None:
+    form = BoardFilterForm(data)
+    return form if form.is_valid() else None
+
+
+def _bad_filters(data: QueryDict) -> HttpResponse:
+    form = BoardFilterForm(data)
+    form.is_valid()
+    problems = "; ".join(f"{name}: {' '.join(errs)}" for name, errs in form.errors.items())
+    return HttpResponseBadRequest(f"Bad filter: {problems}", content_type="text/plain")
+
+
+def board_version(tasks) -> str:
+    """Changes whenever a row in the filtered board changes, is added or removed.
+
+    Two index lookups, no rendering: the live refresh compares it and answers 204.
+    """
+    newest = tasks.aggregate(newest=Max("updated_at"))["newest"]
+    count = tasks.count()
+    stamp = newest.timestamp() if newest else 0
+    return f"{count}-{stamp:.6f}-{int(time.time() // CLOCK_SECONDS)}"
+
+
+def _cards(tasks, status: str, offset: int = 0) -> list[Task]:
+    cards = list(
+        tasks.filter(status=status)
+        .order_by("priority", "id")
+        .only(*CARD_FIELDS)[offset : offset + PAGE_SIZE + 1]
+    )
+    return cards
+
+
+def _columns(tasks) -> list[dict]:
+    counts = tasks.counts()
+    columns = []
+    for status in Status.values:
+        cards = _cards(tasks, status) if counts[status] else []
+        columns.append(
+            {
+                "status": status,
+                "label": Status(status).label,
+                "count": counts[status],
+                "cards": cards[:PAGE_SIZE],
+                "more": len(cards) > PAGE_SIZE,
+                "next_offset": PAGE_SIZE,
+            }
+        )
+    return columns
+
+
+def _board_context(request: HttpRequest, form: BoardFilterForm) -> dict:
+    tasks = form.apply(Task.objects.all())
+    version = board_version(tasks)
+    return {
+        "form": form,
+        "query": form.querystring(),
+        "version": version,
+        "columns": _columns(tasks),
+        "queues": Queue.objects.order_by("name").values_list("name", flat=True),
+        "can_change": request.user.has_perm("queue.change_task"),
+    }
+
+
+@require_GET
 @login_required
 @permission_required("queue.view_task", raise_exception=True)
+@vary_on_headers("HX-Request")
 def board(request: HttpRequest) -> HttpResponse:
-    return render(request, "workqueue/board.html", {"counts": Task.objects.counts()})
+    form = _filters(request.GET)
+    if form is None:
+        return _bad_filters(request.GET)
+    since = request.GET.get("since")
+    if since:
+        # The live refresh: compare versions before anything is rendered.
+        version = board_version(form.apply(Task.objects.all()))
+        if since == version:
+            return HttpResponse(status=204)
+    context = _board_context(request, form)
+    template = "workqueue/board.html"
+    if request.htmx and request.htmx.target == "board":
+        template += "#board"
+    response = render(request, template, context)
+    response["ETag"] = f'"{context["version"]}"'
+    patch_cache_control(response, no_cache=True, private=True)
+    return response
+
+
+@require_GET
+@login_required
+@permission_required("queue.view_task", raise_exception=True)
+def column(request: HttpRequest, status: str) -> HttpResponse:
+    """The next cards of one column: what "load more" fetches."""
+    if status not in Status.values:
+        return HttpResponse("Unknown column", status=404, content_type="text/plain")
+    form = _filters(request.GET)
+    if form is None:
+        return _bad_filters(request.GET)
+    page = LoadMoreForm(request.GET)
+    if not page.is_valid():
+        return HttpResponseBadRequest("offset must be a whole number", content_type="text/plain")
+    offset = page.cleaned_data["offset"]
+    cards = _cards(form.apply(Task.objects.all()), status, offset)
+    context = {
+        "column": {
+            "status": status,
+            "cards": cards[:PAGE_SIZE],
+            "more": len(cards) > PAGE_SIZE,
+            "next_offset": offset + PAGE_SIZE,
+        },
+        "form": form,
+        "query": form.querystring(),
+        "can_change": request.user.has_perm("queue.change_task"),
+    }
+    return render(request, "workqueue/board.html#cards", context)
+
+
+@require_GET
+@login_required
+@permission_required("queue.view_task", raise_exception=True)
+@vary_on_headers("HX-Request")
+def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    task = get_object_or_404(Task, pk=pk)
+    template = "workqueue/task_detail.html"
+    if request.htmx and request.htmx.target == "drawer":
+        template += "#drawer"
+    return render(request, template, _detail_context(request, task))
+
+
+def _detail_context(request: HttpRequest, task: Task) -> dict:
+    return {
+        "task": task,
+        "body_html": render_markdown(task.body),
+        "events": task.events.all()[:200],
+        "lock_owner": locks.read_owner(locks.lock_dir(task.queue, task.key)),
+        "stale": task.is_stale(),
+        "can_change": request.user.has_perm("queue.change_task"),
+        "actions": _allowed_actions(task),
+        "diff": task.result.get("diff") if isinstance(task.result, dict) else None,
+    }
+
+
+def _allowed_actions(task: Task) -> list[tuple[str, str]]:
+    return [(a, label) for a, (label, states) in ACTIONS.items() if task.status in states]
+
+
+@require_POST
+@login_required
+@permission_required("queue.change_task", raise_exception=True)
+def task_action(request: HttpRequest, pk: int) -> HttpResponse:
+    task = get_object_or_404(Task, pk=pk)
+    form = TaskActionForm(request.POST)
+    if not form.is_valid():
+        problems = "; ".join(" ".join(errs) for errs in form.errors.values())
+        return HttpResponseBadRequest(problems, content_type="text/plain")
+    action = form.cleaned_data["action"]
+    if task.status not in ACTIONS[action][1]:
+        return HttpResponse(
+            f"Cannot {ACTIONS[action][0].lower()} a {task.status} task.",
+            status=409,
+            content_type="text/plain",
+        )
+    actor = f"user:{request.user.get_username()}"
+    if action in ("requeue", "release"):
+        changed = claims.release_task(task, actor, f"{action} from the board")
+    elif action == "done":
+        changed = claims.set_task_status(task, Status.DONE, actor)
+    else:
+        changed = claims.set_task_status(
+            task, Status.BLOCKED, actor, form.cleaned_data["reason"].strip()
+        )
+    if not changed:
+        # Someone (a worker, another person) moved the task in the meantime.
+        message = f"{task.key} changed meanwhile; nothing done."
+        if request.htmx:
+            return HttpResponse(message, status=409, content_type="text/plain")
+        messages.error(request, message)
+    elif not request.htmx:
+        messages.success(request, f"{task.key}: {ACTIONS[action][0].lower()} done.")
+    if request.htmx and request.htmx.target == "board":
+        return _board_after_action(request)
+    if request.htmx and request.htmx.target == "drawer":
+        return _drawer_after_action(request, task.pk)
+    return redirect(_safe_next(request))
+
+
+def _board_after_action(request: HttpRequest) -> HttpResponse:
+    # The board's own URL (with its filters) comes in HX-Current-URL.
+    query = QueryDict(urlsplit(request.htmx.current_url or "").query)
+    form = _filters(query)
+    if form is None:
+        form = _filters(QueryDict())
+    return render(request, "workqueue/board.html#board", _board_context(request, form))
+
+
+def _drawer_after_action(request: HttpRequest, pk: int) -> HttpResponse:
+    task = get_object_or_404(Task, pk=pk)
+    response = render(request, "workqueue/task_detail.html#drawer", _detail_context(request, task))
+    # The board behind the drawer refreshes itself at once.
+    response["HX-Trigger"] = "board-changed"
+    return response
+
+
+def _safe_next(request: HttpRequest) -> str:
+    for candidate in (request.POST.get("next"), request.headers.get("Referer")):
+        if candidate and url_has_allowed_host_and_scheme(
+            candidate, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+        ):
+            return candidate
+    return "board"

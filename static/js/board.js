@@ -1,0 +1,95 @@
+// The board: drag a card to another column to act on it, close the task drawer.
+// Every move has a button too (keyboard users, moves that need a reason).
+(function () {
+  "use strict";
+
+  function csrfToken() {
+    try {
+      return JSON.parse(document.body.getAttribute("hx-headers"))["x-csrftoken"];
+    } catch (e) {
+      return "";
+    }
+  }
+
+  // Which action a drop means, or null when the move is not allowed.
+  function actionFor(from, to) {
+    if (from === to || to === "claimed") return null;
+    if (to === "queued") return from === "claimed" ? "release" : "requeue";
+    if (to === "done") return "done";
+    if (to === "blocked" && (from === "queued" || from === "claimed")) return "block";
+    return null;
+  }
+
+  let dragged = null;
+
+  document.addEventListener("dragstart", function (event) {
+    const card = event.target.closest && event.target.closest(".card[draggable=true]");
+    if (!card) return;
+    dragged = card;
+    card.classList.add("dragging");
+    event.dataTransfer.effectAllowed = "move";
+    event.dataTransfer.setData("text/plain", card.dataset.id);
+  });
+
+  document.addEventListener("dragend", function () {
+    if (dragged) dragged.classList.remove("dragging");
+    dragged = null;
+    document.querySelectorAll(".drop-ok").forEach((el) => el.classList.remove("drop-ok"));
+  });
+
+  document.addEventListener("dragover", function (event) {
+    const zone = event.target.closest && event.target.closest("[data-drop]");
+    if (!zone || !dragged) return;
+    if (actionFor(dragged.dataset.status, zone.dataset.drop)) {
+      event.preventDefault();
+      zone.classList.add("drop-ok");
+    }
+  });
+
+  document.addEventListener("dragleave", function (event) {
+    const zone = event.target.closest && event.target.closest("[data-drop]");
+    if (zone && !zone.contains(event.relatedTarget)) zone.classList.remove("drop-ok");
+  });
+
+  document.addEventListener("drop", function (event) {
+    const zone = event.target.closest && event.target.closest("[data-drop]");
+    if (!zone || !dragged) return;
+    event.preventDefault();
+    zone.classList.remove("drop-ok");
+    const action = actionFor(dragged.dataset.status, zone.dataset.drop);
+    if (!action) return;
+    const values = { action: action };
+    if (action === "block") {
+      const reason = window.prompt("Why is this task blocked?");
+      if (!reason || !reason.trim()) return;
+      values.reason = reason.trim();
+    }
+    htmx.ajax("POST", dragged.dataset.action, {
+      target: "#board",
+      swap: "outerHTML",
+      values: values,
+      headers: { "X-CSRFToken": csrfToken() },
+    });
+  });
+
+  // The drawer on the board closes in place; on the detail page the link goes to the board.
+  document.addEventListener("click", function (event) {
+    const close = event.target.closest && event.target.closest("[data-close-drawer]");
+    const drawer = document.querySelector("aside#drawer");
+    if (close && drawer && drawer.contains(close)) {
+      event.preventDefault();
+      drawer.innerHTML = "";
+    }
+  });
+
+  document.addEventListener("keydown", function (event) {
+    const drawer = document.querySelector("aside#drawer");
+    if (event.key === "Escape" && drawer) drawer.innerHTML = "";
+  });
+
+  // A refused action (409: the task moved meanwhile) is said out loud, not swallowed.
+  document.addEventListener("htmx:responseError", function (event) {
+    const xhr = event.detail.xhr;
+    if (xhr && xhr.status >= 400 && xhr.status < 500) window.alert(xhr.responseText);
+  });
+})();

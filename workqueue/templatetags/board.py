@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django import template
+from django.utils import timezone
+
+from workqueue.forms import ACTIONS
+
+register = template.Library()
+
+
+def _short(seconds: float) -> str:
+    seconds = int(abs(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+@register.filter
+def age(moment: datetime | None) -> str:
+    """How long ago, in a few characters: "5m 02s", "3d 4h"."""
+    if not moment:
+        return ""
+    return _short((timezone.now() - moment).total_seconds())
+
+
+@register.filter
+def lease(left: timedelta | None) -> str:
+    if left is None:
+        return "no lease"
+    seconds = left.total_seconds()
+    if seconds < 0:
+        return f"lease expired {_short(seconds)} ago"
+    return f"lease {_short(seconds)} left"
+
+
+@register.filter
+def card_actions(status: str) -> list[tuple[str, str]]:
+    """The one-click actions for a status; blocking needs a reason, so it is not one."""
+    return [
+        (action, label)
+        for action, (label, states) in ACTIONS.items()
+        if status in states and action != "block"
+    ]
+
+
+@register.filter
+def can_block(status: str) -> bool:
+    return status in ACTIONS["block"][1]
