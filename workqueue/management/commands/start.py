@@ -1,0 +1,117 @@
+"""`make run`: migrate, first-start setup, then the Huey consumer and the web server together."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+EXAMPLES = Path(settings.BASE_DIR) / "examples" / "inbox"
+MANAGE = Path(settings.BASE_DIR) / "manage.py"
+
+
+class Command(BaseCommand):
+    help = "Migrate, set up a first start, and run the Huey consumer and the web server."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--addr", default="127.0.0.1:8000", help="host:port to serve on")
+        parser.add_argument(
+            "--setup-only",
+            action="store_true",
+            help="migrate and do the first-start setup, then exit",
+        )
+
+    def handle(self, *args, **options):
+        call_command("migrate", interactive=False, verbosity=0)
+        login = self.first_start_login()
+        self.import_examples_once()
+        if options["setup_only"]:
+            return
+        self.serve(options["addr"], login)
+
+    def first_start_login(self) -> tuple[str, str] | None:
+        """Create an admin login when there is no user at all; the password is shown once."""
+        users = get_user_model()
+        if users.objects.exists():
+            return None
+        password = secrets.token_urlsafe(12)
+        users.objects.create_superuser("admin", "", password)
+        return "admin", password
+
+    def import_examples_once(self) -> None:
+        marker = Path(settings.HYPERVISOR_DATA_DIR) / ".examples-imported"
+        if marker.exists() or not EXAMPLES.is_dir():
+            return
+        call_command("import_tasks", str(EXAMPLES), queue="examples", stdout=self.stdout)
+        marker.write_text("examples/inbox was imported into queue 'examples' on first start\n")
+
+    def serve(self, addr: str, login: tuple[str, str] | None) -> None:
+        python = sys.executable
+        huey = subprocess.Popen([python, str(MANAGE), "run_huey"])
+        # --insecure: serve static files with DEBUG off; this is the embedded, local default.
+        web = subprocess.Popen(
+            [python, str(MANAGE), "runserver", addr, "--noreload", "--insecure"]
+        )
+        # Say where to log in once the server answers, below its own start-up banner.
+        wait_for_port(addr, timeout=20)
+        self.stdout.write(self.style.SUCCESS(f"\nHypervisor is running at http://{addr}/"))
+        if login:
+            self.stdout.write(
+                f"First start: log in as {login[0]} with password {login[1]}\n"
+                "(shown once; change it with `python manage.py changepassword admin`)"
+            )
+        self.stdout.write("Press Ctrl-C to stop the web server and the Huey consumer.\n")
+
+        stopping = False
+
+        def stop(signum, frame):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        children = {"huey": huey, "web": web}
+        failed = None
+        while not stopping and failed is None:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    failed = name
+            time.sleep(0.2)
+        for child in children.values():
+            if child.poll() is None:
+                # SIGINT lets Huey finish what it runs; runserver stops at once either way.
+                child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        for child in children.values():
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if failed:
+            raise CommandError(
+                f"the {failed} process exited with code {children[failed].returncode}; "
+                "stopped the other one"
+            )
+        self.stdout.write("Stopped.")
+
+
+def wait_for_port(addr: str, timeout: float) -> bool:
+    host, _, port = addr.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
