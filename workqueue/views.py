@@ -98,9 +98,9 @@ def _board_context(request: HttpRequest, form: BoardFilterForm) -> dict:
     }
 
 
-@require_GET
 @login_required
 @permission_required("queue.view_task", raise_exception=True)
+@require_GET
 @vary_on_headers("HX-Request")
 def board(request: HttpRequest) -> HttpResponse:
     form = _filters(request.GET)
@@ -122,9 +122,9 @@ def board(request: HttpRequest) -> HttpResponse:
     return response
 
 
-@require_GET
 @login_required
 @permission_required("queue.view_task", raise_exception=True)
+@require_GET
 def column(request: HttpRequest, status: str) -> HttpResponse:
     """The next cards of one column: what "load more" fetches."""
     if status not in Status.values:
@@ -151,9 +151,9 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
     return render(request, "workqueue/board.html#cards", context)
 
 
-@require_GET
 @login_required
 @permission_required("queue.view_task", raise_exception=True)
+@require_GET
 @vary_on_headers("HX-Request")
 def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     task = get_object_or_404(Task, pk=pk)
@@ -180,9 +180,9 @@ def _allowed_actions(task: Task) -> list[tuple[str, str]]:
     return [(a, label) for a, (label, states) in ACTIONS.items() if task.status in states]
 
 
-@require_POST
 @login_required
 @permission_required("queue.change_task", raise_exception=True)
+@require_POST
 def task_action(request: HttpRequest, pk: int) -> HttpResponse:
     task = get_object_or_404(Task, pk=pk)
     form = TaskActionForm(request.POST)

@@ -1,0 +1,105 @@
+"""Every view needs a login and a permission; every POST needs a CSRF token.
+
+The URL configuration is walked, so a view added later cannot skip these checks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver
+from django.urls.resolvers import RoutePattern
+
+# Served by Django itself with its own rules: the login page, logout and the admin.
+PUBLIC = {"login", "logout"}
+SAMPLE = {"int": "1", "str": "queued", "slug": "x", "uuid": "00000000-0000-0000-0000-000000000000"}
+
+
+def walk(patterns=None, prefix: str = "", namespace: str = ""):
+    if patterns is None:
+        patterns = get_resolver().url_patterns
+    for entry in patterns:
+        route = _route(entry.pattern)
+        if isinstance(entry, URLResolver):
+            if entry.app_name == "admin":
+                continue
+            inner = f"{namespace}{entry.namespace}:" if entry.namespace else namespace
+            yield from walk(entry.url_patterns, prefix + route, inner)
+        elif isinstance(entry, URLPattern):
+            name = f"{namespace}{entry.name}" if entry.name else entry.lookup_str
+            if entry.name in PUBLIC and not namespace:
+                continue
+            yield name, "/" + prefix + route
+
+
+def _route(pattern) -> str:
+    if isinstance(pattern, RoutePattern):
+        route = str(pattern)
+
+        def sample(match):
+            return SAMPLE.get(match.group(1) or "str", "x")
+
+        return re.sub(r"<(?:(\w+):)?\w+>", sample, route)
+    # A regex pattern: drop anchors and fill groups with a plain value.
+    regex = pattern.regex.pattern.lstrip("^").rstrip("$").replace("\\Z", "")
+    return re.sub(r"\(\?P<\w+>[^)]*\)|\([^)]*\)", "1", regex).replace("\\", "")
+
+
+URLS = sorted(set(walk()))
+
+
+def test_walk_finds_the_board_views():
+    names = {name for name, _ in URLS}
+    assert {"board", "board-column", "task-detail", "task-action"} <= names
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("name", "url"), URLS)
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_anonymous_is_sent_to_login(client, name, url, method):
+    response = getattr(client, method)(url)
+    assert response.status_code == 302, f"{name} {url} answered {response.status_code}"
+    assert response["Location"].startswith("/login/")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("name", "url"), URLS)
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_login_without_permission_is_forbidden(client, django_user_model, name, url, method):
+    user = django_user_model.objects.create_user("nobody", password="pw-nobody-123")
+    client.force_login(user)
+    response = getattr(client, method)(url)
+    assert response.status_code == 403, f"{name} {url} answered {response.status_code}"
+
+
+@pytest.mark.django_db
+def test_admin_requires_staff_login(client, django_user_model):
+    assert client.get("/admin/").status_code == 302
+    assert client.get("/admin/queue/task/locks/")["Location"].startswith("/admin/login/")
+    client.force_login(django_user_model.objects.create_user("plain", password="pw-plain-123"))
+    assert client.get("/admin/queue/task/locks/")["Location"].startswith("/admin/login/")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("name", "url"), URLS)
+def test_post_without_csrf_token_is_refused(django_user_model, name, url):
+    user = django_user_model.objects.create_superuser("root", "", "pw-root-123")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    response = client.post(url, {"action": "done"})
+    assert response.status_code == 403, f"{name} {url} answered {response.status_code}"
+    assert b"CSRF" in response.content
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url", ["/logout/", "/admin/queue/task/locks/", "/admin/queue/task/", "/login/"]
+)
+def test_django_and_admin_posts_without_csrf_token_are_refused(django_user_model, url):
+    user = django_user_model.objects.create_superuser("root", "", "pw-root-123")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    response = client.post(url, {})
+    assert response.status_code == 403

@@ -1,0 +1,428 @@
+"""The board, its live refresh, card actions and the task detail, through the test client."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from datetime import timedelta
+from html.parser import HTMLParser
+from urllib.parse import urlsplit
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import Permission
+from django.utils import timezone
+
+from tests.conftest import make_tasks
+from workqueue import locks
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def viewer(client, django_user_model):
+    user = django_user_model.objects.create_user("viewer", password="pw-viewer-123")
+    user.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def operator(client, django_user_model):
+    user = django_user_model.objects.create_user("operator", password="pw-operator-123")
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_task", "change_task"])
+    )
+    client.force_login(user)
+    return client
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def claim(task: Task, pid: int | None = None, lease_seconds: int = 300, **fields) -> Task:
+    now = timezone.now()
+    Task.objects.filter(pk=task.pk).update(
+        status=Status.CLAIMED,
+        holder=fields.pop("holder", "worker-7"),
+        holder_host=settings.HYPERVISOR_HOST,
+        holder_pid=pid,
+        fence=task.fence + 1,
+        claimed_at=now,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        updated_at=now,
+        **fields,
+    )
+    task.refresh_from_db()
+    return task
+
+
+def column_html(content: bytes, status: str) -> str:
+    html = content.decode()
+    start = html.index(f'data-status="{status}" aria-labelledby')
+    end = html.find("</section>", start)
+    return html[start:end]
+
+
+def test_board_shows_each_column_with_its_exact_count(viewer):
+    tasks = make_tasks("q", 7)
+    Task.objects.filter(pk__in=[tasks[0].pk, tasks[1].pk]).update(status=Status.DONE)
+    Task.objects.filter(pk=tasks[2].pk).update(status=Status.BLOCKED, reason="needs a human")
+    claim(tasks[3], pid=None)
+    response = viewer.get("/")
+    assert response.status_code == 200
+    counts = dict(
+        re.findall(
+            r'<h2 id="col-(\w+)">\w+ <span class="count">(\d+)</span>', response.content.decode()
+        )
+    )
+    assert counts == {"queued": "3", "claimed": "1", "done": "2", "blocked": "1"}
+    assert "Task 2" in column_html(response.content, "blocked")
+    assert "needs a human" in column_html(response.content, "blocked")
+    assert "Task 6" in column_html(response.content, "queued")
+
+
+def test_cards_are_ordered_by_priority_then_age(viewer):
+    make_tasks("q", 3)
+    Task.objects.filter(key="t000002").update(priority=0)
+    html = column_html(viewer.get("/").content, "queued")
+    assert html.index("Task 2") < html.index("Task 0") < html.index("Task 1")
+
+
+def test_first_fifty_cards_then_load_more(viewer):
+    make_tasks("q", 120)
+    response = viewer.get("/")
+    queued = column_html(response.content, "queued")
+    assert queued.count('class="card ') == 50
+    assert "Load more" in queued
+    more = viewer.get("/board/queued/?offset=50&queue=q")
+    assert more.status_code == 200
+    assert more.content.decode().count('class="card ') == 50
+    assert "offset=100" in more.content.decode()
+    last = viewer.get("/board/queued/?offset=100")
+    assert last.content.decode().count('class="card ') == 20
+    assert "Load more" not in last.content.decode()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("queue=other", {"Other 0"}),
+        ("project=web", {"Task 0"}),
+        ("assignee=ann", {"Task 1"}),
+        ("tag=auth", {"Task 2"}),
+        ("type=bug", {"Task 3"}),
+        ("complexity=hard", {"Task 4"}),
+        ("q=t000001", {"Task 1"}),
+        ("q=task+4", {"Task 4"}),
+        ("project=web&assignee=ann", set()),
+    ],
+)
+def test_filters_live_in_the_url(viewer, query, expected):
+    make_tasks("q", 5)
+    Task.objects.create(queue="other", key="o0", title="Other 0")
+    Task.objects.filter(key="t000000").update(project="web")
+    Task.objects.filter(key="t000001").update(assignee="ann")
+    Task.objects.filter(key="t000002").update(tags=["auth", "bug"], tag_index="|auth|bug|")
+    Task.objects.filter(key="t000003").update(type="bug")
+    Task.objects.filter(key="t000004").update(complexity="hard")
+    response = viewer.get(f"/?{query}")
+    assert response.status_code == 200
+    titles = set(re.findall(r'class="title"[^>]*>([^<]+)</a>', response.content.decode()))
+    assert titles == expected
+
+
+@pytest.mark.parametrize(
+    "query", ["q=" + "x" * 500, "queue=%00", "project=" + "p" * 300, "tag=a%00b"]
+)
+def test_bad_filter_values_are_a_clear_400(viewer, query):
+    response = viewer.get(f"/?{query}")
+    assert response.status_code == 400
+    assert b"Bad filter" in response.content
+
+
+@pytest.mark.parametrize("query", ["offset=abc", "offset=-1", "offset=", "offset=1e99"])
+def test_bad_load_more_offset_is_a_400(viewer, query):
+    assert viewer.get(f"/board/queued/?{query}").status_code == 400
+
+
+def test_unknown_column_and_unknown_task_are_404(viewer):
+    assert viewer.get("/board/nonsense/?offset=0").status_code == 404
+    assert viewer.get("/tasks/999999/").status_code == 404
+
+
+def test_unchanged_board_answers_204_without_rendering(viewer, django_assert_max_num_queries):
+    make_tasks("q", 10)
+    version = viewer.get("/")["ETag"].strip('"')
+    # Session, user and two permission lookups, then the version: a max and a count.
+    with django_assert_max_num_queries(6):
+        response = viewer.get("/", {"since": version})
+    assert response.status_code == 204
+    assert response.content == b""
+
+
+def test_changed_board_answers_with_the_new_board(viewer):
+    tasks = make_tasks("q", 10)
+    version = viewer.get("/")["ETag"].strip('"')
+    Task.objects.filter(pk=tasks[0].pk).update(status=Status.DONE, updated_at=timezone.now())
+    response = viewer.get("/", {"since": version}, HTTP_HX_REQUEST="true", HTTP_HX_TARGET="board")
+    assert response.status_code == 200
+    assert response.content.decode().lstrip().startswith('<div id="board"')
+    assert "Task 0" in column_html(response.content, "done")
+    assert response["Vary"] and "HX-Request" in response["Vary"]
+
+
+def test_filtered_version_ignores_other_queues(viewer):
+    make_tasks("q", 3)
+    version = viewer.get("/?queue=q")["ETag"].strip('"')
+    Task.objects.create(queue="elsewhere", key="x", title="Elsewhere")
+    assert viewer.get("/", {"queue": "q", "since": version}).status_code == 204
+    assert viewer.get("/", {"since": version}).status_code == 200
+
+
+def test_claimed_card_shows_holder_lease_and_stale_in_words(viewer):
+    live, stale, expired = make_tasks("q", 3)
+    claim(live, pid=None, holder="herd-1-w1")
+    claim(stale, pid=dead_pid(), holder="herd-1-w2")
+    claim(expired, pid=None, lease_seconds=-60, holder="herd-1-w3")
+    html = column_html(viewer.get("/").content, "claimed")
+    cards = {
+        key: next(card for card in html.split("<article")[1:] if key in card)
+        for key in ("t000000", "t000001", "t000002")
+    }
+    assert "held by herd-1-w1 on " + settings.HYPERVISOR_HOST in cards["t000000"]
+    assert "left" in cards["t000000"]
+    assert "stale claim" not in cards["t000000"]
+    assert "stale claim" in cards["t000001"]
+    assert "pid " in cards["t000001"]
+    assert "lease expired" in cards["t000002"]
+    assert "stale claim" in cards["t000002"]
+
+
+def test_card_shows_the_triage_action(viewer):
+    (task,) = make_tasks("q", 1)
+    Task.objects.filter(pk=task.pk).update(
+        status=Status.DONE, result={"action": "close", "changes": [{"field": "status"}]}
+    )
+    assert "action: <strong>close</strong>" in viewer.get("/").content.decode()
+
+
+def test_viewer_sees_no_action_buttons_and_cannot_act(viewer):
+    (task,) = make_tasks("q", 1)
+    assert "Mark done" not in viewer.get("/").content.decode()
+    assert viewer.post(f"/tasks/{task.pk}/action/", {"action": "done"}).status_code == 403
+    assert Task.objects.get(pk=task.pk).status == Status.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("start", "action", "end", "kind"),
+    [
+        (Status.QUEUED, "done", Status.DONE, EventKind.DONE),
+        (Status.BLOCKED, "requeue", Status.QUEUED, EventKind.REQUEUED),
+        (Status.DONE, "requeue", Status.QUEUED, EventKind.REQUEUED),
+        (Status.CLAIMED, "release", Status.QUEUED, EventKind.REQUEUED),
+        (Status.CLAIMED, "done", Status.DONE, EventKind.DONE),
+        (Status.QUEUED, "block", Status.BLOCKED, EventKind.BLOCKED),
+    ],
+)
+def test_card_action_changes_status_and_records_an_event(operator, start, action, end, kind):
+    (task,) = make_tasks("q", 1)
+    if start == Status.CLAIMED:
+        claim(task, pid=None)
+    else:
+        Task.objects.filter(pk=task.pk).update(status=start)
+    response = operator.post(
+        f"/tasks/{task.pk}/action/", {"action": action, "reason": "waiting on design"}
+    )
+    assert response.status_code == 302
+    task.refresh_from_db()
+    assert task.status == end
+    event = TaskEvent.objects.filter(task=task).first()
+    assert event.kind == kind
+    assert event.actor == "user:operator"
+    if action == "block":
+        assert task.reason == "waiting on design"
+
+
+def test_release_removes_the_lock_directory(operator, lock_root):
+    (task,) = make_tasks("q", 1)
+    task = claim(task, pid=None)
+    directory = locks.lock_dir(task.queue, task.key)
+    directory.mkdir(parents=True)
+    (directory / "owner.json").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    operator.post(f"/tasks/{task.pk}/action/", {"action": "release"})
+    assert not directory.exists()
+
+
+def test_htmx_action_answers_with_the_board(operator):
+    (task,) = make_tasks("q", 1)
+    response = operator.post(
+        f"/tasks/{task.pk}/action/",
+        {"action": "done"},
+        HTTP_HX_REQUEST="true",
+        HTTP_HX_TARGET="board",
+        HTTP_HX_CURRENT_URL="http://testserver/?queue=q",
+    )
+    assert response.status_code == 200
+    assert response.content.decode().lstrip().startswith('<div id="board"')
+    assert "Task 0" in column_html(response.content, "done")
+
+
+def test_block_needs_a_reason(operator):
+    (task,) = make_tasks("q", 1)
+    response = operator.post(f"/tasks/{task.pk}/action/", {"action": "block", "reason": "  "})
+    assert response.status_code == 400
+    assert Task.objects.get(pk=task.pk).status == Status.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("status", "action"),
+    [(Status.QUEUED, "requeue"), (Status.QUEUED, "release"), (Status.DONE, "done")],
+)
+def test_action_that_does_not_fit_the_status_is_a_409(operator, status, action):
+    (task,) = make_tasks("q", 1)
+    Task.objects.filter(pk=task.pk).update(status=status)
+    response = operator.post(f"/tasks/{task.pk}/action/", {"action": action})
+    assert response.status_code == 409
+    assert not TaskEvent.objects.filter(task=task).exists()
+
+
+def test_unknown_action_and_unknown_task(operator):
+    (task,) = make_tasks("q", 1)
+    assert operator.post(f"/tasks/{task.pk}/action/", {"action": "rm"}).status_code == 400
+    assert operator.post("/tasks/999999/action/", {"action": "done"}).status_code == 404
+    assert operator.get(f"/tasks/{task.pk}/action/").status_code == 405
+
+
+def test_action_redirect_ignores_an_offsite_next(operator):
+    (task,) = make_tasks("q", 1)
+    response = operator.post(
+        f"/tasks/{task.pk}/action/", {"action": "done", "next": "https://evil.example/"}
+    )
+    assert response["Location"] == "/"
+
+
+HOSTILE = """# Plan
+
+<script>alert('body')</script>
+<img src=x onerror="alert('img')">
+<svg onload="alert('svg')"><script>alert('svg2')</script></svg>
+<a href="javascript:alert('raw')">raw link</a>
+
+[click](javascript:alert('md'))
+[data](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)
+![pic](javascript:alert('img2'))
+[vb](vbscript:msgbox)
+[fine](https://example.com/ok)
+"""
+
+
+class _Elements(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.elements: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+
+def assert_inert(html: str) -> list[tuple[str, dict]]:
+    """No element that runs code: no script/svg/iframe, no on* handler, no unsafe URL."""
+    parser = _Elements()
+    parser.feed(html)
+    for tag, attrs in parser.elements:
+        assert tag not in {"script", "svg", "iframe", "object", "embed", "math", "style"}, tag
+        for name, value in attrs.items():
+            assert not name.startswith("on"), (tag, name)
+            if name in {"href", "src", "action", "formaction", "xlink:href"} and value:
+                scheme = urlsplit(value.strip()).scheme.lower()
+                assert scheme in {"", "http", "https", "mailto"}, (tag, name, value)
+    return parser.elements
+
+
+def test_hostile_markdown_is_rendered_inert(viewer):
+    (task,) = make_tasks("q", 1, body=HOSTILE)
+    html = viewer.get(f"/tasks/{task.pk}/").content.decode()
+    start = html.index('<div class="markdown">')
+    body = html[start : html.index("</section>", start)]
+    elements = assert_inert(body)
+    assert ("a", {"href": "https://example.com/ok", "rel": "noopener noreferrer nofollow"}) in (
+        elements
+    )
+    assert "<h1>Plan</h1>" in body
+    # The raw HTML is still readable, as text.
+    assert (
+        "&lt;script&gt;alert(&#x27;body&#x27;)&lt;/script&gt;" in body or "&lt;script&gt;" in body
+    )
+
+
+def test_hostile_title_key_and_frontmatter_are_escaped(viewer):
+    Task.objects.create(
+        queue="q",
+        key="<img src=x onerror=alert(1)>",
+        title="<script>alert('title')</script>",
+        project='"><svg onload=alert(1)>',
+        frontmatter={"note": "<script>alert('fm')</script>"},
+    )
+    for url in ("/", f"/tasks/{Task.objects.get().pk}/"):
+        html = viewer.get(url).content.decode()
+        assert "<script>alert" not in html
+        assert "<img src=x" not in html
+        assert "<svg onload" not in html
+        assert "&lt;script&gt;alert" in html
+
+
+def test_detail_shows_frontmatter_timeline_lock_owner_and_result(viewer):
+    (task,) = make_tasks("q", 1)
+    task = claim(task, pid=4242, holder="herd-3-w1")
+    Task.objects.filter(pk=task.pk).update(
+        frontmatter={"id": "t000000", "estimate": "2h"},
+        outcome="verified complete",
+        evidence="tests pass",
+        next_step="ship it",
+        commit="caecab8b",
+        tokens=1234,
+        output_tail="last line of output",
+        result={"action": "close", "diff": "-old\n+new <b>"},
+    )
+    TaskEvent.objects.create(task=task, kind=EventKind.CLAIMED, actor="herd-3-w1", fence=1)
+    directory = locks.lock_dir(task.queue, task.key)
+    directory.mkdir(parents=True)
+    (directory / "owner.json").write_text(
+        json.dumps({"host": "build-7", "pid": 4242, "worker": "herd-3-w1"})
+    )
+    html = viewer.get(f"/tasks/{task.pk}/").content.decode()
+    for text in (
+        "estimate",
+        "2h",
+        "claimed</strong> by herd-3-w1",
+        "host build-7 · pid 4242 · worker herd-3-w1",
+        "verified complete",
+        "tests pass",
+        "ship it",
+        "caecab8b",
+        "1234",
+        "last line of output",
+        "-old\n+new &lt;b&gt;",
+    ):
+        assert text in html, text
+
+
+def test_detail_drawer_fragment_for_htmx(viewer):
+    (task,) = make_tasks("q", 1)
+    response = viewer.get(f"/tasks/{task.pk}/", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="drawer")
+    html = response.content.decode()
+    assert html.lstrip().startswith('<article class="task-detail"')
+    assert "<html" not in html
+    assert "HX-Request" in response["Vary"]
+
+
+def test_board_page_weight_with_full_columns(operator):
+    make_tasks("q", 400, project="project-name", assignee="someone")
+    response = operator.get("/")
+    assert len(response.content) < 200_000
