@@ -379,8 +379,11 @@ def release_stale_claims(
                 status=Status.BLOCKED if blocked else Status.QUEUED,
                 reason=reason or F("reason"),
                 updated_at=now,
-                lease_expires_at=None,
-                **({"finished_at": now} if blocked else _requeue_fields()),
+                **(
+                    {"finished_at": now, "lease_expires_at": None}
+                    if blocked
+                    else _requeue_fields()
+                ),
             )
             if updated:
                 TaskEvent.objects.create(
