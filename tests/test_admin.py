@@ -1,0 +1,171 @@
+"""The admin: task filters and actions, the filesystem locks page, read-only events."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from datetime import timedelta
+
+import psutil
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import Permission
+from django.test import Client
+from django.utils import timezone
+
+from tests.conftest import make_tasks
+from workqueue import locks
+from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "/admin/queue/task/"
+LOCKS = "/admin/queue/task/locks/"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def claim_with_lock(task: Task, pid: int, host: str | None = None) -> Task:
+    host = host or settings.HYPERVISOR_HOST
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        started = time.time()
+    now = timezone.now()
+    Task.objects.filter(pk=task.pk).update(
+        status=Status.CLAIMED,
+        holder=f"{host}:{pid}",
+        holder_host=host,
+        holder_pid=pid,
+        holder_started=started,
+        fence=5,
+        attempts=1,
+        claimed_at=now,
+        lease_expires_at=now + timedelta(minutes=5),
+        updated_at=now,
+    )
+    directory = locks.lock_dir(task.queue, task.key)
+    directory.mkdir(parents=True)
+    (directory / "owner.json").write_text(
+        json.dumps({"host": host, "pid": pid, "started": started, "worker": f"{host}:{pid}"})
+    )
+    task.refresh_from_db()
+    return task
+
+
+def test_task_changelist_filters_and_search(admin_client):
+    live, stale = make_tasks("q", 2)
+    claim_with_lock(stale, dead_pid())
+    response = admin_client.get(CHANGELIST, {"stale": "yes"})
+    assert response.status_code == 200
+    assert list(response.context["cl"].queryset) == [Task.objects.get(pk=stale.pk)]
+    response = admin_client.get(CHANGELIST, {"stale": "no", "status__exact": "queued"})
+    assert list(response.context["cl"].queryset) == [live]
+    response = admin_client.get(CHANGELIST, {"q": "t000001"})
+    assert [t.key for t in response.context["cl"].queryset] == ["t000001"]
+    for query in ({"queue": "q"}, {"project": ""}, {"assignee": ""}, {"stale": "bogus"}):
+        assert admin_client.get(CHANGELIST, query).status_code == 200
+
+
+def test_requeue_and_block_actions_record_events(admin_client):
+    done, queued = make_tasks("q", 2)
+    Task.objects.filter(pk=done.pk).update(status=Status.DONE)
+    admin_client.post(CHANGELIST, {"action": "requeue_tasks", "_selected_action": [done.pk]})
+    assert Task.objects.get(pk=done.pk).status == Status.QUEUED
+    assert TaskEvent.objects.filter(task=done, kind=EventKind.REQUEUED).exists()
+    admin_client.post(CHANGELIST, {"action": "block_tasks", "_selected_action": [queued.pk]})
+    queued.refresh_from_db()
+    assert queued.status == Status.BLOCKED
+    assert queued.reason == "blocked by admin:admin"
+    assert TaskEvent.objects.filter(task=queued, kind=EventKind.BLOCKED).exists()
+
+
+def test_release_stale_claims_action(admin_client, lock_root):
+    (task,) = make_tasks("q", 1)
+    task = claim_with_lock(task, dead_pid())
+    response = admin_client.post(
+        CHANGELIST, {"action": "release_stale", "_selected_action": [task.pk]}, follow=True
+    )
+    assert "1 requeued" in response.content.decode()
+    task.refresh_from_db()
+    assert task.status == Status.QUEUED
+    assert not locks.lock_dir(task.queue, task.key).exists()
+    assert TaskEvent.objects.filter(task=task, kind=EventKind.REAPED).exists()
+
+
+def test_locks_page_shows_owner_liveness_age_and_staleness(admin_client, lock_root):
+    stale, live, remote = make_tasks("q", 3)
+    claim_with_lock(stale, dead_pid())
+    claim_with_lock(live, 1)  # pid 1 lives as long as the machine does
+    claim_with_lock(remote, 4242, host="another-host")
+    response = admin_client.get(LOCKS)
+    assert response.status_code == 200
+    rows = {row["key"]: row for row in response.context["rows"]}
+    assert rows["t000000"]["alive"] is False and rows["t000000"]["stale"] is True
+    assert rows["t000001"]["alive"] is True and rows["t000001"]["stale"] is False
+    assert rows["t000002"]["alive"] is None and rows["t000002"]["stale"] is False
+    html = response.content.decode()
+    assert "dead" in html and "alive" in html and "unknown (other host)" in html
+    assert "holder pid" in html  # the dry run says why
+    assert "1 claim(s) back to queued" in html
+    # The dry run changed nothing.
+    assert Task.objects.get(pk=stale.pk).status == Status.CLAIMED
+    assert locks.lock_dir("q", "t000000").exists()
+
+
+def test_release_stale_locks_button(admin_client, lock_root):
+    stale, live = make_tasks("q", 2)
+    claim_with_lock(stale, dead_pid())
+    claim_with_lock(live, 1)
+    orphan = locks.lock_dir("q", "no-claim-behind-it")
+    orphan.mkdir(parents=True)
+    (orphan / "owner.json").write_text(
+        json.dumps({"host": settings.HYPERVISOR_HOST, "pid": dead_pid(), "started": 1.0})
+    )
+    response = admin_client.post(LOCKS, follow=True)
+    assert "1 requeued" in response.content.decode()
+    assert Task.objects.get(pk=stale.pk).status == Status.QUEUED
+    assert Task.objects.get(pk=live.pk).status == Status.CLAIMED
+    assert not locks.lock_dir("q", "t000000").exists()
+    assert locks.lock_dir("q", "t000001").exists()
+    assert not orphan.exists()
+
+
+def test_locks_page_needs_task_permissions(django_user_model):
+    staff = django_user_model.objects.create_user("staff", password="pw-staff-123", is_staff=True)
+    client = Client()
+    client.force_login(staff)
+    assert client.get(LOCKS).status_code == 403
+    staff.user_permissions.add(Permission.objects.get(codename="view_task"))
+    assert client.get(LOCKS).status_code == 200
+    assert client.post(LOCKS).status_code == 403
+    staff.user_permissions.add(Permission.objects.get(codename="change_task"))
+    assert client.post(LOCKS).status_code == 302
+
+
+def test_task_events_are_read_only(admin_client):
+    (task,) = make_tasks("q", 1)
+    event = TaskEvent.objects.create(task=task, kind=EventKind.NOTE, message="hello")
+    assert admin_client.get("/admin/queue/taskevent/").status_code == 200
+    assert admin_client.get("/admin/queue/taskevent/add/").status_code == 403
+    response = admin_client.post(
+        f"/admin/queue/taskevent/{event.pk}/change/", {"message": "changed"}
+    )
+    assert response.status_code == 403
+    assert admin_client.get(f"/admin/queue/taskevent/{event.pk}/delete/").status_code == 403
+    assert TaskEvent.objects.get(pk=event.pk).message == "hello"
+
+
+def test_queue_is_editable(admin_client):
+    Queue.objects.create(name="inbox")
+    response = admin_client.post(
+        "/admin/queue/queue/inbox/change/",
+        {"name": "inbox", "max_attempts": 7, "stamp_claims": "on"},
+    )
+    assert response.status_code == 302
+    assert Queue.objects.get(name="inbox").max_attempts == 7
