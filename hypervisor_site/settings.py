@@ -36,6 +36,17 @@ HYPERVISOR_LEASE_SECONDS = envint("HYPERVISOR_LEASE_SECONDS", 300, minimum=1)
 HYPERVISOR_HOST = os.environ.get("HYPERVISOR_HOST") or socket.gethostname()
 HYPERVISOR_HUMAN_ASSIGNEE = os.environ.get("HYPERVISOR_HUMAN_ASSIGNEE", "nic")
 HYPERVISOR_BOT_ASSIGNEE = os.environ.get("HYPERVISOR_BOT_ASSIGNEE", "bot")
+# Triage: the wikilink for a task's `project`; any other project links to [[<project>]].
+HYPERVISOR_PROJECT_LINKS = {
+    "aops": "[[academicOps]]",
+    "framework": "[[academicOps]]",
+    "osb": "[[oversight-board]]",
+    "academic": "[[academic-work]]",
+    "hdr": "[[hdr-supervision]]",
+    "buttermilk": "[[buttermilk]]",
+    "mediamarkets": "[[media-markets]]",
+    "reco": "[[reco-project]]",
+}
 HYPERVISOR_REAP_INTERVAL = envint("HYPERVISOR_REAP_INTERVAL", 30, minimum=1)
 HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minimum=1)
 
