@@ -76,7 +76,11 @@ class Document:
             else:
                 expected[key] = value
         self.yaml_text = edit_yaml(self.yaml_text, changes, self.newline)
-        if taskfile.load_yaml(self.yaml_text) != expected:
+        try:
+            same = taskfile.load_yaml(self.yaml_text) == expected
+        except taskfile.TaskFileError:
+            same = False
+        if not same:
             raise EditRefused("cannot edit this frontmatter in place without changing other keys")
         self.frontmatter = expected
 

@@ -1,0 +1,540 @@
+"""Triage: each decision rule and branch, write-back byte for byte, refusals, idempotence."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from workqueue import triage
+from workqueue.importer import Importer
+from workqueue.models import EventKind, Queue, Status, Task
+from workqueue.processors import load_processor
+from workqueue.triage import Rules, decide, insert_link, triage_bytes
+from workqueue.worker import Worker
+from workqueue.writeback import Document, EditRefused, edit_yaml
+
+RULES = Rules(
+    human="nic",
+    bot="bot",
+    project_links=(("aops", "[[academicOps]]"), ("osb", "[[oversight-board]]")),
+)
+
+
+def no_children(task_id):
+    return False
+
+
+# Close ----------------------------------------------------------------------
+
+CLOSE_CASES = [
+    (
+        "close reason section",
+        {"status": "todo"},
+        "# T\n\n## Close Reason\nDone.\n",
+        "has_close_reason",
+    ),
+    ("closed section, any case", {}, "text\n## CLOSED\n", "has_close_reason"),
+    ("status done", {"status": "done"}, "body", "status_done"),
+    ("status Done", {"status": "Done"}, "body", "status_done"),
+    ("close_reason field", {"close_reason": "dup"}, "body", "has_close_reason_field"),
+    ("section wins over status", {"status": "done"}, "## Closed\n", "has_close_reason"),
+    ("status wins over field", {"status": "done", "close_reason": "x"}, "b", "status_done"),
+    ("open task", {"status": "todo", "close_reason": ""}, "## Closing thoughts? no", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("fm", "body", "reason"), [c[1:] for c in CLOSE_CASES], ids=[c[0] for c in CLOSE_CASES]
+)
+def test_close_rule(fm, body, reason):
+    decision = decide(fm, body, "title", False, RULES)
+    if reason:
+        assert decision.action == "close"
+        assert decision.close_reason == reason
+        # Closing skips the complexity and assignee rules.
+        assert "complexity" not in decision.set_keys
+        assert "assignee" not in decision.set_keys
+    else:
+        assert decision.action.startswith("assign:")
+
+
+def test_close_sets_status_done_only_when_not_done_already():
+    assert decide({"status": "todo"}, "## Closed", "t", False, RULES).changes == ["status->done"]
+    assert decide({"status": "done"}, "## Closed", "t", False, RULES).changes == []
+
+
+# Complexity -----------------------------------------------------------------
+
+LONG = " ".join(["word"] * 510)
+MEDIUM = " ".join(["word"] * 60)
+COMPLEXITY_CASES = [
+    # (id, frontmatter, body, title, has_children, expected)
+    ("type learn", {"type": "learn"}, "x", "t", False, "blocked-human"),
+    ("human tag", {"tags": ["peer_review"]}, "x", "t", False, "blocked-human"),
+    ("human tag in a string", {"tags": "misc, needs-review"}, "x", "t", False, "blocked-human"),
+    ("word review", {}, "Please review it", "t", False, "blocked-human"),
+    ("word in title", {}, "x", "Budget meeting", False, "blocked-human"),
+    ("word policy", {}, "about the POLICY", "t", False, "blocked-human"),
+    ("word boundary", {}, "previewed reviewing", "t", False, "requires-judgment"),
+    # Precedence: human wins over a mechanical title.
+    ("human beats mechanical", {}, "review", "Rename the module", False, "blocked-human"),
+    ("container, no children", {"type": "epic"}, MEDIUM, "t", False, "needs-decomposition"),
+    ("container, short, no list", {"type": "goal"}, "short", "t", True, "needs-decomposition"),
+    ("choice, no checklist", {}, "choose a library", "t", False, "needs-decomposition"),
+    ("which, with checklist", {}, "which one\n- [ ] a", "t", False, "requires-judgment"),
+    (
+        "decomposition beats mechanical",
+        {},
+        "choose",
+        "Delete old files",
+        False,
+        "needs-decomposition",
+    ),
+    ("title rename", {}, "x", "Rename the module", False, "mechanical"),
+    ("title update config", {}, "x", "Update config for CI", False, "mechanical"),
+    ("checklist and path", {}, "- [x] edit /src/app.py", "t", False, "mechanical"),
+    ("checklist, no path", {}, "- [ ] edit app", "t", False, "requires-judgment"),
+    ("fix in title and path", {}, "in src\\util.js", "Fix the crash", False, "mechanical"),
+    ("fix in body only", {}, "fix /src/util.js", "Crash", False, "requires-judgment"),
+    ("container with children", {"type": "project"}, MEDIUM, "t", True, "multi-step"),
+    ("long with acceptance", {}, LONG + "\n## Acceptance\n", "t", False, "multi-step"),
+    ("long with criteria", {}, LONG + " acceptance criteria", "t", False, "multi-step"),
+    ("long, no acceptance", {}, LONG, "t", False, "requires-judgment"),
+    ("nothing matches", {}, "write docs", "t", False, "requires-judgment"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fm", "body", "title", "children", "expected"),
+    [c[1:] for c in COMPLEXITY_CASES],
+    ids=[c[0] for c in COMPLEXITY_CASES],
+)
+def test_complexity_rule(fm, body, title, children, expected):
+    decision = decide(fm, body, title, children, RULES)
+    assert decision.complexity == expected
+    assert decision.set_keys["complexity"] == expected
+    assert f"complexity->{expected}" in decision.changes
+
+
+def test_existing_complexity_is_kept():
+    decision = decide({"complexity": "mechanical"}, "review this", "t", False, RULES)
+    assert decision.complexity == "mechanical"
+    assert "complexity" not in decision.set_keys
+    assert decision.assignee == "bot"
+
+
+# Assignee -------------------------------------------------------------------
+
+ASSIGNEE_CASES = [
+    ("blocked-human overrides", {"assignee": "alice", "type": "learn"}, "x", "t", "nic"),
+    ("mechanical overrides", {"assignee": "alice"}, "x", "Remove dead code", "bot"),
+    ("existing kept", {"assignee": "alice"}, "refactor it", "t", "alice"),
+    ("respond to email", {}, "respond quickly to the email", "t", "nic"),
+    ("design decision", {}, "a design choice", "t", "nic"),
+    ("receipt", {}, "file the receipt", "t", "nic"),
+    ("phrase underspecified", {}, "this is underspecified", "t", "nic"),
+    ("bot tag", {"tags": ["bot-assigned"]}, "x", "t", "bot"),
+    ("implement a function", {}, "implement the parse function", "t", "bot"),
+    ("fix a bug", {}, "fix that nasty bug", "t", "bot"),
+    ("test coverage", {}, "test the unit parts", "t", "bot"),
+    ("refactor", {}, "refactor it", "t", "bot"),
+    ("update schema", {}, "update the schema", "t", "bot"),
+    ("add option", {}, "add an option", "t", "bot"),
+    ("human beats bot", {}, "refactor after the meeting... decision", "t", "nic"),
+    ("acceptance section", {}, "## Acceptance\nit works", "t", "bot"),
+    ("open checkbox", {"complexity": "requires-judgment"}, "- [ ] do it", "t", "bot"),
+    ("nothing: human", {}, "write docs", "t", "nic"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fm", "body", "title", "expected"),
+    [c[1:] for c in ASSIGNEE_CASES],
+    ids=[c[0] for c in ASSIGNEE_CASES],
+)
+def test_assignee_rule(fm, body, title, expected):
+    decision = decide(fm, body, title, False, RULES)
+    assert decision.assignee == expected
+    assert decision.action == f"assign:{expected}"
+    changed = fm.get("assignee") != expected
+    assert (f"assignee->{expected}" in decision.changes) is changed
+
+
+def test_assignee_names_come_from_the_rules():
+    rules = Rules(human="Ada", bot="robot")
+    assert decide({"type": "learn"}, "x", "t", False, rules).assignee == "Ada"
+    assert decide({}, "x", "Rename it", False, rules).assignee == "robot"
+
+
+# Project link ---------------------------------------------------------------
+
+LINK_CASES = [
+    ("mapped", {"project": "aops"}, "x", "[[academicOps]]"),
+    ("mapped, any case", {"project": "OSB"}, "x", "[[oversight-board]]"),
+    ("unmapped", {"project": "garden"}, "x", "[[garden]]"),
+    ("mapped link present", {"project": "aops"}, "see [[academicops]]", ""),
+    ("own name present", {"project": "aops"}, "see [[aops]]", ""),
+    ("no project", {}, "x", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("fm", "body", "link"), [c[1:] for c in LINK_CASES], ids=[c[0] for c in LINK_CASES]
+)
+def test_project_link_rule(fm, body, link):
+    decision = decide(fm, body, "t", False, RULES)
+    assert decision.link == link
+    assert ("added_wikilink" in decision.changes) is bool(link)
+
+
+def test_project_link_applies_to_closed_tasks_too():
+    decision = decide({"project": "aops", "status": "done"}, "x", "t", False, RULES)
+    assert decision.action == "close"
+    assert decision.changes == ["added_wikilink"]
+
+
+INSERT_CASES = [
+    ("after heading", "# Title\n\nText\n", "# Title\n\nProject: [[p]]\n\nText\n"),
+    ("heading, no blank", "# Title\nText\n", "# Title\n\nProject: [[p]]\n\nText\n"),
+    ("heading last line", "# Title", "# Title\n\nProject: [[p]]\n"),
+    (
+        "first h1 only",
+        "intro\n## Sub\n# One\n# Two\n",
+        "intro\n## Sub\n# One\n\nProject: [[p]]\n\n# Two\n",
+    ),
+    ("no heading", "Text\n", "Project: [[p]]\n\nText\n"),
+    ("no heading, blank first", "\nText\n", "Project: [[p]]\n\nText\n"),
+    ("empty body", "", "Project: [[p]]\n"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"), [c[1:] for c in INSERT_CASES], ids=[c[0] for c in INSERT_CASES]
+)
+def test_link_insertion(body, expected):
+    assert insert_link(body, "[[p]]") == expected
+
+
+def test_children_rule_counts_only_tasks_naming_this_id(db):
+    Queue.objects.create(name="q")
+    Task.objects.create(queue="q", key="child", frontmatter={"parent": "epic-1"})
+    Task.objects.create(queue="q", key="link-child", frontmatter={"parent": "[[epic-2]]"})
+    Task.objects.create(queue="other", key="elsewhere", frontmatter={"parent": "epic-3"})
+    index = triage.ChildIndex()
+    assert index.has_children("q", "epic-1")
+    assert index.has_children("q", "epic-2")
+    assert not index.has_children("q", "epic-3")
+    assert not index.has_children("q", "child")
+
+
+# Write-back, byte for byte -----------------------------------------------------
+
+ORIGINAL = (
+    "---\n"
+    "id: t-1   # the id\n"
+    "title: 'Rename: the \"old\" module'\n"
+    "status: todo\n"
+    'assignee: "alice"  # was assigned on Monday\n'
+    "tags:\n"
+    "  - infra   # infra team\n"
+    "  - cleanup\n"
+    "# a comment between keys\n"
+    "complexity: mechanical\n"
+    "due: 2026-01-31\n"
+    "---\n"
+    "# Rename it\n"
+    "\n"
+    "Body   with  odd   spacing.\t\n"
+    "\n"
+    "- [ ] step\n"
+)
+
+
+def changed_lines(old: bytes, new: bytes) -> list[str]:
+    diff = difflib.unified_diff(old.decode().splitlines(), new.decode().splitlines(), n=0)
+    return [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+
+
+def test_one_change_differs_only_in_that_line():
+    new, decision, _ = triage_bytes(ORIGINAL.encode(), "t-1", no_children, RULES)
+    assert decision.changes == ["assignee->bot"]
+    assert changed_lines(ORIGINAL.encode(), new) == [
+        '-assignee: "alice"  # was assigned on Monday',
+        '+assignee: "bot"  # was assigned on Monday',
+    ]
+
+
+def test_added_key_goes_at_the_end_of_the_frontmatter():
+    raw = ORIGINAL.replace("complexity: mechanical\n", "").replace('"alice"', "bot").encode()
+    new, decision, _ = triage_bytes(raw, "t-1", no_children, RULES)
+    assert decision.changes == ["complexity->mechanical"]
+    assert changed_lines(raw, new) == ["+complexity: mechanical"]
+    assert new.decode().index("complexity: mechanical\n---\n") > 0
+
+
+def test_link_insertion_touches_nothing_else():
+    raw = ORIGINAL.replace('"alice"', "bot").replace("due:", "project: aops\ndue:").encode()
+    new, decision, _ = triage_bytes(raw, "t-1", no_children, RULES)
+    assert decision.changes == ["added_wikilink"]
+    assert changed_lines(raw, new) == ["+Project: [[academicOps]]", "+"]
+
+
+def test_crlf_file_keeps_its_line_endings():
+    raw = ORIGINAL.replace('"alice"', "bot").replace("due:", "project: x\ndue:")
+    raw = raw.replace("\n", "\r\n").encode()
+    new, _, _ = triage_bytes(raw, "t-1", no_children, RULES)
+    assert new.count(b"\n") == new.count(b"\r\n")
+    assert b"Project: [[x]]\r\n" in new
+
+
+def test_file_without_frontmatter_gets_one():
+    raw = b"# Fix the bug in /src/a.py\n\nIt crashes.\n"
+    new, decision, _ = triage_bytes(raw, "fix-bug", no_children, RULES)
+    assert new.startswith(b"---\ncomplexity: mechanical\nassignee: bot\n---\n# Fix")
+    assert new.endswith(raw)
+    assert decision.action == "assign:bot"
+
+
+def test_block_value_is_replaced_as_a_whole():
+    yaml_text = "assignee: |\n  someone\n  else\ntitle: x\n"
+    assert edit_yaml(yaml_text, {"assignee": "bot"}) == "assignee: bot\ntitle: x\n"
+
+
+def test_removed_key_takes_its_lines_with_it():
+    yaml_text = "a: 1\nclaimed_by: w1\nherd: '3'\nb: 2\n"
+    assert edit_yaml(yaml_text, {"claimed_by": None, "herd": None}) == "a: 1\nb: 2\n"
+
+
+def test_quoting_follows_the_old_value_and_stays_valid():
+    assert edit_yaml("a: 'x'\n", {"a": "it's"}) == "a: 'it''s'\n"
+    assert edit_yaml("a: x\n", {"a": "yes"}) == 'a: "yes"\n'
+    assert edit_yaml("a: x\n", {"a": "@nic"}) == 'a: "@nic"\n'
+
+
+def test_flow_style_frontmatter_is_refused_not_damaged():
+    doc = Document.parse(b"---\n{title: x, status: todo}\n---\nbody\n")
+    with pytest.raises(EditRefused):
+        doc.set_keys({"status": "done"})
+
+
+# The processor on real files ---------------------------------------------------
+
+
+@pytest.fixture
+def queue_folder(db, write_task):
+    def make(files: dict[str, str], stamp: bool = False) -> dict[str, bytes]:
+        for name, text in files.items():
+            write_task(name, text)
+        Queue.objects.update_or_create(name="inbox", defaults={"stamp_claims": stamp})
+        report = Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+        assert not report.errors
+        return {name: (write_task.folder / name).read_bytes() for name in files}
+
+    make.folder = write_task.folder
+    return make
+
+
+def work(dry_run: bool = False, prefetch: int = 10) -> Worker:
+    worker = Worker("inbox", load_processor("triage"), prefetch=prefetch, dry_run=dry_run)
+    while worker.work_one_batch():
+        pass
+    return worker
+
+
+UNCHANGED = "---\nid: a\ncomplexity: mechanical\nassignee: bot\n---\nnothing to do\n"
+NEEDS_WORK = "---\nid: b\ntitle: Fix the bug in /src/x.py\nproject: osb\n---\n# B\n\nText.\n"
+
+
+def test_no_change_file_is_not_touched(queue_folder):
+    queue_folder({"a.md": UNCHANGED})
+    path = queue_folder.folder / "a.md"
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    before = path.stat()
+    work()
+    assert path.read_bytes() == UNCHANGED.encode()
+    assert path.stat().st_mtime_ns == before.st_mtime_ns == 1_000_000_000
+    assert path.stat().st_ino == before.st_ino
+    task = Task.objects.get(key="a")
+    assert task.status == Status.DONE
+    assert task.result["action"] == "assign:bot"
+    assert task.result["changes"] == []
+
+
+def test_written_file_and_row_agree_so_reimport_sees_no_change(queue_folder):
+    queue_folder({"b.md": NEEDS_WORK})
+    path = queue_folder.folder / "b.md"
+    os.chmod(path, 0o640)
+    work()
+    task = Task.objects.get(key="b")
+    assert task.status == Status.DONE
+    assert task.result["changes"] == ["complexity->mechanical", "assignee->bot", "added_wikilink"]
+    assert task.result["complexity"] == "mechanical"
+    assert (task.complexity, task.assignee) == ("mechanical", "bot")
+    assert "Project: [[oversight-board]]" in path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert task.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not [p for p in os.listdir(queue_folder.folder) if p.startswith(".triage-")]
+    report = Importer("inbox", roots=[queue_folder.folder]).run([queue_folder.folder])
+    assert (report.unchanged, report.updated) == (1, 0)
+
+
+def test_file_changed_since_claim_is_refused_and_left_alone(queue_folder):
+    queue_folder({"b.md": NEEDS_WORK})
+    path = queue_folder.folder / "b.md"
+    edited = NEEDS_WORK.replace("Text.", "Edited by a person.").encode()
+    path.write_bytes(edited)
+    work()
+    task = Task.objects.get(key="b")
+    assert task.status == Status.BLOCKED
+    assert task.reason == "changed on disk since claim"
+    assert path.read_bytes() == edited
+
+
+def test_dry_run_stores_the_diff_and_writes_nothing(queue_folder):
+    originals = queue_folder({"b.md": NEEDS_WORK})
+    work(dry_run=True)
+    task = Task.objects.get(key="b")
+    assert (queue_folder.folder / "b.md").read_bytes() == originals["b.md"]
+    assert task.result["dry_run"] is True
+    assert "+complexity: mechanical" in task.result["diff"]
+    assert "+Project: [[oversight-board]]" in task.result["diff"]
+    assert task.complexity == ""
+
+
+def test_close_is_recorded_on_the_row(queue_folder):
+    # The importer closes "## Close Reason" sections; an inline "## Closed" reaches triage.
+    queue_folder({"c.md": "---\nid: c\nstatus: todo\n---\nSee ## Closed below.\n"})
+    work()
+    task = Task.objects.get(key="c")
+    assert (task.status, task.outcome, task.closed_by) == (
+        "done",
+        "closed",
+        "triage:has_close_reason",
+    )
+    assert task.frontmatter["status"] == "done"
+    assert task.result["close_reason"] == "has_close_reason"
+
+
+def test_stamp_is_in_the_file_while_held_and_gone_when_done(queue_folder, monkeypatch):
+    queue_folder({"b.md": NEEDS_WORK, "a.md": UNCHANGED}, stamp=True)
+    writes = []
+    real_write = triage.atomic_write
+
+    def record(path, data):
+        writes.append((os.path.basename(path), data))
+        return real_write(path, data)
+
+    monkeypatch.setattr(triage, "atomic_write", record)
+    work()
+    stamped = [Document.parse(data).frontmatter for _, data in writes[::2]]
+    assert [w[0] for w in writes] == ["a.md", "a.md", "b.md", "b.md"]
+    assert all(fm["claimed_by"] and fm["claimed_at"] for fm in stamped)
+    assert (queue_folder.folder / "a.md").read_bytes() == UNCHANGED.encode()
+    final = Document.parse((queue_folder.folder / "b.md").read_bytes()).frontmatter
+    assert not set(final) & set(triage.STAMP_KEYS)
+
+
+def test_one_event_per_transition_and_no_lock_left(queue_folder, lock_root):
+    queue_folder({f"t{i}.md": NEEDS_WORK.replace("id: b", f"id: t{i}") for i in range(25)})
+    work(prefetch=7)
+    assert Task.objects.filter(status=Status.DONE).count() == 25
+    for task in Task.objects.all():
+        kinds = list(task.events.values_list("kind", flat=True))
+        assert kinds.count(EventKind.DONE) == 1
+    assert not any(p.is_dir() for p in lock_root.rglob("*") if p.name.startswith("t"))
+
+
+# Idempotence ------------------------------------------------------------------
+
+WORDS = st.sampled_from(
+    [
+        *("review", "fix", "bug", "rename", "decide", "which", "choose", "implement"),
+        *("function", "refactor", "meeting", "add", "option", "receipt", "the", "a"),
+        *("docs", "/src/app.py", "C:\\x\\y.json", "acceptance", "criteria", "epic"),
+    ]
+)
+LINES = st.one_of(
+    st.lists(WORDS, min_size=1, max_size=8).map(" ".join),
+    st.sampled_from(
+        ["# Heading", "## Acceptance", "- [ ] step", "- [x] done", "", "## Closed", "Text"]
+    ),
+)
+VALUES = st.one_of(
+    st.sampled_from(["epic", "learn", "goal", "task", "aops", "osb", "alice", "bot", "done"]),
+    st.lists(WORDS, min_size=1, max_size=3).map(" ".join),
+)
+KEYS = st.sampled_from(
+    [
+        "title",
+        "status",
+        "type",
+        "complexity",
+        "assignee",
+        "project",
+        "close_reason",
+        "tags",
+        "priority",
+        "notes",
+        "id",
+    ]
+)
+
+
+@st.composite
+def task_files(draw) -> bytes:
+    lines = []
+    for key in draw(st.lists(KEYS, unique=True, max_size=8)):
+        value = draw(VALUES)
+        style = draw(st.sampled_from(["plain", "double", "single", "comment", "null", "list"]))
+        if style == "double":
+            lines.append(f'{key}: "{value}"')
+        elif style == "single":
+            lines.append(f"{key}: '{value}'")
+        elif style == "comment":
+            lines.append(f"{key}:   {value.split()[0]}   # note")
+        elif style == "null":
+            lines.append(f"{key}:")
+        elif style == "list":
+            lines.append(f"{key}:\n  - {value.split()[0]}\n  - x")
+        else:
+            lines.append(f"{key}: {value.split()[0]}")
+    body = "\n".join(draw(st.lists(LINES, max_size=12)))
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    text = "---\n" + "".join(line + "\n" for line in lines) + "---\n" + body
+    return text.replace("\n", newline).encode()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=task_files(), children=st.booleans())
+def test_triage_twice_equals_triage_once(raw, children):
+    try:
+        once, decision, _ = triage_bytes(raw, "stem", lambda _id: children, RULES)
+    except (EditRefused, ValueError):
+        return  # a file the editor refuses is never written
+    twice, again, _ = triage_bytes(once, "stem", lambda _id: children, RULES)
+    assert twice == once
+    assert again.changes == []
+    assert again.action == decision.action
+    # Keys triage does not decide keep their values.
+    before = Document.parse(raw).frontmatter
+    after = Document.parse(once).frontmatter
+    for key in set(before) - {"status", "complexity", "assignee"}:
+        assert after[key] == before[key]
+
+
+def test_example_folder_triages_and_survives_a_second_pass(tmp_path):
+    folder = tmp_path / "inbox"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "examples", "inbox"), folder)
+    triaged = 0
+    for path in folder.rglob("*.md"):
+        once, _, _ = triage_bytes(path.read_bytes(), path.stem, no_children, RULES)
+        twice, again, _ = triage_bytes(once, path.stem, no_children, RULES)
+        assert twice == once and again.changes == []
+        triaged += 1
+    assert triaged > 0
