@@ -1,0 +1,591 @@
+"""Profiles (how to work a task), herds (one launch of N workers) and their worker processes."""
+
+from __future__ import annotations
+
+import re
+import sys
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models, transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from workqueue import locks
+from workqueue.models import Status, Task
+
+FILTER_SHAPE = re.compile(r"^[a-z_]+(=|>=|<=)\S.*$")
+
+
+class ProcessorKind(models.TextChoices):
+    NOOP = "noop"
+    TRIAGE = "triage"
+    COMMAND = "command"
+
+
+def validate_command(value) -> None:
+    if not isinstance(value, list) or not value:
+        raise ValidationError("A command is a non-empty list of strings (an argument list).")
+    if not all(isinstance(arg, str) for arg in value) or not value[0].strip():
+        raise ValidationError("Every argument is a string and the program is not blank.")
+
+
+def validate_filters(value) -> None:
+    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+        raise ValidationError("Filters are a list of strings such as complexity=mechanical.")
+    bad = [f for f in value if not FILTER_SHAPE.match(f)]
+    if bad:
+        raise ValidationError(f"Not a FIELD=VALUE filter: {', '.join(bad)}")
+
+
+def validate_env(value) -> None:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValidationError("Extra environment is an object of string names to string values.")
+
+
+def validate_pattern(value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValidationError(f"Not a regular expression: {exc}") from None
+
+
+class Profile(models.Model):
+    """A named processor configuration. The browser picks one; it never sends a command."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.CharField(max_length=500, blank=True)
+    processor = models.CharField(
+        max_length=20, choices=ProcessorKind.choices, default=ProcessorKind.NOOP
+    )
+    command = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Argument list, never a shell: ["{python}", "agent.py", "{path}"]. '
+        "Placeholders: {python} (this interpreter), {base_dir}, and per task "
+        "{path}, {key}, {queue}, {title}.",
+    )
+    timeout_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Per task; blank for no limit."
+    )
+    env = models.JSONField(default=dict, blank=True, help_text="Extra environment variables.")
+    prefetch = models.PositiveIntegerField(default=1)
+    max_attempts = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Block a task abandoned by dead workers this many times (blank: the queue's).",
+    )
+    max_workers = models.PositiveIntegerField(default=8)
+    quota_pattern = models.CharField(
+        max_length=500,
+        blank=True,
+        validators=[validate_pattern],
+        help_text="A regular expression that marks output as 'quota or rate limit reached'.",
+    )
+    filters = models.JSONField(
+        default=list, blank=True, help_text='Default task filters: ["complexity=mechanical"].'
+    )
+    worktree_repo = models.CharField(max_length=1000, blank=True)
+    worktree_base = models.CharField(max_length=200, default="main")
+    require_commit = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args, **kwargs):
+        # Validated on every save, not only in forms: a worker must never get a bad command.
+        self.clean()
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        errors = {}
+        if self.processor == ProcessorKind.COMMAND:
+            try:
+                validate_command(self.command)
+            except ValidationError as exc:
+                errors["command"] = exc.messages
+        elif self.command:
+            errors["command"] = ["Only the command processor takes a command."]
+        for field, check in (
+            ("env", validate_env),
+            ("filters", validate_filters),
+            ("quota_pattern", validate_pattern),
+        ):
+            try:
+                check(getattr(self, field))
+            except ValidationError as exc:
+                errors[field] = exc.messages
+        if self.prefetch < 1:
+            errors["prefetch"] = ["At least 1."]
+        if self.max_workers < 1:
+            errors["max_workers"] = ["At least 1."]
+        if errors:
+            raise ValidationError(errors)
+
+    def quota_regex(self) -> re.Pattern | None:
+        return re.compile(self.quota_pattern, re.IGNORECASE) if self.quota_pattern else None
+
+    def work_arguments(self) -> list[str]:
+        """The `manage.py work` options for this profile; the command list goes last."""
+        args = ["--processor", self.processor, "--prefetch", str(self.prefetch)]
+        if self.processor == ProcessorKind.COMMAND and self.timeout_seconds:
+            args += ["--timeout", str(self.timeout_seconds)]
+        # Issue 7 options, passed only when set so that a plain `work` keeps working.
+        if self.worktree_repo:
+            args += ["--worktree-repo", self.worktree_repo, "--worktree-base", self.worktree_base]
+        if self.require_commit:
+            args.append("--require-commit")
+        return args
+
+    def command_arguments(self) -> list[str]:
+        if self.processor != ProcessorKind.COMMAND:
+            return []
+        launch_values = {"python": sys.executable, "base_dir": str(settings.BASE_DIR)}
+        args = []
+        for arg in self.command:
+            for name, value in launch_values.items():
+                arg = arg.replace("{" + name + "}", value)
+            args.append(arg)
+        return ["--", *args]
+
+
+class HerdStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED)
+
+
+class HerdQuerySet(models.QuerySet):
+    def pending(self) -> HerdQuerySet:
+        return self.filter(status=HerdStatus.PENDING)
+
+    def running(self) -> HerdQuerySet:
+        return self.filter(status=HerdStatus.RUNNING)
+
+    def ended(self) -> HerdQuerySet:
+        return self.filter(status__in=ENDED)
+
+    def active(self) -> HerdQuerySet:
+        return self.filter(status__in=(HerdStatus.PENDING, HerdStatus.RUNNING))
+
+
+class Herd(models.Model):
+    queue = models.CharField(max_length=100)
+    profile = models.ForeignKey(Profile, on_delete=models.PROTECT, related_name="herds")
+    size = models.PositiveIntegerField(help_text="Workers to start.")
+    batch = models.PositiveIntegerField(default=0, help_text="Tasks per worker; 0 = until empty.")
+    filters = models.JSONField(default=list, blank=True, validators=[validate_filters])
+    status = models.CharField(
+        max_length=10, choices=HerdStatus.choices, default=HerdStatus.PENDING
+    )
+    draining = models.BooleanField(default=False)
+    cancel_requested = models.BooleanField(default=False)
+    reason = models.TextField(blank=True, help_text="Why it drained, failed or stopped.")
+    token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+    wall_clock_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Seconds; the herd drains when reached."
+    )
+    preflight = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    summary = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    # [[seconds since start, tasks finished]] sampled by supervision, for the chart.
+    samples = models.JSONField(default=list, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    # Set once every worker has been started: before that, no live worker does not mean done.
+    launched_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = HerdQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["status"], name="herd_status")]
+
+    def __str__(self) -> str:
+        return f"herd {self.pk} ({self.queue}, {self.profile_id and self.profile.name})"
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @classmethod
+    def launch(
+        cls,
+        queue: str,
+        profile: Profile,
+        size: int,
+        batch: int = 0,
+        filters: list[str] | None = None,
+        created_by=None,
+        token_budget: int | None = None,
+        wall_clock_limit: int | None = None,
+    ) -> Herd:
+        """Create a herd and enqueue its launch once the row is committed."""
+        from herds.tasks import launch_herd
+
+        herd = cls(
+            queue=queue,
+            profile=profile,
+            size=size,
+            batch=batch,
+            filters=filters or [],
+            created_by=created_by,
+            token_budget=token_budget,
+            wall_clock_limit=wall_clock_limit,
+        )
+        herd.full_clean()
+        with transaction.atomic():
+            herd.save()
+            launch_herd(herd.pk)
+        return herd
+
+    def clean(self) -> None:
+        if self.size is not None and self.size < 1:
+            raise ValidationError({"size": "A herd has at least one worker."})
+        if self.profile_id and self.size and self.size > self.profile.max_workers:
+            raise ValidationError(
+                {
+                    "size": f"Profile {self.profile.name} allows at most "
+                    f"{self.profile.max_workers} workers."
+                }
+            )
+
+    def all_filters(self) -> list[str]:
+        return list(dict.fromkeys([*self.profile.filters, *self.filters]))
+
+    # Lifecycle. Each transition is a conditional UPDATE: two supervisors may race.
+    def start(self) -> bool:
+        now = timezone.now()
+        won = Herd.objects.filter(pk=self.pk, status=HerdStatus.PENDING).update(
+            status=HerdStatus.RUNNING, started_at=now
+        )
+        if won:
+            self.status, self.started_at = HerdStatus.RUNNING, now
+        return bool(won)
+
+    def drain(self, reason: str) -> bool:
+        """Stop claiming; current tasks finish. The first reason given is kept."""
+        changed = Herd.objects.filter(pk=self.pk, draining=False, status__in=ACTIVE).update(
+            draining=True, reason=reason
+        )
+        self.workers.live().filter(drain_reason="").update(drain_reason=reason)
+        if changed:
+            self.draining, self.reason = True, reason
+        return bool(changed)
+
+    def request_cancel(self, reason: str = "cancelled") -> bool:
+        """Ask supervision to end every worker's process tree; a pending herd ends now."""
+        if self.status == HerdStatus.PENDING:
+            self.cancel_requested = True
+            if self.finish(HerdStatus.CANCELLED, reason, from_status=HerdStatus.PENDING):
+                Herd.objects.filter(pk=self.pk).update(cancel_requested=True)
+                return True
+            self.refresh_from_db()
+        self.drain(reason)
+        changed = Herd.objects.filter(
+            pk=self.pk, cancel_requested=False, status=HerdStatus.RUNNING
+        ).update(cancel_requested=True)
+        self.cancel_requested = True
+        return bool(changed)
+
+    def finish(self, status: str, reason: str = "", from_status: str = HerdStatus.RUNNING) -> bool:
+        """Write the run summary and end the herd, once."""
+        now = timezone.now()
+        self.finished_at = now
+        self.reason = self.reason or reason
+        self.status = status
+        summary = self.build_summary()
+        won = Herd.objects.filter(pk=self.pk, status=from_status).update(
+            status=status, finished_at=now, reason=self.reason, summary=summary, draining=True
+        )
+        if won:
+            self.summary = summary
+        return bool(won)
+
+    def end_status(self) -> str:
+        if self.cancel_requested:
+            return HerdStatus.CANCELLED
+        workers = list(self.workers.all())
+        if workers and all(w.exit_class == ExitClass.CRASHED for w in workers):
+            return HerdStatus.FAILED
+        return HerdStatus.FINISHED
+
+    def planned_tasks(self) -> int:
+        ready = int(self.preflight.get("ready", 0))
+        if self.batch:
+            return min(ready, self.batch * self.size)
+        return ready
+
+    def finished_tasks(self) -> int:
+        totals = self.workers.aggregate(done=Sum("done"), blocked=Sum("blocked"))
+        return (totals["done"] or 0) + (totals["blocked"] or 0)
+
+    def total_tokens(self) -> int:
+        return self.workers.aggregate(t=Sum("tokens"))["t"] or 0
+
+    def runtime_seconds(self) -> float:
+        if not self.started_at:
+            return 0.0
+        end = self.finished_at or timezone.now()
+        return round((end - self.started_at).total_seconds(), 3)
+
+    def deadline_passed(self) -> bool:
+        return bool(
+            self.wall_clock_limit
+            and self.started_at
+            and timezone.now() - self.started_at > timedelta(seconds=self.wall_clock_limit)
+        )
+
+    def budget_spent(self) -> bool:
+        return bool(self.token_budget and self.total_tokens() >= self.token_budget)
+
+    def add_sample(self) -> None:
+        if not self.started_at:
+            return
+        point = [round(self.runtime_seconds(), 1), self.finished_tasks()]
+        samples = list(self.samples)
+        if samples and samples[-1][1] == point[1] and len(samples) > 1:
+            samples[-1] = point
+        else:
+            samples.append(point)
+        if len(samples) > 240:
+            # Keep the chart cheap: halve the resolution, keep the last point.
+            samples = samples[:-1:2] + samples[-1:]
+        self.samples = samples
+        Herd.objects.filter(pk=self.pk).update(samples=samples)
+
+    def compute_preflight(self) -> dict:
+        """What this herd would find: ready, already complete, waiting, locks held."""
+        tasks = Task.objects.filter(queue=self.queue)
+        held = locks.list_locks(self.queue)
+        owners: dict[str, int] = {}
+        for lock in held:
+            owner = lock.owner or {}
+            name = owner.get("worker") or "unknown owner"
+            owners[name] = owners.get(name, 0) + 1
+        return {
+            "queue": self.queue,
+            "ready": tasks.ready().count(),
+            "skipped_complete": tasks.filter(status=Status.DONE).count(),
+            "waiting": tasks.waiting().count(),
+            "claimed": tasks.claimed().count(),
+            "blocked": tasks.filter(status=Status.BLOCKED).count(),
+            "locks_held": len(held),
+            "lock_owners": owners,
+            "filters": self.all_filters(),
+            "at": timezone.now().isoformat(),
+        }
+
+    def record_preflight(self) -> dict:
+        self.preflight = self.compute_preflight()
+        Herd.objects.filter(pk=self.pk).update(preflight=self.preflight)
+        return self.preflight
+
+    def workers_to_start(self) -> int:
+        """No more workers than the ready tasks (or batches of them) can keep busy."""
+        ready = int(self.preflight.get("ready", 0))
+        needed = -(-ready // self.batch) if self.batch else ready
+        return max(0, min(self.size, needed))
+
+    def task_rows(self) -> list[dict]:
+        rows = []
+        finished = (
+            Task.objects.filter(holder_herd=self.pk, status__in=(Status.DONE, Status.BLOCKED))
+            .order_by("finished_at", "id")
+            .values("key", "status", "outcome", "reason", "commit", "tokens", "holder")
+        )
+        for task in finished.iterator():
+            done = task["status"] == Status.DONE
+            row = {
+                "task_id": task["key"],
+                "status": "success" if done else Status.BLOCKED,
+                "worker": task["holder"],
+            }
+            if task["outcome"]:
+                row["outcome"] = task["outcome"]
+            if task["reason"]:
+                row["reason"] = task["reason"]
+            if task["commit"]:
+                row["commit"] = task["commit"]
+            if task["tokens"]:
+                row["tokens"] = task["tokens"]
+            rows.append(row)
+        return rows
+
+    def build_summary(self) -> dict:
+        rows = self.task_rows()
+        by_outcome: dict[str, int] = {}
+        for row in rows:
+            what = row["status"] if row["status"] == Status.BLOCKED else row.get("outcome", "")
+            by_outcome[what or "success"] = by_outcome.get(what or "success", 0) + 1
+        runtime = self.runtime_seconds()
+        finished = len(rows)
+        return {
+            "herd": self.pk,
+            "queue": self.queue,
+            "profile": self.profile.name,
+            "size": self.size,
+            "batch": self.batch,
+            "filters": self.all_filters(),
+            "status": self.status,
+            "reason": self.reason,
+            "preflight": self.preflight,
+            "workers": rows,
+            "counts": by_outcome,
+            "done": sum(1 for r in rows if r["status"] != Status.BLOCKED),
+            "blocked": sum(1 for r in rows if r["status"] == Status.BLOCKED),
+            "worker_processes": [w.summary_row() for w in self.workers.order_by("index")],
+            "runtime_seconds": runtime,
+            "total_tokens": sum(r.get("tokens", 0) for r in rows),
+            "items_per_second": round(finished / runtime, 2) if runtime else 0.0,
+            "started": self.started_at.isoformat() if self.started_at else None,
+            "finished": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+ACTIVE = (HerdStatus.PENDING, HerdStatus.RUNNING)
+
+
+class WorkerState(models.TextChoices):
+    STARTING = "starting"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+class ExitClass(models.TextChoices):
+    FINISHED = "finished", "finished (no more work or batch reached)"
+    CRASHED = "crashed"
+    TIMED_OUT = "timed_out", "timed out"
+    QUOTA = "quota", "quota or rate limit"
+    CANCELLED = "cancelled"
+
+
+class WorkerQuerySet(models.QuerySet):
+    def live(self) -> WorkerQuerySet:
+        return self.exclude(state=WorkerState.EXITED)
+
+    def exited(self) -> WorkerQuerySet:
+        return self.filter(state=WorkerState.EXITED)
+
+    def crashed(self) -> WorkerQuerySet:
+        return self.filter(exit_class=ExitClass.CRASHED)
+
+
+class Worker(models.Model):
+    """One `manage.py work` process of a herd."""
+
+    herd = models.ForeignKey(Herd, on_delete=models.CASCADE, related_name="workers")
+    index = models.PositiveIntegerField()
+    name = models.CharField(max_length=200)
+    host = models.CharField(max_length=200)
+    pid = models.IntegerField(null=True, blank=True)
+    process_started = models.FloatField(null=True, blank=True, help_text="psutil create_time")
+    log_path = models.CharField(max_length=1000, blank=True)
+    state = models.CharField(
+        max_length=10, choices=WorkerState.choices, default=WorkerState.STARTING
+    )
+    exit_code = models.IntegerField(null=True, blank=True)
+    exit_class = models.CharField(max_length=10, choices=ExitClass.choices, blank=True)
+    exit_detail = models.CharField(max_length=500, blank=True)
+    # Set by the herd (drain, cancel, budget) and read by the worker on its next beat.
+    drain_reason = models.CharField(max_length=500, blank=True)
+    quota_hit = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    current_task = models.CharField(max_length=500, blank=True)
+    cpu_percent = models.FloatField(null=True, blank=True)
+    cpu_seconds = models.FloatField(null=True, blank=True)
+    sampled_at = models.FloatField(null=True, blank=True)
+    rss_bytes = models.BigIntegerField(null=True, blank=True)
+    children = models.PositiveIntegerField(default=0)
+    done = models.PositiveIntegerField(default=0)
+    blocked = models.PositiveIntegerField(default=0)
+    tokens = models.BigIntegerField(default=0)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = WorkerQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["herd", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["herd", "index"], name="worker_unique_index")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def heartbeat_age(self) -> float | None:
+        if not self.heartbeat_at:
+            return None
+        return (timezone.now() - self.heartbeat_at).total_seconds()
+
+    def runtime_seconds(self) -> float:
+        end = self.finished_at or timezone.now()
+        return round((end - self.started_at).total_seconds(), 3)
+
+    def record_exit(self, exit_code: int | None, exit_class: str, detail: str = "") -> bool:
+        """Mark the process gone, once; a second supervisor finds it already done."""
+        now = timezone.now()
+        won = (
+            Worker.objects.filter(pk=self.pk)
+            .live()
+            .update(
+                state=WorkerState.EXITED,
+                exit_code=exit_code,
+                exit_class=exit_class,
+                exit_detail=detail[:500],
+                finished_at=now,
+                current_task="",
+                children=0,
+            )
+        )
+        if won:
+            self.state, self.exit_code, self.exit_class = WorkerState.EXITED, exit_code, exit_class
+            self.exit_detail, self.finished_at = detail[:500], now
+        return bool(won)
+
+    def classify_exit(self, exit_code: int | None) -> tuple[str, str]:
+        if self.quota_hit:
+            return ExitClass.QUOTA, "quota or rate limit reached"
+        if exit_code == 0:
+            return ExitClass.FINISHED, self.drain_reason or "no more work or batch reached"
+        if exit_code is None:
+            return ExitClass.CRASHED, "died without reporting an exit code"
+        if exit_code < 0:
+            return ExitClass.CRASHED, f"killed by signal {-exit_code}"
+        return ExitClass.CRASHED, f"exited with code {exit_code}"
+
+    def summary_row(self) -> dict:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "state": self.state,
+            "exit_class": self.exit_class,
+            "exit_code": self.exit_code,
+            "exit_detail": self.exit_detail,
+            "done": self.done,
+            "blocked": self.blocked,
+            "tokens": self.tokens,
+            "runtime_seconds": self.runtime_seconds(),
+            "log": self.log_path,
+        }

@@ -1,0 +1,80 @@
+import json
+import sys
+import time
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from herds.models import Herd, Profile
+
+
+class Command(BaseCommand):
+    help = "Launch a herd of workers on a queue through Huey; --wait follows it to the end."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--queue", required=True)
+        parser.add_argument("--profile", required=True, help="profile name (see the admin)")
+        parser.add_argument("--workers", type=int, required=True)
+        parser.add_argument("--batch", type=int, default=0, help="tasks per worker; 0 = all")
+        parser.add_argument(
+            "--where", action="append", default=[], help="task filter FIELD=VALUE (repeatable)"
+        )
+        parser.add_argument("--token-budget", type=int, help="drain once this many tokens")
+        parser.add_argument("--wall-clock", type=int, help="drain after this many seconds")
+        parser.add_argument("--wait", action="store_true", help="follow the herd to its end")
+        parser.add_argument("--json", action="store_true", help="print only the summary JSON")
+
+    def handle(self, *args, **options):
+        profile = Profile.objects.filter(name=options["profile"]).first()
+        if profile is None:
+            names = ", ".join(Profile.objects.values_list("name", flat=True))
+            raise CommandError(f"no profile {options['profile']!r}; profiles: {names}")
+        try:
+            herd = Herd.launch(
+                options["queue"],
+                profile,
+                options["workers"],
+                batch=options["batch"],
+                filters=options["where"],
+                token_budget=options["token_budget"],
+                wall_clock_limit=options["wall_clock"],
+            )
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        if not options["wait"]:
+            self.report({"herd": herd.pk, "status": herd.status}, options["json"])
+            return
+        herd = self.follow(herd, show_progress=not options["json"])
+        self.report(herd.summary, options["json"])
+        if herd.status == "failed":
+            sys.exit(1)
+
+    def follow(self, herd: Herd, show_progress: bool) -> Herd:
+        bar = None
+        while True:
+            herd.refresh_from_db()
+            if herd.preflight and bar is None and show_progress:
+                bar = tqdm(total=herd.planned_tasks(), unit="task", desc=f"herd {herd.pk}")
+            if bar is not None:
+                bar.update(herd.finished_tasks() - bar.n)
+            if herd.ended:
+                if bar is not None:
+                    bar.close()
+                return herd
+            time.sleep(0.5)
+
+    def report(self, data: dict, as_json: bool) -> None:
+        if as_json:
+            self.stdout.write(json.dumps(data))
+            return
+        if "workers" not in data:
+            self.stdout.write(f"herd {data['herd']} launched ({data['status']})")
+            return
+        self.stdout.write(json.dumps(data, indent=2))
+        self.stdout.write(
+            f"herd {data['herd']} {data['status']}: {data['done']} done, "
+            f"{data['blocked']} blocked in {data['runtime_seconds']} s "
+            f"({data['items_per_second']}/s), {data['total_tokens']} tokens"
+            + (f"; {data['reason']}" if data.get("reason") else "")
+        )

@@ -1,0 +1,186 @@
+"""Keep a herd's Worker row current from inside the worker process.
+
+The worker hot path pays one UPDATE per batch or heartbeat. That UPDATE is conditional on
+the row having no drain reason, so the same statement tells the worker when to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from functools import cache
+
+from django.db.models import F
+from django.dispatch import receiver
+from django.utils import timezone
+
+from workqueue import signals
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+log = logging.getLogger("herds")
+
+WORKER_ENV = "HYPERVISOR_HERD_WORKER"
+
+
+@cache
+def _worker_id() -> int | None:
+    try:
+        return int(os.environ.get(WORKER_ENV, ""))
+    except ValueError:
+        return None
+
+
+@cache
+def _quota_regex(worker_id: int) -> re.Pattern | None:
+    from herds.models import Worker
+
+    worker = Worker.objects.select_related("herd__profile").filter(pk=worker_id).first()
+    return worker.herd.profile.quota_regex() if worker else None
+
+
+def _row(sender):
+    """The Worker row of this process, when it runs as part of a herd."""
+    from herds.models import Worker
+
+    worker_id = _worker_id()
+    if worker_id is None or sender.identity.herd is None:
+        return None, None
+    return Worker, worker_id
+
+
+def _update_or_stop(sender, Worker, worker_id: int, **values) -> None:
+    if Worker.objects.filter(pk=worker_id, drain_reason="").update(**values):
+        return
+    reason = Worker.objects.filter(pk=worker_id).values_list("drain_reason", flat=True).first()
+    Worker.objects.filter(pk=worker_id).update(**values)
+    sender.stop(f"herd draining: {reason}" if reason else "herd worker row is gone")
+
+
+@receiver(signals.worker_started)
+def worker_started(sender, **kwargs) -> None:
+    Worker, worker_id = _row(sender)
+    if Worker is None:
+        return
+    identity = sender.identity
+    _update_or_stop(
+        sender,
+        Worker,
+        worker_id,
+        pid=identity.pid,
+        host=identity.host,
+        process_started=identity.started,
+        state="running",
+        heartbeat_at=timezone.now(),
+    )
+
+
+@receiver(signals.worker_heartbeat)
+def worker_heartbeat(sender, **kwargs) -> None:
+    Worker, worker_id = _row(sender)
+    if Worker is None:
+        return
+    current = sender.current
+    _update_or_stop(
+        sender,
+        Worker,
+        worker_id,
+        heartbeat_at=timezone.now(),
+        current_task=current.key[:500] if current else "",
+    )
+
+
+@receiver(signals.tasks_finished)
+def tasks_finished(sender, finished, refused, **kwargs) -> None:
+    Worker, worker_id = _row(sender)
+    if Worker is None:
+        return
+    refused = set(refused)
+    done = blocked = tokens = 0
+    quota = []
+    pattern = _quota_regex(worker_id)
+    for claim, result in finished:
+        if claim.id in refused:
+            continue
+        done += result.status == Status.DONE
+        blocked += result.status == Status.BLOCKED
+        tokens += result.tokens
+        if pattern and result.status != Status.DONE:
+            found = pattern.search(result.output_tail) or pattern.search(result.reason)
+            if found:
+                quota.append((claim, found.group(0)))
+    if quota:
+        blocked -= _give_back_quota_tasks(sender, quota)
+    _update_or_stop(
+        sender,
+        Worker,
+        worker_id,
+        done=F("done") + done,
+        blocked=F("blocked") + blocked,
+        tokens=F("tokens") + tokens,
+        heartbeat_at=timezone.now(),
+        current_task="",
+    )
+    if quota:
+        _drain_for_quota(sender, worker_id, quota[0][1])
+
+
+def _give_back_quota_tasks(sender, quota) -> int:
+    """A task that hit the rate limit is not at fault: it goes back to the queue."""
+    now = timezone.now()
+    given_back = 0
+    for claim, match in quota:
+        updated = Task.objects.filter(
+            pk=claim.id, status=Status.BLOCKED, fence=claim.fence
+        ).update(
+            status=Status.QUEUED,
+            attempts=F("attempts") - 1,
+            finished_at=None,
+            reason="",
+            updated_at=now,
+            holder="",
+            holder_host="",
+            holder_pid=None,
+            holder_started=None,
+            holder_herd=None,
+        )
+        if updated:
+            given_back += 1
+            TaskEvent.objects.create(
+                task_id=claim.id,
+                at=now,
+                kind=EventKind.REQUEUED,
+                actor=sender.identity.worker,
+                fence=claim.fence,
+                message=f"quota or rate limit reached ({match}); back to queued",
+            )
+    return given_back
+
+
+def _drain_for_quota(sender, worker_id: int, match: str) -> None:
+    from herds.models import Herd, Worker
+
+    reason = f"quota or rate limit reached ({match}) in {sender.identity.worker}"
+    Worker.objects.filter(pk=worker_id).update(quota_hit=True)
+    herd = Herd.objects.filter(pk=sender.identity.herd).first()
+    if herd is not None:
+        herd.drain(reason)
+    log.warning("%s: %s; draining the herd", sender.identity.worker, reason)
+    sender.stop(reason)
+
+
+@receiver(signals.worker_lock_failed)
+def worker_lock_failed(sender, message, **kwargs) -> None:
+    Worker, worker_id = _row(sender)
+    if Worker is None:
+        return
+    Worker.objects.filter(pk=worker_id).update(exit_detail=message[:500])
+
+
+@receiver(signals.worker_stopped)
+def worker_stopped(sender, exit_code, **kwargs) -> None:
+    # Only the code: supervision marks the row exited once the process is really gone.
+    Worker, worker_id = _row(sender)
+    if Worker is None:
+        return
+    Worker.objects.filter(pk=worker_id).update(exit_code=exit_code, current_task="")

@@ -1,0 +1,273 @@
+"""Launch a herd's workers and watch them with psutil until the last one exits.
+
+Every pass is idempotent: the launch task and the periodic task may supervise the same herd
+at once, and each state change is a conditional UPDATE that only one of them wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from herds import processes
+from herds.models import ExitClass, Herd, HerdStatus, Worker
+from herds.receivers import WORKER_ENV
+from workqueue.claims import release_stale_claims
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+log = logging.getLogger("herds")
+
+STAGGER_SECONDS = 0.05  # most random delay between two worker starts
+LAUNCH_STALL = timedelta(minutes=10)  # a launch that never finished spawning is given up
+
+
+def cancel_grace() -> float:
+    return float(getattr(settings, "HYPERVISOR_CANCEL_GRACE", 5))
+
+
+def log_path(herd: Herd, index: int):
+    return settings.HYPERVISOR_DATA_DIR / "logs" / "herds" / str(herd.pk) / f"worker-{index}.log"
+
+
+def worker_argv(herd: Herd, worker: Worker) -> list[str]:
+    profile = herd.profile
+    argv = [
+        sys.executable,
+        str(settings.BASE_DIR / "manage.py"),
+        "work",
+        "--queue",
+        herd.queue,
+        "--herd",
+        str(herd.pk),
+        "--name",
+        worker.name,
+        "--batch",
+        str(herd.batch),
+        *profile.work_arguments(),
+    ]
+    for where in herd.all_filters():
+        argv += ["--where", where]
+    return argv + profile.command_arguments()
+
+
+def start_worker(herd: Herd, index: int) -> tuple[Worker, subprocess.Popen | None]:
+    worker = Worker.objects.create(
+        herd=herd,
+        index=index,
+        name=f"herd{herd.pk}-w{index}",
+        host=settings.HYPERVISOR_HOST,
+        log_path=str(log_path(herd, index)),
+    )
+    env = {
+        **os.environ,
+        **herd.profile.env,
+        WORKER_ENV: str(worker.pk),
+        "PYTHONUNBUFFERED": "1",
+    }
+    try:
+        child = processes.spawn(
+            worker_argv(herd, worker), env, log_path(herd, index), settings.BASE_DIR
+        )
+    except OSError as exc:
+        worker.record_exit(None, ExitClass.CRASHED, f"could not start: {exc}")
+        return worker, None
+    started = processes.create_time(child.pid)
+    Worker.objects.filter(pk=worker.pk).update(pid=child.pid, process_started=started)
+    worker.pid, worker.process_started = child.pid, started
+    return worker, child
+
+
+def launch(herd_id: int) -> None:
+    """Pre-flight, start the workers, supervise them, write the summary at the end."""
+    herd = Herd.objects.select_related("profile").filter(pk=herd_id).first()
+    if herd is None or not herd.start():
+        return
+    children: dict[int, subprocess.Popen] = {}
+    try:
+        preflight = herd.record_preflight()
+        count = herd.workers_to_start()
+        if count == 0:
+            herd.finish(HerdStatus.FINISHED, nothing_ready_reason(preflight))
+            return
+        for index in range(count):
+            if index:
+                time.sleep(random.uniform(0, STAGGER_SECONDS))
+            flags = Herd.objects.filter(pk=herd.pk).values("draining", "cancel_requested")[0]
+            if flags["draining"] or flags["cancel_requested"]:
+                break
+            worker, child = start_worker(herd, index)
+            if child is not None:
+                children[worker.pk] = child
+        Herd.objects.filter(pk=herd.pk).update(launched_at=timezone.now())
+        herd.launched_at = timezone.now()
+    except Exception as exc:
+        log.exception("launch of herd %s failed", herd.pk)
+        Herd.objects.filter(pk=herd.pk).update(launched_at=timezone.now())
+        herd.request_cancel(f"launch failed: {exc}")
+    watch(herd, children)
+
+
+def nothing_ready_reason(preflight: dict) -> str:
+    return (
+        f"nothing ready in queue {preflight['queue']!r}: "
+        f"{preflight['skipped_complete']} skipped (already complete), "
+        f"{preflight['waiting']} waiting on dependencies, "
+        f"{preflight['claimed']} claimed, {preflight['blocked']} blocked"
+    )
+
+
+def watch(herd: Herd, children: dict[int, subprocess.Popen]) -> None:
+    """Supervise every period, and at once when one of our children exits."""
+    interval = settings.HYPERVISOR_SUPERVISE_INTERVAL
+    next_pass = 0.0
+    exited: set[int] = set()
+    while True:
+        now = time.monotonic()
+        newly = {
+            pk for pk, child in children.items() if pk not in exited and child.poll() is not None
+        }
+        exited |= newly
+        if newly or now >= next_pass:
+            if not supervise(herd, children):
+                return
+            next_pass = now + interval
+        time.sleep(0.1)
+
+
+def supervise(herd: Herd, children: dict[int, subprocess.Popen] | None = None) -> bool:
+    """One pass over a running herd. Returns True while it still runs."""
+    herd.refresh_from_db()
+    if herd.status != HerdStatus.RUNNING:
+        return False
+    children = children or {}
+    if herd.cancel_requested:
+        end_processes(herd, children)
+    elif not herd.draining:
+        if herd.deadline_passed():
+            herd.drain(f"wall-clock limit of {herd.wall_clock_limit} s reached")
+        elif herd.budget_spent():
+            herd.drain(f"token budget of {herd.token_budget} reached")
+    for worker in herd.workers.live():
+        check_worker(herd, worker, children.get(worker.pk))
+    herd.add_sample()
+    if herd.workers.live().exists():
+        return True
+    if herd.launched_at is None:
+        if herd.started_at and timezone.now() - herd.started_at > LAUNCH_STALL:
+            return not herd.finish(
+                HerdStatus.FAILED, "the launch stopped before every worker started"
+            )
+        return True
+    herd.finish(herd.end_status())
+    return False
+
+
+def check_worker(herd: Herd, worker: Worker, child: subprocess.Popen | None) -> None:
+    returncode = child.poll() if child is not None else None
+    seen = processes.sample(worker.pid, worker.process_started)
+    if seen.alive and returncode is None:
+        silent_since = worker.heartbeat_at or worker.started_at
+        silence = (timezone.now() - silent_since).total_seconds()
+        if silence > settings.HYPERVISOR_LEASE_SECONDS:
+            processes.terminate_trees([(worker.pid, worker.process_started)], cancel_grace())
+            code = child.wait(timeout=5) if child is not None else None
+            worker.record_exit(code, ExitClass.TIMED_OUT, f"no heartbeat for {silence:.0f} s")
+            reap_worker(herd, worker)
+            return
+        record_sample(worker, seen)
+        return
+    if child is not None:
+        code = child.wait()
+    elif worker.exit_code is not None:
+        code = worker.exit_code  # reported by the worker itself as it stopped
+    else:
+        code = None
+    if herd.cancel_requested:
+        exit_class, detail = ExitClass.CANCELLED, herd.reason or "cancelled"
+    else:
+        exit_class, detail = worker.classify_exit(code)
+    if worker.record_exit(code, exit_class, detail):
+        log.info("herd %s: %s exited (%s: %s)", herd.pk, worker.name, exit_class, detail)
+    reap_worker(herd, worker)
+
+
+def record_sample(worker: Worker, seen: processes.Sample) -> None:
+    now = time.time()
+    percent = None
+    if worker.cpu_seconds is not None and worker.sampled_at and now > worker.sampled_at:
+        percent = round(
+            100 * (seen.cpu_seconds - worker.cpu_seconds) / (now - worker.sampled_at), 1
+        )
+    Worker.objects.filter(pk=worker.pk).live().update(
+        cpu_seconds=seen.cpu_seconds,
+        cpu_percent=max(0.0, percent) if percent is not None else None,
+        sampled_at=now,
+        rss_bytes=seen.rss_bytes,
+        children=seen.children,
+    )
+
+
+def reap_worker(herd: Herd, worker: Worker) -> None:
+    """A dead worker's claims go back at once: its pid is gone, no need to wait for the lease."""
+    if not worker.pid:
+        return
+    report = release_stale_claims(
+        herd.queue, actor=f"herd {herd.pk} supervision", holder_pid=worker.pid
+    )
+    limit = herd.profile.max_attempts
+    if limit:
+        block_over_limit([s.task.pk for s in report.requeued], limit, worker.name)
+
+
+def block_over_limit(task_ids: list[int], limit: int, worker: str) -> None:
+    now = timezone.now()
+    over = Task.objects.filter(pk__in=task_ids, status=Status.QUEUED, attempts__gte=limit)
+    ids = list(over.values_list("pk", flat=True))
+    if not ids:
+        return
+    reason = f"abandoned by dead workers {limit} or more times (profile limit)"
+    Task.objects.filter(pk__in=ids, status=Status.QUEUED).update(
+        status=Status.BLOCKED, reason=reason, finished_at=now, updated_at=now
+    )
+    TaskEvent.objects.bulk_create(
+        TaskEvent(task_id=i, at=now, kind=EventKind.BLOCKED, actor=worker, message=reason)
+        for i in ids
+    )
+
+
+def end_processes(herd: Herd, children: dict[int, subprocess.Popen]) -> None:
+    """Cancel: every live worker's tree gets SIGTERM, a grace period, then SIGKILL."""
+    live = list(herd.workers.live())
+    if not live:
+        return
+    killed = processes.terminate_trees([(w.pid, w.process_started) for w in live], cancel_grace())
+    for worker in live:
+        child = children.get(worker.pk)
+        code = None
+        if child is not None:
+            try:
+                code = child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+        detail = herd.reason or "cancelled"
+        if worker.pid in killed:
+            detail += " (killed after the grace period)"
+        worker.record_exit(code, ExitClass.CANCELLED, detail)
+        reap_worker(herd, worker)
+
+
+def supervise_running_herds() -> int:
+    """The periodic pass: picks up herds whose launch task is gone (a restarted consumer)."""
+    count = 0
+    for herd in Herd.objects.running().select_related("profile"):
+        supervise(herd)
+        count += 1
+    return count
