@@ -1,0 +1,95 @@
+from django.contrib import admin, messages
+
+from herds.models import Herd, Profile, Worker
+from herds.tasks import cancel_herd
+
+
+@admin.register(Profile)
+class ProfileAdmin(admin.ModelAdmin):
+    # The model validates command, environment, filters and pattern in clean() and save().
+    list_display = ["name", "processor", "prefetch", "max_workers", "timeout_seconds"]
+    list_filter = ["processor"]
+    search_fields = ["name", "description"]
+
+
+class WorkerInline(admin.TabularInline):
+    model = Worker
+    extra = 0
+    can_delete = False
+    fields = [
+        "index",
+        "host",
+        "pid",
+        "state",
+        "exit_class",
+        "exit_code",
+        "current_task",
+        "done",
+        "blocked",
+        "tokens",
+        "heartbeat_at",
+    ]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_operate_permission(self, request) -> bool:
+        return request.user.has_perm("herds.add_herd")
+
+
+@admin.register(Herd)
+class HerdAdmin(ReadOnlyAdmin):
+    list_display = ["id", "queue", "profile", "size", "batch", "status", "draining", "created_at"]
+    list_filter = ["status", "draining", "queue", "profile"]
+    search_fields = ["queue", "reason"]
+    inlines = [WorkerInline]
+    actions = ["drain_herds", "cancel_herds"]
+
+    @admin.action(
+        description="Drain: finish current tasks, claim no more", permissions=["operate"]
+    )
+    def drain_herds(self, request, queryset) -> None:
+        drained = sum(
+            herd.drain(f"drained by {request.user.get_username()} (admin)")
+            for herd in queryset.active()
+        )
+        self.message_user(request, f"{drained} herd(s) draining.", messages.SUCCESS)
+
+    @admin.action(
+        description="Cancel: terminate the processes, tasks go back", permissions=["operate"]
+    )
+    def cancel_herds(self, request, queryset) -> None:
+        cancelled = 0
+        for herd in queryset.active().select_related("profile"):
+            if herd.request_cancel(f"cancelled by {request.user.get_username()} (admin)"):
+                cancel_herd(herd.pk)
+                cancelled += 1
+        self.message_user(request, f"{cancelled} herd(s) cancelled.", messages.SUCCESS)
+
+
+@admin.register(Worker)
+class WorkerAdmin(ReadOnlyAdmin):
+    list_display = ["name", "herd", "host", "pid", "state", "exit_class", "done", "blocked"]
+    list_filter = ["state", "exit_class"]
+    search_fields = ["name", "host", "current_task"]
+    actions = ["drain_herds", "cancel_herds"]
+
+    @admin.action(description="Drain these workers' herds", permissions=["operate"])
+    def drain_herds(self, request, queryset) -> None:
+        HerdAdmin.drain_herds(self, request, Herd.objects.filter(workers__in=queryset).distinct())
+
+    @admin.action(description="Cancel these workers' herds", permissions=["operate"])
+    def cancel_herds(self, request, queryset) -> None:
+        HerdAdmin.cancel_herds(self, request, Herd.objects.filter(workers__in=queryset).distinct())

@@ -1,0 +1,47 @@
+from django import forms
+from django.core.exceptions import ValidationError
+
+from herds.models import FILTER_SHAPE, Profile
+from workqueue.models import Queue, Task
+
+
+def queue_choices() -> list[tuple[str, str]]:
+    names = set(Queue.objects.values_list("name", flat=True))
+    names |= set(Task.objects.order_by().values_list("queue", flat=True).distinct())
+    return [(name, name) for name in sorted(names)]
+
+
+class LaunchForm(forms.Form):
+    """What a person may choose. Never a command line: the profile holds the command."""
+
+    queue = forms.ChoiceField()
+    profile = forms.ModelChoiceField(Profile.objects.all(), to_field_name="name")
+    workers = forms.IntegerField(min_value=1, initial=4)
+    batch = forms.IntegerField(
+        min_value=0, initial=0, help_text="Tasks per worker; 0 works until the queue is empty."
+    )
+    where = forms.CharField(
+        required=False,
+        label="Filters",
+        help_text="Optional, space separated: complexity=mechanical project=web",
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["queue"].choices = queue_choices()
+
+    def clean_where(self) -> list[str]:
+        filters = self.cleaned_data["where"].split()
+        bad = [f for f in filters if not FILTER_SHAPE.match(f)]
+        if bad:
+            raise ValidationError(f"Not a FIELD=VALUE filter: {' '.join(bad)}")
+        return filters
+
+    def clean(self):
+        data = super().clean()
+        profile, workers = data.get("profile"), data.get("workers")
+        if profile and workers and workers > profile.max_workers:
+            self.add_error(
+                "workers", f"Profile {profile.name} allows at most {profile.max_workers} workers."
+            )
+        return data

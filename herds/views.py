@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required, permission_required
+from django.core.exceptions import ValidationError
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.vary import vary_on_headers
+
+from herds.charts import throughput_chart
+from herds.forms import LaunchForm
+from herds.models import Herd
+from herds.tasks import cancel_herd
+
+VIEW = "herds.view_herd"
+OPERATE = "herds.add_herd"  # launching, draining and cancelling
+
+
+def _get_herd(pk: int) -> Herd:
+    return get_object_or_404(Herd.objects.select_related("profile", "created_by"), pk=pk)
+
+
+def _live_context(herd: Herd) -> dict:
+    planned = herd.planned_tasks()
+    finished = herd.finished_tasks()
+    return {
+        "herd": herd,
+        "workers": list(herd.workers.all()),
+        "planned": planned,
+        "finished": finished,
+        "percent": round(100 * finished / planned) if planned else (100 if herd.ended else 0),
+        "tokens": herd.total_tokens(),
+        "chart": throughput_chart(herd.samples, planned),
+    }
+
+
+@login_required
+@permission_required(VIEW, raise_exception=True)
+def herd_list(request: HttpRequest) -> HttpResponse:
+    herds = Herd.objects.select_related("profile", "created_by")[:100]
+    return render(request, "herds/herd_list.html", {"herds": herds})
+
+
+@login_required
+@permission_required(OPERATE, raise_exception=True)
+@require_http_methods(["GET", "POST"])
+def launch(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        return render(request, "herds/launch.html", {"form": LaunchForm()})
+    form = LaunchForm(request.POST)
+    if not form.is_valid():
+        return render(request, "herds/launch.html", {"form": form}, status=400)
+    data = form.cleaned_data
+    if "confirm" not in request.POST:
+        # Pre-flight first: the person sees what the herd would find before starting it.
+        plan = Herd(queue=data["queue"], profile=data["profile"], filters=data["where"])
+        preflight = plan.compute_preflight()
+        return render(
+            request, "herds/launch.html", {"form": form, "preflight": preflight, "plan": data}
+        )
+    try:
+        herd = Herd.launch(
+            data["queue"],
+            data["profile"],
+            data["workers"],
+            batch=data["batch"],
+            filters=data["where"],
+            created_by=request.user,
+        )
+    except ValidationError as exc:
+        form.add_error(None, exc)
+        return render(request, "herds/launch.html", {"form": form}, status=400)
+    messages.success(request, f"Herd {herd.pk} launched.")
+    return redirect("herds:detail", pk=herd.pk)
+
+
+@login_required
+@permission_required(VIEW, raise_exception=True)
+def detail(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = _get_herd(pk)
+    context = _live_context(herd)
+    context["can_operate"] = request.user.has_perm(OPERATE)
+    return render(request, "herds/detail.html", context)
+
+
+@login_required
+@permission_required(VIEW, raise_exception=True)
+@vary_on_headers("HX-Request")
+def live(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = _get_herd(pk)
+    context = _live_context(herd)
+    context["can_operate"] = request.user.has_perm(OPERATE)
+    return render(request, "herds/live.html", context)
+
+
+@login_required
+@permission_required(VIEW, raise_exception=True)
+def summary_json(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = _get_herd(pk)
+    if not herd.ended:
+        return HttpResponse("The run summary is written when the last worker exits.", status=409)
+    response = HttpResponse(
+        json.dumps(herd.summary, indent=2), content_type="application/json; charset=utf-8"
+    )
+    response["Content-Disposition"] = f'attachment; filename="herd-{herd.pk}-summary.json"'
+    return response
+
+
+def _after_action(request: HttpRequest, herd: Herd) -> HttpResponse:
+    if request.htmx:
+        herd.refresh_from_db()
+        context = _live_context(herd)
+        context["can_operate"] = True
+        return render(request, "herds/live.html", context)
+    return redirect("herds:detail", pk=herd.pk)
+
+
+@login_required
+@permission_required(OPERATE, raise_exception=True)
+@require_POST
+def drain(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = _get_herd(pk)
+    if herd.drain(f"drained by {request.user.get_username()}"):
+        messages.info(request, f"Herd {herd.pk} is draining: current tasks finish, no new claims.")
+    return _after_action(request, herd)
+
+
+@login_required
+@permission_required(OPERATE, raise_exception=True)
+@require_POST
+def cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = _get_herd(pk)
+    if not herd.ended and herd.request_cancel(f"cancelled by {request.user.get_username()}"):
+        cancel_herd(herd.pk)
+        messages.info(request, f"Herd {herd.pk} is being cancelled.")
+    return _after_action(request, herd)

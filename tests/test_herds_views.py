@@ -1,0 +1,310 @@
+"""Herd pages, admin and profile validation: login, permissions, CSRF, never a command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.core.exceptions import ValidationError
+from django.test import Client
+from django.urls import reverse
+
+from herds.models import Herd, HerdStatus, Profile
+from herds.supervision import worker_argv
+from tests.conftest import make_tasks
+from workqueue.models import Status, Task
+
+pytestmark = pytest.mark.django_db
+
+
+def user_with(username: str, *codenames: str) -> User:
+    user = User.objects.create_user(username, password="pw-for-tests")
+    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    return user
+
+
+@pytest.fixture
+def profile() -> Profile:
+    return Profile.objects.update_or_create(
+        name="noop", defaults={"processor": "noop", "max_workers": 8}
+    )[0]
+
+
+@pytest.fixture
+def herd(profile) -> Herd:
+    return Herd.objects.create(queue="inbox", profile=profile, size=2, status=HerdStatus.RUNNING)
+
+
+@pytest.fixture
+def viewer() -> User:
+    return user_with("viewer", "view_herd")
+
+
+@pytest.fixture
+def operator() -> User:
+    return user_with("operator", "view_herd", "add_herd")
+
+
+def client_for(user: User | None, csrf: bool = False) -> Client:
+    client = Client(enforce_csrf_checks=csrf)
+    if user is not None:
+        client.force_login(user)
+    return client
+
+
+def read_urls(herd: Herd) -> list[str]:
+    return [
+        reverse("herds:list"),
+        reverse("herds:detail", args=[herd.pk]),
+        reverse("herds:live", args=[herd.pk]),
+    ]
+
+
+def test_every_herd_page_needs_a_login(herd):
+    pages = [*read_urls(herd), reverse("herds:summary_json", args=[herd.pk])]
+    pages.append(reverse("herds:launch"))
+    actions = [reverse("herds:drain", args=[herd.pk]), reverse("herds:cancel", args=[herd.pk])]
+    anonymous = Client()
+    responses = [(url, anonymous.get(url)) for url in pages]
+    responses += [(url, anonymous.post(url)) for url in actions]
+    for url, response in responses:
+        assert response.status_code == 302, url
+        assert response["Location"].startswith(reverse("login")), url
+    herd.refresh_from_db()
+    assert not herd.draining and not herd.cancel_requested
+
+
+def test_viewing_needs_view_permission(herd, viewer):
+    nobody = client_for(user_with("nobody"))
+    allowed = client_for(viewer)
+    for url in read_urls(herd):
+        assert nobody.get(url).status_code == 403, url
+        assert allowed.get(url).status_code == 200, url
+
+
+def test_launching_draining_cancelling_need_add_herd(herd, viewer):
+    client = client_for(viewer)
+    assert client.get(reverse("herds:launch")).status_code == 403
+    assert client.post(reverse("herds:drain", args=[herd.pk])).status_code == 403
+    assert client.post(reverse("herds:cancel", args=[herd.pk])).status_code == 403
+    herd.refresh_from_db()
+    assert not herd.draining and not herd.cancel_requested
+
+
+def test_actions_are_post_only(herd, operator):
+    client = client_for(operator)
+    assert client.get(reverse("herds:drain", args=[herd.pk])).status_code == 405
+    assert client.get(reverse("herds:cancel", args=[herd.pk])).status_code == 405
+
+
+@pytest.mark.parametrize("action", ["drain", "cancel"])
+def test_actions_refuse_a_post_without_csrf_token(herd, operator, action):
+    client = client_for(operator, csrf=True)
+    url = reverse(f"herds:{action}", args=[herd.pk])
+    assert client.post(url).status_code == 403
+    herd.refresh_from_db()
+    assert not herd.draining and not herd.cancel_requested
+
+
+def test_launch_form_refuses_a_post_without_csrf_token(operator, profile):
+    client = client_for(operator, csrf=True)
+    response = client.post(
+        reverse("herds:launch"), {"queue": "inbox", "profile": "noop", "workers": 2, "batch": 0}
+    )
+    assert response.status_code == 403
+    assert not Herd.objects.exists()
+
+
+def test_drain_with_token_marks_the_herd_and_its_workers(herd, operator):
+    client = client_for(operator, csrf=True)
+    client.get(reverse("herds:detail", args=[herd.pk]))
+    token = client.cookies["csrftoken"].value
+    worker = herd.workers.create(index=0, name="w0", host="h")
+    response = client.post(reverse("herds:drain", args=[herd.pk]), HTTP_X_CSRFTOKEN=token)
+    assert response.status_code == 302
+    herd.refresh_from_db()
+    worker.refresh_from_db()
+    assert herd.draining and "drained by operator" in herd.reason
+    assert worker.drain_reason == herd.reason
+
+
+def test_cancel_requests_supervision_and_enqueues_after_commit(
+    herd, operator, django_capture_on_commit_callbacks
+):
+    client = client_for(operator)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = client.post(reverse("herds:cancel", args=[herd.pk]), HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    assert 'id="herd-live"' in response.content.decode()
+    herd.refresh_from_db()
+    assert herd.cancel_requested and herd.draining
+    assert len(callbacks) == 1
+
+
+def test_cancelling_a_pending_herd_ends_it_at_once(profile, operator):
+    pending = Herd.objects.create(queue="inbox", profile=profile, size=2)
+    client_for(operator).post(reverse("herds:cancel", args=[pending.pk]))
+    pending.refresh_from_db()
+    assert pending.status == HerdStatus.CANCELLED
+    assert pending.summary["status"] == "cancelled"
+
+
+def test_launch_shows_preflight_then_starts_on_confirm(
+    operator, profile, django_capture_on_commit_callbacks
+):
+    make_tasks("inbox", 5)
+    Task.objects.filter(key="t000000").update(status=Status.DONE)
+    client = client_for(operator)
+    form = {"queue": "inbox", "profile": "noop", "workers": 3, "batch": 0, "where": ""}
+
+    preflight = client.post(reverse("herds:launch"), form)
+    assert preflight.status_code == 200
+    text = preflight.content.decode()
+    assert "4 ready, 1 skipped (already complete), 0 waiting on dependencies, 0 locks held" in text
+    assert not Herd.objects.exists()
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        started = client.post(reverse("herds:launch"), {**form, "confirm": "1"})
+    herd = Herd.objects.get()
+    assert started.status_code == 302
+    assert started["Location"] == reverse("herds:detail", args=[herd.pk])
+    assert (herd.queue, herd.profile, herd.size, herd.created_by) == (
+        "inbox",
+        profile,
+        3,
+        operator,
+    )
+    assert len(callbacks) == 1
+
+
+def test_launch_form_takes_a_profile_never_a_command(operator, profile):
+    make_tasks("inbox", 1)
+    client = client_for(operator)
+    form = {"queue": "inbox", "profile": "noop", "workers": 9, "batch": 0, "confirm": "1"}
+    too_many = client.post(reverse("herds:launch"), {**form, "command": "rm -rf /"})
+    assert too_many.status_code == 400
+    assert "at most 8 workers" in too_many.content.decode()
+    unknown = client.post(reverse("herds:launch"), {**form, "workers": 1, "profile": "sh -c x"})
+    assert unknown.status_code == 400
+    assert not Herd.objects.exists()
+
+
+def test_live_fragment_polls_until_the_herd_ends(herd, viewer):
+    client = client_for(viewer)
+    url = reverse("herds:live", args=[herd.pk])
+    assert 'hx-trigger="every 2s"' in client.get(url, HTTP_HX_REQUEST="true").content.decode()
+    herd.finish(HerdStatus.FINISHED)
+    ended = client.get(url, HTTP_HX_REQUEST="true").content.decode()
+    assert "hx-trigger" not in ended
+    assert "Run summary" in ended
+
+
+def test_summary_downloads_as_json_once_written(herd, viewer):
+    client = client_for(viewer)
+    url = reverse("herds:summary_json", args=[herd.pk])
+    assert client.get(url).status_code == 409
+    herd.finish(HerdStatus.FINISHED)
+    response = client.get(url)
+    assert response.status_code == 200
+    assert "attachment" in response["Content-Disposition"]
+    data = json.loads(response.content)
+    assert data["herd"] == herd.pk and data["status"] == "finished"
+
+
+def test_chart_is_server_rendered_svg(herd, viewer):
+    Herd.objects.filter(pk=herd.pk).update(samples=[[0, 0], [1.0, 10], [2.0, 30]])
+    page = client_for(viewer).get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert "<svg" in page and "<polyline" in page
+
+
+def test_herd_list_shows_past_herds(herd, viewer):
+    herd.finish(HerdStatus.FINISHED, "all done")
+    page = client_for(viewer).get(reverse("herds:list")).content.decode()
+    assert f"#{herd.pk}" in page and "Finished" in page
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"processor": "command", "command": "echo hi"}, "command"),
+        ({"processor": "command", "command": []}, "command"),
+        ({"processor": "command", "command": ["agent", 3]}, "command"),
+        ({"processor": "noop", "command": ["agent"]}, "command"),
+        ({"quota_pattern": "(unclosed"}, "quota_pattern"),
+        ({"env": {"A": 1}}, "env"),
+        ({"filters": ["complexity"]}, "filters"),
+    ],
+)
+def test_profile_save_refuses_invalid_settings(fields, field):
+    with pytest.raises(ValidationError) as caught:
+        Profile(name="bad", **fields).save()
+    assert field in caught.value.message_dict
+    assert not Profile.objects.filter(name="bad").exists()
+
+
+def test_worker_command_line_passes_routing_options_only_when_set(profile):
+    plain = Herd.objects.create(queue="inbox", profile=profile, size=1)
+    worker = plain.workers.create(index=0, name="w0", host="h")
+    argv = worker_argv(plain, worker)
+    assert "--where" not in argv and "--worktree-repo" not in argv
+    assert "--require-commit" not in argv
+
+    agent = Profile.objects.create(
+        name="agent",
+        processor="command",
+        command=["{python}", "agent.py", "{path}"],
+        filters=["complexity=mechanical"],
+        worktree_repo="/srv/repo",
+        require_commit=True,
+    )
+    routed = Herd.objects.create(queue="inbox", profile=agent, size=1, filters=["project=web"])
+    argv = worker_argv(routed, worker)
+    assert argv[argv.index("--where") :].count("--where") == 2
+    assert "complexity=mechanical" in argv and "project=web" in argv
+    assert argv[argv.index("--worktree-repo") + 1] == "/srv/repo"
+    assert argv[argv.index("--worktree-base") + 1] == "main"
+    assert "--require-commit" in argv
+    assert argv[argv.index("--") + 1 :][1:] == ["agent.py", "{path}"]
+    assert "{python}" not in argv
+
+
+def test_default_profiles_come_from_the_data_migration():
+    names = set(Profile.objects.values_list("name", flat=True))
+    assert {"noop", "example-agent"} <= names
+    agent = Profile.objects.get(name="example-agent")
+    assert agent.command[0] == "{python}" and "{path}" in agent.command
+
+
+def test_admin_lists_herds_read_only_and_drains_by_action(herd):
+    admin = User.objects.create_superuser("admin", password="pw-for-tests")
+    client = client_for(admin)
+    changelist = reverse("admin:herds_herd_changelist")
+    assert client.get(changelist).status_code == 200
+    assert client.get(reverse("admin:herds_herd_add")).status_code == 403
+    response = client.post(
+        changelist, {"action": "drain_herds", "_selected_action": [herd.pk]}, follow=True
+    )
+    assert response.status_code == 200
+    herd.refresh_from_db()
+    assert herd.draining
+
+
+def test_admin_profile_form_shows_validation_errors():
+    admin = User.objects.create_superuser("admin", password="pw-for-tests")
+    response = client_for(admin).post(
+        reverse("admin:herds_profile_add"),
+        {
+            "name": "shell",
+            "processor": "command",
+            "command": '"bash -c ls"',
+            "env": "{}",
+            "filters": "[]",
+            "prefetch": 1,
+            "max_workers": 2,
+            "worktree_base": "main",
+        },
+    )
+    assert response.status_code == 200
+    assert "non-empty list of strings" in response.content.decode()
+    assert not Profile.objects.filter(name="shell").exists()
