@@ -161,6 +161,8 @@ class Task(models.Model):
                 condition=Q(status="queued"),
             ),
             models.Index(fields=["queue", "status", "priority", "id"], name="task_board"),
+            # The board without a queue filter: each column in order, and its count.
+            models.Index(fields=["status", "priority", "id"], name="task_board_all"),
             models.Index(
                 fields=["lease_expires_at"], name="task_claimed", condition=Q(status="claimed")
             ),
