@@ -1,0 +1,156 @@
+"""Board speed with 100,000 tasks: full render, no-change live refresh, page weight.
+
+Runs on a throwaway database (SQLite under the data folder, or a `_bench_board` database
+next to DATABASE_URL's), so no real data is touched. `python bench/bench_board.py` prints
+JSON; bench/run.py calls run().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = {"render_ms": 100, "refresh_ms": 10, "page_bytes": 200_000}
+
+
+def _setup_django() -> None:
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hypervisor_site.settings")
+    import django
+
+    django.setup()
+
+
+def _fill(count: int) -> None:
+    from django.utils import timezone
+
+    from workqueue.models import Queue, Task
+
+    rng = random.Random(4)
+    now = timezone.now()
+    statuses = ["done"] * 80 + ["queued"] * 15 + ["blocked"] * 4 + ["claimed"]
+    projects = [f"project-{i}" for i in range(20)]
+    Queue.objects.get_or_create(name="bench")
+    batch = []
+    for i in range(count):
+        status = rng.choice(statuses)
+        tags = rng.sample(["bug", "auth", "docs", "ui", "infra", "perf"], 2)
+        batch.append(
+            Task(
+                queue="bench" if i % 10 else "other",
+                key=f"bench-{i:07d}",
+                title=f"Task number {i} about {tags[0]} in the {tags[1]} area",
+                status=status,
+                priority=rng.randint(0, 4),
+                project=rng.choice(projects),
+                assignee=rng.choice(["", "bot", "ann", "bo"]),
+                tags=tags,
+                tag_index="|" + "|".join(tags) + "|",
+                body="# Body\n\nSome text.",
+                holder=f"bench:{i}" if status == "claimed" else "",
+                holder_host="bench-host" if status == "claimed" else "",
+                holder_pid=10_000 + i if status == "claimed" else None,
+                lease_expires_at=now + timedelta(minutes=5) if status == "claimed" else None,
+                created_at=now - timedelta(seconds=count - i),
+                updated_at=now - timedelta(seconds=count - i),
+            )
+        )
+        if len(batch) == 5000:
+            Task.objects.bulk_create(batch)
+            batch = []
+    Task.objects.bulk_create(batch)
+
+
+def _median_ms(call, repeat: int) -> float:
+    call()  # warm caches: templates, statements, pages
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def _measure(repeat: int) -> dict:
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    user = get_user_model().objects.create_superuser("bench", "", "bench-password")
+    client = Client()
+    client.force_login(user)
+    first = client.get("/")
+    assert first.status_code == 200, first.status_code
+    version = first["ETag"].strip('"')
+
+    def render():
+        response = client.get("/")
+        assert response.status_code == 200
+
+    def refresh():
+        nonlocal version
+        response = client.get("/", {"since": version})
+        if response.status_code == 200:
+            # The version's clock bucket turned over: one render, then 204s again.
+            version = response["ETag"].strip('"')
+        else:
+            assert response.status_code == 204, response.status_code
+
+    def filtered():
+        response = client.get("/", {"queue": "bench", "tag": "auth", "q": "number 9"})
+        assert response.status_code == 200
+
+    result = {
+        "render_ms": _median_ms(render, repeat),
+        "refresh_ms": _median_ms(refresh, repeat * 3),
+        "filtered_render_ms": _median_ms(filtered, repeat),
+        "page_bytes": len(first.content),
+    }
+    return result
+
+
+def run(tasks: int = 100_000, repeat: int = 15) -> dict:
+    _setup_django()
+    from django.db import connection
+    from django.test.utils import setup_test_environment, teardown_test_environment
+
+    settings_dict = connection.settings_dict
+    settings_dict.setdefault("TEST", {})
+    if connection.vendor == "sqlite":
+        from django.conf import settings
+
+        settings_dict["TEST"]["NAME"] = str(settings.HYPERVISOR_DATA_DIR / "bench-board.sqlite3")
+    else:
+        settings_dict["TEST"]["NAME"] = f"{settings_dict['NAME']}_bench_board"
+    setup_test_environment()
+    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
+    try:
+        start = time.perf_counter()
+        _fill(tasks)
+        fill_seconds = time.perf_counter() - start
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("ANALYZE")
+        result = {
+            "database": connection.vendor,
+            "tasks": tasks,
+            "fill_seconds": round(fill_seconds, 1),
+            **_measure(repeat),
+        }
+    finally:
+        connection.creation.destroy_test_db(old_name, verbosity=0)
+        teardown_test_environment()
+    result["targets"] = TARGETS
+    result["meets_targets"] = all(result[name] < limit for name, limit in TARGETS.items())
+    return result
+
+
+if __name__ == "__main__":
+    tasks = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    print(json.dumps(run(tasks), indent=2))
