@@ -5,29 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 
 START_TIME_SLACK = 1.0  # psutil create_time is rounded to clock ticks
-
-
-def spawn(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
-    """Start a worker in its own session, so that its whole tree can be signalled at once."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-        )
 
 
 def create_time(pid: int) -> float | None:

@@ -9,15 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-import subprocess
-import sys
 import time
 from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
 
-from herds import processes
+from herds import processes, zygote
 from herds.models import ExitClass, Herd, HerdStatus, Worker
 from herds.receivers import WORKER_ENV
 from workqueue.claims import release_stale_claims
@@ -38,11 +36,9 @@ def log_path(herd: Herd, index: int):
 
 
 def worker_argv(herd: Herd, worker: Worker) -> list[str]:
+    """The arguments of `manage.py work` for one worker of this herd."""
     profile = herd.profile
     argv = [
-        sys.executable,
-        str(settings.BASE_DIR / "manage.py"),
-        "work",
         "--queue",
         herd.queue,
         "--herd",
@@ -58,7 +54,7 @@ def worker_argv(herd: Herd, worker: Worker) -> list[str]:
     return argv + profile.command_arguments()
 
 
-def start_worker(herd: Herd, index: int) -> tuple[Worker, subprocess.Popen | None]:
+def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess | None]:
     worker = Worker.objects.create(
         herd=herd,
         index=index,
@@ -73,9 +69,7 @@ def start_worker(herd: Herd, index: int) -> tuple[Worker, subprocess.Popen | Non
         "PYTHONUNBUFFERED": "1",
     }
     try:
-        child = processes.spawn(
-            worker_argv(herd, worker), env, log_path(herd, index), settings.BASE_DIR
-        )
+        child = zygote.start(worker_argv(herd, worker), env, log_path(herd, index))
     except OSError as exc:
         worker.record_exit(None, ExitClass.CRASHED, f"could not start: {exc}")
         return worker, None
@@ -90,7 +84,7 @@ def launch(herd_id: int) -> None:
     herd = Herd.objects.select_related("profile").filter(pk=herd_id).first()
     if herd is None or not herd.start():
         return
-    children: dict[int, subprocess.Popen] = {}
+    children: dict[int, zygote.WorkerProcess] = {}
     try:
         preflight = herd.record_preflight()
         count = herd.workers_to_start()
@@ -124,7 +118,7 @@ def nothing_ready_reason(preflight: dict) -> str:
     )
 
 
-def watch(herd: Herd, children: dict[int, subprocess.Popen]) -> None:
+def watch(herd: Herd, children: dict[int, zygote.WorkerProcess]) -> None:
     """Supervise every period, and at once when one of our children exits."""
     interval = settings.HYPERVISOR_SUPERVISE_INTERVAL
     next_pass = 0.0
@@ -142,7 +136,7 @@ def watch(herd: Herd, children: dict[int, subprocess.Popen]) -> None:
         time.sleep(0.1)
 
 
-def supervise(herd: Herd, children: dict[int, subprocess.Popen] | None = None) -> bool:
+def supervise(herd: Herd, children: dict[int, zygote.WorkerProcess] | None = None) -> bool:
     """One pass over a running herd. Returns True while it still runs."""
     herd.refresh_from_db()
     if herd.status != HerdStatus.RUNNING:
@@ -170,7 +164,7 @@ def supervise(herd: Herd, children: dict[int, subprocess.Popen] | None = None) -
     return False
 
 
-def check_worker(herd: Herd, worker: Worker, child: subprocess.Popen | None) -> None:
+def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None) -> None:
     returncode = child.poll() if child is not None else None
     seen = processes.sample(worker.pid, worker.process_started)
     if seen.alive and returncode is None:
@@ -243,7 +237,7 @@ def block_over_limit(task_ids: list[int], limit: int, worker: str) -> None:
     )
 
 
-def end_processes(herd: Herd, children: dict[int, subprocess.Popen]) -> None:
+def end_processes(herd: Herd, children: dict[int, zygote.WorkerProcess]) -> None:
     """Cancel: every live worker's tree gets SIGTERM, a grace period, then SIGKILL."""
     live = list(herd.workers.live())
     if not live:
@@ -253,10 +247,7 @@ def end_processes(herd: Herd, children: dict[int, subprocess.Popen]) -> None:
         child = children.get(worker.pk)
         code = None
         if child is not None:
-            try:
-                code = child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                code = None
+            code = child.wait(timeout=5)
         detail = herd.reason or "cancelled"
         if worker.pid in killed:
             detail += " (killed after the grace period)"

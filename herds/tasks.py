@@ -6,12 +6,18 @@ import logging
 
 from django.conf import settings
 from huey import crontab
-from huey.contrib.djhuey import db_periodic_task, db_task, on_commit_task
+from huey.contrib.djhuey import db_periodic_task, db_task, on_commit_task, on_startup
 
-from herds import supervision
+from herds import supervision, zygote
 from workqueue.claims import release_stale_claims
 
 log = logging.getLogger("herds")
+
+
+@on_startup()
+def start_fork_server() -> None:
+    # Ready before the first launch: starting it costs what it saves.
+    zygote.warm_up()
 
 
 @on_commit_task()
