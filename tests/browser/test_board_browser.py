@@ -1,8 +1,212 @@
-from tests.browser.conftest import screenshot
+"""The board in a real Chromium against a live server, with real worker processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+from django.conf import settings
+from django.core.management import call_command
+from django.utils import timezone
+
+from tests.browser.conftest import screenshot, wait_until
+from tests.conftest import make_tasks, start_manage
+from workqueue import locks
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples" / "inbox"
 
 
-def test_login_reaches_the_board(logged_in_page, live_url):
+def column(page, status: str):
+    return page.locator(f'section.column[data-status="{status}"]')
+
+
+def column_count(page, status: str) -> int:
+    return int(column(page, status).locator(".count").inner_text())
+
+
+def test_imported_tasks_show_in_their_columns(logged_in_page, live_url):
+    call_command("import_tasks", str(EXAMPLES), queue="examples", verbosity=0)
     page = logged_in_page
-    assert page.url.rstrip("/") == live_url
-    assert "Hypervisor" in page.title()
-    screenshot(page, "board-after-login")
+    page.goto(f"{live_url}/?queue=examples")
+    expected = Task.objects.filter(queue="examples").counts()
+    assert sum(expected.values()) >= 5
+    for status, count in expected.items():
+        assert column_count(page, status) == count
+        for task in Task.objects.filter(queue="examples", status=status):
+            card = column(page, status).locator(f'article[data-id="{task.pk}"]')
+            assert card.count() == 1, (task.key, status)
+            assert (task.title or task.key) in card.inner_text()
+    screenshot(page, "board-imported-examples")
+
+
+def test_cards_move_to_done_without_a_reload_while_workers_run(
+    logged_in_page, live_url, process_env
+):
+    make_tasks("herd", 40)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=herd")
+    assert column_count(page, "queued") == 40
+    page.evaluate("window.__notReloaded = true")
+    workers = [
+        start_manage(
+            ["work", "--queue", "herd", "--processor", "command", "--", "sleep", "0.3"],
+            process_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    try:
+        wait_until(lambda: column_count(page, "done") > 0, 60, "board never showed progress")
+        screenshot(page, "board-workers-midway")
+        wait_until(lambda: column_count(page, "done") == 40, 90, "cards never all reached done")
+    finally:
+        for worker in workers:
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    assert [w.returncode for w in workers] == [0, 0], [w.stderr.read() for w in workers]
+    assert column_count(page, "queued") == 0
+    assert column(page, "done").locator("article.card").count() == 40
+    assert page.evaluate("window.__notReloaded") is True
+    screenshot(page, "board-workers-finished")
+
+
+def test_card_buttons_and_drag_and_drop_act_on_tasks(logged_in_page, live_url):
+    first, second, third = make_tasks("acts", 3)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=acts")
+
+    # A button: mark done.
+    card = column(page, "queued").locator(f'article[data-id="{first.pk}"]')
+    card.get_by_role("button", name="Mark done").click()
+    column(page, "done").locator(f'article[data-id="{first.pk}"]').wait_for()
+    assert Task.objects.get(pk=first.pk).status == Status.DONE
+    assert TaskEvent.objects.filter(task=first, kind=EventKind.DONE, actor="user:browser").exists()
+
+    # Drag and drop: done back to queued (requeue).
+    column(page, "done").locator(f'article[data-id="{first.pk}"]').drag_to(
+        column(page, "queued").locator(".cards")
+    )
+    column(page, "queued").locator(f'article[data-id="{first.pk}"]').wait_for()
+    assert Task.objects.get(pk=first.pk).status == Status.QUEUED
+
+    # Block needs a reason: the drawer's form.
+    column(page, "queued").locator(f'article[data-id="{second.pk}"]').get_by_role(
+        "link", name="Block…"
+    ).click()
+    drawer = page.locator("aside#drawer")
+    drawer.locator("input[name=reason]").fill("waiting for the design review")
+    drawer.get_by_role("button", name="Block").click()
+    column(page, "blocked").locator(f'article[data-id="{second.pk}"]').wait_for()
+    assert "waiting for the design review" in column(page, "blocked").inner_text()
+    second.refresh_from_db()
+    assert second.status == Status.BLOCKED
+    assert second.reason == "waiting for the design review"
+
+    # Escape closes the drawer; dragging to "blocked" asks for the reason too.
+    page.keyboard.press("Escape")
+    assert drawer.is_hidden()
+    page.once("dialog", lambda dialog: dialog.accept("flaky dependency"))
+    column(page, "queued").locator(f'article[data-id="{third.pk}"]').drag_to(
+        column(page, "blocked").locator(".cards")
+    )
+    column(page, "blocked").locator(f'article[data-id="{third.pk}"]').wait_for()
+    assert Task.objects.get(pk=third.pk).reason == "flaky dependency"
+    screenshot(page, "board-after-actions")
+
+
+def test_hostile_task_is_inert_in_the_drawer(logged_in_page, live_url):
+    (task,) = make_tasks(
+        "hostile",
+        1,
+        body=(
+            "<script>window.__pwned = 1</script>\n\n"
+            '<img src=x onerror="window.__pwned = 2">\n\n'
+            "[click me](javascript:window.__pwned=3)\n\n"
+            '<svg onload="window.__pwned = 4"><script>window.__pwned = 5</script></svg>\n'
+        ),
+    )
+    Task.objects.filter(pk=task.pk).update(title='<img src=x onerror="window.__pwned = 6">')
+    page = logged_in_page
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(f"{live_url}/?queue=hostile")
+    page.locator(f'article[data-id="{task.pk}"] a.title').click()
+    drawer = page.locator("aside#drawer .markdown")
+    drawer.wait_for()
+    assert drawer.locator("script, svg, img").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert dialogs == []
+    screenshot(page, "drawer-hostile-task")
+
+
+def test_release_a_stale_lock_from_the_admin(logged_in_page, live_url, process_env, lock_root):
+    make_tasks("crash", 1)
+    # A worker that is killed mid-task leaves its claim and its lock directory behind.
+    worker = start_manage(
+        ["work", "--queue", "crash", "--processor", "command", "--", "sleep", "600"],
+        process_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        task = wait_until(
+            lambda: Task.objects.filter(queue="crash", status=Status.CLAIMED).first(), 60
+        )
+        wait_until(lambda: locks.lock_dir("crash", task.key).exists(), 30)
+    finally:
+        for child in psutil.Process(worker.pid).children(recursive=True):
+            child.kill()
+        worker.kill()
+        worker.wait()
+    page = logged_in_page
+    page.goto(f"{live_url}/admin/queue/task/locks/")
+    row = page.locator("#locks tbody tr", has_text=task.key)
+    assert "dead" in row.inner_text()
+    assert "stale" in row.inner_text()
+    assert "1 claim(s) back to queued" in page.locator("#dry-run").inner_text()
+    screenshot(page, "admin-locks-before")
+    page.get_by_role("button", name="Release stale locks").click()
+    page.wait_for_url(f"{live_url}/admin/queue/task/locks/")
+    assert "1 requeued" in page.locator(".messagelist").inner_text()
+    assert "No lock directories." in page.locator("#locks").inner_text()
+    task.refresh_from_db()
+    assert task.status == Status.QUEUED
+    assert not locks.lock_dir("crash", task.key).exists()
+    assert TaskEvent.objects.filter(task=task, kind=EventKind.REAPED).exists()
+    screenshot(page, "admin-locks-after")
+
+
+def test_a_claim_left_by_a_dead_pid_shows_stale_on_the_board(logged_in_page, live_url):
+    (task,) = make_tasks("dead", 1)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = timezone.now()
+    Task.objects.filter(pk=task.pk).update(
+        status=Status.CLAIMED,
+        holder="w-dead",
+        holder_host=settings.HYPERVISOR_HOST,
+        holder_pid=gone.pid,
+        holder_started=time.time(),
+        claimed_at=now,
+        lease_expires_at=now + timedelta(minutes=5),
+        updated_at=now,
+    )
+    directory = locks.lock_dir("dead", task.key)
+    directory.mkdir(parents=True)
+    (directory / "owner.json").write_text(
+        json.dumps({"host": settings.HYPERVISOR_HOST, "pid": gone.pid, "worker": "w-dead"})
+    )
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=dead")
+    card = column(page, "claimed").locator(f'article[data-id="{task.pk}"]')
+    assert "stale claim" in card.inner_text().lower()
+    assert f"pid {gone.pid}" in card.inner_text()
