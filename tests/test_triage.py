@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workqueue import triage
+from workqueue import claims, triage
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Queue, Status, Task
 from workqueue.processors import load_processor
-from workqueue.triage import Rules, decide, insert_link, triage_bytes
+from workqueue.triage_rules import Rules, decide, insert_link, triage_bytes
 from workqueue.worker import Worker
 from workqueue.writeback import Document, EditRefused, edit_yaml
 
@@ -396,6 +396,21 @@ def test_file_changed_since_claim_is_refused_and_left_alone(queue_folder):
     assert path.read_bytes() == edited
 
 
+def test_file_changed_between_read_and_write_is_refused(queue_folder):
+    queue_folder({"b.md": NEEDS_WORK})
+    path = queue_folder.folder / "b.md"
+    worker = Worker("inbox", load_processor("triage"), prefetch=10)
+    [claim] = claims.claim_ready_tasks("inbox", worker.identity, worker.owner_file, 10)
+    result = worker.processor.process(claim, worker.context)
+    assert result.status == Status.DONE
+    path.write_text(NEEDS_WORK + "A person adds a line.\n")
+    worker.finish([(claim, result)])
+    task = Task.objects.get(key="b")
+    assert (task.status, task.reason) == (Status.BLOCKED, "changed on disk since claim")
+    assert path.read_text() == NEEDS_WORK + "A person adds a line.\n"
+    assert [p.name for p in queue_folder.folder.iterdir()] == ["b.md"]
+
+
 def test_dry_run_stores_the_diff_and_writes_nothing(queue_folder):
     originals = queue_folder({"b.md": NEEDS_WORK})
     work(dry_run=True)
@@ -423,21 +438,22 @@ def test_close_is_recorded_on_the_row(queue_folder):
 
 def test_stamp_is_in_the_file_while_held_and_gone_when_done(queue_folder, monkeypatch):
     queue_folder({"b.md": NEEDS_WORK, "a.md": UNCHANGED}, stamp=True)
-    writes = []
+    stamps = []
     real_write = triage.atomic_write
 
     def record(path, data):
-        writes.append((os.path.basename(path), data))
+        stamps.append((os.path.basename(path), Document.parse(data).frontmatter))
         return real_write(path, data)
 
     monkeypatch.setattr(triage, "atomic_write", record)
     work()
-    stamped = [Document.parse(data).frontmatter for _, data in writes[::2]]
-    assert [w[0] for w in writes] == ["a.md", "a.md", "b.md", "b.md"]
-    assert all(fm["claimed_by"] and fm["claimed_at"] for fm in stamped)
+    assert [name for name, _ in stamps] == ["a.md", "b.md"]
+    assert all(fm["claimed_by"] and fm["claimed_at"] for _, fm in stamps)
     assert (queue_folder.folder / "a.md").read_bytes() == UNCHANGED.encode()
     final = Document.parse((queue_folder.folder / "b.md").read_bytes()).frontmatter
+    assert final["complexity"] == "mechanical"
     assert not set(final) & set(triage.STAMP_KEYS)
+    assert Task.objects.filter(status=Status.DONE).count() == 2
 
 
 def test_one_event_per_transition_and_no_lock_left(queue_folder, lock_root):

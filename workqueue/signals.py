@@ -7,6 +7,7 @@ from django.dispatch import Signal
 
 worker_started = Signal()
 worker_heartbeat = Signal()
+tasks_processed = Signal()  # kwargs: done=[(Claim, Result)], before they are finished
 tasks_finished = Signal()  # kwargs: finished=[(Claim, Result)], refused=[task ids]
 worker_lock_failed = Signal()  # kwargs: message
 worker_stopped = Signal()  # kwargs: exit_code

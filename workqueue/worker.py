@@ -150,6 +150,7 @@ class Worker:
     def finish(self, done: list[tuple[Claim, Result]]) -> None:
         if not done:
             return
+        signals.tasks_processed.send(sender=self, done=done)
         report = claims.finish_claims(self.identity, done)
         refused = set(report.refused)
         for claim, result in done:

@@ -1,0 +1,187 @@
+"""Triage benchmark: 10,000 task files, 8 worker processes, against the old pattern.
+
+Both sides start from copies of the same folder; process start-up is included. Ours is
+`manage.py work --processor triage` on a temporary SQLite database; the old pattern is
+bench/old_triage.py (mkdir lock per file, whole frontmatter re-dumped). Prints JSON.
+
+    python bench/bench_triage.py [--tasks 10000] [--workers 8] [--prefetch 250]
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGE = str(ROOT / "manage.py")
+
+TITLES = [
+    "Rename the settings module",
+    "Fix the login crash",
+    "Review the grant budget",
+    "Write the release notes",
+    "Choose a charting library",
+    "Implement the export function",
+    "Plan the next quarter",
+]
+BODIES = [
+    "Some context.\n\n- [ ] edit /src/app.py\n- [ ] run tests\n",
+    "Which option is better?\n",
+    "Refactor the parser and add an option for strict mode.\n",
+    "Prepare for the meeting on Friday.\n",
+    "## Acceptance\n\nIt works.\n",
+    "Plain text that matches nothing in particular.\n",
+]
+PROJECTS = ["aops", "osb", "hdr", "garden", "reco", ""]
+
+
+def write_inbox(folder: Path, count: int) -> list[str]:
+    """An inbox like the real one: mostly untriaged, some already classified or assigned."""
+    rng = random.Random(10000)
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        lines = [f"id: task-{i:05d}", f'title: "{rng.choice(TITLES)} {i}"', "status: inbox"]
+        lines.append(f"priority: {rng.randint(0, 4)}")
+        if i % 50 == 0:
+            lines.append("type: epic")
+        if rng.random() < 0.2:
+            lines.append("assignee: nic  # set by hand")
+        if rng.random() < 0.1:
+            lines.append("complexity: multi-step")
+        project = rng.choice(PROJECTS)
+        if project:
+            lines.append(f"project: {project}")
+        lines.append("tags: [inbox, imported]")
+        lines.append("created: 2026-01-15")
+        heading = f"# Task {i}\n\n" if rng.random() < 0.7 else ""
+        path = folder / f"task-{i:05d}.md"
+        path.write_text("---\n" + "\n".join(lines) + "\n---\n" + heading + rng.choice(BODIES))
+        paths.append(str(path))
+    return paths
+
+
+def manage(args: list[str], env: dict) -> str:
+    done = subprocess.run(
+        [sys.executable, MANAGE, *args], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"manage.py {args[0]} failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def run_ours(folder: Path, data: Path, workers: int, prefetch: int) -> dict:
+    data.mkdir()
+    env = {
+        **os.environ,
+        "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL")
+        or f"sqlite:///{data / 'bench.sqlite3'}",
+        "HYPERVISOR_DATA_DIR": str(data),
+        "HYPERVISOR_LOCK_ROOT": str(data / "locks"),
+        "HYPERVISOR_IMPORT_ROOTS": str(folder),
+    }
+    manage(["migrate", "-v0"], env)
+    started = time.perf_counter()
+    imported = json.loads(
+        manage(["import_tasks", str(folder), "--queue", "triage", "--json"], env)
+    )
+    import_seconds = time.perf_counter() - started
+    started, cpu = time.perf_counter(), children_cpu()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, MANAGE, "work", "--queue", "triage", "--processor", "triage"]
+            + ["--prefetch", str(prefetch), "--json"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    outputs = [p.communicate() for p in procs]
+    seconds, cpu = time.perf_counter() - started, children_cpu() - cpu
+    if any(p.returncode for p in procs):
+        raise RuntimeError("a worker failed: " + " ".join(o[1][-1000:] for o in outputs))
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    stats = json.loads(manage(["queue_stats", "--queue", "triage", "--json"], env))
+    done = sum(s["done"] for s in summaries)
+    return {
+        "items": done,
+        "blocked": sum(s["blocked"] for s in summaries),
+        "seconds": round(seconds, 3),
+        "items_per_second": round(done / seconds),
+        "cpu_seconds": round(cpu, 2),
+        "import_seconds": round(import_seconds, 3),
+        "imported": imported["imported"],
+        "items_per_second_with_import": round(done / (seconds + import_seconds)),
+        "counts": stats.get("counts", stats),
+        "slowest_claim_seconds": max(s["slowest_claim_seconds"] for s in summaries),
+    }
+
+
+def run_old(paths: list[str], tmp: Path, workers: int) -> dict:
+    queue_file = tmp / "old-queue.txt"
+    queue_file.write_text("\n".join(paths) + "\n")
+    cpu = children_cpu()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "old_triage.py"), str(queue_file)]
+        + [str(tmp / "old-locks"), str(workers)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    result["cpu_seconds"] = round(children_cpu() - cpu, 2)
+    result["items_per_second"] = round(result["items"] / result["seconds"])
+    result["seconds"] = round(result["seconds"], 3)
+    return result
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def changed_files(original: Path, triaged: Path) -> int:
+    return sum((triaged / p.name).read_bytes() != p.read_bytes() for p in original.iterdir())
+
+
+def run(tasks: int = 10000, workers: int = 8, prefetch: int = 250) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="hv-bench-triage-"))
+    try:
+        original = tmp / "original"
+        write_inbox(original, tasks)
+        shutil.copytree(original, tmp / "ours")
+        shutil.copytree(original, tmp / "old")
+        ours = run_ours(tmp / "ours", tmp / "data", workers, prefetch)
+        ours["files_changed"] = changed_files(original, tmp / "ours")
+        old = run_old(sorted(str(p) for p in (tmp / "old").iterdir()), tmp, workers)
+        old["files_changed"] = changed_files(original, tmp / "old")
+        return {
+            "tasks": tasks,
+            "workers": workers,
+            "prefetch": prefetch,
+            "hypervisor_triage": ours,
+            "old_pattern": old,
+            "ratio_vs_old": round(ours["items_per_second"] / old["items_per_second"], 2),
+            "target_ratio": 1.0,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=10000)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--prefetch", type=int, default=250)
+    args = parser.parse_args()
+    print(json.dumps(run(args.tasks, args.workers, args.prefetch), indent=2))

@@ -1,0 +1,122 @@
+"""Triage of a 5,000-file folder by 4 real worker processes, checked against one process."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from django.db.models import Count, Q
+
+from tests.conftest import start_manage
+from workqueue.importer import Importer
+from workqueue.models import EventKind, Status, Task
+from workqueue.triage import rules_from_settings
+from workqueue.triage_rules import triage_bytes
+
+FILES = 5000
+WORKERS = 4
+
+TITLES = [
+    "Rename the settings module",
+    "Fix the login crash",
+    "Review the grant budget",
+    "Write the release notes",
+    "Choose a charting library",
+    "Implement the export function",
+    "Plan the next quarter",
+]
+BODIES = [
+    "Some context.\n\n- [ ] edit /src/app.py\n- [ ] run tests\n",
+    "Which option is better?\n",
+    "Refactor the parser and add an option for strict mode.\n",
+    "Prepare for the meeting on Friday.\n",
+    "Notes. Done already, see ## Closed below.\n",
+    "## Acceptance\n\nIt works.\n",
+    "Plain text that matches nothing in particular.\n",
+]
+PROJECTS = ["aops", "osb", "hdr", "garden", "reco", ""]
+
+
+def task_folder(folder: Path, count: int) -> None:
+    """A reproducible inbox: containers with and without children, closes, links, quoting."""
+    rng = random.Random(20261128)
+    epics = [f"t{i:05d}" for i in range(0, count, 40)]
+    for i in range(count):
+        key = f"t{i:05d}"
+        lines = [f"id: {key}", f"title: {json.dumps(rng.choice(TITLES) + f' {i}')}"]
+        if key in epics:
+            lines.append("type: epic")
+        elif rng.random() < 0.3:
+            lines.append(f"parent: {rng.choice(epics[: len(epics) // 2])}  # epic")
+        if rng.random() < 0.2:
+            lines.append("assignee: 'alice'")
+        if rng.random() < 0.1:
+            lines.append("complexity: multi-step")
+        project = rng.choice(PROJECTS)
+        if project:
+            lines.append(f"project: {project}")
+        lines.append("tags: [inbox]")
+        heading = f"# Task {i}\n\n" if rng.random() < 0.7 else ""
+        text = "---\n" + "\n".join(lines) + "\n---\n" + heading + rng.choice(BODIES)
+        (folder / f"{key}.md").write_text(text, encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_four_workers_triage_every_file_exactly_once(process_env, tmp_path, lock_root):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    task_folder(folder, FILES)
+    original = tmp_path / "original"
+    shutil.copytree(folder, original)
+    report = Importer("herd", roots=[folder]).run([folder])
+    assert (report.imported, report.errors) == (FILES, [])
+
+    workers = [
+        start_manage(
+            ["work", "--queue", "herd", "--processor", "triage", "--prefetch", "50", "--json"],
+            process_env,
+        )
+        for _ in range(WORKERS)
+    ]
+    summaries = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=200)
+        assert worker.returncode == 0, err
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+
+    assert sum(s["done"] for s in summaries) == FILES
+    assert all(s["blocked"] == s["refused"] == 0 for s in summaries)
+    assert Task.objects.filter(queue="herd", status=Status.DONE).count() == FILES
+    once = Task.objects.filter(queue="herd").annotate(
+        done=Count("events", filter=Q(events__kind=EventKind.DONE)),
+        claims=Count("events", filter=Q(events__kind=EventKind.CLAIMED)),
+    )
+    assert set(once.values_list("done", "claims")) == {(1, 1)}
+    assert not any(lock_root.rglob("owner.json"))
+
+    # The same rules in this one process, on the untouched copy, with children read
+    # from the files themselves rather than from the database.
+    parents = {
+        line.split(":")[1].split("#")[0].strip()
+        for path in original.iterdir()
+        for line in path.read_text().splitlines()
+        if line.startswith("parent:")
+    }
+    results = dict(Task.objects.filter(queue="herd").values_list("key", "result"))
+    actions = set()
+    for path in sorted(original.iterdir()):
+        expected, decision, _ = triage_bytes(
+            path.read_bytes(), path.stem, lambda task_id: task_id in parents, rules_from_settings()
+        )
+        assert (folder / path.name).read_bytes() == expected, path.name
+        result = results[path.stem]
+        assert (result["action"], result["changes"]) == (decision.action, decision.changes)
+        actions.add(decision.action)
+    assert {"close", "assign:nic", "assign:bot", "assign:alice"} <= actions
+
+    again = Importer("herd", roots=[folder]).run([folder])
+    assert (again.unchanged, again.updated) == (FILES, 0)
