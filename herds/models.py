@@ -566,7 +566,7 @@ class Worker(models.Model):
         if self.quota_hit:
             return ExitClass.QUOTA, "quota or rate limit reached"
         if exit_code == 0:
-            return ExitClass.FINISHED, self.drain_reason or "no more work or batch reached"
+            return ExitClass.FINISHED, self.drain_reason
         if exit_code is None:
             return ExitClass.CRASHED, "died without reporting an exit code"
         if exit_code < 0:

@@ -71,8 +71,18 @@ def consumer(huey_env, tmp_path):
 
 def launch(env, *args: str) -> int:
     result = run_manage(["herd", *args, "--json"], env, timeout=60)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + result.stdout + worker_logs()
     return json.loads(result.stdout.strip().splitlines()[-1])["herd"]
+
+
+def worker_logs() -> str:
+    """Every herd worker's log, for the message of a failed assertion."""
+    parts = []
+    for worker in Worker.objects.all():
+        path = Path(worker.log_path)
+        text = path.read_text(errors="replace")[-3000:] if path.is_file() else "(no log)"
+        parts.append(f"--- {worker.name} ({worker.exit_class} {worker.exit_code}):\n{text}")
+    return "\n".join(parts)
 
 
 def descendants(herd: Herd) -> list[psutil.Process]:
@@ -92,7 +102,7 @@ def test_herd_of_four_noop_workers_does_500_tasks_exactly_once(huey_env, consume
         timeout=180,
     )
 
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + result.stdout + worker_logs()
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "finished"
     assert summary["queue"] == "herdq" and summary["profile"] == "noop"
@@ -215,7 +225,7 @@ def test_quota_message_drains_the_herd_without_respawn(huey_env, consumer):
         timeout=120,
     )
 
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + result.stdout + worker_logs()
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     herd = Herd.objects.get(pk=summary["herd"])
     assert herd.status == HerdStatus.FINISHED and herd.draining
@@ -240,3 +250,25 @@ def test_herd_with_nothing_ready_finishes_at_once_and_says_so(transactional_db):
     assert herd.preflight["ready"] == 0 and herd.preflight["skipped_complete"] == 3
     assert "nothing ready" in herd.reason and "3 skipped (already complete)" in herd.reason
     assert herd.summary["workers"] == [] and herd.workers.count() == 0
+
+
+def test_token_budget_drains_the_herd(huey_env, consumer):
+    agent_profile("metered", "--sleep", "0.2")
+    make_tasks("budgetq", 30)
+
+    result = run_manage(
+        ["herd", "--queue", "budgetq", "--profile", "metered", "--workers", "1"]
+        + ["--token-budget", "250", "--wait", "--json"],
+        huey_env,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout + worker_logs()
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "finished"
+    assert "token budget of 250 reached" in summary["reason"]
+    assert 3 <= summary["done"] < 30
+    assert summary["total_tokens"] == 100 * summary["done"]
+    assert (
+        Task.objects.filter(queue="budgetq", status=Status.QUEUED).count() == 30 - summary["done"]
+    )

@@ -1,0 +1,70 @@
+"""The worker side of a herd: one UPDATE per batch keeps the row current and carries the stop."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from herds import receivers
+from herds.models import Herd, HerdStatus, Profile
+from tests.conftest import make_tasks
+from workqueue.processors import NoopProcessor
+from workqueue.worker import Worker
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def herd_worker(monkeypatch):
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="hot", profile=profile, size=1, status=HerdStatus.RUNNING)
+    row = herd.workers.create(index=0, name="herd-w0", host="here")
+    monkeypatch.setenv(receivers.WORKER_ENV, str(row.pk))
+    receivers._worker_id.cache_clear()
+    receivers._quota_regex.cache_clear()
+    yield herd, row
+    receivers._worker_id.cache_clear()
+    receivers._quota_regex.cache_clear()
+
+
+def test_a_batch_costs_one_update_of_the_worker_row(herd_worker):
+    herd, row = herd_worker
+    make_tasks("hot", 30)
+    worker = Worker("hot", NoopProcessor(), prefetch=10, herd=herd.pk, name="herd-w0")
+    assert worker.work_one_batch()  # the first batch also reads the profile's quota pattern
+
+    with CaptureQueriesContext(connection) as queries:
+        assert worker.work_one_batch()
+
+    herd_queries = [q["sql"] for q in queries.captured_queries if "herds_" in q["sql"]]
+    assert len(herd_queries) == 1 and herd_queries[0].startswith("UPDATE")
+    row.refresh_from_db()
+    assert (row.done, row.blocked, row.current_task) == (20, 0, "")
+    assert row.heartbeat_at is not None
+
+
+def test_a_draining_herd_stops_its_workers_on_their_next_batch(herd_worker):
+    herd, row = herd_worker
+    make_tasks("hot", 30)
+    worker = Worker("hot", NoopProcessor(), prefetch=10, herd=herd.pk, name="herd-w0")
+    worker.work_one_batch()
+
+    herd.drain("drained by the test")
+    worker.work_one_batch()
+
+    assert worker.stop_requested
+    assert worker.stop_reason == "herd draining: drained by the test"
+    row.refresh_from_db()
+    assert row.done == 20  # the batch in hand still counts
+
+
+def test_workers_outside_a_herd_are_left_alone(herd_worker):
+    _herd, row = herd_worker
+    make_tasks("hot", 5)
+    worker = Worker("hot", NoopProcessor(), prefetch=5)
+    with CaptureQueriesContext(connection) as queries:
+        worker.work_one_batch()
+    assert not [q for q in queries.captured_queries if "herds_" in q["sql"]]
+    row.refresh_from_db()
+    assert row.done == 0
