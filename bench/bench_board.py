@@ -135,8 +135,10 @@ def run(tasks: int = 100_000, repeat: int = 15) -> dict:
         _fill(tasks)
         fill_seconds = time.perf_counter() - start
         if connection.vendor == "postgresql":
+            # What autovacuum does to a table soon after a bulk load: statistics, and the
+            # visibility map that lets a count read the index alone.
             with connection.cursor() as cursor:
-                cursor.execute("ANALYZE")
+                cursor.execute("VACUUM ANALYZE queue_task")
         result = {
             "database": connection.vendor,
             "tasks": tasks,

@@ -71,8 +71,16 @@ def _cards(tasks, status: str, offset: int = 0) -> list[Task]:
     return cards
 
 
-def _columns(tasks) -> list[dict]:
-    counts = tasks.counts()
+def _column_counts(tasks, form: BoardFilterForm) -> dict[str, int]:
+    if form.only_indexed:
+        # One index range per column: cheaper than a GROUP BY, which reads every row on
+        # PostgreSQL.
+        return {status: tasks.filter(status=status).count() for status in Status.values}
+    return tasks.counts()
+
+
+def _columns(tasks, form: BoardFilterForm) -> list[dict]:
+    counts = _column_counts(tasks, form)
     columns = []
     for status in Status.values:
         cards = _cards(tasks, status) if counts[status] else []
@@ -97,7 +105,7 @@ def _board_context(request: HttpRequest, form: BoardFilterForm) -> dict:
         "form": form,
         "query": form.querystring(),
         "version": version,
-        "columns": _columns(tasks),
+        "columns": _columns(tasks, form),
         "queues": Queue.objects.order_by("name").values_list("name", flat=True),
         "can_change": request.user.has_perm("queue.change_task"),
     }
