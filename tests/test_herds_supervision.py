@@ -1,0 +1,157 @@
+"""Supervision passes without a launch task: real processes, real claims, no consumer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from herds import processes, supervision
+from herds.models import ExitClass, Herd, HerdStatus, Profile, WorkerState
+from tests.conftest import make_tasks
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def running_herd() -> Herd:
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    now = timezone.now()
+    return Herd.objects.create(
+        queue="supq",
+        profile=profile,
+        size=1,
+        status=HerdStatus.RUNNING,
+        started_at=now,
+        launched_at=now,
+        preflight={"ready": 2},
+    )
+
+
+def start_sleeper(seconds: str = "60") -> subprocess.Popen:
+    """A stand-in worker with a child of its own, in its own session like a real one."""
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess; subprocess.run(['sleep', '{seconds}'])"],
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 20
+    while len(processes.tree(sleeper.pid, None)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return sleeper
+
+
+def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_herd):
+    make_tasks("supq", 2)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = processes.create_time(gone.pid)
+    gone.wait()
+    worker = running_herd.workers.create(
+        index=0, name="herd-w0", host="vm", pid=gone.pid, process_started=started
+    )
+    task = Task.objects.get(key="t000000")
+    Task.objects.filter(pk=task.pk).update(
+        status=Status.CLAIMED,
+        holder="herd-w0",
+        holder_host=supervision.settings.HYPERVISOR_HOST,
+        holder_pid=gone.pid,
+        holder_started=started,
+        holder_herd=running_herd.pk,
+        lease_expires_at=timezone.now() + timedelta(hours=1),
+        fence=1,
+    )
+
+    assert supervision.supervise_running_herds() == 1
+    assert supervision.supervise_running_herds() == 0  # ended once; a second pass finds nothing
+
+    worker.refresh_from_db()
+    assert worker.state == WorkerState.EXITED and worker.exit_class == ExitClass.CRASHED
+    assert Task.objects.get(pk=task.pk).status == Status.QUEUED
+    assert TaskEvent.objects.filter(task=task, kind=EventKind.REAPED).count() == 1
+    running_herd.refresh_from_db()
+    assert running_herd.status == HerdStatus.FAILED  # its only worker crashed
+    assert running_herd.summary["worker_processes"][0]["exit_class"] == "crashed"
+
+
+def test_silent_worker_is_ended_as_timed_out(running_herd, settings):
+    settings.HYPERVISOR_LEASE_SECONDS = 1
+    sleeper = start_sleeper()
+    try:
+        worker = running_herd.workers.create(
+            index=0,
+            name="herd-w0",
+            host="vm",
+            pid=sleeper.pid,
+            process_started=processes.create_time(sleeper.pid),
+            heartbeat_at=timezone.now() - timedelta(seconds=30),
+        )
+        tree = processes.tree(sleeper.pid, worker.process_started)
+        assert len(tree) == 2
+
+        assert supervision.supervise(running_herd) is False
+
+        sleeper.wait(timeout=10)
+        assert all(not p.is_running() or p.status() == "zombie" for p in tree)
+        worker.refresh_from_db()
+        assert worker.exit_class == ExitClass.TIMED_OUT
+        assert "no heartbeat" in worker.exit_detail
+    finally:
+        processes.terminate_trees([(sleeper.pid, None)], grace=1)
+
+
+def test_live_worker_gets_cpu_memory_and_children_sampled(running_herd):
+    sleeper = start_sleeper()
+    try:
+        worker = running_herd.workers.create(
+            index=0,
+            name="herd-w0",
+            host="vm",
+            pid=sleeper.pid,
+            process_started=processes.create_time(sleeper.pid),
+            heartbeat_at=timezone.now(),
+        )
+        assert supervision.supervise(running_herd) is True
+        assert supervision.supervise(running_herd) is True
+        worker.refresh_from_db()
+        assert worker.state == WorkerState.STARTING
+        assert worker.rss_bytes > 0 and worker.children == 1
+        assert worker.cpu_percent is not None
+    finally:
+        processes.terminate_trees([(sleeper.pid, None)], grace=1)
+        sleeper.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "limits, reason",
+    [
+        ({"wall_clock_limit": 1}, "wall-clock limit of 1 s reached"),
+        ({"token_budget": 50}, "token budget of 50 reached"),
+    ],
+)
+def test_limits_drain_the_herd_and_tell_its_workers(running_herd, limits, reason):
+    Herd.objects.filter(pk=running_herd.pk).update(
+        started_at=timezone.now() - timedelta(seconds=5), **limits
+    )
+    sleeper = start_sleeper()
+    try:
+        worker = running_herd.workers.create(
+            index=0,
+            name="herd-w0",
+            host="vm",
+            pid=sleeper.pid,
+            process_started=processes.create_time(sleeper.pid),
+            heartbeat_at=timezone.now(),
+            tokens=80,
+        )
+        supervision.supervise(running_herd)
+        running_herd.refresh_from_db()
+        worker.refresh_from_db()
+        assert running_herd.draining and running_herd.reason == reason
+        assert worker.drain_reason == reason
+    finally:
+        processes.terminate_trees([(sleeper.pid, None)], grace=1)
+        sleeper.wait(timeout=10)
