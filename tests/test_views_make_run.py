@@ -1,0 +1,89 @@
+"""`make run` is `manage.py start`: first-start setup, then web server and Huey together."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+import urllib.request
+
+import psutil
+from django.contrib.auth import get_user_model
+
+from tests.conftest import run_manage, start_manage
+from workqueue.models import Task
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_setup_creates_one_admin_and_imports_examples_once(process_env):
+    first = run_manage(["start", "--setup-only"], process_env)
+    assert first.returncode == 0, first.stderr
+    assert list(get_user_model().objects.values_list("username", flat=True)) == ["admin"]
+    imported = Task.objects.filter(queue="examples").count()
+    assert imported >= 5
+    Task.objects.filter(queue="examples").delete()
+    again = run_manage(["start", "--setup-only"], process_env)
+    assert again.returncode == 0, again.stderr
+    assert get_user_model().objects.count() == 1
+    # Deleted examples stay deleted: the import happens on the first start only.
+    assert Task.objects.filter(queue="examples").count() == 0
+
+
+def test_start_serves_and_ctrl_c_stops_web_server_and_huey(process_env):
+    port = free_port()
+    start = start_manage(["start", "--addr", f"127.0.0.1:{port}"], process_env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/") as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the web server never answered"
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/css/board.css") as r:
+            assert r.status == 200
+        children = psutil.Process(start.pid).children()
+        commands = [" ".join(child.cmdline()) for child in children]
+        assert any("run_huey" in c for c in commands), commands
+        assert any("runserver" in c for c in commands), commands
+        start.send_signal(signal.SIGINT)
+        out, err = start.communicate(timeout=30)
+    finally:
+        if start.poll() is None:
+            start.kill()
+            start.wait()
+    assert start.returncode == 0, err
+    assert "Hypervisor is running at http://127.0.0.1:" in out
+    assert "log in as admin with password" in out
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+
+
+def test_start_stops_the_other_process_when_one_dies(process_env):
+    port = free_port()
+    start = start_manage(["start", "--addr", f"127.0.0.1:{port}"], process_env)
+    try:
+        deadline = time.monotonic() + 60
+        children = []
+        while len(children) < 2:
+            assert time.monotonic() < deadline, "start never launched its two processes"
+            children = psutil.Process(start.pid).children()
+            time.sleep(0.1)
+        huey = next(c for c in children if "run_huey" in " ".join(c.cmdline()))
+        huey.kill()
+        out, err = start.communicate(timeout=30)
+    finally:
+        if start.poll() is None:
+            start.kill()
+            start.wait()
+    assert start.returncode != 0
+    assert "the huey process exited" in err
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
