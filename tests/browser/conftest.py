@@ -34,10 +34,9 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
 PASSWORD = "browser-test-password"
 
-pytestmark = pytest.mark.browser
-
 
 def pytest_collection_modifyitems(items):
+    # Every test in this folder is a browser test: `-m "not browser"` leaves them out.
     here = Path(__file__).resolve().parent
     for item in items:
         if Path(str(item.fspath)).resolve().parent == here:
