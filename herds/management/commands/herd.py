@@ -52,8 +52,15 @@ class Command(BaseCommand):
 
     def follow(self, herd: Herd, show_progress: bool) -> Herd:
         bar = None
+        hinted = False
+        started = time.monotonic()
         while True:
             herd.refresh_from_db()
+            if herd.status == "pending" and not hinted and time.monotonic() - started > 10:
+                self.stderr.write(
+                    f"herd {herd.pk} is still pending: is a Huey consumer (run_huey) running?"
+                )
+                hinted = True
             if herd.preflight and bar is None and show_progress:
                 bar = tqdm(total=herd.planned_tasks(), unit="task", desc=f"herd {herd.pk}")
             if bar is not None:

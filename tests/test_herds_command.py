@@ -1,0 +1,47 @@
+"""The `herd` command's own checks, before anything is enqueued."""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from herds.models import Herd, Profile
+
+pytestmark = pytest.mark.django_db
+
+
+def test_unknown_profile_is_refused_with_the_known_names():
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    with pytest.raises(CommandError, match="no profile 'nope'; profiles: .*noop"):
+        call_command("herd", "--queue", "inbox", "--profile", "nope", "--workers", "2")
+    assert not Herd.objects.exists()
+
+
+def test_more_workers_than_the_profile_allows_is_refused():
+    Profile.objects.update_or_create(
+        name="small", defaults={"processor": "noop", "max_workers": 2}
+    )
+    with pytest.raises(CommandError, match="at most 2 workers"):
+        call_command("herd", "--queue", "inbox", "--profile", "small", "--workers", "3")
+    assert not Herd.objects.exists()
+
+
+def test_launch_without_wait_enqueues_after_commit_and_prints_the_id(
+    django_capture_on_commit_callbacks,
+):
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    out = StringIO()
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        call_command(
+            "herd",
+            *["--queue", "inbox", "--profile", "noop", "--workers", "2", "--batch", "5"],
+            *["--where", "complexity=mechanical", "--json"],
+            stdout=out,
+        )
+    herd = Herd.objects.get()
+    assert json.loads(out.getvalue()) == {"herd": herd.pk, "status": "pending"}
+    assert (herd.size, herd.batch, herd.filters) == (2, 5, ["complexity=mechanical"])
+    assert len(callbacks) == 1
