@@ -166,6 +166,7 @@ class HerdStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
+LAUNCH_FAILED = "launch failed"
 ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED)
 
 
@@ -320,6 +321,8 @@ class Herd(models.Model):
         return bool(won)
 
     def end_status(self) -> str:
+        if self.reason.startswith(LAUNCH_FAILED):
+            return HerdStatus.FAILED
         if self.cancel_requested:
             return HerdStatus.CANCELLED
         workers = list(self.workers.all())

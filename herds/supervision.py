@@ -16,7 +16,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from herds import processes, zygote
-from herds.models import ExitClass, Herd, HerdStatus, Worker
+from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, Worker
 from herds.receivers import WORKER_ENV
 from workqueue.claims import release_stale_claims
 from workqueue.models import EventKind, Status, Task, TaskEvent
@@ -105,7 +105,7 @@ def launch(herd_id: int) -> None:
     except Exception as exc:
         log.exception("launch of herd %s failed", herd.pk)
         Herd.objects.filter(pk=herd.pk).update(launched_at=timezone.now())
-        herd.request_cancel(f"launch failed: {exc}")
+        herd.request_cancel(f"{LAUNCH_FAILED}: {exc}")
     watch(herd, children)
 
 
@@ -150,6 +150,11 @@ def supervise(herd: Herd, children: dict[int, zygote.WorkerProcess] | None = Non
         elif herd.budget_spent():
             herd.drain(f"token budget of {herd.token_budget} reached")
     for worker in herd.workers.live():
+        if worker.pid is None:
+            # Being started right now by the launch task; given up only if that launch died.
+            if timezone.now() - worker.started_at > LAUNCH_STALL:
+                worker.record_exit(None, ExitClass.CRASHED, "never started")
+            continue
         check_worker(herd, worker, children.get(worker.pk))
     herd.add_sample()
     if herd.workers.live().exists():
