@@ -69,6 +69,11 @@ class Command(BaseCommand):
                 f"First start: log in as {login[0]} with password {login[1]}\n"
                 "(shown once; change it with `python manage.py changepassword admin`)"
             )
+        else:
+            self.stdout.write(
+                "Log in with your account (lost the admin password? "
+                "`python manage.py changepassword admin`)"
+            )
         self.stdout.write("Press Ctrl-C to stop the web server and the Huey consumer.\n")
 
         stopping = False
