@@ -28,6 +28,12 @@ from workqueue.rendering import render_markdown
 PAGE_SIZE = 50
 # Ages and lease countdowns change with the clock, not the rows: re-render that often.
 CLOCK_SECONDS = 15
+DONE_MESSAGES = {
+    "requeue": "requeued",
+    "release": "claim released",
+    "done": "marked done",
+    "block": "blocked",
+}
 CARD_FIELDS = (
     "id", "queue", "key", "title", "status", "priority", "project", "assignee", "type",
     "created_at", "updated_at", "holder", "holder_host", "holder_pid", "holder_started",
@@ -63,12 +69,12 @@ def board_version() -> str:
 
 
 def _cards(tasks, status: str, offset: int = 0) -> list[Task]:
-    cards = list(
+    """One page of a column, plus one card to tell whether there is more."""
+    return list(
         tasks.filter(status=status)
         .order_by("priority", "id")
         .only(*CARD_FIELDS)[offset : offset + PAGE_SIZE + 1]
     )
-    return cards
 
 
 def _column_counts(tasks, form: BoardFilterForm) -> dict[str, int]:
@@ -183,17 +189,13 @@ def _detail_context(request: HttpRequest, task: Task) -> dict:
         "lock_owner": locks.read_owner(locks.lock_dir(task.queue, task.key)),
         "stale": task.is_stale(),
         "can_change": request.user.has_perm("queue.change_task"),
-        "actions": _allowed_actions(task),
+        "actions": card_actions(task.status),
         "diff": task.result.get("diff") if isinstance(task.result, dict) else None,
     }
 
 
-def _allowed_actions(task: Task) -> list[tuple[str, str]]:
-    return [(a, label) for a, (label, states) in ACTIONS.items() if task.status in states]
-
-
 def card_actions(status: str) -> list[tuple[str, str]]:
-    """The one-click actions on a card; blocking needs a reason, so it opens the drawer."""
+    """(action, label) for what a person may do to a task in this status."""
     return [(a, label) for a, (label, states) in ACTIONS.items() if status in states]
 
 
@@ -229,7 +231,7 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
             return HttpResponse(message, status=409, content_type="text/plain")
         messages.error(request, message)
     elif not request.htmx:
-        messages.success(request, f"{task.key}: {ACTIONS[action][0].lower()} done.")
+        messages.success(request, f"{task.key}: {DONE_MESSAGES[action]}.")
     if request.htmx and request.htmx.target == "board":
         return _board_after_action(request)
     if request.htmx and request.htmx.target == "drawer":
