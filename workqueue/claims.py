@@ -5,11 +5,13 @@ The hot path is a few bulk statements per batch, never an ORM call per task.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import random
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -108,6 +110,31 @@ def claim_ready_tasks(
     return held
 
 
+@contextmanager
+def write_transaction():
+    """A short write transaction; on SQLite, writers queue on a file lock first.
+
+    SQLite's busy handler sleeps in growing steps instead of queueing, so under
+    contention one worker can wait for seconds while others write again and again.
+    An exclusive `flock` is a real queue: the kernel wakes the next waiter at once.
+    """
+    if connection.vendor != "sqlite":
+        with transaction.atomic():
+            yield
+        return
+    with open(_writer_lock_path(), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            with transaction.atomic():
+                yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _writer_lock_path() -> str:
+    return f"{connection.settings_dict['NAME']}.writers"
+
+
 def _claim_rows(queue, identity, limit, lease_seconds, filters) -> list[Claim]:
     candidates = Task.objects.filter(queue=queue).ready().claim_order()
     if filters is not None:
@@ -115,7 +142,7 @@ def _claim_rows(queue, identity, limit, lease_seconds, filters) -> list[Claim]:
     candidates = candidates.select_for_update(skip_locked=True, of=("self",))
     for attempt in range(20):
         try:
-            with transaction.atomic():
+            with write_transaction():
                 rows = list(
                     candidates.values_list("id", "key", "title", "source_path", "fence")[:limit]
                 )
@@ -167,7 +194,7 @@ def give_back(
 ) -> None:
     """Undo claims that never started: back to queued, the attempt not counted."""
     now = timezone.now()
-    with transaction.atomic():
+    with write_transaction():
         for fence, ids in _by_fence(claims).items():
             Task.objects.filter(
                 pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
@@ -192,7 +219,11 @@ def give_back(
         )
 
 
-def finish_claims(identity: Identity, finished: list[tuple[Claim, Result]]) -> FinishReport:
+def finish_claims(
+    identity: Identity,
+    finished: list[tuple[Claim, Result]],
+    releaser: locks.LockReleaser | None = None,
+) -> FinishReport:
     """Record results in one transaction; each row only if its fencing number still matches.
 
     A holder that lost its claim (reaped, then claimed by another) is refused, and the
@@ -208,7 +239,7 @@ def finish_claims(identity: Identity, finished: list[tuple[Claim, Result]]) -> F
         values = result.row_values()
         signature = (claim.fence, json.dumps(values, sort_keys=True, default=str))
         groups.setdefault(signature, (values, []))[1].append(claim.id)
-    with transaction.atomic():
+    with write_transaction():
         for (fence, _), (values, ids) in groups.items():
             status = values["status"]
             extra = {"finished_at": now} if status != Status.QUEUED else _requeue_fields()
@@ -216,7 +247,7 @@ def finish_claims(identity: Identity, finished: list[tuple[Claim, Result]]) -> F
                 values = {"status": Status.QUEUED, "output_tail": values["output_tail"]}
             updated = Task.objects.filter(
                 pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
-            ).update(updated_at=now, lease_expires_at=None, **values, **extra)
+            ).update(updated_at=now, **{"lease_expires_at": None, **values, **extra})
             if updated == len(ids):
                 report.finished.extend(ids)
                 continue
@@ -245,9 +276,10 @@ def finish_claims(identity: Identity, finished: list[tuple[Claim, Result]]) -> F
             else:
                 events.append(_finish_event(identity, claim, result, now))
         TaskEvent.objects.bulk_create(events)
+    release = releaser.release if releaser else locks.release
     for claim, _ in finished:
         if claim.id not in refused:
-            locks.release(claim.queue, claim.key)
+            release(claim.queue, claim.key)
     _apply_pending_changes([c.id for c, _ in finished if c.id not in refused])
     return report
 
@@ -273,15 +305,16 @@ def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> Task
 
 def heartbeat(identity: Identity, lease_seconds: int) -> int:
     """Extend the lease of every task this worker holds."""
-    return Task.objects.held_by(identity.worker).update(
-        lease_expires_at=timezone.now() + timedelta(seconds=lease_seconds)
-    )
+    with write_transaction():
+        return Task.objects.held_by(identity.worker).update(
+            lease_expires_at=timezone.now() + timedelta(seconds=lease_seconds)
+        )
 
 
 def release_claims(identity: Identity, claims: list[Claim], message: str) -> None:
     """Give back claims a stopping worker will not process (the attempt stays counted)."""
     now = timezone.now()
-    with transaction.atomic():
+    with write_transaction():
         for fence, ids in _by_fence(claims).items():
             Task.objects.filter(
                 pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
@@ -405,6 +438,8 @@ def release_stale_claims(
             locks.release(task.queue, task.key)
     if holder_pid is None:
         report.orphan_locks = release_orphan_locks(queue, dry_run)
+        if not dry_run:
+            locks.empty_trash()
     return report
 
 

@@ -12,7 +12,7 @@ from django.db import close_old_connections, connection
 
 from workqueue import claims, signals
 from workqueue.claims import Claim, Result
-from workqueue.locks import Identity, LockError, OwnerFile
+from workqueue.locks import Identity, LockError, LockReleaser, OwnerFile
 from workqueue.models import Status
 from workqueue.processors import Processor, WorkContext
 
@@ -69,6 +69,7 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.identity = Identity.current(name, herd)
         self.owner_file = OwnerFile(self.identity)
+        self.releaser = LockReleaser()
         self.filters = filters
         self.stats = WorkerStats()
         self.stop_requested = False
@@ -107,6 +108,7 @@ class Worker:
             self._beating.set()
             beat.join(timeout=5)
             self.owner_file.discard()
+            self.releaser.close()
         signals.worker_stopped.send(sender=self, exit_code=code)
         return code
 
@@ -151,7 +153,7 @@ class Worker:
         if not done:
             return
         signals.tasks_processed.send(sender=self, done=done)
-        report = claims.finish_claims(self.identity, done)
+        report = claims.finish_claims(self.identity, done, self.releaser)
         refused = set(report.refused)
         for claim, result in done:
             if claim.id in refused:

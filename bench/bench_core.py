@@ -1,0 +1,186 @@
+"""Core engine benchmark: no-op claim throughput against the mkdir-lock script and Huey,
+and import speed. Prints JSON.
+
+    python bench/bench_core.py [--tasks 10000] [--workers 1,2,8] [--prefetch 250]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TASK = (
+    "---\nid: bench-{i}\ntitle: Bench task {i}\npriority: {p}\nproject: bench\n"
+    "tags: [bench, t{m}]\nstatus: inbox\n---\n# Bench task {i}\n\nSome body text for {i}.\n"
+)
+
+
+def setup_django(data_dir: Path) -> dict:
+    env = {
+        **os.environ,
+        "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL")
+        or f"sqlite:///{data_dir / 'bench.sqlite3'}",
+        "HYPERVISOR_DATA_DIR": str(data_dir),
+        "HYPERVISOR_LOCK_ROOT": str(data_dir / "locks"),
+        "DJANGO_SETTINGS_MODULE": "hypervisor_site.settings",
+    }
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    return env
+
+
+def write_tasks(folder: Path, count: int) -> list[str]:
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"task-{i:07d}.md"
+        path.write_text(TASK.format(i=i, p=i % 5, m=i % 7))
+        paths.append(str(path))
+    return paths
+
+
+def bench_import(folder: Path) -> dict:
+    from workqueue.importer import Importer
+
+    started = time.perf_counter()
+    first = Importer("bench", [folder]).run([folder])
+    first_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    again = Importer("bench", [folder]).run([folder])
+    again_seconds = time.perf_counter() - started
+    return {
+        "files": first.imported,
+        "first_import_files_per_second": round(first.imported / first_seconds),
+        "reimport_unchanged_files_per_second": round(again.unchanged / again_seconds),
+        "errors": len(first.errors) + len(again.errors),
+        "targets": {"first_import": 2000, "reimport": 20000},
+    }
+
+
+def reset_queue() -> None:
+    from workqueue.models import Status, Task, TaskEvent
+
+    TaskEvent.objects.exclude(kind="imported").delete()
+    Task.objects.update(
+        status=Status.QUEUED,
+        attempts=0,
+        holder="",
+        holder_pid=None,
+        lease_expires_at=None,
+        finished_at=None,
+        outcome="",
+    )
+
+
+def run_ours(env: dict, workers: int, prefetch: int) -> dict:
+    from workqueue.models import EventKind, Status, Task, TaskEvent
+
+    reset_queue()
+    total = Task.objects.count()
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "manage.py"),
+                "work",
+                "--queue",
+                "bench",
+                "--prefetch",
+                str(prefetch),
+                "--json",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    outputs = [p.communicate() for p in procs]
+    seconds = time.perf_counter() - started
+    done = Task.objects.filter(status=Status.DONE).count()
+    claims = TaskEvent.objects.filter(kind=EventKind.CLAIMED).count()
+    summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs if o[0].strip()]
+    return {
+        "items": done,
+        "seconds": round(seconds, 3),
+        "items_per_second": round(total / seconds),
+        "duplicates": claims - done,
+        "slowest_claim_seconds": max(s["slowest_claim_seconds"] for s in summaries),
+    }
+
+
+def run_script(args: list[str], env: dict | None = None) -> dict:
+    out = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, check=True, env=env
+    )
+    result = json.loads(out.stdout)
+    result["items_per_second"] = round(result["items"] / result["seconds"])
+    result["seconds"] = round(result["seconds"], 3)
+    return result
+
+
+def run(tasks: int = 10000, workers=(1, 2, 8), prefetch: int = 250) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="hv-bench-"))
+    try:
+        env = setup_django(tmp / "data")
+        paths = write_tasks(tmp / "tasks", tasks)
+        queue_file = tmp / "queue.txt"
+        queue_file.write_text("\n".join(paths) + "\n")
+        result = {
+            "tasks": tasks,
+            "prefetch": prefetch,
+            "import": bench_import(tmp / "tasks"),
+            "throughput": {},
+        }
+        for n in workers:
+            row = {"hypervisor": run_ours(env, n, prefetch)}
+            row["mkdir_script"] = run_script(
+                [
+                    str(ROOT / "bench" / "mkdir_baseline.py"),
+                    str(queue_file),
+                    str(tmp / f"mkdir-locks-{n}"),
+                    str(tmp / f"mkdir-results-{n}"),
+                    str(n),
+                ]
+            )
+            row["huey_sqlite"] = run_script(
+                [
+                    str(ROOT / "bench" / "huey_baseline.py"),
+                    str(queue_file),
+                    str(tmp / f"huey-results-{n}"),
+                    str(n),
+                ],
+                env={**os.environ, "BENCH_HUEY_DB": str(tmp / f"huey-{n}.db")},
+            )
+            ours = row["hypervisor"]["items_per_second"]
+            row["ratio_vs_mkdir"] = round(ours / row["mkdir_script"]["items_per_second"], 2)
+            row["ratio_vs_huey"] = round(ours / row["huey_sqlite"]["items_per_second"], 2)
+            result["throughput"][f"{n}_workers"] = row
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=10000)
+    parser.add_argument("--workers", default="1,2,8")
+    parser.add_argument("--prefetch", type=int, default=250)
+    args = parser.parse_args()
+    workers = tuple(int(w) for w in args.workers.split(","))
+    print(json.dumps(run(args.tasks, workers, args.prefetch), indent=2))

@@ -1,0 +1,249 @@
+"""Claims: exactly once across real worker processes, fencing, crashes and the reaper."""
+
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from tests.conftest import make_tasks, run_manage, start_manage
+from workqueue import claims, locks
+from workqueue.claims import Result
+from workqueue.locks import Identity, OwnerFile
+from workqueue.models import Dependency, EventKind, Queue, Status, Task
+
+APPEND = str(Path(__file__).parent / "scripts" / "append_key.py")
+
+
+def wait_for(condition, timeout=60, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def lock_dirs(root: Path) -> list[Path]:
+    return [p for q in root.iterdir() if not q.name.startswith(".") for p in q.iterdir()]
+
+
+@pytest.mark.slow
+def test_eight_workers_run_every_task_exactly_once(process_env, lock_root, tmp_path):
+    make_tasks("q", 2000)
+    log = tmp_path / "keys.log"
+    command = ["--", sys.executable, "-S", APPEND, str(log), "{key}"]
+    workers = [
+        start_manage(
+            ["work", "--queue", "q", "--processor", "command", "--json", *command], process_env
+        )
+        for _ in range(8)
+    ]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0] * 8, [o[1][-500:] for o in outputs]
+    seen = Counter(log.read_text().split())
+    assert len(seen) == 2000
+    assert max(seen.values()) == 1
+    assert Task.objects.counts() == {"queued": 0, "claimed": 0, "done": 2000, "blocked": 0}
+    assert lock_dirs(lock_root) == []
+    summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
+    assert sum(s["done"] for s in summaries) == 2000
+
+
+def test_prefetched_batches_are_exclusive(process_env, lock_root):
+    make_tasks("q", 3000)
+    workers = [
+        start_manage(["work", "--queue", "q", "--prefetch", "50", "--json"], process_env)
+        for _ in range(4)
+    ]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
+    assert sum(s["claimed"] for s in summaries) == 3000
+    assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 3000
+    claimed_events = Counter(
+        Task.objects.filter(events__kind=EventKind.CLAIMED).values_list("id", flat=True)
+    )
+    assert set(claimed_events.values()) == {1}
+    assert lock_dirs(lock_root) == []
+
+
+@pytest.mark.django_db
+def test_claim_takes_the_row_and_the_lock_directory(lock_root):
+    make_tasks("q", 3)
+    Task.objects.filter(key="t000002").update(priority=0)
+    me = Identity.current("w1")
+    batch = claims.claim_ready_tasks("q", me, OwnerFile(me), limit=2)
+    assert [c.key for c in batch] == ["t000002", "t000000"]
+    task = Task.objects.get(key="t000002")
+    assert (task.status, task.holder, task.holder_pid, task.attempts) == (
+        Status.CLAIMED,
+        "w1",
+        os.getpid(),
+        1,
+    )
+    owner = locks.read_owner(locks.lock_dir("q", "t000002"))
+    assert owner["pid"] == os.getpid() and owner["worker"] == "w1"
+    assert owner["started"] == pytest.approx(me.started)
+
+
+@pytest.mark.django_db
+def test_fence_grows_on_every_claim():
+    make_tasks("q", 1)
+    me = Identity.current("w1")
+    first = claims.claim_ready_tasks("q", me, OwnerFile(me))[0]
+    claims.finish_claims(me, [(first, Result(status=Status.QUEUED))])
+    second = claims.claim_ready_tasks("q", me, OwnerFile(me))[0]
+    assert second.fence > first.fence
+
+
+@pytest.mark.django_db
+def test_dependencies_hold_a_task_back_until_done():
+    first, second = make_tasks("q", 2)
+    Task.objects.filter(pk=first.pk).update(priority=5)
+    Task.objects.filter(pk=second.pk).update(has_dependencies=True)
+    Dependency.objects.create(task=second, key=first.key)
+    assert list(Task.objects.ready().values_list("key", flat=True)) == [first.key]
+    assert list(Task.objects.waiting().values_list("key", flat=True)) == [second.key]
+    Task.objects.filter(pk=first.pk).update(status=Status.DONE)
+    assert list(Task.objects.ready().values_list("key", flat=True)) == [second.key]
+
+
+@pytest.mark.django_db
+def test_lock_held_by_a_live_outside_holder_sends_the_task_back(lock_root):
+    make_tasks("q", 2)
+    outside = locks.lock_dir("q", "t000000")
+    outside.mkdir(parents=True)
+    (outside / "owner.json").write_text(
+        json.dumps({"host": "elsewhere", "pid": 1, "worker": "script"})
+    )
+    me = Identity.current("w1")
+    batch = claims.claim_ready_tasks("q", me, OwnerFile(me), limit=2)
+    assert [c.key for c in batch] == ["t000001"]
+    held_elsewhere = Task.objects.get(key="t000000")
+    assert (held_elsewhere.status, held_elsewhere.attempts) == (Status.QUEUED, 0)
+    assert held_elsewhere.events.filter(kind=EventKind.LOCK_BUSY).exists()
+    assert outside.exists()
+
+
+@pytest.mark.django_db
+def test_late_finish_after_losing_the_claim_is_refused(lock_root):
+    make_tasks("q", 1)
+    zombie, other = Identity.current("zombie"), Identity.current("other")
+    lost = claims.claim_ready_tasks("q", zombie, OwnerFile(zombie))[0]
+    Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    report = claims.release_stale_claims("q")
+    assert [s.why for s in report.requeued] == ["lease expired"]
+    winner = claims.claim_ready_tasks("q", other, OwnerFile(other))[0]
+    claims.finish_claims(other, [(winner, Result(outcome="by other"))])
+    refused = claims.finish_claims(zombie, [(lost, Result(status=Status.BLOCKED, reason="late"))])
+    task = Task.objects.get()
+    assert refused.refused == [task.pk]
+    assert (task.status, task.outcome, task.reason) == (Status.DONE, "by other", "")
+    assert task.events.filter(kind=EventKind.LATE_FINISH_REFUSED, actor="zombie").exists()
+
+
+@pytest.mark.django_db
+def test_reaper_blocks_a_task_abandoned_too_often(lock_root):
+    make_tasks("q", 1)
+    Queue.objects.filter(name="q").update(max_attempts=2)
+    for attempt in range(2):
+        me = Identity.current(f"w{attempt}")
+        claims.claim_ready_tasks("q", me, OwnerFile(me))
+        Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        claims.release_stale_claims("q")
+    task = Task.objects.get()
+    assert (task.status, task.reason) == (Status.BLOCKED, "abandoned 2 times")
+    assert lock_dirs(lock_root) == [] or not any(p.exists() for p in lock_dirs(lock_root))
+
+
+@pytest.mark.django_db
+def test_reaper_removes_orphan_locks_of_dead_owners_only(lock_root):
+    dead = locks.lock_dir("q", "gone")
+    live = locks.lock_dir("q", "alive")
+    for path, pid in ((dead, 2**22 + 7), (live, os.getpid())):
+        path.mkdir(parents=True)
+        (path / "owner.json").write_text(
+            json.dumps({"host": locks.Identity.current().host, "pid": pid, "started": None})
+        )
+    report = claims.release_stale_claims("q")
+    assert report.orphan_locks == [dead]
+    assert not dead.exists() and live.exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_is_reaped_and_its_task_completes_once_more(
+    process_env, tmp_path, lock_root
+):
+    make_tasks("q", 1)
+    log = tmp_path / "keys.log"
+    agent = Path(__file__).parent.parent / "examples" / "agents" / "example_agent.py"
+    slow = start_manage(
+        [
+            "work",
+            "--queue",
+            "q",
+            "--processor",
+            "command",
+            "--",
+            sys.executable,
+            str(agent),
+            "--sleep",
+            "60",
+        ],
+        process_env,
+    )
+    wait_for(lambda: Task.objects.filter(status=Status.CLAIMED).exists(), message="claim")
+    os.kill(slow.pid, signal.SIGKILL)
+    slow.wait(timeout=10)
+    task = Task.objects.get()
+    assert task.holder_pid == slow.pid and task.is_stale()
+
+    reaped = run_manage(["reap_locks", "--json"], process_env)
+    assert json.loads(reaped.stdout)["requeued"][0]["why"] == f"holder pid {slow.pid} is gone"
+    assert lock_dirs(lock_root) == []
+
+    done = run_manage(
+        [
+            "work",
+            "--queue",
+            "q",
+            "--processor",
+            "command",
+            "--",
+            sys.executable,
+            "-S",
+            APPEND,
+            str(log),
+            "{key}",
+        ],
+        process_env,
+    )
+    assert done.returncode == 0, done.stderr
+    task.refresh_from_db()
+    assert (task.status, task.attempts) == (Status.DONE, 2)
+    assert log.read_text().split() == [task.key]
+
+
+@pytest.mark.django_db
+def test_command_result_conventions(lock_root, tmp_path):
+    from workqueue.processors import interpret
+
+    blocked = interpret(0, "thinking\nBLOCKED: t1\nReason: needs a key\nNext: ask ops\n", "", "t1")
+    assert (blocked.status, blocked.reason, blocked.next_step) == (
+        Status.BLOCKED,
+        "needs a key",
+        "ask ops",
+    )
+    done = interpret(
+        0, 'x\n{"status": "done", "outcome": "ok", "tokens": 12, "commit": "ab"}', "", "t1"
+    )
+    assert (done.status, done.outcome, done.tokens, done.commit) == (Status.DONE, "ok", 12, "ab")
+    failed = interpret(2, "", "Traceback\nboom", "t1")
+    assert (failed.status, failed.reason) == (Status.BLOCKED, "Traceback\nboom")
+    assert interpret(75, "", "", "t1").status == Status.QUEUED

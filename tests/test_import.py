@@ -1,0 +1,208 @@
+"""Import: keys, closing rules, idempotence, and every class of bad input."""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_manage
+from workqueue.importer import Importer
+from workqueue.models import EventKind, Status, Task
+
+pytestmark = pytest.mark.django_db
+
+GOOD = "---\nid: {id}\ntitle: {title}\npriority: 1\ntags: [a, b]\n---\n# Heading\n\nBody.\n"
+
+
+def import_folder(folder, queue="q", **kwargs):
+    return Importer(queue, [folder], **kwargs).run([folder])
+
+
+def test_import_keeps_columns_frontmatter_and_body(write_task):
+    write_task("a.md", GOOD.format(id="T-1", title="First"))
+    report = import_folder(write_task.folder)
+    task = Task.objects.get(key="T-1")
+    assert report.imported == 1 and not report.errors
+    assert (task.title, task.priority, task.tags, task.tag_index) == (
+        "First",
+        1,
+        ["a", "b"],
+        "|a|b|",
+    )
+    assert task.frontmatter["id"] == "T-1"
+    assert task.body.startswith("# Heading")
+    assert task.status == Status.QUEUED
+    assert task.events.filter(kind=EventKind.IMPORTED).count() == 1
+
+
+def test_key_without_id_is_the_relative_path_not_the_stem(write_task):
+    write_task("one/notes.md", "# One\n")
+    write_task("two/notes.md", "# Two\n")
+    import_folder(write_task.folder)
+    assert sorted(Task.objects.values_list("key", flat=True)) == ["one/notes.md", "two/notes.md"]
+
+
+@pytest.mark.parametrize(
+    ("text", "rule", "outcome"),
+    [
+        ("---\nstatus: done\n---\nx\n", "status_done", "closed"),
+        ("---\nstatus: closed\n---\nx\n", "status_closed", "closed"),
+        ("---\nstatus: cancelled\n---\nx\n", "status_cancelled", "cancelled"),
+        (
+            "---\ntitle: t\n---\n# T\n\n## Close Reason\nDuplicate.\n",
+            "close_reason_section",
+            "closed",
+        ),
+        ("---\ntitle: t\n---\n# T\n\n## Closed\n", "close_reason_section", "closed"),
+        ("---\nclose_reason: obsolete\n---\nx\n", "close_reason_field", "closed"),
+    ],
+)
+def test_closed_tasks_land_in_done_with_their_rule(write_task, text, rule, outcome):
+    write_task("t.md", text)
+    report = import_folder(write_task.folder)
+    task = Task.objects.get()
+    assert (task.status, task.closed_by, task.outcome) == (Status.DONE, rule, outcome)
+    assert report.closed == 1
+
+
+def test_file_status_maps_to_columns(write_task):
+    write_task("b.md", "---\nstatus: blocked\n---\nx\n")
+    write_task("p.md", "---\nstatus: in_progress\nassignee: nic\n---\nx\n")
+    write_task("i.md", "---\nstatus: inbox\n---\nx\n")
+    import_folder(write_task.folder)
+    status = dict(Task.objects.values_list("key", "status"))
+    assert status == {"b.md": "blocked", "p.md": "claimed", "i.md": "queued"}
+    held = Task.objects.get(key="p.md")
+    assert held.holder == "nic" and held.holder_pid is None
+
+
+def test_reimport_is_idempotent_and_detects_changes(write_task):
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    again = import_folder(write_task.folder)
+    assert (again.imported, again.updated, again.unchanged) == (0, 0, 1)
+    path.write_text(GOOD.format(id="T-1", title="Renamed"))
+    os.utime(path, ns=(1, 1))
+    changed = import_folder(write_task.folder)
+    assert changed.updated == 1
+    assert Task.objects.get().title == "Renamed"
+
+
+def test_edit_of_a_done_task_does_not_requeue_it(write_task):
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    Task.objects.update(status=Status.DONE)
+    path.write_text(GOOD.format(id="T-1", title="Edited"))
+    os.utime(path, ns=(2, 2))
+    import_folder(write_task.folder)
+    assert Task.objects.get().status == Status.DONE
+
+
+def test_change_to_a_claimed_task_is_deferred(write_task):
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    Task.objects.update(status=Status.CLAIMED, holder="w", holder_pid=os.getpid())
+    path.write_text(GOOD.format(id="T-1", title="While claimed"))
+    os.utime(path, ns=(3, 3))
+    report = import_folder(write_task.folder)
+    task = Task.objects.get()
+    assert report.deferred == 1 and task.change_pending and task.title == "First"
+    assert task.events.filter(kind=EventKind.CHANGE_DEFERRED).exists()
+
+
+def test_disappeared_file_keeps_its_task_flagged_missing(write_task):
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    path.unlink()
+    report = import_folder(write_task.folder)
+    assert report.missing == 1
+    assert Task.objects.get().source_missing
+
+
+def test_queue_file_lists_paths_and_bare_ids(write_task, tmp_path):
+    write_task("a.md", GOOD.format(id="T-1", title="First"))
+    queue_file = write_task.folder / "queue.txt"
+    queue_file.write_text("a.md\n\nbare-id-7\n")
+    report = Importer("q").run([queue_file])
+    assert report.imported == 2 and not report.errors
+    assert set(Task.objects.values_list("key", flat=True)) == {"T-1", "bare-id-7"}
+
+
+BAD_INPUTS = [
+    ("unclosed.md", b"---\ntitle: x\nno end\n", "unclosed frontmatter"),
+    ("syntax.md", b"---\ntitle: [unclosed\n---\nbody\n", "YAML syntax error at line"),
+    ("list.md", b"---\n- a\n- b\n---\nbody\n", "not a mapping"),
+    ("empty.md", b"", "empty file"),
+    ("binary.md", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary file"),
+    ("latin1.md", "---\ntitle: caf\xe9\n---\n".encode("latin-1"), "not UTF-8"),
+    ("alias.md", b"---\na: &a [x, x]\nb: [*a, *a]\n---\n", "aliases"),
+    ("pytag.md", b"---\nx: !!python/object/apply:os.system ['true']\n---\n", "safe loading"),
+    ("priority.md", b"---\npriority: whenever\n---\n", "priority: 'whenever'"),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "message"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_file_is_reported_by_path_and_left_unchanged(write_task, name, raw, message):
+    good = write_task("good.md", GOOD.format(id="G", title="Good"))
+    bad = write_task(name, raw)
+    before = bad.read_bytes()
+    report = import_folder(write_task.folder)
+    assert report.imported == 1
+    assert [e["path"] for e in report.errors] == [str(bad)]
+    assert message in report.errors[0]["error"]
+    assert bad.read_bytes() == before
+    assert good.exists()
+
+
+def test_oversized_file_is_refused(write_task, settings):
+    settings.HYPERVISOR_MAX_FILE_BYTES = 100
+    big = write_task("big.md", "x" * 200)
+    report = import_folder(write_task.folder)
+    assert "over the 100-byte limit" in report.errors[0]["error"]
+    assert report.errors[0]["path"] == str(big)
+
+
+def test_duplicate_id_names_both_paths(write_task):
+    first = write_task("a.md", GOOD.format(id="SAME", title="A"))
+    second = write_task("b.md", GOOD.format(id="SAME", title="B"))
+    report = import_folder(write_task.folder)
+    assert report.imported == 1
+    assert report.errors == [
+        {"path": str(second), "error": f"duplicate id 'SAME': also used by {first}"}
+    ]
+
+
+def test_symlink_out_of_the_roots_is_refused(write_task, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.md"
+    secret.write_text("# secret\n")
+    (write_task.folder / "link.md").symlink_to(secret)
+    (write_task.folder / "linkdir").symlink_to(outside)
+    write_task("ok.md", "# ok\n")
+    report = import_folder(write_task.folder)
+    assert report.imported == 1
+    errors = {e["path"]: e["error"] for e in report.errors}
+    assert "outside the import roots" in errors[str(write_task.folder / "link.md")]
+    assert any("linkdir" in p and "outside the import roots" in e for p, e in errors.items())
+    assert not Task.objects.filter(title="secret").exists()
+
+
+def test_queue_file_cannot_reach_outside_with_dotdot(write_task, tmp_path):
+    (tmp_path / "elsewhere.md").write_text("# elsewhere\n")
+    queue_file = write_task.folder / "queue.txt"
+    queue_file.write_text("../elsewhere.md\n")
+    report = Importer("q").run([queue_file])
+    assert report.imported == 0
+    assert "outside the import roots" in report.errors[0]["error"]
+
+
+def test_command_exits_non_zero_only_when_nothing_imported(process_env, write_task):
+    write_task("bad.md", b"")
+    result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["errors"][0]["error"] == "empty file"
+    write_task("good.md", GOOD.format(id="G", title="Good"))
+    result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["imported"] == 1
