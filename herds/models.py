@@ -183,6 +183,11 @@ class HerdQuerySet(models.QuerySet):
     def active(self) -> HerdQuerySet:
         return self.filter(status__in=(HerdStatus.PENDING, HerdStatus.RUNNING))
 
+    def unsupervised(self, seconds: float) -> HerdQuerySet:
+        """Running herds that no supervision pass has looked at for `seconds`."""
+        before = timezone.now() - timedelta(seconds=seconds)
+        return self.running().filter(supervised_at__lt=before)
+
 
 class Herd(models.Model):
     queue = models.CharField(max_length=100)
@@ -211,6 +216,8 @@ class Herd(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     # Set once every worker has been started: before that, no live worker does not mean done.
     launched_at = models.DateTimeField(null=True, blank=True)
+    # Stamped by every supervision pass: a stale stamp means nobody watches this herd.
+    supervised_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     objects = HerdQuerySet.as_manager()
@@ -275,10 +282,20 @@ class Herd(models.Model):
     def start(self) -> bool:
         now = timezone.now()
         won = Herd.objects.filter(pk=self.pk, status=HerdStatus.PENDING).update(
-            status=HerdStatus.RUNNING, started_at=now
+            status=HerdStatus.RUNNING, started_at=now, supervised_at=now
         )
         if won:
             self.status, self.started_at = HerdStatus.RUNNING, now
+        return bool(won)
+
+    def adopt(self) -> bool:
+        """Take over the watch of a herd whose supervisor is gone; one taker wins."""
+        now = timezone.now()
+        won = Herd.objects.filter(
+            pk=self.pk, status=HerdStatus.RUNNING, supervised_at=self.supervised_at
+        ).update(supervised_at=now)
+        if won:
+            self.supervised_at = now
         return bool(won)
 
     def drain(self, reason: str) -> bool:
@@ -359,7 +376,8 @@ class Herd(models.Model):
     def budget_spent(self) -> bool:
         return bool(self.token_budget and self.total_tokens() >= self.token_budget)
 
-    def add_sample(self) -> None:
+    def record_pass(self) -> None:
+        """Stamp a supervision pass and add a point to the throughput chart."""
         if not self.started_at:
             return
         point = [round(self.runtime_seconds(), 1), self.finished_tasks()]
@@ -371,8 +389,8 @@ class Herd(models.Model):
         if len(samples) > 240:
             # Keep the chart cheap: halve the resolution, keep the last point.
             samples = samples[:-1:2] + samples[-1:]
-        self.samples = samples
-        Herd.objects.filter(pk=self.pk).update(samples=samples)
+        self.samples, self.supervised_at = samples, timezone.now()
+        Herd.objects.filter(pk=self.pk).update(samples=samples, supervised_at=self.supervised_at)
 
     def compute_preflight(self) -> dict:
         """What this herd would find: ready, already complete, waiting, locks held."""

@@ -156,7 +156,7 @@ def supervise(herd: Herd, children: dict[int, zygote.WorkerProcess] | None = Non
                 worker.record_exit(None, ExitClass.CRASHED, "never started")
             continue
         check_worker(herd, worker, children.get(worker.pk))
-    herd.add_sample()
+    herd.record_pass()
     if herd.workers.live().exists():
         return True
     if herd.launched_at is None:
@@ -260,10 +260,22 @@ def end_processes(herd: Herd, children: dict[int, zygote.WorkerProcess]) -> None
         reap_worker(herd, worker)
 
 
+def adopt_orphans() -> list[int]:
+    """Herds whose launch task is gone (a restarted consumer): each gets a new watcher."""
+    stale = max(5 * settings.HYPERVISOR_SUPERVISE_INTERVAL, 15)
+    return [herd.pk for herd in Herd.objects.unsupervised(stale) if herd.adopt()]
+
+
 def supervise_running_herds() -> int:
-    """The periodic pass: picks up herds whose launch task is gone (a restarted consumer)."""
+    """The periodic pass over every running herd; idempotent next to the launch tasks."""
     count = 0
     for herd in Herd.objects.running().select_related("profile"):
         supervise(herd)
         count += 1
     return count
+
+
+def watch_adopted(herd_id: int) -> None:
+    herd = Herd.objects.select_related("profile").filter(pk=herd_id).first()
+    if herd is not None:
+        watch(herd, {})

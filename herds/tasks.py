@@ -37,7 +37,15 @@ def cancel_herd(herd_id: int) -> None:
 
 @db_periodic_task(crontab())
 def supervise_herds() -> None:
+    for herd_id in supervision.adopt_orphans():
+        watch_herd(herd_id)
     supervision.supervise_running_herds()
+
+
+@db_task()
+def watch_herd(herd_id: int) -> None:
+    # A herd adopted after its launch task was lost: watched every period until it ends.
+    supervision.watch_adopted(herd_id)
 
 
 @db_task()

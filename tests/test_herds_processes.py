@@ -272,3 +272,43 @@ def test_token_budget_drains_the_herd(huey_env, consumer):
     assert (
         Task.objects.filter(queue="budgetq", status=Status.QUEUED).count() == 30 - summary["done"]
     )
+
+
+def test_new_consumer_adopts_a_herd_whose_consumer_died(huey_env, tmp_path):
+    agent_profile("steady", "--sleep", "1")
+    make_tasks("adoptq", 12)
+    with open(tmp_path / "first.log", "w") as log:
+        first = start_manage(["run_huey"], huey_env, stdout=log, stderr=log)
+    second = None
+    try:
+        herd_id = launch(huey_env, "--queue", "adoptq", "--profile", "steady", "--workers", "2")
+        wait_until(
+            lambda: Worker.objects.filter(herd_id=herd_id, state="running").count() == 2,
+            60,
+            what="two running workers",
+        )
+        first.kill()  # the consumer dies; its workers, in their own sessions, go on
+        first.wait()
+        workers = list(Worker.objects.filter(herd_id=herd_id))
+        assert all(processes.leader(w.pid, w.process_started) for w in workers)
+        wait_until(
+            lambda: Herd.objects.unsupervised(15).filter(pk=herd_id).exists(),
+            30,
+            what="the herd to go unsupervised",
+        )
+
+        with open(tmp_path / "second.log", "w") as log:
+            second = start_manage(["run_huey"], huey_env, stdout=log, stderr=log)
+
+        wait_until(lambda: Herd.objects.get(pk=herd_id).ended, 90, what="the herd to finish")
+        herd = Herd.objects.get(pk=herd_id)
+        assert herd.status == HerdStatus.FINISHED, worker_logs()
+        assert {w["exit_class"] for w in herd.summary["worker_processes"]} == {"finished"}
+        assert Task.objects.filter(queue="adoptq", status=Status.DONE).count() == 12
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=15)
+        for worker in Worker.objects.all():
+            processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
