@@ -193,9 +193,28 @@ def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None)
         exit_class, detail = ExitClass.CANCELLED, herd.reason or "cancelled"
     else:
         exit_class, detail = worker.classify_exit(code)
+        found = quota_in_log(herd, worker) if exit_class == ExitClass.CRASHED else None
+        if found:
+            # A worker that died of the rate limit: the rest of the herd would too.
+            exit_class, detail = ExitClass.QUOTA, f"quota or rate limit reached ({found})"
+            herd.drain(f"{detail} in {worker.name}")
     if worker.record_exit(code, exit_class, detail):
         log.info("herd %s: %s exited (%s: %s)", herd.pk, worker.name, exit_class, detail)
     reap_worker(herd, worker)
+
+
+def quota_in_log(herd: Herd, worker: Worker, tail_bytes: int = 64 * 1024) -> str | None:
+    pattern = herd.profile.quota_regex()
+    if pattern is None or not worker.log_path:
+        return None
+    try:
+        with open(worker.log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = pattern.search(text)
+    return found.group(0) if found else None
 
 
 def record_sample(worker: Worker, seen: processes.Sample) -> None:

@@ -155,3 +155,31 @@ def test_limits_drain_the_herd_and_tell_its_workers(running_herd, limits, reason
     finally:
         processes.terminate_trees([(sleeper.pid, None)], grace=1)
         sleeper.wait(timeout=10)
+
+
+def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path):
+    Profile.objects.filter(pk=running_herd.profile_id).update(quota_pattern=r"\b429\b")
+    running_herd.refresh_from_db()
+    log = tmp_path / "worker-0.log"
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('HTTP 429 Too Many Requests'); sys.exit(1)"],
+        stdout=log.open("w"),
+    )
+    started = processes.create_time(crashed.pid)
+    crashed.wait()
+    worker = running_herd.workers.create(
+        index=0,
+        name="herd-w0",
+        host="vm",
+        pid=crashed.pid,
+        process_started=started,
+        log_path=str(log),
+        exit_code=1,
+    )
+
+    supervision.supervise(running_herd)
+
+    worker.refresh_from_db()
+    running_herd.refresh_from_db()
+    assert worker.exit_class == ExitClass.QUOTA and "429" in worker.exit_detail
+    assert running_herd.draining and "quota or rate limit reached (429)" in running_herd.reason
