@@ -49,7 +49,13 @@ def agent_profile(name: str, *agent_args: str, **fields) -> Profile:
 @pytest.fixture
 def huey_env(process_env) -> dict[str, str]:
     # A private Huey: its own SQLite file under the test's data dir, or its own Redis name.
-    return {**process_env, "HUEY_NAME": f"test-herds-{uuid.uuid4().hex[:12]}"}
+    env = {**process_env, "HUEY_NAME": f"test-herds-{uuid.uuid4().hex[:12]}"}
+    yield env
+    if env.get("HUEY_REDIS_URL"):
+        from huey import RedisHuey
+
+        # The reaper schedules follow-ups that no consumer will run: leave no keys behind.
+        RedisHuey(env["HUEY_NAME"], url=env["HUEY_REDIS_URL"]).flush()
 
 
 @pytest.fixture
