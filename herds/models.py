@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.db.models import Sum
+from django.urls import reverse
 from django.utils import timezone
 
 from workqueue import locks
@@ -228,6 +229,9 @@ class Herd(models.Model):
 
     def __str__(self) -> str:
         return f"herd {self.pk} ({self.queue}, {self.profile_id and self.profile.name})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("herds:detail", args=[self.pk])
 
     @property
     def ended(self) -> bool:

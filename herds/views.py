@@ -5,6 +5,7 @@ import json
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.exceptions import ValidationError
+from django.db.models import Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
@@ -40,7 +41,9 @@ def _live_context(herd: Herd) -> dict:
 @login_required
 @permission_required(VIEW, raise_exception=True)
 def herd_list(request: HttpRequest) -> HttpResponse:
-    herds = Herd.objects.select_related("profile", "created_by")[:100]
+    herds = Herd.objects.select_related("profile", "created_by").annotate(
+        done=Sum("workers__done"), blocked=Sum("workers__blocked")
+    )[:100]
     return render(request, "herds/herd_list.html", {"herds": herds})
 
 
