@@ -63,6 +63,7 @@ def test_prefetched_batches_are_exclusive(process_env, lock_root):
         for _ in range(4)
     ]
     outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0] * 4, [o[1][-2000:] for o in outputs]
     summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
     assert sum(s["claimed"] for s in summaries) == 3000
     assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 3000

@@ -244,7 +244,8 @@ def finish_claims(
             status = values["status"]
             extra = {"finished_at": now} if status != Status.QUEUED else _requeue_fields()
             if status == Status.QUEUED:
-                values = {"status": Status.QUEUED, "output_tail": values["output_tail"]}
+                keep = ("status", "output_tail", "reason", "result")
+                values = {k: v for k, v in values.items() if k in keep}
             updated = Task.objects.filter(
                 pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
             ).update(updated_at=now, **{"lease_expires_at": None, **values, **extra})
@@ -436,6 +437,10 @@ def release_stale_claims(
                 )
         if updated:
             locks.release(task.queue, task.key)
+            if task.worktree:
+                from workqueue.worktrees import clean_task_worktree
+
+                clean_task_worktree(task, None, actor)
     if holder_pid is None:
         report.orphan_locks = release_orphan_locks(queue, dry_run)
         if not dry_run:

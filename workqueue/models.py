@@ -142,6 +142,10 @@ class Task(models.Model):
     tokens = models.BigIntegerField(default=0)
     output_tail = models.TextField(blank=True)
     result = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    worktree = models.CharField(
+        max_length=1000, blank=True, help_text="The task's own git worktree, while it exists."
+    )
+    branch = models.CharField(max_length=300, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     created_at = models.DateTimeField(default=timezone.now)

@@ -2,12 +2,15 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from workqueue.processors import load_processor
+from workqueue.processors import CommandProcessor, load_processor
+from workqueue.routing import TaskFilter
 from workqueue.worker import Worker
+from workqueue.worktrees import WorktreeProcessor
 
 
 class Command(BaseCommand):
@@ -31,6 +34,21 @@ class Command(BaseCommand):
             action="store_true",
             help="processors that write files only report what they would do",
         )
+        parser.add_argument(
+            "--where",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="take only matching tasks (repeatable): project, assignee, "
+            "complexity, type, tag, priority (also priority>=N, priority<=N)",
+        )
+        parser.add_argument("--worktree-repo", help="run each task in its own git worktree")
+        parser.add_argument("--worktree-base", default="main", help="branch worktrees start from")
+        parser.add_argument(
+            "--require-commit",
+            action="store_true",
+            help="exit 0 without a new commit puts the task back in the queue",
+        )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument(
             "argv", nargs=argparse.REMAINDER, help="-- CMD ARG ... for --processor command"
@@ -46,9 +64,25 @@ class Command(BaseCommand):
             raise CommandError("a command after -- needs --processor command")
         kwargs = {"timeout": options["timeout"]} if options["processor"] == "command" else {}
         try:
+            filters = TaskFilter.parse(options["where"])
             processor = load_processor(options["processor"], argv, **kwargs)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        if options["worktree_repo"]:
+            if not isinstance(processor, CommandProcessor):
+                raise CommandError("--worktree-repo needs --processor command")
+            if not Path(options["worktree_repo"], ".git").exists():
+                raise CommandError(
+                    f"--worktree-repo {options['worktree_repo']}: not a git checkout"
+                )
+            processor = WorktreeProcessor(
+                processor,
+                options["worktree_repo"],
+                options["worktree_base"],
+                options["require_commit"],
+            )
+        elif options["require_commit"]:
+            raise CommandError("--require-commit needs --worktree-repo")
         logging.getLogger("workqueue").setLevel(
             logging.WARNING if options["verbosity"] < 1 else logging.INFO
         )
@@ -61,6 +95,7 @@ class Command(BaseCommand):
             name=options["name"],
             herd=options["herd"],
             dry_run=options["dry_run"],
+            filters=filters or None,
         )
         worker.install_signal_handlers()
         code = worker.run()
