@@ -2,7 +2,9 @@
 
 Both sides start from copies of the same folder; process start-up is included. Ours is
 `manage.py work --processor triage` on a temporary SQLite database; the old pattern is
-bench/old_triage.py (mkdir lock per file, whole frontmatter re-dumped). Prints JSON.
+bench/old_triage.py (mkdir lock per file, whole frontmatter re-dumped). The same
+folder through the `noop` processor shows what the engine costs without triage.
+Prints JSON.
 
     python bench/bench_triage.py [--tasks 10000] [--workers 8] [--prefetch 250]
 """
@@ -77,7 +79,7 @@ def manage(args: list[str], env: dict) -> str:
     return done.stdout
 
 
-def run_ours(folder: Path, data: Path, workers: int, prefetch: int) -> dict:
+def run_ours(folder: Path, data: Path, workers: int, prefetch: int, processor: str) -> dict:
     data.mkdir()
     env = {
         **os.environ,
@@ -96,7 +98,7 @@ def run_ours(folder: Path, data: Path, workers: int, prefetch: int) -> dict:
     started, cpu = time.perf_counter(), children_cpu()
     procs = [
         subprocess.Popen(
-            [sys.executable, MANAGE, "work", "--queue", "triage", "--processor", "triage"]
+            [sys.executable, MANAGE, "work", "--queue", "triage", "--processor", processor]
             + ["--prefetch", str(prefetch), "--json"],
             env=env,
             cwd=ROOT,
@@ -161,16 +163,23 @@ def run(tasks: int = 10000, workers: int = 8, prefetch: int = 250) -> dict:
         write_inbox(original, tasks)
         shutil.copytree(original, tmp / "ours")
         shutil.copytree(original, tmp / "old")
-        ours = run_ours(tmp / "ours", tmp / "data", workers, prefetch)
+        shutil.copytree(original, tmp / "noop")
+        ours = run_ours(tmp / "ours", tmp / "data", workers, prefetch, "triage")
         ours["files_changed"] = changed_files(original, tmp / "ours")
         old = run_old(sorted(str(p) for p in (tmp / "old").iterdir()), tmp, workers)
         old["files_changed"] = changed_files(original, tmp / "old")
+        # The engine alone (claim, read, finish) on the same folder: what triage adds.
+        noop = run_ours(tmp / "noop", tmp / "data-noop", workers, prefetch, "noop")
         return {
             "tasks": tasks,
             "workers": workers,
             "prefetch": prefetch,
             "hypervisor_triage": ours,
             "old_pattern": old,
+            "engine_with_noop_processor": noop,
+            "triage_cpu_ms_per_file_over_noop": round(
+                (ours["cpu_seconds"] - noop["cpu_seconds"]) * 1000 / tasks, 3
+            ),
             "ratio_vs_old": round(ours["items_per_second"] / old["items_per_second"], 2),
             "target_ratio": 1.0,
         }

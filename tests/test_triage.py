@@ -293,6 +293,13 @@ def test_crlf_file_keeps_its_line_endings():
     assert b"Project: [[x]]\r\n" in new
 
 
+def test_byte_order_mark_stays():
+    raw = "\ufeff---\nid: x\nassignee: bot\ncomplexity: mechanical\nproject: p\n---\nText\n"
+    new, decision, _ = triage_bytes(raw.encode(), "x", no_children, RULES)
+    assert decision.changes == ["added_wikilink"]
+    assert new == raw.replace("---\nText", "---\nProject: [[p]]\n\nText").encode()
+
+
 def test_file_without_frontmatter_gets_one():
     raw = b"# Fix the bug in /src/a.py\n\nIt crashes.\n"
     new, decision, _ = triage_bytes(raw, "fix-bug", no_children, RULES)
