@@ -90,6 +90,7 @@ def parent_ids(queue: str) -> set[str]:
 class _Held:
     sha256: str
     key: str
+    herd: int | None
 
 
 @dataclass
@@ -159,7 +160,7 @@ class TriageProcessor(Processor):
         )
         stamped = self._stamps(claim.queue)
         if stamped:
-            seen = file_identity(self._stamp(claim, context, raw))
+            seen = file_identity(self._stamp(claim, context, raw, held))
         if new != raw or stamped:
             self.pending.append(
                 _Write(claim, result, new, seen, stat.st_mode, _row_values(decision, doc))
@@ -193,15 +194,17 @@ class TriageProcessor(Processor):
         _record_rows(written)
 
     def _held(self, claim: Claim, context: WorkContext) -> _Held:
+        columns = ("id", "source_sha256", "key", "holder_herd")
         if claim.id not in self.held:
             # One query for the whole batch: every claim of a batch shares its fence.
             rows = Task.objects.filter(
                 status=Status.CLAIMED, holder=context.worker_name, fence=claim.fence
-            ).values_list("id", "source_sha256", "key")
-            self.held.update({pk: _Held(sha, key) for pk, sha, key in rows})
+            ).values_list(*columns)
+            self.held.update({pk: _Held(*rest) for pk, *rest in rows})
         held = self.held.pop(claim.id, None)
         if held is None:
-            held = _Held(*Task.objects.filter(pk=claim.id).values_list("source_sha256", "key")[0])
+            _pk, *rest = Task.objects.filter(pk=claim.id).values_list(*columns)[0]
+            held = _Held(*rest)
         return held
 
     # Claim stamps: in the file from the moment the worker takes up the task until the
@@ -212,13 +215,14 @@ class TriageProcessor(Processor):
             self.stamping[queue] = Queue.objects.filter(name=queue, stamp_claims=True).exists()
         return self.stamping[queue]
 
-    def _stamp(self, claim: Claim, context: WorkContext, raw: bytes) -> os.stat_result:
+    def _stamp(
+        self, claim: Claim, context: WorkContext, raw: bytes, held: _Held
+    ) -> os.stat_result:
         doc = Document.parse(raw)
-        herd = Task.objects.filter(pk=claim.id).values_list("holder_herd", flat=True).first()
         doc.set_keys(
             {
                 "claimed_by": context.worker_name,
-                "herd": str(herd or ""),
+                "herd": str(held.herd or ""),
                 "claimed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
         )
