@@ -31,8 +31,12 @@ def main() -> None:
     os.makedirs(result_dir, exist_ok=True)
     with open(queue_file) as f:
         paths = f.read().split()
+    # Enqueue under the module's own name, as the consumer imports it (not __main__).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from huey_baseline import process as enqueue
+
     for path in paths:
-        process(path, result_dir)
+        enqueue(path, result_dir)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
     started = time.perf_counter()
     consumer = subprocess.Popen(
