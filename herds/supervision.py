@@ -183,12 +183,9 @@ def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None)
             return
         record_sample(worker, seen)
         return
-    if child is not None:
-        code = child.wait()
-    elif worker.exit_code is not None:
+    code = child.wait(timeout=5) if child is not None else None
+    if code is None and worker.exit_code is not None:
         code = worker.exit_code  # reported by the worker itself as it stopped
-    else:
-        code = None
     if herd.cancel_requested:
         exit_class, detail = ExitClass.CANCELLED, herd.reason or "cancelled"
     else:
