@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
-from django.db import close_old_connections, connection
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
 from workqueue import claims, signals
 from workqueue.claims import Claim, Result
@@ -73,6 +74,7 @@ class Worker:
         self.filters = filters
         self.stats = WorkerStats()
         self.stop_requested = False
+        self.database_patience = 120.0  # seconds a worker waits for its database to return
         self.stop_reason = ""
         self.current: Claim | None = None
         self.context = WorkContext(self.identity.worker, lambda: self.stop_requested, dry_run)
@@ -124,8 +126,14 @@ class Worker:
             return False
         limit = self.prefetch if left is None else min(self.prefetch, left)
         started = time.monotonic()
-        batch = claims.claim_ready_tasks(
-            self.queue, self.identity, self.owner_file, limit, self.lease_seconds, self.filters
+        batch = self.with_database(
+            claims.claim_ready_tasks,
+            self.queue,
+            self.identity,
+            self.owner_file,
+            limit,
+            self.lease_seconds,
+            self.filters,
         )
         self.stats.slowest_claim = max(self.stats.slowest_claim, time.monotonic() - started)
         if not batch:
@@ -149,11 +157,36 @@ class Worker:
         self.finish(done)
         return True
 
+    def with_database(self, action, *args):
+        """Run a claim or finish, riding out a database restart with backoff.
+
+        Each attempt is one transaction: it either committed or left nothing behind, so
+        trying again cannot double anything. A claim whose commit we never heard of is
+        released by the reaper when its lease runs out.
+        """
+        deadline = time.monotonic() + self.database_patience
+        delay = 0.1
+        while True:
+            try:
+                return action(*args)
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "%s: database unavailable (%s); retrying in %.1f s",
+                    self.identity.worker,
+                    str(exc).strip()[:200],
+                    delay,
+                )
+                connection.close()
+                time.sleep(delay + random.uniform(0, delay))
+                delay = min(delay * 2, 5.0)
+
     def finish(self, done: list[tuple[Claim, Result]]) -> None:
         if not done:
             return
         signals.tasks_processed.send(sender=self, done=done)
-        report = claims.finish_claims(self.identity, done, self.releaser)
+        report = self.with_database(claims.finish_claims, self.identity, done, self.releaser)
         refused = set(report.refused)
         for claim, result in done:
             if claim.id in refused:

@@ -1,6 +1,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,13 @@ class Command(BaseCommand):
             argv = argv[1:]
         if argv and options["processor"] != "command":
             raise CommandError("a command after -- needs --processor command")
-        kwargs = {"timeout": options["timeout"]} if options["processor"] == "command" else {}
+        kwargs = {}
+        if options["processor"] == "command":
+            # Values of these variables (a profile's extra environment) never reach the
+            # stored output or the logs.
+            masked = os.environ.get("HYPERVISOR_MASK_ENV", "").split(",")
+            secrets = [os.environ[name] for name in masked if os.environ.get(name)]
+            kwargs = {"timeout": options["timeout"], "secrets": secrets}
         try:
             filters = TaskFilter.parse(options["where"])
             processor = load_processor(options["processor"], argv, **kwargs)
