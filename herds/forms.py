@@ -1,8 +1,9 @@
 from django import forms
 from django.core.exceptions import ValidationError
 
-from herds.models import FILTER_SHAPE, Profile
+from herds.models import Profile
 from workqueue.models import Queue, Task
+from workqueue.routing import FilterError, TaskFilter
 
 
 def queue_choices() -> list[tuple[str, str]]:
@@ -32,9 +33,10 @@ class LaunchForm(forms.Form):
 
     def clean_where(self) -> list[str]:
         filters = self.cleaned_data["where"].split()
-        bad = [f for f in filters if not FILTER_SHAPE.match(f)]
-        if bad:
-            raise ValidationError(f"Not a FIELD=VALUE filter: {' '.join(bad)}")
+        try:
+            TaskFilter.parse(filters)
+        except FilterError as exc:
+            raise ValidationError(str(exc)) from None
         return filters
 
     def clean(self):

@@ -16,8 +16,7 @@ from django.utils import timezone
 
 from workqueue import locks
 from workqueue.models import Status, Task
-
-FILTER_SHAPE = re.compile(r"^[a-z_]+(=|>=|<=)\S.*$")
+from workqueue.routing import FilterError, TaskFilter
 
 
 class ProcessorKind(models.TextChoices):
@@ -36,9 +35,10 @@ def validate_command(value) -> None:
 def validate_filters(value) -> None:
     if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
         raise ValidationError("Filters are a list of strings such as complexity=mechanical.")
-    bad = [f for f in value if not FILTER_SHAPE.match(f)]
-    if bad:
-        raise ValidationError(f"Not a FIELD=VALUE filter: {', '.join(bad)}")
+    try:
+        TaskFilter.parse(value)
+    except FilterError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def validate_env(value) -> None:
@@ -399,6 +399,9 @@ class Herd(models.Model):
     def compute_preflight(self) -> dict:
         """What this herd would find: ready, already complete, waiting, locks held."""
         tasks = Task.objects.filter(queue=self.queue)
+        ready_in_queue = tasks.ready().count()
+        routing = TaskFilter.parse(self.all_filters())
+        ready = routing.apply(tasks.ready()).count() if routing else ready_in_queue
         held = locks.list_locks(self.queue)
         owners: dict[str, int] = {}
         for lock in held:
@@ -407,7 +410,8 @@ class Herd(models.Model):
             owners[name] = owners.get(name, 0) + 1
         return {
             "queue": self.queue,
-            "ready": tasks.ready().count(),
+            "ready": ready,
+            "filtered_out": ready_in_queue - ready,
             "skipped_complete": tasks.filter(status=Status.DONE).count(),
             "waiting": tasks.waiting().count(),
             "claimed": tasks.claimed().count(),

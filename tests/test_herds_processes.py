@@ -318,3 +318,23 @@ def test_new_consumer_adopts_a_herd_whose_consumer_died(huey_env, tmp_path):
                 proc.wait(timeout=15)
         for worker in Worker.objects.all():
             processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
+
+
+def test_herd_with_filters_takes_only_matching_tasks(huey_env, consumer):
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop", "prefetch": 2})
+    make_tasks("routeq", 10)
+    Task.objects.filter(queue="routeq", key__lt="t000004").update(complexity="mechanical")
+
+    result = run_manage(
+        ["herd", "--queue", "routeq", "--profile", "noop", "--workers", "2"]
+        + ["--where", "complexity=mechanical", "--wait", "--json"],
+        huey_env,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout + worker_logs()
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["preflight"]["ready"] == 4 and summary["preflight"]["filtered_out"] == 6
+    assert summary["done"] == 4
+    assert {row["task_id"] for row in summary["workers"]} == {f"t00000{i}" for i in range(4)}
+    assert Task.objects.filter(queue="routeq", status=Status.QUEUED).count() == 6

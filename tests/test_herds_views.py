@@ -178,6 +178,30 @@ def test_launch_shows_preflight_then_starts_on_confirm(
     assert len(callbacks) == 1
 
 
+def test_preflight_counts_respect_profile_and_form_filters(operator):
+    Profile.objects.create(name="mechanical", processor="noop", filters=["complexity=mechanical"])
+    make_tasks("inbox", 5, complexity="mechanical", project="web")
+    Task.objects.filter(key__in=["t000003", "t000004"]).update(complexity="multi-step")
+    Task.objects.filter(key="t000002").update(project="api")
+    form = {"queue": "inbox", "profile": "mechanical", "workers": 2, "batch": 0}
+
+    page = client_for(operator).post(reverse("herds:launch"), {**form, "where": "project=web"})
+
+    text = page.content.decode()
+    assert "2 ready for this profile and its filters, 3 others ready but filtered out" in text
+    assert "complexity=mechanical, project=web" in text
+    assert "5 ready, 0 skipped (already complete)" in text
+
+
+def test_launch_form_refuses_a_malformed_filter(operator, profile):
+    page = client_for(operator).post(
+        reverse("herds:launch"),
+        {"queue": "inbox", "profile": "noop", "workers": 1, "batch": 0, "where": "colour=red"},
+    )
+    assert page.status_code == 400
+    assert "unknown field" in page.content.decode()
+
+
 def test_launch_form_takes_a_profile_never_a_command(operator, profile):
     make_tasks("inbox", 1)
     client = client_for(operator)
