@@ -115,6 +115,11 @@ def nothing_ready_reason(preflight: dict) -> str:
         f"{preflight['skipped_complete']} skipped (already complete), "
         f"{preflight['waiting']} waiting on dependencies, "
         f"{preflight['claimed']} claimed, {preflight['blocked']} blocked"
+        + (
+            f", {preflight['filtered_out']} ready but filtered out"
+            if preflight.get("filtered_out")
+            else ""
+        )
     )
 
 
