@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -193,7 +194,7 @@ def insert_link(body: str, link: str, newline: str = "\n") -> str:
 
 
 def triage_bytes(
-    raw: bytes, stem: str, has_children, rules: Rules
+    raw: bytes, stem: str, has_children: Callable[[str], bool], rules: Rules
 ) -> tuple[bytes, Decision, Document]:
     """Decide and apply: the new file content (== raw when nothing changes).
 
