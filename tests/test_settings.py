@@ -1,0 +1,47 @@
+"""Settings come from the environment; bad or missing values stop start-up with a clear error."""
+
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import MANAGE, ROOT
+
+
+def manage_check(extra_env: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DJANGO_DEBUG")}
+    env.update(extra_env)
+    return subprocess.run([sys.executable, MANAGE, "check", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_documented_production_settings_pass_check_deploy():
+    env = {"HYPERVISOR_PRODUCTION": "1", "SECRET_KEY": secrets.token_urlsafe(60),
+           "ALLOWED_HOSTS": "hypervisor.example.com"}
+    result = manage_check(env, "--deploy", "--fail-level", "WARNING")
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_production_without_secret_key_refuses_to_start():
+    result = manage_check({"HYPERVISOR_PRODUCTION": "1"})
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when HYPERVISOR_PRODUCTION is on" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("HYPERVISOR_LEASE_SECONDS", "abc", "HYPERVISOR_LEASE_SECONDS must be a whole number"),
+        ("HYPERVISOR_MAX_FILE_BYTES", "0", "HYPERVISOR_MAX_FILE_BYTES must be at least 1"),
+        ("DJANGO_DEBUG", "maybe", "DJANGO_DEBUG must be true or false"),
+        ("HYPERVISOR_IMPORT_ROOTS", "/nonexistent/folder", "HYPERVISOR_IMPORT_ROOTS:"),
+        ("DATABASE_URL", "nosuchdb://x", "DATABASE_URL is not a valid database URL"),
+    ],
+)
+def test_bad_environment_value_names_the_variable(name, value, message):
+    result = manage_check({name: value})
+    assert result.returncode != 0
+    assert message in result.stderr
