@@ -91,30 +91,29 @@ def run_ours(env: dict, workers: int, prefetch: int) -> dict:
     reset_queue()
     total = Task.objects.count()
     started = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "manage.py"),
-                "work",
-                "--queue",
-                "bench",
-                "--prefetch",
-                str(prefetch),
-                "--json",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(workers)
-    ]
-    outputs = [p.communicate() for p in procs]
+    # One command forking N workers after loading Django once, like the mkdir script's pool.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "manage.py"),
+            "work",
+            "--queue",
+            "bench",
+            "--workers",
+            str(workers),
+            "--prefetch",
+            str(prefetch),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     seconds = time.perf_counter() - started
     done = Task.objects.filter(status=Status.DONE).count()
     claims = TaskEvent.objects.filter(kind=EventKind.CLAIMED).count()
-    summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs if o[0].strip()]
+    summaries = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     return {
         "items": done,
         "seconds": round(seconds, 3),

@@ -248,3 +248,15 @@ def test_command_result_conventions(lock_root, tmp_path):
     failed = interpret(2, "", "Traceback\nboom", "t1")
     assert (failed.status, failed.reason) == (Status.BLOCKED, "Traceback\nboom")
     assert interpret(75, "", "", "t1").status == Status.QUEUED
+
+
+def test_forked_workers_share_the_queue_exactly_once(process_env, lock_root):
+    make_tasks("q", 1500)
+    result = run_manage(["work", "--queue", "q", "--workers", "4", "--prefetch", "20",
+                         "--json"], process_env)
+    assert result.returncode == 0, result.stderr
+    summaries = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert len({s["worker"] for s in summaries}) == 4
+    assert sum(s["done"] for s in summaries) == 1500
+    assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 1500
+    assert lock_dirs(lock_root) == []

@@ -1,12 +1,16 @@
 import argparse
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 
 from workqueue.processors import CommandProcessor, load_processor
 from workqueue.routing import TaskFilter
@@ -50,14 +54,20 @@ class Command(BaseCommand):
             action="store_true",
             help="exit 0 without a new commit puts the task back in the queue",
         )
+        parser.add_argument(
+            "--workers", type=int, default=1, help="fork this many workers from one loaded process"
+        )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument(
             "argv", nargs=argparse.REMAINDER, help="-- CMD ARG ... for --processor command"
         )
 
     def handle(self, *args, **options):
-        if options["batch"] < 0 or options["prefetch"] < 1 or options["lease"] < 1:
-            raise CommandError("--batch must be >= 0, --prefetch and --lease >= 1")
+        if (
+            options["batch"] < 0
+            or min(options["prefetch"], options["lease"], options["workers"]) < 1
+        ):
+            raise CommandError("--batch must be >= 0; --prefetch, --lease, --workers >= 1")
         argv = options["argv"]
         if argv and argv[0] == "--":
             argv = argv[1:]
@@ -93,32 +103,89 @@ class Command(BaseCommand):
         logging.getLogger("workqueue").setLevel(
             logging.WARNING if options["verbosity"] < 1 else logging.INFO
         )
-        worker = Worker(
-            options["queue"],
-            processor,
-            batch=options["batch"],
-            prefetch=options["prefetch"],
-            lease_seconds=options["lease"],
-            name=options["name"],
-            herd=options["herd"],
-            dry_run=options["dry_run"],
-            filters=filters or None,
-        )
+        settings_for_worker = {
+            "batch": options["batch"],
+            "prefetch": options["prefetch"],
+            "lease_seconds": options["lease"],
+            "herd": options["herd"],
+            "dry_run": options["dry_run"],
+            "filters": filters or None,
+        }
+        if options["workers"] > 1:
+            summaries = self.fork_workers(options, processor, settings_for_worker)
+        else:
+            summaries = [self.run_worker(options, processor, settings_for_worker, options["name"])]
+        for summary in summaries:
+            if options["json"]:
+                self.stdout.write(json.dumps(summary))
+            else:
+                self.stdout.write(
+                    f"{summary['worker']}: {summary['done']} done, {summary['blocked']} "
+                    f"blocked, {summary['released']} released, {summary['refused']} refused "
+                    f"in {summary['runtime_seconds']} s"
+                )
+        sys.exit(max(s["exit_code"] for s in summaries))
+
+    def run_worker(self, options, processor, worker_settings, name) -> dict:
+        worker = Worker(options["queue"], processor, name=name, **worker_settings)
         worker.install_signal_handlers()
         code = worker.run()
-        summary = {
+        return {
             "worker": worker.identity.worker,
             "queue": options["queue"],
             "exit_code": code,
             "stop_reason": worker.stop_reason,
             **worker.stats.as_dict(),
         }
-        if options["json"]:
-            self.stdout.write(json.dumps(summary))
-        else:
-            self.stdout.write(
-                f"{summary['worker']}: {summary['done']} done, {summary['blocked']} blocked, "
-                f"{summary['released']} released, {summary['refused']} refused "
-                f"in {summary['runtime_seconds']} s"
+
+    def fork_workers(self, options, processor, worker_settings) -> list[dict]:
+        """N workers forked from this process: Django is loaded once, not N times."""
+        connections.close_all()
+        context = multiprocessing.get_context("fork")
+        results = context.SimpleQueue()
+        base = options["name"]
+
+        def child(index: int) -> None:
+            name = f"{base}-{index}" if base else None
+            summary = self.run_worker(options, processor, worker_settings, name)
+            connections.close_all()
+            results.put(summary)
+
+        children = [context.Process(target=child, args=(i,)) for i in range(options["workers"])]
+        for process in children:
+            process.start()
+
+        def forward(signum, frame):
+            for process in children:
+                if process.pid and process.exitcode is None:
+                    os.kill(process.pid, signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        summaries = []
+        while len(summaries) < len(children):
+            if not results.empty():
+                summaries.append(results.get())
+            elif all(p.exitcode is not None for p in children) and results.empty():
+                break  # a worker died without a summary
+            else:
+                time.sleep(0.05)
+        for process in children:
+            process.join()
+        missing = len(children) - len(summaries)
+        for process in [p for p in children if p.exitcode != 0][:missing]:
+            summaries.append(
+                {
+                    "worker": f"pid {process.pid}",
+                    "exit_code": abs(process.exitcode),
+                    "stop_reason": "died without a summary",
+                    "claimed": 0,
+                    "done": 0,
+                    "blocked": 0,
+                    "released": 0,
+                    "refused": 0,
+                    "runtime_seconds": 0,
+                    "slowest_claim_seconds": 0,
+                }
             )
-        sys.exit(code)
+        return summaries
