@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from django.db import connection
 
+from herds import processes
+from herds.models import Worker
 from workqueue.models import Queue, Status, Task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,3 +105,32 @@ def write_task(tmp_path):
 
     write.folder = folder
     return write
+
+
+@pytest.fixture
+def huey_env(process_env) -> dict[str, str]:
+    # A private Huey: its own SQLite file under the test's data dir, or its own Redis name.
+    env = {**process_env, "HUEY_NAME": f"test-herds-{uuid.uuid4().hex[:12]}"}
+    yield env
+    if env.get("HUEY_REDIS_URL"):
+        from huey import RedisHuey
+
+        # The reaper schedules follow-ups that no consumer will run: leave no keys behind.
+        RedisHuey(env["HUEY_NAME"], url=env["HUEY_REDIS_URL"]).flush()
+
+
+@pytest.fixture
+def consumer(huey_env, tmp_path):
+    log_path = tmp_path / "consumer.log"
+    with open(log_path, "w") as log:
+        proc = start_manage(["run_huey"], huey_env, stdout=log, stderr=log)
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except Exception:
+        proc.kill()
+        proc.wait()
+    # Whatever a failing test left behind must not outlive it.
+    for worker in Worker.objects.all():
+        processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)

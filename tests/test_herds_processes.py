@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -44,35 +43,6 @@ def agent_profile(name: str, *agent_args: str, **fields) -> Profile:
         **fields,
     }
     return Profile.objects.update_or_create(name=name, defaults=values)[0]
-
-
-@pytest.fixture
-def huey_env(process_env) -> dict[str, str]:
-    # A private Huey: its own SQLite file under the test's data dir, or its own Redis name.
-    env = {**process_env, "HUEY_NAME": f"test-herds-{uuid.uuid4().hex[:12]}"}
-    yield env
-    if env.get("HUEY_REDIS_URL"):
-        from huey import RedisHuey
-
-        # The reaper schedules follow-ups that no consumer will run: leave no keys behind.
-        RedisHuey(env["HUEY_NAME"], url=env["HUEY_REDIS_URL"]).flush()
-
-
-@pytest.fixture
-def consumer(huey_env, tmp_path):
-    log_path = tmp_path / "consumer.log"
-    with open(log_path, "w") as log:
-        proc = start_manage(["run_huey"], huey_env, stdout=log, stderr=log)
-    yield proc
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except Exception:
-        proc.kill()
-        proc.wait()
-    # Whatever a failing test left behind must not outlive it.
-    for worker in Worker.objects.all():
-        processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
 
 
 def launch(env, *args: str) -> int:
