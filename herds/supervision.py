@@ -66,6 +66,8 @@ def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess |
         **os.environ,
         **herd.profile.env,
         WORKER_ENV: str(worker.pk),
+        # The profile's extra environment may hold API keys: masked in stored output.
+        "HYPERVISOR_MASK_ENV": ",".join(herd.profile.env),
         "PYTHONUNBUFFERED": "1",
     }
     try:
