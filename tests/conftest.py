@@ -79,6 +79,26 @@ def run_manage(args: list[str], env: dict[str, str], timeout: float = 120):
     )
 
 
+APPEND = str(Path(__file__).parent / "scripts" / "append_key.py")
+
+
+def work_appending(log: Path, queue: str = "q") -> list[str]:
+    """`work` arguments for a command that appends each task's key to `log`."""
+    return [
+        "work",
+        "--queue",
+        queue,
+        "--processor",
+        "command",
+        "--",
+        sys.executable,
+        "-S",
+        APPEND,
+        str(log),
+        "{key}",
+    ]
+
+
 def make_tasks(queue: str, count: int, **fields) -> list[Task]:
     Queue.objects.get_or_create(name=queue)
     tasks = [

@@ -12,8 +12,8 @@ import pytest
 
 from herds import processes
 from herds.models import Herd, Profile, Worker
-from tests.conftest import make_tasks, run_manage, start_manage
-from tests.test_claims import APPEND, lock_dirs
+from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
+from tests.test_claims import lock_dirs
 from tests.test_herds_processes import launch, wait_until, worker_logs
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -70,19 +70,7 @@ def test_herd_survives_killed_workers_and_a_killed_consumer(
     assert run_manage(["reap_locks"], huey_env).returncode == 0
     if Task.objects.filter(queue="chaos", status=Status.QUEUED).exists():
         rest = run_manage(
-            [
-                "work",
-                "--queue",
-                "chaos",
-                "--processor",
-                "command",
-                "--",
-                sys.executable,
-                "-S",
-                APPEND,
-                str(log),
-                "{key}",
-            ],
+            work_appending(log, "chaos"),
             huey_env,
         )
         assert rest.returncode == 0, rest.stderr

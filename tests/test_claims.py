@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from tests.conftest import make_tasks, run_manage, start_manage
+from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
 from workqueue import claims, locks
 from workqueue.claims import Result
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task
-
-APPEND = str(Path(__file__).parent / "scripts" / "append_key.py")
 
 
 def wait_for(condition, timeout=60, message="condition"):
@@ -210,19 +208,7 @@ def test_killed_worker_is_reaped_and_its_task_completes_once_more(
     assert lock_dirs(lock_root) == []
 
     done = run_manage(
-        [
-            "work",
-            "--queue",
-            "q",
-            "--processor",
-            "command",
-            "--",
-            sys.executable,
-            "-S",
-            APPEND,
-            str(log),
-            "{key}",
-        ],
+        work_appending(log),
         process_env,
     )
     assert done.returncode == 0, done.stderr
@@ -252,8 +238,9 @@ def test_command_result_conventions(lock_root, tmp_path):
 
 def test_forked_workers_share_the_queue_exactly_once(process_env, lock_root):
     make_tasks("q", 1500)
-    result = run_manage(["work", "--queue", "q", "--workers", "4", "--prefetch", "20",
-                         "--json"], process_env)
+    result = run_manage(
+        ["work", "--queue", "q", "--workers", "4", "--prefetch", "20", "--json"], process_env
+    )
     assert result.returncode == 0, result.stderr
     summaries = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len({s["worker"] for s in summaries}) == 4

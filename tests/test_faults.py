@@ -14,8 +14,8 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from tests.conftest import make_tasks, run_manage, start_manage
-from tests.test_claims import APPEND, lock_dirs, wait_for
+from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
+from tests.test_claims import lock_dirs, wait_for
 from workqueue import claims, locks
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
@@ -55,19 +55,7 @@ def test_frozen_holder_that_wakes_after_losing_its_claim_is_refused(process_env,
         assert json.loads(reaped.stdout)["requeued"][0]["why"] == "lease expired"
         log = tmp_path / "keys.log"
         other = run_manage(
-            [
-                "work",
-                "--queue",
-                "q",
-                "--processor",
-                "command",
-                "--",
-                sys.executable,
-                "-S",
-                APPEND,
-                str(log),
-                "{key}",
-            ],
+            work_appending(log),
             process_env,
         )
         assert other.returncode == 0, other.stderr
@@ -194,19 +182,7 @@ def test_other_hosts_claims_wait_for_their_lease_not_for_a_pid(process_env, tmp_
     taken = run_manage(["reap_locks", "--json"], host_b)
     assert {r["why"] for r in json.loads(taken.stdout)["requeued"]} == {"lease expired"}
     done = run_manage(
-        [
-            "work",
-            "--queue",
-            "q",
-            "--processor",
-            "command",
-            "--",
-            sys.executable,
-            "-S",
-            APPEND,
-            str(log),
-            "{key}",
-        ],
+        work_appending(log),
         host_b,
     )
     assert done.returncode == 0, done.stderr

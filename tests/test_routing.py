@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_tasks, run_manage, start_manage
+from tests.conftest import APPEND, make_tasks, run_manage, start_manage
 from workqueue import claims
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Status, Task
 from workqueue.routing import FilterError, TaskFilter
 
 AGENT = str(Path(__file__).parent.parent / "examples" / "agents" / "git_agent.py")
-APPEND = str(Path(__file__).parent / "scripts" / "append_key.py")
 
 
 @pytest.mark.parametrize(
