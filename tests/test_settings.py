@@ -11,15 +11,27 @@ from tests.conftest import MANAGE, ROOT
 
 
 def manage_check(extra_env: dict, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DJANGO_DEBUG")}
+    # The browser tests' conftest sets DJANGO_ALLOW_ASYNC_UNSAFE for Playwright's loop;
+    # a deployment never has it.
+    unset = ("SECRET_KEY", "DJANGO_DEBUG", "DJANGO_ALLOW_ASYNC_UNSAFE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(extra_env)
-    return subprocess.run([sys.executable, MANAGE, "check", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, MANAGE, "check", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_documented_production_settings_pass_check_deploy():
-    env = {"HYPERVISOR_PRODUCTION": "1", "SECRET_KEY": secrets.token_urlsafe(60),
-           "ALLOWED_HOSTS": "hypervisor.example.com"}
+    env = {
+        "HYPERVISOR_PRODUCTION": "1",
+        "SECRET_KEY": secrets.token_urlsafe(60),
+        "ALLOWED_HOSTS": "hypervisor.example.com",
+    }
     result = manage_check(env, "--deploy", "--fail-level", "WARNING")
     assert result.returncode == 0, result.stderr
     assert "no issues" in result.stdout

@@ -56,6 +56,15 @@ class Command(BaseCommand):
 
     def serve(self, addr: str, login: tuple[str, str] | None) -> None:
         python = sys.executable
+        # Handlers first: a Ctrl-C during start-up must still stop both children.
+        stopping = False
+
+        def stop(signum, frame):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
         huey = subprocess.Popen([python, str(MANAGE), "run_huey"])
         # --insecure: serve static files with DEBUG off; this is the embedded, local default.
         web = subprocess.Popen(
@@ -76,14 +85,6 @@ class Command(BaseCommand):
             )
         self.stdout.write("Press Ctrl-C to stop the web server and the Huey consumer.\n")
 
-        stopping = False
-
-        def stop(signum, frame):
-            nonlocal stopping
-            stopping = True
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
         children = {"huey": huey, "web": web}
         failed = None
         while not stopping and failed is None:
