@@ -1,0 +1,233 @@
+"""Herds in a real Chromium: launch from the button, watch the board, cancel from the herd page.
+
+The live server runs in this process, so its Huey is the one django settings built at import
+time (the shared `var/` file or the `hypervisor` Redis name). `shared_huey` points that Huey at
+the private storage the test's `run_huey` consumer reads, as the consumer itself reports it,
+so a launch from the browser reaches that consumer and nobody else's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+from django.contrib.auth.models import Permission
+from playwright.sync_api import expect
+
+from herds import processes
+from herds.models import ExitClass, Herd, HerdStatus, Profile
+from tests.browser.conftest import PASSWORD, screenshot, wait_until
+from tests.conftest import ROOT, make_tasks, run_manage
+from workqueue.models import Status, Task
+
+AGENT = str(ROOT / "examples" / "agents" / "example_agent.py")
+OPERATOR_PERMISSIONS = [
+    ("queue", "view_task"),
+    ("queue", "change_task"),
+    ("herds", "view_herd"),
+    ("herds", "add_herd"),
+]
+CONSUMER_HUEY = (
+    "import json; from huey.contrib.djhuey import HUEY; "
+    "print(json.dumps({'class': type(HUEY.storage).__name__, 'name': HUEY.name, "
+    "'kwargs': HUEY.storage_kwargs}))"
+)
+
+
+@pytest.fixture
+def shared_huey(huey_env, monkeypatch):
+    """Make the live server enqueue into the same Huey storage the consumer dequeues from."""
+    from huey.contrib.djhuey import HUEY
+
+    result = run_manage(["shell", "-c", CONSUMER_HUEY], huey_env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not HUEY.immediate, "the live server would run herds itself, not the consumer"
+    assert theirs["class"] == type(HUEY.storage).__name__, theirs
+    storage = type(HUEY.storage)(theirs["name"], **theirs["kwargs"])
+    monkeypatch.setattr(HUEY, "name", theirs["name"])
+    monkeypatch.setattr(HUEY, "storage", storage)
+    return theirs
+
+
+@pytest.fixture
+def operator(transactional_db, django_user_model):
+    """Not a superuser: exactly the permissions viewing, acting and launching need."""
+    user = django_user_model.objects.create_user("operator", "op@example.invalid", PASSWORD)
+    perms = [
+        Permission.objects.get(content_type__app_label=app, codename=codename)
+        for app, codename in OPERATOR_PERMISSIONS
+    ]
+    user.user_permissions.add(*perms)
+    return user
+
+
+def column(page, status: str):
+    return page.locator(f'section.column[data-status="{status}"]')
+
+
+def column_count(page, status: str) -> int:
+    return int(column(page, status).locator(".count").inner_text())
+
+
+def mark_not_reloaded(page) -> None:
+    page.evaluate("window.__notReloaded = true")
+
+
+def was_not_reloaded(page) -> bool:
+    return page.evaluate("window.__notReloaded === true")
+
+
+def consumer_log(tmp_path) -> str:
+    path = tmp_path / "consumer.log"
+    return path.read_text(errors="replace")[-3000:] if path.is_file() else "(no consumer log)"
+
+
+def test_launch_a_herd_from_the_button_and_watch_the_board_fill_done(
+    page, login, operator, live_url, shared_huey, consumer, tmp_path
+):
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop", "prefetch": 5})
+    make_tasks("herdui", 30)
+    login(page, operator.username)
+
+    # The board stays open in its own tab for the whole run and is never reloaded.
+    board = page
+    board.goto(f"{live_url}/?queue=herdui")
+    assert column_count(board, "queued") == 30
+    assert column_count(board, "done") == 0
+    mark_not_reloaded(board)
+    screenshot(board, "herd-board-before-launch")
+
+    # A second tab of the same session launches the herd through the UI.
+    launcher = page.context.new_page()
+    launcher.goto(f"{live_url}/?queue=herdui")
+    launcher.get_by_role("link", name="Herds", exact=True).click()
+    launcher.get_by_role("link", name="Launch a herd").click()
+    launcher.wait_for_url("**/herds/launch/")
+    launcher.select_option("select[name=queue]", "herdui")
+    launcher.select_option("select[name=profile]", "noop")
+    launcher.fill("input[name=workers]", "3")
+    launcher.fill("input[name=batch]", "0")
+    launcher.get_by_role("button", name="Pre-flight check").click()
+    expect(launcher.locator(".preflight")).to_contain_text(
+        "30 ready, 0 skipped (already complete), 0 waiting on dependencies, 0 locks held"
+    )
+    assert not Herd.objects.exists(), "the pre-flight must not start anything"
+    screenshot(launcher, "herd-launch-preflight")
+
+    launcher.get_by_role("button", name="Start 3 workers").click()
+    launcher.wait_for_url(re.compile(r"/herds/\d+/$"))
+    herd = Herd.objects.get()
+    assert (herd.queue, herd.profile.name, herd.size, herd.created_by) == (
+        "herdui",
+        "noop",
+        3,
+        operator,
+    )
+    expect(launcher.locator("h1")).to_contain_text(f"Herd {herd.pk}: 3 × noop on herdui")
+    mark_not_reloaded(launcher)
+
+    board.bring_to_front()
+    wait_until(
+        lambda: column_count(board, "done") == 30,
+        45,
+        "the board never showed all 30 cards done\n" + consumer_log(tmp_path),
+    )
+    screenshot(board, "herd-board-all-done")
+    assert column_count(board, "queued") == 0
+    assert column_count(board, "claimed") == 0
+    assert column(board, "done").locator("article.card").count() == 30
+    assert was_not_reloaded(board)
+
+    # The herd page follows the run to its end on its own, then shows the summary.
+    launcher.bring_to_front()
+    expect(launcher.locator(".herd-progress .herd-status")).to_have_text(
+        "Finished", timeout=30_000
+    )
+    expect(launcher.locator(".herd-progress")).to_contain_text("30 of 30 tasks finished")
+    expect(launcher.locator(".herd-summary")).to_contain_text("30 done, 0 blocked")
+    assert was_not_reloaded(launcher)
+    screenshot(launcher, "herd-page-finished")
+
+    herd.refresh_from_db()
+    assert herd.status == HerdStatus.FINISHED
+    assert herd.summary["done"] == 30 and herd.summary["counts"] == {"success": 30}
+    assert Task.objects.filter(queue="herdui", status=Status.DONE).count() == 30
+
+
+def test_cancel_a_running_herd_from_its_page(
+    page, login, operator, live_url, shared_huey, consumer, lock_root, tmp_path
+):
+    profile = Profile.objects.update_or_create(
+        name="sleepy",
+        defaults={
+            "processor": "command",
+            "command": [sys.executable, AGENT, "{path}", "--sleep", "30"],
+            "timeout_seconds": 120,
+            "prefetch": 1,
+        },
+    )[0]
+    make_tasks("herdcancel", 6)
+    herd = Herd.launch("herdcancel", profile, 2, created_by=operator)
+
+    login(page, operator.username)
+    page.goto(f"{live_url}/herds/{herd.pk}/")
+    mark_not_reloaded(page)
+
+    # The page's own polling shows both workers running, each holding a task.
+    running = page.locator(".worker-table tbody tr", has_text="Running")
+    wait_until(
+        lambda: running.count() == 2,
+        45,
+        "the herd page never showed two running workers\n" + consumer_log(tmp_path),
+    )
+    wait_until(
+        lambda: Task.objects.filter(queue="herdcancel", status=Status.CLAIMED).count() == 2,
+        30,
+        "two claims",
+    )
+    tree = wait_until(
+        lambda: (found := descendants(herd)) and len(found) >= 4 and found,
+        30,
+        "two workers with an agent child each",
+    )
+    pids = [(p.pid, p.create_time()) for p in tree]
+    expect(page.locator(".herd-progress .herd-status")).to_have_text("Running")
+    screenshot(page, "herd-page-running")
+
+    dialogs = []
+
+    def accept(dialog):
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", accept)
+    page.get_by_role("button", name="Cancel").click()
+
+    expect(page.locator(".herd-progress .herd-status")).to_have_text("Cancelled", timeout=30_000)
+    assert dialogs and f"Cancel herd {herd.pk}?" in dialogs[0]
+    expect(page.locator(".herd-progress")).to_contain_text(f"cancelled by {operator.username}")
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    expect(page.locator(".herd-summary")).to_be_visible()
+    assert was_not_reloaded(page)
+    screenshot(page, "herd-page-cancelled")
+
+    herd.refresh_from_db()
+    assert herd.status == HerdStatus.CANCELLED and herd.cancel_requested
+    assert herd.summary["status"] == "cancelled"
+    assert {w.exit_class for w in herd.workers.all()} == {ExitClass.CANCELLED}
+    assert Task.objects.filter(status=Status.CLAIMED).count() == 0
+    assert Task.objects.filter(queue="herdcancel", status=Status.QUEUED).count() == 6
+    survivors = [pid for pid, started in pids if processes.leader(pid, started) is not None]
+    assert survivors == []
+    queue_locks = lock_root / "herdcancel"
+    assert not queue_locks.exists() or list(queue_locks.iterdir()) == []
+
+
+def descendants(herd: Herd) -> list:
+    found = []
+    for worker in herd.workers.all():
+        found += processes.tree(worker.pid, worker.process_started)
+    return found
