@@ -165,15 +165,8 @@ def _claim_rows(queue, identity, limit, lease_seconds, filters) -> list[Claim]:
                     attempts=F("attempts") + 1,
                     updated_at=now,
                 )
-                TaskEvent.objects.bulk_create(
-                    TaskEvent(
-                        task_id=i,
-                        at=now,
-                        kind=EventKind.CLAIMED,
-                        actor=identity.worker,
-                        fence=fence,
-                    )
-                    for i in ids
+                TaskEvent.objects.record(
+                    [(i, now, EventKind.CLAIMED, identity.worker, fence, "", {}) for i in ids]
                 )
             return [Claim(r[0], queue, r[1], r[2], r[3], fence) for r in rows]
         except OperationalError as exc:
@@ -264,19 +257,19 @@ def finish_claims(
         for claim, result in finished:
             if claim.id in refused:
                 events.append(
-                    TaskEvent(
-                        task_id=claim.id,
-                        at=now,
-                        kind=EventKind.LATE_FINISH_REFUSED,
-                        actor=identity.worker,
-                        fence=claim.fence,
-                        message="finish refused: claim lost (fencing number no longer matches)",
-                        data={"status": result.status, "outcome": result.outcome},
+                    (
+                        claim.id,
+                        now,
+                        EventKind.LATE_FINISH_REFUSED,
+                        identity.worker,
+                        claim.fence,
+                        "finish refused: claim lost (fencing number no longer matches)",
+                        {"status": result.status, "outcome": result.outcome},
                     )
                 )
             else:
                 events.append(_finish_event(identity, claim, result, now))
-        TaskEvent.objects.bulk_create(events)
+        TaskEvent.objects.record(events)
     release = releaser.release if releaser else locks.release
     for claim, _ in finished:
         if claim.id not in refused:
@@ -285,7 +278,7 @@ def finish_claims(
     return report
 
 
-def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> TaskEvent:
+def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> tuple:
     kind = {Status.DONE: EventKind.DONE, Status.BLOCKED: EventKind.BLOCKED}.get(
         result.status, EventKind.RELEASED
     )
@@ -293,15 +286,7 @@ def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> Task
     data = {"tokens": result.tokens} if result.tokens else {}
     if result.commit:
         data["commit"] = result.commit
-    return TaskEvent(
-        task_id=claim.id,
-        at=now,
-        kind=kind,
-        actor=identity.worker,
-        fence=claim.fence,
-        message=message or "",
-        data=data,
-    )
+    return (claim.id, now, kind, identity.worker, claim.fence, message or "", data)
 
 
 def heartbeat(identity: Identity, lease_seconds: int) -> int:

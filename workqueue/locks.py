@@ -84,7 +84,8 @@ def queue_dir(queue: str) -> Path:
 
 
 def lock_dir(queue: str, key: str) -> Path:
-    return queue_dir(queue) / lock_name(key)
+    # Plain string joins: this runs twice per task on the hot path.
+    return Path(f"{settings.HYPERVISOR_LOCK_ROOT}/{lock_name(queue)}/{lock_name(key)}")
 
 
 def read_owner(directory: Path) -> dict | None:

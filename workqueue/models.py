@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import models
+from django.db import connections, models
 from django.db.models import Count, Exists, Min, OuterRef, Q
 from django.utils import timezone
 
@@ -222,6 +223,32 @@ class EventKind(models.TextChoices):
     NOTE = "note"
 
 
+class TaskEventQuerySet(models.QuerySet):
+    def record(self, rows: list[tuple]) -> None:
+        """Insert events given as (task_id, at, kind, actor, fence, message, data) tuples.
+
+        The claim and finish hot path writes an event per task; one executemany costs a
+        fraction of bulk_create's per-object work.
+        """
+        if not rows:
+            return
+        db = connections[self.db]
+        quote = db.ops.quote_name
+        columns = ("task_id", "at", "kind", "actor", "fence", "message", "data")
+        # Only quoted names from the model are formatted in; every value is a parameter.
+        sql = (
+            f"INSERT INTO {quote(self.model._meta.db_table)} "  # noqa: S608
+            f"({', '.join(quote(c) for c in columns)}) VALUES ({', '.join(['%s'] * 7)})"
+        )
+        adapt = db.ops.adapt_datetimefield_value
+        values = [
+            (task, adapt(at), kind, actor, fence, message, json.dumps(data, cls=DjangoJSONEncoder))
+            for task, at, kind, actor, fence, message, data in rows
+        ]
+        with db.cursor() as cursor:
+            cursor.executemany(sql, values)
+
+
 class TaskEvent(models.Model):
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
     at = models.DateTimeField(default=timezone.now)
@@ -230,6 +257,8 @@ class TaskEvent(models.Model):
     fence = models.BigIntegerField(null=True, blank=True)
     message = models.TextField(blank=True)
     data = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+
+    objects = TaskEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["-at", "-id"]
