@@ -156,6 +156,8 @@ _consumer = {
     "max_delay": 0.25,
     "periodic": True,
     "check_worker_health": True,
+    # Warnings and errors only: periodic supervision runs every few seconds.
+    "verbose": False,
 }
 if os.environ.get("HUEY_REDIS_URL"):
     HUEY = {
@@ -181,7 +183,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"huey": {"level": os.environ.get("HUEY_LOG_LEVEL", "WARNING")}},
+    # run_huey gives huey's logger a handler of its own; no second copy through the root.
+    "loggers": {
+        "huey": {"level": os.environ.get("HUEY_LOG_LEVEL", "WARNING"), "propagate": False}
+    },
 }
 
 HYPERVISOR_DATA_DIR.mkdir(parents=True, exist_ok=True)
