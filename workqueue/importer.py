@@ -105,7 +105,8 @@ class Importer:
     # Finding files ----------------------------------------------------------
 
     def _walk(self, folder: Path) -> list[_Source]:
-        base = self._base_for(folder.resolve()) or folder.resolve()
+        top = folder.resolve()
+        base = self._base_for(top) or top
         found, visited = [], set()
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
             real = Path(dirpath).resolve()
@@ -118,10 +119,17 @@ class Importer:
                 continue
             visited.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            folder_base = base if real.is_relative_to(base) else self._base_for(real) or base
+            links = []
+            # The folder is resolved and confined once; only symlinked files need more.
             for name in sorted(filenames):
                 if name.endswith(".md") and not name.startswith("."):
-                    found.append(Path(dirpath) / name)
-        return self._confine(found, base)
+                    if os.path.islink(os.path.join(dirpath, name)):
+                        links.append(Path(dirpath) / name)
+                    else:
+                        found.append(_Source(real / name, folder_base))
+            found.extend(self._confine(links, folder_base))
+        return found
 
     def _read_queue_file(self, queue_file: Path) -> list[_Source]:
         try:
