@@ -315,22 +315,16 @@ class Importer:
             return
         with transaction.atomic():
             tasks = Task.objects.bulk_create([t for t, _, _ in self.new])
+            now = timezone.now()
             deps, events = [], []
             for task, (_, depends_on, kind) in zip(tasks, self.new, strict=True):
                 self.keys[task.key] = (task.pk, task.source_path)
                 deps.extend(Dependency(task=task, key=k) for k in depends_on)
                 message = f"closed on import ({task.closed_by})" if task.closed_by else ""
                 events.append(
-                    TaskEvent(
-                        task=task,
-                        kind=kind,
-                        actor="import",
-                        message=message,
-                        data={"path": task.source_path},
-                    )
+                    (task.pk, now, kind, "import", None, message, {"path": task.source_path})
                 )
-            Dependency.objects.bulk_create(deps, ignore_conflicts=True)
-            TaskEvent.objects.bulk_create(events)
+            TaskEvent.objects.record(events)
         self.new = []
 
     def _flag_missing(self, folder: Path) -> None:
