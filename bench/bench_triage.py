@@ -96,23 +96,19 @@ def run_ours(folder: Path, data: Path, workers: int, prefetch: int, processor: s
     )
     import_seconds = time.perf_counter() - started
     started, cpu = time.perf_counter(), children_cpu()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, MANAGE, "work", "--queue", "triage", "--processor", processor]
-            + ["--prefetch", str(prefetch), "--json"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(workers)
-    ]
-    outputs = [p.communicate() for p in procs]
+    # One command forking the workers after Django is loaded, as the old pattern's pool does.
+    proc = subprocess.run(
+        [sys.executable, MANAGE, "work", "--queue", "triage", "--processor", processor]
+        + ["--workers", str(workers), "--prefetch", str(prefetch), "--json"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     seconds, cpu = time.perf_counter() - started, children_cpu() - cpu
-    if any(p.returncode for p in procs):
-        raise RuntimeError("a worker failed: " + " ".join(o[1][-1000:] for o in outputs))
-    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    if proc.returncode:
+        raise RuntimeError("a worker failed: " + proc.stderr[-2000:])
+    summaries = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     stats = json.loads(manage(["queue_stats", "--queue", "triage", "--json"], env))
     done = sum(s["done"] for s in summaries)
     return {
