@@ -218,3 +218,44 @@ def test_reaper_removes_the_worktree_of_a_task_it_releases(repo, settings, tmp_p
     assert tree.branch in branches(repo)
     note = task.events.get(kind=EventKind.NOTE)
     assert note.message == f"worktree {tree.path} removed; branch {tree.branch} kept"
+
+
+@pytest.mark.slow
+def test_two_herds_with_overlapping_filters_share_no_task(huey_env, consumer, tmp_path):
+    from herds.models import Herd, Profile
+    from tests.test_herds_processes import launch, wait_until, worker_logs
+
+    log = tmp_path / "keys.log"
+    append = [sys.executable, "-S", APPEND, str(log), "{key}"]
+    for name, where in (("web-agent", "project=web"), ("mech-agent", "complexity=mechanical")):
+        Profile.objects.update_or_create(
+            name=name,
+            defaults={
+                "processor": "command",
+                "command": append,
+                "prefetch": 1,
+                "filters": [where],
+            },
+        )
+    tasks = make_tasks("q", 300)
+    for i, task in enumerate(tasks):
+        task.project = "web" if i % 2 else "ops"
+        task.complexity = "mechanical" if i % 3 else "multi-step"
+    Task.objects.bulk_update(tasks, ["project", "complexity"])
+    herds = [
+        launch(huey_env, "--queue", "q", "--profile", name, "--workers", "3")
+        for name in ("web-agent", "mech-agent")
+    ]
+    wait_until(
+        lambda: all(h.ended for h in Herd.objects.filter(pk__in=herds)),
+        300,
+        what="both herds to end",
+    )
+    seen = Counter(log.read_text().split())
+    assert max(seen.values()) == 1, worker_logs()
+    expected = {t.key for t in tasks if t.project == "web" or t.complexity == "mechanical"}
+    assert set(seen) == expected
+    done_by = Counter(
+        Task.objects.filter(status=Status.DONE).values_list("holder_herd", flat=True)
+    )
+    assert set(done_by) == set(herds) and sum(done_by.values()) == len(expected)
