@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage
 from workqueue import claims
 from workqueue.locks import Identity, OwnerFile
-from workqueue.models import EventKind, Status, Task
+from workqueue.models import EventKind, Queue, Status, Task
 from workqueue.routing import FilterError, TaskFilter
 
 AGENT = str(Path(__file__).parent.parent / "examples" / "agents" / "git_agent.py")
@@ -187,6 +187,18 @@ def test_an_agent_that_commits_nothing_puts_its_task_back(process_env, repo):
     assert worktree_list(repo) == [str(repo)]
     assert task.events.filter(kind=EventKind.RELEASED).exists()
     assert json.loads(out.strip().splitlines()[-1])["released"] == 1
+
+
+@pytest.mark.slow
+def test_no_commit_blocks_the_task_once_its_attempts_are_used_up(process_env, repo):
+    make_tasks("q", 1)
+    Queue.objects.filter(name="q").update(max_attempts=2)
+    for _ in range(2):
+        proc = work_in_worktrees(repo, process_env, "--no-commit", extra=["--batch", "1"])
+        proc.communicate(timeout=120)
+    task = Task.objects.get()
+    assert (task.status, task.attempts) == (Status.BLOCKED, 2)
+    assert task.reason == "no new commit on hypervisor/t000000 after 2 attempts"
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from workqueue.claims import Claim, Result
 from workqueue.locks import lock_name
-from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
 from workqueue.processors import CommandProcessor, Processor, WorkContext
 
 
@@ -155,14 +155,28 @@ class WorktreeProcessor(Processor):
         if committed:
             result.commit = result.commit or head
         if result.status == Status.DONE and self.require_commit and not committed:
-            result = Result(
-                status=Status.QUEUED,
-                output_tail=result.output_tail,
-                reason=f"no new commit on {tree.branch}: back to the queue",
-                data=result.data,
-            )
+            result = self._without_commit(claim, tree, result)
         if result.status == Status.BLOCKED:
             return result  # kept for a person to inspect; the task detail shows where
         remove(self.repo, tree.path)
         Task.objects.filter(pk=claim.id, fence=claim.fence).update(worktree="")
         return result
+
+    def _without_commit(self, claim: Claim, tree: Worktree, result: Result) -> Result:
+        """Back to the queue; blocked once the queue's attempt limit is used up."""
+        attempts = Task.objects.filter(pk=claim.id).values_list("attempts", flat=True)[0]
+        limit = Queue.objects.filter(name=claim.queue).values_list("max_attempts", flat=True)
+        limit = limit[0] if limit else 3
+        if attempts >= limit:
+            return Result(
+                status=Status.BLOCKED,
+                output_tail=result.output_tail,
+                reason=f"no new commit on {tree.branch} after {attempts} attempts",
+                data=result.data,
+            )
+        return Result(
+            status=Status.QUEUED,
+            output_tail=result.output_tail,
+            reason=f"no new commit on {tree.branch}: back to the queue",
+            data=result.data,
+        )
