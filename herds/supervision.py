@@ -177,6 +177,9 @@ def supervise(herd: Herd, children: dict[int, zygote.WorkerProcess] | None = Non
 
 
 def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None) -> None:
+    if worker.host != settings.HYPERVISOR_HOST:
+        check_remote_worker(worker)
+        return
     returncode = child.poll() if child is not None else None
     seen = processes.sample(worker.pid, worker.process_started)
     if seen.alive and returncode is None:
@@ -205,6 +208,19 @@ def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None)
     if worker.record_exit(code, exit_class, detail):
         log.info("herd %s: %s exited (%s: %s)", herd.pk, worker.name, exit_class, detail)
     reap_worker(herd, worker)
+
+
+def check_remote_worker(worker: Worker) -> None:
+    """A worker of another host: its pid means nothing here, only its heartbeat does.
+
+    Its claims are not touched: they end with their lease, and the reaper takes them.
+    """
+    silent_since = worker.heartbeat_at or worker.started_at
+    silence = (timezone.now() - silent_since).total_seconds()
+    if silence > settings.HYPERVISOR_LEASE_SECONDS:
+        worker.record_exit(
+            None, ExitClass.TIMED_OUT, f"no heartbeat from host {worker.host} for {silence:.0f} s"
+        )
 
 
 def quota_in_log(herd: Herd, worker: Worker, tail_bytes: int = 64 * 1024) -> str | None:

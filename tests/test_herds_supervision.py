@@ -51,7 +51,11 @@ def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_
     started = processes.create_time(gone.pid)
     gone.wait()
     worker = running_herd.workers.create(
-        index=0, name="herd-w0", host="vm", pid=gone.pid, process_started=started
+        index=0,
+        name="herd-w0",
+        host=supervision.settings.HYPERVISOR_HOST,
+        pid=gone.pid,
+        process_started=started,
     )
     task = Task.objects.get(key="t000000")
     Task.objects.filter(pk=task.pk).update(
@@ -84,7 +88,7 @@ def test_silent_worker_is_ended_as_timed_out(running_herd, settings):
         worker = running_herd.workers.create(
             index=0,
             name="herd-w0",
-            host="vm",
+            host=supervision.settings.HYPERVISOR_HOST,
             pid=sleeper.pid,
             process_started=processes.create_time(sleeper.pid),
             heartbeat_at=timezone.now() - timedelta(seconds=30),
@@ -109,7 +113,7 @@ def test_live_worker_gets_cpu_memory_and_children_sampled(running_herd):
         worker = running_herd.workers.create(
             index=0,
             name="herd-w0",
-            host="vm",
+            host=supervision.settings.HYPERVISOR_HOST,
             pid=sleeper.pid,
             process_started=processes.create_time(sleeper.pid),
             heartbeat_at=timezone.now(),
@@ -141,7 +145,7 @@ def test_limits_drain_the_herd_and_tell_its_workers(running_herd, limits, reason
         worker = running_herd.workers.create(
             index=0,
             name="herd-w0",
-            host="vm",
+            host=supervision.settings.HYPERVISOR_HOST,
             pid=sleeper.pid,
             process_started=processes.create_time(sleeper.pid),
             heartbeat_at=timezone.now(),
@@ -170,7 +174,7 @@ def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path
     worker = running_herd.workers.create(
         index=0,
         name="herd-w0",
-        host="vm",
+        host=supervision.settings.HYPERVISOR_HOST,
         pid=crashed.pid,
         process_started=started,
         log_path=str(log),
@@ -183,3 +187,40 @@ def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path
     running_herd.refresh_from_db()
     assert worker.exit_class == ExitClass.QUOTA and "429" in worker.exit_detail
     assert running_herd.draining and "quota or rate limit reached (429)" in running_herd.reason
+
+
+def test_another_hosts_worker_is_judged_by_its_heartbeat_not_its_pid(running_herd, settings):
+    settings.HYPERVISOR_LEASE_SECONDS = 5
+    make_tasks("supq", 1)
+    # A pid that means nothing here: the worker lives on another host.
+    worker = running_herd.workers.create(
+        index=0,
+        name="herd-w0",
+        host="another-host",
+        pid=2**22 + 11,
+        process_started=1.0,
+        heartbeat_at=timezone.now(),
+    )
+    Task.objects.update(
+        status=Status.CLAIMED,
+        holder="herd-w0",
+        holder_host="another-host",
+        holder_pid=2**22 + 11,
+        holder_started=1.0,
+        fence=1,
+        lease_expires_at=timezone.now() + timedelta(seconds=5),
+    )
+
+    assert supervision.supervise(running_herd) is True
+    worker.refresh_from_db()
+    assert worker.state != WorkerState.EXITED
+    assert Task.objects.get().status == Status.CLAIMED
+
+    Worker = type(worker)
+    Worker.objects.filter(pk=worker.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=9))
+    assert supervision.supervise(running_herd) is False
+    worker.refresh_from_db()
+    assert worker.exit_class == ExitClass.TIMED_OUT
+    assert "no heartbeat from host another-host" in worker.exit_detail
+    # Its claim is left to the lease: no reap by pid from this host.
+    assert Task.objects.get().status == Status.CLAIMED
