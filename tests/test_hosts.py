@@ -1,0 +1,85 @@
+"""Two hosts sharing one database and one Huey queue (Redis in the PostgreSQL pass)."""
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+from django.utils import timezone
+
+from herds import processes
+from herds.models import Herd, Profile, Worker
+from tests.conftest import ROOT, make_tasks, run_manage, start_manage
+from tests.test_herds_processes import launch, wait_until, worker_logs
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+AGENT = str(ROOT / "examples" / "agents" / "example_agent.py")
+pytestmark = pytest.mark.slow
+
+
+def test_a_dead_hosts_claims_wait_for_their_lease_then_the_other_host_works_them(
+    huey_env, tmp_path
+):
+    host_a = {**huey_env, "HYPERVISOR_HOST": "host-a", "HYPERVISOR_LEASE_SECONDS": "4"}
+    host_b = {**huey_env, "HYPERVISOR_HOST": "host-b", "HYPERVISOR_LEASE_SECONDS": "4"}
+    Profile.objects.update_or_create(
+        name="slow",
+        defaults={
+            "processor": "command",
+            "prefetch": 1,
+            "timeout_seconds": 120,
+            "command": [sys.executable, AGENT, "{path}", "--sleep", "60"],
+        },
+    )
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("hosts", 4)
+    with open(tmp_path / "a.log", "w") as out:
+        consumer_a = start_manage(["run_huey"], host_a, stdout=out, stderr=out)
+    consumer_b = None
+    try:
+        herd_a = launch(host_a, "--queue", "hosts", "--profile", "slow", "--workers", "2")
+        wait_until(
+            lambda: Task.objects.filter(status=Status.CLAIMED).count() == 2,
+            60,
+            what="two claims on host A",
+        )
+        with open(tmp_path / "b.log", "w") as out:
+            consumer_b = start_manage(["run_huey"], host_b, stdout=out, stderr=out)
+        # Host A dies entirely: its consumer and every worker with its agent.
+        consumer_a.kill()
+        consumer_a.wait()
+        for worker in Worker.objects.filter(herd_id=herd_a):
+            os.killpg(worker.pid, signal.SIGKILL)  # each worker leads its own session
+        assert {t.holder_host for t in Task.objects.filter(status=Status.CLAIMED)} == {"host-a"}
+
+        # Host B cannot judge host A's pids: nothing is released while the leases run.
+        early = json.loads(run_manage(["reap_locks", "--json"], host_b).stdout)
+        if Task.objects.filter(status=Status.CLAIMED, lease_expires_at__gt=timezone.now()):
+            assert early["requeued"] == []
+        wait_until(
+            lambda: not Task.objects.filter(lease_expires_at__gt=timezone.now()).exists(),
+            30,
+            what="host A's leases to run out",
+        )
+        late = json.loads(run_manage(["reap_locks", "--json"], host_b).stdout)
+        reaped = early["requeued"] + late["requeued"]
+        assert len(reaped) == 2 and {r["why"] for r in reaped} == {"lease expired"}
+
+        # Host B's consumer launches the next herd; its workers take the tasks.
+        herd_b = launch(host_b, "--queue", "hosts", "--profile", "noop", "--workers", "2")
+        wait_until(lambda: Herd.objects.get(pk=herd_b).ended, 60, what="host B's herd")
+        assert Task.objects.filter(queue="hosts").counts()["done"] == 4, worker_logs()
+        assert set(Task.objects.values_list("holder_host", flat=True)) == {"host-b"}
+        assert set(Worker.objects.filter(herd_id=herd_b).values_list("host", flat=True)) == {
+            "host-b"
+        }
+        assert TaskEvent.objects.filter(kind=EventKind.REAPED).count() == 2
+    finally:
+        for proc in (consumer_a, consumer_b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+        for worker in Worker.objects.all():
+            if worker.pid and worker.pid != os.getpid():
+                processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
