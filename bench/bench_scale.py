@@ -191,7 +191,8 @@ def worker_memory(env: dict, tasks: int = 100_000) -> dict:
             break
         time.sleep(0.5)
     proc.communicate()
-    working = [s for s in samples if s[0] > 0]
+    # Samples after the first claims, and before the exiting process reads as empty.
+    working = [s for s in samples if s[0] > 0 and s[1] > 0]
     start, end = working[0], working[-1]
     return {
         "tasks": tasks,
