@@ -23,10 +23,12 @@ TASK = (
 )
 
 
-def setup_django(data_dir: Path) -> dict:
+def setup_django(data_dir: Path, database_url: str | None = None) -> dict:
+    """Point this process (and the workers it starts) at a throwaway database; migrate it."""
     env = {
         **os.environ,
-        "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL")
+        "DATABASE_URL": database_url
+        or os.environ.get("BENCH_DATABASE_URL")
         or f"sqlite:///{data_dir / 'bench.sqlite3'}",
         "HYPERVISOR_DATA_DIR": str(data_dir),
         "HYPERVISOR_LOCK_ROOT": str(data_dir / "locks"),

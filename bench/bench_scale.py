@@ -21,6 +21,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_core import setup_django  # noqa: E402
+
 QUEUED = 10_000
 
 
@@ -34,21 +38,7 @@ def setup(data_dir: Path) -> dict:
         )
         subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", name], check=True)
         url = f"{base}/{name}"
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "HYPERVISOR_DATA_DIR": str(data_dir),
-        "HYPERVISOR_LOCK_ROOT": str(data_dir / "locks"),
-        "DJANGO_SETTINGS_MODULE": "hypervisor_site.settings",
-    }
-    os.environ.update(env)
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-    return env
+    return setup_django(data_dir, url)
 
 
 def fill(total: int, already: int) -> None:

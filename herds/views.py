@@ -83,20 +83,20 @@ def launch(request: HttpRequest) -> HttpResponse:
 @login_required
 @permission_required(VIEW, raise_exception=True)
 def detail(request: HttpRequest, pk: int) -> HttpResponse:
-    herd = _get_herd(pk)
-    context = _live_context(herd)
-    context["can_operate"] = request.user.has_perm(OPERATE)
-    return render(request, "herds/detail.html", context)
+    return render(request, "herds/detail.html", _page_context(request, pk))
 
 
 @login_required
 @permission_required(VIEW, raise_exception=True)
 @vary_on_headers("HX-Request")
 def live(request: HttpRequest, pk: int) -> HttpResponse:
-    herd = _get_herd(pk)
-    context = _live_context(herd)
+    return render(request, "herds/live.html", _page_context(request, pk))
+
+
+def _page_context(request: HttpRequest, pk: int) -> dict:
+    context = _live_context(_get_herd(pk))
     context["can_operate"] = request.user.has_perm(OPERATE)
-    return render(request, "herds/live.html", context)
+    return context
 
 
 @login_required

@@ -8,15 +8,13 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import random
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from django.db import OperationalError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -140,46 +138,32 @@ def _claim_rows(queue, identity, limit, lease_seconds, filters) -> list[Claim]:
     if filters is not None:
         candidates = filters.apply(candidates)
     candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-    for attempt in range(20):
-        try:
-            with write_transaction():
-                rows = list(
-                    candidates.values_list("id", "key", "title", "source_path", "fence")[:limit]
-                )
-                if not rows:
-                    return []
-                now = timezone.now()
-                # One fence for the batch, above every fence these tasks ever had.
-                fence = max(r[4] for r in rows) + 1
-                ids = [r[0] for r in rows]
-                Task.objects.filter(pk__in=ids).update(
-                    status=Status.CLAIMED,
-                    holder=identity.worker,
-                    holder_host=identity.host,
-                    holder_pid=identity.pid,
-                    holder_started=identity.started,
-                    holder_herd=identity.herd,
-                    fence=fence,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    claimed_at=now,
-                    attempts=F("attempts") + 1,
-                    updated_at=now,
-                )
-                TaskEvent.objects.record(
-                    [(i, now, EventKind.CLAIMED, identity.worker, fence, "", {}) for i in ids]
-                )
-            return [Claim(r[0], queue, r[1], r[2], r[3], fence) for r in rows]
-        except OperationalError as exc:
-            # SQLite's busy handler sleeps in fixed steps and can starve one writer;
-            # back off with jitter so that waiting writers interleave.
-            if not _is_lock_contention(exc) or attempt == 19:
-                raise
-            time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
-    return []
-
-
-def _is_lock_contention(exc: OperationalError) -> bool:
-    return connection.vendor == "sqlite" and "locked" in str(exc)
+    # A database error propagates: Worker.with_database backs off and tries again.
+    with write_transaction():
+        rows = list(candidates.values_list("id", "key", "title", "source_path", "fence")[:limit])
+        if not rows:
+            return []
+        now = timezone.now()
+        # One fence for the batch, above every fence these tasks ever had.
+        fence = max(r[4] for r in rows) + 1
+        ids = [r[0] for r in rows]
+        Task.objects.filter(pk__in=ids).update(
+            status=Status.CLAIMED,
+            holder=identity.worker,
+            holder_host=identity.host,
+            holder_pid=identity.pid,
+            holder_started=identity.started,
+            holder_herd=identity.herd,
+            fence=fence,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            claimed_at=now,
+            attempts=F("attempts") + 1,
+            updated_at=now,
+        )
+        TaskEvent.objects.record(
+            [(i, now, EventKind.CLAIMED, identity.worker, fence, "", {}) for i in ids]
+        )
+    return [Claim(r[0], queue, r[1], r[2], r[3], fence) for r in rows]
 
 
 def give_back(

@@ -62,8 +62,8 @@ class _Source:
 class Importer:
     def __init__(self, queue: str, roots: list[Path] | None = None, progress: bool = False):
         self.queue = queue
-        configured = list(settings.HYPERVISOR_IMPORT_ROOTS)
-        self.roots = [Path(r).resolve() for r in (configured + list(roots or []))]
+        self.configured = [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
+        self.roots = self.configured + [Path(r).resolve() for r in roots or []]
         self.progress = progress
         self.report = ImportReport()
         self.known: dict[str, tuple] = {}
@@ -172,13 +172,8 @@ class Importer:
     def _base_for(self, real: Path, extra_root: Path | None = None) -> Path | None:
         # The configured root, when there is one, keeps keys stable whichever folder
         # inside it is imported.
-        roots = list(settings.HYPERVISOR_IMPORT_ROOTS) + ([extra_root] if extra_root else [])
-        roots += self.roots
-        for root in roots:
-            root = Path(root).resolve()
-            if real == root or real.is_relative_to(root):
-                return root
-        return None
+        roots = [*self.configured, *([extra_root] if extra_root else []), *self.roots]
+        return next((r for r in roots if real == r or real.is_relative_to(r)), None)
 
     # One file ---------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from django.utils.module_loading import import_string
 
@@ -257,7 +256,3 @@ class _FunctionProcessor(Processor):
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         return self.function(claim, context)
-
-
-def read_claim_file(claim: Claim) -> str:
-    return Path(claim.path).read_text(encoding="utf-8")
