@@ -299,3 +299,35 @@ def test_lease_expired_claim_of_our_own_live_process_is_released(db):
     Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=5))
     assert [s.why for s in claims.find_stale_claims("q")] == ["lease expired"]
     assert locks.lock_dir("q", "t000000").exists()
+
+
+def test_the_board_shows_a_task_file_changed_or_gone_under_a_claim(client, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user("watcher", password="pw-watcher-123")
+    user.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client.force_login(user)
+    changed, gone = make_tasks("q", 2)
+    Task.objects.filter(pk=changed.pk).update(status=Status.CLAIMED, change_pending=True)
+    Task.objects.filter(pk=gone.pk).update(status=Status.CLAIMED, source_missing=True)
+    page = client.get("/").content.decode()
+    assert page.count("file changed while claimed") == 1
+    assert page.count("file missing") == 1
+
+
+def test_lock_root_trouble_is_told_on_the_herds_worker_row(settings, tmp_path, monkeypatch, db):
+    from herds.models import Herd, HerdStatus, Profile
+    from herds.receivers import WORKER_ENV
+
+    make_tasks("q", 3)
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, status=HerdStatus.RUNNING)
+    row = herd.workers.create(index=0, name="herd-w0", host=settings.HYPERVISOR_HOST)
+    monkeypatch.setenv(WORKER_ENV, str(row.pk))
+    with tiny_filesystem(tmp_path / "ro-locks", "size=64k,mode=0755,ro") as root:
+        settings.HYPERVISOR_LOCK_ROOT = root
+        worker = Worker("q", NoopProcessor(), herd=herd.pk)
+        assert worker.run() == EXIT_LOCK_ROOT
+    row.refresh_from_db()
+    assert "the lock root is read-only" in row.exit_detail
+    assert Task.objects.counts()["queued"] == 3
