@@ -49,6 +49,21 @@ class Result:
     output_tail: str = ""
     data: dict = field(default_factory=dict)
 
+    def signature(self) -> tuple:
+        """Equal for results that store the same values: they share one UPDATE."""
+        data = json.dumps(self.data, sort_keys=True, default=str) if self.data else ""
+        return (
+            self.status,
+            self.outcome,
+            self.reason,
+            self.evidence,
+            self.next_step,
+            self.commit,
+            self.tokens,
+            self.output_tail,
+            data,
+        )
+
     def row_values(self) -> dict:
         return {
             "status": self.status,
@@ -213,11 +228,13 @@ def finish_claims(
     # Tasks with the same fence and the same result share one UPDATE (all of a no-op batch).
     groups: dict[tuple, tuple[dict, list[int]]] = {}
     for claim, result in finished:
-        values = result.row_values()
-        signature = (claim.fence, json.dumps(values, sort_keys=True, default=str))
-        groups.setdefault(signature, (values, []))[1].append(claim.id)
+        signature = (claim.fence, *result.signature())
+        group = groups.get(signature)
+        if group is None:
+            groups[signature] = group = (result.row_values(), [])
+        group[1].append(claim.id)
     with write_transaction():
-        for (fence, _), (values, ids) in groups.items():
+        for (fence, *_), (values, ids) in groups.items():
             status = values["status"]
             extra = {"finished_at": now} if status != Status.QUEUED else _requeue_fields()
             if status == Status.QUEUED:
@@ -254,11 +271,16 @@ def finish_claims(
             else:
                 events.append(_finish_event(identity, claim, result, now))
         TaskEvent.objects.record(events)
-    release = releaser.release if releaser else locks.release
-    for claim, _ in finished:
-        if claim.id not in refused:
-            release(claim.queue, claim.key)
-    _apply_pending_changes([c.id for c, _ in finished if c.id not in refused])
+    kept = [(c, r) for c, r in finished if c.id not in refused]
+    finished_locks = []
+    for claim, result in kept:
+        if releaser is not None and result.status != Status.QUEUED:
+            finished_locks.append(locks.lock_path(claim.queue, claim.key))
+        else:
+            locks.release(claim.queue, claim.key)
+    if releaser is not None:
+        releaser.release_all(finished_locks)
+    _apply_pending_changes([c.id for c, _ in kept])
     return report
 
 
@@ -412,8 +434,6 @@ def release_stale_claims(
                 clean_task_worktree(task, None, actor)
     if holder_pid is None:
         report.orphan_locks = release_orphan_locks(queue, dry_run)
-        if not dry_run:
-            locks.empty_trash()
     return report
 
 

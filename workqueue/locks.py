@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,9 @@ import psutil
 from django.conf import settings
 
 OWNER_FILE = "owner.json"
-RELEASED = ".released"
 MAX_NAME = 200
+# Keys made only of these characters are their own lock name (the common case).
+SAFE_NAME = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]{0,199}\Z")  # 200 = MAX_NAME
 
 
 class LockError(Exception):
@@ -66,6 +68,8 @@ class Identity:
 
 def lock_name(key: str) -> str:
     """One safe directory name per key: `/`, `..` and other unsafe characters encoded."""
+    if SAFE_NAME.match(key):
+        return key
     name = quote(key, safe="-_.~")
     if name.startswith("."):
         name = "%2E" + name[1:]
@@ -84,13 +88,17 @@ def queue_dir(queue: str) -> Path:
 
 
 def lock_dir(queue: str, key: str) -> Path:
-    # Plain string joins: this runs twice per task on the hot path.
-    return Path(f"{settings.HYPERVISOR_LOCK_ROOT}/{lock_name(queue)}/{lock_name(key)}")
+    return Path(lock_path(queue, key))
 
 
-def read_owner(directory: Path) -> dict | None:
+def lock_path(queue: str, key: str) -> str:
+    # Plain strings, not Path: this runs twice per task on the hot path.
+    return f"{settings.HYPERVISOR_LOCK_ROOT}/{lock_name(queue)}/{lock_name(key)}"
+
+
+def read_owner(directory: Path | str) -> dict | None:
     try:
-        with open(directory / OWNER_FILE, "rb") as f:
+        with open(os.path.join(directory, OWNER_FILE), "rb") as f:
             owner = json.loads(f.read(64 * 1024))
     except (OSError, ValueError):
         return None
@@ -121,6 +129,9 @@ def owner_record_is_dead(owner: dict | None) -> bool:
         return False
 
 
+_owner_files = itertools.count(1)  # unique names across every OwnerFile of a process
+
+
 class OwnerFile:
     """One owner.json per worker and claim batch, hard-linked into each lock directory.
 
@@ -131,18 +142,19 @@ class OwnerFile:
         self.identity = identity
         self.directory = Path(settings.HYPERVISOR_LOCK_ROOT) / ".owners"
         self.path: Path | None = None
-        self.serial = 0
+        self.inode: int | None = None  # every lock of this batch links to it
 
     def refresh(self) -> Path:
         self.discard()
-        self.serial += 1
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = (
-                self.directory / f"{self.identity.pid}-{self.identity.started:.3f}-{self.serial}"
+                self.directory
+                / f"{self.identity.pid}-{self.identity.started:.3f}-{next(_owner_files)}"
             )
             with open(path, "w") as f:
                 json.dump(self.identity.owner_record(), f)
+                self.inode = os.fstat(f.fileno()).st_ino
         except OSError as exc:
             raise LockError(_describe(exc, self.directory)) from exc
         self.path = path
@@ -157,7 +169,7 @@ class OwnerFile:
 
 def acquire(queue: str, key: str, owner_file: OwnerFile) -> dict | None:
     """Take the lock directory. Returns None on success, or the live owner's record."""
-    directory = lock_dir(queue, key)
+    directory = lock_path(queue, key)
     for _ in range(2):
         try:
             os.mkdir(directory)
@@ -168,15 +180,16 @@ def acquire(queue: str, key: str, owner_file: OwnerFile) -> dict | None:
                 continue
             return owner or {"unknown": True}
         except FileNotFoundError:
+            parent = os.path.dirname(directory)
             try:
-                directory.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(parent, exist_ok=True)
             except OSError as exc:
-                raise LockError(_describe(exc, directory.parent)) from exc
+                raise LockError(_describe(exc, parent)) from exc
             continue
         except OSError as exc:
             raise LockError(_describe(exc, directory)) from exc
         try:
-            os.link(owner_file.path or owner_file.refresh(), directory / OWNER_FILE)
+            os.link(owner_file.path or owner_file.refresh(), f"{directory}/{OWNER_FILE}")
         except OSError as exc:
             remove(directory)
             raise LockError(_describe(exc, directory)) from exc
@@ -184,9 +197,9 @@ def acquire(queue: str, key: str, owner_file: OwnerFile) -> dict | None:
     return {"unknown": True}
 
 
-def remove(directory: Path) -> None:
+def remove(directory: Path | str) -> None:
     with suppress(FileNotFoundError):
-        os.unlink(directory / OWNER_FILE)
+        os.unlink(os.path.join(directory, OWNER_FILE))
     try:
         os.rmdir(directory)
     except FileNotFoundError:
@@ -198,53 +211,41 @@ def remove(directory: Path) -> None:
 
 
 def release(queue: str, key: str) -> None:
-    remove(lock_dir(queue, key))
+    remove(lock_path(queue, key))
 
 
 class LockReleaser:
-    """Removes released lock directories off the worker's hot path.
+    """Removes the lock directories of finished tasks off the worker's hot path.
 
-    The directory is renamed out of its queue folder at once, so the lock is gone for
-    every observer; deleting it happens on a few threads, because `rmdir` waits on the
-    disk where the filesystem discards freed blocks (milliseconds each on such mounts).
+    `rmdir` waits on the disk where the filesystem discards freed blocks (milliseconds
+    each on such mounts), so a finished batch's directories are removed on a thread
+    while the worker claims the next batch. Only finished tasks go this way: nobody
+    claims them again unless a person requeues one, and then the thread finds another
+    owner file in the directory (another inode than ours) and leaves it alone.
+    Tasks going back to the queue are released at once.
     """
 
-    def __init__(self, threads: int = 4):
-        self.trash = Path(settings.HYPERVISOR_LOCK_ROOT) / RELEASED
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="lock-release")
-        self.serial = itertools.count()
+    def __init__(self, owner_file: OwnerFile):
+        self.owner_file = owner_file
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lock-release")
 
-    def release(self, queue: str, key: str) -> None:
-        source = lock_dir(queue, key)
-        target = self.trash / f"{os.getpid()}-{next(self.serial)}"
-        try:
-            os.rename(source, target)
-        except FileNotFoundError:
-            try:
-                self.trash.mkdir(parents=True, exist_ok=True)
-                os.rename(source, target)
-            except OSError:
-                remove(source)
-                return
-        except OSError:
-            remove(source)
-            return
-        self.pool.submit(remove, target)
+    def release_all(self, directories: list[str]) -> None:
+        """Remove these directories of the current claim batch, where still ours."""
+        if directories:
+            self.pool.submit(_remove_own, directories, self.owner_file.inode)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
 
-def empty_trash(older_than: float = 60.0) -> int:
-    """Delete released lock directories a worker renamed away but did not get to delete."""
-    trash = Path(settings.HYPERVISOR_LOCK_ROOT) / RELEASED
-    now, removed = time.time(), 0
-    for entry in _subdirs(trash, include_hidden=True):
-        with suppress(FileNotFoundError):
-            if now - entry.stat().st_mtime > older_than:
-                remove(entry)
-                removed += 1
-    return removed
+def _remove_own(directories: list[str], inode: int | None) -> None:
+    for directory in directories:
+        try:
+            if os.stat(f"{directory}/{OWNER_FILE}").st_ino != inode:
+                continue
+        except FileNotFoundError:
+            continue
+        remove(directory)
 
 
 @dataclass
@@ -282,12 +283,12 @@ def list_locks(queue: str | None = None) -> list[LockInfo]:
     return found
 
 
-def _subdirs(path: Path, include_hidden: bool = False) -> list[Path]:
+def _subdirs(path: Path) -> list[Path]:
     try:
         return [
             Path(e.path)
             for e in os.scandir(path)
-            if e.is_dir(follow_symlinks=False) and (include_hidden or not e.name.startswith("."))
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
         ]
     except (FileNotFoundError, NotADirectoryError):
         return []

@@ -256,17 +256,21 @@ class TaskEventQuerySet(models.QuerySet):
             f"INSERT INTO {quote(self.model._meta.db_table)} "  # noqa: S608
             f"({', '.join(quote(c) for c in columns)}) VALUES ({', '.join(['%s'] * 7)})"
         )
-        adapt = db.ops.adapt_datetimefield_value
-        values = [
-            (task, adapt(at), kind, actor, fence, message, json.dumps(data, cls=DjangoJSONEncoder))
-            for task, at, kind, actor, fence, message, data in rows
-        ]
+        adapted = {}  # a batch shares one timestamp: adapt it once
+        values = []
+        for task, at, kind, actor, fence, message, data in rows:
+            if at not in adapted:
+                adapted[at] = db.ops.adapt_datetimefield_value(at)
+            data = json.dumps(data, cls=DjangoJSONEncoder) if data else "{}"
+            values.append((task, adapted[at], kind, actor, fence, message, data))
         with db.cursor() as cursor:
             cursor.executemany(sql, values)
 
 
 class TaskEvent(models.Model):
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    # No index of its own: event_timeline (task, -at) serves every lookup by task, and
+    # each claim and finish inserts an event per task.
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events", db_index=False)
     at = models.DateTimeField(default=timezone.now)
     kind = models.CharField(max_length=30, choices=EventKind.choices)
     actor = models.CharField(max_length=200, blank=True)

@@ -70,7 +70,7 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.identity = Identity.current(name, herd)
         self.owner_file = OwnerFile(self.identity)
-        self.releaser = LockReleaser()
+        self.releaser = LockReleaser(self.owner_file)
         self.filters = filters
         self.stats = WorkerStats()
         self.stop_requested = False

@@ -20,6 +20,8 @@ from workqueue.worktrees import WorktreeProcessor
 
 class Command(BaseCommand):
     help = "Claim ready tasks of a queue and process them until none is left (or --batch)."
+    # Workers start often and in herds; `manage.py check` and the server run the checks.
+    requires_system_checks = []
 
     def add_arguments(self, parser):
         parser.add_argument("--queue", required=True)
