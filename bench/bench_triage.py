@@ -6,7 +6,10 @@ bench/old_triage.py (mkdir lock per file, whole frontmatter re-dumped). The same
 folder through the `noop` processor shows what the engine costs without triage.
 Prints JSON.
 
-    python bench/bench_triage.py [--tasks 10000] [--workers 8] [--prefetch 250]
+    python bench/bench_triage.py [--tasks 10000] [--workers 8] [--prefetch 250] [--repeat 3]
+
+As in bench_core, every timed run starts after a sync and a pause, the two sides take
+turns, and each reports its median run (every run's items/s beside it).
 """
 
 import argparse
@@ -90,11 +93,13 @@ def run_ours(folder: Path, data: Path, workers: int, prefetch: int, processor: s
         "HYPERVISOR_IMPORT_ROOTS": str(folder),
     }
     manage(["migrate", "-v0"], env)
+    settle()
     started = time.perf_counter()
     imported = json.loads(
         manage(["import_tasks", str(folder), "--queue", "triage", "--json"], env)
     )
     import_seconds = time.perf_counter() - started
+    settle()
     started, cpu = time.perf_counter(), children_cpu()
     # One command forking the workers after Django is loaded, as the old pattern's pool does.
     proc = subprocess.run(
@@ -125,13 +130,14 @@ def run_ours(folder: Path, data: Path, workers: int, prefetch: int, processor: s
     }
 
 
-def run_old(paths: list[str], tmp: Path, workers: int) -> dict:
-    queue_file = tmp / "old-queue.txt"
-    queue_file.write_text("\n".join(paths) + "\n")
+def run_old(folder: Path, workers: int) -> dict:
+    queue_file = folder.parent / f"{folder.name}-queue.txt"
+    queue_file.write_text("\n".join(sorted(str(p) for p in folder.iterdir())) + "\n")
+    settle()
     cpu = children_cpu()
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "old_triage.py"), str(queue_file)]
-        + [str(tmp / "old-locks"), str(workers)],
+        + [str(folder.parent / f"{folder.name}-locks"), str(workers)],
         capture_output=True,
         text=True,
         check=True,
@@ -152,24 +158,47 @@ def changed_files(original: Path, triaged: Path) -> int:
     return sum((triaged / p.name).read_bytes() != p.read_bytes() for p in original.iterdir())
 
 
-def run(tasks: int = 10000, workers: int = 8, prefetch: int = 250) -> dict:
+def settle() -> None:
+    """Let the disk finish what the previous run left before the next one is timed."""
+    os.sync()
+    time.sleep(1)
+
+
+def median_run(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda r: r["items_per_second"])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["runs_items_per_second"] = [r["items_per_second"] for r in runs]
+    return chosen
+
+
+def run(tasks: int = 10000, workers: int = 8, prefetch: int = 250, repeat: int = 3) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="hv-bench-triage-"))
     try:
         original = tmp / "original"
         write_inbox(original, tasks)
-        shutil.copytree(original, tmp / "ours")
-        shutil.copytree(original, tmp / "old")
-        shutil.copytree(original, tmp / "noop")
-        ours = run_ours(tmp / "ours", tmp / "data", workers, prefetch, "triage")
-        ours["files_changed"] = changed_files(original, tmp / "ours")
-        old = run_old(sorted(str(p) for p in (tmp / "old").iterdir()), tmp, workers)
-        old["files_changed"] = changed_files(original, tmp / "old")
-        # The engine alone (claim, read, finish) on the same folder: what triage adds.
-        noop = run_ours(tmp / "noop", tmp / "data-noop", workers, prefetch, "noop")
+        runs: dict[str, list[dict]] = {"ours": [], "old": [], "noop": []}
+        for rep in range(repeat):
+            for side in ["ours", "old"] if rep % 2 == 0 else ["old", "ours"]:
+                folder = tmp / f"{side}-{rep}"
+                shutil.copytree(original, folder)
+                if side == "ours":
+                    found = run_ours(folder, tmp / f"data-{rep}", workers, prefetch, "triage")
+                else:
+                    found = run_old(folder, workers)
+                found["files_changed"] = changed_files(original, folder)
+                runs[side].append(found)
+            # The engine alone (claim, read, finish) on the same folder: what triage adds.
+            folder = tmp / f"noop-{rep}"
+            shutil.copytree(original, folder)
+            runs["noop"].append(
+                run_ours(folder, tmp / f"data-noop-{rep}", workers, prefetch, "noop")
+            )
+        ours, old, noop = (median_run(runs[side]) for side in ("ours", "old", "noop"))
         return {
             "tasks": tasks,
             "workers": workers,
             "prefetch": prefetch,
+            "repeat": repeat,
             "hypervisor_triage": ours,
             "old_pattern": old,
             "engine_with_noop_processor": noop,
@@ -188,5 +217,6 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=250)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(json.dumps(run(args.tasks, args.workers, args.prefetch), indent=2))
+    print(json.dumps(run(args.tasks, args.workers, args.prefetch, args.repeat), indent=2))
