@@ -35,6 +35,19 @@ def test_import_keeps_columns_frontmatter_and_body(write_task):
     assert task.events.filter(kind=EventKind.IMPORTED).count() == 1
 
 
+def test_depends_on_in_a_file_holds_the_task_back_until_its_dependency_is_done(write_task):
+    write_task("build.md", "---\nid: build\npriority: 3\n---\nBuild.\n")
+    write_task("ship.md", "---\nid: ship\npriority: 0\ndepends_on: [build]\n---\nShip.\n")
+    import_folder(write_task.folder)
+    ship = Task.objects.get(key="ship")
+    assert (ship.depends_on, ship.has_dependencies) == (["build"], True)
+    assert list(ship.dependencies.values_list("key", flat=True)) == ["build"]
+    # ship is more urgent but waits for build.
+    assert list(Task.objects.ready().values_list("key", flat=True)) == ["build"]
+    Task.objects.filter(key="build").update(status=Status.DONE)
+    assert list(Task.objects.ready().values_list("key", flat=True)) == ["ship"]
+
+
 def test_key_without_id_is_the_relative_path_not_the_stem(write_task):
     write_task("one/notes.md", "# One\n")
     write_task("two/notes.md", "# Two\n")

@@ -309,16 +309,17 @@ class Importer:
         if not self.new:
             return
         with transaction.atomic():
-            tasks = Task.objects.bulk_create([t for t, _, _ in self.new])
+            Task.objects.insert_new([t for t, _, _ in self.new])
             now = timezone.now()
             deps, events = [], []
-            for task, (_, depends_on, kind) in zip(tasks, self.new, strict=True):
+            for task, depends_on, kind in self.new:
                 self.keys[task.key] = (task.pk, task.source_path)
                 deps.extend(Dependency(task=task, key=k) for k in depends_on)
                 message = f"closed on import ({task.closed_by})" if task.closed_by else ""
                 events.append(
                     (task.pk, now, kind, "import", None, message, {"path": task.source_path})
                 )
+            Dependency.objects.bulk_create(deps)
             TaskEvent.objects.record(events)
         self.new = []
 

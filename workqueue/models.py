@@ -89,6 +89,42 @@ class TaskQuerySet(models.QuerySet):
             cursor.execute("SELECT " + ", ".join(parts), params)
             return dict(zip(Status.values, cursor.fetchone(), strict=True))
 
+    def insert_new(self, tasks: list[Task]) -> None:
+        """Insert new tasks of one queue with one executemany, then set their pks.
+
+        bulk_create spends most of an import's time preparing 40-odd values per row
+        through the SQL compiler; only dates and JSON need converting here.
+        """
+        if not tasks:
+            return
+        db = connections[self.db]
+        fields = [f for f in self.model._meta.concrete_fields if not f.primary_key]
+        convert = [isinstance(f, models.DateTimeField | models.JSONField) for f in fields]
+        quote = db.ops.quote_name
+        # Only quoted names from the model are formatted in; every value is a parameter.
+        sql = (
+            f"INSERT INTO {quote(self.model._meta.db_table)} "  # noqa: S608
+            f"({', '.join(quote(f.column) for f in fields)}) "
+            f"VALUES ({', '.join(['%s'] * len(fields))})"
+        )
+        rows = []
+        for task in tasks:
+            values = []
+            for f, conv in zip(fields, convert, strict=True):
+                value = getattr(task, f.attname)
+                values.append(f.get_db_prep_save(value, db) if conv else value)
+            rows.append(values)
+        with db.cursor() as cursor:
+            cursor.executemany(sql, rows)
+        queue = tasks[0].queue
+        ids = {}
+        for start in range(0, len(tasks), 500):
+            keys = [t.key for t in tasks[start : start + 500]]
+            ids.update(self.filter(queue=queue, key__in=keys).values_list("key", "pk"))
+        for task in tasks:
+            task.pk = ids[task.key]
+            task._state.adding, task._state.db = False, self.db
+
     def stats(self, queue: str | None = None) -> dict:
         from workqueue.claims import find_stale_claims
 
