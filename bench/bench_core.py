@@ -103,7 +103,8 @@ def median_run(runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["items_per_second"])
     chosen = dict(ordered[len(ordered) // 2])
     chosen["runs_items_per_second"] = [r["items_per_second"] for r in runs]
-    chosen["duplicates"] = max(r["duplicates"] for r in runs)
+    if "duplicates" in chosen:
+        chosen["duplicates"] = max(r["duplicates"] for r in runs)
     return chosen
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = str(ROOT / "manage.py")
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_core import median_run, settle  # noqa: E402
 
 TITLES = [
     "Rename the settings module",
@@ -156,19 +158,6 @@ def children_cpu() -> float:
 
 def changed_files(original: Path, triaged: Path) -> int:
     return sum((triaged / p.name).read_bytes() != p.read_bytes() for p in original.iterdir())
-
-
-def settle() -> None:
-    """Let the disk finish what the previous run left before the next one is timed."""
-    os.sync()
-    time.sleep(1)
-
-
-def median_run(runs: list[dict]) -> dict:
-    ordered = sorted(runs, key=lambda r: r["items_per_second"])
-    chosen = dict(ordered[len(ordered) // 2])
-    chosen["runs_items_per_second"] = [r["items_per_second"] for r in runs]
-    return chosen
 
 
 def run(tasks: int = 10000, workers: int = 8, prefetch: int = 250, repeat: int = 3) -> dict:
