@@ -49,21 +49,6 @@ class Result:
     output_tail: str = ""
     data: dict = field(default_factory=dict)
 
-    def signature(self) -> tuple:
-        """Equal for results that store the same values: they share one UPDATE."""
-        data = json.dumps(self.data, sort_keys=True, default=str) if self.data else ""
-        return (
-            self.status,
-            self.outcome,
-            self.reason,
-            self.evidence,
-            self.next_step,
-            self.commit,
-            self.tokens,
-            self.output_tail,
-            data,
-        )
-
     def row_values(self) -> dict:
         return {
             "status": self.status,
@@ -228,13 +213,15 @@ def finish_claims(
     # Tasks with the same fence and the same result share one UPDATE (all of a no-op batch).
     groups: dict[tuple, tuple[dict, list[int]]] = {}
     for claim, result in finished:
-        signature = (claim.fence, *result.signature())
-        group = groups.get(signature)
-        if group is None:
-            groups[signature] = group = (result.row_values(), [])
-        group[1].append(claim.id)
+        values = result.row_values()
+        # Only the result dict needs a dump to compare; the other values are plain.
+        signature = tuple(
+            json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict) else v
+            for v in values.values()
+        )
+        groups.setdefault((claim.fence, signature), (values, []))[1].append(claim.id)
     with write_transaction():
-        for (fence, *_), (values, ids) in groups.items():
+        for (fence, _), (values, ids) in groups.items():
             status = values["status"]
             extra = {"finished_at": now} if status != Status.QUEUED else _requeue_fields()
             if status == Status.QUEUED:
