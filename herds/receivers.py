@@ -23,8 +23,9 @@ log = logging.getLogger("herds")
 WORKER_ENV = "HYPERVISOR_HERD_WORKER"
 
 
-@cache
 def _worker_id() -> int | None:
+    # Read each time, not cached: one process may run several workers (tests, herds'
+    # fork server), and a cached "not a herd worker" would stick to all of them.
     try:
         return int(os.environ.get(WORKER_ENV, ""))
     except ValueError:
