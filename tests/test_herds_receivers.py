@@ -21,10 +21,8 @@ def herd_worker(monkeypatch):
     herd = Herd.objects.create(queue="hot", profile=profile, size=1, status=HerdStatus.RUNNING)
     row = herd.workers.create(index=0, name="herd-w0", host="here")
     monkeypatch.setenv(receivers.WORKER_ENV, str(row.pk))
-    receivers._worker_id.cache_clear()
     receivers._quota_regex.cache_clear()
     yield herd, row
-    receivers._worker_id.cache_clear()
     receivers._quota_regex.cache_clear()
 
 
