@@ -194,8 +194,11 @@ def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None)
         record_sample(worker, seen)
         return
     code = child.wait(timeout=5) if child is not None else None
-    if code is None and worker.exit_code is not None:
-        code = worker.exit_code  # reported by the worker itself as it stopped
+    if code is None:
+        # Not our child (the consumer was restarted): use the code the worker reported as it
+        # stopped, read now, since it may have been written after this pass loaded the row.
+        worker.refresh_from_db(fields=["exit_code"])
+        code = worker.exit_code
     if herd.cancel_requested:
         exit_class, detail = ExitClass.CANCELLED, herd.reason or "cancelled"
     else:

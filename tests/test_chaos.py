@@ -89,4 +89,6 @@ def test_herd_survives_killed_workers_and_a_killed_consumer(
     assert lock_dirs(lock_root) == []
     herd = Herd.objects.get(pk=herd_id)
     crashed = [w for w in herd.summary["worker_processes"] if w["exit_class"] == "crashed"]
-    assert len(crashed) == len(killed)
+    assert sorted(w["pid"] for w in crashed) == sorted(killed), [
+        (w["name"], w["exit_code"], w["exit_detail"]) for w in crashed
+    ]

@@ -189,6 +189,28 @@ def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path
     assert running_herd.draining and "quota or rate limit reached (429)" in running_herd.reason
 
 
+def test_exit_code_reported_after_the_pass_loaded_the_row_is_used(running_herd):
+    # A consumer restarted mid-herd is not the workers' parent: it only has the code each
+    # worker writes as it stops, which may land between loading the row and sampling the pid.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = processes.create_time(gone.pid)
+    gone.wait()
+    worker = running_herd.workers.create(
+        index=0,
+        name="herd-w0",
+        host=supervision.settings.HYPERVISOR_HOST,
+        pid=gone.pid,
+        process_started=started,
+    )
+    loaded = running_herd.workers.get(pk=worker.pk)
+    running_herd.workers.filter(pk=worker.pk).update(exit_code=0)
+
+    supervision.check_worker(running_herd, loaded, None)
+
+    worker.refresh_from_db()
+    assert (worker.exit_class, worker.exit_code) == (ExitClass.FINISHED, 0)
+
+
 def test_another_hosts_worker_is_judged_by_its_heartbeat_not_its_pid(running_herd, settings):
     settings.HYPERVISOR_LEASE_SECONDS = 5
     make_tasks("supq", 1)
