@@ -131,18 +131,16 @@ def test_lock_held_by_a_live_outside_holder_sends_the_task_back(lock_root):
 
 
 @pytest.mark.django_db
-def test_finished_locks_are_removed_in_the_background_only_while_ours(lock_root):
+def test_finished_locks_are_released_only_while_ours(lock_root):
     make_tasks("q", 2)
     me, other = Identity.current("me"), Identity.current("other")
     mine = OwnerFile(me)
     first, second = claims.claim_ready_tasks("q", me, mine, limit=2)
-    # A person requeues the first task and another worker takes its lock before the
-    # releaser thread gets to it: that lock is the other worker's and must stay.
+    # A person requeues the first task and another worker takes its lock before this
+    # worker releases it: that lock is the other worker's and must stay.
     locks.release("q", first.key)
     assert locks.acquire("q", first.key, OwnerFile(other)) is None
-    releaser = locks.LockReleaser(mine)
-    releaser.release_all([locks.lock_path("q", c.key) for c in (first, second)])
-    releaser.close()
+    mine.release_own([locks.lock_path("q", c.key) for c in (first, second)])
     assert locks.read_owner(locks.lock_dir("q", first.key))["worker"] == "other"
     assert not locks.lock_dir("q", second.key).exists()
 

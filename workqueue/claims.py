@@ -199,7 +199,7 @@ def give_back(
 def finish_claims(
     identity: Identity,
     finished: list[tuple[Claim, Result]],
-    releaser: locks.LockReleaser | None = None,
+    owner_file: OwnerFile | None = None,
 ) -> FinishReport:
     """Record results in one transaction; each row only if its fencing number still matches.
 
@@ -259,14 +259,11 @@ def finish_claims(
                 events.append(_finish_event(identity, claim, result, now))
         TaskEvent.objects.record(events)
     kept = [(c, r) for c, r in finished if c.id not in refused]
-    finished_locks = []
-    for claim, result in kept:
-        if releaser is not None and result.status != Status.QUEUED:
-            finished_locks.append(locks.lock_path(claim.queue, claim.key))
-        else:
+    if owner_file is not None:
+        owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in kept])
+    else:
+        for claim, _ in kept:
             locks.release(claim.queue, claim.key)
-    if releaser is not None:
-        releaser.release_all(finished_locks)
     _apply_pending_changes([c.id for c, _ in kept])
     return report
 
@@ -439,6 +436,11 @@ def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> lis
             removed.append(lock.path)
             if not dry_run:
                 locks.remove(lock.path)
+    # Spare lock directories and owner files that dead workers of ours left behind.
+    for path in locks.leftovers():
+        removed.append(path)
+        if not dry_run:
+            locks.remove_leftover(path)
     return removed
 
 

@@ -6,6 +6,7 @@ POSIX filesystem, which is what the hand-made scripts this replaces relied on to
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import itertools
@@ -14,7 +15,6 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +97,12 @@ def lock_path(queue: str, key: str) -> str:
 
 
 def read_owner(directory: Path | str) -> dict | None:
+    return _read_owner_file(os.path.join(directory, OWNER_FILE))
+
+
+def _read_owner_file(path: str) -> dict | None:
     try:
-        with open(os.path.join(directory, OWNER_FILE), "rb") as f:
+        with open(path, "rb") as f:
             owner = json.loads(f.read(64 * 1024))
     except (OSError, ValueError):
         return None
@@ -130,28 +134,50 @@ def owner_record_is_dead(owner: dict | None) -> bool:
 
 
 _owner_files = itertools.count(1)  # unique names across every OwnerFile of a process
+SPARES = ".spares"  # hidden beside the queue folders, so on the same filesystem
+RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+; absent elsewhere
+
+
+def rename_noreplace(source: str, target: str) -> None:
+    """rename(2) that fails with EEXIST when `target` exists: as atomic as `mkdir`."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if _renameat2(-100, source.encode(), -100, target.encode(), RENAME_NOREPLACE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
 
 
 class OwnerFile:
-    """One owner.json per worker and claim batch, hard-linked into each lock directory.
+    """A worker's lock-taking state: one owner.json per claim batch, and spare lock
+    directories that carry it.
 
-    A link is one syscall where writing a file per task would be three.
+    A new directory costs a block allocation and an `rmdir` frees it again, each
+    hundreds of microseconds on a disk that discards freed blocks. So a lock is taken by
+    renaming a spare directory, its owner.json already linked in, onto the lock's name
+    (refused if the name exists, like `mkdir`), and a finished lock is renamed back into
+    the spares: a few dentry changes per task, and the lock never appears without its
+    owner. Where rename-without-replace is missing, locks are made with `mkdir` and `link`.
     """
 
     def __init__(self, identity: Identity):
         self.identity = identity
-        self.directory = Path(settings.HYPERVISOR_LOCK_ROOT) / ".owners"
+        self.root = Path(settings.HYPERVISOR_LOCK_ROOT)
+        self.directory = self.root / ".owners"
         self.path: Path | None = None
         self.inode: int | None = None  # every lock of this batch links to it
+        self.spares: list[tuple[str, int | None]] = []  # (directory, inode of its owner.json)
+        self.renames = _renameat2 is not None
+        self.stem = f"{lock_name(identity.host)}-{identity.pid}-{identity.started:.3f}"
 
     def refresh(self) -> Path:
-        self.discard()
+        if self.path is not None:
+            with suppress(FileNotFoundError):
+                self.path.unlink()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = (
-                self.directory
-                / f"{self.identity.pid}-{self.identity.started:.3f}-{next(_owner_files)}"
-            )
+            path = self.directory / f"{self.stem}-{next(_owner_files)}"
             with open(path, "w") as f:
                 json.dump(self.identity.owner_record(), f)
                 self.inode = os.fstat(f.fileno()).st_ino
@@ -160,7 +186,78 @@ class OwnerFile:
         self.path = path
         return path
 
+    def place(self, directory: str) -> None:
+        """Make the lock `directory` appear with our owner.json in it, or raise
+        FileExistsError when it is there already."""
+        if self.path is None:
+            self.refresh()
+        if self.renames:
+            spare = self._spare()
+            try:
+                rename_noreplace(spare, directory)
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOENT and not os.path.isdir(spare):
+                    return self.place(directory)  # the spare was removed under us
+                self.spares.append((spare, self.inode))
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP):
+                    raise
+                self.renames = False  # this filesystem cannot: mkdir from now on
+        os.mkdir(directory)
+        try:
+            os.link(self.path, f"{directory}/{OWNER_FILE}")
+        except OSError:
+            remove(directory)
+            raise
+
+    def _spare(self) -> str:
+        if self.spares:
+            spare, inode = self.spares.pop()
+            if inode != self.inode:
+                with suppress(FileNotFoundError):
+                    os.unlink(f"{spare}/{OWNER_FILE}")
+                os.link(self.path, f"{spare}/{OWNER_FILE}")
+            return spare
+        spare = f"{self.root}/{SPARES}/{self.stem}-{next(_owner_files)}"
+        try:
+            os.mkdir(spare)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(spare), exist_ok=True)
+            os.mkdir(spare)
+        try:
+            os.link(self.path, f"{spare}/{OWNER_FILE}")
+        except OSError:
+            os.rmdir(spare)
+            raise
+        return spare
+
+    def release_own(self, directories: list[str]) -> None:
+        """Release these lock directories where they are still ours: a person may have
+        requeued a finished task and another worker locked it since."""
+        for directory in directories:
+            try:
+                if os.stat(f"{directory}/{OWNER_FILE}").st_ino != self.inode:
+                    continue
+            except FileNotFoundError:
+                continue
+            if not self.renames:
+                remove(directory)
+                continue
+            spare = f"{self.root}/{SPARES}/{self.stem}-{next(_owner_files)}"
+            try:
+                os.rename(directory, spare)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                remove(directory)
+                continue
+            self.spares.append((spare, self.inode))
+
     def discard(self) -> None:
+        """The worker stops: its owner file and spare directories go."""
+        for spare, _ in self.spares:
+            remove(spare)
+        self.spares = []
         if self.path is not None:
             with suppress(FileNotFoundError):
                 self.path.unlink()
@@ -172,7 +269,7 @@ def acquire(queue: str, key: str, owner_file: OwnerFile) -> dict | None:
     directory = lock_path(queue, key)
     for _ in range(2):
         try:
-            os.mkdir(directory)
+            owner_file.place(directory)
         except FileExistsError:
             owner = read_owner(directory)
             if owner_record_is_dead(owner):
@@ -187,11 +284,6 @@ def acquire(queue: str, key: str, owner_file: OwnerFile) -> dict | None:
                 raise LockError(_describe(exc, parent)) from exc
             continue
         except OSError as exc:
-            raise LockError(_describe(exc, directory)) from exc
-        try:
-            os.link(owner_file.path or owner_file.refresh(), f"{directory}/{OWNER_FILE}")
-        except OSError as exc:
-            remove(directory)
             raise LockError(_describe(exc, directory)) from exc
         return None
     return {"unknown": True}
@@ -212,40 +304,6 @@ def remove(directory: Path | str) -> None:
 
 def release(queue: str, key: str) -> None:
     remove(lock_path(queue, key))
-
-
-class LockReleaser:
-    """Removes the lock directories of finished tasks off the worker's hot path.
-
-    `rmdir` waits on the disk where the filesystem discards freed blocks (milliseconds
-    each on such mounts), so a finished batch's directories are removed on a thread
-    while the worker claims the next batch. Only finished tasks go this way: nobody
-    claims them again unless a person requeues one, and then the thread finds another
-    owner file in the directory (another inode than ours) and leaves it alone.
-    Tasks going back to the queue are released at once.
-    """
-
-    def __init__(self, owner_file: OwnerFile):
-        self.owner_file = owner_file
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lock-release")
-
-    def release_all(self, directories: list[str]) -> None:
-        """Remove these directories of the current claim batch, where still ours."""
-        if directories:
-            self.pool.submit(_remove_own, directories, self.owner_file.inode)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
-def _remove_own(directories: list[str], inode: int | None) -> None:
-    for directory in directories:
-        try:
-            if os.stat(f"{directory}/{OWNER_FILE}").st_ino != inode:
-                continue
-        except FileNotFoundError:
-            continue
-        remove(directory)
 
 
 @dataclass
@@ -281,6 +339,35 @@ def list_locks(queue: str | None = None) -> list[LockInfo]:
                 continue
             found.append(LockInfo(qdir.name, entry.name, entry, read_owner(entry), age))
     return found
+
+
+def leftovers() -> list[Path]:
+    """Spare lock directories and owner files of workers gone without discarding them."""
+    root = Path(settings.HYPERVISOR_LOCK_ROOT)
+    now = time.time()
+    found = []
+    for folder, read in ((root / SPARES, read_owner), (root / ".owners", _read_owner_file)):
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            owner = read(entry.path)
+            try:
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue
+            if owner_record_is_dead(owner) or (owner is None and age > 60):
+                found.append(Path(entry.path))
+    return found
+
+
+def remove_leftover(path: Path) -> None:
+    if path.is_dir():
+        remove(path)
+    else:
+        with suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from django.db import InterfaceError, OperationalError, close_old_connections, c
 
 from workqueue import claims, signals
 from workqueue.claims import Claim, Result
-from workqueue.locks import Identity, LockError, LockReleaser, OwnerFile
+from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status
 from workqueue.processors import Processor, WorkContext
 
@@ -70,7 +70,6 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.identity = Identity.current(name, herd)
         self.owner_file = OwnerFile(self.identity)
-        self.releaser = LockReleaser(self.owner_file)
         self.filters = filters
         self.stats = WorkerStats()
         self.stop_requested = False
@@ -110,7 +109,6 @@ class Worker:
             self._beating.set()
             beat.join(timeout=5)
             self.owner_file.discard()
-            self.releaser.close()
         signals.worker_stopped.send(sender=self, exit_code=code)
         return code
 
@@ -186,7 +184,7 @@ class Worker:
         if not done:
             return
         signals.tasks_processed.send(sender=self, done=done)
-        report = self.with_database(claims.finish_claims, self.identity, done, self.releaser)
+        report = self.with_database(claims.finish_claims, self.identity, done, self.owner_file)
         refused = set(report.refused)
         for claim, result in done:
             if claim.id in refused:
