@@ -190,6 +190,62 @@ def test_reaper_removes_orphan_locks_of_dead_owners_only(lock_root):
     assert not dead.exists() and live.exists()
 
 
+@pytest.mark.django_db
+def test_reaper_removes_spares_and_owner_files_of_dead_workers_only(lock_root):
+    host = locks.Identity.current().host
+    for pid, name in ((2**22 + 7, "dead"), (os.getpid(), "live")):
+        spare = lock_root / locks.SPARES / name
+        spare.mkdir(parents=True)
+        record = json.dumps({"host": host, "pid": pid, "started": None})
+        (spare / "owner.json").write_text(record)
+        (lock_root / ".owners").mkdir(exist_ok=True)
+        (lock_root / ".owners" / name).write_text(record)
+    report = claims.release_stale_claims()
+    assert sorted(p.relative_to(lock_root).as_posix() for p in report.orphan_locks) == [
+        ".owners/dead",
+        ".spares/dead",
+    ]
+    assert sorted(p.name for p in (lock_root / locks.SPARES).iterdir()) == ["live"]
+    assert sorted(p.name for p in (lock_root / ".owners").iterdir()) == ["live"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("renames", [True, False], ids=["rename", "mkdir"])
+def test_locks_appear_with_their_owner_and_finished_ones_leave_no_trace(lock_root, renames):
+    make_tasks("q", 6)
+    me = Identity.current("me")
+    mine = OwnerFile(me)
+    mine.renames = renames and mine.renames
+    for _ in range(3):  # the second and third batches reuse the first one's directories
+        batch = claims.claim_ready_tasks("q", me, mine, limit=2)
+        for claim in batch:
+            owner = locks.read_owner(locks.lock_dir("q", claim.key))
+            assert (owner["worker"], owner["pid"]) == ("me", os.getpid())
+        claims.finish_claims(me, [(c, Result()) for c in batch], mine)
+        assert lock_dirs(lock_root) == []
+    assert Task.objects.filter(status=Status.DONE).count() == 6
+    mine.discard()
+    assert sorted(p.name for p in lock_root.iterdir()) == sorted(
+        [".owners", "q"] + ([locks.SPARES] if renames else [])
+    )
+    assert [p for d in lock_root.iterdir() for p in d.iterdir() if d.name != "q"] == []
+
+
+@pytest.mark.django_db
+def test_a_spare_removed_under_the_worker_is_replaced(lock_root):
+    make_tasks("q", 2)
+    me = Identity.current("me")
+    mine = OwnerFile(me)
+    if not mine.renames:
+        pytest.skip("this platform has no rename-without-replace: locks are made with mkdir")
+    first = claims.claim_ready_tasks("q", me, mine, limit=1)
+    claims.finish_claims(me, [(c, Result()) for c in first], mine)
+    [(spare, _)] = mine.spares
+    locks.remove(spare)
+    [second] = claims.claim_ready_tasks("q", me, mine, limit=1)
+    assert locks.read_owner(locks.lock_dir("q", second.key))["worker"] == "me"
+
+
 @pytest.mark.slow
 def test_killed_worker_is_reaped_and_its_task_completes_once_more(
     process_env, tmp_path, lock_root
