@@ -492,7 +492,10 @@ def set_task_status(task: Task, status: str, actor: str, reason: str = "") -> bo
 
 
 def _apply_pending_changes(ids: list[int]) -> None:
-    pending = list(Task.objects.filter(pk__in=ids, change_pending=True))
+    pending = Task.objects.filter(change_pending=True)
+    if not pending.exists():  # one look at a small partial index, not one per finished row
+        return
+    pending = list(pending.filter(pk__in=ids))
     if pending:
         from workqueue.importer import refresh_from_source
 

@@ -229,6 +229,10 @@ class Task(models.Model):
             ),
             models.Index(fields=["queue", "source_path"], name="task_source"),
             models.Index(fields=["updated_at"], name="task_updated"),
+            # File changes waiting for a claim to end: almost always none, checked per batch.
+            models.Index(
+                fields=["id"], name="task_change_pending", condition=Q(change_pending=True)
+            ),
         ]
 
     def __str__(self) -> str:
