@@ -232,6 +232,26 @@ def test_locks_appear_with_their_owner_and_finished_ones_leave_no_trace(lock_roo
 
 
 @pytest.mark.django_db
+def test_the_owner_file_carries_the_time_of_the_latest_batch(lock_root):
+    make_tasks("q", 2)
+    me = Identity.current("me")
+    mine = OwnerFile(me)
+    [first] = claims.claim_ready_tasks("q", me, mine, limit=1)
+    owner = locks.read_owner(locks.lock_dir("q", first.key))
+    assert {k: owner[k] for k in ("host", "pid", "worker")} == {
+        "host": me.host,
+        "pid": os.getpid(),
+        "worker": "me",
+    }
+    time.sleep(0.01)
+    [second] = claims.claim_ready_tasks("q", me, mine, limit=1)
+    # One owner file for the worker, linked into each of its locks, stamped per batch.
+    later = locks.read_owner(locks.lock_dir("q", second.key))
+    assert later["time"] > owner["time"]
+    assert locks.read_owner(locks.lock_dir("q", first.key)) == later
+
+
+@pytest.mark.django_db
 def test_a_spare_removed_under_the_worker_is_replaced(lock_root):
     make_tasks("q", 2)
     me = Identity.current("me")
@@ -240,7 +260,7 @@ def test_a_spare_removed_under_the_worker_is_replaced(lock_root):
         pytest.skip("this platform has no rename-without-replace: locks are made with mkdir")
     first = claims.claim_ready_tasks("q", me, mine, limit=1)
     claims.finish_claims(me, [(c, Result()) for c in first], mine)
-    [(spare, _)] = mine.spares
+    [spare] = mine.spares
     locks.remove(spare)
     [second] = claims.claim_ready_tasks("q", me, mine, limit=1)
     assert locks.read_owner(locks.lock_dir("q", second.key))["worker"] == "me"

@@ -150,8 +150,7 @@ def rename_noreplace(source: str, target: str) -> None:
 
 
 class OwnerFile:
-    """A worker's lock-taking state: one owner.json per claim batch, and spare lock
-    directories that carry it.
+    """A worker's lock-taking state: its owner.json, and spare lock directories carrying it.
 
     A new directory costs a block allocation and an `rmdir` frees it again, each
     hundreds of microseconds on a disk that discards freed blocks. So a lock is taken by
@@ -159,6 +158,10 @@ class OwnerFile:
     (refused if the name exists, like `mkdir`), and a finished lock is renamed back into
     the spares: a few dentry changes per task, and the lock never appears without its
     owner. Where rename-without-replace is missing, locks are made with `mkdir` and `link`.
+
+    Every lock of the worker links to one owner file, whose `time` is rewritten in place
+    at each claim batch (fixed width, so a reader sees the old or the new time, or digits
+    of both, never broken JSON).
     """
 
     def __init__(self, identity: Identity):
@@ -166,25 +169,28 @@ class OwnerFile:
         self.root = Path(settings.HYPERVISOR_LOCK_ROOT)
         self.directory = self.root / ".owners"
         self.path: Path | None = None
-        self.inode: int | None = None  # every lock of this batch links to it
-        self.spares: list[tuple[str, int | None]] = []  # (directory, inode of its owner.json)
+        self.inode: int | None = None  # every lock of this worker links to it
+        self.fd: int | None = None
+        self.spares: list[str] = []
         self.renames = _renameat2 is not None
         self.stem = f"{lock_name(identity.host)}-{identity.pid}-{identity.started:.3f}"
 
+    def record(self) -> bytes:
+        fields = json.dumps({k: v for k, v in self.identity.owner_record().items() if k != "time"})
+        return f'{fields[:-1]}, "time": {time.time():.3f}}}'.encode()
+
     def refresh(self) -> Path:
-        if self.path is not None:
-            with suppress(FileNotFoundError):
-                self.path.unlink()
+        """Stamp the time of this claim batch into the owner file (made on first use)."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"{self.stem}-{next(_owner_files)}"
-            with open(path, "w") as f:
-                json.dump(self.identity.owner_record(), f)
-                self.inode = os.fstat(f.fileno()).st_ino
+            if self.fd is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                path = self.directory / f"{self.stem}-{next(_owner_files)}"
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.path, self.inode = path, os.fstat(self.fd).st_ino
+            os.pwrite(self.fd, self.record(), 0)
         except OSError as exc:
             raise LockError(_describe(exc, self.directory)) from exc
-        self.path = path
-        return path
+        return self.path
 
     def place(self, directory: str) -> None:
         """Make the lock `directory` appear with our owner.json in it, or raise
@@ -199,7 +205,7 @@ class OwnerFile:
             except OSError as exc:
                 if exc.errno == errno.ENOENT and not os.path.isdir(spare):
                     return self.place(directory)  # the spare was removed under us
-                self.spares.append((spare, self.inode))
+                self.spares.append(spare)
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP):
                     raise
                 self.renames = False  # this filesystem cannot: mkdir from now on
@@ -212,12 +218,7 @@ class OwnerFile:
 
     def _spare(self) -> str:
         if self.spares:
-            spare, inode = self.spares.pop()
-            if inode != self.inode:
-                with suppress(FileNotFoundError):
-                    os.unlink(f"{spare}/{OWNER_FILE}")
-                os.link(self.path, f"{spare}/{OWNER_FILE}")
-            return spare
+            return self.spares.pop()
         spare = f"{self.root}/{SPARES}/{self.stem}-{next(_owner_files)}"
         try:
             os.mkdir(spare)
@@ -233,7 +234,8 @@ class OwnerFile:
 
     def release_own(self, directories: list[str]) -> None:
         """Release these lock directories where they are still ours: a person may have
-        requeued a finished task and another worker locked it since."""
+        requeued a finished task and another worker locked it since. (Done before this
+        worker claims again, so a lock linked to our owner file is one we are done with.)"""
         for directory in directories:
             try:
                 if os.stat(f"{directory}/{OWNER_FILE}").st_ino != self.inode:
@@ -251,17 +253,18 @@ class OwnerFile:
             except OSError:
                 remove(directory)
                 continue
-            self.spares.append((spare, self.inode))
+            self.spares.append(spare)
 
     def discard(self) -> None:
         """The worker stops: its owner file and spare directories go."""
-        for spare, _ in self.spares:
+        for spare in self.spares:
             remove(spare)
         self.spares = []
-        if self.path is not None:
+        if self.fd is not None:
+            os.close(self.fd)
             with suppress(FileNotFoundError):
                 self.path.unlink()
-            self.path = None
+            self.fd = self.path = None
 
 
 def acquire(queue: str, key: str, owner_file: OwnerFile) -> dict | None:
