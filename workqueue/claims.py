@@ -220,17 +220,25 @@ def finish_claims(
             for v in values.values()
         )
         groups.setdefault((claim.fence, signature), (values, []))[1].append(claim.id)
-    with write_transaction():
-        for (fence, _), (values, ids) in groups.items():
-            status = values["status"]
-            extra = {"finished_at": now} if status != Status.QUEUED else _requeue_fields()
-            if status == Status.QUEUED:
-                keep = ("status", "output_tail", "reason", "result")
-                values = {k: v for k, v in values.items() if k in keep}
-            updated = Task.objects.filter(
-                pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
-            ).update(updated_at=now, **{"lease_expires_at": None, **values, **extra})
-            if updated == len(ids):
+    # Every statement is compiled before the write lock, which then covers only their runs.
+    updates = []
+    for (fence, _), (values, ids) in groups.items():
+        status = values["status"]
+        extra = {"finished_at": now} if status != Status.QUEUED else _requeue_fields()
+        if status == Status.QUEUED:
+            keep = ("status", "output_tail", "reason", "result")
+            values = {k: v for k, v in values.items() if k in keep}
+        mine = Task.objects.filter(
+            pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
+        )
+        values = {"updated_at": now, "lease_expires_at": None, **values, **extra}
+        updates.append((fence, status, ids, mine.update_statement(**values)))
+    events = [_finish_event(identity, claim, result, now) for claim, result in finished]
+    insert = TaskEvent.objects.insert_statement(events)
+    with write_transaction(), connection.cursor() as cursor:
+        for fence, status, ids, statement in updates:
+            cursor.execute(*statement)
+            if cursor.rowcount == len(ids):
                 report.finished.extend(ids)
                 continue
             refused = set(
@@ -241,23 +249,14 @@ def finish_claims(
             report.refused.extend(refused)
             report.finished.extend(i for i in ids if i not in refused)
         refused = set(report.refused)
-        events = []
-        for claim, result in finished:
-            if claim.id in refused:
-                events.append(
-                    (
-                        claim.id,
-                        now,
-                        EventKind.LATE_FINISH_REFUSED,
-                        identity.worker,
-                        claim.fence,
-                        "finish refused: claim lost (fencing number no longer matches)",
-                        {"status": result.status, "outcome": result.outcome},
-                    )
-                )
-            else:
-                events.append(_finish_event(identity, claim, result, now))
-        TaskEvent.objects.record(events)
+        if refused:
+            insert = TaskEvent.objects.insert_statement(
+                [
+                    _refusal_event(identity, claim, result, now) if claim.id in refused else event
+                    for (claim, result), event in zip(finished, events, strict=True)
+                ]
+            )
+        TaskEvent.objects.run_insert(insert)
     kept = [(c, r) for c, r in finished if c.id not in refused]
     if owner_file is not None:
         owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in kept])
@@ -266,6 +265,18 @@ def finish_claims(
             locks.release(claim.queue, claim.key)
     _apply_pending_changes([c.id for c, _ in kept])
     return report
+
+
+def _refusal_event(identity: Identity, claim: Claim, result: Result, now) -> tuple:
+    return (
+        claim.id,
+        now,
+        EventKind.LATE_FINISH_REFUSED,
+        identity.worker,
+        claim.fence,
+        "finish refused: claim lost (fencing number no longer matches)",
+        {"status": result.status, "outcome": result.outcome},
+    )
 
 
 def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> tuple:

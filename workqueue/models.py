@@ -6,6 +6,7 @@ from datetime import timedelta
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, models
 from django.db.models import Count, Exists, Min, OuterRef, Q
+from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 
@@ -68,6 +69,13 @@ class TaskQuerySet(models.QuerySet):
 
     def held_by(self, worker: str) -> TaskQuerySet:
         return self.claimed().filter(holder=worker)
+
+    def update_statement(self, **values) -> tuple[str, tuple]:
+        """The UPDATE that `update(**values)` would run, compiled now so that it can run
+        later under a write lock (what QuerySet.update does, less the execution)."""
+        query = self.query.chain(UpdateQuery)
+        query.add_update_values(values)
+        return query.get_compiler(self.db).as_sql()
 
     def counts(self) -> dict[str, int]:
         found = dict(self.values_list("status").annotate(n=Count("id")).order_by())
@@ -290,8 +298,15 @@ class TaskEventQuerySet(models.QuerySet):
         The claim and finish hot path writes an event per task; one executemany costs a
         fraction of bulk_create's per-object work.
         """
-        if not rows:
-            return
+        if rows:
+            self.run_insert(self.insert_statement(rows))
+
+    def run_insert(self, statement: tuple[str, list]) -> None:
+        with connections[self.db].cursor() as cursor:
+            cursor.executemany(*statement)
+
+    def insert_statement(self, rows: list[tuple]) -> tuple[str, list]:
+        """The INSERT of `record`, with its values adapted: work to do outside a lock."""
         db = connections[self.db]
         columns = ["task_id", "at", "kind", "actor", "fence", "message", "data"]
         sql = insert_statement(db, self.model, columns)
@@ -302,8 +317,7 @@ class TaskEventQuerySet(models.QuerySet):
                 adapted[at] = db.ops.adapt_datetimefield_value(at)
             data = json.dumps(data, cls=DjangoJSONEncoder) if data else "{}"
             values.append((task, adapted[at], kind, actor, fence, message, data))
-        with db.cursor() as cursor:
-            cursor.executemany(sql, values)
+        return sql, values
 
 
 class TaskEvent(models.Model):
