@@ -45,25 +45,30 @@ def start_sleeper(seconds: str = "60") -> subprocess.Popen:
     return sleeper
 
 
-def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_herd):
-    make_tasks("supq", 2)
+def exited_worker(herd: Herd):
+    """A worker row of this host whose process has already exited."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     started = processes.create_time(gone.pid)
     gone.wait()
-    worker = running_herd.workers.create(
+    return herd.workers.create(
         index=0,
         name="herd-w0",
         host=supervision.settings.HYPERVISOR_HOST,
         pid=gone.pid,
         process_started=started,
     )
+
+
+def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_herd):
+    make_tasks("supq", 2)
+    worker = exited_worker(running_herd)
     task = Task.objects.get(key="t000000")
     Task.objects.filter(pk=task.pk).update(
         status=Status.CLAIMED,
         holder="herd-w0",
         holder_host=supervision.settings.HYPERVISOR_HOST,
-        holder_pid=gone.pid,
-        holder_started=started,
+        holder_pid=worker.pid,
+        holder_started=worker.process_started,
         holder_herd=running_herd.pk,
         lease_expires_at=timezone.now() + timedelta(hours=1),
         fence=1,
@@ -192,16 +197,7 @@ def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path
 def test_exit_code_reported_after_the_pass_loaded_the_row_is_used(running_herd):
     # A consumer restarted mid-herd is not the workers' parent: it only has the code each
     # worker writes as it stops, which may land between loading the row and sampling the pid.
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    started = processes.create_time(gone.pid)
-    gone.wait()
-    worker = running_herd.workers.create(
-        index=0,
-        name="herd-w0",
-        host=supervision.settings.HYPERVISOR_HOST,
-        pid=gone.pid,
-        process_started=started,
-    )
+    worker = exited_worker(running_herd)
     loaded = running_herd.workers.get(pk=worker.pk)
     running_herd.workers.filter(pk=worker.pk).update(exit_code=0)
 
