@@ -57,3 +57,19 @@ def test_bad_environment_value_names_the_variable(name, value, message):
     result = manage_check({name: value})
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_a_new_sqlite_database_is_made_in_wal_mode_with_16_kib_pages(tmp_path):
+    # Runs in both passes: the embedded default is SQLite whatever the suite runs on.
+    database = tmp_path / "fresh.sqlite3"
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{database}"}
+    script = (
+        "import django; django.setup(); from django.db import connection; "
+        "c = connection.cursor(); c.execute('PRAGMA page_size'); a = c.fetchone()[0]; "
+        "c.execute('PRAGMA journal_mode'); print(a, c.fetchone()[0])"
+    )
+    env["DJANGO_SETTINGS_MODULE"] = "hypervisor_site.settings"
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.stdout.split() == ["16384", "wal"], result.stderr
