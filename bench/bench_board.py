@@ -53,7 +53,6 @@ def _fill(count: int) -> None:
                 assignee=rng.choice(["", "bot", "ann", "bo"]),
                 tags=tags,
                 tag_index="|" + "|".join(tags) + "|",
-                body="# Body\n\nSome text.",
                 holder=f"bench:{i}" if status == "claimed" else "",
                 holder_host="bench-host" if status == "claimed" else "",
                 holder_pid=10_000 + i if status == "claimed" else None,

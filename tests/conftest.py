@@ -14,7 +14,7 @@ from django.db import connection
 
 from herds import processes
 from herds.models import Worker
-from workqueue.models import Queue, Status, Task
+from workqueue.models import Queue, Status, Task, TaskBody
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = str(ROOT / "manage.py")
@@ -99,13 +99,16 @@ def work_appending(log: Path, queue: str = "q") -> list[str]:
     ]
 
 
-def make_tasks(queue: str, count: int, **fields) -> list[Task]:
+def make_tasks(queue: str, count: int, body: str = "", **fields) -> list[Task]:
     Queue.objects.get_or_create(name=queue)
     tasks = [
         Task(queue=queue, key=f"t{i:06d}", title=f"Task {i}", status=Status.QUEUED, **fields)
         for i in range(count)
     ]
-    return Task.objects.bulk_create(tasks, batch_size=1000)
+    tasks = Task.objects.bulk_create(tasks, batch_size=1000)
+    if body:
+        TaskBody.objects.bulk_create(TaskBody(task=t, text=body) for t in tasks)
+    return tasks
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from tests.test_claims import lock_dirs, wait_for
 from workqueue import claims, locks
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
-from workqueue.models import EventKind, Status, Task
+from workqueue.models import EventKind, Status, Task, TaskBody
 from workqueue.processors import NoopProcessor
 from workqueue.worker import EXIT_LOCK_ROOT, Worker
 
@@ -248,7 +248,8 @@ def test_command_arguments_never_reach_a_shell(process_env, tmp_path):
         f"a && touch {marker}",
     ]
     for i, text in enumerate(hostile):
-        Task.objects.create(queue="q", key=f"k{i}-{text}", title=text, body=text)
+        task = Task.objects.create(queue="q", key=f"k{i}-{text}", title=text)
+        TaskBody.objects.create(task=task, text=text)
     argv_log = tmp_path / "argv.jsonl"
     script = "import json,sys; open(sys.argv[1],'a').write(json.dumps(sys.argv[2:])+'\\n')"
     result = run_manage(

@@ -4,6 +4,9 @@ import json
 import os
 
 import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 
 from tests.conftest import run_manage
 from workqueue.importer import Importer
@@ -99,6 +102,10 @@ def test_reimport_is_idempotent_and_detects_changes(write_task):
     changed = import_folder(write_task.folder)
     assert changed.updated == 1
     assert Task.objects.get().title == "Renamed"
+    path.write_text(GOOD.format(id="T-1", title="Renamed") + "\nA new paragraph.\n")
+    os.utime(path, ns=(2, 2))
+    assert import_folder(write_task.folder).updated == 1
+    assert Task.objects.get().body.endswith("A new paragraph.\n")
 
 
 def test_edit_of_a_done_task_does_not_requeue_it(write_task):
@@ -219,3 +226,19 @@ def test_command_exits_non_zero_only_when_nothing_imported(process_env, write_ta
     result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["imported"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_moves_bodies_out_of_the_task_rows():
+    # Bodies left the task row (SQLite rewrites a whole row on each claim and finish).
+    executor = MigrationExecutor(connection)
+    executor.migrate([("queue", "0005_task_change_pending_index")])
+    try:
+        old = executor.loader.project_state(("queue", "0005_task_change_pending_index")).apps
+        old.get_model("queue", "Task").objects.create(queue="q", key="k", body="# Kept\n")
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(executor.loader.graph.leaf_nodes())
+    finally:
+        call_command("migrate", verbosity=0)
+    assert Task.objects.get(key="k").body == "# Kept\n"

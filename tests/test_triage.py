@@ -384,6 +384,7 @@ def test_written_file_and_row_agree_so_reimport_sees_no_change(queue_folder):
     assert task.result["complexity"] == "mechanical"
     assert (task.complexity, task.assignee) == ("mechanical", "bot")
     assert "Project: [[oversight-board]]" in path.read_text()
+    assert task.body == path.read_text().split("---\n", 2)[2]
     assert path.stat().st_mode & 0o777 == 0o640
     assert task.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not [p for p in os.listdir(queue_folder.folder) if p.startswith(".triage-")]

@@ -14,7 +14,7 @@ from django.utils import timezone
 from tqdm import tqdm
 
 from workqueue import taskfile
-from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
+from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskBody, TaskEvent
 from workqueue.taskfile import TaskFileError
 
 CHUNK = 500
@@ -254,6 +254,7 @@ class Importer:
     def _create(self, key: str, fields: dict, source_fields: dict) -> None:
         now = timezone.now()
         deps = fields.pop("depends_on")
+        body = fields.pop("body", "")
         task = Task(
             queue=self.queue,
             key=key,
@@ -264,7 +265,7 @@ class Importer:
             **fields,
             **source_fields,
         )
-        self.new.append((task, deps, "imported"))
+        self.new.append((task, deps, body))
         self.keys[key] = (None, source_fields["source_path"])
         if task.status == Status.DONE:
             self.report.closed += 1
@@ -311,15 +312,25 @@ class Importer:
         with transaction.atomic():
             Task.objects.insert_new([t for t, _, _ in self.new])
             now = timezone.now()
-            deps, events = [], []
-            for task, depends_on, kind in self.new:
+            deps, events, bodies = [], [], []
+            for task, depends_on, body in self.new:
                 self.keys[task.key] = (task.pk, task.source_path)
                 deps.extend(Dependency(task=task, key=k) for k in depends_on)
+                bodies.append(TaskBody(task=task, text=body))
                 message = f"closed on import ({task.closed_by})" if task.closed_by else ""
                 events.append(
-                    (task.pk, now, kind, "import", None, message, {"path": task.source_path})
+                    (
+                        task.pk,
+                        now,
+                        EventKind.IMPORTED,
+                        "import",
+                        None,
+                        message,
+                        {"path": task.source_path},
+                    )
                 )
             Dependency.objects.bulk_create(deps)
+            TaskBody.objects.bulk_create(bodies)
             TaskEvent.objects.record(events)
         self.new = []
 
@@ -411,6 +422,8 @@ def apply_fields(task: Task, fields: dict, source_fields: dict) -> bool:
     """Update a task from its re-read file. Returns True when the file now closes it."""
     fields = dict(fields)
     deps = fields.pop("depends_on")
+    if "body" in fields:
+        TaskBody.objects.update_or_create(task=task, defaults={"text": fields.pop("body")})
     file_status = taskfile.text_field(fields["frontmatter"], "status").lower()
     old_status = taskfile.text_field(task.frontmatter, "status").lower()
     closes = "closed_by" in fields and not task.closed_by

@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from workqueue import signals
 from workqueue.claims import Claim, Result
-from workqueue.models import Queue, Status, Task
+from workqueue.models import Queue, Status, Task, TaskBody
 from workqueue.processors import Processor, WorkContext
 from workqueue.taskfile import TaskFileError
 from workqueue.triage_rules import Decision, Rules, triage_bytes, unified_diff
@@ -276,9 +276,15 @@ def _record_rows(written: list[tuple[_Write, os.stat_result]]) -> None:
         return
     fields = {f: Task._meta.get_field(f) for f in ("frontmatter", "updated_at")}
     quote = connection.ops.quote_name
+    task_table, body_table = quote(Task._meta.db_table), quote(TaskBody._meta.db_table)
+    # The body first, while the row still shows the claim the task update checks.
+    body_sql = (
+        f"UPDATE {body_table} SET text = %s WHERE task_id = %s AND EXISTS "  # noqa: S608 - model table names
+        f"(SELECT 1 FROM {task_table} WHERE id = %s AND fence = %s AND status = %s)"
+    )
     sql = (
-        f"UPDATE {quote(Task._meta.db_table)} SET source_size = %s, source_mtime_ns = %s, "  # noqa: S608 - a model table name
-        "source_sha256 = %s, frontmatter = %s, body = %s, "
+        f"UPDATE {task_table} SET source_size = %s, source_mtime_ns = %s, "  # noqa: S608 - a model table name
+        "source_sha256 = %s, frontmatter = %s, "
         "complexity = COALESCE(%s, complexity), assignee = COALESCE(%s, assignee), "
         "closed_by = COALESCE(%s, closed_by), updated_at = %s "
         "WHERE id = %s AND fence = %s AND status = %s"
@@ -290,7 +296,6 @@ def _record_rows(written: list[tuple[_Write, os.stat_result]]) -> None:
             stat.st_mtime_ns,
             hashlib.sha256(write.new).hexdigest(),
             fields["frontmatter"].get_db_prep_save(write.row["frontmatter"], connection),
-            write.row["body"],
             write.row["complexity"],
             write.row["assignee"],
             write.row["closed_by"],
@@ -301,5 +306,16 @@ def _record_rows(written: list[tuple[_Write, os.stat_result]]) -> None:
         )
         for write, stat in written
     ]
+    bodies = [
+        (
+            write.row["body"],
+            write.claim.id,
+            write.claim.id,
+            write.claim.fence,
+            Status.CLAIMED.value,
+        )
+        for write, _ in written
+    ]
     with transaction.atomic(), connection.cursor() as cursor:
+        cursor.executemany(body_sql, bodies)
         cursor.executemany(sql, params)

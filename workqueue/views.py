@@ -174,7 +174,7 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
 @require_GET
 @vary_on_headers("HX-Request")
 def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    task = get_object_or_404(Task, pk=pk)
+    task = get_object_or_404(Task.objects.select_related("content"), pk=pk)
     template = "workqueue/task_detail.html"
     if request.htmx and request.htmx.target == "drawer":
         template += "#drawer"
