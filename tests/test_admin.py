@@ -12,6 +12,7 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import Permission
 from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 
 from tests.conftest import make_tasks
@@ -70,6 +71,33 @@ def test_task_changelist_filters_and_search(admin_client):
     assert [t.key for t in response.context["cl"].queryset] == ["t000001"]
     for query in ({"queue": "q"}, {"project": ""}, {"assignee": ""}, {"stale": "bogus"}):
         assert admin_client.get(CHANGELIST, query).status_code == 200
+
+
+def test_task_change_page_shows_and_saves_the_body(admin_client):
+    (task,) = make_tasks("q", 1, body="# Old body\n")
+    url = reverse("admin:queue_task_change", args=[task.pk])
+    response = admin_client.get(url)
+    assert response.status_code == 200
+    assert "# Old body" in response.content.decode()
+    form = response.context["adminform"].form
+    data = {k: v for k, v in form.initial.items() if v is not None and k in form.fields}
+    data.update(
+        {
+            "tags": "[]",
+            "depends_on": "[]",
+            "frontmatter": "{}",
+            "result": "{}",
+            "content-TOTAL_FORMS": "1",
+            "content-INITIAL_FORMS": "1",
+            "content-MIN_NUM_FORMS": "0",
+            "content-MAX_NUM_FORMS": "1",
+            "content-0-task": str(task.pk),
+            "content-0-text": "# New body",
+        }
+    )
+    response = admin_client.post(url, data)
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    assert Task.objects.get(pk=task.pk).body == "# New body"
 
 
 def test_requeue_and_block_actions_record_events(admin_client):

@@ -8,7 +8,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
 from workqueue import claims, locks
-from workqueue.models import Queue, Status, Task, TaskEvent
+from workqueue.models import Queue, Status, Task, TaskBody, TaskEvent
 
 
 class StaleFilter(admin.SimpleListFilter):
@@ -27,6 +27,12 @@ class StaleFilter(admin.SimpleListFilter):
         return queryset.exclude(pk__in=stale_ids)
 
 
+class TaskBodyInline(admin.StackedInline):
+    model = TaskBody
+    can_delete = False
+    verbose_name = verbose_name_plural = "body"
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     list_display = (
@@ -40,6 +46,7 @@ class TaskAdmin(admin.ModelAdmin):
     ordering = ("priority", "id")
     readonly_fields = ("fence", "created_at", "updated_at", "claimed_at", "finished_at")
     actions = ("requeue_tasks", "block_tasks", "release_stale")
+    inlines = (TaskBodyInline,)
     change_list_template = "admin/workqueue/task/change_list.html"
 
     @admin.action(description="Requeue selected tasks", permissions=["change"])
