@@ -442,8 +442,7 @@ def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> lis
     for lock in locks.list_locks(queue):
         if (lock.queue_dir, lock.name) in held:
             continue
-        # A live owner may be an outside tool, or one of ours between finish and rmdir.
-        if lock.owner_alive is False or (lock.owner is None and lock.age_seconds > 60):
+        if locks.abandoned(lock.owner, lock.age_seconds):
             removed.append(lock.path)
             if not dry_run:
                 locks.remove(lock.path)

@@ -56,13 +56,13 @@ class Identity:
         )
 
     def owner_record(self) -> dict:
+        """owner.json without its `time`, which OwnerFile stamps per claim batch."""
         return {
             "host": self.host,
             "pid": self.pid,
             "started": self.started,
             "worker": self.worker,
             "herd": self.herd,
-            "time": time.time(),
         }
 
 
@@ -124,6 +124,14 @@ def owner_is_dead(host: str | None, pid: int | None, started: float | None) -> b
         return False
 
 
+def abandoned(owner: dict | None, age_seconds: float) -> bool:
+    """A lock-root entry to clean: its owner is dead here, or it never got an owner.
+
+    A live owner may be an outside tool, or one of ours between finish and release.
+    """
+    return owner_record_is_dead(owner) or (owner is None and age_seconds > 60)
+
+
 def owner_record_is_dead(owner: dict | None) -> bool:
     if not owner:
         return False
@@ -135,6 +143,7 @@ def owner_record_is_dead(owner: dict | None) -> bool:
 
 _owner_files = itertools.count(1)  # unique names across every OwnerFile of a process
 SPARES = ".spares"  # hidden beside the queue folders, so on the same filesystem
+OWNERS = ".owners"
 RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+; absent elsewhere
@@ -167,7 +176,7 @@ class OwnerFile:
     def __init__(self, identity: Identity):
         self.identity = identity
         self.root = Path(settings.HYPERVISOR_LOCK_ROOT)
-        self.directory = self.root / ".owners"
+        self.directory = self.root / OWNERS
         self.path: Path | None = None
         self.inode: int | None = None  # every lock of this worker links to it
         self.fd: int | None = None
@@ -176,7 +185,7 @@ class OwnerFile:
         self.stem = f"{lock_name(identity.host)}-{identity.pid}-{identity.started:.3f}"
 
     def record(self) -> bytes:
-        fields = json.dumps({k: v for k, v in self.identity.owner_record().items() if k != "time"})
+        fields = json.dumps(self.identity.owner_record())
         return f'{fields[:-1]}, "time": {time.time():.3f}}}'.encode()
 
     def refresh(self) -> Path:
@@ -219,7 +228,7 @@ class OwnerFile:
     def _spare(self) -> str:
         if self.spares:
             return self.spares.pop()
-        spare = f"{self.root}/{SPARES}/{self.stem}-{next(_owner_files)}"
+        spare = self._spare_name()
         try:
             os.mkdir(spare)
         except FileNotFoundError:
@@ -231,6 +240,9 @@ class OwnerFile:
             os.rmdir(spare)
             raise
         return spare
+
+    def _spare_name(self) -> str:
+        return f"{self.root}/{SPARES}/{self.stem}-{next(_owner_files)}"
 
     def release_own(self, directories: list[str]) -> None:
         """Release these lock directories where they are still ours: a person may have
@@ -245,7 +257,7 @@ class OwnerFile:
             if not self.renames:
                 remove(directory)
                 continue
-            spare = f"{self.root}/{SPARES}/{self.stem}-{next(_owner_files)}"
+            spare = self._spare_name()
             try:
                 os.rename(directory, spare)
             except FileNotFoundError:
@@ -349,7 +361,7 @@ def leftovers() -> list[Path]:
     root = Path(settings.HYPERVISOR_LOCK_ROOT)
     now = time.time()
     found = []
-    for folder, read in ((root / SPARES, read_owner), (root / ".owners", _read_owner_file)):
+    for folder, read in ((root / SPARES, read_owner), (root / OWNERS, _read_owner_file)):
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
@@ -360,7 +372,7 @@ def leftovers() -> list[Path]:
                 age = now - entry.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
                 continue
-            if owner_record_is_dead(owner) or (owner is None and age > 60):
+            if abandoned(owner, age):
                 found.append(Path(entry.path))
     return found
 

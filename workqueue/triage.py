@@ -279,8 +279,8 @@ def _record_rows(written: list[tuple[_Write, os.stat_result]]) -> None:
     task_table, body_table = quote(Task._meta.db_table), quote(TaskBody._meta.db_table)
     # The body first, while the row still shows the claim the task update checks.
     body_sql = (
-        f"UPDATE {body_table} SET text = %s WHERE task_id = %s AND EXISTS "  # noqa: S608 - model table names
-        f"(SELECT 1 FROM {task_table} WHERE id = %s AND fence = %s AND status = %s)"
+        f"UPDATE {body_table} SET text = %s WHERE task_id = "  # noqa: S608 - model table names
+        f"(SELECT id FROM {task_table} WHERE id = %s AND fence = %s AND status = %s)"
     )
     sql = (
         f"UPDATE {task_table} SET source_size = %s, source_mtime_ns = %s, "  # noqa: S608 - a model table name
@@ -309,7 +309,6 @@ def _record_rows(written: list[tuple[_Write, os.stat_result]]) -> None:
     bodies = [
         (
             write.row["body"],
-            write.claim.id,
             write.claim.id,
             write.claim.fence,
             Status.CLAIMED.value,
