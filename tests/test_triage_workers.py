@@ -1,4 +1,4 @@
-"""Triage of a 5,000-file folder by 4 real worker processes, checked against one process."""
+"""Triage of a 5,000-file folder by a herd of 4 workers, checked against one process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from django.db.models import Count, Q
 
-from tests.conftest import start_manage
+from herds.models import Herd, HerdStatus, Profile
+from tests.test_herds_processes import launch, wait_until, worker_logs
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Status, Task
 from workqueue.triage import rules_from_settings
@@ -66,7 +67,7 @@ def task_folder(folder: Path, count: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_four_workers_triage_every_file_exactly_once(process_env, tmp_path, lock_root):
+def test_a_herd_of_four_triages_every_file_exactly_once(huey_env, consumer, tmp_path, lock_root):
     folder = tmp_path / "inbox"
     folder.mkdir()
     task_folder(folder, FILES)
@@ -75,21 +76,20 @@ def test_four_workers_triage_every_file_exactly_once(process_env, tmp_path, lock
     report = Importer("herd", roots=[folder]).run([folder])
     assert (report.imported, report.errors) == (FILES, [])
 
-    workers = [
-        start_manage(
-            ["work", "--queue", "herd", "--processor", "triage", "--prefetch", "50", "--json"],
-            process_env,
-        )
-        for _ in range(WORKERS)
-    ]
-    summaries = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=200)
-        assert worker.returncode == 0, err
-        summaries.append(json.loads(out.strip().splitlines()[-1]))
-
-    assert sum(s["done"] for s in summaries) == FILES
-    assert all(s["blocked"] == s["refused"] == 0 for s in summaries)
+    Profile.objects.update_or_create(
+        name="triage", defaults={"processor": "triage", "prefetch": 50, "max_workers": WORKERS}
+    )
+    herd_id = launch(huey_env, "--queue", "herd", "--profile", "triage", "--workers", str(WORKERS))
+    herd = wait_until(
+        lambda: Herd.objects.ended().filter(pk=herd_id).first(),
+        200,
+        what="the herd to end",
+    )
+    assert herd.status == HerdStatus.FINISHED, worker_logs()
+    rows = herd.summary["worker_processes"]
+    assert len(rows) == WORKERS
+    assert all(r["exit_class"] == "finished" and r["blocked"] == 0 for r in rows), rows
+    assert sum(r["done"] for r in rows) == FILES
     assert Task.objects.filter(queue="herd", status=Status.DONE).count() == FILES
     once = Task.objects.filter(queue="herd").annotate(
         done=Count("events", filter=Q(events__kind=EventKind.DONE)),
