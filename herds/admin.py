@@ -1,7 +1,6 @@
 from django.contrib import admin, messages
 
 from herds.models import Herd, Profile, Worker
-from herds.tasks import cancel_herd
 
 
 @admin.register(Profile)
@@ -71,11 +70,10 @@ class HerdAdmin(ReadOnlyAdmin):
         description="Cancel: terminate the processes, tasks go back", permissions=["operate"]
     )
     def cancel_herds(self, request, queryset) -> None:
-        cancelled = 0
-        for herd in queryset.active().select_related("profile"):
-            if herd.request_cancel(f"cancelled by {request.user.get_username()} (admin)"):
-                cancel_herd(herd.pk)
-                cancelled += 1
+        cancelled = sum(
+            herd.cancel(f"cancelled by {request.user.get_username()} (admin)")
+            for herd in queryset.active().select_related("profile")
+        )
         self.message_user(request, f"{cancelled} herd(s) cancelled.", messages.SUCCESS)
 
 

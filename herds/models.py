@@ -327,6 +327,15 @@ class Herd(models.Model):
         self.cancel_requested = True
         return bool(changed)
 
+    def cancel(self, reason: str) -> bool:
+        """Request a cancel and have the consumer end the processes now, not next period."""
+        from herds.tasks import cancel_herd
+
+        if self.ended or not self.request_cancel(reason):
+            return False
+        cancel_herd(self.pk)
+        return True
+
     def finish(self, status: str, reason: str = "", from_status: str = HerdStatus.RUNNING) -> bool:
         """Write the run summary and end the herd, once."""
         now = timezone.now()

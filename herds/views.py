@@ -14,7 +14,6 @@ from django.views.decorators.vary import vary_on_headers
 from herds.charts import throughput_chart
 from herds.forms import LaunchForm
 from herds.models import Herd
-from herds.tasks import cancel_herd
 
 VIEW = "herds.view_herd"
 OPERATE = "herds.add_herd"  # launching, draining and cancelling
@@ -136,7 +135,6 @@ def drain(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def cancel(request: HttpRequest, pk: int) -> HttpResponse:
     herd = _get_herd(pk)
-    if not herd.ended and herd.request_cancel(f"cancelled by {request.user.get_username()}"):
-        cancel_herd(herd.pk)
+    if herd.cancel(f"cancelled by {request.user.get_username()}"):
         messages.info(request, f"Herd {herd.pk} is being cancelled.")
     return _after_action(request, herd)

@@ -338,3 +338,23 @@ def test_forked_workers_share_the_queue_exactly_once(process_env, lock_root):
     assert sum(s["done"] for s in summaries) == 1500
     assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 1500
     assert lock_dirs(lock_root) == []
+
+
+def test_a_forked_worker_that_dies_is_reported_and_the_others_finish(process_env, lock_root):
+    make_tasks("q", 40)
+    result = run_manage(
+        [
+            *("work", "--queue", "q", "--workers", "2", "--json"),
+            *("--processor", "tests.scripts.dying_processor.die_on_first"),
+        ],
+        process_env,
+    )
+    assert result.returncode == 9, result.stderr
+    summaries = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    dead = [s for s in summaries if s["stop_reason"] == "died without a summary"]
+    assert [s["exit_code"] for s in dead] == [9]
+    assert sum(s["done"] for s in summaries) == 39
+    # The dead worker's claim waits for the reaper; nothing else is left claimed.
+    assert list(Task.objects.filter(status=Status.CLAIMED).values_list("key", flat=True)) == [
+        "t000000"
+    ]

@@ -1,11 +1,11 @@
 import argparse
+import gc
 import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from django.conf import settings
@@ -143,51 +143,52 @@ class Command(BaseCommand):
     def fork_workers(self, options, processor, worker_settings) -> list[dict]:
         """N workers forked from this process: Django is loaded once, not N times."""
         connections.close_all()
+        # Keep the loaded modules out of the children's garbage collections: a collection
+        # touches every object and so copies the whole heap into each child page by page.
+        gc.freeze()
         context = multiprocessing.get_context("fork")
-        results = context.SimpleQueue()
         base = options["name"]
 
-        def child(index: int) -> None:
+        def child(index: int, pipe) -> None:
             name = f"{base}-{index}" if base else None
             summary = self.run_worker(options, processor, worker_settings, name)
             connections.close_all()
-            results.put(summary)
+            pipe.send(summary)
 
-        children = [context.Process(target=child, args=(i,)) for i in range(options["workers"])]
-        for process in children:
+        children = []
+        for index in range(options["workers"]):
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(target=child, args=(index, writer))
             process.start()
+            writer.close()  # the child holds the only writer: its exit ends our read
+            children.append((process, reader))
 
         def forward(signum, frame):
-            for process in children:
+            for process, _ in children:
                 if process.pid and process.exitcode is None:
                     os.kill(process.pid, signum)
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
         summaries = []
-        while len(summaries) < len(children):
-            if not results.empty():
-                summaries.append(results.get())
-            elif all(p.exitcode is not None for p in children) and results.empty():
-                break  # a worker died without a summary
-            else:
-                time.sleep(0.05)
-        for process in children:
+        for process, reader in children:
+            try:
+                summaries.append(reader.recv())
+            except EOFError:
+                process.join()
+                summaries.append(
+                    {
+                        "worker": f"pid {process.pid}",
+                        "exit_code": abs(process.exitcode or 1),
+                        "stop_reason": "died without a summary",
+                        "claimed": 0,
+                        "done": 0,
+                        "blocked": 0,
+                        "released": 0,
+                        "refused": 0,
+                        "runtime_seconds": 0,
+                        "slowest_claim_seconds": 0,
+                    }
+                )
             process.join()
-        missing = len(children) - len(summaries)
-        for process in [p for p in children if p.exitcode != 0][:missing]:
-            summaries.append(
-                {
-                    "worker": f"pid {process.pid}",
-                    "exit_code": abs(process.exitcode),
-                    "stop_reason": "died without a summary",
-                    "claimed": 0,
-                    "done": 0,
-                    "blocked": 0,
-                    "released": 0,
-                    "refused": 0,
-                    "runtime_seconds": 0,
-                    "slowest_claim_seconds": 0,
-                }
-            )
         return summaries
