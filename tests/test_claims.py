@@ -1,15 +1,18 @@
 """Claims: exactly once across real worker processes, fencing, crashes and the reaper."""
 
+import fcntl
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
@@ -336,6 +339,8 @@ def test_forked_workers_share_the_queue_exactly_once(process_env, lock_root):
     summaries = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len({s["worker"] for s in summaries}) == 4
     assert sum(s["done"] for s in summaries) == 1500
+    # Each worker wrote (claims and finishes) and says for how long it held the writer.
+    assert all(s["writer_hold_seconds"] > 0 for s in summaries)
     assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 1500
     assert lock_dirs(lock_root) == []
 
@@ -358,3 +363,22 @@ def test_a_forked_worker_that_dies_is_reported_and_the_others_finish(process_env
     assert list(Task.objects.filter(status=Status.CLAIMED).values_list("key", flat=True)) == [
         "t000000"
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_writer_clock_counts_waiting_for_and_holding_the_write_lock():
+    waited_before, held_before = claims.writer_clock.reading()
+    if connection.vendor == "sqlite":
+        # Another writer has the lock for 0.3 s (flock is per open file, so this conflicts).
+        other = open(claims._writer_lock_path(), "a")  # noqa: SIM115
+        fcntl.flock(other, fcntl.LOCK_EX)
+        threading.Timer(0.3, other.close).start()
+    with claims.write_transaction():
+        time.sleep(0.1)
+    waited = claims.writer_clock.waited - waited_before
+    held = claims.writer_clock.held - held_before
+    assert held >= 0.1
+    if connection.vendor == "sqlite":
+        assert 0.25 <= waited < 5
+    else:
+        assert waited == 0  # PostgreSQL writers lock rows, not the database

@@ -8,6 +8,8 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import threading
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,6 +110,30 @@ def claim_ready_tasks(
     return held
 
 
+class WriterClock:
+    """Seconds this process spent waiting for the write lock and inside write transactions.
+
+    On SQLite the writers take turns, so the sum of every worker's held time is the part
+    of a run that more workers cannot shorten; waiting time says they are queueing.
+    """
+
+    def __init__(self):
+        self.waited = 0.0
+        self.held = 0.0
+        self._lock = threading.Lock()  # the heartbeat thread writes too
+
+    def add(self, waited: float, held: float) -> None:
+        with self._lock:
+            self.waited += waited
+            self.held += held
+
+    def reading(self) -> tuple[float, float]:
+        return self.waited, self.held
+
+
+writer_clock = WriterClock()
+
+
 @contextmanager
 def write_transaction():
     """A short write transaction; on SQLite, writers queue on a file lock first.
@@ -116,17 +142,23 @@ def write_transaction():
     contention one worker can wait for seconds while others write again and again.
     An exclusive `flock` is a real queue: the kernel wakes the next waiter at once.
     """
+    asked = time.perf_counter()
     if connection.vendor != "sqlite":
-        with transaction.atomic():
-            yield
+        try:
+            with transaction.atomic():
+                yield
+        finally:
+            writer_clock.add(0.0, time.perf_counter() - asked)
         return
     with open(_writer_lock_path(), "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
+        got = time.perf_counter()
         try:
             with transaction.atomic():
                 yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+            writer_clock.add(got - asked, time.perf_counter() - got)
 
 
 def _writer_lock_path() -> str:

@@ -33,10 +33,16 @@ class WorkerStats:
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     slowest_claim: float = 0.0
+    # The process's writer clock when the worker started (forked workers start at zero).
+    writer_start: tuple[float, float] = field(default_factory=claims.writer_clock.reading)
 
     def as_dict(self) -> dict:
         runtime = time.monotonic() - self.started
         finished = self.done + self.blocked
+        waited, held = (
+            now - start
+            for now, start in zip(claims.writer_clock.reading(), self.writer_start, strict=True)
+        )
         return {
             "claimed": self.claimed,
             "done": self.done,
@@ -47,6 +53,8 @@ class WorkerStats:
             "runtime_seconds": round(runtime, 3),
             "items_per_second": round(finished / runtime, 1) if runtime else 0.0,
             "slowest_claim_seconds": round(self.slowest_claim, 4),
+            "writer_wait_seconds": round(waited, 3),
+            "writer_hold_seconds": round(held, 3),
         }
 
 

@@ -188,6 +188,8 @@ class Command(BaseCommand):
                         "refused": 0,
                         "runtime_seconds": 0,
                         "slowest_claim_seconds": 0,
+                        "writer_wait_seconds": 0,
+                        "writer_hold_seconds": 0,
                     }
                 )
             process.join()
