@@ -1,5 +1,6 @@
 """Import: keys, closing rules, idempotence, and every class of bad input."""
 
+import io
 import json
 import os
 
@@ -215,6 +216,23 @@ def test_queue_file_cannot_reach_outside_with_dotdot(write_task, tmp_path):
     report = Importer("q").run([queue_file])
     assert report.imported == 0
     assert "outside the import roots" in report.errors[0]["error"]
+
+
+def test_a_file_named_on_the_command_line_is_allowed_like_a_named_folder(tmp_path):
+    # No configured roots in the tests: what the operator names is what may be read.
+    (tmp_path / "inbox").mkdir()
+    named = tmp_path / "inbox" / "fix-login.md"
+    named.write_text("---\ntitle: Fix login\n---\nBody.\n")
+    (tmp_path / "inbox" / "other.md").write_text("# Not named\n")
+    out = io.StringIO()
+    call_command("import_tasks", str(named), "--queue", "q", "--json", stdout=out)
+    assert json.loads(out.getvalue())["imported"] == 1
+    assert list(Task.objects.values_list("key", "title")) == [("fix-login.md", "Fix login")]
+    # The same file reached through a queue file elsewhere is still confined.
+    (tmp_path / "lists").mkdir()
+    queue_file = tmp_path / "lists" / "queue.txt"
+    queue_file.write_text(f"{tmp_path / 'inbox' / 'other.md'}\n")
+    assert "outside the import roots" in Importer("q").run([queue_file]).errors[0]["error"]
 
 
 def test_command_exits_non_zero_only_when_nothing_imported(process_env, write_task):

@@ -17,8 +17,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         paths = [Path(p) for p in options["paths"]]
-        # Folders named on the command line are import roots for this run.
+        # What the command line names is allowed for this run: a folder is an import root,
+        # and so is the folder of a named .md file (only that file is read from it). Paths
+        # listed in a queue file stay confined to the roots and the queue file's folder.
         roots = [p.resolve() for p in paths if p.is_dir()]
+        roots += [p.resolve().parent for p in paths if p.suffix == ".md" and p.is_file()]
         progress = sys.stderr.isatty() and not options["json"]
         report = Importer(options["queue"], roots, progress=progress).run(paths)
         if options["json"]:
