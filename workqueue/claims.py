@@ -142,14 +142,16 @@ def write_transaction():
     contention one worker can wait for seconds while others write again and again.
     An exclusive `flock` is a real queue: the kernel wakes the next waiter at once.
     """
-    asked = time.perf_counter()
     if connection.vendor != "sqlite":
+        started = time.perf_counter()
         try:
             with transaction.atomic():
                 yield
         finally:
-            writer_clock.add(0.0, time.perf_counter() - asked)
+            writer_clock.add(0.0, time.perf_counter() - started)
         return
+    connection.ensure_connection()  # opening it (PRAGMAs, schema) needs no turn at the lock
+    asked = time.perf_counter()
     with open(_writer_lock_path(), "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         got = time.perf_counter()

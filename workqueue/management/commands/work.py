@@ -124,7 +124,8 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"{summary['worker']}: {summary['done']} done, {summary['blocked']} "
                     f"blocked, {summary['released']} released, {summary['refused']} refused "
-                    f"in {summary['runtime_seconds']} s"
+                    f"in {summary['runtime_seconds']} s (database write lock: waited "
+                    f"{summary['writer_wait_seconds']} s, held {summary['writer_hold_seconds']} s)"
                 )
         sys.exit(max(s["exit_code"] for s in summaries))
 
