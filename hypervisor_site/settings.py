@@ -61,7 +61,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     # Not "huey.contrib.djhuey": loading it imports Huey's storage, and with it the redis
-    # and psycopg drivers, in every `manage.py` process (a third of a worker's start-up).
+    # and psycopg drivers, in every `manage.py` process (a quarter of a worker's start-up).
     # Only the consumer and whatever enqueues need Huey; herds provides `run_huey`.
     "workqueue",
     "herds",

@@ -33,16 +33,15 @@ class WorkerStats:
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     slowest_claim: float = 0.0
-    # The process's writer clock when the worker started (forked workers start at zero).
+    # The process's writer clock at the start: a worker reports only its own time.
     writer_start: tuple[float, float] = field(default_factory=claims.writer_clock.reading)
 
     def as_dict(self) -> dict:
         runtime = time.monotonic() - self.started
         finished = self.done + self.blocked
-        waited, held = (
-            now - start
-            for now, start in zip(claims.writer_clock.reading(), self.writer_start, strict=True)
-        )
+        waited_before, held_before = self.writer_start
+        waited = claims.writer_clock.waited - waited_before
+        held = claims.writer_clock.held - held_before
         return {
             "claimed": self.claimed,
             "done": self.done,
