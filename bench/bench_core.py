@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,7 +169,7 @@ def empty_queue_seconds(env: dict, workers: int, repeat: int) -> float:
             check=True,
         )
         runs.append(time.perf_counter() - started)
-    return round(sorted(runs)[len(runs) // 2], 3)
+    return round(statistics.median(runs), 3)
 
 
 def run_script(args: list[str], env: dict | None = None, whole_process: bool = False) -> dict:

@@ -539,12 +539,10 @@ def _apply_pending_changes(ids: list[int]) -> None:
     pending = Task.objects.filter(change_pending=True)
     if not pending.exists():  # one look at a small partial index, not one per finished row
         return
-    pending = list(pending.filter(pk__in=ids))
-    if pending:
-        from workqueue.importer import refresh_from_source
+    from workqueue.importer import refresh_from_source
 
-        for task in pending:
-            refresh_from_source(task)
+    for task in pending.filter(pk__in=ids):
+        refresh_from_source(task)
 
 
 def _by_fence(claims: list[Claim]) -> dict[int, list[int]]:

@@ -145,6 +145,7 @@ _owner_files = itertools.count(1)  # unique names across every OwnerFile of a pr
 SPARES = ".spares"  # hidden beside the queue folders, so on the same filesystem
 OWNERS = ".owners"
 RENAME_NOREPLACE = 1
+AT_FDCWD = -100  # paths relative to the working directory, as rename(2) takes them
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+; absent elsewhere
 
@@ -153,7 +154,7 @@ def rename_noreplace(source: str, target: str) -> None:
     """rename(2) that fails with EEXIST when `target` exists: as atomic as `mkdir`."""
     if _renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
-    if _renameat2(-100, source.encode(), -100, target.encode(), RENAME_NOREPLACE) != 0:
+    if _renameat2(AT_FDCWD, source.encode(), AT_FDCWD, target.encode(), RENAME_NOREPLACE):
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), target)
 

@@ -39,9 +39,9 @@ class WorkerStats:
     def as_dict(self) -> dict:
         runtime = time.monotonic() - self.started
         finished = self.done + self.blocked
+        waited_now, held_now = claims.writer_clock.reading()
         waited_before, held_before = self.writer_start
-        waited = claims.writer_clock.waited - waited_before
-        held = claims.writer_clock.held - held_before
+        waited, held = waited_now - waited_before, held_now - held_before
         return {
             "claimed": self.claimed,
             "done": self.done,

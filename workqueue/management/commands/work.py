@@ -14,7 +14,7 @@ from django.db import connections
 
 from workqueue.processors import CommandProcessor, load_processor
 from workqueue.routing import TaskFilter
-from workqueue.worker import Worker
+from workqueue.worker import Worker, WorkerStats
 from workqueue.worktrees import WorktreeProcessor
 
 
@@ -182,15 +182,7 @@ class Command(BaseCommand):
                         "worker": f"pid {process.pid}",
                         "exit_code": abs(process.exitcode or 1),
                         "stop_reason": "died without a summary",
-                        "claimed": 0,
-                        "done": 0,
-                        "blocked": 0,
-                        "released": 0,
-                        "refused": 0,
-                        "runtime_seconds": 0,
-                        "slowest_claim_seconds": 0,
-                        "writer_wait_seconds": 0,
-                        "writer_hold_seconds": 0,
+                        **WorkerStats().as_dict(),  # its own counts died with it
                     }
                 )
             process.join()
