@@ -96,8 +96,9 @@ TEMPLATES = [
     }
 ]
 
-# Lets two test runs on one machine keep separate test databases.
-_test_tag = os.environ.get("HYPERVISOR_TEST_TAG", "main")
+# Two test runs on one machine keep separate test databases: the processes a test starts
+# are handed the test database's URL, so the runner's own pid can name it.
+_test_tag = os.environ.get("HYPERVISOR_TEST_TAG") or f"pid{os.getpid()}"
 _default_db = f"sqlite:///{HYPERVISOR_DATA_DIR / 'hypervisor.sqlite3'}"
 try:
     DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL") or _default_db)}
