@@ -48,6 +48,16 @@ def validate_env(value) -> None:
         raise ValidationError("Extra environment is an object of string names to string values.")
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def validate_pass_env(value) -> None:
+    if not isinstance(value, list) or not all(
+        isinstance(n, str) and ENV_NAME.match(n) for n in value
+    ):
+        raise ValidationError("Passed-through environment is a list of variable names.")
+
+
 def validate_pattern(value: str) -> None:
     try:
         re.compile(value)
@@ -74,6 +84,12 @@ class Profile(models.Model):
         null=True, blank=True, help_text="Per task; blank for no limit."
     )
     env = models.JSONField(default=dict, blank=True, help_text="Extra environment variables.")
+    pass_env = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Names of the worker's own environment variables the agent may see, "
+        'beyond the allow-list: ["ANTHROPIC_API_KEY"].',
+    )
     prefetch = models.PositiveIntegerField(default=1)
     max_attempts = models.PositiveIntegerField(
         null=True,
@@ -118,6 +134,7 @@ class Profile(models.Model):
             errors["command"] = ["Only the command processor takes a command."]
         for field, check in (
             ("env", validate_env),
+            ("pass_env", validate_pass_env),
             ("filters", validate_filters),
             ("quota_pattern", validate_pattern),
         ):
@@ -140,6 +157,8 @@ class Profile(models.Model):
         args = ["--processor", self.processor, "--prefetch", str(self.prefetch)]
         if self.processor == ProcessorKind.COMMAND and self.timeout_seconds:
             args += ["--timeout", str(self.timeout_seconds)]
+        for name in self.pass_env:
+            args += ["--pass-env", name]
         # Issue 7 options, passed only when set so that a plain `work` keeps working.
         if self.worktree_repo:
             args += ["--worktree-repo", self.worktree_repo, "--worktree-base", self.worktree_base]
