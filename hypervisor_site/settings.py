@@ -49,6 +49,11 @@ HYPERVISOR_PROJECT_LINKS = {
 }
 HYPERVISOR_REAP_INTERVAL = envint("HYPERVISOR_REAP_INTERVAL", 30, minimum=1)
 HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minimum=1)
+# An agent's output is read this long after it exits (a background child may hold its
+# pipes open), and its tree gets this long between SIGTERM and SIGKILL.
+HYPERVISOR_AGENT_GRACE = envint("HYPERVISOR_AGENT_GRACE", 2, minimum=0)
+# Each agent run's output is kept in a log file up to this size; the task keeps a tail.
+HYPERVISOR_AGENT_LOG_BYTES = envint("HYPERVISOR_AGENT_LOG_BYTES", 32 * 1024 * 1024, minimum=0)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
