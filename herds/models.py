@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from datetime import timedelta
 
 from django.conf import settings
@@ -167,15 +166,10 @@ class Profile(models.Model):
         return args
 
     def command_arguments(self) -> list[str]:
+        # Placeholders, {python} and {base_dir} too, are filled by the worker in one pass.
         if self.processor != ProcessorKind.COMMAND:
             return []
-        launch_values = {"python": sys.executable, "base_dir": str(settings.BASE_DIR)}
-        args = []
-        for arg in self.command:
-            for name, value in launch_values.items():
-                arg = arg.replace("{" + name + "}", value)
-            args.append(arg)
-        return ["--", *args]
+        return ["--", *self.command]
 
 
 class HerdStatus(models.TextChoices):

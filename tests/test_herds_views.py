@@ -289,8 +289,8 @@ def test_worker_command_line_passes_routing_options_only_when_set(profile):
     assert argv[argv.index("--worktree-repo") + 1] == "/srv/repo"
     assert argv[argv.index("--worktree-base") + 1] == "main"
     assert "--require-commit" in argv
-    assert argv[argv.index("--") + 1 :][1:] == ["agent.py", "{path}"]
-    assert "{python}" not in argv
+    # The worker fills every placeholder in one pass, {python} included.
+    assert argv[argv.index("--") + 1 :] == ["{python}", "agent.py", "{path}"]
 
 
 def test_default_profiles_come_from_the_data_migration():

@@ -52,20 +52,33 @@ class TaskAdmin(admin.ModelAdmin):
     @admin.action(description="Requeue selected tasks", permissions=["change"])
     def requeue_tasks(self, request: HttpRequest, queryset) -> None:
         actor = f"admin:{request.user.get_username()}"
-        done = sum(
-            claims.release_task(task, actor, "requeued from the admin")
-            for task in queryset.exclude(status=Status.QUEUED)
+        done = self._each(
+            request,
+            queryset.exclude(status=Status.QUEUED),
+            lambda task: claims.release_task(task, actor, "requeued from the admin"),
         )
         self.message_user(request, f"Requeued {done} task(s).", messages.SUCCESS)
 
     @admin.action(description="Block selected tasks", permissions=["change"])
     def block_tasks(self, request: HttpRequest, queryset) -> None:
         actor = f"admin:{request.user.get_username()}"
-        done = sum(
-            claims.set_task_status(task, Status.BLOCKED, actor, f"blocked by {actor}")
-            for task in queryset.filter(status__in=[Status.QUEUED, Status.CLAIMED])
+        done = self._each(
+            request,
+            queryset.filter(status__in=[Status.QUEUED, Status.CLAIMED]),
+            lambda task: claims.set_task_status(
+                task, Status.BLOCKED, actor, f"blocked by {actor}"
+            ),
         )
         self.message_user(request, f"Blocked {done} task(s).", messages.SUCCESS)
+
+    def _each(self, request: HttpRequest, tasks, change) -> int:
+        done = 0
+        for task in tasks:
+            try:
+                done += change(task)
+            except claims.AgentStillRunning as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+        return done
 
     @admin.action(
         description="Release stale claims in the selected tasks' queues", permissions=["change"]

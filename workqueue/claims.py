@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from workqueue import locks
+from workqueue import agent_tree, locks
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
 
@@ -71,6 +71,10 @@ class FinishReport:
     refused: list[int] = field(default_factory=list)
 
 
+BUSY_RETRY_SECONDS = 30.0  # a task whose lock an outside process holds is tried again after
+BUSY_ROUNDS = 8  # claims in a row that may find only busy tasks before the worker gives up
+
+
 def claim_ready_tasks(
     queue: str,
     identity: Identity,
@@ -78,22 +82,38 @@ def claim_ready_tasks(
     limit: int = 1,
     lease_seconds: int = 300,
     filters=None,
+    busy: dict[int, float] | None = None,
 ) -> list[Claim]:
     """Claim up to `limit` ready tasks: the database row first, then the lock directory.
 
-    Tasks whose lock directory a live outside holder already has go back untouched.
+    Tasks whose lock directory a live outside holder already has go back untouched and
+    are skipped (noted in `busy`, task id to the time to try again), and the claim goes
+    on to the next ready tasks: one busy task must not look like an empty queue.
     Raises LockError, after giving every task back, when the lock root cannot take locks.
     """
-    claims = _claim_rows(queue, identity, limit, lease_seconds, filters)
-    if not claims:
-        return []
+    busy = {} if busy is None else busy
+    for _ in range(BUSY_ROUNDS):
+        now = time.monotonic()
+        skip = [i for i, until in busy.items() if until > now]
+        claims = _claim_rows(queue, identity, limit, lease_seconds, filters, skip)
+        if not claims:
+            return []
+        held, taken_by_others = _take_locks(identity, owner_file, claims)
+        for claim, _owner in taken_by_others:
+            busy[claim.id] = now + BUSY_RETRY_SECONDS
+        if held:
+            return held
+    return []
+
+
+def _take_locks(identity, owner_file, claims):
     try:
         owner_file.refresh()
     except LockError:
         give_back(identity, claims, EventKind.LOCK_FAILED, "cannot write owner file")
         raise
     held, busy = [], []
-    for _i, claim in enumerate(claims):
+    for claim in claims:
         try:
             owner = locks.acquire(claim.queue, claim.key, owner_file)
         except LockError as exc:
@@ -107,7 +127,7 @@ def claim_ready_tasks(
             busy.append((claim, owner))
     for claim, owner in busy:
         give_back(identity, [claim], EventKind.LOCK_BUSY, "lock directory held", owner)
-    return held
+    return held, busy
 
 
 class WriterClock:
@@ -167,8 +187,10 @@ def _writer_lock_path() -> str:
     return f"{connection.settings_dict['NAME']}.writers"
 
 
-def _claim_rows(queue, identity, limit, lease_seconds, filters) -> list[Claim]:
+def _claim_rows(queue, identity, limit, lease_seconds, filters, skip=()) -> list[Claim]:
     candidates = Task.objects.filter(queue=queue).ready().claim_order()
+    if skip:
+        candidates = candidates.exclude(pk__in=skip)
     if filters is not None:
         candidates = filters.apply(candidates)
     candidates = candidates.select_for_update(skip_locked=True, of=("self",))
@@ -324,6 +346,16 @@ def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> tupl
     return (claim.id, now, kind, identity.worker, claim.fence, message or "", data)
 
 
+def record_agent(identity: Identity, claim: Claim, pgid: int, started: float) -> bool:
+    """Note on the claim the process group of the agent working on it."""
+    with write_transaction():
+        return bool(
+            Task.objects.filter(
+                pk=claim.id, status=Status.CLAIMED, fence=claim.fence, holder=identity.worker
+            ).update(agent_pgid=pgid, agent_started=started)
+        )
+
+
 def heartbeat(identity: Identity, lease_seconds: int) -> int:
     """Extend the lease of every task this worker holds."""
     with write_transaction():
@@ -366,6 +398,7 @@ class ReapReport:
     requeued: list[StaleClaim] = field(default_factory=list)
     blocked: list[StaleClaim] = field(default_factory=list)
     orphan_locks: list[Path] = field(default_factory=list)
+    agents_alive: list[tuple[StaleClaim, list[int]]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         def rows(items):
@@ -385,6 +418,10 @@ class ReapReport:
             "requeued": rows(self.requeued),
             "blocked": rows(self.blocked),
             "orphan_locks": [str(p) for p in self.orphan_locks],
+            "agents_alive": [
+                {"queue": s.task.queue, "key": s.task.key, "pids": pids}
+                for s, pids in self.agents_alive
+            ],
         }
 
 
@@ -417,8 +454,20 @@ def release_stale_claims(
     """Put stale claims back in the queue (or block them past the attempt limit)."""
     report = ReapReport()
     limits = dict(Queue.objects.values_list("name", "max_attempts"))
-    for stale in find_stale_claims(queue, holder_pid):
+    stale_claims = find_stale_claims(queue, holder_pid)
+    # The dead worker's agent goes first: two agents must never work on one task.
+    alive = {} if dry_run else agent_tree.end_agents_of(s.task for s in stale_claims)
+    for stale in stale_claims:
         task = stale.task
+        if task.pk in alive:
+            report.agents_alive.append((stale, alive[task.pk]))
+            log.warning(
+                "%s/%s stays claimed: its agent's processes %s could not be ended",
+                task.queue,
+                task.key,
+                alive[task.pk],
+            )
+            continue
         limit = limits.get(task.queue, 3)
         blocked = task.attempts >= limit
         (report.blocked if blocked else report.requeued).append(stale)
@@ -488,8 +537,26 @@ def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> lis
     return removed
 
 
+class AgentStillRunning(Exception):
+    """A claim's agent could not be ended, so its task cannot go to anyone else."""
+
+
+def end_agent_before_release(task: Task) -> None:
+    if task.status == Status.CLAIMED:
+        alive = agent_tree.end_agents_of([task]).get(task.pk)
+        if alive:
+            raise AgentStillRunning(
+                f"{task.key}: its agent's processes {', '.join(map(str, alive))} "
+                "could not be ended; the task stays claimed"
+            )
+
+
 def release_task(task: Task, actor: str, message: str = "") -> bool:
-    """A person releases a claim (or requeues a task): back to queued, lock removed."""
+    """A person releases a claim (or requeues a task): back to queued, lock removed.
+
+    A claimed task's agent is ended first; raises AgentStillRunning if it cannot be.
+    """
+    end_agent_before_release(task)
     now = timezone.now()
     with transaction.atomic():
         updated = Task.objects.filter(pk=task.pk, fence=task.fence, status=task.status).update(
@@ -510,9 +577,20 @@ def release_task(task: Task, actor: str, message: str = "") -> bool:
 
 
 def set_task_status(task: Task, status: str, actor: str, reason: str = "") -> bool:
-    """A person marks a task done or blocked from the board or the admin."""
+    """A person marks a task done or blocked from the board or the admin.
+
+    A claimed task's agent is ended first; raises AgentStillRunning if it cannot be.
+    """
+    end_agent_before_release(task)
     now = timezone.now()
-    values = {"status": status, "updated_at": now, "finished_at": now, "lease_expires_at": None}
+    values = {
+        "status": status,
+        "updated_at": now,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "agent_pgid": None,
+        "agent_started": None,
+    }
     if status == Status.BLOCKED:
         values["reason"] = reason
     else:
@@ -559,6 +637,8 @@ def _no_holder() -> dict:
         "holder_pid": None,
         "holder_started": None,
         "holder_herd": None,
+        "agent_pgid": None,
+        "agent_started": None,
     }
 
 

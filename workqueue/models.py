@@ -197,6 +197,10 @@ class Task(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    # The agent a command processor runs for the claim: its own process group, so that
+    # whoever releases a dead worker's claim can end it first (see agent_tree).
+    agent_pgid = models.IntegerField(null=True, blank=True)
+    agent_started = models.FloatField(null=True, blank=True)
 
     # The result.
     outcome = models.CharField(max_length=100, blank=True)

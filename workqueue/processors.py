@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
-import subprocess
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from django.conf import settings
 from django.utils.module_loading import import_string
 
+from workqueue import agent_tree
 from workqueue.claims import Claim, Result
 from workqueue.models import Status
 
 GIVE_BACK_EXIT = 75  # EX_TEMPFAIL: "not now, give the task to someone else"
 TAIL_CHARS = 4000
-PLACEHOLDERS = ("path", "key", "queue", "title")
+PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 AGENT_LINE = re.compile(r"^(COMPLETED|BLOCKED):\s*(\S.*)?$", re.MULTILINE)
 
 
@@ -38,10 +39,18 @@ class Processor:
 class WorkContext:
     """What a processor may ask of the worker running it."""
 
-    def __init__(self, worker_name: str, stopping: Callable[[], bool], dry_run: bool = False):
+    def __init__(
+        self,
+        worker_name: str,
+        stopping: Callable[[], bool],
+        dry_run: bool = False,
+        agent_started: Callable[[Claim, int, float], None] | None = None,
+    ):
         self.worker_name = worker_name
         self.stopping = stopping
         self.dry_run = dry_run
+        # Records an agent's process group on its claim (the worker writes the row).
+        self.agent_started = agent_started or (lambda claim, pgid, started: None)
 
 
 class NoopProcessor(Processor):
@@ -60,6 +69,9 @@ class NoopProcessor(Processor):
 
 
 class CommandProcessor(Processor):
+    """Runs an agent CLI or a script per task: its own process group tied to the claim,
+    an allow-listed environment, output streamed with bounded memory and masked."""
+
     name = "command"
     finish_in_batches = False
 
@@ -70,6 +82,7 @@ class CommandProcessor(Processor):
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         secrets: list[str] | None = None,
+        pass_env: list[str] | None = None,
     ):
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("a command is a non-empty list of strings")
@@ -78,76 +91,102 @@ class CommandProcessor(Processor):
         self.env = env or {}
         self.cwd = cwd
         self.secrets = [s for s in (secrets or []) if s]
+        self.pass_env = list(pass_env or [])
         self.last_output = ""
 
     def arguments(self, claim: Claim, extra: dict | None = None) -> list[str]:
         values = {
+            "python": sys.executable,
+            "base_dir": str(settings.BASE_DIR),
             "path": claim.path,
             "key": claim.key,
             "queue": claim.queue,
             "title": claim.title,
             **(extra or {}),
         }
-        # Plain replacement, not str.format: a title with braces must not be interpreted.
-        args = []
-        for arg in self.argv:
-            for name, value in values.items():
-                arg = arg.replace("{" + name + "}", value or "")
-            args.append(arg)
-        return args
+
+        # One pass, not str.format: a value (a title with braces, a key such as
+        # "{path}") is put in as it is and never scanned for placeholders again.
+        def fill(found: re.Match) -> str:
+            name = found.group(1)
+            return (values[name] or "") if name in values else found.group(0)
+
+        return [PLACEHOLDER.sub(fill, arg) for arg in self.argv]
+
+    def environment(self, claim: Claim, context: WorkContext) -> dict[str, str]:
+        return agent_tree.agent_environment(
+            {
+                "HYPERVISOR_TASK_KEY": claim.key,
+                "HYPERVISOR_TASK_PATH": claim.path,
+                "HYPERVISOR_TASK_QUEUE": claim.queue,
+                "HYPERVISOR_TASK_TITLE": claim.title,
+                "HYPERVISOR_TASK_FENCE": str(claim.fence),
+                "HYPERVISOR_TASK_WORKER": context.worker_name,
+                agent_tree.CLAIM_VARIABLE: agent_tree.claim_marker(claim.id, claim.fence),
+            },
+            self.env,
+            self.pass_env,
+        )
 
     def process(
         self, claim: Claim, context: WorkContext, extra: dict | None = None, cwd: str | None = None
     ) -> Result:
-        env = {
-            **os.environ,
-            **self.env,
-            "HYPERVISOR_TASK_KEY": claim.key,
-            "HYPERVISOR_TASK_PATH": claim.path,
-            "HYPERVISOR_QUEUE": claim.queue,
-            "HYPERVISOR_WORKER": context.worker_name,
-        }
+        env = self.environment(claim, context)
+        mask = agent_tree.Masker(
+            [*self.secrets, *agent_tree.known_secrets(env, [*self.pass_env, *self.env])]
+        )
         args = self.arguments(claim, extra)
-        started = time.monotonic()
+        run = agent_tree.AgentRun(
+            args,
+            env,
+            cwd or self.cwd,
+            self.timeout,
+            mask,
+            context.stopping,
+            log_path=agent_log_path(claim),
+        )
         try:
-            child = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=cwd or self.cwd,
-                text=True,
-                errors="replace",
-            )
+            run.start()
         except OSError as exc:
             return Result(status=Status.BLOCKED, reason=f"cannot start {args[0]}: {exc.strerror}")
         try:
-            stdout, stderr = child.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            stdout, stderr = child.communicate()
-            self.last_output = self._mask(stdout + stderr)
+            context.agent_started(claim, run.pgid, run.started_at)
+        finally:
+            ended = run.wait()
+        self.last_output = ended.stdout + ended.stderr
+        result = self.interpret_exit(ended, claim)
+        result.output_tail = (ended.stdout + ("\n" + ended.stderr if ended.stderr else ""))[
+            -TAIL_CHARS:
+        ]
+        result.data.setdefault("seconds", ended.seconds)
+        if ended.log_path:
+            result.data.setdefault("log", ended.log_path)
+        return result
+
+    def interpret_exit(self, ended: agent_tree.AgentExit, claim: Claim) -> Result:
+        if ended.survivors:
+            # Not requeued: another agent must not start while this one may still work.
+            pids = ", ".join(map(str, ended.survivors))
+            return Result(
+                status=Status.BLOCKED,
+                reason=f"the agent's processes could not be ended (pids {pids})",
+            )
+        if ended.stopped:
+            # Stopped with the herd (cancel or Ctrl-C): the task is not at fault.
+            return Result(status=Status.QUEUED, reason="worker stopped")
+        if ended.timed_out:
             return Result(
                 status=Status.BLOCKED,
                 outcome="timed_out",
                 reason=f"timed out after {self.timeout:g} s",
-                output_tail=self.last_output[-TAIL_CHARS:],
             )
-        stdout, stderr = self._mask(stdout), self._mask(stderr)
-        self.last_output = stdout + stderr
-        result = interpret(child.returncode, stdout, stderr, claim.key)
-        if child.returncode < 0 and context.stopping():
-            # Stopped with the herd (cancel or Ctrl-C): the task is not at fault.
-            result = Result(status=Status.QUEUED, reason="worker stopped")
-        result.output_tail = (stdout + ("\n" + stderr if stderr else ""))[-TAIL_CHARS:]
-        result.data.setdefault("seconds", round(time.monotonic() - started, 3))
-        return result
+        return interpret(ended.code, ended.stdout, ended.stderr, claim.key)
 
-    def _mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "********")
-        return text
+
+def agent_log_path(claim: Claim) -> Path:
+    return Path(
+        settings.HYPERVISOR_DATA_DIR, "logs", "agents", f"task-{claim.id}-{claim.fence}.log"
+    )
 
 
 def interpret(code: int, stdout: str, stderr: str, key: str) -> Result:

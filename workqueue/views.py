@@ -216,17 +216,21 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
             content_type="text/plain",
         )
     actor = f"user:{request.user.get_username()}"
-    if action in ("requeue", "release"):
-        changed = claims.release_task(task, actor, f"{action} from the board")
-    elif action == "done":
-        changed = claims.set_task_status(task, Status.DONE, actor)
-    else:
-        changed = claims.set_task_status(
-            task, Status.BLOCKED, actor, form.cleaned_data["reason"].strip()
-        )
-    if not changed:
-        # Someone (a worker, another person) moved the task in the meantime.
+    try:
+        if action in ("requeue", "release"):
+            changed = claims.release_task(task, actor, f"{action} from the board")
+        elif action == "done":
+            changed = claims.set_task_status(task, Status.DONE, actor)
+        else:
+            changed = claims.set_task_status(
+                task, Status.BLOCKED, actor, form.cleaned_data["reason"].strip()
+            )
         message = f"{task.key} changed meanwhile; nothing done."
+    except claims.AgentStillRunning as exc:
+        changed, message = False, str(exc)
+    if not changed:
+        # Someone (a worker, another person) moved the task in the meantime, or its
+        # agent could not be ended.
         if request.htmx:
             return HttpResponse(message, status=409, content_type="text/plain")
         messages.error(request, message)

@@ -83,7 +83,10 @@ class Worker:
         self.database_patience = 120.0  # seconds a worker waits for its database to return
         self.stop_reason = ""
         self.current: Claim | None = None
-        self.context = WorkContext(self.identity.worker, lambda: self.stop_requested, dry_run)
+        self.context = WorkContext(
+            self.identity.worker, lambda: self.stop_requested, dry_run, self._agent_started
+        )
+        self.busy: dict[int, float] = {}  # tasks whose lock an outside process holds
         self._beating = threading.Event()
 
     # Signals only set a flag; the loop notices between tasks.
@@ -139,6 +142,7 @@ class Worker:
             limit,
             self.lease_seconds,
             self.filters,
+            self.busy,
         )
         self.stats.slowest_claim = max(self.stats.slowest_claim, time.monotonic() - started)
         if not batch:
@@ -186,6 +190,9 @@ class Worker:
                 connection.close()
                 time.sleep(delay + random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
+
+    def _agent_started(self, claim: Claim, pgid: int, started: float) -> None:
+        self.with_database(claims.record_agent, self.identity, claim, pgid, started)
 
     def finish(self, done: list[tuple[Claim, Result]]) -> None:
         if not done:

@@ -59,6 +59,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--workers", type=int, default=1, help="fork this many workers from one loaded process"
         )
+        parser.add_argument(
+            "--pass-env",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="let the agent see this variable of the worker's environment (repeatable); "
+            "it sees only PATH, HOME, USER, LANG, LC_*, TERM, TZ, TMPDIR otherwise",
+        )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument(
             "argv", nargs=argparse.REMAINDER, help="-- CMD ARG ... for --processor command"
@@ -77,11 +85,10 @@ class Command(BaseCommand):
             raise CommandError("a command after -- needs --processor command")
         kwargs = {}
         if options["processor"] == "command":
-            # Values of these variables (a profile's extra environment) never reach the
-            # stored output or the logs.
-            masked = os.environ.get("HYPERVISOR_MASK_ENV", "").split(",")
-            secrets = [os.environ[name] for name in masked if os.environ.get(name)]
-            kwargs = {"timeout": options["timeout"], "secrets": secrets}
+            # A herd puts its profile's extra environment in ours and names it here: the
+            # agent gets it, and its values never reach the stored output.
+            profile_env = [n for n in os.environ.get("HYPERVISOR_MASK_ENV", "").split(",") if n]
+            kwargs = {"timeout": options["timeout"], "pass_env": profile_env + options["pass_env"]}
         try:
             filters = TaskFilter.parse(options["where"])
             processor = load_processor(options["processor"], argv, **kwargs)
