@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 
@@ -181,6 +182,8 @@ class HerdStatus(models.TextChoices):
 
 
 LAUNCH_FAILED = "launch failed"
+# A launch is a pre-flight and N forks: seconds. One still unfinished after this is dead.
+LAUNCH_STALL = timedelta(minutes=2)
 ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED)
 
 
@@ -196,11 +199,6 @@ class HerdQuerySet(models.QuerySet):
 
     def active(self) -> HerdQuerySet:
         return self.filter(status__in=(HerdStatus.PENDING, HerdStatus.RUNNING))
-
-    def unsupervised(self, seconds: float) -> HerdQuerySet:
-        """Running herds that no supervision pass has looked at for `seconds`."""
-        before = timezone.now() - timedelta(seconds=seconds)
-        return self.running().filter(supervised_at__lt=before)
 
 
 class Herd(models.Model):
@@ -230,8 +228,12 @@ class Herd(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     # Set once every worker has been started: before that, no live worker does not mean done.
     launched_at = models.DateTimeField(null=True, blank=True)
-    # Stamped by every supervision pass: a stale stamp means nobody watches this herd.
+    # Stamped by every supervision pass, for the page: when the herd was last looked at.
     supervised_at = models.DateTimeField(null=True, blank=True)
+    # The consumer process running the launch: once it is gone, so is the launch.
+    launch_host = models.CharField(max_length=200, blank=True)
+    launch_pid = models.IntegerField(null=True, blank=True)
+    launch_started = models.FloatField(null=True, blank=True, help_text="psutil create_time")
     finished_at = models.DateTimeField(null=True, blank=True)
 
     objects = HerdQuerySet.as_manager()
@@ -297,23 +299,42 @@ class Herd(models.Model):
 
     # Lifecycle. Each transition is a conditional UPDATE: two supervisors may race.
     def start(self) -> bool:
+        """Pending to running, once, recording this process as the one that launches it."""
+        from herds import processes
+
         now = timezone.now()
+        launcher = {
+            "launch_host": settings.HYPERVISOR_HOST,
+            "launch_pid": os.getpid(),
+            "launch_started": processes.create_time(os.getpid()),
+        }
         won = Herd.objects.filter(pk=self.pk, status=HerdStatus.PENDING).update(
-            status=HerdStatus.RUNNING, started_at=now, supervised_at=now
+            status=HerdStatus.RUNNING, started_at=now, supervised_at=now, **launcher
         )
         if won:
             self.status, self.started_at = HerdStatus.RUNNING, now
+            for field, value in launcher.items():
+                setattr(self, field, value)
         return bool(won)
 
-    def adopt(self) -> bool:
-        """Take over the watch of a herd whose supervisor is gone; one taker wins."""
-        now = timezone.now()
-        won = Herd.objects.filter(
-            pk=self.pk, status=HerdStatus.RUNNING, supervised_at=self.supervised_at
-        ).update(supervised_at=now)
-        if won:
-            self.supervised_at = now
-        return bool(won)
+    def mark_launched(self) -> None:
+        self.launched_at = timezone.now()
+        Herd.objects.filter(pk=self.pk, launched_at=None).update(launched_at=self.launched_at)
+
+    def launch_lost(self) -> bool:
+        """The launch stopped before it started every worker, and never will.
+
+        On this host the launching consumer is provably gone (pid gone or reused), which a
+        restarted consumer sees at once; a launch on another host is given up by the clock.
+        """
+        from herds import processes
+
+        if self.launched_at is not None or self.started_at is None:
+            return False
+        here = self.launch_host == settings.HYPERVISOR_HOST and self.launch_pid
+        if here and processes.leader(self.launch_pid, self.launch_started) is None:
+            return True
+        return timezone.now() - self.started_at > LAUNCH_STALL
 
     def drain(self, reason: str) -> bool:
         """Stop claiming; current tasks finish. The first reason given is kept."""

@@ -1,7 +1,12 @@
-"""Launch a herd's workers and watch them with psutil until the last one exits.
+"""Launch a herd's workers, then look at every running herd in short passes.
 
-Every pass is idempotent: the launch task and the periodic task may supervise the same herd
-at once, and each state change is a conditional UPDATE that only one of them wins.
+No consumer thread waits for a herd: the launch task starts the workers and returns, and a
+pass every few seconds (herds.tasks) looks at each running herd once. The workers are the
+fork server's children; their exit statuses come back to this process, kept in `children`
+for whichever pass (in whichever consumer thread) looks next.
+
+Every pass is idempotent: passes may overlap, with each other and with a cancel, and each
+state change is a conditional UPDATE that only one of them wins.
 """
 
 from __future__ import annotations
@@ -9,8 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
-from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
@@ -24,7 +29,13 @@ from workqueue.models import EventKind, Status, Task, TaskEvent
 log = logging.getLogger("herds")
 
 STAGGER_SECONDS = 0.05  # most random delay between two worker starts
-LAUNCH_STALL = timedelta(minutes=10)  # a launch that never finished spawning is given up
+# A worker row without a pid once its launch is lost: the process may still be starting
+# (forked just before the consumer died) and will report its pid itself within this time.
+START_GRACE_SECONDS = 10
+
+# Worker pk -> the process this consumer started, until its exit is recorded.
+children: dict[int, zygote.WorkerProcess] = {}
+_children_lock = threading.Lock()
 
 
 def cancel_grace() -> float:
@@ -75,6 +86,8 @@ def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess |
     except OSError as exc:
         worker.record_exit(None, ExitClass.CRASHED, f"could not start: {exc}")
         return worker, None
+    with _children_lock:
+        children[worker.pk] = child
     started = processes.create_time(child.pid)
     Worker.objects.filter(pk=worker.pk).update(pid=child.pid, process_started=started)
     worker.pid, worker.process_started = child.pid, started
@@ -82,11 +95,10 @@ def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess |
 
 
 def launch(herd_id: int) -> None:
-    """Pre-flight, start the workers, supervise them, write the summary at the end."""
+    """Pre-flight and start the workers, then return: supervision passes do the rest."""
     herd = Herd.objects.select_related("profile").filter(pk=herd_id).first()
     if herd is None or not herd.start():
         return
-    children: dict[int, zygote.WorkerProcess] = {}
     try:
         preflight = herd.record_preflight()
         count = herd.workers_to_start()
@@ -99,16 +111,12 @@ def launch(herd_id: int) -> None:
             flags = Herd.objects.filter(pk=herd.pk).values("draining", "cancel_requested")[0]
             if flags["draining"] or flags["cancel_requested"]:
                 break
-            worker, child = start_worker(herd, index)
-            if child is not None:
-                children[worker.pk] = child
-        Herd.objects.filter(pk=herd.pk).update(launched_at=timezone.now())
-        herd.launched_at = timezone.now()
+            start_worker(herd, index)
+        herd.mark_launched()
     except Exception as exc:
         log.exception("launch of herd %s failed", herd.pk)
-        Herd.objects.filter(pk=herd.pk).update(launched_at=timezone.now())
+        herd.mark_launched()
         herd.request_cancel(f"{LAUNCH_FAILED}: {exc}")
-    watch(herd, children)
 
 
 def nothing_ready_reason(preflight: dict) -> str:
@@ -125,55 +133,66 @@ def nothing_ready_reason(preflight: dict) -> str:
     )
 
 
-def watch(herd: Herd, children: dict[int, zygote.WorkerProcess]) -> None:
-    """Supervise every period, and at once when one of our children exits."""
-    interval = settings.HYPERVISOR_SUPERVISE_INTERVAL
-    next_pass = 0.0
-    exited: set[int] = set()
-    while True:
-        now = time.monotonic()
-        newly = {
-            pk for pk, child in children.items() if pk not in exited and child.poll() is not None
-        }
-        exited |= newly
-        if newly or now >= next_pass:
-            if not supervise(herd, children):
-                return
-            next_pass = now + interval
-        time.sleep(0.1)
-
-
-def supervise(herd: Herd, children: dict[int, zygote.WorkerProcess] | None = None) -> bool:
+def supervise(herd: Herd) -> bool:
     """One pass over a running herd. Returns True while it still runs."""
     herd.refresh_from_db()
     if herd.status != HerdStatus.RUNNING:
         return False
-    children = children or {}
     if herd.cancel_requested:
-        end_processes(herd, children)
+        end_processes(herd)
     elif not herd.draining:
         if herd.deadline_passed():
             herd.drain(f"wall-clock limit of {herd.wall_clock_limit} s reached")
         elif herd.budget_spent():
             herd.drain(f"token budget of {herd.token_budget} reached")
+    lost = herd.launch_lost()
     for worker in herd.workers.live():
         if worker.pid is None:
-            # Being started right now by the launch task; given up only if that launch died.
-            if timezone.now() - worker.started_at > LAUNCH_STALL:
-                worker.record_exit(None, ExitClass.CRASHED, "never started")
+            # Being started right now by the launch task, unless that launch is over.
+            if (lost or herd.launched_at is not None) and never_started(worker):
+                worker.record_exit(
+                    None, ExitClass.CRASHED, "never started: its launch stopped first"
+                )
             continue
-        check_worker(herd, worker, children.get(worker.pk))
+        check_worker(herd, worker, child_of(worker))
     herd.record_pass()
     if herd.workers.live().exists():
         return True
     if herd.launched_at is None:
-        if herd.started_at and timezone.now() - herd.started_at > LAUNCH_STALL:
+        if not lost:
+            return True
+        # The workers the lost launch did start are the herd; its end says how they did.
+        herd.mark_launched()
+        if not herd.workers.exclude(pid=None).exists():
             return not herd.finish(
-                HerdStatus.FAILED, "the launch stopped before every worker started"
+                HerdStatus.FAILED, "the launching consumer stopped before any worker started"
             )
-        return True
     herd.finish(herd.end_status())
     return False
+
+
+def never_started(worker: Worker) -> bool:
+    worker.refresh_from_db(fields=["pid", "heartbeat_at"])
+    if worker.pid is not None or worker.heartbeat_at is not None:
+        return False
+    return (timezone.now() - worker.started_at).total_seconds() > START_GRACE_SECONDS
+
+
+def child_of(worker: Worker) -> zygote.WorkerProcess | None:
+    with _children_lock:
+        return children.get(worker.pk)
+
+
+def forget_exited_children() -> None:
+    """Drop the processes whose exit is recorded (by this consumer or another)."""
+    with _children_lock:
+        ended = [pk for pk, child in children.items() if child.poll() is not None]
+    if not ended:
+        return
+    recorded = set(Worker.objects.filter(pk__in=ended).exited().values_list("pk", flat=True))
+    with _children_lock:
+        for pk in recorded:
+            children.pop(pk, None)
 
 
 def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None) -> None:
@@ -284,17 +303,18 @@ def block_over_limit(task_ids: list[int], limit: int, worker: str) -> None:
     )
 
 
-def end_processes(herd: Herd, children: dict[int, zygote.WorkerProcess]) -> None:
+def end_processes(herd: Herd) -> None:
     """Cancel: every live worker's tree gets SIGTERM, a grace period, then SIGKILL."""
     live = list(herd.workers.live())
     if not live:
         return
     killed = processes.terminate_trees([(w.pid, w.process_started) for w in live], cancel_grace())
     for worker in live:
-        child = children.get(worker.pk)
-        code = None
-        if child is not None:
-            code = child.wait(timeout=5)
+        child = child_of(worker)
+        code = child.wait(timeout=5) if child is not None else None
+        if code is None:
+            worker.refresh_from_db(fields=["exit_code"])
+            code = worker.exit_code
         detail = herd.reason or "cancelled"
         if worker.pid in killed:
             detail += " (killed after the grace period)"
@@ -302,22 +322,15 @@ def end_processes(herd: Herd, children: dict[int, zygote.WorkerProcess]) -> None
         reap_worker(herd, worker)
 
 
-def adopt_orphans() -> list[int]:
-    """Herds whose launch task is gone (a restarted consumer): each gets a new watcher."""
-    stale = max(5 * settings.HYPERVISOR_SUPERVISE_INTERVAL, 15)
-    return [herd.pk for herd in Herd.objects.unsupervised(stale) if herd.adopt()]
-
-
 def supervise_running_herds() -> int:
-    """The periodic pass over every running herd; idempotent next to the launch tasks."""
+    """The periodic pass: each running herd once. Returns how many were looked at."""
     count = 0
     for herd in Herd.objects.running().select_related("profile"):
-        supervise(herd)
+        try:
+            supervise(herd)
+        except Exception:
+            # One herd's trouble (a vanished row, a psutil error) must not starve the rest.
+            log.exception("supervision pass over herd %s failed", herd.pk)
         count += 1
+    forget_exited_children()
     return count
-
-
-def watch_adopted(herd_id: int) -> None:
-    herd = Herd.objects.select_related("profile").filter(pk=herd_id).first()
-    if herd is not None:
-        watch(herd, {})

@@ -1,29 +1,58 @@
-"""Huey tasks: launching herds, supervising them, and reaping stale claims."""
+"""Huey tasks: launching herds, short supervision passes, and reaping stale claims.
+
+No task here holds a consumer thread for longer than a launch (a pre-flight and N forks) or
+one look at each running herd. Huey's periodic tasks tick once a minute; the passes and
+reaps in between are scheduled through the minute by whichever consumer claims it first.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from django.conf import settings
 from huey import crontab
-from huey.contrib.djhuey import db_periodic_task, db_task, on_commit_task, on_startup
+from huey.contrib.djhuey import HUEY, db_periodic_task, db_task, on_commit_task, on_startup
 
 from herds import supervision, zygote
 from workqueue.claims import release_stale_claims
 
 log = logging.getLogger("herds")
 
+PASSES = "herds:supervision-passes"
+REAPS = "herds:reaps"
+
+_first_start = threading.Lock()
+_started = False
+
 
 @on_startup()
-def start_fork_server() -> None:
+def start_consumer() -> None:
     # Ready before the first launch: starting it costs what it saves.
     zygote.warm_up()
+    global _started
+    with _first_start:
+        # Startup hooks run once per consumer thread; this once per consumer.
+        if _started:
+            return
+        _started = True
+    # A consumer that starts after another died looks at once: a herd whose launch died
+    # with it is adopted now, and claims its workers left behind are reaped now, not at
+    # the next minute's tick.
+    from herds.models import Herd
+
+    supervise_herds_now()
+    if Herd.objects.running().exists():
+        cover_this_minute(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
+    reap_stale_claims_now()
+    cover_this_minute(reap_stale_claims_now, REAPS, settings.HYPERVISOR_REAP_INTERVAL)
 
 
 @on_commit_task()
 def launch_herd(herd_id: int) -> None:
-    # Holds one consumer thread for the life of the herd: it is the workers' parent.
     supervision.launch(herd_id)
+    cover_this_minute(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
 
 
 @on_commit_task()
@@ -35,17 +64,19 @@ def cancel_herd(herd_id: int) -> None:
         supervision.supervise(herd)
 
 
-@db_periodic_task(crontab())
-def supervise_herds() -> None:
-    for herd_id in supervision.adopt_orphans():
-        watch_herd(herd_id)
+@db_task()
+def supervise_herds_now() -> None:
     supervision.supervise_running_herds()
 
 
-@db_task()
-def watch_herd(herd_id: int) -> None:
-    # A herd adopted after its launch task was lost: watched every period until it ends.
-    supervision.watch_adopted(herd_id)
+@db_periodic_task(crontab())
+def supervise_herds() -> None:
+    from herds.models import Herd
+
+    forget_earlier_minutes(PASSES)
+    if Herd.objects.running().exists():
+        supervise_herds_now.call_local()
+        cover_this_minute(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
 
 
 @db_task()
@@ -57,8 +88,29 @@ def reap_stale_claims_now() -> None:
 
 @db_periodic_task(crontab())
 def reap_stale_claims() -> None:
-    # Huey's periodic tasks tick once a minute; shorter intervals are scheduled from here.
+    forget_earlier_minutes(REAPS)
     reap_stale_claims_now.call_local()
-    interval = settings.HYPERVISOR_REAP_INTERVAL
-    for delay in range(interval, 60, interval):
-        reap_stale_claims_now.schedule(delay=delay)
+    cover_this_minute(reap_stale_claims_now, REAPS, settings.HYPERVISOR_REAP_INTERVAL)
+
+
+def cover_this_minute(task, name: str, interval: int) -> bool:
+    """Schedule `task` every `interval` s from now until the next minute's tick.
+
+    Once per minute across every consumer sharing this Huey: the first to store the
+    minute's key schedules, so ten launches at once do not schedule ten sets of passes.
+    The scheduled runs live in Huey's storage and outlast a consumer that dies.
+    """
+    now = time.time()
+    minute = int(now // 60) * 60
+    if interval >= 60 or not HUEY.put_if_empty(f"{name}:{minute}", True):
+        return False
+    for at in range(minute + interval, minute + 60, interval):
+        if at > now:
+            task.schedule(delay=at - now)
+    return True
+
+
+def forget_earlier_minutes(name: str) -> None:
+    minute = int(time.time() // 60) * 60
+    for earlier in (minute - 60, minute - 120):
+        HUEY.delete(f"{name}:{earlier}")

@@ -4,6 +4,12 @@ A fresh `manage.py work` spends most of a second importing Django, Huey and the 
 drivers before its first claim; forking a process that did it once starts a worker in
 milliseconds. The fork server is a child of the Huey consumer and holds no database
 connection; each worker opens its own, in its own session (process group).
+
+The fork server lives as long as the consumer, not as long as a launch task: it is the
+workers' parent, waits on each one as it exits (no zombies) and sends its exit status back
+to the consumer, where any supervision pass reads it. If the consumer dies, the fork server
+exits too and the workers, in their own sessions, go on; the next consumer judges them by
+psutil and the exit code each worker reported itself.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import sys
+import threading
 from pathlib import Path
 
 PRELOAD_FLAG = "HYPERVISOR_ZYGOTE_PRELOAD"
@@ -27,13 +34,18 @@ class WorkerProcess:
     def __init__(self, process: multiprocessing.process.BaseProcess):
         self.process = process
         self.pid = process.pid
+        # Passes in several consumer threads may ask at once; the status is read from a
+        # socket once, and a second reader racing the first would take the EOF for a 255.
+        self._lock = threading.Lock()
 
     def poll(self) -> int | None:
-        return self.process.exitcode
+        with self._lock:
+            return self.process.exitcode
 
     def wait(self, timeout: float | None = None) -> int | None:
-        self.process.join(timeout)
-        return self.process.exitcode
+        with self._lock:
+            self.process.join(timeout)
+            return self.process.exitcode
 
 
 def start(args: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess:
