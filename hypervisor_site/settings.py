@@ -31,6 +31,9 @@ HYPERVISOR_LOCK_ROOT = envpath("HYPERVISOR_LOCK_ROOT", HYPERVISOR_DATA_DIR / "lo
 HYPERVISOR_IMPORT_ROOTS = envpaths("HYPERVISOR_IMPORT_ROOTS")
 HYPERVISOR_MAX_FILE_BYTES = envint("HYPERVISOR_MAX_FILE_BYTES", 1024 * 1024, minimum=1)
 HYPERVISOR_LEASE_SECONDS = envint("HYPERVISOR_LEASE_SECONDS", 300, minimum=1)
+# A lock whose owner.json is not one of our workers' (no pid or start time, another
+# format) is held by its live pid at most this long, then cleaned as abandoned.
+HYPERVISOR_FOREIGN_LOCK_MAX_AGE = envint("HYPERVISOR_FOREIGN_LOCK_MAX_AGE", 6 * 3600, minimum=1)
 # The host identity written on claims. Workers on different machines must differ here;
 # the reaper only judges pids of its own host.
 HYPERVISOR_HOST = os.environ.get("HYPERVISOR_HOST") or socket.gethostname()
