@@ -2,9 +2,11 @@
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 from hypervisor_site.env import envbool, envint, envpath, envpaths
@@ -68,6 +70,8 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
+    "axes",
+    "csp",
     # Not "huey.contrib.djhuey": loading it imports Huey's storage, and with it the redis
     # and psycopg drivers, in every `manage.py` process (a quarter of a worker's start-up).
     # Only the consumer and whatever enqueues need Huey; herds provides `run_huey`.
@@ -77,6 +81,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -84,6 +89,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as axes asks: it turns a refused login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "hypervisor_site.urls"
@@ -136,6 +143,21 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+# Login throttling (django-axes): after HYPERVISOR_LOGIN_FAILURE_LIMIT failures for one
+# username from one address, that pair is refused, even with the right password, until the
+# cool-off has passed since its last attempt. The site's login and the admin's both go through
+# the backend. Axes sees REMOTE_ADDR: behind a proxy every client shares the proxy's address,
+# so the lockout then holds per username.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = envint("HYPERVISOR_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=envint("HYPERVISOR_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "hypervisor_site.login_throttle.lockout_response"
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "board"
 LOGOUT_REDIRECT_URL = "login"
@@ -152,6 +174,24 @@ STATIC_ROOT = HYPERVISOR_DATA_DIR / "static"
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (django-csp): scripts and styles only from our own static files, so
+# text that slips into a page cannot run or restyle it. htmx comes from django-htmx's static
+# file, with eval off and its injected indicator style off (base.html's htmx-config meta).
+# Django 5.2's admin passes it too: its scripts are files, and its one inline <style> renders
+# only for a changelist with both actions_on_top and actions_on_bottom off, which no admin
+# here sets (tests/browser/test_csp_browser.py opens the admin pages and counts violations).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "frame-ancestors": [NONE],
+        "form-action": [SELF],
+    }
+}
 if envbool("HYPERVISOR_PRODUCTION", False):
     SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", True)
     SESSION_COOKIE_SECURE = True
@@ -201,7 +241,9 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     # run_huey gives huey's logger a handler of its own; no second copy through the root.
     "loggers": {
-        "huey": {"level": os.environ.get("HUEY_LOG_LEVEL", "WARNING"), "propagate": False}
+        "huey": {"level": os.environ.get("HUEY_LOG_LEVEL", "WARNING"), "propagate": False},
+        # Not a version line from every worker's start; lockouts still log as warnings.
+        "axes.apps": {"level": "WARNING"},
     },
 }
 

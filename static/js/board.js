@@ -80,6 +80,15 @@
     if (event.key === "Escape" && drawer) drawer.innerHTML = "";
   });
 
+  // The board polls only while its tab is visible. This is not an hx-trigger filter because
+  // htmx compiles those with eval, which the Content-Security-Policy forbids.
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    const elt = event.detail.elt;
+    if (elt.hasAttribute("data-poll-visible-only") && document.visibilityState !== "visible") {
+      event.preventDefault();
+    }
+  });
+
   // A refused action (409: the task moved meanwhile) is said out loud, not swallowed.
   document.addEventListener("htmx:responseError", function (event) {
     const xhr = event.detail.xhr;
