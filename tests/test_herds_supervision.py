@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -242,3 +243,61 @@ def test_another_hosts_worker_is_judged_by_its_heartbeat_not_its_pid(running_her
     assert "no heartbeat from host another-host" in worker.exit_detail
     # Its claim is left to the lease: no reap by pid from this host.
     assert Task.objects.get().status == Status.CLAIMED
+
+
+def lost_launch_herd(herd: Herd, launcher_pid: int | None, launcher_started: float | None):
+    """A herd whose launch got as far as one started worker and one row without a process."""
+    Herd.objects.filter(pk=herd.pk).update(
+        launched_at=None,
+        launch_host=supervision.settings.HYPERVISOR_HOST,
+        launch_pid=launcher_pid,
+        launch_started=launcher_started,
+    )
+    finished = exited_worker(herd)
+    type(finished).objects.filter(pk=finished.pk).update(exit_code=0)
+    unstarted = herd.workers.create(
+        index=1,
+        name="herd-w1",
+        host=supervision.settings.HYPERVISOR_HOST,
+        started_at=timezone.now() - timedelta(seconds=supervision.START_GRACE_SECONDS + 1),
+    )
+    return finished, unstarted
+
+
+def test_launch_of_a_dead_consumer_is_given_up_at_once_and_the_herd_finishes(running_herd):
+    consumer = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = processes.create_time(consumer.pid)
+    consumer.wait()
+    finished, unstarted = lost_launch_herd(running_herd, consumer.pid, started)
+
+    assert supervision.supervise(running_herd) is False
+
+    running_herd.refresh_from_db()
+    assert running_herd.status == HerdStatus.FINISHED and running_herd.launched_at
+    finished.refresh_from_db()
+    unstarted.refresh_from_db()
+    assert (finished.exit_class, finished.exit_code) == (ExitClass.FINISHED, 0)
+    assert unstarted.exit_class == ExitClass.CRASHED and "never started" in unstarted.exit_detail
+
+
+def test_launch_of_a_live_consumer_is_waited_for(running_herd):
+    me = os.getpid()
+    finished, unstarted = lost_launch_herd(running_herd, me, processes.create_time(me))
+
+    assert supervision.supervise(running_herd) is True
+
+    unstarted.refresh_from_db()
+    assert unstarted.state == WorkerState.STARTING
+    assert Herd.objects.get(pk=running_herd.pk).status == HerdStatus.RUNNING
+
+
+def test_launch_that_started_no_worker_fails_the_herd_and_says_why(running_herd):
+    Herd.objects.filter(pk=running_herd.pk).update(
+        launched_at=None, launch_host=supervision.settings.HYPERVISOR_HOST, launch_pid=2**22 + 7
+    )
+
+    assert supervision.supervise(running_herd) is False
+
+    running_herd.refresh_from_db()
+    assert running_herd.status == HerdStatus.FAILED
+    assert "stopped before any worker started" in running_herd.reason
