@@ -189,16 +189,19 @@ def _names(path: Path | str) -> list[str]:
 def read_owner(directory: Path | str) -> dict | None:
     try:
         with _opened(*_names(directory)) as fd:
-            return _read_owner_at(fd, OWNER_FILE)
+            return _read_owner_at(fd, OWNER_FILE, f"{directory}/{OWNER_FILE}")
     except (OSError, LockError):
         return None
 
 
-def _read_owner_at(directory: int, name: str) -> dict | None:
-    """A regular file's JSON object, or None: nothing there, a link, a FIFO, garbage."""
+def _read_owner_at(directory: int, name: str, path: str) -> dict | None:
+    """A regular file's JSON object, or None: nothing there, a FIFO, garbage. A symlink
+    is refused (LockError): whatever it names is not the lock's owner."""
     try:
         fd = os.open(name, _FILE, dir_fd=directory)
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise symlink_refused(path) from None
         return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -215,7 +218,7 @@ def _read_lock(parent: int, name: str, path: str) -> tuple[dict | None, float]:
     """A lock directory's owner and its modification time."""
     fd = open_dir(parent, name, path)
     try:
-        return _read_owner_at(fd, OWNER_FILE), os.fstat(fd).st_mtime
+        return _read_owner_at(fd, OWNER_FILE, f"{path}/{OWNER_FILE}"), os.fstat(fd).st_mtime
     finally:
         os.close(fd)
 
@@ -467,6 +470,8 @@ class OwnerFile:
             try:
                 folder = self.dir(queue)
                 if not self._ours(folder, key):
+                    if _is_symlink(folder, key):
+                        log.warning("%s", symlink_refused(directory))
                     continue
             except (OSError, LockError):
                 continue
@@ -592,12 +597,24 @@ def remove_at(parent: int, name: str, path: str) -> None:
 
 
 def release(queue: str, key: str) -> None:
+    """Remove a task's lock directory. Raises LockError when a symlink stands in the way."""
     queue, key = lock_name(queue), lock_name(key)
     try:
         with _opened(queue) as folder:
             remove_at(folder, key, f"{settings.HYPERVISOR_LOCK_ROOT}/{queue}/{key}")
     except FileNotFoundError:
         pass
+
+
+def try_release(queue: str, key: str) -> str | None:
+    """release() for callers that must go on (after a commit, in the reaper's loop):
+    returns why the lock could not be removed, to record, or None when it is gone."""
+    try:
+        release(queue, key)
+    except (LockError, OSError) as exc:
+        log.warning("%s", exc)
+        return str(exc)
+    return None
 
 
 @dataclass
@@ -660,10 +677,11 @@ def leftovers() -> list[Path]:
         for name in (SPARES, OWNERS):
             with _listing(root_fd, name, f"{root}/{name}") as folder:
                 for entry, st in _entries(folder, f"{root}/{name}"):
+                    path = f"{root}/{name}/{entry}"
                     if stat.S_ISDIR(st.st_mode):
-                        owner = _read_lock_owner(folder, entry, f"{root}/{name}/{entry}")
+                        owner = _read_lock_owner(folder, entry, path)
                     else:
-                        owner = _read_owner_at(folder, entry)
+                        owner = _read_owner_at(folder, entry, path)
                     if abandoned(owner, now - st.st_mtime):
                         found.append(Path(root, name, entry))
     finally:
@@ -727,8 +745,11 @@ def _subdirs(folder: int | None, path: str):
 def _read_lock_owner(folder: int, name: str, path: str) -> dict | None:
     try:
         return _read_lock(folder, name, path)[0]
-    except (OSError, LockError):
-        return None
+    except LockError as exc:
+        log.warning("%s", exc)
+    except OSError:
+        pass
+    return None
 
 
 def _describe(exc: OSError, path: Path | str) -> str:
