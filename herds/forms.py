@@ -3,6 +3,7 @@ from django.core.exceptions import ValidationError
 
 from herds.models import Profile
 from workqueue.models import Queue, Task
+from workqueue.names import validate_queue_name
 from workqueue.routing import FilterError, TaskFilter
 
 
@@ -15,7 +16,7 @@ def queue_choices() -> list[tuple[str, str]]:
 class LaunchForm(forms.Form):
     """What a person may choose. Never a command line: the profile holds the command."""
 
-    queue = forms.ChoiceField()
+    queue = forms.ChoiceField(validators=[validate_queue_name])
     profile = forms.ModelChoiceField(Profile.objects.all(), to_field_name="name")
     workers = forms.IntegerField(min_value=1, initial=4)
     batch = forms.IntegerField(

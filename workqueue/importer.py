@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from workqueue import taskfile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskBody, TaskEvent
+from workqueue.names import validate_queue_name
 from workqueue.taskfile import TaskFileError
 
 CHUNK = 500
@@ -61,6 +62,7 @@ class _Source:
 
 class Importer:
     def __init__(self, queue: str, roots: list[Path] | None = None, progress: bool = False):
+        validate_queue_name(queue)
         self.queue = queue
         self.configured = [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
         self.roots = self.configured + [Path(r).resolve() for r in roots or []]

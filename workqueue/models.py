@@ -9,6 +9,8 @@ from django.db.models import Count, Exists, Min, OuterRef, Q
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
+from workqueue.names import validate_queue_name
+
 
 class Status(models.TextChoices):
     QUEUED = "queued"
@@ -27,7 +29,7 @@ class Outcome(models.TextChoices):
 class Queue(models.Model):
     """Per-queue settings. A queue exists as soon as a task names it."""
 
-    name = models.CharField(max_length=100, primary_key=True)
+    name = models.CharField(max_length=100, primary_key=True, validators=[validate_queue_name])
     max_attempts = models.PositiveIntegerField(
         default=3, help_text="Claims a task may lose to dead workers before it is blocked."
     )

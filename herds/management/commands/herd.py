@@ -7,13 +7,14 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from herds.models import Herd, Profile
+from workqueue.names import queue_name_argument
 
 
 class Command(BaseCommand):
     help = "Launch a herd of workers on a queue through Huey; --wait follows it to the end."
 
     def add_arguments(self, parser):
-        parser.add_argument("--queue", required=True)
+        parser.add_argument("--queue", required=True, type=queue_name_argument)
         parser.add_argument("--profile", required=True, help="profile name (see the admin)")
         parser.add_argument("--workers", type=int, required=True)
         parser.add_argument("--batch", type=int, default=0, help="tasks per worker; 0 = all")

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
+from workqueue.names import queue_name_argument
 from workqueue.processors import CommandProcessor, load_processor
 from workqueue.routing import TaskFilter
 from workqueue.worker import Worker, WorkerStats
@@ -24,7 +25,7 @@ class Command(BaseCommand):
     requires_system_checks = []
 
     def add_arguments(self, parser):
-        parser.add_argument("--queue", required=True)
+        parser.add_argument("--queue", required=True, type=queue_name_argument)
         parser.add_argument("--batch", type=int, default=0, help="tasks to process; 0 = all")
         parser.add_argument(
             "--processor",
