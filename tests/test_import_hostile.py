@@ -2,6 +2,12 @@
 queue names. Each is named in the report with its path; the good file beside it imports."""
 
 import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -9,6 +15,7 @@ from django.core.management import CommandError, call_command
 
 from herds.forms import LaunchForm
 from herds.models import Profile
+from tests.conftest import MANAGE, ROOT
 from workqueue.importer import Importer
 from workqueue.models import Queue, Task
 
@@ -23,6 +30,40 @@ def import_folder(folder, queue="q"):
 
 def errors_by_path(report) -> dict[str, str]:
     return {e["path"]: e["error"] for e in report.errors}
+
+
+@pytest.fixture
+def chain(write_task):
+    """Build folder/name/name/... through dir fds (the path soon passes what open() takes);
+    removed level by level afterwards, since shutil.rmtree recurses once per level."""
+    made = []
+
+    def build(name: str, depth: int, files: dict[int, bytes]) -> None:
+        made.append(name)
+        fd = os.open(write_task.folder, os.O_RDONLY | os.O_DIRECTORY)
+        for level in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+            if level in files:
+                out = os.open("task.md", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+                os.write(out, files[level])
+                os.close(out)
+        os.close(fd)
+
+    yield build
+    top = write_task.folder
+    for name in made:
+        while (top / name).is_dir():
+            level, spare = top / name, top / f"{name}.up"
+            if (level / name).is_dir():
+                (level / name).rename(spare)
+            for entry in level.iterdir():
+                entry.unlink()
+            level.rmdir()
+            if spare.is_dir():
+                spare.rename(level)
 
 
 # Queue names ---------------------------------------------------------------------------
@@ -61,3 +102,175 @@ def test_launch_form_refuses_a_bad_queue_name_already_in_the_database():
     form = LaunchForm(data={"queue": "a/b", "profile": profile.name, "workers": 1, "batch": 0})
     assert not form.is_valid()
     assert "queue name 'a/b' is not allowed" in form.errors["queue"][0]
+
+
+# Special files and odd trees -------------------------------------------------------------
+
+
+@pytest.mark.timeout(20)  # the old importer blocked for ever opening the FIFO
+def test_fifo_named_md_is_refused_and_the_good_file_imported(write_task):
+    write_task("good.md", GOOD)
+    fifo = write_task.folder / "x.md"
+    os.mkfifo(fifo)
+    report = import_folder(write_task.folder)
+    assert errors_by_path(report) == {str(fifo): "not a regular file: a FIFO, not read"}
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+@pytest.mark.timeout(20)  # the old importer read /dev/zero's twin until memory ran out
+def test_device_node_named_md_is_never_read(write_task):
+    if os.geteuid() != 0:
+        pytest.skip("creating a character device node needs root")
+    write_task("good.md", GOOD)
+    device = write_task.folder / "z.md"
+    os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # the same device as /dev/zero
+    report = import_folder(write_task.folder)
+    assert errors_by_path(report) == {
+        str(device): "not a regular file: a character device, not read"
+    }
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+def test_fifo_named_on_the_command_line_or_in_a_queue_file_is_refused(write_task):
+    fifo = write_task.folder / "named.md"
+    os.mkfifo(fifo)
+    os.mkfifo(write_task.folder / "listed.md")
+    queue_file = write_task.folder / "list.txt"
+    queue_file.write_text("listed.md\n")
+    report = Importer("q", [write_task.folder]).run([fifo, queue_file])
+    assert [e["error"] for e in report.errors] == ["not a regular file: a FIFO, not read"] * 2
+    fifo_list = write_task.folder / "fifo.txt"
+    os.mkfifo(fifo_list)
+    report = Importer("q", [write_task.folder]).run([fifo_list])
+    assert errors_by_path(report) == {str(fifo_list): "not a regular file: a FIFO, not read"}
+
+
+def test_symlink_loops_are_named_and_the_rest_imported(write_task):
+    write_task("good.md", GOOD)
+    folder = write_task.folder
+    (folder / "self.md").symlink_to(folder / "self.md")
+    (folder / "a.md").symlink_to(folder / "b.md")
+    (folder / "b.md").symlink_to(folder / "a.md")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to(folder)
+    (folder / "sub" / "twice.md").symlink_to(folder / "good.md")
+    report = import_folder(folder)
+    errors = errors_by_path(report)
+    assert errors == {
+        str(folder / "a.md"): "symlink loop",
+        str(folder / "b.md"): "symlink loop",
+        str(folder / "self.md"): "symlink loop",
+        str(folder / "sub" / "up"): f"symlink to a folder already read ({folder.resolve()})",
+    }
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_walked(write_task, chain):
+    write_task("good.md", GOOD)
+    depth = sys.getrecursionlimit() + 100  # 1,100 nested folders
+    chain("d", depth, {300: b"---\nid: mid\n---\nHalf way.\n", depth - 1: b"# Bottom\n"})
+    report = import_folder(write_task.folder)
+    assert sorted(Task.objects.values_list("key", flat=True)) == ["good", "mid"]
+    ((where, why),) = errors_by_path(report).items()
+    # The bottom file's key (its path, having no id) is longer than the key column.
+    assert where.endswith("/d/d/task.md") and why == "key: 2,207 characters, over the column's 500"
+
+
+def test_paths_longer_than_path_max_are_named(write_task, chain):
+    write_task("good.md", GOOD)
+    chain("n" * 250, 20, {19: b"# Too far\n"})  # 5,000 characters: past PATH_MAX (4,096)
+    report = import_folder(write_task.folder)
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+    ((where, why),) = errors_by_path(report).items()
+    assert len(where) > os.pathconf("/", "PC_PATH_MAX") and "File name too long" in why
+
+
+def test_unreadable_folder_is_named(write_task, process_env):
+    write_task("good.md", GOOD)
+    locked = write_task.folder / "locked"
+    locked.mkdir()
+    (locked / "hidden.md").write_text("# hidden\n")
+    locked.chmod(0)
+    command = [sys.executable]
+    if os.geteuid() == 0:
+        # Root reads any folder; the import runs without the two capabilities that allow it,
+        # as every other user does.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv (util-linux) is not installed")
+        caps = "-dac_override,-dac_read_search"
+        command = [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", "--", *command]
+    try:
+        result = subprocess.run(
+            [*command, MANAGE, "import_tasks", str(write_task.folder), "--queue=q", "--json"],
+            env=process_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        locked.chmod(0o700)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["errors"] == [
+        {"path": str(locked), "error": "cannot read folder: Permission denied"}
+    ]
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+# Values their columns cannot hold -------------------------------------------------------
+
+BAD_VALUES = [
+    ("inf.md", "priority: .inf", "priority: inf is not a finite number"),
+    ("nan.md", "priority: .nan", "priority: nan is not a finite number"),
+    ("huge.md", f"priority: {2**70}", f"priority: {2**70} is outside the column's range"),
+    ("int32.md", "priority: 3000000000", "priority: 3000000000 is outside the column's range"),
+    ("nul-title.md", 'title: "a\\0b"', "title: contains a NUL character"),
+    ("nul-tag.md", 'tags: ["x\\0"]', "tags: contains a NUL character"),
+    ("nul-extra.md", 'notes: {deep: "x\\0"}', "notes: contains a NUL character"),
+    ("nul-key.md", '"k\\0": 1', "frontmatter 'k\\x00': contains a NUL character"),
+    ("inf-extra.md", "estimate: -.inf", "estimate: -inf is not a finite number"),
+    ("long-title.md", "title: " + "t" * 501, "title: 501 characters, over the column's 500"),
+    ("long-id.md", "id: " + "k" * 501, "key: 501 characters, over the column's 500"),
+    ("long-project.md", "project: " + "p" * 201, "project: 201 characters, over the column's 200"),
+    ("long-assignee.md", "assignee: " + "a" * 201, "assignee: 201 characters"),
+    ("long-type.md", "type: " + "y" * 101, "type: 101 characters, over the column's 100"),
+    ("many-tags.md", "tags: [" + ", ".join(["tag"] * 300) + "]", "tag_index: 1,201 characters"),
+    ("long-dep.md", "depends_on: [" + "d" * 501 + "]", "depends_on: an id of 501 characters"),
+]
+
+
+@pytest.mark.parametrize(("name", "yaml", "message"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_a_value_its_column_cannot_hold_names_file_and_field(write_task, name, yaml, message):
+    write_task("good.md", GOOD)
+    bad = write_task(name, f"---\n{yaml}\n---\nBody.\n")
+    report = import_folder(write_task.folder)
+    assert [e["path"] for e in report.errors] == [str(bad)]
+    assert message in report.errors[0]["error"]
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+def test_a_nul_in_the_body_past_the_binary_sniff_is_refused(write_task):
+    write_task("good.md", GOOD)
+    bad = write_task("late-nul.md", b"# Late\n" + b"x" * 9000 + b"\x00\n")
+    report = import_folder(write_task.folder)
+    assert errors_by_path(report) == {str(bad): "body: contains a NUL character"}
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+def test_a_bare_id_too_long_in_a_queue_file_is_named_by_line(write_task):
+    queue_file = write_task.folder / "list.txt"
+    queue_file.write_text("fine-id\n" + "k" * 501 + "\n")
+    report = Importer("q", [write_task.folder]).run([queue_file])
+    assert errors_by_path(report) == {
+        f"{queue_file}:2": "key: 501 characters, over the column's 500"
+    }
+    assert list(Task.objects.values_list("key", flat=True)) == ["fine-id"]
+
+
+def test_a_heading_longer_than_the_title_column_is_cut_not_refused(write_task):
+    write_task("long.md", "# " + "h" * 700 + "\n")
+    report = import_folder(write_task.folder)
+    assert not report.errors
+    assert Task.objects.get().title == "h" * 500

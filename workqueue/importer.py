@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import models, transaction
+from django.db.backends.base.operations import BaseDatabaseOperations
 from django.utils import timezone
 from tqdm import tqdm
 
@@ -107,35 +110,74 @@ class Importer:
     # Finding files ----------------------------------------------------------
 
     def _walk(self, folder: Path) -> list[_Source]:
+        # Iterative (a tree deeper than Python's recursion limit is still a tree), and every
+        # entry that cannot be read is named: a silent skip hides a task.
         top = folder.resolve()
         base = self._base_for(top) or top
-        found, visited = [], set()
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            real = Path(dirpath).resolve()
-            if not self._inside(real):
-                self.report.error(dirpath, f"symlink points outside the import roots (to {real})")
-                dirnames[:] = []
+        found, visited, pending = [], {top}, [(folder, top)]
+        while pending:
+            dirpath, real = pending.pop()
+            try:
+                with os.scandir(dirpath) as scan:
+                    entries = sorted(scan, key=lambda e: e.name)
+            except OSError as exc:
+                self.report.error(dirpath, f"cannot read folder: {exc.strerror}")
                 continue
-            if real in visited:  # a symlink loop
-                dirnames[:] = []
-                continue
-            visited.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             folder_base = base if real.is_relative_to(base) else self._base_for(real) or base
-            links = []
-            # The folder is resolved and confined once; only symlinked files need more.
-            for name in sorted(filenames):
-                if name.endswith(".md") and not name.startswith("."):
-                    if os.path.islink(os.path.join(dirpath, name)):
-                        links.append(Path(dirpath) / name)
-                    else:
-                        found.append(_Source(real / name, folder_base))
-            found.extend(self._confine(links, folder_base))
+            files, folders = [], []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                path = Path(dirpath) / entry.name
+                try:
+                    is_link = entry.is_symlink()
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError as exc:
+                    self.report.error(path, f"cannot read: {exc.strerror}")
+                    continue
+                if is_link:
+                    target = self._follow(path)
+                    if target is None:
+                        continue
+                    if target.is_dir():
+                        if target in visited:
+                            self.report.error(path, f"symlink to a folder already read ({target})")
+                        else:
+                            visited.add(target)
+                            folders.append((path, target))
+                    elif entry.name.endswith(".md"):
+                        files.extend(self._confine([path], folder_base))
+                elif is_dir:
+                    visited.add(real / entry.name)
+                    folders.append((path, real / entry.name))
+                elif entry.name.endswith(".md"):
+                    files.append(_Source(real / entry.name, folder_base))
+            found.extend(files)
+            pending.extend(reversed(folders))  # depth first, in name order, like os.walk
         return found
+
+    def _follow(self, link: Path) -> Path | None:
+        """Where a symlink inside the walk leads, or None (and the reason reported)."""
+        try:
+            target = link.resolve(strict=True)
+        except RuntimeError:
+            self.report.error(link, "symlink loop")
+            return None
+        except OSError as exc:
+            reason = (
+                "symlink loop" if exc.errno == errno.ELOOP else f"broken symlink ({exc.strerror})"
+            )
+            self.report.error(link, reason)
+            return None
+        if not self._inside(target):
+            self.report.error(link, f"symlink points outside the import roots (to {target})")
+            return None
+        return target
 
     def _read_queue_file(self, queue_file: Path) -> list[_Source]:
         try:
-            text = taskfile.decode(queue_file.read_bytes())
+            raw, _ = taskfile.read_regular_file(queue_file, settings.HYPERVISOR_MAX_FILE_BYTES)
+            text = taskfile.decode(raw)
         except TaskFileError as exc:
             self.report.error(queue_file, str(exc))
             return []
@@ -155,13 +197,15 @@ class Importer:
     def _confine(self, paths: list[Path], fallback_base: Path, extra_root=None) -> list[_Source]:
         sources = []
         for path in paths:
-            real = path.resolve()
+            try:
+                real = path.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:
+                loop = isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP
+                self.report.error(path, "symlink loop" if loop else "no such file")
+                continue
             if not self._inside(real, extra_root):
                 what = "symlink points" if path.is_symlink() else "path is"
                 self.report.error(path, f"{what} outside the import roots ({real})")
-                continue
-            if not real.is_file():
-                self.report.error(path, "no such file")
                 continue
             base = self._base_for(real, extra_root) or fallback_base.resolve()
             sources.append(_Source(real, base))
@@ -182,28 +226,30 @@ class Importer:
     def _import_file(self, source: _Source) -> None:
         path = source.path
         spath = str(path)
+        if spath in self.seen_paths:
+            return  # reached a second time through a symlink
         self.seen_paths.add(spath)
         try:
-            stat = path.stat()
+            stat = os.lstat(path)
+            taskfile.check_regular(stat, settings.HYPERVISOR_MAX_FILE_BYTES)
         except OSError as exc:
             self.report.error(path, f"cannot read: {exc.strerror}")
+            return
+        except TaskFileError as exc:
+            self.report.error(path, str(exc))
             return
         known = self.known.get(spath)
         if known and known[1] == stat.st_size and known[2] == stat.st_mtime_ns and not known[4]:
             self.report.unchanged += 1
             self.seen_keys.setdefault(known[5], spath)
             return
-        if stat.st_size > settings.HYPERVISOR_MAX_FILE_BYTES:
-            self.report.error(
-                path,
-                f"file is {stat.st_size:,} bytes, over the "
-                f"{settings.HYPERVISOR_MAX_FILE_BYTES:,}-byte limit",
-            )
-            return
         try:
-            raw = path.read_bytes()
+            raw, stat = taskfile.read_regular_file(path, settings.HYPERVISOR_MAX_FILE_BYTES)
         except OSError as exc:
             self.report.error(path, f"cannot read: {exc.strerror}")
+            return
+        except TaskFileError as exc:
+            self.report.error(path, str(exc))
             return
         digest = hashlib.sha256(raw).hexdigest()
         if known and known[3] == digest and not known[4]:
@@ -217,6 +263,7 @@ class Importer:
             parsed = taskfile.parse(raw)
             key = self._key(parsed.frontmatter, path, source.base)
             fields = task_fields(parsed, path)
+            check_columns({"key": key, "source_path": spath})
         except TaskFileError as exc:
             self.report.error(path, str(exc))
             return
@@ -248,7 +295,7 @@ class Importer:
         return other not in self.seen_paths or self.seen_keys.get(key) == other
 
     def _key(self, fm: dict, path: Path, base: Path) -> str:
-        key = taskfile.text_field(fm, "id", 500)
+        key = taskfile.text_field(fm, "id", None)
         if key:
             return key
         return path.relative_to(base).as_posix()
@@ -301,6 +348,11 @@ class Importer:
         self.report.closed += int(closed)
 
     def _import_bare_id(self, key: str, where: str) -> None:
+        try:
+            check_columns({"key": key, "title": key})
+        except TaskFileError as exc:
+            self.report.error(where, str(exc))
+            return
         if key in self.keys:
             self.report.unchanged += 1
             return
@@ -379,14 +431,16 @@ class Importer:
 
 
 def task_fields(parsed: taskfile.TaskFile, path: Path | None) -> dict:
+    """A file's column values, checked against the columns (TaskFileError names the field)."""
     fm = parsed.frontmatter
+    title_limit = Task._meta.get_field("title").max_length
     fields = {
-        "title": taskfile.title(fm, parsed.body, path.stem if path else ""),
+        "title": taskfile.title(fm, parsed.body, path.stem if path else "", title_limit),
         "priority": taskfile.priority(fm),
-        "project": taskfile.text_field(fm, "project"),
-        "assignee": taskfile.text_field(fm, "assignee"),
-        "type": taskfile.text_field(fm, "type", 100),
-        "complexity": taskfile.text_field(fm, "complexity", 100),
+        "project": taskfile.text_field(fm, "project", None),
+        "assignee": taskfile.text_field(fm, "assignee", None),
+        "type": taskfile.text_field(fm, "type", None),
+        "complexity": taskfile.text_field(fm, "complexity", None),
         "tags": taskfile.list_field(fm, "tags"),
         "depends_on": taskfile.list_field(fm, "depends_on"),
         "frontmatter": fm,
@@ -394,7 +448,63 @@ def task_fields(parsed: taskfile.TaskFile, path: Path | None) -> dict:
     }
     fields["tag_index"] = "|" + "|".join(fields["tags"]) + "|" if fields["tags"] else ""
     fields.update(status_fields(fm, parsed.body))
+    check_columns(fields)
     return fields
+
+
+def check_columns(values: dict) -> None:
+    """Refuse a value its column cannot hold, by the same rule on every database.
+
+    PostgreSQL refuses NUL in text and JSON, longer varchars and integers past 32 bits;
+    SQLite refuses integers past 64 bits and non-finite numbers in JSON. One bad value
+    must cost its own file, never the whole import.
+    """
+    for name, value in values.items():
+        if name == "frontmatter":
+            for key, item in value.items():
+                _check_text(f"frontmatter {key!r}", key)
+                _check_json(key, item)
+            continue
+        _check_json(name, value)
+        if name == "depends_on":
+            limit = Dependency._meta.get_field("key").max_length
+            for dep in value:
+                if len(dep) > limit:
+                    raise TaskFileError(
+                        f"depends_on: an id of {len(dep):,} characters, over {limit:,}"
+                    )
+            continue
+        field = None if name == "body" else Task._meta.get_field(name)
+        if isinstance(field, models.CharField) and len(value) > field.max_length:
+            raise TaskFileError(
+                f"{name}: {len(value):,} characters, over the column's {field.max_length:,}"
+            )
+        if isinstance(field, models.IntegerField) and isinstance(value, int):
+            # The portable range of the column's type (SQLite alone would take 64 bits).
+            low, high = BaseDatabaseOperations.integer_field_ranges[field.get_internal_type()]
+            if not low <= value <= high:
+                raise TaskFileError(
+                    f"{name}: {value} is outside the column's range ({low} to {high})"
+                )
+
+
+def _check_json(name: str, value) -> None:
+    if isinstance(value, str):
+        _check_text(name, value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise TaskFileError(f"{name}: {value!r} is not a finite number")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(name, key)
+            _check_json(name, item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(name, item)
+
+
+def _check_text(name: str, text: str) -> None:
+    if "\x00" in text:
+        raise TaskFileError(f"{name}: contains a NUL character")
 
 
 def status_fields(fm: dict, body: str) -> dict:
@@ -410,7 +520,7 @@ def status_fields(fm: dict, body: str) -> dict:
     if status == "blocked":
         return {
             "status": Status.BLOCKED,
-            "reason": taskfile.text_field(fm, "blocked_reason", 2000)
+            "reason": taskfile.text_field(fm, "blocked_reason", None)
             or "blocked in the task file",
         }
     if status in ("in_progress", "in-progress", "claimed"):
@@ -458,8 +568,7 @@ def refresh_from_source(task: Task) -> None:
     """Apply a change to a task's file that arrived while the task was claimed."""
     path = Path(task.source_path)
     try:
-        raw = path.read_bytes()
-        stat = path.stat()
+        raw, stat = taskfile.read_regular_file(path, settings.HYPERVISOR_MAX_FILE_BYTES)
         parsed = taskfile.parse(raw)
         fields = task_fields(parsed, path)
     except FileNotFoundError:

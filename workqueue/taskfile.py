@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 
 import yaml
@@ -42,6 +45,48 @@ class TaskFile:
     # Character offsets of the YAML text inside the file, for in-place edits.
     yaml_start: int = 0
     yaml_end: int = 0
+
+
+FILE_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def check_regular(st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "a special file")
+        raise TaskFileError(f"not a regular file: {kind}, not read")
+    if st.st_size > limit:
+        raise TaskFileError(f"file is {st.st_size:,} bytes, over the {limit:,}-byte limit")
+
+
+def read_regular_file(path, limit: int) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes, at most `limit` of them, and its stat.
+
+    Checked with lstat before opening (opening a device can have effects of its own), then
+    opened without following a symlink or blocking on a FIFO swapped in meanwhile, and
+    checked again on the open descriptor, which is what is read.
+    """
+    check_regular(os.lstat(path), limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        check_regular(st, limit)
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > limit:  # it grew while being read
+        raise TaskFileError(f"file grew past the {limit:,}-byte limit while being read")
+    return raw, st
 
 
 def decode(raw: bytes) -> str:
@@ -119,7 +164,8 @@ def _jsonable(value):
     return value
 
 
-def text_field(fm: dict, name: str, limit: int = 200) -> str:
+def text_field(fm: dict, name: str, limit: int | None = 200) -> str:
+    """A frontmatter value as text, cut to `limit` (None: whole, for callers that validate)."""
     value = fm.get(name)
     if value is None:
         return ""
@@ -145,6 +191,8 @@ def priority(fm: dict) -> int:
         return DEFAULT_PRIORITY
     if isinstance(value, bool):
         raise TaskFileError(f"priority: {value!r} is not a number or P0-P4/high/medium/low")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TaskFileError(f"priority: {value!r} is not a finite number")
     if isinstance(value, int | float):
         return int(value)
     word = str(value).strip().lower()
@@ -157,12 +205,13 @@ def priority(fm: dict) -> int:
     raise TaskFileError(f"priority: {value!r} is not a number or P0-P4/high/medium/low")
 
 
-def title(fm: dict, body: str, fallback: str) -> str:
-    found = text_field(fm, "title", 500)
+def title(fm: dict, body: str, fallback: str, limit: int = 500) -> str:
+    """The declared title whole (the caller validates it), else the heading or fallback cut."""
+    found = text_field(fm, "title", None)
     if found:
         return found
     heading = HEADING.search(body)
-    return (heading.group(1).strip() if heading else fallback)[:500]
+    return (heading.group(1).strip() if heading else fallback)[:limit]
 
 
 def close_rule(fm: dict, body: str) -> tuple[str, str] | None:
