@@ -145,6 +145,18 @@ def test_fifo_named_on_the_command_line_or_in_a_queue_file_is_refused(write_task
     assert errors_by_path(report) == {str(fifo_list): "not a regular file: a FIFO, not read"}
 
 
+@pytest.mark.timeout(20)
+def test_import_tasks_names_a_fifo_given_on_its_command_line(write_task):
+    fifo = write_task.folder / "x.md"
+    os.mkfifo(fifo)
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="nothing could be imported"):
+        call_command("import_tasks", fifo, "--json", stdout=out)
+    assert json.loads(out.getvalue())["errors"] == [
+        {"path": str(fifo), "error": "not a regular file: a FIFO, not read"}
+    ]
+
+
 def test_symlink_loops_are_named_and_the_rest_imported(write_task):
     write_task("good.md", GOOD)
     folder = write_task.folder

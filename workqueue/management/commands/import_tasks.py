@@ -22,7 +22,7 @@ class Command(BaseCommand):
         # and so is the folder of a named .md file (only that file is read from it). Paths
         # listed in a queue file stay confined to the roots and the queue file's folder.
         roots = [p.resolve() for p in paths if p.is_dir()]
-        roots += [p.resolve().parent for p in paths if p.suffix == ".md" and p.is_file()]
+        roots += [p.resolve().parent for p in paths if p.suffix == ".md" and p.exists()]
         progress = sys.stderr.isatty() and not options["json"]
         report = Importer(options["queue"], roots, progress=progress).run(paths)
         if options["json"]:
