@@ -44,10 +44,16 @@ class TaskAdmin(admin.ModelAdmin):
     list_select_related = False
     show_full_result_count = False
     ordering = ("priority", "id")
-    readonly_fields = ("fence", "created_at", "updated_at", "claimed_at", "finished_at")
+    readonly_fields = (
+        "outside_holder", "fence", "created_at", "updated_at", "claimed_at", "finished_at",
+    )  # fmt: skip
     actions = ("requeue_tasks", "block_tasks", "release_stale")
     inlines = (TaskBodyInline,)
     change_list_template = "admin/workqueue/task/change_list.html"
+
+    @admin.display(description="Lock held outside")
+    def outside_holder(self, task: Task) -> str:
+        return task.outside_holder or "-"
 
     @admin.action(description="Requeue selected tasks", permissions=["change"])
     def requeue_tasks(self, request: HttpRequest, queryset) -> None:

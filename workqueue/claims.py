@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -118,7 +118,7 @@ def _take_locks(identity, owner_file, claims):
             owner = locks.acquire(claim.queue, claim.key, owner_file)
         except LockError as exc:
             for taken in held:
-                locks.release(taken.queue, taken.key)
+                locks.try_release(taken.queue, taken.key)
             give_back(identity, claims, EventKind.LOCK_FAILED, str(exc))
             raise
         if owner is None:
@@ -318,7 +318,7 @@ def finish_claims(
         owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in kept])
     else:
         for claim, _ in kept:
-            locks.release(claim.queue, claim.key)
+            locks.try_release(claim.queue, claim.key)
     _apply_pending_changes([c.id for c, _ in kept])
     return report
 
@@ -384,7 +384,7 @@ def release_claims(identity: Identity, claims: list[Claim], message: str) -> Non
             for c in claims
         )
     for claim in claims:
-        locks.release(claim.queue, claim.key)
+        locks.try_release(claim.queue, claim.key)
 
 
 @dataclass
@@ -505,7 +505,7 @@ def release_stale_claims(
                     },
                 )
         if updated:
-            locks.release(task.queue, task.key)
+            locks.try_release(task.queue, task.key)
             if task.worktree:
                 from workqueue.worktrees import clean_task_worktree
 
@@ -528,12 +528,14 @@ def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> lis
         if locks.abandoned(lock.owner, lock.age_seconds):
             removed.append(lock.path)
             if not dry_run:
-                locks.remove(lock.path)
+                with suppress(LockError):  # a link planted since the listing: refused
+                    locks.remove(lock.path)
     # Spare lock directories and owner files that dead workers of ours left behind.
     for path in locks.leftovers():
         removed.append(path)
         if not dry_run:
-            locks.remove_leftover(path)
+            with suppress(LockError):
+                locks.remove_leftover(path)
     return removed
 
 
@@ -572,7 +574,7 @@ def release_task(task: Task, actor: str, message: str = "") -> bool:
                 message=message or f"requeued from {task.status}",
             )
     if updated and task.status == Status.CLAIMED:
-        locks.release(task.queue, task.key)
+        locks.try_release(task.queue, task.key)
     return bool(updated)
 
 
@@ -609,7 +611,7 @@ def set_task_status(task: Task, status: str, actor: str, reason: str = "") -> bo
                 message=reason or f"marked {status} by {actor}",
             )
     if updated and task.status == Status.CLAIMED:
-        locks.release(task.queue, task.key)
+        locks.try_release(task.queue, task.key)
     return bool(updated)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -8,6 +9,7 @@ from django.db import connections, models
 from django.db.models import Count, Exists, Min, OuterRef, Q
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
+from django.utils.functional import cached_property
 
 from workqueue.names import validate_queue_name
 
@@ -251,6 +253,24 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue}/{self.key}"
+
+    @cached_property
+    def outside_holder(self) -> str:
+        """Who holds this queued task's lock directory, when a process not ours does:
+        workers skip the task until it is let go."""
+        if self.status != Status.QUEUED:
+            return ""
+        from workqueue import locks
+
+        directory = locks.lock_dir(self.queue, self.key)
+        owner = locks.read_owner(directory)
+        if owner is None or locks.owner_record_is_dead(owner):
+            return ""
+        try:
+            since = os.lstat(directory).st_mtime
+        except OSError:
+            since = None
+        return locks.describe_holder(owner, since)
 
     @property
     def body(self) -> str:

@@ -154,7 +154,7 @@ class CommandProcessor(Processor):
         finally:
             ended = run.wait()
         self.last_output = ended.stdout + ended.stderr
-        result = self.interpret_exit(ended, claim)
+        result = self.interpret_exit(ended, claim, context)
         result.output_tail = (ended.stdout + ("\n" + ended.stderr if ended.stderr else ""))[
             -TAIL_CHARS:
         ]
@@ -163,7 +163,9 @@ class CommandProcessor(Processor):
             result.data.setdefault("log", ended.log_path)
         return result
 
-    def interpret_exit(self, ended: agent_tree.AgentExit, claim: Claim) -> Result:
+    def interpret_exit(
+        self, ended: agent_tree.AgentExit, claim: Claim, context: WorkContext
+    ) -> Result:
         if ended.survivors:
             # Not requeued: another agent must not start while this one may still work.
             pids = ", ".join(map(str, ended.survivors))
@@ -171,8 +173,9 @@ class CommandProcessor(Processor):
                 status=Status.BLOCKED,
                 reason=f"the agent's processes could not be ended (pids {pids})",
             )
-        if ended.stopped:
-            # Stopped with the herd (cancel or Ctrl-C): the task is not at fault.
+        if ended.stopped or (ended.code is not None and ended.code < 0 and context.stopping()):
+            # Stopped with the herd (cancel or Ctrl-C, which may signal the agent before
+            # the worker): the task is not at fault.
             return Result(status=Status.QUEUED, reason="worker stopped")
         if ended.timed_out:
             return Result(

@@ -1,0 +1,340 @@
+"""Exactly once for the agent's whole process tree, not only for the worker.
+
+Real worker processes run tests/scripts/hostile_agent.py, which records the pid of every
+process it starts, so each test can look for what must be gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from django.conf import settings
+
+from tests.conftest import make_tasks, run_manage, start_manage
+from workqueue import agent_tree, claims, locks
+from workqueue.claims import Claim
+from workqueue.models import Status, Task
+from workqueue.processors import TAIL_CHARS, CommandProcessor
+
+AGENT = str(Path(__file__).parent / "scripts" / "hostile_agent.py")
+
+
+def work_with_agent(record: Path, mode: str, *agent_args: str, options=()) -> list[str]:
+    return [
+        "work",
+        "--queue",
+        "q",
+        *options,
+        "--processor",
+        "command",
+        "--",
+        sys.executable,
+        AGENT,
+        str(record),
+        mode,
+        *agent_args,
+    ]
+
+
+def recorded(record: Path, roles: set[str], timeout: float = 30) -> dict[str, int]:
+    """Wait until the agent has recorded a process for each role; role -> pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        if record.exists():
+            for line in record.read_text().splitlines():
+                role, _, pid = line.partition(" ")
+                if role in roles:
+                    found[role] = int(pid)
+        if set(found) == roles:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"the agent never recorded {roles}: {record.read_text()!r}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def cleanup():
+    """Whatever a failing test left running must not outlive it."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+
+
+def test_reaper_ends_a_killed_workers_agent_before_the_task_goes_back(
+    process_env, tmp_path, cleanup
+):
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    worker = start_manage(work_with_agent(record, "escape"), process_env)
+    pids = recorded(record, {"agent", "escaped"})
+    cleanup.extend(pids.values())
+    deadline = time.monotonic() + 10
+    while Task.objects.get().agent_pgid is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    task = Task.objects.get()
+    assert task.agent_pgid == pids["agent"]  # the agent leads a group of its own
+    worker.kill()
+    worker.wait()
+    time.sleep(0.3)
+    # The danger: the worker is gone, both of its agent's processes still work the task.
+    assert alive(pids["agent"]) and alive(pids["escaped"])
+
+    report = claims.release_stale_claims()
+
+    assert [s.task.key for s in report.requeued] == ["t000000"]
+    assert wait_gone(pids.values(), timeout=1), "the task went back with its agent alive"
+    task.refresh_from_db()
+    assert task.status == Status.QUEUED and task.agent_pgid is None
+
+
+def test_a_claim_whose_agent_cannot_be_ended_is_not_requeued(
+    process_env, tmp_path, cleanup, monkeypatch, settings
+):
+    settings.HYPERVISOR_AGENT_GRACE = 0
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    worker = start_manage(work_with_agent(record, "hang"), process_env)
+    agent = recorded(record, {"agent"})["agent"]
+    cleanup.append(agent)
+    worker.kill()
+    worker.wait()
+    # A process that no signal ends (in the kernel, or beyond our permissions) cannot be
+    # made on demand: here the signals to this one are lost on the way.
+    real_send = psutil.Process.send_signal
+
+    def lost(process, signum):
+        if process.pid != agent:
+            real_send(process, signum)
+
+    monkeypatch.setattr(psutil.Process, "send_signal", lost)
+
+    report = claims.release_stale_claims()
+
+    assert report.requeued == [] and [p for _, p in report.agents_alive] == [[agent]]
+    assert Task.objects.get().status == Status.CLAIMED
+    assert alive(agent)
+    monkeypatch.undo()
+    assert claims.release_stale_claims().requeued[0].task.key == "t000000"
+    assert not alive(agent)
+
+
+def test_stopping_worker_ends_an_agent_child_that_escaped_with_setsid(
+    process_env, tmp_path, cleanup
+):
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    worker = start_manage(work_with_agent(record, "escape"), process_env)
+    pids = recorded(record, {"agent", "escaped"})
+    cleanup.extend(pids.values())
+    # Out of the agent's session and group, still its child.
+    assert os.getsid(pids["escaped"]) == os.getpgid(pids["escaped"]) == pids["escaped"]
+    assert psutil.Process(pids["escaped"]).ppid() == pids["agent"]
+    worker.send_signal(signal.SIGTERM)  # a herd's cancel or drain, or Ctrl-C
+    worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert not alive(pids["agent"]) and not alive(pids["escaped"])
+    task = Task.objects.get()
+    assert task.status == Status.QUEUED and task.reason == "worker stopped"
+
+
+def test_a_child_left_behind_by_an_agent_that_exited_is_ended(process_env, tmp_path, cleanup):
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    result = run_manage(work_with_agent(record, "orphan"), process_env)
+    assert result.returncode == 0, result.stderr
+    escaped = recorded(record, {"escaped"})["escaped"]
+    cleanup.append(escaped)
+    assert not alive(escaped)
+    assert Task.objects.get().status == Status.DONE
+
+
+def test_timeout_bounds_a_task_whose_agent_exited_but_left_a_child_on_its_pipes(
+    process_env, tmp_path, cleanup
+):
+    make_tasks("q", 2)
+    record = tmp_path / "record"
+    started = time.monotonic()
+    result = run_manage(
+        work_with_agent(record, "background-exit", options=["--timeout", "3"]), process_env
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    backgrounds = [
+        int(line.split()[1])
+        for line in record.read_text().splitlines()
+        if line.startswith("background")
+    ]
+    cleanup.extend(backgrounds)
+    assert len(backgrounds) == 2
+    assert not any(alive(p) for p in backgrounds)
+    # Each task: the agent exits at once, then a grace period of reading; not 40 s each.
+    assert elapsed < 2 * (3 + settings.HYPERVISOR_AGENT_GRACE) + 5, elapsed
+    done = list(Task.objects.values_list("status", "outcome"))
+    assert done == [(Status.DONE, "success")] * 2  # it exited 0: not "timed out"
+
+
+def test_a_hung_agent_is_ended_within_its_timeout_plus_the_grace(process_env, tmp_path, cleanup):
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    started = time.monotonic()
+    result = run_manage(
+        work_with_agent(record, "hang", options=["--timeout", "2"]), process_env, timeout=60
+    )
+    elapsed = time.monotonic() - started
+    agent = recorded(record, {"agent"})["agent"]
+    cleanup.append(agent)
+    assert result.returncode == 0, result.stderr
+    assert not alive(agent)  # it ignored SIGTERM: killed after the grace
+    task = Task.objects.get()
+    assert (task.status, task.outcome) == (Status.BLOCKED, "timed_out")
+    assert elapsed < 2 + 2 * settings.HYPERVISOR_AGENT_GRACE + 5, elapsed
+
+
+def test_worker_memory_does_not_follow_what_the_agent_prints(process_env, tmp_path):
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    env = {**process_env, "HYPERVISOR_AGENT_LOG_BYTES": str(1024 * 1024)}
+    worker = start_manage(work_with_agent(record, "flood", "400"), env)
+    process = psutil.Process(worker.pid)
+    first = peak = process.memory_info().rss
+    while worker.poll() is None:
+        try:
+            peak = max(peak, process.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.02)
+    worker.communicate(timeout=120)
+    assert worker.returncode == 0
+    task = Task.objects.get()
+    assert task.status == Status.DONE
+    assert len(task.output_tail) <= TAIL_CHARS and task.output_tail.rstrip().endswith("x" * 100)
+    # 400 MB went through; the worker grew by its imports at most, not by the output.
+    assert peak - first < 60 * 1024 * 1024, (first, peak)
+    log = Path(task.result["log"])
+    assert 1024 * 1024 <= log.stat().st_size < 1024 * 1024 + 200
+    assert log.read_bytes().endswith(b" more bytes not kept]\n")
+
+
+def test_an_agent_killed_mid_line_keeps_the_cut_line_in_its_output(process_env, tmp_path):
+    make_tasks("q", 1)
+    result = run_manage(work_with_agent(tmp_path / "record", "midline"), process_env)
+    assert result.returncode == 0, result.stderr
+    task = Task.objects.get()
+    assert task.status == Status.BLOCKED and task.reason.startswith("killed by SIGKILL")
+    assert "a line cut o" in task.output_tail
+
+
+def test_agents_see_an_allow_listed_environment_and_no_secret_reaches_stored_output(
+    process_env, tmp_path
+):
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    env = {
+        **process_env,
+        "SECRET_KEY": "django-secret-value-for-the-test",
+        "HUEY_REDIS_URL": "redis://:redis-password-xyz@127.0.0.1:6379/0",
+        "MY_SERVICE_TOKEN": "tok-not-for-agents-123",
+        "AGENT_API_KEY": "sk-passed-to-the-agent-456",
+        "LC_ALL": "C.UTF-8",
+    }
+    result = run_manage(
+        work_with_agent(record, "env", options=["--pass-env", "AGENT_API_KEY"]), env
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(record.read_text().split("env ", 1)[1].splitlines()[0])
+    allowed = agent_tree.ALLOWED_ENV | {"AGENT_API_KEY", "LC_ALL"}
+    assert {n for n in seen if not n.startswith("HYPERVISOR_TASK_")} <= allowed, sorted(seen)
+    assert seen["AGENT_API_KEY"] == "sk-passed-to-the-agent-456"
+    assert seen["HYPERVISOR_TASK_KEY"] == "t000000"
+    for name in ("SECRET_KEY", "DATABASE_URL", "HUEY_REDIS_URL", "MY_SERVICE_TOKEN"):
+        assert name not in seen
+    task = Task.objects.get()
+    assert "AGENT_API_KEY=********" in task.output_tail
+    assert "sk-passed-to-the-agent-456" not in task.output_tail
+    log = Path(task.result["log"]).read_text()
+    assert "AGENT_API_KEY=********" in log and "sk-passed" not in log
+
+
+def test_known_secrets_cover_the_servers_own_and_passwords_inside_urls(monkeypatch, settings):
+    settings.SECRET_KEY = "server-secret-key-abc"
+    monkeypatch.setenv("DATABASE_URL", "postgres://app:db-pass-word@db:5432/hv")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp-token-value")
+    found = agent_tree.known_secrets({}, [])
+    assert "server-secret-key-abc" in found and "db-pass-word" in found
+    assert "ghp-token-value" in found
+    masked = agent_tree.Masker(found).text(
+        "url postgres://app:db-pass-word@db and ghp-token-value"
+    )
+    assert "db-pass-word" not in masked and "ghp-token-value" not in masked
+
+
+def test_placeholders_are_filled_once_and_values_never_scanned_again():
+    processor = CommandProcessor(["agent", "{path}", "--key={key}", "{title}", "{unknown}"])
+    claim = Claim(1, "q", "../outside", "{queue} {path}", "imp/{key}/secret.md", 1)
+    assert processor.arguments(claim) == [
+        "agent",
+        "imp/{key}/secret.md",
+        "--key=../outside",
+        "{queue} {path}",
+        "{unknown}",
+    ]
+
+
+def test_a_task_locked_by_an_outside_process_is_skipped_not_taken_for_an_empty_queue(
+    process_env, tmp_path, cleanup, admin_client
+):
+    make_tasks("q", 50)
+    urgent = Task.objects.create(queue="q", key="urgent", title="Most urgent", priority=0)
+    outside = subprocess.Popen(["sleep", "60"])
+    cleanup.append(outside.pid)
+    directory = locks.lock_dir("q", "urgent")
+    directory.mkdir(parents=True)
+    (directory / "owner.json").write_text(
+        json.dumps(
+            {
+                "host": settings.HYPERVISOR_HOST,
+                "pid": outside.pid,
+                "started": psutil.Process(outside.pid).create_time(),
+                "worker": "someone's mkdir script",
+            }
+        )
+    )
+    result = run_manage(["work", "--queue", "q", "--prefetch", "1", "--json"], process_env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["done"] == 50
+    urgent.refresh_from_db()
+    assert urgent.status == Status.QUEUED and urgent.attempts == 0
+    assert (directory / "owner.json").exists()  # the outside holder's lock is left alone
+    shown = f"held by an outside process: host {settings.HYPERVISOR_HOST}, pid {outside.pid}"
+    assert shown in admin_client.get("/").content.decode()
+    assert shown in admin_client.get(f"/admin/queue/task/{urgent.pk}/change/").content.decode()
+    outside.kill()
+    outside.wait()
