@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser run test bench lint format clean
+.PHONY: install browser run test test-fast bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: install
 
 test: install browser
 	$(PY) -m pytest
+
+# The development loop: no browser, no tests that start many processes.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not browser"
 
 bench: install
 	$(PY) bench/run.py

@@ -159,6 +159,8 @@ class Profile(models.Model):
             args += ["--timeout", str(self.timeout_seconds)]
         for name in self.pass_env:
             args += ["--pass-env", name]
+        if self.max_attempts:
+            args += ["--max-attempts", str(self.max_attempts)]
         # Issue 7 options, passed only when set so that a plain `work` keeps working.
         if self.worktree_repo:
             args += ["--worktree-repo", self.worktree_repo, "--worktree-base", self.worktree_base]

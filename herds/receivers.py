@@ -16,7 +16,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from workqueue import signals
-from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.models import Status
 
 log = logging.getLogger("herds")
 
@@ -91,6 +91,26 @@ def worker_heartbeat(sender, **kwargs) -> None:
     )
 
 
+@receiver(signals.tasks_processed)
+def tasks_processed(sender, done, **kwargs) -> None:
+    """A result that shows the profile's quota or rate limit is given back, not blocked:
+    the task is not at fault. Marked before the finish, so that one write does it."""
+    Worker, worker_id = _row(sender)
+    if Worker is None:
+        return
+    pattern = _quota_regex(worker_id)
+    if pattern is None:
+        return
+    for _claim, result in done:
+        if result.status == Status.DONE or result.data.get("quota"):
+            continue
+        found = pattern.search(result.output_tail) or pattern.search(result.reason)
+        if found:
+            result.status = Status.QUEUED
+            result.data["quota"] = found.group(0)
+            result.reason = f"quota or rate limit reached ({found.group(0)}); back to queued"
+
+
 @receiver(signals.tasks_finished)
 def tasks_finished(sender, finished, refused, **kwargs) -> None:
     Worker, worker_id = _row(sender)
@@ -99,19 +119,14 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
     refused = set(refused)
     done = blocked = tokens = 0
     quota = []
-    pattern = _quota_regex(worker_id)
     for claim, result in finished:
         if claim.id in refused:
             continue
         done += result.status == Status.DONE
         blocked += result.status == Status.BLOCKED
         tokens += result.tokens
-        if pattern and result.status != Status.DONE:
-            found = pattern.search(result.output_tail) or pattern.search(result.reason)
-            if found:
-                quota.append((claim, found.group(0)))
-    if quota:
-        blocked -= _give_back_quota_tasks(sender, quota)
+        if result.status == Status.QUEUED and result.data.get("quota"):
+            quota.append(str(result.data["quota"]))
     _update_or_stop(
         sender,
         Worker,
@@ -123,39 +138,7 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
         current_task="",
     )
     if quota:
-        _drain_for_quota(sender, worker_id, quota[0][1])
-
-
-def _give_back_quota_tasks(sender, quota) -> int:
-    """A task that hit the rate limit is not at fault: it goes back to the queue."""
-    now = timezone.now()
-    given_back = 0
-    for claim, match in quota:
-        updated = Task.objects.filter(
-            pk=claim.id, status=Status.BLOCKED, fence=claim.fence
-        ).update(
-            status=Status.QUEUED,
-            attempts=F("attempts") - 1,
-            finished_at=None,
-            reason="",
-            updated_at=now,
-            holder="",
-            holder_host="",
-            holder_pid=None,
-            holder_started=None,
-            holder_herd=None,
-        )
-        if updated:
-            given_back += 1
-            TaskEvent.objects.create(
-                task_id=claim.id,
-                at=now,
-                kind=EventKind.REQUEUED,
-                actor=sender.identity.worker,
-                fence=claim.fence,
-                message=f"quota or rate limit reached ({match}); back to queued",
-            )
-    return given_back
+        _drain_for_quota(sender, worker_id, quota[0])
 
 
 def _drain_for_quota(sender, worker_id: int, match: str) -> None:

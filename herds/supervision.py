@@ -23,8 +23,7 @@ from django.utils import timezone
 from herds import processes, zygote
 from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, Worker
 from herds.receivers import WORKER_ENV
-from workqueue.claims import release_stale_claims
-from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.reaper import release_stale_claims
 
 log = logging.getLogger("herds")
 
@@ -276,31 +275,12 @@ def record_sample(worker: Worker, seen: processes.Sample) -> None:
 
 
 def reap_worker(herd: Herd, worker: Worker) -> None:
-    """A dead worker's claims go back at once: its pid is gone, no need to wait for the lease."""
-    if not worker.pid:
-        return
-    report = release_stale_claims(
-        herd.queue, actor=f"herd {herd.pk} supervision", holder_pid=worker.pid
-    )
-    limit = herd.profile.max_attempts
-    if limit:
-        block_over_limit([s.task.pk for s in report.requeued], limit, worker.name)
-
-
-def block_over_limit(task_ids: list[int], limit: int, worker: str) -> None:
-    now = timezone.now()
-    over = Task.objects.filter(pk__in=task_ids, status=Status.QUEUED, attempts__gte=limit)
-    ids = list(over.values_list("pk", flat=True))
-    if not ids:
-        return
-    reason = f"abandoned by dead workers {limit} or more times (profile limit)"
-    Task.objects.filter(pk__in=ids, status=Status.QUEUED).update(
-        status=Status.BLOCKED, reason=reason, finished_at=now, updated_at=now
-    )
-    TaskEvent.objects.bulk_create(
-        TaskEvent(task_id=i, at=now, kind=EventKind.BLOCKED, actor=worker, message=reason)
-        for i in ids
-    )
+    """A dead worker's claims go back at once: its pid is gone, no need to wait for the lease.
+    Each claim carries its profile's attempt limit, so the reaper applies it in the same write."""
+    if worker.pid:
+        release_stale_claims(
+            herd.queue, actor=f"herd {herd.pk} supervision", holder_pid=worker.pid
+        )
 
 
 def end_processes(herd: Herd) -> None:

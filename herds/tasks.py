@@ -16,7 +16,7 @@ from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task, on_commit_task, on_startup
 
 from herds import supervision, zygote
-from workqueue.claims import release_stale_claims
+from workqueue.reaper import release_stale_claims
 
 log = logging.getLogger("herds")
 

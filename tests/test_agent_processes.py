@@ -20,10 +20,9 @@ import pytest
 from django.conf import settings
 
 from tests.conftest import make_tasks, run_manage, start_manage
-from workqueue import agent_tree, claims, locks
-from workqueue.claims import Claim
+from workqueue import agent_tree, locks, reaper
 from workqueue.models import Status, Task
-from workqueue.processors import TAIL_CHARS, CommandProcessor
+from workqueue.processors import TAIL_CHARS, Claim, CommandProcessor
 
 AGENT = str(Path(__file__).parent / "scripts" / "hostile_agent.py")
 
@@ -106,7 +105,7 @@ def test_reaper_ends_a_killed_workers_agent_before_the_task_goes_back(
     # The danger: the worker is gone, both of its agent's processes still work the task.
     assert alive(pids["agent"]) and alive(pids["escaped"])
 
-    report = claims.release_stale_claims()
+    report = reaper.release_stale_claims()
 
     assert [s.task.key for s in report.requeued] == ["t000000"]
     assert wait_gone(pids.values(), timeout=1), "the task went back with its agent alive"
@@ -135,13 +134,13 @@ def test_a_claim_whose_agent_cannot_be_ended_is_not_requeued(
 
     monkeypatch.setattr(psutil.Process, "send_signal", lost)
 
-    report = claims.release_stale_claims()
+    report = reaper.release_stale_claims()
 
     assert report.requeued == [] and [p for _, p in report.agents_alive] == [[agent]]
     assert Task.objects.get().status == Status.CLAIMED
     assert alive(agent)
     monkeypatch.undo()
-    assert claims.release_stale_claims().requeued[0].task.key == "t000000"
+    assert reaper.release_stale_claims().requeued[0].task.key == "t000000"
     assert not alive(agent)
 
 

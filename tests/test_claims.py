@@ -15,11 +15,12 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from hypervisor_site.writers import write_transaction, writer_clock, writer_lock_path
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
-from workqueue import claims, locks
-from workqueue.claims import Result
+from workqueue import claims, locks, reaper
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task
+from workqueue.processors import Result
 
 
 def wait_for(condition, timeout=60, message="condition"):
@@ -98,9 +99,10 @@ def test_claim_takes_the_row_and_the_lock_directory(lock_root):
 def test_fence_grows_on_every_claim():
     make_tasks("q", 1)
     me = Identity.current("w1")
-    first = claims.claim_ready_tasks("q", me, OwnerFile(me))[0]
-    claims.finish_claims(me, [(first, Result(status=Status.QUEUED))])
-    second = claims.claim_ready_tasks("q", me, OwnerFile(me))[0]
+    mine = OwnerFile(me)
+    first = claims.claim_ready_tasks("q", me, mine)[0]
+    claims.finish_claims(me, [(first, Result(status=Status.QUEUED))], mine)
+    second = claims.claim_ready_tasks("q", me, mine)[0]
     assert second.fence > first.fence
 
 
@@ -154,11 +156,13 @@ def test_late_finish_after_losing_the_claim_is_refused(lock_root):
     zombie, other = Identity.current("zombie"), Identity.current("other")
     lost = claims.claim_ready_tasks("q", zombie, OwnerFile(zombie))[0]
     Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-    report = claims.release_stale_claims("q")
+    report = reaper.release_stale_claims("q")
     assert [s.why for s in report.requeued] == ["lease expired"]
-    winner = claims.claim_ready_tasks("q", other, OwnerFile(other))[0]
-    claims.finish_claims(other, [(winner, Result(outcome="by other"))])
-    refused = claims.finish_claims(zombie, [(lost, Result(status=Status.BLOCKED, reason="late"))])
+    theirs, mine = OwnerFile(other), OwnerFile(zombie)
+    winner = claims.claim_ready_tasks("q", other, theirs)[0]
+    claims.finish_claims(other, [(winner, Result(outcome="by other"))], theirs)
+    late = [(lost, Result(status=Status.BLOCKED, reason="late"))]
+    refused = claims.finish_claims(zombie, late, mine)
     task = Task.objects.get()
     assert refused.refused == [task.pk]
     assert (task.status, task.outcome, task.reason) == (Status.DONE, "by other", "")
@@ -173,10 +177,10 @@ def test_reaper_blocks_a_task_abandoned_too_often(lock_root):
         me = Identity.current(f"w{attempt}")
         claims.claim_ready_tasks("q", me, OwnerFile(me))
         Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-        claims.release_stale_claims("q")
+        reaper.release_stale_claims("q")
     task = Task.objects.get()
-    assert (task.status, task.reason) == (Status.BLOCKED, "abandoned 2 times")
-    assert lock_dirs(lock_root) == [] or not any(p.exists() for p in lock_dirs(lock_root))
+    assert (task.status, task.reason) == (Status.BLOCKED, "abandoned 2 times (queue limit 2)")
+    assert lock_dirs(lock_root) == []
 
 
 @pytest.mark.django_db
@@ -188,7 +192,7 @@ def test_reaper_removes_orphan_locks_of_dead_owners_only(lock_root):
         (path / "owner.json").write_text(
             json.dumps({"host": locks.Identity.current().host, "pid": pid, "started": None})
         )
-    report = claims.release_stale_claims("q")
+    report = reaper.release_stale_claims("q")
     assert report.orphan_locks == [dead]
     assert not dead.exists() and live.exists()
 
@@ -203,7 +207,7 @@ def test_reaper_removes_spares_and_owner_files_of_dead_workers_only(lock_root):
         (spare / "owner.json").write_text(record)
         (lock_root / ".owners").mkdir(exist_ok=True)
         (lock_root / ".owners" / name).write_text(record)
-    report = claims.release_stale_claims()
+    report = reaper.release_stale_claims()
     assert sorted(p.relative_to(lock_root).as_posix() for p in report.orphan_locks) == [
         ".owners/dead",
         ".spares/dead",
@@ -367,16 +371,16 @@ def test_a_forked_worker_that_dies_is_reported_and_the_others_finish(process_env
 
 @pytest.mark.django_db(transaction=True)
 def test_the_writer_clock_counts_waiting_for_and_holding_the_write_lock():
-    waited_before, held_before = claims.writer_clock.reading()
+    waited_before, held_before = writer_clock.reading()
     if connection.vendor == "sqlite":
         # Another writer has the lock for 0.3 s (flock is per open file, so this conflicts).
-        other = open(claims._writer_lock_path(), "a")  # noqa: SIM115
+        other = open(writer_lock_path(connection.settings_dict["NAME"]), "a")  # noqa: SIM115
         fcntl.flock(other, fcntl.LOCK_EX)
         threading.Timer(0.3, other.close).start()
-    with claims.write_transaction():
+    with write_transaction():
         time.sleep(0.1)
-    waited = claims.writer_clock.waited - waited_before
-    held = claims.writer_clock.held - held_before
+    waited = writer_clock.waited - waited_before
+    held = writer_clock.held - held_before
     assert held >= 0.1
     if connection.vendor == "sqlite":
         assert 0.25 <= waited < 5

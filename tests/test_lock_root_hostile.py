@@ -22,10 +22,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from tests.conftest import make_tasks
-from workqueue import claims, locks
-from workqueue.claims import Result
+from workqueue import actions, claims, locks, reaper
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.processors import Claim, Result
 
 REFUSED = "is a symlink; refusing to follow it"
 LOCKS_PAGE = "/admin/queue/task/locks/"
@@ -132,7 +132,7 @@ class Run:
         self.me = Identity.current("me")
         self.owner_file = OwnerFile(self.me)
 
-    def claim(self) -> claims.Claim:
+    def claim(self) -> Claim:
         [claim] = claims.claim_ready_tasks("q", self.me, self.owner_file, limit=1)
         return claim
 
@@ -153,29 +153,23 @@ def finish(run: Run) -> None:
     claims.finish_claims(run.me, [(claim, Result())], run.owner_file)
 
 
-def finish_without_owner_file(run: Run) -> None:
-    claim = run.claim()
-    run.planted()
-    claims.finish_claims(run.me, [(claim, Result())])
-
-
 def release_claims(run: Run) -> None:
     claim = run.claim()
     run.planted()
-    claims.release_claims(run.me, [claim], "stopping")
+    claims.release_claims(run.me, [claim], run.owner_file, "stopping")
 
 
 def reap_stale(run: Run) -> None:
     run.claim()
     Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     run.planted()
-    claims.release_stale_claims("q")
+    reaper.release_stale_claims("q")
 
 
 def reap_orphans(run: Run) -> None:
     run.planted()
-    claims.release_stale_claims()
-    claims.release_orphan_locks("q")
+    reaper.release_stale_claims()
+    reaper.release_orphan_locks("q")
     for path in locks.leftovers():
         locks.remove_leftover(path)
 
@@ -191,13 +185,13 @@ def remove_planted(run: Run) -> None:
 def mark_done(run: Run) -> None:
     claim = run.claim()
     run.planted()
-    claims.set_task_status(Task.objects.get(pk=claim.id), Status.DONE, "nic")
+    actions.mark_done(Task.objects.get(pk=claim.id), "nic")
 
 
 def board_release(run: Run) -> None:
     claim = run.claim()
     run.planted()
-    claims.release_task(Task.objects.get(pk=claim.id), "nic")
+    actions.release(Task.objects.get(pk=claim.id), "nic")
 
 
 def admin_locks_page(run: Run, client) -> None:
@@ -210,13 +204,14 @@ ALL = set(PLANTS)
 PATHS = {
     claim_tasks: {"queue", "lock", "spares", "owners", "owner-file"},
     finish: {"lock"},  # the worker's cached folder fds never meet the other plants
-    finish_without_owner_file: {"queue", "lock"},
-    release_claims: {"queue", "lock"},
-    reap_stale: ALL - {"owner-file"},  # a link inside our own lock is unlinked, not followed
+    release_claims: {"lock"},  # the same cached fds as finish
+    # Releasing someone else's claim reads its owner file, and moves the lock aside into
+    # the spares before removing it.
+    reap_stale: ALL,
     reap_orphans: ALL,
     remove_planted: ALL,
-    mark_done: {"queue", "lock"},
-    board_release: {"queue", "lock"},
+    mark_done: {"queue", "lock", "spares", "owner-file"},
+    board_release: {"queue", "lock", "spares", "owner-file"},
     admin_locks_page: ALL,
 }
 
@@ -385,7 +380,7 @@ def test_a_foreign_lock_is_held_until_the_age_limit_then_abandoned(settings, loc
     settings.HYPERVISOR_FOREIGN_LOCK_MAX_AGE = 600
     young = foreign_lock("young", FOREIGN_OWNERS[owner](), age=300)
     old = foreign_lock("old", FOREIGN_OWNERS[owner](), age=700)
-    assert claims.release_orphan_locks("q") == [old]
+    assert reaper.release_orphan_locks("q") == [old]
     assert young.exists() and not old.exists()
 
 
@@ -407,7 +402,7 @@ def test_a_worker_takes_over_a_foreign_lock_past_the_age_limit(settings, lock_ro
 @pytest.mark.django_db
 def test_a_foreign_owner_of_this_host_whose_pid_is_gone_is_dead_at_once(lock_root):
     lock = foreign_lock("gone", {"host": settings.HYPERVISOR_HOST, "pid": dead_pid()})
-    assert claims.release_orphan_locks("q") == [lock]
+    assert reaper.release_orphan_locks("q") == [lock]
 
 
 @pytest.mark.django_db
@@ -415,7 +410,7 @@ def test_our_own_live_owner_is_never_abandoned_for_its_age(settings, lock_root):
     settings.HYPERVISOR_FOREIGN_LOCK_MAX_AGE = 1
     ours = Identity.current("me").owner_record()
     lock = foreign_lock("ours", ours, age=3600)
-    assert claims.release_orphan_locks("q") == []
+    assert reaper.release_orphan_locks("q") == []
     assert lock.exists()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage
-from workqueue import claims
+from workqueue import claims, reaper
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task
 from workqueue.routing import FilterError, TaskFilter
@@ -222,7 +222,7 @@ def test_reaper_removes_the_worktree_of_a_task_it_releases(repo, settings, tmp_p
     claim = claims.claim_ready_tasks("q", me, OwnerFile(me))[0]
     tree = worktrees.add(repo, "main", "q", claim.key)
     Task.objects.update(worktree=str(tree.path), branch=tree.branch, holder_pid=2**22 + 3)
-    report = claims.release_stale_claims("q")
+    report = reaper.release_stale_claims("q")
     assert len(report.requeued) == 1
     task = Task.objects.get()
     assert (task.status, task.worktree) == (Status.QUEUED, "")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workqueue import claims, triage
+from workqueue import actions, claims, triage
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Queue, Status, Task
 from workqueue.processors import load_processor
@@ -37,15 +37,18 @@ CLOSE_CASES = [
         "close reason section",
         {"status": "todo"},
         "# T\n\n## Close Reason\nDone.\n",
-        "has_close_reason",
+        "close_reason_section",
     ),
-    ("closed section, any case", {}, "text\n## CLOSED\n", "has_close_reason"),
+    ("closed section, any case", {}, "text\n## CLOSED\n", "close_reason_section"),
     ("status done", {"status": "done"}, "body", "status_done"),
     ("status Done", {"status": "Done"}, "body", "status_done"),
-    ("close_reason field", {"close_reason": "dup"}, "body", "has_close_reason_field"),
-    ("section wins over status", {"status": "done"}, "## Closed\n", "has_close_reason"),
+    ("status cancelled", {"status": "cancelled"}, "body", "status_cancelled"),
+    ("close_reason field", {"close_reason": "dup"}, "body", "close_reason_field"),
+    ("section wins over status", {"status": "done"}, "## Closed\n", "close_reason_section"),
     ("status wins over field", {"status": "done", "close_reason": "x"}, "b", "status_done"),
     ("open task", {"status": "todo", "close_reason": ""}, "## Closing thoughts? no", ""),
+    ("a closed subsection", {"status": "todo"}, "## Plan\n### Closed\nold items\n", ""),
+    ("inline mention", {"status": "todo"}, "See ## Closed below.\n", ""),
 ]
 
 
@@ -431,17 +434,35 @@ def test_dry_run_stores_the_diff_and_writes_nothing(queue_folder):
 
 
 def test_close_is_recorded_on_the_row(queue_folder):
-    # The importer closes "## Close Reason" sections; an inline "## Closed" reaches triage.
-    queue_folder({"c.md": "---\nid: c\nstatus: todo\n---\nSee ## Closed below.\n"})
+    # Closed in its file, requeued by a person: triage reads the file and closes it again.
+    queue_folder({"c.md": "---\nid: c\nstatus: todo\n---\n## Close Reason\nDone elsewhere.\n"})
+    assert actions.requeue(Task.objects.get(key="c"), "nic")
     work()
     task = Task.objects.get(key="c")
     assert (task.status, task.outcome, task.closed_by) == (
         "done",
         "closed",
-        "triage:has_close_reason",
+        "triage:close_reason_section",
     )
     assert task.frontmatter["status"] == "done"
-    assert task.result["close_reason"] == "has_close_reason"
+    assert task.result["close_reason"] == "close_reason_section"
+
+
+@pytest.mark.parametrize(
+    ("body", "closes"),
+    [
+        ("## Closed\nDuplicate.\n", True),
+        ("## Close Reason\nDone.\n", True),
+        ("## Plan\n### Closed\nold items\n", False),
+        ("Notes: see ## Closed below.\n", False),
+    ],
+)
+def test_import_and_triage_agree_on_what_closes_a_task(queue_folder, body, closes):
+    queue_folder({"c.md": f"---\nid: c\nstatus: todo\n---\n{body}"})
+    imported = Task.objects.get(key="c")
+    assert (imported.status == Status.DONE) is closes
+    decision = decide({"status": "todo"}, body, "c", False, RULES)
+    assert (decision.action == "close") is closes
 
 
 def test_stamp_is_in_the_file_while_held_and_gone_when_done(queue_folder, monkeypatch):

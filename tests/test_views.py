@@ -15,7 +15,8 @@ from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from tests.conftest import make_tasks
-from workqueue import locks, views
+from workqueue import claims, locks, views
+from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 pytestmark = pytest.mark.django_db
@@ -232,7 +233,7 @@ def test_viewer_sees_no_action_buttons_and_cannot_act(viewer):
         (Status.QUEUED, "done", Status.DONE, EventKind.DONE),
         (Status.BLOCKED, "requeue", Status.QUEUED, EventKind.REQUEUED),
         (Status.DONE, "requeue", Status.QUEUED, EventKind.REQUEUED),
-        (Status.CLAIMED, "release", Status.QUEUED, EventKind.REQUEUED),
+        (Status.CLAIMED, "release", Status.QUEUED, EventKind.RELEASED),
         (Status.CLAIMED, "done", Status.DONE, EventKind.DONE),
         (Status.QUEUED, "block", Status.BLOCKED, EventKind.BLOCKED),
     ],
@@ -256,14 +257,22 @@ def test_card_action_changes_status_and_records_an_event(operator, start, action
         assert task.reason == "waiting on design"
 
 
-def test_release_removes_the_lock_directory(operator, lock_root):
-    (task,) = make_tasks("q", 1)
-    task = claim(task, pid=None)
-    directory = locks.lock_dir(task.queue, task.key)
-    directory.mkdir(parents=True)
-    (directory / "owner.json").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
-    operator.post(f"/tasks/{task.pk}/action/", {"action": "release"})
-    assert not directory.exists()
+def test_release_removes_the_holders_lock_and_leaves_an_outside_one(operator, lock_root):
+    make_tasks("q", 2)
+    me = Identity.current("worker-7")
+    [ours] = claims.claim_ready_tasks("q", me, OwnerFile(me), limit=1)
+    mine = locks.lock_dir("q", ours.key)
+    assert mine.is_dir()
+    # Held in its file by someone outside (no pid), whose own tool made a lock.
+    outside = claim(Task.objects.get(key="t000001"), pid=None, holder="nic")
+    theirs = locks.lock_dir("q", outside.key)
+    theirs.mkdir(parents=True)
+    (theirs / "owner.json").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    for pk in (ours.id, outside.pk):
+        operator.post(f"/tasks/{pk}/action/", {"action": "release"})
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.QUEUED}
+    assert not mine.exists()
+    assert (theirs / "owner.json").exists()
 
 
 def test_htmx_action_answers_with_the_board(operator):
@@ -427,7 +436,10 @@ def test_detail_drawer_fragment_for_htmx(viewer):
     assert "HX-Request" in response["Vary"]
 
 
-def test_board_page_weight_with_full_columns(operator):
+def test_a_full_column_shows_one_page_of_cards_and_a_way_to_the_rest(operator):
     make_tasks("q", 400, project="project-name", assignee="someone")
-    response = operator.get("/")
-    assert len(response.content) < 200_000
+    html = operator.get("/").content.decode()
+    assert html.count('<article class="card"') == views.PAGE_SIZE
+    assert '<span class="count">400</span>' in html
+    assert f"?offset={views.PAGE_SIZE}" in html and "Load more" in html
+    assert len(html) < 200_000  # one page of cards, not the whole queue

@@ -7,7 +7,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
-from workqueue import claims, locks
+from workqueue import actions as task_actions
+from workqueue import reaper
 from workqueue.models import Queue, Status, Task, TaskBody, TaskEvent
 
 
@@ -21,7 +22,7 @@ class StaleFilter(admin.SimpleListFilter):
     def queryset(self, request, queryset):
         if self.value() not in ("yes", "no"):
             return queryset
-        stale_ids = [s.task.pk for s in claims.find_stale_claims()]
+        stale_ids = [s.task.pk for s in reaper.find_stale_claims()]
         if self.value() == "yes":
             return queryset.filter(pk__in=stale_ids)
         return queryset.exclude(pk__in=stale_ids)
@@ -44,10 +45,13 @@ class TaskAdmin(admin.ModelAdmin):
     list_select_related = False
     show_full_result_count = False
     ordering = ("priority", "id")
+    # State changes only through the actions below (the transitions); never by hand.
     readonly_fields = (
-        "outside_holder", "fence", "created_at", "updated_at", "claimed_at", "finished_at",
+        "status", "holder", "holder_host", "holder_pid", "holder_started", "holder_herd",
+        "fence", "lease_expires_at", "claimed_at", "attempts", "max_attempts", "agent_pgid",
+        "agent_started", "outside_holder", "created_at", "updated_at", "finished_at",
     )  # fmt: skip
-    actions = ("requeue_tasks", "block_tasks", "release_stale")
+    actions = ("requeue_tasks", "release_claims", "mark_done", "block_tasks", "release_stale")
     inlines = (TaskBodyInline,)
     change_list_template = "admin/workqueue/task/change_list.html"
 
@@ -55,25 +59,46 @@ class TaskAdmin(admin.ModelAdmin):
     def outside_holder(self, task: Task) -> str:
         return task.outside_holder or "-"
 
-    @admin.action(description="Requeue selected tasks", permissions=["change"])
+    def _actor(self, request: HttpRequest) -> str:
+        return f"admin:{request.user.get_username()}"
+
+    @admin.action(description="Requeue selected done or blocked tasks", permissions=["change"])
     def requeue_tasks(self, request: HttpRequest, queryset) -> None:
-        actor = f"admin:{request.user.get_username()}"
+        actor = self._actor(request)
         done = self._each(
             request,
-            queryset.exclude(status=Status.QUEUED),
-            lambda task: claims.release_task(task, actor, "requeued from the admin"),
+            queryset.filter(status__in=[Status.DONE, Status.BLOCKED]),
+            lambda task: task_actions.requeue(task, actor, "requeued from the admin"),
         )
         self.message_user(request, f"Requeued {done} task(s).", messages.SUCCESS)
 
+    @admin.action(description="Release selected claims", permissions=["change"])
+    def release_claims(self, request: HttpRequest, queryset) -> None:
+        actor = self._actor(request)
+        done = self._each(
+            request,
+            queryset.filter(status=Status.CLAIMED),
+            lambda task: task_actions.release(task, actor, "released from the admin"),
+        )
+        self.message_user(request, f"Released {done} claim(s).", messages.SUCCESS)
+
+    @admin.action(description="Mark selected tasks done", permissions=["change"])
+    def mark_done(self, request: HttpRequest, queryset) -> None:
+        actor = self._actor(request)
+        done = self._each(
+            request,
+            queryset.exclude(status=Status.DONE),
+            lambda task: task_actions.mark_done(task, actor, f"closed by {actor}"),
+        )
+        self.message_user(request, f"Marked {done} task(s) done.", messages.SUCCESS)
+
     @admin.action(description="Block selected tasks", permissions=["change"])
     def block_tasks(self, request: HttpRequest, queryset) -> None:
-        actor = f"admin:{request.user.get_username()}"
+        actor = self._actor(request)
         done = self._each(
             request,
             queryset.filter(status__in=[Status.QUEUED, Status.CLAIMED]),
-            lambda task: claims.set_task_status(
-                task, Status.BLOCKED, actor, f"blocked by {actor}"
-            ),
+            lambda task: task_actions.block(task, actor, f"blocked by {actor}"),
         )
         self.message_user(request, f"Blocked {done} task(s).", messages.SUCCESS)
 
@@ -82,7 +107,7 @@ class TaskAdmin(admin.ModelAdmin):
         for task in tasks:
             try:
                 done += change(task)
-            except claims.AgentStillRunning as exc:
+            except task_actions.AgentStillRunning as exc:
                 self.message_user(request, str(exc), messages.ERROR)
         return done
 
@@ -90,11 +115,11 @@ class TaskAdmin(admin.ModelAdmin):
         description="Release stale claims in the selected tasks' queues", permissions=["change"]
     )
     def release_stale(self, request: HttpRequest, queryset) -> None:
-        actor = f"admin:{request.user.get_username()}"
+        actor = self._actor(request)
         queues = sorted(set(queryset.values_list("queue", flat=True)))
         requeued = blocked = 0
         for queue in queues:
-            report = claims.release_stale_claims(queue, actor=actor)
+            report = reaper.release_stale_claims(queue, actor=actor)
             requeued += len(report.requeued)
             blocked += len(report.blocked)
         self.message_user(
@@ -121,7 +146,7 @@ class TaskAdmin(admin.ModelAdmin):
         if request.method == "POST":
             if not self.has_change_permission(request):
                 raise PermissionDenied
-            report = claims.release_stale_claims(actor=f"admin:{request.user.get_username()}")
+            report = reaper.release_stale_claims(actor=self._actor(request))
             self.message_user(
                 request,
                 f"Released stale locks: {len(report.requeued)} requeued, "
@@ -130,28 +155,7 @@ class TaskAdmin(admin.ModelAdmin):
                 messages.SUCCESS,
             )
             return HttpResponseRedirect(reverse("admin:queue_task_locks"))
-        dry_run = claims.release_stale_claims(dry_run=True)
-        stale_keys = {(s.task.queue, s.task.key): s for s in [*dry_run.requeued, *dry_run.blocked]}
-        orphans = {str(p) for p in dry_run.orphan_locks}
-        rows = []
-        for lock in sorted(locks.list_locks(), key=lambda lock: (lock.queue_dir, lock.name)):
-            queue = locks.key_from_lock_name(lock.queue_dir)
-            stale_claim = stale_keys.get((queue, lock.key))
-            owner = lock.owner or {}
-            rows.append(
-                {
-                    "path": lock.path,
-                    "queue": queue,
-                    "key": lock.key,
-                    "host": owner.get("host", "?"),
-                    "pid": owner.get("pid", "?"),
-                    "worker": owner.get("worker", ""),
-                    "alive": lock.owner_alive,
-                    "age": lock.age_seconds,
-                    "stale": bool(stale_claim) or str(lock.path) in orphans,
-                    "why": stale_claim.why if stale_claim else "",
-                }
-            )
+        rows, dry_run = reaper.lock_report()
         context = {
             **self.admin_site.each_context(request),
             "title": "Filesystem locks",

@@ -6,3 +6,6 @@ class WorkqueueConfig(AppConfig):
     name = "workqueue"
     label = "queue"
     verbose_name = "Queue"
+
+    def ready(self) -> None:
+        from workqueue import worktrees  # noqa: F401  (cleans worktrees of released claims)

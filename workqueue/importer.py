@@ -16,7 +16,7 @@ from django.db.backends.base.operations import BaseDatabaseOperations
 from django.utils import timezone
 from tqdm import tqdm
 
-from workqueue import taskfile
+from workqueue import taskfile, transitions
 from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskBody, TaskEvent
 from workqueue.names import validate_queue_name
 from workqueue.taskfile import TaskFileError
@@ -336,7 +336,6 @@ class Importer:
                 self.report.deferred += 1
                 return
             closed = apply_fields(task, fields, source_fields)
-            task.save()
             TaskEvent.objects.create(
                 task=task,
                 kind=EventKind.UPDATED,
@@ -530,28 +529,27 @@ def status_fields(fm: dict, body: str) -> dict:
     return {"status": Status.QUEUED}
 
 
+STATUS_KEYS = ("status", "closed_by", "outcome", "finished_at", "reason", "holder", "claimed_at")
+
+
 def apply_fields(task: Task, fields: dict, source_fields: dict) -> bool:
-    """Update a task from its re-read file. Returns True when the file now closes it."""
+    """Update a task from its re-read file (in the caller's transaction, the row locked).
+    Returns True when the file now closes it.
+
+    The file's status is followed only when the file's status itself changed (or it now
+    says closed); otherwise a done task would be requeued by every edit of its file. The
+    status changes through its transition, like any other.
+    """
     fields = dict(fields)
     deps = fields.pop("depends_on")
     if "body" in fields:
         TaskBody.objects.update_or_create(task=task, defaults={"text": fields.pop("body")})
+    wanted = {k: fields.pop(k) for k in STATUS_KEYS if k in fields}
     file_status = taskfile.text_field(fields["frontmatter"], "status").lower()
     old_status = taskfile.text_field(task.frontmatter, "status").lower()
-    closes = "closed_by" in fields and not task.closed_by
-    status_keys = (
-        "status",
-        "closed_by",
-        "outcome",
-        "finished_at",
-        "reason",
-        "holder",
-        "claimed_at",
-    )
-    # The file's status only wins when the file's status itself changed (or it now says
-    # closed); otherwise a done task would be requeued by every edit of its file.
-    if file_status == old_status and not closes:
-        fields = {k: v for k, v in fields.items() if k not in status_keys}
+    closes = "closed_by" in wanted and not task.closed_by
+    if closes:
+        fields["closed_by"] = wanted["closed_by"]
     for name, value in {**fields, **source_fields}.items():
         setattr(task, name, value)
     task.change_pending = False
@@ -561,7 +559,28 @@ def apply_fields(task: Task, fields: dict, source_fields: dict) -> bool:
         task.has_dependencies = bool(deps)
         Dependency.objects.filter(task=task).delete()
         Dependency.objects.bulk_create([Dependency(task=task, key=k) for k in deps])
-    return closes and task.status == Status.DONE
+    task.save(update_fields=Task.file_fields())
+    if file_status == old_status and not closes:
+        return False
+    return follow_file_status(task, wanted) and wanted["status"] == Status.DONE
+
+
+def follow_file_status(task: Task, wanted: dict) -> bool:
+    """Move a task to the status its file now gives, through the transition that does."""
+    target = wanted["status"]
+    if target == task.status:
+        return False
+    actor = "import"
+    if target == Status.DONE:
+        reason = f"closed in its file ({wanted['closed_by']})"
+        return transitions.mark_done(task, actor, reason, wanted["outcome"])
+    if target == Status.BLOCKED:
+        return transitions.block(task, actor, wanted["reason"])
+    if target == Status.CLAIMED:
+        return transitions.hold_for_outside(task, wanted["holder"], actor)
+    if task.status == Status.CLAIMED:
+        return transitions.release_by_person(task, actor, "released in its file")
+    return transitions.requeue(task, actor, "requeued in its file")
 
 
 def refresh_from_source(task: Task) -> None:
@@ -595,7 +614,6 @@ def refresh_from_source(task: Task) -> None:
             "source_missing": False,
         }
         apply_fields(task, fields, source)
-        task.save()
         TaskEvent.objects.create(
             task=task,
             kind=EventKind.UPDATED,

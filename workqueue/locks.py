@@ -617,6 +617,54 @@ def try_release(queue: str, key: str) -> str | None:
     return None
 
 
+def release_held_by(
+    queue: str, key: str, host: str, pid: int | None, started: float | None
+) -> str | None:
+    """Remove a task's lock directory only while its owner is still this holder.
+
+    For claims ended by someone other than their worker (the reaper, a person): by the
+    time the row is released a new worker may have claimed the task and put its own lock
+    in place. The directory is judged by its owner file, moved aside, and removed only if
+    what was moved is the directory judged; anything else is put back. Returns why it
+    could not be removed (to log), or None.
+    """
+    queue, name = lock_name(queue), lock_name(key)
+    root = str(settings.HYPERVISOR_LOCK_ROOT)
+    path = f"{root}/{queue}/{name}"
+    fds: dict[str, int] = {}
+    try:
+        fds["root"] = open_root()
+        fds["folder"] = folder = open_dir(fds["root"], queue, f"{root}/{queue}")
+        fds["lock"] = open_dir(folder, name, path)
+        owner = _read_owner_at(fds["lock"], OWNER_FILE, f"{path}/{OWNER_FILE}")
+        judged = os.fstat(fds["lock"]).st_ino
+        if not _is_holder(owner, host, pid, started):
+            return None  # someone else's now: theirs to let go
+        # Aside into the spares: if we die before removing it, it is a leftover to clean.
+        fds["spares"] = spares = open_dir(fds["root"], SPARES, f"{root}/{SPARES}", True)
+        aside = f"released-{os.getpid()}-{next(_owner_files)}"
+        os.rename(name, aside, src_dir_fd=folder, dst_dir_fd=spares)
+        if os.stat(aside, dir_fd=spares, follow_symlinks=False).st_ino != judged:
+            rename_noreplace(spares, aside, folder, name)  # replaced meanwhile: put back
+            return None
+        remove_at(spares, aside, f"{root}/{SPARES}/{aside}")
+    except FileNotFoundError:
+        return None
+    except (LockError, OSError) as exc:
+        log.warning("cannot release %s: %s", path, exc)
+        return str(exc)
+    finally:
+        _close_all(fds)
+    return None
+
+
+def _is_holder(owner: dict | None, host: str, pid: int | None, started: float | None) -> bool:
+    if not owner or pid is None or _pid(owner.get("pid")) != pid or owner.get("host") != host:
+        return False
+    recorded = owner.get("started")
+    return started is None or (_is_number(recorded) and abs(recorded - started) <= 1.0)
+
+
 @dataclass
 class LockInfo:
     queue_dir: str

@@ -132,7 +132,7 @@ class TaskQuerySet(models.QuerySet):
             task._state.adding, task._state.db = False, self.db
 
     def stats(self, queue: str | None = None) -> dict:
-        from workqueue.claims import find_stale_claims
+        from workqueue.reaper import find_stale_claims
 
         tasks = self.in_queue(queue)
         claimed = tasks.claimed()
@@ -201,6 +201,8 @@ class Task(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    # A profile's attempt limit, carried by the claim so that whoever reaps it applies it.
+    max_attempts = models.PositiveIntegerField(null=True, blank=True)
     # The agent a command processor runs for the claim: its own process group, so that
     # whoever releases a dead worker's claim can end it first (see agent_tree).
     agent_pgid = models.IntegerField(null=True, blank=True)
@@ -253,6 +255,25 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue}/{self.key}"
+
+    # Written only by the transitions (workqueue.transitions).
+    STATE_FIELDS = frozenset(
+        {
+            "status", "holder", "holder_host", "holder_pid", "holder_started", "holder_herd",
+            "fence", "lease_expires_at", "claimed_at", "attempts", "max_attempts",
+            "agent_pgid", "agent_started", "outcome", "reason", "evidence", "next_step",
+            "commit", "tokens", "output_tail", "result", "finished_at",
+        }
+    )  # fmt: skip
+
+    @classmethod
+    def file_fields(cls) -> list[str]:
+        """What a task's file and a person's edit may write: everything but the state."""
+        return [
+            f.name
+            for f in cls._meta.concrete_fields
+            if not f.primary_key and f.name not in cls.STATE_FIELDS
+        ]
 
     @cached_property
     def outside_holder(self) -> str:

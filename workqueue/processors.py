@@ -12,14 +12,53 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
 from django.utils.module_loading import import_string
 
 from workqueue import agent_tree
-from workqueue.claims import Claim, Result
 from workqueue.models import Status
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    queue: str
+    key: str
+    title: str
+    path: str
+    fence: int
+
+
+@dataclass
+class Result:
+    """What a processor reports for one claim."""
+
+    status: str = Status.DONE  # done, blocked, or queued to give the task back
+    outcome: str = ""
+    reason: str = ""
+    evidence: str = ""
+    next_step: str = ""
+    commit: str = ""
+    tokens: int = 0
+    output_tail: str = ""
+    data: dict = field(default_factory=dict)
+
+    def row_values(self) -> dict:
+        return {
+            "status": self.status,
+            "outcome": self.outcome or (self.status == Status.DONE and "success" or ""),
+            "reason": self.reason,
+            "evidence": self.evidence,
+            "next_step": self.next_step,
+            "commit": self.commit,
+            "tokens": self.tokens,
+            "output_tail": self.output_tail,
+            "result": self.data,
+        }
+
 
 GIVE_BACK_EXIT = 75  # EX_TEMPFAIL: "not now, give the task to someone else"
 TAIL_CHARS = 4000

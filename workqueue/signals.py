@@ -11,3 +11,6 @@ tasks_processed = Signal()  # kwargs: done=[(Claim, Result)], before they are fi
 tasks_finished = Signal()  # kwargs: finished=[(Claim, Result)], refused=[task ids]
 worker_lock_failed = Signal()  # kwargs: message
 worker_stopped = Signal()  # kwargs: exit_code
+# A claim ended by someone other than its worker (reaper, a person): kwargs task (as it was
+# before, holder and all), actor. Worktrees clean up on it.
+claim_released = Signal()

@@ -214,15 +214,20 @@ def title(fm: dict, body: str, fallback: str, limit: int = 500) -> str:
     return (heading.group(1).strip() if heading else fallback)[:limit]
 
 
+CLOSED_STATUSES = ("done", "closed", "cancelled", "canceled")
+
+
 def close_rule(fm: dict, body: str) -> tuple[str, str] | None:
-    """(rule, outcome) when the file says the task is closed."""
+    """(rule, outcome) when the file says the task is closed: the one rule, for the import
+    and for triage. A `## Close Reason` or `## Closed` section first (a level-2 heading,
+    not `### Closed` inside some other section), then the status, then a `close_reason`."""
+    if CLOSE_SECTION.search(body):
+        return "close_reason_section", "closed"
     status = text_field(fm, "status").lower()
     if status in ("done", "closed"):
         return f"status_{status}", "closed"
     if status in ("cancelled", "canceled"):
         return "status_cancelled", "cancelled"
-    if CLOSE_SECTION.search(body):
-        return "close_reason_section", "closed"
     if fm.get("close_reason"):
         return "close_reason_field", "closed"
     return None

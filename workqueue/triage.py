@@ -23,9 +23,8 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from workqueue import signals
-from workqueue.claims import Claim, Result
 from workqueue.models import Queue, Status, Task, TaskBody
-from workqueue.processors import Processor, WorkContext
+from workqueue.processors import Claim, Processor, Result, WorkContext
 from workqueue.taskfile import TaskFileError
 from workqueue.triage_rules import Decision, Rules, triage_bytes, unified_diff
 from workqueue.writeback import (

@@ -21,7 +21,6 @@ CONTAINER_TYPES = frozenset({"epic", "project", "goal"})
 HUMAN_TAGS = frozenset({"peer_review", "vote", "human-required", "needs-review"})
 MECHANICAL_TITLE_WORDS = ("rename", "remove", "delete", "move", "update config")
 
-CLOSE_SECTION = re.compile(r"## close reason|## closed")
 HUMAN_SIGNS = re.compile(r"\b(?:review|vote|meeting|respond|approve|finance|policy|decide)\b")
 CHOICE = re.compile(r"\b(?:decide|choose|which)\b")
 CHECKLIST = re.compile(r"- \[[ x]\]")
@@ -77,16 +76,6 @@ class Decision:
 
 
 # The decisions --------------------------------------------------------------
-
-
-def close_reason(fm: dict, body: str) -> str:
-    if CLOSE_SECTION.search(body.lower()):
-        return "has_close_reason"
-    if taskfile.text_field(fm, "status").lower() == "done":
-        return "status_done"
-    if fm.get("close_reason"):
-        return "has_close_reason_field"
-    return ""
 
 
 def classify(fm: dict, body: str, title: str, has_children: bool) -> str:
@@ -153,10 +142,10 @@ def missing_link(fm: dict, body: str, rules: Rules) -> str:
 
 
 def decide(fm: dict, body: str, title: str, has_children: bool, rules: Rules) -> Decision:
-    reason = close_reason(fm, body)
-    if reason:
-        decision = Decision(action="close", close_reason=reason)
-        if taskfile.text_field(fm, "status").lower() != "done":
+    closed = taskfile.close_rule(fm, body)
+    if closed:
+        decision = Decision(action="close", close_reason=closed[0])
+        if taskfile.text_field(fm, "status").lower() not in taskfile.CLOSED_STATUSES:
             decision.set_keys["status"] = "done"
             decision.changes.append("status->done")
     else:

@@ -20,7 +20,7 @@ from django.views.decorators.cache import patch_cache_control
 from django.views.decorators.http import require_GET, require_POST
 from django.views.decorators.vary import vary_on_headers
 
-from workqueue import claims, locks
+from workqueue import actions, locks
 from workqueue.forms import ACTIONS, BoardFilterForm, LoadMoreForm, TaskActionForm
 from workqueue.models import Queue, Status, Task
 from workqueue.rendering import render_markdown
@@ -217,16 +217,16 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
         )
     actor = f"user:{request.user.get_username()}"
     try:
-        if action in ("requeue", "release"):
-            changed = claims.release_task(task, actor, f"{action} from the board")
+        if action == "requeue":
+            changed = actions.requeue(task, actor, "requeued from the board")
+        elif action == "release":
+            changed = actions.release(task, actor, "released from the board")
         elif action == "done":
-            changed = claims.set_task_status(task, Status.DONE, actor)
+            changed = actions.mark_done(task, actor)
         else:
-            changed = claims.set_task_status(
-                task, Status.BLOCKED, actor, form.cleaned_data["reason"].strip()
-            )
+            changed = actions.block(task, actor, form.cleaned_data["reason"].strip())
         message = f"{task.key} changed meanwhile; nothing done."
-    except claims.AgentStillRunning as exc:
+    except actions.AgentStillRunning as exc:
         changed, message = False, str(exc)
     if not changed:
         # Someone (a worker, another person) moved the task in the meantime, or its

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
-from workqueue import claims, signals
-from workqueue.claims import Claim, Result
+from hypervisor_site.writers import writer_clock
+from workqueue import claims, signals, transitions
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status
-from workqueue.processors import Processor, WorkContext
+from workqueue.processors import Claim, Processor, Result, WorkContext
 
 log = logging.getLogger("workqueue.worker")
 
@@ -34,12 +34,12 @@ class WorkerStats:
     started: float = field(default_factory=time.monotonic)
     slowest_claim: float = 0.0
     # The process's writer clock at the start: a worker reports only its own time.
-    writer_start: tuple[float, float] = field(default_factory=claims.writer_clock.reading)
+    writer_start: tuple[float, float] = field(default_factory=writer_clock.reading)
 
     def as_dict(self) -> dict:
         runtime = time.monotonic() - self.started
         finished = self.done + self.blocked
-        waited_now, held_now = claims.writer_clock.reading()
+        waited_now, held_now = writer_clock.reading()
         waited_before, held_before = self.writer_start
         waited, held = waited_now - waited_before, held_now - held_before
         return {
@@ -69,6 +69,7 @@ class Worker:
         herd: int | None = None,
         filters=None,
         dry_run: bool = False,
+        max_attempts: int | None = None,
     ):
         self.queue = queue
         self.processor = processor
@@ -78,6 +79,7 @@ class Worker:
         self.identity = Identity.current(name, herd)
         self.owner_file = OwnerFile(self.identity)
         self.filters = filters
+        self.max_attempts = max_attempts
         self.stats = WorkerStats()
         self.stop_requested = False
         self.database_patience = 120.0  # seconds a worker waits for its database to return
@@ -87,6 +89,9 @@ class Worker:
             self.identity.worker, lambda: self.stop_requested, dry_run, self._agent_started
         )
         self.busy: dict[int, float] = {}  # tasks whose lock an outside process holds
+        # The claims held now, by task id: what the heartbeat renews.
+        self.held: dict[int, Claim] = {}
+        self._held_lock = threading.Lock()
         self._beating = threading.Event()
 
     # Signals only set a flag; the loop notices between tasks.
@@ -143,17 +148,24 @@ class Worker:
             self.lease_seconds,
             self.filters,
             self.busy,
+            self.max_attempts,
         )
         self.stats.slowest_claim = max(self.stats.slowest_claim, time.monotonic() - started)
         if not batch:
             return False
         self.stats.claimed += len(batch)
+        self._hold(batch)
         done: list[tuple[Claim, Result]] = []
         for i, claim in enumerate(batch):
             if self.stop_requested:
-                claims.release_claims(
-                    self.identity, batch[i:], f"worker stopping: {self.stop_reason}"
+                self.with_database(
+                    claims.release_claims,
+                    self.identity,
+                    batch[i:],
+                    self.owner_file,
+                    f"worker stopping: {self.stop_reason}",
                 )
+                self._let_go(batch[i:])
                 self.stats.released += len(batch) - i
                 break
             self.current = claim
@@ -192,13 +204,14 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     def _agent_started(self, claim: Claim, pgid: int, started: float) -> None:
-        self.with_database(claims.record_agent, self.identity, claim, pgid, started)
+        self.with_database(transitions.record_agent, self.identity, claim, pgid, started)
 
     def finish(self, done: list[tuple[Claim, Result]]) -> None:
         if not done:
             return
         signals.tasks_processed.send(sender=self, done=done)
         report = self.with_database(claims.finish_claims, self.identity, done, self.owner_file)
+        self._let_go([claim for claim, _ in done])
         refused = set(report.refused)
         for claim, result in done:
             if claim.id in refused:
@@ -220,12 +233,24 @@ class Worker:
                 )
         signals.tasks_finished.send(sender=self, finished=done, refused=report.refused)
 
+    def _hold(self, batch: list[Claim]) -> None:
+        with self._held_lock:
+            self.held.update((claim.id, claim) for claim in batch)
+
+    def _let_go(self, ended: list[Claim]) -> None:
+        with self._held_lock:
+            for claim in ended:
+                self.held.pop(claim.id, None)
+
     def _heartbeat_loop(self) -> None:
         interval = max(0.5, min(self.lease_seconds / 3, 10))
         try:
             while not self._beating.wait(interval):
                 try:
-                    claims.heartbeat(self.identity, self.lease_seconds)
+                    with self._held_lock:
+                        held = list(self.held.values())
+                    if held:
+                        transitions.heartbeat(self.identity, held, self.lease_seconds)
                     signals.worker_heartbeat.send(sender=self)
                 except Exception:  # a lost heartbeat is retried; the lease covers the gap
                     log.exception("heartbeat failed")

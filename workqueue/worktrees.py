@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
+from django.dispatch import receiver
 from django.utils import timezone
 
-from workqueue.claims import Claim, Result
+from workqueue import signals
 from workqueue.locks import lock_name
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
-from workqueue.processors import CommandProcessor, Processor, WorkContext
+from workqueue.processors import Claim, CommandProcessor, Processor, Result, WorkContext
 
 
 class WorktreeError(Exception):
@@ -98,13 +99,13 @@ def remove(repo: Path, path: str | Path) -> None:
         git(repo, "worktree", "prune")
 
 
-def clean_task_worktree(task: Task, repo: str | None, actor: str) -> None:
+@receiver(signals.claim_released)
+def clean_task_worktree(sender, task: Task, actor: str, **kwargs) -> None:
     """Remove a released task's worktree (its branch stays) and say so on the task."""
     if not task.worktree:
         return
-    repo_path = Path(repo) if repo else _repo_of(Path(task.worktree))
     try:
-        remove(repo_path, task.worktree)
+        remove(_repo_of(Path(task.worktree)), task.worktree)
         message = f"worktree {task.worktree} removed; branch {task.branch} kept"
     except (WorktreeError, OSError) as exc:
         message = f"worktree {task.worktree} could not be removed: {exc}"

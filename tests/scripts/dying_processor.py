@@ -2,7 +2,7 @@
 
 import os
 
-from workqueue.claims import Result
+from workqueue.processors import Result
 
 
 def die_on_first(claim, context) -> Result:

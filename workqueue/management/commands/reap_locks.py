@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from workqueue.claims import release_stale_claims
+from workqueue.reaper import release_stale_claims
 
 
 class Command(BaseCommand):

@@ -68,6 +68,13 @@ class Command(BaseCommand):
             help="let the agent see this variable of the worker's environment (repeatable); "
             "it sees only PATH, HOME, USER, LANG, LC_*, TERM, TZ, TMPDIR otherwise",
         )
+        parser.add_argument(
+            "--max-attempts",
+            type=int,
+            default=None,
+            help="block a task once dead workers have lost it this many times "
+            "(lower than the queue's own limit only)",
+        )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument(
             "argv", nargs=argparse.REMAINDER, help="-- CMD ARG ... for --processor command"
@@ -78,7 +85,9 @@ class Command(BaseCommand):
             options["batch"] < 0
             or min(options["prefetch"], options["lease"], options["workers"]) < 1
         ):
-            raise CommandError("--batch must be >= 0; --prefetch, --lease, --workers >= 1")
+            raise CommandError(
+                "--batch must be >= 0; --prefetch, --lease, --workers, --max-attempts >= 1"
+            )
         argv = options["argv"]
         if argv and argv[0] == "--":
             argv = argv[1:]
@@ -120,6 +129,7 @@ class Command(BaseCommand):
             "herd": options["herd"],
             "dry_run": options["dry_run"],
             "filters": filters or None,
+            "max_attempts": options["max_attempts"],
         }
         if options["workers"] > 1:
             summaries = self.fork_workers(options, processor, settings_for_worker)

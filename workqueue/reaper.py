@@ -1,0 +1,180 @@
+"""Stale claims, orphan locks, and the admin's report of the lock root.
+
+A claim is stale when its holder is provably dead (same host, and the pid is gone or is
+another process) or its lease ran out. Its agent is ended first, since two agents must
+never work on one task; then the row goes back (transitions.release_by_reaper), and the
+lock directory goes only while it is still the dead holder's.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.utils import timezone
+
+from workqueue import agent_tree, locks, signals, transitions
+from workqueue.locks import LockError
+from workqueue.models import Queue, Status, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StaleClaim:
+    task: Task
+    why: str
+
+
+@dataclass
+class ReapReport:
+    requeued: list[StaleClaim] = field(default_factory=list)
+    blocked: list[StaleClaim] = field(default_factory=list)
+    orphan_locks: list[Path] = field(default_factory=list)
+    agents_alive: list[tuple[StaleClaim, list[int]]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        def rows(items):
+            return [
+                {
+                    "queue": s.task.queue,
+                    "key": s.task.key,
+                    "holder": s.task.holder,
+                    "host": s.task.holder_host,
+                    "pid": s.task.holder_pid,
+                    "why": s.why,
+                }
+                for s in items
+            ]
+
+        return {
+            "requeued": rows(self.requeued),
+            "blocked": rows(self.blocked),
+            "orphan_locks": [str(p) for p in self.orphan_locks],
+            "agents_alive": [
+                {"queue": s.task.queue, "key": s.task.key, "pids": pids}
+                for s, pids in self.agents_alive
+            ],
+        }
+
+
+def find_stale_claims(queue: str | None = None, holder_pid: int | None = None) -> list[StaleClaim]:
+    """Claims whose holder is provably dead on this host, or whose lease ran out."""
+    now = timezone.now()
+    # Outside holders (a file that says in_progress) have no pid: only a person releases them.
+    claimed = Task.objects.claimed().in_queue(queue).filter(holder_pid__isnull=False)
+    if holder_pid is not None:
+        claimed = claimed.filter(holder_pid=holder_pid)
+    verdicts: dict[tuple, bool] = {}
+    stale = []
+    for task in claimed.iterator():
+        holder = (task.holder_host, task.holder_pid, task.holder_started)
+        if holder not in verdicts:
+            verdicts[holder] = locks.owner_is_dead(*holder)
+        if verdicts[holder]:
+            stale.append(StaleClaim(task, f"holder pid {task.holder_pid} is gone"))
+        elif task.lease_expires_at and task.lease_expires_at < now:
+            stale.append(StaleClaim(task, "lease expired"))
+    return stale
+
+
+def release_stale_claims(
+    queue: str | None = None,
+    dry_run: bool = False,
+    actor: str = "reaper",
+    holder_pid: int | None = None,
+) -> ReapReport:
+    """Put stale claims back in the queue (or block them past their attempt limit)."""
+    report = ReapReport()
+    limits = dict(Queue.objects.values_list("name", "max_attempts"))
+    stale_claims = find_stale_claims(queue, holder_pid)
+    # The dead worker's agent goes first: two agents must never work on one task.
+    alive = {} if dry_run else agent_tree.end_agents_of(s.task for s in stale_claims)
+    for stale in stale_claims:
+        task = stale.task
+        if task.pk in alive:
+            report.agents_alive.append((stale, alive[task.pk]))
+            log.warning(
+                "%s/%s stays claimed: its agent's processes %s could not be ended",
+                task.queue,
+                task.key,
+                alive[task.pk],
+            )
+            continue
+        queue_limit = limits.get(task.queue, 3)
+        if dry_run:
+            limit = min(queue_limit, task.max_attempts or queue_limit)
+            (report.blocked if task.attempts >= limit else report.requeued).append(stale)
+            continue
+        status = transitions.release_by_reaper(task, stale.why, actor, queue_limit)
+        if not status:
+            continue  # its claim changed since it was judged
+        (report.blocked if status == Status.BLOCKED else report.requeued).append(stale)
+        let_go(task, actor)
+    if holder_pid is None:
+        report.orphan_locks = release_orphan_locks(queue, dry_run)
+    return report
+
+
+def let_go(task: Task, actor: str) -> None:
+    """After a claim was released by someone other than its worker: its lock directory
+    goes, only while it is still the old holder's (a new worker may have taken the task
+    meanwhile), and whoever keeps things per claim (worktrees) hears of it."""
+    if task.holder_pid is not None:
+        locks.release_held_by(
+            task.queue, task.key, task.holder_host, task.holder_pid, task.holder_started
+        )
+    signals.claim_released.send(sender=Task, task=task, actor=actor)
+
+
+def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> list[Path]:
+    """Lock directories with no claim behind them whose owner is dead on this host."""
+    held = set(
+        (locks.lock_name(q), locks.lock_name(k))
+        for q, k in Task.objects.claimed().in_queue(queue).values_list("queue", "key")
+    )
+    removed = []
+    for lock in locks.list_locks(queue):
+        if (lock.queue_dir, lock.name) in held:
+            continue
+        if locks.abandoned(lock.owner, lock.age_seconds):
+            removed.append(lock.path)
+            if not dry_run:
+                with suppress(LockError):  # a link planted since the listing: refused
+                    locks.remove(lock.path)
+    # Spare lock directories and owner files that dead workers of ours left behind.
+    for path in locks.leftovers():
+        removed.append(path)
+        if not dry_run:
+            with suppress(LockError):
+                locks.remove_leftover(path)
+    return removed
+
+
+def lock_report() -> tuple[list[dict], ReapReport]:
+    """Every lock directory with what the reaper would do about it (a dry run)."""
+    dry_run = release_stale_claims(dry_run=True)
+    stale_keys = {(s.task.queue, s.task.key): s for s in [*dry_run.requeued, *dry_run.blocked]}
+    orphans = {str(p) for p in dry_run.orphan_locks}
+    rows = []
+    for lock in sorted(locks.list_locks(), key=lambda lock: (lock.queue_dir, lock.name)):
+        queue = locks.key_from_lock_name(lock.queue_dir)
+        stale_claim = stale_keys.get((queue, lock.key))
+        owner = lock.owner or {}
+        rows.append(
+            {
+                "path": lock.path,
+                "queue": queue,
+                "key": lock.key,
+                "host": owner.get("host", "?"),
+                "pid": owner.get("pid", "?"),
+                "worker": owner.get("worker", ""),
+                "alive": lock.owner_alive,
+                "age": lock.age_seconds,
+                "stale": bool(stale_claim) or str(lock.path) in orphans,
+                "why": stale_claim.why if stale_claim else "",
+            }
+        )
+    return rows, dry_run
