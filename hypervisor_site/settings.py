@@ -39,19 +39,6 @@ HYPERVISOR_FOREIGN_LOCK_MAX_AGE = envint("HYPERVISOR_FOREIGN_LOCK_MAX_AGE", 6 * 
 # The host identity written on claims. Workers on different machines must differ here;
 # the reaper only judges pids of its own host.
 HYPERVISOR_HOST = os.environ.get("HYPERVISOR_HOST") or socket.gethostname()
-HYPERVISOR_HUMAN_ASSIGNEE = os.environ.get("HYPERVISOR_HUMAN_ASSIGNEE", "nic")
-HYPERVISOR_BOT_ASSIGNEE = os.environ.get("HYPERVISOR_BOT_ASSIGNEE", "bot")
-# Triage: the wikilink for a task's `project`; any other project links to [[<project>]].
-HYPERVISOR_PROJECT_LINKS = {
-    "aops": "[[academicOps]]",
-    "framework": "[[academicOps]]",
-    "osb": "[[oversight-board]]",
-    "academic": "[[academic-work]]",
-    "hdr": "[[hdr-supervision]]",
-    "buttermilk": "[[buttermilk]]",
-    "mediamarkets": "[[media-markets]]",
-    "reco": "[[reco-project]]",
-}
 HYPERVISOR_REAP_INTERVAL = envint("HYPERVISOR_REAP_INTERVAL", 30, minimum=1)
 HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minimum=1)
 # An agent's output is read this long after it exits (a background child may hold its

@@ -341,7 +341,15 @@ def queue_folder(db, write_task):
     def make(files: dict[str, str], stamp: bool = False) -> dict[str, bytes]:
         for name, text in files.items():
             write_task(name, text)
-        Queue.objects.update_or_create(name="inbox", defaults={"stamp_claims": stamp})
+        Queue.objects.update_or_create(
+            name="inbox",
+            defaults={
+                "stamp_claims": stamp,
+                "human_assignee": RULES.human,
+                "bot_assignee": RULES.bot,
+                "project_links": dict(RULES.project_links),
+            },
+        )
         report = Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
         assert not report.errors
         return {name: (write_task.folder / name).read_bytes() for name in files}
@@ -583,3 +591,29 @@ def test_example_folder_triages_and_survives_a_second_pass(tmp_path):
         assert twice == once and again.changes == []
         triaged += 1
     assert triaged > 0
+
+
+def test_a_queues_triage_names_and_links_come_from_its_settings(db):
+    Queue.objects.create(
+        name="team", human_assignee="ada", bot_assignee="robot", project_links={"OSB": "[[b]]"}
+    )
+    rules = triage.rules_for("team")
+    assert (rules.human, rules.bot, rules.project_link("osb")) == ("ada", "robot", "[[b]]")
+    fresh = triage.rules_for("never-seen")
+    assert (fresh.human, fresh.bot, fresh.project_link("x")) == ("human", "bot", "[[x]]")
+
+
+def test_the_admin_refuses_project_links_that_are_not_an_object(admin_client):
+    response = admin_client.post(
+        "/admin/queue/queue/add/",
+        {
+            "name": "team",
+            "max_attempts": 3,
+            "human_assignee": "ada",
+            "bot_assignee": "bot",
+            "project_links": '["not", "an", "object"]',
+        },
+    )
+    assert response.status_code == 200
+    assert "An object of project names to wikilinks" in response.content.decode()
+    assert not Queue.objects.filter(name="team").exists()

@@ -13,8 +13,8 @@ from django.db.models import Count, Q
 from herds.models import Herd, HerdStatus, Profile
 from tests.test_herds_processes import launch, wait_until, worker_logs
 from workqueue.importer import Importer
-from workqueue.models import EventKind, Status, Task
-from workqueue.triage import rules_from_settings
+from workqueue.models import EventKind, Queue, Status, Task
+from workqueue.triage import rules_for
 from workqueue.triage_rules import triage_bytes
 
 FILES = 5000
@@ -75,6 +75,7 @@ def test_a_herd_of_four_triages_every_file_exactly_once(huey_env, consumer, tmp_
     shutil.copytree(folder, original)
     report = Importer("herd", roots=[folder]).run([folder])
     assert (report.imported, report.errors) == (FILES, [])
+    Queue.objects.filter(name="herd").update(human_assignee="nic")
 
     Profile.objects.update_or_create(
         name="triage", defaults={"processor": "triage", "prefetch": 50, "max_workers": WORKERS}
@@ -110,7 +111,7 @@ def test_a_herd_of_four_triages_every_file_exactly_once(huey_env, consumer, tmp_
     actions = set()
     for path in sorted(original.iterdir()):
         expected, decision, _ = triage_bytes(
-            path.read_bytes(), path.stem, lambda task_id: task_id in parents, rules_from_settings()
+            path.read_bytes(), path.stem, lambda task_id: task_id in parents, rules_for("herd")
         )
         assert (folder / path.name).read_bytes() == expected, path.name
         result = results[path.stem]

@@ -188,4 +188,4 @@ class TaskEventAdmin(admin.ModelAdmin):
 
 @admin.register(Queue)
 class QueueAdmin(admin.ModelAdmin):
-    list_display = ("name", "max_attempts", "stamp_claims")
+    list_display = ("name", "max_attempts", "stamp_claims", "human_assignee", "bot_assignee")

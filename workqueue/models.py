@@ -4,6 +4,7 @@ import json
 import os
 from datetime import timedelta
 
+from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, models
 from django.db.models import Count, Exists, Min, OuterRef, Q
@@ -39,9 +40,31 @@ class Queue(models.Model):
         default=False,
         help_text="Write claimed_by/herd/claimed_at into the task file while it is held.",
     )
+    # Triage's names for this queue's people (see workqueue.triage_rules).
+    human_assignee = models.CharField(
+        max_length=200, default="human", help_text="Triage assigns human work to this name."
+    )
+    bot_assignee = models.CharField(
+        max_length=200, default="bot", help_text="Triage assigns mechanical work to this name."
+    )
+    project_links = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Triage\'s wikilink per project: {"osb": "[[oversight-board]]"}; '
+        "any other project links to [[<project>]].",
+    )
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        links = self.project_links
+        if not isinstance(links, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in links.items()
+        ):
+            raise ValidationError(
+                {"project_links": "An object of project names to wikilinks (both strings)."}
+            )
 
 
 class TaskQuerySet(models.QuerySet):

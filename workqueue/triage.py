@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.dispatch import receiver
 from django.utils import timezone
@@ -42,11 +41,13 @@ STAMP_KEYS = ("claimed_by", "herd", "claimed_at")
 CHANGED_ON_DISK = "changed on disk since claim"
 
 
-def rules_from_settings() -> Rules:
-    links = getattr(settings, "HYPERVISOR_PROJECT_LINKS", {}) or {}
+def rules_for(queue: str) -> Rules:
+    """Triage's names and links for a queue, from its settings (the admin edits them)."""
+    row = Queue.objects.filter(name=queue).first() or Queue(name=queue)
+    links = row.project_links if isinstance(row.project_links, dict) else {}
     return Rules(
-        human=settings.HYPERVISOR_HUMAN_ASSIGNEE,
-        bot=settings.HYPERVISOR_BOT_ASSIGNEE,
+        human=row.human_assignee,
+        bot=row.bot_assignee,
         project_links=tuple((k.lower(), v) for k, v in links.items()),
     )
 
@@ -107,11 +108,16 @@ class TriageProcessor(Processor):
     finish_in_batches = True
 
     def __init__(self):
-        self.rules = rules_from_settings()
+        self.rules: dict[str, Rules] = {}  # per queue, read once per worker
         self.children = ChildIndex()
         self.held: dict[int, _Held] = {}
         self.pending: list[_Write] = []
         self.stamping: dict[str, bool] = {}
+
+    def _rules(self, queue: str) -> Rules:
+        if queue not in self.rules:
+            self.rules[queue] = rules_for(queue)
+        return self.rules[queue]
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         held = self._held(claim, context)
@@ -144,7 +150,7 @@ class TriageProcessor(Processor):
             raw,
             Path(claim.path).stem,
             lambda task_id: self.children.has_children(claim.queue, task_id or held.key),
-            self.rules,
+            self._rules(claim.queue),
         )
         data = decision.as_data()
         if context.dry_run:

@@ -42,7 +42,7 @@ H1 = re.compile(r"^# ", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Rules:
-    """The two assignees and the project links (see HYPERVISOR_* in settings)."""
+    """The two assignees and the project links: a queue's settings (Queue)."""
 
     human: str = "nic"
     bot: str = "bot"
