@@ -193,7 +193,16 @@ def test_queue_is_editable(admin_client):
     Queue.objects.create(name="inbox")
     response = admin_client.post(
         "/admin/queue/queue/inbox/change/",
-        {"name": "inbox", "max_attempts": 7, "stamp_claims": "on"},
+        {
+            "name": "inbox",
+            "max_attempts": 7,
+            "stamp_claims": "on",
+            "human_assignee": "ada",
+            "bot_assignee": "bot",
+            "project_links": '{"osb": "[[oversight-board]]"}',
+        },
     )
     assert response.status_code == 302
-    assert Queue.objects.get(name="inbox").max_attempts == 7
+    queue = Queue.objects.get(name="inbox")
+    assert (queue.max_attempts, queue.human_assignee) == (7, "ada")
+    assert queue.project_links == {"osb": "[[oversight-board]]"}
