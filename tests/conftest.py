@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 MANAGE = str(ROOT / "manage.py")
 
 
+def pytest_configure(config):
+    from django.conf import settings
+
+    # Logins in tests need no deliberately slow hashing (the throttling tests log in dozens
+    # of times); processes a test starts keep the real hashers.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture(autouse=True)
 def lock_root(settings, tmp_path) -> Path:
     root = tmp_path / "locks"

@@ -8,10 +8,13 @@ import time
 import urllib.request
 
 import psutil
+import pytest
 from django.contrib.auth import get_user_model
 
 from tests.conftest import run_manage, start_manage
 from workqueue.models import Task
+
+pytestmark = pytest.mark.slow  # each starts the web server and a Huey consumer
 
 
 def free_port() -> int:
