@@ -59,7 +59,7 @@ def test_eight_workers_run_every_task_exactly_once(process_env, lock_root, tmp_p
 
 
 def test_prefetched_batches_are_exclusive(process_env, lock_root):
-    make_tasks("q", 3000)
+    make_tasks("q", 1000)
     workers = [
         start_manage(["work", "--queue", "q", "--prefetch", "50", "--json"], process_env)
         for _ in range(4)
@@ -67,8 +67,8 @@ def test_prefetched_batches_are_exclusive(process_env, lock_root):
     outputs = [w.communicate(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0] * 4, [o[1][-2000:] for o in outputs]
     summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
-    assert sum(s["claimed"] for s in summaries) == 3000
-    assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 3000
+    assert sum(s["claimed"] for s in summaries) == 1000
+    assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 1000
     claimed_events = Counter(
         Task.objects.filter(events__kind=EventKind.CLAIMED).values_list("id", flat=True)
     )
@@ -335,17 +335,17 @@ def test_command_result_conventions(lock_root, tmp_path):
 
 
 def test_forked_workers_share_the_queue_exactly_once(process_env, lock_root):
-    make_tasks("q", 1500)
+    make_tasks("q", 600)
     result = run_manage(
         ["work", "--queue", "q", "--workers", "4", "--prefetch", "20", "--json"], process_env
     )
     assert result.returncode == 0, result.stderr
     summaries = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len({s["worker"] for s in summaries}) == 4
-    assert sum(s["done"] for s in summaries) == 1500
+    assert sum(s["done"] for s in summaries) == 600
     # Each worker wrote (claims and finishes) and says for how long it held the writer.
     assert all(s["writer_hold_seconds"] > 0 for s in summaries)
-    assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 1500
+    assert Task.objects.filter(status=Status.DONE, attempts=1).count() == 600
     assert lock_dirs(lock_root) == []
 
 

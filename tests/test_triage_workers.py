@@ -17,7 +17,7 @@ from workqueue.models import EventKind, Queue, Status, Task
 from workqueue.triage import rules_for
 from workqueue.triage_rules import triage_bytes
 
-FILES = 5000
+FILES = 2000
 WORKERS = 4
 
 TITLES = [
