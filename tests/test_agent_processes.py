@@ -337,3 +337,47 @@ def test_a_task_locked_by_an_outside_process_is_skipped_not_taken_for_an_empty_q
     assert shown in admin_client.get(f"/admin/queue/task/{urgent.pk}/change/").content.decode()
     outside.kill()
     outside.wait()
+
+
+def test_another_installations_agent_with_the_same_task_and_fence_is_left_alone(
+    settings, tmp_path, cleanup
+):
+    """Task ids and fences start at 1 in every database: a second installation on this host
+    (or a second test run) has an agent marked for "task 1, fence 1" too."""
+    settings.HYPERVISOR_LOCK_ROOT = tmp_path / "theirs"
+    theirs = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, agent_tree.CLAIM_VARIABLE: agent_tree.claim_marker(1, 1)},
+        start_new_session=True,
+    )
+    cleanup.append(theirs.pid)
+    settings.HYPERVISOR_LOCK_ROOT = tmp_path / "ours"
+    ours = agent_tree.AgentRef(agent_tree.claim_marker(1, 1), None, time.time() - 3600)
+    found = agent_tree.find_agent_processes([ours])
+    assert theirs.pid not in [p.pid for p in found[ours]]
+    assert theirs.poll() is None
+
+
+def test_an_agent_that_closes_its_pipes_before_exiting_is_not_killed(settings):
+    """coreutils close stdout and stderr in their exit handlers: between that and the exit,
+    a loaded machine leaves a window in which ending the group would kill a task that
+    succeeded. The agent here closes its pipes, works one second more, and exits 0."""
+    closes_early = "import os, time; os.close(1); os.close(2); time.sleep(1); raise SystemExit(0)"
+    run = agent_tree.AgentRun(
+        [sys.executable, "-c", closes_early], {}, None, 30, agent_tree.Masker([]), lambda: False
+    )
+    run.start()
+    ended = run.wait()
+    assert (ended.code, ended.timed_out, ended.survivors) == (0, False, [])
+    assert ended.seconds >= 1
+
+
+def test_an_agent_working_on_with_closed_pipes_still_meets_its_timeout():
+    quiet = "import os, time; os.close(1); os.close(2); time.sleep(60)"
+    run = agent_tree.AgentRun(
+        [sys.executable, "-c", quiet], {}, None, 1.5, agent_tree.Masker([]), lambda: False
+    )
+    run.start()
+    ended = run.wait()
+    assert ended.timed_out and ended.survivors == []
+    assert ended.seconds < 1.5 + 10

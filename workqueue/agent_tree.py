@@ -11,6 +11,7 @@ tail, so the worker's memory does not follow what the agent prints.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import selectors
@@ -39,7 +40,11 @@ LOOK_INTERVAL = 0.5  # seconds between looks at the agent's descendants
 
 
 def claim_marker(task_id: int, fence: int) -> str:
-    return f"{task_id}.{fence}"
+    """What an agent's processes carry to say whose they are. Task ids and fences start
+    at 1 in every database, so the marker names the installation too (its lock root):
+    two installations on one host must never end each other's agents."""
+    root = os.path.realpath(settings.HYPERVISOR_LOCK_ROOT)
+    return f"{hashlib.sha256(root.encode()).hexdigest()[:12]}:{task_id}.{fence}"
 
 
 def agent_environment(
@@ -287,6 +292,11 @@ class AgentRun:
                         streams[key.fd].feed(chunk)
                     else:
                         selector.unregister(key.fd)
+            if read_until is None and not (result.timed_out or result.stopped):
+                # Both pipes closed, but the agent has not exited yet: it may be in its
+                # last steps (coreutils close stdout before exiting), or working on with
+                # its pipes closed. Either way it is not ended before its time.
+                self._wait_for_exit(deadline, result)
         finally:
             selector.close()
             result.survivors = self.end()
@@ -300,6 +310,21 @@ class AgentRun:
         result.stdout, result.stderr = out.tail.text(), err.tail.text()
         result.seconds = round(time.monotonic() - begun, 3)
         return result
+
+    def _wait_for_exit(self, deadline: float | None, result: AgentExit) -> None:
+        while self.child.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                result.timed_out = True
+                return
+            if self.stopping():
+                result.stopped = True
+                return
+            self._look_at_descendants()
+            wait = LOOK_INTERVAL
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.child.wait(timeout=wait)
 
     def _look_at_descendants(self) -> None:
         # setsid() takes a process out of the group, not out of the tree: remember the
@@ -357,6 +382,10 @@ def find_agent_processes(
         if agents and _alive(process):
             found[agents[0]][process.pid] = process
     me = os.getpid()
+    # A process older than every agent cannot be one of theirs: its environment (a read
+    # of /proc per process) is not worth reading.
+    starts = [a.started for a in agents]
+    oldest = None if None in starts or not starts else min(starts) - START_TIME_SLACK
     for process in psutil.process_iter(["create_time"]):
         if process.pid == me:
             continue
@@ -367,6 +396,9 @@ def find_agent_processes(
                 or process.info["create_time"] >= agent.started - START_TIME_SLACK
             )
             if not young:
+                created = process.info["create_time"]
+                if oldest is not None and created is not None and created < oldest:
+                    continue
                 agent = by_marker.get(process.environ().get(CLAIM_VARIABLE, ""))
         except (psutil.Error, OSError):
             continue

@@ -47,10 +47,10 @@ def test_imported_tasks_show_in_their_columns(logged_in_page, live_url):
 def test_cards_move_to_done_without_a_reload_while_workers_run(
     logged_in_page, live_url, process_env
 ):
-    make_tasks("herd", 40)
+    make_tasks("herd", 24)
     page = logged_in_page
     page.goto(f"{live_url}/?queue=herd")
-    assert column_count(page, "queued") == 40
+    assert column_count(page, "queued") == 24
     page.evaluate("window.__notReloaded = true")
     workers = [
         start_manage(
@@ -64,7 +64,8 @@ def test_cards_move_to_done_without_a_reload_while_workers_run(
     try:
         wait_until(lambda: column_count(page, "done") > 0, 60, "board never showed progress")
         screenshot(page, "board-workers-midway")
-        wait_until(lambda: column_count(page, "done") == 40, 90, "cards never all reached done")
+        # Generous: on a loaded machine each agent's start and end cost more than its sleep.
+        wait_until(lambda: column_count(page, "done") == 24, 180, "cards never all reached done")
     finally:
         for worker in workers:
             try:
@@ -74,7 +75,7 @@ def test_cards_move_to_done_without_a_reload_while_workers_run(
                 worker.wait()
     assert [w.returncode for w in workers] == [0, 0], [w.stderr.read() for w in workers]
     assert column_count(page, "queued") == 0
-    assert column(page, "done").locator("article.card").count() == 40
+    assert column(page, "done").locator("article.card").count() == 24
     assert page.evaluate("window.__notReloaded") is True
     screenshot(page, "board-workers-finished")
 
