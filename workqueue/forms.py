@@ -4,7 +4,9 @@ from django import forms
 from django.db.models import Q
 from django.http import QueryDict
 
-from workqueue.models import Status, TaskQuerySet
+from workqueue import editing
+from workqueue.models import Status, Task, TaskQuerySet
+from workqueue.text import as_text
 
 FILTER_FIELDS = ("queue", "project", "assignee", "tag", "type", "complexity", "q")
 
@@ -71,3 +73,50 @@ class TaskActionForm(forms.Form):
         if data.get("action") == "block" and not (data.get("reason") or "").strip():
             self.add_error("reason", "Say why the task is blocked.")
         return data
+
+
+class TaskEditForm(forms.Form):
+    """The drawer's edit mode. Values go to workqueue.editing, which validates them
+    against the columns and names the field of each problem."""
+
+    title = forms.CharField(required=False, strip=False)
+    status = forms.ChoiceField(
+        required=False, choices=[("", "—")] + [(s, s) for s in editing.SETTABLE_STATUSES]
+    )
+    reason = forms.CharField(required=False, max_length=2000, label="Reason (done or blocked)")
+    priority = forms.CharField(required=False)
+    project = forms.CharField(required=False)
+    assignee = forms.CharField(required=False)
+    complexity = forms.CharField(required=False)
+    type = forms.CharField(required=False)
+    tags = forms.CharField(required=False, help_text="Comma separated.")
+    parent = forms.CharField(required=False)
+    depends_on = forms.CharField(required=False, label="Depends on", help_text="Task ids.")
+    body = forms.CharField(required=False, strip=False, widget=forms.Textarea)
+    base_sha256 = forms.CharField(required=False, widget=forms.HiddenInput)
+
+    @classmethod
+    def for_task(cls, task: Task) -> TaskEditForm:
+        initial = {
+            "title": task.title,
+            "status": task.status if task.status in editing.SETTABLE_STATUSES else "",
+            "priority": task.priority,
+            "project": task.project,
+            "assignee": task.assignee,
+            "complexity": task.complexity,
+            "type": task.type,
+            "tags": ", ".join(task.tags),
+            "parent": as_text(task.frontmatter.get("parent")),
+            "depends_on": ", ".join(task.depends_on),
+            "body": task.body,
+            "base_sha256": task.source_sha256,
+        }
+        return cls(initial=initial)
+
+    def changes(self) -> dict:
+        """Every field the form carries; editing.edit_task writes only what differs."""
+        data = self.cleaned_data
+        changes = {name: data[name] for name in editing.FIELDS if name in data}
+        if not changes.get("status"):
+            changes.pop("status", None)  # a claimed task's form has no status to send
+        return changes

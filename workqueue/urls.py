@@ -7,4 +7,6 @@ urlpatterns = [
     path("board/<str:status>/", views.column, name="board-column"),
     path("tasks/<int:pk>/", views.task_detail, name="task-detail"),
     path("tasks/<int:pk>/action/", views.task_action, name="task-action"),
+    path("tasks/<int:pk>/edit/", views.task_edit, name="task-edit"),
+    path("tasks/<int:pk>/reload/", views.task_reload, name="task-reload"),
 ]

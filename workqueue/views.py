@@ -17,11 +17,17 @@ from django.http import (
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import patch_cache_control
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.decorators.vary import vary_on_headers
 
-from workqueue import claims, locks
-from workqueue.forms import ACTIONS, BoardFilterForm, LoadMoreForm, TaskActionForm
+from workqueue import claims, editing, locks
+from workqueue.forms import (
+    ACTIONS,
+    BoardFilterForm,
+    LoadMoreForm,
+    TaskActionForm,
+    TaskEditForm,
+)
 from workqueue.models import Queue, Status, Task
 from workqueue.rendering import render_markdown
 
@@ -181,8 +187,9 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, template, _detail_context(request, task))
 
 
-def _detail_context(request: HttpRequest, task: Task) -> dict:
+def _detail_context(request: HttpRequest, task: Task, **extra) -> dict:
     return {
+        **extra,
         "task": task,
         "body_html": render_markdown(task.body),
         "events": task.events.all()[:200],
@@ -267,3 +274,96 @@ def _safe_next(request: HttpRequest) -> str:
         ):
             return candidate
     return "board"
+
+
+# Edit mode ----------------------------------------------------------------------
+
+CHANGE = "queue.change_task"
+
+
+def _actor(request: HttpRequest) -> str:
+    return f"user:{request.user.get_username()}"
+
+
+def _render_part(request: HttpRequest, part: str, context: dict, status: int = 200):
+    """A part of the task page: alone for the drawer, in the whole page otherwise."""
+    if request.htmx:
+        return render(request, f"workqueue/task_detail.html#{part}", context, status=status)
+    return render(request, "workqueue/task_detail.html", {**context, "mode": part}, status=status)
+
+
+def _edit_context(request: HttpRequest, task: Task, form: TaskEditForm, **extra) -> dict:
+    return _detail_context(request, task, form=form, choices=_field_choices(task.queue), **extra)
+
+
+def _field_choices(queue: str) -> dict[str, list[str]]:
+    """Values the queue already uses, offered as suggestions while editing."""
+    tasks = Task.objects.filter(queue=queue).order_by()
+    return {
+        name: sorted(v for v in tasks.values_list(name, flat=True).distinct()[:200] if v)
+        for name in ("project", "assignee", "complexity", "type")
+    }
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_http_methods(["GET", "POST"])
+@vary_on_headers("HX-Request")
+def task_edit(request: HttpRequest, pk: int) -> HttpResponse:
+    task = get_object_or_404(Task.objects.select_related("content"), pk=pk)
+    if request.method == "GET":
+        return _render_part(
+            request, "edit", _edit_context(request, task, TaskEditForm.for_task(task))
+        )
+    form = TaskEditForm(request.POST)
+    if not form.is_valid():
+        return _render_part(request, "edit", _edit_context(request, task, form), status=422)
+    data = form.cleaned_data
+    try:
+        result = editing.edit_task(
+            task,
+            form.changes(),
+            _actor(request),
+            reason=data["reason"],
+            base_sha256=data["base_sha256"] or None,
+        )
+    except editing.EditError as exc:
+        for name, problem in exc.errors.items():
+            form.add_error(name if name in form.fields else None, f"{name}: {problem}")
+        return _render_part(request, "edit", _edit_context(request, task, form), status=422)
+    except editing.FileChanged as exc:
+        context = _detail_context(request, task, why=exc.why, difference=exc.diff)
+        return _render_part(request, "conflict", context, status=409)
+    except editing.Conflict as exc:
+        form.add_error(None, f"{exc}; reload the task and try again.")
+        return _render_part(request, "edit", _edit_context(request, task, form), status=409)
+    notice = _saved_notice(result)
+    if not request.htmx:
+        messages.success(request, notice)
+        return redirect("task-detail", pk=task.pk)
+    response = _render_part(
+        request, "drawer", _detail_context(request, result.task, notice=notice)
+    )
+    response["HX-Trigger"] = "board-changed"
+    return response
+
+
+def _saved_notice(result: editing.EditResult) -> str:
+    if not result.changed:
+        return "Nothing changed."
+    names = ", ".join(name.replace("_", " ") for name in result.changed)
+    if result.deferred:
+        return f"Saved {names}; a worker holds the task, so its file is written when it lets go."
+    return f"Saved {names}."
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
+    """Read the task's file again after a refused save, and edit from what it says now."""
+    task = editing.reload_from_disk(get_object_or_404(Task, pk=pk))
+    context = _edit_context(
+        request, task, TaskEditForm.for_task(task), notice="Reloaded from the file on disk."
+    )
+    return _render_part(request, "edit", context)

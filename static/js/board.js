@@ -89,6 +89,27 @@
     }
   });
 
+  // A form the server refused comes back as HTML to show in place (422: a value named
+  // by its field; 409: the file changed on disk, with the difference): swap it in.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    const xhr = event.detail.xhr;
+    const html = (xhr.getResponseHeader("Content-Type") || "").indexOf("text/html") === 0;
+    if (html && (xhr.status === 422 || xhr.status === 409)) {
+      event.detail.shouldSwap = true;
+      event.detail.isError = false;
+    }
+  });
+
+  // After a swap, focus goes where the person continues: the first field of a form, or
+  // the heading of what replaced it.
+  document.addEventListener("htmx:afterSwap", function (event) {
+    const target = event.detail.target;
+    if (!target || target.id !== "drawer") return;
+    const invalid = target.querySelector("[aria-invalid=true]");
+    const next = invalid || target.querySelector("[data-autofocus]") || target.querySelector("h1");
+    if (next) next.focus();
+  });
+
   // A refused action (409: the task moved meanwhile) is said out loud, not swallowed.
   document.addEventListener("htmx:responseError", function (event) {
     const xhr = event.detail.xhr;

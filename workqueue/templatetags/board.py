@@ -8,6 +8,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from workqueue.forms import ACTIONS
+from workqueue.text import as_text as _as_text
 
 SENTINEL = 2_147_483_647
 
@@ -57,3 +58,9 @@ def task_url(pk: int, name: str = "task-detail") -> str:
 @register.filter
 def can_block(status: str) -> bool:
     return status in ACTIONS["block"][1]
+
+
+@register.filter
+def as_text(value) -> str:
+    """A frontmatter value as text: lists joined with commas, never a Python repr."""
+    return _as_text(value)
