@@ -19,8 +19,10 @@ Public API (the board, bulk actions in the background and the MCP server use the
     FIELDS, STATE_ACTIONS
     validate(changes, task=None) -> dict                    EditError names each field
     edit_task(task, changes, actor, reason="", base_sha256=None) -> EditResult
+    check_bulk(changes=None, action=None, reason="", add_tags=(), remove_tags=())
     edit_tasks(task_ids, actor, changes=None, action=None, reason="", add_tags=(),
                remove_tags=(), batch_size=BATCH, on_batch=None) -> BulkReport
+    undo_edits(applied, actor, message="undo", ...) -> BulkReport   where nothing changed
     apply_pending_edit(task) -> None             the importer calls it as a claim ends
     apply_pending_after_release(tasks) -> None   after a person ends claims
     reload_from_disk(task) -> Task
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from workqueue import claims, taskfile
@@ -78,6 +80,8 @@ FILE_STATUS = {Status.DONE: "done", Status.BLOCKED: "blocked", Status.QUEUED: "q
 PARENT_LIMIT = 500
 TAG_LIMIT = 200
 BATCH = 500  # tasks per batch of a bulk edit: one sync, one transaction
+# Columns a bulk edit never reads.
+UNUSED = ("output_tail", "result", "evidence", "next_step", "worktree", "branch")
 CHANGED_ON_DISK = "changed on disk since import"
 MISSING = "the file is missing on disk"
 
@@ -302,6 +306,8 @@ class _Plan:
     diff: str = ""
     temporary: str = ""
     stat: os.stat_result | None = None
+    message: str = ""  # for the transition's event and the edit event ("" for the usual)
+    restore: dict | None = None  # undo of a row-only edit: the columns as they were
 
 
 def _current(task: Task, name: str):
@@ -337,7 +343,8 @@ def _plan(task: Task, values: dict, status: str | None, reason: str) -> _Plan | 
         return plan
     plan.raw, plan.seen, plan.mode = raw, file_identity(stat), stat.st_mode
     try:
-        plan.doc = Document.parse(raw)
+        # The file is the one imported (same hash): its frontmatter is the row's.
+        plan.doc = Document.parse(raw, dict(task.frontmatter))
         keys = _file_keys(plan.doc, changed, status, reason)
         if keys:
             plan.doc.set_keys(keys)
@@ -413,7 +420,7 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
                 discard(plan.temporary)
                 report.skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
         live = [p for p in live if not p.temporary]
-    applied = []
+    applied, updates, events = [], [], []
     with transaction.atomic():
         rows = dict(
             Task.objects.select_for_update()
@@ -424,8 +431,15 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
             why = _write(plan, rows.get(plan.task.pk), actor)
             if why:
                 report.skip(plan.task, why)
-            else:
-                applied.append(_record(plan, plan.stat, actor, now))
+                continue
+            done, values = _record(plan, actor, now)
+            applied.append(done)
+            updates.append((plan.task.pk, values))
+            if plan.values:
+                # A state change's own event says what happened; a field edit gets one.
+                events.append(_edit_event(plan, actor, now))
+        _save_rows(updates)
+        TaskEvent.objects.record(events)
     report.changed += len(applied)
     return applied
 
@@ -454,8 +468,10 @@ def _transition(plan: _Plan, actor: str) -> bool:
     task = plan.task
     try:
         if plan.status == Status.QUEUED:
-            return claims.release_task(task, actor, "requeued from the board")
-        return claims.set_task_status(task, plan.status, actor, plan.reason)
+            return claims.release_task(task, actor, plan.message or "requeued from the board")
+        if plan.status == Status.BLOCKED:
+            return claims.set_task_status(task, plan.status, actor, plan.reason)
+        return claims.set_task_status(task, plan.status, actor, plan.reason or plan.message)
     except claims.AgentStillRunning as exc:
         plan.unwritable = str(exc)
         return False
@@ -469,32 +485,39 @@ ROW_COLUMNS = (
 )  # fmt: skip
 
 
-def _row_values(task: Task) -> dict:
+def _row_values(task: Task, with_body: bool) -> dict:
     values = {name: getattr(task, name) for name in ROW_COLUMNS}
-    values["body"] = task.body
+    if with_body:
+        values["body"] = task.body
     return values
 
 
-def _record(plan: _Plan, stat: os.stat_result | None, actor: str, now) -> Applied:
+def _record(plan: _Plan, actor: str, now) -> tuple[Applied, dict]:
+    """What undoing the edit needs, and the row's new values (its body and dependencies
+    are written here: few edits change them)."""
     task = plan.task
-    before = _row_values(task)
+    # The body is kept for undo only where undo cannot take it from the old file.
+    before = _row_values(task, plan.doc is None or "body" in plan.values)
+    body = None
     if plan.doc is not None:
         parsed = taskfile.TaskFile(plan.doc.frontmatter, plan.doc.body)
-        fields = task_fields(parsed, Path(plan.path))
-        values = {
-            name: fields[name]
-            for name in ("title", "priority", "project", "assignee", "type", "complexity")
-        }
+        # The file's name is only the title of last resort.
+        named = None if plan.doc.frontmatter.get("title") else Path(plan.path)
+        fields = task_fields(parsed, named)
+        values = {name: fields[name] for name in FILE_COLUMNS[:8]}
         values.update(
-            tags=fields["tags"],
-            tag_index=fields["tag_index"],
             frontmatter=fields["frontmatter"],
-            source_size=stat.st_size,
-            source_mtime_ns=stat.st_mtime_ns,
+            source_size=plan.stat.st_size,
+            source_mtime_ns=plan.stat.st_mtime_ns,
             source_sha256=hashlib.sha256(plan.new).hexdigest(),
             source_missing=False,
         )
-        body, deps = fields["body"], fields["depends_on"]
+        if "body" in plan.values:
+            body = fields["body"]
+        deps = fields["depends_on"]
+    elif plan.restore is not None:
+        values = dict(plan.restore)
+        body, deps = values.pop("body", None), values.get("depends_on")
     else:
         values = {n: v for n, v in plan.values.items() if n not in ("body", "parent")}
         frontmatter = dict(task.frontmatter)
@@ -515,21 +538,10 @@ def _record(plan: _Plan, stat: os.stat_result | None, actor: str, now) -> Applie
         values["depends_on"], values["has_dependencies"] = deps, bool(deps)
         Dependency.objects.filter(task=task).delete()
         Dependency.objects.bulk_create([Dependency(task=task, key=k) for k in deps])
-    Task.objects.filter(pk=task.pk).update(updated_at=now, **values)
     if body is not None and body != task.body:
         TaskBody.objects.update_or_create(task=task, defaults={"text": body})
-    if plan.values:
-        # A state change's own event says what happened; a field edit gets one of its own.
-        TaskEvent.objects.create(
-            task=task,
-            at=now,
-            kind=EventKind.EDITED,
-            actor=actor,
-            fence=task.fence,
-            message=_edit_message(plan),
-            data={"fields": _event_fields(plan), "deferred": plan.deferred},
-        )
-    return Applied(
+    values["updated_at"] = now
+    applied = Applied(
         task_id=task.pk,
         key=task.key,
         path=plan.path if plan.doc is not None else "",
@@ -542,10 +554,46 @@ def _record(plan: _Plan, stat: os.stat_result | None, actor: str, now) -> Applie
         updated_at=now,
         deferred=plan.deferred,
     )
+    return applied, values
+
+
+# What a written file sets on its row: the first eight come from the file's fields.
+FILE_COLUMNS = (
+    "title", "priority", "project", "assignee", "type", "complexity", "tags", "tag_index",
+    "frontmatter", "source_size", "source_mtime_ns", "source_sha256", "source_missing",
+    "updated_at",
+)  # fmt: skip
+
+
+def _save_rows(updates: list[tuple[int, dict]]) -> None:
+    """Each row's new values; rows that set the same columns share one statement, run
+    once per row (an ORM update compiles its SQL again for every row)."""
+    groups: dict[tuple, list[tuple[int, dict]]] = {}
+    for pk, values in updates:
+        groups.setdefault(tuple(values), []).append((pk, values))
+    quote = connection.ops.quote_name
+    for columns, rows in groups.items():
+        fields = [Task._meta.get_field(c) for c in columns]
+        assignments = ", ".join(f"{quote(f.column)} = %s" for f in fields)
+        # Only quoted names from the model are formatted in; every value is a parameter.
+        sql = f"UPDATE {quote(Task._meta.db_table)} SET {assignments} WHERE id = %s"  # noqa: S608
+        params = [
+            [f.get_db_prep_save(values[f.name], connection) for f in fields] + [pk]
+            for pk, values in rows
+        ]
+        with connection.cursor() as cursor:
+            cursor.executemany(sql, params)
+
+
+def _edit_event(plan: _Plan, actor: str, now) -> tuple:
+    data = {"fields": _event_fields(plan), "deferred": plan.deferred}
+    return (plan.task.pk, now, EventKind.EDITED, actor, plan.task.fence, _edit_message(plan), data)
 
 
 def _edit_message(plan: _Plan) -> str:
     names = ", ".join(n for n in FIELDS if n in plan.values)
+    if plan.message:
+        return f"{plan.message}: {names}"
     if plan.deferred:
         return f"edited {names} (the file is written when the claim ends)"
     return f"edited {names}"
@@ -581,24 +629,13 @@ def edit_tasks(
     `on_batch(report, applied)` runs after every batch (progress, undo records).
     Raises EditError for bad values before anything is written.
     """
-    changes = dict(changes or {})
-    if "status" in changes:
-        raise EditError({"status": "use an action (close, block, requeue, release)"})
-    values = validate(changes)
-    add = validate({"tags": list(add_tags)})["tags"] if add_tags else []
-    remove = validate({"tags": list(remove_tags)})["tags"] if remove_tags else []
-    status, applies_to = None, None
-    if action is not None:
-        if action not in STATE_ACTIONS:
-            raise EditError({"action": f"{action!r}: choose {', '.join(STATE_ACTIONS)}"})
-        status, applies_to = STATE_ACTIONS[action]
-        if action in ("close", "block") and not reason.strip():
-            raise EditError({"reason": f"say why the tasks are {status_word(status)}"})
+    values, add, remove = check_bulk(changes, action, reason, add_tags, remove_tags)
+    status, applies_to = STATE_ACTIONS[action] if action else (None, None)
     ids = list(dict.fromkeys(int(i) for i in task_ids))
     report = BulkReport(total=len(ids))
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        tasks = Task.objects.filter(pk__in=chunk).select_related("content").order_by("id")
+        tasks = Task.objects.filter(pk__in=chunk).defer(*UNUSED).order_by("id")
         plans = []
         for task in tasks:
             if applies_to is not None and task.status not in applies_to:
@@ -632,6 +669,33 @@ def edit_tasks(
     return report
 
 
+def check_bulk(
+    changes: dict | None = None,
+    action: str | None = None,
+    reason: str = "",
+    add_tags: Iterable[str] = (),
+    remove_tags: Iterable[str] = (),
+) -> tuple[dict, list[str], list[str]]:
+    """Validate a bulk edit before anything is written: (values, tags to add, to remove).
+
+    Raises EditError naming the field: a bad value, a status (bulk state changes are
+    actions), an unknown action, a close or block without a reason.
+    """
+    changes = dict(changes or {})
+    if "status" in changes:
+        raise EditError({"status": "use an action (close, block, requeue, release)"})
+    values = validate(changes)
+    add = validate({"tags": list(add_tags)})["tags"] if add_tags else []
+    remove = validate({"tags": list(remove_tags)})["tags"] if remove_tags else []
+    if action is not None:
+        if action not in STATE_ACTIONS:
+            raise EditError({"action": f"{action!r}: choose {', '.join(STATE_ACTIONS)}"})
+        status = STATE_ACTIONS[action][0]
+        if action in ("close", "block") and not reason.strip():
+            raise EditError({"reason": f"say why the tasks are {status_word(status)}"})
+    return values, add, remove
+
+
 def status_word(status: str) -> str:
     return {Status.DONE: "closed", Status.BLOCKED: "blocked"}.get(status, "requeued")
 
@@ -649,6 +713,88 @@ def apply_pending_after_release(tasks: Iterable[Task]) -> None:
             status=Status.CLAIMED
         ):
             refresh_from_source(task)
+
+
+def undo_edits(
+    records: Iterable[Applied],
+    actor: str,
+    message: str = "undo",
+    batch_size: int = BATCH,
+    on_batch: Callable[[BulkReport, list[Applied]], None] | None = None,
+) -> BulkReport:
+    """Put back what a bulk edit changed: each file's bytes, its row, its status.
+
+    Only where nothing changed since (the row's updated_at and status, the file's hash
+    are what the edit left); the others are skipped and listed. A claim the edit ended
+    is not taken again: that task goes back to the queue.
+    """
+    records = list(records)
+    report = BulkReport(total=len(records))
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        tasks = Task.objects.defer(*UNUSED).in_bulk([r.task_id for r in chunk])
+        plans = []
+        for record in chunk:
+            task = tasks.get(record.task_id)
+            if task is None:
+                report.skipped.append(
+                    {"task": record.task_id, "key": "", "path": "", "why": "no such task"}
+                )
+                continue
+            plan = _undo_plan(task, record, message)
+            if isinstance(plan, str):
+                report.skip(task, plan)
+            elif plan is None:
+                report.unchanged += 1
+            else:
+                plans.append(plan)
+        applied = _commit(plans, actor, report)
+        if on_batch is not None:
+            on_batch(report, applied)
+    return report
+
+
+UNDONE_FIELDS = tuple(n for n in FIELDS if n not in ("status", "body"))
+
+
+def _undo_plan(task: Task, record: Applied, message: str) -> _Plan | str | None:
+    if task.updated_at != record.updated_at or task.status != record.new_status:
+        return "changed since"
+    old = record.old_values
+    before = {
+        n: taskfile.text_field(old["frontmatter"], "parent", None) if n == "parent" else old[n]
+        for n in UNDONE_FIELDS
+    }
+    if "body" in old:  # kept only when the edit changed it, or for a task without a file
+        before["body"] = old["body"].replace("\r\n", "\n")
+    values = {n: v for n, v in before.items() if _current(task, n) != v}
+    status = record.old_status if record.old_status != record.new_status else None
+    if status == Status.CLAIMED:
+        status = Status.QUEUED
+    if not values and not status and record.old_bytes is None:
+        return None
+    plan = _Plan(task, values, {n: _current(task, n) for n in values}, status, record.old_reason)
+    plan.message = message
+    if record.old_bytes is None:
+        plan.restore = {n: old[n] for n in ROW_COLUMNS if not n.startswith("source_")}
+        plan.restore["body"] = old.get("body", task.body)
+        return plan
+    plan.path = task.source_path
+    try:
+        raw, stat = taskfile.read_regular_file(plan.path, settings.HYPERVISOR_MAX_FILE_BYTES)
+    except FileNotFoundError:
+        return MISSING
+    except (OSError, TaskFileError) as exc:
+        return f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"
+    if hashlib.sha256(raw).hexdigest() != record.new_sha256:
+        return CHANGED_ON_DISK
+    plan.raw, plan.seen, plan.mode = raw, file_identity(stat), stat.st_mode
+    plan.new = bytes(record.old_bytes)
+    try:
+        plan.doc = Document.parse(plan.new)
+    except TaskFileError as exc:
+        return f"cannot read the old file: {exc}"
+    return plan
 
 
 # Claims ending, reloads, differences ------------------------------------------

@@ -1,18 +1,25 @@
 from __future__ import annotations
 
 from django import forms
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.http import QueryDict
 
-from workqueue import editing
+from workqueue import bulk, editing
 from workqueue.models import Status, Task, TaskQuerySet
+from workqueue.routing import Condition, TaskFilter
 from workqueue.text import as_text
 
 FILTER_FIELDS = ("queue", "project", "assignee", "tag", "type", "complexity", "q")
+ROUTED_FIELDS = ("project", "assignee", "tag", "type", "complexity")
+FACET_LIMIT = 300  # values offered per filter
 
 
 class BoardFilterForm(forms.Form):
-    """The board's filters. They live in the URL so that a view can be bookmarked."""
+    """The board's filters. They live in the URL so that a view can be bookmarked.
+
+    The field filters are routing conditions (workqueue.routing), so the board shows
+    exactly what a worker or a herd `--where FIELD=VALUE` would take.
+    """
 
     queue = forms.CharField(required=False, max_length=100)
     project = forms.CharField(required=False, max_length=200)
@@ -22,16 +29,46 @@ class BoardFilterForm(forms.Form):
     complexity = forms.CharField(required=False, max_length=100)
     q = forms.CharField(required=False, max_length=200, label="Search")
 
-    def apply(self, tasks: TaskQuerySet) -> TaskQuerySet:
+    def clean_tag(self) -> str:
+        tag = self.cleaned_data["tag"]
+        if "|" in tag:
+            raise forms.ValidationError("a tag is a word without '|'")
+        return tag
+
+    def routing(self, leave_out: str = "") -> TaskFilter:
+        """The field filters as routing conditions (all but `leave_out`)."""
+        conditions = tuple(
+            Condition(name, "=", self.cleaned_data[name])
+            for name in ROUTED_FIELDS
+            if name != leave_out and self.cleaned_data.get(name)
+        )
+        return TaskFilter(conditions)
+
+    def apply(self, tasks: TaskQuerySet, leave_out: str = "") -> TaskQuerySet:
         data = self.cleaned_data
-        for name in ("queue", "project", "assignee", "type", "complexity"):
-            if data.get(name):
-                tasks = tasks.filter(**{name: data[name]})
-        if data.get("tag"):
-            tasks = tasks.filter(tag_index__contains=f"|{data['tag']}|")
+        if data.get("queue"):
+            tasks = tasks.filter(queue=data["queue"])
+        tasks = self.routing(leave_out).apply(tasks)
         if data.get("q"):
             tasks = tasks.filter(Q(title__icontains=data["q"]) | Q(key__icontains=data["q"]))
         return tasks
+
+    def facets(self) -> dict[str, list[tuple[str, int]]]:
+        """For each field filter, the values that exist and how many tasks have each,
+        among the tasks every other filter leaves."""
+        found = {}
+        for name in ROUTED_FIELDS:
+            tasks = self.apply(Task.objects.all(), leave_out=name).order_by()
+            if name == "tag":
+                counts: dict[str, int] = {}
+                for index in tasks.exclude(tag_index="").values_list("tag_index", flat=True):
+                    for tag in index.strip("|").split("|"):
+                        counts[tag] = counts.get(tag, 0) + 1
+            else:
+                rows = tasks.exclude(**{name: ""}).values_list(name).annotate(n=Count("id"))
+                counts = dict(rows)
+            found[name] = sorted(counts.items(), key=lambda item: item[0].lower())[:FACET_LIMIT]
+        return found
 
     def querystring(self) -> str:
         """The active filters as a query string (no leading '?')."""
@@ -120,3 +157,47 @@ class TaskEditForm(forms.Form):
         if not changes.get("status"):
             changes.pop("status", None)  # a claimed task's form has no status to send
         return changes
+
+
+class BulkForm(forms.Form):
+    """A bulk action from the board: the selected ids, or every task of a filter."""
+
+    action = forms.ChoiceField(choices=[(a, a) for a in bulk.ACTIONS])
+    value = forms.CharField(required=False, max_length=2000, strip=False)
+    ids = forms.CharField(required=False, max_length=2_000_000)
+    all = forms.BooleanField(required=False)
+    filters = forms.CharField(required=False, max_length=4000)
+
+    def clean_ids(self) -> list[int]:
+        parts = [p for p in self.cleaned_data["ids"].split(",") if p.strip()]
+        if not all(p.strip().isdigit() for p in parts):
+            raise forms.ValidationError("ids are task numbers separated by commas")
+        return [int(p) for p in parts]
+
+    def clean(self):
+        data = super().clean()
+        if not self.errors and not data.get("all") and not data.get("ids"):
+            raise forms.ValidationError("Select at least one task.")
+        return data
+
+    def task_ids(self) -> list[int]:
+        """The selected ids, or every task matching the board's filters right now."""
+        if not self.cleaned_data["all"]:
+            return self.cleaned_data["ids"]
+        board = BoardFilterForm(QueryDict(self.cleaned_data["filters"]))
+        if not board.is_valid():
+            raise forms.ValidationError("The board's filters are not valid.")
+        tasks = board.apply(Task.objects.all()).order_by("priority", "id")
+        return list(tasks.values_list("pk", flat=True))
+
+
+class SavedViewForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    query = forms.CharField(required=False, max_length=2000)
+
+    def clean_query(self) -> str:
+        """Only the board's own filters, valid ones, in their canonical order."""
+        board = BoardFilterForm(QueryDict(self.cleaned_data["query"]))
+        if not board.is_valid():
+            raise forms.ValidationError("not a valid board filter")
+        return board.querystring()

@@ -9,4 +9,8 @@ urlpatterns = [
     path("tasks/<int:pk>/action/", views.task_action, name="task-action"),
     path("tasks/<int:pk>/edit/", views.task_edit, name="task-edit"),
     path("tasks/<int:pk>/reload/", views.task_reload, name="task-reload"),
+    path("views/", views.saved_view, name="saved-view"),
+    path("bulk/", views.bulk_start, name="bulk-start"),
+    path("bulk/<int:pk>/", views.bulk_status, name="bulk-status"),
+    path("bulk/<int:pk>/undo/", views.bulk_undo, name="bulk-undo"),
 ]

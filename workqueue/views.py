@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from urllib.parse import urlsplit
 
+from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
+from django.core.cache import cache
 from django.db.models import Max
 from django.http import (
     HttpRequest,
@@ -15,20 +18,30 @@ from django.http import (
     QueryDict,
 )
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import patch_cache_control
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.decorators.vary import vary_on_headers
 
-from workqueue import claims, editing, locks
+from workqueue import bulk, claims, editing, locks
 from workqueue.forms import (
     ACTIONS,
     BoardFilterForm,
+    BulkForm,
     LoadMoreForm,
+    SavedViewForm,
     TaskActionForm,
     TaskEditForm,
 )
-from workqueue.models import Queue, Status, Task
+from workqueue.models import (
+    BulkAction,
+    Queue,
+    SavedView,
+    Status,
+    Task,
+    unmet_dependency_counts,
+)
 from workqueue.rendering import render_markdown
 
 PAGE_SIZE = 50
@@ -40,8 +53,16 @@ DONE_MESSAGES = {
     "done": "marked done",
     "block": "blocked",
 }
+FILTER_LABELS = [
+    ("project", "Project"),
+    ("assignee", "Assignee"),
+    ("tag", "Tag"),
+    ("type", "Type"),
+    ("complexity", "Complexity"),
+]
 CARD_FIELDS = (
     "id", "queue", "key", "title", "status", "priority", "project", "assignee", "type",
+    "complexity", "tags", "has_dependencies",
     "created_at", "updated_at", "holder", "holder_host", "holder_pid", "holder_started",
     "lease_expires_at", "outcome", "reason", "result", "source_missing", "change_pending",
 )  # fmt: skip
@@ -96,6 +117,7 @@ def _columns(tasks, form: BoardFilterForm) -> list[dict]:
     columns = []
     for status in Status.values:
         cards = _cards(tasks, status) if counts[status] else []
+        _note_waiting(cards)
         columns.append(
             {
                 "status": status,
@@ -110,17 +132,50 @@ def _columns(tasks, form: BoardFilterForm) -> list[dict]:
     return columns
 
 
-def _board_context(request: HttpRequest, form: BoardFilterForm) -> dict:
+def _note_waiting(cards: list[Task]) -> None:
+    """`waiting_on`: how many of a queued card's dependencies are not done yet."""
+    waiting = [c.pk for c in cards if c.status == Status.QUEUED and c.has_dependencies]
+    counts = unmet_dependency_counts(waiting) if waiting else {}
+    for card in cards:
+        card.waiting_on = counts.get(card.pk, 0)
+
+
+def _board_context(request: HttpRequest, form: BoardFilterForm, whole: bool = True) -> dict:
     tasks = form.apply(Task.objects.all())
     version = board_version()
-    return {
+    columns = _columns(tasks, form)
+    context = {
         "form": form,
         "query": form.querystring(),
         "version": version,
-        "columns": _columns(tasks, form),
-        "queues": Queue.objects.order_by("name").values_list("name", flat=True),
+        "columns": columns,
+        "total": sum(c["count"] for c in columns),
         "can_change": request.user.has_perm("queue.change_task"),
     }
+    if whole:
+        # What the filter bar and the dialogs offer; the live refresh renders the board only.
+        context.update(
+            queues=Queue.objects.order_by("name").values_list("name", flat=True),
+            facets=_facets(form, version),
+            saved_views=SavedView.objects.filter(user=request.user),
+            bulk_actions=bulk.BUTTONS,
+            filter_fields=FILTER_LABELS,
+        )
+    return context
+
+
+def _facets(form: BoardFilterForm, version: str) -> dict:
+    # Counting reads every task of the filter: once per change of the board, not per
+    # page load (the version's last part is the clock, which does not matter here).
+    key = (
+        "board-facets:"
+        + hashlib.sha256(f"{form.querystring()}|{version.rsplit('-', 1)[0]}".encode()).hexdigest()
+    )
+    facets = cache.get(key)
+    if facets is None:
+        facets = form.facets()
+        cache.set(key, facets, 300)
+    return facets
 
 
 @login_required
@@ -135,10 +190,9 @@ def board(request: HttpRequest) -> HttpResponse:
     since = request.GET.get("since")
     if since and since == board_version():
         return HttpResponse(status=204)
-    context = _board_context(request, form)
-    template = "workqueue/board.html"
-    if request.htmx and request.htmx.target == "board":
-        template += "#board"
+    partial = bool(request.htmx and request.htmx.target == "board")
+    context = _board_context(request, form, whole=not partial)
+    template = "workqueue/board.html#board" if partial else "workqueue/board.html"
     response = render(request, template, context)
     response["ETag"] = f'"{context["version"]}"'
     patch_cache_control(response, no_cache=True, private=True)
@@ -256,7 +310,9 @@ def _board_after_action(request: HttpRequest) -> HttpResponse:
     form = _filters(query)
     if form is None:
         form = _filters(QueryDict())
-    return render(request, "workqueue/board.html#board", _board_context(request, form))
+    return render(
+        request, "workqueue/board.html#board", _board_context(request, form, whole=False)
+    )
 
 
 def _drawer_after_action(request: HttpRequest, pk: int) -> HttpResponse:
@@ -367,3 +423,81 @@ def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
         request, task, TaskEditForm.for_task(task), notice="Reloaded from the file on disk."
     )
     return _render_part(request, "edit", context)
+
+
+# Bulk actions -------------------------------------------------------------------
+
+
+def _bulk_status(request: HttpRequest, bulk_action: BulkAction | None, status: int = 200, **extra):
+    context = {
+        "bulk": bulk_action,
+        "undoable": bulk_action is not None and bulk.can_undo(bulk_action, request.user),
+        **extra,
+    }
+    response = render(request, "workqueue/bulk_status.html", context, status=status)
+    if bulk_action is not None and bulk_action.finished:
+        response["HX-Trigger"] = "board-changed"
+    return response
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def bulk_start(request: HttpRequest) -> HttpResponse:
+    form = BulkForm(request.POST)
+    if not form.is_valid():
+        problems = "; ".join(" ".join(errs) for errs in form.errors.values())
+        return _bulk_status(request, None, status=422, error=problems)
+    try:
+        ids = form.task_ids()
+        bulk_action = bulk.start(
+            request.user, form.cleaned_data["action"], form.cleaned_data["value"], ids
+        )
+    except forms.ValidationError as exc:
+        return _bulk_status(request, None, status=422, error=" ".join(exc.messages))
+    except editing.EditError as exc:
+        return _bulk_status(request, None, status=422, error=str(exc))
+    bulk_action.refresh_from_db()
+    return _bulk_status(request, bulk_action)
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_GET
+def bulk_status(request: HttpRequest, pk: int) -> HttpResponse:
+    return _bulk_status(request, get_object_or_404(BulkAction, pk=pk))
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def bulk_undo(request: HttpRequest, pk: int) -> HttpResponse:
+    original = get_object_or_404(BulkAction, pk=pk)
+    if not bulk.can_undo(original, request.user):
+        return HttpResponse(
+            "Only your latest bulk action can be undone, once.",
+            status=409,
+            content_type="text/plain",
+        )
+    undo = bulk.start_undo(request.user, original)
+    undo.refresh_from_db()
+    return _bulk_status(request, undo)
+
+
+# Saved views ----------------------------------------------------------------------
+
+
+@login_required
+@permission_required("queue.view_task", raise_exception=True)
+@require_POST
+def saved_view(request: HttpRequest) -> HttpResponse:
+    """Save the board's current filters under a name (the same name replaces it)."""
+    form = SavedViewForm(request.POST)
+    if not form.is_valid():
+        problems = "; ".join(f"{n}: {' '.join(e)}" for n, e in form.errors.items())
+        messages.error(request, f"View not saved: {problems}")
+        return redirect("board")
+    name, query = form.cleaned_data["name"], form.cleaned_data["query"]
+    SavedView.objects.update_or_create(user=request.user, name=name, defaults={"query": query})
+    messages.success(request, f"Saved the view {name!r}.")
+    return redirect(f"{reverse('board')}?{query}" if query else "board")

@@ -46,8 +46,10 @@ class Document:
     newline: str
 
     @classmethod
-    def parse(cls, raw: bytes) -> Document:
-        parsed = taskfile.parse(raw)
+    def parse(cls, raw: bytes, known: dict | None = None) -> Document:
+        """`known`: the frontmatter already loaded from these bytes (taskfile.parse).
+        An edit still loads its result and compares, so a wrong `known` is refused."""
+        parsed = taskfile.parse(raw, known)
         text = taskfile.decode(raw)
         newline = "\r\n" if "\r\n" in text[: text.find("\n") + 1] else "\n"
         if not taskfile.FENCE.match(text):

@@ -121,3 +121,81 @@ def test_a_save_over_an_outside_edit_is_refused_and_the_outside_edit_kept(
     page.get_by_role("button", name="Save").click()
     expect(page.locator(".notice")).to_contain_text("Saved assignee.")
     assert path.read_text() == outside.replace("assignee: nic", "assignee: bot")
+
+
+def test_select_three_cards_with_the_keyboard_and_assign_them(logged_in_page, live_url, inbox):
+    paths = inbox(5)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    page.locator("body").focus()
+    for _ in range(3):
+        page.keyboard.press("j")
+        page.keyboard.press("x")
+    bar = page.get_by_role("region", name="Selected tasks")
+    expect(bar.locator("#bulk-count")).to_have_text("3 selected")
+    page.keyboard.press("a")
+    dialog = page.get_by_role("dialog", name="Assign 3 tasks")
+    expect(dialog).to_be_visible()
+    field = dialog.get_by_label("Assignee")
+    expect(field).to_be_focused()
+    page.keyboard.type("carol")
+    page.keyboard.press("Enter")
+    expect(page.locator("#bulk-status")).to_contain_text("Assigned 3 tasks.")
+    assigned = [p for p in paths if "assignee: carol\n" in p.read_text()]
+    assert len(assigned) == 3
+    # The cards in the board's own order: the first three of the queued column.
+    firsts = page.locator('section[data-status="queued"] article.card').all()[:3]
+    keys = {card.get_attribute("id") for card in firsts}
+    tasks = Task.objects.filter(assignee="carol")
+    assert {f"task-{t.pk}" for t in tasks} == keys
+    expect(page.locator('section[data-status="queued"] .badge.who').first).to_contain_text(
+        "@carol"
+    )
+    screenshot(page, "bulk-keyboard-assign")
+
+
+def test_checkboxes_are_named_and_shift_click_selects_a_range(logged_in_page, live_url, inbox):
+    inbox(6)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    first = Task.objects.get(key="t000")
+    page.get_by_role("checkbox", name=f"Select {first.title}").check()
+    page.get_by_role("checkbox", name="Select Task 4").click(modifiers=["Shift"])
+    expect(page.locator("#bulk-count")).to_have_text("5 selected")
+    expect(page.locator("input.pick:checked")).to_have_count(5)
+    page.get_by_role("button", name="Clear selection").click()
+    expect(page.get_by_role("region", name="Selected tasks")).to_be_hidden()
+
+
+def test_select_all_matching_closes_every_task_of_the_filter_and_undo_restores_bytes(
+    logged_in_page, live_url, inbox, consumer_huey, consumer
+):
+    paths = inbox(300)
+    others = inbox.folder / "other.md"
+    others.write_text(TASK.format(key="o1", title="Not in the filter").replace("webapp", "ops"))
+    Importer("inbox").run([inbox.folder])
+    before = {p: p.read_bytes() for p in [*paths, others]}
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox&project=webapp")
+    # 50 cards shown of the 300 the filter matches.
+    expect(page.locator("article.card")).to_have_count(50)
+    page.locator("article.card input.pick").first.check()
+    page.get_by_role("button", name="Select all 300 matching").click()
+    expect(page.locator("#bulk-count")).to_have_text("300 selected")
+    page.get_by_role("button", name="Close…").click()
+    dialog = page.get_by_role("dialog", name="Close 300 tasks")
+    dialog.get_by_label("Reason for closing").fill("superseded by the 2.0 plan")
+    dialog.get_by_role("button", name="Apply").click()
+    status = page.locator("#bulk-status")
+    expect(status).to_contain_text("Closed 300 tasks.", timeout=60_000)
+    screenshot(page, "bulk-close-300")
+    for path in paths:
+        text = path.read_text()
+        assert "status: done\n" in text and "close_reason: superseded by the 2.0 plan\n" in text
+    assert others.read_bytes() == before[others]
+    assert Task.objects.filter(status="done").count() == 300
+    expect(page.locator('section[data-status="done"] .count')).to_have_text("300")
+    status.get_by_role("button", name="Undo").click()
+    expect(status).to_contain_text("Undid the changes to 300 tasks.", timeout=60_000)
+    assert {p: p.read_bytes() for p in before} == before
+    assert Task.objects.filter(status="queued").count() == 301
