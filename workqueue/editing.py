@@ -23,6 +23,7 @@ Public API (the board, bulk actions in the background and the MCP server use the
     edit_tasks(task_ids, actor, changes=None, action=None, reason="", add_tags=(),
                remove_tags=(), batch_size=BATCH, on_batch=None) -> BulkReport
     undo_edits(applied, actor, message="undo", ...) -> BulkReport   where nothing changed
+    rewrite_tasks(task_ids, actor, transform, message) -> BulkReport  contents computed
     apply_pending_edit(task) -> None             the importer calls it as a claim ends
     apply_pending_after_release(tasks) -> None   after a person ends claims
     reload_from_disk(task) -> Task
@@ -308,6 +309,7 @@ class _Plan:
     stat: os.stat_result | None = None
     message: str = ""  # for the transition's event and the edit event ("" for the usual)
     restore: dict | None = None  # undo of a row-only edit: the columns as they were
+    extra: dict | None = None  # more row values (rewrite_tasks: a processor's result)
 
 
 def _current(task: Task, name: str):
@@ -435,7 +437,7 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
             done, values = _record(plan, actor, now)
             applied.append(done)
             updates.append((plan.task.pk, values))
-            if plan.values:
+            if plan.values or plan.extra:
                 # A state change's own event says what happened; a field edit gets one.
                 events.append(_edit_event(plan, actor, now))
         _save_rows(updates)
@@ -540,6 +542,7 @@ def _record(plan: _Plan, actor: str, now) -> tuple[Applied, dict]:
         Dependency.objects.bulk_create([Dependency(task=task, key=k) for k in deps])
     if body is not None and body != task.body:
         TaskBody.objects.update_or_create(task=task, defaults={"text": body})
+    values.update(plan.extra or {})
     values["updated_at"] = now
     applied = Applied(
         task_id=task.pk,
@@ -794,6 +797,76 @@ def _undo_plan(task: Task, record: Applied, message: str) -> _Plan | str | None:
         plan.doc = Document.parse(plan.new)
     except TaskFileError as exc:
         return f"cannot read the old file: {exc}"
+    return plan
+
+
+class Skip(Exception):
+    """Raised by a rewrite_tasks transform: leave this task alone, for this reason."""
+
+
+def rewrite_tasks(
+    task_ids: Iterable[int],
+    actor: str,
+    transform: Callable[[Task, bytes], tuple[bytes, dict]],
+    message: str,
+    batch_size: int = BATCH,
+) -> BulkReport:
+    """Write new file contents that `transform(task, raw)` computes (the triage rules,
+    say), with an edit's batch writing, refusals and row update.
+
+    `transform` gets each task and its file's bytes (the file checked unchanged since
+    import) and returns the new bytes and more row values (not state: an outcome, a
+    result); it raises Skip to leave a task alone. Each task changed gets one `edited`
+    event saying `message` and the fields that changed.
+    """
+    ids = list(dict.fromkeys(int(i) for i in task_ids))
+    report = BulkReport(total=len(ids))
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        plans = []
+        for task in Task.objects.filter(pk__in=chunk).defer(*UNUSED).order_by("id"):
+            plan = _rewrite_plan(task, transform, message)
+            if isinstance(plan, str):
+                report.skip(task, plan)
+            else:
+                plans.append(plan)
+        _commit(plans, actor, report)
+    return report
+
+
+def _rewrite_plan(task: Task, transform, message: str) -> _Plan | str:
+    plan = _Plan(task, {}, {}, None, "", message=message)
+    if not task.source_path:
+        return "no task file"
+    try:
+        raw, stat = taskfile.read_regular_file(
+            task.source_path, settings.HYPERVISOR_MAX_FILE_BYTES
+        )
+    except FileNotFoundError:
+        return MISSING
+    except (OSError, TaskFileError) as exc:
+        return f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"
+    if hashlib.sha256(raw).hexdigest() != task.source_sha256:
+        return CHANGED_ON_DISK
+    try:
+        new, plan.extra = transform(task, raw)
+    except Skip as exc:
+        return str(exc)
+    if new == raw:
+        return plan  # nothing to write: the row values only
+    try:
+        plan.doc = Document.parse(new)
+    except TaskFileError as exc:
+        return f"the new file would not load: {exc}"
+    plan.path, plan.raw, plan.new = task.source_path, raw, new
+    plan.seen, plan.mode = file_identity(stat), stat.st_mode
+    before = task_fields(taskfile.TaskFile(task.frontmatter, ""), None)
+    after = task_fields(taskfile.TaskFile(plan.doc.frontmatter, ""), None)
+    for name in ("title", "priority", "project", "assignee", "complexity", "type", "tags"):
+        if before[name] != after[name]:
+            plan.values[name], plan.old[name] = after[name], before[name]
+    if plan.doc.body != Document.parse(raw, dict(task.frontmatter)).body:
+        plan.values["body"], plan.old["body"] = plan.doc.body, ""
     return plan
 
 

@@ -13,4 +13,7 @@ urlpatterns = [
     path("bulk/", views.bulk_start, name="bulk-start"),
     path("bulk/<int:pk>/", views.bulk_status, name="bulk-status"),
     path("bulk/<int:pk>/undo/", views.bulk_undo, name="bulk-undo"),
+    path("triage/", views.triage_start, name="triage-start"),
+    path("triage/<int:pk>/", views.triage_detail, name="triage-detail"),
+    path("triage/<int:pk>/apply/", views.triage_apply, name="triage-apply"),
 ]

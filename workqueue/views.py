@@ -10,6 +10,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.cache import cache
+from django.core.exceptions import ValidationError
 from django.db.models import Max
 from django.http import (
     HttpRequest,
@@ -24,7 +25,8 @@ from django.views.decorators.cache import patch_cache_control
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.decorators.vary import vary_on_headers
 
-from workqueue import bulk, claims, editing, locks
+from herds.models import Herd
+from workqueue import bulk, claims, editing, locks, triage_review
 from workqueue.forms import (
     ACTIONS,
     BoardFilterForm,
@@ -160,6 +162,7 @@ def _board_context(request: HttpRequest, form: BoardFilterForm, whole: bool = Tr
             saved_views=SavedView.objects.filter(user=request.user),
             bulk_actions=bulk.BUTTONS,
             filter_fields=FILTER_LABELS,
+            can_triage=request.user.has_perms([CHANGE, LAUNCH]),
         )
     return context
 
@@ -501,3 +504,74 @@ def saved_view(request: HttpRequest) -> HttpResponse:
     SavedView.objects.update_or_create(user=request.user, name=name, defaults={"query": query})
     messages.success(request, f"Saved the view {name!r}.")
     return redirect(f"{reverse('board')}?{query}" if query else "board")
+
+
+# Triage this view ---------------------------------------------------------------
+
+LAUNCH = "herds.add_herd"
+
+
+@login_required
+@permission_required([CHANGE, LAUNCH], raise_exception=True)
+@require_POST
+def triage_start(request: HttpRequest) -> HttpResponse:
+    """A dry-run herd of the triage rules over the board's current view."""
+    form = BoardFilterForm(QueryDict(request.POST.get("filters", "")))
+    problem = ""
+    if not form.is_valid():
+        problem = "the board's filters are not valid"
+    elif not form.cleaned_data["queue"]:
+        problem = "choose a queue first: a herd works one queue"
+    elif form.cleaned_data["q"]:
+        problem = "clear the search first: a herd takes tasks by their fields, not by text"
+    if not problem:
+        try:
+            herd = triage_review.start(
+                request.user, form.cleaned_data["queue"], form.routing().as_list()
+            )
+        except (triage_review.CannotTriage, ValidationError) as exc:
+            problem = "; ".join(getattr(exc, "messages", [str(exc)]))
+    if problem:
+        messages.error(request, f"Cannot triage this view: {problem}.")
+        return redirect(_safe_next(request))
+    return redirect("triage-detail", pk=herd.pk)
+
+
+def _triage_context(request: HttpRequest, herd, **extra) -> dict:
+    finished = herd.finished_tasks()
+    return {
+        "herd": herd,
+        "progress_line": herd.progress_line(finished),
+        "proposals": list(triage_review.proposals(herd)) if herd.ended else [],
+        "refused": list(triage_review.refused(herd)) if herd.ended else [],
+        **extra,
+    }
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_GET
+@vary_on_headers("HX-Request")
+def triage_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = get_object_or_404(Herd.objects.select_related("profile"), pk=pk, dry_run=True)
+    template = "workqueue/triage.html"
+    if request.htmx:
+        template += "#review"
+    return render(request, template, _triage_context(request, herd))
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = get_object_or_404(Herd.objects.select_related("profile"), pk=pk, dry_run=True)
+    decisions = {
+        int(name.removeprefix("decision-")): value
+        for name, value in request.POST.items()
+        if name.startswith("decision-") and name.removeprefix("decision-").isdigit()
+    }
+    accepted = [pk for pk, value in decisions.items() if value == "accept"]
+    rejected = [pk for pk, value in decisions.items() if value == "reject"]
+    outcome = triage_review.review(herd, accepted, rejected, _actor(request))
+    context = _triage_context(request, herd, outcome=outcome)
+    return render(request, "workqueue/triage.html", context)

@@ -145,15 +145,6 @@
     send(form.dataset.action, value);
   });
 
-  // A new filter is a new set of tasks: the selection does not carry over.
-  document.addEventListener("htmx:afterRequest", function (event) {
-    if (event.detail.elt && event.detail.elt.matches && event.detail.elt.matches("form.filters")) {
-      clearSelection();
-      const current = document.querySelector("[data-current-query]");
-      if (current) current.value = window.location.search.replace(/^\?/, "");
-    }
-  });
-
   document.addEventListener("htmx:afterSettle", paint);
   document.addEventListener("DOMContentLoaded", paint);
 

@@ -199,3 +199,39 @@ def test_select_all_matching_closes_every_task_of_the_filter_and_undo_restores_b
     expect(status).to_contain_text("Undid the changes to 300 tasks.", timeout=60_000)
     assert {p: p.read_bytes() for p in before} == before
     assert Task.objects.filter(status="queued").count() == 301
+
+
+def test_triage_this_view_shows_diffs_and_applies_only_the_accepted(
+    logged_in_page, live_url, inbox, consumer_huey, consumer
+):
+    folder = inbox.folder
+    files = {
+        "a.md": "---\nid: a\ntitle: Fix the bug in /src/x.py\nproject: web\n---\n# A\n\nText.\n",
+        "b.md": "---\nid: b\ntitle: Rename the settings file\nproject: web\n---\n# B\n",
+        "c.md": "---\nid: c\ntitle: Other project\nproject: ops\n---\n# C\n",
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    Importer("inbox").run([folder])
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox&project=web")
+    page.get_by_role("button", name="Triage this view").click()
+    page.wait_for_url(lambda url: "/triage/" in url)
+    proposals = page.locator("fieldset.proposal")
+    expect(proposals).to_have_count(2, timeout=60_000)
+    expect(page.locator(".herd-progress")).to_contain_text("2 of 2 tasks finished")
+    a = proposals.filter(has_text="Fix the bug")
+    expect(a.locator("pre.diff .d-add").first).to_be_visible()
+    expect(a.locator("pre.diff")).to_contain_text("+complexity: mechanical")
+    # The dry run wrote nothing.
+    assert {n: (folder / n).read_text() for n in files} == files
+    screenshot(page, "triage-review")
+    page.get_by_role("button", name="Accept all").click()
+    proposals.filter(has_text="Rename the settings").get_by_label("Reject").check()
+    page.get_by_role("button", name="Apply the accepted").first.click()
+    expect(page.get_by_role("status")).to_contain_text("Applied 1, rejected 1.")
+    assert "complexity: mechanical" in (folder / "a.md").read_text()
+    assert (folder / "b.md").read_text() == files["b.md"]
+    assert (folder / "c.md").read_text() == files["c.md"]
+    assert Task.objects.get(key="b").status == "queued"
+    assert Task.objects.get(key="a").status == "done"

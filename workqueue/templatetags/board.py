@@ -108,3 +108,22 @@ def has_value(pairs, value) -> bool:
 @register.filter
 def split(text: str) -> list[str]:
     return text.split()
+
+
+@register.filter
+def diff_lines(diff: str) -> list[tuple[str, str]]:
+    """A unified diff's lines, each with its kind (add, del, hunk, file, same)."""
+    lines = []
+    for line in diff.splitlines(keepends=True):
+        if line.startswith(("+++", "---")):
+            kind = "file"
+        elif line.startswith("@@"):
+            kind = "hunk"
+        elif line.startswith("+"):
+            kind = "add"
+        elif line.startswith("-"):
+            kind = "del"
+        else:
+            kind = "same"
+        lines.append((kind, line))
+    return lines
