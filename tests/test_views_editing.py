@@ -170,3 +170,54 @@ def test_viewer_sees_no_edit_control_and_gets_403(viewer, task):
 def test_unknown_task_is_404(editor):
     assert editor.get("/tasks/999999/edit/").status_code == 404
     assert editor.post("/tasks/999999/reload/").status_code == 404
+
+
+# New tasks -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def author(client, django_user_model):
+    return login(client, django_user_model, "view_task", "change_task", "add_task")
+
+
+def test_new_task_is_written_into_the_queues_folder_and_opened(author, task, settings):
+    settings.HYPERVISOR_IMPORT_ROOTS = [task.path.parent]
+    board = author.get("/?queue=inbox").content.decode()
+    assert 'data-new-task aria-haspopup="dialog">New task</button>' in board
+    assert 'id="dialog-new-task"' in board
+    response = author.post(
+        "/tasks/new/",
+        {"queue": "inbox", "title": "Write the docs", "tags": "docs", "body": "All of them.\r\n"},
+        HTTP_HX_REQUEST="true",
+        HTTP_HX_TARGET="new-task-form",
+    )
+    assert response.status_code == 200
+    assert response["HX-Retarget"] == "#drawer"
+    assert "task-created" in response["HX-Trigger"]
+    path = task.path.parent / "write-the-docs.md"
+    assert path.read_text() == (
+        "---\nid: ex-2\ntitle: Write the docs\nstatus: inbox\ntags: [docs]\n---\n"
+        "# Write the docs\n\nAll of them.\n"
+    )
+    assert "Created ex-2 in write-the-docs.md." in response.content.decode()
+
+
+def test_new_task_errors_name_the_field(author, task, settings):
+    settings.HYPERVISOR_IMPORT_ROOTS = [task.path.parent]
+    before = sorted(p.name for p in task.path.parent.iterdir())
+    response = author.post(
+        "/tasks/new/",
+        {"queue": "inbox", "title": "ok", "priority": "whenever"},
+        HTTP_HX_REQUEST="true",
+    )
+    assert response.status_code == 422
+    assert 'id="new_priority-error">priority:' in response.content.decode()
+    response = author.post("/tasks/new/", {"queue": "nope", "title": "x"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 422
+    assert sorted(p.name for p in task.path.parent.iterdir()) == before
+
+
+def test_new_task_needs_add_permission(editor, task):
+    assert "New task" not in editor.get("/?queue=inbox").content.decode()
+    assert editor.get("/tasks/new/").status_code == 403
+    assert editor.post("/tasks/new/", {"queue": "inbox", "title": "x"}).status_code == 403

@@ -18,19 +18,19 @@ from workqueue import editing
 from workqueue.models import BulkAction, BulkChange, BulkStatus
 
 # The bulk bar's buttons: (action, button text, the dialog's field label or "" for none,
-# the field's input type).
+# the field's input type, the dialog's title before "N tasks").
 BUTTONS = [
-    ("assign", "Assign…", "Assignee", "text"),
-    ("priority", "Priority…", "Priority (0 is most urgent)", "number"),
-    ("complexity", "Complexity…", "Complexity", "text"),
-    ("tags", "Tags…", "Tags: +add -remove", "text"),
-    ("project", "Project…", "Project", "text"),
-    ("close", "Close…", "Reason for closing", "text"),
-    ("block", "Block…", "Reason for blocking", "text"),
-    ("requeue", "Requeue", "", ""),
-    ("release", "Release claim", "", ""),
+    ("assign", "Assign…", "Assignee", "text", "Assign"),
+    ("priority", "Priority…", "Priority (0 is most urgent)", "number", "Priority for"),
+    ("complexity", "Complexity…", "Complexity", "text", "Complexity for"),
+    ("tags", "Tags…", "Tags: +add -remove", "text", "Tags for"),
+    ("project", "Project…", "Project", "text", "Project for"),
+    ("close", "Close…", "Reason for closing", "text", "Close"),
+    ("block", "Block…", "Reason for blocking", "text", "Block"),
+    ("requeue", "Requeue", "", "", ""),
+    ("release", "Release claim", "", "", ""),
 ]
-ACTIONS = {action: label for action, _text, label, _type in BUTTONS}
+ACTIONS = {action: label for action, _text, label, _type, _title in BUTTONS}
 FIELD_OF = {
     "assign": "assignee",
     "priority": "priority",

@@ -5,7 +5,7 @@ from django.db.models import Count, Q
 from django.http import QueryDict
 
 from workqueue import bulk, editing
-from workqueue.models import Status, Task, TaskQuerySet
+from workqueue.models import Queue, Status, Task, TaskQuerySet
 from workqueue.routing import Condition, TaskFilter
 from workqueue.text import as_text
 
@@ -201,3 +201,25 @@ class SavedViewForm(forms.Form):
         if not board.is_valid():
             raise forms.ValidationError("not a valid board filter")
         return board.querystring()
+
+
+class NewTaskForm(forms.Form):
+    """A new task file (workqueue.authoring validates the values and names the field)."""
+
+    queue = forms.ChoiceField()
+    title = forms.CharField(strip=False)
+    priority = forms.CharField(required=False)
+    project = forms.CharField(required=False)
+    assignee = forms.CharField(required=False)
+    tags = forms.CharField(required=False, help_text="Comma separated.")
+    body = forms.CharField(required=False, strip=False, widget=forms.Textarea)
+
+    def __init__(self, *args, **kwargs):
+        # Its own ids: the board holds this form and the drawer's edit form at once.
+        super().__init__(*args, auto_id="new_%s", **kwargs)
+        names = Queue.objects.order_by("name").values_list("name", flat=True)
+        self.fields["queue"].choices = [(name, name) for name in names]
+
+    def fields_given(self) -> dict:
+        data = self.cleaned_data
+        return {n: data[n] for n in ("priority", "project", "assignee", "tags") if data[n]}

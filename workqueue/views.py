@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from django import forms
@@ -26,12 +27,13 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django.views.decorators.vary import vary_on_headers
 
 from herds.models import Herd
-from workqueue import bulk, claims, editing, locks, triage_review
+from workqueue import authoring, bulk, claims, editing, locks, triage_review
 from workqueue.forms import (
     ACTIONS,
     BoardFilterForm,
     BulkForm,
     LoadMoreForm,
+    NewTaskForm,
     SavedViewForm,
     TaskActionForm,
     TaskEditForm,
@@ -163,6 +165,8 @@ def _board_context(request: HttpRequest, form: BoardFilterForm, whole: bool = Tr
             bulk_actions=bulk.BUTTONS,
             filter_fields=FILTER_LABELS,
             can_triage=request.user.has_perms([CHANGE, LAUNCH]),
+            can_add=request.user.has_perm("queue.add_task"),
+            new_task_form=NewTaskForm(initial={"queue": form.cleaned_data.get("queue")}),
         )
     return context
 
@@ -575,3 +579,49 @@ def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
     outcome = triage_review.review(herd, accepted, rejected, _actor(request))
     context = _triage_context(request, herd, outcome=outcome)
     return render(request, "workqueue/triage.html", context)
+
+
+# New tasks ------------------------------------------------------------------------
+
+
+@login_required
+@permission_required("queue.add_task", raise_exception=True)
+@require_http_methods(["GET", "POST"])
+@vary_on_headers("HX-Request")
+def task_new(request: HttpRequest) -> HttpResponse:
+    """A new task file in the queue's folder, imported at once."""
+    if request.method == "GET":
+        form = NewTaskForm(initial={"queue": request.GET.get("queue", "")})
+        return _new_task_form(request, form)
+    form = NewTaskForm(request.POST)
+    if not form.is_valid():
+        return _new_task_form(request, form, status=422)
+    data = form.cleaned_data
+    try:
+        task = authoring.create_task_file(
+            data["queue"], data["title"], data["body"], form.fields_given(), _actor(request)
+        )
+    except authoring.AuthoringError as exc:
+        for name, problem in exc.errors.items():
+            form.add_error(name if name in form.fields else None, f"{name}: {problem}")
+        return _new_task_form(request, form, status=422)
+    notice = f"Created {task.key} in {Path(task.source_path).name}."
+    if not request.htmx:
+        messages.success(request, notice)
+        return redirect("task-detail", pk=task.pk)
+    task = Task.objects.select_related("content").get(pk=task.pk)
+    response = render(
+        request, "workqueue/task_detail.html#drawer", _detail_context(request, task, notice=notice)
+    )
+    response["HX-Retarget"] = "#drawer"
+    response["HX-Reswap"] = "innerHTML"
+    response["HX-Trigger"] = "board-changed, task-created"
+    return response
+
+
+def _new_task_form(request: HttpRequest, form: NewTaskForm, status: int = 200) -> HttpResponse:
+    template = "workqueue/new_task.html"
+    if request.htmx:
+        template += "#new-task-form"
+    context = {"form": form, "in_dialog": request.POST.get("in_dialog") == "1"}
+    return render(request, template, context, status=status)

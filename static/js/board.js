@@ -104,6 +104,12 @@
   // the heading of what replaced it.
   document.addEventListener("htmx:afterSwap", function (event) {
     const target = event.detail.target;
+    const dialog = document.querySelector("dialog[open]");
+    if (dialog) {
+      const wrong = dialog.querySelector("[aria-invalid=true]");
+      if (wrong) wrong.focus();
+      return;
+    }
     if (!target || target.id !== "drawer") return;
     const invalid = target.querySelector("[aria-invalid=true]");
     const next = invalid || target.querySelector("[data-autofocus]") || target.querySelector("h1");

@@ -83,6 +83,8 @@
       act(event.target.closest("[data-bulk]").dataset.bulk);
     } else if (event.target.closest("[data-dialog-cancel]")) {
       event.target.closest("dialog").close();
+    } else if (event.target.closest("[data-new-task]")) {
+      openDialog("dialog-new-task");
     } else if (event.target.closest("[data-keys-help]")) {
       openDialog("dialog-keys");
     } else if (event.target.closest("[data-dismiss-status]")) {
@@ -144,6 +146,17 @@
     form.closest("dialog").close();
     send(form.dataset.action, value);
   });
+
+  // A task was created from the dialog: it closes, the drawer shows the new task.
+  document.addEventListener("task-created", closeNewTask);
+
+  function closeNewTask() {
+    const dialog = document.getElementById("dialog-new-task");
+    if (!dialog) return;
+    dialog.close();
+    const form = dialog.querySelector("form");
+    if (form) form.reset();
+  }
 
   document.addEventListener("htmx:afterSettle", paint);
   document.addEventListener("DOMContentLoaded", paint);

@@ -202,7 +202,7 @@ def test_select_all_matching_closes_every_task_of_the_filter_and_undo_restores_b
 
 
 def test_triage_this_view_shows_diffs_and_applies_only_the_accepted(
-    logged_in_page, live_url, inbox, consumer_huey, consumer
+    logged_in_page, live_url, inbox, consumer_huey, consumer, triage_profile
 ):
     folder = inbox.folder
     files = {
