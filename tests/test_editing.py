@@ -541,7 +541,7 @@ def test_bulk_refuses_bad_input_before_writing_anything(folder):
     for kwargs, name in [
         ({"changes": {"priority": "soon"}}, "priority"),
         ({"changes": {"status": "done"}}, "status"),
-        ({"action": "close"}, "reason"),
+        ({"action": "block"}, "reason"),
         ({"action": "explode"}, "action"),
         ({"add_tags": ["a|b"]}, "tags"),
     ]:

@@ -65,6 +65,9 @@ class Plan:
             if not add and not remove:
                 raise editing.EditError({"tags": "name tags to add (+tag) or remove (-tag)"})
             return cls({}, None, "", add, remove)
+        if action in ("close", "block") and not value:
+            why = "closed" if action == "close" else "blocked"
+            raise editing.EditError({"reason": f"say why the tasks are {why}"})
         return cls({}, action, value, (), ())
 
     def check(self) -> None:

@@ -682,7 +682,7 @@ def check_bulk(
     """Validate a bulk edit before anything is written: (values, tags to add, to remove).
 
     Raises EditError naming the field: a bad value, a status (bulk state changes are
-    actions), an unknown action, a close or block without a reason.
+    actions), an unknown action, a block without a reason.
     """
     changes = dict(changes or {})
     if "status" in changes:
@@ -693,14 +693,9 @@ def check_bulk(
     if action is not None:
         if action not in STATE_ACTIONS:
             raise EditError({"action": f"{action!r}: choose {', '.join(STATE_ACTIONS)}"})
-        status = STATE_ACTIONS[action][0]
-        if action in ("close", "block") and not reason.strip():
-            raise EditError({"reason": f"say why the tasks are {status_word(status)}"})
+        if action == "block" and not reason.strip():
+            raise EditError({"reason": "say why the tasks are blocked"})
     return values, add, remove
-
-
-def status_word(status: str) -> str:
-    return {Status.DONE: "closed", Status.BLOCKED: "blocked"}.get(status, "requeued")
 
 
 def apply_pending_after_release(tasks: Iterable[Task]) -> None:

@@ -27,7 +27,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django.views.decorators.vary import vary_on_headers
 
 from herds.models import Herd
-from workqueue import authoring, bulk, claims, editing, locks, triage_review
+from workqueue import authoring, bulk, editing, locks, triage_review
 from workqueue.forms import (
     ACTIONS,
     BoardFilterForm,
@@ -51,6 +51,8 @@ from workqueue.rendering import render_markdown
 PAGE_SIZE = 50
 # Ages and lease countdowns change with the clock, not the rows: re-render that often.
 CLOCK_SECONDS = 15
+# The card's buttons and the bulk actions they are (workqueue.editing.STATE_ACTIONS).
+CARD_ACTIONS = {"requeue": "requeue", "release": "release", "done": "close", "block": "block"}
 DONE_MESSAGES = {
     "requeue": "requeued",
     "release": "claim released",
@@ -283,19 +285,17 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
             status=409,
             content_type="text/plain",
         )
-    actor = f"user:{request.user.get_username()}"
-    try:
-        if action in ("requeue", "release"):
-            changed = claims.release_task(task, actor, f"{action} from the board")
-        elif action == "done":
-            changed = claims.set_task_status(task, Status.DONE, actor)
-        else:
-            changed = claims.set_task_status(
-                task, Status.BLOCKED, actor, form.cleaned_data["reason"].strip()
-            )
-        message = f"{task.key} changed meanwhile; nothing done."
-    except claims.AgentStillRunning as exc:
-        changed, message = False, str(exc)
+    # The same transition as the bulk actions: the file gets the new status too.
+    report = editing.edit_tasks(
+        [task.pk],
+        _actor(request),
+        action=CARD_ACTIONS[action],
+        reason=form.cleaned_data["reason"].strip(),
+    )
+    changed = report.changed == 1
+    message = f"{task.key} changed meanwhile; nothing done."
+    if report.skipped:
+        message = f"{task.key}: {report.skipped[0]['why']}; nothing done."
     if not changed:
         # Someone (a worker, another person) moved the task in the meantime, or its
         # agent could not be ended.

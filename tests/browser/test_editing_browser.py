@@ -235,3 +235,24 @@ def test_triage_this_view_shows_diffs_and_applies_only_the_accepted(
     assert (folder / "c.md").read_text() == files["c.md"]
     assert Task.objects.get(key="b").status == "queued"
     assert Task.objects.get(key="a").status == "done"
+
+
+def test_the_other_keys_edit_mark_done_search_and_list_the_keys(logged_in_page, live_url, inbox):
+    paths = inbox(2)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    page.locator("body").focus()
+    page.keyboard.press("?")
+    expect(page.get_by_role("dialog", name="Keyboard")).to_be_visible()
+    page.keyboard.press("Escape")
+    page.keyboard.press("j")
+    page.keyboard.press("e")
+    expect(page.locator("aside#drawer").get_by_label("Title")).to_be_focused()
+    page.keyboard.press("Escape")
+    page.locator("body").focus()
+    page.keyboard.press("j")
+    page.keyboard.press("d")  # no selection: the card at hand is marked done
+    expect(page.locator('section[data-status="done"] .count')).to_have_text("1")
+    assert sum("status: done\n" in p.read_text() for p in paths) == 1
+    page.keyboard.press("/")
+    expect(page.get_by_role("searchbox", name="Search")).to_be_focused()
