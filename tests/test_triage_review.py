@@ -226,3 +226,15 @@ def test_a_herd_that_is_not_a_dry_run_has_no_review(client, django_user_model):
     herd = Herd.objects.create(queue="q", profile=Profile.objects.get(name="noop"), size=1)
     assert client.get(f"/triage/{herd.pk}/").status_code == 404
     assert client.post(f"/triage/{herd.pk}/apply/").status_code == 404
+
+
+def test_the_herd_page_never_says_6_of_5(client, django_user_model):
+    login(client, django_user_model, "view_herd")
+    herd = Herd.objects.create(
+        queue="q", profile=Profile.objects.get(name="noop"), size=1, preflight={"ready": 5}
+    )
+    herd.workers.create(index=0, name="w0", host="h", done=5, blocked=1)
+    html = client.get(f"/herds/{herd.pk}/live/").content.decode()
+    assert "6 finished: 5 ready at the start, 1 unblocked" in html
+    assert "6 of 5" not in html
+    assert 'value="100"' in html  # the bar is full, not past full
