@@ -57,7 +57,7 @@
       values.reason = reason.trim();
     }
     // The CSRF header comes from the body's hx-headers, inherited through the card.
-    htmx.ajax("POST", dragged.dataset.action, {
+    htmx.ajax("POST", dragged.querySelector("form.acts").getAttribute("action"), {
       source: dragged,
       target: "#board",
       swap: "outerHTML",

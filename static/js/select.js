@@ -14,6 +14,8 @@
   const total = () => parseInt((board() && board().dataset.total) || "0", 10);
   const count = () => (selection.all ? total() : selection.ids.size);
 
+  const idOf = (box) => box.closest(".card").dataset.id;
+
   function plural(n) {
     return n.toLocaleString() + (n === 1 ? " task" : " tasks");
   }
@@ -21,7 +23,7 @@
   // Checkboxes follow the selection after every swap of the board.
   function paint() {
     document.querySelectorAll("#board input.pick").forEach(function (box) {
-      box.checked = selection.all || selection.ids.has(box.value);
+      box.checked = selection.all || selection.ids.has(idOf(box));
       box.closest(".card").classList.toggle("picked", box.checked);
     });
     const b = bar();
@@ -35,6 +37,7 @@
       const card = document.getElementById("task-" + focusedId);
       if (card) card.classList.add("focused");
       if (card && (!document.activeElement || document.activeElement === document.body)) {
+        card.tabIndex = -1;
         card.focus({ preventScroll: true });
       }
     }
@@ -53,7 +56,7 @@
       selection.all = false;
       cards().forEach((card) => {
         const other = card.querySelector("input.pick");
-        if (other) selection.ids.add(other.value);
+        if (other) selection.ids.add(idOf(other));
       });
     }
     const boxes = Array.from(document.querySelectorAll("#board input.pick"));
@@ -63,7 +66,7 @@
       const b = boxes.indexOf(box);
       chosen = boxes.slice(Math.min(a, b), Math.max(a, b) + 1);
     }
-    chosen.forEach((el) => (on ? selection.ids.add(el.value) : selection.ids.delete(el.value)));
+    chosen.forEach((el) => (on ? selection.ids.add(idOf(el)) : selection.ids.delete(idOf(el))));
     lastPicked = box;
     paint();
   }
@@ -172,6 +175,7 @@
     if (!card) return;
     focusedId = card.dataset.id;
     card.classList.add("focused");
+    card.tabIndex = -1; // focusable by script, not a tab stop of its own
     card.focus();
     card.scrollIntoView({ block: "nearest" });
   }

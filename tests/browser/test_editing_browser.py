@@ -148,7 +148,7 @@ def test_select_three_cards_with_the_keyboard_and_assign_them(logged_in_page, li
     keys = {card.get_attribute("id") for card in firsts}
     tasks = Task.objects.filter(assignee="carol")
     assert {f"task-{t.pk}" for t in tasks} == keys
-    expect(page.locator('section[data-status="queued"] .badge.who').first).to_contain_text(
+    expect(page.locator('section[data-status="queued"] .badges .who').first).to_contain_text(
         "@carol"
     )
     screenshot(page, "bulk-keyboard-assign")
