@@ -219,6 +219,9 @@ class Herd(models.Model):
     wall_clock_limit = models.PositiveIntegerField(
         null=True, blank=True, help_text="Seconds; the herd drains when reached."
     )
+    dry_run = models.BooleanField(
+        default=False, help_text="Processors that write files only report what they would do."
+    )
     preflight = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     summary = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     # [[seconds since start, tasks finished]] sampled by supervision, for the chart.
@@ -265,6 +268,7 @@ class Herd(models.Model):
         created_by=None,
         token_budget: int | None = None,
         wall_clock_limit: int | None = None,
+        dry_run: bool = False,
     ) -> Herd:
         """Create a herd and enqueue its launch once the row is committed."""
         from herds.tasks import launch_herd
@@ -278,6 +282,7 @@ class Herd(models.Model):
             created_by=created_by,
             token_budget=token_budget,
             wall_clock_limit=wall_clock_limit,
+            dry_run=dry_run,
         )
         herd.full_clean()
         with transaction.atomic():
@@ -401,6 +406,17 @@ class Herd(models.Model):
         if self.batch:
             return min(ready, self.batch * self.size)
         return ready
+
+    def progress_line(self, finished: int) -> str:
+        """ "3 of 5 tasks finished", or, once tasks that became ready during the run
+        were taken too, "6 finished: 5 ready at the start, 1 unblocked"."""
+        planned = self.planned_tasks()
+        unblocked = finished - planned
+        if unblocked > 0:
+            return (
+                f"{finished:,} finished: {planned:,} ready at the start, {unblocked:,} unblocked"
+            )
+        return f"{finished:,} of {planned:,} tasks finished"
 
     def finished_tasks(self) -> int:
         totals = self.workers.aggregate(done=Sum("done"), blocked=Sum("blocked"))

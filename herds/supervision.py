@@ -59,6 +59,8 @@ def worker_argv(herd: Herd, worker: Worker) -> list[str]:
         str(herd.batch),
         *profile.work_arguments(),
     ]
+    if herd.dry_run:
+        argv.append("--dry-run")
     for where in herd.all_filters():
         argv += ["--where", where]
     return argv + profile.command_arguments()

@@ -31,7 +31,11 @@ def _live_context(herd: Herd) -> dict:
         "workers": list(herd.workers.all()),
         "planned": planned,
         "finished": finished,
-        "percent": round(100 * finished / planned) if planned else (100 if herd.ended else 0),
+        # Tasks that became ready during the run count too: never "6 of 5".
+        "percent": round(100 * finished / max(planned, finished))
+        if max(planned, finished)
+        else (100 if herd.ended else 0),
+        "progress_line": herd.progress_line(finished),
         "tokens": herd.total_tokens(),
         "chart": throughput_chart(herd.samples, planned),
     }

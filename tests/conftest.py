@@ -165,3 +165,26 @@ def consumer(huey_env, tmp_path):
     # Whatever a failing test left behind must not outlive it.
     for worker in Worker.objects.all():
         processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
+
+
+CONSUMER_HUEY = (
+    "import json; from huey.contrib.djhuey import HUEY; "
+    "print(json.dumps({'name': HUEY.name, 'kwargs': HUEY.storage_kwargs}))"
+)
+
+
+@pytest.fixture
+def consumer_huey(huey_env, monkeypatch):
+    """This process (and a live server in it) enqueues into the Huey storage that the
+    test's consumer reads, as the consumer itself reports it."""
+    import json
+
+    from huey.contrib.djhuey import HUEY
+
+    result = run_manage(["shell", "-c", CONSUMER_HUEY], huey_env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not HUEY.immediate
+    monkeypatch.setattr(HUEY, "name", theirs["name"])
+    monkeypatch.setattr(HUEY, "storage", type(HUEY.storage)(theirs["name"], **theirs["kwargs"]))
+    return HUEY

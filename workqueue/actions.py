@@ -42,6 +42,13 @@ def requeue(task: Task, actor: str, message: str = "") -> bool:
     return transitions.requeue(task, actor, message)
 
 
+def back_to_queue(task: Task, actor: str, message: str = "") -> bool:
+    """Whatever the task's state: a claim released, a done or blocked task requeued."""
+    if task.status == Status.CLAIMED:
+        return release(task, actor, message)
+    return requeue(task, actor, message)
+
+
 def mark_done(task: Task, actor: str, reason: str = "") -> bool:
     """Closed by a person. Raises AgentStillRunning."""
     _end_agent(task)

@@ -1,16 +1,25 @@
 from __future__ import annotations
 
 from django import forms
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.http import QueryDict
 
-from workqueue.models import Status, TaskQuerySet
+from workqueue import bulk, editing
+from workqueue.models import Queue, Status, Task, TaskQuerySet
+from workqueue.routing import Condition, TaskFilter
+from workqueue.text import as_text
 
 FILTER_FIELDS = ("queue", "project", "assignee", "tag", "type", "complexity", "q")
+ROUTED_FIELDS = ("project", "assignee", "tag", "type", "complexity")
+FACET_LIMIT = 300  # values offered per filter
 
 
 class BoardFilterForm(forms.Form):
-    """The board's filters. They live in the URL so that a view can be bookmarked."""
+    """The board's filters. They live in the URL so that a view can be bookmarked.
+
+    The field filters are routing conditions (workqueue.routing), so the board shows
+    exactly what a worker or a herd `--where FIELD=VALUE` would take.
+    """
 
     queue = forms.CharField(required=False, max_length=100)
     project = forms.CharField(required=False, max_length=200)
@@ -20,16 +29,46 @@ class BoardFilterForm(forms.Form):
     complexity = forms.CharField(required=False, max_length=100)
     q = forms.CharField(required=False, max_length=200, label="Search")
 
-    def apply(self, tasks: TaskQuerySet) -> TaskQuerySet:
+    def clean_tag(self) -> str:
+        tag = self.cleaned_data["tag"]
+        if "|" in tag:
+            raise forms.ValidationError("a tag is a word without '|'")
+        return tag
+
+    def routing(self, leave_out: str = "") -> TaskFilter:
+        """The field filters as routing conditions (all but `leave_out`)."""
+        conditions = tuple(
+            Condition(name, "=", self.cleaned_data[name])
+            for name in ROUTED_FIELDS
+            if name != leave_out and self.cleaned_data.get(name)
+        )
+        return TaskFilter(conditions)
+
+    def apply(self, tasks: TaskQuerySet, leave_out: str = "") -> TaskQuerySet:
         data = self.cleaned_data
-        for name in ("queue", "project", "assignee", "type", "complexity"):
-            if data.get(name):
-                tasks = tasks.filter(**{name: data[name]})
-        if data.get("tag"):
-            tasks = tasks.filter(tag_index__contains=f"|{data['tag']}|")
+        if data.get("queue"):
+            tasks = tasks.filter(queue=data["queue"])
+        tasks = self.routing(leave_out).apply(tasks)
         if data.get("q"):
             tasks = tasks.filter(Q(title__icontains=data["q"]) | Q(key__icontains=data["q"]))
         return tasks
+
+    def facets(self) -> dict[str, list[tuple[str, int]]]:
+        """For each field filter, the values that exist and how many tasks have each,
+        among the tasks every other filter leaves."""
+        found = {}
+        for name in ROUTED_FIELDS:
+            tasks = self.apply(Task.objects.all(), leave_out=name).order_by()
+            if name == "tag":
+                counts: dict[str, int] = {}
+                for index in tasks.exclude(tag_index="").values_list("tag_index", flat=True):
+                    for tag in index.strip("|").split("|"):
+                        counts[tag] = counts.get(tag, 0) + 1
+            else:
+                rows = tasks.exclude(**{name: ""}).values_list(name).annotate(n=Count("id"))
+                counts = dict(rows)
+            found[name] = sorted(counts.items(), key=lambda item: item[0].lower())[:FACET_LIMIT]
+        return found
 
     def querystring(self) -> str:
         """The active filters as a query string (no leading '?')."""
@@ -71,3 +110,116 @@ class TaskActionForm(forms.Form):
         if data.get("action") == "block" and not (data.get("reason") or "").strip():
             self.add_error("reason", "Say why the task is blocked.")
         return data
+
+
+class TaskEditForm(forms.Form):
+    """The drawer's edit mode. Values go to workqueue.editing, which validates them
+    against the columns and names the field of each problem."""
+
+    title = forms.CharField(required=False, strip=False)
+    status = forms.ChoiceField(
+        required=False, choices=[("", "—")] + [(s, s) for s in editing.SETTABLE_STATUSES]
+    )
+    reason = forms.CharField(required=False, max_length=2000, label="Reason (done or blocked)")
+    priority = forms.CharField(required=False)
+    project = forms.CharField(required=False)
+    assignee = forms.CharField(required=False)
+    complexity = forms.CharField(required=False)
+    type = forms.CharField(required=False)
+    tags = forms.CharField(required=False, help_text="Comma separated.")
+    parent = forms.CharField(required=False)
+    depends_on = forms.CharField(required=False, label="Depends on", help_text="Task ids.")
+    body = forms.CharField(required=False, strip=False, widget=forms.Textarea)
+    base_sha256 = forms.CharField(required=False, widget=forms.HiddenInput)
+
+    @classmethod
+    def for_task(cls, task: Task) -> TaskEditForm:
+        initial = {
+            "title": task.title,
+            "status": task.status if task.status in editing.SETTABLE_STATUSES else "",
+            "priority": task.priority,
+            "project": task.project,
+            "assignee": task.assignee,
+            "complexity": task.complexity,
+            "type": task.type,
+            "tags": ", ".join(task.tags),
+            "parent": as_text(task.frontmatter.get("parent")),
+            "depends_on": ", ".join(task.depends_on),
+            "body": task.body,
+            "base_sha256": task.source_sha256,
+        }
+        return cls(initial=initial)
+
+    def changes(self) -> dict:
+        """Every field the form carries; editing.edit_task writes only what differs."""
+        data = self.cleaned_data
+        changes = {name: data[name] for name in editing.FIELDS if name in data}
+        if not changes.get("status"):
+            changes.pop("status", None)  # a claimed task's form has no status to send
+        return changes
+
+
+class BulkForm(forms.Form):
+    """A bulk action from the board: the selected ids, or every task of a filter."""
+
+    action = forms.ChoiceField(choices=[(a, a) for a in bulk.ACTIONS])
+    value = forms.CharField(required=False, max_length=2000, strip=False)
+    ids = forms.CharField(required=False, max_length=2_000_000)
+    all = forms.BooleanField(required=False)
+    filters = forms.CharField(required=False, max_length=4000)
+
+    def clean_ids(self) -> list[int]:
+        parts = [p for p in self.cleaned_data["ids"].split(",") if p.strip()]
+        if not all(p.strip().isdigit() for p in parts):
+            raise forms.ValidationError("ids are task numbers separated by commas")
+        return [int(p) for p in parts]
+
+    def clean(self):
+        data = super().clean()
+        if not self.errors and not data.get("all") and not data.get("ids"):
+            raise forms.ValidationError("Select at least one task.")
+        return data
+
+    def task_ids(self) -> list[int]:
+        """The selected ids, or every task matching the board's filters right now."""
+        if not self.cleaned_data["all"]:
+            return self.cleaned_data["ids"]
+        board = BoardFilterForm(QueryDict(self.cleaned_data["filters"]))
+        if not board.is_valid():
+            raise forms.ValidationError("The board's filters are not valid.")
+        tasks = board.apply(Task.objects.all()).order_by("priority", "id")
+        return list(tasks.values_list("pk", flat=True))
+
+
+class SavedViewForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    query = forms.CharField(required=False, max_length=2000)
+
+    def clean_query(self) -> str:
+        """Only the board's own filters, valid ones, in their canonical order."""
+        board = BoardFilterForm(QueryDict(self.cleaned_data["query"]))
+        if not board.is_valid():
+            raise forms.ValidationError("not a valid board filter")
+        return board.querystring()
+
+
+class NewTaskForm(forms.Form):
+    """A new task file (workqueue.authoring validates the values and names the field)."""
+
+    queue = forms.ChoiceField()
+    title = forms.CharField(strip=False)
+    priority = forms.CharField(required=False)
+    project = forms.CharField(required=False)
+    assignee = forms.CharField(required=False)
+    tags = forms.CharField(required=False, help_text="Comma separated.")
+    body = forms.CharField(required=False, strip=False, widget=forms.Textarea)
+
+    def __init__(self, *args, **kwargs):
+        # Its own ids: the board holds this form and the drawer's edit form at once.
+        super().__init__(*args, auto_id="new_%s", **kwargs)
+        names = Queue.objects.order_by("name").values_list("name", flat=True)
+        self.fields["queue"].choices = [(name, name) for name in names]
+
+    def fields_given(self) -> dict:
+        data = self.cleaned_data
+        return {n: data[n] for n in ("priority", "project", "assignee", "tags") if data[n]}

@@ -4,6 +4,7 @@ import json
 import os
 from datetime import timedelta
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, models
@@ -52,6 +53,12 @@ class Queue(models.Model):
         blank=True,
         help_text='Triage\'s wikilink per project: {"osb": "[[oversight-board]]"}; '
         "any other project links to [[<project>]].",
+    )
+    folder = models.CharField(
+        max_length=1000,
+        blank=True,
+        help_text="Where new tasks of this queue are written (inside an import root); "
+        "set by the first import of a folder.",
     )
 
     def __str__(self) -> str:
@@ -180,6 +187,22 @@ def insert_statement(db, model, columns: list[str]) -> str:
     )
 
 
+def unmet_dependency_counts(task_ids: list[int]) -> dict[int, int]:
+    """Task id -> how many of its dependencies are not done yet (ids without any left out)."""
+    rows = (
+        Dependency.objects.filter(task_id__in=task_ids)
+        .exclude(Exists(_done_dependency()))
+        .values_list("task_id")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    return dict(rows)
+
+
+def _done_dependency():
+    return Task.objects.filter(queue=OuterRef("task__queue"), key=OuterRef("key"), status="done")
+
+
 def _unmet_dependencies():
     done = Task.objects.filter(queue=OuterRef("task__queue"), key=OuterRef("key"), status="done")
     return Dependency.objects.filter(task=OuterRef("pk")).exclude(Exists(done))
@@ -212,6 +235,9 @@ class Task(models.Model):
     change_pending = models.BooleanField(
         default=False, help_text="The file changed while claimed; re-read when the claim ends."
     )
+    # Field edits made while a worker held the task: written into the file when the claim
+    # ends, as a file change is re-read then (workqueue.editing).
+    pending_edit = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     closed_by = models.CharField(max_length=50, blank=True, help_text="Rule that closed it.")
 
     # The claim: the row half of it. The other half is the lock directory.
@@ -366,6 +392,8 @@ class EventKind(models.TextChoices):
     REAPED = "reaped"
     LATE_FINISH_REFUSED = "late_finish_refused"
     NOTE = "note"
+    EDITED = "edited"
+    CREATED = "created"
 
 
 class TaskEventQuerySet(models.QuerySet):
@@ -433,3 +461,96 @@ class TaskEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.task_id} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class BulkStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class BulkAction(models.Model):
+    """One action over many selected tasks, run in the background (workqueue.bulk).
+
+    Its changes keep what undoing it needs (the files' bytes before, the rows' values);
+    only a person's latest action keeps them.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    actor = models.CharField(max_length=200)
+    action = models.CharField(max_length=20)
+    params = models.JSONField(default=dict, blank=True)
+    task_ids = models.JSONField(default=list, blank=True)
+    undo_of = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="undone_by"
+    )
+    status = models.CharField(
+        max_length=10, choices=BulkStatus.choices, default=BulkStatus.PENDING
+    )
+    total = models.PositiveIntegerField(default=0)
+    processed = models.PositiveIntegerField(default=0)
+    changed = models.PositiveIntegerField(default=0)
+    unchanged = models.PositiveIntegerField(default=0)
+    # The first thousand skipped tasks ({task, key, path, why}); the count is always whole.
+    skipped = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"bulk {self.pk}: {self.action} × {self.total}"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (BulkStatus.DONE, BulkStatus.FAILED)
+
+    @property
+    def percent(self) -> int:
+        return round(100 * self.processed / self.total) if self.total else 100
+
+    @property
+    def skipped_count(self) -> int:
+        return self.processed - self.changed - self.unchanged
+
+
+class BulkChange(models.Model):
+    """One task a bulk action changed, and how it was before."""
+
+    action = models.ForeignKey(BulkAction, on_delete=models.CASCADE, related_name="changes")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="+")
+    old_bytes = models.BinaryField(null=True, blank=True)
+    new_sha256 = models.CharField(max_length=64, blank=True)
+    old_values = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
+    old_status = models.CharField(max_length=10)
+    old_reason = models.TextField(blank=True)
+    new_status = models.CharField(max_length=10)
+    updated_at = models.DateTimeField()
+    deferred = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return f"change of {self.task_id} by bulk {self.action_id}"
+
+
+class SavedView(models.Model):
+    """A board filter a person named, to come back to."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    name = models.CharField(max_length=100)
+    query = models.CharField(max_length=2000, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "name"], name="saved_view_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name

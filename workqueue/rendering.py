@@ -9,6 +9,7 @@ import nh3
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
+from mdit_py_plugins.tasklists import tasklists_plugin
 
 # Browsers drop tabs and newlines inside a URL and read a backslash as a slash: a src of
 # slash, backslash, "tracker.example/p.gif" still loads from another host.
@@ -34,15 +35,18 @@ def _render_image(self, tokens, idx, options, env) -> str:
 
 
 # Raw HTML in a task file is shown as text, never passed through; nh3 is the second wall.
-_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(
-    ["table", "strikethrough"]
+# Checklists (`- [ ] step`) become disabled checkboxes, each inside its own label.
+_markdown = (
+    MarkdownIt("commonmark", {"html": False, "linkify": False})
+    .enable(["table", "strikethrough"])
+    .use(tasklists_plugin, label=True)
 )
 _markdown.add_render_rule("image", _render_image)
 
 ALLOWED_TAGS = {
     "a", "abbr", "b", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4",
-    "h5", "h6", "hr", "i", "img", "input", "li", "ol", "p", "pre", "s", "strong", "sub",
-    "sup", "table", "tbody", "td", "th", "thead", "tr", "ul",
+    "h5", "h6", "hr", "i", "img", "input", "label", "li", "ol", "p", "pre", "s", "strong",
+    "sub", "sup", "table", "tbody", "td", "th", "thead", "tr", "ul",
 }  # fmt: skip
 ALLOWED_ATTRIBUTES = {
     "a": {"href", "title"},
@@ -52,6 +56,17 @@ ALLOWED_ATTRIBUTES = {
     "code": {"class"},
     "ol": {"start"},
 }
+# Only the checklist's own markup: a checkbox that cannot be changed, and its classes.
+ATTRIBUTE_VALUES = {
+    "input": {
+        "type": {"checkbox"},
+        "checked": {"checked"},
+        "class": {"task-list-item-checkbox"},
+    },
+    "li": {"class": {"task-list-item"}},
+    "ul": {"class": {"contains-task-list"}},
+}
+FORCED_ATTRIBUTES = {"input": {"type": "checkbox", "disabled": "disabled"}}
 # No javascript:, data:, vbscript: or any other scheme that can carry code.
 URL_SCHEMES = {"http", "https", "mailto"}
 
@@ -69,6 +84,8 @@ def render_markdown(text: str) -> SafeString:
         html,
         tags=ALLOWED_TAGS,
         attributes=ALLOWED_ATTRIBUTES,
+        tag_attribute_values=ATTRIBUTE_VALUES,
+        set_tag_attribute_values=FORCED_ATTRIBUTES,
         url_schemes=URL_SCHEMES,
         link_rel="noopener noreferrer nofollow",
         attribute_filter=_keep_attribute,

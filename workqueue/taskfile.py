@@ -101,7 +101,9 @@ def decode(raw: bytes) -> str:
     return text.removeprefix("\ufeff")
 
 
-def parse(raw: bytes) -> TaskFile:
+def parse(raw: bytes, known: dict | None = None) -> TaskFile:
+    """The frontmatter and body of a file. `known`: the frontmatter as loaded before from
+    these very bytes (same hash), so the YAML is not loaded a second time."""
     text = decode(raw)
     opening = FENCE.match(text)
     if not opening:
@@ -111,7 +113,8 @@ def parse(raw: bytes) -> TaskFile:
         raise TaskFileError("unclosed frontmatter: no closing '---' line")
     yaml_text = text[opening.end() : closing.start()]
     body = text[closing.end() :].removeprefix("\r").removeprefix("\n")
-    return TaskFile(load_yaml(yaml_text), body, opening.end(), closing.start())
+    frontmatter = known if known is not None else load_yaml(yaml_text)
+    return TaskFile(frontmatter, body, opening.end(), closing.start())
 
 
 def load_yaml(yaml_text: str) -> dict:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
+from django.core.cache import cache
+from django.core.exceptions import ValidationError
 from django.db.models import Max
 from django.http import (
     HttpRequest,
@@ -15,27 +20,55 @@ from django.http import (
     QueryDict,
 )
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import patch_cache_control
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.decorators.vary import vary_on_headers
 
-from workqueue import actions, locks
-from workqueue.forms import ACTIONS, BoardFilterForm, LoadMoreForm, TaskActionForm
-from workqueue.models import Queue, Status, Task
+from herds.models import Herd
+from workqueue import authoring, bulk, editing, locks, triage_review
+from workqueue.forms import (
+    ACTIONS,
+    BoardFilterForm,
+    BulkForm,
+    LoadMoreForm,
+    NewTaskForm,
+    SavedViewForm,
+    TaskActionForm,
+    TaskEditForm,
+)
+from workqueue.models import (
+    BulkAction,
+    Queue,
+    SavedView,
+    Status,
+    Task,
+    unmet_dependency_counts,
+)
 from workqueue.rendering import render_markdown
 
 PAGE_SIZE = 50
 # Ages and lease countdowns change with the clock, not the rows: re-render that often.
 CLOCK_SECONDS = 15
+# The card's buttons and the bulk actions they are (workqueue.editing.STATE_ACTIONS).
+CARD_ACTIONS = {"requeue": "requeue", "release": "release", "done": "close", "block": "block"}
 DONE_MESSAGES = {
     "requeue": "requeued",
     "release": "claim released",
     "done": "marked done",
     "block": "blocked",
 }
+FILTER_LABELS = [
+    ("project", "Project"),
+    ("assignee", "Assignee"),
+    ("tag", "Tag"),
+    ("type", "Type"),
+    ("complexity", "Complexity"),
+]
 CARD_FIELDS = (
     "id", "queue", "key", "title", "status", "priority", "project", "assignee", "type",
+    "complexity", "tags", "has_dependencies",
     "created_at", "updated_at", "holder", "holder_host", "holder_pid", "holder_started",
     "lease_expires_at", "outcome", "reason", "result", "source_missing", "change_pending",
 )  # fmt: skip
@@ -90,6 +123,7 @@ def _columns(tasks, form: BoardFilterForm) -> list[dict]:
     columns = []
     for status in Status.values:
         cards = _cards(tasks, status) if counts[status] else []
+        _note_waiting(cards)
         columns.append(
             {
                 "status": status,
@@ -104,17 +138,53 @@ def _columns(tasks, form: BoardFilterForm) -> list[dict]:
     return columns
 
 
-def _board_context(request: HttpRequest, form: BoardFilterForm) -> dict:
+def _note_waiting(cards: list[Task]) -> None:
+    """`waiting_on`: how many of a queued card's dependencies are not done yet."""
+    waiting = [c.pk for c in cards if c.status == Status.QUEUED and c.has_dependencies]
+    counts = unmet_dependency_counts(waiting) if waiting else {}
+    for card in cards:
+        card.waiting_on = counts.get(card.pk, 0)
+
+
+def _board_context(request: HttpRequest, form: BoardFilterForm, whole: bool = True) -> dict:
     tasks = form.apply(Task.objects.all())
     version = board_version()
-    return {
+    columns = _columns(tasks, form)
+    context = {
         "form": form,
         "query": form.querystring(),
         "version": version,
-        "columns": _columns(tasks, form),
-        "queues": Queue.objects.order_by("name").values_list("name", flat=True),
+        "columns": columns,
+        "total": sum(c["count"] for c in columns),
         "can_change": request.user.has_perm("queue.change_task"),
     }
+    if whole:
+        # What the filter bar and the dialogs offer; the live refresh renders the board only.
+        context.update(
+            queues=Queue.objects.order_by("name").values_list("name", flat=True),
+            facets=_facets(form, version),
+            saved_views=SavedView.objects.filter(user=request.user),
+            bulk_actions=bulk.BUTTONS,
+            filter_fields=FILTER_LABELS,
+            can_triage=request.user.has_perms([CHANGE, LAUNCH]),
+            can_add=request.user.has_perm("queue.add_task"),
+            new_task_form=NewTaskForm(initial={"queue": form.cleaned_data.get("queue")}),
+        )
+    return context
+
+
+def _facets(form: BoardFilterForm, version: str) -> dict:
+    # Counting reads every task of the filter: once per change of the board, not per
+    # page load (the version's last part is the clock, which does not matter here).
+    key = (
+        "board-facets:"
+        + hashlib.sha256(f"{form.querystring()}|{version.rsplit('-', 1)[0]}".encode()).hexdigest()
+    )
+    facets = cache.get(key)
+    if facets is None:
+        facets = form.facets()
+        cache.set(key, facets, 300)
+    return facets
 
 
 @login_required
@@ -129,10 +199,9 @@ def board(request: HttpRequest) -> HttpResponse:
     since = request.GET.get("since")
     if since and since == board_version():
         return HttpResponse(status=204)
-    context = _board_context(request, form)
-    template = "workqueue/board.html"
-    if request.htmx and request.htmx.target == "board":
-        template += "#board"
+    partial = bool(request.htmx and request.htmx.target == "board")
+    context = _board_context(request, form, whole=not partial)
+    template = "workqueue/board.html#board" if partial else "workqueue/board.html"
     response = render(request, template, context)
     response["ETag"] = f'"{context["version"]}"'
     patch_cache_control(response, no_cache=True, private=True)
@@ -181,8 +250,9 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, template, _detail_context(request, task))
 
 
-def _detail_context(request: HttpRequest, task: Task) -> dict:
+def _detail_context(request: HttpRequest, task: Task, **extra) -> dict:
     return {
+        **extra,
         "task": task,
         "body_html": render_markdown(task.body),
         "events": task.events.all()[:200],
@@ -215,19 +285,17 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
             status=409,
             content_type="text/plain",
         )
-    actor = f"user:{request.user.get_username()}"
-    try:
-        if action == "requeue":
-            changed = actions.requeue(task, actor, "requeued from the board")
-        elif action == "release":
-            changed = actions.release(task, actor, "released from the board")
-        elif action == "done":
-            changed = actions.mark_done(task, actor)
-        else:
-            changed = actions.block(task, actor, form.cleaned_data["reason"].strip())
-        message = f"{task.key} changed meanwhile; nothing done."
-    except actions.AgentStillRunning as exc:
-        changed, message = False, str(exc)
+    # The same transition as the bulk actions: the file gets the new status too.
+    report = editing.edit_tasks(
+        [task.pk],
+        _actor(request),
+        action=CARD_ACTIONS[action],
+        reason=form.cleaned_data["reason"].strip(),
+    )
+    changed = report.changed == 1
+    message = f"{task.key} changed meanwhile; nothing done."
+    if report.skipped:
+        message = f"{task.key}: {report.skipped[0]['why']}; nothing done."
     if not changed:
         # Someone (a worker, another person) moved the task in the meantime, or its
         # agent could not be ended.
@@ -249,7 +317,9 @@ def _board_after_action(request: HttpRequest) -> HttpResponse:
     form = _filters(query)
     if form is None:
         form = _filters(QueryDict())
-    return render(request, "workqueue/board.html#board", _board_context(request, form))
+    return render(
+        request, "workqueue/board.html#board", _board_context(request, form, whole=False)
+    )
 
 
 def _drawer_after_action(request: HttpRequest, pk: int) -> HttpResponse:
@@ -267,3 +337,291 @@ def _safe_next(request: HttpRequest) -> str:
         ):
             return candidate
     return "board"
+
+
+# Edit mode ----------------------------------------------------------------------
+
+CHANGE = "queue.change_task"
+
+
+def _actor(request: HttpRequest) -> str:
+    return f"user:{request.user.get_username()}"
+
+
+def _render_part(request: HttpRequest, part: str, context: dict, status: int = 200):
+    """A part of the task page: alone for the drawer, in the whole page otherwise."""
+    if request.htmx:
+        return render(request, f"workqueue/task_detail.html#{part}", context, status=status)
+    return render(request, "workqueue/task_detail.html", {**context, "mode": part}, status=status)
+
+
+def _edit_context(request: HttpRequest, task: Task, form: TaskEditForm, **extra) -> dict:
+    return _detail_context(request, task, form=form, choices=_field_choices(task.queue), **extra)
+
+
+def _field_choices(queue: str) -> dict[str, list[str]]:
+    """Values the queue already uses, offered as suggestions while editing."""
+    tasks = Task.objects.filter(queue=queue).order_by()
+    return {
+        name: sorted(v for v in tasks.values_list(name, flat=True).distinct()[:200] if v)
+        for name in ("project", "assignee", "complexity", "type")
+    }
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_http_methods(["GET", "POST"])
+@vary_on_headers("HX-Request")
+def task_edit(request: HttpRequest, pk: int) -> HttpResponse:
+    task = get_object_or_404(Task.objects.select_related("content"), pk=pk)
+    if request.method == "GET":
+        return _render_part(
+            request, "edit", _edit_context(request, task, TaskEditForm.for_task(task))
+        )
+    form = TaskEditForm(request.POST)
+    if not form.is_valid():
+        return _render_part(request, "edit", _edit_context(request, task, form), status=422)
+    data = form.cleaned_data
+    try:
+        result = editing.edit_task(
+            task,
+            form.changes(),
+            _actor(request),
+            reason=data["reason"],
+            base_sha256=data["base_sha256"] or None,
+        )
+    except editing.EditError as exc:
+        for name, problem in exc.errors.items():
+            form.add_error(name if name in form.fields else None, f"{name}: {problem}")
+        return _render_part(request, "edit", _edit_context(request, task, form), status=422)
+    except editing.FileChanged as exc:
+        context = _detail_context(request, task, why=exc.why, difference=exc.diff)
+        return _render_part(request, "conflict", context, status=409)
+    except editing.Conflict as exc:
+        form.add_error(None, f"{exc}; reload the task and try again.")
+        return _render_part(request, "edit", _edit_context(request, task, form), status=409)
+    notice = _saved_notice(result)
+    if not request.htmx:
+        messages.success(request, notice)
+        return redirect("task-detail", pk=task.pk)
+    response = _render_part(
+        request, "drawer", _detail_context(request, result.task, notice=notice)
+    )
+    response["HX-Trigger"] = "board-changed"
+    return response
+
+
+def _saved_notice(result: editing.EditResult) -> str:
+    if not result.changed:
+        return "Nothing changed."
+    names = ", ".join(name.replace("_", " ") for name in result.changed)
+    if result.deferred:
+        return f"Saved {names}; a worker holds the task, so its file is written when it lets go."
+    return f"Saved {names}."
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
+    """Read the task's file again after a refused save, and edit from what it says now."""
+    task = editing.reload_from_disk(get_object_or_404(Task, pk=pk))
+    context = _edit_context(
+        request, task, TaskEditForm.for_task(task), notice="Reloaded from the file on disk."
+    )
+    return _render_part(request, "edit", context)
+
+
+# Bulk actions -------------------------------------------------------------------
+
+
+def _bulk_status(request: HttpRequest, bulk_action: BulkAction | None, status: int = 200, **extra):
+    context = {
+        "bulk": bulk_action,
+        "undoable": bulk_action is not None and bulk.can_undo(bulk_action, request.user),
+        **extra,
+    }
+    response = render(request, "workqueue/bulk_status.html", context, status=status)
+    if bulk_action is not None and bulk_action.finished:
+        response["HX-Trigger"] = "board-changed"
+    return response
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def bulk_start(request: HttpRequest) -> HttpResponse:
+    form = BulkForm(request.POST)
+    if not form.is_valid():
+        problems = "; ".join(" ".join(errs) for errs in form.errors.values())
+        return _bulk_status(request, None, status=422, error=problems)
+    try:
+        ids = form.task_ids()
+        bulk_action = bulk.start(
+            request.user, form.cleaned_data["action"], form.cleaned_data["value"], ids
+        )
+    except forms.ValidationError as exc:
+        return _bulk_status(request, None, status=422, error=" ".join(exc.messages))
+    except editing.EditError as exc:
+        return _bulk_status(request, None, status=422, error=str(exc))
+    bulk_action.refresh_from_db()
+    return _bulk_status(request, bulk_action)
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_GET
+def bulk_status(request: HttpRequest, pk: int) -> HttpResponse:
+    return _bulk_status(request, get_object_or_404(BulkAction, pk=pk))
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def bulk_undo(request: HttpRequest, pk: int) -> HttpResponse:
+    original = get_object_or_404(BulkAction, pk=pk)
+    if not bulk.can_undo(original, request.user):
+        return HttpResponse(
+            "Only your latest bulk action can be undone, once.",
+            status=409,
+            content_type="text/plain",
+        )
+    undo = bulk.start_undo(request.user, original)
+    undo.refresh_from_db()
+    return _bulk_status(request, undo)
+
+
+# Saved views ----------------------------------------------------------------------
+
+
+@login_required
+@permission_required("queue.view_task", raise_exception=True)
+@require_POST
+def saved_view(request: HttpRequest) -> HttpResponse:
+    """Save the board's current filters under a name (the same name replaces it)."""
+    form = SavedViewForm(request.POST)
+    if not form.is_valid():
+        problems = "; ".join(f"{n}: {' '.join(e)}" for n, e in form.errors.items())
+        messages.error(request, f"View not saved: {problems}")
+        return redirect("board")
+    name, query = form.cleaned_data["name"], form.cleaned_data["query"]
+    SavedView.objects.update_or_create(user=request.user, name=name, defaults={"query": query})
+    messages.success(request, f"Saved the view {name!r}.")
+    return redirect(f"{reverse('board')}?{query}" if query else "board")
+
+
+# Triage this view ---------------------------------------------------------------
+
+LAUNCH = "herds.add_herd"
+
+
+@login_required
+@permission_required([CHANGE, LAUNCH], raise_exception=True)
+@require_POST
+def triage_start(request: HttpRequest) -> HttpResponse:
+    """A dry-run herd of the triage rules over the board's current view."""
+    form = BoardFilterForm(QueryDict(request.POST.get("filters", "")))
+    problem = ""
+    if not form.is_valid():
+        problem = "the board's filters are not valid"
+    elif not form.cleaned_data["queue"]:
+        problem = "choose a queue first: a herd works one queue"
+    elif form.cleaned_data["q"]:
+        problem = "clear the search first: a herd takes tasks by their fields, not by text"
+    if not problem:
+        try:
+            herd = triage_review.start(
+                request.user, form.cleaned_data["queue"], form.routing().as_list()
+            )
+        except (triage_review.CannotTriage, ValidationError) as exc:
+            problem = "; ".join(getattr(exc, "messages", [str(exc)]))
+    if problem:
+        messages.error(request, f"Cannot triage this view: {problem}.")
+        return redirect(_safe_next(request))
+    return redirect("triage-detail", pk=herd.pk)
+
+
+def _triage_context(request: HttpRequest, herd, **extra) -> dict:
+    finished = herd.finished_tasks()
+    return {
+        "herd": herd,
+        "progress_line": herd.progress_line(finished),
+        "proposals": list(triage_review.proposals(herd)) if herd.ended else [],
+        "refused": list(triage_review.refused(herd)) if herd.ended else [],
+        **extra,
+    }
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_GET
+@vary_on_headers("HX-Request")
+def triage_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = get_object_or_404(Herd.objects.select_related("profile"), pk=pk, dry_run=True)
+    template = "workqueue/triage.html"
+    if request.htmx:
+        template += "#review"
+    return render(request, template, _triage_context(request, herd))
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
+    herd = get_object_or_404(Herd.objects.select_related("profile"), pk=pk, dry_run=True)
+    decisions = {
+        int(name.removeprefix("decision-")): value
+        for name, value in request.POST.items()
+        if name.startswith("decision-") and name.removeprefix("decision-").isdigit()
+    }
+    accepted = [pk for pk, value in decisions.items() if value == "accept"]
+    rejected = [pk for pk, value in decisions.items() if value == "reject"]
+    outcome = triage_review.review(herd, accepted, rejected, _actor(request))
+    context = _triage_context(request, herd, outcome=outcome)
+    return render(request, "workqueue/triage.html", context)
+
+
+# New tasks ------------------------------------------------------------------------
+
+
+@login_required
+@permission_required("queue.add_task", raise_exception=True)
+@require_http_methods(["GET", "POST"])
+@vary_on_headers("HX-Request")
+def task_new(request: HttpRequest) -> HttpResponse:
+    """A new task file in the queue's folder, imported at once."""
+    if request.method == "GET":
+        form = NewTaskForm(initial={"queue": request.GET.get("queue", "")})
+        return _new_task_form(request, form)
+    form = NewTaskForm(request.POST)
+    if not form.is_valid():
+        return _new_task_form(request, form, status=422)
+    data = form.cleaned_data
+    try:
+        task = authoring.create_task_file(
+            data["queue"], data["title"], data["body"], form.fields_given(), _actor(request)
+        )
+    except authoring.AuthoringError as exc:
+        for name, problem in exc.errors.items():
+            form.add_error(name if name in form.fields else None, f"{name}: {problem}")
+        return _new_task_form(request, form, status=422)
+    notice = f"Created {task.key} in {Path(task.source_path).name}."
+    if not request.htmx:
+        messages.success(request, notice)
+        return redirect("task-detail", pk=task.pk)
+    task = Task.objects.select_related("content").get(pk=task.pk)
+    response = render(
+        request, "workqueue/task_detail.html#drawer", _detail_context(request, task, notice=notice)
+    )
+    response["HX-Retarget"] = "#drawer"
+    response["HX-Reswap"] = "innerHTML"
+    response["HX-Trigger"] = "board-changed, task-created"
+    return response
+
+
+def _new_task_form(request: HttpRequest, form: NewTaskForm, status: int = 200) -> HttpResponse:
+    template = "workqueue/new_task.html"
+    if request.htmx:
+        template += "#new-task-form"
+    context = {"form": form, "in_dialog": request.POST.get("in_dialog") == "1"}
+    return render(request, template, context, status=status)

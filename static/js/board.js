@@ -57,7 +57,7 @@
       values.reason = reason.trim();
     }
     // The CSRF header comes from the body's hx-headers, inherited through the card.
-    htmx.ajax("POST", dragged.dataset.action, {
+    htmx.ajax("POST", dragged.querySelector("form.acts").getAttribute("action"), {
       source: dragged,
       target: "#board",
       swap: "outerHTML",
@@ -87,6 +87,33 @@
     if (elt.hasAttribute("data-poll-visible-only") && document.visibilityState !== "visible") {
       event.preventDefault();
     }
+  });
+
+  // A form the server refused comes back as HTML to show in place (422: a value named
+  // by its field; 409: the file changed on disk, with the difference): swap it in.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    const xhr = event.detail.xhr;
+    const html = (xhr.getResponseHeader("Content-Type") || "").indexOf("text/html") === 0;
+    if (html && (xhr.status === 422 || xhr.status === 409)) {
+      event.detail.shouldSwap = true;
+      event.detail.isError = false;
+    }
+  });
+
+  // After a swap, focus goes where the person continues: the first field of a form, or
+  // the heading of what replaced it.
+  document.addEventListener("htmx:afterSwap", function (event) {
+    const target = event.detail.target;
+    const dialog = document.querySelector("dialog[open]");
+    if (dialog) {
+      const wrong = dialog.querySelector("[aria-invalid=true]");
+      if (wrong) wrong.focus();
+      return;
+    }
+    if (!target || target.id !== "drawer") return;
+    const invalid = target.querySelector("[aria-invalid=true]");
+    const next = invalid || target.querySelector("[data-autofocus]") || target.querySelector("h1");
+    if (next) next.focus();
   });
 
   // A refused action (409: the task moved meanwhile) is said out loud, not swallowed.

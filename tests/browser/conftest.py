@@ -123,3 +123,13 @@ def wait_until(condition: Callable[[], object], timeout: float = 60, message: st
         if time.monotonic() > deadline:
             raise AssertionError(message or f"condition not met within {timeout} s")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def triage_profile(transactional_db):
+    """The `triage` profile a migration installs; a transactional test's flush removes it."""
+    from herds.models import Profile
+
+    return Profile.objects.get_or_create(
+        name="triage", defaults={"processor": "triage", "prefetch": 50, "max_workers": 8}
+    )[0]

@@ -8,6 +8,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from workqueue.forms import ACTIONS
+from workqueue.text import as_text as _as_text
 
 SENTINEL = 2_147_483_647
 
@@ -57,3 +58,72 @@ def task_url(pk: int, name: str = "task-detail") -> str:
 @register.filter
 def can_block(status: str) -> bool:
     return status in ACTIONS["block"][1]
+
+
+@register.filter
+def as_text(value) -> str:
+    """A frontmatter value as text: lists joined with commas, never a Python repr."""
+    return _as_text(value)
+
+
+DONE_WORDS = {
+    "assign": "Assigned",
+    "priority": "Set the priority of",
+    "complexity": "Set the complexity of",
+    "tags": "Tagged",
+    "project": "Set the project of",
+    "close": "Closed",
+    "block": "Blocked",
+    "requeue": "Requeued",
+    "release": "Released the claims of",
+    "undo": "Undid the changes to",
+}
+
+
+@register.filter
+def bulk_summary(bulk) -> str:
+    """One line for a bulk action: what it does, how far it got."""
+    what = DONE_WORDS.get(bulk.action, bulk.action)
+    if not bulk.finished:
+        return f"{what} … {bulk.processed:,} of {bulk.total:,} tasks done"
+    tasks = "task" if bulk.changed == 1 else "tasks"
+    line = f"{what} {bulk.changed:,} {tasks}"
+    if bulk.unchanged:
+        line += f"; {bulk.unchanged:,} already so"
+    return line + "."
+
+
+@register.filter
+def get(mapping, key):
+    """mapping[key], or None: `form.cleaned_data|get:name` in a loop over names."""
+    return mapping.get(key) if mapping else None
+
+
+@register.filter
+def has_value(pairs, value) -> bool:
+    """Whether (value, count) pairs include `value`."""
+    return any(found == value for found, _count in pairs or ())
+
+
+@register.filter
+def split(text: str) -> list[str]:
+    return text.split()
+
+
+@register.filter
+def diff_lines(diff: str) -> list[tuple[str, str]]:
+    """A unified diff's lines, each with its kind (add, del, hunk, file, same)."""
+    lines = []
+    for line in diff.splitlines(keepends=True):
+        if line.startswith(("+++", "---")):
+            kind = "file"
+        elif line.startswith("@@"):
+            kind = "hunk"
+        elif line.startswith("+"):
+            kind = "add"
+        elif line.startswith("-"):
+            kind = "del"
+        else:
+            kind = "same"
+        lines.append((kind, line))
+    return lines

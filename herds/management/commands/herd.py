@@ -65,7 +65,12 @@ class Command(BaseCommand):
             if herd.preflight and bar is None and show_progress:
                 bar = tqdm(total=herd.planned_tasks(), unit="task", desc=f"herd {herd.pk}")
             if bar is not None:
-                bar.update(herd.finished_tasks() - bar.n)
+                finished = herd.finished_tasks()
+                if finished > bar.total:
+                    # Tasks that became ready during the run: never "6/5".
+                    bar.set_postfix_str(f"{finished - herd.planned_tasks()} unblocked")
+                    bar.total = finished
+                bar.update(finished - bar.n)
             if herd.ended:
                 if bar is not None:
                     bar.close()

@@ -1,0 +1,262 @@
+// Select many and act: card checkboxes, shift-click ranges, "select all N matching", the
+// bulk bar and its dialogs, and the keys (j/k, x, e, a, d, b, /, ?). Everything the mouse
+// does, the keyboard does too.
+(function () {
+  "use strict";
+
+  const selection = { ids: new Set(), all: false };
+  let lastPicked = null; // the checkbox a shift-click extends from
+  let focusedId = null; // the card j/k moved to
+
+  const board = () => document.getElementById("board");
+  const bar = () => document.getElementById("bulk-bar");
+  const cards = () => Array.from(document.querySelectorAll("#board article.card"));
+  const total = () => parseInt((board() && board().dataset.total) || "0", 10);
+  const count = () => (selection.all ? total() : selection.ids.size);
+
+  const idOf = (box) => box.closest(".card").dataset.id;
+
+  function plural(n) {
+    return n.toLocaleString() + (n === 1 ? " task" : " tasks");
+  }
+
+  // Checkboxes follow the selection after every swap of the board.
+  function paint() {
+    document.querySelectorAll("#board input.pick").forEach(function (box) {
+      box.checked = selection.all || selection.ids.has(idOf(box));
+      box.closest(".card").classList.toggle("picked", box.checked);
+    });
+    const b = bar();
+    if (!b) return;
+    b.hidden = count() === 0;
+    document.getElementById("bulk-count").textContent = count().toLocaleString() + " selected";
+    b.querySelectorAll("[data-total]").forEach((el) => (el.textContent = total().toLocaleString()));
+    b.querySelector("[data-select-all]").hidden = selection.all;
+    if (focusedId) {
+      // The board was swapped under the focused card: it gets the focus back.
+      const card = document.getElementById("task-" + focusedId);
+      if (card) card.classList.add("focused");
+      if (card && (!document.activeElement || document.activeElement === document.body)) {
+        card.tabIndex = -1;
+        card.focus({ preventScroll: true });
+      }
+    }
+  }
+
+  function clearSelection() {
+    selection.ids.clear();
+    selection.all = false;
+    lastPicked = null;
+    paint();
+  }
+
+  function pick(box, on, range) {
+    if (selection.all) {
+      // Leaving "all matching": keep what is on screen, less this one.
+      selection.all = false;
+      cards().forEach((card) => {
+        const other = card.querySelector("input.pick");
+        if (other) selection.ids.add(idOf(other));
+      });
+    }
+    const boxes = Array.from(document.querySelectorAll("#board input.pick"));
+    let chosen = [box];
+    if (range && lastPicked && boxes.indexOf(lastPicked) >= 0) {
+      const a = boxes.indexOf(lastPicked);
+      const b = boxes.indexOf(box);
+      chosen = boxes.slice(Math.min(a, b), Math.max(a, b) + 1);
+    }
+    chosen.forEach((el) => (on ? selection.ids.add(idOf(el)) : selection.ids.delete(idOf(el))));
+    lastPicked = box;
+    paint();
+  }
+
+  document.addEventListener("click", function (event) {
+    const box = event.target.closest && event.target.closest("#board input.pick");
+    if (box) {
+      pick(box, box.checked, event.shiftKey);
+      return;
+    }
+    if (event.target.closest("[data-select-all]")) {
+      selection.all = true;
+      paint();
+    } else if (event.target.closest("[data-clear-selection]")) {
+      clearSelection();
+    } else if (event.target.closest("[data-bulk]")) {
+      act(event.target.closest("[data-bulk]").dataset.bulk);
+    } else if (event.target.closest("[data-dialog-cancel]")) {
+      event.target.closest("dialog").close();
+    } else if (event.target.closest("[data-new-task]")) {
+      openDialog("dialog-new-task");
+    } else if (event.target.closest("[data-keys-help]")) {
+      openDialog("dialog-keys");
+    } else if (event.target.closest("[data-dismiss-status]")) {
+      const status = document.getElementById("bulk-status");
+      status.innerHTML = "";
+    }
+  });
+
+  function openDialog(id) {
+    const dialog = document.getElementById(id);
+    if (!dialog) return null;
+    const counter = dialog.querySelector("[data-dialog-count]");
+    if (counter) counter.textContent = plural(count());
+    const form = dialog.querySelector("form.bulk-form");
+    if (form) form.reset();
+    dialog.showModal();
+    const field = dialog.querySelector("input, select, textarea, button");
+    if (field) field.focus();
+    return dialog;
+  }
+
+  // A bulk action: a dialog for those that take a value, at once for the others.
+  function act(action) {
+    if (count() === 0) return;
+    if (document.getElementById("dialog-" + action)) {
+      openDialog("dialog-" + action);
+    } else {
+      send(action, "");
+    }
+  }
+
+  function send(action, value) {
+    const values = { action: action, value: value };
+    if (selection.all) {
+      values.all = "on";
+      values.filters = window.location.search.replace(/^\?/, "");
+    } else {
+      values.ids = Array.from(selection.ids).join(",");
+    }
+    // The CSRF header comes from the body's hx-headers, inherited through the bar.
+    htmx
+      .ajax("POST", bar().dataset.url || "/bulk/", {
+        source: bar(),
+        target: "#bulk-status",
+        swap: "outerHTML",
+        values: values,
+      })
+      .then(function () {
+        const status = document.getElementById("bulk-status");
+        if (status && !status.querySelector("[role=alert]")) clearSelection();
+      });
+  }
+
+  document.addEventListener("submit", function (event) {
+    const form = event.target.closest && event.target.closest("form.bulk-form");
+    if (!form) return;
+    event.preventDefault();
+    const value = form.querySelector("[name=value]").value;
+    form.closest("dialog").close();
+    send(form.dataset.action, value);
+  });
+
+  // A task was created from the dialog: it closes, the drawer shows the new task.
+  document.addEventListener("task-created", closeNewTask);
+
+  function closeNewTask() {
+    const dialog = document.getElementById("dialog-new-task");
+    if (!dialog) return;
+    dialog.close();
+    const form = dialog.querySelector("form");
+    if (form) form.reset();
+  }
+
+  document.addEventListener("htmx:afterSettle", paint);
+  document.addEventListener("DOMContentLoaded", paint);
+
+  // Keys -----------------------------------------------------------------------
+
+  function typing(target) {
+    return target.closest && target.closest("input, textarea, select, [contenteditable]");
+  }
+
+  function focusCard(card) {
+    document.querySelectorAll("article.card.focused").forEach((c) => c.classList.remove("focused"));
+    if (!card) return;
+    focusedId = card.dataset.id;
+    card.classList.add("focused");
+    card.tabIndex = -1; // focusable by script, not a tab stop of its own
+    card.focus();
+    card.scrollIntoView({ block: "nearest" });
+  }
+
+  function currentCard() {
+    const active = document.activeElement && document.activeElement.closest("#board article.card");
+    return active || (focusedId && document.getElementById("task-" + focusedId)) || null;
+  }
+
+  function moveFocus(step) {
+    const all = cards();
+    if (all.length === 0) return;
+    const at = all.indexOf(currentCard());
+    const next = at < 0 ? (step > 0 ? 0 : all.length - 1) : Math.min(all.length - 1, Math.max(0, at + step));
+    focusCard(all[next]);
+  }
+
+  // a, d, b act on the selection, or on the card at hand when nothing is selected.
+  function selectCurrentIfNone() {
+    if (count() > 0) return true;
+    const card = currentCard();
+    const box = card && card.querySelector("input.pick");
+    if (!box) return false;
+    pick(box, true, false);
+    return true;
+  }
+
+  document.addEventListener("keydown", function (event) {
+    if (event.ctrlKey || event.metaKey || event.altKey || typing(event.target)) return;
+    if (document.querySelector("dialog[open]")) return;
+    const card = currentCard();
+    switch (event.key) {
+      case "j":
+        moveFocus(1);
+        break;
+      case "k":
+        moveFocus(-1);
+        break;
+      case "x": {
+        const box = card && card.querySelector("input.pick");
+        if (!box) return;
+        box.checked = !box.checked;
+        pick(box, box.checked, event.shiftKey);
+        break;
+      }
+      case "Enter":
+        if (!card || event.target !== card) return;
+        card.querySelector("a.title").click();
+        break;
+      case "e":
+        if (!card || !bar()) return;
+        htmx.ajax("GET", "/tasks/" + card.dataset.id + "/edit/", { target: "#drawer" });
+        break;
+      case "a":
+        if (!bar() || !selectCurrentIfNone()) return;
+        act("assign");
+        break;
+      case "d":
+        if (!bar()) return;
+        if (count() === 0 && card) {
+          const done = card.querySelector("button[value=done]");
+          if (done) done.click();
+        } else if (count() > 0) {
+          act("close");
+        }
+        break;
+      case "b":
+        if (!bar() || !selectCurrentIfNone()) return;
+        act("block");
+        break;
+      case "/": {
+        const search = document.querySelector("form.filters input[name=q]");
+        if (search) search.focus();
+        break;
+      }
+      case "?":
+        openDialog("dialog-keys");
+        break;
+      default:
+        return;
+    }
+    event.preventDefault();
+  });
+})();

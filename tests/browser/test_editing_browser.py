@@ -1,0 +1,258 @@
+"""Triage in the browser: edit in the drawer, select many and act, undo, triage this view.
+
+Every check reads the task files themselves: the files are the source of truth.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import screenshot
+from workqueue.importer import Importer
+from workqueue.models import Task
+
+TASK = """---
+id: {key}
+title: {title}   # the title as the person wrote it
+status: inbox
+priority: 2
+project: webapp
+assignee: nic
+tags: [bug, auth]
+---
+# {title}
+
+- [ ] reproduce it
+- [x] find the file
+"""
+
+
+@pytest.fixture
+def inbox(tmp_path, settings):
+    """A folder of task files imported into the queue `inbox`."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    settings.HYPERVISOR_IMPORT_ROOTS = [tmp_path]
+
+    def make(count: int, title: str = "Task {i}") -> list[Path]:
+        paths = []
+        for i in range(count):
+            path = folder / f"t{i:03d}.md"
+            path.write_text(TASK.format(key=f"t{i:03d}", title=title.format(i=i)))
+            paths.append(path)
+        report = Importer("inbox").run([folder])
+        assert not report.errors, report.errors
+        return paths
+
+    make.folder = folder
+    return make
+
+
+def changed_lines(before: str, after: str) -> list[str]:
+    diff = list(difflib.ndiff(before.splitlines(), after.splitlines()))
+    return [d for d in diff if d[:1] == "-"] + [d for d in diff if d[:1] == "+"]
+
+
+def open_drawer(page, task: Task):
+    page.locator(f'article[data-id="{task.pk}"] a.title').click()
+    drawer = page.locator("aside#drawer")
+    expect(drawer.locator("header h1")).to_be_visible()
+    return drawer
+
+
+def test_edit_assignee_and_title_in_the_drawer_changes_exactly_those_lines(
+    logged_in_page, live_url, inbox
+):
+    (path,) = inbox(1, title="Fix the login bug")
+    task = Task.objects.get(key="t000")
+    before = path.read_text()
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    drawer = open_drawer(page, task)
+    # The drawer reads well: tags as text, checklists as checkboxes.
+    expect(drawer.locator(".frontmatter")).to_contain_text("bug, auth")
+    expect(drawer.locator(".markdown input[type=checkbox]")).to_have_count(2)
+    drawer.get_by_role("link", name="Edit").click()
+    title = drawer.get_by_label("Title")
+    expect(title).to_be_focused()
+    title.fill("Fix the logout bug")
+    drawer.get_by_label("Assignee").fill("bot")
+    drawer.get_by_role("button", name="Save").click()
+    expect(drawer.locator(".notice")).to_have_text("Saved title, assignee.")
+    after = path.read_text()
+    assert changed_lines(before, after) == [
+        "- title: Fix the login bug   # the title as the person wrote it",
+        "- assignee: nic",
+        "+ title: Fix the logout bug   # the title as the person wrote it",
+        "+ assignee: bot",
+    ]
+    # The board behind the drawer shows the new title without a reload.
+    expect(page.locator(f'article[data-id="{task.pk}"] a.title')).to_have_text(
+        "Fix the logout bug"
+    )
+    screenshot(page, "drawer-edit-saved")
+
+
+def test_a_save_over_an_outside_edit_is_refused_and_the_outside_edit_kept(
+    logged_in_page, live_url, inbox
+):
+    (path,) = inbox(1)
+    task = Task.objects.get(key="t000")
+    page = logged_in_page
+    page.goto(f"{live_url}/tasks/{task.pk}/")
+    page.get_by_role("link", name="Edit").click()
+    page.get_by_label("Assignee").fill("bot")
+    outside = path.read_text().replace("priority: 2", "priority: 0")
+    path.write_text(outside)  # someone edits the file meanwhile
+    page.get_by_role("button", name="Save").click()
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("The file changed on disk")
+    expect(page.locator("pre.diff")).to_contain_text("+priority: 0")
+    assert path.read_text() == outside
+    screenshot(page, "drawer-edit-conflict")
+    page.get_by_role("button", name="Reload from disk and edit again").click()
+    expect(page.get_by_label("Priority")).to_have_value("0")
+    expect(page.get_by_label("Assignee")).to_have_value("nic")
+    page.get_by_label("Assignee").fill("bot")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator(".notice")).to_contain_text("Saved assignee.")
+    assert path.read_text() == outside.replace("assignee: nic", "assignee: bot")
+
+
+def test_select_three_cards_with_the_keyboard_and_assign_them(logged_in_page, live_url, inbox):
+    paths = inbox(5)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    page.locator("body").focus()
+    for _ in range(3):
+        page.keyboard.press("j")
+        page.keyboard.press("x")
+    bar = page.get_by_role("region", name="Selected tasks")
+    expect(bar.locator("#bulk-count")).to_have_text("3 selected")
+    page.keyboard.press("a")
+    dialog = page.get_by_role("dialog", name="Assign 3 tasks")
+    expect(dialog).to_be_visible()
+    field = dialog.get_by_label("Assignee")
+    expect(field).to_be_focused()
+    page.keyboard.type("carol")
+    page.keyboard.press("Enter")
+    expect(page.locator("#bulk-status")).to_contain_text("Assigned 3 tasks.")
+    assigned = [p for p in paths if "assignee: carol\n" in p.read_text()]
+    assert len(assigned) == 3
+    # The cards in the board's own order: the first three of the queued column.
+    firsts = page.locator('section[data-status="queued"] article.card').all()[:3]
+    keys = {card.get_attribute("id") for card in firsts}
+    tasks = Task.objects.filter(assignee="carol")
+    assert {f"task-{t.pk}" for t in tasks} == keys
+    expect(page.locator('section[data-status="queued"] .badges .who').first).to_contain_text(
+        "@carol"
+    )
+    screenshot(page, "bulk-keyboard-assign")
+
+
+def test_checkboxes_are_named_and_shift_click_selects_a_range(logged_in_page, live_url, inbox):
+    inbox(6)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    first = Task.objects.get(key="t000")
+    page.get_by_role("checkbox", name=f"Select {first.title}").check()
+    page.get_by_role("checkbox", name="Select Task 4").click(modifiers=["Shift"])
+    expect(page.locator("#bulk-count")).to_have_text("5 selected")
+    expect(page.locator("input.pick:checked")).to_have_count(5)
+    page.get_by_role("button", name="Clear selection").click()
+    expect(page.get_by_role("region", name="Selected tasks")).to_be_hidden()
+
+
+def test_select_all_matching_closes_every_task_of_the_filter_and_undo_restores_bytes(
+    logged_in_page, live_url, inbox, consumer_huey, consumer
+):
+    paths = inbox(300)
+    others = inbox.folder / "other.md"
+    others.write_text(TASK.format(key="o1", title="Not in the filter").replace("webapp", "ops"))
+    Importer("inbox").run([inbox.folder])
+    before = {p: p.read_bytes() for p in [*paths, others]}
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox&project=webapp")
+    # 50 cards shown of the 300 the filter matches.
+    expect(page.locator("article.card")).to_have_count(50)
+    page.locator("article.card input.pick").first.check()
+    page.get_by_role("button", name="Select all 300 matching").click()
+    expect(page.locator("#bulk-count")).to_have_text("300 selected")
+    page.get_by_role("button", name="Close…").click()
+    dialog = page.get_by_role("dialog", name="Close 300 tasks")
+    dialog.get_by_label("Reason for closing").fill("superseded by the 2.0 plan")
+    dialog.get_by_role("button", name="Apply").click()
+    status = page.locator("#bulk-status")
+    expect(status).to_contain_text("Closed 300 tasks.", timeout=60_000)
+    screenshot(page, "bulk-close-300")
+    for path in paths:
+        text = path.read_text()
+        assert "status: done\n" in text and "close_reason: superseded by the 2.0 plan\n" in text
+    assert others.read_bytes() == before[others]
+    assert Task.objects.filter(status="done").count() == 300
+    expect(page.locator('section[data-status="done"] .count')).to_have_text("300")
+    status.get_by_role("button", name="Undo").click()
+    expect(status).to_contain_text("Undid the changes to 300 tasks.", timeout=60_000)
+    assert {p: p.read_bytes() for p in before} == before
+    assert Task.objects.filter(status="queued").count() == 301
+
+
+def test_triage_this_view_shows_diffs_and_applies_only_the_accepted(
+    logged_in_page, live_url, inbox, consumer_huey, consumer, triage_profile
+):
+    folder = inbox.folder
+    files = {
+        "a.md": "---\nid: a\ntitle: Fix the bug in /src/x.py\nproject: web\n---\n# A\n\nText.\n",
+        "b.md": "---\nid: b\ntitle: Rename the settings file\nproject: web\n---\n# B\n",
+        "c.md": "---\nid: c\ntitle: Other project\nproject: ops\n---\n# C\n",
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    Importer("inbox").run([folder])
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox&project=web")
+    page.get_by_role("button", name="Triage this view").click()
+    page.wait_for_url(lambda url: "/triage/" in url)
+    proposals = page.locator("fieldset.proposal")
+    expect(proposals).to_have_count(2, timeout=60_000)
+    expect(page.locator(".herd-progress")).to_contain_text("2 of 2 tasks finished")
+    a = proposals.filter(has_text="Fix the bug")
+    expect(a.locator("pre.diff .d-add").first).to_be_visible()
+    expect(a.locator("pre.diff")).to_contain_text("+complexity: mechanical")
+    # The dry run wrote nothing.
+    assert {n: (folder / n).read_text() for n in files} == files
+    screenshot(page, "triage-review")
+    page.get_by_role("button", name="Accept all").click()
+    proposals.filter(has_text="Rename the settings").get_by_label("Reject").check()
+    page.get_by_role("button", name="Apply the accepted").first.click()
+    expect(page.get_by_role("status")).to_contain_text("Applied 1, rejected 1.")
+    assert "complexity: mechanical" in (folder / "a.md").read_text()
+    assert (folder / "b.md").read_text() == files["b.md"]
+    assert (folder / "c.md").read_text() == files["c.md"]
+    assert Task.objects.get(key="b").status == "queued"
+    assert Task.objects.get(key="a").status == "done"
+
+
+def test_the_other_keys_edit_mark_done_search_and_list_the_keys(logged_in_page, live_url, inbox):
+    paths = inbox(2)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    page.locator("body").focus()
+    page.keyboard.press("?")
+    expect(page.get_by_role("dialog", name="Keyboard")).to_be_visible()
+    page.keyboard.press("Escape")
+    page.keyboard.press("j")
+    page.keyboard.press("e")
+    expect(page.locator("aside#drawer").get_by_label("Title")).to_be_focused()
+    page.keyboard.press("Escape")
+    page.locator("body").focus()
+    page.keyboard.press("j")
+    page.keyboard.press("d")  # no selection: the card at hand is marked done
+    expect(page.locator('section[data-status="done"] .count')).to_have_text("1")
+    assert sum("status: done\n" in p.read_text() for p in paths) == 1
+    page.keyboard.press("/")
+    expect(page.get_by_role("searchbox", name="Search")).to_be_focused()

@@ -1,0 +1,241 @@
+"""Triage this view: a dry-run herd of the triage rules, reviewed, then only the accepted
+changes written."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from django.contrib.auth.models import Permission
+
+from herds.models import Herd, HerdStatus, Profile
+from herds.supervision import worker_argv
+from workqueue import triage_review
+from workqueue.importer import Importer
+from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
+from workqueue.processors import load_processor
+from workqueue.routing import TaskFilter
+from workqueue.triage import rules_for
+from workqueue.triage_rules import triage_bytes
+from workqueue.worker import Worker
+
+pytestmark = pytest.mark.django_db
+
+FILES = {
+    "a.md": "---\nid: a\ntitle: Fix the bug in /src/x.py\nproject: web\n---\n# A\n\nText.\n",
+    "b.md": "---\nid: b\ntitle: Rename the settings file\nproject: web\n---\n# B\n",
+    "c.md": "---\nid: c\ntitle: Review the budget\nproject: web\n---\n# C\n\nDecide.\n",
+    "d.md": "---\nid: d\ntitle: Other project\nproject: ops\n---\n# D\n",
+}
+
+
+@pytest.fixture
+def inbox(write_task):
+    for name, text in FILES.items():
+        write_task(name, text)
+    report = Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    assert not report.errors
+    inbox.folder = write_task.folder
+    return write_task.folder
+
+
+def dry_run(herd: Herd) -> None:
+    """What the herd's workers do, in this process: the triage processor, dry."""
+    worker = Worker(
+        herd.queue,
+        load_processor("triage"),
+        prefetch=10,
+        herd=herd.pk,
+        dry_run=True,
+        filters=TaskFilter.parse(herd.all_filters()),
+    )
+    while worker.work_one_batch():
+        pass
+    Herd.objects.filter(pk=herd.pk).update(status=HerdStatus.FINISHED)
+    herd.refresh_from_db()
+
+
+def triage_herd(user=None, conditions=("project=web",)) -> Herd:
+    return Herd.objects.create(
+        queue="inbox",
+        profile=Profile.objects.get(name="triage"),
+        size=1,
+        filters=list(conditions),
+        dry_run=True,
+        created_by=user,
+        preflight={"ready": 3},
+    )
+
+
+def test_a_fresh_install_has_the_triage_profile():
+    profile = Profile.objects.get(name="triage")
+    assert (profile.processor, profile.command) == ("triage", [])
+
+
+def test_a_dry_run_herd_passes_dry_run_to_its_workers():
+    herd = triage_herd()
+    argv = worker_argv(herd, herd.workers.create(index=0, name="w0", host="h"))
+    assert "--dry-run" in argv
+    assert argv[argv.index("--where") + 1] == "project=web"
+    herd.dry_run = False
+    assert "--dry-run" not in worker_argv(herd, herd.workers.get())
+
+
+def test_only_the_accepted_changes_are_written(inbox):
+    originals = {name: (inbox / name).read_bytes() for name in FILES}
+    herd = triage_herd()
+    dry_run(herd)
+    # The dry run writes nothing and proposes a diff per task of the view.
+    assert {name: (inbox / name).read_bytes() for name in FILES} == originals
+    proposals = {t.key: t for t in triage_review.proposals(herd)}
+    assert sorted(proposals) == ["a", "b", "c"]  # d is another project: not in the view
+    assert "+complexity: mechanical" in proposals["a"].result["diff"]
+
+    outcome = triage_review.review(
+        herd, [proposals["a"].pk, proposals["b"].pk], [proposals["c"].pk], "user:alice"
+    )
+    assert (sorted(outcome.applied), outcome.rejected, outcome.skipped) == (["a", "b"], ["c"], [])
+    rules = rules_for(herd.queue)
+    for name in ("a.md", "b.md"):
+        expected, _decision, _doc = triage_bytes(
+            originals[name], name[:-3], lambda _: False, rules
+        )
+        assert (inbox / name).read_bytes() == expected  # exactly what triage would write
+        assert expected != originals[name]
+    assert (inbox / "c.md").read_bytes() == originals["c.md"]
+    assert (inbox / "d.md").read_bytes() == originals["d.md"]
+
+    a = Task.objects.get(key="a")
+    assert (a.status, a.outcome, a.complexity) == (Status.DONE, "success", "mechanical")
+    assert a.result["review"] == "applied" and "diff" not in a.result
+    assert a.source_sha256 == hashlib.sha256((inbox / "a.md").read_bytes()).hexdigest()
+    event = TaskEvent.objects.get(task=a, kind=EventKind.EDITED)
+    assert event.message.startswith("triage applied: ")
+    c = Task.objects.get(key="c")
+    assert (c.status, c.result["review"]) == (Status.QUEUED, "rejected")
+    assert TaskEvent.objects.filter(task=c, kind=EventKind.REQUEUED).exists()
+    assert triage_review.proposals(herd).count() == 0
+    # Rows and files agree: a re-import finds nothing to do.
+    report = Importer("inbox", roots=[inbox]).run([inbox])
+    assert (report.updated, report.unchanged) == (0, 4)
+
+
+def test_a_file_changed_since_the_dry_run_is_not_written(inbox):
+    herd = triage_herd()
+    dry_run(herd)
+    a = Task.objects.get(key="a")
+    edited = FILES["a.md"].replace("Text.", "A person's text.")
+    (inbox / "a.md").write_text(edited)
+    outcome = triage_review.review(herd, [a.pk], [], "user:alice")
+    assert outcome.applied == []
+    assert [(s["key"], s["why"]) for s in outcome.skipped] == [
+        ("a", "changed on disk since import")
+    ]
+    assert (inbox / "a.md").read_text() == edited
+
+
+def test_a_proposal_the_rules_no_longer_make_is_not_applied(inbox, settings):
+    herd = triage_herd()
+    dry_run(herd)
+    # The queue's rules changed since the dry run.
+    Queue.objects.filter(name="inbox").update(bot_assignee="robot")
+    a = Task.objects.get(key="a")
+    outcome = triage_review.review(herd, [a.pk], [], "user:alice")
+    assert outcome.skipped[0]["why"].startswith("the rules now propose something else")
+    assert (inbox / "a.md").read_text() == FILES["a.md"]
+
+
+def test_herd_progress_counts_tasks_unblocked_during_the_run():
+    herd = triage_herd()
+    herd.preflight = {"ready": 5}
+    assert herd.progress_line(3) == "3 of 5 tasks finished"
+    assert herd.progress_line(6) == "6 finished: 5 ready at the start, 1 unblocked"
+
+
+# The pages ------------------------------------------------------------------------
+
+
+def login(client, django_user_model, *codenames):
+    user = django_user_model.objects.create_user("u" + str(len(codenames)), password="pw-1234")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client.force_login(user)
+    return user
+
+
+def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_user_model, inbox):
+    user = login(client, django_user_model, "view_task", "change_task", "add_herd")
+    board = client.get("/?queue=inbox&project=web").content.decode()
+    assert "Triage this view</button>" in board
+    response = client.post("/triage/", {"filters": "queue=inbox&project=web"})
+    herd = Herd.objects.get()
+    assert response["Location"] == f"/triage/{herd.pk}/"
+    assert (herd.queue, herd.filters, herd.dry_run, herd.profile.name, herd.created_by) == (
+        "inbox",
+        ["project=web"],
+        True,
+        "triage",
+        user,
+    )
+    running = client.get(f"/triage/{herd.pk}/").content.decode()
+    assert 'hx-trigger="every 2s"' in running
+    Herd.objects.filter(pk=herd.pk).update(preflight={"ready": 3})
+    dry_run(herd)
+    page = client.get(f"/triage/{herd.pk}/").content.decode()
+    assert "3 proposed changes" in page
+    assert '<span class="d-add">+complexity: mechanical\n</span>' in page
+    a, b, c = (Task.objects.get(key=k) for k in "abc")
+    done = client.post(
+        f"/triage/{herd.pk}/apply/",
+        {f"decision-{a.pk}": "accept", f"decision-{c.pk}": "reject"},
+    ).content.decode()
+    assert "Applied 1, rejected 1." in done
+    assert "complexity: mechanical" in (inbox / "a.md").read_text()
+    assert (inbox / "c.md").read_text() == FILES["c.md"]
+    assert "1 proposed change" in done  # b still waits for a decision
+    assert Task.objects.get(pk=b.pk).status == Status.DONE
+
+
+@pytest.mark.parametrize(
+    ("filters", "why"),
+    [
+        ("project=web", "choose a queue first"),
+        ("queue=inbox&q=bug", "clear the search first"),
+        ("queue=inbox&tag=a|b", "not valid"),
+    ],
+)
+def test_a_view_that_cannot_be_triaged_says_why(client, django_user_model, inbox, filters, why):
+    login(client, django_user_model, "view_task", "change_task", "add_herd")
+    response = client.post("/triage/", {"filters": filters}, follow=True)
+    assert why in response.content.decode()
+    assert not Herd.objects.exists()
+
+
+def test_triage_needs_change_and_launch_permissions(client, django_user_model, inbox):
+    login(client, django_user_model, "view_task", "change_task")
+    assert "Triage this view" not in client.get("/?queue=inbox").content.decode()
+    assert client.post("/triage/", {"filters": "queue=inbox"}).status_code == 403
+    herd = triage_herd()
+    client.logout()
+    login(client, django_user_model, "view_task")
+    assert client.get(f"/triage/{herd.pk}/").status_code == 403
+    assert client.post(f"/triage/{herd.pk}/apply/").status_code == 403
+    assert not Herd.objects.exclude(pk=herd.pk).exists()
+
+
+def test_a_herd_that_is_not_a_dry_run_has_no_review(client, django_user_model):
+    login(client, django_user_model, "view_task", "change_task")
+    herd = Herd.objects.create(queue="q", profile=Profile.objects.get(name="noop"), size=1)
+    assert client.get(f"/triage/{herd.pk}/").status_code == 404
+    assert client.post(f"/triage/{herd.pk}/apply/").status_code == 404
+
+
+def test_the_herd_page_never_says_6_of_5(client, django_user_model):
+    login(client, django_user_model, "view_herd")
+    herd = Herd.objects.create(
+        queue="q", profile=Profile.objects.get(name="noop"), size=1, preflight={"ready": 5}
+    )
+    herd.workers.create(index=0, name="w0", host="h", done=5, blocked=1)
+    html = client.get(f"/herds/{herd.pk}/live/").content.decode()
+    assert "6 finished: 5 ready at the start, 1 unblocked" in html
+    assert "6 of 5" not in html
+    assert 'value="100"' in html  # the bar is full, not past full

@@ -1,0 +1,223 @@
+"""Edit mode of the drawer and /tasks/<id>/, through the test client."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Permission
+
+from workqueue.importer import Importer
+from workqueue.models import EventKind, Task, TaskEvent
+
+pytestmark = pytest.mark.django_db
+
+TASK = """---
+id: ex-1
+title: Fix the login bug
+status: inbox
+priority: 1
+assignee: nic
+tags: [bug, auth]
+links: {docs: "https://example.com", count: 2}
+---
+# Fix the login bug
+
+- [ ] honour next
+- [x] reproduce
+"""
+HX = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "drawer"}
+
+
+@pytest.fixture
+def task(write_task) -> Task:
+    write_task("a.md", TASK)
+    report = Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    assert not report.errors
+    found = Task.objects.get(key="ex-1")
+    found.path = write_task.folder / "a.md"
+    return found
+
+
+def login(client, django_user_model, *codenames):
+    user = django_user_model.objects.create_user("u-" + "-".join(codenames), password="pw-12345")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def editor(client, django_user_model):
+    return login(client, django_user_model, "view_task", "change_task")
+
+
+@pytest.fixture
+def viewer(client, django_user_model):
+    return login(client, django_user_model, "view_task")
+
+
+def form_values(task: Task, **changes) -> dict:
+    values = {
+        "title": task.title,
+        "status": task.status,
+        "reason": "",
+        "priority": str(task.priority),
+        "project": task.project,
+        "assignee": task.assignee,
+        "complexity": task.complexity,
+        "type": task.type,
+        "tags": ", ".join(task.tags),
+        "parent": "",
+        "depends_on": ", ".join(task.depends_on),
+        "body": task.body.replace("\n", "\r\n"),  # as a browser sends a textarea
+        "base_sha256": task.source_sha256,
+    }
+    return {**values, **changes}
+
+
+def test_drawer_reads_well(editor, task):
+    html = editor.get(f"/tasks/{task.pk}/", **HX).content.decode()
+    assert "<dd>bug, auth</dd>" in html
+    assert "<dd>docs: https://example.com; count: 2</dd>" in html
+    assert "[&#x27;bug&#x27;" not in html and "['bug'" not in html
+    assert 'type="checkbox" disabled="disabled"> honour next' in html
+    assert 'checked="checked" type="checkbox" disabled="disabled"> reproduce' in html
+    assert f'href="/tasks/{task.pk}/edit/"' in html
+
+
+def test_edit_form_shows_every_field_labelled(editor, task):
+    response = editor.get(f"/tasks/{task.pk}/edit/", **HX)
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert "<html" not in html
+    for name in (
+        "title", "status", "reason", "priority", "project", "assignee", "complexity", "type",
+        "tags", "parent", "depends_on", "body",
+    ):  # fmt: skip
+        assert f'<label for="id_{name}">' in html, name
+        assert f'id="id_{name}" name="{name}"' in html, name
+    assert 'value="bug, auth"' in html
+    assert f'name="base_sha256" value="{task.source_sha256}"' in html
+    assert "<textarea" in html and "- [ ] honour next" in html
+    # The whole page works without JavaScript too.
+    page = editor.get(f"/tasks/{task.pk}/edit/").content.decode()
+    assert "<html" in page and 'id="id_title"' in page
+
+
+def test_save_rewrites_the_changed_lines_and_refreshes_the_board(editor, task):
+    before = task.path.read_text()
+    response = editor.post(
+        f"/tasks/{task.pk}/edit/",
+        form_values(task, title="Fix the logout bug", assignee="bot"),
+        **HX,
+    )
+    assert response.status_code == 200
+    assert response["HX-Trigger"] == "board-changed"
+    assert "Saved title, assignee." in response.content.decode()
+    after = task.path.read_text()
+    assert after == before.replace(
+        "Fix the login bug\nstatus", "Fix the logout bug\nstatus"
+    ).replace("assignee: nic", "assignee: bot")
+    event = TaskEvent.objects.get(task=task, kind=EventKind.EDITED)
+    assert set(event.data["fields"]) == {"title", "assignee"}
+
+
+def test_save_without_javascript_redirects_with_a_message(editor, task):
+    response = editor.post(f"/tasks/{task.pk}/edit/", form_values(task, assignee="bot"))
+    assert response.status_code == 302
+    assert response["Location"] == f"/tasks/{task.pk}/"
+    assert "Saved assignee." in editor.get(response["Location"]).content.decode()
+
+
+def test_bad_value_comes_back_in_the_form_naming_the_field(editor, task):
+    before = task.path.read_bytes()
+    response = editor.post(
+        f"/tasks/{task.pk}/edit/", form_values(task, priority="soon", tags="a|b"), **HX
+    )
+    html = response.content.decode()
+    assert response.status_code == 422
+    assert 'id="id_priority-error">priority: &#x27;soon&#x27; is not a number' in html
+    assert 'id="id_tags-error">tags:' in html
+    assert 'aria-invalid="true"' in html
+    assert 'value="soon"' in html  # what the person typed is kept
+    assert task.path.read_bytes() == before
+
+
+def test_file_changed_on_disk_is_refused_with_the_difference_and_a_reload(editor, task):
+    outside = TASK.replace("assignee: nic", "assignee: carol")
+    task.path.write_text(outside)
+    response = editor.post(f"/tasks/{task.pk}/edit/", form_values(task, title="Mine"), **HX)
+    html = response.content.decode()
+    assert response.status_code == 409
+    assert "The file changed on disk" in html
+    assert "-assignee: &quot;nic&quot;" in html and "+assignee: &quot;carol&quot;" in html
+    assert f'hx-post="/tasks/{task.pk}/reload/"' in html
+    assert task.path.read_text() == outside
+    reloaded = editor.post(f"/tasks/{task.pk}/reload/", **HX)
+    assert reloaded.status_code == 200
+    assert 'value="carol"' in reloaded.content.decode()
+    assert "Reloaded from the file on disk." in reloaded.content.decode()
+
+
+def test_viewer_sees_no_edit_control_and_gets_403(viewer, task):
+    html = viewer.get(f"/tasks/{task.pk}/").content.decode()
+    assert "/edit/" not in html and "Edit</a>" not in html
+    before = task.path.read_bytes()
+    assert viewer.get(f"/tasks/{task.pk}/edit/").status_code == 403
+    assert viewer.post(f"/tasks/{task.pk}/edit/", form_values(task, title="x")).status_code == 403
+    assert viewer.post(f"/tasks/{task.pk}/reload/").status_code == 403
+    assert task.path.read_bytes() == before
+
+
+def test_unknown_task_is_404(editor):
+    assert editor.get("/tasks/999999/edit/").status_code == 404
+    assert editor.post("/tasks/999999/reload/").status_code == 404
+
+
+# New tasks -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def author(client, django_user_model):
+    return login(client, django_user_model, "view_task", "change_task", "add_task")
+
+
+def test_new_task_is_written_into_the_queues_folder_and_opened(author, task, settings):
+    settings.HYPERVISOR_IMPORT_ROOTS = [task.path.parent]
+    board = author.get("/?queue=inbox").content.decode()
+    assert 'data-new-task aria-haspopup="dialog">New task</button>' in board
+    assert 'id="dialog-new-task"' in board
+    response = author.post(
+        "/tasks/new/",
+        {"queue": "inbox", "title": "Write the docs", "tags": "docs", "body": "All of them.\r\n"},
+        HTTP_HX_REQUEST="true",
+        HTTP_HX_TARGET="new-task-form",
+    )
+    assert response.status_code == 200
+    assert response["HX-Retarget"] == "#drawer"
+    assert "task-created" in response["HX-Trigger"]
+    path = task.path.parent / "write-the-docs.md"
+    assert path.read_text() == (
+        "---\nid: ex-2\ntitle: Write the docs\nstatus: inbox\ntags: [docs]\n---\n"
+        "# Write the docs\n\nAll of them.\n"
+    )
+    assert "Created ex-2 in write-the-docs.md." in response.content.decode()
+
+
+def test_new_task_errors_name_the_field(author, task, settings):
+    settings.HYPERVISOR_IMPORT_ROOTS = [task.path.parent]
+    before = sorted(p.name for p in task.path.parent.iterdir())
+    response = author.post(
+        "/tasks/new/",
+        {"queue": "inbox", "title": "ok", "priority": "whenever"},
+        HTTP_HX_REQUEST="true",
+    )
+    assert response.status_code == 422
+    assert 'id="new_priority-error">priority:' in response.content.decode()
+    response = author.post("/tasks/new/", {"queue": "nope", "title": "x"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 422
+    assert sorted(p.name for p in task.path.parent.iterdir()) == before
+
+
+def test_new_task_needs_add_permission(editor, task):
+    assert "New task" not in editor.get("/?queue=inbox").content.decode()
+    assert editor.get("/tasks/new/").status_code == 403
+    assert editor.post("/tasks/new/", {"queue": "inbox", "title": "x"}).status_code == 403
