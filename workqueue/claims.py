@@ -14,6 +14,7 @@ from collections import defaultdict
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from django.db import connection, transaction
@@ -48,6 +49,7 @@ class Result:
     next_step: str = ""
     commit: str = ""
     tokens: int = 0
+    cost_usd: Decimal | None = None  # what the agent's CLI says the run cost, if it says
     output_tail: str = ""
     data: dict = field(default_factory=dict)
 
@@ -60,6 +62,7 @@ class Result:
             "next_step": self.next_step,
             "commit": self.commit,
             "tokens": self.tokens,
+            "cost_usd": self.cost_usd,
             "output_tail": self.output_tail,
             "result": self.data,
         }
@@ -284,6 +287,9 @@ def finish_claims(
         if status == Status.QUEUED:
             keep = ("status", "output_tail", "reason", "result")
             values = {k: v for k, v in values.items() if k in keep}
+            if values["result"].get("quota"):
+                # Quota or rate limit: not the task's fault, so the attempt is not counted.
+                extra["attempts"] = F("attempts") - 1
         mine = Task.objects.filter(
             pk__in=ids, status=Status.CLAIMED, fence=fence, holder=identity.worker
         )
@@ -341,6 +347,8 @@ def _finish_event(identity: Identity, claim: Claim, result: Result, now) -> tupl
     )
     message = result.reason if result.status != Status.DONE else result.outcome
     data = {"tokens": result.tokens} if result.tokens else {}
+    if result.data.get("quota"):
+        data.update(quota=True, resets_at=result.data.get("resets_at"))
     if result.commit:
         data["commit"] = result.commit
     return (claim.id, now, kind, identity.worker, claim.fence, message or "", data)

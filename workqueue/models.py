@@ -213,6 +213,9 @@ class Task(models.Model):
     next_step = models.TextField(blank=True)
     commit = models.CharField(max_length=100, blank=True)
     tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(
+        max_digits=20, decimal_places=10, null=True, blank=True, help_text="As the agent CLI said."
+    )
     output_tail = models.TextField(blank=True)
     result = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     worktree = models.CharField(
