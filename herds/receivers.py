@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from functools import cache
+from datetime import datetime
+from decimal import Decimal
 
 from django.db.models import F
 from django.dispatch import receiver
 from django.utils import timezone
 
 from workqueue import signals
-from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.models import Status
 
 log = logging.getLogger("herds")
 
@@ -30,14 +30,6 @@ def _worker_id() -> int | None:
         return int(os.environ.get(WORKER_ENV, ""))
     except ValueError:
         return None
-
-
-@cache
-def _quota_regex(worker_id: int) -> re.Pattern | None:
-    from herds.models import Worker
-
-    worker = Worker.objects.select_related("herd__profile").filter(pk=worker_id).first()
-    return worker.herd.profile.quota_regex() if worker else None
 
 
 def _row(sender):
@@ -98,20 +90,18 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
         return
     refused = set(refused)
     done = blocked = tokens = 0
-    quota = []
-    pattern = _quota_regex(worker_id)
+    cost = Decimal(0)
+    quota = None
     for claim, result in finished:
         if claim.id in refused:
             continue
         done += result.status == Status.DONE
         blocked += result.status == Status.BLOCKED
         tokens += result.tokens
-        if pattern and result.status != Status.DONE:
-            found = pattern.search(result.output_tail) or pattern.search(result.reason)
-            if found:
-                quota.append((claim, found.group(0)))
-    if quota:
-        blocked -= _give_back_quota_tasks(sender, quota)
+        cost += result.cost_usd or 0
+        # The adapter gave the task back already, in the finish: the herd stops here.
+        if result.status == Status.QUEUED and result.data.get("quota"):
+            quota = quota or result
     _update_or_stop(
         sender,
         Worker,
@@ -119,53 +109,23 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
         done=F("done") + done,
         blocked=F("blocked") + blocked,
         tokens=F("tokens") + tokens,
+        cost_usd=F("cost_usd") + cost,
         heartbeat_at=timezone.now(),
         current_task="",
     )
-    if quota:
-        _drain_for_quota(sender, worker_id, quota[0][1])
+    if quota is not None:
+        _drain_for_quota(sender, worker_id, quota)
 
 
-def _give_back_quota_tasks(sender, quota) -> int:
-    """A task that hit the rate limit is not at fault: it goes back to the queue."""
-    now = timezone.now()
-    given_back = 0
-    for claim, match in quota:
-        updated = Task.objects.filter(
-            pk=claim.id, status=Status.BLOCKED, fence=claim.fence
-        ).update(
-            status=Status.QUEUED,
-            attempts=F("attempts") - 1,
-            finished_at=None,
-            reason="",
-            updated_at=now,
-            holder="",
-            holder_host="",
-            holder_pid=None,
-            holder_started=None,
-            holder_herd=None,
-        )
-        if updated:
-            given_back += 1
-            TaskEvent.objects.create(
-                task_id=claim.id,
-                at=now,
-                kind=EventKind.REQUEUED,
-                actor=sender.identity.worker,
-                fence=claim.fence,
-                message=f"quota or rate limit reached ({match}); back to queued",
-            )
-    return given_back
-
-
-def _drain_for_quota(sender, worker_id: int, match: str) -> None:
+def _drain_for_quota(sender, worker_id: int, result) -> None:
     from herds.models import Herd, Worker
 
-    reason = f"quota or rate limit reached ({match}) in {sender.identity.worker}"
+    reason = f"{result.reason} in {sender.identity.worker}"
+    resets_at = result.data.get("resets_at")
     Worker.objects.filter(pk=worker_id).update(quota_hit=True)
     herd = Herd.objects.filter(pk=sender.identity.herd).first()
     if herd is not None:
-        herd.drain(reason)
+        herd.quota_reached(reason, datetime.fromisoformat(resets_at) if resets_at else None)
     log.warning("%s: %s; draining the herd", sender.identity.worker, reason)
     sender.stop(reason)
 

@@ -405,3 +405,24 @@ def read_agent_lines(result: Result, text: str) -> None:
         result.reason = ""
     if following:
         result.next_step = following.group(1).strip()
+
+
+TRANSCRIPT_READ_LIMIT = 512 * 1024
+
+
+def read_transcript(path: Path, last: int | None = None) -> dict | None:
+    """A transcript file as the board shows it; None when there is none (yet)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(TRANSCRIPT_READ_LIMIT))
+    except (OSError, ValueError):
+        return None
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    entries = [e for e in entries if isinstance(e, dict)]
+    return {
+        "entries": entries[-last:] if last else entries,
+        "count": data.get("count", len(entries)),
+        "running": bool(data.get("running")),
+    }
