@@ -213,6 +213,9 @@ class Worker:
                 self.stats.blocked += 1
             else:
                 self.stats.released += 1
+                if result.data.get("quota"):
+                    # Every other task would hit the same limit: stop claiming.
+                    self.stop(result.reason)
             self.stats.tokens += result.tokens
             if not self.processor.finish_in_batches:
                 log.info(
