@@ -165,6 +165,18 @@ def test_gemini_error_object_on_stderr_is_quota():
     assert "exhausted your daily quota" in result.reason
 
 
+def test_gemini_error_object_after_warnings_and_a_stack_trace():
+    stderr = (
+        "Warning: 256-color support not detected.\nYOLO mode is enabled.\n"
+        "TerminalQuotaError: You have exhausted your daily quota on this model.\n"
+        "    at main (file:///x/gemini.js:17627:5) {\n  cause: {\n    code: 429\n  }\n}\n"
+        + sample("gemini_json_error_STDERR.txt")
+    )
+    _adapter, result = run("gemini", "", stderr, code=1)
+    assert result.status == Status.QUEUED
+    assert result.data["session_id"] == "1f6c1d0e-7a7b-4a55-9d8e-2c1f3b1e9a10"
+
+
 def test_gemini_stream_json_reports_tool_calls_and_tokens(tmp_path):
     path = tmp_path / "t.json"
     _adapter, result = run("gemini", sample("gemini_stream.jsonl"), transcript=path)

@@ -25,6 +25,7 @@ PASS_ENV = {
     "gemini": ["GEMINI_API_KEY", "GOOGLE_API_KEY"],
     "codex": ["OPENAI_API_KEY", "CODEX_HOME"],
 }
+MODELS = {"claude": "sonnet", "gemini": "gemini-2.5-pro", "codex": "gpt-5-codex"}
 # Hypervisor's own secrets, set in the worker's environment: no agent may see them.
 SECRETS = {
     "SECRET_KEY": "hypervisor-secret-key-value-123",
@@ -38,6 +39,7 @@ def shipped_profile(cli: str, ledger: Path, **fields) -> Profile:
         "processor": "command",
         "command": [],
         "adapter": cli,
+        "model": MODELS[cli],
         "prompt_file": "prompts/worker.md",
         "timeout_seconds": 60,
         "pass_env": PASS_ENV[cli],
@@ -418,7 +420,7 @@ def test_fresh_database_has_the_three_agent_profiles():
     for name in CLIS:
         profile = profiles[name]
         assert profile.adapter == AdapterKind(name) and profile.command == []
-        assert profile.pass_env == PASS_ENV[name]
+        assert profile.pass_env == PASS_ENV[name] and profile.model == MODELS[name]
         assert profile.prompt_file == "prompts/worker.md" and profile.timeout_seconds
         profile.full_clean()  # what the migration made passes the model's own checks
         processor = profile.build_processor()

@@ -30,6 +30,7 @@ TRANSCRIPT_ENTRIES = 60  # the live transcript keeps the last this many entries
 TRANSCRIPT_INTERVAL = 0.5  # seconds between two writes of the transcript file
 TEXT_LIMIT = 600  # characters of one transcript entry
 LOOSE_LIMIT = 1024 * 1024  # non-JSON output kept to be read whole at the end (Gemini json)
+DOCUMENT_TRIES = 50  # lines starting with { or [ tried as the start of a document
 
 
 @dataclass
@@ -167,6 +168,26 @@ class Loose:
         return "\n".join(self.parts)
 
 
+def json_documents(lines: list[str]) -> list:
+    """The JSON documents that start at the beginning of a line, among other text: a
+    pretty-printed object after warnings and a stack trace (Gemini's stderr)."""
+    found, decoder, index, tries = [], json.JSONDecoder(), 0, 0
+    while index < len(lines) and tries < DOCUMENT_TRIES:
+        if not lines[index].startswith(("{", "[")):
+            index += 1
+            continue
+        tries += 1
+        text = "\n".join(lines[index:])
+        try:
+            document, end = decoder.raw_decode(text)
+        except ValueError:
+            index += 1
+            continue
+        found.append(document)
+        index += text.count("\n", 0, end) + 1
+    return found
+
+
 # Reset times in the vendors' own words: "Try again at 3:28 PM.", "retry in 17.5s".
 CLOCK_TIME = re.compile(r"(?:try again|resets?|available)\s+at\s+(\d{1,2}):(\d{2})\s*([AP]M)?",
                         re.IGNORECASE)  # fmt: skip
@@ -287,18 +308,10 @@ class Adapter:
         """After the last line: output that was one JSON document over many lines
         (pretty-printed) is read whole, stdout then stderr."""
         for rest in (self.stdout_rest, self.stderr_rest):
-            text = rest.text().strip()
-            if not text or text[0] not in "{[":
-                continue
-            start = text.find("{") if text[0] == "{" else text.find("[")
-            try:
-                document = json.loads(text[start:])
-            except ValueError:
-                continue
-            rest.parts, rest.size = [], 0
-            for event in document if isinstance(document, list) else [document]:
-                if isinstance(event, dict):
-                    self._event(event)
+            for document in json_documents(rest.parts):
+                for event in document if isinstance(document, list) else [document]:
+                    if isinstance(event, dict):
+                        self._event(event)
         self.transcript.close_open()
 
     def note_quota(self, message: str, resets_at: datetime | None = None) -> None:
