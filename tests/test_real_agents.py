@@ -214,9 +214,9 @@ def test_real_cli_waiting_on_a_silent_api_ends_at_the_timeout(
     left = []
     for process in psutil.process_iter(["status"]):
         try:
-            if process.info["status"] != psutil.STATUS_ZOMBIE:
-                if process.environ().get("HYPERVISOR_TASK_CLAIM") == marker:
-                    left.append(process.pid)
+            alive = process.info["status"] != psutil.STATUS_ZOMBIE
+            if alive and process.environ().get("HYPERVISOR_TASK_CLAIM") == marker:
+                left.append(process.pid)
         except psutil.Error:
             continue
     assert left == []
