@@ -73,6 +73,8 @@ COST = (
     + Decimal(NUMBERS["cache_write"]) * Decimal("3.75")
 ) / Decimal(1_000_000)
 SESSION = str(uuid.UUID(int=DIGEST >> 128))
+# A slow run reads a file whose name is markup: the board must show it as text.
+TOOL_FILE = "<img src=x onerror=alert(1)>.py" if SCENARIO == "slow" else "a.py"
 
 
 def ledger(**values) -> None:
@@ -133,7 +135,7 @@ def claude() -> int:
             "id": "msg_1",
             "model": "claude-fake",
             "content": [
-                {"type": "tool_use", "id": "t1", "name": "Read", "input": {"file_path": "a.py"}}
+                {"type": "tool_use", "id": "t1", "name": "Read", "input": {"file_path": TOOL_FILE}}
             ],
             "usage": usage,
         },

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -94,7 +95,11 @@ def short_arguments(arguments) -> str:
 
 class Transcript:
     """The last entries of what the agent said and did, written now and then to a small
-    JSON file the board reads while the agent runs: never a database write per line."""
+    JSON file the board reads while the agent runs: never a database write per line.
+
+    Writes are at most one per TRANSCRIPT_INTERVAL; an entry that arrives sooner is
+    written by a timer at the end of the interval, so a quiet agent's last step shows.
+    """
 
     def __init__(self, path: Path | None, limit: int = TRANSCRIPT_ENTRIES):
         self.path = path
@@ -102,49 +107,77 @@ class Transcript:
         self.count = 0
         self.written_at = 0.0
         self.dirty = False
+        self.closed = False
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
 
     def add(self, kind: str, text: str, name: str = "") -> None:
         entry = {"kind": kind, "text": short(text), "at": round(time.time(), 3)}
         if name:
             entry["name"] = short(name, 100)
-        self.entries.append(entry)
-        self.count += 1
-        self.dirty = True
+        with self.lock:
+            self.entries.append(entry)
+            self.count += 1
+            self.dirty = True
         self.write()
 
     def extend_last(self, kind: str, text: str) -> None:
         """Streamed chunks of one message become one entry."""
-        if self.entries and self.entries[-1]["kind"] == kind and self.entries[-1].get("open"):
-            last = self.entries[-1]
-            last["text"] = short(last["text"] + text)
-            self.dirty = True
+        with self.lock:
+            last = self.entries[-1] if self.entries else None
+            joined = last is not None and last["kind"] == kind and bool(last.get("open"))
+            if joined:
+                last["text"] = short(last["text"] + text)
+                self.dirty = True
+        if joined:
             self.write()
-        else:
-            self.add(kind, text)
+            return
+        self.add(kind, text)
+        with self.lock:
             self.entries[-1]["open"] = True
 
     def close_open(self) -> None:
-        if self.entries and self.entries[-1].pop("open", None):
-            self.dirty = True
+        with self.lock:
+            if self.entries and self.entries[-1].pop("open", None):
+                self.dirty = True
 
     def write(self, force: bool = False) -> None:
-        if self.path is None or not self.dirty:
+        if self.path is None:
             return
-        now = time.monotonic()
-        if not force and now - self.written_at < TRANSCRIPT_INTERVAL:
-            return
-        self.written_at = now
-        self.dirty = False
-        data = {"entries": list(self.entries), "count": self.count, "running": not force}
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with contextlib.suppress(OSError):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps(data), encoding="utf-8")
-            os.replace(temporary, self.path)
+        with self.lock:
+            if not self.dirty or (self.closed and not force):
+                return
+            wait = self.written_at + TRANSCRIPT_INTERVAL - time.monotonic()
+            if wait > 0 and not force:
+                if self.timer is None:
+                    self.timer = threading.Timer(wait, self._flush)
+                    self.timer.daemon = True
+                    self.timer.start()
+                return
+            self.written_at = time.monotonic()
+            self.dirty = False
+            data = {"entries": list(self.entries), "count": self.count, "running": not force}
+            # Under the lock: the timer's write and the last one never cross.
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                temporary.write_text(json.dumps(data), encoding="utf-8")
+                os.replace(temporary, self.path)
+
+    def _flush(self) -> None:
+        with self.lock:
+            self.timer = None
+        self.write()
 
     def close(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
         self.close_open()
-        self.dirty = True
+        with self.lock:
+            self.dirty = True
+            self.closed = True
         self.write(force=True)
 
 
