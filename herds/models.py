@@ -187,6 +187,17 @@ class Profile(models.Model):
                 read_prompt(self.prompt_file or "prompts/worker.md")
             except ValueError as exc:
                 errors["prompt_file"] = [str(exc)]
+            if self.adapter != AdapterKind.CLAUDE:
+                # Only Claude Code takes these as options: a limit nobody applies is a trap.
+                if self.max_turns:
+                    hint = ""
+                    if self.adapter == AdapterKind.GEMINI:
+                        hint = " (Gemini: model.maxSessionTurns in its settings.json)"
+                    errors["max_turns"] = [
+                        f"The {self.adapter} CLI has no max-turns option{hint}."
+                    ]
+                if self.max_budget_usd:
+                    errors["max_budget_usd"] = [f"The {self.adapter} CLI has no budget option."]
         elif self.processor == ProcessorKind.COMMAND:
             try:
                 validate_command(self.command)
@@ -503,10 +514,13 @@ class Herd(models.Model):
             status=status, finished_at=now, reason=self.reason, summary=summary, draining=True
         )
         if won:
-            from herds.tasks import herd_ended
-
             self.summary = summary
-            herd_ended(self.pk)  # the webhook and a resume after quota, off this thread
+            if settings.HYPERVISOR_HERD_WEBHOOK or (
+                status == HerdStatus.QUOTA and self.resume_after_quota
+            ):
+                from herds.tasks import herd_ended
+
+                herd_ended(self.pk)  # the webhook and a resume after quota, off this thread
         return bool(won)
 
     def end_status(self) -> str:

@@ -23,7 +23,7 @@ from tests.conftest import make_tasks, run_manage, start_manage
 from workqueue import agent_tree, claims, locks
 from workqueue.claims import Claim
 from workqueue.models import Status, Task
-from workqueue.processors import TAIL_CHARS, CommandProcessor
+from workqueue.processors import TAIL_CHARS, CommandProcessor, WorkContext
 
 AGENT = str(Path(__file__).parent / "scripts" / "hostile_agent.py")
 
@@ -338,3 +338,24 @@ def test_a_task_locked_by_an_outside_process_is_skipped_not_taken_for_an_empty_q
     assert shown in admin_client.get(f"/admin/queue/task/{urgent.pk}/change/").content.decode()
     outside.kill()
     outside.wait()
+
+
+@pytest.mark.django_db
+def test_an_agent_that_closes_its_output_before_exiting_is_not_killed(tmp_path, settings):
+    # coreutils and node close stdout and stderr in their exit handlers: the pipes end
+    # before the process does, and ending it then turned a clean exit into SIGTERM.
+    settings.HYPERVISOR_DATA_DIR = tmp_path
+    script = "import os, time; print('bye', flush=True); os.close(1); os.close(2); time.sleep(0.5)"
+    processor = CommandProcessor([sys.executable, "-c", script], timeout=30)
+    context = WorkContext("w", lambda: False)
+    result = processor.process(Claim(1, "q", "k", "t", "", 1), context)
+    assert (result.status, result.reason) == (Status.DONE, "")
+    assert result.output_tail.strip() == "bye"
+    hung = CommandProcessor(
+        [sys.executable, "-c", "import os, time; os.close(1); os.close(2); time.sleep(30)"],
+        timeout=1,
+    )
+    started = time.monotonic()
+    result = hung.process(Claim(2, "q", "k2", "t", "", 1), context)
+    assert (result.status, result.outcome) == (Status.BLOCKED, "timed_out")
+    assert time.monotonic() - started < 1 + 2 * settings.HYPERVISOR_AGENT_GRACE + 2

@@ -444,6 +444,22 @@ def test_a_profile_can_point_at_its_own_prompt_file(tmp_path, ledger):
         bad.save()
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("cli", ["gemini", "codex"])
+def test_limits_a_cli_does_not_have_are_refused(cli):
+    profile = Profile(
+        name=f"{cli}-limited",
+        processor="command",
+        adapter=cli,
+        max_turns=5,
+        max_budget_usd=Decimal("1"),
+    )
+    with pytest.raises(Exception) as caught:
+        profile.save()
+    assert {"max_turns", "max_budget_usd"} <= set(caught.value.message_dict)
+    assert ("maxSessionTurns" in str(caught.value)) == (cli == "gemini")
+
+
 def test_command_line_options_never_leak_the_profile(capsys):
     # `work --profile` refuses a second source of truth.
     with pytest.raises(Exception, match="--profile brings its own processor"):

@@ -41,7 +41,7 @@ def installed():
     pytest.fail(f"{', '.join(missing)} not in node_modules/.bin: run `make agents`")
 
 
-def stub_env(cli: str, stub, home: Path) -> dict[str, str]:
+def stub_env(cli: str, stub, home: Path, gemini_settings: dict | None = None) -> dict[str, str]:
     """The profile's env for its agent: the stand-in's address and a scratch HOME."""
     home.mkdir(exist_ok=True)
     env = {"HOME": str(home)}
@@ -55,6 +55,7 @@ def stub_env(cli: str, stub, home: Path) -> dict[str, str]:
     elif cli == "gemini":
         (home / ".gemini").mkdir(exist_ok=True)
         settings = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+        settings.update(gemini_settings or {})
         (home / ".gemini" / "settings.json").write_text(json.dumps(settings))
         env.update(GOOGLE_GEMINI_BASE_URL=stub.url)
     else:
@@ -194,6 +195,24 @@ def test_real_claude_max_turns_blocks_with_a_plain_reason(worker_env, tmp_path, 
     assert task.status == Status.BLOCKED
     assert task.reason.startswith("reached the maximum number of turns"), task.reason
     assert task.tokens == vendor_total("claude", stub.usage) > 0
+
+
+def test_real_gemini_turn_limit_blocks_with_a_plain_reason(worker_env, tmp_path, write_task):
+    # Gemini has no max-turns option: its settings.json has model.maxSessionTurns.
+    with GeminiStub() as stub:
+        turns = {"model": {"maxSessionTurns": 1}}
+        env = stub_env("gemini", stub, tmp_path / "home", gemini_settings=turns)
+        shipped_profile("gemini", tmp_path / "ledger", env=env)
+        (task,) = task_files(write_task, "rgt", [""])
+        work(worker_env, "rgt", "gemini", timeout=240)
+    task.refresh_from_db()
+    assert task.status == Status.BLOCKED
+    assert task.reason.startswith("reached the session's turn limit (exit 53)"), (
+        task.reason,
+        task.output_tail,
+        task.result,
+    )
+    assert task.tokens == vendor_total("gemini", stub.usage) > 0
 
 
 @pytest.mark.parametrize("cli", list(STUBS))

@@ -287,6 +287,8 @@ class AgentRun:
                         streams[key.fd].feed(chunk)
                     else:
                         selector.unregister(key.fd)
+            if read_until is None and not (result.timed_out or result.stopped):
+                self._wait_for_exit(deadline, result)
         finally:
             selector.close()
             result.survivors = self.end()
@@ -300,6 +302,20 @@ class AgentRun:
         result.stdout, result.stderr = out.tail.text(), err.tail.text()
         result.seconds = round(time.monotonic() - begun, 3)
         return result
+
+    def _wait_for_exit(self, deadline: float | None, result: AgentExit) -> None:
+        """Both pipes closed but the agent has not exited yet: a program that closes its
+        output in its exit handlers (coreutils, node) is still running for a moment, and
+        ending it now would turn its own exit into "killed by SIGTERM". It gets its
+        timeout, as any agent does."""
+        while self.child.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                result.timed_out = True
+                return
+            if self.stopping():
+                result.stopped = True
+                return
+            time.sleep(0.01)
 
     def _look_at_descendants(self) -> None:
         # setsid() takes a process out of the group, not out of the tree: remember the

@@ -38,9 +38,8 @@ class CodexAdapter(Adapter):
         kind = event.get("type")
         if kind == "thread.started":
             self.session_id = str(event.get("thread_id") or "")
-            self.transcript.add(
-                "note", "session started" + (f" with {self.model}" * bool(self.model))
-            )
+            model = f" with {self.model}" if self.model else ""
+            self.transcript.add("note", f"session started{model}")
         elif kind == "turn.started":
             self.turns += 1
         elif kind == "turn.completed":
