@@ -529,7 +529,7 @@ class Herd(models.Model):
         if self.cancel_requested:
             return HerdStatus.CANCELLED
         workers = list(self.workers.all())
-        if any(w.exit_class == ExitClass.QUOTA for w in workers) or self.quota_resets_at:
+        if any(w.exit_class == ExitClass.QUOTA for w in workers):
             return HerdStatus.QUOTA
         if workers and all(w.exit_class == ExitClass.CRASHED for w in workers):
             return HerdStatus.FAILED
@@ -584,10 +584,6 @@ class Herd(models.Model):
             Herd.objects.filter(pk=self.pk).filter(
                 models.Q(quota_resets_at__isnull=True) | models.Q(quota_resets_at__lt=resets_at)
             ).update(quota_resets_at=resets_at)
-        else:
-            Herd.objects.filter(pk=self.pk, quota_resets_at__isnull=True).update(
-                quota_resets_at=timezone.now()
-            )
         self.drain(reason)
 
     def schedule_resume(self) -> float | None:

@@ -338,7 +338,6 @@ def test_quota_from_each_cli_leaves_the_task_queued_and_ends_the_herd_quota(
     herd = Herd.objects.get(pk=summary["herd"])
     assert herd.status == HerdStatus.QUOTA == summary["status"]
     assert "quota or rate limit reached" in herd.reason
-    assert herd.quota_resets_at is not None
     for task in tasks:
         task.refresh_from_db()
         assert task.status == Status.QUEUED and task.attempts == 0
@@ -349,6 +348,11 @@ def test_quota_from_each_cli_leaves_the_task_queued_and_ends_the_herd_quota(
     if cli == "claude":  # its rate_limit_event said when: about an hour from now
         left = (herd.quota_resets_at - herd.finished_at).total_seconds()
         assert 3000 < left < 3700
+    elif cli == "codex":  # "Try again at 3:28 PM.", the workers' local time
+        resets = herd.quota_resets_at.astimezone()
+        assert (resets.hour, resets.minute) == (15, 28)
+    else:  # Gemini's message gives no time: none is made up
+        assert herd.quota_resets_at is None
 
 
 @pytest.mark.slow
