@@ -20,6 +20,7 @@ from herds.models import ExitClass, Herd, HerdStatus
 from tests.test_agent_profiles import FAKES, shipped_profile
 from tests.test_herds_views import client_for, user_with
 from workqueue.agents import Transcript
+from workqueue.claims import Claim
 from workqueue.models import Status, Task
 from workqueue.processors import transcript_path
 
@@ -318,3 +319,39 @@ def test_no_resume_unless_asked_or_ended_by_quota(monkeypatch):
     herd_tasks.herd_ended.call_local(ended_herd(HerdStatus.QUOTA).pk)
     herd_tasks.herd_ended.call_local(ended_herd(resume_after_quota=True).pk)
     assert scheduled == []
+
+
+def test_admin_makes_an_agent_profile_and_refuses_a_command_for_it():
+    from django.contrib.auth.models import User
+
+    from herds.models import Profile
+
+    admin = User.objects.create_superuser("admin", password="pw-for-tests")
+    form = {
+        "name": "claude-fast",
+        "processor": "command",
+        "adapter": "claude",
+        "model": "haiku",
+        "extra_args": '["--fallback-model", "sonnet"]',
+        "max_turns": 20,
+        "command": "[]",
+        "env": "{}",
+        "pass_env": '["ANTHROPIC_API_KEY"]',
+        "filters": "[]",
+        "prefetch": 1,
+        "max_workers": 2,
+        "worktree_base": "main",
+        "created_at_0": "2026-12-01",
+        "created_at_1": "10:00:00",
+    }
+    client = client_for(admin)
+    bad = client.post(reverse("admin:herds_profile_add"), {**form, "command": '["claude"]'})
+    assert bad.status_code == 200 and "builds its own command line" in bad.content.decode()
+    done = client.post(reverse("admin:herds_profile_add"), form)
+    assert done.status_code == 302, done.context["adminform"].form.errors
+    profile = Profile.objects.get(name="claude-fast")
+    args = profile.build_processor().arguments(Claim(1, "q", "k", "t", "/p.md", 1))
+    assert args[:2] == ["claude", "-p"] and args[args.index("--model") + 1] == "haiku"
+    assert args[args.index("--max-turns") + 1] == "20" and "--fallback-model" in args
+    listing = client.get(reverse("admin:herds_profile_changelist")).content.decode()
+    assert "claude-fast" in listing and "Claude Code" in listing
