@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser run test test-fast bench lint format clean
+AGENTS_STAMP := node_modules/.installed-stamp
+
+.PHONY: install browser agents run test test-fast bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +22,20 @@ browser:
 		echo "installing Debian's chromium for the browser tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# The real agent CLIs (versions pinned in package.json and package-lock.json), for the
+# tests that run them against local stand-ins of their vendors' APIs. Without npm those
+# tests are skipped and say why.
+$(AGENTS_STAMP): package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --no-audit --no-fund --loglevel=error && touch $(AGENTS_STAMP); \
+	else echo "npm not found: the tests of the real agent CLIs will be skipped"; fi
+
+agents: $(AGENTS_STAMP)
+
 run: install
 	$(PY) manage.py start
 
-test: install browser
+test: install browser agents
 	$(PY) -m pytest
 
 # The development loop: no browser, no tests that start many processes.
@@ -42,4 +54,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var node_modules

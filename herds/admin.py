@@ -6,8 +6,8 @@ from herds.models import Herd, Profile, Worker
 @admin.register(Profile)
 class ProfileAdmin(admin.ModelAdmin):
     # The model validates command, environment, filters and pattern in clean() and save().
-    list_display = ["name", "processor", "prefetch", "max_workers", "timeout_seconds"]
-    list_filter = ["processor"]
+    list_display = ["name", "processor", "adapter", "model", "max_workers", "timeout_seconds"]
+    list_filter = ["processor", "adapter"]
     search_fields = ["name", "description"]
 
 
@@ -26,6 +26,7 @@ class WorkerInline(admin.TabularInline):
         "done",
         "blocked",
         "tokens",
+        "cost_usd",
         "heartbeat_at",
     ]
     readonly_fields = fields

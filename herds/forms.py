@@ -1,3 +1,5 @@
+from decimal import Decimal
+
 from django import forms
 from django.core.exceptions import ValidationError
 
@@ -26,6 +28,29 @@ class LaunchForm(forms.Form):
         required=False,
         label="Filters",
         help_text="Optional, space separated: complexity=mechanical project=web",
+    )
+    token_budget = forms.IntegerField(
+        required=False, min_value=1, help_text="Optional: drain once this many tokens are used."
+    )
+    wall_clock_limit = forms.IntegerField(
+        required=False,
+        min_value=1,
+        label="Wall-clock limit",
+        help_text="Optional, seconds: drain once the herd has run this long.",
+    )
+    cost_budget_usd = forms.DecimalField(
+        required=False,
+        min_value=Decimal("0.0001"),
+        max_digits=12,
+        decimal_places=4,
+        label="Cost budget (USD)",
+        help_text="Optional: drain once the agents report this much spent.",
+    )
+    resume_after_quota = forms.BooleanField(
+        required=False,
+        label="Resume after quota",
+        help_text="If the herd ends on a quota or rate limit, start it again when the limit "
+        "lifts.",
     )
 
     def __init__(self, *args, **kwargs):

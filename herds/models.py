@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from datetime import timedelta
+from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
+from django.core.validators import MinValueValidator
 from django.db import models, transaction
 from django.db.models import Sum
 from django.urls import reverse
 from django.utils import timezone
 
-from workqueue import locks
+from workqueue import agent_tree, agents, locks
 from workqueue.models import Status, Task
+from workqueue.processing import Processor
+from workqueue.processors import CommandProcessor, load_processor, read_prompt
 from workqueue.routing import FilterError, TaskFilter
 
 
@@ -23,6 +29,16 @@ class ProcessorKind(models.TextChoices):
     NOOP = "noop"
     TRIAGE = "triage"
     COMMAND = "command"
+
+
+class AdapterKind(models.TextChoices):
+    GENERIC = "generic", "generic (the profile's command)"
+    CLAUDE = "claude", "Claude Code"
+    GEMINI = "gemini", "Gemini CLI"
+    CODEX = "codex", "Codex CLI"
+
+
+VERSION_TIMEOUT = 20  # seconds for `CLI --version` in a herd's pre-flight
 
 
 def validate_command(value) -> None:
@@ -58,6 +74,11 @@ def validate_pass_env(value) -> None:
         raise ValidationError("Passed-through environment is a list of variable names.")
 
 
+def validate_arguments(value) -> None:
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValidationError("Extra arguments are a list of strings.")
+
+
 def validate_pattern(value: str) -> None:
     try:
         re.compile(value)
@@ -89,6 +110,36 @@ class Profile(models.Model):
         blank=True,
         help_text="Names of the worker's own environment variables the agent may see, "
         'beyond the allow-list: ["ANTHROPIC_API_KEY"].',
+    )
+    adapter = models.CharField(
+        max_length=20,
+        choices=AdapterKind.choices,
+        default=AdapterKind.GENERIC,
+        help_text="How the command's output is read. claude, gemini and codex build their "
+        "own command line from the fields below; generic runs the command above.",
+    )
+    model = models.CharField(max_length=200, blank=True, help_text="The CLI's --model.")
+    extra_args = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='More options for the CLI, an argument list: ["--fallback-model", "haiku"].',
+    )
+    max_turns = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Per task, where the CLI has it (Claude Code)."
+    )
+    max_budget_usd = models.DecimalField(
+        max_digits=10,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Per task, in USD, where the CLI has it (Claude Code).",
+    )
+    prompt_file = models.CharField(
+        max_length=1000,
+        blank=True,
+        help_text="The worker prompt, a markdown template with {key}, {path}, {title}, {queue}; "
+        "relative to the project. Blank: prompts/worker.md.",
     )
     prefetch = models.PositiveIntegerField(default=1)
     max_attempts = models.PositiveIntegerField(
@@ -125,7 +176,30 @@ class Profile(models.Model):
 
     def clean(self) -> None:
         errors = {}
-        if self.processor == ProcessorKind.COMMAND:
+        if self.adapter != AdapterKind.GENERIC:
+            if self.processor != ProcessorKind.COMMAND:
+                errors["adapter"] = ["An agent CLI's adapter needs the command processor."]
+            if self.command:
+                errors["command"] = [
+                    f"The {self.adapter} adapter builds its own command line: leave the "
+                    "command empty and put more options in extra args."
+                ]
+            try:
+                read_prompt(self.prompt_file or "prompts/worker.md")
+            except ValueError as exc:
+                errors["prompt_file"] = [str(exc)]
+            if self.adapter != AdapterKind.CLAUDE:
+                # Only Claude Code takes these as options: a limit nobody applies is a trap.
+                if self.max_turns:
+                    hint = ""
+                    if self.adapter == AdapterKind.GEMINI:
+                        hint = " (Gemini: model.maxSessionTurns in its settings.json)"
+                    errors["max_turns"] = [
+                        f"The {self.adapter} CLI has no max-turns option{hint}."
+                    ]
+                if self.max_budget_usd:
+                    errors["max_budget_usd"] = [f"The {self.adapter} CLI has no budget option."]
+        elif self.processor == ProcessorKind.COMMAND:
             try:
                 validate_command(self.command)
             except ValidationError as exc:
@@ -133,6 +207,7 @@ class Profile(models.Model):
         elif self.command:
             errors["command"] = ["Only the command processor takes a command."]
         for field, check in (
+            ("extra_args", validate_arguments),
             ("env", validate_env),
             ("pass_env", validate_pass_env),
             ("filters", validate_filters),
@@ -152,27 +227,59 @@ class Profile(models.Model):
     def quota_regex(self) -> re.Pattern | None:
         return re.compile(self.quota_pattern, re.IGNORECASE) if self.quota_pattern else None
 
-    def work_arguments(self) -> list[str]:
-        """The `manage.py work` options for this profile; the command list goes last."""
-        args = ["--processor", self.processor, "--prefetch", str(self.prefetch)]
-        if self.processor == ProcessorKind.COMMAND and self.timeout_seconds:
-            args += ["--timeout", str(self.timeout_seconds)]
-        for name in self.pass_env:
-            args += ["--pass-env", name]
-        if self.max_attempts:
-            args += ["--max-attempts", str(self.max_attempts)]
-        # Issue 7 options, passed only when set so that a plain `work` keeps working.
-        if self.worktree_repo:
-            args += ["--worktree-repo", self.worktree_repo, "--worktree-base", self.worktree_base]
-        if self.require_commit:
-            args.append("--require-commit")
-        return args
+    def agent_options(self) -> agents.AgentOptions:
+        return agents.AgentOptions(
+            model=self.model,
+            extra_args=list(self.extra_args),
+            max_turns=self.max_turns,
+            max_budget_usd=self.max_budget_usd,
+            quota_pattern=self.quota_pattern,
+        )
 
-    def command_arguments(self) -> list[str]:
-        # Placeholders, {python} and {base_dir} too, are filled by the worker in one pass.
+    def build_processor(self, timeout: float | None = None, pass_env=()) -> Processor:
+        """The processor a worker of this profile runs: adapter, prompt, env and limits."""
         if self.processor != ProcessorKind.COMMAND:
-            return []
-        return ["--", *self.command]
+            return load_processor(self.processor)
+        return CommandProcessor(
+            self.command,
+            timeout=timeout or self.timeout_seconds,
+            env=dict(self.env),
+            pass_env=[*self.pass_env, *pass_env],
+            adapter=self.adapter,
+            options=self.agent_options(),
+            prompt_file=self.prompt_file,
+        )
+
+    def agent_check(self) -> dict | None:
+        """For an agent CLI: where it is on the PATH its agents get, and its --version.
+        `missing` says why a herd of this profile cannot start."""
+        if self.adapter == AdapterKind.GENERIC:
+            return None
+        program = agents.adapter_class(self.adapter).program
+        env = agent_tree.agent_environment({}, dict(self.env), self.pass_env)
+        path = shutil.which(program, path=env.get("PATH", ""))
+        if path is None:
+            return {"program": program, "missing": f"{program} is not on the workers' PATH"}
+        try:
+            done = subprocess.run(
+                [path, "--version"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=VERSION_TIMEOUT,
+                start_new_session=True,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"program": program, "path": path, "missing": f"{program} --version: {exc}"}
+        said = (done.stdout or done.stderr).decode("utf-8", "replace").strip()
+        version = said.splitlines()[0][:200] if said else ""
+        if done.returncode != 0:
+            return {
+                "program": program,
+                "path": path,
+                "missing": f"{program} --version failed (exit {done.returncode}): {version}",
+            }
+        return {"program": program, "path": path, "version": version}
 
 
 class HerdStatus(models.TextChoices):
@@ -181,12 +288,13 @@ class HerdStatus(models.TextChoices):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    QUOTA = "quota", "stopped by quota"
 
 
 LAUNCH_FAILED = "launch failed"
 # A launch is a pre-flight and N forks: seconds. One still unfinished after this is dead.
 LAUNCH_STALL = timedelta(minutes=2)
-ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED)
+ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED, HerdStatus.QUOTA)
 
 
 class HerdQuerySet(models.QuerySet):
@@ -222,6 +330,24 @@ class Herd(models.Model):
     dry_run = models.BooleanField(
         default=False, help_text="Processors that write files only report what they would do."
     )
+    cost_budget_usd = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="USD, as the agent CLIs report it; the herd drains when reached.",
+    )
+    resume_after_quota = models.BooleanField(
+        default=False,
+        help_text="When it ends on quota, launch a herd of the same shape once the limit lifts.",
+    )
+    quota_resets_at = models.DateTimeField(null=True, blank=True)
+    resume_at = models.DateTimeField(null=True, blank=True, help_text="When the next herd starts.")
+    resumed_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resumed_by"
+    )
+    webhook_result = models.CharField(max_length=500, blank=True)
     preflight = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     summary = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     # [[seconds since start, tasks finished]] sampled by supervision, for the chart.
@@ -269,6 +395,9 @@ class Herd(models.Model):
         token_budget: int | None = None,
         wall_clock_limit: int | None = None,
         dry_run: bool = False,
+        cost_budget_usd: Decimal | None = None,
+        resume_after_quota: bool = False,
+        resumed_from: Herd | None = None,
     ) -> Herd:
         """Create a herd and enqueue its launch once the row is committed."""
         from herds.tasks import launch_herd
@@ -283,6 +412,9 @@ class Herd(models.Model):
             token_budget=token_budget,
             wall_clock_limit=wall_clock_limit,
             dry_run=dry_run,
+            cost_budget_usd=cost_budget_usd,
+            resume_after_quota=resume_after_quota,
+            resumed_from=resumed_from,
         )
         herd.full_clean()
         with transaction.atomic():
@@ -389,6 +521,12 @@ class Herd(models.Model):
         )
         if won:
             self.summary = summary
+            if settings.HYPERVISOR_HERD_WEBHOOK or (
+                status == HerdStatus.QUOTA and self.resume_after_quota
+            ):
+                from herds.tasks import herd_ended
+
+                herd_ended(self.pk)  # the webhook and a resume after quota, off this thread
         return bool(won)
 
     def end_status(self) -> str:
@@ -397,6 +535,8 @@ class Herd(models.Model):
         if self.cancel_requested:
             return HerdStatus.CANCELLED
         workers = list(self.workers.all())
+        if any(w.exit_class == ExitClass.QUOTA for w in workers):
+            return HerdStatus.QUOTA
         if workers and all(w.exit_class == ExitClass.CRASHED for w in workers):
             return HerdStatus.FAILED
         return HerdStatus.FINISHED
@@ -425,6 +565,15 @@ class Herd(models.Model):
     def total_tokens(self) -> int:
         return self.workers.aggregate(t=Sum("tokens"))["t"] or 0
 
+    def total_cost_usd(self) -> Decimal:
+        return self.workers.aggregate(c=Sum("cost_usd"))["c"] or Decimal(0)
+
+    def total_task_cost(self) -> Decimal:
+        finished = Task.objects.filter(
+            holder_herd=self.pk, status__in=(Status.DONE, Status.BLOCKED)
+        )
+        return finished.aggregate(c=Sum("cost_usd"))["c"] or Decimal(0)
+
     def runtime_seconds(self) -> float:
         if not self.started_at:
             return 0.0
@@ -438,8 +587,57 @@ class Herd(models.Model):
             and timezone.now() - self.started_at > timedelta(seconds=self.wall_clock_limit)
         )
 
-    def budget_spent(self) -> bool:
-        return bool(self.token_budget and self.total_tokens() >= self.token_budget)
+    def budget_spent(self) -> str:
+        """Which budget is used up, in words, or ""."""
+        if self.token_budget and self.total_tokens() >= self.token_budget:
+            return f"token budget of {self.token_budget} reached"
+        if self.cost_budget_usd and self.total_cost_usd() >= self.cost_budget_usd:
+            return f"cost budget of ${self.cost_budget_usd} reached"
+        return ""
+
+    def quota_reached(self, reason: str, resets_at) -> None:
+        """A worker's agent hit the quota: note when it lifts (the latest time said), drain."""
+        if resets_at is not None:
+            Herd.objects.filter(pk=self.pk).filter(
+                models.Q(quota_resets_at__isnull=True) | models.Q(quota_resets_at__lt=resets_at)
+            ).update(quota_resets_at=resets_at)
+        self.drain(reason)
+
+    def schedule_resume(self) -> float | None:
+        """After a quota end: the same herd again once the limit lifts (or after a backoff).
+        Returns the delay in seconds, or None when nothing is scheduled."""
+        from herds.tasks import resume_herd
+
+        if self.status != HerdStatus.QUOTA or not self.resume_after_quota:
+            return None
+        now = timezone.now()
+        backoff = timedelta(seconds=settings.HYPERVISOR_QUOTA_BACKOFF)
+        at = self.quota_resets_at if self.quota_resets_at and self.quota_resets_at > now else None
+        at = at or now + backoff
+        if not Herd.objects.filter(pk=self.pk, resume_at__isnull=True).update(resume_at=at):
+            return None  # scheduled already
+        self.resume_at = at
+        delay = max(0.0, (at - now).total_seconds())
+        resume_herd.schedule((self.pk,), delay=delay)
+        return delay
+
+    def resume(self) -> Herd | None:
+        """The herd of the same shape, once; None if one was launched already."""
+        if self.resumed_by.exists():
+            return None
+        return Herd.launch(
+            self.queue,
+            self.profile,
+            self.size,
+            batch=self.batch,
+            filters=self.filters,
+            created_by=self.created_by,
+            token_budget=self.token_budget,
+            wall_clock_limit=self.wall_clock_limit,
+            cost_budget_usd=self.cost_budget_usd,
+            resume_after_quota=True,
+            resumed_from=self,
+        )
 
     def record_pass(self) -> None:
         """Stamp a supervision pass and add a point to the throughput chart."""
@@ -479,6 +677,7 @@ class Herd(models.Model):
             "blocked": tasks.filter(status=Status.BLOCKED).count(),
             "locks_held": len(held),
             "lock_owners": owners,
+            "agent": self.profile.agent_check(),
             "filters": self.all_filters(),
             "at": timezone.now().isoformat(),
         }
@@ -499,7 +698,17 @@ class Herd(models.Model):
         finished = (
             Task.objects.filter(holder_herd=self.pk, status__in=(Status.DONE, Status.BLOCKED))
             .order_by("finished_at", "id")
-            .values("key", "status", "outcome", "reason", "commit", "tokens", "holder")
+            .values(
+                "key",
+                "status",
+                "outcome",
+                "reason",
+                "commit",
+                "tokens",
+                "cost_usd",
+                "holder",
+                "result__session_id",
+            )
         )
         for task in finished.iterator():
             done = task["status"] == Status.DONE
@@ -516,6 +725,10 @@ class Herd(models.Model):
                 row["commit"] = task["commit"]
             if task["tokens"]:
                 row["tokens"] = task["tokens"]
+            if task["cost_usd"] is not None:
+                row["cost_usd"] = float(task["cost_usd"])
+            if task["result__session_id"]:
+                row["session_id"] = task["result__session_id"]
             rows.append(row)
         return rows
 
@@ -544,6 +757,8 @@ class Herd(models.Model):
             "worker_processes": [w.summary_row() for w in self.workers.order_by("index")],
             "runtime_seconds": runtime,
             "total_tokens": sum(r.get("tokens", 0) for r in rows),
+            "total_cost_usd": float(self.total_task_cost()),
+            "quota_resets_at": self.quota_resets_at.isoformat() if self.quota_resets_at else None,
             "items_per_second": round(finished / runtime, 2) if runtime else 0.0,
             "started": self.started_at.isoformat() if self.started_at else None,
             "finished": self.finished_at.isoformat() if self.finished_at else None,
@@ -607,6 +822,7 @@ class Worker(models.Model):
     done = models.PositiveIntegerField(default=0)
     blocked = models.PositiveIntegerField(default=0)
     tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal(0))
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -676,6 +892,7 @@ class Worker(models.Model):
             "done": self.done,
             "blocked": self.blocked,
             "tokens": self.tokens,
+            "cost_usd": float(self.cost_usd),
             "runtime_seconds": self.runtime_seconds(),
             "log": self.log_path,
         }

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from functools import cache
+from datetime import datetime
+from decimal import Decimal
 
 from django.db.models import F
 from django.dispatch import receiver
@@ -30,14 +30,6 @@ def _worker_id() -> int | None:
         return int(os.environ.get(WORKER_ENV, ""))
     except ValueError:
         return None
-
-
-@cache
-def _quota_regex(worker_id: int) -> re.Pattern | None:
-    from herds.models import Worker
-
-    worker = Worker.objects.select_related("herd__profile").filter(pk=worker_id).first()
-    return worker.herd.profile.quota_regex() if worker else None
 
 
 def _row(sender):
@@ -91,26 +83,6 @@ def worker_heartbeat(sender, **kwargs) -> None:
     )
 
 
-@receiver(signals.tasks_processed)
-def tasks_processed(sender, done, **kwargs) -> None:
-    """A result that shows the profile's quota or rate limit is given back, not blocked:
-    the task is not at fault. Marked before the finish, so that one write does it."""
-    Worker, worker_id = _row(sender)
-    if Worker is None:
-        return
-    pattern = _quota_regex(worker_id)
-    if pattern is None:
-        return
-    for _claim, result in done:
-        if result.status == Status.DONE or result.data.get("quota"):
-            continue
-        found = pattern.search(result.output_tail) or pattern.search(result.reason)
-        if found:
-            result.status = Status.QUEUED
-            result.data["quota"] = found.group(0)
-            result.reason = f"quota or rate limit reached ({found.group(0)}); back to queued"
-
-
 @receiver(signals.tasks_finished)
 def tasks_finished(sender, finished, refused, **kwargs) -> None:
     Worker, worker_id = _row(sender)
@@ -118,15 +90,18 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
         return
     refused = set(refused)
     done = blocked = tokens = 0
-    quota = []
+    cost = Decimal(0)
+    quota = None
     for claim, result in finished:
         if claim.id in refused:
             continue
         done += result.status == Status.DONE
         blocked += result.status == Status.BLOCKED
         tokens += result.tokens
+        cost += result.cost_usd or 0
+        # The adapter gave the task back already, in the finish: the herd stops here.
         if result.status == Status.QUEUED and result.data.get("quota"):
-            quota.append(str(result.data["quota"]))
+            quota = quota or result
     _update_or_stop(
         sender,
         Worker,
@@ -134,21 +109,23 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
         done=F("done") + done,
         blocked=F("blocked") + blocked,
         tokens=F("tokens") + tokens,
+        cost_usd=F("cost_usd") + cost,
         heartbeat_at=timezone.now(),
         current_task="",
     )
-    if quota:
-        _drain_for_quota(sender, worker_id, quota[0])
+    if quota is not None:
+        _drain_for_quota(sender, worker_id, quota)
 
 
-def _drain_for_quota(sender, worker_id: int, match: str) -> None:
+def _drain_for_quota(sender, worker_id: int, result) -> None:
     from herds.models import Herd, Worker
 
-    reason = f"quota or rate limit reached ({match}) in {sender.identity.worker}"
+    reason = f"{result.reason} in {sender.identity.worker}"
+    resets_at = result.data.get("resets_at")
     Worker.objects.filter(pk=worker_id).update(quota_hit=True)
     herd = Herd.objects.filter(pk=sender.identity.herd).first()
     if herd is not None:
-        herd.drain(reason)
+        herd.quota_reached(reason, datetime.fromisoformat(resets_at) if resets_at else None)
     log.warning("%s: %s; draining the herd", sender.identity.worker, reason)
     sender.stop(reason)
 

@@ -46,8 +46,8 @@ def log_path(herd: Herd, index: int):
 
 
 def worker_argv(herd: Herd, worker: Worker) -> list[str]:
-    """The arguments of `manage.py work` for one worker of this herd."""
-    profile = herd.profile
+    """The arguments of `manage.py work` for one worker of this herd: the worker reads
+    its profile (adapter, prompt, environment, limits, routing) from the database."""
     argv = [
         "--queue",
         herd.queue,
@@ -57,13 +57,14 @@ def worker_argv(herd: Herd, worker: Worker) -> list[str]:
         worker.name,
         "--batch",
         str(herd.batch),
-        *profile.work_arguments(),
+        "--profile",
+        herd.profile.name,
     ]
     if herd.dry_run:
         argv.append("--dry-run")
-    for where in herd.all_filters():
+    for where in herd.filters:
         argv += ["--where", where]
-    return argv + profile.command_arguments()
+    return argv
 
 
 def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess | None]:
@@ -74,14 +75,9 @@ def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess |
         host=settings.HYPERVISOR_HOST,
         log_path=str(log_path(herd, index)),
     )
-    env = {
-        **os.environ,
-        **herd.profile.env,
-        WORKER_ENV: str(worker.pk),
-        # The profile's extra environment may hold API keys: masked in stored output.
-        "HYPERVISOR_MASK_ENV": ",".join(herd.profile.env),
-        "PYTHONUNBUFFERED": "1",
-    }
+    # The profile's own environment (API keys, perhaps) goes to its agents only: the
+    # worker reads it from the profile.
+    env = {**os.environ, WORKER_ENV: str(worker.pk), "PYTHONUNBUFFERED": "1"}
     try:
         child = zygote.start(worker_argv(herd, worker), env, log_path(herd, index))
     except OSError as exc:
@@ -102,6 +98,10 @@ def launch(herd_id: int) -> None:
         return
     try:
         preflight = herd.record_preflight()
+        agent = preflight.get("agent") or {}
+        if agent.get("missing"):
+            herd.finish(HerdStatus.FAILED, f"{LAUNCH_FAILED}: {agent['missing']}")
+            return
         count = herd.workers_to_start()
         if count == 0:
             herd.finish(HerdStatus.FINISHED, nothing_ready_reason(preflight))
@@ -144,8 +144,8 @@ def supervise(herd: Herd) -> bool:
     elif not herd.draining:
         if herd.deadline_passed():
             herd.drain(f"wall-clock limit of {herd.wall_clock_limit} s reached")
-        elif herd.budget_spent():
-            herd.drain(f"token budget of {herd.token_budget} reached")
+        elif spent := herd.budget_spent():
+            herd.drain(spent)
     lost = herd.launch_lost()
     for worker in herd.workers.live():
         if worker.pid is None:

@@ -64,6 +64,38 @@ def cancel_herd(herd_id: int) -> None:
         supervision.supervise(herd)
 
 
+@on_commit_task()
+def herd_ended(herd_id: int) -> None:
+    """Once a herd has ended: the webhook, and the next herd after a quota end."""
+    from herds.models import Herd
+    from herds.webhook import post_summary
+
+    herd = Herd.objects.select_related("profile").filter(pk=herd_id).first()
+    if herd is None:
+        return
+    if settings.HYPERVISOR_HERD_WEBHOOK:
+        outcome = post_summary(
+            settings.HYPERVISOR_HERD_WEBHOOK,
+            herd.summary,
+            settings.HYPERVISOR_HERD_WEBHOOK_TIMEOUT,
+        )
+        Herd.objects.filter(pk=herd.pk).update(webhook_result=outcome[:500])
+    delay = herd.schedule_resume()
+    if delay is not None:
+        log.info("herd %s ended on quota; the next herd starts in %.0f s", herd.pk, delay)
+
+
+@db_task()
+def resume_herd(herd_id: int) -> None:
+    from herds.models import Herd
+
+    herd = Herd.objects.select_related("profile", "created_by").filter(pk=herd_id).first()
+    if herd is not None:
+        resumed = herd.resume()
+        if resumed is not None:
+            log.info("herd %s resumes herd %s after its quota", resumed.pk, herd.pk)
+
+
 @db_task()
 def supervise_herds_now() -> None:
     supervision.supervise_running_herds()

@@ -14,6 +14,8 @@ from django.views.decorators.vary import vary_on_headers
 from herds.charts import throughput_chart
 from herds.forms import LaunchForm
 from herds.models import Herd
+from workqueue.models import Task
+from workqueue.views import task_transcript_of
 
 VIEW = "herds.view_herd"
 OPERATE = "herds.add_herd"  # launching, draining and cancelling
@@ -37,8 +39,22 @@ def _live_context(herd: Herd) -> dict:
         else (100 if herd.ended else 0),
         "progress_line": herd.progress_line(finished),
         "tokens": herd.total_tokens(),
+        "cost": herd.total_cost_usd(),
         "chart": throughput_chart(herd.samples, planned),
+        "transcripts": [] if herd.ended else live_transcripts(herd),
     }
+
+
+TRANSCRIPT_ENTRIES_ON_HERD_PAGE = 8
+
+
+def live_transcripts(herd: Herd) -> list[dict]:
+    """The last entries of each running agent's transcript: a file read per claimed task."""
+    claimed = Task.objects.claimed().filter(holder_herd=herd.pk).order_by("holder")
+    return [
+        {"task": task, "transcript": task_transcript_of(task, TRANSCRIPT_ENTRIES_ON_HERD_PAGE)}
+        for task in claimed.only("id", "key", "title", "holder", "status", "fence")[:50]
+    ]
 
 
 @login_required
@@ -75,6 +91,10 @@ def launch(request: HttpRequest) -> HttpResponse:
             batch=data["batch"],
             filters=data["where"],
             created_by=request.user,
+            token_budget=data["token_budget"],
+            wall_clock_limit=data["wall_clock_limit"],
+            cost_budget_usd=data["cost_budget_usd"],
+            resume_after_quota=data["resume_after_quota"],
         )
     except ValidationError as exc:
         form.add_error(None, exc)

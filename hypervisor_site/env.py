@@ -50,3 +50,11 @@ def envpaths(name: str) -> list[Path]:
             raise ImproperlyConfigured(f"{name}: {part!r} is not an existing folder")
         paths.append(path.resolve())
     return paths
+
+
+def envurl(name: str) -> str:
+    """An http(s) URL, or "" when unset."""
+    value = os.environ.get(name, "").strip()
+    if value and not value.lower().startswith(("http://", "https://")):
+        raise ImproperlyConfigured(f"{name} must be an http:// or https:// URL, not {value!r}")
+    return value

@@ -9,7 +9,7 @@ import dj_database_url
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
-from hypervisor_site.env import envbool, envint, envpath, envpaths
+from hypervisor_site.env import envbool, envint, envpath, envpaths, envurl
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -46,6 +46,12 @@ HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minim
 HYPERVISOR_AGENT_GRACE = envint("HYPERVISOR_AGENT_GRACE", 2, minimum=0)
 # Each agent run's output is kept in a log file up to this size; the task keeps a tail.
 HYPERVISOR_AGENT_LOG_BYTES = envint("HYPERVISOR_AGENT_LOG_BYTES", 32 * 1024 * 1024, minimum=0)
+# A herd that ended on quota with "resume after quota" starts again at the reset time the
+# agent CLI gave, or after this many seconds when it gave none.
+HYPERVISOR_QUOTA_BACKOFF = envint("HYPERVISOR_QUOTA_BACKOFF", 900, minimum=1)
+# When set, every herd's run summary is POSTed here as JSON when the herd ends.
+HYPERVISOR_HERD_WEBHOOK = envurl("HYPERVISOR_HERD_WEBHOOK")
+HYPERVISOR_HERD_WEBHOOK_TIMEOUT = envint("HYPERVISOR_HERD_WEBHOOK_TIMEOUT", 5, minimum=1)
 
 INSTALLED_APPS = [
     "django.contrib.admin",

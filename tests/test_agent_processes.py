@@ -22,7 +22,8 @@ from django.conf import settings
 from tests.conftest import make_tasks, run_manage, start_manage
 from workqueue import agent_tree, locks, reaper
 from workqueue.models import Status, Task
-from workqueue.processors import TAIL_CHARS, Claim, CommandProcessor
+from workqueue.processing import Claim
+from workqueue.processors import TAIL_CHARS, CommandProcessor
 
 AGENT = str(Path(__file__).parent / "scripts" / "hostile_agent.py")
 

@@ -20,7 +20,7 @@ from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_ap
 from workqueue import claims, locks, reaper
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task
-from workqueue.processors import Result
+from workqueue.processing import Result
 
 
 def wait_for(condition, timeout=60, message="condition"):

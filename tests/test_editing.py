@@ -17,7 +17,7 @@ from workqueue.editing import EditError, FileChanged
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
-from workqueue.processors import Result
+from workqueue.processing import Result
 
 pytestmark = pytest.mark.django_db
 

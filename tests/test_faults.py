@@ -20,7 +20,8 @@ from workqueue import claims, locks, reaper
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Status, Task, TaskBody
-from workqueue.processors import NoopProcessor, Result
+from workqueue.processing import Result
+from workqueue.processors import NoopProcessor
 from workqueue.worker import EXIT_LOCK_ROOT, Worker
 
 AGENT = str(Path(__file__).parent.parent / "examples" / "agents" / "example_agent.py")

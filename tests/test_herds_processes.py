@@ -204,12 +204,15 @@ def test_quota_message_drains_the_herd_without_respawn(huey_env, consumer):
     assert result.returncode == 0, result.stderr + result.stdout + worker_logs()
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     herd = Herd.objects.get(pk=summary["herd"])
-    assert herd.status == HerdStatus.FINISHED and herd.draining
+    assert herd.status == HerdStatus.QUOTA and herd.draining
     assert "quota or rate limit" in herd.reason
     assert herd.workers.count() == 2  # never respawned
     assert ExitClass.QUOTA in {w.exit_class for w in herd.workers.all()}
     # The rate limit is not the tasks' fault: none is blocked, all are back in the queue.
     assert Task.objects.filter(queue="quotaq", status=Status.QUEUED).count() == 10
+    # The profile's quota pattern is read by the generic adapter before the finish: the
+    # task was given back in that one write, its attempt not counted.
+    assert not Task.objects.filter(queue="quotaq", attempts__gt=0).exists()
     assert TaskEvent.objects.filter(kind=EventKind.CLAIMED, task__queue="quotaq").count() <= 4
 
 

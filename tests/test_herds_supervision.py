@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.utils import timezone
@@ -140,6 +141,7 @@ def test_live_worker_gets_cpu_memory_and_children_sampled(running_herd):
     [
         ({"wall_clock_limit": 1}, "wall-clock limit of 1 s reached"),
         ({"token_budget": 50}, "token budget of 50 reached"),
+        ({"cost_budget_usd": Decimal("0.25")}, "cost budget of $0.2500 reached"),
     ],
 )
 def test_limits_drain_the_herd_and_tell_its_workers(running_herd, limits, reason):
@@ -156,6 +158,7 @@ def test_limits_drain_the_herd_and_tell_its_workers(running_herd, limits, reason
             process_started=processes.create_time(sleeper.pid),
             heartbeat_at=timezone.now(),
             tokens=80,
+            cost_usd=Decimal("0.3"),
         )
         supervision.supervise(running_herd)
         running_herd.refresh_from_db()

@@ -267,12 +267,11 @@ def test_profile_save_refuses_invalid_settings(fields, field):
     assert not Profile.objects.filter(name="bad").exists()
 
 
-def test_worker_command_line_passes_routing_options_only_when_set(profile):
+def test_a_herd_worker_is_started_with_its_profile_and_the_herd_filters(profile):
     plain = Herd.objects.create(queue="inbox", profile=profile, size=1)
     worker = plain.workers.create(index=0, name="w0", host="h")
     argv = worker_argv(plain, worker)
-    assert "--where" not in argv and "--worktree-repo" not in argv
-    assert "--require-commit" not in argv
+    assert "--where" not in argv and argv[argv.index("--profile") + 1] == profile.name
 
     agent = Profile.objects.create(
         name="agent",
@@ -284,13 +283,11 @@ def test_worker_command_line_passes_routing_options_only_when_set(profile):
     )
     routed = Herd.objects.create(queue="inbox", profile=agent, size=1, filters=["project=web"])
     argv = worker_argv(routed, worker)
-    assert argv[argv.index("--where") :].count("--where") == 2
-    assert "complexity=mechanical" in argv and "project=web" in argv
-    assert argv[argv.index("--worktree-repo") + 1] == "/srv/repo"
-    assert argv[argv.index("--worktree-base") + 1] == "main"
-    assert "--require-commit" in argv
-    # The worker fills every placeholder in one pass, {python} included.
-    assert argv[argv.index("--") + 1 :] == ["{python}", "agent.py", "{path}"]
+    # The worker reads the profile (command, routing, worktree) itself: none of it here,
+    # so no command line and no profile secret ever reaches a process listing.
+    assert argv[argv.index("--profile") + 1] == "agent"
+    assert argv.count("--where") == 1 and argv[argv.index("--where") + 1] == "project=web"
+    assert "--" not in argv and "agent.py" not in argv and "--worktree-repo" not in argv
 
 
 def test_default_profiles_come_from_the_data_migration():

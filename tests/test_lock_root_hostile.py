@@ -25,7 +25,7 @@ from tests.conftest import make_tasks
 from workqueue import actions, claims, locks, reaper
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Status, Task, TaskEvent
-from workqueue.processors import Claim, Result
+from workqueue.processing import Claim, Result
 
 REFUSED = "is a symlink; refusing to follow it"
 LOCKS_PAGE = "/admin/queue/task/locks/"

@@ -13,12 +13,13 @@ from django.db import OperationalError, connection
 from django.utils import timezone
 
 from hypervisor_site.writers import writer_lock_path
-from tests.conftest import make_tasks
+from tests.conftest import make_tasks, run_manage
 from tests.test_lock_root_hostile import dead_pid
 from workqueue import actions, claims, locks, reaper, transitions
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
-from workqueue.processors import NoopProcessor, Result
+from workqueue.processing import Result
+from workqueue.processors import NoopProcessor
 from workqueue.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,13 +324,14 @@ def test_the_claims_attempt_limit_blocks_in_the_reapers_own_write(lock_root):
     assert [k for k, _ in events(task)] == [EventKind.CLAIMED, EventKind.REAPED]
 
 
-@pytest.mark.django_db
-def test_a_profile_passes_its_attempt_limit_to_its_workers():
+def test_a_profiles_attempt_limit_rides_on_its_workers_claims(process_env):
     from herds.models import Profile
 
-    profile = Profile(name="p", processor="noop", max_attempts=2)
-    arguments = profile.work_arguments()
-    assert arguments[arguments.index("--max-attempts") + 1] == "2"
+    Profile.objects.create(name="careful", processor="noop", max_attempts=2)
+    make_tasks("q", 1)
+    result = run_manage(["work", "--queue", "q", "--profile", "careful"], process_env)
+    assert result.returncode == 0, result.stderr
+    assert Task.objects.get().max_attempts == 2
 
 
 @pytest.mark.django_db

@@ -293,9 +293,6 @@ class AgentRun:
                     else:
                         selector.unregister(key.fd)
             if read_until is None and not (result.timed_out or result.stopped):
-                # Both pipes closed, but the agent has not exited yet: it may be in its
-                # last steps (coreutils close stdout before exiting), or working on with
-                # its pipes closed. Either way it is not ended before its time.
                 self._wait_for_exit(deadline, result)
         finally:
             selector.close()
@@ -312,6 +309,10 @@ class AgentRun:
         return result
 
     def _wait_for_exit(self, deadline: float | None, result: AgentExit) -> None:
+        """Both pipes closed but the agent has not exited yet: a program that closes its
+        output in its exit handlers (coreutils, node) is still running for a moment, and
+        ending it now would turn its own exit into "killed by SIGTERM". It gets its
+        timeout, as any agent does."""
         while self.child.poll() is None:
             if deadline is not None and time.monotonic() >= deadline:
                 result.timed_out = True

@@ -12,7 +12,7 @@ import time
 from workqueue import locks, transitions
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Task
-from workqueue.processors import Claim, Result
+from workqueue.processing import Claim, Result
 from workqueue.transitions import FinishReport
 
 log = logging.getLogger(__name__)

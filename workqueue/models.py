@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, models
-from django.db.models import Count, Exists, Min, OuterRef, Q
+from django.db.models import Count, Exists, Min, OuterRef, Q, Sum
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 from django.utils.functional import cached_property
@@ -167,8 +167,17 @@ class TaskQuerySet(models.QuerySet):
         tasks = self.in_queue(queue)
         claimed = tasks.claimed()
         oldest = claimed.aggregate(oldest=Min("claimed_at"))["oldest"]
+        usage = {
+            row["queue"]: {"tokens": row["tokens"] or 0, "cost_usd": float(row["cost"] or 0)}
+            for row in tasks.values("queue")
+            .annotate(tokens=Sum("tokens"), cost=Sum("cost_usd"))
+            .order_by("queue")
+        }
         return {
             "counts": tasks.counts(),
+            "usage": usage,
+            "total_tokens": sum(u["tokens"] for u in usage.values()),
+            "total_cost_usd": round(sum(u["cost_usd"] for u in usage.values()), 10),
             "claimed_by": dict(
                 claimed.values_list("holder").annotate(n=Count("id")).order_by("holder")
             ),
@@ -264,6 +273,9 @@ class Task(models.Model):
     next_step = models.TextField(blank=True)
     commit = models.CharField(max_length=100, blank=True)
     tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(
+        max_digits=20, decimal_places=10, null=True, blank=True, help_text="As the agent CLI said."
+    )
     output_tail = models.TextField(blank=True)
     result = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     worktree = models.CharField(

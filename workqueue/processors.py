@@ -6,90 +6,23 @@ argument list, never through a shell.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
-import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from workqueue import agent_tree
+from workqueue import agent_tree, agents
+
+# The generic adapter's conventions, importable from here as before.
+from workqueue.agents.base import GIVE_BACK_EXIT  # noqa: F401
+from workqueue.agents.generic import interpret  # noqa: F401
 from workqueue.models import Status
+from workqueue.processing import Claim, Processor, Result, WorkContext
 
-
-@dataclass(frozen=True)
-class Claim:
-    id: int
-    queue: str
-    key: str
-    title: str
-    path: str
-    fence: int
-
-
-@dataclass
-class Result:
-    """What a processor reports for one claim."""
-
-    status: str = Status.DONE  # done, blocked, or queued to give the task back
-    outcome: str = ""
-    reason: str = ""
-    evidence: str = ""
-    next_step: str = ""
-    commit: str = ""
-    tokens: int = 0
-    output_tail: str = ""
-    data: dict = field(default_factory=dict)
-
-    def row_values(self) -> dict:
-        return {
-            "status": self.status,
-            "outcome": self.outcome or (self.status == Status.DONE and "success" or ""),
-            "reason": self.reason,
-            "evidence": self.evidence,
-            "next_step": self.next_step,
-            "commit": self.commit,
-            "tokens": self.tokens,
-            "output_tail": self.output_tail,
-            "result": self.data,
-        }
-
-
-GIVE_BACK_EXIT = 75  # EX_TEMPFAIL: "not now, give the task to someone else"
 TAIL_CHARS = 4000
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
-AGENT_LINE = re.compile(r"^(COMPLETED|BLOCKED):\s*(\S.*)?$", re.MULTILINE)
-
-
-class Processor:
-    name = "processor"
-    # Built-ins are fast: the worker finishes a whole prefetched batch in one write.
-    finish_in_batches = True
-
-    def process(self, claim: Claim, context: WorkContext) -> Result:
-        raise NotImplementedError
-
-
-class WorkContext:
-    """What a processor may ask of the worker running it."""
-
-    def __init__(
-        self,
-        worker_name: str,
-        stopping: Callable[[], bool],
-        dry_run: bool = False,
-        agent_started: Callable[[Claim, int, float], None] | None = None,
-    ):
-        self.worker_name = worker_name
-        self.stopping = stopping
-        self.dry_run = dry_run
-        # Records an agent's process group on its claim (the worker writes the row).
-        self.agent_started = agent_started or (lambda claim, pgid, started: None)
 
 
 class NoopProcessor(Processor):
@@ -109,23 +42,31 @@ class NoopProcessor(Processor):
 
 class CommandProcessor(Processor):
     """Runs an agent CLI or a script per task: its own process group tied to the claim,
-    an allow-listed environment, output streamed with bounded memory and masked."""
+    an allow-listed environment, output streamed with bounded memory and masked, and
+    read as it streams by the adapter of its CLI (`generic` for any other command)."""
 
     name = "command"
     finish_in_batches = False
 
     def __init__(
         self,
-        argv: list[str],
+        argv: list[str] | None = None,
         timeout: float | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         secrets: list[str] | None = None,
         pass_env: list[str] | None = None,
+        adapter: str = "generic",
+        options: agents.AgentOptions | None = None,
+        prompt_file: str = "",
     ):
-        if not argv or not all(isinstance(a, str) for a in argv):
+        self.adapter_class = agents.adapter_class(adapter)
+        self.generic = adapter == "generic"
+        if self.generic and (not argv or not all(isinstance(a, str) for a in argv)):
             raise ValueError("a command is a non-empty list of strings")
-        self.argv = argv
+        self.argv = list(argv or [])
+        self.prompt = "" if self.generic else read_prompt(prompt_file or DEFAULT_PROMPT)
+        self.options = options or agents.AgentOptions()
         self.timeout = timeout
         self.env = env or {}
         self.cwd = cwd
@@ -133,7 +74,9 @@ class CommandProcessor(Processor):
         self.pass_env = list(pass_env or [])
         self.last_output = ""
 
-    def arguments(self, claim: Claim, extra: dict | None = None) -> list[str]:
+    def arguments(
+        self, claim: Claim, extra: dict | None = None, adapter: agents.Adapter | None = None
+    ) -> list[str]:
         values = {
             "python": sys.executable,
             "base_dir": str(settings.BASE_DIR),
@@ -143,14 +86,11 @@ class CommandProcessor(Processor):
             "title": claim.title,
             **(extra or {}),
         }
-
-        # One pass, not str.format: a value (a title with braces, a key such as
-        # "{path}") is put in as it is and never scanned for placeholders again.
-        def fill(found: re.Match) -> str:
-            name = found.group(1)
-            return (values[name] or "") if name in values else found.group(0)
-
-        return [PLACEHOLDER.sub(fill, arg) for arg in self.argv]
+        if not self.generic:
+            # The adapter builds the command line; task values reach it inside the prompt.
+            adapter = adapter or self.adapter_class(self.options)
+            return adapter.command(fill_placeholders(self.prompt, values))
+        return [fill_placeholders(arg, values) for arg in self.argv]
 
     def environment(self, claim: Claim, context: WorkContext) -> dict[str, str]:
         return agent_tree.agent_environment(
@@ -174,7 +114,10 @@ class CommandProcessor(Processor):
         mask = agent_tree.Masker(
             [*self.secrets, *agent_tree.known_secrets(env, [*self.pass_env, *self.env])]
         )
-        args = self.arguments(claim, extra)
+        adapter = self.adapter_class(
+            self.options, agents.Transcript(transcript_path(claim.id, claim.fence))
+        )
+        args = self.arguments(claim, extra, adapter)
         run = agent_tree.AgentRun(
             args,
             env,
@@ -183,17 +126,19 @@ class CommandProcessor(Processor):
             mask,
             context.stopping,
             log_path=agent_log_path(claim),
+            on_line=adapter.feed,
         )
         try:
             run.start()
         except OSError as exc:
-            return Result(status=Status.BLOCKED, reason=f"cannot start {args[0]}: {exc.strerror}")
+            return Result(status=Status.BLOCKED, reason=adapter.missing_reason(exc, args[0]))
         try:
             context.agent_started(claim, run.pgid, run.started_at)
         finally:
             ended = run.wait()
         self.last_output = ended.stdout + ended.stderr
-        result = self.interpret_exit(ended, claim, context)
+        result = self.interpret_exit(ended, claim, context, adapter)
+        adapter.transcript.close()
         result.output_tail = (ended.stdout + ("\n" + ended.stderr if ended.stderr else ""))[
             -TAIL_CHARS:
         ]
@@ -203,26 +148,68 @@ class CommandProcessor(Processor):
         return result
 
     def interpret_exit(
-        self, ended: agent_tree.AgentExit, claim: Claim, context: WorkContext
+        self,
+        ended: agent_tree.AgentExit,
+        claim: Claim,
+        context: WorkContext,
+        adapter: agents.Adapter | None = None,
     ) -> Result:
+        adapter = adapter or self.adapter_class(self.options)
         if ended.survivors:
             # Not requeued: another agent must not start while this one may still work.
             pids = ", ".join(map(str, ended.survivors))
-            return Result(
+            result = Result(
                 status=Status.BLOCKED,
                 reason=f"the agent's processes could not be ended (pids {pids})",
             )
-        if ended.stopped or (ended.code is not None and ended.code < 0 and context.stopping()):
+        elif ended.stopped or (ended.code is not None and ended.code < 0 and context.stopping()):
             # Stopped with the herd (cancel or Ctrl-C, which may signal the agent before
             # the worker): the task is not at fault.
-            return Result(status=Status.QUEUED, reason="worker stopped")
-        if ended.timed_out:
-            return Result(
+            result = Result(status=Status.QUEUED, reason="worker stopped")
+        elif ended.timed_out:
+            adapter.finish_stream()
+            if adapter.quota:  # a CLI retrying a rate limit until the timeout
+                return adapter.quota_result()
+            result = Result(
                 status=Status.BLOCKED,
                 outcome="timed_out",
                 reason=f"timed out after {self.timeout:g} s",
             )
-        return interpret(ended.code, ended.stdout, ended.stderr, claim.key)
+        else:
+            return adapter.result(ended.code, ended.stdout, ended.stderr, claim.key)
+        adapter.fill(result)
+        return result
+
+
+DEFAULT_PROMPT = "prompts/worker.md"
+PROMPT_LIMIT = 64 * 1024
+
+
+def read_prompt(name: str) -> str:
+    """A profile's prompt template, relative to the project unless absolute."""
+    path = Path(settings.BASE_DIR, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(PROMPT_LIMIT + 1)
+    except OSError as exc:
+        raise ValueError(f"prompt file {path}: {exc.strerror or exc}") from None
+    if len(data) > PROMPT_LIMIT:
+        raise ValueError(f"prompt file {path}: larger than {PROMPT_LIMIT} bytes")
+    text = data.decode("utf-8", "replace").strip()
+    if not text:
+        raise ValueError(f"prompt file {path}: empty")
+    return text
+
+
+def fill_placeholders(text: str, values: dict) -> str:
+    """One pass, not str.format: a value (a title with braces, a key such as "{path}")
+    is put in as it is and never scanned for placeholders again."""
+
+    def fill(found: re.Match) -> str:
+        name = found.group(1)
+        return (values[name] or "") if name in values else found.group(0)
+
+    return PLACEHOLDER.sub(fill, text)
 
 
 def agent_log_path(claim: Claim) -> Path:
@@ -231,79 +218,14 @@ def agent_log_path(claim: Claim) -> Path:
     )
 
 
-def interpret(code: int, stdout: str, stderr: str, key: str) -> Result:
-    """Turn an exit code and output into a result, reading the agent's last words."""
-    if code == GIVE_BACK_EXIT:
-        return Result(status=Status.QUEUED, reason="the command gave the task back (exit 75)")
-    result = (
-        Result(status=Status.DONE, outcome="success")
-        if code == 0
-        else Result(status=Status.BLOCKED, reason=_exit_reason(code, stderr))
+def transcript_path(task_id: int, fence: int) -> Path:
+    """The live transcript of one claim's agent: named by numbers only."""
+    return Path(
+        settings.HYPERVISOR_DATA_DIR,
+        "logs",
+        "agents",
+        f"task-{int(task_id)}-{int(fence)}.transcript.json",
     )
-    _read_agent_lines(result, stdout)
-    _read_json_line(result, stdout)
-    return result
-
-
-def _exit_reason(code: int, stderr: str) -> str:
-    tail = stderr.strip()[-500:]
-    if code < 0:
-        try:
-            what = signal.Signals(-code).name
-        except ValueError:
-            what = f"signal {-code}"
-        return f"killed by {what}" + (f": {tail}" if tail else "")
-    return tail or f"exited with code {code}"
-
-
-def _read_agent_lines(result: Result, stdout: str) -> None:
-    found = list(AGENT_LINE.finditer(stdout))
-    if not found:
-        return
-    last = found[-1]
-    after = stdout[last.end() :]
-    reason = re.search(r"^Reason:\s*(.+)$", after, re.MULTILINE)
-    following = re.search(r"^Next:\s*(.+)$", after, re.MULTILINE)
-    if last.group(1) == "BLOCKED":
-        result.status = Status.BLOCKED
-        result.reason = reason.group(1).strip() if reason else "the agent reported BLOCKED"
-    else:
-        result.status = Status.DONE
-        result.outcome = result.outcome or "success"
-        result.reason = ""
-    if following:
-        result.next_step = following.group(1).strip()
-
-
-def _read_json_line(result: Result, stdout: str) -> None:
-    lines = stdout.strip().splitlines()
-    if not lines:
-        return
-    try:
-        data = json.loads(lines[-1])
-    except ValueError:
-        return
-    if not isinstance(data, dict):
-        return
-    status = data.get("status")
-    if status in (Status.DONE, "success", "completed"):
-        result.status = Status.DONE
-        result.reason = ""
-    elif status == Status.BLOCKED:
-        result.status = Status.BLOCKED
-    for name, attr in (
-        ("outcome", "outcome"),
-        ("reason", "reason"),
-        ("evidence", "evidence"),
-        ("next", "next_step"),
-        ("commit", "commit"),
-    ):
-        if data.get(name) is not None:
-            setattr(result, attr, str(data[name]))
-    with contextlib.suppress(TypeError, ValueError):
-        result.tokens = max(0, int(data.get("tokens") or 0))
-    if result.status == Status.DONE and not result.outcome:
-        result.outcome = "success"
 
 
 BUILT_IN = {

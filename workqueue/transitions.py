@@ -23,7 +23,7 @@ from django.utils import timezone
 from hypervisor_site.writers import write_transaction
 from workqueue.locks import Identity
 from workqueue.models import EventKind, Status, Task, TaskEvent
-from workqueue.processors import Claim, Result
+from workqueue.processing import Claim, Result
 
 # The statuses a transition may start from. The board offers fewer (forms.ACTIONS); an
 # import follows the file wherever the task stands, except in a worker's hands.

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from workqueue import signals
 from workqueue.models import Queue, Status, Task, TaskBody
-from workqueue.processors import Claim, Processor, Result, WorkContext
+from workqueue.processing import Claim, Processor, Result, WorkContext
 from workqueue.taskfile import TaskFileError
 from workqueue.triage_rules import Decision, Rules, triage_bytes, unified_diff
 from workqueue.writeback import (

@@ -17,4 +17,5 @@ urlpatterns = [
     path("triage/", views.triage_start, name="triage-start"),
     path("triage/<int:pk>/", views.triage_detail, name="triage-detail"),
     path("triage/<int:pk>/apply/", views.triage_apply, name="triage-apply"),
+    path("tasks/<int:pk>/transcript/", views.task_transcript, name="task-transcript"),
 ]

@@ -28,6 +28,7 @@ from django.views.decorators.vary import vary_on_headers
 
 from herds.models import Herd
 from workqueue import authoring, bulk, editing, locks, triage_review
+from workqueue.agents.base import read_transcript
 from workqueue.forms import (
     ACTIONS,
     BoardFilterForm,
@@ -46,6 +47,7 @@ from workqueue.models import (
     Task,
     unmet_dependency_counts,
 )
+from workqueue.processors import transcript_path
 from workqueue.rendering import render_markdown
 
 PAGE_SIZE = 50
@@ -71,6 +73,7 @@ CARD_FIELDS = (
     "complexity", "tags", "has_dependencies",
     "created_at", "updated_at", "holder", "holder_host", "holder_pid", "holder_started",
     "lease_expires_at", "outcome", "reason", "result", "source_missing", "change_pending",
+    "tokens", "cost_usd",
 )  # fmt: skip
 
 
@@ -261,7 +264,33 @@ def _detail_context(request: HttpRequest, task: Task, **extra) -> dict:
         "can_change": request.user.has_perm("queue.change_task"),
         "actions": card_actions(task.status),
         "diff": task.result.get("diff") if isinstance(task.result, dict) else None,
+        "agent": agent_report(task),
+        "transcript": task_transcript_of(task),
     }
+
+
+def agent_report(task: Task) -> dict | None:
+    """What an agent CLI's adapter recorded on the task, for the drawer."""
+    data = task.result if isinstance(task.result, dict) else {}
+    if not isinstance(data.get("tokens"), dict) and not data.get("session_id"):
+        return None
+    return data
+
+
+def task_transcript_of(task: Task, last: int | None = None) -> dict | None:
+    if not task.fence:
+        return None
+    return read_transcript(transcript_path(task.pk, task.fence), last)
+
+
+@login_required
+@permission_required("queue.view_task", raise_exception=True)
+@require_GET
+def task_transcript(request: HttpRequest, pk: int) -> HttpResponse:
+    """The live transcript of a task's agent: what the drawer polls while it runs."""
+    task = get_object_or_404(Task.objects.only("id", "status", "fence"), pk=pk)
+    context = {"task": task, "transcript": task_transcript_of(task)}
+    return render(request, "workqueue/transcript.html", context)
 
 
 def card_actions(status: str) -> list[tuple[str, str]]:

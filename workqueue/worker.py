@@ -15,7 +15,7 @@ from hypervisor_site.writers import writer_clock
 from workqueue import claims, signals, transitions
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status
-from workqueue.processors import Claim, Processor, Result, WorkContext
+from workqueue.processing import Claim, Processor, Result, WorkContext
 
 log = logging.getLogger("workqueue.worker")
 
@@ -226,6 +226,9 @@ class Worker:
                 self.stats.blocked += 1
             else:
                 self.stats.released += 1
+                if result.data.get("quota"):
+                    # Every other task would hit the same limit: stop claiming.
+                    self.stop(result.reason)
             self.stats.tokens += result.tokens
             if not self.processor.finish_in_batches:
                 log.info(

@@ -17,7 +17,8 @@ from django.utils import timezone
 from workqueue import signals
 from workqueue.locks import lock_name
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
-from workqueue.processors import Claim, CommandProcessor, Processor, Result, WorkContext
+from workqueue.processing import Claim, Processor, Result, WorkContext
+from workqueue.processors import CommandProcessor
 
 
 class WorktreeError(Exception):

@@ -2,7 +2,7 @@
 
 import os
 
-from workqueue.processors import Result
+from workqueue.processing import Result
 
 
 def die_on_first(claim, context) -> Result:

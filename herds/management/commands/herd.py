@@ -1,6 +1,7 @@
 import json
 import sys
 import time
+from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
@@ -23,6 +24,15 @@ class Command(BaseCommand):
         )
         parser.add_argument("--token-budget", type=int, help="drain once this many tokens")
         parser.add_argument("--wall-clock", type=int, help="drain after this many seconds")
+        parser.add_argument(
+            "--cost-budget", type=Decimal, help="drain once the agents report this many USD"
+        )
+        parser.add_argument(
+            "--resume-after-quota",
+            action="store_true",
+            help="when the herd ends on quota, launch the same herd again once the limit lifts "
+            "(at the reset time the agent CLI gave, or after HYPERVISOR_QUOTA_BACKOFF)",
+        )
         parser.add_argument("--wait", action="store_true", help="follow the herd to its end")
         parser.add_argument("--json", action="store_true", help="print only the summary JSON")
 
@@ -40,6 +50,8 @@ class Command(BaseCommand):
                 filters=options["where"],
                 token_budget=options["token_budget"],
                 wall_clock_limit=options["wall_clock"],
+                cost_budget_usd=options["cost_budget"],
+                resume_after_quota=options["resume_after_quota"],
             )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
@@ -88,6 +100,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"herd {data['herd']} {data['status']}: {data['done']} done, "
             f"{data['blocked']} blocked in {data['runtime_seconds']} s "
-            f"({data['items_per_second']}/s), {data['total_tokens']} tokens"
+            f"({data['items_per_second']}/s), {data['total_tokens']} tokens, "
+            f"${data.get('total_cost_usd', 0):.4f}"
             + (f"; {data['reason']}" if data.get("reason") else "")
         )

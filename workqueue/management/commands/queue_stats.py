@@ -6,7 +6,10 @@ from workqueue.models import Task
 
 
 class Command(BaseCommand):
-    help = "Counts per status, claims per worker, stale claims and the oldest claim's age."
+    help = (
+        "Counts per status, claims per worker, stale claims, the oldest claim's age, and "
+        "tokens and cost per queue."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--queue")
@@ -22,5 +25,9 @@ class Command(BaseCommand):
         for holder, count in stats["claimed_by"].items():
             self.stdout.write(f"  held by {holder}: {count}")
         self.stdout.write(f"stale claims: {stats['stale']}")
+        for queue, usage in stats["usage"].items():
+            self.stdout.write(
+                f"{queue}: {usage['tokens']} tokens, ${usage['cost_usd']:.4f} (as the agents said)"
+            )
         age = stats["oldest_claim_seconds"]
         self.stdout.write(f"oldest claim: {age:.0f} s" if age is not None else "oldest claim: -")

@@ -29,10 +29,16 @@ class Command(BaseCommand):
         parser.add_argument("--batch", type=int, default=0, help="tasks to process; 0 = all")
         parser.add_argument(
             "--processor",
-            default="noop",
-            help="noop, triage, command (with -- CMD ARG ...) or a dotted path",
+            help="noop (the default), triage, command (with -- CMD ARG ...) or a dotted path",
         )
-        parser.add_argument("--prefetch", type=int, default=1, help="tasks claimed at a time")
+        parser.add_argument(
+            "--profile",
+            help="work as a herd of this profile would: its processor or agent CLI, prompt, "
+            "environment, limits and filters",
+        )
+        parser.add_argument(
+            "--prefetch", type=int, help="tasks claimed at a time (default 1, or the profile's)"
+        )
         parser.add_argument("--lease", type=int, default=settings.HYPERVISOR_LEASE_SECONDS)
         parser.add_argument("--timeout", type=float, default=None, help="seconds per command")
         parser.add_argument("--name", help="worker name (default host:pid)")
@@ -72,8 +78,8 @@ class Command(BaseCommand):
             "--max-attempts",
             type=int,
             default=None,
-            help="block a task once dead workers have lost it this many times "
-            "(lower than the queue's own limit only)",
+            help="block a task once dead workers have lost it this many times (below the "
+            "queue's own limit only; a profile's limit is the default)",
         )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument(
@@ -81,27 +87,30 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        argv = options["argv"]
+        if argv and argv[0] == "--":
+            argv = argv[1:]
+        profile = self.profile(options, argv)
+        if options["prefetch"] is None:
+            options["prefetch"] = profile.prefetch if profile else 1
         if (
             options["batch"] < 0
             or min(options["prefetch"], options["lease"], options["workers"]) < 1
+            or (options["max_attempts"] is not None and options["max_attempts"] < 1)
         ):
             raise CommandError(
                 "--batch must be >= 0; --prefetch, --lease, --workers, --max-attempts >= 1"
             )
-        argv = options["argv"]
-        if argv and argv[0] == "--":
-            argv = argv[1:]
+        options["processor"] = options["processor"] or "noop"
         if argv and options["processor"] != "command":
             raise CommandError("a command after -- needs --processor command")
-        kwargs = {}
-        if options["processor"] == "command":
-            # A herd puts its profile's extra environment in ours and names it here: the
-            # agent gets it, and its values never reach the stored output.
-            profile_env = [n for n in os.environ.get("HYPERVISOR_MASK_ENV", "").split(",") if n]
-            kwargs = {"timeout": options["timeout"], "pass_env": profile_env + options["pass_env"]}
         try:
-            filters = TaskFilter.parse(options["where"])
-            processor = load_processor(options["processor"], argv, **kwargs)
+            filters = TaskFilter.parse([*(profile.filters if profile else []), *options["where"]])
+            processor = (
+                profile.build_processor(options["timeout"], options["pass_env"])
+                if profile
+                else load_processor(options["processor"], argv, **self.command_options(options))
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         if options["worktree_repo"]:
@@ -129,7 +138,7 @@ class Command(BaseCommand):
             "herd": options["herd"],
             "dry_run": options["dry_run"],
             "filters": filters or None,
-            "max_attempts": options["max_attempts"],
+            "max_attempts": options["max_attempts"] or (profile.max_attempts if profile else None),
         }
         if options["workers"] > 1:
             summaries = self.fork_workers(options, processor, settings_for_worker)
@@ -146,6 +155,32 @@ class Command(BaseCommand):
                     f"{summary['writer_wait_seconds']} s, held {summary['writer_hold_seconds']} s)"
                 )
         sys.exit(max(s["exit_code"] for s in summaries))
+
+    def profile(self, options, argv):
+        """The profile named by --profile, its routing and isolation put in `options`."""
+        if not options["profile"]:
+            return None
+        from herds.models import Profile
+
+        if options["processor"] or argv:
+            raise CommandError("--profile brings its own processor: drop --processor and --")
+        profile = Profile.objects.filter(name=options["profile"]).first()
+        if profile is None:
+            names = ", ".join(Profile.objects.values_list("name", flat=True))
+            raise CommandError(f"no profile {options['profile']!r}; profiles: {names}")
+        if profile.worktree_repo and not options["worktree_repo"]:
+            options["worktree_repo"] = profile.worktree_repo
+            options["worktree_base"] = profile.worktree_base
+        options["require_commit"] = options["require_commit"] or profile.require_commit
+        return profile
+
+    def command_options(self, options) -> dict:
+        if options["processor"] != "command":
+            return {}
+        # A profile's extra environment named by whoever started us: the agent gets it,
+        # and its values never reach the stored output.
+        profile_env = [n for n in os.environ.get("HYPERVISOR_MASK_ENV", "").split(",") if n]
+        return {"timeout": options["timeout"], "pass_env": profile_env + options["pass_env"]}
 
     def run_worker(self, options, processor, worker_settings, name) -> dict:
         worker = Worker(options["queue"], processor, name=name, **worker_settings)

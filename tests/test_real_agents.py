@@ -1,0 +1,241 @@
+"""The real agent CLIs, installed from npm (`make agents`), run by real workers of the
+shipped profiles against local stand-ins of their vendors' APIs (tests/vendor_stubs).
+
+What the stand-in answered is all the CLI knows: the tokens each answer reported, summed
+the way the vendor sums them, must be what the worker recorded; the cost and session the
+CLI printed must be what the task shows; a 429 must give the task back, not block it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_agent_profiles import shipped_profile, task_files, work
+from tests.vendor_stubs.anthropic import AnthropicStub
+from tests.vendor_stubs.gemini import GeminiStub
+from tests.vendor_stubs.openai import OpenAIStub
+from workqueue.models import Status, Task
+from workqueue.processors import transcript_path
+
+pytestmark = pytest.mark.slow
+BIN = ROOT / "node_modules" / ".bin"
+STUBS = {"claude": AnthropicStub, "gemini": GeminiStub, "codex": OpenAIStub}
+
+
+@pytest.fixture(autouse=True)
+def installed():
+    missing = [name for name in STUBS if not (BIN / name).exists()]
+    if not missing:
+        return
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not available, so the real agent CLIs are not installed")
+    pytest.fail(f"{', '.join(missing)} not in node_modules/.bin: run `make agents`")
+
+
+def stub_env(cli: str, stub, home: Path, gemini_settings: dict | None = None) -> dict[str, str]:
+    """The profile's env for its agent: the stand-in's address and a scratch HOME."""
+    home.mkdir(exist_ok=True)
+    env = {"HOME": str(home)}
+    if cli == "claude":
+        env.update(
+            ANTHROPIC_BASE_URL=stub.url,
+            CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+            CLAUDE_CODE_MAX_RETRIES="0",
+            IS_SANDBOX="1",  # these tests run as root in a container
+        )
+    elif cli == "gemini":
+        (home / ".gemini").mkdir(exist_ok=True)
+        settings = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+        settings.update(gemini_settings or {})
+        (home / ".gemini" / "settings.json").write_text(json.dumps(settings))
+        env.update(GOOGLE_GEMINI_BASE_URL=stub.url)
+    else:
+        codex_home = home / "codex"
+        codex_home.mkdir(exist_ok=True)
+        (codex_home / "config.toml").write_text(
+            'model_provider = "local"\n[model_providers.local]\nname = "local"\n'
+            f'base_url = "{stub.url}/v1"\nenv_key = "OPENAI_API_KEY"\nwire_api = "responses"\n'
+            "request_max_retries = 0\nstream_max_retries = 0\nsupports_websockets = false\n"
+        )
+        env.update(CODEX_HOME=str(codex_home))
+    return env
+
+
+@pytest.fixture
+def worker_env(process_env) -> dict[str, str]:
+    return {
+        **process_env,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "ANTHROPIC_API_KEY": "sk-ant-stand-in-key",
+        "GEMINI_API_KEY": "gemini-stand-in-key",
+        "OPENAI_API_KEY": "sk-openai-stand-in-key",
+        "HYPERVISOR_AGENT_GRACE": "1",
+    }
+
+
+def vendor_total(cli: str, usage: list[dict]) -> int:
+    """What the vendor counts as the run's tokens, from what the stand-in answered."""
+    if cli == "claude":
+        keys = [
+            "input_tokens",
+            "output",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+        ]
+        return sum(u[k] for u in usage for k in keys)
+    if cli == "gemini":
+        return sum(u["totalTokenCount"] for u in usage)
+    return sum(u["input_tokens"] + u["output_tokens"] for u in usage)
+
+
+def printed_result(task: Task) -> dict:
+    """The CLI's own last word, from the agent's log: what the adapter must agree with."""
+    text = Path(task.result["log"]).read_text()
+    if text.lstrip().startswith("{\n"):  # Gemini's json mode
+        return json.loads(text[: text.rindex("}") + 1])
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [e for e in events if e.get("type") in ("result", "turn.completed")][-1] | {
+        "session_id": next(
+            e.get("session_id") or e.get("thread_id")
+            for e in events
+            if e.get("session_id") or e.get("thread_id")
+        )
+    }
+
+
+@pytest.mark.parametrize("cli", list(STUBS))
+def test_real_cli_tokens_cost_and_session_are_what_it_printed(
+    cli, worker_env, tmp_path, write_task
+):
+    with STUBS[cli]() as stub:
+        shipped_profile(cli, tmp_path / "ledger", env=stub_env(cli, stub, tmp_path / "home"))
+        tasks = task_files(write_task, f"r{cli}", ["", ""])
+
+        result, summary = work(worker_env, f"r{cli}", cli, timeout=240)
+
+    assert result.returncode == 0, result.stderr
+    assert stub.requests, "the CLI never called the stand-in"
+    total = 0
+    for task in tasks:
+        task.refresh_from_db()
+        assert task.status == Status.DONE, (task.reason, task.output_tail)
+        printed = printed_result(task)
+        assert task.result["session_id"] == printed["session_id"]
+        if cli == "claude":
+            assert task.cost_usd == Decimal(str(printed["total_cost_usd"])) > 0
+            assert task.result["resume"] == f"claude --resume {printed['session_id']}"
+        elif cli == "codex":
+            assert task.result["resume"] == f"codex exec resume {printed['session_id']}"
+            assert task.cost_usd is None
+        # The worker's data folder is the test's process_env one, beside the agent's log.
+        transcript = Path(task.result["log"]).parent / transcript_path(task.pk, task.fence).name
+        entries = json.loads(transcript.read_text())["entries"]
+        # the tool call, seen
+        asked = [(r["path"], sorted((r["body"] or {}).keys())) for r in stub.requests]
+        assert [e for e in entries if e["kind"] == "tool"], (entries, asked)
+        total += task.tokens
+    # Every token the stand-in reported, summed as the vendor sums them.
+    assert total == vendor_total(cli, stub.usage) == summary["tokens"] > 0
+
+
+def test_real_gemini_json_mode_is_read_whole(worker_env, tmp_path, write_task):
+    with GeminiStub() as stub:
+        env = stub_env("gemini", stub, tmp_path / "home")
+        shipped_profile("gemini", tmp_path / "l", env=env, extra_args=["--output-format", "json"])
+        (task,) = task_files(write_task, "rgj", [""])
+        work(worker_env, "rgj", "gemini", timeout=240)
+    task.refresh_from_db()
+    assert task.status == Status.DONE, task.reason
+    assert task.tokens == vendor_total("gemini", stub.usage) > 0
+    assert task.result["final_message"].endswith(f"COMPLETED: {task.key}")
+
+
+@pytest.mark.parametrize(
+    "cli, words",
+    [
+        ("claude", "Request rejected (429)"),
+        ("gemini", "exhausted your daily quota"),
+        ("codex", "Quota exceeded"),
+    ],
+)
+def test_real_cli_quota_gives_the_task_back_uncounted(
+    cli, words, worker_env, tmp_path, write_task
+):
+    with STUBS[cli]() as stub:
+        stub.mode = "quota"
+        shipped_profile(cli, tmp_path / "ledger", env=stub_env(cli, stub, tmp_path / "home"))
+        first, second = task_files(write_task, f"rq{cli}", ["", ""])
+        result, summary = work(worker_env, f"rq{cli}", cli, timeout=240)
+    assert result.returncode == 0, result.stderr
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.status == Status.QUEUED and first.attempts == 0, first.reason
+    assert first.result["quota"] is True and words in first.reason
+    # The worker stopped claiming: the second task was never tried.
+    assert (second.status, second.attempts) == (Status.QUEUED, 0)
+    assert summary["stop_reason"].startswith("quota or rate limit reached")
+
+
+def test_real_claude_max_turns_blocks_with_a_plain_reason(worker_env, tmp_path, write_task):
+    with AnthropicStub() as stub:
+        env = stub_env("claude", stub, tmp_path / "home")
+        shipped_profile("claude", tmp_path / "ledger", env=env, max_turns=1)
+        (task,) = task_files(write_task, "rmt", [""])
+        work(worker_env, "rmt", "claude", timeout=240)
+    task.refresh_from_db()
+    assert task.status == Status.BLOCKED
+    assert task.reason.startswith("reached the maximum number of turns"), task.reason
+    assert task.tokens == vendor_total("claude", stub.usage) > 0
+
+
+def test_real_gemini_turn_limit_blocks_with_a_plain_reason(worker_env, tmp_path, write_task):
+    # Gemini has no max-turns option: its settings.json has model.maxSessionTurns.
+    with GeminiStub() as stub:
+        turns = {"model": {"maxSessionTurns": 1}}
+        env = stub_env("gemini", stub, tmp_path / "home", gemini_settings=turns)
+        shipped_profile("gemini", tmp_path / "ledger", env=env)
+        (task,) = task_files(write_task, "rgt", [""])
+        work(worker_env, "rgt", "gemini", timeout=240)
+    task.refresh_from_db()
+    assert task.status == Status.BLOCKED
+    assert task.reason.startswith("reached the session's turn limit (exit 53)"), (
+        task.reason,
+        task.output_tail,
+        task.result,
+    )
+    assert task.tokens == vendor_total("gemini", stub.usage) > 0
+
+
+@pytest.mark.parametrize("cli", list(STUBS))
+def test_real_cli_waiting_on_a_silent_api_ends_at_the_timeout(
+    cli, worker_env, tmp_path, write_task
+):
+    with STUBS[cli]() as stub:
+        stub.mode = "hang"
+        shipped_profile(cli, tmp_path / "ledger", env=stub_env(cli, stub, tmp_path / "home"))
+        (task,) = task_files(write_task, f"rh{cli}", [""])
+        started = time.monotonic()
+        work(worker_env, f"rh{cli}", cli, "--timeout", "8", timeout=240)
+        took = time.monotonic() - started
+    task.refresh_from_db()
+    assert (task.status, task.outcome) == (Status.BLOCKED, "timed_out"), task.reason
+    assert took < 8 + 2 * 1 + 15
+    marker = f"{task.pk}.{task.fence}"
+    left = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            alive = process.info["status"] != psutil.STATUS_ZOMBIE
+            if alive and process.environ().get("HYPERVISOR_TASK_CLAIM") == marker:
+                left.append(process.pid)
+        except psutil.Error:
+            continue
+    assert left == []

@@ -1,0 +1,1 @@
+"""Local stand-ins of the agent vendors' HTTP APIs, for running the real CLIs offline."""

@@ -1,0 +1,122 @@
+"""A small threaded HTTP server on the loopback that records what a CLI asked for."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+KEY_IN_PROMPT = re.compile(r"task (\S+) in queue")
+
+
+class Stub:
+    """One vendor API. `mode` is "ok" (answer with a tool call, then a final message),
+    "quota" (HTTP 429), or "hang" (never answer). Every request and the usage each answer
+    reported are kept."""
+
+    def __init__(self):
+        self.mode = "ok"
+        self.requests: list[dict] = []
+        self.usage: list[dict] = []  # what each answer told the CLI it used
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler_class())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> Stub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handler_class(self):
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                stub.record(self, None)
+                stub.answer_get(self)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    body = {"raw": raw[:1000].decode("utf-8", "replace")}
+                stub.record(self, body)
+                if stub.mode == "hang":
+                    stub.closing.wait(120)  # the CLI waits; only its timeout ends it
+                    return
+                stub.answer_post(self, body)
+
+        return Handler
+
+    def record(self, handler, body) -> None:
+        with self.lock:
+            self.requests.append({"method": handler.command, "path": handler.path, "body": body})
+
+    def answer_get(self, handler) -> None:
+        send_json(handler, 404, {"error": {"message": "not here"}})
+
+    def answer_post(self, handler, body: dict) -> None:
+        raise NotImplementedError
+
+    def note_usage(self, **usage) -> None:
+        with self.lock:
+            self.usage.append(usage)
+
+
+def send_json(handler, status: int, data: dict, headers: dict | None = None) -> None:
+    payload = json.dumps(data).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+def send_events(handler, events: list[tuple[str | None, dict]]) -> None:
+    """Server-sent events, then the connection closes."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    for name, data in events:
+        chunk = (f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n"
+        handler.wfile.write(chunk.encode())
+        handler.wfile.flush()
+    handler.close_connection = True
+
+
+def prompt_text(value) -> str:
+    """Every string inside a request body, joined: enough to find the task key."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return "\n".join(prompt_text(v) for v in value.values())
+    if isinstance(value, list):
+        return "\n".join(prompt_text(v) for v in value)
+    return ""
+
+
+def task_key(body) -> str:
+    found = KEY_IN_PROMPT.search(prompt_text(body))
+    return found.group(1) if found else "unknown"

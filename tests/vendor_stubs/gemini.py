@@ -1,0 +1,100 @@
+"""A stand-in of the Gemini API: `models/…:streamGenerateContent?alt=sse` and
+`models/…:generateContent` (the CLI's routing classifier, when no model is named).
+
+In "ok" mode the first turn calls the CLI's `read_file` tool on the task file and the next
+ends with `COMPLETED: <key>`. In "quota" mode: HTTP 429 whose details say the per-day
+quota is spent, which the CLI does not retry.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tests.vendor_stubs.base import Stub, prompt_text, send_events, send_json, task_key
+
+TASK_FILE = re.compile(r"Its file is (\S+?)\.?\s*$", re.MULTILINE)
+DAILY_QUOTA = {
+    "error": {
+        "code": 429,
+        "message": "You exceeded your current quota. Quota exceeded for metric: "
+        "generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 50",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [
+                    {
+                        "quotaMetric": "generativelanguage.googleapis.com/"
+                        "generate_content_free_tier_requests",
+                        "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                        "quotaDimensions": {"location": "global", "model": "gemini-2.5-pro"},
+                        "quotaValue": "50",
+                    }
+                ],
+            },
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "43200s"},
+        ],
+    }
+}
+
+
+def read_file_tool(tools: list) -> tuple[str, str] | None:
+    for group in tools or []:
+        for declaration in group.get("functionDeclarations") or []:
+            if declaration.get("name") == "read_file":
+                schema = declaration.get("parametersJsonSchema") or declaration.get("parameters")
+                required = (schema or {}).get("required") or ["file_path"]
+                return "read_file", required[0]
+    return None
+
+
+class GeminiStub(Stub):
+    def answer_post(self, handler, body: dict) -> None:
+        path = handler.path
+        if ":countTokens" in path:
+            send_json(handler, 200, {"totalTokens": 10})
+            return
+        if ":generateContent" not in path and ":streamGenerateContent" not in path:
+            send_json(handler, 404, {"error": {"code": 404, "message": f"no {path} here"}})
+            return
+        if self.mode == "quota":
+            send_json(handler, 429, DAILY_QUOTA)
+            return
+        contents = body.get("contents") or []
+        answered = any(
+            "functionResponse" in part
+            for content in contents
+            if isinstance(content, dict)
+            for part in content.get("parts") or []
+            if isinstance(part, dict)
+        )
+        task_file = TASK_FILE.search(prompt_text(contents))
+        tool = read_file_tool(body.get("tools"))
+        if ":generateContent" in path:
+            # The routing classifier (or another side call): a short JSON answer.
+            part = {"text": '{"reasoning": "simple", "model_choice": "flash"}'}
+        elif tool and task_file and not answered:
+            part = {"functionCall": {"name": tool[0], "args": {tool[1]: task_file.group(1)}}}
+        else:
+            part = {"text": f"The task is done.\n\nCOMPLETED: {task_key(contents)}"}
+        usage = {
+            "promptTokenCount": 500 + 25 * len(contents),
+            "candidatesTokenCount": 40 + len(contents),
+            "cachedContentTokenCount": 100,
+            "thoughtsTokenCount": 12,
+        }
+        usage["totalTokenCount"] = (
+            usage["promptTokenCount"] + usage["candidatesTokenCount"] + usage["thoughtsTokenCount"]
+        )
+        self.note_usage(path=path.split("?")[0], **usage)
+        answer = {
+            "candidates": [
+                {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}
+            ],
+            "usageMetadata": usage,
+            "modelVersion": path.split("/models/")[-1].split(":")[0],
+        }
+        if ":streamGenerateContent" in path:
+            send_events(handler, [(None, answer)])
+        else:
+            send_json(handler, 200, answer)

@@ -1,0 +1,133 @@
+"""A stand-in of OpenAI's Responses API (POST /v1/responses, server-sent events).
+
+In "ok" mode the first turn runs the task file through Codex's shell tool, and the next
+ends with a message `COMPLETED: <key>`. In "quota" mode: HTTP 429 `insufficient_quota`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+from tests.vendor_stubs.base import Stub, prompt_text, send_events, send_json, task_key
+
+TASK_FILE = re.compile(r"Its file is (\S+?)\.?\s*$", re.MULTILINE)
+ids = itertools.count(1)
+
+
+def shell_tool(tools: list) -> dict | None:
+    for tool in tools or []:
+        name = str(tool.get("name") or "")
+        if tool.get("type") == "function" and ("shell" in name or "exec" in name):
+            return tool
+    return None
+
+
+class OpenAIStub(Stub):
+    def answer_get(self, handler) -> None:
+        if handler.path.rstrip("/").endswith("/models"):
+            send_json(handler, 200, {"object": "list", "data": [], "models": []})
+            return
+        super().answer_get(handler)
+
+    def answer_post(self, handler, body: dict) -> None:
+        if not handler.path.startswith("/v1/responses"):
+            send_json(handler, 404, {"error": {"message": f"no {handler.path} here"}})
+            return
+        if self.mode == "quota":
+            send_json(
+                handler,
+                429,
+                {
+                    "error": {
+                        "message": "You exceeded your current quota, please check your plan.",
+                        "type": "insufficient_quota",
+                        "code": "insufficient_quota",
+                    }
+                },
+            )
+            return
+        items = body.get("input") or []
+        ran_tool = any(
+            isinstance(i, dict)
+            and i.get("type") in ("function_call_output", "custom_tool_call_output")
+            for i in items
+        )
+        path = TASK_FILE.search(prompt_text(items) + "\n" + str(body.get("instructions") or ""))
+        tool = shell_tool(body.get("tools"))
+        response_id = f"resp_{next(ids)}"
+        if tool and path and not ran_tool:
+            # The shell tool's own schema: `cmd` (a string) in recent versions, `command`
+            # (an argument list) in older ones.
+            properties = (tool.get("parameters") or {}).get("properties") or {}
+            field = "cmd" if "cmd" in properties else "command"
+            command = f"cat {path.group(1)}"
+            if (properties.get(field) or {}).get("type") == "array":
+                command = ["bash", "-lc", command]
+            item = {
+                "type": "function_call",
+                "id": f"fc_{next(ids)}",
+                "call_id": f"call_{next(ids)}",
+                "name": tool["name"],
+                "arguments": json.dumps({field: command}),
+                "status": "completed",
+            }
+        else:
+            text = f"The task is done.\n\nCOMPLETED: {task_key(items)}"
+            item = {
+                "type": "message",
+                "id": f"msg_{next(ids)}",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        cached = 64
+        usage = {
+            "input_tokens": 300 + 20 * len(items),
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": 30 + len(items),
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
+        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        self.note_usage(**usage)
+        response = {"id": response_id, "object": "response", "status": "in_progress", "output": []}
+        events = [
+            ("response.created", {"type": "response.created", "response": response}),
+            (
+                "response.output_item.added",
+                {"type": "response.output_item.added", "output_index": 0, "item": item},
+            ),
+        ]
+        if item["type"] == "message":
+            events.append(
+                (
+                    "response.output_text.delta",
+                    {
+                        "type": "response.output_text.delta",
+                        "item_id": item["id"],
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": item["content"][0]["text"],
+                    },
+                )
+            )
+        events += [
+            (
+                "response.output_item.done",
+                {"type": "response.output_item.done", "output_index": 0, "item": item},
+            ),
+            (
+                "response.completed",
+                {
+                    "type": "response.completed",
+                    "response": {
+                        **response,
+                        "status": "completed",
+                        "output": [item],
+                        "usage": usage,
+                    },
+                },
+            ),
+        ]
+        send_events(handler, events)

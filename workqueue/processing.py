@@ -1,0 +1,79 @@
+"""What a processor is given and what it reports: the claim, the result, the context.
+
+Processors (built-in, command, an agent's adapter) import these without importing the
+engine that claims and finishes tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from workqueue.models import Status
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    queue: str
+    key: str
+    title: str
+    path: str
+    fence: int
+
+
+@dataclass
+class Result:
+    """What a processor reports for one claim."""
+
+    status: str = Status.DONE  # done, blocked, or queued to give the task back
+    outcome: str = ""
+    reason: str = ""
+    evidence: str = ""
+    next_step: str = ""
+    commit: str = ""
+    tokens: int = 0
+    cost_usd: Decimal | None = None  # what the agent's CLI says the run cost, if it says
+    output_tail: str = ""
+    data: dict = field(default_factory=dict)
+
+    def row_values(self) -> dict:
+        return {
+            "status": self.status,
+            "outcome": self.outcome or (self.status == Status.DONE and "success" or ""),
+            "reason": self.reason,
+            "evidence": self.evidence,
+            "next_step": self.next_step,
+            "commit": self.commit,
+            "tokens": self.tokens,
+            "cost_usd": self.cost_usd,
+            "output_tail": self.output_tail,
+            "result": self.data,
+        }
+
+
+class WorkContext:
+    """What a processor may ask of the worker running it."""
+
+    def __init__(
+        self,
+        worker_name: str,
+        stopping: Callable[[], bool],
+        dry_run: bool = False,
+        agent_started: Callable[[Claim, int, float], None] | None = None,
+    ):
+        self.worker_name = worker_name
+        self.stopping = stopping
+        self.dry_run = dry_run
+        # Records an agent's process group on its claim (the worker writes the row).
+        self.agent_started = agent_started or (lambda claim, pgid, started: None)
+
+
+class Processor:
+    name = "processor"
+    # Built-ins are fast: the worker finishes a whole prefetched batch in one write.
+    finish_in_batches = True
+
+    def process(self, claim: Claim, context: WorkContext) -> Result:
+        raise NotImplementedError
