@@ -287,7 +287,7 @@ def _finish_event(identity: Identity, claim_: Claim, result: Result, now) -> tup
     if result.commit:
         data["commit"] = result.commit
     if result.data.get("quota"):
-        data["quota"] = result.data["quota"]
+        data.update(quota=result.data["quota"], resets_at=result.data.get("resets_at"))
     return (claim_.id, now, kind, identity.worker, claim_.fence, message or "", data)
 
 
