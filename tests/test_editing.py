@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import make_tasks
-from workqueue import actions, claims, editing, locks, writeback
+from workqueue import claims, editing, locks, transitions, writeback
 from workqueue.editing import EditError, FileChanged
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
@@ -353,7 +353,7 @@ def test_status_edits_go_through_the_engine_and_into_the_file(folder):
 def test_status_change_refused_when_the_task_moved_meanwhile(folder, monkeypatch):
     task = folder({"a.md": TASK})["a.md"]
     before = folder.path("a.md").read_bytes()
-    monkeypatch.setattr(actions, "mark_done", lambda *a, **k: False)
+    monkeypatch.setattr(transitions, "mark_done", lambda *a, **k: [])
     with pytest.raises(editing.Conflict):
         editing.edit_task(task, {"status": "done", "assignee": "bot"}, ACTOR)
     assert folder.path("a.md").read_bytes() == before

@@ -63,11 +63,11 @@ def test_every_transition_records_its_event_with_the_fence(lock_root):
     [claim] = claims.claim_ready_tasks("q", me, mine)
     claims.finish_claims(me, [(claim, Result(status=Status.BLOCKED, reason="no"))], mine)
     task = Task.objects.get()
-    assert transitions.requeue(task, "nic")
+    assert transitions.requeue([task], "nic")
     task.refresh_from_db()
-    assert transitions.block(task, "nic", "waiting")
+    assert transitions.block([task], "nic", "waiting")
     task.refresh_from_db()
-    assert transitions.mark_done(task, "nic")
+    assert transitions.mark_done([task], "nic")
     assert events(Task.objects.get()) == [
         (EventKind.CLAIMED, claim.fence),
         (EventKind.BLOCKED, claim.fence),
@@ -84,8 +84,8 @@ def test_a_transition_from_a_state_the_task_has_left_changes_nothing(lock_root):
     me = Identity.current("w")
     claims.claim_ready_tasks("q", me, OwnerFile(me))
     # A person acts on the board's stale copy: the task was claimed meanwhile.
-    assert not transitions.block(seen, "nic", "stale page")
-    assert not transitions.mark_done(seen, "nic")
+    assert not transitions.block([seen], "nic", "stale page")
+    assert not transitions.mark_done([seen], "nic")
     task = Task.objects.get()
     assert (task.status, task.holder) == (Status.CLAIMED, "w")
     assert [k for k, _ in events(task)] == [EventKind.CLAIMED]
@@ -94,8 +94,8 @@ def test_a_transition_from_a_state_the_task_has_left_changes_nothing(lock_root):
 @pytest.mark.django_db
 def test_requeue_refuses_a_claimed_task_and_release_a_queued_one():
     (task,) = make_tasks("q", 1)
-    assert not transitions.requeue(task, "nic")
-    assert not transitions.release_by_person(task, "nic")
+    assert not transitions.requeue([task], "nic")
+    assert not transitions.release_by_person([task], "nic")
     assert not task.events.exists()
 
 

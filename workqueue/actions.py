@@ -1,61 +1,93 @@
-"""What a person does to a task, from the board or the admin.
+"""What a person does to tasks, from the board, a bulk action or the admin.
 
-Each action ends the agent of a claimed task first (two agents must never work on one
-task, and a person's release is a release like the reaper's), then makes its transition,
-then lets go of the claim's lock directory while it is still the old holder's.
+An action ends the agents of the claimed tasks first (two agents must never work on one
+task, and a person's release is a release like the reaper's), in one look at the process
+table however many tasks; then makes its transition for all of them in one write; then
+lets go of each released claim's lock directory while it is still the old holder's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
 from workqueue import agent_tree, reaper, transitions
 from workqueue.models import Status, Task
+
+ACTIONS = ("release", "requeue", "back_to_queue", "done", "block")
 
 
 class AgentStillRunning(Exception):
     """A claim's agent could not be ended, so its task cannot go to anyone else."""
 
 
-def _end_agent(task: Task) -> None:
-    if task.status == Status.CLAIMED:
-        alive = agent_tree.end_agents_of([task]).get(task.pk)
-        if alive:
-            raise AgentStillRunning(
-                f"{task.key}: its agent's processes {', '.join(map(str, alive))} "
+@dataclass
+class Outcome:
+    changed: list[int] = field(default_factory=list)
+    # Task id -> why it was left as it was: its agent could not be ended.
+    refused: dict[int, str] = field(default_factory=dict)
+
+
+def act(
+    tasks: Iterable[Task], action: str, actor: str, reason: str = "", message: str = ""
+) -> Outcome:
+    """One action over tasks as the caller saw them. Tasks that moved meanwhile, or that
+    the action does not start from, are left alone (not in `changed`)."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    tasks = list(tasks)
+    outcome = Outcome()
+    claimed = [t for t in tasks if t.status == Status.CLAIMED]
+    if claimed and action != "requeue":
+        for pk, pids in agent_tree.end_agents_of(claimed).items():
+            key = next(t.key for t in claimed if t.pk == pk)
+            outcome.refused[pk] = (
+                f"{key}: its agent's processes {', '.join(map(str, pids))} "
                 "could not be ended; the task stays claimed"
             )
+    ready = [t for t in tasks if t.pk not in outcome.refused]
+    if action in ("release", "back_to_queue"):
+        outcome.changed += transitions.release_by_person(ready, actor, message)
+    if action in ("requeue", "back_to_queue"):
+        outcome.changed += transitions.requeue(ready, actor, message)
+    if action == "done":
+        outcome.changed += transitions.mark_done(ready, actor, reason)
+    if action == "block":
+        outcome.changed += transitions.block(ready, actor, reason)
+    changed = set(outcome.changed)
+    for task in claimed:
+        if task.pk in changed:
+            reaper.let_go(task, actor)
+    return outcome
 
 
-def _after(task: Task, changed: bool, actor: str) -> bool:
-    if changed and task.status == Status.CLAIMED:
-        reaper.let_go(task, actor)
-    return changed
+def _one(task: Task, action: str, actor: str, reason: str = "", message: str = "") -> bool:
+    outcome = act([task], action, actor, reason, message)
+    if task.pk in outcome.refused:
+        raise AgentStillRunning(outcome.refused[task.pk])
+    return task.pk in outcome.changed
 
 
 def release(task: Task, actor: str, message: str = "") -> bool:
     """A claim let go: back to queued. Raises AgentStillRunning."""
-    _end_agent(task)
-    return _after(task, transitions.release_by_person(task, actor, message), actor)
+    return _one(task, "release", actor, message=message)
 
 
 def requeue(task: Task, actor: str, message: str = "") -> bool:
     """A done or blocked task back to queued."""
-    return transitions.requeue(task, actor, message)
+    return _one(task, "requeue", actor, message=message)
 
 
 def back_to_queue(task: Task, actor: str, message: str = "") -> bool:
     """Whatever the task's state: a claim released, a done or blocked task requeued."""
-    if task.status == Status.CLAIMED:
-        return release(task, actor, message)
-    return requeue(task, actor, message)
+    return _one(task, "back_to_queue", actor, message=message)
 
 
 def mark_done(task: Task, actor: str, reason: str = "") -> bool:
     """Closed by a person. Raises AgentStillRunning."""
-    _end_agent(task)
-    return _after(task, transitions.mark_done(task, actor, reason), actor)
+    return _one(task, "done", actor, reason=reason)
 
 
 def block(task: Task, actor: str, reason: str) -> bool:
     """Blocked by a person, with the reason. Raises AgentStillRunning."""
-    _end_agent(task)
-    return _after(task, transitions.block(task, actor, reason), actor)
+    return _one(task, "block", actor, reason=reason)

@@ -429,8 +429,10 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
             .filter(pk__in=[p.task.pk for p in live])
             .values_list("pk", "source_sha256")
         )
+        unchanged = [p for p in live if rows.get(p.task.pk) == p.task.source_sha256]
+        left_alone = _transitions([p for p in unchanged if p.status], actor)
         for plan in live:
-            why = _write(plan, rows.get(plan.task.pk), actor)
+            why = _write(plan, rows.get(plan.task.pk), left_alone)
             if why:
                 report.skip(plan.task, why)
                 continue
@@ -446,12 +448,12 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
     return applied
 
 
-def _write(plan: _Plan, sha256: str | None, actor: str) -> str:
-    """Transition and rename one task's file; the reason it was skipped, or ""."""
+def _write(plan: _Plan, sha256: str | None, left_alone: dict[int, str]) -> str:
+    """Rename one task's file after its transition; the reason it was skipped, or ""."""
     if sha256 != plan.task.source_sha256:
         why = CHANGED_ON_DISK if sha256 is not None else "no such task"
-    elif plan.status and not _transition(plan, actor):
-        why = plan.unwritable or "moved meanwhile; nothing done"
+    elif plan.status and plan.task.pk in left_alone:
+        why = left_alone[plan.task.pk]
     elif not plan.temporary:
         return ""
     else:
@@ -465,19 +467,29 @@ def _write(plan: _Plan, sha256: str | None, actor: str) -> str:
     return why
 
 
-def _transition(plan: _Plan, actor: str) -> bool:
-    """The state change, through a person's actions (workqueue.actions, over the
-    transitions): never an update of ours."""
-    task = plan.task
-    try:
+def _transitions(plans: list[_Plan], actor: str) -> dict[int, str]:
+    """The batch's state changes, as a person's actions (workqueue.actions, over the
+    transitions; never an update of ours): one per kind of change, each over every task
+    that has it. Returns, per task left as it was, why."""
+    groups: dict[tuple, list[_Plan]] = {}
+    for plan in plans:
         if plan.status == Status.QUEUED:
-            return actions.back_to_queue(task, actor, plan.message or "requeued from the board")
-        if plan.status == Status.BLOCKED:
-            return actions.block(task, actor, plan.reason)
-        return actions.mark_done(task, actor, plan.reason or plan.message)
-    except actions.AgentStillRunning as exc:
-        plan.unwritable = str(exc)
-        return False
+            what = ("back_to_queue", "", plan.message or "requeued from the board")
+        elif plan.status == Status.BLOCKED:
+            what = ("block", plan.reason, "")
+        else:
+            what = ("done", plan.reason or plan.message, "")
+        groups.setdefault(what, []).append(plan)
+    left_alone: dict[int, str] = {}
+    for (action, reason, message), group in groups.items():
+        outcome = actions.act([p.task for p in group], action, actor, reason, message)
+        changed = set(outcome.changed)
+        for plan in group:
+            if plan.task.pk not in changed:
+                why = outcome.refused.get(plan.task.pk, "moved meanwhile; nothing done")
+                plan.unwritable = why
+                left_alone[plan.task.pk] = why
+    return left_alone
 
 
 # The edited columns, saved for undo and restored by it.

@@ -579,14 +579,14 @@ def follow_file_status(task: Task, wanted: dict) -> bool:
     actor = "import"
     if target == Status.DONE:
         reason = f"closed in its file ({wanted['closed_by']})"
-        return transitions.mark_done(task, actor, reason, wanted["outcome"])
+        return bool(transitions.mark_done([task], actor, reason, wanted["outcome"]))
     if target == Status.BLOCKED:
-        return transitions.block(task, actor, wanted["reason"])
+        return bool(transitions.block([task], actor, wanted["reason"]))
     if target == Status.CLAIMED:
-        return transitions.hold_for_outside(task, wanted["holder"], actor)
+        return bool(transitions.hold_for_outside([task], wanted["holder"], actor))
     if task.status == Status.CLAIMED:
-        return transitions.release_by_person(task, actor, "released in its file")
-    return transitions.requeue(task, actor, "requeued in its file")
+        return bool(transitions.release_by_person([task], actor, "released in its file"))
+    return bool(transitions.requeue([task], actor, "requeued in its file"))
 
 
 def refresh_from_source(task: Task) -> None:

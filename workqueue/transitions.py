@@ -69,13 +69,6 @@ def _move(
     return [i for i, _ in rows]
 
 
-def _seen(task: Task, sources: Iterable[str]):
-    """The task as its caller saw it, if that is a state this transition starts from."""
-    if task.status not in sources:
-        return Task.objects.none()
-    return Task.objects.filter(pk=task.pk, status=task.status, fence=task.fence)
-
-
 def _held(identity: Identity, claims: list[Claim]):
     """One queryset per fence of the claims this worker still holds."""
     by_fence: dict[int, list[int]] = defaultdict(list)
@@ -330,25 +323,65 @@ def release_by_reaper(task: Task, why: str, actor: str, queue_limit: int) -> str
 
 
 # People's transitions (the board, the admin) and the file's (import) -------------------
+# Each takes the tasks as its caller saw them (one, or a whole bulk batch) and changes
+# those still in that state and fence, in one write; it returns the ids it changed.
 
 
-def release_by_person(task: Task, actor: str, message: str = "") -> bool:
-    """claimed -> queued: a person (or the task's file) lets a claim go."""
-    guard = _seen(task, (Status.CLAIMED,))
+def _move_seen(
+    tasks: Iterable[Task], sources: Iterable[str], values: dict, kind: str, actor: str, message
+) -> list[int]:
+    seen = {t.pk: (t.status, t.fence) for t in tasks if t.status in sources}
+    if not seen:
+        return []
+    now = timezone.now()
+    with write_transaction():
+        found = Task.objects.filter(pk__in=list(seen)).select_for_update()
+        rows = [
+            (pk, status, fence)
+            for pk, status, fence in found.values_list("id", "status", "fence")
+            if seen[pk] == (status, fence)
+        ]
+        if rows:
+            Task.objects.filter(pk__in=[r[0] for r in rows]).update(updated_at=now, **values)
+            TaskEvent.objects.record(
+                [
+                    (
+                        pk,
+                        now,
+                        kind,
+                        actor,
+                        fence,
+                        message(status) if callable(message) else message,
+                        {},
+                    )
+                    for pk, status, fence in rows
+                ]
+            )
+    return [r[0] for r in rows]
+
+
+def release_by_person(tasks: Iterable[Task], actor: str, message: str = "") -> list[int]:
+    """claimed -> queued: a person (or the task's file) lets claims go."""
     values = {"status": Status.QUEUED, **no_holder()}
-    return bool(_move(guard, values, EventKind.RELEASED, actor, message or "claim released"))
-
-
-def requeue(task: Task, actor: str, message: str = "") -> bool:
-    """done or blocked -> queued."""
-    guard = _seen(task, REQUEUE_FROM)
-    values = {"status": Status.QUEUED, **no_holder()}
-    return bool(
-        _move(guard, values, EventKind.REQUEUED, actor, message or f"requeued from {task.status}")
+    return _move_seen(
+        tasks, (Status.CLAIMED,), values, EventKind.RELEASED, actor, message or "claim released"
     )
 
 
-def block(task: Task, actor: str, reason: str) -> bool:
+def requeue(tasks: Iterable[Task], actor: str, message: str = "") -> list[int]:
+    """done or blocked -> queued."""
+    values = {"status": Status.QUEUED, **no_holder()}
+    return _move_seen(
+        tasks,
+        REQUEUE_FROM,
+        values,
+        EventKind.REQUEUED,
+        actor,
+        message or (lambda status: f"requeued from {status}"),
+    )
+
+
+def block(tasks: Iterable[Task], actor: str, reason: str) -> list[int]:
     """queued, claimed or done -> blocked, with the reason."""
     values = {
         "status": Status.BLOCKED,
@@ -358,10 +391,12 @@ def block(task: Task, actor: str, reason: str) -> bool:
         "agent_pgid": None,
         "agent_started": None,
     }
-    return bool(_move(_seen(task, BLOCK_FROM), values, EventKind.BLOCKED, actor, reason))
+    return _move_seen(tasks, BLOCK_FROM, values, EventKind.BLOCKED, actor, reason)
 
 
-def mark_done(task: Task, actor: str, reason: str = "", outcome: str = "closed") -> bool:
+def mark_done(
+    tasks: Iterable[Task], actor: str, reason: str = "", outcome: str = "closed"
+) -> list[int]:
     """queued, claimed or blocked -> done (closed, or the outcome given)."""
     values = {
         "status": Status.DONE,
@@ -374,10 +409,10 @@ def mark_done(task: Task, actor: str, reason: str = "", outcome: str = "closed")
     if reason:
         values["reason"] = reason
     message = reason or f"marked {outcome} by {actor}"
-    return bool(_move(_seen(task, MARK_DONE_FROM), values, EventKind.DONE, actor, message))
+    return _move_seen(tasks, MARK_DONE_FROM, values, EventKind.DONE, actor, message)
 
 
-def hold_for_outside(task: Task, holder: str, actor: str = "import") -> bool:
+def hold_for_outside(tasks: Iterable[Task], holder: str, actor: str = "import") -> list[int]:
     """queued, done or blocked -> claimed by someone outside Hypervisor (a file that says
     in_progress): no pid, no lease; only a person or the file lets it go."""
     values = {
@@ -387,4 +422,4 @@ def hold_for_outside(task: Task, holder: str, actor: str = "import") -> bool:
         "claimed_at": timezone.now(),
     }
     message = f"held outside Hypervisor by {holder}"
-    return bool(_move(_seen(task, HOLD_FROM), values, EventKind.CLAIMED, actor, message))
+    return _move_seen(tasks, HOLD_FROM, values, EventKind.CLAIMED, actor, message)
