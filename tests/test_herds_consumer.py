@@ -4,7 +4,6 @@ herds adopted by the next one. Real consumers, real worker processes, real signa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -15,16 +14,11 @@ import pytest
 
 from herds import processes
 from herds.models import ExitClass, Herd, HerdStatus, Worker
-from tests.conftest import make_tasks, run_manage, start_manage
+from tests.conftest import make_tasks, start_manage
 from tests.test_herds_processes import agent_profile, launch, wait_until, worker_logs
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 pytestmark = pytest.mark.slow
-
-CONSUMER_HUEY = (
-    "import json; from huey.contrib.djhuey import HUEY; "
-    "print(json.dumps({'name': HUEY.name, 'kwargs': HUEY.storage_kwargs}))"
-)
 
 
 @contextlib.contextmanager
@@ -161,20 +155,6 @@ def test_fork_server_waits_on_workers_and_their_codes_reach_the_rows(huey_env, t
 
     codes = {w.index: (w.exit_class, w.exit_code) for w in workers}
     assert codes == {0: (ExitClass.CRASHED, -signal.SIGKILL), 1: (ExitClass.FINISHED, 0)}
-
-
-@pytest.fixture
-def consumer_huey(huey_env, monkeypatch):
-    """This process enqueues into the Huey storage the test's consumer reads."""
-    from huey.contrib.djhuey import HUEY
-
-    result = run_manage(["shell", "-c", CONSUMER_HUEY], huey_env, timeout=60)
-    assert result.returncode == 0, result.stderr
-    theirs = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not HUEY.immediate
-    monkeypatch.setattr(HUEY, "name", theirs["name"])
-    monkeypatch.setattr(HUEY, "storage", type(HUEY.storage)(theirs["name"], **theirs["kwargs"]))
-    return HUEY
 
 
 def test_ten_herds_on_two_consumer_threads_all_start_and_the_reaper_still_runs(

@@ -48,6 +48,17 @@ def no_holder() -> dict:
     }
 
 
+def ended(now=None) -> dict:
+    """What a claim leaves when its task ends, done or blocked: no lease, no agent (the
+    holder stays, to say who had it)."""
+    return {
+        "finished_at": now or timezone.now(),
+        "lease_expires_at": None,
+        "agent_pgid": None,
+        "agent_started": None,
+    }
+
+
 def _move(
     tasks,
     values: dict,
@@ -249,7 +260,7 @@ def finish(identity: Identity, finished: list[tuple[Claim, Result]]) -> FinishRe
 def _finish_values(result: Result, now) -> dict:
     values = result.row_values()
     if result.status != Status.QUEUED:
-        return {"updated_at": now, "lease_expires_at": None, "finished_at": now, **values}
+        return {"updated_at": now, **ended(now), **values}
     # Given back: the task was not at fault. A quota or rate limit does not count the
     # attempt either; anything else (the agent asked to be retried) does.
     back = {"updated_at": now, **no_holder()}
@@ -297,14 +308,7 @@ def release_by_reaper(task: Task, why: str, actor: str, queue_limit: int) -> str
     if blocked:
         source = "profile" if limit < queue_limit else "queue"
         reason = f"abandoned {task.attempts} times ({source} limit {limit})"
-        values = {
-            "status": Status.BLOCKED,
-            "reason": reason,
-            "finished_at": timezone.now(),
-            "lease_expires_at": None,
-            "agent_pgid": None,
-            "agent_started": None,
-        }
+        values = {"status": Status.BLOCKED, "reason": reason, **ended()}
     else:
         reason = "back to queued"
         values = {"status": Status.QUEUED, **no_holder()}
@@ -383,14 +387,7 @@ def requeue(tasks: Iterable[Task], actor: str, message: str = "") -> list[int]:
 
 def block(tasks: Iterable[Task], actor: str, reason: str) -> list[int]:
     """queued, claimed or done -> blocked, with the reason."""
-    values = {
-        "status": Status.BLOCKED,
-        "reason": reason,
-        "finished_at": timezone.now(),
-        "lease_expires_at": None,
-        "agent_pgid": None,
-        "agent_started": None,
-    }
+    values = {"status": Status.BLOCKED, "reason": reason, **ended()}
     return _move_seen(tasks, BLOCK_FROM, values, EventKind.BLOCKED, actor, reason)
 
 
@@ -398,14 +395,7 @@ def mark_done(
     tasks: Iterable[Task], actor: str, reason: str = "", outcome: str = "closed"
 ) -> list[int]:
     """queued, claimed or blocked -> done (closed, or the outcome given)."""
-    values = {
-        "status": Status.DONE,
-        "outcome": outcome,
-        "finished_at": timezone.now(),
-        "lease_expires_at": None,
-        "agent_pgid": None,
-        "agent_started": None,
-    }
+    values = {"status": Status.DONE, "outcome": outcome, **ended()}
     if reason:
         values["reason"] = reason
     message = reason or f"marked {outcome} by {actor}"

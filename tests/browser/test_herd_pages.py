@@ -1,14 +1,13 @@
 """Herds in a real Chromium: launch from the button, watch the board, cancel from the herd page.
 
 The live server runs in this process, so its Huey is the one django settings built at import
-time (the shared `var/` file or the `hypervisor` Redis name). `shared_huey` points that Huey at
+time (the shared `var/` file or the `hypervisor` Redis name). `consumer_huey` points that Huey at
 the private storage the test's `run_huey` consumer reads, as the consumer itself reports it,
 so a launch from the browser reaches that consumer and nobody else's.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 
@@ -19,7 +18,7 @@ from playwright.sync_api import expect
 from herds import processes
 from herds.models import ExitClass, Herd, HerdStatus, Profile
 from tests.browser.conftest import PASSWORD, screenshot, wait_until
-from tests.conftest import ROOT, make_tasks, run_manage
+from tests.conftest import ROOT, make_tasks
 from workqueue.models import Status, Task
 
 AGENT = str(ROOT / "examples" / "agents" / "example_agent.py")
@@ -29,27 +28,6 @@ OPERATOR_PERMISSIONS = [
     ("herds", "view_herd"),
     ("herds", "add_herd"),
 ]
-CONSUMER_HUEY = (
-    "import json; from huey.contrib.djhuey import HUEY; "
-    "print(json.dumps({'class': type(HUEY.storage).__name__, 'name': HUEY.name, "
-    "'kwargs': HUEY.storage_kwargs}))"
-)
-
-
-@pytest.fixture
-def shared_huey(huey_env, monkeypatch):
-    """Make the live server enqueue into the same Huey storage the consumer dequeues from."""
-    from huey.contrib.djhuey import HUEY
-
-    result = run_manage(["shell", "-c", CONSUMER_HUEY], huey_env, timeout=60)
-    assert result.returncode == 0, result.stderr
-    theirs = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not HUEY.immediate, "the live server would run herds itself, not the consumer"
-    assert theirs["class"] == type(HUEY.storage).__name__, theirs
-    storage = type(HUEY.storage)(theirs["name"], **theirs["kwargs"])
-    monkeypatch.setattr(HUEY, "name", theirs["name"])
-    monkeypatch.setattr(HUEY, "storage", storage)
-    return theirs
 
 
 @pytest.fixture
@@ -86,7 +64,7 @@ def consumer_log(tmp_path) -> str:
 
 
 def test_launch_a_herd_from_the_button_and_watch_the_board_fill_done(
-    page, login, operator, live_url, shared_huey, consumer, tmp_path
+    page, login, operator, live_url, consumer_huey, consumer, tmp_path
 ):
     Profile.objects.update_or_create(name="noop", defaults={"processor": "noop", "prefetch": 5})
     make_tasks("herdui", 30)
@@ -158,7 +136,7 @@ def test_launch_a_herd_from_the_button_and_watch_the_board_fill_done(
 
 
 def test_cancel_a_running_herd_from_its_page(
-    page, login, operator, live_url, shared_huey, consumer, lock_root, tmp_path
+    page, login, operator, live_url, consumer_huey, consumer, lock_root, tmp_path
 ):
     profile = Profile.objects.update_or_create(
         name="sleepy",
