@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from herds.models import Herd, Profile, Worker
+from herds.models import Herd, HerdWorker, Profile
 
 
 @admin.register(Profile)
@@ -12,7 +12,7 @@ class ProfileAdmin(admin.ModelAdmin):
 
 
 class WorkerInline(admin.TabularInline):
-    model = Worker
+    model = HerdWorker
     extra = 0
     can_delete = False
     fields = [
@@ -78,7 +78,7 @@ class HerdAdmin(ReadOnlyAdmin):
         self.message_user(request, f"{cancelled} herd(s) cancelled.", messages.SUCCESS)
 
 
-@admin.register(Worker)
+@admin.register(HerdWorker)
 class WorkerAdmin(ReadOnlyAdmin):
     list_display = ["name", "herd", "host", "pid", "state", "exit_class", "done", "blocked"]
     list_filter = ["state", "exit_class"]

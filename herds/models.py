@@ -782,18 +782,18 @@ class ExitClass(models.TextChoices):
     CANCELLED = "cancelled"
 
 
-class WorkerQuerySet(models.QuerySet):
-    def live(self) -> WorkerQuerySet:
+class HerdWorkerQuerySet(models.QuerySet):
+    def live(self) -> HerdWorkerQuerySet:
         return self.exclude(state=WorkerState.EXITED)
 
-    def exited(self) -> WorkerQuerySet:
+    def exited(self) -> HerdWorkerQuerySet:
         return self.filter(state=WorkerState.EXITED)
 
-    def crashed(self) -> WorkerQuerySet:
+    def crashed(self) -> HerdWorkerQuerySet:
         return self.filter(exit_class=ExitClass.CRASHED)
 
 
-class Worker(models.Model):
+class HerdWorker(models.Model):
     """One `manage.py work` process of a herd."""
 
     herd = models.ForeignKey(Herd, on_delete=models.CASCADE, related_name="workers")
@@ -826,7 +826,7 @@ class Worker(models.Model):
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
-    objects = WorkerQuerySet.as_manager()
+    objects = HerdWorkerQuerySet.as_manager()
 
     class Meta:
         ordering = ["herd", "index"]
@@ -851,7 +851,7 @@ class Worker(models.Model):
         """Mark the process gone, once; a second supervisor finds it already done."""
         now = timezone.now()
         won = (
-            Worker.objects.filter(pk=self.pk)
+            HerdWorker.objects.filter(pk=self.pk)
             .live()
             .update(
                 state=WorkerState.EXITED,

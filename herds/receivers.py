@@ -1,4 +1,4 @@
-"""Keep a herd's Worker row current from inside the worker process.
+"""Keep a herd's HerdWorker row current from inside the worker process.
 
 The worker hot path pays one UPDATE per batch or heartbeat. That UPDATE is conditional on
 the row having no drain reason, so the same statement tells the worker when to stop.
@@ -33,32 +33,32 @@ def _worker_id() -> int | None:
 
 
 def _row(sender):
-    """The Worker row of this process, when it runs as part of a herd."""
-    from herds.models import Worker
+    """The HerdWorker row of this process, when it runs as part of a herd."""
+    from herds.models import HerdWorker
 
     worker_id = _worker_id()
     if worker_id is None or sender.identity.herd is None:
         return None, None
-    return Worker, worker_id
+    return HerdWorker, worker_id
 
 
-def _update_or_stop(sender, Worker, worker_id: int, **values) -> None:
-    if Worker.objects.filter(pk=worker_id, drain_reason="").update(**values):
+def _update_or_stop(sender, HerdWorker, worker_id: int, **values) -> None:
+    if HerdWorker.objects.filter(pk=worker_id, drain_reason="").update(**values):
         return
-    reason = Worker.objects.filter(pk=worker_id).values_list("drain_reason", flat=True).first()
-    Worker.objects.filter(pk=worker_id).update(**values)
+    reason = HerdWorker.objects.filter(pk=worker_id).values_list("drain_reason", flat=True).first()
+    HerdWorker.objects.filter(pk=worker_id).update(**values)
     sender.stop(f"herd draining: {reason}" if reason else "herd worker row is gone")
 
 
 @receiver(signals.worker_started)
 def worker_started(sender, **kwargs) -> None:
-    Worker, worker_id = _row(sender)
-    if Worker is None:
+    HerdWorker, worker_id = _row(sender)
+    if HerdWorker is None:
         return
     identity = sender.identity
     _update_or_stop(
         sender,
-        Worker,
+        HerdWorker,
         worker_id,
         pid=identity.pid,
         host=identity.host,
@@ -70,13 +70,13 @@ def worker_started(sender, **kwargs) -> None:
 
 @receiver(signals.worker_heartbeat)
 def worker_heartbeat(sender, **kwargs) -> None:
-    Worker, worker_id = _row(sender)
-    if Worker is None:
+    HerdWorker, worker_id = _row(sender)
+    if HerdWorker is None:
         return
     current = sender.current
     _update_or_stop(
         sender,
-        Worker,
+        HerdWorker,
         worker_id,
         heartbeat_at=timezone.now(),
         current_task=current.key[:500] if current else "",
@@ -85,8 +85,8 @@ def worker_heartbeat(sender, **kwargs) -> None:
 
 @receiver(signals.tasks_finished)
 def tasks_finished(sender, finished, refused, **kwargs) -> None:
-    Worker, worker_id = _row(sender)
-    if Worker is None:
+    HerdWorker, worker_id = _row(sender)
+    if HerdWorker is None:
         return
     refused = set(refused)
     done = blocked = tokens = 0
@@ -104,7 +104,7 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
             quota = quota or result
     _update_or_stop(
         sender,
-        Worker,
+        HerdWorker,
         worker_id,
         done=F("done") + done,
         blocked=F("blocked") + blocked,
@@ -118,11 +118,11 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
 
 
 def _drain_for_quota(sender, worker_id: int, result) -> None:
-    from herds.models import Herd, Worker
+    from herds.models import Herd, HerdWorker
 
     reason = f"{result.reason} in {sender.identity.worker}"
     resets_at = result.data.get("resets_at")
-    Worker.objects.filter(pk=worker_id).update(quota_hit=True)
+    HerdWorker.objects.filter(pk=worker_id).update(quota_hit=True)
     herd = Herd.objects.filter(pk=sender.identity.herd).first()
     if herd is not None:
         herd.quota_reached(reason, datetime.fromisoformat(resets_at) if resets_at else None)
@@ -132,16 +132,16 @@ def _drain_for_quota(sender, worker_id: int, result) -> None:
 
 @receiver(signals.worker_lock_failed)
 def worker_lock_failed(sender, message, **kwargs) -> None:
-    Worker, worker_id = _row(sender)
-    if Worker is None:
+    HerdWorker, worker_id = _row(sender)
+    if HerdWorker is None:
         return
-    Worker.objects.filter(pk=worker_id).update(exit_detail=message[:500])
+    HerdWorker.objects.filter(pk=worker_id).update(exit_detail=message[:500])
 
 
 @receiver(signals.worker_stopped)
 def worker_stopped(sender, exit_code, **kwargs) -> None:
     # Only the code: supervision marks the row exited once the process is really gone.
-    Worker, worker_id = _row(sender)
-    if Worker is None:
+    HerdWorker, worker_id = _row(sender)
+    if HerdWorker is None:
         return
-    Worker.objects.filter(pk=worker_id).update(exit_code=exit_code, current_task="")
+    HerdWorker.objects.filter(pk=worker_id).update(exit_code=exit_code, current_task="")

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from herds import processes, zygote
-from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, Worker
+from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, HerdWorker
 from herds.receivers import WORKER_ENV
 from workqueue.reaper import release_stale_claims
 
@@ -32,7 +32,7 @@ STAGGER_SECONDS = 0.05  # most random delay between two worker starts
 # (forked just before the consumer died) and will report its pid itself within this time.
 START_GRACE_SECONDS = 10
 
-# Worker pk -> the process this consumer started, until its exit is recorded.
+# HerdWorker pk -> the process this consumer started, until its exit is recorded.
 children: dict[int, zygote.WorkerProcess] = {}
 _children_lock = threading.Lock()
 
@@ -45,7 +45,7 @@ def log_path(herd: Herd, index: int):
     return settings.HYPERVISOR_DATA_DIR / "logs" / "herds" / str(herd.pk) / f"worker-{index}.log"
 
 
-def worker_argv(herd: Herd, worker: Worker) -> list[str]:
+def worker_argv(herd: Herd, worker: HerdWorker) -> list[str]:
     """The arguments of `manage.py work` for one worker of this herd: the worker reads
     its profile (adapter, prompt, environment, limits, routing) from the database."""
     argv = [
@@ -67,8 +67,8 @@ def worker_argv(herd: Herd, worker: Worker) -> list[str]:
     return argv
 
 
-def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess | None]:
-    worker = Worker.objects.create(
+def start_worker(herd: Herd, index: int) -> tuple[HerdWorker, zygote.WorkerProcess | None]:
+    worker = HerdWorker.objects.create(
         herd=herd,
         index=index,
         name=f"herd{herd.pk}-w{index}",
@@ -86,7 +86,7 @@ def start_worker(herd: Herd, index: int) -> tuple[Worker, zygote.WorkerProcess |
     with _children_lock:
         children[worker.pk] = child
     started = processes.create_time(child.pid)
-    Worker.objects.filter(pk=worker.pk).update(pid=child.pid, process_started=started)
+    HerdWorker.objects.filter(pk=worker.pk).update(pid=child.pid, process_started=started)
     worker.pid, worker.process_started = child.pid, started
     return worker, child
 
@@ -172,14 +172,14 @@ def supervise(herd: Herd) -> bool:
     return False
 
 
-def never_started(worker: Worker) -> bool:
+def never_started(worker: HerdWorker) -> bool:
     worker.refresh_from_db(fields=["pid", "heartbeat_at"])
     if worker.pid is not None or worker.heartbeat_at is not None:
         return False
     return (timezone.now() - worker.started_at).total_seconds() > START_GRACE_SECONDS
 
 
-def child_of(worker: Worker) -> zygote.WorkerProcess | None:
+def child_of(worker: HerdWorker) -> zygote.WorkerProcess | None:
     with _children_lock:
         return children.get(worker.pk)
 
@@ -190,13 +190,13 @@ def forget_exited_children() -> None:
         ended = [pk for pk, child in children.items() if child.poll() is not None]
     if not ended:
         return
-    recorded = set(Worker.objects.filter(pk__in=ended).exited().values_list("pk", flat=True))
+    recorded = set(HerdWorker.objects.filter(pk__in=ended).exited().values_list("pk", flat=True))
     with _children_lock:
         for pk in recorded:
             children.pop(pk, None)
 
 
-def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None) -> None:
+def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | None) -> None:
     if worker.host != settings.HYPERVISOR_HOST:
         check_remote_worker(worker)
         return
@@ -233,7 +233,7 @@ def check_worker(herd: Herd, worker: Worker, child: zygote.WorkerProcess | None)
     reap_worker(herd, worker)
 
 
-def check_remote_worker(worker: Worker) -> None:
+def check_remote_worker(worker: HerdWorker) -> None:
     """A worker of another host: its pid means nothing here, only its heartbeat does.
 
     Its claims are not touched: they end with their lease, and the reaper takes them.
@@ -246,7 +246,7 @@ def check_remote_worker(worker: Worker) -> None:
         )
 
 
-def quota_in_log(herd: Herd, worker: Worker, tail_bytes: int = 64 * 1024) -> str | None:
+def quota_in_log(herd: Herd, worker: HerdWorker, tail_bytes: int = 64 * 1024) -> str | None:
     pattern = herd.profile.quota_regex()
     if pattern is None or not worker.log_path:
         return None
@@ -260,14 +260,14 @@ def quota_in_log(herd: Herd, worker: Worker, tail_bytes: int = 64 * 1024) -> str
     return found.group(0) if found else None
 
 
-def record_sample(worker: Worker, seen: processes.Sample) -> None:
+def record_sample(worker: HerdWorker, seen: processes.Sample) -> None:
     now = time.time()
     percent = None
     if worker.cpu_seconds is not None and worker.sampled_at and now > worker.sampled_at:
         percent = round(
             100 * (seen.cpu_seconds - worker.cpu_seconds) / (now - worker.sampled_at), 1
         )
-    Worker.objects.filter(pk=worker.pk).live().update(
+    HerdWorker.objects.filter(pk=worker.pk).live().update(
         cpu_seconds=seen.cpu_seconds,
         cpu_percent=max(0.0, percent) if percent is not None else None,
         sampled_at=now,
@@ -276,7 +276,7 @@ def record_sample(worker: Worker, seen: processes.Sample) -> None:
     )
 
 
-def reap_worker(herd: Herd, worker: Worker) -> None:
+def reap_worker(herd: Herd, worker: HerdWorker) -> None:
     """A dead worker's claims go back at once: its pid is gone, no need to wait for the lease.
     Each claim carries its profile's attempt limit, so the reaper applies it in the same write."""
     if worker.pid:

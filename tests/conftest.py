@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 
 from herds import processes
-from herds.models import Worker
+from herds.models import HerdWorker
 from workqueue.models import Queue, Status, Task, TaskBody
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ def consumer(huey_env, tmp_path):
         proc.kill()
         proc.wait()
     # Whatever a failing test left behind must not outlive it.
-    for worker in Worker.objects.all():
+    for worker in HerdWorker.objects.all():
         processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
 
 

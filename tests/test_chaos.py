@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from herds import processes
-from herds.models import Herd, Profile, Worker
+from herds.models import Herd, HerdWorker, Profile
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
 from tests.test_claims import lock_dirs
 from tests.test_herds_processes import launch, wait_until, worker_logs
@@ -37,7 +37,7 @@ def test_herd_survives_killed_workers_and_a_killed_consumer(
     make_tasks("chaos", 2000)
     herd_id = launch(huey_env, "--queue", "chaos", "--profile", "append", "--workers", "8")
     wait_until(
-        lambda: Worker.objects.filter(herd_id=herd_id, pid__isnull=False).count() == 8,
+        lambda: HerdWorker.objects.filter(herd_id=herd_id, pid__isnull=False).count() == 8,
         60,
         what="eight workers",
     )
@@ -48,7 +48,7 @@ def test_herd_survives_killed_workers_and_a_killed_consumer(
             time.sleep(rng.uniform(0.2, 0.5))
             alive = [
                 w
-                for w in Worker.objects.filter(herd_id=herd_id)
+                for w in HerdWorker.objects.filter(herd_id=herd_id)
                 if w.pid not in killed and processes.leader(w.pid, w.process_started)
             ]
             if not alive:

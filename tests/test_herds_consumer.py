@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from herds import processes
-from herds.models import ExitClass, Herd, HerdStatus, Worker
+from herds.models import ExitClass, Herd, HerdStatus, HerdWorker
 from tests.conftest import make_tasks, start_manage
 from tests.test_herds_processes import agent_profile, launch, wait_until, worker_logs
 from workqueue.models import EventKind, Status, Task, TaskEvent
@@ -41,7 +41,7 @@ def running_consumer(env: dict[str, str], log_path):
 def end_workers():
     yield
     # Whatever a failing test left behind must not outlive it.
-    for worker in Worker.objects.all():
+    for worker in HerdWorker.objects.all():
         processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
 
 
@@ -56,7 +56,7 @@ def fork_server_of(consumer) -> psutil.Process:
     return wait_until(find, 30, what="the consumer's fork server")
 
 
-def gone(worker: Worker) -> bool:
+def gone(worker: HerdWorker) -> bool:
     """Neither running nor a zombie: its parent waited on it."""
     try:
         return psutil.Process(worker.pid).create_time() != worker.process_started
@@ -82,7 +82,7 @@ def test_consumer_killed_mid_launch_is_adopted_at_start_up(huey_env, tmp_path, e
     try:
         herd_id = launch(huey_env, "--queue", "midq", "--profile", "steady", "--workers", "4")
         wait_until(
-            lambda: Worker.objects.filter(herd_id=herd_id, index=1).exclude(pid=None).exists(),
+            lambda: HerdWorker.objects.filter(herd_id=herd_id, index=1).exclude(pid=None).exists(),
             60,
             interval=0.02,
             what="the second worker started",
@@ -143,13 +143,13 @@ def test_fork_server_waits_on_workers_and_their_codes_reach_the_rows(huey_env, t
     with running_consumer(huey_env, tmp_path / "consumer.log") as consumer:
         herd_id = launch(huey_env, "--queue", "zombieq", "--profile", "steady", "--workers", "2")
         victim = wait_until(
-            lambda: Worker.objects.filter(herd_id=herd_id, index=0, state="running").first(),
+            lambda: HerdWorker.objects.filter(herd_id=herd_id, index=0, state="running").first(),
             60,
             what="worker 0 running",
         )
         os.kill(victim.pid, signal.SIGKILL)
         wait_until(lambda: Herd.objects.get(pk=herd_id).ended, 90, what="the herd to end")
-        workers = list(Worker.objects.filter(herd_id=herd_id))
+        workers = list(HerdWorker.objects.filter(herd_id=herd_id))
         assert consumer.poll() is None
         assert all(gone(w) for w in workers), [psutil.Process(w.pid) for w in workers]
 
@@ -192,7 +192,7 @@ def test_ten_herds_on_two_consumer_threads_all_start_and_the_reaper_still_runs(
         wait_until(
             lambda: (
                 Herd.objects.filter(launched_at__isnull=False).count() == 10
-                and not Worker.objects.filter(pid=None).exists()
+                and not HerdWorker.objects.filter(pid=None).exists()
             ),
             30,
             interval=0.05,

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from herds import processes, supervision
-from herds.models import ExitClass, Herd, HerdStatus, Profile, Worker
+from herds.models import ExitClass, Herd, HerdStatus, HerdWorker, Profile
 from tests.conftest import ROOT, make_tasks, run_manage, start_manage
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -54,7 +54,7 @@ def launch(env, *args: str) -> int:
 def worker_logs() -> str:
     """Every herd worker's log, for the message of a failed assertion."""
     parts = []
-    for worker in Worker.objects.all():
+    for worker in HerdWorker.objects.all():
         path = Path(worker.log_path)
         text = path.read_text(errors="replace")[-3000:] if path.is_file() else "(no log)"
         parts.append(f"--- {worker.name} ({worker.exit_class} {worker.exit_code}):\n{text}")
@@ -144,7 +144,7 @@ def test_killed_worker_is_noticed_and_its_claim_reaped(huey_env, consumer):
     herd_id = launch(huey_env, "--queue", "killq", "--profile", "steady", "--workers", "2")
 
     victim = wait_until(
-        lambda: Worker.objects.filter(herd_id=herd_id, index=0, state="running").first(),
+        lambda: HerdWorker.objects.filter(herd_id=herd_id, index=0, state="running").first(),
         60,
         what="worker 0 running",
     )
@@ -262,13 +262,13 @@ def test_new_consumer_adopts_a_herd_whose_consumer_died(huey_env, tmp_path):
     try:
         herd_id = launch(huey_env, "--queue", "adoptq", "--profile", "steady", "--workers", "2")
         wait_until(
-            lambda: Worker.objects.filter(herd_id=herd_id, state="running").count() == 2,
+            lambda: HerdWorker.objects.filter(herd_id=herd_id, state="running").count() == 2,
             60,
             what="two running workers",
         )
         first.kill()  # the consumer dies; its workers, in their own sessions, go on
         first.wait()
-        workers = list(Worker.objects.filter(herd_id=herd_id))
+        workers = list(HerdWorker.objects.filter(herd_id=herd_id))
         assert all(processes.leader(w.pid, w.process_started) for w in workers)
 
         with open(tmp_path / "second.log", "w") as log:
@@ -284,7 +284,7 @@ def test_new_consumer_adopts_a_herd_whose_consumer_died(huey_env, tmp_path):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=15)
-        for worker in Worker.objects.all():
+        for worker in HerdWorker.objects.all():
             processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
 
 

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from herds import processes
-from herds.models import Herd, Profile, Worker
+from herds.models import Herd, HerdWorker, Profile
 from tests.conftest import ROOT, make_tasks, run_manage, start_manage
 from tests.test_herds_processes import launch, wait_until, worker_logs
 from workqueue.models import EventKind, Status, Task, TaskEvent
@@ -49,7 +49,7 @@ def test_a_dead_hosts_claims_wait_for_their_lease_then_the_other_host_works_them
         # Host A dies entirely: its consumer and every worker with its agent.
         consumer_a.kill()
         consumer_a.wait()
-        for worker in Worker.objects.filter(herd_id=herd_a):
+        for worker in HerdWorker.objects.filter(herd_id=herd_a):
             os.killpg(worker.pid, signal.SIGKILL)  # each worker leads its own session
         assert {t.holder_host for t in Task.objects.filter(status=Status.CLAIMED)} == {"host-a"}
 
@@ -71,7 +71,7 @@ def test_a_dead_hosts_claims_wait_for_their_lease_then_the_other_host_works_them
         wait_until(lambda: Herd.objects.get(pk=herd_b).ended, 60, what="host B's herd")
         assert Task.objects.filter(queue="hosts").counts()["done"] == 4, worker_logs()
         assert set(Task.objects.values_list("holder_host", flat=True)) == {"host-b"}
-        assert set(Worker.objects.filter(herd_id=herd_b).values_list("host", flat=True)) == {
+        assert set(HerdWorker.objects.filter(herd_id=herd_b).values_list("host", flat=True)) == {
             "host-b"
         }
         assert TaskEvent.objects.filter(kind=EventKind.REAPED).count() == 2
@@ -80,6 +80,6 @@ def test_a_dead_hosts_claims_wait_for_their_lease_then_the_other_host_works_them
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
-        for worker in Worker.objects.all():
+        for worker in HerdWorker.objects.all():
             if worker.pid and worker.pid != os.getpid():
                 processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
