@@ -105,6 +105,9 @@ class Importer:
         self._flush()
         for folder in folders:
             self._flag_missing(folder)
+        if len(folders) == 1:
+            # New tasks of the queue (workqueue.authoring) go where its first folder was.
+            Queue.objects.filter(name=self.queue, folder="").update(folder=str(folders[0]))
         return self.report
 
     # Finding files ----------------------------------------------------------
@@ -335,6 +338,7 @@ class Importer:
                 )
                 self.report.deferred += 1
                 return
+            pending = task.pending_edit
             closed = apply_fields(task, fields, source_fields)
             TaskEvent.objects.create(
                 task=task,
@@ -343,6 +347,8 @@ class Importer:
                 message="file changed",
                 data={"path": task.source_path},
             )
+        if pending:
+            _apply_pending_edit(task)
         self.report.updated += 1
         self.report.closed += int(closed)
 
@@ -584,7 +590,8 @@ def follow_file_status(task: Task, wanted: dict) -> bool:
 
 
 def refresh_from_source(task: Task) -> None:
-    """Apply a change to a task's file that arrived while the task was claimed."""
+    """Apply a change to a task's file that arrived while the task was claimed, then the
+    edits a person made meanwhile (workqueue.editing)."""
     path = Path(task.source_path)
     try:
         raw, stat = taskfile.read_regular_file(path, settings.HYPERVISOR_MAX_FILE_BYTES)
@@ -595,6 +602,7 @@ def refresh_from_source(task: Task) -> None:
         TaskEvent.objects.create(
             task=task, kind=EventKind.MISSING, actor="import", message=f"file disappeared: {path}"
         )
+        _apply_pending_edit(task)
         return
     except (OSError, TaskFileError) as exc:
         Task.objects.filter(pk=task.pk).update(change_pending=False)
@@ -604,19 +612,33 @@ def refresh_from_source(task: Task) -> None:
             actor="import",
             message=f"deferred change not applied: {exc}",
         )
+        _apply_pending_edit(task)
         return
+    digest = hashlib.sha256(raw).hexdigest()
     with transaction.atomic():
         task = Task.objects.select_for_update().get(pk=task.pk)
+        changed = digest != task.source_sha256
         source = {
             "source_size": stat.st_size,
             "source_mtime_ns": stat.st_mtime_ns,
-            "source_sha256": hashlib.sha256(raw).hexdigest(),
+            "source_sha256": digest,
             "source_missing": False,
         }
+        # Also when the file is the same: the row then drops the edits it showed while
+        # they waited, and the pending edit below writes them into the file.
         apply_fields(task, fields, source)
-        TaskEvent.objects.create(
-            task=task,
-            kind=EventKind.UPDATED,
-            actor="import",
-            message="deferred file change applied after the claim ended",
-        )
+        if changed:
+            TaskEvent.objects.create(
+                task=task,
+                kind=EventKind.UPDATED,
+                actor="import",
+                message="deferred file change applied after the claim ended",
+            )
+    _apply_pending_edit(task)
+
+
+def _apply_pending_edit(task: Task) -> None:
+    if task.pending_edit:
+        from workqueue.editing import apply_pending_edit
+
+        apply_pending_edit(task)

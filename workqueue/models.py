@@ -53,6 +53,12 @@ class Queue(models.Model):
         help_text='Triage\'s wikilink per project: {"osb": "[[oversight-board]]"}; '
         "any other project links to [[<project>]].",
     )
+    folder = models.CharField(
+        max_length=1000,
+        blank=True,
+        help_text="Where new tasks of this queue are written (inside an import root); "
+        "set by the first import of a folder.",
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -212,6 +218,9 @@ class Task(models.Model):
     change_pending = models.BooleanField(
         default=False, help_text="The file changed while claimed; re-read when the claim ends."
     )
+    # Field edits made while a worker held the task: written into the file when the claim
+    # ends, as a file change is re-read then (workqueue.editing).
+    pending_edit = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     closed_by = models.CharField(max_length=50, blank=True, help_text="Rule that closed it.")
 
     # The claim: the row half of it. The other half is the lock directory.
@@ -366,6 +375,8 @@ class EventKind(models.TextChoices):
     REAPED = "reaped"
     LATE_FINISH_REFUSED = "late_finish_refused"
     NOTE = "note"
+    EDITED = "edited"
+    CREATED = "created"
 
 
 class TaskEventQuerySet(models.QuerySet):

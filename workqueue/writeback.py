@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+import secrets
 from dataclasses import dataclass
 
 import yaml
@@ -23,6 +24,9 @@ from workqueue.taskfile import SafeLoader
 
 BOM = "\ufeff"
 KEY_LINE = re.compile(r"([A-Za-z_][\w.-]*)[ \t]*:(?=[ \t\r\n]|$)")
+BLOCK_ITEM = re.compile(r"([ \t]*)-[ \t]")
+# A value set_keys can write: a string, a whole number, a flag, a list of strings.
+Value = str | int | bool | list[str]
 
 
 class EditRefused(ValueError):
@@ -69,8 +73,12 @@ class Document:
             "utf-8"
         )
 
-    def set_keys(self, changes: dict[str, str | None]) -> None:
-        """Set (or, with None, remove) top-level keys in place; new keys go at the end."""
+    def set_keys(self, changes: dict[str, Value | None]) -> None:
+        """Set (or, with None, remove) top-level keys in place; new keys go at the end.
+
+        A list keeps the style it had: a block sequence stays one, anything else becomes
+        a flow list (`[a, b]`).
+        """
         expected = dict(self.frontmatter)
         for key, value in changes.items():
             if value is None:
@@ -87,7 +95,7 @@ class Document:
         self.frontmatter = expected
 
 
-def edit_yaml(yaml_text: str, changes: dict[str, str | None], newline: str = "\n") -> str:
+def edit_yaml(yaml_text: str, changes: dict[str, Value | None], newline: str = "\n") -> str:
     lines = yaml_text.splitlines(keepends=True)
     spans = _key_spans(lines)
     # Edit from the bottom up so that earlier spans keep their line numbers.
@@ -102,7 +110,7 @@ def edit_yaml(yaml_text: str, changes: dict[str, str | None], newline: str = "\n
     for start, end, new in sorted(edits, reverse=True):
         lines[start:end] = new
     added = [
-        f"{key}: {yaml_scalar(value)}{newline}"
+        f"{key}: {yaml_value(value)}{newline}"
         for key, value in changes.items()
         if key not in spans and value is not None
     ]
@@ -138,17 +146,33 @@ def _continues(line: str) -> bool:
     return line[:1] in (" ", "\t") or not line.strip() or line.startswith(("- ", "-\n", "-\r"))
 
 
-def _replace_value(span: list[str], value: str, newline: str) -> str:
+def _replace_value(span: list[str], value: Value, newline: str) -> str:
     key = KEY_LINE.match(span[0]).group(0)  # "status:" as written, spacing included
     rest = span[0][len(key) :]
     ending = rest[len(rest.rstrip("\r\n")) :] or newline
     rest = rest.rstrip("\r\n")
+    indent = _block_sequence_indent(span)
+    if isinstance(value, list) and value and indent is not None:
+        # A block sequence stays one, indented as it was.
+        items = "".join(f"{indent}- {yaml_scalar(str(v))}{ending}" for v in value)
+        return f"{key}{rest}{ending}{items}"
     if len(span) > 1 or rest.strip()[:1] in ("|", ">"):
         # A block value becomes one line; its lines (and comments inside) go with it.
-        return f"{key} {yaml_scalar(value)}{ending}"
+        return f"{key} {yaml_value(value)}{ending}"
     old, tail = _split_comment(rest)
     lead = old[: len(old) - len(old.lstrip())] or " "
-    return f"{key}{lead}{yaml_scalar(value, old.strip())}{tail}{ending}"
+    return f"{key}{lead}{yaml_value(value, old.strip())}{tail}{ending}"
+
+
+def _block_sequence_indent(span: list[str]) -> str | None:
+    """The indentation of a block sequence's items ("- a" lines under the key), or None."""
+    first = span[0][len(KEY_LINE.match(span[0]).group(0)) :]
+    if len(span) < 2 or _split_comment(first.rstrip("\r\n"))[0].strip():
+        return None
+    items = [BLOCK_ITEM.match(line) for line in span[1:] if line.strip()]
+    if not items or not all(items) or len({m.group(1) for m in items}) != 1:
+        return None
+    return items[0].group(1)
 
 
 def _split_comment(rest: str) -> tuple[str, str]:
@@ -171,6 +195,24 @@ def _split_comment(rest: str) -> tuple[str, str]:
         i += 1
     value = stripped.rstrip()
     return rest[: offset + len(value)], rest[offset + len(value) :]
+
+
+def yaml_value(value: Value, like: str = "") -> str:
+    """YAML text for a value on one line: strings as yaml_scalar, lists in flow style."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow_item(str(v)) for v in value) + "]"
+    return yaml_scalar(value, like)
+
+
+def _flow_item(value: str) -> str:
+    # Inside [...] a comma or a bracket ends a plain scalar: quote those.
+    if _plain_is_safe(value) and not any(c in value for c in ",[]{}"):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def yaml_scalar(value: str, like: str = "") -> str:
@@ -211,8 +253,8 @@ def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool 
     if mode is None:
         mode = os.stat(path).st_mode
     folder, name = os.path.split(path)
-    # Only the claim holder writes a task file, so pid and name make the name unique.
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    # Unique per write: the board's threads and a worker may write beside one file at once.
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:

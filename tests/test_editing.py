@@ -1,0 +1,569 @@
+"""Editing tasks: only the changed lines rewritten, refusals, claims, transitions, bulk."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import make_tasks
+from workqueue import actions, claims, editing, locks, writeback
+from workqueue.editing import EditError, FileChanged
+from workqueue.importer import Importer
+from workqueue.locks import Identity, OwnerFile
+from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
+from workqueue.processors import Result
+
+pytestmark = pytest.mark.django_db
+
+ACTOR = "user:alice"
+TASK = """---
+id: ex-1
+title: 'Fix the login bug'   # keep this comment
+status: inbox
+priority: P1
+project: webapp
+assignee: nic
+tags:
+  - bug
+  - auth
+depends_on: [ex-0]
+---
+# Fix the login bug
+
+- [ ] a test
+"""
+
+
+@pytest.fixture
+def folder(write_task):
+    def make(files: dict[str, str | bytes], queue: str = "inbox") -> dict[str, Task]:
+        for name, text in files.items():
+            write_task(name, text)
+        report = Importer(queue, roots=[write_task.folder]).run([write_task.folder])
+        assert not report.errors, report.errors
+        return {
+            name: Task.objects.get(source_path=str((write_task.folder / name).resolve()))
+            for name in files
+        }
+
+    make.path = lambda name: write_task.folder / name
+    return make
+
+
+def changed_lines(before: bytes, after: bytes) -> list[str]:
+    """The lines removed and added, removed first, each in file order."""
+    diff = list(difflib.ndiff(before.decode().splitlines(), after.decode().splitlines()))
+    return [line for line in diff if line[:1] == "-"] + [line for line in diff if line[:1] == "+"]
+
+
+def reimport(folder) -> dict:
+    return Importer("inbox", roots=[folder.path(".")]).run([folder.path(".")]).as_dict()
+
+
+def test_edit_rewrites_exactly_the_changed_lines(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    path = folder.path("a.md")
+    before = path.read_bytes()
+    result = editing.edit_task(task, {"title": "Fix the logout bug", "assignee": "bot"}, ACTOR)
+    after = path.read_bytes()
+    assert changed_lines(before, after) == [
+        "- title: 'Fix the login bug'   # keep this comment",
+        "- assignee: nic",
+        "+ title: 'Fix the logout bug'   # keep this comment",
+        "+ assignee: bot",
+    ]
+    assert result.changed == ["title", "assignee"]
+    assert (result.written, result.deferred) == (True, False)
+    task.refresh_from_db()
+    assert (task.title, task.assignee) == ("Fix the logout bug", "bot")
+    assert task.frontmatter["assignee"] == "bot"
+    assert task.source_sha256 == hashlib.sha256(after).hexdigest()
+    [event] = TaskEvent.objects.filter(task=task, kind=EventKind.EDITED)
+    assert event.actor == ACTOR
+    assert event.data["fields"] == {
+        "title": {"from": "Fix the login bug", "to": "Fix the logout bug"},
+        "assignee": {"from": "nic", "to": "bot"},
+    }
+    # The row is what an import would store: a re-import finds the file unchanged.
+    assert reimport(folder)["unchanged"] == 1
+
+
+def test_each_field_keeps_the_files_style(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    path = folder.path("a.md")
+    editing.edit_task(
+        task,
+        {
+            "priority": "0",
+            "tags": "bug, auth, urgent",
+            "depends_on": ["ex-0", "ex-9"],
+            "complexity": "mechanical",
+            "type": "task",
+            "parent": "[[epic-1]]",
+            "body": "# Fix the login bug\r\n\r\n- [x] a test\r\n",
+        },
+        ACTOR,
+    )
+    text = path.read_text()
+    assert "priority: P0\n" in text  # P-notation stays P-notation
+    assert "tags:\n  - bug\n  - auth\n  - urgent\n" in text  # a block list stays one
+    assert "depends_on: [ex-0, ex-9]\n" in text
+    assert text.endswith("---\n# Fix the login bug\n\n- [x] a test\n")
+    assert "complexity: mechanical\ntype: task\nparent: '[[epic-1]]'\n---" in text or (
+        'parent: "[[epic-1]]"' in text
+    )
+    task.refresh_from_db()
+    assert task.priority == 0
+    assert task.tags == ["bug", "auth", "urgent"]
+    assert task.tag_index == "|bug|auth|urgent|"
+    assert sorted(Dependency.objects.filter(task=task).values_list("key", flat=True)) == [
+        "ex-0",
+        "ex-9",
+    ]
+    assert task.frontmatter["parent"] == "[[epic-1]]"
+    assert task.body == "# Fix the login bug\n\n- [x] a test\n"
+    assert reimport(folder)["unchanged"] == 1
+
+
+def test_crlf_file_and_byte_order_mark_are_kept(folder):
+    raw = ("\ufeff" + TASK).replace("\n", "\r\n").encode()
+    task = folder({"a.md": raw})["a.md"]
+    editing.edit_task(task, {"assignee": "bot", "body": "new body\nline two\n"}, ACTOR)
+    after = folder.path("a.md").read_bytes()
+    assert after.startswith(b"\xef\xbb\xbf---\r\n")
+    assert b"assignee: bot\r\n" in after
+    assert after.endswith(b"---\r\nnew body\r\nline two\r\n")
+    assert b"\n" not in after.replace(b"\r\n", b"")
+
+
+def test_emptied_field_loses_its_key_and_nothing_else_changes(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    before = folder.path("a.md").read_bytes()
+    editing.edit_task(task, {"assignee": "", "tags": []}, ACTOR)
+    assert changed_lines(before, folder.path("a.md").read_bytes()) == [
+        "- assignee: nic",
+        "- tags:",
+        "-   - bug",
+        "-   - auth",
+        "+ tags: []",
+    ]
+    task.refresh_from_db()
+    assert (task.assignee, task.tags, task.tag_index) == ("", [], "")
+
+
+def test_unchanged_values_write_nothing(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    path = folder.path("a.md")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    Task.objects.filter(pk=task.pk).update(source_mtime_ns=1_000_000_000)
+    result = editing.edit_task(
+        task,
+        {"title": "Fix the login bug", "priority": "P1", "tags": "bug auth", "assignee": "nic"},
+        ACTOR,
+    )
+    assert result.changed == []
+    assert path.stat().st_mtime_ns == 1_000_000_000
+    assert not TaskEvent.objects.filter(kind=EventKind.EDITED).exists()
+
+
+BAD_VALUES = [
+    ({"title": ""}, "title"),
+    ({"title": "two\nlines"}, "title"),
+    ({"title": "x" * 501}, "title"),
+    ({"priority": "urgent!!"}, "priority"),
+    ({"priority": 2**40}, "priority"),
+    ({"tags": ["ok", "a|b"]}, "tags"),
+    ({"depends_on": ["ex-1"]}, "depends_on"),  # itself
+    ({"status": "claimed"}, "status"),
+    ({"project": "p" * 201}, "project"),
+    ({"assignee": "a\x00b"}, "assignee"),
+    ({"body": "nul \x00 here"}, "body"),
+    ({"colour": "red"}, "colour"),
+    ({"parent": ["not", "text"]}, "parent"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field"), BAD_VALUES)
+def test_bad_value_names_its_field_and_writes_nothing(folder, changes, field):
+    task = folder({"a.md": TASK})["a.md"]
+    before = folder.path("a.md").read_bytes()
+    with pytest.raises(EditError) as refused:
+        editing.edit_task(task, {"assignee": "bot", **changes}, ACTOR)
+    assert list(refused.value.errors) == [field]
+    assert str(refused.value).startswith(f"{field}: ")
+    assert folder.path("a.md").read_bytes() == before
+    assert Task.objects.get(pk=task.pk).assignee == "nic"
+    assert not TaskEvent.objects.filter(kind=EventKind.EDITED).exists()
+
+
+def test_file_changed_on_disk_is_refused_with_the_difference(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    path = folder.path("a.md")
+    outside = TASK.replace("assignee: nic", "assignee: carol").encode()
+    path.write_bytes(outside)
+    with pytest.raises(FileChanged) as refused:
+        editing.edit_task(task, {"title": "Mine"}, ACTOR)
+    assert refused.value.why == "changed on disk since import"
+    assert '-assignee: "nic"' in refused.value.diff
+    assert '+assignee: "carol"' in refused.value.diff
+    assert path.read_bytes() == outside
+    task.refresh_from_db()
+    assert (task.title, task.assignee) == ("Fix the login bug", "nic")
+    assert not TaskEvent.objects.filter(kind=EventKind.EDITED).exists()
+    # Reload reads the file again; then the edit goes through.
+    task = editing.reload_from_disk(task)
+    assert task.assignee == "carol"
+    editing.edit_task(task, {"title": "Mine"}, ACTOR)
+    assert b"assignee: carol" in path.read_bytes()
+    assert b"title: 'Mine'" in path.read_bytes()
+
+
+def test_missing_file_is_refused(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    folder.path("a.md").unlink()
+    with pytest.raises(FileChanged, match="missing"):
+        editing.edit_task(task, {"title": "Mine"}, ACTOR)
+    assert not folder.path("a.md").exists()
+
+
+def test_a_save_from_an_older_form_is_refused(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    opened_with = task.source_sha256
+    editing.edit_task(task, {"assignee": "bot"}, "user:bob")
+    after_bob = folder.path("a.md").read_bytes()
+    with pytest.raises(FileChanged, match="since you opened it"):
+        editing.edit_task(task, {"title": "Alice's"}, ACTOR, base_sha256=opened_with)
+    assert folder.path("a.md").read_bytes() == after_bob
+
+
+def test_a_file_changed_between_read_and_rename_is_not_replaced(folder, monkeypatch):
+    task = folder({"a.md": TASK})["a.md"]
+    path = folder.path("a.md")
+    real_sync = writeback.sync_temporaries
+
+    def someone_saves_meanwhile(temporaries):
+        real_sync(temporaries)
+        path.write_text(TASK + "A person's line.\n")
+
+    monkeypatch.setattr(editing, "sync_temporaries", someone_saves_meanwhile)
+    with pytest.raises(FileChanged):
+        editing.edit_task(task, {"assignee": "bot"}, ACTOR)
+    assert path.read_text() == TASK + "A person's line.\n"
+    assert [p.name for p in path.parent.iterdir()] == ["a.md"]  # no temporary left
+
+
+def test_frontmatter_that_cannot_be_edited_in_place_is_refused_untouched(folder):
+    flow = "---\n{id: f-1, title: Flow, assignee: nic}\n---\nbody\n"
+    task = folder({"f.md": flow})["f.md"]
+    with pytest.raises(EditError) as refused:
+        editing.edit_task(task, {"assignee": "bot"}, ACTOR)
+    assert list(refused.value.errors) == ["file"]
+    assert folder.path("f.md").read_text() == flow
+
+
+OWNER_FILES: dict[str, OwnerFile] = {}
+
+
+def claim_all(queue: str = "inbox") -> tuple[Identity, list]:
+    identity = Identity.current("w-test")
+    owner_file = OWNER_FILES[identity.worker] = OwnerFile(identity)
+    taken = claims.claim_ready_tasks(queue, identity, owner_file, limit=100)
+    assert taken
+    return identity, taken
+
+
+def test_claimed_task_edit_waits_for_the_claim_to_end(folder):
+    task = folder({"a.md": TASK.replace("depends_on: [ex-0]\n", "")})["a.md"]
+    path = folder.path("a.md")
+    before = path.read_bytes()
+    identity, taken = claim_all()
+    result = editing.edit_task(task, {"assignee": "bot", "title": "Renamed"}, ACTOR)
+    assert (result.written, result.deferred) == (False, True)
+    assert path.read_bytes() == before  # the worker's file is left alone
+    task.refresh_from_db()
+    assert (task.assignee, task.title, task.change_pending) == ("bot", "Renamed", True)
+    assert task.status == Status.CLAIMED
+    with pytest.raises(EditError) as refused:
+        editing.edit_task(task, {"status": "done"}, ACTOR)
+    assert list(refused.value.errors) == ["status"]
+    # The worker finishes; the file gets the edit as the claim ends.
+    claims.finish_claims(identity, [(c, Result()) for c in taken], OWNER_FILES[identity.worker])
+    after = path.read_bytes()
+    assert changed_lines(before, after) == [
+        "- title: 'Fix the login bug'   # keep this comment",
+        "- assignee: nic",
+        "+ title: 'Renamed'   # keep this comment",
+        "+ assignee: bot",
+    ]
+    task.refresh_from_db()
+    assert (task.status, task.assignee, task.change_pending, task.pending_edit) == (
+        Status.DONE,
+        "bot",
+        False,
+        {},
+    )
+    assert task.source_sha256 == hashlib.sha256(after).hexdigest()
+    kinds = list(TaskEvent.objects.filter(task=task).order_by("id").values_list("kind", "data"))
+    edited = [data for kind, data in kinds if kind == EventKind.EDITED]
+    assert edited[0]["deferred"] is True
+    assert edited[1]["deferred"] is False
+
+
+def test_outside_holders_file_is_edited_at_once(folder):
+    task = folder({"a.md": TASK.replace("status: inbox", "status: in_progress")})["a.md"]
+    assert (task.status, task.holder_pid) == (Status.CLAIMED, None)
+    result = editing.edit_task(task, {"priority": 3}, ACTOR)
+    assert result.written
+    assert "priority: P3" in folder.path("a.md").read_text()
+
+
+def test_status_edits_go_through_the_engine_and_into_the_file(folder):
+    task = folder({"a.md": TASK})["a.md"]
+    path = folder.path("a.md")
+    editing.edit_task(task, {"status": "done"}, ACTOR, reason="duplicate of ex-2")
+    text = path.read_text()
+    assert "status: done\n" in text and "close_reason: duplicate of ex-2\n" in text
+    task.refresh_from_db()
+    assert (task.status, task.outcome) == (Status.DONE, "closed")
+    done = TaskEvent.objects.get(task=task, kind=EventKind.DONE)
+    assert (done.actor, done.message) == (ACTOR, "duplicate of ex-2")
+    assert not TaskEvent.objects.filter(task=task, kind=EventKind.EDITED).exists()
+
+    editing.edit_task(task, {"status": "queued"}, ACTOR)
+    text = path.read_text()
+    assert "status: queued\n" in text and "close_reason" not in text
+    assert Task.objects.get(pk=task.pk).status == Status.QUEUED
+
+    with pytest.raises(EditError) as refused:
+        editing.edit_task(task, {"status": "blocked"}, ACTOR)
+    assert list(refused.value.errors) == ["reason"]
+    editing.edit_task(task, {"status": "blocked"}, ACTOR, reason="needs the API key")
+    assert "blocked_reason: needs the API key\n" in path.read_text()
+    task.refresh_from_db()
+    assert (task.status, task.reason) == (Status.BLOCKED, "needs the API key")
+    assert reimport(folder)["unchanged"] == 1
+
+
+def test_status_change_refused_when_the_task_moved_meanwhile(folder, monkeypatch):
+    task = folder({"a.md": TASK})["a.md"]
+    before = folder.path("a.md").read_bytes()
+    monkeypatch.setattr(actions, "mark_done", lambda *a, **k: False)
+    with pytest.raises(editing.Conflict):
+        editing.edit_task(task, {"status": "done", "assignee": "bot"}, ACTOR)
+    assert folder.path("a.md").read_bytes() == before
+    assert [p.name for p in folder.path(".").iterdir()] == ["a.md"]
+
+
+def test_task_without_a_file_is_edited_in_its_row(db):
+    (task,) = make_tasks("rows", 1)
+    result = editing.edit_task(task, {"assignee": "bot", "tags": "x y", "parent": "p"}, ACTOR)
+    assert result.changed == ["assignee", "tags", "parent"]
+    task.refresh_from_db()
+    assert (task.assignee, task.tags, task.tag_index) == ("bot", ["x", "y"], "|x|y|")
+    assert task.frontmatter["parent"] == "p"
+
+
+def test_two_people_saving_at_once_never_both_win(transactional_db, folder):
+    task = folder({"a.md": TASK})["a.md"]
+    barrier = threading.Barrier(2)
+    outcomes = []
+
+    def save(name):
+        from django.db import connection
+
+        try:
+            barrier.wait()
+            editing.edit_task(task, {"assignee": name}, f"user:{name}", task.source_sha256)
+            outcomes.append(name)
+        except (FileChanged, editing.Conflict):
+            outcomes.append("refused")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in ("bob", "carol")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("refused") == 1, outcomes
+    text = folder.path("a.md").read_text()
+    winner = next(o for o in outcomes if o != "refused")
+    assert f"assignee: {winner}\n" in text
+    assert Task.objects.get(pk=task.pk).assignee == winner
+
+
+SAFE_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\x00"), max_size=30
+).map(str.strip)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    title=SAFE_TEXT.filter(bool),
+    assignee=SAFE_TEXT,
+    tags=st.lists(
+        SAFE_TEXT.filter(lambda t: t and "|" not in t and "," not in t and " " not in t),
+        max_size=4,
+    ),
+)
+def test_any_values_load_back_exactly_and_leave_other_keys_alone(folder, title, assignee, tags):
+    Task.objects.all().delete()
+    task = folder({"a.md": TASK})["a.md"]
+    before = writeback.Document.parse(folder.path("a.md").read_bytes()).frontmatter
+    try:
+        editing.edit_task(task, {"title": title, "assignee": assignee, "tags": tags}, ACTOR)
+    except EditError as exc:
+        # Only an in-place edit that would not load back exactly may be refused.
+        assert list(exc.errors) == ["file"]
+        return
+    after = writeback.Document.parse(folder.path("a.md").read_bytes()).frontmatter
+    assert after["title"] == title
+    assert after.get("assignee", "") == assignee
+    assert after["tags"] == list(dict.fromkeys(tags))
+    others = {k: v for k, v in before.items() if k not in ("title", "assignee", "tags")}
+    assert {k: v for k, v in after.items() if k in others} == others
+
+
+# Many tasks --------------------------------------------------------------------
+
+
+def many(folder, count: int, queue: str = "inbox") -> list[Task]:
+    files = {
+        f"t{i:03d}.md": f"---\nid: t{i:03d}\ntitle: Task {i}\nstatus: inbox\n---\nBody {i}\n"
+        for i in range(count)
+    }
+    made = folder(files, queue)
+    return [made[name] for name in sorted(made)]
+
+
+def test_bulk_assign_writes_in_batches_with_one_sync_each_and_lists_changed_files(
+    folder, monkeypatch
+):
+    tasks = many(folder, 10)
+    changed_outside = folder.path("t004.md")
+    changed_outside.write_text(changed_outside.read_text() + "outside edit\n")
+    syncs, batches = [], []
+    real_sync = writeback.sync_temporaries
+    monkeypatch.setattr(
+        editing, "sync_temporaries", lambda t: (syncs.append(len(t)), real_sync(t))
+    )
+    report = editing.edit_tasks(
+        [t.pk for t in tasks],
+        ACTOR,
+        {"assignee": "bot", "priority": 1},
+        batch_size=4,
+        on_batch=lambda r, applied: batches.append([a.key for a in applied]),
+    )
+    assert syncs == [4, 3, 2]
+    assert batches == [
+        ["t000", "t001", "t002", "t003"],
+        ["t005", "t006", "t007"],
+        ["t008", "t009"],
+    ]
+    assert report.changed == 9
+    assert report.skipped == [
+        {
+            "task": tasks[4].pk,
+            "key": "t004",
+            "path": str(changed_outside.resolve()),
+            "why": "changed on disk since import",
+        }
+    ]
+    assert changed_outside.read_text().endswith("outside edit\n")
+    for task in tasks:
+        text = folder.path(f"{task.key}.md").read_text()
+        assert ("assignee: bot\npriority: 1\n" in text) == (task.key != "t004")
+    assert TaskEvent.objects.filter(kind=EventKind.EDITED).count() == 9
+    assert set(TaskEvent.objects.filter(kind=EventKind.EDITED).values_list("task", flat=True)) == {
+        t.pk for t in tasks if t.key != "t004"
+    }
+    assert reimport(folder)["updated"] == 1  # only the file changed outside
+
+
+def test_bulk_close_with_a_reason_ends_claims_through_the_engine(folder):
+    tasks = many(folder, 6)
+    Task.objects.filter(pk=tasks[5].pk).update(status=Status.DONE)
+    identity = Identity.current("w-held")
+    taken = claims.claim_ready_tasks("inbox", identity, OwnerFile(identity), limit=1)
+    assert [c.key for c in taken] == ["t000"]
+    report = editing.edit_tasks(
+        [t.pk for t in tasks], ACTOR, action="close", reason="out of scope for 2.0"
+    )
+    assert report.changed == 5
+    assert [(s["key"], s["why"]) for s in report.skipped] == [("t005", "is done")]
+    for task in tasks[:5]:
+        text = folder.path(f"{task.key}.md").read_text()
+        assert "status: done\n" in text
+        assert "close_reason: out of scope for 2.0\n" in text
+        task.refresh_from_db()
+        assert (task.status, task.outcome) == (Status.DONE, "closed")
+        [event] = TaskEvent.objects.filter(task=task, kind__in=[EventKind.DONE, EventKind.EDITED])
+        assert (event.kind, event.message) == (EventKind.DONE, "out of scope for 2.0")
+    assert not locks.lock_dir("inbox", "t000").exists()
+
+
+def test_bulk_tags_add_and_remove(folder):
+    files = {
+        "a.md": "---\nid: a\ntags: [bug, auth]\n---\n",
+        "b.md": "---\nid: b\n---\n",
+        "c.md": "---\nid: c\ntags:\n- old\n- bug\n---\n",
+    }
+    made = folder(files)
+    report = editing.edit_tasks(
+        [t.pk for t in made.values()], ACTOR, add_tags=["triaged"], remove_tags=["bug"]
+    )
+    assert report.changed == 3
+    assert folder.path("a.md").read_text() == "---\nid: a\ntags: [auth, triaged]\n---\n"
+    assert folder.path("b.md").read_text() == "---\nid: b\ntags: [triaged]\n---\n"
+    assert folder.path("c.md").read_text() == "---\nid: c\ntags:\n- old\n- triaged\n---\n"
+    assert Task.objects.filter(tag_index__contains="|triaged|").count() == 3
+    assert not Task.objects.filter(tag_index__contains="|bug|").exists()
+
+
+def test_bulk_release_writes_the_edits_made_while_claimed(folder):
+    tasks = many(folder, 2)
+    identity, taken = claim_all()
+    editing.edit_task(tasks[0], {"assignee": "bot"}, ACTOR)
+    assert "assignee" not in folder.path("t000.md").read_text()
+    report = editing.edit_tasks([t.pk for t in tasks], ACTOR, action="release")
+    assert report.changed == 2
+    assert "assignee: bot\n" in folder.path("t000.md").read_text()
+    assert Task.objects.filter(status=Status.QUEUED).count() == 2
+    assert Task.objects.get(pk=tasks[0].pk).pending_edit == {}
+
+
+def test_bulk_refuses_bad_input_before_writing_anything(folder):
+    tasks = many(folder, 2)
+    before = [folder.path(f"{t.key}.md").read_bytes() for t in tasks]
+    for kwargs, name in [
+        ({"changes": {"priority": "soon"}}, "priority"),
+        ({"changes": {"status": "done"}}, "status"),
+        ({"action": "close"}, "reason"),
+        ({"action": "explode"}, "action"),
+        ({"add_tags": ["a|b"]}, "tags"),
+    ]:
+        with pytest.raises(EditError) as refused:
+            editing.edit_tasks([t.pk for t in tasks], ACTOR, **kwargs)
+        assert list(refused.value.errors) == [name]
+    assert [folder.path(f"{t.key}.md").read_bytes() for t in tasks] == before
+
+
+def test_bulk_skips_unknown_ids_and_self_dependencies(folder):
+    tasks = many(folder, 2)
+    report = editing.edit_tasks(
+        [tasks[0].pk, 999_999, tasks[1].pk], ACTOR, {"depends_on": ["t001"]}
+    )
+    assert report.changed == 1
+    assert sorted(s["why"] for s in report.skipped) == [
+        "depends_on: a task cannot depend on itself",
+        "no such task",
+    ]
+    assert Queue.objects.filter(name="inbox").exists()

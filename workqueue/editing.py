@@ -1,0 +1,738 @@
+"""Editing tasks: validated field changes written back into the task's file, then the row.
+
+The file stays the source of truth. An edit rewrites only the frontmatter lines of the
+keys that change (workqueue.writeback: order, quoting, comments and every other byte
+kept), atomically (a temporary file beside the task, synced, renamed over it), then
+updates the row from what was written and records one `edited` event naming the fields.
+
+- A file whose content differs from the one imported is not written: FileChanged, with
+  the difference, and nothing else happens. (Reload: `reload_from_disk`.)
+- A task a worker of ours holds keeps its file until the claim ends, as an import does:
+  the row shows the edit at once, the change waits in `Task.pending_edit`, and
+  `apply_pending_edit` writes it when the claim ends (the importer calls it).
+- A status change is a person's action (workqueue.actions, over the transitions);
+  it is never written here. The file gets the matching `status` (and `close_reason` or
+  `blocked_reason`). A claimed task's status is not edited; the board's Close, Block and
+  Release claim end a claim on purpose (`edit_tasks(action=...)`).
+
+Public API (the board, bulk actions in the background and the MCP server use these):
+    FIELDS, STATE_ACTIONS
+    validate(changes, task=None) -> dict                    EditError names each field
+    edit_task(task, changes, actor, reason="", base_sha256=None) -> EditResult
+    edit_tasks(task_ids, actor, changes=None, action=None, reason="", add_tags=(),
+               remove_tags=(), batch_size=BATCH, on_batch=None) -> BulkReport
+    apply_pending_edit(task) -> None             the importer calls it as a claim ends
+    apply_pending_after_release(tasks) -> None   after a person ends claims
+    reload_from_disk(task) -> Task
+    file_difference(task) -> str
+Errors: EditError (bad values, by field), FileChanged (with .diff), Conflict (moved).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from workqueue import actions, taskfile
+from workqueue.importer import check_columns, task_fields
+from workqueue.models import Dependency, EventKind, Status, Task, TaskBody, TaskEvent
+from workqueue.taskfile import TaskFileError
+from workqueue.writeback import (
+    Document,
+    EditRefused,
+    discard,
+    file_identity,
+    replace_if_unchanged,
+    sync_temporaries,
+    write_temporary,
+)
+
+# The fields a person may edit, in the order the form shows them.
+FIELDS = (
+    "title", "status", "priority", "project", "assignee", "complexity", "type", "tags",
+    "parent", "depends_on", "body",
+)  # fmt: skip
+TEXT_FIELDS = ("project", "assignee", "complexity", "type")
+LIST_FIELDS = ("tags", "depends_on")
+# Statuses a person may set. `claimed` belongs to workers.
+SETTABLE_STATUSES = (Status.QUEUED, Status.DONE, Status.BLOCKED)
+# Bulk state actions: (the status they set, the statuses they apply to). Close, Block and
+# Release claim may end a claim; the board's single-card buttons allow the same.
+STATE_ACTIONS = {
+    "close": (Status.DONE, {Status.QUEUED, Status.CLAIMED, Status.BLOCKED}),
+    "block": (Status.BLOCKED, {Status.QUEUED, Status.CLAIMED}),
+    "requeue": (Status.QUEUED, {Status.DONE, Status.BLOCKED}),
+    "release": (Status.QUEUED, {Status.CLAIMED}),
+}
+# The file's own status words, by what they mean (taskfile.close_rule, importer.status_fields).
+FILE_STATUS = {Status.DONE: "done", Status.BLOCKED: "blocked", Status.QUEUED: "queued"}
+PARENT_LIMIT = 500
+TAG_LIMIT = 200
+BATCH = 500  # tasks per batch of a bulk edit: one sync, one transaction
+CHANGED_ON_DISK = "changed on disk since import"
+MISSING = "the file is missing on disk"
+
+
+class EditError(ValueError):
+    """Bad input. `errors` maps each field to what is wrong with it."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = errors
+        super().__init__("; ".join(f"{name}: {problem}" for name, problem in errors.items()))
+
+
+class FileChanged(Exception):
+    """The task's file is not the one imported (or is gone): nothing was written."""
+
+    def __init__(self, task: Task, why: str, diff: str = ""):
+        self.task, self.why, self.diff = task, why, diff
+        super().__init__(f"{task.source_path}: {why}")
+
+
+class Conflict(Exception):
+    """The task moved meanwhile (another person, a worker) or its agent could not be ended."""
+
+
+@dataclass
+class EditResult:
+    task: Task
+    changed: list[str]  # the fields that changed, in FIELDS order
+    written: bool  # the file was rewritten now
+    deferred: bool  # a worker holds the task: the file is written when the claim ends
+
+
+@dataclass
+class Applied:
+    """One task a bulk edit changed, with what undoing it needs."""
+
+    task_id: int
+    key: str
+    path: str
+    old_bytes: bytes | None  # the file before (None: no file written)
+    new_sha256: str
+    old_values: dict  # the row's edited columns before
+    old_status: str
+    old_reason: str
+    new_status: str
+    updated_at: object  # the row's updated_at right after the edit
+    deferred: bool = False
+
+
+@dataclass
+class BulkReport:
+    total: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    # {"task": id, "key": key, "path": path, "why": reason}: changed on disk, moved
+    # meanwhile, not applicable to its status, a value its file cannot take.
+    skipped: list[dict] = field(default_factory=list)
+
+    def skip(self, task: Task, why: str) -> None:
+        self.skipped.append(
+            {"task": task.pk, "key": task.key, "path": task.source_path, "why": why}
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
+            "skipped": self.skipped,
+        }
+
+
+# Validation -------------------------------------------------------------------
+
+
+def validate(changes: dict, task: Task | None = None) -> dict:
+    """Normalised values for `changes` (a form's strings or typed values).
+
+    Raises EditError naming every bad field: a value its column cannot hold, an unknown
+    field, a status a person cannot set, a task that depends on itself.
+    """
+    errors: dict[str, str] = {}
+    clean: dict = {}
+    for name, value in changes.items():
+        try:
+            clean[name] = _clean(name, value, task)
+        except (TaskFileError, ValueError, TypeError) as exc:
+            message = str(exc)
+            prefix = f"{name}: "
+            errors[name] = message[len(prefix) :] if message.startswith(prefix) else message
+    if errors:
+        raise EditError(errors)
+    return clean
+
+
+def _clean(name: str, value, task: Task | None):
+    if name not in FIELDS:
+        raise ValueError(f"not an editable field (fields: {', '.join(FIELDS)})")
+    if name == "body":
+        if not isinstance(value, str):
+            raise TypeError("text expected")
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
+        if len(value.encode()) > settings.HYPERVISOR_MAX_FILE_BYTES:
+            raise ValueError(f"over the {settings.HYPERVISOR_MAX_FILE_BYTES:,}-byte file limit")
+        return value.replace("\r\n", "\n")
+    if name == "priority":
+        number = taskfile.priority({"priority": value})
+        check_columns({"priority": number})
+        return number
+    if name in LIST_FIELDS:
+        items = taskfile.list_field({name: value}, name)
+        if name == "tags":
+            for tag in items:
+                if "|" in tag or len(tag) > TAG_LIMIT:
+                    raise ValueError(f"{tag[:40]!r}: a tag is a word without '|', at most 200")
+            items = list(dict.fromkeys(items))
+            check_columns({"tag_index": _tag_index(items)})
+        else:
+            items = list(dict.fromkeys(items))
+            if task is not None and task.key in items:
+                raise ValueError("a task cannot depend on itself")
+        check_columns({name: items})
+        return items
+    text = _one_line(value)
+    if name == "title":
+        if not text:
+            raise ValueError("a task needs a title")
+        check_columns({"title": text})
+    elif name == "status":
+        if text not in SETTABLE_STATUSES:
+            raise ValueError(f"{text!r}: choose {', '.join(SETTABLE_STATUSES)}")
+    elif name == "parent":
+        if len(text) > PARENT_LIMIT:
+            raise ValueError(f"{len(text):,} characters, over {PARENT_LIMIT}")
+        check_columns({"frontmatter": {"parent": text}})
+    else:
+        check_columns({name: text})
+    return text
+
+
+def _one_line(value) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str | int):
+        raise TypeError("text expected")
+    text = str(value).strip()
+    if "\n" in text or "\r" in text:
+        raise ValueError("one line only")
+    if "\x00" in text:
+        raise ValueError("contains a NUL character")
+    return text
+
+
+def _tag_index(tags: list[str]) -> str:
+    return "|" + "|".join(tags) + "|" if tags else ""
+
+
+# One task ---------------------------------------------------------------------
+
+
+def edit_task(
+    task: Task,
+    changes: dict,
+    actor: str,
+    reason: str = "",
+    base_sha256: str | None = None,
+) -> EditResult:
+    """Apply a person's edit of one task: the file, then the row, then one event.
+
+    `base_sha256` is the file hash the person's form was made from: a file changed since
+    (on disk or by someone else's save) is refused as FileChanged. Raises EditError for
+    bad values, FileChanged, and Conflict when the task moved meanwhile.
+    """
+    task = Task.objects.select_related("content").get(pk=task.pk)
+    values = validate(changes, task)
+    if base_sha256 is not None and base_sha256 != task.source_sha256:
+        raise FileChanged(task, "changed since you opened it", file_difference(task))
+    status = values.pop("status", None)
+    if status == task.status:
+        status = None
+    if status and task.status == Status.CLAIMED:
+        raise EditError({"status": "a claimed task's status is not edited: release it first"})
+    if status == Status.BLOCKED and not reason.strip():
+        raise EditError({"reason": "say why the task is blocked"})
+    plan = _plan(task, values, status, reason.strip())
+    if plan is None:
+        return EditResult(task, [], False, False)
+    if plan.unwritable in (CHANGED_ON_DISK, MISSING):
+        raise FileChanged(task, plan.unwritable, plan.diff)
+    if plan.unwritable:
+        raise EditError({"file": plan.unwritable})
+    report = BulkReport(total=1)
+    _commit([plan], actor, report)
+    if report.skipped:
+        why = report.skipped[0]["why"]
+        if why == CHANGED_ON_DISK:
+            raise FileChanged(task, why, file_difference(task))
+        raise Conflict(why)
+    task = Task.objects.select_related("content").get(pk=task.pk)
+    changed = [name for name in FIELDS if name in plan.old or (name == "status" and status)]
+    return EditResult(task, changed, plan.path != "" and not plan.deferred, plan.deferred)
+
+
+@dataclass
+class _Plan:
+    """One task's edit, worked out before anything is written."""
+
+    task: Task
+    values: dict  # the fields that change, new values
+    old: dict  # the same fields, old values
+    status: str | None  # the transition to make
+    reason: str
+    path: str = ""  # the file to write ("" for a task without one)
+    raw: bytes = b""
+    new: bytes = b""
+    seen: tuple | None = None
+    mode: int = 0o644
+    doc: Document | None = None
+    deferred: bool = False
+    unwritable: str = ""  # why the file cannot be written (FileChanged)
+    diff: str = ""
+    temporary: str = ""
+    stat: os.stat_result | None = None
+
+
+def _current(task: Task, name: str):
+    if name == "body":
+        return task.body.replace("\r\n", "\n")
+    if name == "parent":
+        return taskfile.text_field(task.frontmatter, "parent", None)
+    return getattr(task, name)
+
+
+def _plan(task: Task, values: dict, status: str | None, reason: str) -> _Plan | None:
+    changed = {n: v for n, v in values.items() if _current(task, n) != v}
+    if not changed and not status:
+        return None
+    plan = _Plan(task, changed, {n: _current(task, n) for n in changed}, status, reason)
+    if task.status == Status.CLAIMED and task.holder_pid is not None and not status:
+        plan.deferred = True  # a worker of ours holds it: the file waits for the claim
+        return plan
+    if not task.source_path:
+        return plan
+    plan.path = task.source_path
+    try:
+        raw, stat = taskfile.read_regular_file(plan.path, settings.HYPERVISOR_MAX_FILE_BYTES)
+    except FileNotFoundError:
+        plan.unwritable = MISSING
+        return plan
+    except (OSError, TaskFileError) as exc:
+        plan.unwritable = f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"
+        return plan
+    if hashlib.sha256(raw).hexdigest() != task.source_sha256:
+        plan.unwritable = CHANGED_ON_DISK
+        plan.diff = file_difference(task, raw)
+        return plan
+    plan.raw, plan.seen, plan.mode = raw, file_identity(stat), stat.st_mode
+    try:
+        plan.doc = Document.parse(raw)
+        keys = _file_keys(plan.doc, changed, status, reason)
+        if keys:
+            plan.doc.set_keys(keys)
+        if "body" in changed:
+            plan.doc.body = changed["body"].replace("\n", plan.doc.newline)
+        plan.new = plan.doc.render()
+    except (TaskFileError, EditRefused) as exc:
+        plan.unwritable = f"cannot edit the file in place: {exc}"
+    return plan
+
+
+def _file_keys(doc: Document, changed: dict, status: str | None, reason: str) -> dict:
+    fm = doc.frontmatter
+    keys: dict = {}
+    for name, value in changed.items():
+        if name == "body":
+            continue
+        if name == "priority":
+            keys[name] = _priority_like(fm.get("priority"), value)
+        elif name == "title" or value or name in fm:
+            # An emptied field loses its key; a list keeps an empty `[]` where it was.
+            keys[name] = value if value or name in LIST_FIELDS else None
+    if status:
+        keys.update(_status_keys(fm, status, reason))
+    return keys
+
+
+def _priority_like(old, number: int):
+    """`P1` stays in P-notation; anything else becomes a plain number."""
+    if isinstance(old, str) and len(old.strip()) == 2 and old.strip()[0] in "pP":
+        return f"{old.strip()[0]}{number}" if 0 <= number <= 9 else number
+    return number
+
+
+def _status_keys(fm: dict, status: str, reason: str) -> dict:
+    current = taskfile.text_field(fm, "status").lower()
+    closes = taskfile.close_rule(fm, "") is not None
+    keys: dict = {}
+    if status == Status.DONE:
+        if current not in ("done", "closed", "cancelled", "canceled"):
+            keys["status"] = FILE_STATUS[status]
+        if reason:
+            keys["close_reason"] = reason
+        keys["blocked_reason"] = None
+    elif status == Status.BLOCKED:
+        keys["status"] = FILE_STATUS[status]
+        keys["blocked_reason"] = reason
+        keys["close_reason"] = None
+    else:
+        if closes or current in ("blocked", "in_progress", "in-progress", "claimed"):
+            keys["status"] = FILE_STATUS[status]
+        keys["close_reason"] = None
+        keys["blocked_reason"] = None
+    return {k: v for k, v in keys.items() if v is not None or k in fm}
+
+
+def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]:
+    """Write a batch: temporaries and one sync, then in one transaction (the rows locked,
+    so two saves of one task take turns) the transitions, renames, rows and events."""
+    now = timezone.now()
+    for plan in plans:
+        if plan.doc is not None:
+            try:
+                plan.temporary = write_temporary(plan.path, plan.new, plan.mode, sync=False)
+            except OSError as exc:
+                report.skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
+    live = [p for p in plans if p.doc is None or p.temporary]
+    try:
+        sync_temporaries([p.temporary for p in live if p.temporary])
+    except OSError as exc:
+        for plan in live:
+            if plan.temporary:
+                discard(plan.temporary)
+                report.skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
+        live = [p for p in live if not p.temporary]
+    applied = []
+    with transaction.atomic():
+        rows = dict(
+            Task.objects.select_for_update()
+            .filter(pk__in=[p.task.pk for p in live])
+            .values_list("pk", "source_sha256")
+        )
+        for plan in live:
+            why = _write(plan, rows.get(plan.task.pk), actor)
+            if why:
+                report.skip(plan.task, why)
+            else:
+                applied.append(_record(plan, plan.stat, actor, now))
+    report.changed += len(applied)
+    return applied
+
+
+def _write(plan: _Plan, sha256: str | None, actor: str) -> str:
+    """Transition and rename one task's file; the reason it was skipped, or ""."""
+    if sha256 != plan.task.source_sha256:
+        why = CHANGED_ON_DISK if sha256 is not None else "no such task"
+    elif plan.status and not _transition(plan, actor):
+        why = plan.unwritable or "moved meanwhile; nothing done"
+    elif not plan.temporary:
+        return ""
+    else:
+        try:
+            plan.stat = replace_if_unchanged(plan.temporary, plan.path, plan.seen)
+        except OSError as exc:
+            return f"cannot write the file: {exc.strerror or exc}"
+        return "" if plan.stat is not None else CHANGED_ON_DISK
+    if plan.temporary:
+        discard(plan.temporary)
+    return why
+
+
+def _transition(plan: _Plan, actor: str) -> bool:
+    """The state change, through a person's actions (workqueue.actions): never an update
+    of ours."""
+    task = plan.task
+    try:
+        if plan.status == Status.QUEUED and task.status == Status.CLAIMED:
+            return actions.release(task, actor, "released from the board")
+        if plan.status == Status.QUEUED:
+            return actions.requeue(task, actor, "requeued from the board")
+        if plan.status == Status.DONE:
+            return actions.mark_done(task, actor, plan.reason)
+        return actions.block(task, actor, plan.reason)
+    except actions.AgentStillRunning as exc:
+        plan.unwritable = str(exc)
+        return False
+
+
+# The edited columns, saved for undo and restored by it.
+ROW_COLUMNS = (
+    "title", "priority", "project", "assignee", "type", "complexity", "tags", "tag_index",
+    "depends_on", "has_dependencies", "frontmatter", "source_size", "source_mtime_ns",
+    "source_sha256", "pending_edit", "change_pending",
+)  # fmt: skip
+
+
+def _row_values(task: Task) -> dict:
+    values = {name: getattr(task, name) for name in ROW_COLUMNS}
+    values["body"] = task.body
+    return values
+
+
+def _record(plan: _Plan, stat: os.stat_result | None, actor: str, now) -> Applied:
+    task = plan.task
+    before = _row_values(task)
+    if plan.doc is not None:
+        parsed = taskfile.TaskFile(plan.doc.frontmatter, plan.doc.body)
+        fields = task_fields(parsed, Path(plan.path))
+        values = {
+            name: fields[name]
+            for name in ("title", "priority", "project", "assignee", "type", "complexity")
+        }
+        values.update(
+            tags=fields["tags"],
+            tag_index=fields["tag_index"],
+            frontmatter=fields["frontmatter"],
+            source_size=stat.st_size,
+            source_mtime_ns=stat.st_mtime_ns,
+            source_sha256=hashlib.sha256(plan.new).hexdigest(),
+            source_missing=False,
+        )
+        body, deps = fields["body"], fields["depends_on"]
+    else:
+        values = {n: v for n, v in plan.values.items() if n not in ("body", "parent")}
+        frontmatter = dict(task.frontmatter)
+        for name, value in plan.values.items():
+            if name != "body":
+                frontmatter[name] = value
+        values["frontmatter"] = frontmatter
+        if "tags" in values:
+            values["tag_index"] = _tag_index(values["tags"])
+        body = plan.values.get("body")
+        deps = values.pop("depends_on", None)
+        if plan.deferred:
+            pending = dict(task.pending_edit.get("changes", {}))
+            pending.update(plan.values)
+            values["pending_edit"] = {"changes": pending, "actor": actor}
+            values["change_pending"] = True
+    if deps is not None and deps != task.depends_on:
+        values["depends_on"], values["has_dependencies"] = deps, bool(deps)
+        Dependency.objects.filter(task=task).delete()
+        Dependency.objects.bulk_create([Dependency(task=task, key=k) for k in deps])
+    Task.objects.filter(pk=task.pk).update(updated_at=now, **values)
+    if body is not None and body != task.body:
+        TaskBody.objects.update_or_create(task=task, defaults={"text": body})
+    if plan.values:
+        # A state change's own event says what happened; a field edit gets one of its own.
+        TaskEvent.objects.create(
+            task=task,
+            at=now,
+            kind=EventKind.EDITED,
+            actor=actor,
+            fence=task.fence,
+            message=_edit_message(plan),
+            data={"fields": _event_fields(plan), "deferred": plan.deferred},
+        )
+    return Applied(
+        task_id=task.pk,
+        key=task.key,
+        path=plan.path if plan.doc is not None else "",
+        old_bytes=plan.raw if plan.doc is not None else None,
+        new_sha256=values.get("source_sha256", task.source_sha256),
+        old_values=before,
+        old_status=task.status,
+        old_reason=task.reason,
+        new_status=plan.status or task.status,
+        updated_at=now,
+        deferred=plan.deferred,
+    )
+
+
+def _edit_message(plan: _Plan) -> str:
+    names = ", ".join(n for n in FIELDS if n in plan.values)
+    if plan.deferred:
+        return f"edited {names} (the file is written when the claim ends)"
+    return f"edited {names}"
+
+
+def _event_fields(plan: _Plan) -> dict:
+    # The body can be long: the event says that it changed, not what it became.
+    return {
+        name: {"from": plan.old[name], "to": value} if name != "body" else {"changed": True}
+        for name, value in plan.values.items()
+    }
+
+
+# Many tasks -------------------------------------------------------------------
+
+
+def edit_tasks(
+    task_ids: Iterable[int],
+    actor: str,
+    changes: dict | None = None,
+    action: str | None = None,
+    reason: str = "",
+    add_tags: Iterable[str] = (),
+    remove_tags: Iterable[str] = (),
+    batch_size: int = BATCH,
+    on_batch: Callable[[BulkReport, list[Applied]], None] | None = None,
+) -> BulkReport:
+    """The same edit (or one state action of STATE_ACTIONS) over many tasks, in batches.
+
+    Each batch writes its files together (temporaries, one sync, renames) and its rows in
+    one transaction. A task whose file changed on disk, that moved meanwhile, or that the
+    action does not apply to is skipped and listed in the report; the others go on.
+    `on_batch(report, applied)` runs after every batch (progress, undo records).
+    Raises EditError for bad values before anything is written.
+    """
+    changes = dict(changes or {})
+    if "status" in changes:
+        raise EditError({"status": "use an action (close, block, requeue, release)"})
+    values = validate(changes)
+    add = validate({"tags": list(add_tags)})["tags"] if add_tags else []
+    remove = validate({"tags": list(remove_tags)})["tags"] if remove_tags else []
+    status, applies_to = None, None
+    if action is not None:
+        if action not in STATE_ACTIONS:
+            raise EditError({"action": f"{action!r}: choose {', '.join(STATE_ACTIONS)}"})
+        status, applies_to = STATE_ACTIONS[action]
+        if action in ("close", "block") and not reason.strip():
+            raise EditError({"reason": f"say why the tasks are {status_word(status)}"})
+    ids = list(dict.fromkeys(int(i) for i in task_ids))
+    report = BulkReport(total=len(ids))
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        tasks = Task.objects.filter(pk__in=chunk).select_related("content").order_by("id")
+        plans = []
+        for task in tasks:
+            if applies_to is not None and task.status not in applies_to:
+                report.skip(task, f"is {task.status}")
+                continue
+            wanted = dict(values)
+            if add or remove:
+                wanted["tags"] = [t for t in dict.fromkeys([*task.tags, *add]) if t not in remove]
+            if "depends_on" in wanted and task.key in wanted["depends_on"]:
+                report.skip(task, "depends_on: a task cannot depend on itself")
+                continue
+            plan = _plan(task, wanted, status, reason.strip())
+            if plan is None:
+                report.unchanged += 1
+            elif plan.unwritable:
+                report.skip(task, plan.unwritable)
+            else:
+                plans.append(plan)
+        missing = len(chunk) - len(tasks)
+        if missing:
+            found = {t.pk for t in tasks}
+            report.skipped.extend(
+                {"task": i, "key": "", "path": "", "why": "no such task"}
+                for i in chunk
+                if i not in found
+            )
+        applied = _commit(plans, actor, report)
+        apply_pending_after_release(p.task for p in plans if p.status)
+        if on_batch is not None:
+            on_batch(report, applied)
+    return report
+
+
+def status_word(status: str) -> str:
+    return {Status.DONE: "closed", Status.BLOCKED: "blocked"}.get(status, "requeued")
+
+
+def apply_pending_after_release(tasks: Iterable[Task]) -> None:
+    """A claim the board ended may leave edits (or a file change) waiting: apply them now.
+
+    `tasks` as they were before the release: only those that were claimed are looked at.
+    """
+    from workqueue.importer import refresh_from_source
+
+    ids = [t.pk for t in tasks if t.status == Status.CLAIMED]
+    if ids:
+        for task in Task.objects.filter(pk__in=ids, change_pending=True).exclude(
+            status=Status.CLAIMED
+        ):
+            refresh_from_source(task)
+
+
+# Claims ending, reloads, differences ------------------------------------------
+
+
+def apply_pending_edit(task: Task) -> None:
+    """Write the edits a person made while a worker held the task, now that it is free.
+
+    Called by the importer once the file itself has been re-read. An edit that cannot be
+    written is noted on the task's timeline; the row then follows the file again.
+    """
+    pending = task.pending_edit or {}
+    Task.objects.filter(pk=task.pk).update(pending_edit={}, change_pending=False)
+    changes = pending.get("changes") or {}
+    if not changes:
+        return
+    task = Task.objects.select_related("content").get(pk=task.pk)
+    actor = pending.get("actor", "")
+    try:
+        values = validate(changes, task)
+        plan = _plan(task, values, None, "")
+        if plan is None:
+            return
+        if plan.unwritable:
+            raise FileChanged(task, plan.unwritable)
+        report = BulkReport(total=1)
+        _commit([plan], actor, report)
+        if report.skipped:
+            raise FileChanged(task, report.skipped[0]["why"])
+    except (EditError, FileChanged) as exc:
+        TaskEvent.objects.create(
+            task=task,
+            kind=EventKind.NOTE,
+            actor=actor,
+            message=f"edit made while claimed not written: {exc}",
+            data={"changes": changes},
+        )
+
+
+def reload_from_disk(task: Task) -> Task:
+    """Read the task's file again (the board's "reload" after a refused save)."""
+    from workqueue.importer import refresh_from_source
+
+    task = Task.objects.get(pk=task.pk)
+    if task.source_path:
+        if task.status == Status.CLAIMED and task.holder_pid is not None:
+            Task.objects.filter(pk=task.pk).update(change_pending=True)
+        else:
+            refresh_from_source(task)
+    return Task.objects.select_related("content").get(pk=task.pk)
+
+
+def file_difference(task: Task, raw: bytes | None = None) -> str:
+    """What changed in the task's file since it was imported, as a unified diff.
+
+    The row keeps the imported frontmatter and body, not the bytes, so both sides are
+    shown the same way: each frontmatter key on a line, then the body.
+    """
+    if raw is None:
+        try:
+            raw, _ = taskfile.read_regular_file(
+                task.source_path, settings.HYPERVISOR_MAX_FILE_BYTES
+            )
+        except (OSError, TaskFileError) as exc:
+            return f"cannot read {task.source_path}: {getattr(exc, 'strerror', None) or exc}"
+    try:
+        parsed = taskfile.parse(raw)
+        now_lines = _canonical(parsed.frontmatter, parsed.body)
+    except TaskFileError:
+        now_lines = raw.decode("utf-8", "replace").splitlines(keepends=True)
+    before = _canonical(task.frontmatter, task.body)
+    name = Path(task.source_path).name
+    return "".join(
+        difflib.unified_diff(
+            before, now_lines, fromfile=f"{name} (imported)", tofile=f"{name} (on disk now)"
+        )
+    )
+
+
+def _canonical(frontmatter: dict, body: str) -> list[str]:
+    lines = [f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in frontmatter.items()]
+    return ["---\n", *lines, "---\n", *body.replace("\r\n", "\n").splitlines(keepends=True)]
