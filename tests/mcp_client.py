@@ -1,0 +1,39 @@
+"""Drive `manage.py mcp` with the SDK's own client over stdio, from tests and the bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGE = str(ROOT / "manage.py")
+
+
+def server_parameters(queue: str, env: dict[str, str], *args: str) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable,
+        args=[MANAGE, "mcp", "--queue", queue, *args],
+        env=env,
+        cwd=str(ROOT),
+    )
+
+
+@asynccontextmanager
+async def stdio_session(queue: str, env: dict[str, str], *args: str):
+    """An MCP client connected to a fresh `manage.py mcp` process."""
+    async with Client(server_parameters(queue, env, *args), read_timeout_seconds=60) as client:
+        yield client
+
+
+async def call(client: Client, tool: str, **arguments) -> dict:
+    """One tool call; the JSON object every tool answers with."""
+    result = await client.call_tool(tool, arguments)
+    text = result.content[0].text
+    answer = json.loads(text)
+    assert answer == result.structured_content
+    return answer
