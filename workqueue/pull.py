@@ -164,7 +164,8 @@ class PullSession:
         if not self.permitted(tool):
             need = "queue.view_task" if tool in READ_TOOLS else "queue.change_task"
             return refused(f"{tool}: permission denied: your account needs {need}")
-        close_old_connections()
+        if not connection.in_atomic_block:
+            close_old_connections()  # a long session outlives a database restart
         try:
             if self.stateless:
                 self._renew_leases()
