@@ -32,6 +32,7 @@ from django.db import (
     OperationalError,
     close_old_connections,
     connection,
+    transaction,
 )
 from django.db.models import Count
 
@@ -429,7 +430,10 @@ class PullSession:
             )
         if self._claim(_OnlyTask(task.pk), {}):
             return answer(True, f"claimed {task.key}")
-        task = self._task(task.key)
+        # A claim racing ours may not have committed yet (PostgreSQL skipped its locked
+        # row): wait for that row, then say who won.
+        with transaction.atomic():
+            task = Task.objects.select_for_update().get(pk=task.pk)
         return refused(f"{task.key}: not claimed: {self._why_not_claimable(task)}")
 
     def _mine(self, task: Task) -> Claim | None:
