@@ -46,6 +46,9 @@ HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minim
 HYPERVISOR_AGENT_GRACE = envint("HYPERVISOR_AGENT_GRACE", 2, minimum=0)
 # Each agent run's output is kept in a log file up to this size; the task keeps a tail.
 HYPERVISOR_AGENT_LOG_BYTES = envint("HYPERVISOR_AGENT_LOG_BYTES", 32 * 1024 * 1024, minimum=0)
+# Claims taken over HTTP (/mcp/) have no pid anyone can check: they live by this lease,
+# renewed by every call the token makes.
+HYPERVISOR_MCP_LEASE_SECONDS = envint("HYPERVISOR_MCP_LEASE_SECONDS", 1800, minimum=1)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -64,6 +67,7 @@ INSTALLED_APPS = [
     # Only the consumer and whatever enqueues need Huey; herds provides `run_huey`.
     "workqueue",
     "herds",
+    "pull_api",
 ]
 
 MIDDLEWARE = [
@@ -233,6 +237,8 @@ LOGGING = {
         "huey": {"level": os.environ.get("HUEY_LOG_LEVEL", "WARNING"), "propagate": False},
         # Not a version line from every worker's start; lockouts still log as warnings.
         "axes.apps": {"level": "WARNING"},
+        # The MCP SDK logs every HTTP request's session start and end at INFO.
+        "mcp": {"level": "WARNING"},
     },
 }
 

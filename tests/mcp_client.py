@@ -37,3 +37,15 @@ async def call(client: Client, tool: str, **arguments) -> dict:
     answer = json.loads(text)
     assert answer == result.structured_content
     return answer
+
+
+@asynccontextmanager
+async def http_session(url: str, token: str | None):
+    """An MCP client over streamable HTTP, with a bearer token."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    http = httpx2.AsyncClient(headers=headers, timeout=60)
+    async with http, Client(streamable_http_client(url, http_client=http)) as client:
+        yield client
