@@ -49,3 +49,17 @@ async def http_session(url: str, token: str | None):
     http = httpx2.AsyncClient(headers=headers, timeout=60)
     async with http, Client(streamable_http_client(url, http_client=http)) as client:
         yield client
+
+
+async def in_thread(function, *args):
+    """Run ORM code from inside an event loop: in a thread, its connection closed after."""
+    import anyio
+    from django.db import connection
+
+    def run():
+        try:
+            return function(*args)
+        finally:
+            connection.close()
+
+    return await anyio.to_thread.run_sync(run)

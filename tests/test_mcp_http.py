@@ -15,7 +15,7 @@ from mcp.shared.exceptions import MCPError
 
 from pull_api.models import ApiToken
 from tests.conftest import make_tasks
-from tests.mcp_client import call, http_session
+from tests.mcp_client import call, http_session, in_thread
 from workqueue import locks, reaper
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -212,7 +212,7 @@ def test_a_revoked_token_stops_working_at_once(live_server, transactional_db):
     async def main():
         async with http_session(url, secret) as client:
             assert (await call(client, "claim_next_task"))["success"]
-            await anyio.to_thread.run_sync(token.revoke)
+            await in_thread(token.revoke)
             with pytest.raises(MCPError):
                 await call(client, "claim_next_task")
 

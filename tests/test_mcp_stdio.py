@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from tests.conftest import make_tasks, run_manage
-from tests.mcp_client import call, stdio_session
+from tests.mcp_client import call, in_thread, stdio_session
 from workqueue import locks
 from workqueue.locks import Identity
 from workqueue.models import EventKind, Status, Task, TaskEvent
@@ -125,7 +125,7 @@ def test_a_killed_sessions_task_is_reaped_and_its_late_complete_refused(process_
             async with stdio_session("q", process_env, "--name", "doomed") as client:
                 answer = await call(client, "claim_next_task")
                 assert answer["success"], answer
-                await anyio.to_thread.run_sync(kill_the_holder, answer["task"]["id"])
+                await in_thread(kill_the_holder, answer["task"]["id"])
                 await call(client, "get_index_stats")  # the pipe is gone now
         except Exception:  # noqa: S110 - the client sees its server die
             pass
@@ -156,7 +156,7 @@ def test_a_killed_sessions_task_is_reaped_and_its_late_complete_refused(process_
             stale.held[held.pk] = Claim(
                 held.pk, "q", held.key, held.title, held.source_path, held.fence
             )
-            late = await anyio.to_thread.run_sync(
+            late = await in_thread(
                 stale.call, "complete_task", {"id": held.key, "summary": "from the grave"}
             )
             assert late["success"] is False
