@@ -23,6 +23,11 @@ class ProcessorKind(models.TextChoices):
     NOOP = "noop"
     TRIAGE = "triage"
     COMMAND = "command"
+    # An agent that claims its own tasks over MCP until QUEUE EMPTY (workqueue.pull_agent).
+    PULL = "pull"
+
+
+TAKES_COMMAND = (ProcessorKind.COMMAND, ProcessorKind.PULL)
 
 
 def validate_command(value) -> None:
@@ -78,7 +83,8 @@ class Profile(models.Model):
         blank=True,
         help_text='Argument list, never a shell: ["{python}", "agent.py", "{path}"]. '
         "Placeholders: {python} (this interpreter), {base_dir}, and per task "
-        "{path}, {key}, {queue}, {title}.",
+        "{path}, {key}, {queue}, {title}; for pull, {mcp_config} (Claude's --mcp-config "
+        "file), {gemini_settings}, {mcp_url}, {prompt} (the pull-worker prompt).",
     )
     timeout_seconds = models.PositiveIntegerField(
         null=True, blank=True, help_text="Per task; blank for no limit."
@@ -125,13 +131,13 @@ class Profile(models.Model):
 
     def clean(self) -> None:
         errors = {}
-        if self.processor == ProcessorKind.COMMAND:
+        if self.processor in TAKES_COMMAND:
             try:
                 validate_command(self.command)
             except ValidationError as exc:
                 errors["command"] = exc.messages
         elif self.command:
-            errors["command"] = ["Only the command processor takes a command."]
+            errors["command"] = ["Only the command and pull processors take a command."]
         for field, check in (
             ("env", validate_env),
             ("pass_env", validate_pass_env),
@@ -155,7 +161,7 @@ class Profile(models.Model):
     def work_arguments(self) -> list[str]:
         """The `manage.py work` options for this profile; the command list goes last."""
         args = ["--processor", self.processor, "--prefetch", str(self.prefetch)]
-        if self.processor == ProcessorKind.COMMAND and self.timeout_seconds:
+        if self.processor in TAKES_COMMAND and self.timeout_seconds:
             args += ["--timeout", str(self.timeout_seconds)]
         for name in self.pass_env:
             args += ["--pass-env", name]
@@ -170,7 +176,7 @@ class Profile(models.Model):
 
     def command_arguments(self) -> list[str]:
         # Placeholders, {python} and {base_dir} too, are filled by the worker in one pass.
-        if self.processor != ProcessorKind.COMMAND:
+        if self.processor not in TAKES_COMMAND:
             return []
         return ["--", *self.command]
 

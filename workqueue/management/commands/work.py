@@ -30,7 +30,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--processor",
             default="noop",
-            help="noop, triage, command (with -- CMD ARG ...) or a dotted path",
+            help="noop, triage, command (with -- CMD ARG ...), pull (an agent that claims its "
+            "own tasks over MCP, with -- CMD ARG ...) or a dotted path",
         )
         parser.add_argument("--prefetch", type=int, default=1, help="tasks claimed at a time")
         parser.add_argument("--lease", type=int, default=settings.HYPERVISOR_LEASE_SECONDS)
@@ -91,8 +92,10 @@ class Command(BaseCommand):
         argv = options["argv"]
         if argv and argv[0] == "--":
             argv = argv[1:]
-        if argv and options["processor"] != "command":
-            raise CommandError("a command after -- needs --processor command")
+        if argv and options["processor"] not in ("command", "pull"):
+            raise CommandError("a command after -- needs --processor command or pull")
+        if options["processor"] == "pull":
+            return self.run_pull_worker(options, argv)
         kwargs = {}
         if options["processor"] == "command":
             # A herd puts its profile's extra environment in ours and names it here: the
@@ -146,6 +149,33 @@ class Command(BaseCommand):
                     f"{summary['writer_wait_seconds']} s, held {summary['writer_hold_seconds']} s)"
                 )
         sys.exit(max(s["exit_code"] for s in summaries))
+
+    def run_pull_worker(self, options, argv) -> None:
+        """One agent that claims its own tasks over MCP (workqueue.pull_agent)."""
+        from workqueue.pull_agent import run_pull_worker
+
+        if not argv:
+            raise CommandError("--processor pull needs the agent's command after --")
+        if options["workers"] > 1 or options["worktree_repo"]:
+            raise CommandError("--processor pull takes neither --workers nor --worktree-repo")
+        try:
+            filters = TaskFilter.parse(options["where"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        profile_env = [n for n in os.environ.get("HYPERVISOR_MASK_ENV", "").split(",") if n]
+        code, summary = run_pull_worker(
+            options["queue"],
+            argv,
+            name=options["name"],
+            herd=options["herd"],
+            filters=filters or None,
+            lease_seconds=options["lease"],
+            timeout=options["timeout"],
+            pass_env=profile_env + options["pass_env"],
+            max_attempts=options["max_attempts"],
+        )
+        self.stdout.write(json.dumps(summary) if options["json"] else str(summary))
+        sys.exit(code)
 
     def run_worker(self, options, processor, worker_settings, name) -> dict:
         worker = Worker(options["queue"], processor, name=name, **worker_settings)
