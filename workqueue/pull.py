@@ -165,8 +165,6 @@ class PullSession:
         if not self.permitted(tool):
             need = "queue.view_task" if tool in READ_TOOLS else "queue.change_task"
             return refused(f"{tool}: permission denied: your account needs {need}")
-        if not connection.in_atomic_block:
-            close_old_connections()  # a long session outlives a database restart
         try:
             if self.stateless:
                 self._renew_leases()
@@ -176,6 +174,8 @@ class PullSession:
         except LockError as exc:
             return refused(f"{tool}: the lock root cannot take locks: {exc}")
         except (OperationalError, InterfaceError) as exc:
+            if not connection.in_atomic_block:
+                connection.close()  # the next call connects afresh (a database restart)
             return refused(f"{tool}: database unavailable ({_first_line(exc)}); try again")
         except DatabaseError as exc:
             log.exception("%s: %s failed", self.identity.worker, tool)
