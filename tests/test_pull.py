@@ -373,3 +373,15 @@ def test_release_all_gives_back_what_a_closing_session_holds():
     assert agent.release_all("MCP session ended") == 2
     assert Task.objects.filter(status=Status.QUEUED).count() == 2
     assert not list(locks.list_locks("q"))
+
+
+def test_the_board_shows_the_sessions_name_and_pid(client):
+    from django.contrib.auth.models import Permission, User
+
+    make_tasks("q", 1)
+    local_session("q", "gemini-3").call("claim_next_task")
+    viewer = User.objects.create_user("viewer")
+    viewer.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client.force_login(viewer)
+    page = client.get("/?queue=q").content.decode()
+    assert f"held by mcp:gemini-3 on {Task.objects.get().holder_host} pid {os.getpid()}" in page
