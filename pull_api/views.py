@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import forms
 from django.conf import settings
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -89,8 +89,10 @@ class TokenForm(forms.Form):
         return name
 
 
+# A token can do nothing for a person who cannot see the queue, so the page asks as much.
 @never_cache
 @login_required
+@permission_required("queue.view_task", raise_exception=True)
 @require_http_methods(["GET", "POST"])
 def tokens(request: HttpRequest) -> HttpResponse:
     form = TokenForm(request.POST or None, user=request.user)
@@ -112,6 +114,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+@permission_required("queue.view_task", raise_exception=True)
 @require_POST
 def revoke(request: HttpRequest, pk: int) -> HttpResponse:
     token = get_object_or_404(ApiToken, pk=pk, user=request.user)

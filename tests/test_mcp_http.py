@@ -272,7 +272,7 @@ def test_tokens_page_creates_shows_once_and_revokes(client):
     bad = client.post("/tokens/", {"name": "../x"})
     assert bad.status_code == 200 and ApiToken.objects.count() == 1
     # Another person cannot revoke it; its owner can.
-    client.force_login(person("mallory"))
+    client.force_login(person("mallory", "view_task"))
     assert client.post(f"/tokens/{token.pk}/revoke/").status_code == 404
     client.force_login(alice)
     assert client.post(f"/tokens/{token.pk}/revoke/").status_code == 302
@@ -285,6 +285,6 @@ def test_tokens_page_needs_login_and_csrf(client):
     from django.test import Client
 
     strict = Client(enforce_csrf_checks=True)
-    strict.force_login(person("alice"))
+    strict.force_login(person("alice", "view_task"))
     assert strict.post("/tokens/", {"name": "x"}).status_code == 403
     assert not ApiToken.objects.exists()

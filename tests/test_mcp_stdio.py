@@ -225,3 +225,5 @@ def test_bad_command_line_is_a_usage_error(process_env):
     assert result.returncode != 0 and "queue name" in result.stderr
     result = run_manage(["mcp", "--queue", "q", "--where", "colour=red"], process_env)
     assert result.returncode != 0 and "unknown field 'colour'" in result.stderr
+    result = run_manage(["mcp", "--queue", "q", "--name", "x" * 101], process_env)
+    assert result.returncode != 0 and "--name: at most 100" in result.stderr

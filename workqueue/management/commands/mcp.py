@@ -1,8 +1,5 @@
 """`manage.py mcp --queue NAME`: this queue's claim engine as an MCP server over stdio."""
 
-import logging
-import sys
-
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
@@ -29,7 +26,6 @@ class Command(BaseCommand):
         )
         parser.add_argument("--name", default="", help="session name; the holder is mcp:NAME")
         parser.add_argument("--lease", type=int, default=settings.HYPERVISOR_LEASE_SECONDS)
-        parser.add_argument("--herd", type=int, help="herd id, when started by a herd")
 
     def handle(self, *args, **options):
         try:
@@ -38,11 +34,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         if options["lease"] < 1:
             raise CommandError("--lease must be >= 1")
-        # stdout is the protocol's: every log line goes to stderr.
-        logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)
-        session = local_session(
-            options["queue"], options["name"], filters, options["lease"], options["herd"]
-        )
+        if len(options["name"]) > 100 or not options["name"].isprintable():
+            raise CommandError("--name: at most 100 printable characters")
+        # stdout is the protocol's: the SDK points fd 1 at stderr while it serves, and
+        # logging goes to stderr anyway.
+        session = local_session(options["queue"], options["name"], filters, options["lease"])
         beat = Heartbeat(session)
         beat.start()
         try:
