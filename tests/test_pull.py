@@ -385,3 +385,16 @@ def test_the_board_shows_the_sessions_name_and_pid(client):
     client.force_login(viewer)
     page = client.get("/?queue=q").content.decode()
     assert f"held by mcp:gemini-3 on {Task.objects.get().holder_host} pid {os.getpid()}" in page
+
+
+def test_a_session_with_a_batch_stops_claiming_once_it_is_done():
+    make_tasks("q", 3)
+    agent = session("a", batch=2)
+    for _ in range(2):
+        key = agent.call("claim_next_task")["task"]["id"]
+        assert agent.call("complete_task", {"id": key})["success"]
+    answer = agent.call("claim_next_task")
+    assert answer["message"] == (
+        f"{QUEUE_EMPTY}: this worker is stopping (its batch of 2 tasks is done)"
+    )
+    assert Task.objects.filter(status=Status.QUEUED).count() == 1

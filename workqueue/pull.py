@@ -116,6 +116,7 @@ class PullSession:
         stateless: bool = False,
         max_attempts: int | None = None,
         permitted: Callable[[str], bool] | None = None,
+        batch: int = 0,
     ):
         self.queue = queue
         self.identity = identity
@@ -124,6 +125,7 @@ class PullSession:
         self.stateless = stateless
         self.max_attempts = max_attempts
         self.permitted = permitted or (lambda tool: True)
+        self.batch = batch  # tasks to finish before the session stops claiming; 0 = all
         self.owner_file = OwnerFile(identity)
         self.busy: dict[int, float] = {}
         # Local sessions: the claims held now, by task id (what the heartbeat renews).
@@ -458,6 +460,8 @@ class PullSession:
             self.done += 1
         else:
             self.blocked += 1
+        if self.batch and self.done + self.blocked >= self.batch:
+            self.stop(f"its batch of {self.batch} tasks is done")
         signals.tasks_finished.send(sender=self, finished=[(claim, result)], refused=[])
         return answer(True, f"{verb} {task.key}; claim_next_task for the next one")
 
@@ -698,6 +702,7 @@ def local_session(
     lease_seconds: int | None = None,
     herd: int | None = None,
     max_attempts: int | None = None,
+    batch: int = 0,
 ) -> PullSession:
     """A session of this process (its pid and start time), reaped like any worker's.
     Its holder name is `mcp:NAME`, or `mcp:HOST:PID` without a name."""
@@ -706,7 +711,9 @@ def local_session(
         identity = Identity(
             f"mcp:{identity.worker}", identity.host, identity.pid, identity.started, herd
         )
-    session = PullSession(queue, identity, filters or None, lease_seconds, False, max_attempts)
+    session = PullSession(
+        queue, identity, filters or None, lease_seconds, False, max_attempts, batch=batch
+    )
     signals.worker_started.send(sender=session)
     return session
 

@@ -141,12 +141,13 @@ def run_pull_worker(
     timeout: float | None = None,
     pass_env: list[str] | None = None,
     max_attempts: int | None = None,
+    batch: int = 0,
 ) -> tuple[int, dict]:
     """Serve one session and run one agent on it until it exits. Returns the exit code
     and the worker's summary."""
     if not argv:
         raise ValueError("a pull worker needs the agent's command after --")
-    session = local_session(queue, name or "", filters, lease_seconds, herd, max_attempts)
+    session = local_session(queue, name or "", filters, lease_seconds, herd, max_attempts, batch)
     beat = Heartbeat(session)
     server = LocalServer(session)
     code = 1

@@ -173,6 +173,7 @@ class Command(BaseCommand):
             timeout=options["timeout"],
             pass_env=profile_env + options["pass_env"],
             max_attempts=options["max_attempts"],
+            batch=options["batch"],
         )
         self.stdout.write(json.dumps(summary) if options["json"] else str(summary))
         sys.exit(code)
