@@ -63,3 +63,19 @@ async def in_thread(function, *args):
             connection.close()
 
     return await anyio.to_thread.run_sync(run)
+
+
+def run(main, *args):
+    """anyio.run, on a thread of its own when this one runs an event loop already (the
+    browser tests' Playwright keeps one in the main thread for the whole session)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(main, *args)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(anyio.run, main, *args).result()

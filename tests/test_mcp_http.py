@@ -7,7 +7,6 @@ import re
 import urllib.error
 import urllib.request
 
-import anyio
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.utils import timezone
@@ -15,7 +14,7 @@ from mcp.shared.exceptions import MCPError
 
 from pull_api.models import ApiToken
 from tests.conftest import make_tasks
-from tests.mcp_client import call, http_session, in_thread
+from tests.mcp_client import call, http_session, in_thread, run
 from workqueue import locks, reaper
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -135,10 +134,6 @@ def test_one_json_rpc_post_claims_over_plain_http(client):
     )
     assert row.holder_host.startswith("http:")
     assert locks.read_owner(locks.lock_dir("q", row.key))["worker"] == "mcp:alice/curl"
-
-
-def run(coroutine_function, *args):
-    return anyio.run(coroutine_function, *args)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from tests.conftest import make_tasks, run_manage
-from tests.mcp_client import call, in_thread, stdio_session
+from tests.mcp_client import call, in_thread, run, stdio_session
 from workqueue import locks
 from workqueue.locks import Identity
 from workqueue.models import EventKind, Status, Task, TaskEvent
@@ -46,7 +46,7 @@ def test_four_sessions_drain_200_tasks_each_exactly_once(process_env):
             for i in range(4):
                 group.start_soon(one, f"agent-{i}")
 
-    anyio.run(main)
+    run(main)
     keys = [key for done in results.values() for key in done]
     assert len(keys) == 200 and len(set(keys)) == 200
     assert all(results.values()), {n: len(d) for n, d in results.items()}  # all took part
@@ -100,7 +100,7 @@ def test_two_sessions_following_the_old_prompt_never_both_hold_a_task(process_en
                 done = await call((a, b)[won[0]], "complete_task", id=picks[0])
                 assert done["success"], done
 
-    anyio.run(main)
+    run(main)
     assert len(rounds) == 12
     assert Task.objects.filter(status=Status.DONE).count() == 12
     assert TaskEvent.objects.filter(kind=EventKind.CLAIMED).count() == 12
@@ -130,7 +130,7 @@ def test_a_killed_sessions_task_is_reaped_and_its_late_complete_refused(process_
         except Exception:  # noqa: S110 - the client sees its server die
             pass
 
-    anyio.run(hold_then_die)
+    run(hold_then_die)
     assert killed
     held = Task.objects.get(status=Status.CLAIMED)
     assert held.holder == "mcp:doomed"
@@ -166,7 +166,7 @@ def test_a_killed_sessions_task_is_reaped_and_its_late_complete_refused(process_
             assert other["success"] is False and "does not hold it" in other["message"]
             assert (await call(client, "complete_task", id=held.key))["success"]
 
-    anyio.run(reclaim_and_late_complete)
+    run(reclaim_and_late_complete)
     row = Task.objects.get(pk=held.pk)
     assert (row.status, row.fence, row.result.get("summary")) == (
         Status.DONE,
@@ -200,7 +200,7 @@ def test_bad_input_over_the_wire_is_success_false_never_a_trace(process_env):
                 assert expected in answer["message"], (tool, answer)
                 assert "Traceback" not in result.content[0].text
 
-    anyio.run(main)
+    run(main)
     assert Task.objects.get().status == Status.QUEUED
 
 
@@ -212,7 +212,7 @@ def test_a_session_that_ends_gives_back_what_it_holds(process_env):
         async with stdio_session("q", process_env, "--name", "brief") as client:
             assert (await call(client, "claim_next_task"))["success"]
 
-    anyio.run(main)
+    run(main)
     row = Task.objects.get()
     assert (row.status, row.holder) == (Status.QUEUED, "")
     assert row.events.filter(kind=EventKind.RELEASED, message="MCP session ended").exists()

@@ -255,7 +255,19 @@ def serve_http_request(
             await manager.handle_request(scope, receive, send)
 
     try:
-        anyio.run(main)
+        run_event_loop(main)
     finally:
         thread.close()
     return answer
+
+
+def run_event_loop(main) -> None:
+    """anyio.run(main), on a thread of its own when this thread runs an event loop already
+    (a server that calls sync views from one, a test driving a browser)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        anyio.run(main)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcp-request") as pool:
+        pool.submit(anyio.run, main).result()
