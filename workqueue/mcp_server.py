@@ -167,8 +167,12 @@ class SessionThread:
         return self.executor.submit(function, *args).result()
 
     def close(self) -> None:
+        # A function, not `connection.close`: that would be bound here, to this thread's.
+        def close_its_connection() -> None:
+            connection.close()
+
         with suppress(Exception):
-            self.executor.submit(connection.close).result(timeout=10)
+            self.executor.submit(close_its_connection).result(timeout=10)
         self.executor.shutdown(wait=True)
 
 
