@@ -31,7 +31,9 @@ def _refuse(status: int, message: str, **headers) -> JsonResponse:
 # cookie; a forged cross-site request carries no token and gets 401.
 @csrf_exempt
 @never_cache
-@require_http_methods(["GET", "POST", "DELETE"])
+# POST only: the stateless JSON-response transport has no stream to GET and no session
+# to DELETE (a GET would wait for a stream that never comes).
+@require_POST
 def mcp_endpoint(request: HttpRequest) -> HttpResponse:
     kind, _, secret = request.headers.get("Authorization", "").partition(" ")
     token = ApiToken.authenticate(secret.strip()) if kind.lower() == "bearer" else None

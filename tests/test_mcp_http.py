@@ -283,3 +283,13 @@ def test_tokens_page_needs_login_and_csrf(client):
     strict.force_login(person("alice", "view_task"))
     assert strict.post("/tokens/", {"name": "x"}).status_code == 403
     assert not ApiToken.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_post_is_served_and_a_get_never_waits_for_a_stream(client):
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}", **MCP_HEADERS}
+    for method in ("get", "delete", "put"):
+        assert getattr(client, method)("/mcp/?queue=q", **headers).status_code == 405
+    garbage = client.post("/mcp/?queue=q", "{not json", content_type="application/json", **headers)
+    assert garbage.status_code == 400 and garbage.json()["error"]["code"] == -32700
