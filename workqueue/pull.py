@@ -318,7 +318,8 @@ class PullSession:
         if changes:
             edited = self._edit(task, changes)
             if not edited["success"]:
-                return edited
+                # Say what did happen: a claim taken just now stays this session's.
+                return refused("; but ".join([*said, edited["message"]]))
             said.append(edited["message"])
         if word == "done":
             return self.complete_task(id=task.key)
