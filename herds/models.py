@@ -29,6 +29,11 @@ class ProcessorKind(models.TextChoices):
     NOOP = "noop"
     TRIAGE = "triage"
     COMMAND = "command"
+    # An agent that claims its own tasks over MCP until QUEUE EMPTY (workqueue.pull_agent).
+    PULL = "pull"
+
+
+TAKES_COMMAND = (ProcessorKind.COMMAND, ProcessorKind.PULL)
 
 
 class AdapterKind(models.TextChoices):
@@ -99,7 +104,8 @@ class Profile(models.Model):
         blank=True,
         help_text='Argument list, never a shell: ["{python}", "agent.py", "{path}"]. '
         "Placeholders: {python} (this interpreter), {base_dir}, and per task "
-        "{path}, {key}, {queue}, {title}.",
+        "{path}, {key}, {queue}, {title}; for pull, {mcp_config} (Claude's --mcp-config "
+        "file), {gemini_settings}, {mcp_url}, {prompt} (the pull-worker prompt).",
     )
     timeout_seconds = models.PositiveIntegerField(
         null=True, blank=True, help_text="Per task; blank for no limit."
@@ -199,13 +205,13 @@ class Profile(models.Model):
                     ]
                 if self.max_budget_usd:
                     errors["max_budget_usd"] = [f"The {self.adapter} CLI has no budget option."]
-        elif self.processor == ProcessorKind.COMMAND:
+        elif self.processor in TAKES_COMMAND:
             try:
                 validate_command(self.command)
             except ValidationError as exc:
                 errors["command"] = exc.messages
         elif self.command:
-            errors["command"] = ["Only the command processor takes a command."]
+            errors["command"] = ["Only the command and pull processors take a command."]
         for field, check in (
             ("extra_args", validate_arguments),
             ("env", validate_env),

@@ -52,6 +52,9 @@ HYPERVISOR_QUOTA_BACKOFF = envint("HYPERVISOR_QUOTA_BACKOFF", 900, minimum=1)
 # When set, every herd's run summary is POSTed here as JSON when the herd ends.
 HYPERVISOR_HERD_WEBHOOK = envurl("HYPERVISOR_HERD_WEBHOOK")
 HYPERVISOR_HERD_WEBHOOK_TIMEOUT = envint("HYPERVISOR_HERD_WEBHOOK_TIMEOUT", 5, minimum=1)
+# Claims taken over HTTP (/mcp/) have no pid anyone can check: they live by this lease,
+# renewed by every call the token makes.
+HYPERVISOR_MCP_LEASE_SECONDS = envint("HYPERVISOR_MCP_LEASE_SECONDS", 1800, minimum=1)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -70,6 +73,7 @@ INSTALLED_APPS = [
     # Only the consumer and whatever enqueues need Huey; herds provides `run_huey`.
     "workqueue",
     "herds",
+    "pull_api",
 ]
 
 MIDDLEWARE = [
@@ -239,6 +243,8 @@ LOGGING = {
         "huey": {"level": os.environ.get("HUEY_LOG_LEVEL", "WARNING"), "propagate": False},
         # Not a version line from every worker's start; lockouts still log as warnings.
         "axes.apps": {"level": "WARNING"},
+        # The MCP SDK logs every HTTP request's session start and end at INFO.
+        "mcp": {"level": "WARNING"},
     },
 }
 

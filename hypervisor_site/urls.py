@@ -2,10 +2,16 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from pull_api.views import mcp_endpoint
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("herds/", include("herds.urls")),
+    # Both spellings: a redirect to add the slash would drop a POST's body.
+    path("mcp/", mcp_endpoint, name="mcp"),
+    path("mcp", mcp_endpoint),
+    path("", include("pull_api.urls")),
     path("", include("workqueue.urls")),
 ]

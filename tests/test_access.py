@@ -14,6 +14,8 @@ from django.urls.resolvers import RoutePattern
 
 # Served by Django itself with its own rules: the login page, logout and the admin.
 PUBLIC = {"login", "logout"}
+# Authenticated by an API token in a header, never by the session: 401 without one.
+TOKEN_ONLY = {"mcp", "pull_api.views.mcp_endpoint"}
 SAMPLE = {"int": "1", "str": "queued", "slug": "x", "uuid": "00000000-0000-0000-0000-000000000000"}
 
 
@@ -47,7 +49,8 @@ def _route(pattern) -> str:
     return re.sub(r"\(\?P<\w+>[^)]*\)|\([^)]*\)", "1", regex).replace("\\", "")
 
 
-URLS = sorted(set(walk()))
+URLS = sorted((name, url) for name, url in set(walk()) if name not in TOKEN_ONLY)
+TOKEN_URLS = sorted((name, url) for name, url in set(walk()) if name in TOKEN_ONLY)
 
 
 def test_walk_finds_the_board_views():
@@ -103,3 +106,17 @@ def test_django_and_admin_posts_without_csrf_token_are_refused(django_user_model
     client.force_login(user)
     response = client.post(url, {})
     assert response.status_code == 403
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("name", "url"), TOKEN_URLS)
+def test_token_endpoints_refuse_everyone_without_a_token(django_user_model, name, url):
+    assert {name for name, _ in TOKEN_URLS} == TOKEN_ONLY
+    anonymous = Client()
+    assert anonymous.post(url).status_code == 401, f"{name} {url}"
+    assert anonymous.get(url).status_code == 405, f"{name} {url}"  # POST only
+    # A logged-in superuser's session, with or without a CSRF token, is not a token.
+    user = django_user_model.objects.create_superuser("root", "", "pw-root-123")
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    assert browser.post(url, {"action": "done"}).status_code == 401, f"{name} {url}"

@@ -29,7 +29,8 @@ class Command(BaseCommand):
         parser.add_argument("--batch", type=int, default=0, help="tasks to process; 0 = all")
         parser.add_argument(
             "--processor",
-            help="noop (the default), triage, command (with -- CMD ARG ...) or a dotted path",
+            help="noop (the default), triage, command (with -- CMD ARG ...), pull (an agent "
+            "that claims its own tasks over MCP, with -- CMD ARG ...) or a dotted path",
         )
         parser.add_argument(
             "--profile",
@@ -102,8 +103,10 @@ class Command(BaseCommand):
                 "--batch must be >= 0; --prefetch, --lease, --workers, --max-attempts >= 1"
             )
         options["processor"] = options["processor"] or "noop"
-        if argv and options["processor"] != "command":
-            raise CommandError("a command after -- needs --processor command")
+        if argv and options["processor"] not in ("command", "pull"):
+            raise CommandError("a command after -- needs --processor command or pull")
+        if options["processor"] == "pull" or (profile and profile.processor == "pull"):
+            return self.run_pull_worker(options, argv, profile)
         try:
             filters = TaskFilter.parse([*(profile.filters if profile else []), *options["where"]])
             processor = (
@@ -240,3 +243,33 @@ class Command(BaseCommand):
                 )
             process.join()
         return summaries
+
+    def run_pull_worker(self, options, argv, profile) -> None:
+        """One agent that claims its own tasks over MCP (workqueue.pull_agent)."""
+        from workqueue.pull_agent import run_pull_worker
+
+        argv = list(profile.command) if profile else argv
+        if not argv:
+            raise CommandError("--processor pull needs the agent's command after --")
+        if options["workers"] > 1 or options["worktree_repo"]:
+            raise CommandError("--processor pull takes neither --workers nor --worktree-repo")
+        try:
+            filters = TaskFilter.parse([*(profile.filters if profile else []), *options["where"]])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        profile_env = [n for n in os.environ.get("HYPERVISOR_MASK_ENV", "").split(",") if n]
+        code, summary = run_pull_worker(
+            options["queue"],
+            argv,
+            name=options["name"],
+            herd=options["herd"],
+            filters=filters or None,
+            lease_seconds=options["lease"],
+            timeout=options["timeout"] or (profile.timeout_seconds if profile else None),
+            env=dict(profile.env) if profile else {},
+            pass_env=[*(profile.pass_env if profile else []), *profile_env, *options["pass_env"]],
+            max_attempts=options["max_attempts"] or (profile.max_attempts if profile else None),
+            batch=options["batch"],
+        )
+        self.stdout.write(json.dumps(summary) if options["json"] else str(summary))
+        sys.exit(code)

@@ -1,0 +1,295 @@
+"""The MCP endpoint at /mcp/: bearer tokens, permissions, and the same tools over HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.utils import timezone
+from mcp.shared.exceptions import MCPError
+
+from pull_api.models import ApiToken
+from tests.conftest import make_tasks
+from tests.mcp_client import call, http_session, in_thread, run
+from workqueue import locks, reaper
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
+CLAIM = {
+    "jsonrpc": "2.0",
+    "id": 2,
+    "method": "tools/call",
+    "params": {"name": "claim_next_task", "arguments": {}},
+}
+MCP_HEADERS = {
+    "HTTP_ACCEPT": "application/json, text/event-stream",
+    "HTTP_MCP_PROTOCOL_VERSION": "2025-06-18",
+}
+
+
+def person(name: str, *perms: str) -> User:
+    user = User.objects.create_user(name, password="pw-123456789")
+    for codename in perms:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    return User.objects.get(pk=user.pk)  # no cached permissions
+
+
+def nothing_touched() -> tuple:
+    return (
+        list(Task.objects.values_list("status", "holder", "fence")),
+        TaskEvent.objects.count(),
+        locks.list_locks(),
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer hv_not-a-token", "Basic dXNlcjpwYXNz", "Token {secret}"],
+)
+def test_no_valid_token_is_401_and_touches_nothing(client, authorization):
+    make_tasks("q", 2)
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    before = nothing_touched()
+    headers = dict(MCP_HEADERS)
+    if authorization is not None:
+        headers["HTTP_AUTHORIZATION"] = authorization.format(secret=secret)
+    for body in (INITIALIZE, CLAIM):
+        response = client.post(
+            "/mcp/?queue=q", json.dumps(body), content_type="application/json", **headers
+        )
+        assert response.status_code == 401
+        assert response["WWW-Authenticate"] == 'Bearer realm="hypervisor"'
+        assert "Bearer hv_" in response.json()["error"]
+    assert nothing_touched() == before
+    assert ApiToken.objects.get().last_used_at is None
+
+
+@pytest.mark.django_db
+def test_a_logged_in_browser_without_a_token_is_refused_too(client):
+    make_tasks("q", 1)
+    client.force_login(person("alice", "view_task", "change_task"))
+    response = client.post(
+        "/mcp/?queue=q", json.dumps(CLAIM), content_type="application/json", **MCP_HEADERS
+    )
+    assert response.status_code == 401
+    assert Task.objects.get().status == Status.QUEUED
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("", "add ?queue=NAME"),
+        ("?queue=../etc", "add ?queue=NAME"),
+        ("?queue=q&where=x=1", "where:"),
+    ],
+)
+def test_a_bad_queue_or_filter_in_the_url_is_400(client, query, problem):
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    response = client.post(
+        f"/mcp/{query}",
+        json.dumps(INITIALIZE),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {secret}",
+        **MCP_HEADERS,
+    )
+    assert response.status_code == 400
+    assert problem in response.json()["error"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_json_rpc_post_claims_over_plain_http(client):
+    """Without any SDK on the caller's side: the stateless JSON-response transport."""
+    make_tasks("q", 1)
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "curl")
+    response = client.post(
+        "/mcp/?queue=q",
+        json.dumps(CLAIM),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {secret}",
+        **MCP_HEADERS,
+    )
+    assert response.status_code == 200, response.content
+    answer = response.json()["result"]["structuredContent"]
+    assert answer["success"] is True and answer["task"]["id"] == "t000000"
+    row = Task.objects.get()
+    assert (row.status, row.holder, row.holder_host) == (
+        Status.CLAIMED,
+        "mcp:alice/curl",
+        "http:" + row.holder_host.removeprefix("http:"),
+    )
+    assert row.holder_host.startswith("http:")
+    assert locks.read_owner(locks.lock_dir("q", row.key))["worker"] == "mcp:alice/curl"
+
+
+@pytest.mark.slow
+def test_the_sdk_client_pulls_and_finishes_over_http(live_server, transactional_db):
+    make_tasks("q", 3)
+    Task.objects.filter(key="t000002").update(priority=0)
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    url = f"{live_server.url}/mcp/?queue=q"
+
+    async def main():
+        async with http_session(url, secret) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"claim_next_task", "complete_task", "update_task"} <= tools
+            first = await call(client, "claim_next_task")
+            assert first["task"]["id"] == "t000002", first
+            done = await call(client, "complete_task", id="t000002", summary="over http")
+            assert done["success"], done
+            second = await call(client, "update_task", id="t000000", status="in_progress")
+            assert second["success"], second
+            blocked = await call(client, "block_task", id="t000000", reason="needs a person")
+            assert blocked["success"], blocked
+            stats = await call(client, "get_index_stats")
+            assert (stats["counts"]["done"], stats["counts"]["blocked"]) == (1, 1)
+
+    run(main)
+    rows = {t.key: t for t in Task.objects.all()}
+    assert (rows["t000002"].status, rows["t000002"].result["summary"]) == (
+        Status.DONE,
+        "over http",
+    )
+    assert rows["t000000"].reason == "needs a person"
+    assert not locks.list_locks("q")  # each lock released by its owner record
+    assert set(
+        TaskEvent.objects.filter(kind=EventKind.CLAIMED).values_list("actor", flat=True)
+    ) == {"mcp:alice/laptop"}
+
+
+@pytest.mark.slow
+def test_a_view_only_token_lists_but_cannot_claim(live_server, transactional_db):
+    make_tasks("q", 2)
+    _, secret = ApiToken.issue(person("viewer", "view_task"), "reader")
+    url = f"{live_server.url}/mcp/?queue=q"
+
+    async def main():
+        async with http_session(url, secret) as client:
+            listed = await call(client, "list_tasks", status="active")
+            assert listed["success"] and listed["total"] == 2
+            for tool, args in [
+                ("claim_next_task", {}),
+                ("update_task", {"id": "t000000", "status": "in_progress"}),
+                ("update_task", {"id": "t000000", "priority": 0}),
+                ("create_task", {"title": "x"}),
+            ]:
+                answer = await call(client, tool, **args)
+                assert answer == {
+                    "success": False,
+                    "message": f"{tool}: permission denied: your account needs queue.change_task",
+                }
+
+    run(main)
+    assert set(Task.objects.values_list("status", "priority")) == {(Status.QUEUED, 2)}
+    assert not TaskEvent.objects.exists()
+
+
+@pytest.mark.slow
+def test_a_revoked_token_stops_working_at_once(live_server, transactional_db):
+    make_tasks("q", 2)
+    token, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    url = f"{live_server.url}/mcp/?queue=q"
+
+    async def main():
+        async with http_session(url, secret) as client:
+            assert (await call(client, "claim_next_task"))["success"]
+            await in_thread(token.revoke)
+            with pytest.raises(MCPError):
+                await call(client, "claim_next_task")
+
+    run(main)
+    assert Task.objects.filter(status=Status.CLAIMED).count() == 1  # the second never ran
+    # What the client saw as an error is the endpoint's 401, from the first request on.
+    request = urllib.request.Request(  # noqa: S310 - the test's own server
+        url,
+        json.dumps(CLAIM).encode(),
+        {"Authorization": f"Bearer {secret}", "Content-Type": "application/json",
+         "Accept": "application/json, text/event-stream"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)  # noqa: S310 - the test's own server
+    assert refused.value.code == 401
+    assert Task.objects.filter(status=Status.CLAIMED).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_http_claims_live_by_lease_not_by_the_web_process_pid(client):
+    make_tasks("q", 1)
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    response = client.post(
+        "/mcp/?queue=q",
+        json.dumps(CLAIM),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {secret}",
+        **MCP_HEADERS,
+    )
+    assert response.status_code == 200
+    row = Task.objects.get()
+    # Its lease is the HTTP one, and a dead pid (the web worker recycled) does not reap it.
+    assert (row.lease_expires_at - timezone.now()).total_seconds() > 1700
+    Task.objects.update(holder_pid=2**22 + 12345)
+    assert not reaper.release_stale_claims("q").requeued
+    Task.objects.update(lease_expires_at=timezone.now())
+    report = reaper.release_stale_claims("q")
+    assert [s.why for s in report.requeued] == ["lease expired"]
+
+
+@pytest.mark.django_db
+def test_tokens_page_creates_shows_once_and_revokes(client):
+    alice = person("alice", "view_task", "change_task")
+    client.force_login(alice)
+    page = client.get("/tokens/")
+    assert page.status_code == 200 and b"No tokens yet" in page.content
+    created = client.post("/tokens/", {"name": "laptop-claude"})
+    assert created.status_code == 201
+    secret = re.search(rb'<code class="secret">(hv_[^<]+)</code>', created.content).group(1)
+    token = ApiToken.objects.get()
+    assert token.digest != secret.decode() and secret.decode() not in token.digest
+    assert ApiToken.authenticate(secret.decode()) == token
+    again = client.get("/tokens/")
+    assert secret not in again.content and token.hint.encode() in again.content
+    duplicate = client.post("/tokens/", {"name": "laptop-claude"})
+    assert b"already have a token of that name" in duplicate.content
+    bad = client.post("/tokens/", {"name": "../x"})
+    assert bad.status_code == 200 and ApiToken.objects.count() == 1
+    # Another person cannot revoke it; its owner can.
+    client.force_login(person("mallory", "view_task"))
+    assert client.post(f"/tokens/{token.pk}/revoke/").status_code == 404
+    client.force_login(alice)
+    assert client.post(f"/tokens/{token.pk}/revoke/").status_code == 302
+    assert ApiToken.authenticate(secret.decode()) is None
+
+
+@pytest.mark.django_db
+def test_tokens_page_needs_login_and_csrf(client):
+    assert client.get("/tokens/").status_code == 302
+    from django.test import Client
+
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(person("alice", "view_task"))
+    assert strict.post("/tokens/", {"name": "x"}).status_code == 403
+    assert not ApiToken.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_post_is_served_and_a_get_never_waits_for_a_stream(client):
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}", **MCP_HEADERS}
+    for method in ("get", "delete", "put"):
+        assert getattr(client, method)("/mcp/?queue=q", **headers).status_code == 405
+    garbage = client.post("/mcp/?queue=q", "{not json", content_type="application/json", **headers)
+    assert garbage.status_code == 400 and garbage.json()["error"]["code"] == -32700

@@ -1,0 +1,239 @@
+"""A herd worker of kind "pull": one agent CLI that claims its own tasks over MCP.
+
+The worker process is the session: it holds the claims (its pid and start time, reaped
+like any worker's when it dies), serves the tools on 127.0.0.1 over streamable HTTP with a
+random bearer secret, and starts the agent with that server configured. The agent never
+sees the database or Hypervisor's settings: only the URL and the secret of its own
+session, in generated config files (Claude's `--mcp-config`, Gemini's settings) and in its
+environment, beside the usual allow-list. When the agent exits, the worker gives back
+whatever it still holds and exits with the agent's code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import uvicorn
+from django.conf import settings
+from django.db import connection
+
+from workqueue import agent_tree, signals
+from workqueue.mcp_server import SessionThread, build_server
+from workqueue.processors import PLACEHOLDER
+from workqueue.pull import Heartbeat, PullSession, local_session
+from workqueue.routing import TaskFilter
+
+log = logging.getLogger("workqueue.pull")
+
+PROMPT = Path(settings.BASE_DIR) / "prompts" / "pull-worker.md"
+SERVER_NAME = "hypervisor"
+TOKEN_VARIABLE = "HYPERVISOR_MCP_TOKEN"  # noqa: S105 - the variable's name
+URL_VARIABLE = "HYPERVISOR_MCP_URL"
+
+
+class BearerOnly:
+    """ASGI wrapper: requests without this session's secret get 401 and reach nothing."""
+
+    def __init__(self, app, secret: str):
+        self.app = app
+        self.expected = f"Bearer {secret}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await send({"type": "http.response.start", "status": 401, "headers": []})
+                await send({"type": "http.response.body", "body": b"unauthorized"})
+                return
+        await self.app(scope, receive, send)
+
+
+class LocalServer:
+    """The session's tools on 127.0.0.1:<free port>/mcp, in a thread of this process."""
+
+    def __init__(self, session: PullSession):
+        self.secret = secrets.token_urlsafe(32)
+        self.thread_pool = SessionThread(session)
+        server = build_server(self.thread_pool.run_tool)
+        app = server.streamable_http_app(json_response=True, stateless_http=True)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        config = uvicorn.Config(
+            BearerOnly(app, self.secret), log_level="warning", lifespan="on", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self, timeout: float = 10) -> None:
+        self.thread.start()
+        waited = threading.Event()
+        while not self.server.started and self.thread.is_alive() and timeout > 0:
+            waited.wait(0.05)
+            timeout -= 0.05
+        if not self.server.started:
+            raise RuntimeError("the local MCP server did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.thread_pool.close()
+        self.socket.close()
+
+
+def write_configs(folder: Path, url: str, secret: str) -> dict[str, str]:
+    """The agent CLIs' config files for this session, readable by this user only."""
+    headers = {"Authorization": f"Bearer {secret}"}
+    files = {
+        # Claude Code: `claude --mcp-config FILE`.
+        "mcp_config": {
+            "mcpServers": {SERVER_NAME: {"type": "http", "url": url, "headers": headers}}
+        },
+        # Gemini CLI: a system settings file (GEMINI_CLI_SYSTEM_SETTINGS_PATH).
+        "gemini_settings": {"mcpServers": {SERVER_NAME: {"httpUrl": url, "headers": headers}}},
+    }
+    paths = {}
+    for name, content in files.items():
+        path = folder / f"{name}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f, indent=2)
+        paths[name] = str(path)
+    return paths
+
+
+def pull_prompt(queue: str) -> str:
+    return PROMPT.read_text(encoding="utf-8").replace("{queue}", queue)
+
+
+def fill(argv: list[str], values: dict[str, str]) -> list[str]:
+    """Placeholders filled in one pass, as the command processor does."""
+
+    def one(found) -> str:
+        name = found.group(1)
+        return values[name] if name in values else found.group(0)
+
+    return [PLACEHOLDER.sub(one, arg) for arg in argv]
+
+
+def run_pull_worker(
+    queue: str,
+    argv: list[str],
+    name: str | None = None,
+    herd: int | None = None,
+    filters: TaskFilter | None = None,
+    lease_seconds: int | None = None,
+    timeout: float | None = None,
+    pass_env: list[str] | None = None,
+    max_attempts: int | None = None,
+    batch: int = 0,
+    env: dict[str, str] | None = None,
+) -> tuple[int, dict]:
+    """Serve one session and run one agent on it until it exits. Returns the exit code
+    and the worker's summary."""
+    if not argv:
+        raise ValueError("a pull worker needs the agent's command after --")
+    session = local_session(queue, name or "", filters, lease_seconds, herd, max_attempts, batch)
+    beat = Heartbeat(session)
+    server = LocalServer(session)
+    code = 1
+    try:
+        beat.start()
+        server.start()
+        with tempfile.TemporaryDirectory(prefix="hypervisor-pull-") as folder:
+            configs = write_configs(Path(folder), server.url, server.secret)
+            values = {
+                "python": sys.executable,
+                "base_dir": str(settings.BASE_DIR),
+                "queue": queue,
+                "mcp_url": server.url,
+                "prompt": pull_prompt(queue),
+                **configs,
+            }
+            agent_env = agent_tree.agent_environment(
+                {
+                    URL_VARIABLE: server.url,
+                    TOKEN_VARIABLE: server.secret,
+                    "GEMINI_CLI_SYSTEM_SETTINGS_PATH": configs["gemini_settings"],
+                    "HYPERVISOR_TASK_QUEUE": queue,
+                    "HYPERVISOR_TASK_WORKER": session.identity.worker,
+                },
+                env or {},
+                pass_env or [],
+            )
+            passed = [*(pass_env or []), *(env or {})]  # their values are masked in output
+            code = run_agent(session, fill(argv, values), agent_env, timeout, passed)
+    finally:
+        server.stop()
+        beat.stop()
+        session.release_all(f"agent of {session.identity.worker} exited")
+        session.owner_file.discard()
+        signals.worker_stopped.send(sender=session, exit_code=code)
+        connection.close()
+    summary = {
+        "worker": session.identity.worker,
+        "queue": queue,
+        "exit_code": code,
+        "stop_reason": session.stop_reason,
+        "claimed": session.claimed,
+        "done": session.done,
+        "blocked": session.blocked,
+        "released": session.released,
+    }
+    return code, summary
+
+
+def run_agent(
+    session: PullSession, args: list[str], env: dict, timeout: float | None, passed: list[str]
+) -> int:
+    mask = agent_tree.Masker(
+        [env[TOKEN_VARIABLE], *agent_tree.known_secrets(env, [*passed, TOKEN_VARIABLE])]
+    )
+    log_path = Path(
+        settings.HYPERVISOR_DATA_DIR,
+        "logs",
+        "agents",
+        f"pull-{session.identity.host}-{session.identity.pid}.log",
+    )
+    run = agent_tree.AgentRun(
+        args,
+        env,
+        None,
+        timeout,
+        mask,
+        lambda: session.stop_requested and not session.held,
+        log_path=log_path,
+    )
+    try:
+        run.start()
+    except OSError as exc:
+        print(f"cannot start {args[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    ended = run.wait()
+    # The worker's log gets the agent's last words: supervision reads it for quota errors.
+    sys.stdout.write(ended.stdout[-4000:])
+    sys.stderr.write(ended.stderr[-4000:])
+    if ended.timed_out:
+        print(f"the agent timed out after {timeout:g} s", file=sys.stderr)
+        return 124
+    if ended.stopped:
+        return 0  # drained or cancelled: not the agent's fault
+    if ended.survivors:
+        print(f"the agent's processes could not be ended: {ended.survivors}", file=sys.stderr)
+        return 1
+    return ended.code if ended.code is not None and ended.code >= 0 else 1
