@@ -55,7 +55,9 @@ def test_a_pull_herd_drains_the_queue_each_task_once_with_summary_and_tokens(hue
 
 
 def test_a_token_budget_drains_a_pull_herd(huey_env, consumer):
-    pull_profile("costly", "--tokens", "1000", "--sleep", "0.3")
+    # Slow enough that the 40 tasks take 20 s: a supervision pass (every 2 s) sees the
+    # budget spent long before the queue would be empty, even on a loaded machine.
+    pull_profile("costly", "--tokens", "1000", "--sleep", "1")
     make_tasks("budgetq", 40)
     herd_id = launch(
         huey_env,
