@@ -157,7 +157,7 @@ def test_other_hosts_claims_wait_for_their_lease_not_for_a_pid(process_env, tmp_
                 "--queue",
                 "q",
                 "--lease",
-                "3",
+                "20",  # long enough that a loaded machine still asks well before it ends
                 "--processor",
                 "command",
                 "--",
