@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import MinValueValidator
 from django.db import models, transaction
-from django.db.models import Sum
+from django.db.models import Count, Sum
 from django.urls import reverse
 from django.utils import timezone
 
@@ -315,6 +315,10 @@ class HerdQuerySet(models.QuerySet):
 
     def active(self) -> HerdQuerySet:
         return self.filter(status__in=(HerdStatus.PENDING, HerdStatus.RUNNING))
+
+    def count_by_profile_and_status(self) -> dict[tuple[str, str], int]:
+        rows = self.values_list("profile__name", "status").annotate(n=Count("id")).order_by()
+        return {(profile, status): n for profile, status, n in rows}
 
 
 class Herd(models.Model):
@@ -797,6 +801,21 @@ class HerdWorkerQuerySet(models.QuerySet):
 
     def crashed(self) -> HerdWorkerQuerySet:
         return self.filter(exit_class=ExitClass.CRASHED)
+
+    def live_by_profile_and_state(self) -> dict[tuple[str, str], int]:
+        # Through the active herds (an index on their status), not every worker ever run.
+        live = self.live().filter(herd__status__in=ACTIVE)
+        rows = live.values_list("herd__profile__name", "state").annotate(n=Count("id"))
+        return {(profile, state): n for profile, state, n in rows.order_by()}
+
+    def usage_by_profile(self) -> dict[str, tuple[int, Decimal]]:
+        """Profile name -> (tokens, USD) its herds' workers reported."""
+        rows = (
+            self.values_list("herd__profile__name")
+            .annotate(tokens=Sum("tokens"), cost=Sum("cost_usd"))
+            .order_by()
+        )
+        return {profile: (tokens or 0, cost or Decimal(0)) for profile, tokens, cost in rows}
 
 
 class HerdWorker(models.Model):

@@ -55,6 +55,11 @@ HYPERVISOR_HERD_WEBHOOK_TIMEOUT = envint("HYPERVISOR_HERD_WEBHOOK_TIMEOUT", 5, m
 # Claims taken over HTTP (/mcp/) have no pid anyone can check: they live by this lease,
 # renewed by every call the token makes.
 HYPERVISOR_MCP_LEASE_SECONDS = envint("HYPERVISOR_MCP_LEASE_SECONDS", 1800, minimum=1)
+# Prometheus scrapes /metrics with this bearer token (staff sessions need none). Unset:
+# staff only. Long, since a scraper's token is not throttled like a login.
+HYPERVISOR_METRICS_TOKEN = os.environ.get("HYPERVISOR_METRICS_TOKEN", "")
+if HYPERVISOR_METRICS_TOKEN and len(HYPERVISOR_METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured("HYPERVISOR_METRICS_TOKEN must be at least 32 characters")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from hypervisor_site.metrics import metrics
 from pull_api.views import mcp_endpoint
 
 urlpatterns = [
@@ -12,6 +13,8 @@ urlpatterns = [
     # Both spellings: a redirect to add the slash would drop a POST's body.
     path("mcp/", mcp_endpoint, name="mcp"),
     path("mcp", mcp_endpoint),
+    # For Prometheus (a bearer token) and staff; the text format, not a page.
+    path("metrics", metrics, name="metrics"),
     path("", include("pull_api.urls")),
     path("", include("workqueue.urls")),
 ]

@@ -51,6 +51,7 @@ def test_production_without_secret_key_refuses_to_start():
         ("DJANGO_DEBUG", "maybe", "DJANGO_DEBUG must be true or false"),
         ("HYPERVISOR_IMPORT_ROOTS", "/nonexistent/folder", "HYPERVISOR_IMPORT_ROOTS:"),
         ("DATABASE_URL", "nosuchdb://x", "DATABASE_URL is not a valid database URL"),
+        ("HYPERVISOR_METRICS_TOKEN", "short", "HYPERVISOR_METRICS_TOKEN must be at least 32"),
     ],
 )
 def test_bad_environment_value_names_the_variable(name, value, message):

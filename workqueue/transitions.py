@@ -3,15 +3,16 @@
 A task's status, holder, lease, fencing number and agent are written here and nowhere
 else. Each transition is guarded by the status (and fence, and holder where there is one)
 its caller saw, returns what it changed, and records a TaskEvent carrying the fence in the
-same write transaction. What goes with a change outside the database (the lock directory,
-the agent's processes, a worktree) is for the caller: claims (the worker's hot path),
-reaper, and actions (people, from the board and the admin).
+same write transaction, counted there in the TransitionTally that /metrics reads. What
+goes with a change outside the database (the lock directory, the agent's processes, a
+worktree) is for the caller: claims (the worker's hot path), reaper, and actions (people,
+from the board and the admin).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -22,7 +23,7 @@ from django.utils import timezone
 
 from hypervisor_site.writers import write_transaction
 from workqueue.locks import Identity
-from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.models import EventKind, Status, Task, TaskEvent, TransitionTally
 from workqueue.processing import Claim, Result
 
 # The statuses a transition may start from. The board offers fewer (forms.ACTIONS); an
@@ -71,13 +72,14 @@ def _move(
     each, in one write transaction. Returns the ids changed."""
     now = timezone.now()
     with write_transaction():
-        rows = list(tasks.select_for_update().values_list("id", "fence"))
+        rows = list(tasks.select_for_update().values_list("id", "fence", "queue"))
         if rows:
-            Task.objects.filter(pk__in=[i for i, _ in rows]).update(updated_at=now, **values)
+            Task.objects.filter(pk__in=[r[0] for r in rows]).update(updated_at=now, **values)
             TaskEvent.objects.record(
-                [(i, now, kind, actor, fence, message, data or {}) for i, fence in rows]
+                [(i, now, kind, actor, fence, message, data or {}) for i, fence, _ in rows]
             )
-    return [i for i, _ in rows]
+            TransitionTally.objects.add(Counter((queue, kind) for _, _, queue in rows))
+    return [r[0] for r in rows]
 
 
 def _held(identity: Identity, claims: list[Claim]):
@@ -113,7 +115,8 @@ def claim(
         candidates = filters.apply(candidates)
     candidates = candidates.select_for_update(skip_locked=True, of=("self",))
     with write_transaction():
-        rows = list(candidates.values_list("id", "key", "title", "source_path", "fence")[:limit])
+        fields = ("id", "key", "title", "source_path", "fence", "updated_at")
+        rows = list(candidates.values_list(*fields)[:limit])
         if not rows:
             return []
         now = timezone.now()
@@ -136,6 +139,8 @@ def claim(
         TaskEvent.objects.record(
             [(i, now, EventKind.CLAIMED, identity.worker, fence, "", {}) for i in ids]
         )
+        # Each task waited, queued, since its last change.
+        TransitionTally.objects.add_claims(queue, [(now - r[5]).total_seconds() for r in rows])
     return [Claim(r[0], queue, r[1], r[2], r[3], fence) for r in rows]
 
 
@@ -247,13 +252,13 @@ def finish(identity: Identity, finished: list[tuple[Claim, Result]]) -> FinishRe
             report.finished.extend(i for i in ids if i in earlier or i in changed)
             report.refused.extend(i for i in ids if i not in earlier and i not in changed)
         refused = set(report.refused)
-        TaskEvent.objects.record(
-            [
-                _refusal_event(identity, c, r, now) if c.id in refused else event
-                for (c, r), event in zip(finished, events, strict=True)
-                if c.id not in applied
-            ]
-        )
+        recorded = [
+            (c.queue, _refusal_event(identity, c, r, now) if c.id in refused else event)
+            for (c, r), event in zip(finished, events, strict=True)
+            if c.id not in applied
+        ]
+        TaskEvent.objects.record([event for _, event in recorded])
+        TransitionTally.objects.add(Counter((queue, event[2]) for queue, event in recorded))
     return report
 
 
@@ -341,8 +346,8 @@ def _move_seen(
     with write_transaction():
         found = Task.objects.filter(pk__in=list(seen)).select_for_update()
         rows = [
-            (pk, status, fence)
-            for pk, status, fence in found.values_list("id", "status", "fence")
+            (pk, status, fence, queue)
+            for pk, status, fence, queue in found.values_list("id", "status", "fence", "queue")
             if seen[pk] == (status, fence)
         ]
         if rows:
@@ -358,9 +363,10 @@ def _move_seen(
                         message(status) if callable(message) else message,
                         {},
                     )
-                    for pk, status, fence in rows
+                    for pk, status, fence, _ in rows
                 ]
             )
+            TransitionTally.objects.add(Counter((queue, kind) for *_, queue in rows))
     return [r[0] for r in rows]
 
 
