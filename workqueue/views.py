@@ -46,7 +46,6 @@ from workqueue.models import (
     SavedView,
     Status,
     Task,
-    TaskQuerySet,
     unmet_dependency_counts,
 )
 from workqueue.processors import transcript_path
@@ -104,7 +103,7 @@ def board_version() -> str:
     return f"{last or 0}-{stamp:.6f}-{int(time.time() // CLOCK_SECONDS)}"
 
 
-def view_version(form: BoardFilterForm, tasks: TaskQuerySet) -> str:
+def view_version(form: BoardFilterForm) -> str:
     """The version of what this filtered view shows: it changes when a task in the view
     changes, enters or leaves it, and not when a task outside it changes.
 
@@ -117,7 +116,7 @@ def view_version(form: BoardFilterForm, tasks: TaskQuerySet) -> str:
     key = "board-view:" + hashlib.sha256(f"{form.querystring()}|{whole}".encode()).hexdigest()
     stamp = cache.get(key)
     if stamp is None:
-        stamp = tasks.version_stamp()
+        stamp = form.apply(Task.objects.all()).version_stamp()
         cache.set(key, stamp, 2 * CLOCK_SECONDS)
     return f"v{stamp}-{whole.rsplit('-', 1)[1]}"
 
@@ -176,7 +175,7 @@ def _board_context(
     version: str | None = None,
 ) -> dict:
     tasks = form.apply(Task.objects.all())
-    version = version or view_version(form, tasks)
+    version = version or view_version(form)
     columns = _columns(tasks, form, shown.per_column(PAGE_SIZE))
     context = {
         "form": form,
@@ -223,7 +222,7 @@ def board(request: HttpRequest) -> HttpResponse:
     if form is None:
         return _bad_filters(request.GET)
     # The live refresh: compare versions before anything is rendered.
-    version = view_version(form, form.apply(Task.objects.all()))
+    version = view_version(form)
     since = request.GET.get("since")
     if since and since == version:
         return HttpResponse(status=204)
