@@ -175,6 +175,28 @@ def _sql_ms(call) -> float:
     return round(sum(spent) * 1000, 2)
 
 
+def _text_counts(repeat: int) -> dict:
+    """The columns' counts for each text filter: the old icontains on title and key (no
+    body, a scan) against the search index on title, key and body."""
+    from django.db.models import Q
+
+    from workqueue.models import Task
+
+    found = {}
+    for name, filters in FILTERS.items():
+        if list(filters) != ["q"]:
+            continue
+        text = filters["q"]
+        old = Task.objects.filter(Q(title__icontains=text) | Q(key__icontains=text))
+        found[name] = {
+            "old_icontains": _median_ms(lambda o=old: o.counts(), repeat),
+            "search_index": _median_ms(
+                lambda t=text: Task.objects.matching_text(t).counts(), repeat
+            ),
+        }
+    return found
+
+
 def _measure(repeat: int) -> dict:
     from django.contrib.auth import get_user_model
     from django.test import Client
@@ -206,6 +228,7 @@ def _measure(repeat: int) -> dict:
         matches[name] = int(client.get("/", filters).context["total"])
     return {
         "render_ms": _median_ms(render, repeat),
+        "text_counts_ms": _text_counts(repeat),
         "refresh_ms": _median_ms(refresh, repeat * 3),
         "filtered_ms": max(filtered.values()),
         "filtered_render_ms": filtered,
