@@ -503,8 +503,12 @@ class TaskSearch(models.Model):
     def matching(cls, text: str, using: str = "default") -> Q:
         """The condition on Task: its title, key or body contains `text` (any case)."""
         sql, params = cls.matching_sql(connections[using], text)
+        # OFFSET 0 keeps PostgreSQL from planning for the LIMIT: it would read the table
+        # in order hoping to stop early, every row of it when there are fewer matches.
+        fence = " OFFSET 0" if connections[using].vendor == "postgresql" else ""
+        probe = f"SELECT * FROM ({sql}{fence}) AS hits LIMIT {cls.FEW + 1}"  # noqa: S608
         with connections[using].cursor() as cursor:
-            cursor.execute(f"{sql} LIMIT {cls.FEW + 1}", params)
+            cursor.execute(probe, params)
             ids = [row[0] for row in cursor.fetchall()]
         # Under FEW ids the list is every match; else the statements search themselves.
         return Q(id__in=ids if len(ids) <= cls.FEW else RawSQL(sql, params))  # noqa: S611 - fixed SQL, values as parameters

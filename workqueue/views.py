@@ -241,17 +241,17 @@ def board(request: HttpRequest) -> HttpResponse:
 
 
 def _board_etag(request: HttpRequest, version: str, shown: ShownForm, partial: bool) -> str:
-    """The view's version, and for the whole page what else it shows: the facets (any
-    task's change), the person's saved views and permissions."""
-    parts = [repr(sorted(shown.per_column(PAGE_SIZE).items()))]
+    """The view's version and the cards shown, who asks (the buttons follow permissions),
+    and for the whole page what else it shows: the facets (any task's change) and the
+    person's saved views."""
+    parts = [
+        repr(sorted(shown.per_column(PAGE_SIZE).items())),
+        str(request.user.pk),
+        repr(sorted(request.user.get_all_permissions())),
+    ]
     if not partial:
         views = SavedView.objects.filter(user=request.user).values_list("id", "name", "query")
-        parts += [
-            board_version(),
-            str(request.user.pk),
-            repr(sorted(request.user.get_all_permissions())),
-            repr(list(views)),
-        ]
+        parts += [board_version(), repr(list(views))]
     return f'"{version}.{hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]}"'
 
 
