@@ -181,6 +181,11 @@ def test_if_none_match_with_the_current_etag_is_a_304(viewer):
     assert partial["ETag"] != changed["ETag"]  # the board alone is another representation
     again = viewer.get("/", {"queue": "q"}, HTTP_IF_NONE_MATCH=partial["ETag"], **refresh)
     assert again.status_code == 304
+    # The whole page also lists the person's saved views: a new one is a new page.
+    viewer.post(reverse("saved-view"), {"name": "mine", "query": "queue=q"})
+    assert "Saved the view" in viewer.get("/", {"queue": "x"}).content.decode()  # shown once
+    page = viewer.get("/", {"queue": "q"}, HTTP_IF_NONE_MATCH=changed["ETag"])
+    assert page.status_code == 200 and "mine" in page.content.decode()
 
 
 @pytest.mark.parametrize(
