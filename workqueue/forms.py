@@ -3,9 +3,10 @@ from __future__ import annotations
 from django import forms
 from django.db.models import Count, Q
 from django.http import QueryDict
+from django.utils.functional import cached_property
 
 from workqueue import bulk, editing
-from workqueue.models import Queue, Status, Task, TaskQuerySet
+from workqueue.models import Queue, Status, Task, TaskQuerySet, TaskSearch
 from workqueue.routing import Condition, TaskFilter
 from workqueue.text import as_text
 
@@ -50,8 +51,13 @@ class BoardFilterForm(forms.Form):
             tasks = tasks.filter(queue=data["queue"])
         tasks = self.routing(leave_out).apply(tasks)
         if data.get("q"):
-            tasks = tasks.filter(Q(title__icontains=data["q"]) | Q(key__icontains=data["q"]))
+            tasks = tasks.filter(self._text_match)
         return tasks
+
+    @cached_property
+    def _text_match(self) -> Q:
+        # Searched once per request: the counts, pages, version and facets all apply it.
+        return TaskSearch.matching(self.cleaned_data["q"])
 
     def facets(self) -> dict[str, list[tuple[str, int]]]:
         """For each field filter, the values that exist and how many tasks have each,
@@ -90,6 +96,26 @@ class BoardFilterForm(forms.Form):
 
 class LoadMoreForm(forms.Form):
     offset = forms.IntegerField(min_value=0, max_value=10_000_000)
+
+
+MAX_SHOWN = 5000  # cards per column a refresh keeps: a hundred "Load more"s
+
+
+class ShownForm(forms.Form):
+    """How many cards each column shows now ("Load more" adds to them), so that a live
+    refresh renders as many and the cards a person loaded stay."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for status in Status.values:
+            self.fields[f"shown_{status}"] = forms.IntegerField(
+                required=False, min_value=0, max_value=MAX_SHOWN
+            )
+
+    def per_column(self, page: int) -> dict[str, int]:
+        """Cards to render per column: at least a page, else what is shown."""
+        data = self.cleaned_data if self.is_valid() else {}
+        return {s: max(page, data.get(f"shown_{s}") or 0) for s in Status.values}
 
 
 ACTIONS = {

@@ -10,7 +10,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, models
-from django.db.models import Count, Exists, Min, OuterRef, Q, Subquery, Sum
+from django.db.models import Count, Exists, Max, Min, OuterRef, Q, Subquery, Sum
+from django.db.models.expressions import RawSQL
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 from django.utils.functional import cached_property
@@ -94,6 +95,11 @@ class TaskQuerySet(models.QuerySet):
         """Queued tasks whose every dependency is done."""
         return self.queued().filter(Q(has_dependencies=False) | ~Exists(_unmet_dependencies()))
 
+    def matching_text(self, text: str) -> TaskQuerySet:
+        """Tasks whose title, key or body contains `text`, ignoring case, found through
+        the search index (TaskSearch)."""
+        return self.filter(TaskSearch.matching(text, self.db))
+
     def claim_order(self) -> TaskQuerySet:
         # Priority follows the P0..P4 convention: a lower number is more urgent.
         return self.order_by("priority", "id")
@@ -121,6 +127,13 @@ class TaskQuerySet(models.QuerySet):
         """(values of `fields`) -> how many tasks, in one GROUP BY."""
         rows = self.values_list(*fields).annotate(n=Count("id")).order_by()
         return {tuple(row[:-1]): row[-1] for row in rows}
+
+    def version_stamp(self) -> str:
+        """What changes when a task of this set changes (every write sets updated_at),
+        joins it (a newer updated_at, or one more task) or leaves it (one fewer)."""
+        found = self.order_by().aggregate(n=Count("id"), newest=Max("updated_at"))
+        newest = found["newest"].timestamp() if found["newest"] else 0
+        return f"{found['n']}-{newest:.6f}"
 
     def counts_by_index(self) -> dict[str, int]:
         """The same as counts(), one index range per status, in one statement.
@@ -331,8 +344,18 @@ class Task(models.Model):
                 condition=Q(status="queued"),
             ),
             models.Index(fields=["queue", "status", "priority", "id"], name="task_board"),
-            # The board without a queue filter: each column in order, and its count.
-            models.Index(fields=["status", "priority", "id"], name="task_board_all"),
+            # The board without a queue filter: each column in order, and its count. With
+            # the tags: a tag filter (a LIKE) reads the index alone, not the rows.
+            models.Index(fields=["status", "priority", "id", "tag_index"], name="task_board_all"),
+            # The board filtered by a field: counts and pages of one index range each, the
+            # other filters checked in the index.
+            *(
+                models.Index(
+                    fields=[field, "status", "priority", "id", "queue", "tag_index"],
+                    name=f"task_board_{field}",
+                )
+                for field in ("project", "assignee", "complexity", "type")
+            ),
             models.Index(
                 fields=["lease_expires_at"], name="task_claimed", condition=Q(status="claimed")
             ),
@@ -582,6 +605,66 @@ class TaskBody(models.Model):
 
     def __str__(self) -> str:
         return f"body of {self.task_id}"
+
+
+class TaskSearch(models.Model):
+    """A copy of each task's title, key and body that the board's free text searches.
+
+    Database triggers write it (migration 0014_task_search), whatever path changed the
+    task: nothing in Python does. On SQLite the table is FTS5 (trigram), whose rowid is the
+    task's id; on PostgreSQL a plain table with pg_trgm indexes.
+    """
+
+    task = models.OneToOneField(
+        Task, on_delete=models.DO_NOTHING, primary_key=True, db_constraint=False, related_name="+"
+    )
+    title = models.TextField()
+    key = models.TextField()
+    body = models.TextField()
+
+    def __str__(self) -> str:
+        return f"search text of {self.task_id}"
+
+    # A search that finds this few tasks hands on their ids: the board's five statements
+    # then look rows up by id instead of searching again each.
+    FEW = 1000
+
+    @classmethod
+    def matching(cls, text: str, using: str = "default") -> Q:
+        """The condition on Task: its title, key or body contains `text` (any case)."""
+        sql, params = cls.matching_sql(connections[using], text)
+        # OFFSET 0 keeps PostgreSQL from planning for the LIMIT: it would read the table
+        # in order hoping to stop early, every row of it when there are fewer matches.
+        fence = " OFFSET 0" if connections[using].vendor == "postgresql" else ""
+        probe = f"SELECT * FROM ({sql}{fence}) AS hits LIMIT {cls.FEW + 1}"  # noqa: S608
+        with connections[using].cursor() as cursor:
+            cursor.execute(probe, params)
+            ids = [row[0] for row in cursor.fetchall()]
+        # Under FEW ids the list is every match; else the statements search themselves.
+        return Q(id__in=ids if len(ids) <= cls.FEW else RawSQL(sql, params))  # noqa: S611 - fixed SQL, values as parameters
+
+    @classmethod
+    def matching_sql(cls, db, text: str) -> tuple[str, list[str]]:
+        """The ids of the tasks whose title, key or body contains `text` (any case)."""
+        if db.vendor == "sqlite" and len(text) >= 3:
+            # A phrase of trigrams: the substring, answered from the index.
+            return (
+                "SELECT rowid FROM queue_tasksearch WHERE queue_tasksearch MATCH %s",
+                ['"' + text.replace('"', '""') + '"'],
+            )
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        if db.vendor == "sqlite":
+            # Under three characters there is no trigram to look up: a scan of the copy.
+            like = "LIKE %s ESCAPE '\\'"
+            column = "rowid"
+        else:
+            like = "ILIKE %s"  # the pg_trgm indexes answer ILIKE (not UPPER(...) LIKE)
+            column = "task_id"
+        return (
+            f"SELECT {column} FROM queue_tasksearch "  # noqa: S608 - fixed names only
+            f"WHERE title {like} OR key {like} OR body {like}",
+            [pattern] * 3,
+        )
 
 
 class TaskEvent(models.Model):

@@ -36,6 +36,7 @@ from workqueue.forms import (
     LoadMoreForm,
     NewTaskForm,
     SavedViewForm,
+    ShownForm,
     TaskActionForm,
     TaskEditForm,
 )
@@ -92,10 +93,8 @@ def _bad_filters(data: QueryDict) -> HttpResponse:
 def board_version() -> str:
     """Changes whenever any task is added or changed (every write sets updated_at).
 
-    Two index lookups whatever the filters, and no rendering: the live refresh compares it
-    and answers 204. A change outside the filtered view only costs one needless render.
-    A deleted task, or a clock that runs behind another host's, shows by the next clock
-    bucket at the latest.
+    Two index lookups, and no rendering. A deleted task, or a clock that runs behind
+    another host's, shows by the next clock bucket at the latest.
     """
     # Two statements: SQLite answers a lone MAX from the index, not two in one query.
     newest = Task.objects.aggregate(newest=Max("updated_at"))["newest"]
@@ -104,12 +103,30 @@ def board_version() -> str:
     return f"{last or 0}-{stamp:.6f}-{int(time.time() // CLOCK_SECONDS)}"
 
 
-def _cards(tasks, status: str, offset: int = 0) -> list[Task]:
+def view_version(form: BoardFilterForm) -> str:
+    """The version of what this filtered view shows: it changes when a task in the view
+    changes, enters or leaves it, and not when a task outside it changes.
+
+    Reading the view (a count) costs about as much as its counts column: it is done once
+    per change anywhere (board_version) and filter, then kept in the cache.
+    """
+    whole = board_version()
+    if not form.active:
+        return whole
+    key = "board-view:" + hashlib.sha256(f"{form.querystring()}|{whole}".encode()).hexdigest()
+    stamp = cache.get(key)
+    if stamp is None:
+        stamp = form.apply(Task.objects.all()).version_stamp()
+        cache.set(key, stamp, 2 * CLOCK_SECONDS)
+    return f"v{stamp}-{whole.rsplit('-', 1)[1]}"
+
+
+def _cards(tasks, status: str, offset: int = 0, limit: int = PAGE_SIZE) -> list[Task]:
     """One page of a column, plus one card to tell whether there is more."""
     return list(
         tasks.filter(status=status)
         .order_by("priority", "id")
-        .only(*CARD_FIELDS)[offset : offset + PAGE_SIZE + 1]
+        .only(*CARD_FIELDS)[offset : offset + limit + 1]
     )
 
 
@@ -121,20 +138,21 @@ def _column_counts(tasks, form: BoardFilterForm) -> dict[str, int]:
     return tasks.counts()
 
 
-def _columns(tasks, form: BoardFilterForm) -> list[dict]:
+def _columns(tasks, form: BoardFilterForm, shown: dict[str, int]) -> list[dict]:
     counts = _column_counts(tasks, form)
     columns = []
     for status in Status.values:
-        cards = _cards(tasks, status) if counts[status] else []
+        limit = shown[status]
+        cards = _cards(tasks, status, limit=limit) if counts[status] else []
         _note_waiting(cards)
         columns.append(
             {
                 "status": status,
                 "label": Status(status).label,
                 "count": counts[status],
-                "cards": cards[:PAGE_SIZE],
-                "more": len(cards) > PAGE_SIZE,
-                "next_offset": PAGE_SIZE,
+                "cards": cards[:limit],
+                "more": len(cards) > limit,
+                "next_offset": limit,
                 "actions": card_actions(status),
             }
         )
@@ -149,10 +167,16 @@ def _note_waiting(cards: list[Task]) -> None:
         card.waiting_on = counts.get(card.pk, 0)
 
 
-def _board_context(request: HttpRequest, form: BoardFilterForm, whole: bool = True) -> dict:
+def _board_context(
+    request: HttpRequest,
+    form: BoardFilterForm,
+    shown: ShownForm,
+    whole: bool = True,
+    version: str | None = None,
+) -> dict:
     tasks = form.apply(Task.objects.all())
-    version = board_version()
-    columns = _columns(tasks, form)
+    version = version or view_version(form)
+    columns = _columns(tasks, form, shown.per_column(PAGE_SIZE))
     context = {
         "form": form,
         "query": form.querystring(),
@@ -165,7 +189,7 @@ def _board_context(request: HttpRequest, form: BoardFilterForm, whole: bool = Tr
         # What the filter bar and the dialogs offer; the live refresh renders the board only.
         context.update(
             queues=Queue.objects.order_by("name").values_list("name", flat=True),
-            facets=_facets(form, version),
+            facets=_facets(form),
             saved_views=SavedView.objects.filter(user=request.user),
             bulk_actions=bulk.BUTTONS,
             filter_fields=FILTER_LABELS,
@@ -176,13 +200,12 @@ def _board_context(request: HttpRequest, form: BoardFilterForm, whole: bool = Tr
     return context
 
 
-def _facets(form: BoardFilterForm, version: str) -> dict:
+def _facets(form: BoardFilterForm) -> dict:
     # Counting reads every task of the filter: once per change of the board, not per
-    # page load (the version's last part is the clock, which does not matter here).
-    key = (
-        "board-facets:"
-        + hashlib.sha256(f"{form.querystring()}|{version.rsplit('-', 1)[0]}".encode()).hexdigest()
-    )
+    # page load. Any change counts: a facet counts tasks the other filters leave, outside
+    # the view too (the version's last part is the clock, which does not matter here).
+    version = board_version().rsplit("-", 1)[0]
+    key = "board-facets:" + hashlib.sha256(f"{form.querystring()}|{version}".encode()).hexdigest()
     facets = cache.get(key)
     if facets is None:
         facets = form.facets()
@@ -199,16 +222,42 @@ def board(request: HttpRequest) -> HttpResponse:
     if form is None:
         return _bad_filters(request.GET)
     # The live refresh: compare versions before anything is rendered.
+    version = view_version(form)
     since = request.GET.get("since")
-    if since and since == board_version():
+    if since and since == version:
         return HttpResponse(status=204)
     partial = bool(request.htmx and request.htmx.target == "board")
-    context = _board_context(request, form, whole=not partial)
-    template = "workqueue/board.html#board" if partial else "workqueue/board.html"
-    response = render(request, template, context)
-    response["ETag"] = f'"{context["version"]}"'
+    shown = ShownForm(request.GET)
+    etag = _board_etag(request, version, shown, partial)
+    if etag in _if_none_match(request) and not len(messages.get_messages(request)):
+        response = HttpResponse(status=304)
+    else:
+        context = _board_context(request, form, shown, whole=not partial, version=version)
+        template = "workqueue/board.html#board" if partial else "workqueue/board.html"
+        response = render(request, template, context)
+    response["ETag"] = etag
     patch_cache_control(response, no_cache=True, private=True)
     return response
+
+
+def _board_etag(request: HttpRequest, version: str, shown: ShownForm, partial: bool) -> str:
+    """The view's version and the cards shown, who asks (the buttons follow permissions),
+    and for the whole page what else it shows: the facets (any task's change) and the
+    person's saved views."""
+    parts = [
+        repr(sorted(shown.per_column(PAGE_SIZE).items())),
+        str(request.user.pk),
+        repr(sorted(request.user.get_all_permissions())),
+    ]
+    if not partial:
+        views = SavedView.objects.filter(user=request.user).values_list("id", "name", "query")
+        parts += [board_version(), repr(list(views))]
+    return f'"{version}.{hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]}"'
+
+
+def _if_none_match(request: HttpRequest) -> list[str]:
+    header = request.headers.get("If-None-Match", "")
+    return [tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()]
 
 
 @login_required
@@ -346,9 +395,9 @@ def _board_after_action(request: HttpRequest) -> HttpResponse:
     form = _filters(query)
     if form is None:
         form = _filters(QueryDict())
-    return render(
-        request, "workqueue/board.html#board", _board_context(request, form, whole=False)
-    )
+    # The cards each column shows come with the action (static/js/board.js).
+    context = _board_context(request, form, ShownForm(request.POST), whole=False)
+    return render(request, "workqueue/board.html#board", context)
 
 
 def _drawer_after_action(request: HttpRequest, pk: int) -> HttpResponse:

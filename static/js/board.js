@@ -89,6 +89,17 @@
     }
   });
 
+  // A refresh or an action that renders the board again asks for as many cards per
+  // column as it shows now, so that the cards loaded with "Load more" stay.
+  document.addEventListener("htmx:configRequest", function (event) {
+    const board = document.getElementById("board");
+    if (!board || event.detail.target !== board) return;
+    board.querySelectorAll("section.column[data-status]").forEach(function (column) {
+      const shown = column.querySelectorAll(".card").length;
+      event.detail.parameters["shown_" + column.dataset.status] = String(shown);
+    });
+  });
+
   // A form the server refused comes back as HTML to show in place (422: a value named
   // by its field; 409: the file changed on disk, with the difference): swap it in.
   document.addEventListener("htmx:beforeSwap", function (event) {

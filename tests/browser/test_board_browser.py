@@ -211,3 +211,23 @@ def test_a_claim_left_by_a_dead_pid_shows_stale_on_the_board(logged_in_page, liv
     card = column(page, "claimed").locator(f'article[data-id="{task.pk}"]')
     assert "stale claim" in card.inner_text().lower()
     assert f"pid {gone.pid}" in card.inner_text()
+
+
+def test_live_refresh_keeps_the_cards_loaded_with_load_more(logged_in_page, live_url):
+    make_tasks("more", 70)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=more")
+    queued = column(page, "queued").locator("article.card")
+    assert queued.count() == 50
+    column(page, "queued").locator("a.more").click()
+    wait_until(lambda: queued.count() == 70, 10, "Load more never added the cards")
+    page.evaluate("window.__notReloaded = true")
+    Task.objects.filter(key="t000065").update(title="Renamed meanwhile", updated_at=timezone.now())
+    wait_until(
+        lambda: "Renamed meanwhile" in column(page, "queued").inner_text(),
+        20,
+        "the live refresh never showed the change",
+    )
+    assert queued.count() == 70
+    assert page.evaluate("window.__notReloaded") is True
+    screenshot(page, "board-refresh-keeps-loaded-cards")

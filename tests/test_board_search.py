@@ -1,0 +1,244 @@
+"""The board's free text (title, key, body through the search index kept by database
+triggers), its exact counts with every filter, and a live refresh that follows the view."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+from django.urls import reverse
+from django.utils import timezone
+
+from tests.conftest import make_tasks
+from tests.test_triage import NEEDS_WORK, queue_folder, work  # noqa: F401 - a fixture
+from workqueue import editing, views
+from workqueue.importer import Importer
+from workqueue.models import Status, Task, TaskBody
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def still_clock(monkeypatch):
+    """The version includes a clock bucket; keep it from turning over mid-test."""
+    monkeypatch.setattr(views, "CLOCK_SECONDS", 10**9)
+
+
+@pytest.fixture
+def viewer(admin_client):
+    return admin_client
+
+
+def found(viewer, **filters) -> set[str]:
+    """The keys of every card the board shows for these filters."""
+    response = viewer.get("/", filters)
+    assert response.status_code == 200
+    return {card.key for column in response.context["columns"] for card in column["cards"]}
+
+
+def counts(viewer, **filters) -> dict[str, int]:
+    response = viewer.get("/", filters)
+    return {column["status"]: column["count"] for column in response.context["columns"]}
+
+
+def version_of(response) -> str:
+    return re.search(r'data-version="([^"]+)"', response.content.decode()).group(1)
+
+
+def task(key: str, title: str = "", body: str = "", **fields) -> Task:
+    created = Task.objects.create(queue="q", key=key, title=title, **fields)
+    if body:
+        TaskBody.objects.create(task=created, text=body)
+    return created
+
+
+def test_text_matches_title_key_and_body_in_any_case(viewer):
+    task("alpha-1", title="Fix the Login redirect")
+    task("beta-2", title="Nothing here", body="The WEBHOOK retries forever.\n")
+    task("gamma-3", title="Other", body="unrelated")
+    assert found(viewer, q="login") == {"alpha-1"}
+    assert found(viewer, q="webhook retr") == {"beta-2"}
+    assert found(viewer, q="BETA-") == {"beta-2"}
+    assert found(viewer, q="ebho") == {"beta-2"}  # a substring, not a word
+    assert found(viewer, q="a-") == {"alpha-1", "beta-2", "gamma-3"}  # under three characters
+    assert found(viewer, q="zzz") == set()
+
+
+@pytest.mark.parametrize("text", ['"quoted"', "100%", "snake_case", "back\\slash", "a OR b"])
+def test_text_with_query_syntax_characters_is_taken_literally(viewer, text):
+    task("hit", title=f"title with {text} inside")
+    task("miss", title="title with " + text.replace(text[-2], "x") + " inside")
+    assert found(viewer, q=text) == {"hit"}
+
+
+def test_counts_are_exact_with_text_and_every_field_filter(viewer):
+    make_tasks("q", 120, body="Body mentions the parser.\n", assignee="ann", tag_index="|ui|")
+    Task.objects.filter(key__in=["t000003", "t000007"]).update(
+        project="web", complexity="large", status=Status.DONE
+    )
+    Task.objects.filter(key="t000005").update(project="web", complexity="large")
+    make_tasks("other", 30, body="No match.\n", assignee="ann", tag_index="|ui|")
+    everything = {"q": "parser", "tag": "ui", "assignee": "ann"}
+    assert counts(viewer, **everything) == {"queued": 118, "claimed": 0, "done": 2, "blocked": 0}
+    assert counts(viewer, **everything, project="web", complexity="large") == {
+        "queued": 1,
+        "claimed": 0,
+        "done": 2,
+        "blocked": 0,
+    }
+    assert counts(viewer, q="parser", queue="other")["queued"] == 0
+    assert counts(viewer, q="task 11", queue="q")["queued"] == 11  # Task 11, Task 110..119
+    assert counts(viewer, q="parser", tag="docs")["queued"] == 0
+
+
+def test_search_follows_import_reimport_and_removal(viewer, write_task):
+    path = write_task("a.md", "---\nid: A-1\ntitle: First\n---\nMentions kettles.\n")
+    Importer("q", [write_task.folder]).run([write_task.folder])
+    assert found(viewer, q="kettle") == {"A-1"}
+    path.write_text("---\nid: A-1\ntitle: Renamed\n---\nMentions teapots.\n")
+    Importer("q", [write_task.folder]).run([write_task.folder])
+    assert found(viewer, q="kettle") == set()
+    assert found(viewer, q="teapot") == found(viewer, q="renamed") == {"A-1"}
+    Task.objects.filter(key="A-1").delete()
+    assert found(viewer, q="teapot") == set()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM queue_tasksearch")
+        assert cursor.fetchone()[0] == 0
+
+
+def test_search_follows_the_triage_write_back(queue_folder):  # noqa: F811 - the fixture
+    queue_folder({"b.md": NEEDS_WORK})
+    assert not Task.objects.matching_text("oversight-board").exists()
+    work()  # writes "Project: [[oversight-board]]" into the body with raw SQL
+    assert list(Task.objects.matching_text("oversight-board").values_list("key", flat=True)) == [
+        "b"
+    ]
+
+
+def test_search_follows_an_admin_edit_of_title_and_body(admin_client):
+    edited = task("t-1", title="Old title", body="Old body about kettles.\n")
+    url = reverse("admin:queue_task_change", args=[edited.pk])
+    form = admin_client.get(url).context["adminform"].form
+    data = {k: v for k, v in form.initial.items() if v is not None and k in form.fields}
+    data.update(
+        {
+            "title": "Brand new heading",
+            "tags": "[]",
+            "depends_on": "[]",
+            "frontmatter": "{}",
+            "result": "{}",
+            "content-TOTAL_FORMS": "1",
+            "content-INITIAL_FORMS": "1",
+            "content-MIN_NUM_FORMS": "0",
+            "content-MAX_NUM_FORMS": "1",
+            "content-0-task": str(edited.pk),
+            "content-0-text": "New body about teapots.",
+        }
+    )
+    assert admin_client.post(url, data).status_code == 302
+    assert found(admin_client, q="kettle") == found(admin_client, q="old title") == set()
+    assert found(admin_client, q="teapot") == found(admin_client, q="new heading") == {"t-1"}
+
+
+def test_search_follows_a_person_editing_the_file(viewer, write_task):
+    write_task("a.md", "---\nid: A-1\ntitle: First\n---\nMentions kettles.\n")
+    Importer("q", [write_task.folder]).run([write_task.folder])
+    editing.edit_task(Task.objects.get(key="A-1"), {"body": "Now teapots.\n"}, "user:x")
+    assert found(viewer, q="kettle") == set()
+    assert found(viewer, q="teapot") == {"A-1"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_fills_the_search_index_with_existing_tasks():
+    executor = MigrationExecutor(connection)
+    executor.migrate([("queue", "0013_transition_tally")])
+    try:
+        old = executor.loader.project_state(("queue", "0012_task_cost_usd")).apps
+        made = old.get_model("queue", "Task").objects.create(queue="q", key="k", title="Kettle")
+        old.get_model("queue", "TaskBody").objects.create(task_id=made.pk, text="teapot")
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(executor.loader.graph.leaf_nodes())
+    finally:
+        call_command("migrate", verbosity=0)
+    assert list(Task.objects.matching_text("kettle").values_list("key", flat=True)) == ["k"]
+    assert list(Task.objects.matching_text("teapot").values_list("key", flat=True)) == ["k"]
+
+
+def test_if_none_match_with_the_current_etag_is_a_304(viewer):
+    make_tasks("q", 3)
+    first = viewer.get("/", {"queue": "q"})
+    again = viewer.get("/", {"queue": "q"}, HTTP_IF_NONE_MATCH=first["ETag"])
+    assert (again.status_code, again.content, again["ETag"]) == (304, b"", first["ETag"])
+    Task.objects.filter(key="t000001").update(status=Status.DONE, updated_at=timezone.now())
+    changed = viewer.get("/", {"queue": "q"}, HTTP_IF_NONE_MATCH=first["ETag"])
+    assert changed.status_code == 200 and changed["ETag"] != first["ETag"]
+    refresh = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "board"}
+    partial = viewer.get("/", {"queue": "q"}, **refresh)
+    assert partial["ETag"] != changed["ETag"]  # the board alone is another representation
+    again = viewer.get("/", {"queue": "q"}, HTTP_IF_NONE_MATCH=partial["ETag"], **refresh)
+    assert again.status_code == 304
+    # The whole page also lists the person's saved views: a new one is a new page.
+    viewer.post(reverse("saved-view"), {"name": "mine", "query": "queue=q"})
+    assert "Saved the view" in viewer.get("/", {"queue": "x"}).content.decode()  # shown once
+    page = viewer.get("/", {"queue": "q"}, HTTP_IF_NONE_MATCH=changed["ETag"])
+    assert page.status_code == 200 and "mine" in page.content.decode()
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"queue": "q"},
+        {"tag": "ui"},
+        {"assignee": "ann"},
+        {"project": "web", "complexity": "large"},
+        {"q": "kettle"},
+        {"q": "kettle", "tag": "ui", "assignee": "ann", "project": "web"},
+    ],
+)
+def test_a_change_outside_the_filtered_view_keeps_its_version(viewer, filters):
+    inside = task(
+        "in", "Kettle", assignee="ann", project="web", complexity="large", tag_index="|ui|"
+    )
+    outside = Task.objects.create(queue="elsewhere", key="out", title="Teapot")
+    version = version_of(viewer.get("/", filters))
+    Task.objects.filter(pk=outside.pk).update(status=Status.DONE, updated_at=timezone.now())
+    Task.objects.create(queue="elsewhere", key="new", title="Teapot two")
+    assert viewer.get("/", {**filters, "since": version}).status_code == 204
+    Task.objects.filter(pk=inside.pk).update(status=Status.DONE, updated_at=timezone.now())
+    assert viewer.get("/", {**filters, "since": version}).status_code == 200
+
+
+def test_a_task_leaving_the_filtered_view_changes_its_version(viewer):
+    task("a", "Kettle one", assignee="ann")
+    leaving = task("b", "Kettle two", assignee="ann")
+    version = version_of(viewer.get("/", {"assignee": "ann"}))
+    Task.objects.filter(pk=leaving.pk).update(assignee="bo", updated_at=timezone.now())
+    assert viewer.get("/", {"assignee": "ann", "since": version}).status_code == 200
+
+
+def test_refresh_keeps_the_cards_loaded_with_load_more(viewer):
+    make_tasks("q", 130)
+    first = viewer.get("/", {"queue": "q"})
+    assert len(first.context["columns"][0]["cards"]) == views.PAGE_SIZE
+    more = viewer.get("/board/queued/", {"offset": views.PAGE_SIZE, "queue": "q"})
+    assert more.content.decode().count('class="card"') == views.PAGE_SIZE
+    # What static/js/board.js sends with the refresh: the cards each column shows.
+    Task.objects.filter(key="t000080").update(title="Changed", updated_at=timezone.now())
+    refresh = viewer.get(
+        "/",
+        {"queue": "q", "since": version_of(first), "shown_queued": 100, "shown_done": 0},
+        HTTP_HX_REQUEST="true",
+        HTTP_HX_TARGET="board",
+    )
+    html = refresh.content.decode()
+    queued = html[html.index('data-status="queued"') : html.index('data-status="claimed"')]
+    assert queued.count('class="card"') == 100
+    assert "Changed" in queued
+    assert "offset=100&amp;queue=q" in queued  # "Load more" goes on from there
+    # A shown count out of range is ignored: one page.
+    refresh = viewer.get("/", {"queue": "q", "shown_queued": -1})
+    assert len(refresh.context["columns"][0]["cards"]) == views.PAGE_SIZE
