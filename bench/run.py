@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, each in its own process, printed as one JSON object.
 
 Each bench_*.py prints JSON alone; a failing one is reported, and the others still run.
-    python bench/run.py [NAME ...]   (names: core, herds, board, triage, scale, bulk, agents, mcp)
+    python bench/run.py [NAME ...]  (core, startup, herds, board, triage, scale, bulk, agents, mcp)
 """
 
 import json
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["core", "herds", "board", "triage", "scale", "bulk", "agents", "mcp"]
+ORDER = ["core", "startup", "herds", "board", "triage", "scale", "bulk", "agents", "mcp"]
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from datetime import timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -18,11 +19,14 @@ from django.db.models import Count, Sum
 from django.urls import reverse
 from django.utils import timezone
 
-from workqueue import agent_tree, agents, locks
+from workqueue import locks
 from workqueue.models import Status, Task
 from workqueue.processing import Processor
 from workqueue.processors import CommandProcessor, load_processor, read_prompt
 from workqueue.routing import FilterError, TaskFilter
+
+if TYPE_CHECKING:
+    from workqueue import agents
 
 
 class ProcessorKind(models.TextChoices):
@@ -234,6 +238,10 @@ class Profile(models.Model):
         return re.compile(self.quota_pattern, re.IGNORECASE) if self.quota_pattern else None
 
     def agent_options(self) -> agents.AgentOptions:
+        # The adapters load here, not with the models: a worker of a built-in processor
+        # never needs them.
+        from workqueue import agents
+
         return agents.AgentOptions(
             model=self.model,
             extra_args=list(self.extra_args),
@@ -261,6 +269,8 @@ class Profile(models.Model):
         `missing` says why a herd of this profile cannot start."""
         if self.adapter == AdapterKind.GENERIC:
             return None
+        from workqueue import agent_tree, agents
+
         program = agents.adapter_class(self.adapter).program
         env = agent_tree.agent_environment({}, dict(self.env), self.pass_env)
         path = shutil.which(program, path=env.get("PATH", ""))

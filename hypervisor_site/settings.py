@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -161,6 +162,27 @@ AXES_COOLOFF_TIME = timedelta(minutes=envint("HYPERVISOR_LOGIN_COOLOFF_MINUTES",
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "hypervisor_site.login_throttle.lockout_response"
+
+# A worker (`manage.py work`) leaves out the apps that only pages, logins and the admin use:
+# it starts often and in herds, and they were a fifth of its start-up (the admin imports
+# every app's admin module, axes reads its package metadata). A worker never serves a page,
+# logs anyone in or writes an admin log entry.
+WEB_ONLY_APPS = {
+    "django.contrib.admin",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "django_htmx",
+    "template_partials",
+    "axes",
+    "csp",
+}
+HYPERVISOR_WORKER_PROCESS = Path(sys.argv[0]).name == "manage.py" and sys.argv[1:2] == ["work"]
+if HYPERVISOR_WORKER_PROCESS:
+    INSTALLED_APPS = [app for app in INSTALLED_APPS if app not in WEB_ONLY_APPS]
+    # Axes' backend cannot even be imported without its app: a permission check would fail.
+    AUTHENTICATION_BACKENDS = [b for b in AUTHENTICATION_BACKENDS if not b.startswith("axes.")]
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "board"

@@ -14,7 +14,6 @@ from django.db import models
 from django.utils import timezone
 
 from workqueue.locks import Identity
-from workqueue.pull import READ_TOOLS
 
 PREFIX = "hv_"
 NAME = RegexValidator(
@@ -102,5 +101,9 @@ class ApiToken(models.Model):
         )
 
     def permits(self, tool: str) -> bool:
+        # Here, not at the top: the tools' module brings the task editor and its YAML
+        # parser, which every process loading the models (each worker) would pay for.
+        from workqueue.pull import READ_TOOLS
+
         need = "queue.view_task" if tool in READ_TOOLS else "queue.change_task"
         return self.user.has_perm(need)

@@ -9,17 +9,32 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from workqueue import agent_tree, agents
-
-# The generic adapter's conventions, importable from here as before.
-from workqueue.agents.base import GIVE_BACK_EXIT  # noqa: F401
-from workqueue.agents.generic import interpret  # noqa: F401
 from workqueue.models import Status
 from workqueue.processing import Claim, Processor, Result, WorkContext
+
+# The agent adapters and the process tree load when a CommandProcessor is built or run, not
+# here: a worker of a built-in processor (noop, triage) starts without them.
+if TYPE_CHECKING:
+    from workqueue import agent_tree, agents
+
+
+def __getattr__(name: str):
+    """The generic adapter's conventions, importable from here as before."""
+    if name == "GIVE_BACK_EXIT":
+        from workqueue.agents.base import GIVE_BACK_EXIT
+
+        return GIVE_BACK_EXIT
+    if name == "interpret":
+        from workqueue.agents.generic import interpret
+
+        return interpret
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 TAIL_CHARS = 4000
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
@@ -60,6 +75,8 @@ class CommandProcessor(Processor):
         options: agents.AgentOptions | None = None,
         prompt_file: str = "",
     ):
+        from workqueue import agents
+
         self.adapter_class = agents.adapter_class(adapter)
         self.generic = adapter == "generic"
         if self.generic and (not argv or not all(isinstance(a, str) for a in argv)):
@@ -93,6 +110,8 @@ class CommandProcessor(Processor):
         return [fill_placeholders(arg, values) for arg in self.argv]
 
     def environment(self, claim: Claim, context: WorkContext) -> dict[str, str]:
+        from workqueue import agent_tree
+
         return agent_tree.agent_environment(
             {
                 "HYPERVISOR_TASK_KEY": claim.key,
@@ -110,6 +129,8 @@ class CommandProcessor(Processor):
     def process(
         self, claim: Claim, context: WorkContext, extra: dict | None = None, cwd: str | None = None
     ) -> Result:
+        from workqueue import agent_tree, agents
+
         env = self.environment(claim, context)
         mask = agent_tree.Masker(
             [*self.secrets, *agent_tree.known_secrets(env, [*self.pass_env, *self.env])]

@@ -88,6 +88,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        if not gc.isenabled():
+            # manage.py kept the collector off while Django loaded; what loaded stays for
+            # good, so later collections leave it out.
+            gc.freeze()
+            gc.enable()
         argv = options["argv"]
         if argv and argv[0] == "--":
             argv = argv[1:]

@@ -1,0 +1,91 @@
+"""A worker starts often and in herds: what it loads before its first claim stays small."""
+
+import json
+import subprocess
+import sys
+
+from django.conf import settings
+
+from tests.conftest import MANAGE, ROOT
+
+# Each of these was once loaded by every worker, for pages, logins, the admin, the MCP
+# tools, the task editor or the Huey consumer, none of which a worker uses.
+NOT_FOR_WORKERS = [
+    "django.contrib.admin",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "axes",
+    "csp.apps",
+    "django_htmx",
+    "template_partials",
+    "workqueue.admin",
+    "workqueue.views",
+    "workqueue.forms",
+    "workqueue.rendering",
+    "markdown_it",
+    "nh3",
+    "workqueue.pull",
+    "workqueue.editing",
+    "yaml",
+    "mcp",
+    "uvicorn",
+    "workqueue.agents",
+    "workqueue.agent_tree",
+    "herds.views",
+    "herds.forms",
+    "huey",
+    "redis",
+]
+
+# Runs manage.py as `python manage.py work ...` does, then reports what the process loaded.
+REPORT = """
+import atexit, gc, json, runpy, sys
+manage, report, queue = sys.argv[1:]
+
+def write_report():
+    with open(report, "w") as f:
+        json.dump({"modules": sorted(sys.modules), "gc_enabled": gc.isenabled(),
+                   "frozen": gc.get_freeze_count()}, f)
+
+atexit.register(write_report)
+sys.argv = [manage, "work", "--queue", queue, "--json"]
+runpy.run_path(manage, run_name="__main__")
+"""
+
+
+def start_worker(process_env, tmp_path, queue: str = "nothing-queued") -> tuple[dict, dict]:
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT, MANAGE, str(report), queue],
+        env=process_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), json.loads(report.read_text())
+
+
+def test_worker_on_an_empty_queue_loads_none_of_the_web_or_agent_modules(process_env, tmp_path):
+    summary, report = start_worker(process_env, tmp_path)
+    assert summary["claimed"] == 0
+    loaded = set(report["modules"])
+    # What a worker does need is there: the run above was a real one.
+    assert {"workqueue.worker", "workqueue.claims", "herds.receivers"} <= loaded
+    assert [name for name in NOT_FOR_WORKERS if name in loaded] == []
+
+
+def test_worker_collects_garbage_again_once_django_is_loaded(process_env, tmp_path):
+    _, report = start_worker(process_env, tmp_path)
+    # manage.py turns the collector off while Django loads; left off, a long-running worker
+    # would keep every reference cycle it ever made.
+    assert report["gc_enabled"] is True
+    assert report["frozen"] > 10_000
+
+
+def test_the_web_server_keeps_every_app():
+    # This process is not `manage.py work`: the admin, logins and pages have their apps.
+    assert not settings.HYPERVISOR_WORKER_PROCESS
+    assert settings.WEB_ONLY_APPS.issubset(settings.INSTALLED_APPS)
+    assert "axes.backends.AxesStandaloneBackend" in settings.AUTHENTICATION_BACKENDS
