@@ -119,10 +119,12 @@ def test_launch_a_herd_from_the_button_and_watch_the_board_fill_done(
     assert column(board, "done").locator("article.card").count() == 30
     assert was_not_reloaded(board)
 
-    # The herd page follows the run to its end on its own, then shows the summary.
+    # The herd page follows the run to its end on its own, then shows the summary. The
+    # herd ends at the next supervision pass; on a machine busy with a second suite a
+    # pass has come up to a minute late, so the page is given that long.
     launcher.bring_to_front()
     expect(launcher.locator(".herd-progress .herd-status")).to_have_text(
-        "Finished", timeout=30_000
+        "Finished", timeout=90_000
     )
     expect(launcher.locator(".herd-progress")).to_contain_text("30 of 30 tasks finished")
     expect(launcher.locator(".herd-summary")).to_contain_text("30 done, 0 blocked")
