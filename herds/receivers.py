@@ -115,6 +115,20 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
     )
     if quota is not None:
         _drain_for_quota(sender, worker_id, quota)
+    elif tokens or cost:
+        _drain_if_budget_spent(sender)
+
+
+def _drain_if_budget_spent(sender) -> None:
+    # The worker checks after each batch, so a budget holds however late supervision runs.
+    from herds.models import Herd
+
+    herd = Herd.objects.filter(pk=sender.identity.herd).first()
+    if herd is None or herd.draining:
+        return
+    if spent := herd.budget_spent():
+        herd.drain(spent)
+        sender.stop(f"herd draining: {spent}")
 
 
 def _drain_for_quota(sender, worker_id: int, result) -> None:
