@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 AGENTS_STAMP := node_modules/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: install browser agents run test test-fast bench lint format clean
 
@@ -42,7 +43,12 @@ test: install browser agents
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not browser"
 
-bench: install
+# The peers the benchmarks compare with (django-tasks, Procrastinate): only `make bench`.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
 	$(PY) bench/run.py
 
 lint: install

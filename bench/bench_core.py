@@ -1,7 +1,15 @@
-"""Core engine benchmark: no-op claim throughput against the mkdir-lock script and Huey,
-and import speed. Prints JSON.
+"""Core engine benchmark: no-op claim throughput against its peers, and import speed.
+Prints JSON.
 
     python bench/bench_core.py [--tasks 10000] [--workers 1,2,8] [--prefetch 250] [--repeat 3]
+                               [--postgres]
+
+The peers, each doing the same per item (read the task file, write a result file): the
+mkdir-lock script, Huey's consumer on its SQLite storage, and the django-tasks database
+backend on the same kind of database as ours. With --postgres, ours runs on a PostgreSQL
+server ($BENCH_POSTGRES_URL, else the local one) and Procrastinate's worker joins, on the
+same server; every peer on a database gets a fresh one per run. Each row gives the ratio
+of ours to the best peer.
 
 Both sides hit the same disk, whose speed swings with what ran just before (journal
 commits, discards of freed blocks). So every timed run starts after a sync and a pause,
@@ -24,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from uuid import uuid4
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -96,6 +105,27 @@ def reset_queue() -> None:
         finished_at=None,
         outcome="",
     )
+
+
+def postgres_database(server: str, name: str) -> str:
+    """A new, empty database on the PostgreSQL server; its URL."""
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server.rsplit('/', 1)[0]}/{name}"
+
+
+def drop_postgres_databases(server: str, prefix: str) -> None:
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True) as conn:
+        names = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (prefix + "%",)
+        ).fetchall()
+        for (name,) in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def settle() -> None:
@@ -177,10 +207,10 @@ def run_script(args: list[str], env: dict | None = None, whole_process: bool = F
     as ours is timed (the script's own figure is kept as seconds_in_script)."""
     settle()
     started = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, check=True, env=env
-    )
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
+    if out.returncode:
+        sys.exit(f"{Path(args[0]).name} exited with {out.returncode}: {out.stderr[-3000:]}")
     result = json.loads(out.stdout)
     if whole_process:
         result["seconds_in_script"] = round(result["seconds"], 3)
@@ -198,15 +228,46 @@ def run_on_tmpfs(env: dict, workers: int, prefetch: int) -> dict:
         shutil.rmtree(shm, ignore_errors=True)
 
 
-def run(tasks: int = 10000, workers=(1, 2, 8), prefetch: int = 250, repeat: int = 3) -> dict:
+PEERS = ("mkdir_script", "huey_sqlite", "django_tasks", "procrastinate_postgres")
+
+
+def peer(script: str, tmp: Path, queue_file: Path, n: int, new_database) -> dict:
+    """A peer baseline script on a fresh database, timed from outside as ours is."""
+    results = tmp / f"results-{uuid4().hex}"
+    return run_script(
+        [str(ROOT / "bench" / script), str(queue_file), str(results), str(n)],
+        env={**os.environ, "BENCH_PEER_DATABASE_URL": new_database()},
+        whole_process=True,
+    )
+
+
+def run(
+    tasks: int = 10000,
+    workers=(1, 2, 8),
+    prefetch: int = 250,
+    repeat: int = 3,
+    postgres: str | None = None,
+) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="hv-bench-"))
+    prefix = f"hv_bench_{os.getpid()}_"
+    counter = iter(range(1_000_000))
+
+    def peer_database() -> str:
+        """A fresh database for one peer run, of the kind ours runs on."""
+        if postgres:
+            return postgres_database(postgres, f"{prefix}{next(counter)}")
+        return f"sqlite:///{tmp / f'peer-{next(counter)}.sqlite3'}"
+
     try:
-        env = setup_django(tmp / "data")
+        env = setup_django(
+            tmp / "data", postgres_database(postgres, f"{prefix}ours") if postgres else None
+        )
         paths = write_tasks(tmp / "tasks", tasks)
         queue_file = tmp / "queue.txt"
         queue_file.write_text("\n".join(paths) + "\n")
         result = {
             "tasks": tasks,
+            "database": "postgresql" if postgres else "sqlite",
             "prefetch": prefetch,
             "repeat": repeat,
             "import": bench_import(tmp / "tasks"),
@@ -238,8 +299,15 @@ def run(tasks: int = 10000, workers=(1, 2, 8), prefetch: int = 250, repeat: int 
                         ],
                         env={**os.environ, "BENCH_HUEY_DB": str(tmp / f"huey-{n}-{rep}.db")},
                     ),
+                    "django_tasks": functools.partial(
+                        peer, "django_tasks_baseline.py", tmp, queue_file, n, peer_database
+                    ),
                 }
-                if Path("/dev/shm").is_dir():
+                if postgres:
+                    contenders["procrastinate_postgres"] = functools.partial(
+                        peer, "procrastinate_baseline.py", tmp, queue_file, n, peer_database
+                    )
+                elif Path("/dev/shm").is_dir():
                     # The same run with the lock root on tmpfs: what the lock disk costs.
                     contenders["hypervisor_lock_root_on_tmpfs"] = functools.partial(
                         run_on_tmpfs, env, n, prefetch
@@ -253,9 +321,17 @@ def run(tasks: int = 10000, workers=(1, 2, 8), prefetch: int = 250, repeat: int 
             ours = row["hypervisor"]["items_per_second"]
             row["ratio_vs_mkdir"] = round(ours / row["mkdir_script"]["items_per_second"], 2)
             row["ratio_vs_huey"] = round(ours / row["huey_sqlite"]["items_per_second"], 2)
+            best = max((p for p in PEERS if p in row), key=lambda p: row[p]["items_per_second"])
+            row["best_peer"] = best
+            row["ratio_vs_best_peer"] = round(ours / row[best]["items_per_second"], 2)
             result["throughput"][f"{n}_workers"] = row
         return result
     finally:
+        if postgres:
+            from django.db import connections
+
+            connections.close_all()
+            drop_postgres_databases(postgres, prefix)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -265,6 +341,13 @@ if __name__ == "__main__":
     parser.add_argument("--workers", default="1,2,8")
     parser.add_argument("--prefetch", type=int, default=250)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="ours and the database peers on PostgreSQL ($BENCH_POSTGRES_URL)",
+    )
     args = parser.parse_args()
     workers = tuple(int(w) for w in args.workers.split(","))
-    print(json.dumps(run(args.tasks, workers, args.prefetch, args.repeat), indent=2))
+    server = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    postgres = server if args.postgres else None
+    print(json.dumps(run(args.tasks, workers, args.prefetch, args.repeat, postgres), indent=2))

@@ -1,16 +1,19 @@
 """Huey's own consumer on its SQLite storage: one task per item that reads the file and
-writes a result file. Used by bench_core as a baseline.
+appends to its result file. Used by bench_core as a baseline.
 
     BENCH_HUEY_DB=FILE python bench/huey_baseline.py QUEUE_FILE RESULT_DIR WORKERS
 """
 
-import json
 import os
 import subprocess
 import sys
 import time
 
 from huey import SqliteHuey
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from peers import report, work_item  # noqa: E402
 
 huey = SqliteHuey(
     "bench", filename=os.environ.get("BENCH_HUEY_DB", "huey-bench.db"), results=False
@@ -19,11 +22,7 @@ huey = SqliteHuey(
 
 @huey.task()
 def process(path: str, result_dir: str) -> None:
-    with open(path, "rb") as task:
-        task.read()
-    name = os.path.basename(path)
-    with open(os.path.join(result_dir, name + ".done"), "w") as result:
-        result.write("done\n")
+    work_item(path, result_dir)
 
 
 def main() -> None:
@@ -32,7 +31,6 @@ def main() -> None:
     with open(queue_file) as f:
         paths = f.read().split()
     # Enqueue under the module's own name, as the consumer imports it (not __main__).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from huey_baseline import process as enqueue
 
     for path in paths:
@@ -64,7 +62,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     consumer.terminate()
     consumer.wait(timeout=30)
-    print(json.dumps({"items": len(os.listdir(result_dir)), "seconds": seconds, "duplicates": 0}))
+    report(result_dir, seconds)
 
 
 if __name__ == "__main__":

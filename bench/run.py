@@ -1,7 +1,8 @@
 """`make bench`: every benchmark, each in its own process, printed as one JSON object.
 
 Each bench_*.py prints JSON alone; a failing one is reported, and the others still run.
-    python bench/run.py [NAME ...]  (core, startup, herds, board, triage, scale, bulk, agents, mcp)
+    python bench/run.py [NAME ...]
+    (core, core_postgres, startup, herds, board, triage, scale, bulk, agents, mcp)
 """
 
 import json
@@ -11,18 +12,24 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["core", "startup", "herds", "board", "triage", "scale", "bulk", "agents", "mcp"]
+# Each name runs bench/bench_NAME.py, but for those that run a bench with arguments.
+ARGUMENTS = {"core_postgres": ("core", "--postgres")}
+ORDER = ["core", "core_postgres", "startup", "herds", "board", "triage", "scale", "bulk"]
+ORDER += ["agents", "mcp"]
+
+
+def command(name: str) -> list[str]:
+    bench, *arguments = ARGUMENTS.get(name, (name,))
+    return [sys.executable, str(HERE / f"bench_{bench}.py"), *arguments]
 
 
 def main() -> int:
-    names = sys.argv[1:] or [n for n in ORDER if (HERE / f"bench_{n}.py").exists()]
+    names = sys.argv[1:] or ORDER
     results, failed = {}, False
     for name in names:
         started = time.monotonic()
         print(f"bench {name} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(
-            [sys.executable, str(HERE / f"bench_{name}.py")], capture_output=True, text=True
-        )
+        done = subprocess.run(command(name), capture_output=True, text=True)
         try:
             results[name] = json.loads(done.stdout)
         except ValueError:
