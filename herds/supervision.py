@@ -23,6 +23,8 @@ from django.utils import timezone
 from herds import processes, zygote
 from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, HerdWorker
 from herds.receivers import WORKER_ENV
+from workqueue import cpu_slots
+from workqueue.processors import is_cpu_bound
 from workqueue.reaper import release_stale_claims
 
 log = logging.getLogger("herds")
@@ -64,6 +66,9 @@ def worker_argv(herd: Herd, worker: HerdWorker) -> list[str]:
         argv.append("--dry-run")
     for where in herd.filters:
         argv += ["--where", where]
+    if herd.size > cpu_slots.cores() and is_cpu_bound(herd.profile.processor):
+        folder = log_path(herd, worker.index).parent
+        argv += ["--cpu-slot", str(cpu_slots.slot_paths(folder, herd.size)[worker.index])]
     return argv
 
 

@@ -74,6 +74,9 @@ class Processor:
     name = "processor"
     # Built-ins are fast: the worker finishes a whole prefetched batch in one write.
     finish_in_batches = True
+    # Works in the worker's own process, on the CPU alone (noop, triage): with more workers
+    # than cores, such workers take turns on the cores (workqueue.cpu_slots).
+    cpu_bound = False
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         raise NotImplementedError

@@ -44,6 +44,7 @@ class NoopProcessor(Processor):
     """Reads the task file and reports success: the baseline for throughput."""
 
     name = "noop"
+    cpu_bound = True
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         if claim.path:
@@ -253,6 +254,11 @@ BUILT_IN = {
     "noop": "workqueue.processors.NoopProcessor",
     "triage": "workqueue.triage.TriageProcessor",
 }
+
+
+def is_cpu_bound(name: str) -> bool:
+    """Whether the built-in processor of this name works on the CPU alone."""
+    return name in BUILT_IN and import_string(BUILT_IN[name]).cpu_bound
 
 
 def load_processor(name: str, command: list[str] | None = None, **options) -> Processor:

@@ -106,6 +106,7 @@ class _Write:
 class TriageProcessor(Processor):
     name = "triage"
     finish_in_batches = True
+    cpu_bound = True
 
     def __init__(self):
         self.rules: dict[str, Rules] = {}  # per queue, read once per worker

@@ -7,7 +7,9 @@ import random
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
@@ -16,6 +18,9 @@ from workqueue import claims, signals, transitions
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status
 from workqueue.processing import Claim, Processor, Result, WorkContext
+
+if TYPE_CHECKING:
+    from workqueue.cpu_slots import CpuSlot
 
 log = logging.getLogger("workqueue.worker")
 
@@ -70,8 +75,10 @@ class Worker:
         filters=None,
         dry_run: bool = False,
         max_attempts: int | None = None,
+        cpu_slot: CpuSlot | None = None,
     ):
         self.queue = queue
+        self.cpu_slot = cpu_slot or nullcontext()
         self.processor = processor
         self.batch = batch
         self.prefetch = max(1, prefetch)
@@ -134,6 +141,11 @@ class Worker:
 
     def work_one_batch(self) -> bool:
         """Claim, process and finish one batch. Returns False when there is no more work."""
+        with self.cpu_slot:
+            # A stop that came while waiting for the slot: claim nothing.
+            return not self.stop_requested and self._work_one_batch()
+
+    def _work_one_batch(self) -> bool:
         left = self.remaining()
         if left is not None and left <= 0:
             return False

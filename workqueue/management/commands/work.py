@@ -6,12 +6,15 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
+from workqueue import cpu_slots
+from workqueue.cpu_slots import CpuSlot
 from workqueue.names import queue_name_argument
 from workqueue.processors import CommandProcessor, load_processor
 from workqueue.routing import TaskFilter
@@ -82,6 +85,12 @@ class Command(BaseCommand):
             help="block a task once dead workers have lost it this many times (below the "
             "queue's own limit only; a profile's limit is the default)",
         )
+        parser.add_argument(
+            "--cpu-slot",
+            metavar="FILE",
+            help="work a batch only while holding this lock file (herds set it: workers of a "
+            "CPU-bound processor take turns on the cores)",
+        )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument(
             "argv", nargs=argparse.REMAINDER, help="-- CMD ARG ... for --processor command"
@@ -147,6 +156,7 @@ class Command(BaseCommand):
             "dry_run": options["dry_run"],
             "filters": filters or None,
             "max_attempts": options["max_attempts"] or (profile.max_attempts if profile else None),
+            "cpu_slot": CpuSlot(options["cpu_slot"]) if options["cpu_slot"] else None,
         }
         if options["workers"] > 1:
             summaries = self.fork_workers(options, processor, settings_for_worker)
@@ -210,9 +220,15 @@ class Command(BaseCommand):
         gc.freeze()
         context = multiprocessing.get_context("fork")
         base = options["name"]
+        slots_dir = None
+        if cpu_slots.needed(options["workers"], processor):
+            slots_dir = tempfile.TemporaryDirectory(prefix="hypervisor-cpu-")
+            slots = cpu_slots.slot_paths(Path(slots_dir.name), options["workers"])
 
         def child(index: int, pipe) -> None:
             name = f"{base}-{index}" if base else None
+            if slots_dir is not None:
+                worker_settings["cpu_slot"] = CpuSlot(slots[index])
             summary = self.run_worker(options, processor, worker_settings, name)
             connections.close_all()
             pipe.send(summary)
@@ -247,6 +263,8 @@ class Command(BaseCommand):
                     }
                 )
             process.join()
+        if slots_dir is not None:
+            slots_dir.cleanup()
         return summaries
 
     def run_pull_worker(self, options, argv, profile) -> None:

@@ -1,0 +1,147 @@
+"""Workers of a CPU-bound processor take turns on the cores (workqueue.cpu_slots)."""
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from herds.models import Herd, Profile
+from herds.supervision import worker_argv
+from tests.conftest import make_tasks, run_manage
+from workqueue import cpu_slots
+from workqueue.cpu_slots import CpuSlot
+from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.processors import CommandProcessor, NoopProcessor, is_cpu_bound
+
+fork = multiprocessing.get_context("fork")
+
+
+def take_turns(path: str, turns: int, log: str, barrier) -> None:
+    # Each line is one append: the file's order is the order things happened in.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    barrier.wait()
+    with CpuSlot(path) as slot:
+        pass  # the first turn opens the file
+    for _ in range(turns):
+        with slot:
+            os.write(fd, f"{os.getpid()} in\n".encode())
+            time.sleep(0.01)
+            os.write(fd, f"{os.getpid()} out\n".encode())
+
+
+def test_one_process_holds_a_slot_at_a_time_and_the_turn_passes_on(tmp_path):
+    path = str(tmp_path / "cpu-0.slot")
+    log, barrier = str(tmp_path / "turns.log"), fork.Barrier(3)
+    procs = [fork.Process(target=take_turns, args=(path, 10, log, barrier)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=30)
+    events = [tuple(line.split()) for line in Path(log).read_text().splitlines()]
+    assert len(events) == 60 and [proc.exitcode for proc in procs] == [0, 0, 0]
+    # Never two inside at once: every "in" is followed by the same process's "out".
+    turns = [events[i][0] for i in range(0, 60, 2)]
+    assert all(events[i + 1] == (events[i][0], "out") for i in range(0, 60, 2))
+    # The holder, once done, queues behind a waiter, so turns alternate while all three
+    # have turns to take (a plain lock went back to its holder 9 times in 23 here).
+    # A repeat needs the waiters to be woken and not yet run within a turn: rare.
+    assert sorted(turns.count(pid) for pid in set(turns)) == [10, 10, 10]
+    together = turns[: 3 * 8]
+    repeats = sum(a == b for a, b in zip(together, together[1:], strict=False))
+    assert repeats <= 4, together
+
+
+def hold_for_ever(path: str, ready) -> None:
+    with CpuSlot(path):
+        ready.set()
+        time.sleep(600)
+
+
+def test_a_holder_killed_with_sigkill_frees_its_slot(tmp_path):
+    path = str(tmp_path / "cpu-0.slot")
+    ready = fork.Event()
+    holder = fork.Process(target=hold_for_ever, args=(path, ready))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(timeout=10)
+
+    log = str(tmp_path / "turns.log")
+    waiter = fork.Process(target=take_turns, args=(path, 1, log, fork.Barrier(1)))
+    waiter.start()
+    waiter.join(timeout=10)
+    assert waiter.exitcode == 0
+    assert Path(log).read_text() == f"{waiter.pid} in\n{waiter.pid} out\n"
+
+
+def test_only_cpu_bound_processors_with_more_workers_than_cores_take_turns():
+    cores = cpu_slots.cores()
+    assert cpu_slots.needed(cores + 1, NoopProcessor())
+    assert not cpu_slots.needed(cores, NoopProcessor())
+    assert not cpu_slots.needed(cores + 1, CommandProcessor(["true"]))
+    assert is_cpu_bound("noop") and is_cpu_bound("triage") and not is_cpu_bound("command")
+
+
+def overlap(lines: list[str]) -> int:
+    """The most processes inside `process` at one moment."""
+    edges = []
+    for line in lines:
+        _, start, end = line.split()
+        edges += [(float(start), 1), (float(end), -1)]
+    inside = most = 0
+    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+        inside += step
+        most = max(most, inside)
+    return most
+
+
+def test_forked_workers_of_a_cpu_bound_processor_run_at_most_one_per_core(
+    process_env, lock_root, tmp_path
+):
+    make_tasks("q", 180)
+    probe = tmp_path / "probe.log"
+    workers = cpu_slots.cores() + 4
+    result = run_manage(
+        [
+            *("work", "--queue", "q", "--workers", str(workers), "--prefetch", "5", "--json"),
+            *("--processor", "tests.scripts.overlap_probe.Probe"),
+        ],
+        {**process_env, "OVERLAP_PROBE_FILE": str(probe)},
+    )
+
+    assert result.returncode == 0, result.stderr
+    summaries = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert sum(s["done"] for s in summaries) == 180
+    assert Task.objects.filter(queue="q", status=Status.DONE, attempts=1).count() == 180
+    assert TaskEvent.objects.filter(kind=EventKind.CLAIMED).count() == 180
+    lines = probe.read_text().splitlines()
+    assert len(lines) == 180
+    assert overlap(lines) <= cpu_slots.cores()
+    # Turns pass on: every worker got some of the work.
+    assert all(s["claimed"] > 0 for s in summaries), summaries
+
+
+@pytest.mark.django_db
+def test_a_herd_of_a_cpu_bound_profile_larger_than_the_cores_gives_each_worker_a_slot():
+    noop = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    agent = Profile.objects.create(name="agent", processor="command", command=["agent"])
+    size = cpu_slots.cores() + 2
+    big = Herd.objects.create(queue="inbox", profile=noop, size=size)
+    slots = [
+        worker_argv(big, big.workers.create(index=i, name=f"w{i}", host="h")) for i in range(size)
+    ]
+    paths = [argv[argv.index("--cpu-slot") + 1] for argv in slots]
+    # Round robin: one slot file per core, shared by every cores-th worker.
+    assert len(set(paths)) == cpu_slots.cores()
+    assert paths[0] == paths[cpu_slots.cores()] != paths[1]
+
+    for herd in (
+        Herd.objects.create(queue="inbox", profile=agent, size=size),
+        Herd.objects.create(queue="inbox", profile=noop, size=cpu_slots.cores()),
+    ):
+        worker = herd.workers.create(index=0, name="w0", host="h")
+        assert "--cpu-slot" not in worker_argv(herd, worker)
