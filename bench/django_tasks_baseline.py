@@ -21,7 +21,7 @@ import django  # noqa: E402
 django.setup()
 
 from django_tasks import task  # noqa: E402
-from peers import report, run_workers, work_item  # noqa: E402
+from peers import arguments, report, run_workers, work_item  # noqa: E402
 
 
 @task()
@@ -33,10 +33,7 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import transaction
 
-    queue_file, result_dir, workers = sys.argv[1:4]
-    os.makedirs(result_dir, exist_ok=True)
-    with open(queue_file) as f:
-        paths = f.read().split()
+    paths, result_dir, workers = arguments()
     call_command("migrate", verbosity=0)
     # Enqueue under the module's own name, as the workers import it (not __main__).
     from django_tasks_baseline import process as job
@@ -46,7 +43,7 @@ def main() -> None:
             job.enqueue(path, result_dir)
     command = [sys.executable, "-m", "django", "db_worker", "--batch", "--interval", "0.01"]
     seconds = run_workers(
-        [command + ["--worker-id", f"bench-{n}"] for n in range(int(workers))],
+        [command + ["--worker-id", f"bench-{n}"] for n in range(workers)],
         {**os.environ, "PYTHONPATH": HERE},
     )
     report(result_dir, seconds)

@@ -13,7 +13,7 @@ from huey import SqliteHuey
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peers import report, work_item  # noqa: E402
+from peers import arguments, report, work_item  # noqa: E402
 
 huey = SqliteHuey(
     "bench", filename=os.environ.get("BENCH_HUEY_DB", "huey-bench.db"), results=False
@@ -26,10 +26,7 @@ def process(path: str, result_dir: str) -> None:
 
 
 def main() -> None:
-    queue_file, result_dir, workers = sys.argv[1:4]
-    os.makedirs(result_dir, exist_ok=True)
-    with open(queue_file) as f:
-        paths = f.read().split()
+    paths, result_dir, workers = arguments()
     # Enqueue under the module's own name, as the consumer imports it (not __main__).
     from huey_baseline import process as enqueue
 
@@ -44,7 +41,7 @@ def main() -> None:
             "huey.bin.huey_consumer",
             "huey_baseline.huey",
             "-w",
-            workers,
+            str(workers),
             "-k",
             "process",
             "-d",

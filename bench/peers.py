@@ -7,6 +7,15 @@ import sys
 import time
 
 
+def arguments() -> tuple[list[str], str, int]:
+    """QUEUE_FILE RESULT_DIR WORKERS from the command line: the task paths, the result
+    folder (made here) and the number of workers."""
+    queue_file, result_dir, workers = sys.argv[1:4]
+    os.makedirs(result_dir, exist_ok=True)
+    with open(queue_file) as f:
+        return f.read().split(), result_dir, int(workers)
+
+
 def work_item(path: str, result_dir: str) -> None:
     """Read the task file and append a line to its result file (one line per run)."""
     with open(path, "rb") as task:

@@ -18,7 +18,7 @@ import procrastinate
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from peers import report, run_workers, work_item  # noqa: E402
+from peers import arguments, report, run_workers, work_item  # noqa: E402
 
 app = procrastinate.App(
     connector=procrastinate.PsycopgConnector(conninfo=os.environ["BENCH_PEER_DATABASE_URL"])
@@ -31,10 +31,7 @@ def process(path: str, result_dir: str) -> None:
 
 
 def main() -> None:
-    queue_file, result_dir, workers = sys.argv[1:4]
-    os.makedirs(result_dir, exist_ok=True)
-    with open(queue_file) as f:
-        paths = f.read().split()
+    paths, result_dir, workers = arguments()
     # Defer under the module's own name, as the workers import it (not __main__).
     from procrastinate_baseline import app as shared
     from procrastinate_baseline import process as job
@@ -45,7 +42,7 @@ def main() -> None:
     command = [sys.executable, "-m", "procrastinate", "--app", "procrastinate_baseline.app"]
     command += ["worker", "--concurrency", "1", "--one-shot"]
     seconds = run_workers(
-        [command + ["--name", f"bench-{n}"] for n in range(int(workers))],
+        [command + ["--name", f"bench-{n}"] for n in range(workers)],
         {**os.environ, "PYTHONPATH": HERE},
     )
     report(result_dir, seconds)
