@@ -23,6 +23,7 @@ serial) and the same command on an empty queue (start-up and shut-down alone).
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -250,7 +251,7 @@ def run(
 ) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="hv-bench-"))
     prefix = f"hv_bench_{os.getpid()}_"
-    counter = iter(range(1_000_000))
+    counter = itertools.count()
 
     def peer_database() -> str:
         """A fresh database for one peer run, of the kind ours runs on."""

@@ -66,9 +66,9 @@ def worker_argv(herd: Herd, worker: HerdWorker) -> list[str]:
         argv.append("--dry-run")
     for where in herd.filters:
         argv += ["--where", where]
-    if herd.size > cpu_slots.cores() and is_cpu_bound(herd.profile.processor):
+    if cpu_slots.needed(herd.size, is_cpu_bound(herd.profile.processor)):
         folder = log_path(herd, worker.index).parent
-        argv += ["--cpu-slot", str(cpu_slots.slot_paths(folder, herd.size)[worker.index])]
+        argv += ["--cpu-slot", str(cpu_slots.slot_path(folder, worker.index))]
     return argv
 
 

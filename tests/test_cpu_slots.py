@@ -80,9 +80,9 @@ def test_a_holder_killed_with_sigkill_frees_its_slot(tmp_path):
 
 def test_only_cpu_bound_processors_with_more_workers_than_cores_take_turns():
     cores = cpu_slots.cores()
-    assert cpu_slots.needed(cores + 1, NoopProcessor())
-    assert not cpu_slots.needed(cores, NoopProcessor())
-    assert not cpu_slots.needed(cores + 1, CommandProcessor(["true"]))
+    assert cpu_slots.needed(cores + 1, NoopProcessor().cpu_bound)
+    assert not cpu_slots.needed(cores, NoopProcessor().cpu_bound)
+    assert not cpu_slots.needed(cores + 1, CommandProcessor(["true"]).cpu_bound)
     assert is_cpu_bound("noop") and is_cpu_bound("triage") and not is_cpu_bound("command")
 
 

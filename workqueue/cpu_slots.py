@@ -27,8 +27,8 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def needed(workers: int, processor) -> bool:
-    return processor.cpu_bound and workers > cores()
+def needed(workers: int, cpu_bound: bool) -> bool:
+    return cpu_bound and workers > cores()
 
 
 class CpuSlot:
@@ -54,8 +54,7 @@ class CpuSlot:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, SLOT)
 
 
-def slot_paths(folder: Path, workers: int) -> list[Path]:
-    """Worker i's slot is slot_paths(...)[i]: round robin over one file per core."""
+def slot_path(folder: Path, index: int) -> Path:
+    """Worker `index`'s slot: round robin over one file per core."""
     folder.mkdir(parents=True, exist_ok=True)
-    count = cores()
-    return [folder / f"cpu-{index % count}.slot" for index in range(workers)]
+    return folder / f"cpu-{index % cores()}.slot"

@@ -221,14 +221,15 @@ class Command(BaseCommand):
         context = multiprocessing.get_context("fork")
         base = options["name"]
         slots_dir = None
-        if cpu_slots.needed(options["workers"], processor):
+        if cpu_slots.needed(options["workers"], processor.cpu_bound):
             slots_dir = tempfile.TemporaryDirectory(prefix="hypervisor-cpu-")
-            slots = cpu_slots.slot_paths(Path(slots_dir.name), options["workers"])
 
         def child(index: int, pipe) -> None:
             name = f"{base}-{index}" if base else None
             if slots_dir is not None:
-                worker_settings["cpu_slot"] = CpuSlot(slots[index])
+                worker_settings["cpu_slot"] = CpuSlot(
+                    cpu_slots.slot_path(Path(slots_dir.name), index)
+                )
             summary = self.run_worker(options, processor, worker_settings, name)
             connections.close_all()
             pipe.send(summary)
