@@ -3,20 +3,24 @@ triggers), its exact counts with every filter, and a live refresh that follows t
 
 from __future__ import annotations
 
+import fcntl
 import re
+import threading
 
 import pytest
 from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
+from hypervisor_site.writers import writer_lock_path
 from tests.conftest import make_tasks
 from tests.test_triage import NEEDS_WORK, queue_folder, work  # noqa: F401 - a fixture
 from workqueue import editing, views
 from workqueue.importer import Importer
-from workqueue.models import Status, Task, TaskBody
+from workqueue.models import Status, Task, TaskBody, TaskSearch
 
 pytestmark = pytest.mark.django_db
 
@@ -92,6 +96,66 @@ def test_counts_are_exact_with_text_and_every_field_filter(viewer):
     assert counts(viewer, q="parser", queue="other")["queued"] == 0
     assert counts(viewer, q="task 11", queue="q")["queued"] == 11  # Task 11, Task 110..119
     assert counts(viewer, q="parser", tag="docs")["queued"] == 0
+
+
+def kept_search_tables() -> list[str]:
+    """The temporary tables of search hits on this connection now."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute("SELECT name FROM sqlite_temp_master WHERE type = 'table'")
+        else:
+            cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname LIKE 'pg_temp%%'")
+        return [name for (name,) in cursor.fetchall() if name.startswith("search_hits_")]
+
+
+@pytest.mark.parametrize("text", ["parser", "pa"])  # through the index, and a scan
+def test_many_matches_are_searched_once_into_a_table_dropped_with_the_request(
+    viewer, monkeypatch, text
+):
+    monkeypatch.setattr(TaskSearch, "FEW", 5)
+    # The title and the body both match: each task is counted once.
+    make_tasks("q", 40, body="Body mentions the parser.\n")
+    Task.objects.filter(queue="q").update(title="A parser task")
+    make_tasks("other", 10, body="No match.\n")
+    Task.objects.filter(key__in=["t000001", "t000002"], queue="q").update(status=Status.DONE)
+    with CaptureQueriesContext(connection) as queries:
+        response = viewer.get("/", {"q": text, "queue": "q"})
+    searches = [q["sql"] for q in queries if "queue_tasksearch" in q["sql"] or "LIKE" in q["sql"]]
+    columns = {c["status"]: c for c in response.context["columns"]}
+    assert {s: c["count"] for s, c in columns.items()} == {
+        "queued": 38,
+        "claimed": 0,
+        "done": 2,
+        "blocked": 0,
+    }
+    assert len(columns["queued"]["cards"]) == views.PAGE_SIZE
+    # The probe and the one fill of the table; every other statement reads the table.
+    assert len(searches) == 2, searches
+    assert any("search_hits_" in q["sql"] for q in queries if "COUNT" in q["sql"])
+    assert kept_search_tables() == []
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's writers' queue")
+@pytest.mark.django_db(transaction=True)
+def test_a_search_kept_in_a_table_does_not_wait_for_the_writers_turn(monkeypatch):
+    monkeypatch.setattr(TaskSearch, "FEW", 2)
+    make_tasks("q", 10, body="A parser task")
+    path = writer_lock_path(connection.settings_dict["NAME"])
+    with open(path, "a") as worker:
+        fcntl.flock(worker, fcntl.LOCK_EX)  # a worker writing, for as long as it likes
+        result = {}
+
+        def search():
+            try:
+                result["n"] = Task.objects.matching_text("parser").count()
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=search)
+        thread.start()
+        thread.join(10)
+        fcntl.flock(worker, fcntl.LOCK_UN)
+    assert result == {"n": 10}
 
 
 def test_search_follows_import_reimport_and_removal(viewer, write_task):

@@ -106,17 +106,18 @@ def test_cards_are_ordered_by_priority_then_age(viewer):
     assert html.index("Task 2") < html.index("Task 0") < html.index("Task 1")
 
 
-def test_first_fifty_cards_then_load_more(viewer):
-    make_tasks("q", 120)
+def test_first_page_of_cards_then_load_more(viewer):
+    size = views.PAGE_SIZE
+    make_tasks("q", 2 * size + 20)
     response = viewer.get("/")
     queued = column_html(response.content, "queued")
-    assert queued.count('<article class="card"') == 50
+    assert queued.count('<article class="card"') == size
     assert "Load more" in queued
-    more = viewer.get("/board/queued/?offset=50&queue=q")
+    more = viewer.get(f"/board/queued/?offset={size}&queue=q")
     assert more.status_code == 200
-    assert more.content.decode().count('<article class="card"') == 50
-    assert "offset=100" in more.content.decode()
-    last = viewer.get("/board/queued/?offset=100")
+    assert more.content.decode().count('<article class="card"') == size
+    assert f"offset={2 * size}" in more.content.decode()
+    last = viewer.get(f"/board/queued/?offset={2 * size}")
     assert last.content.decode().count('<article class="card"') == 20
     assert "Load more" not in last.content.decode()
 

@@ -16,6 +16,7 @@ from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 from django.utils.functional import cached_property
 
+from workqueue import search_hits
 from workqueue.names import validate_queue_name
 
 
@@ -625,23 +626,27 @@ class TaskSearch(models.Model):
     def __str__(self) -> str:
         return f"search text of {self.task_id}"
 
-    # A search that finds this few tasks hands on their ids: the board's five statements
-    # then look rows up by id instead of searching again each.
+    # A search that finds this few tasks hands on their ids: the board's statements then
+    # look rows up by id instead of searching again each. More are kept in a temporary
+    # table of ids, searched once per request rather than once per statement.
     FEW = 1000
 
     @classmethod
     def matching(cls, text: str, using: str = "default") -> Q:
         """The condition on Task: its title, key or body contains `text` (any case)."""
-        sql, params = cls.matching_sql(connections[using], text)
+        db = connections[using]
+        sql, params = cls.matching_sql(db, text)
         # OFFSET 0 keeps PostgreSQL from planning for the LIMIT: it would read the table
         # in order hoping to stop early, every row of it when there are fewer matches.
-        fence = " OFFSET 0" if connections[using].vendor == "postgresql" else ""
+        fence = " OFFSET 0" if db.vendor == "postgresql" else ""
         probe = f"SELECT * FROM ({sql}{fence}) AS hits LIMIT {cls.FEW + 1}"  # noqa: S608
-        with connections[using].cursor() as cursor:
+        with db.cursor() as cursor:
             cursor.execute(probe, params)
             ids = [row[0] for row in cursor.fetchall()]
-        # Under FEW ids the list is every match; else the statements search themselves.
-        return Q(id__in=ids if len(ids) <= cls.FEW else RawSQL(sql, params))  # noqa: S611 - fixed SQL, values as parameters
+        if len(ids) <= cls.FEW:  # every match (an id may come twice)
+            return Q(id__in=ids)
+        table = search_hits.keep(db, sql, params)
+        return Q(id__in=RawSQL(f"SELECT id FROM {table}", []))  # noqa: S611, S608 - our name
 
     @classmethod
     def matching_sql(cls, db, text: str) -> tuple[str, list[str]]:
@@ -654,15 +659,19 @@ class TaskSearch(models.Model):
             )
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         if db.vendor == "sqlite":
-            # Under three characters there is no trigram to look up: a scan of the copy.
+            # Under three characters there is no trigram to look up: a scan of the tasks'
+            # own columns, which SQLite reads three times faster than the FTS5 copy.
             like = "LIKE %s ESCAPE '\\'"
-            column = "rowid"
-        else:
-            like = "ILIKE %s"  # the pg_trgm indexes answer ILIKE (not UPPER(...) LIKE)
-            column = "task_id"
+            return (
+                f"SELECT id FROM queue_task WHERE title {like} OR key {like} "  # noqa: S608
+                # UNION ALL, so that the probe stops at its limit; ids kept are unique.
+                f"UNION ALL SELECT task_id FROM queue_taskbody WHERE text {like}",
+                [pattern] * 3,
+            )
+        # The pg_trgm indexes answer ILIKE (not UPPER(...) LIKE).
         return (
-            f"SELECT {column} FROM queue_tasksearch "  # noqa: S608 - fixed names only
-            f"WHERE title {like} OR key {like} OR body {like}",
+            "SELECT task_id FROM queue_tasksearch "
+            "WHERE title ILIKE %s OR key ILIKE %s OR body ILIKE %s",
             [pattern] * 3,
         )
 

@@ -51,7 +51,7 @@ from workqueue.models import (
 from workqueue.processors import transcript_path
 from workqueue.rendering import render_markdown
 
-PAGE_SIZE = 50
+PAGE_SIZE = 25
 # Ages and lease countdowns change with the clock, not the rows: re-render that often.
 CLOCK_SECONDS = 15
 # The card's buttons and the bulk actions they are (workqueue.editing.STATE_ACTIONS).

@@ -13,7 +13,10 @@ from django.db.backends.sqlite3 import base
 
 from hypervisor_site.writers import WriterTurn
 
-WRITE = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
+# Writes to the main database; the connection's own temporary one needs no turn.
+WRITE = re.compile(
+    r"\s*(?:INSERT|UPDATE|DELETE|REPLACE)\b(?!(?:\s+OR\s+\w+)?\s+INTO\s+temp\.)", re.IGNORECASE
+)
 
 
 class DatabaseWrapper(base.DatabaseWrapper):

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from tests.browser.conftest import screenshot, wait_until
 from tests.conftest import make_tasks, start_manage
-from workqueue import locks
+from workqueue import locks, views
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples" / "inbox"
@@ -214,20 +214,24 @@ def test_a_claim_left_by_a_dead_pid_shows_stale_on_the_board(logged_in_page, liv
 
 
 def test_live_refresh_keeps_the_cards_loaded_with_load_more(logged_in_page, live_url):
-    make_tasks("more", 70)
+    shown = views.PAGE_SIZE + 20
+    make_tasks("more", shown)
     page = logged_in_page
     page.goto(f"{live_url}/?queue=more")
     queued = column(page, "queued").locator("article.card")
-    assert queued.count() == 50
+    assert queued.count() == views.PAGE_SIZE
     column(page, "queued").locator("a.more").click()
-    wait_until(lambda: queued.count() == 70, 10, "Load more never added the cards")
+    wait_until(lambda: queued.count() == shown, 10, "Load more never added the cards")
     page.evaluate("window.__notReloaded = true")
-    Task.objects.filter(key="t000065").update(title="Renamed meanwhile", updated_at=timezone.now())
+    # A card only "Load more" brought.
+    Task.objects.filter(key=f"t{shown - 5:06d}").update(
+        title="Renamed meanwhile", updated_at=timezone.now()
+    )
     wait_until(
         lambda: "Renamed meanwhile" in column(page, "queued").inner_text(),
         20,
         "the live refresh never showed the change",
     )
-    assert queued.count() == 70
+    assert queued.count() == shown
     assert page.evaluate("window.__notReloaded") is True
     screenshot(page, "board-refresh-keeps-loaded-cards")
