@@ -1,5 +1,6 @@
 """Worker start-up: `manage.py work` on an empty queue, beside a bare Python and a bare
-`django.setup()` with the same settings; then eight separate worker processes draining
+`django.setup()` with the same settings and a bare import of Django's ORM (the floor of
+any worker that uses it); then eight separate worker processes draining
 no-op tasks, against the mkdir-lock script with 8 processes. Prints JSON.
 
     python bench/bench_startup.py [--runs 15] [--tasks 2000] [--prefetch 250] [--repeat 3]
@@ -44,6 +45,8 @@ STARTUP_COMMANDS = {
     "work_empty_queue": [MANAGE, "work", "--queue", "empty"],
     "python_pass": ["-c", "pass"],
     "django_setup": ["-c", "import django; django.setup()"],
+    # The floor of any worker that uses Django's ORM: importing it, nothing more.
+    "django_orm_import": ["-c", "import django.db.models"],
 }
 
 

@@ -31,17 +31,14 @@ def keep(db, sql: str, params: list) -> str:
     # temporary database is the connection's own, and a search must not wait on workers.
     table = f"temp.{name}" if db.vendor == "sqlite" else name
     with db.cursor() as cursor:
-        cursor.execute(f"CREATE TEMPORARY TABLE {name} (id integer PRIMARY KEY)")
+        # On SQLite an INTEGER PRIMARY KEY is the rowid itself; ids are bigint on PostgreSQL.
+        kind = "integer" if db.vendor == "sqlite" else "bigint"
+        cursor.execute(f"CREATE TEMPORARY TABLE {name} (id {kind} PRIMARY KEY)")
         kept.append(name)
-        # An id may be selected twice (title and body): kept once.
-        insert = (
-            "INSERT OR IGNORE INTO {} (id) {}"
-            if db.vendor == "sqlite"
-            else ("INSERT INTO {} (id) {} ON CONFLICT DO NOTHING")
-        )
-        cursor.execute(insert.format(table, sql), params)
-        if db.vendor == "postgresql":
-            cursor.execute(f"ANALYZE {name}")  # else it is planned as a small table
+        # SQLite's short-text scan may select an id twice (title and body): kept once.
+        # (PostgreSQL's search selects each id once: no conflict check to pay for.)
+        insert = "INSERT OR IGNORE INTO" if db.vendor == "sqlite" else "INSERT INTO"
+        cursor.execute(f"{insert} {table} (id) {sql}", params)
     return table
 
 
