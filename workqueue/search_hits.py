@@ -19,6 +19,16 @@ from django.dispatch import receiver
 KEEP = 2  # tables per connection: one search per request, and the one before it
 _names = itertools.count()
 _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> names
+# By vendor: how the table is named in a write, its id column, and the insert.
+# - SQLite's writers' queue (hypervisor_site.sqlite) lets writes to `temp.` pass: the
+#   temporary database is the connection's own, and a search must not wait on workers.
+#   An INTEGER PRIMARY KEY is the rowid itself, and the short-text scan may select an id
+#   twice (title and body): kept once.
+# - PostgreSQL's ids are bigint, and its search selects each id once.
+DIALECTS = {
+    "sqlite": ("temp.", "integer", "INSERT OR IGNORE INTO"),
+    "postgresql": ("", "bigint", "INSERT INTO"),
+}
 
 
 def keep(db, sql: str, params: list) -> str:
@@ -26,20 +36,13 @@ def keep(db, sql: str, params: list) -> str:
     kept = _kept.setdefault(db, [])
     while len(kept) >= KEEP:
         _drop(db, kept.pop(0))
+    schema, id_type, insert = DIALECTS[db.vendor]
     name = f"search_hits_{next(_names)}"
-    # SQLite's writers' queue (hypervisor_site.sqlite) lets writes to temp.* pass: the
-    # temporary database is the connection's own, and a search must not wait on workers.
-    table = f"temp.{name}" if db.vendor == "sqlite" else name
     with db.cursor() as cursor:
-        # On SQLite an INTEGER PRIMARY KEY is the rowid itself; ids are bigint on PostgreSQL.
-        kind = "integer" if db.vendor == "sqlite" else "bigint"
-        cursor.execute(f"CREATE TEMPORARY TABLE {name} (id {kind} PRIMARY KEY)")
+        cursor.execute(f"CREATE TEMPORARY TABLE {name} (id {id_type} PRIMARY KEY)")
         kept.append(name)
-        # SQLite's short-text scan may select an id twice (title and body): kept once.
-        # (PostgreSQL's search selects each id once: no conflict check to pay for.)
-        insert = "INSERT OR IGNORE INTO" if db.vendor == "sqlite" else "INSERT INTO"
-        cursor.execute(f"{insert} {table} (id) {sql}", params)
-    return table
+        cursor.execute(f"{insert} {schema}{name} (id) {sql}", params)
+    return f"{schema}{name}"
 
 
 def _drop(db, name: str) -> None:
