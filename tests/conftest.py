@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from django.core.cache import cache
 from django.db import connection
 
 from herds import processes
@@ -26,6 +27,13 @@ def pytest_configure(config):
     # Logins in tests need no deliberately slow hashing (the throttling tests log in dozens
     # of times); processes a test starts keep the real hashers.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    """The board keeps versions and facets in the cache, keyed by filter: one test's must
+    not be another's (the local-memory cache outlives a test's database)."""
+    cache.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -306,3 +306,34 @@ def test_refresh_keeps_the_cards_loaded_with_load_more(viewer):
     # A shown count out of range is ignored: one page.
     refresh = viewer.get("/", {"queue": "q", "shown_queued": -1})
     assert len(refresh.context["columns"][0]["cards"]) == views.PAGE_SIZE
+
+
+def facets_of(viewer, **filters) -> dict[str, dict[str, int]]:
+    response = viewer.get("/", filters)
+    return {name: dict(values) for name, values in response.context["facets"].items()}
+
+
+def test_facets_count_each_value_among_the_tasks_the_other_filters_leave(viewer):
+    task("a", assignee="ann", project="web", tags=["ui", "auth"], tag_index="|ui|auth|")
+    task("b", assignee="ann", project="api", tags=["auth"], tag_index="|auth|")
+    task("c", assignee="bo", project="web", tags=["auth", "ui"], tag_index="|auth|ui|")
+    task("d", assignee="bo", project="web")
+    everything = facets_of(viewer)
+    assert everything["tag"] == {"auth": 3, "ui": 2}
+    assert everything["project"] == {"api": 1, "web": 3}
+    anns = facets_of(viewer, assignee="ann")
+    assert anns["tag"] == {"auth": 2, "ui": 1}
+    assert anns["project"] == {"api": 1, "web": 1}
+    assert anns["assignee"] == {"ann": 2, "bo": 2}, "a field's own filter is left out"
+    assert facets_of(viewer, tag="ui", project="web")["assignee"] == {"ann": 1, "bo": 1}
+
+
+def test_facets_are_counted_again_after_a_change_once_they_are_old_enough(viewer, monkeypatch):
+    task("a", project="web")
+    assert facets_of(viewer)["project"] == {"web": 1}
+    Task.objects.filter(key="a").update(project="api", updated_at=timezone.now())
+    monkeypatch.setattr(views, "FACETS_FRESH_SECONDS", 3600)
+    assert facets_of(viewer)["project"] == {"web": 1}, "counted moments ago: kept"
+    assert counts(viewer, project="api")["queued"] == 1, "the columns are exact at once"
+    monkeypatch.setattr(views, "FACETS_FRESH_SECONDS", 0)
+    assert facets_of(viewer)["project"] == {"api": 1}

@@ -66,10 +66,13 @@ class BoardFilterForm(forms.Form):
         for name in ROUTED_FIELDS:
             tasks = self.apply(Task.objects.all(), leave_out=name).order_by()
             if name == "tag":
+                # The database counts each combination of tags (few, however many tasks
+                # share them); reading every task's tags into Python took 0.5 s at 300,000.
                 counts: dict[str, int] = {}
-                for index in tasks.exclude(tag_index="").values_list("tag_index", flat=True):
+                combinations = tasks.exclude(tag_index="").values_list("tag_index")
+                for index, n in combinations.annotate(n=Count("id")):
                     for tag in index.strip("|").split("|"):
-                        counts[tag] = counts.get(tag, 0) + 1
+                        counts[tag] = counts.get(tag, 0) + n
             else:
                 rows = tasks.exclude(**{name: ""}).values_list(name).annotate(n=Count("id"))
                 counts = dict(rows)

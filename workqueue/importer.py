@@ -22,6 +22,8 @@ from workqueue.names import validate_queue_name
 from workqueue.taskfile import TaskFileError
 
 CHUNK = 500
+# An import of this many new tasks checks the planner's statistics (Task.keep_statistics).
+STATISTICS_AFTER = 100
 
 
 @dataclass
@@ -108,6 +110,9 @@ class Importer:
         if len(folders) == 1:
             # New tasks of the queue (workqueue.authoring) go where its first folder was.
             Queue.objects.filter(name=self.queue, folder="").update(folder=str(folders[0]))
+        if self.report.imported >= STATISTICS_AFTER:
+            # The board's plans follow the table's size at once, not at the next check.
+            Task.objects.keep_statistics()
         return self.report
 
     # Finding files ----------------------------------------------------------

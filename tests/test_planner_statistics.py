@@ -1,0 +1,134 @@
+"""SQLite's planner statistics for the task table: measured after a large import and
+when the table's size drifts, so a board filtered by several fields walks the most
+selective field's index. PostgreSQL's autovacuum keeps its own."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from tests.conftest import make_tasks
+from workqueue import importer, models
+from workqueue.importer import Importer
+from workqueue.models import Status, Task
+from workqueue.tasks import keep_planner_statistics
+
+sqlite_only = pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's statistics")
+
+
+def measured_rows() -> int | None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'")
+        if not cursor.fetchone():
+            return None
+        cursor.execute(
+            "SELECT MAX(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = 'queue_task'"
+        )
+        return cursor.fetchone()[0]
+
+
+def plan(sql: str) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN QUERY PLAN " + sql)
+        return "\n".join(row[-1] for row in cursor.fetchall())
+
+
+def tasks_like_a_busy_inbox(count: int, start: int = 0) -> None:
+    """Projects are the rarest value (one in twenty), complexity the commonest (one in
+    four): the board should start from the project's index."""
+    rng = random.Random(start)
+    tasks = make_tasks("inbox", count)
+    for i, task in enumerate(tasks, start):
+        task.key = f"inbox-{i:06d}"
+        task.project = f"project-{rng.randrange(20)}"
+        task.assignee = rng.choice(("", "ann", "bo", "bot"))
+        task.complexity = rng.choice(("", "small", "medium", "large"))
+        task.status = Status.DONE if rng.random() < 0.8 else Status.QUEUED
+    Task.objects.bulk_update(tasks, ["key", "project", "assignee", "complexity", "status"])
+
+
+@sqlite_only
+@pytest.mark.django_db
+def test_a_board_filtered_by_every_field_starts_from_the_most_selective_index(admin_client):
+    tasks_like_a_busy_inbox(2000)
+    assert Task.objects.keep_statistics()
+    filters = {"project": "project-3", "assignee": "ann", "complexity": "large"}
+    with CaptureQueriesContext(connection) as statements:
+        response = admin_client.get("/", filters)
+    assert response.status_code == 200
+    expected = Task.objects.filter(**filters).count()
+    assert expected > 0
+    assert response.context["total"] == expected, "counts stay exact"
+    columns = 'SELECT "queue_task"."status" AS "status", COUNT('
+    counting = [q["sql"] for q in statements.captured_queries if q["sql"].startswith(columns)]
+    assert counting, "the board counts its columns"
+    for sql in counting:
+        assert "USING INDEX task_board_project (project=?)" in plan(sql), plan(sql)
+
+
+@sqlite_only
+@pytest.mark.django_db
+def test_statistics_are_measured_again_only_when_the_table_drifts():
+    tasks_like_a_busy_inbox(models.STATISTICS_FLOOR // 2)
+    assert not Task.objects.keep_statistics(), "too few tasks for plans to matter"
+    assert measured_rows() is None
+
+    tasks_like_a_busy_inbox(1500, start=500)  # 2,000 in all
+    assert Task.objects.keep_statistics()
+    assert measured_rows() == 2000
+    assert not Task.objects.keep_statistics(), "nothing moved"
+
+    tasks_like_a_busy_inbox(400, start=2000)  # 2,400: less than a quarter more
+    assert not Task.objects.keep_statistics()
+    assert measured_rows() == 2000
+
+    tasks_like_a_busy_inbox(200, start=2400)  # 2,600
+    keep_planner_statistics.call_local()  # what the consumer runs every ten minutes
+    assert measured_rows() == 2600
+
+    Task.objects.filter(pk__in=Task.objects.values("pk")[:1000]).delete()  # 1,600
+    assert Task.objects.keep_statistics(), "a table that shrank is measured again"
+    assert measured_rows() == 1600
+
+
+@sqlite_only
+@pytest.mark.django_db
+def test_a_large_import_measures_the_table_before_it_returns(tmp_path, monkeypatch, settings):
+    monkeypatch.setattr(models, "STATISTICS_FLOOR", 50)
+    monkeypatch.setattr(importer, "STATISTICS_AFTER", 40)
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    settings.HYPERVISOR_IMPORT_ROOTS = [str(tmp_path)]
+    for i in range(30):
+        (folder / f"task-{i}.md").write_text(f"---\ntitle: Task {i}\n---\nBody {i}\n")
+    Importer("inbox").run([folder])
+    assert measured_rows() is None, "a small import leaves it to the periodic check"
+
+    for i in range(30, 90):
+        (folder / f"task-{i}.md").write_text(f"---\ntitle: Task {i}\n---\nBody {i}\n")
+    report = Importer("inbox").run([folder])
+    assert report.imported == 60
+    assert measured_rows() == 90
+
+
+@sqlite_only
+@pytest.mark.django_db
+def test_claims_keep_their_queue_index_when_statistics_exist():
+    tasks_like_a_busy_inbox(2000)
+    assert Task.objects.keep_statistics()
+    ready = Task.objects.filter(queue="inbox").ready().claim_order().values_list("id")[:8]
+    sql, params = ready.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN QUERY PLAN " + sql, params)
+        steps = [row[-1] for row in cursor.fetchall()]
+    assert any(s.startswith("SEARCH queue_task USING") and "queue=?" in s for s in steps), steps
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's autovacuum")
+@pytest.mark.django_db
+def test_postgresql_is_left_to_its_autovacuum():
+    tasks_like_a_busy_inbox(2000)
+    assert not Task.objects.keep_statistics()
