@@ -24,6 +24,8 @@ from workqueue.names import validate_queue_name
 # measured again when the table's size moved by this factor since.
 STATISTICS_FLOOR = 1000
 STATISTICS_DRIFT = 1.25
+# The task fields the board filters on by equality, each with its own index.
+BOARD_FIELDS = ("project", "assignee", "complexity", "type")
 
 
 class Status(models.TextChoices):
@@ -384,16 +386,24 @@ class Task(models.Model):
             ),
             models.Index(fields=["queue", "status", "priority", "id"], name="task_board"),
             # The board without a queue filter: each column in order, and its count. With
-            # the tags: a tag filter (a LIKE) reads the index alone, not the rows.
-            models.Index(fields=["status", "priority", "id", "tag_index"], name="task_board_all"),
-            # The board filtered by a field: counts and pages of one index range each, the
-            # other filters checked in the index.
+            # every filtered field and updated_at: a tag filter (a LIKE) reads the index
+            # alone for its counts, its version and the dropdowns' counts, not the rows.
+            models.Index(
+                fields=["status", "priority", "id", "tag_index", "queue", *BOARD_FIELDS]
+                + ["updated_at"],
+                name="task_board_all",
+            ),
+            # The board filtered by a field: counts and pages of one index range each, and
+            # its version and dropdown counts too: the other filters are checked in the index
+            # (a table lookup per task took 0.8 s for a dropdown at 300,000 tasks).
             *(
                 models.Index(
-                    fields=[field, "status", "priority", "id", "queue", "tag_index"],
+                    fields=[field, "status", "priority", "id", "queue", "tag_index"]
+                    + [other for other in BOARD_FIELDS if other != field]
+                    + ["updated_at"],
                     name=f"task_board_{field}",
                 )
-                for field in ("project", "assignee", "complexity", "type")
+                for field in BOARD_FIELDS
             ),
             models.Index(
                 fields=["lease_expires_at"], name="task_claimed", condition=Q(status="claimed")
