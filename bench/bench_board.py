@@ -228,10 +228,22 @@ def _measure(repeat: int) -> dict:
         cache.clear()
         render(filters)
 
-    filtered, cold, sql, matches = {}, {}, {}, {}
+    def from_board(filters) -> float:
+        # A person picks a filter on the board they opened after a change: the dropdowns
+        # of the fields left unfiltered were counted by the board already.
+        times = []
+        for _ in range(max(3, repeat // 3)):
+            first_render()
+            start = time.perf_counter()
+            render(filters)
+            times.append((time.perf_counter() - start) * 1000)
+        return round(statistics.median(times), 2)
+
+    filtered, cold, chosen, sql, matches = {}, {}, {}, {}, {}
     for name, filters in FILTERS.items():
         filtered[name] = _median_ms(lambda f=filters: render(f), repeat)
         cold[name] = _median_ms(lambda f=filters: first_render(f), max(3, repeat // 3))
+        chosen[name] = from_board(filters)
         sql[name] = _sql_ms(lambda f=filters: render(f))
         matches[name] = int(client.get("/", filters).context["total"])
     return {
@@ -242,6 +254,7 @@ def _measure(repeat: int) -> dict:
         "filtered_render_ms": filtered,
         "first_render_ms": _median_ms(first_render, max(3, repeat // 3)),
         "filtered_first_render_ms": cold,
+        "filtered_from_board_ms": chosen,
         # Of one render, the time spent in the database (the rest is templates).
         "filtered_sql_ms": sql,
         "filtered_matches": matches,

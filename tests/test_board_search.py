@@ -337,3 +337,17 @@ def test_facets_are_counted_again_after_a_change_once_they_are_old_enough(viewer
     assert counts(viewer, project="api")["queued"] == 1, "the columns are exact at once"
     monkeypatch.setattr(views, "FACETS_FRESH_SECONDS", 0)
     assert facets_of(viewer)["project"] == {"api": 1}
+
+
+def test_a_fields_dropdown_is_kept_under_the_other_filters_alone(viewer):
+    task("a", assignee="ann", project="web")
+    task("b", assignee="bo", project="api")
+    grouped_by = 'SELECT "queue_task"."{}" AS "{}", COUNT('.format
+    viewer.get("/", {"project": "web"})
+    with CaptureQueriesContext(connection) as statements:
+        facets = facets_of(viewer, project="api")
+    ran = [q["sql"] for q in statements.captured_queries]
+    assert not [sql for sql in ran if sql.startswith(grouped_by("project", "project"))]
+    assert [sql for sql in ran if sql.startswith(grouped_by("assignee", "assignee"))]
+    assert facets["project"] == {"api": 1, "web": 1}
+    assert facets["assignee"] == {"bo": 1}

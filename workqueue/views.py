@@ -31,6 +31,7 @@ from workqueue import authoring, bulk, editing, locks, triage_review
 from workqueue.agents.base import read_transcript
 from workqueue.forms import (
     ACTIONS,
+    ROUTED_FIELDS,
     BoardFilterForm,
     BulkForm,
     LoadMoreForm,
@@ -203,21 +204,28 @@ def _board_context(
 
 
 def _facets(form: BoardFilterForm) -> dict:
-    """What the filter dropdowns offer, with counts: among every task the other filters
-    leave, outside the view too, so any change of the board can change them.
+    """What the filter dropdowns offer, with counts: for each field, among every task the
+    other filters leave, outside the view too, so any change of the board can change them.
 
-    Counting reads all those tasks (a second at a million), so while the board keeps
-    changing (a running herd changes it many times a second) they are counted again at
-    most every FACETS_FRESH_SECONDS per filter; the columns' counts are always exact.
+    Each field's counts are kept under the other filters alone: the project dropdown of
+    `?project=a` is the unfiltered board's, so moving between filters counts only what
+    the new filter narrows (an index range). Counting a whole table takes 0.1 s a field at
+    a million tasks, so while the board keeps changing (a running herd changes it many
+    times a second) they are counted again at most every FACETS_FRESH_SECONDS; the
+    columns' counts are always exact.
     """
     version = board_version().rsplit("-", 1)[0]
-    key = "board-facets:" + hashlib.sha256(form.querystring().encode()).hexdigest()
-    kept = cache.get(key)
     now = time.time()
-    if kept and (kept["version"] == version or now - kept["at"] < FACETS_FRESH_SECONDS):
-        return kept["facets"]
-    facets = form.facets()
-    cache.set(key, {"version": version, "at": now, "facets": facets}, 300)
+    facets = {}
+    for name in ROUTED_FIELDS:
+        others = form.querystring(leave_out=name)
+        key = "board-facet:" + hashlib.sha256(f"{name}|{others}".encode()).hexdigest()
+        kept = cache.get(key)
+        if kept and (kept["version"] == version or now - kept["at"] < FACETS_FRESH_SECONDS):
+            facets[name] = kept["values"]
+            continue
+        facets[name] = form.facet(name)
+        cache.set(key, {"version": version, "at": now, "values": facets[name]}, 300)
     return facets
 
 
