@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 from django import forms
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q, Value
+from django.db.models.functions import Coalesce
 from django.http import QueryDict
 from django.utils.functional import cached_property
 
 from workqueue import bulk, editing
-from workqueue.models import Queue, Status, Task, TaskQuerySet, TaskSearch
+from workqueue.models import BOARD_FIELDS, Queue, Status, Task, TaskQuerySet, TaskSearch
 from workqueue.routing import Condition, TaskFilter
 from workqueue.text import as_text
 
@@ -72,7 +73,14 @@ class BoardFilterForm(forms.Form):
                 for tag in index.strip("|").split("|"):
                     counts[tag] = counts.get(tag, 0) + n
         else:
-            counts = dict(tasks.exclude(**{name: ""}).values_list(name).annotate(n=Count("id")))
+            # SQLite walks the field's own index whole to have its groups in order. When
+            # another field narrows the tasks to a range of that field's index, grouping by
+            # an expression no index is ordered by makes it read the range and sort it
+            # instead: 2.5 ms instead of 15 at 300,000 tasks.
+            narrowed = any(self.cleaned_data.get(f) for f in BOARD_FIELDS if f != name)
+            value = Coalesce(name, Value("")) if narrowed else F(name)
+            rows = tasks.exclude(**{name: ""}).annotate(value=value).values_list("value")
+            counts = dict(rows.annotate(n=Count("id")))
         return sorted(counts.items(), key=lambda item: item[0].lower())[:FACET_LIMIT]
 
     def querystring(self, leave_out: str = "") -> str:
