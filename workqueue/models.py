@@ -19,13 +19,12 @@ from django.utils.functional import cached_property
 from hypervisor_site.writers import write_transaction
 from workqueue import search_hits
 from workqueue.names import validate_queue_name
+from workqueue.routing import TEXT_FIELDS
 
 # Planner statistics (SQLite): none below this many tasks, where every plan is quick, and
 # measured again when the table's size moved by this factor since.
 STATISTICS_FLOOR = 1000
 STATISTICS_DRIFT = 1.25
-# The task fields the board filters on by equality, each with its own index.
-BOARD_FIELDS = ("project", "assignee", "complexity", "type")
 
 
 class Status(models.TextChoices):
@@ -176,6 +175,8 @@ class TaskQuerySet(models.QuerySet):
         with db.cursor() as cursor:
             cursor.execute(f'SELECT COUNT(*) FROM "{table}"')  # noqa: S608 (our table)
             (count,) = cursor.fetchone()
+            if count < STATISTICS_FLOOR:
+                return False
             cursor.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'")
             measured = None
             if cursor.fetchone():
@@ -184,8 +185,6 @@ class TaskQuerySet(models.QuerySet):
                     "SELECT MAX(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = %s", [table]
                 )
                 (measured,) = cursor.fetchone()
-        if count < STATISTICS_FLOOR:
-            return False
         if measured and measured / STATISTICS_DRIFT <= count <= measured * STATISTICS_DRIFT:
             return False
         with write_transaction(self.db), db.cursor() as cursor:
@@ -389,7 +388,7 @@ class Task(models.Model):
             # every filtered field and updated_at: a tag filter (a LIKE) reads the index
             # alone for its counts, its version and the dropdowns' counts, not the rows.
             models.Index(
-                fields=["status", "priority", "id", "tag_index", "queue", *BOARD_FIELDS]
+                fields=["status", "priority", "id", "tag_index", "queue", *TEXT_FIELDS]
                 + ["updated_at"],
                 name="task_board_all",
             ),
@@ -399,11 +398,11 @@ class Task(models.Model):
             *(
                 models.Index(
                     fields=[field, "status", "priority", "id", "queue", "tag_index"]
-                    + [other for other in BOARD_FIELDS if other != field]
+                    + [other for other in TEXT_FIELDS if other != field]
                     + ["updated_at"],
                     name=f"task_board_{field}",
                 )
-                for field in BOARD_FIELDS
+                for field in TEXT_FIELDS
             ),
             models.Index(
                 fields=["lease_expires_at"], name="task_claimed", condition=Q(status="claimed")
