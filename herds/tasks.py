@@ -2,7 +2,8 @@
 
 No task here holds a consumer thread for longer than a launch (a pre-flight and N forks) or
 one look at each running herd. Huey's periodic tasks tick once a minute; the passes and
-reaps in between are scheduled through the minute by whichever consumer claims it first.
+reaps in between are scheduled through this minute and the next, each minute by whichever
+consumer claims it first.
 """
 
 from __future__ import annotations
@@ -44,15 +45,15 @@ def start_consumer() -> None:
 
     supervise_herds_now()
     if Herd.objects.running().exists():
-        cover_this_minute(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
+        keep_covered(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
     reap_stale_claims_now()
-    cover_this_minute(reap_stale_claims_now, REAPS, settings.HYPERVISOR_REAP_INTERVAL)
+    keep_covered(reap_stale_claims_now, REAPS, settings.HYPERVISOR_REAP_INTERVAL)
 
 
 @on_commit_task()
 def launch_herd(herd_id: int) -> None:
     supervision.launch(herd_id)
-    cover_this_minute(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
+    keep_covered(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
 
 
 @on_commit_task()
@@ -108,7 +109,7 @@ def supervise_herds() -> None:
     forget_earlier_minutes(PASSES)
     if Herd.objects.running().exists():
         supervise_herds_now.call_local()
-        cover_this_minute(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
+        keep_covered(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
 
 
 @db_task()
@@ -122,24 +123,32 @@ def reap_stale_claims_now() -> None:
 def reap_stale_claims() -> None:
     forget_earlier_minutes(REAPS)
     reap_stale_claims_now.call_local()
-    cover_this_minute(reap_stale_claims_now, REAPS, settings.HYPERVISOR_REAP_INTERVAL)
+    keep_covered(reap_stale_claims_now, REAPS, settings.HYPERVISOR_REAP_INTERVAL)
 
 
-def cover_this_minute(task, name: str, interval: int) -> bool:
-    """Schedule `task` every `interval` s from now until the next minute's tick.
+def keep_covered(task, name: str, interval: int) -> int:
+    """Schedule `task` every `interval` s through the rest of this minute and all of the next.
 
-    Once per minute across every consumer sharing this Huey: the first to store the
-    minute's key schedules, so ten launches at once do not schedule ten sets of passes.
-    The scheduled runs live in Huey's storage and outlast a consumer that dies.
+    Huey's periodic tick comes 60 s after the last, counted from when the consumer started,
+    not on the minute: a tick at :50 must cover until the next one at :50, so covering only
+    this minute's rest would leave 50 s with no pass. Each minute is scheduled once across
+    every consumer sharing this Huey (the first to store its key does it), so ten launches
+    at once do not schedule ten sets of passes. The scheduled runs live in Huey's storage
+    and outlast a consumer that dies. Returns how many runs it scheduled.
     """
+    if interval >= 60:
+        return 0  # the periodic tick is often enough
     now = time.time()
-    minute = int(now // 60) * 60
-    if interval >= 60 or not HUEY.put_if_empty(f"{name}:{minute}", True):
-        return False
-    for at in range(minute + interval, minute + 60, interval):
-        if at > now:
-            task.schedule(delay=at - now)
-    return True
+    this_minute = int(now // 60) * 60
+    scheduled = 0
+    for minute in (this_minute, this_minute + 60):
+        if not HUEY.put_if_empty(f"{name}:{minute}", True):
+            continue
+        for at in range(minute, minute + 60, interval):
+            if at > now:
+                task.schedule(delay=at - now)
+                scheduled += 1
+    return scheduled
 
 
 def forget_earlier_minutes(name: str) -> None:

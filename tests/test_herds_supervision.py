@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -304,3 +305,45 @@ def test_launch_that_started_no_worker_fails_the_herd_and_says_why(running_herd)
     running_herd.refresh_from_db()
     assert running_herd.status == HerdStatus.FAILED
     assert "stopped before any worker started" in running_herd.reason
+
+
+@pytest.mark.parametrize("started_at_second", [0.5, 30, 55.5])
+def test_passes_never_pause_between_two_periodic_ticks(monkeypatch, started_at_second):
+    """Huey ticks 60 s after its last tick, counted from the consumer's start and not on the
+    minute: the passes each tick schedules must reach the next tick, whatever the second
+    the consumer started at, and two consumers ticking together schedule each pass once."""
+    import types
+
+    from huey import MemoryHuey
+    from huey.utils import utcnow
+
+    from herds import tasks
+
+    huey = MemoryHuey("cover-test", utc=True)
+    monkeypatch.setattr(tasks, "HUEY", huey)
+
+    @huey.task()
+    def a_pass():
+        pass
+
+    interval = 2
+    first_tick = 1_800_000_000 + started_at_second  # a round minute plus the start second
+    scheduled = []
+    for tick in range(3):
+        now = first_tick + 60 * tick
+        monkeypatch.setattr(tasks, "time", types.SimpleNamespace(time=lambda now=now: now))
+        for _consumer in range(2):
+            before = utcnow()
+            seen = {t.id for t in huey.pending()}
+            tasks.keep_covered(a_pass, "test-passes", interval)
+            for task in huey.pending():
+                if task.id not in seen:
+                    scheduled.append(now + (task.eta - before).total_seconds())
+
+    times = sorted(scheduled)
+    assert len(times) == len({round(t) for t in times}), "a pass was scheduled twice"
+    last_tick = first_tick + 120
+    assert times[0] - first_tick <= interval + 0.5
+    assert times[-1] >= last_tick + 60 - interval  # the third tick reaches the fourth
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert max(gaps) <= interval + 0.5, max(gaps)
