@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from django import forms
+from django.core.exceptions import EmptyResultSet
+from django.db import connection
 from django.db.models import Count, F, Q, Value
 from django.db.models.functions import Coalesce
 from django.http import QueryDict
@@ -60,6 +62,19 @@ class BoardFilterForm(forms.Form):
         # Searched once per request: the counts, pages, version and facets all apply it.
         return TaskSearch.matching(self.cleaned_data["q"])
 
+    def facets(self, names: list[str]) -> dict[str, list[tuple[str, int]]]:
+        """`facet` for each of `names`. On PostgreSQL the fields no filter is set on are
+        counted together, in one read of the tasks the filters leave (GROUPING SETS):
+        each count is a whole read of those tasks, 20-25 ms at 100,000."""
+        together = [name for name in names if not self.cleaned_data.get(name)]
+        if connection.vendor != "postgresql" or len(together) < 2:
+            together = []
+        found = self._counted_together(together) if together else {}
+        for name in names:
+            if name not in found:
+                found[name] = self.facet(name)
+        return found
+
     def facet(self, name: str) -> list[tuple[str, int]]:
         """The values of field `name` that exist, and how many tasks have each, among the
         tasks every other filter leaves."""
@@ -67,21 +82,44 @@ class BoardFilterForm(forms.Form):
         if name == "tag":
             # The database counts each combination of tags (few, however many tasks share
             # them); reading every task's tags into Python took 0.5 s at 300,000 tasks.
-            counts: dict[str, int] = {}
             combinations = tasks.exclude(tag_index="").values_list("tag_index")
-            for index, n in combinations.annotate(n=Count("id")):
-                for tag in index.strip("|").split("|"):
-                    counts[tag] = counts.get(tag, 0) + n
-        else:
-            # SQLite walks the field's own index whole to have its groups in order. When
-            # another field narrows the tasks to a range of that field's index, grouping by
-            # an expression no index is ordered by makes it read the range and sort it
-            # instead: 2.5 ms instead of 15 at 300,000 tasks.
-            narrowed = any(self.cleaned_data.get(f) for f in TEXT_FIELDS if f != name)
-            value = Coalesce(name, Value("")) if narrowed else F(name)
-            rows = tasks.exclude(**{name: ""}).annotate(value=value).values_list("value")
-            counts = dict(rows.annotate(n=Count("id")))
-        return sorted(counts.items(), key=lambda item: item[0].lower())[:FACET_LIMIT]
+            return _offered(_tag_counts(combinations.annotate(n=Count("id"))))
+        # SQLite walks the field's own index whole to have its groups in order. When
+        # another field narrows the tasks to a range of that field's index, grouping by
+        # an expression no index is ordered by makes it read the range and sort it
+        # instead: 2.5 ms instead of 15 at 300,000 tasks.
+        narrowed = any(self.cleaned_data.get(f) for f in TEXT_FIELDS if f != name)
+        value = Coalesce(name, Value("")) if narrowed else F(name)
+        rows = tasks.exclude(**{name: ""}).annotate(value=value).values_list("value")
+        return _offered(dict(rows.annotate(n=Count("id"))))
+
+    def _counted_together(self, names: list[str]) -> dict[str, list[tuple[str, int]]]:
+        # Fields without a filter of their own: every other filter is all of the filters.
+        columns = ["tag_index" if name == "tag" else name for name in names]
+        tasks = self.apply(Task.objects.all()).order_by().values(*columns)
+        try:
+            inner, params = tasks.query.sql_with_params()
+        except EmptyResultSet:  # a filter no task can match (a search that found nothing)
+            return {name: [] for name in names}
+        quoted = [connection.ops.quote_name(column) for column in columns]
+        sql = (
+            # Our own column names only; filter values stay parameters of the inner query.
+            f"SELECT {', '.join(f'GROUPING({c})' for c in quoted)}, {', '.join(quoted)}, "  # noqa: S608
+            f"COUNT(*) FROM ({inner}) AS filtered "
+            f"GROUP BY GROUPING SETS ({', '.join(f'({c})' for c in quoted)})"
+        )
+        counts: dict[str, dict[str, int]] = {name: {} for name in names}
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            for row in cursor.fetchall():
+                # GROUPING(c) is 0 in the rows grouped by c, 1 in the others.
+                grouped_by = row[: len(names)].index(0)
+                value, n = row[len(names) + grouped_by], row[-1]
+                if value:
+                    counts[names[grouped_by]][value] = n
+        if "tag" in counts:
+            counts["tag"] = _tag_counts(counts["tag"].items())
+        return {name: _offered(counts[name]) for name in names}
 
     def querystring(self, leave_out: str = "") -> str:
         """The active filters (all but `leave_out`) as a query string (no leading '?')."""
@@ -99,6 +137,19 @@ class BoardFilterForm(forms.Form):
     @property
     def active(self) -> bool:
         return any(self.cleaned_data.get(name) for name in FILTER_FIELDS)
+
+
+def _tag_counts(combinations) -> dict[str, int]:
+    """Counts per tag from counts per combination of tags (`|a|b|`, n)."""
+    counts: dict[str, int] = {}
+    for index, n in combinations:
+        for tag in index.strip("|").split("|"):
+            counts[tag] = counts.get(tag, 0) + n
+    return counts
+
+
+def _offered(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: item[0].lower())[:FACET_LIMIT]
 
 
 class LoadMoreForm(forms.Form):

@@ -216,17 +216,23 @@ def _facets(form: BoardFilterForm) -> dict:
     """
     version = board_version().rsplit("-", 1)[0]
     now = time.time()
+    keys = {
+        name: "board-facet:"
+        + hashlib.sha256(f"{name}|{form.querystring(leave_out=name)}".encode()).hexdigest()
+        for name in ROUTED_FIELDS
+    }
+    kept = cache.get_many(keys.values())
     facets = {}
-    for name in ROUTED_FIELDS:
-        others = form.querystring(leave_out=name)
-        key = "board-facet:" + hashlib.sha256(f"{name}|{others}".encode()).hexdigest()
-        kept = cache.get(key)
-        if kept and (kept["version"] == version or now - kept["at"] < FACETS_FRESH_SECONDS):
-            facets[name] = kept["values"]
-            continue
-        facets[name] = form.facet(name)
-        cache.set(key, {"version": version, "at": now, "values": facets[name]}, 300)
-    return facets
+    for name, key in keys.items():
+        found = kept.get(key)
+        if found and (found["version"] == version or now - found["at"] < FACETS_FRESH_SECONDS):
+            facets[name] = found["values"]
+    # The missing ones in one go: PostgreSQL counts several in one read of the tasks.
+    counted = form.facets([name for name in ROUTED_FIELDS if name not in facets])
+    fresh = {"version": version, "at": now}
+    cache.set_many({keys[name]: {**fresh, "values": v} for name, v in counted.items()}, 300)
+    facets.update(counted)
+    return {name: facets[name] for name in ROUTED_FIELDS}
 
 
 @login_required
