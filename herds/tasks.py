@@ -126,7 +126,7 @@ def reap_stale_claims() -> None:
     keep_covered(reap_stale_claims_now, REAPS, settings.HYPERVISOR_REAP_INTERVAL)
 
 
-def keep_covered(task, name: str, interval: int) -> int:
+def keep_covered(task, name: str, interval: int) -> None:
     """Schedule `task` every `interval` s through the rest of this minute and all of the next.
 
     Huey's periodic tick comes 60 s after the last, counted from when the consumer started,
@@ -134,21 +134,18 @@ def keep_covered(task, name: str, interval: int) -> int:
     this minute's rest would leave 50 s with no pass. Each minute is scheduled once across
     every consumer sharing this Huey (the first to store its key does it), so ten launches
     at once do not schedule ten sets of passes. The scheduled runs live in Huey's storage
-    and outlast a consumer that dies. Returns how many runs it scheduled.
+    and outlast a consumer that dies.
     """
     if interval >= 60:
-        return 0  # the periodic tick is often enough
+        return  # the periodic tick is often enough
     now = time.time()
     this_minute = int(now // 60) * 60
-    scheduled = 0
     for minute in (this_minute, this_minute + 60):
         if not HUEY.put_if_empty(f"{name}:{minute}", True):
             continue
         for at in range(minute, minute + 60, interval):
             if at > now:
                 task.schedule(delay=at - now)
-                scheduled += 1
-    return scheduled
 
 
 def forget_earlier_minutes(name: str) -> None:

@@ -231,8 +231,7 @@ def _facets(form: BoardFilterForm) -> dict:
     counted = form.facets([name for name in ROUTED_FIELDS if name not in facets])
     fresh = {"version": version, "at": now}
     cache.set_many({keys[name]: {**fresh, "values": v} for name, v in counted.items()}, 300)
-    facets.update(counted)
-    return {name: facets[name] for name in ROUTED_FIELDS}
+    return {**facets, **counted}
 
 
 @login_required
