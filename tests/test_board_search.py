@@ -309,8 +309,19 @@ def test_refresh_keeps_the_cards_loaded_with_load_more(viewer):
 
 
 def facets_of(viewer, **filters) -> dict[str, dict[str, int]]:
-    response = viewer.get("/", filters)
-    return {name: dict(values) for name, values in response.context["facets"].items()}
+    """The dropdowns the board fetches, as each offers them: value and count."""
+    response = viewer.get("/filters/", filters)
+    assert response.status_code == 200
+    html = response.content.decode()
+    return {
+        name: {
+            value: int(count.replace(",", ""))
+            for value, count in re.findall(
+                r'<option value="([^"]+)"[^>]*>[^<]* \(([\d,]+)\)', part
+            )
+        }
+        for name, part in re.findall(r'<select name="(\w+)">(.*?)</select>', html, re.S)
+    }
 
 
 def test_facets_count_each_value_among_the_tasks_the_other_filters_leave(viewer):
@@ -326,6 +337,49 @@ def test_facets_count_each_value_among_the_tasks_the_other_filters_leave(viewer)
     assert anns["project"] == {"api": 1, "web": 1}
     assert anns["assignee"] == {"ann": 2, "bo": 2}, "a field's own filter is left out"
     assert facets_of(viewer, tag="ui", project="web")["assignee"] == {"ann": 1, "bo": 1}
+
+
+def counts_a_dropdown(sql: str) -> bool:
+    return 'AS "value"' in sql or 'AS "combination"' in sql or "GROUPING SETS" in sql
+
+
+def test_a_board_after_a_change_is_sent_before_its_dropdowns_are_counted(viewer):
+    task("a", assignee="ann", project="web")
+    task("b", assignee="bo", project="api")
+    with CaptureQueriesContext(connection) as statements:
+        board = viewer.get("/", {"project": "web"})
+    assert board.status_code == 200
+    assert not [q for q in statements.captured_queries if counts_a_dropdown(q["sql"])]
+    assert board.context["total"] == 1, "the columns are counted"
+    html = board.content.decode()
+    # The bar asks for its dropdowns once shown; the chosen value stays chosen meanwhile.
+    assert 'hx-get="/filters/?project=web" hx-trigger="load"' in html
+    assert '<option selected value="web">web</option>' in html
+
+    with CaptureQueriesContext(connection) as statements:
+        assert facets_of(viewer, project="web") == {
+            "project": {"api": 1, "web": 1},
+            "assignee": {"ann": 1},
+            "tag": {},
+            "type": {},
+            "complexity": {},
+        }
+    assert [q for q in statements.captured_queries if counts_a_dropdown(q["sql"])]
+
+    # Counted since the last change: the next board has them, and asks for nothing.
+    with CaptureQueriesContext(connection) as statements:
+        html = viewer.get("/", {"project": "web"}).content.decode()
+    assert not [q for q in statements.captured_queries if counts_a_dropdown(q["sql"])]
+    assert 'hx-get="/filters/' not in html
+    assert '<option value="web" selected>web (1)</option>' in html
+    assert '<option value="ann">ann (1)</option>' in html
+
+
+def test_the_dropdowns_refuse_a_bad_filter_and_need_a_viewer(viewer, client):
+    response = viewer.get("/filters/", {"tag": "a|b"})
+    assert response.status_code == 400
+    assert "tag" in response.content.decode()
+    assert client.get("/filters/").status_code == 302, "to the login page"
 
 
 def test_facets_are_counted_again_after_a_change_once_they_are_old_enough(viewer, monkeypatch):
@@ -349,7 +403,7 @@ def test_a_fields_dropdown_is_kept_under_the_other_filters_alone(viewer):
             sql for sql in ran if "GROUP BY" in sql and f'"{field}"' in sql.split(", COUNT(")[0]
         ]
 
-    viewer.get("/", {"project": "web"})
+    viewer.get("/filters/", {"project": "web"})
     with CaptureQueriesContext(connection) as statements:
         facets = facets_of(viewer, project="api")
     ran = [q["sql"] for q in statements.captured_queries]

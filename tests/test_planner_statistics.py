@@ -5,9 +5,12 @@ selective field's index. PostgreSQL's autovacuum keeps its own."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
+from django.core.cache import cache
 from django.db import connection
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
 from tests.conftest import make_tasks
@@ -47,7 +50,11 @@ def tasks_like_a_busy_inbox(count: int, start: int = 0) -> None:
         task.assignee = rng.choice(("", "ann", "bo", "bot"))
         task.complexity = rng.choice(("", "small", "medium", "large"))
         task.status = Status.DONE if rng.random() < 0.8 else Status.QUEUED
-    Task.objects.bulk_update(tasks, ["key", "project", "assignee", "complexity", "status"])
+        task.tags = sorted(rng.sample(("auth", "bug", "docs", "ui"), 2))
+        task.tag_index = "|" + "|".join(task.tags) + "|"
+    Task.objects.bulk_update(
+        tasks, ["key", "project", "assignee", "complexity", "status", "tags", "tag_index"]
+    )
 
 
 @sqlite_only
@@ -58,6 +65,7 @@ def test_a_board_filtered_by_fields_counts_from_the_rarest_fields_index_alone(ad
     filters = {"project": "project-3", "assignee": "ann", "complexity": "large"}
     with CaptureQueriesContext(connection) as statements:
         response = admin_client.get("/", filters)
+        assert admin_client.get("/filters/", filters).status_code == 200  # the dropdowns
     assert response.status_code == 200
     expected = Task.objects.filter(**filters).count()
     assert expected > 0
@@ -73,6 +81,41 @@ def test_a_board_filtered_by_fields_counts_from_the_rarest_fields_index_alone(ad
     assert len(every_count) > len(counting)
     for sql in every_count:
         assert "SEARCH queue_task USING COVERING INDEX" in plan(sql), (sql, plan(sql))
+
+
+@sqlite_only
+@pytest.mark.django_db
+def test_the_tag_dropdown_walks_the_tags_index_in_order_unless_another_filter_narrows(
+    admin_client,
+):
+    tasks_like_a_busy_inbox(2000)
+    assert Task.objects.keep_statistics()
+    for filters, expected in (
+        # Alone: the index of the tags in order, neither a sort nor a row read per task.
+        ({}, "SCAN queue_task USING COVERING INDEX task_tags"),
+        # With a tag filter the tag dropdown is the unfiltered board's.
+        ({"tag": "ui"}, "SCAN queue_task USING COVERING INDEX task_tags"),
+        # Narrowed: the filter's own range and a sort, not the tags' index with a row
+        # read per task to check the filter.
+        ({"complexity": "large"}, "SEARCH queue_task USING COVERING INDEX task_board_complexity"),
+    ):
+        cache.clear()  # each dropdown is counted, not found kept from the case before
+        with CaptureQueriesContext(connection) as statements:
+            response = admin_client.get("/filters/", filters)
+        assert response.status_code == 200
+        (sql,) = [q["sql"] for q in statements.captured_queries if 'AS "combination"' in q["sql"]]
+        assert plan(sql).startswith(expected), plan(sql)
+        assert ("TEMP B-TREE" in plan(sql)) == ("complexity" in filters), plan(sql)
+        (tags,) = re.findall(r'<select name="tag">(.*?)</select>', response.text, re.S)
+        offered = re.findall(r'<option value="(\w+)"[^>]*>\1 \(([\d,]+)\)', tags)
+        shown = {tag: int(n.replace(",", "")) for tag, n in offered}
+        tasks = Task.objects.filter(complexity=filters.get("complexity", F("complexity")))
+        assert shown == {t: tasks.filter(tag_index__contains=f"|{t}|").count() for t in shown}
+        assert set(shown) == {"auth", "bug", "docs", "ui"}
+    # Claims and finishes never write that index: it holds none of their fields.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pragma_index_info('task_tags')")
+        assert cursor.fetchall() == [("tag_index",)]
 
 
 @sqlite_only

@@ -82,8 +82,16 @@ class BoardFilterForm(forms.Form):
         if name == "tag":
             # The database counts each combination of tags (few, however many tasks share
             # them); reading every task's tags into Python took 0.5 s at 300,000 tasks.
-            combinations = tasks.exclude(tag_index="").values_list("tag_index")
-            return _offered(_tag_counts(combinations.annotate(n=Count("id"))))
+            # Alone it walks the tags' own index in order. That index holds nothing else,
+            # so under any other filter the walk would read every task's row to check it
+            # (1.4 s at 1,000,000 on SQLite): the expression below keeps the planner on
+            # the filter's own index and a sort of what it leaves.
+            narrowed = any(self.cleaned_data.get(f) for f in FILTER_FIELDS if f != name)
+            column = Coalesce("tag_index", Value("")) if narrowed else F("tag_index")
+            combinations = tasks.exclude(tag_index="").annotate(combination=column)
+            return _offered(
+                _tag_counts(combinations.values_list("combination").annotate(n=Count("id")))
+            )
         # SQLite walks the field's own index whole to have its groups in order. When
         # another field narrows the tasks to a range of that field's index, grouping by
         # an expression no index is ordered by makes it read the range and sort it

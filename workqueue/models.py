@@ -404,6 +404,8 @@ class Task(models.Model):
                 )
                 for field in TEXT_FIELDS
             ),
+            # SQLite also has `task_tags` on tag_index alone (migration 0018), for the tag
+            # dropdown; PostgreSQL counts it in one hash aggregate and has no use for it.
             models.Index(
                 fields=["lease_expires_at"], name="task_claimed", condition=Q(status="claimed")
             ),

@@ -5,6 +5,7 @@ from workqueue import views
 urlpatterns = [
     path("", views.board, name="board"),
     path("board/<str:status>/", views.column, name="board-column"),
+    path("filters/", views.board_filters, name="board-filters"),
     path("tasks/new/", views.task_new, name="task-new"),
     path("tasks/<int:pk>/", views.task_detail, name="task-detail"),
     path("tasks/<int:pk>/action/", views.task_action, name="task-action"),

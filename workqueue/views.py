@@ -190,9 +190,13 @@ def _board_context(
     }
     if whole:
         # What the filter bar and the dialogs offer; the live refresh renders the board only.
+        # Dropdowns not counted since the last change are left for the page to fetch
+        # (board_filters): the board itself is shown without waiting for them.
+        facets = _facets(form, count=False)
         context.update(
             queues=Queue.objects.order_by("name").values_list("name", flat=True),
-            facets=_facets(form),
+            facets=facets,
+            facets_pending=len(facets) < len(ROUTED_FIELDS),
             saved_views=SavedView.objects.filter(user=request.user),
             bulk_actions=bulk.BUTTONS,
             filter_fields=FILTER_LABELS,
@@ -203,7 +207,7 @@ def _board_context(
     return context
 
 
-def _facets(form: BoardFilterForm) -> dict:
+def _facets(form: BoardFilterForm, count: bool = True) -> dict:
     """What the filter dropdowns offer, with counts: for each field, among every task the
     other filters leave, outside the view too, so any change of the board can change them.
 
@@ -212,7 +216,7 @@ def _facets(form: BoardFilterForm) -> dict:
     the new filter narrows (an index range). Counting a whole table takes 0.1 s a field at
     a million tasks, so while the board keeps changing (a running herd changes it many
     times a second) they are counted again at most every FACETS_FRESH_SECONDS; the
-    columns' counts are always exact.
+    columns' counts are always exact. With `count=False`, only the dropdowns found kept.
     """
     version = board_version().rsplit("-", 1)[0]
     now = time.time()
@@ -227,8 +231,11 @@ def _facets(form: BoardFilterForm) -> dict:
         found = kept.get(key)
         if found and (found["version"] == version or now - found["at"] < FACETS_FRESH_SECONDS):
             facets[name] = found["values"]
+    missing = [name for name in ROUTED_FIELDS if name not in facets]
+    if not count or not missing:
+        return facets
     # The missing ones in one go: PostgreSQL counts several in one read of the tasks.
-    counted = form.facets([name for name in ROUTED_FIELDS if name not in facets])
+    counted = form.facets(missing)
     fresh = {"version": version, "at": now}
     cache.set_many({keys[name]: {**fresh, "values": v} for name, v in counted.items()}, 300)
     return {**facets, **counted}
@@ -257,6 +264,26 @@ def board(request: HttpRequest) -> HttpResponse:
         template = "workqueue/board.html#board" if partial else "workqueue/board.html"
         response = render(request, template, context)
     response["ETag"] = etag
+    patch_cache_control(response, no_cache=True, private=True)
+    return response
+
+
+@login_required
+@permission_required("queue.view_task", raise_exception=True)
+@require_GET
+def board_filters(request: HttpRequest) -> HttpResponse:
+    """The filter dropdowns with their counts: what a board sent before they were counted
+    fetches once it is shown."""
+    form = _filters(request.GET)
+    if form is None:
+        return _bad_filters(request.GET)
+    context = {
+        "form": form,
+        "facets": _facets(form),
+        "filter_fields": FILTER_LABELS,
+        "can_change": request.user.has_perm("queue.change_task"),
+    }
+    response = render(request, "workqueue/board.html#facets", context)
     patch_cache_control(response, no_cache=True, private=True)
     return response
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 from tests.browser.conftest import screenshot, wait_until
 from tests.conftest import make_tasks, start_manage
 from workqueue import locks, views
-from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples" / "inbox"
 
@@ -235,3 +235,22 @@ def test_live_refresh_keeps_the_cards_loaded_with_load_more(logged_in_page, live
     assert queued.count() == shown
     assert page.evaluate("window.__notReloaded") is True
     screenshot(page, "board-refresh-keeps-loaded-cards")
+
+
+def test_the_filter_dropdowns_arrive_after_the_board_and_filter_it(logged_in_page, live_url):
+    Queue.objects.create(name="bar")
+    for key, project in (("a", "web"), ("b", "web"), ("c", "api")):
+        Task.objects.create(queue="bar", key=key, title=f"Task {key}", project=project)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=bar")
+    # Nothing counted since the tasks came: the board is sent first, the dropdowns follow.
+    web = page.locator('select[name=project] option[value="web"]')
+    web.wait_for(state="attached", timeout=10_000)
+    assert web.inner_text() == "web (2)"
+    assert page.locator("#facets").get_attribute("aria-busy") is None
+    page.select_option("select[name=project]", "api")
+    page.locator("form.filters button[type=submit]").click()
+    page.wait_for_url("**queue=bar&project=api**")
+    assert column_count(page, "queued") == 1
+    assert page.locator('select[name=project] option[value="api"]').inner_text() == "api (1)"
+    screenshot(page, "board-filter-dropdowns")
