@@ -339,6 +339,30 @@ def test_facets_count_each_value_among_the_tasks_the_other_filters_leave(viewer)
     assert facets_of(viewer, tag="ui", project="web")["assignee"] == {"ann": 1, "bo": 1}
 
 
+def test_a_filtered_boards_columns_are_counted_once_per_change_with_its_version(viewer):
+    task("a", project="web")
+    task("b", project="web", status=Status.DONE)
+    task("c", project="api")
+    assert counts(viewer, project="web") == {"queued": 1, "claimed": 0, "done": 1, "blocked": 0}
+
+    def by_column(statements) -> list[str]:
+        return [q["sql"] for q in statements.captured_queries if "GROUP BY" in q["sql"]]
+
+    with CaptureQueriesContext(connection) as statements:
+        assert counts(viewer, project="web")["queued"] == 1
+    assert not by_column(statements), "nothing changed: the counts came with the version"
+    Task.objects.filter(key="b").update(status=Status.QUEUED, updated_at=timezone.now())
+    with CaptureQueriesContext(connection) as statements:
+        assert counts(viewer, project="web") == {
+            "queued": 2, "claimed": 0, "done": 0, "blocked": 0,
+        }  # fmt: skip
+    assert len(by_column(statements)) == 1, "the version and the columns in one read"
+    # A change outside the view changes nothing in it, and is counted again all the same
+    # (the view cannot tell without reading itself).
+    Task.objects.filter(key="c").update(title="Other", updated_at=timezone.now())
+    assert counts(viewer, project="web")["queued"] == 2
+
+
 def counts_a_dropdown(sql: str) -> bool:
     return 'AS "value"' in sql or 'AS "combination"' in sql or "GROUPING SETS" in sql
 

@@ -136,12 +136,16 @@ class TaskQuerySet(models.QuerySet):
         rows = self.values_list(*fields).annotate(n=Count("id")).order_by()
         return {tuple(row[:-1]): row[-1] for row in rows}
 
-    def version_stamp(self) -> str:
-        """What changes when a task of this set changes (every write sets updated_at),
-        joins it (a newer updated_at, or one more task) or leaves it (one fewer)."""
-        found = self.order_by().aggregate(n=Count("id"), newest=Max("updated_at"))
-        newest = found["newest"].timestamp() if found["newest"] else 0
-        return f"{found['n']}-{newest:.6f}"
+    def counts_and_stamp(self) -> tuple[dict[str, int], str]:
+        """counts(), and what changes when a task of this set changes (every write sets
+        updated_at), joins it (a newer updated_at, or one more task) or leaves it (one
+        fewer): one read of the set for both."""
+        rows = self.values_list("status").annotate(n=Count("id"), newest=Max("updated_at"))
+        found = {status: (n, newest) for status, n, newest in rows.order_by()}
+        counts = {status: found.get(status, (0, None))[0] for status in Status.values}
+        newest = max((at for _n, at in found.values() if at), default=None)
+        stamp = newest.timestamp() if newest else 0
+        return counts, f"{sum(n for n, _at in found.values())}-{stamp:.6f}"
 
     def counts_by_index(self) -> dict[str, int]:
         """The same as counts(), one index range per status, in one statement.

@@ -106,22 +106,27 @@ def board_version() -> str:
     return f"{last or 0}-{stamp:.6f}-{int(time.time() // CLOCK_SECONDS)}"
 
 
-def view_version(form: BoardFilterForm) -> str:
+def view_version(form: BoardFilterForm) -> tuple[str, dict[str, int] | None]:
     """The version of what this filtered view shows: it changes when a task in the view
-    changes, enters or leaves it, and not when a task outside it changes.
+    changes, enters or leaves it, and not when a task outside it changes. With it, the
+    view's columns' counts as of that version (None for a view without filters, whose
+    columns are index ranges counted at each render).
 
-    Reading the view (a count) costs about as much as its counts column: it is done once
-    per change anywhere (board_version) and filter, then kept in the cache.
+    Reading the view is one count of it by column: it is done once per change anywhere
+    (board_version) and filter, then kept in the cache, so a render after it counts
+    nothing again (a text found in most tasks, or a tag at a million tasks, is a read of
+    every task it finds or of the whole table).
     """
     whole = board_version()
     if not form.active:
-        return whole
-    key = "board-view:" + hashlib.sha256(f"{form.querystring()}|{whole}".encode()).hexdigest()
-    stamp = cache.get(key)
-    if stamp is None:
-        stamp = form.apply(Task.objects.all()).version_stamp()
-        cache.set(key, stamp, 2 * CLOCK_SECONDS)
-    return f"v{stamp}-{whole.rsplit('-', 1)[1]}"
+        return whole, None
+    key = "board-counts:" + hashlib.sha256(f"{form.querystring()}|{whole}".encode()).hexdigest()
+    kept = cache.get(key)
+    if kept is None:
+        kept = form.apply(Task.objects.all()).counts_and_stamp()
+        cache.set(key, kept, 2 * CLOCK_SECONDS)
+    counts, stamp = kept
+    return f"v{stamp}-{whole.rsplit('-', 1)[1]}", counts
 
 
 def _cards(tasks, status: str, offset: int = 0, limit: int = PAGE_SIZE) -> list[Task]:
@@ -141,8 +146,9 @@ def _column_counts(tasks, form: BoardFilterForm) -> dict[str, int]:
     return tasks.counts()
 
 
-def _columns(tasks, form: BoardFilterForm, shown: dict[str, int]) -> list[dict]:
-    counts = _column_counts(tasks, form)
+def _columns(tasks, form: BoardFilterForm, shown: dict[str, int], counts=None) -> list[dict]:
+    if counts is None:
+        counts = _column_counts(tasks, form)
     columns = []
     for status in Status.values:
         limit = shown[status]
@@ -175,11 +181,11 @@ def _board_context(
     form: BoardFilterForm,
     shown: ShownForm,
     whole: bool = True,
-    version: str | None = None,
+    view: tuple[str, dict[str, int] | None] | None = None,
 ) -> dict:
     tasks = form.apply(Task.objects.all())
-    version = version or view_version(form)
-    columns = _columns(tasks, form, shown.per_column(PAGE_SIZE))
+    version, counts = view or view_version(form)
+    columns = _columns(tasks, form, shown.per_column(PAGE_SIZE), counts)
     context = {
         "form": form,
         "query": form.querystring(),
@@ -250,7 +256,8 @@ def board(request: HttpRequest) -> HttpResponse:
     if form is None:
         return _bad_filters(request.GET)
     # The live refresh: compare versions before anything is rendered.
-    version = view_version(form)
+    view = view_version(form)
+    version = view[0]
     since = request.GET.get("since")
     if since and since == version:
         return HttpResponse(status=204)
@@ -260,7 +267,7 @@ def board(request: HttpRequest) -> HttpResponse:
     if etag in _if_none_match(request) and not len(messages.get_messages(request)):
         response = HttpResponse(status=304)
     else:
-        context = _board_context(request, form, shown, whole=not partial, version=version)
+        context = _board_context(request, form, shown, whole=not partial, view=view)
         template = "workqueue/board.html#board" if partial else "workqueue/board.html"
         response = render(request, template, context)
     response["ETag"] = etag
