@@ -138,11 +138,6 @@ class BoardFilterForm(forms.Form):
         return query.urlencode()
 
     @property
-    def only_indexed(self) -> bool:
-        """No filter but the queue: every column is one range of a board index."""
-        return not any(self.cleaned_data.get(name) for name in FILTER_FIELDS if name != "queue")
-
-    @property
     def active(self) -> bool:
         return any(self.cleaned_data.get(name) for name in FILTER_FIELDS)
 
