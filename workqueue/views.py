@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from django import forms
@@ -106,7 +107,15 @@ def board_version() -> str:
     return f"{last or 0}-{stamp:.6f}-{int(time.time() // CLOCK_SECONDS)}"
 
 
-def view_version(form: BoardFilterForm) -> tuple[str, dict[str, int] | None]:
+class View(NamedTuple):
+    """What a request knows of the board it shows, read once per request."""
+
+    version: str  # of this view: what the live refresh compares
+    counts: dict[str, int] | None  # its columns' counts, None for the whole board
+    whole: str  # board_version(): any task's change
+
+
+def view_version(form: BoardFilterForm) -> View:
     """The version of what this filtered view shows: it changes when a task in the view
     changes, enters or leaves it, and not when a task outside it changes. With it, the
     view's columns' counts as of that version (None for a view without filters, whose
@@ -119,14 +128,14 @@ def view_version(form: BoardFilterForm) -> tuple[str, dict[str, int] | None]:
     """
     whole = board_version()
     if not form.active:
-        return whole, None
+        return View(whole, None, whole)
     key = "board-counts:" + hashlib.sha256(f"{form.querystring()}|{whole}".encode()).hexdigest()
     kept = cache.get(key)
     if kept is None:
         kept = form.apply(Task.objects.all()).counts_and_stamp()
         cache.set(key, kept, 2 * CLOCK_SECONDS)
     counts, stamp = kept
-    return f"v{stamp}-{whole.rsplit('-', 1)[1]}", counts
+    return View(f"v{stamp}-{whole.rsplit('-', 1)[1]}", counts, whole)
 
 
 def _cards(tasks, status: str, offset: int = 0, limit: int = PAGE_SIZE) -> list[Task]:
@@ -175,15 +184,15 @@ def _board_context(
     form: BoardFilterForm,
     shown: ShownForm,
     whole: bool = True,
-    view: tuple[str, dict[str, int] | None] | None = None,
+    view: View | None = None,
 ) -> dict:
     tasks = form.apply(Task.objects.all())
-    version, counts = view or view_version(form)
-    columns = _columns(tasks, shown.per_column(PAGE_SIZE), counts)
+    view = view or view_version(form)
+    columns = _columns(tasks, shown.per_column(PAGE_SIZE), view.counts)
     context = {
         "form": form,
         "query": form.querystring(),
-        "version": version,
+        "version": view.version,
         "columns": columns,
         "total": sum(c["count"] for c in columns),
         "can_change": request.user.has_perm("queue.change_task"),
@@ -192,7 +201,7 @@ def _board_context(
         # What the filter bar and the dialogs offer; the live refresh renders the board only.
         # Dropdowns not counted since the last change are left for the page to fetch
         # (board_filters): the board itself is shown without waiting for them.
-        facets = _facets(form, count=False)
+        facets = _facets(form, view.whole, count=False)
         context.update(
             queues=Queue.objects.order_by("name").values_list("name", flat=True),
             facets=facets,
@@ -207,7 +216,7 @@ def _board_context(
     return context
 
 
-def _facets(form: BoardFilterForm, count: bool = True) -> dict:
+def _facets(form: BoardFilterForm, whole: str, count: bool = True) -> dict:
     """What the filter dropdowns offer, with counts: for each field, among every task the
     other filters leave, outside the view too, so any change of the board can change them.
 
@@ -218,7 +227,7 @@ def _facets(form: BoardFilterForm, count: bool = True) -> dict:
     times a second) they are counted again at most every FACETS_FRESH_SECONDS; the
     columns' counts are always exact. With `count=False`, only the dropdowns found kept.
     """
-    version = board_version().rsplit("-", 1)[0]
+    version = whole.rsplit("-", 1)[0]
     now = time.time()
     keys = {
         name: "board-facet:"
@@ -251,13 +260,12 @@ def board(request: HttpRequest) -> HttpResponse:
         return _bad_filters(request.GET)
     # The live refresh: compare versions before anything is rendered.
     view = view_version(form)
-    version = view[0]
     since = request.GET.get("since")
-    if since and since == version:
+    if since and since == view.version:
         return HttpResponse(status=204)
     partial = bool(request.htmx and request.htmx.target == "board")
     shown = ShownForm(request.GET)
-    etag = _board_etag(request, version, shown, partial)
+    etag = _board_etag(request, view, shown, partial)
     if etag in _if_none_match(request) and not len(messages.get_messages(request)):
         response = HttpResponse(status=304)
     else:
@@ -280,7 +288,7 @@ def board_filters(request: HttpRequest) -> HttpResponse:
         return _bad_filters(request.GET)
     context = {
         "form": form,
-        "facets": _facets(form),
+        "facets": _facets(form, board_version()),
         "filter_fields": FILTER_LABELS,
         "can_change": request.user.has_perm("queue.change_task"),
     }
@@ -289,7 +297,7 @@ def board_filters(request: HttpRequest) -> HttpResponse:
     return response
 
 
-def _board_etag(request: HttpRequest, version: str, shown: ShownForm, partial: bool) -> str:
+def _board_etag(request: HttpRequest, view: View, shown: ShownForm, partial: bool) -> str:
     """The view's version and the cards shown, who asks (the buttons follow permissions),
     and for the whole page what else it shows: the facets (any task's change) and the
     person's saved views."""
@@ -300,8 +308,8 @@ def _board_etag(request: HttpRequest, version: str, shown: ShownForm, partial: b
     ]
     if not partial:
         views = SavedView.objects.filter(user=request.user).values_list("id", "name", "query")
-        parts += [board_version(), repr(list(views))]
-    return f'"{version}.{hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]}"'
+        parts += [view.whole, repr(list(views))]
+    return f'"{view.version}.{hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]}"'
 
 
 def _if_none_match(request: HttpRequest) -> list[str]:
