@@ -417,6 +417,20 @@ def test_facets_are_counted_again_after_a_change_once_they_are_old_enough(viewer
     assert facets_of(viewer)["project"] == {"api": 1}
 
 
+def test_a_chosen_value_is_counted_exactly_while_the_others_are_kept(viewer, monkeypatch):
+    task("a", project="web")
+    task("b", project="web")
+    assert facets_of(viewer)["project"] == {"web": 2}
+    Task.objects.filter(key="b").update(project="api", updated_at=timezone.now())
+    monkeypatch.setattr(views, "FACETS_FRESH_SECONDS", 3600)
+    # The project dropdown is the unfiltered board's, counted before the change and kept;
+    # the value chosen is the view itself, counted with the columns: exact.
+    assert facets_of(viewer, project="api")["project"] == {"api": 1, "web": 2}
+    assert facets_of(viewer, project="web")["project"] == {"web": 1}
+    html = viewer.get("/", {"project": "api"}).content.decode()
+    assert '<option value="api" selected>api (1)</option>' in html, "the board's own too"
+
+
 def test_a_fields_dropdown_is_kept_under_the_other_filters_alone(viewer):
     task("a", assignee="ann", project="web")
     task("b", assignee="bo", project="api")

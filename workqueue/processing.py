@@ -6,6 +6,7 @@ engine that claims and finishes tasks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -37,6 +38,23 @@ class Result:
     cost_usd: Decimal | None = None  # what the agent's CLI says the run cost, if it says
     output_tail: str = ""
     data: dict = field(default_factory=dict)
+
+    def row_key(self) -> tuple:
+        """Equal for results that write the same values into their rows: a batch's
+        finishes with one key share one UPDATE (computed per task, so kept cheap)."""
+        data = json.dumps(self.data, sort_keys=True, default=str) if self.data else ""
+        return (
+            self.status,
+            self.outcome,
+            self.reason,
+            self.evidence,
+            self.next_step,
+            self.commit,
+            self.tokens,
+            self.cost_usd,
+            self.output_tail,
+            data,
+        )
 
     def row_values(self) -> dict:
         return {

@@ -11,7 +11,6 @@ from the board and the admin).
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -214,12 +213,10 @@ def finish(identity: Identity, finished: list[tuple[Claim, Result]]) -> FinishRe
     now = timezone.now()
     groups: dict[tuple, tuple[dict, list[int]]] = {}
     for claim_, result in finished:
-        values = _finish_values(result, now)
-        signature = tuple(
-            json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict) else str(v)
-            for v in values.values()
-        )
-        groups.setdefault((claim_.fence, signature), (values, []))[1].append(claim_.id)
+        key = (claim_.fence, result.row_key())
+        if key not in groups:
+            groups[key] = (_finish_values(result, now), [])
+        groups[key][1].append(claim_.id)
     updates = []
     for (fence, _), (values, ids) in groups.items():
         mine = Task.objects.filter(

@@ -201,7 +201,7 @@ def _board_context(
         # What the filter bar and the dialogs offer; the live refresh renders the board only.
         # Dropdowns not counted since the last change are left for the page to fetch
         # (board_filters): the board itself is shown without waiting for them.
-        facets = _facets(form, view.whole, count=False)
+        facets = _facets(form, view, count=False)
         context.update(
             queues=Queue.objects.order_by("name").values_list("name", flat=True),
             facets=facets,
@@ -216,7 +216,7 @@ def _board_context(
     return context
 
 
-def _facets(form: BoardFilterForm, whole: str, count: bool = True) -> dict:
+def _facets(form: BoardFilterForm, view: View, count: bool = True) -> dict:
     """What the filter dropdowns offer, with counts: for each field, among every task the
     other filters leave, outside the view too, so any change of the board can change them.
 
@@ -225,9 +225,10 @@ def _facets(form: BoardFilterForm, whole: str, count: bool = True) -> dict:
     the new filter narrows (an index range). Counting a whole table takes 0.1 s a field at
     a million tasks, so while the board keeps changing (a running herd changes it many
     times a second) they are counted again at most every FACETS_FRESH_SECONDS; the
-    columns' counts are always exact. With `count=False`, only the dropdowns found kept.
+    columns' counts are always exact, and so is a chosen value's: it is the view's total.
+    With `count=False`, only the dropdowns found kept.
     """
-    version = whole.rsplit("-", 1)[0]
+    version = view.whole.rsplit("-", 1)[0]
     now = time.time()
     keys = {
         name: "board-facet:"
@@ -241,13 +242,26 @@ def _facets(form: BoardFilterForm, whole: str, count: bool = True) -> dict:
         if found and (found["version"] == version or now - found["at"] < FACETS_FRESH_SECONDS):
             facets[name] = found["values"]
     missing = [name for name in ROUTED_FIELDS if name not in facets]
-    if not count or not missing:
-        return facets
-    # The missing ones in one go: PostgreSQL counts several in one read of the tasks.
-    counted = form.facets(missing)
-    fresh = {"version": version, "at": now}
-    cache.set_many({keys[name]: {**fresh, "values": v} for name, v in counted.items()}, 300)
-    return {**facets, **counted}
+    if count and missing:
+        # The missing ones in one go: PostgreSQL counts several in one read of the tasks.
+        counted = form.facets(missing)
+        fresh = {"version": version, "at": now}
+        cache.set_many({keys[name]: {**fresh, "values": v} for name, v in counted.items()}, 300)
+        facets.update(counted)
+    total = sum(view.counts.values()) if view.counts is not None else 0
+    return {
+        name: _with_chosen(values, form.cleaned_data.get(name), total)
+        for name, values in facets.items()
+    }
+
+
+def _with_chosen(values: list[tuple[str, int]], chosen: str, total: int) -> list:
+    """A dropdown's values with the chosen one among them, counted as the view's total:
+    the others may be counts from before the last change, or not include it yet."""
+    if not chosen:
+        return values
+    others = [(value, n) for value, n in values if value != chosen]
+    return sorted([*others, (chosen, total)], key=lambda item: item[0].lower())
 
 
 @login_required
@@ -288,7 +302,7 @@ def board_filters(request: HttpRequest) -> HttpResponse:
         return _bad_filters(request.GET)
     context = {
         "form": form,
-        "facets": _facets(form, board_version()),
+        "facets": _facets(form, view_version(form)),
         "filter_fields": FILTER_LABELS,
         "can_change": request.user.has_perm("queue.change_task"),
     }

@@ -100,12 +100,6 @@ def get(mapping, key):
 
 
 @register.filter
-def has_value(pairs, value) -> bool:
-    """Whether (value, count) pairs include `value`."""
-    return any(found == value for found, _count in pairs or ())
-
-
-@register.filter
 def split(text: str) -> list[str]:
     return text.split()
 
