@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import hashlib
+
 from django import forms
+from django.core.cache import cache
 from django.core.exceptions import EmptyResultSet
 from django.db import connection
 from django.db.models import Count, F, Q, Value
@@ -9,13 +12,14 @@ from django.http import QueryDict
 from django.utils.functional import cached_property
 
 from workqueue import bulk, editing
-from workqueue.models import Queue, Status, Task, TaskQuerySet, TaskSearch
+from workqueue.models import Found, Queue, Status, Task, TaskQuerySet, TaskSearch
 from workqueue.routing import TEXT_FIELDS, Condition, TaskFilter
 from workqueue.text import as_text
 
 FILTER_FIELDS = ("queue", "project", "assignee", "tag", "type", "complexity", "q")
 ROUTED_FIELDS = ("project", "assignee", "tag", "type", "complexity")
 FACET_LIMIT = 300  # values offered per filter
+SEARCH_KEPT_SECONDS = 30  # a board's version turns over every 15 s (views.CLOCK_SECONDS)
 
 
 class BoardFilterForm(forms.Form):
@@ -32,6 +36,8 @@ class BoardFilterForm(forms.Form):
     type = forms.CharField(required=False, max_length=100)
     complexity = forms.CharField(required=False, max_length=100)
     q = forms.CharField(required=False, max_length=200, label="Search")
+
+    version = ""  # the board's (views.board_version), when the view has read it
 
     def clean_tag(self) -> str:
         tag = self.cleaned_data["tag"]
@@ -59,8 +65,38 @@ class BoardFilterForm(forms.Form):
 
     @cached_property
     def _text_match(self) -> Q:
-        # Searched once per request: the counts, pages, version and facets all apply it.
-        return TaskSearch.matching(self.cleaned_data["q"])
+        return self.found.q
+
+    @cached_property
+    def found(self) -> Found:
+        """The text search, once per request: the counts, pages, version and facets all
+        apply it. A search that ends in a list of ids (TaskSearch.search) is kept with the
+        board's version given to the form, for the requests that follow until a change."""
+        text = self.cleaned_data["q"]
+        key = "board-search:" + hashlib.sha256(f"{text}|{self.version}".encode()).hexdigest()
+        found = cache.get(key) if self.version else None
+        if found is None:
+            found = TaskSearch.search(text)
+            if self.version and not found.table:
+                cache.set(key, found, SEARCH_KEPT_SECONDS)
+        return found
+
+    def counts_and_stamp(self) -> tuple[dict[str, int], str]:
+        """TaskQuerySet.counts_and_stamp of the view. A text found in all but a few tasks,
+        and no field filter, is counted as the board without it less those few: index
+        ranges and lookups, where counting what it found reads every task."""
+        tasks = self.apply(Task.objects.all())
+        missing = self.found.missing if self.cleaned_data.get("q") else None
+        if missing is None or self.routing().conditions:
+            return tasks.counts_and_stamp()
+        board = Task.objects.all()
+        if self.cleaned_data.get("queue"):
+            board = board.filter(queue=self.cleaned_data["queue"])
+        counts = board.counts_by_index()
+        for status, n in board.filter(id__in=missing).counts().items():
+            counts[status] -= n
+        newest = tasks.order_by("-updated_at").values_list("updated_at", flat=True).first()
+        return counts, f"{sum(counts.values())}-{newest.timestamp() if newest else 0:.6f}"
 
     def facets(self, names: list[str]) -> dict[str, list[tuple[str, int]]]:
         """`facet` for each of `names`. On PostgreSQL the fields no filter is set on are

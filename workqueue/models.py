@@ -5,6 +5,7 @@ import functools
 import json
 import os
 from datetime import timedelta
+from typing import NamedTuple
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -661,6 +662,24 @@ class TaskBody(models.Model):
         return f"body of {self.task_id}"
 
 
+class Found(NamedTuple):
+    """The tasks a text search found: their `ids` when they are few, or else the few it
+    did not find (`missing`), or else the name of a temporary table of their ids, which
+    lasts for the request (search_hits). The first two may be kept across requests."""
+
+    ids: list[int] | None = None
+    missing: list[int] | None = None
+    table: str = ""
+
+    @property
+    def q(self) -> Q:
+        if self.ids is not None:
+            return Q(id__in=self.ids)
+        if self.missing is not None:
+            return ~Q(id__in=self.missing)
+        return Q(id__in=RawSQL(f"SELECT id FROM {self.table}", []))  # noqa: S611, S608 - our name
+
+
 class TaskSearch(models.Model):
     """A copy of each task's title, key and body that the board's free text searches.
 
@@ -680,13 +699,20 @@ class TaskSearch(models.Model):
         return f"search text of {self.task_id}"
 
     # A search that finds this few tasks hands on their ids: the board's statements then
-    # look rows up by id instead of searching again each. More are kept in a temporary
-    # table of ids, searched once per request rather than once per statement.
+    # look rows up by id instead of searching again each. So does one that finds all but
+    # this few (a common word): the board is then the whole board less those few, read
+    # from its indexes. Others are kept in a temporary table of ids, searched once per
+    # request rather than once per statement.
     FEW = 1000
 
     @classmethod
     def matching(cls, text: str, using: str = "default") -> Q:
         """The condition on Task: its title, key or body contains `text` (any case)."""
+        return cls.search(text, using).q
+
+    @classmethod
+    def search(cls, text: str, using: str = "default") -> Found:
+        """Which tasks contain `text`: see Found."""
         db = connections[using]
         sql, params = cls.matching_sql(db, text)
         # OFFSET 0 keeps PostgreSQL from planning for the LIMIT: it would read the table
@@ -696,10 +722,25 @@ class TaskSearch(models.Model):
         with db.cursor() as cursor:
             cursor.execute(probe, params)
             ids = [row[0] for row in cursor.fetchall()]
-        if len(ids) <= cls.FEW:  # every match (an id may come twice)
-            return Q(id__in=ids)
-        table = search_hits.keep(db, sql, params)
-        return Q(id__in=RawSQL(f"SELECT id FROM {table}", []))  # noqa: S611, S608 - our name
+            if len(ids) <= cls.FEW:  # every match (an id may come twice)
+                return Found(ids=sorted(set(ids)))
+            # The tasks it did not find, up to a few: a read that stops at the limit, so
+            # for a search that found half the tasks it stops almost at once. SQLite's
+            # FTS5 answers a phrase whole, not per task: its ids are kept first. PostgreSQL
+            # hashes the search's ids for the anti-join.
+            table, hits, hit_params = "", f"({sql}) AS hits (id)", params
+            if db.vendor == "sqlite":
+                table = search_hits.keep(db, sql, params)
+                hits, hit_params = f"{table} AS hits", []
+            cursor.execute(
+                f"SELECT t.id FROM {Task._meta.db_table} t WHERE NOT EXISTS "  # noqa: S608
+                f"(SELECT 1 FROM {hits} WHERE hits.id = t.id) LIMIT {cls.FEW + 1}",
+                hit_params,
+            )
+            missing = [row[0] for row in cursor.fetchall()]
+        if len(missing) <= cls.FEW:
+            return Found(missing=sorted(missing))
+        return Found(table=table or search_hits.keep(db, sql, params))
 
     @classmethod
     def matching_sql(cls, db, text: str) -> tuple[str, list[str]]:

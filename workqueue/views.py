@@ -127,12 +127,13 @@ def view_version(form: BoardFilterForm) -> View:
     every task it finds or of the whole table).
     """
     whole = board_version()
+    form.version = whole
     if not form.active:
         return View(whole, None, whole)
     key = "board-counts:" + hashlib.sha256(f"{form.querystring()}|{whole}".encode()).hexdigest()
     kept = cache.get(key)
     if kept is None:
-        kept = form.apply(Task.objects.all()).counts_and_stamp()
+        kept = form.counts_and_stamp()
         cache.set(key, kept, 2 * CLOCK_SECONDS)
     counts, stamp = kept
     return View(f"v{stamp}-{whole.rsplit('-', 1)[1]}", counts, whole)
@@ -186,8 +187,8 @@ def _board_context(
     whole: bool = True,
     view: View | None = None,
 ) -> dict:
-    tasks = form.apply(Task.objects.all())
     view = view or view_version(form)
+    tasks = form.apply(Task.objects.all())
     columns = _columns(tasks, shown.per_column(PAGE_SIZE), view.counts)
     context = {
         "form": form,
