@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, reset_queries
 from django.db.migrations.executor import MigrationExecutor
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -417,6 +417,29 @@ def test_facets_are_counted_again_after_a_change_once_they_are_old_enough(viewer
     assert counts(viewer, project="api")["queued"] == 1, "the columns are exact at once"
     monkeypatch.setattr(views, "FACETS_FRESH_SECONDS", 0)
     assert facets_of(viewer)["project"] == {"api": 1}
+
+
+def test_pages_of_a_search_kept_in_a_table_are_in_board_order(viewer, monkeypatch):
+    monkeypatch.setattr(TaskSearch, "FEW", 5)  # 60 found and 20 not: kept in a table
+    for i, made in enumerate(make_tasks("q", 60, body="the parser\n")):
+        Task.objects.filter(pk=made.pk).update(priority=(i * 7) % 5)
+    make_tasks("other", 20, body="nothing\n")
+    in_order = list(
+        Task.objects.filter(queue="q").order_by("priority", "id").values_list("id", flat=True)
+    )
+    reset_queries()  # a request empties the log: what is captured counts from empty
+    with CaptureQueriesContext(connection) as statements:
+        response = viewer.get("/", {"q": "parser"})
+    pages = [q["sql"] for q in statements.captured_queries if '"priority" ASC' in q["sql"]]
+    if connection.vendor == "sqlite":
+        # A page walks the column's index and looks each task up in the table.
+        assert pages and all('+"queue_task"."id" IN (SELECT id FROM temp.' in p for p in pages)
+    queued = response.context["columns"][0]
+    assert [card.id for card in queued["cards"]] == in_order[: views.PAGE_SIZE]
+    assert queued["count"] == 60 and queued["more"]
+    more = viewer.get(reverse("board-column", args=["queued"]), {"q": "parser", "offset": 25})
+    shown = re.findall(r'<article class="card" id="task-(\d+)"', more.content.decode())
+    assert [int(pk) for pk in shown] == in_order[25:50]
 
 
 def test_a_text_in_all_but_a_few_tasks_is_the_board_less_those_few(viewer, monkeypatch):

@@ -6,7 +6,7 @@ from django import forms
 from django.core.cache import cache
 from django.core.exceptions import EmptyResultSet
 from django.db import connection
-from django.db.models import Count, F, Q, Value
+from django.db.models import Count, F, Value
 from django.db.models.functions import Coalesce
 from django.http import QueryDict
 from django.utils.functional import cached_property
@@ -54,18 +54,16 @@ class BoardFilterForm(forms.Form):
         )
         return TaskFilter(conditions)
 
-    def apply(self, tasks: TaskQuerySet, leave_out: str = "") -> TaskQuerySet:
+    def apply(self, tasks: TaskQuerySet, leave_out: str = "", in_order=False) -> TaskQuerySet:
+        """The tasks the filters (all but `leave_out`) leave; `in_order` for the pages of
+        a column in board order (Found.filter)."""
         data = self.cleaned_data
         if data.get("queue"):
             tasks = tasks.filter(queue=data["queue"])
         tasks = self.routing(leave_out).apply(tasks)
         if data.get("q"):
-            tasks = tasks.filter(self._text_match)
+            tasks = self.found.filter(tasks, in_order)
         return tasks
-
-    @cached_property
-    def _text_match(self) -> Q:
-        return self.found.q
 
     @cached_property
     def found(self) -> Found:

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, models
-from django.db.models import Count, Exists, Max, Min, OuterRef, Q, Subquery, Sum
+from django.db.models import Count, Exists, F, Func, Max, Min, OuterRef, Q, Subquery, Sum
 from django.db.models.expressions import RawSQL
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
@@ -670,6 +670,11 @@ class Found(NamedTuple):
     ids: list[int] | None = None
     missing: list[int] | None = None
     table: str = ""
+    # SQLite reads a page of a column by starting from the table: every id in it looked
+    # up, then sorted (13 ms for 33,000 at 100,000 tasks). When it found at least one task
+    # in TaskSearch.WALK_SHARE, walking the column's index in order and looking each task
+    # up in the table fills the page sooner (0.1 ms), and reads at most the column.
+    walk: bool = False
 
     @property
     def q(self) -> Q:
@@ -677,7 +682,18 @@ class Found(NamedTuple):
             return Q(id__in=self.ids)
         if self.missing is not None:
             return ~Q(id__in=self.missing)
-        return Q(id__in=RawSQL(f"SELECT id FROM {self.table}", []))  # noqa: S611, S608 - our name
+        return Q(id__in=self._table_ids())
+
+    def filter(self, tasks: TaskQuerySet, in_order: bool = False) -> TaskQuerySet:
+        """The tasks it found among `tasks`: for pages in board order when `in_order`."""
+        if not (in_order and self.walk):
+            return tasks.filter(self.q)
+        # A unary plus: the same id, but not one SQLite can start the read from.
+        plain = Func(F("id"), template="+%(expressions)s", output_field=models.BigIntegerField())
+        return tasks.alias(plain_id=plain).filter(plain_id__in=self._table_ids())
+
+    def _table_ids(self) -> RawSQL:
+        return RawSQL(f"SELECT id FROM {self.table}", [])  # noqa: S611, S608 - our name
 
 
 class TaskSearch(models.Model):
@@ -704,6 +720,7 @@ class TaskSearch(models.Model):
     # from its indexes. Others are kept in a temporary table of ids, searched once per
     # request rather than once per statement.
     FEW = 1000
+    WALK_SHARE = 20  # see Found.walk
 
     @classmethod
     def matching(cls, text: str, using: str = "default") -> Q:
@@ -730,7 +747,7 @@ class TaskSearch(models.Model):
             # hashes the search's ids for the anti-join.
             table, hits, hit_params = "", f"({sql}) AS hits (id)", params
             if db.vendor == "sqlite":
-                table = search_hits.keep(db, sql, params)
+                table, count = search_hits.keep(db, sql, params)
                 hits, hit_params = f"{table} AS hits", []
             cursor.execute(
                 f"SELECT t.id FROM {Task._meta.db_table} t WHERE NOT EXISTS "  # noqa: S608
@@ -740,7 +757,10 @@ class TaskSearch(models.Model):
             missing = [row[0] for row in cursor.fetchall()]
         if len(missing) <= cls.FEW:
             return Found(missing=sorted(missing))
-        return Found(table=table or search_hits.keep(db, sql, params))
+        if not table:  # PostgreSQL plans a page of a column over the table well itself
+            return Found(table=search_hits.keep(db, sql, params)[0])
+        last = Task.objects.using(using).aggregate(last=Max("id"))["last"] or 0
+        return Found(table=table, walk=count * cls.WALK_SHARE >= last)
 
     @classmethod
     def matching_sql(cls, db, text: str) -> tuple[str, list[str]]:

@@ -31,8 +31,8 @@ DIALECTS = {
 }
 
 
-def keep(db, sql: str, params: list) -> str:
-    """Run `sql` (selecting ids) once into a new temporary table; its name."""
+def keep(db, sql: str, params: list) -> tuple[str, int]:
+    """Run `sql` (selecting ids) once into a new temporary table; its name and rows."""
     kept = _kept.setdefault(db, [])
     while len(kept) >= KEEP:
         _drop(db, kept.pop(0))
@@ -42,7 +42,7 @@ def keep(db, sql: str, params: list) -> str:
         cursor.execute(f"CREATE TEMPORARY TABLE {name} (id {id_type} PRIMARY KEY)")
         kept.append(name)
         cursor.execute(f"{insert} {schema}{name} (id) {sql}", params)
-    return f"{schema}{name}"
+        return f"{schema}{name}", cursor.rowcount
 
 
 def _drop(db, name: str) -> None:

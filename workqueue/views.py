@@ -188,7 +188,7 @@ def _board_context(
     view: View | None = None,
 ) -> dict:
     view = view or view_version(form)
-    tasks = form.apply(Task.objects.all())
+    tasks = form.apply(Task.objects.all(), in_order=True)
     columns = _columns(tasks, shown.per_column(PAGE_SIZE), view.counts)
     context = {
         "form": form,
@@ -346,7 +346,7 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
     if not page.is_valid():
         return HttpResponseBadRequest("offset must be a whole number", content_type="text/plain")
     offset = page.cleaned_data["offset"]
-    cards = _cards(form.apply(Task.objects.all()), status, offset)
+    cards = _cards(form.apply(Task.objects.all(), in_order=True), status, offset)
     context = {
         "column": {
             "status": status,
