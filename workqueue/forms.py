@@ -19,7 +19,7 @@ from workqueue.text import as_text
 FILTER_FIELDS = ("queue", "project", "assignee", "tag", "type", "complexity", "q")
 ROUTED_FIELDS = ("project", "assignee", "tag", "type", "complexity")
 FACET_LIMIT = 300  # values offered per filter
-SEARCH_KEPT_SECONDS = 30  # a board's version turns over every 15 s (views.CLOCK_SECONDS)
+SEARCH_KEPT_SECONDS = 600
 
 
 class BoardFilterForm(forms.Form):
@@ -68,14 +68,17 @@ class BoardFilterForm(forms.Form):
     @cached_property
     def found(self) -> Found:
         """The text search, once per request: the counts, pages, version and facets all
-        apply it. A search that ends in a list of ids (TaskSearch.search) is kept with the
-        board's version given to the form, for the requests that follow until a change."""
+        apply it. A search that ends in a list of ids (TaskSearch.search) is kept for the
+        requests that follow: until the searched text of any task changes where the
+        database tells (SQLite), else until the board's version given to the form does.
+        Read before the search, either is at worst older than what was found."""
         text = self.cleaned_data["q"]
-        key = "board-search:" + hashlib.sha256(f"{text}|{self.version}".encode()).hexdigest()
-        found = cache.get(key) if self.version else None
+        since = TaskSearch.generation() or self.version
+        key = "board-search:" + hashlib.sha256(f"{text}|{since}".encode()).hexdigest()
+        found = cache.get(key) if since else None
         if found is None:
             found = TaskSearch.search(text)
-            if self.version and not found.table:
+            if since and not found.table:
                 cache.set(key, found, SEARCH_KEPT_SECONDS)
         return found
 

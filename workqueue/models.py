@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import json
 import os
 from datetime import timedelta
@@ -721,6 +722,20 @@ class TaskSearch(models.Model):
     # request rather than once per statement.
     FEW = 1000
     WALK_SHARE = 20  # see Found.walk
+
+    @classmethod
+    def generation(cls, using: str = "default") -> str:
+        """What changes when any task's searched text changes, and only then ("" where
+        there is no such thing: PostgreSQL). SQLite's FTS5 rewrites its structure record
+        (its index's segments, with a count of their writes) at each commit that changes
+        the index, and only then: claims and finishes, which change no text, leave it."""
+        db = connections[using]
+        if db.vendor != "sqlite":
+            return ""
+        with db.cursor() as cursor:
+            cursor.execute(f"SELECT block FROM {cls._meta.db_table}_data WHERE id = 10")  # noqa: S608
+            row = cursor.fetchone()
+        return hashlib.sha256(row[0]).hexdigest() if row else ""
 
     @classmethod
     def matching(cls, text: str, using: str = "default") -> Q:
