@@ -54,15 +54,17 @@ class BoardFilterForm(forms.Form):
         )
         return TaskFilter(conditions)
 
-    def apply(self, tasks: TaskQuerySet, leave_out: str = "", in_order=False) -> TaskQuerySet:
-        """The tasks the filters (all but `leave_out`) leave; `in_order` for the pages of
-        a column in board order (Found.filter)."""
+    def apply(
+        self, tasks: TaskQuerySet, leave_out: str = "", page: tuple[int, int] | None = None
+    ) -> TaskQuerySet:
+        """The tasks the filters (all but `leave_out`) leave; for a `page` of a column in
+        board order, (how far it reaches, the column's count): see Found.filter."""
         data = self.cleaned_data
         if data.get("queue"):
             tasks = tasks.filter(queue=data["queue"])
         tasks = self.routing(leave_out).apply(tasks)
         if data.get("q"):
-            tasks = self.found.filter(tasks, in_order)
+            tasks = self.found.filter(tasks, page)
         return tasks
 
     @cached_property

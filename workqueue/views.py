@@ -139,8 +139,9 @@ def view_version(form: BoardFilterForm) -> View:
     return View(f"v{stamp}-{whole.rsplit('-', 1)[1]}", counts, whole)
 
 
-def _cards(tasks, status: str, offset: int = 0, limit: int = PAGE_SIZE) -> list[Task]:
-    """One page of a column, plus one card to tell whether there is more."""
+def _cards(form, status: str, count: int, offset: int = 0, limit: int = PAGE_SIZE) -> list[Task]:
+    """One page of a column of `count` cards, plus one card to tell whether there is more."""
+    tasks = form.apply(Task.objects.all(), page=(offset + limit + 1, count))
     return list(
         tasks.filter(status=status)
         .order_by("priority", "id")
@@ -148,15 +149,15 @@ def _cards(tasks, status: str, offset: int = 0, limit: int = PAGE_SIZE) -> list[
     )
 
 
-def _columns(tasks, shown: dict[str, int], counts: dict[str, int] | None) -> list[dict]:
+def _columns(form, shown: dict[str, int], counts: dict[str, int] | None) -> list[dict]:
     if counts is None:
         # The whole board: one index range per column, cheaper than a GROUP BY, which
         # reads every row on PostgreSQL. A filtered view's counts come with its version.
-        counts = tasks.counts_by_index()
+        counts = form.apply(Task.objects.all()).counts_by_index()
     columns = []
     for status in Status.values:
         limit = shown[status]
-        cards = _cards(tasks, status, limit=limit) if counts[status] else []
+        cards = _cards(form, status, counts[status], limit=limit) if counts[status] else []
         _note_waiting(cards)
         columns.append(
             {
@@ -188,8 +189,7 @@ def _board_context(
     view: View | None = None,
 ) -> dict:
     view = view or view_version(form)
-    tasks = form.apply(Task.objects.all(), in_order=True)
-    columns = _columns(tasks, shown.per_column(PAGE_SIZE), view.counts)
+    columns = _columns(form, shown.per_column(PAGE_SIZE), view.counts)
     context = {
         "form": form,
         "query": form.querystring(),
@@ -346,7 +346,8 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
     if not page.is_valid():
         return HttpResponseBadRequest("offset must be a whole number", content_type="text/plain")
     offset = page.cleaned_data["offset"]
-    cards = _cards(form.apply(Task.objects.all(), in_order=True), status, offset)
+    counts = view_version(form).counts  # kept with the view's version since its render
+    cards = _cards(form, status, counts[status] if counts else 0, offset)
     context = {
         "column": {
             "status": status,
