@@ -508,6 +508,23 @@ def test_a_text_in_all_but_a_few_tasks_is_the_board_less_those_few(viewer, monke
     assert found(viewer, q="common", project="web") == {"k3"}
 
 
+def test_a_search_index_without_fts5s_layout_keeps_a_search_with_the_boards_version(
+    viewer, monkeypatch
+):
+    task("k", title="common")
+    before = TaskSearch.generation()
+    assert bool(before) == (connection.vendor == "sqlite")
+    Task.objects.filter(key="k").update(status=Status.DONE)  # no text changed
+    assert TaskSearch.generation() == before
+    Task.objects.filter(key="k").update(title="common and new")
+    assert TaskSearch.generation() != before or connection.vendor != "sqlite"
+    # Where the structure record cannot be read, nothing fails: no generation, and the
+    # form keeps its search with the board's version.
+    monkeypatch.setattr(TaskSearch._meta, "db_table", "queue_no_such_search")
+    assert TaskSearch.generation() == ""
+    assert found(viewer, q="common") == {"k"}
+
+
 def test_a_chosen_value_is_counted_exactly_while_the_others_are_kept(viewer, monkeypatch):
     task("a", project="web")
     task("b", project="web")
