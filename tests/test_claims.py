@@ -386,3 +386,32 @@ def test_the_writer_clock_counts_waiting_for_and_holding_the_write_lock():
         assert 0.25 <= waited < 5
     else:
         assert waited == 0  # PostgreSQL writers lock rows, not the database
+
+
+@pytest.mark.django_db
+def test_a_batch_of_different_results_writes_each_its_own(lock_root):
+    # Results alike share one UPDATE; any field that differs, the data too, parts them.
+    make_tasks("q", 5)
+    me = Identity.current("w")
+    owner = OwnerFile(me)
+    taken = claims.claim_ready_tasks("q", me, owner, limit=5)
+    results = [
+        Result(outcome="same"),
+        Result(outcome="same"),
+        Result(outcome="other", tokens=7),
+        Result(status=Status.BLOCKED, reason="stuck", data={"why": 1}),
+        Result(status=Status.BLOCKED, reason="stuck", data={"why": 2}),
+    ]
+    report = claims.finish_claims(me, list(zip(taken, results, strict=True)), owner)
+    assert sorted(report.finished) == sorted(c.id for c in taken)
+    rows = {
+        t.pk: (t.status, t.outcome, t.tokens, t.reason, t.result)
+        for t in Task.objects.filter(pk__in=[c.id for c in taken])
+    }
+    assert [rows[c.id] for c in taken] == [
+        (Status.DONE, "same", 0, "", {}),
+        (Status.DONE, "same", 0, "", {}),
+        (Status.DONE, "other", 7, "", {}),
+        (Status.BLOCKED, "", 0, "stuck", {"why": 1}),
+        (Status.BLOCKED, "", 0, "stuck", {"why": 2}),
+    ]

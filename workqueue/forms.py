@@ -12,7 +12,7 @@ from django.http import QueryDict
 from django.utils.functional import cached_property
 
 from workqueue import bulk, editing
-from workqueue.models import Found, Queue, Status, Task, TaskQuerySet, TaskSearch
+from workqueue.models import Found, Queue, Status, Task, TaskQuerySet, TaskSearch, stamp
 from workqueue.routing import TEXT_FIELDS, Condition, TaskFilter
 from workqueue.text import as_text
 
@@ -63,7 +63,7 @@ class BoardFilterForm(forms.Form):
         if data.get("queue"):
             tasks = tasks.filter(queue=data["queue"])
         tasks = self.routing(leave_out).apply(tasks)
-        if data.get("q"):
+        if data.get("q") and leave_out != "q":
             tasks = self.found.filter(tasks, page)
         return tasks
 
@@ -92,14 +92,12 @@ class BoardFilterForm(forms.Form):
         missing = self.found.missing if self.cleaned_data.get("q") else None
         if missing is None or self.routing().conditions:
             return tasks.counts_and_stamp()
-        board = Task.objects.all()
-        if self.cleaned_data.get("queue"):
-            board = board.filter(queue=self.cleaned_data["queue"])
+        board = self.apply(Task.objects.all(), leave_out="q")
         counts = board.counts_by_index()
         for status, n in board.filter(id__in=missing).counts().items():
             counts[status] -= n
         newest = tasks.order_by("-updated_at").values_list("updated_at", flat=True).first()
-        return counts, f"{sum(counts.values())}-{newest.timestamp() if newest else 0:.6f}"
+        return counts, stamp(sum(counts.values()), newest)
 
     def facets(self, names: list[str]) -> dict[str, list[tuple[str, int]]]:
         """`facet` for each of `names`. On PostgreSQL the fields no filter is set on are

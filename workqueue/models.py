@@ -87,6 +87,11 @@ class Queue(models.Model):
             )
 
 
+def stamp(count: int, newest) -> str:
+    """A set of tasks' stamp: how many, and their newest `updated_at`."""
+    return f"{count}-{newest.timestamp() if newest else 0:.6f}"
+
+
 class TaskQuerySet(models.QuerySet):
     def in_queue(self, queue: str | None) -> TaskQuerySet:
         return self.filter(queue=queue) if queue else self
@@ -146,8 +151,7 @@ class TaskQuerySet(models.QuerySet):
         found = {status: (n, newest) for status, n, newest in rows.order_by()}
         counts = {status: found.get(status, (0, None))[0] for status in Status.values}
         newest = max((at for _n, at in found.values() if at), default=None)
-        stamp = newest.timestamp() if newest else 0
-        return counts, f"{sum(n for n, _at in found.values())}-{stamp:.6f}"
+        return counts, stamp(sum(n for n, _at in found.values()), newest)
 
     def counts_by_index(self) -> dict[str, int]:
         """The same as counts(), one index range per status, in one statement.
@@ -671,9 +675,9 @@ class Found(NamedTuple):
     ids: list[int] | None = None
     missing: list[int] | None = None
     table: str = ""
+    # Where the pages of its columns may walk the board's index (SQLite; 0 elsewhere):
     count: int = 0  # the ids in the table
     last: int = 0  # the highest task id when it was made: no more tasks than that
-    walks: bool = False  # the pages of its columns may walk the board's index (SQLite)
 
     @property
     def q(self) -> Q:
@@ -693,7 +697,7 @@ class Found(NamedTuple):
         about reach x (the column's size / found in it) index entries, each cheaper than a
         lookup of a row: taken when that is under three times the ids in the table, with
         every task standing for the column's size (at most that)."""
-        if not (page and self.walks and page[0] * self.last < 3 * page[1] * self.count):
+        if not (page and page[0] * self.last < 3 * page[1] * self.count):
             return tasks.filter(self.q)
         # A unary plus: the same id, but not one SQLite can start the read from.
         plain = Func(F("id"), template="+%(expressions)s", output_field=models.BigIntegerField())
@@ -783,7 +787,7 @@ class TaskSearch(models.Model):
         if not table:  # PostgreSQL plans a page of a column over the table well itself
             return Found(table=search_hits.keep(db, sql, params)[0])
         last = Task.objects.using(using).aggregate(last=Max("id"))["last"] or 0
-        return Found(table=table, count=count, last=last, walks=True)
+        return Found(table=table, count=count, last=last)
 
     @classmethod
     def matching_sql(cls, db, text: str) -> tuple[str, list[str]]:

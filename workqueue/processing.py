@@ -40,20 +40,11 @@ class Result:
     data: dict = field(default_factory=dict)
 
     def row_key(self) -> tuple:
-        """Equal for results that write the same values into their rows: a batch's
-        finishes with one key share one UPDATE (computed per task, so kept cheap)."""
-        data = json.dumps(self.data, sort_keys=True, default=str) if self.data else ""
-        return (
-            self.status,
-            self.outcome,
-            self.reason,
-            self.evidence,
-            self.next_step,
-            self.commit,
-            self.tokens,
-            self.cost_usd,
-            self.output_tail,
-            data,
+        """Equal for results that write the same values into their rows (every field, the
+        data as JSON): a batch's finishes with one key share one UPDATE."""
+        return tuple(
+            json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict) else value
+            for value in vars(self).values()
         )
 
     def row_values(self) -> dict:
