@@ -145,3 +145,50 @@ def test_a_herd_of_a_cpu_bound_profile_larger_than_the_cores_gives_each_worker_a
     ):
         worker = herd.workers.create(index=0, name="w0", host="h")
         assert "--cpu-slot" not in worker_argv(herd, worker)
+
+
+def cgroup(tmp_path, membership: str, files: dict[str, str]):
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "membership").write_text(membership)
+    return root, tmp_path / "membership"
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "quota"),
+    [
+        # cgroup v2, the quota on the group's own folder, or on one above it.
+        ("0::/box/job\n", {"box/job/cpu.max": "150000 100000\n"}, 1.5),
+        ("0::/box/job\n", {"box/job/cpu.max": "max 100000\n", "box/cpu.max": "200000 100000"}, 2),
+        # Inside a container: the group's path is not mounted, its files are at the root.
+        ("0::/docker/abc\n", {"cpu.max": "50000 100000\n"}, 0.5),
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        # cgroup v1 (a hybrid machine lists v2's empty line too); -1 is no quota.
+        (
+            "4:memory:/x\n1:cpu,cpuacct:/x\n0::/\n",
+            {"cpu/x/cpu.cfs_quota_us": "300000\n", "cpu/x/cpu.cfs_period_us": "100000\n"},
+            3,
+        ),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000"}, None),
+        # Nothing readable, or nonsense: no quota rather than an error.
+        ("0::/\n", {}, None),
+        ("0::/\n", {"cpu.max": "garbage\n"}, None),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "0"}, None),
+    ],
+)
+def test_the_cpu_quota_of_a_control_group_is_read_as_cores(tmp_path, membership, files, quota):
+    root, path = cgroup(tmp_path, membership, files)
+    assert cpu_slots.quota_cores(root, path) == quota
+
+
+def test_a_quota_smaller_than_the_cores_deals_that_many_slots(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(cpu_slots, "quota_cores", lambda: 1.5)
+    assert cpu_slots.cores() == 2
+    assert cpu_slots.needed(3, NoopProcessor().cpu_bound)
+    paths = {cpu_slots.slot_path(tmp_path, index) for index in range(8)}
+    assert len(paths) == 2
+    monkeypatch.setattr(cpu_slots, "quota_cores", lambda: None)
+    assert cpu_slots.cores() == 64 and not cpu_slots.needed(3, NoopProcessor().cpu_bound)

@@ -16,15 +16,70 @@ the holder, once done, cannot take the slot straight back: it queues at the gate
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 from pathlib import Path
 
 GATE, SLOT = 0, 1  # the bytes of a slot's file that are locked
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on: those it may be scheduled on, fewer when its
+    control group has a CPU quota (a container started with `--cpus 2` on a 64-core host
+    sees 64 cores but gets the time of 2, and 64 slots would limit nothing)."""
+    allowed = len(os.sched_getaffinity(0))
+    quota = quota_cores()
+    return allowed if quota is None else max(1, min(allowed, math.ceil(quota)))
+
+
+def quota_cores(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")):
+    """The CPU time this process's control groups may use, in cores: the smallest quota
+    of its group and the groups above it (cgroup v2's cpu.max, or v1's cfs quota over its
+    period), or None when there is none or none can be read. Inside a container the
+    group's own path is usually not mounted and the walk up ends at the mount's root,
+    the container's group."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # cgroup v2: one hierarchy
+            mount, read = root, _cpu_max
+        elif "cpu" in controllers.split(","):
+            mount, read = root / "cpu", _cfs_quota
+        else:
+            continue
+        folder = mount / group.lstrip("/")
+        for above in (folder, *folder.parents):
+            limits.append(read(above))
+            if above == mount:
+                break
+    limits = [limit for limit in limits if limit is not None]
+    return min(limits, default=None)
+
+
+def _cpu_max(folder: Path):
+    def parse(text):
+        quota, period = text.split()  # "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+
+    return _read(folder / "cpu.max", parse)
+
+
+def _cfs_quota(folder: Path):
+    quota = _read(folder / "cpu.cfs_quota_us", int)
+    period = _read(folder / "cpu.cfs_period_us", int)
+    return None if quota is None or quota < 0 or not period else quota / period
+
+
+def _read(path: Path, parse):
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def needed(workers: int, cpu_bound: bool) -> bool:
