@@ -62,10 +62,12 @@ HYPERVISOR_METRICS_TOKEN = os.environ.get("HYPERVISOR_METRICS_TOKEN", "")
 if HYPERVISOR_METRICS_TOKEN and len(HYPERVISOR_METRICS_TOKEN) < 32:
     raise ImproperlyConfigured("HYPERVISOR_METRICS_TOKEN must be at least 32 characters")
 
-INSTALLED_APPS = [
+# A worker (`manage.py work`) leaves out the apps that only pages, logins and the admin use:
+# it starts often and in herds, and they were a fifth of its start-up (the admin imports
+# every app's admin module, axes reads its package metadata). A worker never serves a page,
+# logs anyone in or writes an admin log entry.
+WEB_ONLY_APPS = [
     "django.contrib.admin",
-    "django.contrib.auth",
-    "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
@@ -74,6 +76,11 @@ INSTALLED_APPS = [
     "template_partials",
     "axes",
     "csp",
+]
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    *WEB_ONLY_APPS,
     # Not "huey.contrib.djhuey": loading it imports Huey's storage, and with it the redis
     # and psycopg drivers, in every `manage.py` process (a quarter of a worker's start-up).
     # Only the consumer and whatever enqueues need Huey; herds provides `run_huey`.
@@ -163,21 +170,6 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "hypervisor_site.login_throttle.lockout_response"
 
-# A worker (`manage.py work`) leaves out the apps that only pages, logins and the admin use:
-# it starts often and in herds, and they were a fifth of its start-up (the admin imports
-# every app's admin module, axes reads its package metadata). A worker never serves a page,
-# logs anyone in or writes an admin log entry.
-WEB_ONLY_APPS = {
-    "django.contrib.admin",
-    "django.contrib.sessions",
-    "django.contrib.messages",
-    "django.contrib.staticfiles",
-    "django.contrib.humanize",
-    "django_htmx",
-    "template_partials",
-    "axes",
-    "csp",
-}
 HYPERVISOR_WORKER_PROCESS = Path(sys.argv[0]).name == "manage.py" and sys.argv[1:2] == ["work"]
 if HYPERVISOR_WORKER_PROCESS:
     INSTALLED_APPS = [app for app in INSTALLED_APPS if app not in WEB_ONLY_APPS]
