@@ -596,3 +596,45 @@ def test_dropdowns_counted_together_are_those_counted_one_by_one(monkeypatch, fi
         assert len(grouped) == 1 + len(names) - len(unfiltered), grouped
     else:
         assert len(grouped) == len(names), grouped
+
+
+def test_two_characters_are_found_wherever_they_stand_in_any_case(viewer):
+    task("mid-1", title="a UIx in the middle")
+    task("end-1", title="ends in uI")
+    task("whole-1", title="Ui")
+    task("k-ui", title="the key ends with them")
+    task("body-1", title="nothing", body="the body ends with UI")
+    task("body-2", title="nothing", body="bUIld\n")
+    task("cafe-1", title="CAFÉ")
+    task("miss-1", title="u i and iu", body="u\ni")
+    task("syntax-1", title='100%_done, say "*now" OR')
+    bodies = dict(TaskBody.objects.values_list("task_id", "text"))
+    columns = {t.key: (t.title, t.key, bodies.get(t.id, "")) for t in Task.objects.all()}
+    for text in ("ui", "UI", "fé", "É", "u\ni", "%_", '"*', "OR", "zz"):
+        expected = {
+            key for key, texts in columns.items() if any(text.lower() in t.lower() for t in texts)
+        }
+        reset_queries()
+        with CaptureQueriesContext(connection) as statements:
+            assert found(viewer, q=text) == expected, text
+        if connection.vendor == "sqlite" and len(text) == 2:
+            # Through the indexes: the trigrams' vocabulary and the ends, never a scan.
+            ran = [q["sql"] for q in statements.captured_queries]
+            assert any("queue_tasksearch_terms" in sql for sql in ran)
+            assert any("substr(title, -2)" in sql for sql in ran)
+            assert not any("LIKE" in sql for sql in ran), ran
+    assert found(viewer, q="ui") == {"mid-1", "end-1", "whole-1", "k-ui", "body-1", "body-2"}
+    assert found(viewer, q="fé") == {"cafe-1"}
+
+
+def test_two_characters_that_begin_many_words_are_found_by_a_scan(viewer):
+    # Each task has three trigrams that begin with "ab": reading their lists of tasks
+    # would read three times the table.
+    for i in range(6):
+        task(f"t{i}", title=f"abc abd abe {i}")
+    task("none", title="a b")
+    reset_queries()
+    with CaptureQueriesContext(connection) as statements:
+        assert found(viewer, q="ab") == {f"t{i}" for i in range(6)}
+    if connection.vendor == "sqlite":
+        assert any("LIKE" in q["sql"] for q in statements.captured_queries)

@@ -800,6 +800,10 @@ class TaskSearch(models.Model):
                 "SELECT rowid FROM queue_tasksearch WHERE queue_tasksearch MATCH %s",
                 ['"' + text.replace('"', '""') + '"'],
             )
+        if db.vendor == "sqlite" and len(text) == 2:
+            short = cls._two_characters_sql(db, text)
+            if short:
+                return short
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         if db.vendor == "sqlite":
             # Under three characters there is no trigram to look up: a scan of the tasks'
@@ -820,6 +824,52 @@ class TaskSearch(models.Model):
             f"WHERE title {like} OR key {like} OR body {like}",
             [pattern] * 3,
         )
+
+    @classmethod
+    def _two_characters_sql(cls, db, text: str) -> tuple[str, list[str]] | None:
+        """SQLite: two characters through the trigram index instead of a scan of every
+        task's text. Two characters followed by a third are the start of a trigram: the
+        index's words that begin with them (its vocabulary, migration 0019) are looked up,
+        one phrase each. Two characters that end a title, key or body begin no trigram: an
+        index of each one's last two characters finds them. None (scan instead) when the
+        words would list more tasks than the table holds: reading them costs more."""
+        folded = text.lower()
+        if len(folded) != 2:
+            return None
+        budget = Task.objects.using(db.alias).aggregate(last=Max("id"))["last"] or 0
+        words = []
+        try:
+            with db.cursor() as cursor:
+                cursor.execute(
+                    "SELECT term, doc FROM queue_tasksearch_terms WHERE term >= %s AND term < %s",
+                    [folded, folded + chr(0x10FFFF)],
+                )
+                for word, tasks in cursor:  # each row reads its word's list of tasks
+                    budget -= tasks
+                    if budget < 0:
+                        return None
+                    words.append('"' + word.replace('"', '""') + '"')
+        except DatabaseError:  # no vocabulary (not FTS5's, or not migrated): scan instead
+            return None
+        # Any case of each character, as the index folds it.
+        ends = sorted(
+            {
+                a + b
+                for a in {text[0].lower(), text[0].upper()}
+                for b in {text[1].lower(), text[1].upper()}
+            }
+        )
+        marks = ", ".join(["%s"] * len(ends))
+        parts = [
+            f"SELECT id FROM queue_task WHERE substr(title, -2) IN ({marks})",  # noqa: S608
+            f"SELECT id FROM queue_task WHERE substr(key, -2) IN ({marks})",  # noqa: S608
+            f"SELECT task_id FROM queue_taskbody WHERE substr(text, -2) IN ({marks})",  # noqa: S608
+        ]
+        params = ends * 3
+        if words:
+            parts.insert(0, "SELECT rowid FROM queue_tasksearch WHERE queue_tasksearch MATCH %s")
+            params.insert(0, " OR ".join(words))
+        return " UNION ALL ".join(parts), params
 
 
 class TaskEvent(models.Model):
