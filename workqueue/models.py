@@ -798,7 +798,7 @@ class TaskSearch(models.Model):
             # A phrase of trigrams: the substring, answered from the index.
             return (
                 "SELECT rowid FROM queue_tasksearch WHERE queue_tasksearch MATCH %s",
-                ['"' + text.replace('"', '""') + '"'],
+                [_phrase(text)],
             )
         if db.vendor == "sqlite" and len(text) == 2:
             short = cls._two_characters_sql(db, text)
@@ -848,7 +848,7 @@ class TaskSearch(models.Model):
                     budget -= tasks
                     if budget < 0:
                         return None
-                    words.append('"' + word.replace('"', '""') + '"')
+                    words.append(_phrase(word))
         except DatabaseError:  # no vocabulary (not FTS5's, or not migrated): scan instead
             return None
         # Any case of each character, as the index folds it.
@@ -870,6 +870,11 @@ class TaskSearch(models.Model):
             parts.insert(0, "SELECT rowid FROM queue_tasksearch WHERE queue_tasksearch MATCH %s")
             params.insert(0, " OR ".join(words))
         return " UNION ALL ".join(parts), params
+
+
+def _phrase(text: str) -> str:
+    """`text` as an FTS5 phrase: every character literal."""
+    return '"' + text.replace('"', '""') + '"'
 
 
 class TaskEvent(models.Model):
