@@ -100,6 +100,40 @@ def test_task_change_page_shows_and_saves_the_body(admin_client):
     assert Task.objects.get(pk=task.pk).body == "# New body"
 
 
+def test_values_the_boards_indexes_cannot_hold_are_a_form_error(admin_client):
+    """Each within its column, together over a PostgreSQL index entry: an error on the
+    form (there, before the rule, the save was a server error)."""
+    (task,) = make_tasks("q", 1)
+    url = reverse("admin:queue_task_change", args=[task.pk])
+    form = admin_client.get(url).context["adminform"].form
+    data = {k: v for k, v in form.initial.items() if v is not None and k in form.fields}
+    wide = "".join(chr(0x4E00 + i * 7) for i in range(200))  # 600 bytes in UTF-8
+    data.update(
+        {
+            "tags": "[]",
+            "depends_on": "[]",
+            "frontmatter": "{}",
+            "result": "{}",
+            "project": wide,
+            "assignee": wide[::-1],
+            "tag_index": "|" + wide[:150] + "|" + wide[50:] + "|",
+            "type": wide[:100],
+            "complexity": wide[100:],
+            "content-TOTAL_FORMS": "0",
+            "content-INITIAL_FORMS": "0",
+            "content-MIN_NUM_FORMS": "0",
+            "content-MAX_NUM_FORMS": "1",
+        }
+    )
+    response = admin_client.post(url, data)
+    assert response.status_code == 200
+    assert response.context["adminform"].form.non_field_errors() == [
+        "tags, project, assignee, type and complexity: 2,703 bytes together in UTF-8, "
+        "over the 2,400 the board's indexes hold"
+    ]
+    assert Task.objects.get(pk=task.pk).project == ""
+
+
 def test_requeue_and_block_actions_record_events(admin_client):
     done, queued = make_tasks("q", 2)
     Task.objects.filter(pk=done.pk).update(status=Status.DONE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import random
 import threading
 
 import pytest
@@ -200,6 +201,55 @@ def test_bad_value_names_its_field_and_writes_nothing(folder, changes, field):
     assert folder.path("a.md").read_bytes() == before
     assert Task.objects.get(pk=task.pk).assignee == "nic"
     assert not TaskEvent.objects.filter(kind=EventKind.EDITED).exists()
+
+
+def cjk(count: int, seed: int) -> str:
+    """3 bytes a character in UTF-8, incompressible."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(count))
+
+
+def wide_task(folder) -> Task:
+    """A task whose tags take 1,807 of the 2,400 bytes the board's indexes hold."""
+    tags = ", ".join(cjk(100, seed) for seed in range(6))
+    return folder({"w.md": f"---\nid: w\ntitle: Wide\ntags: [{tags}]\n---\nBody\n"})["w.md"]
+
+
+def test_an_edit_the_boards_indexes_cannot_hold_names_the_field_and_writes_nothing(folder):
+    task = wide_task(folder)
+    before = folder.path("w.md").read_bytes()
+    with pytest.raises(EditError) as refused:
+        editing.edit_task(task, {"project": cjk(200, 9), "assignee": cjk(200, 8)}, ACTOR)
+    assert refused.value.errors == {
+        "project": "tags, project and assignee: 3,007 bytes together in UTF-8, over the "
+        "2,400 the board's indexes hold"
+    }
+    assert folder.path("w.md").read_bytes() == before
+    assert Task.objects.get(pk=task.pk).project == ""
+    editing.edit_task(task, {"project": cjk(197, 9)}, ACTOR)  # 2,398 bytes: written
+    assert Task.objects.get(pk=task.pk).project == cjk(197, 9)
+
+
+def test_a_bulk_edit_skips_the_task_it_would_overfill_and_edits_the_rest(folder):
+    wide = wide_task(folder)
+    others = many(folder, 3)
+    before = folder.path("w.md").read_bytes()
+    report = editing.edit_tasks(
+        [wide.pk, *(t.pk for t in others)],
+        ACTOR,
+        {"assignee": cjk(200, 8)},
+        add_tags=[cjk(200, 7)],
+    )
+    assert report.changed == 3
+    assert [(s["key"], s["why"]) for s in report.skipped] == [
+        (
+            "w",
+            "tags and assignee: 3,008 bytes together in UTF-8, over the 2,400 the board's "
+            "indexes hold",
+        )
+    ]
+    assert folder.path("w.md").read_bytes() == before
+    assert all(cjk(200, 7) in t.tags for t in Task.objects.exclude(pk=wide.pk))
 
 
 def test_file_changed_on_disk_is_refused_with_the_difference(folder):

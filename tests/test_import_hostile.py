@@ -4,6 +4,7 @@ queue names. Each is named in the report with its path; the good file beside it 
 import io
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -17,7 +18,7 @@ from herds.forms import LaunchForm
 from herds.models import Profile
 from tests.conftest import MANAGE, ROOT
 from workqueue.importer import Importer
-from workqueue.models import Queue, Task
+from workqueue.models import BOARD_INDEX_BYTES, Queue, Task
 
 pytestmark = pytest.mark.django_db
 
@@ -260,6 +261,66 @@ def test_a_value_its_column_cannot_hold_names_file_and_field(write_task, name, y
     report = import_folder(write_task.folder)
     assert [e["path"] for e in report.errors] == [str(bad)]
     assert message in report.errors[0]["error"]
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+def ideographs(count: int, seed: int) -> str:
+    """`count` random CJK ideographs: 3 bytes each in UTF-8, and nothing PostgreSQL's
+    compression of a long index entry can shrink."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(count))
+
+
+def board_fields(tags: list[str], text: int) -> str:
+    """Frontmatter with these tags and `text` ideographs in each of project, assignee,
+    type and complexity (each within its column's characters)."""
+    return (
+        f"tags: [{', '.join(tags)}]\nproject: {ideographs(text, 1)}\n"
+        f"assignee: {ideographs(text, 2)}\ntype: {ideographs(text, 3)}\n"
+        f"complexity: {ideographs(text, 4)}\n"
+    )
+
+
+def test_values_the_boards_indexes_cannot_hold_together_name_the_fields(write_task):
+    """Each within its column, together over what a PostgreSQL index entry holds: there,
+    before the rule, the whole import failed with an exception."""
+    write_task("good.md", GOOD)
+    tags = [ideographs(100, seed) for seed in range(10, 16)]  # "|a|...|f|": 1,807 bytes
+    bad = write_task("wide.md", f"---\ntitle: Wide\n{board_fields(tags, 100)}---\nBody.\n")
+    report = import_folder(write_task.folder)
+    assert errors_by_path(report) == {
+        str(bad): "tags, project, assignee, type and complexity: 3,007 bytes together in "
+        "UTF-8, over the 2,400 the board's indexes hold"
+    }
+    assert list(Task.objects.values_list("key", flat=True)) == ["good"]
+
+
+def test_values_at_the_limit_are_indexed_on_every_database(write_task):
+    """Exactly BOARD_INDEX_BYTES of incompressible text, in a queue of the longest name:
+    imported and found by a filter, so the limit fits a real PostgreSQL index entry."""
+    rest = BOARD_INDEX_BYTES - 4 * 300  # what "|a|b|" may take beside 4 x 100 ideographs
+    tags = [ideographs(200, 20), ideographs((rest - 3) // 3 - 200, 21)]
+    assert len(("|" + "|".join(tags) + "|").encode()) == rest
+    write_task("edge.md", f"---\nid: edge\ntitle: Edge\n{board_fields(tags, 100)}---\nBody.\n")
+    queue = "q" * 64
+    report = import_folder(write_task.folder, queue)
+    assert not report.errors, report.errors
+    found = Task.objects.filter(queue=queue, project=ideographs(100, 1))
+    assert list(found.values_list("key", flat=True)) == ["edge"]
+    assert Task.objects.filter(tag_index__contains=f"|{tags[1]}|").count() == 1
+
+
+def test_a_path_over_what_its_index_holds_is_named_not_a_crash(write_task):
+    """A path within the column's characters but over its index's bytes (non-ASCII)."""
+    write_task("good.md", GOOD)
+    deep = "/".join(ideographs(80, level) for level in range(11))  # 240 bytes a folder
+    bad = write_task(f"{deep}/task.md", GOOD.replace("good", "deep"))
+    assert len(str(bad)) <= 1000 and len(str(bad).encode()) > 2400  # the column's, the index's
+    report = import_folder(write_task.folder)
+    assert errors_by_path(report) == {
+        str(bad): f"the file's path: {len(str(bad).encode()):,} bytes in UTF-8, over the "
+        "2,400 its index holds"
+    }
     assert list(Task.objects.values_list("key", flat=True)) == ["good"]
 
 

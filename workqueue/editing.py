@@ -47,7 +47,16 @@ from django.utils import timezone
 
 from workqueue import actions, taskfile
 from workqueue.importer import check_columns, task_fields
-from workqueue.models import Dependency, EventKind, Status, Task, TaskBody, TaskEvent
+from workqueue.models import (
+    BOARD_INDEX_FIELDS,
+    Dependency,
+    EventKind,
+    Status,
+    Task,
+    TaskBody,
+    TaskEvent,
+    board_index_problem,
+)
 from workqueue.taskfile import TaskFileError
 from workqueue.writeback import (
     Document,
@@ -173,9 +182,24 @@ def validate(changes: dict, task: Task | None = None) -> dict:
             message = str(exc)
             prefix = f"{name}: "
             errors[name] = message[len(prefix) :] if message.startswith(prefix) else message
+    if not errors:  # the columns the board's indexes hold together
+        problem = _index_problem(task, clean)
+        edited = [name for name in ("tags", *BOARD_INDEX_FIELDS) if name in clean]
+        if edited and problem:
+            errors[edited[0]] = problem
     if errors:
         raise EditError(errors)
     return clean
+
+
+def _index_problem(task: Task | None, values: dict) -> str:
+    """Why `task` (a new one when None) with `values` edited could not be indexed: the
+    columns the board's indexes hold together (models.board_index_problem)."""
+    row = {name: getattr(task, name, "") if task else "" for name in BOARD_INDEX_FIELDS}
+    row.update((name, values[name]) for name in BOARD_INDEX_FIELDS if name in values)
+    if "tags" in values:
+        row["tag_index"] = _tag_index(values["tags"])
+    return board_index_problem(row)
 
 
 def _clean(name: str, value, task: Task | None):
@@ -325,6 +349,10 @@ def _plan(task: Task, values: dict, status: str | None, reason: str) -> _Plan | 
     if not changed and not status:
         return None
     plan = _Plan(task, changed, {n: _current(task, n) for n in changed}, status, reason)
+    if changed.keys() & {"tags", *BOARD_INDEX_FIELDS}:  # each of many tasks: its own values
+        plan.unwritable = _index_problem(task, changed)
+        if plan.unwritable:
+            return plan
     if task.status == Status.CLAIMED and task.holder_pid is not None and not status:
         plan.deferred = True  # a worker of ours holds it: the file waits for the claim
         return plan
@@ -868,8 +896,11 @@ def _rewrite_plan(task: Task, transform, message: str) -> _Plan | str:
         return f"the new file would not load: {exc}"
     plan.path, plan.raw, plan.new = task.source_path, raw, new
     plan.seen, plan.mode = file_identity(stat), stat.st_mode
-    before = task_fields(taskfile.TaskFile(task.frontmatter, ""), None)
-    after = task_fields(taskfile.TaskFile(plan.doc.frontmatter, ""), None)
+    try:
+        before = task_fields(taskfile.TaskFile(task.frontmatter, ""), None)
+        after = task_fields(taskfile.TaskFile(plan.doc.frontmatter, ""), None)
+    except TaskFileError as exc:  # a value its column or the board's indexes cannot hold
+        return f"the new file would not load: {exc}"
     for name in ("title", "priority", "project", "assignee", "complexity", "type", "tags"):
         if before[name] != after[name]:
             plan.values[name], plan.old[name] = after[name], before[name]

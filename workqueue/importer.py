@@ -17,7 +17,18 @@ from django.utils import timezone
 from tqdm import tqdm
 
 from workqueue import taskfile, transitions
-from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskBody, TaskEvent
+from workqueue.models import (
+    BOARD_INDEX_FIELDS,
+    SOURCE_PATH_BYTES,
+    Dependency,
+    EventKind,
+    Queue,
+    Status,
+    Task,
+    TaskBody,
+    TaskEvent,
+    board_index_problem,
+)
 from workqueue.names import validate_queue_name
 from workqueue.taskfile import TaskFileError
 
@@ -466,9 +477,20 @@ def check_columns(values: dict) -> None:
     """Refuse a value its column cannot hold, by the same rule on every database.
 
     PostgreSQL refuses NUL in text and JSON, longer varchars and integers past 32 bits;
-    SQLite refuses integers past 64 bits and non-finite numbers in JSON. One bad value
+    SQLite refuses integers past 64 bits and non-finite numbers in JSON; PostgreSQL's
+    indexes refuse entries over a size in bytes (models.BOARD_INDEX_BYTES). One bad value
     must cost its own file, never the whole import.
     """
+    if BOARD_INDEX_FIELDS.keys() <= values.keys():
+        problem = board_index_problem(values)
+        if problem:
+            raise TaskFileError(problem)
+    path = values.get("source_path") or ""
+    if len(path.encode()) > SOURCE_PATH_BYTES:
+        raise TaskFileError(
+            f"the file's path: {len(path.encode()):,} bytes in UTF-8, over the "
+            f"{SOURCE_PATH_BYTES:,} its index holds"
+        )
     for name, value in values.items():
         if name == "frontmatter":
             for key, item in value.items():

@@ -312,6 +312,32 @@ def _unmet_dependencies():
     return Dependency.objects.filter(task=OuterRef("pk")).exclude(Exists(done))
 
 
+# PostgreSQL refuses a B-tree index entry over 2,704 bytes. The board's indexes hold the
+# tags, project, assignee, type and complexity together (with the queue's name, at most 64
+# bytes, and a few numbers), and `task_source` the file's path: values that would not fit
+# are refused on every database, naming the fields, before anything is written. Without
+# this a file with long non-ASCII tags failed its whole import on PostgreSQL alone.
+BOARD_INDEX_FIELDS = {
+    "tag_index": "tags", "project": "project", "assignee": "assignee",
+    "type": "type", "complexity": "complexity",
+}  # fmt: skip
+BOARD_INDEX_BYTES = 2400
+SOURCE_PATH_BYTES = 2400
+
+
+def board_index_problem(values: dict) -> str:
+    """Why a task with these column values cannot be indexed ("" when it can)."""
+    used = sum(len((values.get(name) or "").encode()) for name in BOARD_INDEX_FIELDS)
+    if used <= BOARD_INDEX_BYTES:
+        return ""
+    names = [label for name, label in BOARD_INDEX_FIELDS.items() if values.get(name)]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return (
+        f"{listed}: {used:,} bytes together in UTF-8, over the {BOARD_INDEX_BYTES:,} "
+        "the board's indexes hold"
+    )
+
+
 class Task(models.Model):
     queue = models.CharField(max_length=100)
     key = models.CharField(max_length=500)
@@ -431,6 +457,11 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue}/{self.key}"
+
+    def clean(self) -> None:
+        problem = board_index_problem(vars(self))
+        if problem:
+            raise ValidationError(problem)
 
     # Written only by the transitions (workqueue.transitions).
     STATE_FIELDS = frozenset(
