@@ -1,6 +1,7 @@
 from django.contrib import admin, messages
 
 from herds.models import Herd, HerdWorker, Profile
+from workqueue.admin import STORABLE_JSON
 
 
 @admin.register(Profile)
@@ -9,6 +10,7 @@ class ProfileAdmin(admin.ModelAdmin):
     list_display = ["name", "processor", "adapter", "model", "max_workers", "timeout_seconds"]
     list_filter = ["processor", "adapter"]
     search_fields = ["name", "description"]
+    formfield_overrides = STORABLE_JSON
 
 
 class WorkerInline(admin.TabularInline):

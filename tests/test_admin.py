@@ -9,12 +9,14 @@ from datetime import timedelta
 
 import psutil
 import pytest
+from django import forms
 from django.conf import settings
 from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from herds.models import Profile
 from tests.conftest import make_tasks
 from workqueue import locks
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
@@ -240,3 +242,67 @@ def test_queue_is_editable(admin_client):
     queue = Queue.objects.get(name="inbox")
     assert (queue.max_attempts, queue.human_assignee) == (7, "ada")
     assert queue.project_links == {"osb": "[[oversight-board]]"}
+
+
+# Every form of the admin against values a column cannot hold ---------------------------
+
+
+def change_form(admin_client, url: str) -> tuple[dict, dict]:
+    """The form's fields by name, and POST data that saves the object as it is."""
+    response = admin_client.get(url)
+    assert response.status_code == 200
+    form = response.context["adminform"].form
+    data = {}
+    for name, field in form.fields.items():
+        value = form.initial.get(name)
+        if isinstance(field, forms.JSONField):
+            data[name] = json.dumps(value if value is not None else field.initial)
+        elif isinstance(field, forms.BooleanField):
+            if value:
+                data[name] = "on"
+        elif isinstance(field, forms.SplitDateTimeField) and value is not None:
+            shown = timezone.localtime(value)
+            data[f"{name}_0"], data[f"{name}_1"] = shown.date(), shown.time()
+        elif value is not None:
+            data[name] = value
+    for inline in response.context["inline_admin_formsets"]:
+        management = inline.formset.management_form
+        data.update({management.add_prefix(k): v for k, v in management.initial.items()})
+    return form.fields, data
+
+
+HOSTILE = {
+    forms.JSONField: ['{"a": "\\u0000"}', '["\\u0000"]', "[1e999]", "NaN"],
+    forms.CharField: ["a\x00b"],
+}
+
+
+def admin_forms():
+    Queue.objects.create(name="inbox")
+    profile = Profile.objects.create(name="probe", processor="noop")
+    (task,) = make_tasks("inbox", 1)
+    return [
+        reverse("admin:queue_task_change", args=[task.pk]),
+        reverse("admin:queue_queue_change", args=["inbox"]),
+        reverse("admin:herds_profile_change", args=[profile.pk]),
+    ]
+
+
+def test_no_admin_form_answers_a_server_error_to_what_a_column_cannot_hold(admin_client):
+    """A NUL character anywhere, NaN or Infinity in JSON: PostgreSQL refuses them all, and
+    each was a server error from the task's JSON fields before the admin checked them."""
+    tried = 0
+    for url in admin_forms():
+        fields, data = change_form(admin_client, url)
+        saved = admin_client.post(url, data)
+        assert saved.status_code == 302, (url, saved.context and saved.context["adminform"])
+        for name, field in fields.items():
+            kind = next((k for k in HOSTILE if isinstance(field, k)), None)
+            if kind is None or field.disabled:
+                continue
+            for value in HOSTILE[kind]:
+                response = admin_client.post(url, {**data, name: value})
+                tried += 1
+                assert response.status_code == 200, (url, name, value)
+                assert name in response.context["adminform"].form.errors, (url, name, value)
+    assert tried > 40

@@ -277,3 +277,23 @@ def test_image_urls_that_carry_code_stay_neutralised():
     assert "<img" not in html
     for _, attrs in elements(html):
         assert not {"href", "src"} & attrs.keys(), attrs
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("/admin/queue/task/?type=%00", "'type'"),  # PostgreSQL: a server error before
+        ("/admin/queue/task/?project=a%00b", "'project'"),
+        ("/?q=%00", "'q'"),
+        ("/filters/?tag=ok&tag=%00", "'tag'"),
+        ("/herds/?x%00=1", "'x\\x00'"),
+    ],
+)
+def test_a_nul_character_in_the_query_string_is_a_bad_request(admin_client, url, name):
+    make_tasks("q", 1)
+    response = admin_client.get(url)
+    assert response.status_code == 400
+    assert response.content.decode() == (
+        f"Bad request: the query parameter {name} holds a NUL character."
+    )
+    assert admin_client.get(url.replace("%00", "")).status_code == 200

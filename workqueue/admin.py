@@ -3,13 +3,18 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import models
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
 from workqueue import actions as task_actions
 from workqueue import reaper
+from workqueue.forms import StorableJSONField
 from workqueue.models import Queue, Status, Task, TaskBody, TaskEvent
+
+# What the admin's JSON fields accept: what every database can store.
+STORABLE_JSON = {models.JSONField: {"form_class": StorableJSONField}}
 
 
 class StaleFilter(admin.SimpleListFilter):
@@ -53,6 +58,7 @@ class TaskAdmin(admin.ModelAdmin):
     )  # fmt: skip
     actions = ("requeue_tasks", "release_claims", "mark_done", "block_tasks", "release_stale")
     inlines = (TaskBodyInline,)
+    formfield_overrides = STORABLE_JSON
     change_list_template = "admin/workqueue/task/change_list.html"
 
     @admin.display(description="Lock held outside")
@@ -188,4 +194,5 @@ class TaskEventAdmin(admin.ModelAdmin):
 
 @admin.register(Queue)
 class QueueAdmin(admin.ModelAdmin):
+    formfield_overrides = STORABLE_JSON
     list_display = ("name", "max_attempts", "stamp_claims", "human_assignee", "bot_assignee")

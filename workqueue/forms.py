@@ -4,7 +4,7 @@ import hashlib
 
 from django import forms
 from django.core.cache import cache
-from django.core.exceptions import EmptyResultSet
+from django.core.exceptions import EmptyResultSet, ValidationError
 from django.db import connection
 from django.db.models import Count, F, Value
 from django.db.models.functions import Coalesce
@@ -12,9 +12,24 @@ from django.http import QueryDict
 from django.utils.functional import cached_property
 
 from workqueue import bulk, editing
+from workqueue.importer import check_json
 from workqueue.models import Found, Queue, Status, Task, TaskQuerySet, TaskSearch, stamp
 from workqueue.routing import TEXT_FIELDS, Condition, TaskFilter
+from workqueue.taskfile import TaskFileError
 from workqueue.text import as_text
+
+
+class StorableJSONField(forms.JSONField):
+    """JSON that every database stores: PostgreSQL refuses a NUL character in it, and
+    NaN or Infinity, which Python's parser lets through (the admin's JSON fields)."""
+
+    def validate(self, value) -> None:
+        super().validate(value)
+        try:
+            check_json("value", value)
+        except TaskFileError as exc:
+            raise ValidationError(str(exc).removeprefix("value: ")) from None
+
 
 FILTER_FIELDS = ("queue", "project", "assignee", "tag", "type", "complexity", "q")
 ROUTED_FIELDS = ("project", "assignee", "tag", "type", "complexity")

@@ -494,10 +494,10 @@ def check_columns(values: dict) -> None:
     for name, value in values.items():
         if name == "frontmatter":
             for key, item in value.items():
-                _check_text(f"frontmatter {key!r}", key)
-                _check_json(key, item)
+                check_text(f"frontmatter {key!r}", key)
+                check_json(key, item)
             continue
-        _check_json(name, value)
+        check_json(name, value)
         if name == "depends_on":
             limit = Dependency._meta.get_field("key").max_length
             for dep in value:
@@ -520,21 +520,21 @@ def check_columns(values: dict) -> None:
                 )
 
 
-def _check_json(name: str, value) -> None:
+def check_json(name: str, value) -> None:
     if isinstance(value, str):
-        _check_text(name, value)
+        check_text(name, value)
     elif isinstance(value, float) and not math.isfinite(value):
         raise TaskFileError(f"{name}: {value!r} is not a finite number")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_text(name, key)
-            _check_json(name, item)
+            check_text(name, key)
+            check_json(name, item)
     elif isinstance(value, list):
         for item in value:
-            _check_json(name, item)
+            check_json(name, item)
 
 
-def _check_text(name: str, text: str) -> None:
+def check_text(name: str, text: str) -> None:
     if "\x00" in text:
         raise TaskFileError(f"{name}: contains a NUL character")
 
