@@ -316,6 +316,7 @@ BAD_INPUT = [
     ("block_task", {"id": "t000000"}, "reason: say why"),
     ("block_task", {"id": "t000000", "reason": ["x"]}, "reason: text expected"),
     ("release_task", {"id": "t000000"}, "this session does not hold it"),
+    ("get_task", {"id": "t0\x00"}, "id: contains a NUL character"),
     ("create_task", {}, "title: a task needs a title"),
     ("create_task", {"title": "x"}, "queue: 'q' has no folder yet"),
     ("get_index_stats", {"queue": "other"}, "unknown argument 'queue'; it takes no arguments"),

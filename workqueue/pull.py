@@ -650,6 +650,8 @@ def _key(value) -> str:
         raise BadInput("id: give the task's id (its key, as list_tasks shows it)")
     if len(value) > 500:
         raise BadInput("id: longer than any task key (500 characters)")
+    if "\x00" in value:  # PostgreSQL refuses it in a query: a database error otherwise
+        raise BadInput("id: contains a NUL character")
     return value.strip()
 
 
