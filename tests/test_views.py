@@ -339,6 +339,18 @@ def test_action_redirect_ignores_an_offsite_next(operator):
     assert response["Location"] == "/"
 
 
+@pytest.mark.parametrize(
+    ("next_page", "location"),
+    [("-1", "/"), ("board", "/"), ("a|b", "/"), ("/?tag=ui", "/?tag=ui"), ("", "/")],
+)
+def test_action_redirect_goes_to_a_page_of_the_site_or_the_board(operator, next_page, location):
+    """A word that is not a path was taken for the name of a view: a server error."""
+    (task,) = make_tasks("q", 1)
+    response = operator.post(f"/tasks/{task.pk}/action/", {"action": "done", "next": next_page})
+    assert response.status_code == 302
+    assert response["Location"] == location
+
+
 HOSTILE = """# Plan
 
 <script>alert('body')</script>

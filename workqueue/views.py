@@ -482,12 +482,17 @@ def _drawer_after_action(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _safe_next(request: HttpRequest) -> str:
+    """Where to go back to: `next` or the page the request came from, when it is a page
+    of this site; else the board. A path only: `redirect` takes any other word for the
+    name of a view ("-1" was a server error)."""
     for candidate in (request.POST.get("next"), request.headers.get("Referer")):
-        if candidate and url_has_allowed_host_and_scheme(
+        if not candidate or not (candidate.startswith("/") or "://" in candidate):
+            continue
+        if url_has_allowed_host_and_scheme(
             candidate, allowed_hosts={request.get_host()}, require_https=request.is_secure()
         ):
             return candidate
-    return "board"
+    return reverse("board")
 
 
 # Edit mode ----------------------------------------------------------------------
