@@ -173,6 +173,9 @@ def test_bad_requests_are_named(alice, inbox):
         ({"action": "close", "value": " ", "ids": str(tasks[0].pk)}, "reason: say why"),
         ({"action": "tags", "value": "-", "ids": str(tasks[0].pk)}, "tags:"),
         ({"action": "assign", "value": "x", "ids": "1,two"}, "ids are task numbers"),
+        # Past a database integer (SQLite: a server error), a digit int() cannot read.
+        ({"action": "assign", "value": "x", "ids": "9" * 20}, "ids are task numbers"),
+        ({"action": "assign", "value": "x", "ids": "1,\u00b2"}, "ids are task numbers"),
         ({"action": "assign", "value": "x", "all": "on", "filters": "tag=a|b"}, "filters"),
     ]
     for data, problem in cases:

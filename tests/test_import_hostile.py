@@ -239,6 +239,8 @@ BAD_VALUES = [
     ("nan.md", "priority: .nan", "priority: nan is not a finite number"),
     ("huge.md", f"priority: {2**70}", f"priority: {2**70} is outside the column's range"),
     ("int32.md", "priority: 3000000000", "priority: 3000000000 is outside the column's range"),
+    # A digit int() cannot read: the whole import stopped with ValueError.
+    ("superscript.md", 'priority: "\u00b2"', "priority: '\u00b2' is not a number or P0-P4"),
     ("nul-title.md", 'title: "a\\0b"', "title: contains a NUL character"),
     ("nul-tag.md", 'tags: ["x\\0"]', "tags: contains a NUL character"),
     ("nul-extra.md", 'notes: {deep: "x\\0"}', "notes: contains a NUL character"),

@@ -371,6 +371,8 @@ FOREIGN_OWNERS = {
     "live-pid-no-start": lambda: {"host": settings.HYPERVISOR_HOST, "pid": os.getpid()},
     "no-pid": lambda: {"tool": "mkdir-lock"},
     "bad-pid": lambda: {"host": settings.HYPERVISOR_HOST, "pid": "not a pid"},
+    # A digit int() cannot read (str.isdigit() takes it): the reaper raised ValueError.
+    "superscript-pid": lambda: {"host": settings.HYPERVISOR_HOST, "pid": "\u00b2"},
 }
 
 

@@ -186,7 +186,13 @@ def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_
     a, b, c = (Task.objects.get(key=k) for k in "abc")
     done = client.post(
         f"/triage/{herd.pk}/apply/",
-        {f"decision-{a.pk}": "accept", f"decision-{c.pk}": "reject"},
+        {
+            f"decision-{a.pk}": "accept",
+            f"decision-{c.pk}": "reject",
+            # Not a task number: ignored (each was a server error).
+            "decision-\u00b2": "accept",
+            "decision-" + "9" * 20: "accept",
+        },
     ).content.decode()
     assert "Applied 1, rejected 1." in done
     assert "complexity: mechanical" in (inbox / "a.md").read_text()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from django import forms
 from django.core.cache import cache
@@ -303,8 +304,9 @@ class BulkForm(forms.Form):
     filters = forms.CharField(required=False, max_length=4000)
 
     def clean_ids(self) -> list[int]:
-        parts = [p for p in self.cleaned_data["ids"].split(",") if p.strip()]
-        if not all(p.strip().isdigit() for p in parts):
+        parts = [p.strip() for p in self.cleaned_data["ids"].split(",") if p.strip()]
+        # ASCII digits within a 64-bit id: str.isdigit() takes "²", which int() refuses.
+        if not all(re.fullmatch(r"[0-9]{1,18}", p) for p in parts):
             raise forms.ValidationError("ids are task numbers separated by commas")
         return [int(p) for p in parts]
 

@@ -266,7 +266,8 @@ def is_foreign(owner: dict) -> bool:
 
 
 def _pid(value) -> int | None:
-    if isinstance(value, str) and value.strip().isdigit():
+    # An owner file is anyone's to write: isdigit() alone takes "²", which int() refuses.
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
         return value

@@ -199,9 +199,9 @@ def priority(fm: dict) -> int:
     if isinstance(value, int | float):
         return int(value)
     word = str(value).strip().lower()
-    if word.isdigit():
+    if word.isascii() and word.isdigit():  # isdigit() alone takes "²", which int() refuses
         return int(word)
-    if re.fullmatch(r"p\d", word):
+    if re.fullmatch(r"p[0-9]", word):
         return int(word[1])
     if word in PRIORITY_WORDS:
         return PRIORITY_WORDS[word]

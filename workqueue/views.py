@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -728,7 +729,7 @@ def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
     decisions = {
         int(name.removeprefix("decision-")): value
         for name, value in request.POST.items()
-        if name.startswith("decision-") and name.removeprefix("decision-").isdigit()
+        if re.fullmatch(r"decision-[0-9]{1,18}", name)
     }
     accepted = [pk for pk, value in decisions.items() if value == "accept"]
     rejected = [pk for pk, value in decisions.items() if value == "reject"]
