@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_tasks
+from workqueue import transitions
 from workqueue.agents import AgentOptions, Transcript, adapter_class
-from workqueue.agents.base import reset_time
-from workqueue.models import Status
+from workqueue.agents.base import MAX_RUN_COST_USD, MAX_RUN_TOKENS, reset_time
+from workqueue.locks import Identity
+from workqueue.models import Status, Task
 
 SAMPLES = Path(__file__).parent / "fixtures" / "agent_formats"
 
@@ -304,3 +307,31 @@ def test_reset_clock_time_already_past_is_tomorrow():
     assert reset_time("Try again at 3:28 PM.", now) == now.replace(hour=15, minute=28) + timedelta(
         days=1
     )
+
+
+@pytest.mark.django_db
+def test_absurd_tokens_and_cost_are_capped_and_the_finish_is_recorded():
+    """A broken or hostile CLI's numbers: infinity was an OverflowError in the adapter, and
+    1e30 dollars failed the finish on its column (PostgreSQL), leaving the task to the
+    reaper and the agent to run again."""
+    stream = (
+        sample("claude_stream.jsonl")
+        .replace('"total_cost_usd":0.2416735', '"total_cost_usd":1e30')
+        .replace('"inputTokens":18', '"inputTokens":1e999')
+        .replace('"outputTokens":2577', '"outputTokens":100000000000000000000000')
+    )
+    _, claude = run("claude", stream)
+    assert claude.cost_usd == MAX_RUN_COST_USD
+    assert claude.tokens == 2 * MAX_RUN_TOKENS + 169817 + 14760
+    _, generic = run("generic", '{"status": "done", "tokens": 1e999}\n')
+    assert (generic.status, generic.tokens) == (Status.DONE, MAX_RUN_TOKENS)
+    make_tasks("q", 2)
+    me = Identity.current("me")
+    claims = transitions.claim("q", me, 2, 300)
+    report = transitions.finish(me, list(zip(claims, [claude, generic], strict=True)))
+    assert sorted(report.finished) == sorted(c.id for c in claims)
+    rows = Task.objects.order_by("id").values_list("status", "tokens", "cost_usd")
+    assert [(s, t, c) for s, t, c in rows] == [
+        (Status.DONE, 2 * MAX_RUN_TOKENS + 169817 + 14760, MAX_RUN_COST_USD),
+        (Status.DONE, MAX_RUN_TOKENS, None),
+    ]

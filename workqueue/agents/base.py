@@ -59,24 +59,36 @@ class Usage:
         return asdict(self)
 
 
+# The most one run may report: far past any real run, and small enough that a herd's sums
+# stay inside their columns (a CLI saying 1e30 made the finish fail on its column).
+MAX_RUN_TOKENS = 10**12
+MAX_RUN_COST_USD = Decimal(100_000)
+
+
 def whole(value) -> int:
-    """A token count from untrusted JSON: a non-negative int, or 0."""
+    """A token count from untrusted JSON: a non-negative int up to MAX_RUN_TOKENS, or 0."""
     if isinstance(value, bool):
         return 0
     try:
-        return max(0, int(value))
+        number = int(value)
+    except OverflowError:  # infinity
+        return MAX_RUN_TOKENS if value > 0 else 0
     except (TypeError, ValueError):
         return 0
+    return min(max(0, number), MAX_RUN_TOKENS)
 
 
 def money(value) -> Decimal | None:
+    """A cost in USD from untrusted JSON, up to MAX_RUN_COST_USD."""
     if isinstance(value, bool) or value is None:
         return None
     try:
         found = Decimal(str(value))
     except (InvalidOperation, ValueError):
         return None
-    return found if found.is_finite() and found >= 0 else None
+    if not found.is_finite() or found < 0:
+        return None
+    return min(found, MAX_RUN_COST_USD)
 
 
 def short(text, limit: int = TEXT_LIMIT) -> str:

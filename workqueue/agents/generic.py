@@ -6,11 +6,16 @@ read here, before the finish: a match gives the task back instead of blocking it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 
-from workqueue.agents.base import GIVE_BACK_EXIT, Adapter, exit_reason, read_agent_lines
+from workqueue.agents.base import (
+    GIVE_BACK_EXIT,
+    Adapter,
+    exit_reason,
+    read_agent_lines,
+    whole,
+)
 from workqueue.models import Status
 from workqueue.processing import Result
 
@@ -77,7 +82,6 @@ def read_json_line(result: Result, stdout: str) -> None:
     ):
         if data.get(name) is not None:
             setattr(result, attr, str(data[name]))
-    with contextlib.suppress(TypeError, ValueError):
-        result.tokens = max(0, int(data.get("tokens") or 0))
+    result.tokens = whole(data.get("tokens"))
     if result.status == Status.DONE and not result.outcome:
         result.outcome = "success"
