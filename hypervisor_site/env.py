@@ -17,6 +17,10 @@ def envbool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name} must be true or false, not {value!r}")
 
 
+# The largest whole-number setting: a database integer (and a lease's seconds a date can hold).
+MAX_SETTING = 2**31 - 1
+
+
 def envint(name: str, default: int, minimum: int = 0) -> int:
     value = os.environ.get(name, "")
     if value == "":
@@ -27,6 +31,8 @@ def envint(name: str, default: int, minimum: int = 0) -> int:
         raise ImproperlyConfigured(f"{name} must be a whole number, not {value!r}") from None
     if number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}")
+    if number > MAX_SETTING:
+        raise ImproperlyConfigured(f"{name} must be at most {MAX_SETTING:,}, not {number}")
     return number
 
 

@@ -415,3 +415,19 @@ def test_a_batch_of_different_results_writes_each_its_own(lock_root):
         (Status.BLOCKED, "", 0, "stuck", {"why": 1}),
         (Status.BLOCKED, "", 0, "stuck", {"why": 2}),
     ]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--lease", 10**20), ("--max-attempts", 10**20), ("--prefetch", 10**20)],
+)
+def test_options_past_a_database_integer_are_refused_before_any_claim(option, value):
+    """Each was a traceback mid-claim: a lease no date holds, a LIMIT or a column value
+    past SQLite's 64 bits (PostgreSQL's integer columns stop at 32)."""
+    from django.core.management import CommandError, call_command
+
+    make_tasks("q", 1)
+    with pytest.raises(CommandError, match=f"^{option}: at most 2,147,483,647$"):
+        call_command("work", "--queue", "q", option, str(value))
+    assert Task.objects.get().status == Status.QUEUED

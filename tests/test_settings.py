@@ -48,6 +48,8 @@ def test_production_without_secret_key_refuses_to_start():
     [
         ("HYPERVISOR_LEASE_SECONDS", "abc", "HYPERVISOR_LEASE_SECONDS must be a whole number"),
         ("HYPERVISOR_MAX_FILE_BYTES", "0", "HYPERVISOR_MAX_FILE_BYTES must be at least 1"),
+        # A lease no date can hold: each claim raised OverflowError.
+        ("HYPERVISOR_LEASE_SECONDS", "9" * 20, "HYPERVISOR_LEASE_SECONDS must be at most"),
         ("DJANGO_DEBUG", "maybe", "DJANGO_DEBUG must be true or false"),
         ("HYPERVISOR_IMPORT_ROOTS", "/nonexistent/folder", "HYPERVISOR_IMPORT_ROOTS:"),
         ("DATABASE_URL", "nosuchdb://x", "DATABASE_URL is not a valid database URL"),

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
+from hypervisor_site.env import MAX_SETTING
 from workqueue import cpu_slots
 from workqueue.cpu_slots import CpuSlot
 from workqueue.names import queue_name_argument
@@ -20,6 +21,8 @@ from workqueue.processors import CommandProcessor, load_processor
 from workqueue.routing import TaskFilter
 from workqueue.worker import Worker, WorkerStats
 from workqueue.worktrees import WorktreeProcessor
+
+BOUNDED = ("prefetch", "lease", "max_attempts")
 
 
 class Command(BaseCommand):
@@ -116,6 +119,11 @@ class Command(BaseCommand):
             raise CommandError(
                 "--batch must be >= 0; --prefetch, --lease, --workers, --max-attempts >= 1"
             )
+        # Past a database integer a claim fails on its column (or a lease on the date).
+        too_big = [n for n in BOUNDED if (options[n] or 0) > MAX_SETTING]
+        if too_big:
+            names = ", ".join("--" + n.replace("_", "-") for n in too_big)
+            raise CommandError(f"{names}: at most {MAX_SETTING:,}")
         options["processor"] = options["processor"] or "noop"
         if argv and options["processor"] not in ("command", "pull"):
             raise CommandError("a command after -- needs --processor command or pull")
