@@ -29,6 +29,17 @@ def test_more_workers_than_the_profile_allows_is_refused():
     assert not Herd.objects.exists()
 
 
+def test_a_cost_budget_that_is_not_a_number_is_a_usage_error():
+    """Decimal's own error passed through argparse: a traceback."""
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    with pytest.raises(CommandError, match="--cost-budget: 'abc' is not an amount in USD"):
+        call_command(
+            "herd", "--queue", "inbox", "--profile", "noop", "--workers", "1",
+            "--cost-budget", "abc",
+        )  # fmt: skip
+    assert not Herd.objects.exists()
+
+
 def test_launch_without_wait_enqueues_after_commit_and_prints_the_id(
     django_capture_on_commit_callbacks,
 ):

@@ -1,7 +1,8 @@
+import argparse
 import json
 import sys
 import time
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
@@ -9,6 +10,14 @@ from tqdm import tqdm
 
 from herds.models import Herd, Profile
 from workqueue.names import queue_name_argument
+
+
+def dollars(value: str) -> Decimal:
+    """An argparse `type=`: Decimal's own error is not one argparse turns into usage."""
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an amount in USD") from None
 
 
 class Command(BaseCommand):
@@ -25,7 +34,7 @@ class Command(BaseCommand):
         parser.add_argument("--token-budget", type=int, help="drain once this many tokens")
         parser.add_argument("--wall-clock", type=int, help="drain after this many seconds")
         parser.add_argument(
-            "--cost-budget", type=Decimal, help="drain once the agents report this many USD"
+            "--cost-budget", type=dollars, help="drain once the agents report this many USD"
         )
         parser.add_argument(
             "--resume-after-quota",
