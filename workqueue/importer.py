@@ -481,20 +481,10 @@ def check_columns(values: dict) -> None:
     indexes refuse entries over a size in bytes (models.BOARD_INDEX_BYTES). One bad value
     must cost its own file, never the whole import.
     """
-    if BOARD_INDEX_FIELDS.keys() <= values.keys():
-        problem = board_index_problem(values)
-        if problem:
-            raise TaskFileError(problem)
-    path = values.get("source_path") or ""
-    if len(path.encode()) > SOURCE_PATH_BYTES:
-        raise TaskFileError(
-            f"the file's path: {len(path.encode()):,} bytes in UTF-8, over the "
-            f"{SOURCE_PATH_BYTES:,} its index holds"
-        )
     for name, value in values.items():
         if name == "frontmatter":
             for key, item in value.items():
-                check_text(f"frontmatter {key!r}", key)
+                _check_text(f"frontmatter {key!r}", key)
                 check_json(key, item)
             continue
         check_json(name, value)
@@ -518,23 +508,34 @@ def check_columns(values: dict) -> None:
                 raise TaskFileError(
                     f"{name}: {value} is outside the column's range ({low} to {high})"
                 )
+    # Then the values PostgreSQL's indexes hold together, or alone (the file's path).
+    if BOARD_INDEX_FIELDS.keys() <= values.keys():
+        problem = board_index_problem(values)
+        if problem:
+            raise TaskFileError(problem)
+    path = values.get("source_path") or ""
+    if len(path.encode()) > SOURCE_PATH_BYTES:
+        raise TaskFileError(
+            f"the file's path: {len(path.encode()):,} bytes in UTF-8, over the "
+            f"{SOURCE_PATH_BYTES:,} its index holds"
+        )
 
 
 def check_json(name: str, value) -> None:
     if isinstance(value, str):
-        check_text(name, value)
+        _check_text(name, value)
     elif isinstance(value, float) and not math.isfinite(value):
         raise TaskFileError(f"{name}: {value!r} is not a finite number")
     elif isinstance(value, dict):
         for key, item in value.items():
-            check_text(name, key)
+            _check_text(name, key)
             check_json(name, item)
     elif isinstance(value, list):
         for item in value:
             check_json(name, item)
 
 
-def check_text(name: str, text: str) -> None:
+def _check_text(name: str, text: str) -> None:
     if "\x00" in text:
         raise TaskFileError(f"{name}: contains a NUL character")
 
