@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from django.http import HttpResponseBadRequest
+from django.db import DataError
+from django.http import HttpResponseBadRequest, HttpResponseRedirect
 
 
 def refuse_nul_in_query(get_response):
@@ -20,4 +21,29 @@ def refuse_nul_in_query(get_response):
                 )
         return get_response(request)
 
+    return middleware
+
+
+def admin_list_lookups(get_response):
+    """The admin's lists filter by any field of their model from the query string, and a
+    value its column cannot hold (an id of 25 digits, an address that is none) fails only
+    when the list is read: a server error. Django's admin sends a lookup it cannot use
+    back to the bare list with `?e=1`; so does this, for those."""
+
+    def middleware(request):
+        return get_response(request)
+
+    def process_exception(request, exception):
+        match = request.resolver_match
+        if (
+            isinstance(exception, OverflowError | ValueError | DataError)
+            and match is not None
+            and match.namespace == "admin"
+            and (match.url_name or "").endswith("_changelist")
+            and "e" not in request.GET
+        ):
+            return HttpResponseRedirect(f"{request.path}?e=1")
+        return None
+
+    middleware.process_exception = process_exception
     return middleware

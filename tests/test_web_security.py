@@ -297,3 +297,50 @@ def test_a_nul_character_in_the_query_string_is_a_bad_request(admin_client, url,
         f"Bad request: the query parameter {name} holds a NUL character."
     )
     assert admin_client.get(url.replace("%00", "")).status_code == 200
+
+
+# Every page against hostile query parameters ---------------------------------------------
+
+HOSTILE_VALUES = ["a" * 5000, "%_\\'\"", "\U0001f600\u00b2", "-1", "9" * 25, "1e309", "NaN", "a|b"]
+PARAMETERS = [
+    "q", "tag", "assignee", "project", "complexity", "type", "queue", "status",
+    "since", "offset", "shown", "view", "next", "tail",
+]  # fmt: skip
+
+
+def test_no_page_answers_a_server_error_to_hostile_query_parameters(
+    transactional_db, admin_client
+):
+    """Every GET view the URL configuration has (tests/test_access.py walks it), its ids
+    those of real objects, with each parameter a page reads set to each hostile value; and
+    every admin list filtered by each field (a database error must not end the test's
+    transaction, hence transactional_db)."""
+    from herds.models import Herd, Profile
+    from tests.test_access import URLS
+    from workqueue.models import BulkAction
+
+    (task,) = make_tasks("q", 1)
+    profile = Profile.objects.create(name="probe", processor="noop")
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, dry_run=True)
+    bulk = BulkAction.objects.create(actor="user:admin", action="assign", task_ids=[task.pk])
+    ids = {"task": task.pk, "herds:": herd.pk, "triage": herd.pk, "bulk": bulk.pk}
+    tried = set()
+    for name, url in URLS:
+        pk = next((pk for prefix, pk in ids.items() if name.startswith(prefix)), None)
+        url = url.replace("/1/", f"/{pk}/") if pk else url
+        if admin_client.get(url).status_code == 405:  # POST only
+            continue
+        tried.add(name)
+        for parameter in PARAMETERS:
+            for value in HOSTILE_VALUES:
+                response = admin_client.get(url, {parameter: value})
+                assert response.status_code < 500, (url, parameter, value)
+    assert {"board", "board-column", "task-detail", "herds:detail", "bulk-status"} <= tried
+    # The admin's lists filter by any field of their model from the query string.
+    for model in admin.site._registry:
+        url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+        assert admin_client.get(url, {"id": "\x00"}).status_code == 400
+        for field in model._meta.concrete_fields:
+            # An id of 25 digits: a server error at the list's read before the guard.
+            response = admin_client.get(url, {field.name: "9" * 25})
+            assert response.status_code < 500, (url, field.name)
