@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 
 from django import forms
 from django.core.cache import cache
@@ -17,7 +16,7 @@ from workqueue.importer import check_json
 from workqueue.models import Found, Queue, Status, Task, TaskQuerySet, TaskSearch, stamp
 from workqueue.routing import TEXT_FIELDS, Condition, TaskFilter
 from workqueue.taskfile import TaskFileError
-from workqueue.text import as_text
+from workqueue.text import as_id, as_text
 
 
 class StorableJSONField(forms.JSONField):
@@ -304,11 +303,10 @@ class BulkForm(forms.Form):
     filters = forms.CharField(required=False, max_length=4000)
 
     def clean_ids(self) -> list[int]:
-        parts = [p.strip() for p in self.cleaned_data["ids"].split(",") if p.strip()]
-        # ASCII digits within a 64-bit id: str.isdigit() takes "²", which int() refuses.
-        if not all(re.fullmatch(r"[0-9]{1,18}", p) for p in parts):
+        ids = [as_id(p) for p in self.cleaned_data["ids"].split(",") if p.strip()]
+        if None in ids:
             raise forms.ValidationError("ids are task numbers separated by commas")
-        return [int(p) for p in parts]
+        return ids
 
     def clean(self):
         data = super().clean()

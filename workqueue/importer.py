@@ -513,11 +513,11 @@ def check_columns(values: dict) -> None:
         problem = board_index_problem(values)
         if problem:
             raise TaskFileError(problem)
-    path = values.get("source_path") or ""
-    if len(path.encode()) > SOURCE_PATH_BYTES:
+    path_bytes = len((values.get("source_path") or "").encode())
+    if path_bytes > SOURCE_PATH_BYTES:
         raise TaskFileError(
-            f"the file's path: {len(path.encode()):,} bytes in UTF-8, over the "
-            f"{SOURCE_PATH_BYTES:,} its index holds"
+            f"the file's path: {path_bytes:,} bytes in UTF-8, over the {SOURCE_PATH_BYTES:,} "
+            "its index holds"
         )
 
 

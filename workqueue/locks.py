@@ -33,6 +33,8 @@ from urllib.parse import quote, unquote
 import psutil
 from django.conf import settings
 
+from workqueue.text import ascii_number
+
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
@@ -266,9 +268,8 @@ def is_foreign(owner: dict) -> bool:
 
 
 def _pid(value) -> int | None:
-    # An owner file is anyone's to write: isdigit() alone takes "²", which int() refuses.
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str):  # an owner file is anyone's to write
+        value = ascii_number(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
         return value
     return None

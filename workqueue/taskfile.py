@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from workqueue.text import ascii_number
+
 try:
     from yaml import CSafeLoader as SafeLoader
 except ImportError:  # PyYAML built without libyaml
@@ -199,8 +201,8 @@ def priority(fm: dict) -> int:
     if isinstance(value, int | float):
         return int(value)
     word = str(value).strip().lower()
-    if word.isascii() and word.isdigit():  # isdigit() alone takes "²", which int() refuses
-        return int(word)
+    if (number := ascii_number(word)) is not None:
+        return number
     if re.fullmatch(r"p[0-9]", word):
         return int(word[1])
     if word in PRIORITY_WORDS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +52,7 @@ from workqueue.models import (
 )
 from workqueue.processors import transcript_path
 from workqueue.rendering import render_markdown
+from workqueue.text import as_id
 
 PAGE_SIZE = 25
 # Ages and lease countdowns change with the clock, not the rows: re-render that often.
@@ -727,10 +727,11 @@ def triage_detail(request: HttpRequest, pk: int) -> HttpResponse:
 def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
     herd = get_object_or_404(Herd.objects.select_related("profile"), pk=pk, dry_run=True)
     decisions = {
-        int(name.removeprefix("decision-")): value
+        as_id(name.removeprefix("decision-")): value
         for name, value in request.POST.items()
-        if re.fullmatch(r"decision-[0-9]{1,18}", name)
+        if name.startswith("decision-")
     }
+    decisions.pop(None, None)  # not a task's id
     accepted = [pk for pk, value in decisions.items() if value == "accept"]
     rejected = [pk for pk, value in decisions.items() if value == "reject"]
     outcome = triage_review.review(herd, accepted, rejected, _actor(request))
