@@ -253,6 +253,14 @@ BAD_VALUES = [
     ("long-type.md", "type: " + "y" * 101, "type: 101 characters, over the column's 100"),
     ("many-tags.md", "tags: [" + ", ".join(["tag"] * 300) + "]", "tag_index: 1,201 characters"),
     ("long-dep.md", "depends_on: [" + "d" * 501 + "]", "depends_on: an id of 501 characters"),
+    # What PyYAML's constructor raises past its syntax errors stopped the whole import.
+    ("bad-date.md", "due: 2024-13-45", "YAML value that cannot be read: month must be in 1..12"),
+    ("long-int.md", "estimate: 1" + "0" * 5000, "cannot be read: Exceeds the limit (4300"),
+    ("sexagesimal.md", "estimate: 1:" + "59:" * 3000 + "1", "estimate: a number of more than"),
+    ("sexagesimal-key.md", "? 1:" + "59:" * 3000 + "1\n: x", "a field name of more than 4,000"),
+    ("sexagesimal-float.md", "e: 1:" + "59:" * 3000 + "1.5", "int too large to convert to float"),
+    ("deep.md", "tags: " + "[" * 900 + "]" * 900, "tags: nested more than 64 levels deep"),
+    ("deep-extra.md", "notes: " + "[" * 66 + "]" * 66, "notes: nested more than 64 levels deep"),
 ]
 
 

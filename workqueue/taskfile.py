@@ -34,6 +34,12 @@ PRIORITY_WORDS = {
     "lowest": 4,
 }
 DEFAULT_PRIORITY = 2
+# Frontmatter nesting allowed: task files use three or four levels, and the conversion
+# below recurses once per level (PyYAML's parser stops at 1,000 on its own).
+MAX_NESTING = 64
+TOO_DEEP = f"nested more than {MAX_NESTING} levels deep"
+# Python will not write an integer of more than 4,300 digits as text (nor JSON).
+MAX_NUMBER_BITS = 13_288  # 4,000 digits
 
 
 class TaskFileError(ValueError):
@@ -132,11 +138,21 @@ def load_yaml(yaml_text: str) -> dict:
         ) from None
     except yaml.YAMLError as exc:
         raise TaskFileError(f"YAML syntax error {_where(exc)}: {_problem(exc)}") from None
+    except (ValueError, ArithmeticError) as exc:  # a date like 2024-13-45, 5,000 digits
+        reason = str(exc).split(":")[0].split(";")[0]
+        raise TaskFileError(f"YAML value that cannot be read: {reason}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise TaskFileError(f"frontmatter is a {type(data).__name__}, not a mapping of fields")
-    return {str(k): _jsonable(v) for k, v in data.items()}
+    fields = {}
+    for key, value in data.items():
+        name = _name(key)
+        try:
+            fields[name] = _jsonable(value)
+        except TaskFileError as exc:
+            raise TaskFileError(f"{name[:80]}: {exc}") from None
+    return fields
 
 
 def _has_alias(yaml_text: str) -> bool:
@@ -157,11 +173,21 @@ def _problem(exc: yaml.YAMLError) -> str:
     return getattr(exc, "problem", None) or str(exc).splitlines()[0]
 
 
-def _jsonable(value):
+def _name(key) -> str:
+    if isinstance(key, int) and key.bit_length() > MAX_NUMBER_BITS:
+        raise TaskFileError("a field name of more than 4,000 digits")
+    return str(key)
+
+
+def _jsonable(value, depth=0):
+    if depth > MAX_NESTING:
+        raise TaskFileError(TOO_DEEP)
+    if isinstance(value, int) and value.bit_length() > MAX_NUMBER_BITS:
+        raise TaskFileError("a number of more than 4,000 digits")
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {_name(k): _jsonable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple | set):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, depth + 1) for v in value]
     if isinstance(value, datetime.date | datetime.datetime):
         return value.isoformat()
     if isinstance(value, bytes):
