@@ -279,6 +279,29 @@ def test_image_urls_that_carry_code_stay_neutralised():
         assert not {"href", "src"} & attrs.keys(), attrs
 
 
+def test_checklists_are_disabled_checkboxes_in_labels():
+    html = render_markdown(
+        "- [ ] honour next\n- [x] reproduce\n- [X]\tcase\n- plain\n1. [ ] one\n"
+    )
+    assert elements(html).count(("ul", {"class": "contains-task-list"})) == 1
+    assert elements(html).count(("li", {"class": "task-list-item"})) == 4
+    boxes = [attrs for tag, attrs in elements(html) if tag == "input"]
+    assert [("checked" in box, box["disabled"], box["type"]) for box in boxes] == [
+        (False, "disabled", "checkbox"),
+        (True, "disabled", "checkbox"),
+        (True, "disabled", "checkbox"),  # a tab after the box is whitespace too (GFM)
+        (False, "disabled", "checkbox"),
+    ]
+    assert "<label><input" in html and "> honour next</label>" in html
+    assert "<li>plain</li>" in html
+
+
+@pytest.mark.timeout(60)  # mdit-py-plugins' tasklists took 164 s for these 400 kB
+def test_a_body_of_fifty_thousand_checklist_lines_renders_in_linear_time():
+    html = render_markdown("- [ ] step\n" * 50_000)
+    assert html.count('<input class="task-list-item-checkbox"') == 50_000
+
+
 @pytest.mark.parametrize(
     ("url", "name"),
     [
