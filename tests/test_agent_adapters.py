@@ -16,9 +16,16 @@ import pytest
 from tests.conftest import make_tasks
 from workqueue import transitions
 from workqueue.agents import AgentOptions, Transcript, adapter_class
-from workqueue.agents.base import MAX_RUN_COST_USD, MAX_RUN_TOKENS, reset_time
+from workqueue.agents.base import (
+    FINAL_LIMIT,
+    MAX_RUN_COST_USD,
+    MAX_RUN_TOKENS,
+    read_agent_lines,
+    reset_time,
+)
 from workqueue.locks import Identity
 from workqueue.models import Status, Task
+from workqueue.processing import Result
 
 SAMPLES = Path(__file__).parent / "fixtures" / "agent_formats"
 
@@ -335,3 +342,24 @@ def test_absurd_tokens_and_cost_are_capped_and_the_finish_is_recorded():
         (Status.DONE, 2 * MAX_RUN_TOKENS + 169817 + 14760, MAX_RUN_COST_USD),
         (Status.DONE, MAX_RUN_TOKENS, None),
     ]
+
+
+@pytest.mark.timeout(60)  # the old search took about 90 s over these 1.2 MB
+def test_the_last_words_are_found_in_linear_time_after_lines_of_punctuation():
+    """`^\\W*` at each line start ran on over every line below it: quadratic in lines of
+    dots, rules or box drawing, which agents print."""
+    result = Result(status=Status.DONE)
+    text = "." * 99 + "\n"
+    words = "I could not go on.\n** BLOCKED: t1\n- Reason: no key\n"
+    read_agent_lines(result, text * 12_000 + words + text * 100)
+    assert (result.status, result.reason) == (Status.BLOCKED, "no key")
+
+
+def test_a_final_message_streamed_in_pieces_keeps_only_its_end():
+    pieces = [{"type": "message", "role": "assistant", "content": "x" * 1000, "delta": True}]
+    last = {"type": "message", "role": "assistant", "content": "\nBLOCKED: t1", "delta": True}
+    stream = "".join(json.dumps(p) + "\n" for p in pieces * 5_000 + [last])
+    adapter, result = run("gemini", stream + json.dumps({"type": "result", "status": "success"}))
+    assert len(adapter.final) == FINAL_LIMIT  # not the 5 MB the agent printed
+    assert adapter.final.endswith("x\nBLOCKED: t1")
+    assert result.status == Status.BLOCKED

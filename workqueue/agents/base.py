@@ -26,10 +26,15 @@ from workqueue.models import Status
 from workqueue.processing import Result
 
 GIVE_BACK_EXIT = 75  # EX_TEMPFAIL: "not now, give the task to someone else"
-AGENT_LINE = re.compile(r"^\W*(COMPLETED|BLOCKED):\s*(\S.*)?$", re.MULTILINE)
+# `[^\w\n]`, not `\W`: a `\W*` at each line start ran on over every line below it, and
+# lines of punctuation made the search quadratic (2 MB of them: six minutes).
+AGENT_LINE = re.compile(r"^[^\w\n]*(COMPLETED|BLOCKED):\s*(\S.*)?$", re.MULTILINE)
+REASON_LINE = re.compile(r"^[^\w\n]*Reason:\s*(.+)$", re.MULTILINE)
+NEXT_LINE = re.compile(r"^[^\w\n]*Next:\s*(.+)$", re.MULTILINE)
 TRANSCRIPT_ENTRIES = 60  # the live transcript keeps the last this many entries
 TRANSCRIPT_INTERVAL = 0.5  # seconds between two writes of the transcript file
 TEXT_LIMIT = 600  # characters of one transcript entry
+FINAL_LIMIT = 64 * 1024  # characters kept of the agent's final message: its last words
 LOOSE_LIMIT = 1024 * 1024  # non-JSON output kept to be read whole at the end (Gemini json)
 DOCUMENT_TRIES = 50  # lines starting with { or [ tried as the start of a document
 
@@ -452,8 +457,8 @@ def read_agent_lines(result: Result, text: str) -> None:
         return
     last = found[-1]
     after = text[last.end() :]
-    reason = re.search(r"^\W*Reason:\s*(.+)$", after, re.MULTILINE)
-    following = re.search(r"^\W*Next:\s*(.+)$", after, re.MULTILINE)
+    reason = REASON_LINE.search(after)
+    following = NEXT_LINE.search(after)
     if last.group(1) == "BLOCKED":
         result.status = Status.BLOCKED
         result.reason = reason.group(1).strip() if reason else "the agent reported BLOCKED"

@@ -8,7 +8,7 @@ error object on stderr: both are read whole at the end. Tokens: `total` summed o
 
 from __future__ import annotations
 
-from workqueue.agents.base import Adapter, Usage, short, short_arguments, whole
+from workqueue.agents.base import FINAL_LIMIT, Adapter, Usage, short, short_arguments, whole
 from workqueue.models import Status
 
 QUOTA_EXIT = 173  # HTTP 429 modulo 256: the daily quota is spent
@@ -57,7 +57,9 @@ class GeminiAdapter(Adapter):
             if event.get("role") == "assistant":
                 text = str(event.get("content") or "")
                 if event.get("delta"):
-                    self.final = self.final + text if self.transcript_open() else text
+                    # A message streamed in pieces: only its end is kept, however long.
+                    joined = self.final + text if self.transcript_open() else text
+                    self.final = joined[-FINAL_LIMIT:]
                     self.transcript.extend_last("assistant", text)
                 else:
                     self.final = text
