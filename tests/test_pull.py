@@ -202,6 +202,14 @@ def test_blocked_parts_reads_the_old_forms():
     assert blocked_parts("no form here") == {}
 
 
+@pytest.mark.timeout(60)  # one pattern with a lookahead took 17 s for 4,000 blank lines
+def test_blocked_parts_reads_a_body_of_blank_lines_in_linear_time():
+    body = (
+        "Notes" + "\n" * 20_000 + "so far\n**Reason**: late\n" + " \n" * 20_000 + "- **Next**: go"
+    )
+    assert blocked_parts(body) == {"reason": "late", "next_step": "go"}
+
+
 def test_list_tasks_speaks_both_vocabularies():
     make_tasks("q", 5)
     Task.objects.filter(key="t000004").update(status=Status.DONE, outcome="cancelled")

@@ -63,10 +63,10 @@ STATUS_WORDS = {
     "canceled": "cancelled",
 }
 # The old blocked body: "## Blocked\n\n**Reason**: ...\n**Evidence**: ...\n**Next step**: ..."
+# A part runs from its label's line to the next label; read line by line (one pattern
+# over the whole body with a lookahead for the next label took minutes on blank lines).
 BLOCKED_PART = re.compile(
-    r"^\s*[-*]?\s*\*\*(Reason|Evidence|Next(?: step)?)\*\*\s*:\s*(.*?)"
-    r"(?=^\s*[-*]?\s*\*\*(?:Reason|Evidence|Next(?: step)?)\*\*\s*:|\Z)",
-    re.IGNORECASE | re.MULTILINE | re.DOTALL,
+    r"[ \t]*[-*]?[ \t]*\*\*(Reason|Evidence|Next(?: step)?)\*\*[ \t]*:(.*)", re.IGNORECASE
 )
 EDIT_FIELDS = ("assignee", "priority", "complexity", "tags", "title", "body")
 
@@ -619,10 +619,16 @@ def describe_holder(task: Task) -> str:
 
 def blocked_parts(body: str) -> dict[str, str]:
     """reason, evidence and next_step from the old prompt's blocked body."""
+    parts: list[tuple[str, list[str]]] = []
+    for line in body.splitlines():
+        if label := BLOCKED_PART.match(line):
+            field = {"reason": "reason", "evidence": "evidence"}.get(label[1].lower(), "next_step")
+            parts.append((field, [label[2]]))
+        elif parts:
+            parts[-1][1].append(line)
     found = {}
-    for name, text in BLOCKED_PART.findall(body):
-        field = {"reason": "reason", "evidence": "evidence"}.get(name.lower(), "next_step")
-        found.setdefault(field, text.strip())
+    for field, lines in parts:
+        found.setdefault(field, "\n".join(lines).strip())
     return {k: v for k, v in found.items() if v}
 
 
