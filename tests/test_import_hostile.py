@@ -352,6 +352,15 @@ def test_a_bare_id_too_long_in_a_queue_file_is_named_by_line(write_task):
     assert list(Task.objects.values_list("key", flat=True)) == ["fine-id"]
 
 
+@pytest.mark.timeout(60)  # `(.+?)[ \t#]*$` was quadratic on such a line: about half an hour
+def test_a_heading_of_a_megabyte_of_closing_marks_is_read_in_linear_time(write_task):
+    write_task("marks.md", "# " + " #" * 500_000 + " title ##\n")
+    report = import_folder(write_task.folder)
+    assert report.errors == []
+    title = Task.objects.get().title
+    assert (len(title), title.startswith("# # #")) == (500, True)
+
+
 def test_a_heading_longer_than_the_title_column_is_cut_not_refused(write_task):
     write_task("long.md", "# " + "h" * 700 + "\n")
     report = import_folder(write_task.folder)

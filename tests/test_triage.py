@@ -169,6 +169,20 @@ def test_assignee_rule(fm, body, title, expected):
     assert (f"assignee->{expected}" in decision.changes) is changed
 
 
+@pytest.mark.timeout(60)  # `implement.*function` tried every "implement": about ten minutes
+@pytest.mark.parametrize(
+    ("word", "after", "expected"),
+    [
+        ("implement ", "\nfunction", "nic"),  # the other word on another line: no match
+        ("design ", "\nchoice", "nic"),
+        ("update ", "\nupdate the schema", "bot"),
+    ],
+)
+def test_a_megabyte_line_of_one_rule_word_is_decided_in_linear_time(word, after, expected):
+    body = word * 110_000 + after
+    assert decide({}, body, "t", False, RULES).assignee == expected
+
+
 def test_assignee_names_come_from_the_rules():
     rules = Rules(human="Ada", bot="robot")
     assert decide({"type": "learn"}, "x", "t", False, rules).assignee == "Ada"

@@ -20,7 +20,7 @@ except ImportError:  # PyYAML built without libyaml
 
 FENCE = re.compile(r"^---[ \t]*\r?\n", re.ASCII)
 CLOSING = re.compile(r"^(?:---|\.\.\.)[ \t]*\r?$", re.MULTILINE)
-HEADING = re.compile(r"^#[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+HEADING = re.compile(r"^#[ \t]+(.+)$", re.MULTILINE)  # closing #s are cut in `title`
 CLOSE_SECTION = re.compile(r"^##[ \t]+(?:Close Reason|Closed)\b", re.MULTILINE | re.IGNORECASE)
 
 PRIORITY_WORDS = {
@@ -242,7 +242,11 @@ def title(fm: dict, body: str, fallback: str, limit: int = 500) -> str:
     if found:
         return found
     heading = HEADING.search(body)
-    return (heading.group(1).strip() if heading else fallback)[:limit]
+    if not heading:
+        return fallback[:limit]
+    # Not `(.+?)[ \t#]*$` in the pattern: on a line of " #" pairs that was quadratic.
+    text = heading[1].rstrip(" \t#") or heading[1][0]
+    return text.strip()[:limit]
 
 
 CLOSED_STATUSES = ("done", "closed", "cancelled", "canceled")
