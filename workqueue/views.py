@@ -51,7 +51,7 @@ from workqueue.models import (
     unmet_dependency_counts,
 )
 from workqueue.processors import transcript_path
-from workqueue.rendering import render_markdown
+from workqueue.rendering import render_body
 from workqueue.text import as_id
 
 PAGE_SIZE = 25
@@ -380,7 +380,7 @@ def _detail_context(request: HttpRequest, task: Task, **extra) -> dict:
     return {
         **extra,
         "task": task,
-        "body_html": render_markdown(task.body),
+        "body_html": render_body(task.body),
         "events": task.events.all()[:200],
         "lock_owner": locks.read_owner(locks.lock_dir(task.queue, task.key)),
         "stale": task.is_stale(),
