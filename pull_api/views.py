@@ -5,7 +5,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 from django.contrib.auth.decorators import login_required, permission_required
-from django.core.exceptions import ValidationError
+from django.core.exceptions import RequestDataTooBig, ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
@@ -43,6 +43,11 @@ def mcp_endpoint(request: HttpRequest) -> HttpResponse:
             "a valid API token is required: Authorization: Bearer hv_… (create one at /tokens/)",
             **{"WWW-Authenticate": 'Bearer realm="hypervisor"'},
         )
+    try:
+        body = request.body
+    except RequestDataTooBig:  # Django's own answer is an HTML page saying nothing
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return _refuse(413, f"the request body is over the {limit:,}-byte limit")
     queue = request.GET.get("queue", "")
     try:
         validate_queue_name(queue)
@@ -66,7 +71,7 @@ def mcp_endpoint(request: HttpRequest) -> HttpResponse:
             request.path,
             request.META.get("QUERY_STRING", "").encode("latin-1"),
             list(request.headers.items()),
-            request.body,
+            body,
         )
     finally:
         session.owner_file.discard()  # its locks keep their link to the owner record

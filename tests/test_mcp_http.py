@@ -293,3 +293,19 @@ def test_only_post_is_served_and_a_get_never_waits_for_a_stream(client):
         assert getattr(client, method)("/mcp/?queue=q", **headers).status_code == 405
     garbage = client.post("/mcp/?queue=q", "{not json", content_type="application/json", **headers)
     assert garbage.status_code == 400 and garbage.json()["error"]["code"] == -32700
+
+
+@pytest.mark.django_db
+def test_a_body_over_the_upload_limit_is_refused_in_json_naming_the_limit(client, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
+    big = {**INITIALIZE, "padding": "x" * 1000}
+    response = client.post(
+        "/mcp/?queue=q",
+        json.dumps(big),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {secret}",
+        **MCP_HEADERS,
+    )
+    assert response.status_code == 413
+    assert response.json() == {"error": "the request body is over the 1,000-byte limit"}
