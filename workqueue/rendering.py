@@ -57,6 +57,7 @@ def _checklists(state: StateCore) -> None:
             lists.pop()
         elif (
             token.type == "inline"
+            and i >= 2
             and tokens[i - 1].type == "paragraph_open"
             and tokens[i - 2].type == "list_item_open"
             and (box := _CHECKBOX.match(token.content))
