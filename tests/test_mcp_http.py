@@ -47,6 +47,18 @@ def person(name: str, *perms: str) -> User:
     return User.objects.get(pk=user.pk)  # no cached permissions
 
 
+def post_json_rpc(client, message: dict, query: str = "?queue=q", name: str = "laptop"):
+    """One JSON-RPC message to /mcp with a new token of alice's, as curl would send it."""
+    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), name)
+    return client.post(
+        f"/mcp/{query}",
+        json.dumps(message),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {secret}",
+        **MCP_HEADERS,
+    )
+
+
 def nothing_touched() -> tuple:
     return (
         list(Task.objects.values_list("status", "holder", "fence")),
@@ -99,14 +111,7 @@ def test_a_logged_in_browser_without_a_token_is_refused_too(client):
     ],
 )
 def test_a_bad_queue_or_filter_in_the_url_is_400(client, query, problem):
-    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
-    response = client.post(
-        f"/mcp/{query}",
-        json.dumps(INITIALIZE),
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {secret}",
-        **MCP_HEADERS,
-    )
+    response = post_json_rpc(client, INITIALIZE, query)
     assert response.status_code == 400
     assert problem in response.json()["error"]
 
@@ -115,14 +120,7 @@ def test_a_bad_queue_or_filter_in_the_url_is_400(client, query, problem):
 def test_one_json_rpc_post_claims_over_plain_http(client):
     """Without any SDK on the caller's side: the stateless JSON-response transport."""
     make_tasks("q", 1)
-    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "curl")
-    response = client.post(
-        "/mcp/?queue=q",
-        json.dumps(CLAIM),
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {secret}",
-        **MCP_HEADERS,
-    )
+    response = post_json_rpc(client, CLAIM, name="curl")
     assert response.status_code == 200, response.content
     answer = response.json()["result"]["structuredContent"]
     assert answer["success"] is True and answer["task"]["id"] == "t000000"
@@ -229,14 +227,7 @@ def test_a_revoked_token_stops_working_at_once(live_server, transactional_db):
 @pytest.mark.django_db(transaction=True)
 def test_http_claims_live_by_lease_not_by_the_web_process_pid(client):
     make_tasks("q", 1)
-    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
-    response = client.post(
-        "/mcp/?queue=q",
-        json.dumps(CLAIM),
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {secret}",
-        **MCP_HEADERS,
-    )
+    response = post_json_rpc(client, CLAIM)
     assert response.status_code == 200
     row = Task.objects.get()
     # Its lease is the HTTP one, and a dead pid (the web worker recycled) does not reap it.
@@ -298,14 +289,6 @@ def test_only_post_is_served_and_a_get_never_waits_for_a_stream(client):
 @pytest.mark.django_db
 def test_a_body_over_the_upload_limit_is_refused_in_json_naming_the_limit(client, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
-    _, secret = ApiToken.issue(person("alice", "view_task", "change_task"), "laptop")
-    big = {**INITIALIZE, "padding": "x" * 1000}
-    response = client.post(
-        "/mcp/?queue=q",
-        json.dumps(big),
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {secret}",
-        **MCP_HEADERS,
-    )
+    response = post_json_rpc(client, {**INITIALIZE, "padding": "x" * 1000})
     assert response.status_code == 413
     assert response.json() == {"error": "the request body is over the 1,000-byte limit"}
