@@ -161,7 +161,7 @@ def test_two_agents_commit_the_same_file_name_in_their_own_worktrees(process_env
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-    assert branches(repo) == ["hypervisor/t000000", "hypervisor/t000001", "main"]
+    assert branches(repo) == ["hypervisor/q/t000000", "hypervisor/q/t000001", "main"]
     assert worktree_list(repo) == [str(repo)]
     for task in Task.objects.all():
         assert task.status == Status.DONE and task.worktree == ""
@@ -172,7 +172,7 @@ def test_two_agents_commit_the_same_file_name_in_their_own_worktrees(process_env
             check=True,
         ).stdout
         assert task.key in shown
-        assert task.result["branch"] == f"hypervisor/{task.key}"
+        assert task.result["branch"] == f"hypervisor/q/{task.key}"
 
 
 @pytest.mark.slow
@@ -183,7 +183,7 @@ def test_an_agent_that_commits_nothing_puts_its_task_back(process_env, repo):
     assert proc.returncode == 0, err
     task = Task.objects.get()
     assert (task.status, task.attempts) == (Status.QUEUED, 1)
-    assert task.reason == "no new commit on hypervisor/t000000: back to the queue"
+    assert task.reason == "no new commit on hypervisor/q/t000000: back to the queue"
     assert worktree_list(repo) == [str(repo)]
     assert task.events.filter(kind=EventKind.RELEASED).exists()
     assert json.loads(out.strip().splitlines()[-1])["released"] == 1
@@ -198,7 +198,7 @@ def test_no_commit_blocks_the_task_once_its_attempts_are_used_up(process_env, re
         proc.communicate(timeout=120)
     task = Task.objects.get()
     assert (task.status, task.attempts) == (Status.BLOCKED, 2)
-    assert task.reason == "no new commit on hypervisor/t000000 after 2 attempts"
+    assert task.reason == "no new commit on hypervisor/q/t000000 after 2 attempts"
 
 
 @pytest.mark.slow
@@ -230,6 +230,35 @@ def test_reaper_removes_the_worktree_of_a_task_it_releases(repo, settings, tmp_p
     assert tree.branch in branches(repo)
     note = task.events.get(kind=EventKind.NOTE)
     assert note.message == f"worktree {tree.path} removed; branch {tree.branch} kept"
+
+
+HOSTILE_KEYS = ["001", "a b", "a-b", "a/b", "a..b", "a...b", "x.lock", ".x", "-x", "@{u}", "ü"]
+HOSTILE_KEYS += ["a~b^c:d?e*f[g\\h", "k" * 300, "k" * 300 + "x", "end.", "a/.b"]
+
+
+def test_every_task_gets_its_own_valid_branch():
+    """Keys that cleaned up alike shared a branch (the second task continued on the first's
+    commits, or failed while the first had it checked out), and so did two queues' `001`."""
+    from workqueue.worktrees import branch_name
+
+    names = [branch_name(queue, key) for queue in ("bugs", "docs") for key in HOSTILE_KEYS]
+    assert len(set(names)) == len(names)
+    assert branch_name("bugs", "001") == "hypervisor/bugs/001"  # a plain key stays readable
+    for name in names:
+        check = ["git", "check-ref-format", "--branch", name]
+        assert subprocess.run(check, capture_output=True).returncode == 0, name
+
+
+@pytest.mark.django_db
+def test_two_queues_tasks_of_one_key_get_two_worktrees_at_once(repo, settings, tmp_path):
+    from workqueue import worktrees
+
+    settings.HYPERVISOR_DATA_DIR = tmp_path / "data"
+    first = worktrees.add(repo, "main", "bugs", "001")
+    second = worktrees.add(repo, "main", "docs", "001")  # was: already checked out
+    assert (first.branch, second.branch) == ("hypervisor/bugs/001", "hypervisor/docs/001")
+    assert first.path != second.path
+    assert sorted(worktree_list(repo)) == sorted([str(repo), str(first.path), str(second.path)])
 
 
 @pytest.mark.slow

@@ -32,11 +32,21 @@ def git(repo: str | Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def branch_name(key: str) -> str:
-    """A valid git branch named after the task key."""
-    name = re.sub(r"[^A-Za-z0-9._/-]+", "-", key).strip("/.-")
-    name = re.sub(r"/+", "/", name).replace("..", ".").replace(".lock", "-lock")
-    return f"hypervisor/{name or hashlib.sha256(key.encode()).hexdigest()[:12]}"
+def branch_name(queue: str, key: str) -> str:
+    """The task's own git branch, `hypervisor/<queue>/<key>`: two queues over one repository
+    may both have a task `001`."""
+    return f"hypervisor/{_ref_part(queue)}/{_ref_part(key)}"
+
+
+def _ref_part(text: str) -> str:
+    """`text` as one valid component of a git ref. Text that had to change gets a digest of
+    itself, so "a b" and "a-b" (or two 300-character keys alike at the start) never share."""
+    part = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    part = re.sub(r"\.{2,}", ".", part).replace(".lock", "-lock").strip(".-")[:100]
+    if part and part == text:
+        return part
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{part}-{digest}" if part else digest
 
 
 @contextmanager
@@ -64,7 +74,7 @@ def worktree_root(repo: Path) -> Path:
 
 
 def add(repo: Path, base: str, queue: str, key: str) -> Worktree:
-    branch = branch_name(key)
+    branch = branch_name(queue, key)
     path = worktree_root(repo) / lock_name(queue) / lock_name(key)
     with repository_lock(repo):
         if path.exists():
