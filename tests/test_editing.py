@@ -19,6 +19,7 @@ from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
 from workqueue.processing import Result
+from workqueue.text import unified_diff as diff_lines
 
 pytestmark = pytest.mark.django_db
 
@@ -272,6 +273,27 @@ def test_file_changed_on_disk_is_refused_with_the_difference(folder):
     editing.edit_task(task, {"title": "Mine"}, ACTOR)
     assert b"assignee: carol" in path.read_bytes()
     assert b"title: 'Mine'" in path.read_bytes()
+
+
+@pytest.mark.timeout(60)  # difflib took 213 s over these two orders of 60,000 lines
+def test_the_difference_of_a_file_rewritten_on_disk_is_shown_in_bounded_time(folder):
+    lines = [f"line {i}\n" for i in range(60_000)]
+    task = folder({"long.md": "# Long\n" + "".join(lines)})["long.md"]
+    folder.path("long.md").write_text("# Long\n" + "".join(lines[::2] + lines[1::2]))
+    with pytest.raises(FileChanged) as refused:
+        editing.edit_task(task, {"title": "Mine"}, ACTOR)
+    assert refused.value.diff.splitlines()[2] == (
+        "(lines 5 to 60,002 against 5 to 60,002 differ: more than 5,000 lines to compare)"
+    )
+
+
+def test_a_difference_is_numbered_as_in_the_whole_file():
+    before = [f"{i}\n" for i in range(1000)]
+    after = before[:500] + ["changed\n"] + before[501:] + ["added\n"]
+    want = "".join(difflib.unified_diff(before, after, "a", "b"))
+    assert diff_lines(before, after, "a", "b") == want
+    assert "@@ -498,7 +498,7 @@" in want and "@@ -998,3 +998,4 @@" in want
+    assert diff_lines(before, before, "a", "b") == ""
 
 
 def test_missing_file_is_refused(folder):

@@ -33,7 +33,6 @@ Errors: EditError (bad values, by field), FileChanged (with .diff), Conflict (mo
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -58,6 +57,7 @@ from workqueue.models import (
     board_index_problem,
 )
 from workqueue.taskfile import TaskFileError
+from workqueue.text import unified_diff as diff_lines
 from workqueue.writeback import (
     Document,
     EditRefused,
@@ -979,11 +979,7 @@ def file_difference(task: Task, raw: bytes | None = None) -> str:
         now_lines = raw.decode("utf-8", "replace").splitlines(keepends=True)
     before = _canonical(task.frontmatter, task.body)
     name = Path(task.source_path).name
-    return "".join(
-        difflib.unified_diff(
-            before, now_lines, fromfile=f"{name} (imported)", tofile=f"{name} (on disk now)"
-        )
-    )
+    return diff_lines(before, now_lines, f"{name} (imported)", f"{name} (on disk now)")
 
 
 def _canonical(frontmatter: dict, body: str) -> list[str]:

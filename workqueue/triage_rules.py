@@ -7,7 +7,6 @@ changes). The processor in workqueue.triage does the reading, checking and writi
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from workqueue import taskfile
+from workqueue.text import unified_diff as diff_lines
 from workqueue.writeback import Document
 
 CONTAINER_TYPES = frozenset({"epic", "project", "goal"})
@@ -228,11 +228,9 @@ def triage_bytes(
 
 
 def unified_diff(path: str, old: bytes, new: bytes) -> str:
-    return "".join(
-        difflib.unified_diff(
-            old.decode("utf-8", "replace").splitlines(keepends=True),
-            new.decode("utf-8", "replace").splitlines(keepends=True),
-            fromfile=f"a/{Path(path).name}",
-            tofile=f"b/{Path(path).name}",
-        )
+    return diff_lines(
+        old.decode("utf-8", "replace").splitlines(keepends=True),
+        new.decode("utf-8", "replace").splitlines(keepends=True),
+        f"a/{Path(path).name}",
+        f"b/{Path(path).name}",
     )
