@@ -178,6 +178,37 @@ def test_symlink_loops_are_named_and_the_rest_imported(write_task):
     assert list(Task.objects.values_list("key", flat=True)) == ["good"]
 
 
+def test_a_file_name_that_is_not_utf8_is_named_and_the_rest_imported(write_task, process_env):
+    """Python keeps such a name's bytes as lone surrogates: encoding the path for the
+    database stopped the whole import with UnicodeEncodeError."""
+    write_task("good.md", GOOD)
+    folder = write_task.folder
+    bad = os.path.join(os.fsencode(folder), b"caf\xe9 \xff.md")
+    with open(bad, "wb") as f:
+        f.write(b"---\ntitle: Latin-1 name\n---\nBody.\n")
+    (folder / "new\nline.md").write_text("---\ntitle: A newline\n---\n")  # UTF-8: imported
+    report = import_folder(folder)
+    assert report.errors == [
+        {
+            "path": f"{folder}/caf\ufffd \ufffd.md",
+            "error": "the file's path is not UTF-8 text: rename it to import it",
+        }
+    ]
+    assert sorted(Task.objects.values_list("title", flat=True)) == ["A newline", "Good"]
+    for output in (["--json"], []):  # and printed to a terminal's UTF-8
+        out = subprocess.run(
+            [sys.executable, MANAGE, "import_tasks", "--queue", "q", *output, str(folder)],
+            env=process_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        said = json.loads(out.stdout)["errors"][0]["path"] if output else out.stderr
+        assert "caf\ufffd \ufffd.md" in said
+
+
 def test_a_tree_deeper_than_the_recursion_limit_is_walked(write_task, chain):
     write_task("good.md", GOOD)
     depth = sys.getrecursionlimit() + 100  # 1,100 nested folders

@@ -48,7 +48,7 @@ class ImportReport:
     errors: list[dict] = field(default_factory=list)
 
     def error(self, path, message: str) -> None:
-        self.errors.append({"path": str(path), "error": message})
+        self.errors.append({"path": shown(path), "error": message})
 
     @property
     def accepted(self) -> int:
@@ -64,6 +64,12 @@ class ImportReport:
             "missing": self.missing,
             "errors": self.errors,
         }
+
+
+def shown(path) -> str:
+    """A path as text a report (and a database) can hold: bytes of its name that are not
+    UTF-8, which Python keeps as lone surrogates, become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
 
 
 class ImportRefused(Exception):
@@ -248,6 +254,9 @@ class Importer:
         if spath in self.seen_paths:
             return  # reached a second time through a symlink
         self.seen_paths.add(spath)
+        if shown(spath) != spath:
+            self.report.error(path, "the file's path is not UTF-8 text: rename it to import it")
+            return
         try:
             stat = os.lstat(path)
             taskfile.check_regular(stat, settings.HYPERVISOR_MAX_FILE_BYTES)
