@@ -16,7 +16,7 @@ from django.core.management import CommandError, call_command
 
 from herds.forms import LaunchForm
 from herds.models import Profile
-from tests.conftest import MANAGE, ROOT
+from tests.conftest import MANAGE, ROOT, run_manage
 from workqueue.importer import Importer
 from workqueue.models import BOARD_INDEX_BYTES, Queue, Task
 
@@ -196,14 +196,7 @@ def test_a_file_name_that_is_not_utf8_is_named_and_the_rest_imported(write_task,
     ]
     assert sorted(Task.objects.values_list("title", flat=True)) == ["A newline", "Good"]
     for output in (["--json"], []):  # and printed to a terminal's UTF-8
-        out = subprocess.run(
-            [sys.executable, MANAGE, "import_tasks", "--queue", "q", *output, str(folder)],
-            env=process_env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = run_manage(["import_tasks", "--queue", "q", *output, str(folder)], process_env)
         assert out.returncode == 0, out.stderr
         said = json.loads(out.stdout)["errors"][0]["path"] if output else out.stderr
         assert "caf\ufffd \ufffd.md" in said
