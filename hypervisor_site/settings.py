@@ -33,6 +33,9 @@ HYPERVISOR_DATA_DIR = envpath("HYPERVISOR_DATA_DIR", BASE_DIR / "var")
 HYPERVISOR_LOCK_ROOT = envpath("HYPERVISOR_LOCK_ROOT", HYPERVISOR_DATA_DIR / "locks")
 HYPERVISOR_IMPORT_ROOTS = envpaths("HYPERVISOR_IMPORT_ROOTS")
 HYPERVISOR_MAX_FILE_BYTES = envint("HYPERVISOR_MAX_FILE_BYTES", 1024 * 1024, minimum=1)
+# A browser sends a form percent-encoded, up to three bytes for each byte of a file's
+# text: the editor must be able to send back any file the import took.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(2_621_440, 3 * HYPERVISOR_MAX_FILE_BYTES + 64 * 1024)
 HYPERVISOR_LEASE_SECONDS = envint("HYPERVISOR_LEASE_SECONDS", 300, minimum=1)
 # A lock whose owner.json is not one of our workers' (no pid or start time, another
 # format) is held by its live pid at most this long, then cleaned as abandoned.

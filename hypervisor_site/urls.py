@@ -18,3 +18,5 @@ urlpatterns = [
     path("", include("pull_api.urls")),
     path("", include("workqueue.urls")),
 ]
+
+handler400 = "hypervisor_site.errors.bad_request"

@@ -221,3 +221,31 @@ def test_new_task_needs_add_permission(editor, task):
     assert "New task" not in editor.get("/?queue=inbox").content.decode()
     assert editor.get("/tasks/new/").status_code == 403
     assert editor.post("/tasks/new/", {"queue": "inbox", "title": "x"}).status_code == 403
+
+
+def test_a_body_at_the_file_limit_is_saved_as_a_browser_sends_it(editor, task, settings):
+    """A browser sends the form percent-encoded: each byte of non-ASCII text as three. A
+    file the import took must be savable from the editor, not refused as too big."""
+    from urllib.parse import urlencode
+
+    body = "# Fix the login bug\n\n" + "日本語のテキスト。\n" * 33_000  # 924 kB of UTF-8
+    sent = urlencode(form_values(task, body=body.replace("\n", "\r\n")))
+    assert len(sent) > 2_621_440  # over Django's default upload limit
+    response = editor.post(
+        f"/tasks/{task.pk}/edit/", sent, content_type="application/x-www-form-urlencoded", **HX
+    )
+    assert response.status_code == 200, response.content[:300]
+    assert task.path.read_text(encoding="utf-8").endswith("日本語のテキスト。\n" * 3)
+
+
+def test_a_form_over_the_upload_limit_is_refused_naming_the_limit(editor, task, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    before = task.path.read_bytes()
+    response = editor.post(f"/tasks/{task.pk}/edit/", form_values(task, body="x" * 20_000), **HX)
+    assert response.status_code == 413
+    assert response["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.content.decode() == (
+        "The form sent is over the 10,000-byte limit of what this server reads: nothing was "
+        "saved. A task file may be up to 1,048,576 bytes (HYPERVISOR_MAX_FILE_BYTES)."
+    )
+    assert task.path.read_bytes() == before

@@ -1,0 +1,23 @@
+"""Answers to requests Django refuses before any view of ours runs."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
+from django.views import defaults
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """A form over the upload limit would otherwise get Django's page saying only
+    "Bad Request (400)", which the board shows as its raw HTML: say what the limit is
+    (the board's error handler shows this text as it is)."""
+    if isinstance(exception, RequestDataTooBig):
+        return HttpResponse(
+            f"The form sent is over the {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,}-byte limit of "
+            "what this server reads: nothing was saved. A task file may be up to "
+            f"{settings.HYPERVISOR_MAX_FILE_BYTES:,} bytes (HYPERVISOR_MAX_FILE_BYTES).",
+            status=413,
+            content_type="text/plain; charset=utf-8",
+        )
+    return defaults.bad_request(request, exception)
