@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode, urlsplit
+
+from django.conf import settings
 from django.db import DataError
 from django.http import HttpResponseBadRequest, HttpResponseRedirect
+from django.shortcuts import resolve_url
+from django_htmx.http import HttpResponseClientRedirect
 
 
 def refuse_nul_in_query(get_response):
@@ -46,4 +51,25 @@ def admin_list_lookups(get_response):
         return None
 
     middleware.process_exception = process_exception
+    return middleware
+
+
+def login_page_for_htmx(get_response):
+    """An htmx request whose session has ended (logged out in another tab, expired) is
+    sent to the login form as a whole page, naming the page the person is on. Followed
+    inside the request, the redirect swapped the login form into the board, and logging in
+    there led to the fragment the live refresh had asked for."""
+
+    def middleware(request):
+        response = get_response(request)
+        login = resolve_url(settings.LOGIN_URL)
+        if (
+            request.htmx
+            and response.status_code == 302
+            and urlsplit(response["Location"]).path == login
+        ):
+            page = request.htmx.current_url_abs_path or "/"
+            return HttpResponseClientRedirect(f"{login}?{urlencode({'next': page})}")
+        return response
+
     return middleware

@@ -104,6 +104,7 @@ MIDDLEWARE = [
     "hypervisor_site.middleware.admin_list_lookups",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "hypervisor_site.middleware.login_page_for_htmx",
     # Last, as axes asks: it turns a refused login into the lockout page.
     "axes.middleware.AxesMiddleware",
 ]

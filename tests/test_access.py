@@ -74,6 +74,22 @@ def test_anonymous_is_sent_to_login(client, name, url, method):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(("name", "url"), [(n, u) for n, u in URLS if n not in SCRAPED])
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_an_htmx_request_without_a_session_takes_the_whole_page_to_login(
+    client, name, url, method
+):
+    """The live refresh or a drawer's save after the session ended: the page the person is
+    on goes to the login form and comes back there, not to the fragment asked for."""
+    htmx = {"HTTP_HX_REQUEST": "true", "HTTP_HX_CURRENT_URL": "http://testserver/?queue=a&q=b"}
+    response = getattr(client, method)(url, **htmx)
+    assert response.status_code == 200, f"{name} {url} answered {response.status_code}"
+    assert response["HX-Redirect"] == "/login/?next=%2F%3Fqueue%3Da%26q%3Db"
+    elsewhere = {**htmx, "HTTP_HX_CURRENT_URL": "https://evil.example/steal"}
+    assert getattr(client, method)(url, **elsewhere)["HX-Redirect"] == "/login/?next=%2F"
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(("name", "url"), URLS)
 @pytest.mark.parametrize("method", ["get", "post"])
 def test_login_without_permission_is_forbidden(client, django_user_model, name, url, method):

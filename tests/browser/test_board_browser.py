@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
-from tests.browser.conftest import screenshot, wait_until
+from tests.browser.conftest import PASSWORD, screenshot, wait_until
 from tests.conftest import make_tasks, start_manage
 from workqueue import locks, views
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
@@ -254,3 +254,24 @@ def test_the_filter_dropdowns_arrive_after_the_board_and_filter_it(logged_in_pag
     assert column_count(page, "queued") == 1
     assert page.locator('select[name=project] option[value="api"]').inner_text() == "api (1)"
     screenshot(page, "board-filter-dropdowns")
+
+
+def test_a_session_ended_elsewhere_takes_the_page_to_the_login_form(logged_in_page, live_url):
+    """Logged out in another tab (or the session expired): the board's live refresh and a
+    drawer's save must not swap the login page into the board, nor send the person, once
+    logged in again, to the fragment a refresh asked for."""
+    from django.contrib.sessions.models import Session
+
+    make_tasks("gone", 3)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=gone")
+    assert column(page, "queued").locator("article.card").count() == 3
+    Session.objects.all().delete()
+    page.wait_for_url(f"{live_url}/login/?next=%2F%3Fqueue%3Dgone", timeout=20_000)
+    assert page.locator("section.column").count() == 0
+    assert page.locator("input[name=password]").count() == 1
+    page.fill("input[name=username]", "browser")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit], input[type=submit]")
+    page.wait_for_url(f"{live_url}/?queue=gone")
+    assert column(page, "queued").locator("article.card").count() == 3
