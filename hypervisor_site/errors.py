@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
-from django.views import defaults
+from django.views import csrf, defaults
 
 
 def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
@@ -21,3 +21,17 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
             content_type="text/plain; charset=utf-8",
         )
     return defaults.bad_request(request, exception)
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """A board opened before a login elsewhere (which renews the CSRF secret) sends the
+    old token; the board shows an htmx refusal's text to the person, so it gets a
+    sentence saying what to do, not Django's page as raw HTML."""
+    if request.headers.get("HX-Request") == "true":
+        return HttpResponse(
+            "Refused (CSRF check failed): this page is older than your last login. Reload "
+            "the page and try again.",
+            status=403,
+            content_type="text/plain; charset=utf-8",
+        )
+    return csrf.csrf_failure(request, reason)

@@ -28,6 +28,7 @@ ALLOWED_HOSTS = [
 CSRF_TRUSTED_ORIGINS = [
     o.strip() for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
 ]
+CSRF_FAILURE_VIEW = "hypervisor_site.errors.csrf_failure"
 
 HYPERVISOR_DATA_DIR = envpath("HYPERVISOR_DATA_DIR", BASE_DIR / "var")
 HYPERVISOR_LOCK_ROOT = envpath("HYPERVISOR_LOCK_ROOT", HYPERVISOR_DATA_DIR / "locks")

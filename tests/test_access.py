@@ -119,6 +119,25 @@ def test_post_without_csrf_token_is_refused(django_user_model, name, url):
 
 
 @pytest.mark.django_db
+def test_an_htmx_post_from_a_page_older_than_the_login_says_to_reload(django_user_model):
+    """A login (in another tab) renews the CSRF secret: a board opened before it sends the
+    old token. htmx shows a refusal's text to the person: a sentence, not Django's page."""
+    user = django_user_model.objects.create_superuser("root", "", "pw-root-123")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    client.get("/")
+    stale = {"HTTP_HX_REQUEST": "true", "HTTP_X_CSRFTOKEN": "x" * 64}
+    response = client.post("/bulk/", {"action": "close", "ids": "1"}, **stale)
+    assert response.status_code == 403
+    assert response["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.content.decode() == (
+        "Refused (CSRF check failed): this page is older than your last login. Reload "
+        "the page and try again."
+    )
+    assert b"<html" in client.post("/bulk/", {"action": "close", "ids": "1"}).content
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     "url", ["/logout/", "/admin/queue/task/locks/", "/admin/queue/task/", "/login/"]
 )
