@@ -1,4 +1,8 @@
-"""Answers to requests Django refuses before any view of ours runs."""
+"""Answers to requests refused outside our views' own forms: a form over the upload
+limit, a CSRF failure, a task gone meanwhile, a permission missing.
+
+The board shows the text of an htmx request's refusal to the person as it is (board.js),
+so an htmx request gets a sentence, not one of Django's pages as raw HTML."""
 
 from __future__ import annotations
 
@@ -8,30 +12,49 @@ from django.http import HttpRequest, HttpResponse
 from django.views import csrf, defaults
 
 
+def _said(text: str, status: int) -> HttpResponse:
+    return HttpResponse(text, status=status, content_type="text/plain; charset=utf-8")
+
+
+def _htmx(request: HttpRequest) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
 def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
-    """A form over the upload limit would otherwise get Django's page saying only
-    "Bad Request (400)", which the board shows as its raw HTML: say what the limit is
-    (the board's error handler shows this text as it is)."""
-    if isinstance(exception, RequestDataTooBig):
-        return HttpResponse(
+    if isinstance(exception, RequestDataTooBig):  # Django's page says only "Bad Request"
+        return _said(
             f"The form sent is over the {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,}-byte limit of "
             "what this server reads: nothing was saved. A task file may be up to "
             f"{settings.HYPERVISOR_MAX_FILE_BYTES:,} bytes (HYPERVISOR_MAX_FILE_BYTES).",
-            status=413,
-            content_type="text/plain; charset=utf-8",
+            413,
         )
     return defaults.bad_request(request, exception)
 
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """A board opened before a login elsewhere (which renews the CSRF secret) sends the
-    old token; the board shows an htmx refusal's text to the person, so it gets a
-    sentence saying what to do, not Django's page as raw HTML."""
-    if request.headers.get("HX-Request") == "true":
-        return HttpResponse(
+    old token."""
+    if _htmx(request):
+        return _said(
             "Refused (CSRF check failed): this page is older than your last login. Reload "
             "the page and try again.",
-            status=403,
-            content_type="text/plain; charset=utf-8",
+            403,
         )
     return csrf.csrf_failure(request, reason)
+
+
+def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if _htmx(request):
+        return _said(
+            "Refused: your account does not have the permission this needs (an admin can "
+            "give it).",
+            403,
+        )
+    return defaults.permission_denied(request, exception)
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """A card on a board not yet refreshed whose task was deleted meanwhile."""
+    if _htmx(request):
+        return _said(f"Not found: {request.path} (deleted meanwhile?). Reload the page.", 404)
+    return defaults.page_not_found(request, exception)

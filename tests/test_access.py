@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.urls.resolvers import RoutePattern
@@ -116,6 +117,28 @@ def test_post_without_csrf_token_is_refused(django_user_model, name, url):
     response = client.post(url, {"action": "done"})
     assert response.status_code == 403, f"{name} {url} answered {response.status_code}"
     assert b"CSRF" in response.content
+
+
+@pytest.mark.django_db
+def test_htmx_refusals_are_sentences_the_board_can_show(client, django_user_model):
+    """board.js shows a refused htmx request's text as it is: Django's pages were raw HTML."""
+    user = django_user_model.objects.create_user("viewer", password="pw-viewer-123")
+    user.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client.force_login(user)
+    htmx = {"HTTP_HX_REQUEST": "true"}
+    gone = client.get("/tasks/999999/", **htmx)
+    assert (gone.status_code, gone["Content-Type"]) == (404, "text/plain; charset=utf-8")
+    assert (
+        gone.content.decode() == "Not found: /tasks/999999/ (deleted meanwhile?). Reload the page."
+    )
+    denied = client.post("/bulk/", {"action": "close", "ids": "1"}, **htmx)
+    assert (denied.status_code, denied["Content-Type"]) == (403, "text/plain; charset=utf-8")
+    assert "does not have the permission" in denied.content.decode()
+    # Without htmx, Django's pages as before.
+    assert b"<h1>Not Found</h1>" in client.get("/tasks/999999/").content
+    assert (
+        b"<h1>403 Forbidden</h1>" in client.post("/bulk/", {"action": "close", "ids": "1"}).content
+    )
 
 
 @pytest.mark.django_db
