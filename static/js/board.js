@@ -126,10 +126,4 @@
     const next = invalid || target.querySelector("[data-autofocus]") || target.querySelector("h1");
     if (next) next.focus();
   });
-
-  // A refused action (409: the task moved meanwhile) is said out loud, not swallowed.
-  document.addEventListener("htmx:responseError", function (event) {
-    const xhr = event.detail.xhr;
-    if (xhr && xhr.status >= 400 && xhr.status < 500) window.alert(xhr.responseText);
-  });
 })();

@@ -275,3 +275,39 @@ def test_a_session_ended_elsewhere_takes_the_page_to_the_login_form(logged_in_pa
     page.click("button[type=submit], input[type=submit]")
     page.wait_for_url(f"{live_url}/?queue=gone")
     assert column(page, "queued").locator("article.card").count() == 3
+
+
+def test_a_refusal_is_said_in_one_line_that_a_refused_refresh_does_not_repeat(
+    logged_in_page, live_url, browser_user
+):
+    """No dialogs: a card's action on a task deleted meanwhile names it in the page's
+    refusal line, and a refresh refused every two seconds (the permission taken away)
+    says so there once, and the line goes when the refresh succeeds again."""
+    make_tasks("refused", 2)
+    page = logged_in_page
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(f"{live_url}/?queue=refused")
+    line = page.locator("#refusal")
+    assert line.is_hidden()
+    gone = Task.objects.get(queue="refused", key="t000000")
+    pk = gone.pk
+    card = column(page, "queued").locator(f'article[data-id="{pk}"]')
+    gone.delete()
+    card.get_by_role("button", name="Done").click()
+    wait_until(line.is_visible, 10, "the refusal was not shown")
+    assert line.locator("span").inner_text() == (
+        f"Not found: /tasks/{pk}/action/ (deleted meanwhile?). Reload the page."
+    )
+    line.get_by_role("button", name="Dismiss").click()
+    assert line.is_hidden()
+
+    browser_user.is_superuser = False
+    browser_user.save()
+    wait_until(line.is_visible, 10, "the refused refresh was not shown")
+    assert "does not have the permission" in line.inner_text()
+    time.sleep(4.5)  # two more refused refreshes
+    browser_user.is_superuser = True
+    browser_user.save()
+    wait_until(line.is_hidden, 10, "the line stayed after the refresh succeeded")
+    assert dialogs == []
