@@ -43,7 +43,9 @@ class Result:
         """Equal for results that write the same values into their rows (every field, the
         data as JSON): a batch's finishes with one key share one UPDATE."""
         return tuple(
-            json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict) else value
+            (json.dumps(value, sort_keys=True, default=str) if value else "{}")
+            if isinstance(value, dict)
+            else value
             for value in vars(self).values()
         )
 

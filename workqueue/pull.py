@@ -42,7 +42,7 @@ from workqueue.editing import Conflict, EditError, FileChanged, edit_task, valid
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status, Task
 from workqueue.processors import Claim, Result
-from workqueue.routing import FilterError, TaskFilter
+from workqueue.routing import FilterError, TaskFilter, field_is
 
 log = logging.getLogger("workqueue.pull")
 
@@ -225,7 +225,7 @@ class PullSession:
             tasks = _with_status(tasks, _status_word(status))
         for name, value in (("project", project), ("type", type), ("assignee", assignee)):
             if value not in (None, ""):
-                tasks = tasks.filter(**{name: _text(value, name, limit=200)})
+                tasks = tasks.filter(field_is(name, _text(value, name, limit=200)))
         if priority not in (None, ""):
             tasks = tasks.filter(priority=_number(priority, "priority"))
         if priority_max not in (None, ""):

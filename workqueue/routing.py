@@ -21,6 +21,16 @@ class FilterError(ValueError):
     pass
 
 
+def field_is(field: str, value: str) -> Q:
+    """`field` equals `value`. For a value, also says that the field is not empty: the
+    board's index of each field holds only tasks that have one (a claim or finish of the
+    many tasks without one writes no entry there), and SQLite uses such a partial index
+    only for a query that states its condition in the same words."""
+    if value and field in TEXT_FIELDS:
+        return Q(**{field: value, f"{field}__gt": ""})
+    return Q(**{field: value})
+
+
 @dataclass(frozen=True)
 class Condition:
     field: str
@@ -38,8 +48,10 @@ class Condition:
                 "<=": "priority__lte",
             }[self.op]
             q = Q(**{lookup: int(self.value)})
-        else:
+        elif self.op == "!=":
             q = Q(**{self.field: self.value})
+        else:
+            q = field_is(self.field, self.value)
         return ~q if self.op == "!=" else q
 
     def __str__(self) -> str:
