@@ -181,3 +181,34 @@ def test_claims_keep_their_queue_index_when_statistics_exist():
 def test_postgresql_is_left_to_its_autovacuum():
     tasks_like_a_busy_inbox(2000)
     assert not Task.objects.keep_statistics()
+
+
+@pytest.mark.django_db
+def test_each_fields_index_holds_only_the_tasks_with_a_value_and_serves_its_filter(
+    admin_client,
+):
+    """A claim and a finish move a task's entry in every index holding its status: the
+    index of a field the task leaves empty holds no entry for it (no filter asks for an
+    empty value), and a board filtered by the field still counts from that index."""
+    tasks_like_a_busy_inbox(2000)
+    Task.objects.keep_statistics()
+    with connection.cursor() as cursor:
+        for field in ("project", "assignee", "complexity", "type"):
+            if connection.vendor == "sqlite":
+                cursor.execute(
+                    "SELECT sql FROM sqlite_master WHERE name = %s", [f"task_board_{field}"]
+                )
+                assert cursor.fetchone()[0].endswith(f"WHERE NOT (\"{field}\" = '')")
+            else:
+                cursor.execute(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = %s",
+                    [f"task_board_{field}"],
+                )
+                assert cursor.fetchone()[0].endswith(f"WHERE (NOT (({field})::text = ''::text))")
+    for field, value in (("project", "project-3"), ("assignee", "ann"), ("complexity", "large")):
+        with CaptureQueriesContext(connection) as statements:
+            response = admin_client.get("/", {field: value})
+        assert response.context["total"] == Task.objects.filter(**{field: value}).count() > 0
+        if connection.vendor == "sqlite":
+            (sql,) = [q["sql"] for q in statements.captured_queries if 'AS "queued"' in q["sql"]]
+            assert f"COVERING INDEX task_board_{field} ({field}=?" in plan(sql), plan(sql)

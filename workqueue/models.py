@@ -441,7 +441,7 @@ class Task(models.Model):
                     + [other for other in TEXT_FIELDS if other != field]
                     + ["updated_at"],
                     name=f"task_board_{field}",
-                    condition=Q(**{f"{field}__gt": ""}),
+                    condition=~Q(**{field: ""}),
                 )
                 for field in TEXT_FIELDS
             ),

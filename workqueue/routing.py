@@ -27,7 +27,7 @@ def field_is(field: str, value: str) -> Q:
     many tasks without one writes no entry there), and SQLite uses such a partial index
     only for a query that states its condition in the same words."""
     if value and field in TEXT_FIELDS:
-        return Q(**{field: value, f"{field}__gt": ""})
+        return Q(**{field: value}) & ~Q(**{field: ""})
     return Q(**{field: value})
 
 

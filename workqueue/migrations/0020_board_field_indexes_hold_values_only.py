@@ -43,7 +43,7 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="task",
             index=models.Index(
-                condition=models.Q(("project__gt", "")),
+                condition=models.Q(("project", ""), _negated=True),
                 fields=[
                     "project",
                     "status",
@@ -62,7 +62,7 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="task",
             index=models.Index(
-                condition=models.Q(("assignee__gt", "")),
+                condition=models.Q(("assignee", ""), _negated=True),
                 fields=[
                     "assignee",
                     "status",
@@ -81,7 +81,7 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="task",
             index=models.Index(
-                condition=models.Q(("complexity__gt", "")),
+                condition=models.Q(("complexity", ""), _negated=True),
                 fields=[
                     "complexity",
                     "status",
@@ -100,7 +100,7 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="task",
             index=models.Index(
-                condition=models.Q(("type__gt", "")),
+                condition=models.Q(("type", ""), _negated=True),
                 fields=[
                     "type",
                     "status",
