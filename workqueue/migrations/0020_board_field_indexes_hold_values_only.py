@@ -6,6 +6,17 @@ indexes."""
 
 from django.db import migrations, models
 
+FIELDS = ("project", "assignee", "complexity", "type")
+
+
+def board_index(field: str) -> models.Index:
+    others = [other for other in FIELDS if other != field]
+    return models.Index(
+        fields=[field, "status", "priority", "id", "queue", "tag_index", *others, "updated_at"],
+        name=f"task_board_{field}",
+        condition=models.Q((field, ""), _negated=True),
+    )
+
 
 def measure_again(apps, schema_editor):
     if schema_editor.connection.vendor != "sqlite":
@@ -24,97 +35,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.RemoveIndex(
-            model_name="task",
-            name="task_board_project",
-        ),
-        migrations.RemoveIndex(
-            model_name="task",
-            name="task_board_assignee",
-        ),
-        migrations.RemoveIndex(
-            model_name="task",
-            name="task_board_complexity",
-        ),
-        migrations.RemoveIndex(
-            model_name="task",
-            name="task_board_type",
-        ),
-        migrations.AddIndex(
-            model_name="task",
-            index=models.Index(
-                condition=models.Q(("project", ""), _negated=True),
-                fields=[
-                    "project",
-                    "status",
-                    "priority",
-                    "id",
-                    "queue",
-                    "tag_index",
-                    "assignee",
-                    "complexity",
-                    "type",
-                    "updated_at",
-                ],
-                name="task_board_project",
-            ),
-        ),
-        migrations.AddIndex(
-            model_name="task",
-            index=models.Index(
-                condition=models.Q(("assignee", ""), _negated=True),
-                fields=[
-                    "assignee",
-                    "status",
-                    "priority",
-                    "id",
-                    "queue",
-                    "tag_index",
-                    "project",
-                    "complexity",
-                    "type",
-                    "updated_at",
-                ],
-                name="task_board_assignee",
-            ),
-        ),
-        migrations.AddIndex(
-            model_name="task",
-            index=models.Index(
-                condition=models.Q(("complexity", ""), _negated=True),
-                fields=[
-                    "complexity",
-                    "status",
-                    "priority",
-                    "id",
-                    "queue",
-                    "tag_index",
-                    "project",
-                    "assignee",
-                    "type",
-                    "updated_at",
-                ],
-                name="task_board_complexity",
-            ),
-        ),
-        migrations.AddIndex(
-            model_name="task",
-            index=models.Index(
-                condition=models.Q(("type", ""), _negated=True),
-                fields=[
-                    "type",
-                    "status",
-                    "priority",
-                    "id",
-                    "queue",
-                    "tag_index",
-                    "project",
-                    "assignee",
-                    "complexity",
-                    "updated_at",
-                ],
-                name="task_board_type",
-            ),
-        ),
+        *(migrations.RemoveIndex(model_name="task", name=f"task_board_{f}") for f in FIELDS),
+        *(migrations.AddIndex(model_name="task", index=board_index(f)) for f in FIELDS),
         migrations.RunPython(measure_again, migrations.RunPython.noop),
     ]
