@@ -1,7 +1,7 @@
 """Answers to requests refused outside our views' own forms: a form over the upload
 limit, a CSRF failure, a task gone meanwhile, a permission missing.
 
-The board shows the text of an htmx request's refusal to the person as it is (board.js),
+Every page shows the text of an htmx request's refusal to the person as it is (refusals.js),
 so an htmx request gets a sentence, not one of Django's pages as raw HTML."""
 
 from __future__ import annotations
