@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from workqueue import locks
-from workqueue.models import Status, Task
+from workqueue.models import Status, Task, consumer_wait
 from workqueue.processing import Processor
 from workqueue.processors import CommandProcessor, load_processor, read_prompt
 from workqueue.routing import FilterError, TaskFilter
@@ -402,6 +402,10 @@ class Herd(models.Model):
     @property
     def ended(self) -> bool:
         return self.status in ENDED
+
+    @property
+    def consumer_wait(self) -> int:
+        return consumer_wait(self.status == HerdStatus.PENDING, self.created_at)
 
     @classmethod
     def launch(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import time
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.utils import timezone
 
 from workqueue import bulk
 from workqueue.importer import Importer
@@ -237,3 +239,19 @@ def test_saved_view_keeps_only_valid_filters(alice, inbox):
     assert '<a href="/?project=web&amp;tag=bug">web bugs</a>' in html
     alice.post("/views/", {"name": "web bugs", "query": "tag=a|b"})
     assert alice.get("/").content.decode().count(">web bugs</a>") == 1
+
+
+def test_an_action_no_consumer_picks_up_says_what_it_waits_for(alice, inbox):
+    """A server started on its own (no Huey consumer beside it): the action would sit at
+    "0 of N" for ever; after a few seconds the status says what it waits for."""
+    tasks = inbox(3)
+    action = BulkAction.objects.create(actor="alice", action="close", total=len(tasks))
+    assert "consumer" not in alice.get(f"/bulk/{action.pk}/").content.decode()
+    BulkAction.objects.filter(pk=action.pk).update(
+        created_at=timezone.now() - timedelta(seconds=42)
+    )
+    html = alice.get(f"/bulk/{action.pk}/").content.decode()
+    assert "Waiting 42 s for the task consumer" in html
+    assert "python manage.py run_huey" in html
+    BulkAction.objects.filter(pk=action.pk).update(status="running")
+    assert "consumer" not in alice.get(f"/bulk/{action.pk}/").content.decode()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.exceptions import ValidationError
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from herds.models import Herd, HerdStatus, Profile
 from herds.supervision import worker_argv
@@ -329,3 +331,18 @@ def test_admin_profile_form_shows_validation_errors():
     assert response.status_code == 200
     assert "non-empty list of strings" in response.content.decode()
     assert not Profile.objects.filter(name="shell").exists()
+
+
+def test_a_launch_no_consumer_picks_up_says_what_it_waits_for(profile, viewer):
+    """Launched from the page while no Huey consumer runs: pending for ever, unless the
+    page says what it waits for (after a few seconds, as a launch takes well under one)."""
+    pending = Herd.objects.create(queue="inbox", profile=profile, size=2)
+    client = client_for(viewer)
+    live = reverse("herds:live", args=[pending.pk])
+    assert "consumer" not in client.get(live).content.decode()
+    Herd.objects.filter(pk=pending.pk).update(created_at=timezone.now() - timedelta(seconds=75))
+    html = client.get(reverse("herds:detail", args=[pending.pk])).content.decode()
+    assert "Waiting 75 s for the task consumer" in html
+    assert "python manage.py run_huey" in html
+    Herd.objects.filter(pk=pending.pk).update(status=HerdStatus.RUNNING)
+    assert "consumer" not in client.get(live).content.decode()

@@ -939,6 +939,18 @@ class BulkStatus(models.TextChoices):
     FAILED = "failed"
 
 
+# A running Huey consumer picks up a launch or a bulk action in well under a second: one
+# still pending after this long has no consumer (a web server started on its own).
+CONSUMER_PATIENCE = timedelta(seconds=10)
+
+
+def consumer_wait(pending: bool, since) -> int:
+    """Seconds something pending has waited for the consumer, once past
+    CONSUMER_PATIENCE, else 0: its page then says what it waits for."""
+    waited = timezone.now() - since
+    return int(waited.total_seconds()) if pending and waited > CONSUMER_PATIENCE else 0
+
+
 class BulkAction(models.Model):
     """One action over many selected tasks, run in the background (workqueue.bulk).
 
@@ -983,6 +995,10 @@ class BulkAction(models.Model):
     @property
     def percent(self) -> int:
         return round(100 * self.processed / self.total) if self.total else 100
+
+    @property
+    def consumer_wait(self) -> int:
+        return consumer_wait(self.status == BulkStatus.PENDING, self.created_at)
 
     @property
     def skipped_count(self) -> int:
