@@ -1,5 +1,5 @@
 """Answers to requests refused outside our views' own forms: a form over the upload
-limit, a CSRF failure, a task gone meanwhile, a permission missing.
+limits, a CSRF failure, a task gone meanwhile, a permission missing.
 
 Every page shows the text of an htmx request's refusal to the person as it is (refusals.js),
 so an htmx request gets a sentence, not one of Django's pages as raw HTML."""
@@ -7,7 +7,7 @@ so an htmx request gets a sentence, not one of Django's pages as raw HTML."""
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.http import HttpRequest, HttpResponse
 from django.views import csrf, defaults
 
@@ -26,6 +26,12 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
             f"The form sent is over the {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,}-byte limit of "
             "what this server reads: nothing was saved. A task file may be up to "
             f"{settings.HYPERVISOR_MAX_FILE_BYTES:,} bytes (HYPERVISOR_MAX_FILE_BYTES).",
+            413,
+        )
+    if isinstance(exception, TooManyFieldsSent):
+        return _said(
+            f"The form sent has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS:,} fields, "
+            "the most this server reads: nothing was saved.",
             413,
         )
     return defaults.bad_request(request, exception)

@@ -37,6 +37,8 @@ HYPERVISOR_MAX_FILE_BYTES = envint("HYPERVISOR_MAX_FILE_BYTES", 1024 * 1024, min
 # A browser sends a form percent-encoded, up to three bytes for each byte of a file's
 # text: the editor must be able to send back any file the import took.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(2_621_440, 3 * HYPERVISOR_MAX_FILE_BYTES + 64 * 1024)
+# A triage review sends a decision per proposal: thousands, for an inbox of thousands.
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 100_000
 HYPERVISOR_LEASE_SECONDS = envint("HYPERVISOR_LEASE_SECONDS", 300, minimum=1)
 # A lock whose owner.json is not one of our workers' (no pid or start time, another
 # format) is held by its live pid at most this long, then cleaned as abandoned.

@@ -245,3 +245,37 @@ def test_the_herd_page_never_says_6_of_5(client, django_user_model):
     assert "6 finished: 5 ready at the start, 1 unblocked" in html
     assert "6 of 5" not in html
     assert 'value="100"' in html  # the bar is full, not past full
+
+
+def test_a_review_of_more_than_a_thousand_proposals_applies_them_all(
+    client, django_user_model, write_task
+):
+    """ "Triage this view" over an inbox of thousands: Accept all sends a decision per
+    proposal, past Django's default of 1,000 fields a form may hold."""
+    for n in range(1100):
+        write_task(
+            f"t{n}.md", f"---\nid: t{n}\ntitle: Fix the bug in /src/x{n}.py\nproject: web\n---\n"
+        )
+    assert not Importer("inbox", roots=[write_task.folder]).run([write_task.folder]).errors
+    login(client, django_user_model, "view_task", "change_task", "add_herd")
+    herd = triage_herd()
+    dry_run(herd)
+    decisions = {f"decision-{pk}": "accept" for pk in Task.objects.values_list("pk", flat=True)}
+    done = client.post(f"/triage/{herd.pk}/apply/", decisions)
+    assert done.status_code == 200, done.content[:300]
+    assert "Applied 1,100, rejected 0." in done.content.decode()
+    assert "complexity: mechanical" in (write_task.folder / "t1099.md").read_text()
+
+
+def test_a_form_of_more_fields_than_the_server_reads_is_refused_in_words(
+    client, django_user_model, settings
+):
+    login(client, django_user_model, "view_task", "change_task", "add_herd")
+    herd = triage_herd()
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 10
+    decisions = {f"decision-{n}": "accept" for n in range(20)}
+    refused = client.post(f"/triage/{herd.pk}/apply/", decisions)
+    assert (refused.status_code, refused["Content-Type"]) == (413, "text/plain; charset=utf-8")
+    assert refused.content.decode() == (
+        "The form sent has more than 10 fields, the most this server reads: nothing was saved."
+    )
