@@ -16,8 +16,11 @@ def _said(text: str, status: int) -> HttpResponse:
     return HttpResponse(text, status=status, content_type="text/plain; charset=utf-8")
 
 
-def _htmx(request: HttpRequest) -> bool:
-    return request.headers.get("HX-Request") == "true"
+def _to_htmx(request: HttpRequest, text: str, status: int, page) -> HttpResponse:
+    """`text` for an htmx request, else Django's own `page()`."""
+    if request.headers.get("HX-Request") == "true":
+        return _said(text, status)
+    return page()
 
 
 def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
@@ -40,27 +43,19 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """A board opened before a login elsewhere (which renews the CSRF secret) sends the
     old token."""
-    if _htmx(request):
-        return _said(
-            "Refused (CSRF check failed): this page is older than your last login. Reload "
-            "the page and try again.",
-            403,
-        )
-    return csrf.csrf_failure(request, reason)
+    text = (
+        "Refused (CSRF check failed): this page is older than your last login. Reload the "
+        "page and try again."
+    )
+    return _to_htmx(request, text, 403, lambda: csrf.csrf_failure(request, reason))
 
 
 def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
-    if _htmx(request):
-        return _said(
-            "Refused: your account does not have the permission this needs (an admin can "
-            "give it).",
-            403,
-        )
-    return defaults.permission_denied(request, exception)
+    text = "Refused: your account does not have the permission this needs (an admin can give it)."
+    return _to_htmx(request, text, 403, lambda: defaults.permission_denied(request, exception))
 
 
 def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     """A card on a board not yet refreshed whose task was deleted meanwhile."""
-    if _htmx(request):
-        return _said(f"Not found: {request.path} (deleted meanwhile?). Reload the page.", 404)
-    return defaults.page_not_found(request, exception)
+    text = f"Not found: {request.path} (deleted meanwhile?). Reload the page."
+    return _to_htmx(request, text, 404, lambda: defaults.page_not_found(request, exception))
