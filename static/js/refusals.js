@@ -1,6 +1,7 @@
 // A refused htmx request is said in one line at the top of the page (role=alert), not in a
 // dialog: the board's refresh, refused every two seconds, must not stack up dialogs. The
-// line goes when the request that was refused next succeeds, or when dismissed.
+// line goes when the request that was refused next succeeds, when the person's next
+// request (not a refresh) succeeds, or when dismissed.
 (function () {
   "use strict";
 
@@ -37,8 +38,14 @@
     say("No answer from the server: is Hypervisor running?", event.detail.elt);
   });
 
+  // Requests the page makes by itself: refreshes, and parts fetched once it has loaded.
+  function automatic(elt) {
+    return /\b(every|load)\b/.test((elt.getAttribute && elt.getAttribute("hx-trigger")) || "");
+  }
+
   document.addEventListener("htmx:afterRequest", function (event) {
-    if (event.detail.successful && event.detail.elt === refused) clear();
+    const elt = event.detail.elt;
+    if (refused && event.detail.successful && (elt === refused || !automatic(elt))) clear();
   });
 
   document.addEventListener("click", function (event) {
