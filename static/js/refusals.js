@@ -43,9 +43,12 @@
     return /\b(every|load)\b/.test((elt.getAttribute && elt.getAttribute("hx-trigger")) || "");
   }
 
-  document.addEventListener("htmx:afterRequest", function (event) {
+  // Before the response is swapped in: a refresh may replace its own element, and the
+  // events after the swap then name the nearest element left instead.
+  document.addEventListener("htmx:beforeOnLoad", function (event) {
     const elt = event.detail.elt;
-    if (refused && event.detail.successful && (elt === refused || !automatic(elt))) clear();
+    const answered = event.detail.xhr.status < 400;
+    if (refused && answered && (elt === refused || !automatic(elt))) clear();
   });
 
   document.addEventListener("click", function (event) {

@@ -315,7 +315,10 @@ def test_a_refusal_is_said_in_one_line_that_a_refused_refresh_does_not_repeat(
     line.get_by_role("button", name="Dismiss").click()
     assert line.is_hidden()
     wait_until(line.is_visible, 10, "a refresh refused again was not said again")
+    # The board changed meanwhile: the refresh that succeeds replaces its own element.
+    Task.objects.filter(pk=other.pk).update(title="Changed meanwhile", updated_at=timezone.now())
     browser_user.is_superuser = True
     browser_user.save()
     wait_until(line.is_hidden, 10, "the line stayed after the refresh succeeded")
+    assert "Changed meanwhile" in column(page, "done").inner_text()
     assert dialogs == []
