@@ -265,6 +265,10 @@ def test_a_review_of_more_than_a_thousand_proposals_applies_them_all(
     assert done.status_code == 200, done.content[:300]
     assert "Applied 1,100, rejected 0." in done.content.decode()
     assert "complexity: mechanical" in (write_task.folder / "t1099.md").read_text()
+    # The bodies the rules changed (a link to the project) are stored and searched.
+    body = Task.objects.get(key="t7").body
+    assert "[[web]]" in body and body in (write_task.folder / "t7.md").read_text()
+    assert client.get("/", {"queue": "inbox", "q": "[[web]]"}).context["total"] == 1100
 
 
 def test_a_form_of_more_fields_than_the_server_reads_is_refused_in_words(
