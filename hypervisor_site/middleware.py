@@ -62,14 +62,12 @@ def login_page_for_htmx(get_response):
 
     def middleware(request):
         response = get_response(request)
+        if not (request.htmx and response.status_code == 302):
+            return response
         login = resolve_url(settings.LOGIN_URL)
-        if (
-            request.htmx
-            and response.status_code == 302
-            and urlsplit(response["Location"]).path == login
-        ):
-            page = request.htmx.current_url_abs_path or "/"
-            return HttpResponseClientRedirect(f"{login}?{urlencode({'next': page})}")
-        return response
+        if urlsplit(response["Location"]).path != login:
+            return response
+        page = request.htmx.current_url_abs_path or "/"
+        return HttpResponseClientRedirect(f"{login}?{urlencode({'next': page})}")
 
     return middleware
