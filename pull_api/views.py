@@ -13,7 +13,6 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_POST
 
 from pull_api.models import NAME, ApiToken
-from workqueue.mcp_server import serve_http_request
 from workqueue.names import validate_queue_name
 from workqueue.pull import PullSession
 from workqueue.routing import FilterError, TaskFilter
@@ -56,6 +55,10 @@ def mcp_endpoint(request: HttpRequest) -> HttpResponse:
         return _refuse(400, f"add ?queue=NAME to the URL: {exc.messages[0]}")
     except FilterError as exc:
         return _refuse(400, f"where: {exc}")
+    # Imported here: the MCP SDK takes half a second to load, and every management command
+    # that runs Django's checks loads this module through the URLconf.
+    from workqueue.mcp_server import serve_http_request
+
     session = PullSession(
         queue,
         token.identity(),

@@ -6,6 +6,7 @@ import sys
 
 from django.conf import settings
 
+from herds.models import Profile
 from tests.conftest import MANAGE, ROOT
 
 # Each of these was once loaded by every worker, for pages, logins, the admin, the MCP
@@ -37,10 +38,11 @@ NOT_FOR_WORKERS = [
     "redis",
 ]
 
-# Runs manage.py as `python manage.py work ...` does, then reports what the process loaded.
+# Runs manage.py as `python manage.py ARGS...` does, then reports what the process loaded
+# (also when the command fails).
 REPORT = """
 import atexit, gc, json, runpy, sys
-manage, report, queue = sys.argv[1:]
+manage, report, *args = sys.argv[1:]
 
 def write_report():
     with open(report, "w") as f:
@@ -48,23 +50,28 @@ def write_report():
                    "frozen": gc.get_freeze_count()}, f)
 
 atexit.register(write_report)
-sys.argv = [manage, "work", "--queue", queue, "--json"]
+sys.argv = [manage, *args]
 runpy.run_path(manage, run_name="__main__")
 """
 
 
-def start_worker(process_env, tmp_path, queue: str = "nothing-queued") -> tuple[dict, dict]:
+def run_command(process_env, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     report = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, "-c", REPORT, MANAGE, str(report), queue],
+        [sys.executable, "-c", REPORT, MANAGE, str(report), *args],
         env=process_env,
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+    return done, json.loads(report.read_text())
+
+
+def start_worker(process_env, tmp_path, queue: str = "nothing-queued") -> tuple[dict, dict]:
+    done, report = run_command(process_env, tmp_path, "work", "--queue", queue, "--json")
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout), json.loads(report.read_text())
+    return json.loads(done.stdout), report
 
 
 def test_worker_on_an_empty_queue_loads_none_of_the_web_or_agent_modules(process_env, tmp_path):
@@ -89,3 +96,20 @@ def test_the_web_server_keeps_every_app():
     assert not settings.HYPERVISOR_WORKER_PROCESS
     assert set(settings.WEB_ONLY_APPS).issubset(settings.INSTALLED_APPS)
     assert "axes.backends.AxesStandaloneBackend" in settings.AUTHENTICATION_BACKENDS
+
+
+def test_commands_other_than_mcp_do_not_load_the_mcp_sdk(process_env, tmp_path):
+    # The SDK takes half a second to load, and Django's checks loaded it through the
+    # URLconf for every command; a herd's launch is timed from its command.
+    Profile.objects.create(name="noop", processor="noop")
+    herd, report = run_command(
+        process_env, tmp_path, "herd", "--queue", "q", "--profile", "noop", "--workers", "1"
+    )
+    assert herd.returncode == 0, herd.stderr
+    assert "launched" in herd.stdout
+    assert "mcp" not in report["modules"]
+    for args in [("reap_locks",), ("queue_stats",), ("import_tasks", "--queue", "q", ".")]:
+        done, report = run_command(process_env, tmp_path, *args)
+        # These run Django's checks, so the URLconf and the MCP endpoint's view are loaded.
+        assert "pull_api.views" in report["modules"], (args, done.stderr)
+        assert "mcp" not in report["modules"], args

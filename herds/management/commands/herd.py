@@ -22,6 +22,8 @@ def dollars(value: str) -> Decimal:
 
 class Command(BaseCommand):
     help = "Launch a herd of workers on a queue through Huey; --wait follows it to the end."
+    # A launch is timed from this command; `manage.py check` and the server run the checks.
+    requires_system_checks = []
 
     def add_arguments(self, parser):
         parser.add_argument("--queue", required=True, type=queue_name_argument)
