@@ -1,9 +1,17 @@
-"""Herd benchmark: launch latency and load balance through a real Huey consumer. Prints JSON.
+"""Herd benchmark: launch latency, load balance, and a herd of no-op workers draining a
+queue beside the mkdir-lock script, all through a real Huey consumer. Prints JSON.
 
     python bench/bench_herds.py [--launches 10] [--tasks 200] [--workers 8]
+                                [--drain-tasks 10000] [--repeat 3]
 
 Everything runs in child processes against a private SQLite database and SQLite Huey
 storage in a temporary folder, so that `run()` can be called from another benchmark.
+
+The draining row times a herd as a person starts one: from the `herd` command (its own
+start-up, the consumer picking the launch up, the workers forked by the preloaded fork
+server) to the last task finished. The mkdir script is timed as a whole process, start-up
+included, on the same task files; the two take turns after a sync and a pause, median of
+--repeat runs each (bench_core's rules).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = str(ROOT / "manage.py")
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_core import median_run, run_script, settle, write_tasks  # noqa: E402
 
 SETUP = """
 import json
@@ -35,6 +45,11 @@ Profile.objects.update_or_create(
               "max_workers": 64, "timeout_seconds": 60},
 )
 Profile.objects.filter(name="noop").update(prefetch=1)
+# As bench_core's `work --prefetch 250`.
+Profile.objects.update_or_create(
+    name="bench-noop",
+    defaults={"processor": "noop", "command": [], "prefetch": 250, "max_workers": 64},
+)
 for queue, titles in spec.items():
     Queue.objects.get_or_create(name=queue)
     Task.objects.bulk_create(
@@ -72,6 +87,7 @@ class Bench:
             "DATABASE_URL": f"sqlite:///{self.db_path}",
             "HYPERVISOR_DATA_DIR": str(folder),
             "HYPERVISOR_LOCK_ROOT": str(folder / "locks"),
+            "HYPERVISOR_IMPORT_ROOTS": str(folder),
             "HUEY_NAME": "bench-herds",
             "HUEY_IMMEDIATE": "0",
             "PYTHONUNBUFFERED": "1",
@@ -164,8 +180,77 @@ class Bench:
             "target_percent": 15,
         }
 
+    def drain(self, queue: str, workers: int) -> dict:
+        """A herd of no-op workers over every task of `queue`, timed from its command."""
+        manage(["shell", "-c", f"QUEUE = {queue!r}\n{RESET}"], self.env)
+        settle()
+        started = time.time()
+        manage(
+            ["herd", "--queue", queue, "--profile", "bench-noop"]
+            + ["--workers", str(workers), "--wait", "--json"],
+            self.env,
+            timeout=600,
+        )
+        first, last, done = self.query(
+            "SELECT MIN(claimed_at), MAX(finished_at), SUM(status = 'done') FROM queue_task"
+            " WHERE queue = ?",
+            queue,
+        )
+        (claims,) = self.query(
+            "SELECT COUNT(*) FROM queue_taskevent e JOIN queue_task t ON t.id = e.task_id"
+            " WHERE t.queue = ? AND e.kind = 'claimed'",
+            queue,
+        )
+        seconds = parse_time(last) - started
+        return {
+            "items": done,
+            "seconds": round(seconds, 3),
+            "items_per_second": round(done / seconds),
+            "seconds_first_claim_to_last_finish": round(parse_time(last) - parse_time(first), 3),
+            "launch_to_first_claim_seconds": round(parse_time(first) - started, 3),
+            "duplicates": claims - done,
+        }
 
-def run(launches: int = 10, tasks: int = 200, workers: int = 8, seed: int = 7) -> dict:
+
+def drain_rows(bench: Bench, tasks: int, workers: int, repeat: int) -> dict:
+    paths = write_tasks(bench.folder / "drain", tasks)
+    manage(["import_tasks", "--queue", "drain", str(bench.folder / "drain")], bench.env)
+    queue_file = bench.folder / "drain-queue.txt"
+    queue_file.write_text("\n".join(paths) + "\n")
+    runs: dict[str, list[dict]] = {"herd": [], "mkdir_script": []}
+    for rep in range(repeat):
+        runs["herd"].append(bench.drain("drain", workers))
+        script = [str(ROOT / "bench" / "mkdir_baseline.py"), str(queue_file)]
+        script += [str(bench.folder / f"mkdir-{name}-{rep}") for name in ("locks", "results")]
+        runs["mkdir_script"].append(run_script([*script, str(workers)], whole_process=True))
+    row = {name: median_run(results) for name, results in runs.items()}
+    row["workers"] = workers
+    row["tasks"] = tasks
+    row["ratio_vs_mkdir"] = round(
+        row["herd"]["items_per_second"] / row["mkdir_script"]["items_per_second"], 2
+    )
+    row["target_ratio"] = 1.0
+    return row
+
+
+RESET = """
+from workqueue.models import Status, Task, TaskEvent
+TaskEvent.objects.filter(task__queue=QUEUE).exclude(kind="imported").delete()
+Task.objects.filter(queue=QUEUE).update(
+    status=Status.QUEUED, attempts=0, holder="", holder_pid=None, lease_expires_at=None,
+    claimed_at=None, finished_at=None, outcome="",
+)
+"""
+
+
+def run(
+    launches: int = 10,
+    tasks: int = 200,
+    workers: int = 8,
+    drain_tasks: int = 10000,
+    repeat: int = 3,
+    seed: int = 7,
+) -> dict:
     rng = random.Random(seed)
     durations = [round(rng.uniform(0.05, 0.5), 3) for _ in range(tasks)]
     spec = {f"latency-{i}": [f"t{j}" for j in range(5)] for i in range(launches)}
@@ -176,6 +261,7 @@ def run(launches: int = 10, tasks: int = 200, workers: int = 8, seed: int = 7) -
             bench.start(spec)
             latencies = [bench.launch_latency(f"latency-{i}") for i in range(launches)]
             balance = bench.balance("balance", durations, workers)
+            drain = drain_rows(bench, drain_tasks, workers, repeat) if drain_tasks else None
         finally:
             bench.stop()
     from_command = [round(x["from_command"], 3) for x in latencies]
@@ -190,6 +276,7 @@ def run(launches: int = 10, tasks: int = 200, workers: int = 8, seed: int = 7) -
             "target_seconds": 1.0,
         },
         "balance": balance,
+        "drain_noop": drain,
     }
 
 
@@ -198,8 +285,11 @@ def main() -> None:
     parser.add_argument("--launches", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--drain-tasks", type=int, default=10000, help="0 leaves the row out")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(json.dumps(run(args.launches, args.tasks, args.workers), indent=2))
+    result = run(args.launches, args.tasks, args.workers, args.drain_tasks, args.repeat)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
