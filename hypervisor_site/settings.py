@@ -179,7 +179,12 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "hypervisor_site.login_throttle.lockout_response"
 
-HYPERVISOR_WORKER_PROCESS = Path(sys.argv[0]).name == "manage.py" and sys.argv[1:2] == ["work"]
+# A worker, and the command that launches a herd (a launch is timed from it), start often
+# and serve no page: they load without the web-only apps.
+HYPERVISOR_WORKER_PROCESS = Path(sys.argv[0]).name == "manage.py" and sys.argv[1:2] in (
+    ["work"],
+    ["herd"],
+)
 if HYPERVISOR_WORKER_PROCESS:
     INSTALLED_APPS = [app for app in INSTALLED_APPS if app not in WEB_ONLY_APPS]
     # Axes' backend cannot even be imported without its app: a permission check would fail.

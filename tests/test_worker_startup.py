@@ -98,16 +98,19 @@ def test_the_web_server_keeps_every_app():
     assert "axes.backends.AxesStandaloneBackend" in settings.AUTHENTICATION_BACKENDS
 
 
-def test_commands_other_than_mcp_do_not_load_the_mcp_sdk(process_env, tmp_path):
+def test_no_command_but_mcp_loads_the_mcp_sdk_and_herd_starts_lean(process_env, tmp_path):
     # The SDK takes half a second to load, and Django's checks loaded it through the
     # URLconf for every command; a herd's launch is timed from its command.
-    Profile.objects.create(name="noop", processor="noop")
+    Profile.objects.get_or_create(name="noop", defaults={"processor": "noop"})
     herd, report = run_command(
         process_env, tmp_path, "herd", "--queue", "q", "--profile", "noop", "--workers", "1"
     )
     assert herd.returncode == 0, herd.stderr
     assert "launched" in herd.stdout
     assert "mcp" not in report["modules"]
+    # Like a worker, it loads without the pages' apps (Huey it needs, to enqueue the launch).
+    pages = ["axes", "django_htmx", "template_partials", "workqueue.views", "herds.views"]
+    assert [name for name in pages if name in report["modules"]] == []
     for args in [("reap_locks",), ("queue_stats",), ("import_tasks", "--queue", "q", ".")]:
         done, report = run_command(process_env, tmp_path, *args)
         # These run Django's checks, so the URLconf and the MCP endpoint's view are loaded.
