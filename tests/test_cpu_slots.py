@@ -55,6 +55,53 @@ def test_one_process_holds_a_slot_at_a_time_and_the_turn_passes_on(tmp_path):
     assert repeats <= 4, together
 
 
+def wait_for_the_slot(path: str, waiting, log: str) -> None:
+    waiting.set()
+    with CpuSlot(path):
+        Path(log).write_text(f"{time.monotonic()}\n")
+
+
+def test_a_turn_keeps_the_slot_over_several_blocks_until_its_time_is_over(tmp_path):
+    path, log = str(tmp_path / "cpu-0.slot"), str(tmp_path / "taken.log")
+    slot = CpuSlot(path, turn_seconds=0.5)
+    with slot:
+        started = time.monotonic()
+    waiting = fork.Event()
+    waiter = fork.Process(target=wait_for_the_slot, args=(path, waiting, log))
+    waiter.start()
+    assert waiting.wait(30)
+    blocks = 0
+    while time.monotonic() - started < 0.3:  # blocks within the turn: the slot stays
+        with slot:
+            blocks += 1
+            time.sleep(0.01)
+    assert blocks > 5 and not Path(log).exists() and slot.turns == 1
+    time.sleep(0.25)
+    with slot:  # the block that ends past the turn's time passes the slot on
+        pass
+    waiter.join(timeout=10)
+    assert waiter.exitcode == 0
+    assert float(Path(log).read_text()) - started >= 0.5
+    assert slot.turns == 1
+
+
+def test_release_passes_the_slot_on_before_the_turn_is_over(tmp_path):
+    path, log = str(tmp_path / "cpu-0.slot"), str(tmp_path / "taken.log")
+    slot = CpuSlot(path, turn_seconds=60)
+    with slot:
+        pass
+    waiting = fork.Event()
+    waiter = fork.Process(target=wait_for_the_slot, args=(path, waiting, log))
+    waiter.start()
+    assert waiting.wait(30)
+    time.sleep(0.1)
+    assert not Path(log).exists()
+    slot.release()
+    waiter.join(timeout=10)
+    assert waiter.exitcode == 0 and Path(log).exists()
+    slot.release()  # once released, again does nothing
+
+
 def hold_for_ever(path: str, ready) -> None:
     with CpuSlot(path):
         ready.set()
@@ -99,8 +146,9 @@ def overlap(lines: list[str]) -> int:
     return most
 
 
+@pytest.mark.parametrize("turn_ms", [0, 60_000])
 def test_forked_workers_of_a_cpu_bound_processor_run_at_most_one_per_core(
-    process_env, lock_root, tmp_path
+    process_env, lock_root, tmp_path, turn_ms
 ):
     make_tasks("q", 180)
     probe = tmp_path / "probe.log"
@@ -110,7 +158,7 @@ def test_forked_workers_of_a_cpu_bound_processor_run_at_most_one_per_core(
             *("work", "--queue", "q", "--workers", str(workers), "--prefetch", "5", "--json"),
             *("--processor", "tests.scripts.overlap_probe.Probe"),
         ],
-        {**process_env, "OVERLAP_PROBE_FILE": str(probe)},
+        {**process_env, "OVERLAP_PROBE_FILE": str(probe), "HYPERVISOR_CPU_TURN_MS": str(turn_ms)},
     )
 
     assert result.returncode == 0, result.stderr
@@ -121,8 +169,11 @@ def test_forked_workers_of_a_cpu_bound_processor_run_at_most_one_per_core(
     lines = probe.read_text().splitlines()
     assert len(lines) == 180
     assert overlap(lines) <= cpu_slots.cores()
-    # Turns pass on: every worker got some of the work.
-    assert all(s["claimed"] > 0 for s in summaries), summaries
+    working = [s for s in summaries if s["claimed"]]
+    if turn_ms == 0:  # the turn passes on after every batch: every worker got some work
+        assert len(working) == workers, summaries
+    else:  # a turn longer than the run: the first holders did it all, a batch after another
+        assert len(working) == cpu_slots.cores(), summaries
 
 
 @pytest.mark.django_db

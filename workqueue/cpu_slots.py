@@ -11,6 +11,11 @@ kernel drops when its holder dies: a worker killed holding one never stalls the 
 Turns are passed on: a worker first takes the slot's gate (byte 0), then the slot
 (byte 1), then lets the gate go. The next worker waits on the slot holding the gate, so
 the holder, once done, cannot take the slot straight back: it queues at the gate.
+
+A turn lasts several batches (HYPERVISOR_CPU_TURN_MS, half a second): a worker taking
+its turn starts cold, and passing the slot on after every batch of 250 no-op tasks made
+8 workers a fifth slower than 2, against 8% slower with turns of half a second
+(2026-12-04, 10,000 tasks, medians of six runs in turn).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import time
 from pathlib import Path
 
 GATE, SLOT = 0, 1  # the bytes of a slot's file that are locked
@@ -87,13 +93,19 @@ def needed(workers: int, cpu_bound: bool) -> bool:
 
 
 class CpuSlot:
-    """A context manager: hold the slot for the `with` block."""
+    """A context manager: hold the slot for the `with` block, and for the blocks after it
+    until the turn has lasted `turn_seconds`; `release` passes it on at once."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, turn_seconds: float = 0.0):
         self.path = str(path)
+        self.turn_seconds = turn_seconds
+        self.turns = 0  # how many times this holder took the slot
         self._fd: int | None = None
+        self._turn_ends: float | None = None  # while held: when the turn is over
 
     def __enter__(self) -> CpuSlot:
+        if self._turn_ends is not None:
+            return self
         if self._fd is None:
             # Opened by each process itself: record locks belong to a process, and closing
             # any descriptor of the file would drop them.
@@ -103,10 +115,18 @@ class CpuSlot:
             fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, SLOT)
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, GATE)
+        self._turn_ends = time.monotonic() + self.turn_seconds
+        self.turns += 1
         return self
 
-    def __exit__(self, *exc) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, SLOT)
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None or time.monotonic() >= self._turn_ends:
+            self.release()
+
+    def release(self) -> None:
+        if self._turn_ends is not None:
+            self._turn_ends = None
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, SLOT)
 
 
 def slot_path(folder: Path, index: int) -> Path:

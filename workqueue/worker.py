@@ -78,7 +78,7 @@ class Worker:
         cpu_slot: CpuSlot | None = None,
     ):
         self.queue = queue
-        self.cpu_slot = cpu_slot or nullcontext()
+        self.cpu_slot = cpu_slot
         self.processor = processor
         self.batch = batch
         self.prefetch = max(1, prefetch)
@@ -128,6 +128,8 @@ class Worker:
             signals.worker_lock_failed.send(sender=self, message=str(exc))
             code = EXIT_LOCK_ROOT
         finally:
+            if self.cpu_slot is not None:
+                self.cpu_slot.release()  # a turn may have time left: the next worker's now
             self._beating.set()
             beat.join(timeout=5)
             self.owner_file.discard()
@@ -141,7 +143,7 @@ class Worker:
 
     def work_one_batch(self) -> bool:
         """Claim, process and finish one batch. Returns False when there is no more work."""
-        with self.cpu_slot:
+        with self.cpu_slot or nullcontext():
             # A stop that came while waiting for the slot: claim nothing.
             return not self.stop_requested and self._work_one_batch()
 

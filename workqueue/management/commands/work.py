@@ -25,6 +25,10 @@ from workqueue.worktrees import WorktreeProcessor
 BOUNDED = ("prefetch", "lease", "max_attempts")
 
 
+def cpu_slot(path) -> CpuSlot:
+    return CpuSlot(path, settings.HYPERVISOR_CPU_TURN_MS / 1000)
+
+
 class Command(BaseCommand):
     help = "Claim ready tasks of a queue and process them until none is left (or --batch)."
     # Workers start often and in herds; `manage.py check` and the server run the checks.
@@ -91,8 +95,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--cpu-slot",
             metavar="FILE",
-            help="work a batch only while holding this lock file (herds set it: workers of a "
-            "CPU-bound processor take turns on the cores)",
+            help="work batches only while holding this lock file (herds set it: workers of a "
+            "CPU-bound processor take turns on the cores, of HYPERVISOR_CPU_TURN_MS)",
         )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument(
@@ -164,7 +168,7 @@ class Command(BaseCommand):
             "dry_run": options["dry_run"],
             "filters": filters or None,
             "max_attempts": options["max_attempts"] or (profile.max_attempts if profile else None),
-            "cpu_slot": CpuSlot(options["cpu_slot"]) if options["cpu_slot"] else None,
+            "cpu_slot": cpu_slot(options["cpu_slot"]) if options["cpu_slot"] else None,
         }
         if options["workers"] > 1:
             summaries = self.fork_workers(options, processor, settings_for_worker)
@@ -235,7 +239,7 @@ class Command(BaseCommand):
         def child(index: int, pipe) -> None:
             name = f"{base}-{index}" if base else None
             if slots_dir is not None:
-                worker_settings["cpu_slot"] = CpuSlot(
+                worker_settings["cpu_slot"] = cpu_slot(
                     cpu_slots.slot_path(Path(slots_dir.name), index)
                 )
             summary = self.run_worker(options, processor, worker_settings, name)
