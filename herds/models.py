@@ -19,10 +19,10 @@ from django.db.models import Count, Sum
 from django.urls import reverse
 from django.utils import timezone
 
-from workqueue import locks
+from workqueue import cpu_slots, locks
 from workqueue.models import Status, Task, consumer_wait
 from workqueue.processing import Processor
-from workqueue.processors import CommandProcessor, load_processor, read_prompt
+from workqueue.processors import CommandProcessor, is_cpu_bound, load_processor, read_prompt
 from workqueue.routing import FilterError, TaskFilter
 
 if TYPE_CHECKING:
@@ -406,6 +406,14 @@ class Herd(models.Model):
     @property
     def consumer_wait(self) -> int:
         return consumer_wait(self.status == HerdStatus.PENDING, self.created_at)
+
+    @property
+    def cores_taken_in_turns(self) -> int | None:
+        """The cores its workers take turns on (a processor that works on the CPU alone, more
+        workers than cores: workqueue.cpu_slots), or None when each runs as it likes."""
+        if cpu_slots.needed(self.size, is_cpu_bound(self.profile.processor)):
+            return cpu_slots.cores()
+        return None
 
     @classmethod
     def launch(

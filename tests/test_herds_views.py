@@ -15,6 +15,7 @@ from django.utils import timezone
 from herds.models import Herd, HerdStatus, Profile
 from herds.supervision import worker_argv
 from tests.conftest import make_tasks
+from workqueue import cpu_slots
 from workqueue.models import Status, Task
 
 pytestmark = pytest.mark.django_db
@@ -346,3 +347,23 @@ def test_a_launch_no_consumer_picks_up_says_what_it_waits_for(profile, viewer):
     assert "python manage.py run_huey" in html
     Herd.objects.filter(pk=pending.pk).update(status=HerdStatus.RUNNING)
     assert "consumer" not in client.get(live).content.decode()
+
+
+def test_a_herd_larger_than_the_cores_of_a_cpu_bound_processor_says_its_workers_take_turns(
+    profile, viewer, monkeypatch
+):
+    """Most of its workers sit at 0% CPU with no task while the rest work: the page says
+    why, rather than leave a person to think them hung."""
+    monkeypatch.setattr(cpu_slots, "cores", lambda: 2)
+    agent = Profile.objects.create(name="agent", processor="command", command=["agent"])
+    client = client_for(viewer)
+    page = {}
+    for name, of, size in [("big", profile, 8), ("as_many", profile, 2), ("agents", agent, 8)]:
+        herd = Herd.objects.create(queue="inbox", profile=of, size=size, status="running")
+        page[name] = client.get(reverse("herds:live", args=[herd.pk])).content.decode()
+    assert "Its 8 workers take turns on this machine's 2 cores" in page["big"]
+    assert "at most 2 work at a time" in page["big"]
+    assert "take turns" not in page["as_many"] and "take turns" not in page["agents"]
+    Herd.objects.filter(queue="inbox", size=8, profile=profile).update(status="finished")
+    herd = Herd.objects.get(queue="inbox", size=8, profile=profile)
+    assert "take turns" not in client.get(reverse("herds:live", args=[herd.pk])).content.decode()
