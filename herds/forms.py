@@ -4,15 +4,13 @@ from django import forms
 from django.core.exceptions import ValidationError
 
 from herds.models import Profile
-from workqueue.models import Queue, Task
+from workqueue.models import Queue
 from workqueue.names import validate_queue_name
 from workqueue.routing import FilterError, TaskFilter
 
 
 def queue_choices() -> list[tuple[str, str]]:
-    names = set(Queue.objects.values_list("name", flat=True))
-    names |= set(Task.objects.order_by().values_list("queue", flat=True).distinct())
-    return [(name, name) for name in sorted(names)]
+    return [(name, name) for name in Queue.objects.names()]
 
 
 class LaunchForm(forms.Form):

@@ -9,8 +9,36 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from herds.models import Herd, Profile
+from tests.conftest import make_tasks
+from workqueue.models import Queue
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def inbox():
+    Queue.objects.get_or_create(name="inbox")
+
+
+def test_a_queue_no_task_is_in_is_refused_naming_the_queues_there_are(capsys):
+    """A mistyped queue launched a herd that ended at once, having done nothing."""
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("reviews", 1)
+    with pytest.raises(
+        CommandError, match=r"no task is in a queue named 'inbx' \(queues: inbox, reviews\)"
+    ):
+        call_command("herd", "--queue", "inbx", "--profile", "noop", "--workers", "2")
+    assert not Herd.objects.exists()
+    # A worker started by hand is warned, not stopped: tasks may come to its queue later.
+    with pytest.raises(SystemExit) as ended:
+        call_command("work", "--queue", "inbx", "--processor", "noop")
+    assert ended.value.code == 0
+    assert "warning: no task is in a queue named 'inbx' (queues: inbox, reviews)" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        call_command("work", "--queue", "inbox", "--processor", "noop")  # none, but it exists
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_unknown_profile_is_refused_with_the_known_names():

@@ -8,6 +8,7 @@ from django.conf import settings
 
 from herds.models import Profile
 from tests.conftest import MANAGE, ROOT
+from workqueue.models import Queue
 
 # Each of these was once loaded by every worker, for pages, logins, the admin, the MCP
 # tools, the task editor or the Huey consumer, none of which a worker uses.
@@ -102,6 +103,7 @@ def test_no_command_but_mcp_loads_the_mcp_sdk_and_herd_starts_lean(process_env, 
     # The SDK takes half a second to load, and Django's checks loaded it through the
     # URLconf for every command; a herd's launch is timed from its command.
     Profile.objects.get_or_create(name="noop", defaults={"processor": "noop"})
+    Queue.objects.get_or_create(name="q")
     herd, report = run_command(
         process_env, tmp_path, "herd", "--queue", "q", "--profile", "noop", "--workers", "1"
     )

@@ -43,6 +43,21 @@ class Outcome(models.TextChoices):
     SKIPPED = "skipped"
 
 
+class QueueQuerySet(models.QuerySet):
+    def missing(self, name: str) -> str:
+        """'' when a queue of this name exists (it has settings, or a task names it), else a
+        sentence that names the queues there are: for a mistyped name on the command line."""
+        if self.filter(name=name).exists() or Task.objects.filter(queue=name).exists():
+            return ""
+        queues = ", ".join(self.names()) or "none yet: import_tasks makes them"
+        return f"no task is in a queue named {name!r} (queues: {queues})"
+
+    def names(self) -> list[str]:
+        names = set(self.values_list("name", flat=True))
+        names |= set(Task.objects.order_by().values_list("queue", flat=True).distinct())
+        return sorted(names)
+
+
 class Queue(models.Model):
     """Per-queue settings. A queue exists as soon as a task names it."""
 
@@ -73,6 +88,8 @@ class Queue(models.Model):
         help_text="Where new tasks of this queue are written (inside an import root); "
         "set by the first import of a folder.",
     )
+
+    objects = QueueQuerySet.as_manager()
 
     def __str__(self) -> str:
         return self.name

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from herds.models import Herd, Profile
+from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 
 
@@ -48,6 +49,9 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="print only the summary JSON")
 
     def handle(self, *args, **options):
+        missing = Queue.objects.missing(options["queue"])
+        if missing:  # a herd on it would end at once, having done nothing
+            raise CommandError(missing)
         profile = Profile.objects.filter(name=options["profile"]).first()
         if profile is None:
             names = ", ".join(Profile.objects.values_list("name", flat=True))

@@ -16,6 +16,7 @@ from django.db import connections
 from hypervisor_site.env import MAX_SETTING
 from workqueue import cpu_slots
 from workqueue.cpu_slots import CpuSlot
+from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 from workqueue.processors import CommandProcessor, load_processor
 from workqueue.routing import TaskFilter
@@ -160,6 +161,9 @@ class Command(BaseCommand):
         logging.getLogger("workqueue").setLevel(
             logging.WARNING if options["verbosity"] < 1 else logging.INFO
         )
+        missing = "" if options["herd"] else Queue.objects.missing(options["queue"])
+        if missing:  # not an error: a worker ends on an empty queue, and tasks may come later
+            self.stderr.write(f"warning: {missing}")
         settings_for_worker = {
             "batch": options["batch"],
             "prefetch": options["prefetch"],
