@@ -209,6 +209,24 @@ def test_symlink_out_of_the_roots_is_refused(write_task, tmp_path):
     assert not Task.objects.filter(title="secret").exists()
 
 
+def test_a_link_out_of_the_roots_to_a_file_that_is_no_task_is_passed_over(write_task, tmp_path):
+    """A project folder's virtualenv linked its python outside: an error per link buried
+    the errors that mattered."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "python3").write_text("#!/bin/sh\n")
+    (outside / "notes.md").write_text("# notes\n")
+    bin_folder = write_task.folder / "venv" / "bin"
+    bin_folder.mkdir(parents=True)
+    (bin_folder / "python").symlink_to(outside / "python3")
+    (write_task.folder / "cert.pem").symlink_to(outside / "python3")
+    (write_task.folder / "notes.md").symlink_to(outside / "notes.md")
+    write_task("ok.md", "# ok\n")
+    report = import_folder(write_task.folder)
+    assert report.imported == 1
+    assert [e["path"] for e in report.errors] == [str(write_task.folder / "notes.md")]
+
+
 def test_queue_file_cannot_reach_outside_with_dotdot(write_task, tmp_path):
     (tmp_path / "elsewhere.md").write_text("# elsewhere\n")
     queue_file = write_task.folder / "queue.txt"

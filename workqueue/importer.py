@@ -195,7 +195,10 @@ class Importer:
             self.report.error(link, reason)
             return None
         if not self._inside(target):
-            self.report.error(link, f"symlink points outside the import roots (to {target})")
+            # Named only when it could lead to tasks: a link to a file that is not markdown
+            # (a virtualenv's python, a certificate) is no task, like any other such file.
+            if link.name.endswith(".md") or target.is_dir():
+                self.report.error(link, f"symlink points outside the import roots (to {target})")
             return None
         return target
 
