@@ -14,7 +14,7 @@ the holder, once done, cannot take the slot straight back: it queues at the gate
 
 A turn lasts several batches (HYPERVISOR_CPU_TURN_MS, half a second): a worker taking
 its turn starts cold, and passing the slot on after every batch of 250 no-op tasks made
-8 workers a fifth slower than 2, against 8% slower with turns of half a second
+8 workers a fifth slower than 2; with half-second turns they are within a tenth of 2
 (2026-12-04, 10,000 tasks, medians of six runs in turn).
 """
 
