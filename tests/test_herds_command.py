@@ -8,6 +8,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from herds.management.commands.herd import Command
 from herds.models import Herd, Profile
 from tests.conftest import make_tasks
 from workqueue.models import Queue
@@ -84,3 +85,30 @@ def test_launch_without_wait_enqueues_after_commit_and_prints_the_id(
     assert json.loads(out.getvalue()) == {"herd": herd.pk, "status": "pending"}
     assert (herd.size, herd.batch, herd.filters) == (2, 5, ["complexity=mechanical"])
     assert len(callbacks) == 1
+
+
+def test_a_person_waiting_on_a_herd_gets_a_line_per_worker_not_every_task():
+    """`herd --wait` printed the whole run summary as JSON: a line per task, 60,000 lines
+    for a herd over 10,000 tasks, before the one line that says how it went."""
+    noop = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="inbox", profile=noop, size=2, status="finished")
+    for index, done in enumerate([6_000, 4_000]):
+        herd.workers.create(
+            index=index, name=f"herd{herd.pk}-w{index}", host="h", state="exited",
+            exit_class="finished", exit_code=0, done=done,
+        )  # fmt: skip
+    summary = herd.build_summary()
+    summary["workers"] = [{"task_id": f"t{i}.md", "status": "done"} for i in range(10_000)]
+    summary["counts"] = {"success": 9_990, "blocked": 10}
+    out = StringIO()
+    Command(stdout=out).report(summary, as_json=False)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5, lines
+    assert lines[0].startswith(f"  herd{herd.pk}-w0: finished (exit 0), 6000 done, 0 blocked")
+    assert lines[2] == "  outcomes: 10 blocked, 9990 success"
+    assert lines[3].startswith(f"herd {herd.pk} finished: ")
+    assert f"/herds/{herd.pk}/summary.json" in lines[4]
+    assert "t1.md" not in out.getvalue()
+    out = StringIO()
+    Command(stdout=out).report(summary, as_json=True)  # --json: the whole summary, one line
+    assert json.loads(out.getvalue())["workers"][1] == {"task_id": "t1.md", "status": "done"}

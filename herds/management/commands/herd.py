@@ -111,11 +111,27 @@ class Command(BaseCommand):
         if "workers" not in data:
             self.stdout.write(f"herd {data['herd']} launched ({data['status']})")
             return
-        self.stdout.write(json.dumps(data, indent=2))
+        # The summary lists every task: a person gets a line per worker and the totals.
+        for worker in data["worker_processes"]:
+            exit_class = worker["exit_class"] or worker["state"]
+            self.stdout.write(
+                f"  {worker['name']}: {exit_class} (exit {worker['exit_code']}), "
+                f"{worker['done']} done, {worker['blocked']} blocked in "
+                f"{worker['runtime_seconds']} s"
+                + (f"; {worker['exit_detail']}" if worker["exit_detail"] else "")
+                + f"  log: {worker['log']}"
+            )
+        if data["counts"]:
+            counts = ", ".join(f"{n} {what}" for what, n in sorted(data["counts"].items()))
+            self.stdout.write(f"  outcomes: {counts}")
         self.stdout.write(
             f"herd {data['herd']} {data['status']}: {data['done']} done, "
             f"{data['blocked']} blocked in {data['runtime_seconds']} s "
             f"({data['items_per_second']}/s), {data['total_tokens']} tokens, "
             f"${data.get('total_cost_usd', 0):.4f}"
             + (f"; {data['reason']}" if data.get("reason") else "")
+        )
+        self.stdout.write(
+            f"Every task's outcome is in the run summary: /herds/{data['herd']}/summary.json "
+            "(--json prints it here instead)"
         )
