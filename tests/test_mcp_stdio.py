@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import anyio
 import pytest
 
-from tests.conftest import make_tasks, run_manage
+from tests.conftest import MANAGE, ROOT, make_tasks, run_manage
 from tests.mcp_client import call, in_thread, run, stdio_session
 from workqueue import locks
 from workqueue.locks import Identity
@@ -227,3 +229,24 @@ def test_bad_command_line_is_a_usage_error(process_env):
     assert result.returncode != 0 and "unknown field 'colour'" in result.stderr
     result = run_manage(["mcp", "--queue", "q", "--name", "x" * 101], process_env)
     assert result.returncode != 0 and "--name: at most 100" in result.stderr
+
+
+def test_a_session_on_a_queue_no_task_is_in_warns_naming_the_queues(process_env):
+    """A typo in the agent's MCP config served "no task" for ever, saying nothing."""
+    make_tasks("inbox", 1)
+    args = [sys.executable, MANAGE, "mcp", "--queue"]
+    ended = [
+        subprocess.run(
+            [*args, queue],
+            env=process_env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        for queue in ("inbx", "inbox")
+    ]
+    assert [e.returncode for e in ended] == [0, 0], ended[0].stderr
+    assert "warning: no task is in a queue named 'inbx' (queues: inbox)" in ended[0].stderr
+    assert "warning" not in ended[1].stderr and ended[0].stdout == ended[1].stdout == ""

@@ -6,6 +6,7 @@ from django.db import connection
 
 from workqueue import signals
 from workqueue.mcp_server import serve_stdio
+from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 from workqueue.pull import Heartbeat, local_session
 from workqueue.routing import FilterError, TaskFilter
@@ -38,6 +39,9 @@ class Command(BaseCommand):
             raise CommandError("--name: at most 100 printable characters")
         # stdout is the protocol's: the SDK points fd 1 at stderr while it serves, and
         # logging goes to stderr anyway.
+        missing = Queue.objects.missing(options["queue"])
+        if missing:  # the agent would be told there is no work, for ever
+            self.stderr.write(f"warning: {missing}")
         session = local_session(options["queue"], options["name"], filters, options["lease"])
         beat = Heartbeat(session)
         beat.start()
