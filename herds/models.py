@@ -266,9 +266,16 @@ class Profile(models.Model):
 
     def agent_check(self) -> dict | None:
         """For an agent CLI: where it is on the PATH its agents get, and its --version.
-        `missing` says why a herd of this profile cannot start."""
+        `missing` says why a herd of this profile cannot start; for any other command,
+        only that (its `--version` could do anything)."""
         if self.adapter == AdapterKind.GENERIC:
-            return None
+            if self.processor != ProcessorKind.COMMAND:
+                return None
+            try:
+                missing = self.build_processor().missing_program()
+            except ValueError:  # no command: the profile's own validation says so
+                return None
+            return {"program": self.command[0], "missing": missing} if missing else None
         from workqueue import agent_tree, agents
 
         program = agents.adapter_class(self.adapter).program

@@ -16,7 +16,10 @@ from django.core.management import call_command
 
 from herds.models import AdapterKind, Herd, HerdStatus, Profile
 from tests.conftest import run_manage
+from workqueue import claims
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
+from workqueue.processors import CommandProcessor
+from workqueue.worker import Worker
 
 FAKES = Path(__file__).parent / "fake_agents"
 CLIS = ["claude", "gemini", "codex"]
@@ -225,14 +228,35 @@ def test_max_turns_auth_and_untrusted_folder_block_with_plain_reasons(
     assert untrusted.status == Status.BLOCKED and "untrusted folder" in untrusted.reason
 
 
-def test_a_missing_cli_blocks_the_task_with_a_plain_reason(process_env, ledger, write_task):
+def test_a_missing_cli_stops_the_worker_before_it_claims(process_env, ledger, write_task):
+    """It blocked every task of the queue in turn, for the same reason: a typo in a command
+    (`claud`) put a whole inbox in the blocked column."""
     shipped_profile("codex", ledger)
-    (task,) = task_files(write_task, "nocli", [""])
+    tasks = task_files(write_task, "nocli", ["", ""])
     env = {**process_env, "PATH": "/usr/bin:/bin"}
-    result, summary = work(env, "nocli", "codex")
-    assert result.returncode == 0 and summary["blocked"] == 1
-    task.refresh_from_db()
-    assert task.reason == "codex is not installed here (not found on the worker's PATH)"
+    result = run_manage(["work", "--queue", "nocli", "--profile", "codex"], env)
+    assert result.returncode == 1
+    assert "codex is not on the workers' PATH: no task was claimed" in result.stderr
+    result = run_manage(["work", "--queue", "nocli", "--processor", "command", "--", "claud"], env)
+    assert "claud is not on the workers' PATH: no task was claimed" in result.stderr
+    assert {t.status for t in Task.objects.filter(pk__in=[t.pk for t in tasks])} == {"queued"}
+    assert not TaskEvent.objects.filter(kind=EventKind.CLAIMED).exists()
+    # A program gone after the worker started still blocks its task, with a plain reason.
+    processor = CommandProcessor(adapter="codex", env={"PATH": "/nonexistent"})
+    worker = Worker("nocli", processor)
+    [claim] = claims.claim_ready_tasks("nocli", worker.identity, worker.owner_file, 1)
+    outcome = processor.process(claim, worker.context)
+    worker.finish([(claim, outcome)])
+    assert outcome.status == Status.BLOCKED
+    assert outcome.reason == "codex is not installed here (not found on the worker's PATH)"
+
+
+def test_a_command_whose_place_depends_on_the_task_is_not_judged_before_it_runs():
+    for argv in (["{path}"], ["./run.sh"], ["bin/agent"], ["{python}", "x.py"], ["true"]):
+        assert CommandProcessor(argv).missing_program() == "", argv
+    assert CommandProcessor(["/no/such/agent"]).missing_program() == (
+        "/no/such/agent is not on the workers' PATH"
+    )
 
 
 def test_blocked_line_in_the_final_message_gives_reason_and_next(agent_env, ledger, write_task):
@@ -402,6 +426,25 @@ def test_a_herd_whose_cli_is_missing_does_not_start_and_says_why(monkeypatch, le
     assert herd.status == HerdStatus.FAILED
     assert herd.reason == "launch failed: claude is not on the workers' PATH"
     assert not herd.workers.exists()
+
+
+@pytest.mark.django_db
+def test_a_herd_of_any_command_not_on_the_path_does_not_start(monkeypatch):
+    from herds import supervision
+
+    typo = Profile.objects.create(name="typo", processor="command", command=["claud", "{path}"])
+    Task.objects.create(queue="miss", key="m1")
+    herd = Herd.objects.create(queue="miss", profile=typo, size=2)
+    supervision.launch(herd.pk)
+    herd.refresh_from_db()
+    assert (herd.status, herd.reason) == (
+        HerdStatus.FAILED,
+        "launch failed: claud is not on the workers' PATH",
+    )
+    assert not herd.workers.exists()
+    assert Task.objects.get(key="m1").status == Status.QUEUED
+    # Found, a command is not asked for its --version (it could do anything).
+    assert Profile(name="ok", processor="command", command=["true"]).agent_check() is None
 
 
 @pytest.mark.django_db

@@ -110,6 +110,23 @@ class CommandProcessor(Processor):
             return adapter.command(fill_placeholders(self.prompt, values))
         return [fill_placeholders(arg, values) for arg in self.argv]
 
+    def missing_program(self) -> str:
+        """Why no task of this processor could start: its program is not on the PATH its
+        agents get ('' when it is, or when where it is depends on the task or the folder)."""
+        import shutil
+
+        from workqueue import agent_tree
+
+        program = self.argv[0] if self.generic else self.adapter_class.program
+        program = program.replace("{python}", sys.executable)
+        program = program.replace("{base_dir}", str(settings.BASE_DIR))
+        if "{" in program or ("/" in program and not program.startswith("/")):
+            return ""
+        path = agent_tree.agent_environment({}, self.env, self.pass_env).get("PATH", "")
+        if shutil.which(program, path=path):
+            return ""
+        return f"{program} is not on the workers' PATH"
+
     def environment(self, claim: Claim, context: WorkContext) -> dict[str, str]:
         from workqueue import agent_tree
 

@@ -143,6 +143,9 @@ class Command(BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        missing = isinstance(processor, CommandProcessor) and processor.missing_program()
+        if missing:  # every task claimed would be blocked for it
+            raise CommandError(f"{missing}: no task was claimed")
         if options["worktree_repo"]:
             if not isinstance(processor, CommandProcessor):
                 raise CommandError("--worktree-repo needs --processor command")
