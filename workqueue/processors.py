@@ -7,6 +7,7 @@ argument list, never through a shell.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,8 +114,6 @@ class CommandProcessor(Processor):
     def missing_program(self) -> str:
         """Why no task of this processor could start: its program is not on the PATH its
         agents get ('' when it is, or when where it is depends on the task or the folder)."""
-        import shutil
-
         from workqueue import agent_tree
 
         program = self.argv[0] if self.generic else self.adapter_class.program
