@@ -98,11 +98,14 @@ def bench_import(folder: Path) -> dict:
     }
 
 
-def reset_queue() -> None:
+def reset_queue(queue: str | None = None) -> None:
+    """Every task (or `queue`'s) back to queued, its events but the import gone."""
     from workqueue.models import Status, Task, TaskEvent
 
-    TaskEvent.objects.exclude(kind="imported").delete()
-    Task.objects.update(
+    TaskEvent.objects.filter(task__in=Task.objects.in_queue(queue)).exclude(
+        kind="imported"
+    ).delete()
+    Task.objects.in_queue(queue).update(
         status=Status.QUEUED,
         attempts=0,
         holder="",

@@ -182,7 +182,9 @@ class Bench:
 
     def drain(self, queue: str, workers: int) -> dict:
         """A herd of no-op workers over every task of `queue`, timed from its command."""
-        manage(["shell", "-c", f"QUEUE = {queue!r}\n{RESET}"], self.env)
+        reset = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        reset += f"from bench_core import reset_queue; reset_queue({queue!r})"
+        manage(["shell", "-c", reset], self.env)
         settle()
         started = time.time()
         manage(
@@ -231,16 +233,6 @@ def drain_rows(bench: Bench, tasks: int, workers: int, repeat: int) -> dict:
     )
     row["target_ratio"] = 1.0
     return row
-
-
-RESET = """
-from workqueue.models import Status, Task, TaskEvent
-TaskEvent.objects.filter(task__queue=QUEUE).exclude(kind="imported").delete()
-Task.objects.filter(queue=QUEUE).update(
-    status=Status.QUEUED, attempts=0, holder="", holder_pid=None, lease_expires_at=None,
-    claimed_at=None, finished_at=None, outcome="",
-)
-"""
 
 
 def run(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from datetime import timedelta
 from decimal import Decimal
@@ -22,7 +21,14 @@ from django.utils import timezone
 from workqueue import cpu_slots, locks
 from workqueue.models import Status, Task, consumer_wait
 from workqueue.processing import Processor
-from workqueue.processors import CommandProcessor, is_cpu_bound, load_processor, read_prompt
+from workqueue.processors import (
+    CommandProcessor,
+    is_cpu_bound,
+    load_processor,
+    not_on_path,
+    program_path,
+    read_prompt,
+)
 from workqueue.routing import FilterError, TaskFilter
 
 if TYPE_CHECKING:
@@ -280,9 +286,9 @@ class Profile(models.Model):
 
         program = agents.adapter_class(self.adapter).program
         env = agent_tree.agent_environment({}, dict(self.env), self.pass_env)
-        path = shutil.which(program, path=env.get("PATH", ""))
+        path = program_path(program, dict(self.env), self.pass_env)
         if path is None:
-            return {"program": program, "missing": f"{program} is not on the workers' PATH"}
+            return {"program": program, "missing": not_on_path(program)}
         try:
             done = subprocess.run(
                 [path, "--version"],

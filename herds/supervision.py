@@ -24,7 +24,6 @@ from herds import processes, zygote
 from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, HerdWorker
 from herds.receivers import WORKER_ENV
 from workqueue import cpu_slots
-from workqueue.processors import is_cpu_bound
 from workqueue.reaper import release_stale_claims
 
 log = logging.getLogger("herds")
@@ -66,7 +65,7 @@ def worker_argv(herd: Herd, worker: HerdWorker) -> list[str]:
         argv.append("--dry-run")
     for where in herd.filters:
         argv += ["--where", where]
-    if cpu_slots.needed(herd.size, is_cpu_bound(herd.profile.processor)):
+    if herd.cores_taken_in_turns:
         folder = log_path(herd, worker.index).parent
         argv += ["--cpu-slot", str(cpu_slots.slot_path(folder, worker.index))]
     return argv

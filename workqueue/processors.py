@@ -114,17 +114,14 @@ class CommandProcessor(Processor):
     def missing_program(self) -> str:
         """Why no task of this processor could start: its program is not on the PATH its
         agents get ('' when it is, or when where it is depends on the task or the folder)."""
-        from workqueue import agent_tree
-
         program = self.argv[0] if self.generic else self.adapter_class.program
         program = program.replace("{python}", sys.executable)
         program = program.replace("{base_dir}", str(settings.BASE_DIR))
         if "{" in program or ("/" in program and not program.startswith("/")):
             return ""
-        path = agent_tree.agent_environment({}, self.env, self.pass_env).get("PATH", "")
-        if shutil.which(program, path=path):
+        if program_path(program, self.env, self.pass_env):
             return ""
-        return f"{program} is not on the workers' PATH"
+        return not_on_path(program)
 
     def environment(self, claim: Claim, context: WorkContext) -> dict[str, str]:
         from workqueue import agent_tree
@@ -221,6 +218,18 @@ class CommandProcessor(Processor):
 
 DEFAULT_PROMPT = "prompts/worker.md"
 PROMPT_LIMIT = 64 * 1024
+
+
+def program_path(program: str, env: dict[str, str], pass_env) -> str | None:
+    """Where `program` is on the PATH its agents get (the profile's `env` and `pass_env`)."""
+    from workqueue import agent_tree
+
+    path = agent_tree.agent_environment({}, env, pass_env).get("PATH", "")
+    return shutil.which(program, path=path)
+
+
+def not_on_path(program: str) -> str:
+    return f"{program} is not on the workers' PATH"
 
 
 def read_prompt(name: str) -> str:
