@@ -3,9 +3,10 @@
 10,000 task files are imported into a throwaway database. Then, as the board does, three
 bulk actions run one after another on a real Huey consumer (`manage.py run_huey`):
 assign all 10,000, close them with a reason (state changes through the engine), and undo
-the close (every file's bytes put back). While each runs, this process asks for the
-whole board every half second (four times as often as the board refreshes itself) and
-times every answer.
+the close (every file's bytes put back); then a triage review of all 10,000: the dry run
+(in this process), its page, and "Apply all" carried out on the consumer. While each runs,
+this process asks for the whole board every half second (four times as often as the board
+refreshes itself) and times every answer.
 Prints JSON: `python bench/bench_bulk.py [TASKS]`; bench/run.py calls run().
 """
 
@@ -138,6 +139,53 @@ def _undo(client, user) -> dict:
     }
 
 
+def _triage_review(client, tasks: int) -> dict:
+    """A dry run of the triage rules over every task, its review page, and "Apply all"."""
+    from herds.models import Herd, HerdStatus, Profile
+    from workqueue import triage_review
+    from workqueue.models import BulkAction
+    from workqueue.processors import load_processor
+    from workqueue.worker import Worker
+
+    herd = Herd.objects.create(
+        queue="bulk",
+        profile=Profile.objects.get(name=triage_review.PROFILE),
+        size=1,
+        dry_run=True,
+        preflight={"ready": tasks},
+    )
+    started = time.perf_counter()
+    worker = Worker("bulk", load_processor("triage"), prefetch=250, herd=herd.pk, dry_run=True)
+    while worker.work_one_batch():
+        pass
+    dry_run_seconds = time.perf_counter() - started
+    Herd.objects.filter(pk=herd.pk).update(status=HerdStatus.FINISHED)
+    started = time.perf_counter()
+    page = client.get(f"/triage/{herd.pk}/")
+    page_ms = (time.perf_counter() - started) * 1000
+    assert page.status_code == 200, page.status_code
+    started = time.perf_counter()
+    answer = client.post(f"/triage/{herd.pk}/apply/", {"everything": "accept"})
+    request_ms = (time.perf_counter() - started) * 1000
+    assert answer.status_code == 302, answer.status_code
+    decision = triage_review.latest_decision(herd)
+    board = _watch(client, decision.pk)
+    decision = BulkAction.objects.get(pk=decision.pk)
+    return {
+        "action": "triage review, apply all",
+        "tasks": decision.total,
+        "changed": decision.changed,
+        "skipped": decision.skipped_count,
+        "dry_run_seconds": round(dry_run_seconds, 2),
+        "review_page_ms": round(page_ms, 1),
+        "review_page_kb": round(len(page.content) / 1024),
+        "apply_request_ms": round(request_ms, 1),
+        "action_seconds": round(time.perf_counter() - started, 2),
+        "consumer_seconds": round((decision.finished_at - decision.started_at).total_seconds(), 2),
+        "board_while_running": board,
+    }
+
+
 def run(tasks: int = 10_000) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
     _setup_django(data_dir)
@@ -195,9 +243,11 @@ def run(tasks: int = 10_000) -> dict:
             _run_action(client, user, "assign", "bot", ids),
             _run_action(client, user, "close", "superseded by the bench", ids),
             _undo(client, user),
+            _triage_review(client, tasks),
         ]
         sample = (folder / "b00042.md").read_text()
         assert "assignee: bot\n" in sample and "close_reason" not in sample, sample
+        assert Task.objects.get(key="b00042").result.get("review") == "applied", sample
         result = {
             "database": connection.vendor,
             "tasks": tasks,

@@ -4,6 +4,7 @@ changes written."""
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -12,7 +13,7 @@ from herds.models import Herd, HerdStatus, Profile
 from herds.supervision import worker_argv
 from workqueue import triage_review
 from workqueue.importer import Importer
-from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
+from workqueue.models import BulkAction, EventKind, Queue, Status, Task, TaskEvent
 from workqueue.processors import load_processor
 from workqueue.routing import TaskFilter
 from workqueue.triage import rules_for
@@ -193,6 +194,7 @@ def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_
             "decision-\u00b2": "accept",
             "decision-" + "9" * 20: "accept",
         },
+        follow=True,
     ).content.decode()
     assert "Applied 1, rejected 1." in done
     assert "complexity: mechanical" in (inbox / "a.md").read_text()
@@ -247,11 +249,15 @@ def test_the_herd_page_never_says_6_of_5(client, django_user_model):
     assert 'value="100"' in html  # the bar is full, not past full
 
 
-def test_a_review_of_more_than_a_thousand_proposals_applies_them_all(
-    client, django_user_model, write_task
+def test_a_review_of_thousands_shows_a_page_and_applies_them_all_on_the_consumer(
+    transactional_db, client, django_user_model, write_task, consumer_huey, consumer
 ):
-    """ "Triage this view" over an inbox of thousands: Accept all sends a decision per
-    proposal, past Django's default of 1,000 fields a form may hold."""
+    """ "Triage this view" over an inbox of thousands: the page shows the first hundred
+    diffs, not megabytes of them; "Apply all" sends one field, and the consumer writes
+    every file while the page says how far it got."""
+    Profile.objects.get_or_create(
+        name="triage", defaults={"processor": "triage", "prefetch": 50, "max_workers": 8}
+    )
     for n in range(1100):
         write_task(
             f"t{n}.md", f"---\nid: t{n}\ntitle: Fix the bug in /src/x{n}.py\nproject: web\n---\n"
@@ -260,15 +266,57 @@ def test_a_review_of_more_than_a_thousand_proposals_applies_them_all(
     login(client, django_user_model, "view_task", "change_task", "add_herd")
     herd = triage_herd()
     dry_run(herd)
-    decisions = {f"decision-{pk}": "accept" for pk in Task.objects.values_list("pk", flat=True)}
-    done = client.post(f"/triage/{herd.pk}/apply/", decisions)
-    assert done.status_code == 200, done.content[:300]
-    assert "Applied 1,100, rejected 0." in done.content.decode()
+    page = client.get(f"/triage/{herd.pk}/").content.decode()
+    assert "1,100 proposed changes" in page
+    assert page.count('<fieldset class="proposal"') == triage_review.PAGE == 100
+    assert "Apply all 1,100</button>" in page and "Accept these 100</button>" in page
+    response = client.post(f"/triage/{herd.pk}/apply/", {"everything": "accept"})
+    assert response["Location"] == f"/triage/{herd.pk}/"
+    decision = BulkAction.objects.get(action="triage")
+    assert decision.total == 1100
+    deadline = time.monotonic() + 90
+    while not BulkAction.objects.get(pk=decision.pk).finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+    decision.refresh_from_db()
+    assert (decision.status, decision.changed, decision.processed) == ("done", 1100, 1100)
+    done = client.get(f"/triage/{herd.pk}/").content.decode()
+    assert "Applied 1,100, rejected 0." in done and "No proposal waits" in done
+    assert "every 1s" not in done
     assert "complexity: mechanical" in (write_task.folder / "t1099.md").read_text()
     # The bodies the rules changed (a link to the project) are stored and searched.
     body = Task.objects.get(key="t7").body
     assert "[[web]]" in body and body in (write_task.folder / "t7.md").read_text()
     assert client.get("/", {"queue": "inbox", "q": "[[web]]"}).context["total"] == 1100
+
+
+def test_reject_all_puts_every_proposal_back_and_no_decision_is_no_change(
+    client, django_user_model, inbox
+):
+    user = login(client, django_user_model, "view_task", "change_task", "add_herd")
+    herd = triage_herd()
+    dry_run(herd)
+    running = BulkAction.objects.create(
+        user=user, action="triage", params={"herd": herd.pk}, total=5, processed=2
+    )
+    page = client.get(f"/triage/{herd.pk}/").content.decode()
+    assert "Carrying out your decisions … 2 of 5 done." in page
+    assert 'hx-trigger="every 1s"' in page and "fieldset" not in page  # no deciding twice
+    running.delete()
+    nothing = client.post(f"/triage/{herd.pk}/apply/", {}, follow=True).content.decode()
+    assert "Nothing was applied: choose Accept or Reject for a proposal." in nothing
+    assert not BulkAction.objects.exists()
+    page = client.post(f"/triage/{herd.pk}/apply/", {"everything": "reject"}, follow=True)
+    assert "Applied 0, rejected 3." in page.content.decode()
+    assert set(Task.objects.filter(status=Status.QUEUED).values_list("key", flat=True)) == {
+        "a",
+        "b",
+        "c",
+        "d",
+    }
+    assert {n: (inbox / n).read_text() for n in FILES} == FILES
+    # A decision sent again (a second tab, a reload) finds nothing left to decide.
+    again = client.post(f"/triage/{herd.pk}/apply/", {"everything": "accept"}, follow=True)
+    assert "Nothing was applied" in again.content.decode()
 
 
 def test_a_form_of_more_fields_than_the_server_reads_is_refused_in_words(

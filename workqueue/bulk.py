@@ -90,7 +90,7 @@ def start(user, action: str, value: str, task_ids: Iterable[int]) -> BulkAction:
     )
     # Only a person's latest action can be undone: the earlier ones' copies go.
     BulkChange.objects.filter(action__user=user).exclude(action=bulk).delete()
-    _dispatch(bulk)
+    dispatch(bulk)
     return bulk
 
 
@@ -103,7 +103,7 @@ def start_undo(user, original: BulkAction) -> BulkAction:
         params={"of": original.pk, "what": original.action},
         total=original.changes.count(),
     )
-    _dispatch(bulk)
+    dispatch(bulk)
     return bulk
 
 
@@ -113,11 +113,11 @@ def can_undo(bulk: BulkAction, user) -> bool:
         return False
     if BulkAction.objects.filter(undo_of=bulk).exists():
         return False
-    latest = BulkAction.objects.filter(user=user).exclude(action="undo").first()
+    latest = BulkAction.objects.filter(user=user).exclude(action__in=("undo", "triage")).first()
     return latest == bulk and bulk.changes.exists()
 
 
-def _dispatch(bulk: BulkAction) -> None:
+def dispatch(bulk: BulkAction) -> None:
     if bulk.total <= INLINE_LIMIT:
         run(bulk.pk)
     else:
@@ -137,6 +137,10 @@ def run(pk: int) -> None:
     try:
         if bulk.undo_of_id:
             _undo(bulk)
+        elif bulk.action == "triage":  # a triage review's decisions (triage_review.decide)
+            from workqueue import triage_review
+
+            triage_review.carry_out(bulk)
         else:
             _apply(bulk)
     except Exception as exc:

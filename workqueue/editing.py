@@ -858,6 +858,7 @@ def rewrite_tasks(
     transform: Callable[[Task, bytes], tuple[bytes, dict]],
     message: str,
     batch_size: int = BATCH,
+    on_batch: Callable[[BulkReport, list[Applied]], None] | None = None,
 ) -> BulkReport:
     """Write new file contents that `transform(task, raw)` computes (the triage rules,
     say), with an edit's batch writing, refusals and row update.
@@ -879,7 +880,9 @@ def rewrite_tasks(
                 report.skip(task, plan)
             else:
                 plans.append(plan)
-        _commit(plans, actor, report)
+        applied = _commit(plans, actor, report)
+        if on_batch is not None:
+            on_batch(report, applied)
     return report
 
 

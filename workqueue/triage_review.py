@@ -7,9 +7,15 @@ exactly the proposed change (the rules are run again on the file, which must sti
 the one imported and still give the same diff) and the task stays done, as the triage
 processor would have left it. Rejecting puts the task back in the queue.
 
+A review of thousands of proposals is shown a page at a time, and decided as a whole
+("Apply all") or page by page; the decisions are recorded as a BulkAction and carried
+out like a bulk action from the board: a few in the request, more on Huey with progress.
+
 Public API:
     start(user, form) -> Herd
     proposals(herd) -> list[Task]
+    decide(user, herd, accepted, rejected) -> BulkAction
+    latest_decision(herd) -> BulkAction | None
     review(herd, accepted, rejected, actor) -> Review
 """
 
@@ -21,13 +27,15 @@ from pathlib import Path
 from django.db import transaction
 
 from herds.models import Herd, Profile
-from workqueue import actions, editing
-from workqueue.models import Status, Task
+from workqueue import actions, bulk, editing
+from workqueue.models import BulkAction, Status, Task
 from workqueue.triage import ChildIndex, rules_for
 from workqueue.triage_rules import triage_bytes, unified_diff
 
 PROFILE = "triage"
 WORKERS = 2  # the triage rules are fast: as many workers as cores
+PAGE = 100  # proposals shown at once: a page of 10,000 diffs is megabytes a browser crawls
+ACTION = "triage"  # a BulkAction carrying out a review's decisions
 
 
 class CannotTriage(ValueError):
@@ -65,6 +73,58 @@ def refused(herd: Herd):
     return Task.objects.filter(holder_herd=herd.pk, status=Status.BLOCKED).order_by("id")
 
 
+def decide(user, herd: Herd, accepted: list[int], rejected: list[int]) -> BulkAction:
+    """Record a person's decisions on `herd`'s proposals and carry them out: here when
+    few, else on Huey (bulk.dispatch). Decisions on tasks that are no proposal (decided
+    already, or of another herd) are dropped."""
+    waiting = set(proposals(herd).values_list("pk", flat=True))
+    accepted = [pk for pk in dict.fromkeys(accepted) if pk in waiting]
+    rejected = [pk for pk in dict.fromkeys(rejected) if pk in waiting and pk not in accepted]
+    decision = BulkAction.objects.create(
+        user=user,
+        actor=f"user:{user.get_username()}",
+        action=ACTION,
+        params={"herd": herd.pk, "accepted": accepted, "rejected": rejected},
+        total=len(accepted) + len(rejected),
+    )
+    bulk.dispatch(decision)
+    decision.refresh_from_db()
+    return decision
+
+
+def _waiting(herd: Herd, ids: list[int]) -> dict[int, Task]:
+    """The proposals among `ids`, by id: a batch at a time, since a database takes only
+    so many values in one statement (PostgreSQL 65,535)."""
+    found = {}
+    for start in range(0, len(ids), editing.BATCH):
+        chunk = ids[start : start + editing.BATCH]
+        found.update((t.pk, t) for t in proposals(herd).filter(pk__in=chunk))
+    return found
+
+
+def latest_decision(herd: Herd) -> BulkAction | None:
+    return BulkAction.objects.filter(action=ACTION, params__herd=herd.pk).first()
+
+
+def carry_out(decision: BulkAction) -> None:
+    """What bulk.run does for a review: the counts on the row after every batch
+    (`changed` the proposals applied, `unchanged` those rejected: their files are left
+    as they were)."""
+    herd = Herd.objects.get(pk=decision.params["herd"])
+
+    def progress(result: Review) -> None:
+        skipped = result.skipped[: bulk.SKIPPED_KEPT]
+        BulkAction.objects.filter(pk=decision.pk).update(
+            processed=len(result.applied) + len(result.rejected) + len(result.skipped),
+            changed=len(result.applied),
+            unchanged=len(result.rejected),
+            skipped=skipped,
+        )
+
+    params = decision.params
+    review(herd, params["accepted"], params["rejected"], decision.actor, progress)
+
+
 @dataclass
 class Review:
     applied: list[str] = field(default_factory=list)
@@ -72,9 +132,12 @@ class Review:
     skipped: list[dict] = field(default_factory=list)
 
 
-def review(herd: Herd, accepted: list[int], rejected: list[int], actor: str) -> Review:
-    """Apply the accepted proposals, put the rejected tasks back in the queue."""
-    pending = {t.pk: t for t in proposals(herd).filter(pk__in=[*accepted, *rejected])}
+def review(
+    herd: Herd, accepted: list[int], rejected: list[int], actor: str, progress=None
+) -> Review:
+    """Apply the accepted proposals, put the rejected tasks back in the queue;
+    `progress(review so far)` after every batch."""
+    pending = _waiting(herd, [*accepted, *rejected])
     result = Review()
     rules, children = rules_for(herd.queue), ChildIndex()
 
@@ -85,24 +148,29 @@ def review(herd: Herd, accepted: list[int], rejected: list[int], actor: str) -> 
             lambda task_id: children.has_children(task.queue, task_id or task.key),
             rules,
         )
-        proposed = task.result.get("diff", "")
+        # The proposal as loaded here: the batch's own rows leave `result` out.
+        proposal = pending[task.pk].result
+        proposed = proposal.get("diff", "")
         if (unified_diff(task.source_path, raw, new) if new != raw else "") != proposed:
             raise editing.Skip("the rules now propose something else: run the triage again")
-        data = {k: v for k, v in task.result.items() if k not in ("dry_run", "diff")}
+        data = {k: v for k, v in proposal.items() if k not in ("dry_run", "diff")}
         data["review"] = "applied"
         closed_by = f"triage:{decision.close_reason}" if decision.close_reason else task.closed_by
         outcome = "closed" if decision.action == "close" else "success"
         return new, {"result": data, "outcome": outcome, "closed_by": closed_by}
 
     take = [pk for pk in accepted if pk in pending]
-    report = editing.rewrite_tasks(take, actor, apply_proposal, "triage applied")
-    skipped = {s["task"] for s in report.skipped}
-    result.skipped = report.skipped
-    result.applied = [pending[pk].key for pk in take if pk not in skipped]
-    for pk in rejected:
-        task = pending.get(pk)
-        if task is None or pk in take:
-            continue
+
+    def applied_batch(report: editing.BulkReport, applied: list[editing.Applied]) -> None:
+        result.applied.extend(pending[a.task_id].key for a in applied)
+        result.skipped = list(report.skipped)
+        if progress is not None:
+            progress(result)
+
+    editing.rewrite_tasks(take, actor, apply_proposal, "triage applied", on_batch=applied_batch)
+    back = [pk for pk in rejected if pk in pending and pk not in take]
+    for n, pk in enumerate(back, 1):
+        task = pending[pk]
         with transaction.atomic():
             if actions.back_to_queue(task, actor, "triage proposal rejected"):
                 data = {**task.result, "review": "rejected"}
@@ -117,4 +185,6 @@ def review(herd: Herd, accepted: list[int], rejected: list[int], actor: str) -> 
                         "why": "moved meanwhile",
                     }
                 )
+        if progress is not None and (n % editing.BATCH == 0 or n == len(back)):
+            progress(result)
     return result

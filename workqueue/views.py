@@ -700,10 +700,16 @@ def triage_start(request: HttpRequest) -> HttpResponse:
 
 def _triage_context(request: HttpRequest, herd, **extra) -> dict:
     finished = herd.finished_tasks()
+    decision = triage_review.latest_decision(herd)
+    applying = decision is not None and not decision.finished
+    waiting = triage_review.proposals(herd) if herd.ended and not applying else None
     return {
         "herd": herd,
         "progress_line": herd.progress_line(finished),
-        "proposals": list(triage_review.proposals(herd)) if herd.ended else [],
+        "decision": decision,
+        "applying": applying,
+        "proposals": list(waiting[: triage_review.PAGE]) if waiting is not None else [],
+        "proposal_count": waiting.count() if waiting is not None else 0,
         "refused": list(triage_review.refused(herd)) if herd.ended else [],
         **extra,
     }
@@ -725,18 +731,27 @@ def triage_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @permission_required(CHANGE, raise_exception=True)
 @require_POST
 def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
+    """The decisions on the proposals shown, or on every one ("Apply all", "Reject
+    all"): carried out here when few, else on the consumer while the page shows how far."""
     herd = get_object_or_404(Herd.objects.select_related("profile"), pk=pk, dry_run=True)
-    decisions = {
-        as_id(name.removeprefix("decision-")): value
-        for name, value in request.POST.items()
-        if name.startswith("decision-")
-    }
-    decisions.pop(None, None)  # not a task's id
-    accepted = [pk for pk, value in decisions.items() if value == "accept"]
-    rejected = [pk for pk, value in decisions.items() if value == "reject"]
-    outcome = triage_review.review(herd, accepted, rejected, _actor(request))
-    context = _triage_context(request, herd, outcome=outcome)
-    return render(request, "workqueue/triage.html", context)
+    everything = request.POST.get("everything")
+    if everything in ("accept", "reject"):
+        waiting = list(triage_review.proposals(herd).values_list("pk", flat=True))
+        accepted, rejected = (waiting, []) if everything == "accept" else ([], waiting)
+    else:
+        decisions = {
+            as_id(name.removeprefix("decision-")): value
+            for name, value in request.POST.items()
+            if name.startswith("decision-")
+        }
+        decisions.pop(None, None)  # not a task's id
+        accepted = [pk for pk, value in decisions.items() if value == "accept"]
+        rejected = [pk for pk, value in decisions.items() if value == "reject"]
+    if not accepted and not rejected:
+        messages.error(request, "Nothing was applied: choose Accept or Reject for a proposal.")
+    else:
+        triage_review.decide(request.user, herd, accepted, rejected)
+    return redirect("triage-detail", pk=herd.pk)
 
 
 # New tasks ------------------------------------------------------------------------
