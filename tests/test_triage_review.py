@@ -11,7 +11,7 @@ from django.contrib.auth.models import Permission
 
 from herds.models import Herd, HerdStatus, Profile
 from herds.supervision import worker_argv
-from workqueue import triage_review
+from workqueue import editing, triage_review
 from workqueue.importer import Importer
 from workqueue.models import BulkAction, EventKind, Queue, Status, Task, TaskEvent
 from workqueue.processors import load_processor
@@ -82,7 +82,10 @@ def test_a_dry_run_herd_passes_dry_run_to_its_workers():
     assert "--dry-run" not in worker_argv(herd, herd.workers.get())
 
 
-def test_only_the_accepted_changes_are_written(inbox):
+def test_only_the_accepted_changes_are_written(inbox, monkeypatch):
+    # The proposals are looked up a batch at a time (a statement takes only so many
+    # values): three in batches of two.
+    monkeypatch.setattr(editing, "BATCH", 2)
     originals = {name: (inbox / name).read_bytes() for name in FILES}
     herd = triage_herd()
     dry_run(herd)
