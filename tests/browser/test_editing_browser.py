@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from herds.models import Herd, HerdStatus
 from tests.browser.conftest import screenshot
 from workqueue import views
 from workqueue.importer import Importer
 from workqueue.models import Task
+from workqueue.processors import load_processor
+from workqueue.worker import Worker
 
 TASK = """---
 id: {key}
@@ -236,6 +239,31 @@ def test_triage_this_view_shows_diffs_and_applies_only_the_accepted(
     assert (folder / "c.md").read_text() == files["c.md"]
     assert Task.objects.get(key="b").status == "queued"
     assert Task.objects.get(key="a").status == "done"
+
+
+def test_a_review_longer_than_a_page_is_applied_at_once_on_the_consumer(
+    logged_in_page, live_url, inbox, consumer_huey, consumer, triage_profile
+):
+    paths = inbox(130, title="Fix the bug in /src/x{i}.py")
+    before = {path: path.read_text() for path in paths}
+    herd = Herd.objects.create(
+        queue="inbox", profile=triage_profile, size=1, dry_run=True, preflight={"ready": 130}
+    )
+    worker = Worker("inbox", load_processor("triage"), prefetch=50, herd=herd.pk, dry_run=True)
+    while worker.work_one_batch():
+        pass
+    Herd.objects.filter(pk=herd.pk).update(status=HerdStatus.FINISHED)
+    page = logged_in_page
+    page.goto(f"{live_url}/triage/{herd.pk}/")
+    expect(page.get_by_role("heading", name="130 proposed changes")).to_be_visible()
+    expect(page.locator("fieldset.proposal")).to_have_count(100)
+    screenshot(page, "triage-review-of-many")
+    page.get_by_role("button", name="Apply all 130").click()
+    expect(page.get_by_role("status")).to_contain_text("Applied 130, rejected 0.", timeout=60_000)
+    expect(page.locator("fieldset.proposal")).to_have_count(0)
+    expect(page.get_by_text("No proposal waits for a decision.")).to_be_visible()
+    assert all(path.read_text() != before[path] for path in paths)
+    assert set(Task.objects.values_list("result__review", flat=True)) == {"applied"}
 
 
 def test_the_other_keys_edit_mark_done_search_and_list_the_keys(logged_in_page, live_url, inbox):
