@@ -251,9 +251,12 @@ class TaskQuerySet(models.QuerySet):
             task._state.adding, task._state.db = False, self.db
 
     def stats(self, queue: str | None = None) -> dict:
+        from workqueue.dependencies import stuck
         from workqueue.reaper import find_stale_claims
 
         tasks = self.in_queue(queue)
+        waiting = waiting_by_queue()
+        cannot = stuck(queue)
         claimed = tasks.claimed()
         oldest = claimed.aggregate(oldest=Min("claimed_at"))["oldest"]
         usage = {
@@ -272,6 +275,9 @@ class TaskQuerySet(models.QuerySet):
             ),
             "stale": len(find_stale_claims(queue)),
             "oldest_claim_seconds": (timezone.now() - oldest).total_seconds() if oldest else None,
+            # Queued on dependencies not done; those that cannot become ready, and why.
+            "waiting": waiting.get(queue, 0) if queue else sum(waiting.values()),
+            "stuck": [s.as_dict() for s in cannot],
         }
 
 

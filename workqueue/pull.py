@@ -38,6 +38,7 @@ from django.db.models import Count
 
 from workqueue import claims, locks, signals, transitions
 from workqueue.authoring import NEW_TASK_FIELDS, AuthoringError, create_task_file
+from workqueue.dependencies import stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status, Task
@@ -534,11 +535,17 @@ class PullSession:
                 f"no ready task in queue {self.queue!r} matches {', '.join(routing.as_list())} "
                 f"({ready} others ready)"
             )
-        return (
+        waiting = tasks.waiting().count()
+        why = (
             f"no ready task in queue {self.queue!r} "
-            f"({tasks.claimed().count()} claimed, {tasks.waiting().count()} waiting on "
-            "dependencies); stop here"
+            f"({tasks.claimed().count()} claimed, {waiting} waiting on dependencies)"
         )
+        cannot = stuck(self.queue) if waiting else []
+        if cannot:
+            named = "; ".join(f"{s.key}: {s.why}" for s in cannot[:3])
+            more = f"; and {len(cannot) - 3} more" if len(cannot) > 3 else ""
+            why += f"; {len(cannot)} cannot become ready as things stand ({named}{more})"
+        return why + "; stop here"
 
     def _why_not_claimable(self, task: Task) -> str:
         if task.status == Status.CLAIMED:

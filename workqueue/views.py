@@ -28,7 +28,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django.views.decorators.vary import vary_on_headers
 
 from herds.models import Herd
-from workqueue import authoring, bulk, editing, locks, triage_review
+from workqueue import authoring, bulk, dependencies, editing, locks, triage_review
 from workqueue.agents.base import read_transcript
 from workqueue.forms import (
     ACTIONS,
@@ -377,6 +377,7 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _detail_context(request: HttpRequest, task: Task, **extra) -> dict:
+    waited = dependencies.waits_on(task)
     return {
         **extra,
         "task": task,
@@ -389,6 +390,8 @@ def _detail_context(request: HttpRequest, task: Task, **extra) -> dict:
         "diff": task.result.get("diff") if isinstance(task.result, dict) else None,
         "agent": agent_report(task),
         "transcript": task_transcript_of(task),
+        "waits_on": waited,
+        "cannot_become_ready": dependencies.why_stuck(task) if waited else "",
     }
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from workqueue.dependencies import report_lines, stuck
 from workqueue.importer import Importer
 from workqueue.names import queue_name_argument
 
@@ -25,8 +26,12 @@ class Command(BaseCommand):
         roots += [p.resolve().parent for p in paths if p.suffix == ".md" and p.exists()]
         progress = sys.stderr.isatty() and not options["json"]
         report = Importer(options["queue"], roots, progress=progress).run(paths)
+        # Tasks that wait for ever say nothing on their own: say it now (not an error: the
+        # task they need may be imported next).
+        cannot = stuck(options["queue"])
         if options["json"]:
-            self.stdout.write(json.dumps(report.as_dict()))
+            summary = {**report.as_dict(), "stuck": [s.as_dict() for s in cannot]}
+            self.stdout.write(json.dumps(summary))
         else:
             for error in report.errors:
                 self.stderr.write(f"{error['path']}: {error['error']}")
@@ -36,5 +41,7 @@ class Command(BaseCommand):
                 f"{report.deferred} deferred (claimed), {report.missing} missing, "
                 f"{len(report.errors)} errors"
             )
+            for line in report_lines(cannot, options["queue"]):
+                self.stderr.write(f"warning: {line}")
         if report.errors and not report.accepted:
             raise CommandError("nothing could be imported")

@@ -2,6 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
+from workqueue.dependencies import Stuck, report_lines
 from workqueue.models import Task
 
 
@@ -25,6 +26,12 @@ class Command(BaseCommand):
         for holder, count in stats["claimed_by"].items():
             self.stdout.write(f"  held by {holder}: {count}")
         self.stdout.write(f"stale claims: {stats['stale']}")
+        self.stdout.write(f"waiting on dependencies: {stats['waiting']}")
+        if stats["stuck"]:
+            stuck = [Stuck(**s) for s in stats["stuck"]]
+            self.stdout.write(f"cannot become ready: {len(stuck)}")
+            for line in report_lines(stuck, options["queue"] or "QUEUE"):
+                self.stdout.write(f"  {line}")
         for queue, usage in stats["usage"].items():
             self.stdout.write(
                 f"{queue}: {usage['tokens']} tokens, ${usage['cost_usd']:.4f} (as the agents said)"

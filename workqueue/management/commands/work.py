@@ -191,7 +191,24 @@ class Command(BaseCommand):
                     f"in {summary['runtime_seconds']} s (database write lock: waited "
                     f"{summary['writer_wait_seconds']} s, held {summary['writer_hold_seconds']} s)"
                 )
+        if not options["herd"] and not sum(s.get("claimed", 0) for s in summaries):
+            self.why_nothing_was_ready(options["queue"])
         sys.exit(max(s["exit_code"] for s in summaries))
+
+    def why_nothing_was_ready(self, queue: str) -> None:
+        """A worker that found nothing while tasks are queued says what they wait on."""
+        from workqueue.dependencies import stuck
+        from workqueue.models import waiting_by_queue
+
+        waiting = waiting_by_queue().get(queue, 0)
+        if not waiting:
+            return
+        tasks_wait = "task waits" if waiting == 1 else "tasks wait"
+        line = f"nothing was ready: {waiting} queued {tasks_wait} on dependencies not done"
+        cannot = len(stuck(queue))
+        if cannot:
+            line += f"; {cannot} cannot become ready as things stand"
+        self.stderr.write(f"{line} (python manage.py queue_stats --queue {queue} says which)")
 
     def profile(self, options, argv):
         """The profile named by --profile, its routing and isolation put in `options`."""
