@@ -12,6 +12,7 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
+from workqueue import dependencies
 from workqueue.dependencies import STUCK_LISTED, stuck
 from workqueue.importer import Importer
 from workqueue.locks import Identity
@@ -178,4 +179,25 @@ def test_a_waiting_tasks_page_says_what_it_waits_on_and_whether_it_ever_can_run(
         "as things stand (depends on 'zzz-missing': no task of queue 'inbox' has that id).</p>"
     ) in page("c")
     assert "(blocked): it cannot become ready as things stand (depends on 'g', which" in page("f")
+    assert "(queued): it cannot become ready as things stand (depends on 'c', which" in page("e")
+    assert "(in a ring of tasks that wait on each other: 'a', 'b')." in page("a")
     assert "Waits on" not in page("i") and "Waits on" not in page("j")
+
+
+def test_a_page_judges_only_as_far_as_its_walk_reaches(
+    write_task, client, admin_user, monkeypatch
+):
+    """A task's page follows what it waits on for at most WALK_LIMIT tasks: beyond, it
+    lists the dependency and does not judge (the commands judge the whole queue)."""
+    for n in range(6):  # t0 -> t1 -> ... -> t5 -> nowhere
+        write_task(f"t{n}.md", task(f"t{n}", f"t{n + 1}" if n < 5 else "nowhere"))
+    Importer("q", roots=[write_task.folder]).run([write_task.folder])
+    client.force_login(admin_user)
+    t0 = Task.objects.get(key="t0")
+    assert "as things stand (depends on 't1'" in html.unescape(
+        client.get(f"/tasks/{t0.pk}/").content.decode()
+    )
+    monkeypatch.setattr(dependencies, "WALK_LIMIT", 3)
+    shown = html.unescape(client.get(f"/tasks/{t0.pk}/").content.decode())
+    assert "(queued).</p>" in shown and "cannot become ready" not in shown
+    assert {s.key for s in stuck("q")} == {f"t{n}" for n in range(6)}

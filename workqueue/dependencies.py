@@ -10,6 +10,7 @@ that wait on them, so that the import, `queue_stats` and the worker can say so.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.db.models import OuterRef, Q, Subquery
@@ -17,6 +18,8 @@ from django.db.models import OuterRef, Q, Subquery
 from workqueue.models import Dependency, Status, Task
 
 STUCK_LISTED = 20  # stuck tasks a report lists; it always gives the whole count
+WALK_LIMIT = 2000  # tasks a task's page follows its dependencies through
+WALK_BATCH = 500  # keys a statement names
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,19 @@ def report_lines(stuck_tasks: list[Stuck], queue: str) -> list[str]:
 def stuck(queue: str | None = None) -> list[Stuck]:
     """The queued tasks (of `queue`, or of every queue) that cannot become ready as things
     stand, each with why, ordered by queue and key."""
-    target = Task.objects.filter(queue=OuterRef("task__queue"), key=OuterRef("key"))
-    edges = Dependency.objects.filter(task__status=Status.QUEUED, task__has_dependencies=True)
+    edges = Dependency.objects.all()
     if queue is not None:
         edges = edges.filter(task__queue=queue)
-    rows = (
-        edges.annotate(
+    return _judge(_unmet(edges).iterator())
+
+
+def _unmet(edges) -> Iterable[tuple]:
+    """The dependencies of queued tasks among `edges` that are not done: (queue, key, path,
+    dependency, its status or None for no such task, its reason)."""
+    target = Task.objects.filter(queue=OuterRef("task__queue"), key=OuterRef("key"))
+    return (
+        edges.filter(task__status=Status.QUEUED, task__has_dependencies=True)
+        .annotate(
             state=Subquery(target.values("status")[:1]),
             reason=Subquery(target.values("reason")[:1]),
         )
@@ -60,17 +70,21 @@ def stuck(queue: str | None = None) -> list[Stuck]:
         .values_list("task__queue", "task__key", "task__source_path", "key", "state", "reason")
         .order_by("task__queue", "task__key", "key")
     )
+
+
+def _judge(rows: Iterable[tuple]) -> list[Stuck]:
+    """From the unmet dependencies (`_unmet`'s rows): the tasks that cannot become ready."""
     waits_on: dict[tuple, list[str]] = defaultdict(list)  # (queue, key) -> unmet keys
     paths: dict[tuple, str] = {}
     why: dict[tuple, str] = {}
-    for queue_, key, path, dependency, state, reason in rows.iterator():
-        node = (queue_, key)
+    for queue, key, path, dependency, state, reason in rows:
+        node = (queue, key)
         paths[node] = path
         waits_on[node].append(dependency)
         if node in why:
             continue
         if state is None:
-            why[node] = f"depends on {dependency!r}: no task of queue {queue_!r} has that id"
+            why[node] = f"depends on {dependency!r}: no task of queue {queue!r} has that id"
         elif state == Status.BLOCKED:
             why[node] = f"depends on {dependency!r}, which is blocked" + (
                 f" ({reason})" if reason else ""
@@ -178,5 +192,19 @@ def waits_on(task: Task) -> list[Waited]:
 
 
 def why_stuck(task: Task) -> str:
-    """Why a waiting task cannot become ready as things stand, or "" when it can."""
-    return next((s.why for s in stuck(task.queue) if s.key == task.key), "")
+    """Why a waiting task cannot become ready as things stand, or "" when it can (or when
+    what it waits on reaches further than WALK_LIMIT tasks: a page does not judge a whole
+    queue). Walks from the task through the queued tasks it waits on, a level at a time."""
+    rows, seen, level = [], {task.key}, [task.key]
+    while level:
+        if len(seen) > WALK_LIMIT:
+            return ""
+        found = []
+        for start in range(0, len(level), WALK_BATCH):
+            keys = level[start : start + WALK_BATCH]
+            edges = Dependency.objects.filter(task__queue=task.queue, task__key__in=keys)
+            found += _unmet(edges)
+        rows += found
+        level = list({r[3] for r in found if r[4] == Status.QUEUED} - seen)
+        seen.update(level)
+    return next((s.why for s in _judge(rows) if s.key == task.key), "")
