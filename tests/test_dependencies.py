@@ -159,6 +159,9 @@ def test_an_agent_pulling_over_mcp_is_told_which_cannot_become_ready(inbox):
         "other: 'a', 'b'; b: in a ring of tasks that wait on each other: 'a', 'b'; c: depends "
         "on 'zzz-missing': no task of queue 'inbox' has that id; and 3 more)"
     ) in answer["message"]
+    stats = agent.call("get_index_stats")
+    assert stats["waiting"] == 6
+    assert {s["id"]: s["why"] for s in stats["cannot_become_ready"]} == STUCK
 
 
 def test_a_waiting_tasks_page_says_what_it_waits_on_and_whether_it_ever_can_run(

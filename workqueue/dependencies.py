@@ -36,13 +36,14 @@ class Stuck:
         return f"{self.path or self.key}: cannot become ready: {self.why}"
 
 
-def report_lines(stuck_tasks: list[Stuck], queue: str) -> list[str]:
+def report_lines(stuck_tasks: list[Stuck], queue: str | None) -> list[str]:
     """What a command says of them: a line each up to STUCK_LISTED, then the count left."""
     lines = [str(s) for s in stuck_tasks[:STUCK_LISTED]]
     if len(stuck_tasks) > STUCK_LISTED:
+        which = f" --queue {queue}" if queue else ""
         lines.append(
             f"and {len(stuck_tasks) - STUCK_LISTED} more: "
-            f"python manage.py queue_stats --queue {queue} --json lists each"
+            f"python manage.py queue_stats{which} --json lists each"
         )
     return lines
 

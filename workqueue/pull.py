@@ -38,7 +38,7 @@ from django.db.models import Count
 
 from workqueue import claims, locks, signals, transitions
 from workqueue.authoring import NEW_TASK_FIELDS, AuthoringError, create_task_file
-from workqueue.dependencies import stuck
+from workqueue.dependencies import STUCK_LISTED, stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status, Task
@@ -270,6 +270,10 @@ class PullSession:
             claimed=counts["claimed"],
             stale=stats["stale"],
             claimed_by=stats["claimed_by"],
+            waiting=stats["waiting"],
+            cannot_become_ready=[
+                {"id": s["key"], "why": s["why"]} for s in stats["stuck"][:STUCK_LISTED]
+            ],
             projects=by_project,
         )
 

@@ -30,7 +30,7 @@ class Command(BaseCommand):
         if stats["stuck"]:
             stuck = [Stuck(**s) for s in stats["stuck"]]
             self.stdout.write(f"cannot become ready: {len(stuck)}")
-            for line in report_lines(stuck, options["queue"] or "QUEUE"):
+            for line in report_lines(stuck, options["queue"]):
                 self.stdout.write(f"  {line}")
         for queue, usage in stats["usage"].items():
             self.stdout.write(
