@@ -140,6 +140,29 @@ def test_disappeared_file_keeps_its_task_flagged_missing(write_task):
     assert Task.objects.get().source_missing
 
 
+@pytest.mark.parametrize("edited", [False, True])
+def test_a_renamed_or_moved_file_keeps_its_task_and_is_not_missing(write_task, edited):
+    """A task file renamed (or moved to a subfolder) between imports: the task follows
+    it. It was marked missing in the same run that followed it, its page saying the file
+    had disappeared while the board showed the new path."""
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    (write_task.folder / "done").mkdir()
+    moved = write_task.folder / "done" / "renamed.md"
+    path.rename(moved)
+    if edited:
+        moved.write_text(GOOD.format(id="T-1", title="First, edited"))
+    report = import_folder(write_task.folder)
+    assert (report.missing, report.updated, report.imported) == (0, 1, 0)
+    task = Task.objects.get()
+    assert (task.source_path, task.source_missing) == (str(moved), False)
+    assert task.title == ("First, edited" if edited else "First")
+    assert not task.events.filter(kind=EventKind.MISSING).exists()
+    assert task.events.filter(kind=EventKind.UPDATED).get().message == f"file moved from {path}"
+    again = import_folder(write_task.folder)
+    assert (again.missing, again.updated, again.unchanged) == (0, 0, 1)
+
+
 def test_queue_file_lists_paths_and_bare_ids(write_task, tmp_path):
     write_task("a.md", GOOD.format(id="T-1", title="First"))
     queue_file = write_task.folder / "queue.txt"

@@ -316,6 +316,7 @@ class Importer:
         }
         if existing:
             self._update(existing[0], fields, source_fields)
+            self.keys[key] = (existing[0], spath)  # moved here: its old path is not missing
         else:
             self._create(key, fields, source_fields)
 
@@ -367,12 +368,14 @@ class Importer:
                 self.report.deferred += 1
                 return
             pending = task.pending_edit
+            was = task.source_path
             closed = apply_fields(task, fields, source_fields)
+            moved = bool(was) and was != task.source_path
             TaskEvent.objects.create(
                 task=task,
                 kind=EventKind.UPDATED,
                 actor="import",
-                message="file changed",
+                message=f"file moved from {was}" if moved else "file changed",
                 data={"path": task.source_path},
             )
         if pending:
@@ -428,7 +431,13 @@ class Importer:
             for path, (pk, *_rest) in self.known.items()
             if path.startswith(prefix) and path not in self.seen_paths
         ]
-        gone = [(pk, p) for pk, p in gone if not self.known[p][4] and not Path(p).exists()]
+        gone = [
+            (pk, p)
+            for pk, p in gone
+            if not self.known[p][4]
+            and not Path(p).exists()
+            and self.keys.get(self.known[p][5], (None, p))[1] == p  # not moved elsewhere
+        ]
         if not gone:
             return
         ids = [pk for pk, _ in gone]
