@@ -431,3 +431,18 @@ def test_options_past_a_database_integer_are_refused_before_any_claim(option, va
     with pytest.raises(CommandError, match=f"^{option}: at most 2,147,483,647$"):
         call_command("work", "--queue", "q", option, str(value))
     assert Task.objects.get().status == Status.QUEUED
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("workers", [257, 5000, 10**20])
+def test_a_typo_in_workers_does_not_fork_thousands_of_processes(workers):
+    """`work --workers 5000` forked 5,000 processes (and as many database connections)."""
+    from django.core.management import CommandError, call_command
+
+    make_tasks("q", 1)
+    with pytest.raises(
+        CommandError,
+        match=f"^--workers {workers}: one command forks at most 256 workers; start more",
+    ):
+        call_command("work", "--queue", "q", "--workers", str(workers))
+    assert Task.objects.get().status == Status.QUEUED

@@ -24,6 +24,9 @@ from workqueue.worker import Worker, WorkerStats
 from workqueue.worktrees import WorktreeProcessor
 
 BOUNDED = ("prefetch", "lease", "max_attempts")
+# Workers one command forks: each is a process and a database connection, and a typo
+# (--workers 5000) must not fork thousands of them. More: more commands, or a herd.
+MAX_WORKERS = 256
 
 
 def cpu_slot(path) -> CpuSlot:
@@ -129,6 +132,11 @@ class Command(BaseCommand):
         if too_big:
             names = ", ".join("--" + n.replace("_", "-") for n in too_big)
             raise CommandError(f"{names}: at most {MAX_SETTING:,}")
+        if options["workers"] > MAX_WORKERS:
+            raise CommandError(
+                f"--workers {options['workers']}: one command forks at most {MAX_WORKERS} "
+                "workers; start more commands for more"
+            )
         options["processor"] = options["processor"] or "noop"
         if argv and options["processor"] not in ("command", "pull"):
             raise CommandError("a command after -- needs --processor command or pull")
