@@ -334,3 +334,36 @@ def test_a_form_of_more_fields_than_the_server_reads_is_refused_in_words(
     assert refused.content.decode() == (
         "The form sent has more than 10 fields, the most this server reads: nothing was saved."
     )
+
+
+def test_decisions_recorded_twice_are_carried_out_once_and_the_second_says_so(
+    client, django_user_model, inbox
+):
+    """Two tabs (or two people) press "Apply all" before the consumer runs either."""
+    from workqueue import bulk
+
+    user = login(client, django_user_model, "view_task", "change_task", "add_herd")
+    herd = triage_herd()
+    dry_run(herd)
+    ids = list(triage_review.proposals(herd).values_list("pk", flat=True))
+    first, second = (
+        BulkAction.objects.create(
+            user=user,
+            actor="user:alice",
+            action="triage",
+            params={"herd": herd.pk, "accepted": ids, "rejected": []},
+            total=len(ids),
+        )
+        for _ in range(2)
+    )
+    bulk.run(first.pk)
+    bulk.run(second.pk)
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.changed, first.skipped_count) == (3, 0)
+    assert (second.changed, second.processed, second.skipped_count) == (0, 3, 3)
+    assert {s["why"] for s in second.skipped} == {"no longer waits for a decision"}
+    page = client.get(f"/triage/{herd.pk}/").content.decode()
+    assert "Applied 0, rejected 0, 3 skipped." in page
+    assert f"task {ids[0]}: no longer waits for a decision" in page
+    assert TaskEvent.objects.filter(kind=EventKind.EDITED).count() == 3  # written once

@@ -168,6 +168,12 @@ def review(
             progress(result)
 
     editing.rewrite_tasks(take, actor, apply_proposal, "triage applied", on_batch=applied_batch)
+    # Decided meanwhile (a second tab, another person's "Apply all"): said, not dropped.
+    result.skipped += [
+        {"task": pk, "key": "", "path": "", "why": "no longer waits for a decision"}
+        for pk in dict.fromkeys([*accepted, *rejected])
+        if pk not in pending
+    ]
     back = [pk for pk in rejected if pk in pending and pk not in take]
     for n, pk in enumerate(back, 1):
         task = pending[pk]
@@ -185,6 +191,8 @@ def review(
                         "why": "moved meanwhile",
                     }
                 )
-        if progress is not None and (n % editing.BATCH == 0 or n == len(back)):
+        if progress is not None and n % editing.BATCH == 0:
             progress(result)
+    if progress is not None:
+        progress(result)
     return result
