@@ -320,6 +320,13 @@ def test_reject_all_puts_every_proposal_back_and_no_decision_is_no_change(
     # A decision sent again (a second tab, a reload) finds nothing left to decide.
     again = client.post(f"/triage/{herd.pk}/apply/", {"everything": "accept"}, follow=True)
     assert "Nothing was applied" in again.content.decode()
+    a = Task.objects.get(key="a")
+    stale_tab = client.post(
+        f"/triage/{herd.pk}/apply/", {f"decision-{a.pk}": "accept"}, follow=True
+    )
+    assert "Applied 0, rejected 0, 1 skipped." in stale_tab.content.decode()
+    assert f"task {a.pk}: no longer waits for a decision" in stale_tab.content.decode()
+    assert {n: (inbox / n).read_text() for n in FILES} == FILES
 
 
 def test_a_form_of_more_fields_than_the_server_reads_is_refused_in_words(

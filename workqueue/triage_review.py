@@ -75,11 +75,11 @@ def refused(herd: Herd):
 
 def decide(user, herd: Herd, accepted: list[int], rejected: list[int]) -> BulkAction:
     """Record a person's decisions on `herd`'s proposals and carry them out: here when
-    few, else on Huey (bulk.dispatch). Decisions on tasks that are no proposal (decided
-    already, or of another herd) are dropped."""
-    waiting = set(proposals(herd).values_list("pk", flat=True))
-    accepted = [pk for pk in dict.fromkeys(accepted) if pk in waiting]
-    rejected = [pk for pk in dict.fromkeys(rejected) if pk in waiting and pk not in accepted]
+    few, else on Huey (bulk.dispatch). A task that is no proposal by then (decided in
+    another tab, of another herd) is listed as skipped, with why."""
+    accepted = list(dict.fromkeys(accepted))
+    taken = set(accepted)
+    rejected = [pk for pk in dict.fromkeys(rejected) if pk not in taken]
     decision = BulkAction.objects.create(
         user=user,
         actor=f"user:{user.get_username()}",
