@@ -19,6 +19,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from workqueue import cpu_slots, locks
+from workqueue.dependencies import stuck
 from workqueue.models import Status, Task, consumer_wait
 from workqueue.processing import Processor
 from workqueue.processors import (
@@ -54,6 +55,7 @@ class AdapterKind(models.TextChoices):
 
 
 VERSION_TIMEOUT = 20  # seconds for `CLI --version` in a herd's pre-flight
+PREFLIGHT_STUCK = 5  # tasks that can never be claimed a pre-flight names (it counts all)
 
 
 def validate_command(value) -> None:
@@ -712,12 +714,17 @@ class Herd(models.Model):
             owner = lock.owner or {}
             name = owner.get("worker") or "unknown owner"
             owners[name] = owners.get(name, 0) + 1
+        waiting = tasks.waiting().count()
+        cannot = stuck(self.queue) if waiting else []
         return {
             "queue": self.queue,
             "ready": ready,
             "filtered_out": ready_in_queue - ready,
             "skipped_complete": tasks.filter(status=Status.DONE).count(),
-            "waiting": tasks.waiting().count(),
+            "waiting": waiting,
+            # Of those, the ones that can never be claimed as things stand (a few named).
+            "stuck_count": len(cannot),
+            "stuck": [{"key": c.key, "why": c.why} for c in cannot[:PREFLIGHT_STUCK]],
             "claimed": tasks.claimed().count(),
             "blocked": tasks.filter(status=Status.BLOCKED).count(),
             "locks_held": len(held),

@@ -124,11 +124,24 @@ def launch(herd_id: int) -> None:
         herd.request_cancel(f"{LAUNCH_FAILED}: {exc}")
 
 
+def stuck_words(preflight: dict) -> str:
+    """" (2 of them cannot become ready: a: why; b: why)", or "" when none is stuck."""
+    if not preflight.get("stuck_count"):
+        return ""
+    named = "; ".join(f"{s['key']}: {s['why']}" for s in preflight["stuck"])
+    more = preflight["stuck_count"] - len(preflight["stuck"])
+    return (
+        f" ({preflight['stuck_count']} of them cannot become ready: {named}"
+        + (f"; and {more} more" if more > 0 else "")
+        + ")"
+    )
+
+
 def nothing_ready_reason(preflight: dict) -> str:
     return (
         f"nothing ready in queue {preflight['queue']!r}: "
         f"{preflight['skipped_complete']} skipped (already complete), "
-        f"{preflight['waiting']} waiting on dependencies, "
+        f"{preflight['waiting']} waiting on dependencies{stuck_words(preflight)}, "
         f"{preflight['claimed']} claimed, {preflight['blocked']} blocked"
         + (
             f", {preflight['filtered_out']} ready but filtered out"

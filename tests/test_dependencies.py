@@ -204,3 +204,24 @@ def test_a_page_judges_only_as_far_as_its_walk_reaches(
     shown = html.unescape(client.get(f"/tasks/{t0.pk}/").content.decode())
     assert "(queued).</p>" in shown and "cannot become ready" not in shown
     assert {s.key for s in stuck("q")} == {f"t{n}" for n in range(6)}
+
+
+def test_a_herds_pre_flight_names_what_can_never_be_claimed(inbox):
+    from django.template.loader import render_to_string
+
+    from herds.models import Herd, Profile
+    from herds.supervision import nothing_ready_reason
+
+    noop, _ = Profile.objects.get_or_create(name="noop", defaults={"processor": "noop"})
+    preflight = Herd(queue="inbox", profile=noop, size=2).compute_preflight()
+    assert (preflight["waiting"], preflight["stuck_count"], len(preflight["stuck"])) == (7, 6, 5)
+    assert preflight["stuck"][0] == {"key": "a", "why": STUCK["a"]}
+    assert (
+        "7 waiting on dependencies (6 of them cannot become ready: a: in a ring of tasks that "
+        "wait on each other: 'a', 'b'; b: "
+    ) in nothing_ready_reason(preflight)
+    assert nothing_ready_reason(preflight).endswith("; and 1 more), 0 claimed, 1 blocked")
+    page = html.unescape(render_to_string("herds/preflight.html", {"preflight": preflight}))
+    assert "6 of the tasks waiting on dependencies cannot become ready as things stand" in page
+    assert f"<li><code>c</code>: {STUCK['c']}</li>" in page
+    assert "… 6 in all: <code>python manage.py queue_stats --queue inbox</code> lists them" in page
