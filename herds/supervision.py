@@ -125,7 +125,8 @@ def launch(herd_id: int) -> None:
 
 
 def stuck_words(preflight: dict) -> str:
-    """" (2 of them cannot become ready: a: why; b: why)", or "" when none is stuck."""
+    """What follows "N waiting on dependencies": the tasks that can never be claimed,
+    " (2 of them cannot become ready: a: why; b: why)", or "" when none is."""
     if not preflight.get("stuck_count"):
         return ""
     named = "; ".join(f"{s['key']}: {s['why']}" for s in preflight["stuck"])
