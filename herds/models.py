@@ -288,7 +288,7 @@ class Profile(models.Model):
 
         program = agents.adapter_class(self.adapter).program
         env = agent_tree.agent_environment({}, dict(self.env), self.pass_env)
-        path = program_path(program, dict(self.env), self.pass_env)
+        path = program_path(program, env)
         if path is None:
             return {"program": program, "missing": not_on_path(program)}
         try:

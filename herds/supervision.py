@@ -24,6 +24,7 @@ from herds import processes, zygote
 from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, HerdWorker
 from herds.receivers import WORKER_ENV
 from workqueue import cpu_slots
+from workqueue.dependencies import in_words
 from workqueue.reaper import release_stale_claims
 
 log = logging.getLogger("herds")
@@ -127,15 +128,11 @@ def launch(herd_id: int) -> None:
 def stuck_words(preflight: dict) -> str:
     """What follows "N waiting on dependencies": the tasks that can never be claimed,
     " (2 of them cannot become ready: a: why; b: why)", or "" when none is."""
-    if not preflight.get("stuck_count"):
+    count = preflight.get("stuck_count")
+    if not count:
         return ""
-    named = "; ".join(f"{s['key']}: {s['why']}" for s in preflight["stuck"])
-    more = preflight["stuck_count"] - len(preflight["stuck"])
-    return (
-        f" ({preflight['stuck_count']} of them cannot become ready: {named}"
-        + (f"; and {more} more" if more > 0 else "")
-        + ")"
-    )
+    named = in_words([(s["key"], s["why"]) for s in preflight["stuck"]], count)
+    return f" ({count} of them cannot become ready: {named})"
 
 
 def nothing_ready_reason(preflight: dict) -> str:

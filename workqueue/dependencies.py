@@ -36,6 +36,12 @@ class Stuck:
         return f"{self.path or self.key}: cannot become ready: {self.why}"
 
 
+def in_words(named: list[tuple[str, str]], count: int) -> str:
+    """ "a: why; b: why; and 3 more": a few stuck tasks (key, why) of `count`."""
+    words = "; ".join(f"{key}: {why}" for key, why in named)
+    return words + (f"; and {count - len(named)} more" if count > len(named) else "")
+
+
 def report_lines(stuck_tasks: list[Stuck], queue: str | None) -> list[str]:
     """What a command says of them: a line each up to STUCK_LISTED, then the count left."""
     lines = [str(s) for s in stuck_tasks[:STUCK_LISTED]]

@@ -97,8 +97,7 @@ class CommandProcessor(Processor):
         self, claim: Claim, extra: dict | None = None, adapter: agents.Adapter | None = None
     ) -> list[str]:
         values = {
-            "python": sys.executable,
-            "base_dir": str(settings.BASE_DIR),
+            **install_values(),
             "path": claim.path,
             "key": claim.key,
             "queue": claim.queue,
@@ -114,12 +113,13 @@ class CommandProcessor(Processor):
     def missing_program(self) -> str:
         """Why no task of this processor could start: its program is not on the PATH its
         agents get ('' when it is, or when where it is depends on the task or the folder)."""
+        from workqueue import agent_tree
+
         program = self.argv[0] if self.generic else self.adapter_class.program
-        program = program.replace("{python}", sys.executable)
-        program = program.replace("{base_dir}", str(settings.BASE_DIR))
+        program = fill_placeholders(program, install_values())
         if "{" in program or ("/" in program and not program.startswith("/")):
             return ""
-        if program_path(program, self.env, self.pass_env):
+        if program_path(program, agent_tree.agent_environment({}, self.env, self.pass_env)):
             return ""
         return not_on_path(program)
 
@@ -220,12 +220,9 @@ DEFAULT_PROMPT = "prompts/worker.md"
 PROMPT_LIMIT = 64 * 1024
 
 
-def program_path(program: str, env: dict[str, str], pass_env) -> str | None:
-    """Where `program` is on the PATH its agents get (the profile's `env` and `pass_env`)."""
-    from workqueue import agent_tree
-
-    path = agent_tree.agent_environment({}, env, pass_env).get("PATH", "")
-    return shutil.which(program, path=path)
+def program_path(program: str, agent_env: dict[str, str]) -> str | None:
+    """Where `program` is on the PATH of `agent_env` (agent_tree.agent_environment's)."""
+    return shutil.which(program, path=agent_env.get("PATH", ""))
 
 
 def not_on_path(program: str) -> str:
@@ -246,6 +243,11 @@ def read_prompt(name: str) -> str:
     if not text:
         raise ValueError(f"prompt file {path}: empty")
     return text
+
+
+def install_values() -> dict[str, str]:
+    """The placeholders that are the same for every task: this interpreter and install."""
+    return {"python": sys.executable, "base_dir": str(settings.BASE_DIR)}
 
 
 def fill_placeholders(text: str, values: dict) -> str:

@@ -38,7 +38,7 @@ from django.db.models import Count
 
 from workqueue import claims, locks, signals, transitions
 from workqueue.authoring import NEW_TASK_FIELDS, AuthoringError, create_task_file
-from workqueue.dependencies import STUCK_LISTED, stuck
+from workqueue.dependencies import STUCK_LISTED, in_words, stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Status, Task
@@ -546,9 +546,8 @@ class PullSession:
         )
         cannot = stuck(self.queue) if waiting else []
         if cannot:
-            named = "; ".join(f"{s.key}: {s.why}" for s in cannot[:3])
-            more = f"; and {len(cannot) - 3} more" if len(cannot) > 3 else ""
-            why += f"; {len(cannot)} cannot become ready as things stand ({named}{more})"
+            named = in_words([(s.key, s.why) for s in cannot[:3]], len(cannot))
+            why += f"; {len(cannot)} cannot become ready as things stand ({named})"
         return why + "; stop here"
 
     def _why_not_claimable(self, task: Task) -> str:

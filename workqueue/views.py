@@ -701,7 +701,7 @@ def triage_start(request: HttpRequest) -> HttpResponse:
     return redirect("triage-detail", pk=herd.pk)
 
 
-def _triage_context(request: HttpRequest, herd, **extra) -> dict:
+def _triage_context(request: HttpRequest, herd) -> dict:
     finished = herd.finished_tasks()
     decision = triage_review.latest_decision(herd)
     applying = decision is not None and not decision.finished
@@ -714,7 +714,6 @@ def _triage_context(request: HttpRequest, herd, **extra) -> dict:
         "proposals": list(waiting[: triage_review.PAGE]) if waiting is not None else [],
         "proposal_count": waiting.count() if waiting is not None else 0,
         "refused": list(triage_review.refused(herd)) if herd.ended else [],
-        **extra,
     }
 
 
