@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workqueue import actions, claims, triage
+from workqueue import actions, claims, taskfile, triage
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Queue, Status, Task
 from workqueue.processors import load_processor
@@ -415,6 +415,51 @@ def test_written_file_and_row_agree_so_reimport_sees_no_change(queue_folder):
     assert not [p for p in os.listdir(queue_folder.folder) if p.startswith(".triage-")]
     report = Importer("inbox", roots=[queue_folder.folder]).run([queue_folder.folder])
     assert (report.unchanged, report.updated) == (1, 0)
+
+
+def test_a_file_as_imported_is_loaded_once_its_frontmatter_taken_from_the_row(
+    queue_folder, monkeypatch
+):
+    # The hash says the file is the one imported, so its row holds its frontmatter: the
+    # only YAML loaded is the edit's own check (it was two loads a task, a third of the
+    # worker's CPU in bench/bench_triage.py).
+    queue_folder({f"b{i}.md": NEEDS_WORK.replace("id: b", f"id: b{i}") for i in range(3)})
+    loads = []
+    load_yaml = taskfile.load_yaml
+    monkeypatch.setattr(taskfile, "load_yaml", lambda text: loads.append(text) or load_yaml(text))
+    work()
+    assert Task.objects.filter(status=Status.DONE).count() == 3
+    assert len(loads) == 3
+    assert all("complexity: mechanical" in text for text in loads)
+
+
+def test_a_row_edited_apart_from_its_file_never_puts_the_rows_keys_in_the_file(queue_folder):
+    # The admin edits a row's frontmatter without the file (the hash still matches): the
+    # edit is checked against the file's own YAML, and only the decision's keys change.
+    queue_folder({"b.md": NEEDS_WORK})
+    fm = Task.objects.get(key="b").frontmatter
+    Task.objects.filter(key="b").update(frontmatter={**fm, "x": 1})
+    work()
+    task = Task.objects.get(key="b")
+    assert task.status == Status.DONE, task.reason
+    text = (queue_folder.folder / "b.md").read_text()
+    assert text.startswith(NEEDS_WORK.split("---\n# B")[0] + "complexity: mechanical\n")
+    assert "x: 1" not in text
+    assert "x" not in task.frontmatter
+    report = Importer("inbox", roots=[queue_folder.folder]).run([queue_folder.folder])
+    assert (report.unchanged, report.updated) == (1, 0)
+
+
+def test_an_edit_judged_on_a_frontmatter_that_is_not_the_files_checks_the_file():
+    raw = b"---\nid: a\nowner: nic\n---\nbody\n"
+    doc = Document.parse(raw, {"id": "a", "owner": "someone else"})
+    doc.set_keys({"status": "done"})
+    assert doc.frontmatter == {"id": "a", "owner": "nic", "status": "done"}
+    assert doc.render() == b"---\nid: a\nowner: nic\nstatus: done\n---\nbody\n"
+    flow = Document.parse(b"---\n{id: a}\n---\n", {"id": "a"})
+    with pytest.raises(EditRefused):
+        flow.set_keys({"status": "done"})
+    assert flow.yaml_text == "{id: a}\n"
 
 
 def test_file_changed_since_claim_is_refused_and_left_alone(queue_folder):

@@ -91,6 +91,25 @@ class _Held:
     sha256: str
     key: str
     herd: int | None
+    frontmatter: dict | None  # the row's, when it is the imported file's (no edit waits)
+
+
+HELD_COLUMNS = (
+    "id",
+    "source_sha256",
+    "key",
+    "holder_herd",
+    "frontmatter",
+    "pending_edit",
+    "change_pending",
+)
+
+
+def _held(sha256, key, herd, frontmatter, pending_edit, change_pending) -> _Held:
+    # An edit or a file change waiting for the claim to end makes the row differ from the
+    # file: then the file's YAML is loaded again.
+    mine = not pending_edit and not change_pending
+    return _Held(sha256, key, herd, frontmatter if mine else None)
 
 
 @dataclass
@@ -152,6 +171,8 @@ class TriageProcessor(Processor):
             Path(claim.path).stem,
             lambda task_id: self.children.has_children(claim.queue, task_id or held.key),
             self._rules(claim.queue),
+            # The hash matched: the row's frontmatter is this file's, loaded at its import.
+            held.frontmatter if held.sha256 else None,
         )
         data = decision.as_data()
         if context.dry_run:
@@ -200,17 +221,16 @@ class TriageProcessor(Processor):
         _record_rows(written)
 
     def _held(self, claim: Claim, context: WorkContext) -> _Held:
-        columns = ("id", "source_sha256", "key", "holder_herd")
         if claim.id not in self.held:
             # One query for the whole batch: every claim of a batch shares its fence.
             rows = Task.objects.filter(
                 status=Status.CLAIMED, holder=context.worker_name, fence=claim.fence
-            ).values_list(*columns)
-            self.held.update({pk: _Held(*rest) for pk, *rest in rows})
+            ).values_list(*HELD_COLUMNS)
+            self.held.update((row[0], _held(*row[1:])) for row in rows)
         held = self.held.pop(claim.id, None)
         if held is None:
-            _pk, *rest = Task.objects.filter(pk=claim.id).values_list(*columns)[0]
-            held = _Held(*rest)
+            row = Task.objects.filter(pk=claim.id).values_list(*HELD_COLUMNS)[0]
+            held = _held(*row[1:])
         return held
 
     # Claim stamps: in the file from the moment the worker takes up the task until the

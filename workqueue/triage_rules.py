@@ -206,13 +206,18 @@ def insert_link(body: str, link: str, newline: str = "\n") -> str:
 
 
 def triage_bytes(
-    raw: bytes, stem: str, has_children: Callable[[str], bool], rules: Rules
+    raw: bytes,
+    stem: str,
+    has_children: Callable[[str], bool],
+    rules: Rules,
+    known: dict | None = None,
 ) -> tuple[bytes, Decision, Document]:
     """Decide and apply: the new file content (== raw when nothing changes).
 
     `has_children` is a callable taking the task id, asked only when the answer matters.
+    `known`: the frontmatter already loaded from these bytes (see Document.parse).
     """
-    doc = Document.parse(raw)
+    doc = Document.parse(raw, known)
     fm = doc.frontmatter
     title = taskfile.text_field(fm, "title", 500) or stem
     task_id = taskfile.text_field(fm, "id", 500)

@@ -44,11 +44,14 @@ class Document:
     body: str
     frontmatter: dict
     newline: str
+    known: bool = False  # frontmatter came from the caller, not from loading yaml_text
 
     @classmethod
     def parse(cls, raw: bytes, known: dict | None = None) -> Document:
-        """`known`: the frontmatter already loaded from these bytes (taskfile.parse).
-        An edit still loads its result and compares, so a wrong `known` is refused."""
+        """`known`: the frontmatter already loaded from these bytes (taskfile.parse), so
+        the YAML is not loaded again. An edit still loads its result and compares; where
+        `known` was not these bytes' after all, the YAML is loaded and the edit judged
+        against it (see set_keys)."""
         parsed = taskfile.parse(raw, known)
         text = taskfile.decode(raw)
         newline = "\r\n" if "\r\n" in text[: text.find("\n") + 1] else "\n"
@@ -64,6 +67,7 @@ class Document:
             body=text[body_start:],
             frontmatter=parsed.frontmatter,
             newline=newline,
+            known=known is not None,
         )
 
     def render(self) -> bytes:
@@ -81,20 +85,29 @@ class Document:
         A list keeps the style it had: a block sequence stays one, anything else becomes
         a flow list (`[a, b]`).
         """
-        expected = dict(self.frontmatter)
-        for key, value in changes.items():
-            if value is None:
-                expected.pop(key, None)
-            else:
-                expected[key] = value
-        self.yaml_text = edit_yaml(self.yaml_text, changes, self.newline)
+        edited = edit_yaml(self.yaml_text, changes, self.newline)
         try:
-            same = taskfile.load_yaml(self.yaml_text) == expected
+            result = taskfile.load_yaml(edited)
         except taskfile.TaskFileError:
-            same = False
-        if not same:
+            result = None
+        expected = _with_changes(self.frontmatter, changes)
+        if result != expected and self.known and result is not None:
+            # The caller's frontmatter was not this file's (a row edited in the admin):
+            # judge the edit against the file's own.
+            expected = _with_changes(taskfile.load_yaml(self.yaml_text), changes)
+        if result != expected:
             raise EditRefused("cannot edit this frontmatter in place without changing other keys")
-        self.frontmatter = expected
+        self.yaml_text, self.frontmatter, self.known = edited, expected, False
+
+
+def _with_changes(frontmatter: dict, changes: dict[str, Value | None]) -> dict:
+    expected = dict(frontmatter)
+    for key, value in changes.items():
+        if value is None:
+            expected.pop(key, None)
+        else:
+            expected[key] = value
+    return expected
 
 
 def edit_yaml(yaml_text: str, changes: dict[str, Value | None], newline: str = "\n") -> str:
