@@ -32,7 +32,13 @@ CSRF_FAILURE_VIEW = "hypervisor_site.errors.csrf_failure"
 
 HYPERVISOR_DATA_DIR = envpath("HYPERVISOR_DATA_DIR", BASE_DIR / "var")
 HYPERVISOR_LOCK_ROOT = envpath("HYPERVISOR_LOCK_ROOT", HYPERVISOR_DATA_DIR / "locks")
-HYPERVISOR_IMPORT_ROOTS = envpaths("HYPERVISOR_IMPORT_ROOTS")
+# Unset, the examples that `make run` imports on a first start are the one root, so that
+# "New task" works there out of the box; set, only the folders it names.
+HYPERVISOR_IMPORT_ROOTS = (
+    envpaths("HYPERVISOR_IMPORT_ROOTS")
+    if "HYPERVISOR_IMPORT_ROOTS" in os.environ
+    else [(BASE_DIR / "examples").resolve()]
+)
 HYPERVISOR_MAX_FILE_BYTES = envint("HYPERVISOR_MAX_FILE_BYTES", 1024 * 1024, minimum=1)
 # A browser sends a form percent-encoded, up to three bytes for each byte of a file's
 # text: the editor must be able to send back any file the import took.

@@ -110,9 +110,11 @@ def test_a_symlink_out_of_the_root_is_not_followed(settings, tmp_path):
     (root / "link").symlink_to(outside)
     settings.HYPERVISOR_IMPORT_ROOTS = [root]
     Queue.objects.create(name="q", folder=str(root / "link"))
-    with pytest.raises(AuthoringError, match="outside the import roots"):
+    with pytest.raises(AuthoringError, match="outside the import roots") as refused:
         create_task_file("q", "Escape")
     assert list(outside.iterdir()) == []
+    # The refusal says which setting to change, and what it holds now.
+    assert f"(HYPERVISOR_IMPORT_ROOTS: {root}); add it there" in str(refused.value)
 
 
 def test_a_queue_without_a_folder_is_refused(settings, tmp_path):

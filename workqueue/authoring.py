@@ -109,7 +109,13 @@ def queue_folder(queue: str) -> Path:
     real = Path(folder).resolve()
     roots = [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
     if not any(real == root or real.is_relative_to(root) for root in roots):
-        raise AuthoringError({"folder": f"{folder} is outside the import roots"})
+        named = ", ".join(str(root) for root in roots) or "none"
+        raise AuthoringError(
+            {
+                "folder": f"{folder} is outside the import roots (HYPERVISOR_IMPORT_ROOTS: "
+                f"{named}); add it there to write new tasks into it"
+            }
+        )
     if not real.is_dir():
         raise AuthoringError({"folder": f"{folder} is not a folder"})
     return real
