@@ -90,3 +90,18 @@ def test_start_stops_the_other_process_when_one_dies(process_env):
     assert "the huey process exited" in err
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+def test_start_on_a_taken_port_fails_before_it_makes_a_password(process_env):
+    # It said "running" (another program answered) and showed a password once, for a
+    # database no server of ours ran on.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = run_manage(["start", "--addr", f"127.0.0.1:{port}"], process_env)
+    assert start.returncode != 0
+    assert f"cannot serve on 127.0.0.1:{port}" in start.stderr
+    assert f"--addr 127.0.0.1:{port + 1}" in start.stderr
+    assert "password" not in start.stdout and "running" not in start.stdout
+    assert not get_user_model().objects.exists()

@@ -31,6 +31,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        if not options["setup_only"]:
+            # Before the first start's password is made: it is shown once, by a server
+            # that is really up, never beside another program's.
+            refuse_a_taken_address(options["addr"])
         call_command("migrate", interactive=False, verbosity=0)
         login = self.first_start_login()
         self.import_examples_once()
@@ -54,6 +58,20 @@ class Command(BaseCommand):
         call_command("import_tasks", str(EXAMPLES), queue="examples", stdout=self.stdout)
         marker.write_text("examples/inbox was imported into queue 'examples' on first start\n")
 
+    def say_where_to_log_in(self, addr: str, login: tuple[str, str] | None) -> None:
+        self.stdout.write(self.style.SUCCESS(f"\nHypervisor is running at http://{addr}/"))
+        if login:
+            self.stdout.write(
+                f"First start: log in as {login[0]} with password {login[1]}\n"
+                "(shown once; change it with `python manage.py changepassword admin`)"
+            )
+        else:
+            self.stdout.write(
+                "Log in with your account (lost the admin password? "
+                "`python manage.py changepassword admin`)"
+            )
+        self.stdout.write("Press Ctrl-C to stop the web server and the Huey consumer.\n")
+
     def serve(self, addr: str, login: tuple[str, str] | None) -> None:
         python = sys.executable
         # Handlers first: a Ctrl-C during start-up must still stop both children.
@@ -70,20 +88,11 @@ class Command(BaseCommand):
         web = subprocess.Popen(
             [python, str(MANAGE), "runserver", addr, "--noreload", "--insecure"]
         )
-        # Say where to log in once the server answers, below its own start-up banner.
+        # Say where to log in once our server answers, below its own start-up banner (one
+        # that exited at once answers nothing: its error is said below, not a password).
         wait_for_port(addr, timeout=20)
-        self.stdout.write(self.style.SUCCESS(f"\nHypervisor is running at http://{addr}/"))
-        if login:
-            self.stdout.write(
-                f"First start: log in as {login[0]} with password {login[1]}\n"
-                "(shown once; change it with `python manage.py changepassword admin`)"
-            )
-        else:
-            self.stdout.write(
-                "Log in with your account (lost the admin password? "
-                "`python manage.py changepassword admin`)"
-            )
-        self.stdout.write("Press Ctrl-C to stop the web server and the Huey consumer.\n")
+        if web.poll() is None:
+            self.say_where_to_log_in(addr, login)
 
         children = {"huey": huey, "web": web}
         failed = None
@@ -109,6 +118,23 @@ class Command(BaseCommand):
                 "stopped the other one"
             )
         self.stdout.write("Stopped.")
+
+
+def refuse_a_taken_address(addr: str) -> None:
+    host, _, port = addr.rpartition(":")
+    try:
+        number = int(port)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host.strip("[]") or "127.0.0.1", number))
+    except ValueError:
+        raise CommandError(f"--addr {addr!r}: give host:port, such as 127.0.0.1:8000") from None
+    except OSError as exc:
+        raise CommandError(
+            f"cannot serve on {addr}: {exc.strerror or exc} (another server there?); "
+            f"stop it, or pass another port: `python manage.py start --addr {host or '127.0.0.1'}:"
+            f"{number + 1 if port.isdigit() else 8001}`"
+        ) from None
 
 
 def wait_for_port(addr: str, timeout: float) -> bool:
