@@ -140,7 +140,9 @@ def _after_action(request: HttpRequest, herd: Herd) -> HttpResponse:
         herd.refresh_from_db()
         context = _live_context(herd)
         context["can_operate"] = True
-        return render(request, "herds/live.html", context)
+        # The herd's section, and what the action did said beside it (not by the poll,
+        # which would take it away 2 s later, nor by the next page of another herd).
+        return render(request, "herds/after_action.html", context)
     return redirect("herds:detail", pk=herd.pk)
 
 

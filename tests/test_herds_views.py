@@ -139,7 +139,12 @@ def test_cancel_requests_supervision_and_enqueues_after_commit(
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         response = client.post(reverse("herds:cancel", args=[herd.pk]), HTTP_HX_REQUEST="true")
     assert response.status_code == 200
-    assert 'id="herd-live"' in response.content.decode()
+    page = response.content.decode()
+    assert 'id="herd-live"' in page
+    # Said at once, beside the section (the page's notice), and not again elsewhere.
+    notice = '<div id="herd-notice" role="status" hx-swap-oob="true"><ul class="messages">'
+    assert f"{notice}<li>Herd {herd.pk} is being cancelled.</li>" in page
+    assert "being cancelled" not in client.get(reverse("board")).content.decode()
     herd.refresh_from_db()
     assert herd.cancel_requested and herd.draining
     assert len(callbacks) == 1

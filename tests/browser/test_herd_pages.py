@@ -188,7 +188,10 @@ def test_cancel_a_running_herd_from_its_page(
     page.on("dialog", accept)
     page.get_by_role("button", name="Cancel").click()
 
+    # Said at once, and still there after the polls that follow.
+    expect(page.locator("#herd-notice")).to_have_text(f"Herd {herd.pk} is being cancelled.")
     expect(page.locator(".herd-progress .herd-status")).to_have_text("Cancelled", timeout=30_000)
+    expect(page.locator("#herd-notice")).to_have_text(f"Herd {herd.pk} is being cancelled.")
     assert dialogs and f"Cancel herd {herd.pk}?" in dialogs[0]
     expect(page.locator(".herd-progress")).to_contain_text(f"cancelled by {operator.username}")
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
