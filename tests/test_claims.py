@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from hypervisor_site.writers import write_transaction, writer_clock, writer_lock_path
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
-from workqueue import claims, locks, reaper
+from workqueue import actions, claims, locks, reaper
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task
 from workqueue.processing import Result
@@ -170,6 +170,26 @@ def test_late_finish_after_losing_the_claim_is_refused(lock_root):
 
 
 @pytest.mark.django_db
+def test_a_requeue_by_a_person_counts_the_attempts_afresh(lock_root):
+    # Done on its first attempt, requeued, then abandoned once: with a limit of 2 it was
+    # blocked as "abandoned 2 times" although a worker had died on it once.
+    make_tasks("q", 1)
+    Queue.objects.filter(name="q").update(max_attempts=2)
+    me = Identity.current("w0")
+    mine = OwnerFile(me)
+    [claim] = claims.claim_ready_tasks("q", me, mine)
+    claims.finish_claims(me, [(claim, Result())], mine)
+    assert actions.requeue(Task.objects.get(), "nic")
+    assert Task.objects.get().attempts == 0
+    dead = Identity.current("w1")
+    assert claims.claim_ready_tasks("q", dead, OwnerFile(dead))
+    Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert len(reaper.release_stale_claims("q").requeued) == 1
+    task = Task.objects.get()
+    assert (task.status, task.attempts) == (Status.QUEUED, 1)
+
+
+@pytest.mark.django_db
 def test_reaper_blocks_a_task_abandoned_too_often(lock_root):
     make_tasks("q", 1)
     Queue.objects.filter(name="q").update(max_attempts=2)
@@ -179,7 +199,10 @@ def test_reaper_blocks_a_task_abandoned_too_often(lock_root):
         Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
         reaper.release_stale_claims("q")
     task = Task.objects.get()
-    assert (task.status, task.reason) == (Status.BLOCKED, "abandoned 2 times (queue limit 2)")
+    assert (task.status, task.reason) == (
+        Status.BLOCKED,
+        "abandoned after 2 attempts (queue limit 2)",
+    )
     assert lock_dirs(lock_root) == []
 
 

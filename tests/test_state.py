@@ -319,7 +319,10 @@ def test_the_claims_attempt_limit_blocks_in_the_reapers_own_write(lock_root):
     report = reaper.release_stale_claims("q")
     task = Task.objects.get()
     assert [s.task.key for s in report.blocked] == ["t000000"]
-    assert (task.status, task.reason) == (Status.BLOCKED, "abandoned 1 times (profile limit 1)")
+    assert (task.status, task.reason) == (
+        Status.BLOCKED,
+        "abandoned after 1 attempt (profile limit 1)",
+    )
     # One write: the claim, then the reap that blocked it, nothing between.
     assert [k for k, _ in events(task)] == [EventKind.CLAIMED, EventKind.REAPED]
 

@@ -309,7 +309,8 @@ def release_by_reaper(task: Task, why: str, actor: str, queue_limit: int) -> str
     blocked = task.attempts >= limit
     if blocked:
         source = "profile" if limit < queue_limit else "queue"
-        reason = f"abandoned {task.attempts} times ({source} limit {limit})"
+        tries = f"{task.attempts} attempt{'s' if task.attempts != 1 else ''}"
+        reason = f"abandoned after {tries} ({source} limit {limit})"
         values = {"status": Status.BLOCKED, "reason": reason, **ended()}
     else:
         reason = "back to queued"
@@ -376,8 +377,10 @@ def release_by_person(tasks: Iterable[Task], actor: str, message: str = "") -> l
 
 
 def requeue(tasks: Iterable[Task], actor: str, message: str = "") -> list[int]:
-    """done or blocked -> queued."""
-    values = {"status": Status.QUEUED, **no_holder()}
+    """done or blocked -> queued, its attempts counted afresh: a person says try again,
+    and earlier runs (one that succeeded, one a herd's cancel ended) must not block it at
+    its first abandonment."""
+    values = {"status": Status.QUEUED, "attempts": 0, **no_holder()}
     return _move_seen(
         tasks,
         REQUEUE_FROM,
