@@ -204,6 +204,15 @@ def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_
     assert (inbox / "c.md").read_text() == FILES["c.md"]
     assert "1 proposed change" in done  # b still waits for a decision
     assert Task.objects.get(pk=b.pk).status == Status.DONE
+    # Left and come back to: the herd's page and b's page lead to the review; the
+    # rejected c, queued again, shows its dry run as its last run.
+    review = f'<a href="/triage/{herd.pk}/">'
+    user.user_permissions.add(Permission.objects.get(codename="view_herd"))
+    assert review + "the triage review</a>" in client.get(f"/herds/{herd.pk}/").content.decode()
+    waiting = client.get(f"/tasks/{b.pk}/").content.decode()
+    assert f"waits for a decision in {review}the triage review of herd {herd.pk}</a>" in waiting
+    assert "waits for a decision" not in client.get(f"/tasks/{a.pk}/").content.decode()
+    assert "<h2>Last run</h2>" in client.get(f"/tasks/{c.pk}/").content.decode()
 
 
 @pytest.mark.parametrize(
