@@ -127,6 +127,17 @@ def test_save_without_javascript_redirects_with_a_message(editor, task):
     assert "Saved assignee." in editor.get(response["Location"]).content.decode()
 
 
+def test_a_negative_priority_is_a_number_in_the_form_as_in_a_file(editor, task):
+    # "-3" was refused as "not a number" while a file's `priority: -3` imported.
+    response = editor.post(f"/tasks/{task.pk}/edit/", form_values(task, priority="-3"), **HX)
+    assert response.status_code == 200, response.content.decode()
+    task.refresh_from_db()
+    assert task.priority == -3
+    assert "priority: -3\n" in task.path.read_text()
+    bad = editor.post(f"/tasks/{task.pk}/edit/", form_values(task, priority="--3"), **HX)
+    assert bad.status_code == 422
+
+
 def test_bad_value_comes_back_in_the_form_naming_the_field(editor, task):
     before = task.path.read_bytes()
     response = editor.post(

@@ -227,8 +227,9 @@ def priority(fm: dict) -> int:
     if isinstance(value, int | float):
         return int(value)
     word = str(value).strip().lower()
-    if (number := ascii_number(word)) is not None:
-        return number
+    # "-3" typed in a form is the -3 a file's YAML gives as a number.
+    if (number := ascii_number(word.removeprefix("-"))) is not None:
+        return -number if word.startswith("-") else number
     if re.fullmatch(r"p[0-9]", word):
         return int(word[1])
     if word in PRIORITY_WORDS:
