@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from herds.models import Herd, HerdStatus, Profile
-from tests.conftest import make_tasks
+from tests.conftest import ROOT, make_tasks
 from tests.test_access import URLS
 from workqueue.rendering import RENDER_LIMIT, is_same_origin, render_body, render_markdown
 
@@ -160,6 +160,18 @@ def test_every_page_sends_the_policy(client, user, herd):
     client.logout()
     for url in ["/login/", reverse("admin:login"), "/no-such-page/"]:
         assert directives(client.get(url)) == POLICY, url
+
+
+def test_our_pages_and_the_admins_name_their_icon(client, user):
+    # Without it every page view asked for /favicon.ico, a 404 logged as a warning.
+    icon = '<link rel="icon" href="/static/img/favicon.svg" type="image/svg+xml">'
+    client.force_login(user)
+    for url in ["/", "/herds/", "/admin/", "/admin/queue/task/"]:
+        assert icon in client.get(url).content.decode(), url
+    client.logout()
+    assert icon in client.get("/login/").content.decode()
+    svg = (ROOT / "static" / "img" / "favicon.svg").read_text()
+    assert svg.startswith("<svg") and 'xmlns="http://www.w3.org/2000/svg"' in svg
 
 
 class _InlineCode(HTMLParser):
