@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
+from herds.models import Herd, HerdStatus, Profile
 from tests.browser.conftest import PASSWORD, screenshot, wait_until
 from tests.conftest import make_tasks, start_manage
 from workqueue import locks, views
@@ -322,3 +323,27 @@ def test_a_refusal_is_said_in_one_line_that_a_refused_refresh_does_not_repeat(
     wait_until(line.is_hidden, 10, "the line stayed after the refresh succeeded")
     assert "Changed meanwhile" in column(page, "done").inner_text()
     assert dialogs == []
+
+
+def test_a_phone_width_screen_keeps_titles_clear_of_checkboxes_and_scrolls_tables_not_pages(
+    logged_in_page, live_url
+):
+    page = logged_in_page
+    page.set_viewport_size({"width": 390, "height": 800})
+    (task,) = make_tasks("q", 1)
+    Task.objects.filter(pk=task.pk).update(title="Migrate payment webhook " * 4)
+    page.goto(f"{live_url}/?queue=q")
+    card = page.locator(f'article[data-id="{task.pk}"]')
+    title, pick = card.locator("a.title").bounding_box(), card.locator(".pick").bounding_box()
+    assert title["height"] > 40  # the long title wraps
+    assert title["x"] + title["width"] <= pick["x"], (title, pick)  # every line clear of it
+
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=2, status=HerdStatus.RUNNING)
+    for index in range(2):
+        herd.workers.create(index=index, name=f"herd{herd.pk}-w{index}", host="h")
+    page.goto(f"{live_url}/herds/{herd.pk}/")
+    assert page.locator(".worker-table").count() == 1
+    width = page.evaluate("document.scrollingElement.scrollWidth")
+    assert width <= 390, width
+    screenshot(page, "herd-page-phone")
