@@ -83,6 +83,15 @@ def worker_heartbeat(sender, **kwargs) -> None:
     )
 
 
+@receiver(signals.task_started)
+def task_started(sender, claim, **kwargs) -> None:
+    # Said at once: the heartbeat comes up to 10 s later, after a short task has ended.
+    HerdWorker, worker_id = _row(sender)
+    if HerdWorker is None:
+        return
+    _update_or_stop(sender, HerdWorker, worker_id, current_task=claim.key[:500])
+
+
 @receiver(signals.tasks_finished)
 def tasks_finished(sender, finished, refused, **kwargs) -> None:
     HerdWorker, worker_id = _row(sender)

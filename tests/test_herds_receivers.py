@@ -64,3 +64,24 @@ def test_workers_outside_a_herd_are_left_alone(herd_worker):
     assert not [q for q in queries.captured_queries if "herds_" in q["sql"]]
     row.refresh_from_db()
     assert row.done == 0
+
+
+def test_a_task_at_a_time_is_named_on_the_worker_row_as_it_starts(herd_worker):
+    # The heartbeat named it up to 10 s later: a herd's page showed "–" for tasks of 5 s
+    # while its agents' transcripts named them.
+    herd, row = herd_worker
+    make_tasks("hot", 1)
+    seen = []
+
+    class Slow(NoopProcessor):
+        finish_in_batches = False
+
+        def process(self, claim, context):
+            seen.append(type(row).objects.get(pk=row.pk).current_task)
+            return super().process(claim, context)
+
+    worker = Worker("hot", Slow(), prefetch=1, herd=herd.pk, name="herd-w0")
+    assert worker.work_one_batch()
+    assert seen == ["t000000"]
+    row.refresh_from_db()
+    assert (row.current_task, row.done) == ("", 1)

@@ -7,6 +7,9 @@ from django.dispatch import Signal
 
 worker_started = Signal()
 worker_heartbeat = Signal()
+# kwargs: claim. Sent as a processor that takes a task at a time (a command, an agent)
+# starts one; a batch processor's tasks last microseconds and are not announced.
+task_started = Signal()
 tasks_processed = Signal()  # kwargs: done=[(Claim, Result)], before they are finished
 tasks_finished = Signal()  # kwargs: finished=[(Claim, Result)], refused=[task ids]
 worker_lock_failed = Signal()  # kwargs: message

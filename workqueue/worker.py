@@ -183,6 +183,8 @@ class Worker:
                 self.stats.released += len(batch) - i
                 break
             self.current = claim
+            if not self.processor.finish_in_batches:
+                signals.task_started.send(sender=self, claim=claim)
             result = self.processor.process(claim, self.context)
             self.current = None
             done.append((claim, result))
