@@ -244,7 +244,8 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
             exit_class, detail = ExitClass.QUOTA, f"quota or rate limit reached ({found})"
             herd.drain(f"{detail} in {worker.name}")
     if worker.record_exit(code, exit_class, detail):
-        log.info("herd %s: %s exited (%s: %s)", herd.pk, worker.name, exit_class, detail)
+        said = f"{exit_class}: {detail}" if detail else exit_class
+        log.info("herd %s: %s exited (%s)", herd.pk, worker.name, said)
     reap_worker(herd, worker)
 
 

@@ -1,6 +1,7 @@
 """Claims: exactly once across real worker processes, fencing, crashes and the reaper."""
 
 import fcntl
+import io
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
@@ -187,6 +189,22 @@ def test_a_requeue_by_a_person_counts_the_attempts_afresh(lock_root):
     assert len(reaper.release_stale_claims("q").requeued) == 1
     task = Task.objects.get()
     assert (task.status, task.attempts) == (Status.QUEUED, 1)
+
+
+@pytest.mark.django_db
+def test_reap_locks_dry_run_says_what_it_would_do_and_does_nothing(lock_root):
+    make_tasks("q", 1)
+    me = Identity.current("w0")
+    claims.claim_ready_tasks("q", me, OwnerFile(me))
+    Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    out = io.StringIO()
+    call_command("reap_locks", "--dry-run", stdout=out)
+    # It ended "1 requeued, 0 blocked, 0 orphan locks", which reads as done.
+    assert out.getvalue().splitlines() == [
+        "would release q/t000000 to queued: lease expired",
+        "dry run, nothing changed: 1 to requeue, 0 to block, 0 orphan lock(s) to remove",
+    ]
+    assert Task.objects.get().status == Status.CLAIMED
 
 
 @pytest.mark.django_db

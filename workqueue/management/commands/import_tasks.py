@@ -13,8 +13,19 @@ class Command(BaseCommand):
     help = "Import markdown task files (folders, .md files or .txt queue files) into a queue."
 
     def add_arguments(self, parser):
-        parser.add_argument("paths", nargs="+", metavar="PATH")
-        parser.add_argument("--queue", default="default", type=queue_name_argument)
+        parser.add_argument(
+            "paths",
+            nargs="+",
+            metavar="PATH",
+            help="a folder of task files (read recursively), a .md file, or a queue file "
+            "listing task files one per line; a folder named here is an import root for this run",
+        )
+        parser.add_argument(
+            "--queue",
+            default="default",
+            type=queue_name_argument,
+            help="the queue the tasks go into (default: %(default)s)",
+        )
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     def handle(self, *args, **options):

@@ -13,8 +13,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--queue")
-        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--queue", help="one queue (default: every queue)")
+        parser.add_argument("--json", action="store_true", help="the figures as one JSON object")
 
     def handle(self, *args, **options):
         stats = Task.objects.stats(options["queue"])

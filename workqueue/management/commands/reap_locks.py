@@ -9,9 +9,9 @@ class Command(BaseCommand):
     help = "Release claims whose holder died or whose lease ran out, and orphan lock folders."
 
     def add_arguments(self, parser):
-        parser.add_argument("--queue")
+        parser.add_argument("--queue", help="only this queue's claims (default: every queue)")
         parser.add_argument("--dry-run", action="store_true", help="list, change nothing")
-        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--json", action="store_true", help="the report as one JSON object")
 
     def handle(self, *args, **options):
         report = release_stale_claims(options["queue"], dry_run=options["dry_run"])
@@ -26,7 +26,14 @@ class Command(BaseCommand):
             self.stdout.write(f"{verb} {row['queue']}/{row['key']} to blocked: {row['why']}")
         for path in data["orphan_locks"]:
             self.stdout.write(f"{verb} orphan lock {path}")
-        self.stdout.write(
-            f"{len(data['requeued'])} requeued, {len(data['blocked'])} blocked, "
-            f"{len(data['orphan_locks'])} orphan locks"
+        counts = (
+            f"{len(data['requeued'])} to requeue, {len(data['blocked'])} to block, "
+            f"{len(data['orphan_locks'])} orphan lock(s) to remove"
         )
+        if options["dry_run"]:
+            self.stdout.write(f"dry run, nothing changed: {counts}")
+        else:
+            self.stdout.write(
+                f"{len(data['requeued'])} requeued, {len(data['blocked'])} blocked, "
+                f"{len(data['orphan_locks'])} orphan locks"
+            )
