@@ -66,18 +66,35 @@
   });
 
   // The drawer on the board closes in place; on the detail page the link goes to the board.
+  // Closing gives focus back to what opened it (a card or its title), found again by id:
+  // the board's refresh may have replaced that element meanwhile.
+  let openerId = null;
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    const drawer = document.querySelector("aside#drawer");
+    if (!drawer || event.detail.target !== drawer || drawer.children.length) return;
+    const opener = document.activeElement && document.activeElement.closest("[id]");
+    openerId = opener && opener !== document.body ? opener.id : null;
+  });
+
+  function closeDrawer(drawer) {
+    drawer.innerHTML = "";
+    const opener = openerId && document.getElementById(openerId);
+    openerId = null;
+    if (opener) opener.focus();
+  }
+
   document.addEventListener("click", function (event) {
     const close = event.target.closest && event.target.closest("[data-close-drawer]");
     const drawer = document.querySelector("aside#drawer");
     if (close && drawer && drawer.contains(close)) {
       event.preventDefault();
-      drawer.innerHTML = "";
+      closeDrawer(drawer);
     }
   });
 
   document.addEventListener("keydown", function (event) {
     const drawer = document.querySelector("aside#drawer");
-    if (event.key === "Escape" && drawer) drawer.innerHTML = "";
+    if (event.key === "Escape" && drawer && drawer.children.length) closeDrawer(drawer);
   });
 
   // The board polls only while its tab is visible. This is not an hx-trigger filter because

@@ -127,6 +127,26 @@ def test_a_save_over_an_outside_edit_is_refused_and_the_outside_edit_kept(
     assert path.read_text() == outside.replace("assignee: nic", "assignee: bot")
 
 
+def test_closing_the_drawer_gives_focus_back_to_the_title_that_opened_it(
+    logged_in_page, live_url, inbox
+):
+    inbox(3)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    title = page.locator("article.card a.title").nth(1)
+    opener = title.get_attribute("id")
+    title.focus()
+    page.keyboard.press("Enter")  # the link, as a mouse click or a screen reader opens it
+    expect(page.locator("aside#drawer h1").first).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator("aside#drawer h1")).to_have_count(0)
+    # It went to <body>: a keyboard user started again from the top of the page.
+    expect(page.locator(f"#{opener}")).to_be_focused()
+    page.locator(f"#{opener}").click()
+    page.locator("aside#drawer [data-close-drawer]").first.click()
+    expect(page.locator(f"#{opener}")).to_be_focused()
+
+
 def test_select_three_cards_with_the_keyboard_and_assign_them(logged_in_page, live_url, inbox):
     paths = inbox(5)
     page = logged_in_page
