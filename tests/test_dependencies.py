@@ -138,6 +138,21 @@ def test_a_worker_that_found_nothing_ready_says_what_the_tasks_wait_on(inbox, wr
     ) in capsys.readouterr().err
 
 
+def test_a_worker_whose_where_left_out_the_ready_tasks_says_so(inbox, capsys):
+    # It blamed the dependencies while 2 ready tasks were only outside its --where.
+    call_command("import_tasks", str(inbox), "--queue", "inbox", stdout=StringIO())
+    done = Task.objects.filter(status="done").count()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        call_command(
+            "work", "--queue", "inbox", "--processor", "noop", "--where", "project=nowhere"
+        )
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "nothing matched --where project=nowhere: 2 ready tasks are in queue 'inbox' outside it"
+    )
+    assert Task.objects.filter(status="done").count() == done
+
+
 def test_a_worker_that_did_work_or_had_nothing_waiting_says_nothing_more(inbox, capsys):
     with pytest.raises(SystemExit):
         call_command("work", "--queue", "inbox", "--processor", "noop")

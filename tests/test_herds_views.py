@@ -199,6 +199,21 @@ def test_preflight_counts_respect_profile_and_form_filters(operator):
     assert "2 ready for this profile and its filters, 3 others ready but filtered out" in text
     assert "complexity=mechanical, project=web" in text
     assert "5 ready, 0 skipped (already complete)" in text
+    # The herd's own page says which figures are its filters' and which the queue's (it
+    # put 2 ready beside the queue's waiting tasks as if both were the view's).
+    herd = Herd.objects.create(
+        queue="inbox",
+        profile=Profile.objects.get(name="mechanical"),
+        size=2,
+        filters=["project=web"],
+    )
+    herd.record_preflight()
+    line = client_for(operator).get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert (
+        "Pre-flight: 2 ready for its filters (complexity=mechanical, project=web; 3 others "
+        "ready but filtered out); in the whole queue 0 skipped (already complete), 0 waiting "
+        "on dependencies, 0 locks held"
+    ) in line
 
 
 def test_launch_form_refuses_a_malformed_filter(operator, profile):

@@ -200,14 +200,23 @@ class Command(BaseCommand):
                     f"{summary['writer_wait_seconds']} s, held {summary['writer_hold_seconds']} s)"
                 )
         if not options["herd"] and not sum(s.get("claimed", 0) for s in summaries):
-            self.why_nothing_was_ready(options["queue"])
+            self.why_nothing_was_ready(options["queue"], options["where"])
         sys.exit(max(s["exit_code"] for s in summaries))
 
-    def why_nothing_was_ready(self, queue: str) -> None:
-        """A worker that found nothing while tasks are queued says what they wait on."""
+    def why_nothing_was_ready(self, queue: str, where: list[str]) -> None:
+        """A worker that found nothing while tasks are queued says why: its --where left
+        out the ready ones, or they wait on dependencies."""
         from workqueue.dependencies import stuck
-        from workqueue.models import waiting_by_queue
+        from workqueue.models import Task, waiting_by_queue
 
+        ready = Task.objects.filter(queue=queue).ready().count() if where else 0
+        if ready:
+            tasks_are = "task is" if ready == 1 else "tasks are"
+            self.stderr.write(
+                f"nothing matched --where {' '.join(where)}: {ready} ready {tasks_are} "
+                f"in queue {queue!r} outside it"
+            )
+            return
         waiting = waiting_by_queue().get(queue, 0)
         if not waiting:
             return
