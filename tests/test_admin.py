@@ -198,6 +198,9 @@ def test_release_stale_locks_button(admin_client, lock_root):
     assert not locks.lock_dir("q", "t000000").exists()
     assert locks.lock_dir("q", "t000001").exists()
     assert not orphan.exists()
+    # Again, with nothing left: not "0 requeued, 0 blocked, 0 … removed".
+    again = admin_client.post(LOCKS, follow=True).content.decode()
+    assert "Nothing to release: no claim or lock directory was stale by now" in again
 
 
 def test_locks_page_needs_task_permissions(django_user_model):

@@ -153,13 +153,20 @@ class TaskAdmin(admin.ModelAdmin):
             if not self.has_change_permission(request):
                 raise PermissionDenied
             report = reaper.release_stale_claims(actor=self._actor(request))
-            self.message_user(
-                request,
-                f"Released stale locks: {len(report.requeued)} requeued, "
-                f"{len(report.blocked)} blocked, {len(report.orphan_locks)} orphan lock "
-                "directories removed.",
-                messages.SUCCESS,
-            )
+            if report.requeued or report.blocked or report.orphan_locks:
+                said = (
+                    f"Released stale locks: {len(report.requeued)} requeued, "
+                    f"{len(report.blocked)} blocked, {len(report.orphan_locks)} orphan lock "
+                    "directories removed."
+                )
+            else:
+                # The periodic reaper often got there between the page and the click.
+                said = (
+                    "Nothing to release: no claim or lock directory was stale by now (the "
+                    "consumer's reaper, every "
+                    f"{settings.HYPERVISOR_REAP_INTERVAL:g} s, may have released them first)."
+                )
+            self.message_user(request, said, messages.SUCCESS)
             return HttpResponseRedirect(reverse("admin:queue_task_locks"))
         rows, dry_run = reaper.lock_report()
         context = {
