@@ -106,6 +106,15 @@ def test_cards_are_ordered_by_priority_then_age(viewer):
     assert html.index("Task 2") < html.index("Task 0") < html.index("Task 1")
 
 
+def test_a_queue_that_does_not_exist_is_said_not_shown_as_an_empty_board(viewer):
+    # A typo in a bookmarked ?queue= showed four empty columns and the dropdown at "all".
+    make_tasks("q", 1)
+    make_tasks("r", 1)
+    page = viewer.get("/?queue=qq").content.decode()
+    assert "There is no queue named <code>qq</code>: the queues are q, r." in page
+    assert "There is no queue" not in viewer.get("/?queue=q").content.decode()
+
+
 def test_first_page_of_cards_then_load_more(viewer):
     size = views.PAGE_SIZE
     make_tasks("q", 2 * size + 20)

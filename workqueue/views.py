@@ -204,8 +204,11 @@ def _board_context(
         # Dropdowns not counted since the last change are left for the page to fetch
         # (board_filters): the board itself is shown without waiting for them.
         facets = _facets(form, view, count=False)
+        queues = list(Queue.objects.order_by("name").values_list("name", flat=True))
+        chosen = form.cleaned_data.get("queue")
         context.update(
-            queues=Queue.objects.order_by("name").values_list("name", flat=True),
+            queues=queues,
+            unknown_queue=chosen if chosen and chosen not in queues else "",
             facets=facets,
             facets_pending=len(facets) < len(ROUTED_FIELDS),
             saved_views=SavedView.objects.filter(user=request.user),
