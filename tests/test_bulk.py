@@ -8,11 +8,12 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.test import Client
 from django.utils import timezone
 
 from workqueue import bulk
 from workqueue.importer import Importer
-from workqueue.models import BulkAction, BulkChange, EventKind, Status, Task, TaskEvent
+from workqueue.models import BulkAction, BulkChange, EventKind, SavedView, Status, Task, TaskEvent
 
 TASK = (
     "---\nid: {key}\ntitle: Task {n}  # a comment\nstatus: inbox\nproject: {project}\n"
@@ -239,6 +240,26 @@ def test_saved_view_keeps_only_valid_filters(alice, inbox):
     assert '<a href="/?project=web&amp;tag=bug">web bugs</a>' in html
     alice.post("/views/", {"name": "web bugs", "query": "tag=a|b"})
     assert alice.get("/").content.decode().count(">web bugs</a>") == 1
+
+
+def test_a_saved_view_replaced_says_so_and_one_can_be_deleted(alice, inbox, django_user_model):
+    # Saving under a name in use replaced the view without a word, and none could go.
+    inbox(1)
+    alice.post("/views/", {"name": "mine", "query": "assignee=nic"})
+    replaced = alice.post("/views/", {"name": "mine", "query": ""}, follow=True)
+    assert (
+        "Replaced the view &#x27;mine&#x27; (it showed ?assignee=nic)."
+        in replaced.content.decode()
+    )
+    view = SavedView.objects.get(name="mine")
+    bob = django_user_model.objects.create_superuser("bob", "", "pw")
+    other = Client()
+    other.force_login(bob)
+    assert other.post(f"/views/{view.pk}/delete/").status_code == 404  # alice's, not his
+    assert alice.get(f"/views/{view.pk}/delete/").status_code == 405
+    gone = alice.post(f"/views/{view.pk}/delete/", follow=True).content.decode()
+    assert "Deleted the view &#x27;mine&#x27;." in gone
+    assert not SavedView.objects.exists()
 
 
 def test_an_action_no_consumer_picks_up_says_what_it_waits_for(alice, inbox):

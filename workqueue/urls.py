@@ -12,6 +12,7 @@ urlpatterns = [
     path("tasks/<int:pk>/edit/", views.task_edit, name="task-edit"),
     path("tasks/<int:pk>/reload/", views.task_reload, name="task-reload"),
     path("views/", views.saved_view, name="saved-view"),
+    path("views/<int:pk>/delete/", views.delete_saved_view, name="saved-view-delete"),
     path("bulk/", views.bulk_start, name="bulk-start"),
     path("bulk/<int:pk>/", views.bulk_status, name="bulk-status"),
     path("bulk/<int:pk>/undo/", views.bulk_undo, name="bulk-undo"),

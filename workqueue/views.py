@@ -668,9 +668,27 @@ def saved_view(request: HttpRequest) -> HttpResponse:
         messages.error(request, f"View not saved: {problems}")
         return redirect("board")
     name, query = form.cleaned_data["name"], form.cleaned_data["query"]
+    mine = SavedView.objects.filter(user=request.user)
+    old = mine.filter(name=name).values_list("query", flat=True).first()
     SavedView.objects.update_or_create(user=request.user, name=name, defaults={"query": query})
-    messages.success(request, f"Saved the view {name!r}.")
+    if old is None:
+        messages.success(request, f"Saved the view {name!r}.")
+    elif old != query:
+        messages.success(request, f"Replaced the view {name!r} (it showed ?{old}).")
+    else:
+        messages.info(request, f"The view {name!r} was saved already.")
     return redirect(f"{reverse('board')}?{query}" if query else "board")
+
+
+@login_required
+@permission_required("queue.view_task", raise_exception=True)
+@require_POST
+def delete_saved_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """One of the person's own saved views, gone."""
+    view = get_object_or_404(SavedView, pk=pk, user=request.user)
+    view.delete()
+    messages.success(request, f"Deleted the view {view.name!r}.")
+    return redirect("board")
 
 
 # Triage this view ---------------------------------------------------------------
