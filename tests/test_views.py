@@ -15,7 +15,7 @@ from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from tests.conftest import make_tasks
-from workqueue import claims, locks, views
+from workqueue import claims, locks, transitions, views
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -113,6 +113,18 @@ def test_a_queue_that_does_not_exist_is_said_not_shown_as_an_empty_board(viewer)
     page = viewer.get("/?queue=qq").content.decode()
     assert "There is no queue named <code>qq</code>: the queues are q, r." in page
     assert "There is no queue" not in viewer.get("/?queue=q").content.decode()
+
+
+def test_a_task_in_progress_in_its_file_says_so_not_an_empty_live_transcript(viewer):
+    # Its card said "no lease" and its page "Agent transcript (live): Nothing from the agent
+    # yet", for a task no agent of ours will ever run.
+    (task,) = make_tasks("q", 1)
+    transitions.hold_for_outside([task], "li")
+    card = column_html(viewer.get("/?queue=q").content, "claimed")
+    assert "held by li · in progress in its file" in card
+    page = viewer.get(f"/tasks/{task.pk}/").content.decode()
+    assert "in progress in its file: no worker or agent of Hypervisor has it" in page
+    assert "Agent transcript" not in page
 
 
 def test_first_page_of_cards_then_load_more(viewer):

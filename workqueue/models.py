@@ -534,6 +534,16 @@ class Task(models.Model):
             return ""
 
     @property
+    def held_outside(self) -> bool:
+        """Claimed because its file says in progress (transitions.hold_for_outside): no
+        worker, no lease, no agent; it ends when the file says so or a person releases it."""
+        return (
+            self.status == Status.CLAIMED
+            and self.holder_pid is None
+            and self.lease_expires_at is None
+        )
+
+    @property
     def lease_left(self) -> timedelta | None:
         if self.status != Status.CLAIMED or self.lease_expires_at is None:
             return None
