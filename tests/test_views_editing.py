@@ -162,10 +162,16 @@ def test_file_changed_on_disk_is_refused_with_the_difference_and_a_reload(editor
     assert "-assignee: &quot;nic&quot;" in html and "+assignee: &quot;carol&quot;" in html
     assert f'hx-post="/tasks/{task.pk}/reload/"' in html
     assert task.path.read_text() == outside
-    reloaded = editor.post(f"/tasks/{task.pk}/reload/", **HX)
+    # Only what the person changed rides along, as they typed it.
+    assert '<input type="hidden" name="typed-title" value="Mine">' in html
+    assert html.count('name="typed-') == 1
+    reloaded = editor.post(f"/tasks/{task.pk}/reload/", {"typed-title": "Mine"}, **HX)
     assert reloaded.status_code == 200
-    assert 'value="carol"' in reloaded.content.decode()
-    assert "Reloaded from the file on disk." in reloaded.content.decode()
+    page = reloaded.content.decode()
+    assert 'value="carol"' in page and 'value="Mine"' in page
+    assert "Reloaded from the file on disk. What you typed into title is kept" in page
+    plain = editor.post(f"/tasks/{task.pk}/reload/", {"typed-base_sha256": "x"}, **HX)
+    assert "Reloaded from the file on disk.</" in plain.content.decode()
 
 
 def test_viewer_sees_no_edit_control_and_gets_403(viewer, task):

@@ -285,6 +285,18 @@ class TaskEditForm(forms.Form):
         }
         return cls(initial=initial)
 
+    def typed(self, task: Task) -> dict[str, str]:
+        """What the person changed from the task as shown (the row), as they typed it:
+        kept across a reload from disk after a refused save."""
+        shown = self.for_task(task).initial
+        return {
+            name: str(self.data[name])
+            for name in shown
+            if name != "base_sha256"
+            and name in self.data
+            and str(self.data[name]).replace("\r\n", "\n") != str(shown[name])
+        }
+
     def changes(self) -> dict:
         """Every field the form carries; editing.edit_task writes only what differs."""
         data = self.cleaned_data

@@ -558,7 +558,8 @@ def task_edit(request: HttpRequest, pk: int) -> HttpResponse:
             form.add_error(name if name in form.fields else None, f"{name}: {problem}")
         return _render_part(request, "edit", _edit_context(request, task, form), status=422)
     except editing.FileChanged as exc:
-        context = _detail_context(request, task, why=exc.why, difference=exc.diff)
+        typed = form.typed(task)
+        context = _detail_context(request, task, why=exc.why, difference=exc.diff, typed=typed)
         return _render_part(request, "conflict", context, status=409)
     except editing.Conflict as exc:
         form.add_error(None, f"{exc}; reload the task and try again.")
@@ -589,10 +590,23 @@ def _saved_notice(result: editing.EditResult) -> str:
 def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
     """Read the task's file again after a refused save, and edit from what it says now."""
     task = editing.reload_from_disk(get_object_or_404(Task, pk=pk))
-    context = _edit_context(
-        request, task, TaskEditForm.for_task(task), notice="Reloaded from the file on disk."
-    )
-    return _render_part(request, "edit", context)
+    form = TaskEditForm.for_task(task)
+    # What the person had typed into the refused save goes on top of the file's values.
+    typed = {
+        name: value
+        for key, value in request.POST.items()
+        if key.startswith(TYPED)
+        and (name := key.removeprefix(TYPED)) in form.initial
+        and name != "base_sha256"
+    }
+    form.initial.update(typed)
+    notice = "Reloaded from the file on disk."
+    if typed:
+        notice += f" What you typed into {', '.join(typed)} is kept: check it, then save."
+    return _render_part(request, "edit", _edit_context(request, task, form, notice=notice))
+
+
+TYPED = "typed-"  # the reload form's fields: what the person typed into the refused save
 
 
 # Bulk actions -------------------------------------------------------------------
