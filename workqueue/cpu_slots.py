@@ -120,6 +120,8 @@ class CpuSlot:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
+        if self._turn_ends is None:
+            return  # passed on inside the block (a worker whose batch ends on the disk)
         if exc_type is not None or time.monotonic() >= self._turn_ends:
             self.release()
 

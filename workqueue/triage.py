@@ -126,6 +126,7 @@ class TriageProcessor(Processor):
     name = "triage"
     finish_in_batches = True
     cpu_bound = True
+    ends_on_disk = True
 
     def __init__(self):
         self.rules: dict[str, Rules] = {}  # per queue, read once per worker

@@ -191,6 +191,8 @@ class Worker:
             if not self.processor.finish_in_batches:
                 self.finish(done)
                 done = []
+        if self.cpu_slot is not None and self.processor.ends_on_disk:
+            self.cpu_slot.release()
         self.finish(done)
         return True
 
