@@ -85,6 +85,9 @@ def test_launch_a_herd_from_the_button_and_watch_the_board_fill_done(
     launcher.get_by_role("link", name="Herds", exact=True).click()
     launcher.get_by_role("link", name="Launch a herd").click()
     launcher.wait_for_url("**/herds/launch/")
+    # The inputs line up in one column whatever their labels' widths.
+    fields = launcher.locator(".herd-form p > select, .herd-form p > input:not([type=checkbox])")
+    assert len({round(field.bounding_box()["x"]) for field in fields.all()}) == 1
     launcher.select_option("select[name=queue]", "herdui")
     launcher.select_option("select[name=profile]", "noop")
     launcher.fill("input[name=workers]", "3")
