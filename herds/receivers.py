@@ -86,10 +86,11 @@ def worker_heartbeat(sender, **kwargs) -> None:
 @receiver(signals.task_started)
 def task_started(sender, claim, **kwargs) -> None:
     # Said at once: the heartbeat comes up to 10 s later, after a short task has ended.
+    # Only said: a drain is heeded after this task, as before (stopping here would end the
+    # agent just started, and count an attempt the task was not at fault for).
     HerdWorker, worker_id = _row(sender)
-    if HerdWorker is None:
-        return
-    _update_or_stop(sender, HerdWorker, worker_id, current_task=claim.key[:500])
+    if HerdWorker is not None:
+        HerdWorker.objects.filter(pk=worker_id).update(current_task=claim.key[:500])
 
 
 @receiver(signals.tasks_finished)

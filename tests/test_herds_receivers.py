@@ -85,3 +85,26 @@ def test_a_task_at_a_time_is_named_on_the_worker_row_as_it_starts(herd_worker):
     assert seen == ["t000000"]
     row.refresh_from_db()
     assert (row.current_task, row.done) == ("", 1)
+
+
+def test_a_drain_lets_the_task_just_started_run_to_its_end(herd_worker):
+    # Naming the task must not heed the drain: stopping there ended the agent at once and
+    # counted an attempt the task was not at fault for (a herd draining on a quota).
+    herd, row = herd_worker
+    make_tasks("hot", 2)
+    stopping = []
+
+    class Slow(NoopProcessor):
+        finish_in_batches = False
+
+        def process(self, claim, context):
+            stopping.append(context.stopping())
+            return super().process(claim, context)
+
+    worker = Worker("hot", Slow(), prefetch=1, herd=herd.pk, name="herd-w0")
+    herd.drain("drained by the test")
+    assert worker.work_one_batch()
+    assert stopping == [False]
+    assert worker.stop_requested  # heeded at the finish, as before
+    row.refresh_from_db()
+    assert row.done == 1
