@@ -66,23 +66,29 @@ def test_workers_outside_a_herd_are_left_alone(herd_worker):
     assert row.done == 0
 
 
+class OneAtATime(NoopProcessor):
+    """Takes a task at a time, as a command or an agent does; notes `look(context)` as
+    each task begins."""
+
+    finish_in_batches = False
+
+    def __init__(self, look):
+        self.look, self.seen = look, []
+
+    def process(self, claim, context):
+        self.seen.append(self.look(context))
+        return super().process(claim, context)
+
+
 def test_a_task_at_a_time_is_named_on_the_worker_row_as_it_starts(herd_worker):
     # The heartbeat named it up to 10 s later: a herd's page showed "–" for tasks of 5 s
     # while its agents' transcripts named them.
     herd, row = herd_worker
     make_tasks("hot", 1)
-    seen = []
-
-    class Slow(NoopProcessor):
-        finish_in_batches = False
-
-        def process(self, claim, context):
-            seen.append(type(row).objects.get(pk=row.pk).current_task)
-            return super().process(claim, context)
-
-    worker = Worker("hot", Slow(), prefetch=1, herd=herd.pk, name="herd-w0")
+    processor = OneAtATime(lambda context: type(row).objects.get(pk=row.pk).current_task)
+    worker = Worker("hot", processor, prefetch=1, herd=herd.pk, name="herd-w0")
     assert worker.work_one_batch()
-    assert seen == ["t000000"]
+    assert processor.seen == ["t000000"]
     row.refresh_from_db()
     assert (row.current_task, row.done) == ("", 1)
 
@@ -92,19 +98,11 @@ def test_a_drain_lets_the_task_just_started_run_to_its_end(herd_worker):
     # counted an attempt the task was not at fault for (a herd draining on a quota).
     herd, row = herd_worker
     make_tasks("hot", 2)
-    stopping = []
-
-    class Slow(NoopProcessor):
-        finish_in_batches = False
-
-        def process(self, claim, context):
-            stopping.append(context.stopping())
-            return super().process(claim, context)
-
-    worker = Worker("hot", Slow(), prefetch=1, herd=herd.pk, name="herd-w0")
+    processor = OneAtATime(lambda context: context.stopping())
+    worker = Worker("hot", processor, prefetch=1, herd=herd.pk, name="herd-w0")
     herd.drain("drained by the test")
     assert worker.work_one_batch()
-    assert stopping == [False]
+    assert processor.seen == [False]
     assert worker.stop_requested  # heeded at the finish, as before
     row.refresh_from_db()
     assert row.done == 1
