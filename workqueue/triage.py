@@ -105,7 +105,7 @@ HELD_COLUMNS = (
 )
 
 
-def _held(sha256, key, herd, frontmatter, pending_edit, change_pending) -> _Held:
+def _held_row(sha256, key, herd, frontmatter, pending_edit, change_pending) -> _Held:
     # An edit or a file change waiting for the claim to end makes the row differ from the
     # file: then the file's YAML is loaded again.
     mine = not pending_edit and not change_pending
@@ -227,11 +227,11 @@ class TriageProcessor(Processor):
             rows = Task.objects.filter(
                 status=Status.CLAIMED, holder=context.worker_name, fence=claim.fence
             ).values_list(*HELD_COLUMNS)
-            self.held.update((row[0], _held(*row[1:])) for row in rows)
+            self.held.update((row[0], _held_row(*row[1:])) for row in rows)
         held = self.held.pop(claim.id, None)
         if held is None:
             row = Task.objects.filter(pk=claim.id).values_list(*HELD_COLUMNS)[0]
-            held = _held(*row[1:])
+            held = _held_row(*row[1:])
         return held
 
     # Claim stamps: in the file from the moment the worker takes up the task until the

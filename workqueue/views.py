@@ -584,6 +584,9 @@ def _saved_notice(result: editing.EditResult) -> str:
     return f"Saved {names}."
 
 
+TYPED = "typed-"  # the reload form's fields: what the person typed into the refused save
+
+
 @login_required
 @permission_required(CHANGE, raise_exception=True)
 @require_POST
@@ -604,9 +607,6 @@ def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
     if typed:
         notice += f" What you typed into {', '.join(typed)} is kept: check it, then save."
     return _render_part(request, "edit", _edit_context(request, task, form, notice=notice))
-
-
-TYPED = "typed-"  # the reload form's fields: what the person typed into the refused save
 
 
 # Bulk actions -------------------------------------------------------------------
@@ -682,8 +682,8 @@ def saved_view(request: HttpRequest) -> HttpResponse:
         messages.error(request, f"View not saved: {problems}")
         return redirect("board")
     name, query = form.cleaned_data["name"], form.cleaned_data["query"]
-    mine = SavedView.objects.filter(user=request.user)
-    old = mine.filter(name=name).values_list("query", flat=True).first()
+    old = SavedView.objects.filter(user=request.user, name=name).values_list("query", flat=True)
+    old = old.first()
     SavedView.objects.update_or_create(user=request.user, name=name, defaults={"query": query})
     if old is None:
         messages.success(request, f"Saved the view {name!r}.")

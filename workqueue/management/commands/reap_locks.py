@@ -26,14 +26,13 @@ class Command(BaseCommand):
             self.stdout.write(f"{verb} {row['queue']}/{row['key']} to blocked: {row['why']}")
         for path in data["orphan_locks"]:
             self.stdout.write(f"{verb} orphan lock {path}")
-        counts = (
-            f"{len(data['requeued'])} to requeue, {len(data['blocked'])} to block, "
-            f"{len(data['orphan_locks'])} orphan lock(s) to remove"
+        requeued, blocked, orphans = (
+            len(data[k]) for k in ("requeued", "blocked", "orphan_locks")
         )
         if options["dry_run"]:
-            self.stdout.write(f"dry run, nothing changed: {counts}")
-        else:
             self.stdout.write(
-                f"{len(data['requeued'])} requeued, {len(data['blocked'])} blocked, "
-                f"{len(data['orphan_locks'])} orphan locks"
+                f"dry run, nothing changed: {requeued} to requeue, {blocked} to block, "
+                f"{orphans} orphan lock(s) to remove"
             )
+        else:
+            self.stdout.write(f"{requeued} requeued, {blocked} blocked, {orphans} orphan locks")
