@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
+import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 from django.db.models import Count, Q
 
 from herds.models import Herd, HerdStatus, Profile
+from tests.conftest import run_manage
 from tests.test_herds_processes import launch, wait_until, worker_logs
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Queue, Status, Task
@@ -122,3 +128,61 @@ def test_a_herd_of_four_triages_every_file_exactly_once(huey_env, consumer, tmp_
 
     again = Importer("herd", roots=[folder]).run([folder])
     assert (again.unchanged, again.updated) == (FILES, 0)
+
+
+def test_the_reaper_removes_the_temporaries_a_killed_triage_worker_left(
+    process_env, tmp_path, lock_root
+):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    task_folder(folder, 5)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    report = Importer("q", roots=[folder]).run([folder])
+    assert (report.imported, report.errors) == (5, [])
+
+    died = run_manage(
+        ["work", "--queue", "q", "--prefetch", "5"]
+        + ["--processor", "tests.scripts.killed_before_renames.Triage"],
+        process_env,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    [pid] = set(Task.objects.values_list("holder_pid", flat=True))
+    left = sorted(p.name for p in folder.glob(".*.tmp"))
+    assert len(left) == 5
+    assert all(re.fullmatch(rf"\.t\d{{5}}\.md\.{pid}\.[0-9a-f]{{8}}\.tmp", n) for n in left), left
+    assert {p.name: p.read_bytes() for p in folder.glob("*.md")} == before
+
+    # Names that only look like a dead worker's temporaries stay, and a link is not followed.
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    decoys = [
+        folder / f".t00000.md.{os.getpid()}.0123abcd.tmp",  # a live process's
+        folder / f".t00000.md.{pid}.0123abcd.tmp.keep",
+        folder / f".t00000.md.{pid}.0123ABCD.tmp",
+        folder / f".other.md.{pid}.0123abcd.tmp",  # beside no reaped task
+    ]
+    for decoy in decoys:
+        decoy.write_text("someone's")
+    link = folder / f".t00001.md.{pid}.0123abcd.tmp"
+    link.symlink_to(outside)
+
+    out = io.StringIO()
+    call_command("reap_locks", "--queue", "q", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert sorted(line for line in lines if line.startswith("removed ")) == sorted(
+        f"removed {folder / name}, a temporary file its dead worker left" for name in left
+    )
+    # The orphan: the dead worker's owner file in the lock root.
+    assert lines[-1] == "5 requeued, 0 blocked, 1 orphan locks, 5 temporary files"
+    assert all(d.read_text() == "someone's" for d in decoys)
+    assert link.is_symlink() and outside.read_text() == "keep"
+    link.unlink()
+    for decoy in decoys:
+        decoy.unlink()
+
+    # Nothing was renamed, so the next worker triages every file, none "changed on disk".
+    again = run_manage(["work", "--queue", "q", "--processor", "triage"], process_env)
+    assert again.returncode == 0, again.stderr
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.DONE}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)
+    assert sum(p.read_bytes() != before[p.name] for p in folder.iterdir()) > 0

@@ -9,13 +9,15 @@ lock directory goes only while it is still the dead holder's.
 from __future__ import annotations
 
 import logging
+import os
+from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.utils import timezone
 
-from workqueue import agent_tree, locks, signals, transitions
+from workqueue import agent_tree, locks, signals, transitions, writeback
 from workqueue.locks import LockError
 from workqueue.models import Queue, Status, Task
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 class StaleClaim:
     task: Task
     why: str
+    holder_dead: bool = False
 
 
 @dataclass
@@ -34,6 +37,7 @@ class ReapReport:
     blocked: list[StaleClaim] = field(default_factory=list)
     orphan_locks: list[Path] = field(default_factory=list)
     agents_alive: list[tuple[StaleClaim, list[int]]] = field(default_factory=list)
+    temporaries: list[str] = field(default_factory=list)  # left beside task files
 
     def as_dict(self) -> dict:
         def rows(items):
@@ -53,6 +57,7 @@ class ReapReport:
             "requeued": rows(self.requeued),
             "blocked": rows(self.blocked),
             "orphan_locks": [str(p) for p in self.orphan_locks],
+            "temporaries": self.temporaries,
             "agents_alive": [
                 {"queue": s.task.queue, "key": s.task.key, "pids": pids}
                 for s, pids in self.agents_alive
@@ -74,7 +79,7 @@ def find_stale_claims(queue: str | None = None, holder_pid: int | None = None) -
         if holder not in verdicts:
             verdicts[holder] = locks.owner_is_dead(*holder)
         if verdicts[holder]:
-            stale.append(StaleClaim(task, f"holder pid {task.holder_pid} is gone"))
+            stale.append(StaleClaim(task, f"holder pid {task.holder_pid} is gone", True))
         elif task.lease_expires_at and task.lease_expires_at < now:
             stale.append(StaleClaim(task, "lease expired"))
     return stale
@@ -113,6 +118,10 @@ def release_stale_claims(
             continue  # its claim changed since it was judged
         (report.blocked if status == Status.BLOCKED else report.requeued).append(stale)
         let_go(task, actor)
+    if not dry_run:
+        report.temporaries = remove_temporaries_of_dead(
+            [s for s in [*report.requeued, *report.blocked] if s.holder_dead]
+        )
     if holder_pid is None:
         report.orphan_locks = release_orphan_locks(queue, dry_run)
     return report
@@ -127,6 +136,23 @@ def let_go(task: Task, actor: str) -> None:
             task.queue, task.key, task.holder_host, task.holder_pid, task.holder_started
         )
     signals.claim_released.send(sender=Task, task=task, actor=actor)
+
+
+def remove_temporaries_of_dead(released: list[StaleClaim]) -> list[str]:
+    """The temporary files dead workers left beside the files of the claims just
+    released (killed between writing a batch and renaming it into place), folder by
+    folder: a folder is read once however many of its tasks were reaped."""
+    left: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for stale in released:
+        if stale.task.source_path:
+            folder, name = os.path.split(stale.task.source_path)
+            left[folder][name].add(stale.task.holder_pid)
+    removed = []
+    for folder, names in left.items():
+        removed += writeback.remove_temporaries(folder, names)
+    for path in removed:
+        log.info("removed %s, a temporary file a dead worker left", path)
+    return removed
 
 
 def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> list[Path]:

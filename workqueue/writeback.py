@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 
 import yaml
@@ -343,3 +344,36 @@ def replace_if_unchanged(
 def discard(temporary: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
+
+
+def temporary_pattern(name: str, pid: int) -> re.Pattern:
+    """The names write_temporary gives the temporaries of `name` written by process `pid`."""
+    return re.compile(rf"\.{re.escape(name)}\.{pid}\.[0-9a-f]{{8}}\.tmp")
+
+
+def remove_temporaries(folder: str, left: dict[str, set[int]]) -> list[str]:
+    """Remove the temporaries that dead processes of ours left in `folder` (a worker
+    killed between writing a batch's temporaries and renaming them): `left` maps a task
+    file's name to the pids that may have written beside it. Only regular files of ours
+    whose whole name matches go; the folder is not followed if it is a symlink, and a
+    name is never followed either (unlink removes a link, not what it points to)."""
+    patterns = [temporary_pattern(name, pid) for name, pids in left.items() for pid in pids]
+    removed = []
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return removed  # gone, or a symlink now: nothing of ours to remove there
+    try:
+        with os.scandir(fd) as entries:
+            names = [e.name for e in entries if e.name.endswith(".tmp")]
+        for entry in names:
+            if not any(p.fullmatch(entry) for p in patterns):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                if info.st_uid == os.getuid() and stat.S_ISREG(info.st_mode):
+                    os.unlink(entry, dir_fd=fd)
+                    removed.append(os.path.join(folder, entry))
+    finally:
+        os.close(fd)
+    return removed

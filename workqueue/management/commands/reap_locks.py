@@ -26,6 +26,8 @@ class Command(BaseCommand):
             self.stdout.write(f"{verb} {row['queue']}/{row['key']} to blocked: {row['why']}")
         for path in data["orphan_locks"]:
             self.stdout.write(f"{verb} orphan lock {path}")
+        for path in data["temporaries"]:
+            self.stdout.write(f"removed {path}, a temporary file its dead worker left")
         requeued, blocked, orphans = (
             len(data[k]) for k in ("requeued", "blocked", "orphan_locks")
         )
@@ -35,4 +37,8 @@ class Command(BaseCommand):
                 f"{orphans} orphan lock(s) to remove"
             )
         else:
-            self.stdout.write(f"{requeued} requeued, {blocked} blocked, {orphans} orphan locks")
+            temporaries = len(data["temporaries"])
+            self.stdout.write(
+                f"{requeued} requeued, {blocked} blocked, {orphans} orphan locks"
+                + (f", {temporaries} temporary files" if temporaries else "")
+            )
