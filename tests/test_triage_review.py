@@ -16,6 +16,7 @@ from workqueue.importer import Importer
 from workqueue.models import BulkAction, EventKind, Queue, Status, Task, TaskEvent
 from workqueue.processors import load_processor
 from workqueue.routing import TaskFilter
+from workqueue.templatetags.board import change_words, decision_words
 from workqueue.triage import rules_for
 from workqueue.triage_rules import triage_bytes
 from workqueue.worker import Worker
@@ -187,6 +188,9 @@ def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_
     page = client.get(f"/triage/{herd.pk}/").content.decode()
     assert "3 proposed changes" in page
     assert '<span class="d-add">+complexity: mechanical\n</span>' in page
+    # The decisions in words, not the codes the results record ("assign:bot").
+    assert "assign:" not in page and "->" not in page
+    assert '<p class="meta">assign to bot · complexity set to mechanical' in page
     a, b, c = (Task.objects.get(key=k) for k in "abc")
     done = client.post(
         f"/triage/{herd.pk}/apply/",
@@ -211,7 +215,12 @@ def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_
     assert review + "the triage review</a>" in client.get(f"/herds/{herd.pk}/").content.decode()
     waiting = client.get(f"/tasks/{b.pk}/").content.decode()
     assert f"waits for a decision in {review}the triage review of herd {herd.pk}</a>" in waiting
-    assert "waits for a decision" not in client.get(f"/tasks/{a.pk}/").content.decode()
+    applied = client.get(f"/tasks/{a.pk}/").content.decode()
+    assert "waits for a decision" not in applied
+    assert "<dt>Action</dt><dd>assign to bot · complexity set to mechanical" in applied
+    assert (
+        "proposed: <strong>assign to bot</strong>" in client.get("/?queue=inbox").content.decode()
+    )
     assert "<h2>Last run</h2>" in client.get(f"/tasks/{c.pk}/").content.decode()
 
 
@@ -383,3 +392,33 @@ def test_decisions_recorded_twice_are_carried_out_once_and_the_second_says_so(
     assert "Applied 0, rejected 0, 3 skipped." in page
     assert f"task {ids[0]}: no longer waits for a decision" in page
     assert TaskEvent.objects.filter(kind=EventKind.EDITED).count() == 3  # written once
+
+
+@pytest.mark.parametrize(
+    ("result", "decision", "changes"),
+    [
+        (
+            {"action": "assign:bot", "changes": ["complexity->mechanical", "assignee->bot"]},
+            "assign to bot",
+            "complexity set to mechanical, assignee set to bot",
+        ),
+        (
+            {"action": "close", "close_reason": "close_reason_section", "changes": []},
+            "close: its body has a Close Reason section",
+            "",
+        ),
+        (
+            {"action": "close", "close_reason": "status_cancelled", "changes": ["status->done"]},
+            "close: its status is cancelled",
+            "status set to done",
+        ),
+        (
+            {"action": "assign:nic", "changes": ["added_wikilink", "something new"]},
+            "assign to nic",
+            "project link added to the body, something new",
+        ),
+    ],
+)
+def test_triage_decisions_read_as_words(result, decision, changes):
+    assert decision_words(result) == decision
+    assert change_words(result) == changes

@@ -121,3 +121,47 @@ def diff_lines(diff: str) -> list[tuple[str, str]]:
             kind = "same"
         lines.append((kind, line))
     return lines
+
+
+# Triage's decisions are recorded in the old script's codes (what its JSON readers
+# expect); people read them in words.
+CLOSE_REASONS = {
+    "close_reason_section": "its body has a Close Reason section",
+    "status_done": "its status is done",
+    "status_closed": "its status is closed",
+    "status_cancelled": "its status is cancelled",
+    "close_reason_field": "it has a close_reason",
+}
+CHANGES = {
+    "complexity": "complexity set to {}",
+    "assignee": "assignee set to {}",
+    "status": "status set to {}",
+}
+
+
+@register.filter
+def decision_words(result: dict) -> str:
+    """ "assign:bot" as "assign to bot", "close" with its reason."""
+    action = str(result.get("action", ""))
+    if action == "close":
+        reason = result.get("close_reason", "")
+        return f"close: {CLOSE_REASONS.get(reason, reason)}" if reason else "close"
+    if action.startswith("assign:"):
+        return f"assign to {action.removeprefix('assign:')}"
+    return action
+
+
+@register.filter
+def change_words(result: dict) -> str:
+    """ "complexity->mechanical, added_wikilink" as "complexity set to mechanical,
+    project link added to the body"."""
+    words = []
+    for change in result.get("changes") or []:
+        field, arrow, value = str(change).partition("->")
+        if arrow and field in CHANGES:
+            words.append(CHANGES[field].format(value))
+        elif change == "added_wikilink":
+            words.append("project link added to the body")
+        else:
+            words.append(str(change))
+    return ", ".join(words)
