@@ -12,6 +12,7 @@ import psutil
 from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
+from playwright.sync_api import expect
 
 from herds.models import Herd, HerdStatus, Profile
 from tests.browser.conftest import PASSWORD, screenshot, wait_until
@@ -347,3 +348,33 @@ def test_a_phone_width_screen_keeps_titles_clear_of_checkboxes_and_scrolls_table
     width = page.evaluate("document.scrollingElement.scrollWidth")
     assert width <= 390, width
     screenshot(page, "herd-page-phone")
+
+
+def test_the_first_tab_stops_skip_to_the_cards_and_to_the_content(logged_in_page, live_url):
+    # Fourteen tab stops (the menu, the filters, the tools) came before the first card.
+    make_tasks("q", 3)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    page.keyboard.press("Tab")
+    skip = page.get_by_role("link", name="Skip to the content")
+    expect(skip).to_be_focused()
+    expect(skip).to_be_visible()
+    page.keyboard.press("Tab")
+    cards = page.get_by_role("link", name="Skip to the cards")
+    expect(cards).to_be_focused()
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    first = Task.objects.filter(queue="q").order_by("priority", "id").first()
+    focused = page.evaluate("document.activeElement.closest('article.card')?.dataset.id")
+    assert focused == str(first.pk)
+    screenshot(page, "board-skip-link")
+
+    page.goto(f"{live_url}/herds/")
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to the content")).to_be_focused()
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    # Out of sight until the keyboard reaches it.
+    page.keyboard.press("Tab")
+    box = page.get_by_role("link", name="Skip to the content").bounding_box()
+    assert box is None or box["x"] + box["width"] < 0
