@@ -422,3 +422,58 @@ def test_decisions_recorded_twice_are_carried_out_once_and_the_second_says_so(
 def test_triage_decisions_read_as_words(result, decision, changes):
     assert decision_words(result) == decision
     assert change_words(result) == changes
+
+
+def test_decisions_on_a_review_can_be_undone_once(client, django_user_model, inbox):
+    user = login(client, django_user_model, "view_task", "change_task", "add_herd")
+    herd = triage_herd(user)
+    dry_run(herd)
+    a, b, c = (Task.objects.get(key=k) for k in "abc")
+    proposal = {k: Task.objects.get(key=k).result for k in "abc"}
+    page = client.post(
+        f"/triage/{herd.pk}/apply/",
+        {f"decision-{a.pk}": "accept", f"decision-{b.pk}": "accept", f"decision-{c.pk}": "reject"},
+        follow=True,
+    ).content.decode()
+    assert "Applied 2, rejected 1." in page
+    assert "Undo the 2 applied</button>" in page
+    assert (inbox / "a.md").read_text() != FILES["a.md"]
+    # Someone edits b's file meanwhile: its undo is refused, a's goes ahead.
+    (inbox / "b.md").write_text((inbox / "b.md").read_text() + "\nMore.\n")
+
+    undone = client.post(f"/triage/{herd.pk}/undo/", follow=True).content.decode()
+    assert (
+        "Undone: 1 applied proposal put back as it was, waiting for a decision again; "
+        "1 changed since, left as it is. The 1 rejected stay in the queue."
+    ) in undone
+    assert "<code>b</code>: changed on disk since import" in undone
+    assert (inbox / "a.md").read_text() == FILES["a.md"]
+    a.refresh_from_db()
+    assert (a.status, a.result) == (Status.DONE, proposal["a"])
+    assert list(triage_review.proposals(herd)) == [a]
+    assert "1 proposed change" in undone and f'name="decision-{a.pk}"' in undone
+    assert Task.objects.get(pk=c.pk).status == Status.QUEUED
+    assert "Undo the" not in undone
+    again = client.post(f"/triage/{herd.pk}/undo/", follow=True).content.decode()
+    assert "Only your latest decisions can be undone, once." in again
+    assert (inbox / "a.md").read_text() == FILES["a.md"]
+
+    # Accepted again, the proposal is written as the first time.
+    client.post(f"/triage/{herd.pk}/apply/", {f"decision-{a.pk}": "accept"})
+    assert "complexity: mechanical" in (inbox / "a.md").read_text()
+
+
+def test_a_bulk_action_after_the_decisions_takes_their_undo_away(client, django_user_model, inbox):
+    user = login(client, django_user_model, "view_task", "change_task", "add_herd")
+    herd = triage_herd(user)
+    dry_run(herd)
+    a = Task.objects.get(key="a")
+    client.post(f"/triage/{herd.pk}/apply/", {f"decision-{a.pk}": "accept"})
+    d = Task.objects.get(key="d")
+    client.post("/bulk/", {"action": "assign", "value": "nic", "ids": str(d.pk)})
+    assert Task.objects.get(pk=d.pk).assignee == "nic"
+    page = client.get(f"/triage/{herd.pk}/").content.decode()
+    assert "Applied 1, rejected 0." in page and "Undo the" not in page
+    refused = client.post(f"/triage/{herd.pk}/undo/", follow=True).content.decode()
+    assert "Only your latest decisions can be undone, once." in refused
+    assert "complexity: mechanical" in (inbox / "a.md").read_text()

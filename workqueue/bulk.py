@@ -88,10 +88,14 @@ def start(user, action: str, value: str, task_ids: Iterable[int]) -> BulkAction:
         task_ids=ids,
         total=len(ids),
     )
-    # Only a person's latest action can be undone: the earlier ones' copies go.
-    BulkChange.objects.filter(action__user=user).exclude(action=bulk).delete()
+    forget_earlier(bulk)
     dispatch(bulk)
     return bulk
+
+
+def forget_earlier(bulk: BulkAction) -> None:
+    """Only a person's latest action can be undone: the earlier ones' copies go."""
+    BulkChange.objects.filter(action__user=bulk.user).exclude(action=bulk).delete()
 
 
 def start_undo(user, original: BulkAction) -> BulkAction:
@@ -113,7 +117,7 @@ def can_undo(bulk: BulkAction, user) -> bool:
         return False
     if BulkAction.objects.filter(undo_of=bulk).exists():
         return False
-    latest = BulkAction.objects.filter(user=user).exclude(action__in=("undo", "triage")).first()
+    latest = BulkAction.objects.filter(user=user).exclude(action="undo").first()
     return latest == bulk and bulk.changes.exists()
 
 
@@ -186,7 +190,11 @@ def _undo(bulk: BulkAction) -> None:
     editing.undo_edits(
         records,
         bulk.actor,
-        message=f"undo of bulk action {bulk.undo_of_id}",
+        message=(
+            f"undo of the triage review's decisions (bulk action {bulk.undo_of_id})"
+            if bulk.params.get("what") == "triage"
+            else f"undo of bulk action {bulk.undo_of_id}"
+        ),
         on_batch=_progress(bulk, keep=False),
     )
     BulkChange.objects.filter(action_id=bulk.undo_of_id).delete()
@@ -200,7 +208,7 @@ def _progress(bulk: BulkAction, keep: bool):
         nonlocal listed
         with transaction.atomic():
             if keep:
-                BulkChange.objects.bulk_create(_change(bulk, a) for a in applied)
+                keep_for_undo(bulk, applied)
             new_skips = report.skipped[listed:]
             listed = len(report.skipped)
             values = {
@@ -215,6 +223,10 @@ def _progress(bulk: BulkAction, keep: bool):
             BulkAction.objects.filter(pk=bulk.pk).update(**values)
 
     return on_batch
+
+
+def keep_for_undo(bulk: BulkAction, applied: list[editing.Applied]) -> None:
+    BulkChange.objects.bulk_create(_change(bulk, a) for a in applied)
 
 
 def _change(bulk: BulkAction, applied: editing.Applied) -> BulkChange:

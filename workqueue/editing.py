@@ -822,10 +822,12 @@ def _undo_plan(task: Task, record: Applied, message: str) -> _Plan | str | None:
     status = record.old_status if record.old_status != record.new_status else None
     if status == Status.CLAIMED:
         status = Status.QUEUED
-    if not values and not status and record.old_bytes is None:
+    extra = old.get("extra")  # a rewrite's more row values (a triage review's result)
+    if not values and not status and record.old_bytes is None and not extra:
         return None
     plan = _Plan(task, values, {n: _current(task, n) for n in values}, status, record.old_reason)
     plan.message = message
+    plan.extra = extra
     if record.old_bytes is None:
         plan.restore = {n: old[n] for n in ROW_COLUMNS if not n.startswith("source_")}
         plan.restore["body"] = old.get("body", task.body)

@@ -87,6 +87,7 @@ def decide(user, herd: Herd, accepted: list[int], rejected: list[int]) -> BulkAc
         params={"herd": herd.pk, "accepted": accepted, "rejected": rejected},
         total=len(accepted) + len(rejected),
     )
+    bulk.forget_earlier(decision)
     bulk.dispatch(decision)
     decision.refresh_from_db()
     return decision
@@ -122,7 +123,14 @@ def carry_out(decision: BulkAction) -> None:
         )
 
     params = decision.params
-    review(herd, params["accepted"], params["rejected"], decision.actor, progress)
+    review(
+        herd,
+        params["accepted"],
+        params["rejected"],
+        decision.actor,
+        progress,
+        keep=lambda applied: bulk.keep_for_undo(decision, applied),
+    )
 
 
 @dataclass
@@ -133,10 +141,11 @@ class Review:
 
 
 def review(
-    herd: Herd, accepted: list[int], rejected: list[int], actor: str, progress=None
+    herd: Herd, accepted: list[int], rejected: list[int], actor: str, progress=None, keep=None
 ) -> Review:
     """Apply the accepted proposals, put the rejected tasks back in the queue;
-    `progress(review so far)` after every batch."""
+    `progress(review so far)` after every batch, `keep(applied)` what undoing a batch's
+    proposals needs (each task's proposal too, so that it waits for a decision again)."""
     pending = _waiting(herd, [*accepted, *rejected])
     result = Review()
     rules, children = rules_for(herd.queue), ChildIndex()
@@ -163,6 +172,15 @@ def review(
 
     def applied_batch(report: editing.BulkReport, applied: list[editing.Applied]) -> None:
         result.applied.extend(pending[a.task_id].key for a in applied)
+        if keep is not None:
+            for a in applied:
+                task = pending[a.task_id]
+                a.old_values["extra"] = {
+                    "result": task.result,
+                    "outcome": task.outcome,
+                    "closed_by": task.closed_by,
+                }
+            keep(applied)
         result.skipped = list(report.skipped)
         if progress is not None:
             progress(result)

@@ -19,5 +19,6 @@ urlpatterns = [
     path("triage/", views.triage_start, name="triage-start"),
     path("triage/<int:pk>/", views.triage_detail, name="triage-detail"),
     path("triage/<int:pk>/apply/", views.triage_apply, name="triage-apply"),
+    path("triage/<int:pk>/undo/", views.triage_undo, name="triage-undo"),
     path("tasks/<int:pk>/transcript/", views.task_transcript, name="task-transcript"),
 ]

@@ -739,13 +739,17 @@ def triage_start(request: HttpRequest) -> HttpResponse:
 def _triage_context(request: HttpRequest, herd) -> dict:
     finished = herd.finished_tasks()
     decision = triage_review.latest_decision(herd)
+    undo = BulkAction.objects.filter(undo_of=decision).first() if decision else None
     applying = decision is not None and not decision.finished
+    undoing = undo is not None and not undo.finished
     waiting = triage_review.proposals(herd) if herd.ended and not applying else None
     return {
         "herd": herd,
         "progress_line": herd.progress_line(finished),
         "decision": decision,
-        "applying": applying,
+        "applying": applying or undoing,
+        "undo": undo,
+        "undoable": decision is not None and bulk.can_undo(decision, request.user),
         "proposals": list(waiting[: triage_review.PAGE]) if waiting is not None else [],
         "proposal_count": waiting.count() if waiting is not None else 0,
         "refused": list(triage_review.refused(herd)) if herd.ended else [],
@@ -788,6 +792,21 @@ def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
         messages.error(request, "Nothing was applied: choose Accept or Reject for a proposal.")
     else:
         triage_review.decide(request.user, herd, accepted, rejected)
+    return redirect("triage-detail", pk=herd.pk)
+
+
+@login_required
+@permission_required(CHANGE, raise_exception=True)
+@require_POST
+def triage_undo(request: HttpRequest, pk: int) -> HttpResponse:
+    """Undo the latest decisions on a review: the applied proposals' files and rows as
+    they were, waiting for a decision again (the rejected stay in the queue)."""
+    herd = get_object_or_404(Herd, pk=pk, dry_run=True)
+    decision = triage_review.latest_decision(herd)
+    if decision is None or not bulk.can_undo(decision, request.user):
+        messages.error(request, "Only your latest decisions can be undone, once.")
+    else:
+        bulk.start_undo(request.user, decision)
     return redirect("triage-detail", pk=herd.pk)
 
 
