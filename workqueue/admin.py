@@ -158,13 +158,13 @@ class TaskAdmin(admin.ModelAdmin):
                     f"Released stale locks: {len(report.requeued)} requeued, "
                     f"{len(report.blocked)} blocked, {len(report.orphan_locks)} orphan lock "
                     "directories removed"
-                    + (
-                        f", and {len(report.temporaries)} temporary files dead workers left "
-                        "beside task files."
-                        if report.temporaries
-                        else "."
-                    )
                 )
+                if report.temporaries:
+                    said += (
+                        f", and {len(report.temporaries)} temporary files dead workers left "
+                        "beside task files"
+                    )
+                said += "."
             else:
                 # The periodic reaper often got there between the page and the click.
                 said = (

@@ -270,6 +270,7 @@ def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool 
         mode = os.stat(path).st_mode
     folder, name = os.path.split(path)
     # Unique per write: the board's threads and a worker may write beside one file at once.
+    # The pid in the name lets the reaper find what a dead worker left (TEMPORARY).
     temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -346,9 +347,8 @@ def discard(temporary: str) -> None:
         os.unlink(temporary)
 
 
-def temporary_pattern(name: str, pid: int) -> re.Pattern:
-    """The names write_temporary gives the temporaries of `name` written by process `pid`."""
-    return re.compile(rf"\.{re.escape(name)}\.{pid}\.[0-9a-f]{{8}}\.tmp")
+# A name write_temporary gives: the file's name, the writer's pid, 8 hex digits.
+TEMPORARY = re.compile(r"\.(.+)\.([0-9]+)\.[0-9a-f]{8}\.tmp")
 
 
 def remove_temporaries(folder: str, left: dict[str, set[int]]) -> list[str]:
@@ -357,7 +357,6 @@ def remove_temporaries(folder: str, left: dict[str, set[int]]) -> list[str]:
     file's name to the pids that may have written beside it. Only regular files of ours
     whose whole name matches go; the folder is not followed if it is a symlink, and a
     name is never followed either (unlink removes a link, not what it points to)."""
-    patterns = [temporary_pattern(name, pid) for name, pids in left.items() for pid in pids]
     removed = []
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -365,9 +364,9 @@ def remove_temporaries(folder: str, left: dict[str, set[int]]) -> list[str]:
         return removed  # gone, or a symlink now: nothing of ours to remove there
     try:
         with os.scandir(fd) as entries:
-            names = [e.name for e in entries if e.name.endswith(".tmp")]
-        for entry in names:
-            if not any(p.fullmatch(entry) for p in patterns):
+            found = [(e.name, TEMPORARY.fullmatch(e.name)) for e in entries]
+        for entry, match in found:
+            if not match or int(match[2]) not in left.get(match[1], ()):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
