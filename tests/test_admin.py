@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import psutil
 import pytest
 from django import forms
 from django.conf import settings
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
+from django.db import connection, reset_queries
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
 from herds.models import Profile
 from tests.conftest import make_tasks
-from workqueue import locks
+from workqueue import claims, locks
+from workqueue.importer import Importer
+from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
+from workqueue.processing import Result
 
 pytestmark = pytest.mark.django_db
 
@@ -75,65 +83,142 @@ def test_task_changelist_filters_and_search(admin_client):
         assert admin_client.get(CHANGELIST, query).status_code == 200
 
 
-def test_task_change_page_shows_and_saves_the_body(admin_client):
-    (task,) = make_tasks("q", 1, body="# Old body\n")
+TASK = """---
+id: ex-1
+title: 'Fix the login bug'   # keep this comment
+status: inbox
+priority: P1
+tags:
+  - bug
+---
+# Fix the login bug
+"""
+
+
+@pytest.fixture
+def task_file(write_task) -> tuple[Task, Path]:
+    path = write_task("ex-1.md", TASK)
+    report = Importer("inbox", roots=[path.parent]).run([path.parent])
+    assert not report.errors, report.errors
+    return Task.objects.get(key="ex-1"), path
+
+
+def saved_as_shown(admin_client, task: Task) -> tuple[str, dict]:
+    """The change page's URL and POST data that saves the task as the page shows it."""
     url = reverse("admin:queue_task_change", args=[task.pk])
     response = admin_client.get(url)
     assert response.status_code == 200
-    assert "# Old body" in response.content.decode()
     form = response.context["adminform"].form
-    data = {k: v for k, v in form.initial.items() if v is not None and k in form.fields}
-    data.update(
-        {
-            "tags": "[]",
-            "depends_on": "[]",
-            "frontmatter": "{}",
-            "result": "{}",
-            "content-TOTAL_FORMS": "1",
-            "content-INITIAL_FORMS": "1",
-            "content-MIN_NUM_FORMS": "0",
-            "content-MAX_NUM_FORMS": "1",
-            "content-0-task": str(task.pk),
-            "content-0-text": "# New body",
-        }
-    )
+    return url, {name: form.initial[name] for name in form.fields}
+
+
+def test_an_admin_edit_is_written_into_the_task_file_then_the_row(admin_client, task_file):
+    task, path = task_file
+    url, data = saved_as_shown(admin_client, task)
+    assert data["body"] == "# Fix the login bug\n" and data["tags"] == "bug"
+    data.update(title="Fix the logout bug", tags="bug, auth", body="# Fix the logout bug\n")
     response = admin_client.post(url, data)
     assert response.status_code == 302, response.context["adminform"].form.errors
-    assert Task.objects.get(pk=task.pk).body == "# New body"
-
-
-def test_values_the_boards_indexes_cannot_hold_are_a_form_error(admin_client):
-    """Each within its column, together over a PostgreSQL index entry: an error on the
-    form (there, before the rule, the save was a server error)."""
-    (task,) = make_tasks("q", 1)
-    url = reverse("admin:queue_task_change", args=[task.pk])
-    form = admin_client.get(url).context["adminform"].form
-    data = {k: v for k, v in form.initial.items() if v is not None and k in form.fields}
-    wide = "".join(chr(0x4E00 + i * 7) for i in range(200))  # 600 bytes in UTF-8
-    data.update(
-        {
-            "tags": "[]",
-            "depends_on": "[]",
-            "frontmatter": "{}",
-            "result": "{}",
-            "project": wide,
-            "assignee": wide[::-1],
-            "tag_index": "|" + wide[:150] + "|" + wide[50:] + "|",
-            "type": wide[:100],
-            "complexity": wide[100:],
-            "content-TOTAL_FORMS": "0",
-            "content-INITIAL_FORMS": "0",
-            "content-MIN_NUM_FORMS": "0",
-            "content-MAX_NUM_FORMS": "1",
-        }
+    assert path.read_text() == TASK.replace(
+        "'Fix the login bug'   #", "'Fix the logout bug'   #"
+    ).replace("  - bug\n", "  - bug\n  - auth\n").replace("login bug\n", "logout bug\n")
+    task.refresh_from_db()
+    assert (task.title, task.tags, task.body) == (
+        "Fix the logout bug",
+        ["bug", "auth"],
+        "# Fix the logout bug\n",
     )
-    response = admin_client.post(url, data)
-    assert response.status_code == 200
-    assert response.context["adminform"].form.non_field_errors() == [
-        "tags, project, assignee, type and complexity: 2,703 bytes together in UTF-8, "
+    event = TaskEvent.objects.get(task=task, kind=EventKind.EDITED)
+    assert event.actor == "admin:admin"
+    report = Importer("inbox", roots=[path.parent]).run([path.parent]).as_dict()
+    assert report["updated"] == 0  # row and file agree
+
+
+def test_the_admins_save_writes_only_the_columns_it_changed(admin_client, task_file):
+    """A whole-row save writes back the status, holder, fence and lease the page found: a
+    worker's claim or finish in between would be undone."""
+    task, _path = task_file
+    url, data = saved_as_shown(admin_client, task)
+    data["assignee"] = "nic"
+    reset_queries()
+    with CaptureQueriesContext(connection) as captured:
+        assert admin_client.post(url, data).status_code == 302
+    writes = [q["sql"] for q in captured if 'UPDATE "queue_task" SET' in q["sql"]]
+    assert writes, "the edit updated the row"
+    for sql in writes:
+        assert not re.search(r'"(status|holder|fence|lease_expires_at|attempts)" =', sql), sql
+    assert Task.objects.get(pk=task.pk).assignee == "nic"
+
+
+def test_an_admin_edit_of_a_claimed_task_reaches_its_file_when_the_claim_ends(
+    admin_client, task_file
+):
+    task, path = task_file
+    url, data = saved_as_shown(admin_client, task)
+    identity = Identity.current("w-admin")
+    owner_file = OwnerFile(identity)
+    [taken] = claims.claim_ready_tasks("inbox", identity, owner_file, limit=1)
+    data["priority"] = "2"
+    response = admin_client.post(url, data, follow=True)
+    assert "A worker holds the task" in response.content.decode()
+    task.refresh_from_db()
+    assert (task.status, task.holder, task.fence, task.priority) == (
+        Status.CLAIMED,
+        identity.worker,
+        taken.fence,
+        2,
+    )
+    assert path.read_text() == TASK  # the worker's file until it lets go
+    claims.finish_claims(identity, [(taken, Result())], owner_file)
+    assert "priority: P2\n" in path.read_text()  # in the file's own style
+    assert Task.objects.get(pk=task.pk).status == Status.DONE
+
+
+def test_a_file_changed_on_disk_is_not_overwritten_from_the_admin(admin_client, task_file):
+    task, path = task_file
+    url, data = saved_as_shown(admin_client, task)
+    outside = TASK.replace("priority: P1", "priority: P3")
+    path.write_text(outside)
+    data["title"] = "Mine"
+    response = admin_client.post(url, data, follow=True)
+    page = response.content.decode()
+    assert response.redirect_chain == [(url, 302)]
+    assert f"Not saved: {path.resolve()} changed on disk since import" in page
+    assert reverse("task-detail", args=[task.pk]) in page
+    assert path.read_text() == outside
+    assert Task.objects.get(pk=task.pk).title == "Fix the login bug"
+    assert not LogEntry.objects.filter(object_id=str(task.pk)).exists()
+
+
+def test_bad_values_are_errors_naming_the_field_and_nothing_is_written(admin_client, task_file):
+    task, path = task_file
+    url, data = saved_as_shown(admin_client, task)
+    wide = "".join(chr(0x4E00 + i * 7) for i in range(200))  # 600 bytes in UTF-8
+    for name, value, error in [
+        ("title", "", "title: a task needs a title"),
+        ("title", "two\nlines", "title: one line only"),
+        ("depends_on", "ex-1", "depends_on: a task cannot depend on itself"),
+        ("body", "a\x00b", "Null characters are not allowed."),
+    ]:
+        response = admin_client.post(url, {**data, name: value})
+        assert response.status_code == 200, name
+        assert response.context["adminform"].form.errors[name] == [error]
+    # Each within its column, together over a PostgreSQL index entry (before the rule, the
+    # save was a server error).
+    together = {"tags": f"{wide}, {wide[::-1]}", "project": wide, "assignee": wide[::-1]}
+    response = admin_client.post(url, {**data, **together})
+    assert response.context["adminform"].form.errors["tags"] == [
+        "tags: tags, project and assignee: 2,403 bytes together in UTF-8, "
         "over the 2,400 the board's indexes hold"
     ]
-    assert Task.objects.get(pk=task.pk).project == ""
+    assert path.read_text() == TASK
+    assert not TaskEvent.objects.filter(kind=EventKind.EDITED).exists()
+
+
+def test_a_task_is_added_as_a_file_from_the_board_not_as_a_row(admin_client):
+    assert admin_client.get(reverse("admin:queue_task_add")).status_code == 403
+    page = admin_client.get(CHANGELIST).content.decode()
+    assert f'href="{reverse("task-new")}"' in page
 
 
 def test_requeue_and_block_actions_record_events(admin_client):

@@ -7,11 +7,13 @@ from django.db import models
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.html import format_html
 
 from workqueue import actions as task_actions
-from workqueue import reaper
-from workqueue.forms import StorableJSONField
-from workqueue.models import Queue, Status, Task, TaskBody, TaskEvent
+from workqueue import editing, reaper
+from workqueue.editing import FIELDS
+from workqueue.forms import StorableJSONField, TaskAdminForm
+from workqueue.models import Queue, Status, Task, TaskEvent
 
 # What the admin's JSON fields accept: what every database can store.
 STORABLE_JSON = {models.JSONField: {"form_class": StorableJSONField}}
@@ -33,10 +35,20 @@ class StaleFilter(admin.SimpleListFilter):
         return queryset.exclude(pk__in=stale_ids)
 
 
-class TaskBodyInline(admin.StackedInline):
-    model = TaskBody
-    can_delete = False
-    verbose_name = verbose_name_plural = "body"
+# The row's columns by what they say; the admin edits what the file says (TaskAdminForm).
+SOURCE_FIELDS = (
+    "key", "queue", "status", "source_path", "source_sha256", "source_missing",
+    "change_pending", "pending_edit", "closed_by", "frontmatter",
+)  # fmt: skip
+CLAIM_FIELDS = (
+    "holder", "holder_host", "holder_pid", "holder_started", "holder_herd", "fence",
+    "lease_expires_at", "claimed_at", "attempts", "max_attempts", "agent_pgid",
+    "agent_started", "outside_holder",
+)  # fmt: skip
+RESULT_FIELDS = (
+    "outcome", "reason", "evidence", "next_step", "commit", "tokens", "cost_usd",
+    "output_tail", "result", "worktree", "branch", "finished_at", "created_at", "updated_at",
+)  # fmt: skip
 
 
 @admin.register(Task)
@@ -50,16 +62,65 @@ class TaskAdmin(admin.ModelAdmin):
     list_select_related = False
     show_full_result_count = False
     ordering = ("priority", "id")
-    # State changes only through the actions below (the transitions); never by hand.
-    readonly_fields = (
-        "status", "holder", "holder_host", "holder_pid", "holder_started", "holder_herd",
-        "fence", "lease_expires_at", "claimed_at", "attempts", "max_attempts", "agent_pgid",
-        "agent_started", "outside_holder", "created_at", "updated_at", "finished_at",
-    )  # fmt: skip
+    form = TaskAdminForm
+    fieldsets = (
+        (
+            "The task's file",
+            {
+                "description": "Saved into the task's file, then its row, as the board's "
+                "editor saves. A task a worker holds gets the change in its file when the "
+                "claim ends. Its state changes through the actions on the list.",
+                "fields": (*(f for f in FIELDS if f != "status"), "base_sha256"),
+            },
+        ),
+        ("Source", {"fields": SOURCE_FIELDS}),
+        ("Claim", {"fields": CLAIM_FIELDS}),
+        ("Result", {"fields": RESULT_FIELDS}),
+    )
+    # Read-only: state through the actions (the transitions), the rest from the file.
+    readonly_fields = SOURCE_FIELDS + CLAIM_FIELDS + RESULT_FIELDS
     actions = ("requeue_tasks", "release_claims", "mark_done", "block_tasks", "release_stale")
-    inlines = (TaskBodyInline,)
-    formfield_overrides = STORABLE_JSON
     change_list_template = "admin/workqueue/task/change_list.html"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # a new task is a new file: the board's "New task" writes it
+
+    def save_model(self, request: HttpRequest, task: Task, form, change: bool) -> None:
+        try:
+            result = editing.edit_task(
+                task,
+                form.changes(),
+                self._actor(request),
+                base_sha256=form.cleaned_data["base_sha256"] or None,
+            )
+        except editing.FileChanged as exc:
+            request.task_not_saved = format_html(
+                "Not saved: {} {}. Its page on the board shows the difference and reloads it: "
+                '<a href="{}">{}</a>.',
+                task.source_path,
+                exc.why,
+                reverse("task-detail", args=[task.pk]),
+                task.key,
+            )
+        except (editing.EditError, editing.Conflict) as exc:
+            request.task_not_saved = f"Not saved: {exc}."
+        else:
+            if result.deferred:
+                self.message_user(
+                    request,
+                    "A worker holds the task: its file gets the change when the claim ends.",
+                    messages.WARNING,
+                )
+
+    def log_change(self, request: HttpRequest, task: Task, message):
+        if not hasattr(request, "task_not_saved"):
+            return super().log_change(request, task, message)
+
+    def response_change(self, request: HttpRequest, task: Task) -> HttpResponse:
+        if hasattr(request, "task_not_saved"):
+            self.message_user(request, request.task_not_saved, messages.ERROR)
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, task)
 
     @admin.display(description="Lock held outside")
     def outside_holder(self, task: Task) -> str:

@@ -306,6 +306,35 @@ class TaskEditForm(forms.Form):
         return changes
 
 
+class TaskAdminForm(forms.ModelForm, TaskEditForm):
+    """The admin's task form: the board editor's fields, saved the board editor's way
+    (TaskAdmin.save_model: the file first, then only the columns that changed). The
+    model's own fields stay out of it: a whole-row save would write back every column as
+    the form found it, a worker's claim or finish meanwhile included."""
+
+    status = None  # a task's state changes through the list's actions (the transitions)
+    reason = None
+
+    class Meta:
+        model = Task
+        # The declared fields stand in for these columns: none is set on the instance.
+        exclude = [f.name for f in Task._meta.concrete_fields if f.name in editing.FIELDS]  # noqa: DJ006
+
+    def __init__(self, *args, instance: Task | None = None, initial=None, **kwargs):
+        if instance is not None and instance.pk:
+            initial = {**TaskEditForm.for_task(instance).initial, **(initial or {})}
+        super().__init__(*args, instance=instance, initial=initial, **kwargs)
+
+    def clean(self):
+        data = super().clean()
+        try:
+            editing.validate(self.changes(), self.instance)
+        except editing.EditError as exc:
+            for name, problem in exc.errors.items():
+                self.add_error(name if name in self.fields else None, f"{name}: {problem}")
+        return data
+
+
 class BulkForm(forms.Form):
     """A bulk action from the board: the selected ids, or every task of a filter."""
 
