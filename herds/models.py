@@ -935,6 +935,14 @@ class HerdWorker(models.Model):
             self.exit_detail, self.finished_at = detail[:500], now
         return bool(won)
 
+    @property
+    def exit_words(self) -> str:
+        """How the worker ended, as its row says it: a drained worker stopped claiming; it
+        did not run out of work."""
+        if self.exit_class == ExitClass.FINISHED and self.drain_reason:
+            return "finished its tasks, then stopped claiming (drained)"
+        return self.get_exit_class_display()
+
     def classify_exit(self, exit_code: int | None) -> tuple[str, str]:
         if self.quota_hit:
             return ExitClass.QUOTA, "quota or rate limit reached"

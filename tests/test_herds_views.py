@@ -132,6 +132,18 @@ def test_drain_with_token_marks_the_herd_and_its_workers(herd, operator):
     assert worker.drain_reason == herd.reason
 
 
+def test_a_drained_workers_row_says_it_stopped_claiming_not_that_work_ran_out(herd, viewer):
+    drained, finished = (herd.workers.create(index=i, name=f"w{i}", host="h") for i in (0, 1))
+    finished.record_exit(0, *finished.classify_exit(0))  # out of work before the drain
+    herd.drain("drained by operator")
+    drained.refresh_from_db()
+    drained.record_exit(0, *drained.classify_exit(0))
+    page = client_for(viewer).get(reverse("herds:live", args=[herd.pk])).content.decode()
+    assert "Exited: finished its tasks, then stopped claiming (drained)" in page
+    assert "drained by operator" in page
+    assert page.count("Exited: finished (no more work or batch reached)") == 1
+
+
 def test_cancel_requests_supervision_and_enqueues_after_commit(
     herd, operator, django_capture_on_commit_callbacks
 ):
