@@ -474,6 +474,46 @@ def test_file_changed_since_claim_is_refused_and_left_alone(queue_folder):
     assert path.read_bytes() == edited
 
 
+def test_a_file_an_earlier_attempt_triaged_is_recorded_not_refused(queue_folder):
+    """Its worker died between renaming the file and recording it: the file is the import
+    with exactly triage's decision applied. The retry records it as it is."""
+    originals = queue_folder({"b.md": NEEDS_WORK})
+    path = queue_folder.folder / "b.md"
+    triaged, decision, _ = triage_bytes(originals["b.md"], "b", lambda _: False, RULES)
+    assert triaged != originals["b.md"] and decision.link
+    path.write_bytes(triaged)
+    before = path.stat()
+    work()
+    task = Task.objects.get(key="b")
+    assert (task.status, task.outcome) == (Status.DONE, "success")
+    assert task.result["written_by_an_earlier_attempt"] is True
+    assert task.result["changes"] == decision.changes
+    assert path.read_bytes() == triaged and path.stat().st_ino == before.st_ino
+    assert task.source_sha256 == hashlib.sha256(triaged).hexdigest()
+    assert task.body == Document.parse(triaged).body
+    again = Importer("inbox", roots=[queue_folder.folder]).run([queue_folder.folder])
+    assert (again.imported, again.updated) == (0, 0)  # the row is the file
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda triaged: triaged + b"A person adds a line.\n",
+        lambda triaged: triaged.replace(b"project: osb", b"project: other"),
+        lambda triaged: triaged.replace(b"Project: ", b"Project:  "),
+    ],
+)
+def test_the_decision_and_more_is_someones_edit_and_refused(queue_folder, edit):
+    originals = queue_folder({"b.md": NEEDS_WORK})
+    path = queue_folder.folder / "b.md"
+    triaged, _, _ = triage_bytes(originals["b.md"], "b", lambda _: False, RULES)
+    path.write_bytes(edit(triaged))
+    work()
+    task = Task.objects.get(key="b")
+    assert (task.status, task.reason) == (Status.BLOCKED, "changed on disk since claim")
+    assert path.read_bytes() == edit(triaged)
+
+
 def test_file_changed_between_read_and_write_is_refused(queue_folder):
     queue_folder({"b.md": NEEDS_WORK})
     path = queue_folder.folder / "b.md"

@@ -186,3 +186,48 @@ def test_the_reaper_removes_the_temporaries_a_killed_triage_worker_left(
     assert set(Task.objects.values_list("status", flat=True)) == {Status.DONE}
     assert sorted(p.name for p in folder.iterdir()) == sorted(before)
     assert sum(p.read_bytes() != before[p.name] for p in folder.iterdir()) > 0
+
+
+def test_a_triage_worker_killed_between_its_renames_and_its_finish_is_retried_cleanly(
+    process_env, tmp_path, lock_root
+):
+    """Its files hold exactly triage's decision and its rows do not say so yet: the retry
+    records them as they are (before, each was blocked "changed on disk since claim")."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    task_folder(folder, 100)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    report = Importer("q", roots=[folder]).run([folder])
+    assert (report.imported, report.errors) == (100, [])
+
+    died = run_manage(
+        ["work", "--queue", "q", "--prefetch", "100"]
+        + ["--processor", "tests.scripts.killed_after_renames.Triage"],
+        process_env,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    renamed = {p.name: p.read_bytes() for p in folder.glob("*.md")}
+    changed = {name for name in renamed if renamed[name] != before[name]}
+    assert len(changed) > 10 and not list(folder.glob(".*.tmp"))
+
+    out = io.StringIO()
+    call_command("reap_locks", "--queue", "q", stdout=out)
+    assert out.getvalue().splitlines()[-1].startswith("100 requeued, 0 blocked")
+
+    again = run_manage(["work", "--queue", "q", "--processor", "triage"], process_env)
+    assert again.returncode == 0, again.stderr
+    statuses = dict(Task.objects.values_list("key", "status"))
+    assert set(statuses.values()) == {Status.DONE}, Task.objects.exclude(
+        status=Status.DONE
+    ).values_list("key", "reason")[:5]
+    adopted = {
+        f"{key}.md"
+        for key, result in Task.objects.values_list("key", "result")
+        if result.get("written_by_an_earlier_attempt")
+    }
+    assert adopted == changed
+    # Nothing written twice, nothing lost: the files are the killed run's, and the rows
+    # say so (a re-import finds nothing to update).
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == renamed
+    again = Importer("q", roots=[folder]).run([folder])
+    assert (again.imported, again.updated, again.errors) == (0, 0, [])

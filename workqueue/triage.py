@@ -1,8 +1,9 @@
 """The built-in `triage` processor: close, classify, assign and link markdown tasks.
 
 The decisions live in workqueue.triage_rules (pure functions). This processor reads each
-file once, refuses a file that changed since it was claimed, and writes back only what
-changes (workqueue.writeback). The writes of a batch happen together when the worker
+file once, refuses a file that changed since its import (unless the change is exactly its
+own decision, written by an earlier attempt that died before recording it), and writes back
+only what changes (workqueue.writeback). The writes of a batch happen together when the worker
 sends `tasks_processed`, just before it finishes the batch: every temporary is written,
 all are synced to disk at once, then each is renamed over its file unless that file
 changed meanwhile, and the rows are updated by one statement run once per file.
@@ -25,7 +26,14 @@ from workqueue import signals
 from workqueue.models import Queue, Status, Task, TaskBody
 from workqueue.processing import Claim, Processor, Result, WorkContext
 from workqueue.taskfile import TaskFileError
-from workqueue.triage_rules import Decision, Rules, triage_bytes, unified_diff
+from workqueue.triage_rules import (
+    Decision,
+    Rules,
+    applied,
+    decide_for,
+    triage_bytes,
+    unified_diff,
+)
 from workqueue.writeback import (
     Document,
     EditRefused,
@@ -133,6 +141,7 @@ class TriageProcessor(Processor):
         self.children = ChildIndex()
         self.held: dict[int, _Held] = {}
         self.pending: list[_Write] = []
+        self.adopted: list[tuple[_Write, os.stat_result]] = []  # rows to record, files as they are
         self.stamping: dict[str, bool] = {}
 
     def _rules(self, queue: str) -> Rules:
@@ -161,6 +170,9 @@ class TriageProcessor(Processor):
             stat = os.fstat(f.fileno())
         seen = file_identity(stat)
         if held.sha256 and hashlib.sha256(raw).hexdigest() != held.sha256:
+            adopted = self._earlier_attempts_write(claim, context, held, raw, stat)
+            if adopted is not None:
+                return adopted
             return Result(
                 status=Status.BLOCKED,
                 reason=CHANGED_ON_DISK,
@@ -195,8 +207,48 @@ class TriageProcessor(Processor):
             )
         return result
 
+    def _earlier_attempts_write(
+        self, claim: Claim, context: WorkContext, held: _Held, raw: bytes, stat
+    ) -> Result | None:
+        """The result for a file that is the imported one with exactly this decision
+        applied: an earlier attempt's write whose finish never came (its worker died
+        between renaming its batch's files and recording them). The row takes the file
+        as it is; anything else that changed the file is someone's edit (None)."""
+        if held.frontmatter is None:
+            return None  # an edit or change waited for the claim: not the import's content
+        imported = TaskBody.objects.filter(task_id=claim.id).values_list("text", flat=True)
+        body = imported.first() or ""
+        stem = Path(claim.path).stem
+        decision = decide_for(
+            held.frontmatter,
+            body,
+            stem,
+            lambda task_id: self.children.has_children(claim.queue, task_id or held.key),
+            self._rules(claim.queue),
+        )
+        if not (decision.set_keys or decision.link):
+            return None
+        doc = Document.parse(raw)
+        if applied(held.frontmatter, body, decision, doc.newline) != (doc.frontmatter, doc.body):
+            return None
+        data = {**decision.as_data(), "written_by_an_earlier_attempt": True}
+        if context.dry_run:
+            return Result(status=Status.DONE, outcome="skipped", data={**data, "dry_run": True})
+        result = Result(
+            status=Status.DONE,
+            outcome="closed" if decision.action == "close" else "success",
+            data=data,
+        )
+        row = _row_values(decision, doc)
+        self.adopted.append(
+            (_Write(claim, result, raw, file_identity(stat), stat.st_mode, row), stat)
+        )
+        return result
+
     def write_batch(self) -> None:
         """Write every file of the batch; a file that fails turns its result to blocked."""
+        adopted, self.adopted = self.adopted, []
+        _record_rows(adopted)
         if not self.pending:
             return
         pending, self.pending = self.pending, []

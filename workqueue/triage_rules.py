@@ -205,6 +205,24 @@ def insert_link(body: str, link: str, newline: str = "\n") -> str:
     return before + newline + line + newline + gap + after
 
 
+def decide_for(
+    fm: dict, body: str, stem: str, has_children: Callable[[str], bool], rules: Rules
+) -> Decision:
+    """The decision for a task file's frontmatter and body (`stem`: its file's name)."""
+    title = taskfile.text_field(fm, "title", 500) or stem
+    task_id = taskfile.text_field(fm, "id", 500)
+    kind = taskfile.text_field(fm, "type").lower()
+    children = kind in CONTAINER_TYPES and bool(has_children(task_id))
+    return decide(fm, body, title, children, rules)
+
+
+def applied(fm: dict, body: str, decision: Decision, newline: str) -> tuple[dict, str]:
+    """The frontmatter and body that `decision` leaves, as triage_bytes writes them."""
+    if decision.link:
+        body = insert_link(body, decision.link, newline)
+    return {**fm, **decision.set_keys}, body
+
+
 def triage_bytes(
     raw: bytes,
     stem: str,
@@ -218,12 +236,7 @@ def triage_bytes(
     `known`: the frontmatter already loaded from these bytes (see Document.parse).
     """
     doc = Document.parse(raw, known)
-    fm = doc.frontmatter
-    title = taskfile.text_field(fm, "title", 500) or stem
-    task_id = taskfile.text_field(fm, "id", 500)
-    kind = taskfile.text_field(fm, "type").lower()
-    children = kind in CONTAINER_TYPES and bool(has_children(task_id))
-    decision = decide(fm, doc.body, title, children, rules)
+    decision = decide_for(doc.frontmatter, doc.body, stem, has_children, rules)
     if decision.set_keys:
         doc.set_keys(decision.set_keys)
     if decision.link:
