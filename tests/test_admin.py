@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -394,3 +395,17 @@ def test_no_admin_form_answers_a_server_error_to_what_a_column_cannot_hold(admin
                 assert response.status_code == 200, (url, name, value)
                 assert name in response.context["adminform"].form.errors, (url, name, value)
     assert tried > 40
+
+
+def test_a_claimed_task_is_not_deleted_from_under_its_worker(admin_client):
+    queued, held = make_tasks("q", 2)
+    claim_with_lock(held, os.getpid())
+    assert admin_client.get(reverse("admin:queue_task_delete", args=[held.pk])).status_code == 403
+    selected = {"action": "delete_selected", "_selected_action": [queued.pk, held.pk]}
+    confirm = admin_client.post(CHANGELIST, selected)
+    assert confirm.status_code == 200
+    assert "Left 1 claimed task(s)" in confirm.content.decode()
+    response = admin_client.post(CHANGELIST, {**selected, "post": "yes"}, follow=True)
+    assert "Successfully deleted 1 task." in response.content.decode()
+    assert list(Task.objects.values_list("key", "status")) == [(held.key, Status.CLAIMED)]
+    assert locks.lock_dir(held.queue, held.key).is_dir()

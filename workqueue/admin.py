@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as delete_confirmed
 from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -79,11 +80,35 @@ class TaskAdmin(admin.ModelAdmin):
     )
     # Read-only: state through the actions (the transitions), the rest from the file.
     readonly_fields = SOURCE_FIELDS + CLAIM_FIELDS + RESULT_FIELDS
-    actions = ("requeue_tasks", "release_claims", "mark_done", "block_tasks", "release_stale")
+    actions = (
+        "requeue_tasks", "release_claims", "mark_done", "block_tasks", "release_stale",
+        "delete_selected",
+    )  # fmt: skip
     change_list_template = "admin/workqueue/task/change_list.html"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # a new task is a new file: the board's "New task" writes it
+
+    def has_delete_permission(self, request: HttpRequest, task: Task | None = None) -> bool:
+        # A worker's claim ends through the transitions (its agent first), not by deletion.
+        held = task is not None and task.status == Status.CLAIMED
+        return not held and super().has_delete_permission(request, task)
+
+    @admin.action(
+        description="Delete selected tasks' rows (their files stay; claimed tasks are left)",
+        permissions=["delete"],
+    )
+    def delete_selected(self, request: HttpRequest, queryset):
+        """Django's delete action (its confirmation page posts this name back) without
+        the claimed tasks."""
+        held = queryset.filter(status=Status.CLAIMED).count()
+        if held:
+            self.message_user(
+                request,
+                f"Left {held} claimed task(s): a worker holds them. Release them first.",
+                messages.WARNING,
+            )
+        return delete_confirmed(self, request, queryset.exclude(status=Status.CLAIMED))
 
     def save_model(self, request: HttpRequest, task: Task, form, change: bool) -> None:
         try:
