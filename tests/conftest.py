@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from django.core.cache import cache
-from django.db import connection
+from django.core.signals import request_started
+from django.db import connection, reset_queries
 
 from herds import processes
 from herds.models import HerdWorker
@@ -34,6 +35,21 @@ def empty_cache():
     """The board keeps versions and facets in the cache, keyed by filter: one test's must
     not be another's (the local-memory cache outlives a test's database)."""
     cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def whole_query_captures():
+    """Every statement of a request inside a CaptureQueriesContext is captured.
+
+    A request empties the query log as it starts (Django connects `reset_queries` to
+    `request_started`), and a capture slices the log from its length at the capture's
+    start: a capture after an earlier one missed that many of its request's first
+    statements, and one around two requests kept only the second's. Tests keep the log.
+    """
+    request_started.disconnect(reset_queries)
+    reset_queries()
+    yield
+    request_started.connect(reset_queries)
 
 
 @pytest.fixture(autouse=True)

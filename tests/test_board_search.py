@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, reset_queries
+from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -423,7 +423,6 @@ def test_pages_of_a_search_kept_in_a_table_are_in_board_order(viewer, monkeypatc
         .order_by("priority", "id")
         .values_list("id", flat=True)
     )
-    reset_queries()  # a request empties the log: what is captured counts from empty
     with CaptureQueriesContext(connection) as statements:
         response = viewer.get("/", {"q": "parser"})
     pages = {
@@ -455,7 +454,6 @@ def test_a_text_in_all_but_a_few_tasks_is_the_board_less_those_few(viewer, monke
     task("x2", title="other", status="done")
 
     def rendered(**filters):
-        reset_queries()  # a request empties the log: what is captured counts from empty
         with CaptureQueriesContext(connection) as statements:
             response = viewer.get("/", filters)
         return response, [q["sql"] for q in statements.captured_queries]
@@ -600,7 +598,6 @@ def test_two_characters_are_found_wherever_they_stand_in_any_case(viewer):
         expected = {
             key for key, texts in columns.items() if any(text.lower() in t.lower() for t in texts)
         }
-        reset_queries()
         with CaptureQueriesContext(connection) as statements:
             assert found(viewer, q=text) == expected, text
         if connection.vendor == "sqlite" and len(text) == 2:
@@ -619,7 +616,6 @@ def test_two_characters_that_begin_many_words_are_found_by_a_scan(viewer):
     for i in range(6):
         task(f"t{i}", title=f"abc abd abe {i}")
     task("none", title="a b")
-    reset_queries()
     with CaptureQueriesContext(connection) as statements:
         assert found(viewer, q="ab") == {f"t{i}" for i in range(6)}
     if connection.vendor == "sqlite":
@@ -633,7 +629,6 @@ def test_two_characters_without_the_index_vocabulary_are_found_by_a_scan(viewer)
     task("b-1", title="nothing")
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE queue_tasksearch_terms")
-    reset_queries()
     with CaptureQueriesContext(connection) as statements:
         assert found(viewer, q="ui") == {"a-1"}
     assert any("LIKE" in q["sql"] for q in statements.captured_queries)
