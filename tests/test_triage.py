@@ -592,6 +592,46 @@ def test_stamp_is_in_the_file_while_held_and_gone_when_done(queue_folder, monkey
     assert Task.objects.filter(status=Status.DONE).count() == 2
 
 
+def stamped_by_a_dead_worker(raw: bytes) -> bytes:
+    doc = Document.parse(raw)
+    doc.set_keys(
+        {"claimed_by": "host:4242", "herd": "7", "claimed_at": "2026-12-05T06:00:00+00:00"}
+    )
+    return doc.render()
+
+
+@pytest.mark.parametrize("stamp", [True, False])
+def test_a_dead_attempts_claim_stamp_is_taken_out_on_the_retry(queue_folder, stamp):
+    """A worker killed between stamping a file and the batch's write left its stamp: on
+    a queue that stamps, the retry triages the file as imported and the stamp goes. On a
+    queue that does not, such keys are someone's edit."""
+    originals = queue_folder({"b.md": NEEDS_WORK, "a.md": UNCHANGED}, stamp=stamp)
+    for name, raw in originals.items():
+        (queue_folder.folder / name).write_bytes(stamped_by_a_dead_worker(raw))
+    work()
+    statuses = dict(Task.objects.values_list("key", "status"))
+    if not stamp:
+        assert statuses == {"a": Status.BLOCKED, "b": Status.BLOCKED}
+        return
+    assert statuses == {"a": Status.DONE, "b": Status.DONE}
+    assert (queue_folder.folder / "a.md").read_bytes() == UNCHANGED.encode()
+    triaged, _, _ = triage_bytes(originals["b.md"], "b", lambda _: False, RULES)
+    assert (queue_folder.folder / "b.md").read_bytes() == triaged
+    again = Importer("inbox", roots=[queue_folder.folder]).run([queue_folder.folder])
+    assert (again.imported, again.updated) == (0, 0)
+
+
+def test_a_stamp_beside_a_persons_edit_is_still_refused(queue_folder):
+    originals = queue_folder({"b.md": NEEDS_WORK}, stamp=True)
+    path = queue_folder.folder / "b.md"
+    edited = stamped_by_a_dead_worker(originals["b.md"]) + b"A person adds a line.\n"
+    path.write_bytes(edited)
+    work()
+    task = Task.objects.get(key="b")
+    assert (task.status, task.reason) == (Status.BLOCKED, "changed on disk since claim")
+    assert path.read_bytes() == edited
+
+
 def test_one_event_per_transition_and_no_lock_left(queue_folder, lock_root):
     queue_folder({f"t{i}.md": NEEDS_WORK.replace("id: b", f"id: t{i}") for i in range(25)})
     work(prefetch=7)

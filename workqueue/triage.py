@@ -173,12 +173,15 @@ class TriageProcessor(Processor):
             adopted = self._earlier_attempts_write(claim, context, held, raw, stat)
             if adopted is not None:
                 return adopted
-            return Result(
-                status=Status.BLOCKED,
-                reason=CHANGED_ON_DISK,
-                evidence=f"{claim.path}: its content hash differs from the imported file",
-                next_step="re-import the folder, then requeue the task",
-            )
+            unstamped = self._without_a_dead_attempts_stamp(claim, held, raw)
+            if unstamped is None:
+                return Result(
+                    status=Status.BLOCKED,
+                    reason=CHANGED_ON_DISK,
+                    evidence=f"{claim.path}: its content hash differs from the imported file",
+                    next_step="re-import the folder, then requeue the task",
+                )
+            raw = unstamped  # decided on and written from as imported: the stamp goes
         new, decision, doc = triage_bytes(
             raw,
             Path(claim.path).stem,
@@ -244,6 +247,25 @@ class TriageProcessor(Processor):
             (_Write(claim, result, raw, file_identity(stat), stat.st_mode, row), stat)
         )
         return result
+
+    def _without_a_dead_attempts_stamp(
+        self, claim: Claim, held: _Held, raw: bytes
+    ) -> bytes | None:
+        """The file as imported, when it is the import with an earlier attempt's claim
+        stamp added (its worker died before the batch's write took the stamp out)."""
+        if held.frontmatter is None or not self._stamps(claim.queue):
+            return None
+        if any(key in held.frontmatter for key in STAMP_KEYS):
+            return None
+        doc = Document.parse(raw)
+        stamp = {key: None for key in STAMP_KEYS if key in doc.frontmatter}
+        if not stamp:
+            return None
+        doc.set_keys(stamp)
+        imported = TaskBody.objects.filter(task_id=claim.id).values_list("text", flat=True)
+        if (doc.frontmatter, doc.body) != (held.frontmatter, imported.first() or ""):
+            return None
+        return doc.render()
 
     def write_batch(self) -> None:
         """Write every file of the batch; a file that fails turns its result to blocked."""
