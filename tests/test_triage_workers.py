@@ -130,22 +130,28 @@ def test_a_herd_of_four_triages_every_file_exactly_once(huey_env, consumer, tmp_
     assert (again.unchanged, again.updated) == (FILES, 0)
 
 
+def triage_killed_by(folder: Path, count: int, script: str, env: dict) -> dict[str, bytes]:
+    """Import `count` tasks from a new folder, then run one batch of them through
+    tests/scripts/SCRIPT.py's triage, whose worker SIGKILLs itself; the files before."""
+    folder.mkdir()
+    task_folder(folder, count)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    report = Importer("q", roots=[folder]).run([folder])
+    assert (report.imported, report.errors) == (count, [])
+    died = run_manage(
+        ["work", "--queue", "q", "--prefetch", str(count)]
+        + ["--processor", f"tests.scripts.{script}.Triage"],
+        env,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    return before
+
+
 def test_the_reaper_removes_the_temporaries_a_killed_triage_worker_left(
     process_env, tmp_path, lock_root
 ):
     folder = tmp_path / "inbox"
-    folder.mkdir()
-    task_folder(folder, 5)
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    report = Importer("q", roots=[folder]).run([folder])
-    assert (report.imported, report.errors) == (5, [])
-
-    died = run_manage(
-        ["work", "--queue", "q", "--prefetch", "5"]
-        + ["--processor", "tests.scripts.killed_before_renames.Triage"],
-        process_env,
-    )
-    assert died.returncode == -signal.SIGKILL, died.stderr
+    before = triage_killed_by(folder, 5, "killed_before_renames", process_env)
     [pid] = set(Task.objects.values_list("holder_pid", flat=True))
     left = sorted(p.name for p in folder.glob(".*.tmp"))
     assert len(left) == 5
@@ -194,18 +200,7 @@ def test_a_triage_worker_killed_between_its_renames_and_its_finish_is_retried_cl
     """Its files hold exactly triage's decision and its rows do not say so yet: the retry
     records them as they are (before, each was blocked "changed on disk since claim")."""
     folder = tmp_path / "inbox"
-    folder.mkdir()
-    task_folder(folder, 100)
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    report = Importer("q", roots=[folder]).run([folder])
-    assert (report.imported, report.errors) == (100, [])
-
-    died = run_manage(
-        ["work", "--queue", "q", "--prefetch", "100"]
-        + ["--processor", "tests.scripts.killed_after_renames.Triage"],
-        process_env,
-    )
-    assert died.returncode == -signal.SIGKILL, died.stderr
+    before = triage_killed_by(folder, 100, "killed_after_renames", process_env)
     renamed = {p.name: p.read_bytes() for p in folder.glob("*.md")}
     changed = {name for name in renamed if renamed[name] != before[name]}
     assert len(changed) > 10 and not list(folder.glob(".*.tmp"))

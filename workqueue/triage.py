@@ -211,7 +211,7 @@ class TriageProcessor(Processor):
         return result
 
     def _earlier_attempts_write(
-        self, claim: Claim, context: WorkContext, held: _Held, raw: bytes, stat
+        self, claim: Claim, context: WorkContext, held: _Held, raw: bytes, stat: os.stat_result
     ) -> Result | None:
         """The result for a file that is the imported one with exactly this decision
         applied: an earlier attempt's write whose finish never came (its worker died
@@ -219,13 +219,11 @@ class TriageProcessor(Processor):
         as it is; anything else that changed the file is someone's edit (None)."""
         if held.frontmatter is None:
             return None  # an edit or change waited for the claim: not the import's content
-        imported = TaskBody.objects.filter(task_id=claim.id).values_list("text", flat=True)
-        body = imported.first() or ""
-        stem = Path(claim.path).stem
+        body = _imported_body(claim)
         decision = decide_for(
             held.frontmatter,
             body,
-            stem,
+            Path(claim.path).stem,
             lambda task_id: self.children.has_children(claim.queue, task_id or held.key),
             self._rules(claim.queue),
         )
@@ -262,8 +260,7 @@ class TriageProcessor(Processor):
         if not stamp:
             return None
         doc.set_keys(stamp)
-        imported = TaskBody.objects.filter(task_id=claim.id).values_list("text", flat=True)
-        if (doc.frontmatter, doc.body) != (held.frontmatter, imported.first() or ""):
+        if (doc.frontmatter, doc.body) != (held.frontmatter, _imported_body(claim)):
             return None
         return doc.render()
 
@@ -348,6 +345,11 @@ def _discarded(temporary: str | OSError, error: OSError) -> OSError:
     if isinstance(temporary, str):
         discard(temporary)
     return error
+
+
+def _imported_body(claim: Claim) -> str:
+    """The body the row holds (read only when a file differs from its import)."""
+    return TaskBody.objects.filter(task_id=claim.id).values_list("text", flat=True).first() or ""
 
 
 def _block(result: Result, reason: str) -> None:

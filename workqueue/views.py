@@ -682,8 +682,8 @@ def saved_view(request: HttpRequest) -> HttpResponse:
         messages.error(request, f"View not saved: {problems}")
         return redirect("board")
     name, query = form.cleaned_data["name"], form.cleaned_data["query"]
-    old = SavedView.objects.filter(user=request.user, name=name).values_list("query", flat=True)
-    old = old.first()
+    mine = SavedView.objects.filter(user=request.user, name=name)
+    old = mine.values_list("query", flat=True).first()
     SavedView.objects.update_or_create(user=request.user, name=name, defaults={"query": query})
     if old is None:
         messages.success(request, f"Saved the view {name!r}.")
