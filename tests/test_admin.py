@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.db import connection
+from django.db.models import deletion
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -24,7 +26,8 @@ from django.utils import timezone
 
 from herds.models import Profile
 from tests.conftest import make_tasks
-from workqueue import claims, locks
+from workqueue import claims, locks, transitions
+from workqueue.admin import TaskAdmin
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
@@ -405,6 +408,71 @@ def test_a_claimed_task_is_not_deleted_from_under_its_worker(admin_client):
     assert confirm.status_code == 200
     assert "Left 1 claimed task(s)" in confirm.content.decode()
     response = admin_client.post(CHANGELIST, {**selected, "post": "yes"}, follow=True)
-    assert "Successfully deleted 1 task." in response.content.decode()
+    assert "Deleted 1 task(s)." in response.content.decode()
     assert list(Task.objects.values_list("key", "status")) == [(held.key, Status.CLAIMED)]
     assert locks.lock_dir(held.queue, held.key).is_dir()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_landing_while_the_admin_deletes_is_never_deleted(admin_client, monkeypatch):
+    """A worker claims while the admin's delete runs (here: right after the rows to
+    delete are read): the claimed task keeps its row, or the claim finds nothing."""
+    tasks = make_tasks("q", 3)
+    claimed, workers = [], []
+
+    def worker_claims():
+        try:
+            claimed.extend(transitions.claim("q", Identity.current("w-race"), 3, 300))
+        finally:
+            connection.close()
+
+    read_rows = deletion.Collector.collect
+
+    def collect_then_a_worker_claims(collector, objs, *args, **kwargs):
+        read_rows(collector, objs, *args, **kwargs)
+        # The delete's own reading of the rows, not the confirmation page's (a subclass).
+        if type(collector) is deletion.Collector and getattr(objs, "model", None) is Task:
+            workers.append(threading.Thread(target=worker_claims))
+            workers[-1].start()
+            workers[-1].join(timeout=2)  # it may wait for the delete's write lock
+
+    monkeypatch.setattr(deletion.Collector, "collect", collect_then_a_worker_claims)
+    selected = {"action": "delete_selected", "_selected_action": [t.pk for t in tasks]}
+    response = admin_client.post(CHANGELIST, {**selected, "post": "yes"}, follow=True)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert workers
+    assert response.status_code == 200
+    held = {c.id for c in claimed}
+    assert set(Task.objects.values_list("pk", flat=True)) == held
+    assert set(Task.objects.filter(status=Status.CLAIMED).values_list("pk", flat=True)) == held
+    logged = LogEntry.objects.filter(action_flag=3).values_list("object_id", flat=True)
+    assert sorted(int(i) for i in logged) == sorted({t.pk for t in tasks} - held)
+
+
+def test_a_task_claimed_before_its_delete_page_is_confirmed_is_kept(admin_client, monkeypatch):
+    (task,) = make_tasks("q", 1)
+    url = reverse("admin:queue_task_delete", args=[task.pk])
+    assert admin_client.get(url).status_code == 200
+    delete_model = TaskAdmin.delete_model
+
+    def claimed_first(admin, request, obj):
+        claim_with_lock(obj, os.getpid())
+        delete_model(admin, request, obj)
+
+    monkeypatch.setattr(TaskAdmin, "delete_model", claimed_first)
+    response = admin_client.post(url, {"post": "yes"}, follow=True)
+    assert response.redirect_chain[-1][0] == reverse("admin:queue_task_change", args=[task.pk])
+    assert "claimed by a worker meanwhile and were not deleted" in response.content.decode()
+    assert Task.objects.get(pk=task.pk).status == Status.CLAIMED
+    assert not LogEntry.objects.filter(action_flag=3).exists()
+
+
+def test_the_delete_action_says_how_many_it_deleted_and_logs_each(admin_client):
+    tasks = make_tasks("q", 3)
+    selected = {"action": "delete_selected", "_selected_action": [t.pk for t in tasks[:2]]}
+    response = admin_client.post(CHANGELIST, {**selected, "post": "yes"}, follow=True)
+    assert "Deleted 2 task(s)." in response.content.decode()
+    assert list(Task.objects.values_list("pk", flat=True)) == [tasks[2].pk]
+    logged = LogEntry.objects.filter(action_flag=3).values_list("object_id", flat=True)
+    assert sorted(int(i) for i in logged) == sorted(t.pk for t in tasks[:2])

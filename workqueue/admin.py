@@ -10,6 +10,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from hypervisor_site.writers import write_transaction
 from workqueue import actions as task_actions
 from workqueue import editing, reaper
 from workqueue.editing import FIELDS
@@ -100,7 +101,7 @@ class TaskAdmin(admin.ModelAdmin):
     )
     def delete_selected(self, request: HttpRequest, queryset):
         """Django's delete action (its confirmation page posts this name back) without
-        the claimed tasks."""
+        the claimed tasks, and a confirmed delete through `delete_tasks`."""
         held = queryset.filter(status=Status.CLAIMED).count()
         if held:
             self.message_user(
@@ -108,7 +109,46 @@ class TaskAdmin(admin.ModelAdmin):
                 f"Left {held} claimed task(s): a worker holds them. Release them first.",
                 messages.WARNING,
             )
-        return delete_confirmed(self, request, queryset.exclude(status=Status.CLAIMED))
+        unheld = queryset.exclude(status=Status.CLAIMED)
+        _, _, perms_needed, protected = self.get_deleted_objects(unheld, request)
+        if not request.POST.get("post") or perms_needed or protected:
+            return delete_confirmed(self, request, unheld)  # its page, or its refusal
+        wanted = unheld.count()
+        deleted = self.delete_tasks(request, unheld)
+        self.message_user(request, f"Deleted {deleted} task(s).", messages.SUCCESS)
+        if deleted < wanted:
+            self.message_user(request, self.claimed_meanwhile(wanted - deleted), messages.WARNING)
+        return None
+
+    def delete_tasks(self, request: HttpRequest, tasks) -> int:
+        """Read and delete the rows in one write, the claimed left out, so a worker's
+        claim cannot land between the rows read and the rows deleted (PostgreSQL: the
+        rows are locked, and a claim passes over locked rows). Logs what it deleted."""
+        with write_transaction():
+            ids = list(
+                tasks.exclude(status=Status.CLAIMED)
+                .select_for_update(of=("self",))
+                .values_list("pk", flat=True)
+            )
+            super().log_deletions(request, Task.objects.filter(pk__in=ids))
+            Task.objects.filter(pk__in=ids).delete()
+        return len(ids)
+
+    def claimed_meanwhile(self, count: int) -> str:
+        return f"{count} task(s) were claimed by a worker meanwhile and were not deleted."
+
+    def log_deletions(self, request: HttpRequest, queryset) -> None:
+        pass  # delete_tasks logs, in its write, what it deleted
+
+    def delete_model(self, request: HttpRequest, task: Task) -> None:
+        if not self.delete_tasks(request, Task.objects.filter(pk=task.pk)):
+            request.task_not_deleted = self.claimed_meanwhile(1)
+
+    def response_delete(self, request: HttpRequest, obj_display: str, obj_id) -> HttpResponse:
+        if hasattr(request, "task_not_deleted"):
+            self.message_user(request, request.task_not_deleted, messages.ERROR)
+            return HttpResponseRedirect(reverse("admin:queue_task_change", args=[obj_id]))
+        return super().response_delete(request, obj_display, obj_id)
 
     def save_model(self, request: HttpRequest, task: Task, form, change: bool) -> None:
         try:
