@@ -375,6 +375,23 @@ def test_command_result_conventions(lock_root, tmp_path):
     assert interpret(75, "", "", "t1").status == Status.QUEUED
 
 
+def test_a_task_a_command_gives_back_is_not_claimed_again_by_the_same_worker(
+    process_env, lock_root
+):
+    """Exit 75 put the task back at the head of the claim order, and the worker that gave it
+    back claimed it again at once, for ever (40,000 attempts in four minutes by hand)."""
+    make_tasks("q", 3)
+    script = "import sys; sys.exit(75 if sys.argv[1] == 't000001' else 0)"
+    argv = ["work", "--queue", "q", "--processor", "command", "--json", "--"]
+    result = run_manage([*argv, sys.executable, "-c", script, "{key}"], process_env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["released"] == 1
+    given_back = Task.objects.get(key="t000001")
+    assert (given_back.status, given_back.attempts) == (Status.QUEUED, 1)
+    assert given_back.events.filter(kind=EventKind.CLAIMED).count() == 1
+    assert Task.objects.filter(status=Status.DONE).count() == 2
+
+
 def test_forked_workers_share_the_queue_exactly_once(process_env, lock_root):
     make_tasks("q", 600)
     result = run_manage(

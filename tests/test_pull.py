@@ -123,6 +123,20 @@ def test_release_task_gives_it_back_untouched_lock_and_all():
     assert session("b").call("claim_next_task")["success"] is True
 
 
+def test_a_released_task_goes_to_another_session_not_back_to_the_one_that_released_it():
+    """It stays at the head of the claim order: the releasing agent was handed it again."""
+    make_tasks("q", 2)
+    agent = session("a")
+    first = agent.call("claim_next_task")["task"]["id"]
+    released = agent.call("release_task", {"id": first})
+    assert released["message"].endswith("this session is not given it again")
+    second = agent.call("claim_next_task")["task"]["id"]
+    assert second != first
+    agent.call("complete_task", {"id": second})
+    assert agent.call("claim_next_task")["success"] is False
+    assert session("b").call("claim_next_task")["task"]["id"] == first
+
+
 def test_a_task_held_by_another_session_is_refused_with_who_holds_it():
     make_tasks("q", 1)
     first, second = session("polecat-1"), session("polecat-2")

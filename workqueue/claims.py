@@ -7,6 +7,7 @@ few bulk statements, never an ORM call per task.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from workqueue import locks, transitions
@@ -19,6 +20,13 @@ log = logging.getLogger(__name__)
 
 BUSY_RETRY_SECONDS = 30.0  # a task whose lock an outside process holds is tried again after
 BUSY_ROUNDS = 8  # claims in a row that may find only busy tasks before the worker gives up
+
+
+def pass_over(busy: dict[int, float], task_id: int) -> None:
+    """Never claim this task again in this run: it was given back (a command's exit 75, an
+    agent's release), so it is another worker's to try. It keeps its place at the head of
+    the claim order, so the next claim would otherwise take it straight back, for ever."""
+    busy[task_id] = math.inf
 
 
 def claim_ready_tasks(

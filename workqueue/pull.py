@@ -380,7 +380,9 @@ class PullSession:
         if claim.id not in released:
             return self._lost(claim)
         self.released += 1
-        return answer(True, f"released {task.key}: back in the queue, untouched")
+        claims.pass_over(self.busy, claim.id)  # an HTTP session's lasts this request only
+        again = "" if self.stateless else "; this session is not given it again"
+        return answer(True, f"released {task.key}: back in the queue, untouched{again}")
 
     def create_task(
         self,

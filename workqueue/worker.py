@@ -95,7 +95,9 @@ class Worker:
         self.context = WorkContext(
             self.identity.worker, lambda: self.stop_requested, dry_run, self._agent_started
         )
-        self.busy: dict[int, float] = {}  # tasks whose lock an outside process holds
+        # Tasks to pass over: an outside process holds their lock, or this worker gave
+        # them back.
+        self.busy: dict[int, float] = {}
         # The claims held now, by task id: what the heartbeat renews.
         self.held: dict[int, Claim] = {}
         self._held_lock = threading.Lock()
@@ -244,6 +246,7 @@ class Worker:
                 self.stats.blocked += 1
             else:
                 self.stats.released += 1
+                claims.pass_over(self.busy, claim.id)
                 if result.data.get("quota"):
                     # Every other task would hit the same limit: stop claiming.
                     self.stop(result.reason)
