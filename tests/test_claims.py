@@ -361,11 +361,14 @@ def test_command_result_conventions(lock_root, tmp_path):
     from workqueue.processors import interpret
 
     blocked = interpret(0, "thinking\nBLOCKED: t1\nReason: needs a key\nNext: ask ops\n", "", "t1")
-    assert (blocked.status, blocked.reason, blocked.next_step) == (
+    assert (blocked.status, blocked.outcome, blocked.reason, blocked.next_step) == (
         Status.BLOCKED,
+        "",  # a clean exit's "success" was kept on a blocked task
         "needs a key",
         "ask ops",
     )
+    said_blocked = interpret(0, '{"status": "blocked", "reason": "no key"}', "", "t1")
+    assert (said_blocked.status, said_blocked.outcome) == (Status.BLOCKED, "")
     done = interpret(
         0, 'x\n{"status": "done", "outcome": "ok", "tokens": 12, "commit": "ab"}', "", "t1"
     )

@@ -461,6 +461,7 @@ def read_agent_lines(result: Result, text: str) -> None:
     following = NEXT_LINE.search(after)
     if last.group(1) == "BLOCKED":
         result.status = Status.BLOCKED
+        result.outcome = ""  # not the clean exit's "success"
         result.reason = reason.group(1).strip() if reason else "the agent reported BLOCKED"
     else:
         result.status = Status.DONE

@@ -73,6 +73,7 @@ def read_json_line(result: Result, stdout: str) -> None:
         result.reason = ""
     elif status == Status.BLOCKED:
         result.status = Status.BLOCKED
+        result.outcome = ""  # not the clean exit's "success", unless the line gives one
     for name, attr in (
         ("outcome", "outcome"),
         ("reason", "reason"),
