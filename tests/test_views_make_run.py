@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import time
@@ -9,7 +10,9 @@ import urllib.request
 
 import psutil
 import pytest
+from django.conf import global_settings
 from django.contrib.auth import get_user_model
+from django.test import override_settings
 
 from tests.conftest import run_manage, start_manage
 from workqueue.models import Task
@@ -27,14 +30,32 @@ def test_setup_creates_one_admin_and_imports_examples_once(process_env):
     first = run_manage(["start", "--setup-only"], process_env)
     assert first.returncode == 0, first.stderr
     assert list(get_user_model().objects.values_list("username", flat=True)) == ["admin"]
+    # Shown once, here: no later start can show it (it was made and never shown).
+    password = re.search(r"log in as admin with password (\S+)", first.stdout).group(1)
+    with override_settings(PASSWORD_HASHERS=global_settings.PASSWORD_HASHERS):
+        assert get_user_model().objects.get().check_password(password)  # the real hashers'
     imported = Task.objects.filter(queue="examples").count()
     assert imported >= 5
     Task.objects.filter(queue="examples").delete()
     again = run_manage(["start", "--setup-only"], process_env)
     assert again.returncode == 0, again.stderr
     assert get_user_model().objects.count() == 1
+    assert "password" not in again.stdout
     # Deleted examples stay deleted: the import happens on the first start only.
     assert Task.objects.filter(queue="examples").count() == 0
+
+
+def test_examples_outside_the_import_roots_are_not_imported_on_a_first_start(
+    process_env, tmp_path
+):
+    """HYPERVISOR_IMPORT_ROOTS set empty ("none") or elsewhere: the board could not write
+    the examples' files, and the person chose their own folders."""
+    for roots in ("", str(tmp_path)):
+        setup = run_manage(
+            ["start", "--setup-only"], {**process_env, "HYPERVISOR_IMPORT_ROOTS": roots}
+        )
+        assert setup.returncode == 0, setup.stderr
+        assert not Task.objects.exists()
 
 
 def test_start_serves_and_ctrl_c_stops_web_server_and_huey(process_env):

@@ -39,6 +39,8 @@ class Command(BaseCommand):
         login = self.first_start_login()
         self.import_examples_once()
         if options["setup_only"]:
+            if login:  # shown once: no later start can show it
+                self.stdout.write(self.first_start_words(login))
             return
         self.serve(options["addr"], login)
 
@@ -55,22 +57,29 @@ class Command(BaseCommand):
         marker = Path(settings.HYPERVISOR_DATA_DIR) / ".examples-imported"
         if marker.exists() or not EXAMPLES.is_dir():
             return
+        roots = [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
+        if not any(EXAMPLES.resolve().is_relative_to(root) for root in roots):
+            return  # HYPERVISOR_IMPORT_ROOTS leaves the examples out: the board could not
+            # write their files, and the person chose other folders
         call_command("import_tasks", str(EXAMPLES), queue="examples", stdout=self.stdout)
         marker.write_text("examples/inbox was imported into queue 'examples' on first start\n")
 
     def say_where_to_log_in(self, addr: str, login: tuple[str, str] | None) -> None:
         self.stdout.write(self.style.SUCCESS(f"\nHypervisor is running at http://{addr}/"))
         if login:
-            self.stdout.write(
-                f"First start: log in as {login[0]} with password {login[1]}\n"
-                "(shown once; change it with `python manage.py changepassword admin`)"
-            )
+            self.stdout.write(self.first_start_words(login))
         else:
             self.stdout.write(
                 "Log in with your account (lost the admin password? "
                 "`python manage.py changepassword admin`)"
             )
         self.stdout.write("Press Ctrl-C to stop the web server and the Huey consumer.\n")
+
+    def first_start_words(self, login: tuple[str, str]) -> str:
+        return (
+            f"First start: log in as {login[0]} with password {login[1]}\n"
+            "(shown once; change it with `python manage.py changepassword admin`)"
+        )
 
     def serve(self, addr: str, login: tuple[str, str] | None) -> None:
         python = sys.executable
