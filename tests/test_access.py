@@ -134,11 +134,26 @@ def test_htmx_refusals_are_sentences_the_board_can_show(client, django_user_mode
     denied = client.post("/bulk/", {"action": "close", "ids": "1"}, **htmx)
     assert (denied.status_code, denied["Content-Type"]) == (403, "text/plain; charset=utf-8")
     assert "does not have the permission" in denied.content.decode()
-    # Without htmx, Django's pages as before.
-    assert b"<h1>Not Found</h1>" in client.get("/tasks/999999/").content
-    assert (
-        b"<h1>403 Forbidden</h1>" in client.post("/bulk/", {"action": "close", "ids": "1"}).content
+    # Without htmx, pages that say what happened (Django's said only "403 Forbidden").
+    gone_page = client.get("/tasks/999999/")
+    assert gone_page.status_code == 404
+    assert "Nothing is at <code>/tasks/999999/</code>" in gone_page.content.decode()
+    denied_page = client.post("/bulk/", {"action": "close", "ids": "1"})
+    assert denied_page.status_code == 403
+    assert "Your account <strong>viewer</strong> does not have the permission" in (
+        denied_page.content.decode()
     )
+
+
+@pytest.mark.django_db
+def test_an_account_without_the_boards_permission_is_told_which_it_needs(
+    client, django_user_model
+):
+    client.force_login(django_user_model.objects.create_user("newcomer", password="pw-new-123"))
+    page = client.get("/")
+    assert page.status_code == 403
+    assert "the board needs <em>queue | task | Can view task</em>" in page.content.decode()
+    assert 'action="/logout/"' in page.content.decode()  # a way out, to log in as another
 
 
 @pytest.mark.django_db
