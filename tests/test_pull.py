@@ -64,6 +64,17 @@ def test_an_empty_queue_says_queue_empty_and_why():
     assert "1 claimed, 1 waiting on dependencies" in answer["message"]
 
 
+def test_a_mistyped_queue_is_named_not_taken_for_a_finished_one():
+    """Over HTTP the queue is the URL's `?queue=`: a typo read as an empty queue, and the
+    agent stopped as if its work were done."""
+    make_tasks("inbox", 1)
+    answer = session("a", queue="inbx").call("claim_next_task")
+    assert answer["message"] == (
+        f"{QUEUE_EMPTY}: no task is in a queue named 'inbx' (queues: inbox): check the queue "
+        "this agent was given; stop here"
+    )
+
+
 def test_filters_and_project_narrow_the_claim():
     make_tasks("q", 2)
     Task.objects.filter(key="t000001").update(project="web", complexity="mechanical")

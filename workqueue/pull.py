@@ -41,7 +41,7 @@ from workqueue.authoring import NEW_TASK_FIELDS, AuthoringError, create_task_fil
 from workqueue.dependencies import STUCK_LISTED, in_words, stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
-from workqueue.models import Status, Task
+from workqueue.models import Queue, Status, Task
 from workqueue.processors import Claim, Result
 from workqueue.routing import FilterError, TaskFilter, field_is
 
@@ -534,6 +534,9 @@ class PullSession:
         )
 
     def _why_empty(self, routing: TaskFilter) -> str:
+        missing = Queue.objects.missing(self.queue)
+        if missing:  # a mistyped queue in the agent's settings is not a finished queue
+            return f"{missing}: check the queue this agent was given; stop here"
         tasks = Task.objects.filter(queue=self.queue)
         ready = tasks.ready().count()
         if routing and ready:
