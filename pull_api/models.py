@@ -14,6 +14,7 @@ from django.db import models
 from django.utils import timezone
 
 from workqueue.locks import Identity
+from workqueue.models import HTTP_HOST
 
 PREFIX = "hv_"
 NAME = RegexValidator(
@@ -95,7 +96,7 @@ class ApiToken(models.Model):
         pid = os.getpid()
         return Identity(
             worker=self.worker_name,
-            host=f"http:{settings.HYPERVISOR_HOST}",
+            host=f"{HTTP_HOST}{settings.HYPERVISOR_HOST}",
             pid=pid,
             started=psutil.Process(pid).create_time(),
         )

@@ -17,6 +17,7 @@ from tests.conftest import make_tasks
 from tests.mcp_client import call, http_session, in_thread, run
 from workqueue import locks, reaper
 from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.pull import describe_holder
 
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -230,6 +231,12 @@ def test_http_claims_live_by_lease_not_by_the_web_process_pid(client):
     response = post_json_rpc(client, CLAIM)
     assert response.status_code == 200
     row = Task.objects.get()
+    # Shown without the web process's pid, which means nothing to whoever reads it.
+    assert describe_holder(row) == f"{row.holder} (over HTTP, until its lease runs out)"
+    client.force_login(person("watcher", "view_task"))
+    for url in ("/", f"/tasks/{row.pk}/"):
+        holder = re.search(r"eld by (.*?) (·|since)", client.get(url).content.decode())
+        assert holder.group(1) == f"{row.holder} on {row.holder_host}"  # and no pid
     # Its lease is the HTTP one, and a dead pid (the web worker recycled) does not reap it.
     assert (row.lease_expires_at - timezone.now()).total_seconds() > 1700
     Task.objects.update(holder_pid=2**22 + 12345)

@@ -27,6 +27,7 @@ from workqueue.routing import TEXT_FIELDS
 # measured again when the table's size moved by this factor since.
 STATISTICS_FLOOR = 1000
 STATISTICS_DRIFT = 1.25
+HTTP_HOST = "http:"  # marks the host of a claim made over HTTP (pull_api)
 
 
 class Status(models.TextChoices):
@@ -542,6 +543,12 @@ class Task(models.Model):
             and self.holder_pid is None
             and self.lease_expires_at is None
         )
+
+    @property
+    def holder_process(self) -> int | None:
+        """The pid worth showing: a claim over HTTP (/mcp/) lives by its lease, and its pid
+        is only that of the web process that served the request."""
+        return None if self.holder_host.startswith(HTTP_HOST) else self.holder_pid
 
     @property
     def lease_left(self) -> timedelta | None:
