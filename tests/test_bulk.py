@@ -202,6 +202,27 @@ def test_a_view_only_person_gets_403_and_sees_no_bulk_controls(client, django_us
     assert snapshot(inbox, tasks) == before
 
 
+def test_the_board_offers_the_latest_actions_undo_again_after_a_reload(
+    client, django_user_model, alice, inbox
+):
+    """The Undo button came only with the action's answer: a reload lost it."""
+    tasks = inbox(2)
+    post(alice, "assign", "bot", tasks)
+    action = BulkAction.objects.get()
+    undo = f'action="/bulk/{action.pk}/undo/"'
+    assert undo in alice.get("/").content.decode()
+    client.force_login(user_with(django_user_model, "carol", "view_task", "change_task"))
+    assert "/undo/" not in client.get("/").content.decode()  # not another person's
+    client.force_login(django_user_model.objects.get(username="alice"))
+    BulkAction.objects.filter(pk=action.pk).update(
+        finished_at=timezone.now() - bulk.UNDO_OFFERED - timedelta(seconds=1)
+    )
+    assert "/undo/" not in client.get("/").content.decode()  # offered for an hour
+    BulkAction.objects.filter(pk=action.pk).update(finished_at=timezone.now())
+    client.post(f"/bulk/{action.pk}/undo/", HTTP_HX_REQUEST="true")
+    assert "/undo/" not in client.get("/").content.decode()  # once
+
+
 def test_another_persons_action_cannot_be_undone(client, django_user_model, alice, inbox):
     tasks = inbox(2)
     post(alice, "assign", "bot", tasks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
@@ -39,6 +40,7 @@ FIELD_OF = {
 }
 INLINE_LIMIT = 25  # at most this many tasks are done in the request itself
 SKIPPED_KEPT = 1000  # skipped tasks listed on the action; the count is always whole
+UNDO_OFFERED = timedelta(hours=1)  # the board offers a finished action's Undo this long
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,14 @@ def can_undo(bulk: BulkAction, user) -> bool:
         return False
     latest = BulkAction.objects.filter(user=user).exclude(action="undo").first()
     return latest == bulk and bulk.changes.exists()
+
+
+def offered_undo(user) -> BulkAction | None:
+    """The person's latest action while it can be undone and ended within UNDO_OFFERED: the
+    board offers its Undo again after a reload."""
+    latest = BulkAction.objects.filter(user=user).exclude(action="undo").first()
+    recent = latest and latest.finished_at and timezone.now() - latest.finished_at < UNDO_OFFERED
+    return latest if recent and can_undo(latest, user) else None
 
 
 def dispatch(bulk: BulkAction) -> None:

@@ -217,6 +217,7 @@ def _board_context(
             can_triage=request.user.has_perms([CHANGE, LAUNCH]),
             can_add=request.user.has_perm("queue.add_task"),
             new_task_form=NewTaskForm(initial={"queue": form.cleaned_data.get("queue")}),
+            last_bulk=bulk.offered_undo(request.user) if context["can_change"] else None,
         )
     return context
 
