@@ -110,15 +110,17 @@ class TaskAdmin(admin.ModelAdmin):
                 messages.WARNING,
             )
         unheld = queryset.exclude(status=Status.CLAIMED)
-        _, _, perms_needed, protected = self.get_deleted_objects(unheld, request)
-        if not request.POST.get("post") or perms_needed or protected:
-            return delete_confirmed(self, request, unheld)  # its page, or its refusal
-        wanted = unheld.count()
-        deleted = self.delete_tasks(request, unheld)
-        self.message_user(request, f"Deleted {deleted} task(s).", messages.SUCCESS)
-        if deleted < wanted:
-            self.message_user(request, self.claimed_meanwhile(wanted - deleted), messages.WARNING)
-        return None
+        if request.POST.get("post"):  # confirmed
+            _, _, perms_needed, protected = self.get_deleted_objects(unheld, request)
+            if not (perms_needed or protected):
+                wanted = unheld.count()
+                deleted = self.delete_tasks(request, unheld)
+                self.message_user(request, f"Deleted {deleted} task(s).", messages.SUCCESS)
+                if deleted < wanted:
+                    missed = self.claimed_meanwhile(wanted - deleted)
+                    self.message_user(request, missed, messages.WARNING)
+                return None
+        return delete_confirmed(self, request, unheld)  # its page, or its refusal
 
     def delete_tasks(self, request: HttpRequest, tasks) -> int:
         """Read and delete the rows in one write, the claimed left out, so a worker's
