@@ -18,12 +18,11 @@ import os
 import re
 from pathlib import Path
 
-from django.conf import settings
 from django.db.models import Count
 from django.utils.text import slugify
 
 from workqueue.editing import EditError, validate
-from workqueue.importer import Importer
+from workqueue.importer import Importer, configured_roots, inside
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
 from workqueue.names import validate_queue_name
 from workqueue.writeback import discard, write_temporary, yaml_value
@@ -107,8 +106,8 @@ def queue_folder(queue: str) -> Path:
             {"queue": f"{queue!r} has no folder yet: import a folder into it, or set one"}
         )
     real = Path(folder).resolve()
-    roots = [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
-    if not any(real == root or real.is_relative_to(root) for root in roots):
+    roots = configured_roots()
+    if not inside(real, roots):
         named = ", ".join(str(root) for root in roots) or "none"
         raise AuthoringError(
             {

@@ -115,20 +115,25 @@ def start_undo(user, original: BulkAction) -> BulkAction:
 
 def can_undo(bulk: BulkAction, user) -> bool:
     """The person's own latest action, finished, with changes, not undone yet."""
-    if bulk.action == "undo" or bulk.status != BulkStatus.DONE or bulk.user_id != user.pk:
-        return False
-    if BulkAction.objects.filter(undo_of=bulk).exists():
-        return False
-    latest = BulkAction.objects.filter(user=user).exclude(action="undo").first()
-    return latest == bulk and bulk.changes.exists()
+    return bulk == _latest(user) and _undoable(bulk, user)
 
 
 def offered_undo(user) -> BulkAction | None:
     """The person's latest action while it can be undone and ended within UNDO_OFFERED: the
     board offers its Undo again after a reload."""
-    latest = BulkAction.objects.filter(user=user).exclude(action="undo").first()
+    latest = _latest(user)
     recent = latest and latest.finished_at and timezone.now() - latest.finished_at < UNDO_OFFERED
-    return latest if recent and can_undo(latest, user) else None
+    return latest if recent and _undoable(latest, user) else None
+
+
+def _latest(user) -> BulkAction | None:
+    return BulkAction.objects.filter(user=user).exclude(action="undo").first()
+
+
+def _undoable(bulk: BulkAction, user) -> bool:
+    if bulk.action == "undo" or bulk.status != BulkStatus.DONE or bulk.user_id != user.pk:
+        return False
+    return not BulkAction.objects.filter(undo_of=bulk).exists() and bulk.changes.exists()
 
 
 def dispatch(bulk: BulkAction) -> None:

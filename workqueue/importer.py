@@ -82,11 +82,21 @@ class _Source:
     base: Path  # the root the key is relative to
 
 
+def configured_roots() -> list[Path]:
+    """HYPERVISOR_IMPORT_ROOTS, resolved: where imports read and "New task" writes."""
+    return [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
+
+
+def inside(real: Path, roots: list[Path]) -> bool:
+    """`real` (resolved) is one of `roots` or below one."""
+    return any(real.is_relative_to(root) for root in roots)
+
+
 class Importer:
     def __init__(self, queue: str, roots: list[Path] | None = None, progress: bool = False):
         validate_queue_name(queue)
         self.queue = queue
-        self.configured = [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
+        self.configured = configured_roots()
         self.roots = self.configured + [Path(r).resolve() for r in roots or []]
         self.progress = progress
         self.report = ImportReport()
@@ -240,8 +250,7 @@ class Importer:
         return sources
 
     def _inside(self, real: Path, extra_root: Path | None = None) -> bool:
-        roots = self.roots + ([extra_root] if extra_root else [])
-        return any(real == root or real.is_relative_to(root) for root in roots)
+        return inside(real, self.roots + ([extra_root] if extra_root else []))
 
     def _base_for(self, real: Path, extra_root: Path | None = None) -> Path | None:
         # The configured root, when there is one, keeps keys stable whichever folder

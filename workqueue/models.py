@@ -545,10 +545,15 @@ class Task(models.Model):
         )
 
     @property
+    def held_over_http(self) -> bool:
+        """Claimed through /mcp/: the claim lives by its lease, and its pid is only that of
+        the web process that served the request."""
+        return self.holder_host.startswith(HTTP_HOST)
+
+    @property
     def holder_process(self) -> int | None:
-        """The pid worth showing: a claim over HTTP (/mcp/) lives by its lease, and its pid
-        is only that of the web process that served the request."""
-        return None if self.holder_host.startswith(HTTP_HOST) else self.holder_pid
+        """The pid worth showing."""
+        return None if self.held_over_http else self.holder_pid
 
     @property
     def lease_left(self) -> timedelta | None:

@@ -41,7 +41,7 @@ from workqueue.authoring import NEW_TASK_FIELDS, AuthoringError, create_task_fil
 from workqueue.dependencies import STUCK_LISTED, in_words, stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
-from workqueue.models import HTTP_HOST, Queue, Status, Task
+from workqueue.models import Queue, Status, Task
 from workqueue.processors import Claim, Result
 from workqueue.routing import FilterError, TaskFilter, field_is
 
@@ -628,7 +628,7 @@ class PullSession:
 
 
 def describe_holder(task: Task) -> str:
-    if task.holder_host.startswith(HTTP_HOST):
+    if task.held_over_http:
         return f"{task.holder} (over HTTP, until its lease runs out)"
     where = f"pid {task.holder_pid} on {task.holder_host}" if task.holder_pid else "outside"
     return f"{task.holder} ({where})"

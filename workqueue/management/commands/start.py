@@ -15,6 +15,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from workqueue.importer import configured_roots, inside
+
 EXAMPLES = Path(settings.BASE_DIR) / "examples" / "inbox"
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
 
@@ -57,8 +59,7 @@ class Command(BaseCommand):
         marker = Path(settings.HYPERVISOR_DATA_DIR) / ".examples-imported"
         if marker.exists() or not EXAMPLES.is_dir():
             return
-        roots = [Path(r).resolve() for r in settings.HYPERVISOR_IMPORT_ROOTS]
-        if not any(EXAMPLES.resolve().is_relative_to(root) for root in roots):
+        if not inside(EXAMPLES.resolve(), configured_roots()):
             return  # HYPERVISOR_IMPORT_ROOTS leaves the examples out: the board could not
             # write their files, and the person chose other folders
         call_command("import_tasks", str(EXAMPLES), queue="examples", stdout=self.stdout)
