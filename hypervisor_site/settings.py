@@ -39,6 +39,9 @@ HYPERVISOR_IMPORT_ROOTS = (
     if "HYPERVISOR_IMPORT_ROOTS" in os.environ
     else [(BASE_DIR / "examples").resolve()]
 )
+# The consumer reads each queue's folder (inside the import roots) again every minute, so
+# files written or edited by hand or by other tools reach the board: 0 turns it off.
+HYPERVISOR_SYNC_FOLDERS = envbool("HYPERVISOR_SYNC_FOLDERS", True)
 HYPERVISOR_MAX_FILE_BYTES = envint("HYPERVISOR_MAX_FILE_BYTES", 1024 * 1024, minimum=1)
 # A browser sends a form percent-encoded, up to three bytes for each byte of a file's
 # text: the editor must be able to send back any file the import took.

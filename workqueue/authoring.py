@@ -22,7 +22,7 @@ from django.db.models import Count
 from django.utils.text import slugify
 
 from workqueue.editing import EditError, validate
-from workqueue.importer import Importer, configured_roots, inside
+from workqueue.importer import Importer, ImportRefused, folder_inside_roots
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
 from workqueue.names import validate_queue_name
 from workqueue.writeback import discard, write_temporary, yaml_value
@@ -105,19 +105,10 @@ def queue_folder(queue: str) -> Path:
         raise AuthoringError(
             {"queue": f"{queue!r} has no folder yet: import a folder into it, or set one"}
         )
-    real = Path(folder).resolve()
-    roots = configured_roots()
-    if not inside(real, roots):
-        named = ", ".join(str(root) for root in roots) or "none"
-        raise AuthoringError(
-            {
-                "folder": f"{folder} is outside the import roots (HYPERVISOR_IMPORT_ROOTS: "
-                f"{named}); add it there to write new tasks into it"
-            }
-        )
-    if not real.is_dir():
-        raise AuthoringError({"folder": f"{folder} is not a folder"})
-    return real
+    try:
+        return folder_inside_roots(folder, "to write new tasks into it")
+    except ImportRefused as exc:
+        raise AuthoringError({"folder": str(exc)}) from None
 
 
 def _usual_folder(queue: str) -> str:

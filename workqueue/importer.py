@@ -65,6 +65,17 @@ class ImportReport:
             "errors": self.errors,
         }
 
+    def summary(self) -> str:
+        return (
+            f"{self.imported} imported, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.closed} closed, {self.deferred} deferred (claimed), {self.missing} missing, "
+            f"{len(self.errors)} errors"
+        )
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.imported or self.updated or self.closed or self.missing or self.errors)
+
 
 def shown(path) -> str:
     """A path as text a report (and a database) can hold: bytes of its name that are not
@@ -73,7 +84,8 @@ def shown(path) -> str:
 
 
 class ImportRefused(Exception):
-    """A path given to the importer lies outside every import root."""
+    """A queue's folder cannot be read again: none recorded, outside every import root,
+    or gone."""
 
 
 @dataclass
@@ -90,6 +102,50 @@ def configured_roots() -> list[Path]:
 def inside(real: Path, roots: list[Path]) -> bool:
     """`real` (resolved) is one of `roots` or below one."""
     return any(real.is_relative_to(root) for root in roots)
+
+
+def folder_inside_roots(folder: str, purpose: str) -> Path:
+    """`folder` resolved, when it is a folder inside a configured import root (no symlink
+    leads out of them); ImportRefused saying which it is not, and what adding it is for."""
+    real = Path(folder).resolve()
+    roots = configured_roots()
+    if not inside(real, roots):
+        named = ", ".join(str(root) for root in roots) or "none"
+        raise ImportRefused(
+            f"{folder} is outside the import roots (HYPERVISOR_IMPORT_ROOTS: {named}); "
+            f"add it there {purpose}"
+        )
+    if not real.is_dir():
+        raise ImportRefused(f"{folder} is not a folder")
+    return real
+
+
+SYNC_PURPOSE = "to read it again from here (or run manage.py import_tasks)"
+
+
+def sync_folder(queue: str) -> ImportReport:
+    """Import `queue`'s folder again, as `import_tasks` would: new files, edits made on
+    disk, moved and deleted files. Only inside the configured import roots: a folder first
+    imported from the command line outside them is read from the command line only."""
+    folder = Queue.objects.filter(name=queue).values_list("folder", flat=True).first()
+    if not folder:
+        raise ImportRefused(
+            f"the queue {queue!r} has no folder: its first import of a folder sets it "
+            f"(manage.py import_tasks FOLDER --queue {queue})"
+        )
+    return Importer(queue).run([folder_inside_roots(folder, SYNC_PURPOSE)])
+
+
+def syncable_queues() -> list[str]:
+    """The queues whose folder the consumer reads again every minute (see sync_folder)."""
+    queues = []
+    for name, folder in Queue.objects.exclude(folder="").values_list("name", "folder"):
+        try:
+            folder_inside_roots(folder, SYNC_PURPOSE)
+        except ImportRefused:
+            continue
+        queues.append(name)
+    return queues
 
 
 class Importer:

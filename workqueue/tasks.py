@@ -1,13 +1,19 @@
-"""Huey tasks of the queue app: bulk actions from the board, and the planner's
-statistics, run here, off the request."""
+"""Huey tasks of the queue app: bulk actions from the board, the queues' folders read
+again, and the planner's statistics, run here, off the request."""
 
 from __future__ import annotations
 
+import logging
+import threading
+
+from django.conf import settings
 from huey import crontab
 from huey.contrib.djhuey import db_periodic_task, on_commit_task
 
-from workqueue import bulk
+from workqueue import bulk, importer
 from workqueue.models import Task
+
+log = logging.getLogger(__name__)
 
 
 @on_commit_task()
@@ -20,3 +26,31 @@ def keep_planner_statistics() -> None:
     # Tasks also arrive one by one (new task, MCP, small imports); a count every ten
     # minutes notices when they add up.
     Task.objects.keep_statistics()
+
+
+# A pass over a large folder may outlast its minute: the next tick then passes. (Huey's
+# lock_task would outlive a consumer killed mid-pass: its SQLite storage has no expiry.)
+_syncing = threading.Lock()
+
+
+@db_periodic_task(crontab())
+def sync_queue_folders() -> None:
+    if not settings.HYPERVISOR_SYNC_FOLDERS or not _syncing.acquire(blocking=False):
+        return
+    try:
+        _sync_queue_folders()
+    finally:
+        _syncing.release()
+
+
+def _sync_queue_folders() -> None:
+    for queue in importer.syncable_queues():
+        try:
+            report = importer.sync_folder(queue)
+        except importer.ImportRefused as exc:  # moved or gone since it was listed
+            log.warning("queue %s: folder not read again: %s", queue, exc)
+            continue
+        if report.changed:
+            log.info("queue %s: folder read again: %s", queue, report.summary())
+            for error in report.errors:
+                log.warning("queue %s: %s: %s", queue, error["path"], error["error"])

@@ -7,6 +7,7 @@ urlpatterns = [
     path("board/<str:status>/", views.column, name="board-column"),
     path("filters/", views.board_filters, name="board-filters"),
     path("tasks/new/", views.task_new, name="task-new"),
+    path("queues/sync/", views.queue_sync, name="queue-sync"),
     path("tasks/<int:pk>/", views.task_detail, name="task-detail"),
     path("tasks/<int:pk>/action/", views.task_action, name="task-action"),
     path("tasks/<int:pk>/edit/", views.task_edit, name="task-edit"),

@@ -28,7 +28,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django.views.decorators.vary import vary_on_headers
 
 from herds.models import Herd
-from workqueue import authoring, bulk, dependencies, editing, locks, triage_review
+from workqueue import authoring, bulk, dependencies, editing, importer, locks, triage_review
 from workqueue.agents.base import read_transcript
 from workqueue.forms import (
     ACTIONS,
@@ -216,10 +216,22 @@ def _board_context(
             filter_fields=FILTER_LABELS,
             can_triage=request.user.has_perms([CHANGE, LAUNCH]),
             can_add=request.user.has_perm("queue.add_task"),
+            sync_folder=_sync_folder(request, chosen),
             new_task_form=NewTaskForm(initial={"queue": form.cleaned_data.get("queue")}),
             last_bulk=bulk.offered_undo(request.user) if context["can_change"] else None,
         )
     return context
+
+
+def _sync_folder(request: HttpRequest, queue: str | None) -> str:
+    """The chosen queue's folder, when the person may read it again (queue_sync)."""
+    if not queue or not request.user.has_perms(["queue.add_task", CHANGE]):
+        return ""
+    folder = Queue.objects.filter(name=queue).values_list("folder", flat=True).first()
+    try:
+        return folder and str(importer.folder_inside_roots(folder, importer.SYNC_PURPOSE))
+    except importer.ImportRefused:
+        return ""
 
 
 def _facets(form: BoardFilterForm, view: View, count: bool = True) -> dict:
@@ -809,6 +821,33 @@ def triage_undo(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         bulk.start_undo(request.user, decision)
     return redirect("triage-detail", pk=herd.pk)
+
+
+# A queue's folder read again ------------------------------------------------------
+
+SYNC_ERRORS_SHOWN = 5
+
+
+@login_required
+@permission_required(["queue.add_task", CHANGE], raise_exception=True)
+@require_POST
+def queue_sync(request: HttpRequest) -> HttpResponse:
+    """Import the queue's folder again now: files added, edited, moved or deleted on disk
+    since its last import (the consumer also does it every minute)."""
+    queue = get_object_or_404(Queue, name=request.POST.get("queue", ""))
+    try:
+        report = importer.sync_folder(queue.name)
+    except importer.ImportRefused as exc:
+        messages.error(request, f"Cannot read the folder of {queue.name} again: {exc}.")
+        return redirect(_safe_next(request))
+    level = messages.warning if report.errors else messages.success
+    level(request, f"Read the folder of {queue.name} again: {report.summary()}.")
+    for error in report.errors[:SYNC_ERRORS_SHOWN]:
+        messages.warning(request, f"{error['path']}: {error['error']}")
+    if len(report.errors) > SYNC_ERRORS_SHOWN:
+        more = len(report.errors) - SYNC_ERRORS_SHOWN
+        messages.warning(request, f"and {more} more: manage.py import_tasks lists them all.")
+    return redirect(_safe_next(request))
 
 
 # New tasks ------------------------------------------------------------------------

@@ -46,12 +46,7 @@ class Command(BaseCommand):
         else:
             for error in report.errors:
                 self.stderr.write(f"{error['path']}: {error['error']}")
-            self.stdout.write(
-                f"{report.imported} imported, {report.updated} updated, "
-                f"{report.unchanged} unchanged, {report.closed} closed, "
-                f"{report.deferred} deferred (claimed), {report.missing} missing, "
-                f"{len(report.errors)} errors"
-            )
+            self.stdout.write(report.summary())
             for line in report_lines(cannot, options["queue"]):
                 self.stderr.write(f"warning: {line}")
         if report.errors and not report.accepted:
