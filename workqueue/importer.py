@@ -165,7 +165,7 @@ class Importer:
     # Entry points -----------------------------------------------------------
 
     def run(self, paths: list[str | Path]) -> ImportReport:
-        Queue.objects.get_or_create(name=self.queue)
+        queue, _ = Queue.objects.get_or_create(name=self.queue)
         self._load_known()
         sources, folders = [], []
         for raw in paths:
@@ -190,7 +190,7 @@ class Importer:
         self._flush()
         for folder in folders:
             self._flag_missing(folder)
-        if len(folders) == 1:
+        if len(folders) == 1 and not queue.folder:
             # New tasks of the queue (workqueue.authoring) go where its first folder was.
             Queue.objects.filter(name=self.queue, folder="").update(folder=str(folders[0]))
         if self.report.imported >= STATISTICS_AFTER:
