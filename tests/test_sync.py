@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 
+from tests.conftest import start_manage
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
 from workqueue.tasks import sync_queue_folders
@@ -160,3 +163,24 @@ def test_the_consumer_reads_every_folder_inside_the_roots_each_minute(settings, 
     assert Task.objects.filter(queue="inbox", key="ex-3").exists()
     # The other queue's folder lies outside the roots: only its command line reads it.
     assert not Task.objects.filter(key="x-2").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_running_consumer_brings_a_file_written_by_hand_onto_the_board(
+    huey_env, write_task, tmp_path
+):
+    write_task("a.md", task_text("ex-1", "A"))
+    Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    write_task("b.md", task_text("ex-2", "Written by hand"))
+    env = {**huey_env, "HYPERVISOR_IMPORT_ROOTS": str(write_task.folder)}
+    with open(tmp_path / "consumer.log", "w") as log:
+        consumer = start_manage(["run_huey"], env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60  # Huey's periodic tasks run as it starts
+        while not Task.objects.filter(key="ex-2").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=15)
+    assert Task.objects.get(key="ex-2").title == "Written by hand"
+    assert "queue inbox: folder read again: 1 imported" in (tmp_path / "consumer.log").read_text()

@@ -378,3 +378,24 @@ def test_the_first_tab_stops_skip_to_the_cards_and_to_the_content(logged_in_page
     page.keyboard.press("Tab")
     box = page.get_by_role("link", name="Skip to the content").bounding_box()
     assert box is None or box["x"] + box["width"] < 0
+
+
+def test_a_file_written_on_disk_reaches_the_board_with_read_the_folder_again(
+    logged_in_page, live_url, tmp_path, settings
+):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.md").write_text("---\nid: s-1\ntitle: Imported first\nstatus: inbox\n---\n")
+    settings.HYPERVISOR_IMPORT_ROOTS = [tmp_path]
+    call_command("import_tasks", str(inbox), queue="synced", verbosity=0)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=synced")
+    expect(column(page, "queued").locator("article")).to_have_count(1)
+    (inbox / "b.md").write_text("---\nid: s-2\ntitle: Written by hand\nstatus: inbox\n---\n")
+    page.get_by_role("button", name="Read the folder again").click()
+    expect(page.locator(".messages")).to_contain_text(
+        "Read the folder of synced again: 1 imported, 0 updated, 1 unchanged"
+    )
+    expect(column(page, "queued").locator("article", has_text="Written by hand")).to_have_count(1)
+    assert page.url == f"{live_url}/?queue=synced"
+    screenshot(page, "board-folder-read-again")
