@@ -138,6 +138,17 @@ def test_an_admin_edit_is_written_into_the_task_file_then_the_row(admin_client, 
     assert report["updated"] == 0  # row and file agree
 
 
+def test_an_admin_save_of_the_title_leaves_a_tag_with_a_space_whole(admin_client, write_task):
+    path = write_task("sp.md", "---\nid: sp-1\ntitle: Spaced\ntags: [needs review, bug]\n---\n")
+    Importer("inbox", roots=[path.parent]).run([path.parent])
+    task = Task.objects.get(key="sp-1")
+    url, data = saved_as_shown(admin_client, task)
+    assert data["tags"] == '"needs review", bug'
+    assert admin_client.post(url, {**data, "title": "Renamed"}).status_code == 302
+    assert path.read_text() == "---\nid: sp-1\ntitle: Renamed\ntags: [needs review, bug]\n---\n"
+    assert Task.objects.get(pk=task.pk).tags == ["needs review", "bug"]
+
+
 def test_the_admins_save_writes_only_the_columns_it_changed(admin_client, task_file):
     """A whole-row save writes back the status, holder, fence and lease the page found: a
     worker's claim or finish in between would be undone."""

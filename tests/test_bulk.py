@@ -167,6 +167,17 @@ def test_undo_of_a_close_puts_claimed_tasks_back_in_the_queue(alice, inbox):
     assert Task.objects.filter(status=Status.QUEUED).count() == 2
 
 
+def test_a_tag_with_a_space_is_added_and_removed_whole(alice, inbox):
+    tasks = inbox(2)
+    post(alice, "tags", '+"needs review", +"a,b"', tasks)
+    assert {tuple(t.tags) for t in Task.objects.filter(pk__in=[t.pk for t in tasks])} == {
+        ("bug", "needs review", "a,b")
+    }
+    assert b'tags: [bug, needs review, "a,b"]\n' in snapshot(inbox, tasks)[tasks[0].key]
+    post(alice, "tags", '-"needs review"', tasks)
+    assert Task.objects.get(pk=tasks[0].pk).tags == ["bug", "a,b"]
+
+
 def test_bad_requests_are_named(alice, inbox):
     tasks = inbox(2)
     cases = [
@@ -175,6 +186,7 @@ def test_bad_requests_are_named(alice, inbox):
         ({"action": "priority", "value": "soon", "ids": str(tasks[0].pk)}, "priority:"),
         ({"action": "close", "value": " ", "ids": str(tasks[0].pk)}, "reason: say why"),
         ({"action": "tags", "value": "-", "ids": str(tasks[0].pk)}, "tags:"),
+        ({"action": "tags", "value": '+"open', "ids": str(tasks[0].pk)}, "a quote is left open"),
         ({"action": "assign", "value": "x", "ids": "1,two"}, "ids are task numbers"),
         # Past a database integer (SQLite: a server error), a digit int() cannot read.
         ({"action": "assign", "value": "x", "ids": "9" * 20}, "ids are task numbers"),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 import pytest
 from django.contrib.auth.models import Permission
 
+from workqueue import editing
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Task, TaskEvent
 
@@ -266,3 +269,107 @@ def test_a_form_over_the_upload_limit_is_refused_naming_the_limit(editor, task, 
         "saved. A task file may be up to 1,048,576 bytes (HYPERVISOR_MAX_FILE_BYTES)."
     )
     assert task.path.read_bytes() == before
+
+
+# What a person changed, and only that -------------------------------------------------
+
+
+class FormValues(HTMLParser):
+    """The values a browser sends for the page's edit form, as it shows them."""
+
+    def __init__(self):
+        super().__init__()
+        self.values, self._textarea, self._select = {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        name = attrs.get("name")
+        if tag == "input" and name and name != "csrfmiddlewaretoken":
+            self.values[name] = attrs.get("value") or ""
+        elif tag == "textarea":
+            self._textarea = name
+            self.values[name] = ""
+        elif tag == "select":
+            self._select = name
+            self.values[name] = ""
+        elif tag == "option" and self._select and "selected" in attrs:
+            self.values[self._select] = attrs.get("value") or ""
+
+    def handle_data(self, data):
+        if self._textarea:
+            self.values[self._textarea] += data
+
+    def handle_endtag(self, tag):
+        if tag == "textarea":
+            name, self._textarea = self._textarea, None
+            self.values[name] = self.values[name].removeprefix("\n").replace("\n", "\r\n")
+        elif tag == "select":
+            self._select = None
+
+
+def opened_form(client, task: Task) -> dict:
+    parser = FormValues()
+    parser.feed(client.get(f"/tasks/{task.pk}/edit/", **HX).content.decode())
+    assert "base_values" in parser.values and "title" in parser.values
+    return parser.values
+
+
+SPACED = """---
+id: sp-1
+title: A task with a two-word tag
+tags:
+  - needs review
+  - bug
+depends_on: ["other task"]
+---
+Body.
+"""
+
+
+def test_a_save_leaves_the_lists_it_did_not_change_whole_and_keeps_spaces_and_commas(
+    editor, write_task
+):
+    path = write_task("sp.md", SPACED)
+    write_task("other.md", "---\nid: other task\ntitle: Other\n---\nx\n")
+    Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    task = Task.objects.get(key="sp-1")
+    form = opened_form(editor, task)
+    assert form["tags"] == '"needs review", bug'
+    before = path.read_bytes()
+    response = editor.post(f"/tasks/{task.pk}/edit/", {**form, "title": "Renamed"}, **HX)
+    assert "Saved title." in response.content.decode()
+    assert path.read_bytes() == before.replace(b"A task with a two-word tag", b"Renamed")
+    task.refresh_from_db()
+    assert (task.tags, task.depends_on) == (["needs review", "bug"], ["other task"])
+    # A list the person edits keeps what is quoted as one item.
+    form = opened_form(editor, task)
+    editor.post(f"/tasks/{task.pk}/edit/", {**form, "tags": form["tags"] + ', "a,b"'}, **HX)
+    task.refresh_from_db()
+    assert task.tags == ["needs review", "bug", "a,b"]
+    assert "tags:\n  - needs review\n  - bug\n  - a,b\n" in path.read_text()  # its block kept
+
+
+def test_a_form_opened_before_anothers_edit_of_a_claimed_task_never_undoes_it(editor, write_task):
+    """A claimed task's edit goes to the row only (the file waits for the claim's end), so
+    the file's hash cannot tell that a form is older than it."""
+    from tests.test_editing import claim_all
+
+    write_task("a.md", "---\nid: ex-1\ntitle: Original title\npriority: 2\n---\nBody.\n")
+    Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    task = Task.objects.get(key="ex-1")
+    claim_all()
+    bob_first, bob_second = opened_form(editor, task), opened_form(editor, task)
+    editing.edit_task(task, {"title": "Alice's title", "assignee": "alice"}, "user:alice")
+    # Bob changes what Alice did not: saved, and Alice's title stays.
+    response = editor.post(f"/tasks/{task.pk}/edit/", {**bob_first, "priority": "0"}, **HX)
+    assert "Saved priority; a worker holds the task" in response.content.decode()
+    task.refresh_from_db()
+    assert (task.title, task.assignee, task.priority) == ("Alice's title", "alice", 0)
+    # Bob changes what Alice changed since his form was shown: refused, and he is told.
+    response = editor.post(f"/tasks/{task.pk}/edit/", {**bob_second, "assignee": "bob"}, **HX)
+    assert response.status_code == 409
+    page = response.content.decode()
+    assert "The task changed since you opened it" in page
+    assert "assignee is now: alice" in page
+    task.refresh_from_db()
+    assert task.assignee == "alice"

@@ -72,7 +72,7 @@ class TaskAdmin(admin.ModelAdmin):
                 "description": "Saved into the task's file, then its row, as the board's "
                 "editor saves. A task a worker holds gets the change in its file when the "
                 "claim ends. Its state changes through the actions on the list.",
-                "fields": (*(f for f in FIELDS if f != "status"), "base_sha256"),
+                "fields": (*(f for f in FIELDS if f != "status"), "base_sha256", "base_values"),
             },
         ),
         ("Source", {"fields": SOURCE_FIELDS}),
@@ -156,7 +156,7 @@ class TaskAdmin(admin.ModelAdmin):
         try:
             result = editing.edit_task(
                 task,
-                form.changes(),
+                form.changes(task),
                 self._actor(request),
                 base_sha256=form.cleaned_data["base_sha256"] or None,
             )

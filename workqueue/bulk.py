@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from workqueue import editing
 from workqueue.models import BulkAction, BulkChange, BulkStatus
+from workqueue.text import list_items
 
 # The bulk bar's buttons: (action, button text, the dialog's field label or "" for none,
 # the field's input type, the dialog's title before "N tasks").
@@ -24,7 +25,7 @@ BUTTONS = [
     ("assign", "Assign…", "Assignee", "text", "Assign"),
     ("priority", "Priority…", "Priority (0 is most urgent)", "number", "Priority for"),
     ("complexity", "Complexity…", "Complexity", "text", "Complexity for"),
-    ("tags", "Tags…", "Tags: +add -remove", "text", "Tags for"),
+    ("tags", "Tags…", "Tags: +add -remove (+\"two words\")", "text", "Tags for"),
     ("project", "Project…", "Project", "text", "Project for"),
     ("close", "Close…", "Reason for closing", "text", "Close"),
     ("block", "Block…", "Reason for blocking", "text", "Block"),
@@ -61,7 +62,10 @@ class Plan:
         if action in FIELD_OF:
             return cls({FIELD_OF[action]: value}, None, "", (), ())
         if action == "tags":
-            words = value.replace(",", " ").split()
+            try:
+                words = list_items(value)
+            except ValueError as exc:
+                raise editing.EditError({"tags": str(exc)}) from None
             add = tuple(w.lstrip("+") for w in words if not w.startswith("-") and w.lstrip("+"))
             remove = tuple(w[1:] for w in words if w.startswith("-") and w[1:])
             if not add and not remove:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 from django import forms
 from django.core.cache import cache
@@ -16,7 +17,7 @@ from workqueue.importer import check_json
 from workqueue.models import Found, Queue, Status, Task, TaskQuerySet, TaskSearch, stamp
 from workqueue.routing import TEXT_FIELDS, Condition, TaskFilter
 from workqueue.taskfile import TaskFileError
-from workqueue.text import as_id, as_text
+from workqueue.text import as_id, as_text, list_items, list_text
 
 
 class StorableJSONField(forms.JSONField):
@@ -261,11 +262,16 @@ class TaskEditForm(forms.Form):
     assignee = forms.CharField(required=False)
     complexity = forms.CharField(required=False)
     type = forms.CharField(required=False)
-    tags = forms.CharField(required=False, help_text="Comma separated.")
+    tags = forms.CharField(
+        required=False, help_text='Comma separated; "in quotes" for one with a space or comma.'
+    )
     parent = forms.CharField(required=False)
     depends_on = forms.CharField(required=False, label="Depends on", help_text="Task ids.")
     body = forms.CharField(required=False, strip=False, widget=forms.Textarea)
     base_sha256 = forms.CharField(required=False, widget=forms.HiddenInput)
+    # Each field as the form showed it, fingerprinted: what the person did not change is
+    # not sent back, and what someone else changed since is not overwritten.
+    base_values = forms.CharField(required=False, widget=forms.HiddenInput)
 
     @classmethod
     def for_task(cls, task: Task) -> TaskEditForm:
@@ -277,13 +283,39 @@ class TaskEditForm(forms.Form):
             "assignee": task.assignee,
             "complexity": task.complexity,
             "type": task.type,
-            "tags": ", ".join(task.tags),
+            "tags": list_text(task.tags),
             "parent": as_text(task.frontmatter.get("parent")),
-            "depends_on": ", ".join(task.depends_on),
+            "depends_on": list_text(task.depends_on),
             "body": task.body,
             "base_sha256": task.source_sha256,
         }
+        initial["base_values"] = json.dumps(
+            {name: fingerprint(initial[name]) for name in editing.FIELDS}
+        )
         return cls(initial=initial)
+
+    def clean_tags(self) -> list[str]:
+        return self._list("tags")
+
+    def clean_depends_on(self) -> list[str]:
+        return self._list("depends_on")
+
+    def _list(self, name: str) -> list[str]:
+        try:
+            return list_items(self.cleaned_data[name])
+        except ValueError as exc:
+            raise forms.ValidationError(f"{name}: {exc}") from None
+
+    def clean_base_values(self) -> dict[str, str] | None:
+        try:
+            base = json.loads(self.cleaned_data["base_values"] or "null")
+        except ValueError:
+            base = False
+        if base is None:
+            return None  # a form of an older page, or a script: every field is sent
+        if not isinstance(base, dict) or not all(isinstance(v, str) for v in base.values()):
+            raise forms.ValidationError("base_values: not the form's own; reload the task")
+        return base
 
     def typed(self, task: Task) -> dict[str, str]:
         """What the person changed from the task as shown (the row), as they typed it:
@@ -292,18 +324,45 @@ class TaskEditForm(forms.Form):
         return {
             name: str(self.data[name])
             for name in shown
-            if name != "base_sha256"
+            if name not in ("base_sha256", "base_values")
             and name in self.data
             and str(self.data[name]).replace("\r\n", "\n") != str(shown[name])
         }
 
-    def changes(self) -> dict:
-        """Every field the form carries; editing.edit_task writes only what differs."""
+    def changes(self, task: Task | None = None) -> dict:
+        """The fields the person changed from what the form showed (every field the form
+        carries, for a form without its base); editing.edit_task writes what differs.
+
+        With `task` (as it is now), raises editing.FileChanged when a field the person
+        changed was changed by someone else since the form was shown: a save of a claimed
+        task is written to the row only, so the file's hash cannot tell.
+        """
         data = self.cleaned_data
-        changes = {name: data[name] for name in editing.FIELDS if name in data}
+        base = data.get("base_values")
+        changes = {
+            name: data[name]
+            for name in editing.FIELDS
+            if name in data
+            and (base is None or base.get(name) != fingerprint(self.data.get(name, "")))
+        }
         if not changes.get("status"):
             changes.pop("status", None)  # a claimed task's form has no status to send
+        if task is not None and base is not None:
+            now = self.for_task(task).initial
+            moved = [name for name in changes if base.get(name) != fingerprint(now[name])]
+            if moved:
+                raise editing.FileChanged(
+                    task,
+                    "changed since you opened it",
+                    "\n".join(f"{name} is now: {now[name]}" for name in moved),
+                )
         return changes
+
+
+def fingerprint(value) -> str:
+    """A form value as shown or sent (a textarea sends CRLF), in a few bytes."""
+    text = str(value).replace("\r\n", "\n")
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class TaskAdminForm(forms.ModelForm, TaskEditForm):
@@ -387,7 +446,9 @@ class NewTaskForm(forms.Form):
     priority = forms.CharField(required=False)
     project = forms.CharField(required=False)
     assignee = forms.CharField(required=False)
-    tags = forms.CharField(required=False, help_text="Comma separated.")
+    tags = forms.CharField(
+        required=False, help_text='Comma separated; "in quotes" for one with a space or comma.'
+    )
     body = forms.CharField(required=False, strip=False, widget=forms.Textarea)
 
     def __init__(self, *args, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import re
 
 
@@ -17,6 +18,35 @@ def as_text(value) -> str:
     if isinstance(value, dict):
         return "; ".join(f"{key}: {as_text(item)}" for key, item in value.items())
     return str(value)
+
+
+LIST_ITEM = re.compile(r'([+-]?)"((?:[^"\\]|\\.)*)"|[^,\s"]+')
+
+
+def list_text(items: list[str]) -> str:
+    """A list as a person edits it: comma separated, an item with a space, a comma or a
+    quote in JSON's quotes, so that list_items gives the same list back."""
+    return ", ".join(
+        json.dumps(item, ensure_ascii=False) if re.search(r'[,\s"\\]', item) else item
+        for item in items
+    )
+
+
+def list_items(text: str) -> list[str]:
+    """The items of a list as a person typed it (list_text); a + or - before a quoted item
+    stays in front of it. ValueError for a quote left open."""
+    items, end = [], 0
+    for match in LIST_ITEM.finditer(text):
+        if text[end : match.start()].strip(", \t\r\n"):
+            break
+        end = match.end()
+        if match.group(2) is None:
+            items.append(match.group(0))
+        else:
+            items.append(match.group(1) + json.loads(f'"{match.group(2)}"'))
+    if text[end:].strip(", \t\r\n"):
+        raise ValueError(f"a quote is left open: {text[end:].strip()[:40]}")
+    return [item for item in items if item.strip()]
 
 
 MAX_ID = 2**63 - 1  # the largest id a database's bigint holds

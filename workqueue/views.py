@@ -561,7 +561,7 @@ def task_edit(request: HttpRequest, pk: int) -> HttpResponse:
     try:
         result = editing.edit_task(
             task,
-            form.changes(),
+            form.changes(task),
             _actor(request),
             reason=data["reason"],
             base_sha256=data["base_sha256"] or None,
@@ -613,7 +613,7 @@ def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
         for key, value in request.POST.items()
         if key.startswith(TYPED)
         and (name := key.removeprefix(TYPED)) in form.initial
-        and name != "base_sha256"
+        and name not in ("base_sha256", "base_values")
     }
     form.initial.update(typed)
     notice = "Reloaded from the file on disk."
