@@ -639,3 +639,35 @@ def test_bulk_skips_unknown_ids_and_self_dependencies(folder):
         "no such task",
     ]
     assert Queue.objects.filter(name="inbox").exists()
+
+
+ONE = "---\nid: ex-1\ntitle: Original title\npriority: 2\n---\nBody.\n"
+
+
+@pytest.mark.parametrize("how", ["release_task", "session ends", "reaper"])
+def test_an_edit_made_while_an_agent_held_the_task_is_written_however_the_claim_ends(
+    folder, how
+):
+    """Only a finish wrote the edits that waited for the claim: a release, a session's end
+    or the reaper left the file as it was, and the next edit took them out of the row."""
+    from tests.test_pull import session
+    from workqueue import reaper
+
+    task = folder({"a.md": ONE})["a.md"]
+    path = folder.path("a.md")
+    agent = session("agent", queue="inbox")
+    assert agent.call("claim_next_task")["success"]
+    assert editing.edit_task(task, {"title": "Person's title"}, ACTOR).deferred
+    if how == "release_task":
+        assert agent.call("release_task", {"id": "ex-1"})["success"]
+    elif how == "session ends":
+        assert agent.release_all("MCP session ended") == 1
+    else:
+        Task.objects.filter(pk=task.pk).update(lease_expires_at="2000-01-01T00:00:00Z")
+        assert len(reaper.release_stale_claims("inbox").requeued) == 1
+    task.refresh_from_db()
+    assert (task.status, task.change_pending, task.pending_edit) == (Status.QUEUED, False, {})
+    assert path.read_text() == ONE.replace("Original title", "Person's title")
+    editing.edit_task(task, {"priority": 0}, ACTOR)
+    task.refresh_from_db()
+    assert (task.title, task.priority) == ("Person's title", 0)

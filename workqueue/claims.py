@@ -12,7 +12,7 @@ import time
 
 from workqueue import locks, transitions
 from workqueue.locks import Identity, LockError, OwnerFile
-from workqueue.models import EventKind, Task
+from workqueue.models import EventKind, Status, Task
 from workqueue.processing import Claim, Result
 from workqueue.transitions import FinishReport
 
@@ -94,24 +94,28 @@ def finish_claims(
     report = transitions.finish(identity, finished)
     kept = set(report.finished)
     owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in kept])
-    _apply_pending_changes(report.finished)
+    apply_pending_changes(report.finished)
     return report
 
 
 def release_claims(
     identity: Identity, claims: list[Claim], owner_file: OwnerFile, message: str
 ) -> list[int]:
-    """Give back claims a stopping worker will not process, locks and all."""
+    """Give back claims a stopping worker will not process, locks and all; then the edits
+    (and file changes) that waited for the claims to end."""
     released = set(transitions.release_by_worker(identity, claims, message))
     owner_file.release_own([locks.lock_path(c.queue, c.key) for c in claims if c.id in released])
+    apply_pending_changes(list(released))
     return list(released)
 
 
-def _apply_pending_changes(ids: list[int]) -> None:
+def apply_pending_changes(ids: list[int]) -> None:
+    """The tasks `ids` were let go: write the edits and file changes that waited for their
+    claims to end (a task claimed again meanwhile waits for that claim's end)."""
     pending = Task.objects.filter(change_pending=True)
     if not ids or not pending.exists():  # one look at a small partial index
         return
     from workqueue.importer import refresh_from_source
 
-    for task in pending.filter(pk__in=ids):
+    for task in pending.filter(pk__in=ids).exclude(status=Status.CLAIMED):
         refresh_from_source(task)

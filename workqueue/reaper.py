@@ -17,7 +17,7 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from workqueue import agent_tree, locks, signals, transitions, writeback
+from workqueue import agent_tree, claims, locks, signals, transitions, writeback
 from workqueue.locks import LockError
 from workqueue.models import Queue, Status, Task
 
@@ -119,9 +119,10 @@ def release_stale_claims(
         (report.blocked if status == Status.BLOCKED else report.requeued).append(stale)
         let_go(task, actor)
     if not dry_run:
-        report.temporaries = remove_temporaries_of_dead(
-            [s for s in [*report.requeued, *report.blocked] if s.holder_dead]
-        )
+        released = [*report.requeued, *report.blocked]
+        report.temporaries = remove_temporaries_of_dead([s for s in released if s.holder_dead])
+        # Edits made while the dead worker held them were waiting for the claim's end.
+        claims.apply_pending_changes([s.task.pk for s in released])
     if holder_pid is None:
         report.orphan_locks = release_orphan_locks(queue, dry_run)
     return report
