@@ -432,3 +432,20 @@ def test_a_session_with_a_batch_stops_claiming_once_it_is_done():
         f"{QUEUE_EMPTY}: this worker is stopping (its batch of 2 tasks is done)"
     )
     assert Task.objects.filter(status=Status.QUEUED).count() == 1
+
+
+def test_a_session_cannot_rewrite_a_task_another_session_holds():
+    """Its title and body are the holder's instructions: README, bad input includes "a task
+    held by someone else"."""
+    make_tasks("q", 2)
+    holder, other = session("holder"), session("other")
+    key = holder.call("claim_next_task")["task"]["id"]
+    answer = other.call("update_task", {"id": key, "title": "Taken over", "body": "Do else"})
+    assert answer["success"] is False
+    assert answer["message"].startswith(f"{key}: cannot edit it: it is held by mcp:holder")
+    task = Task.objects.get(key=key)
+    assert (task.title, task.body) == ("Task 0", "")
+    # Its holder may; so may anyone, a task nobody holds.
+    assert holder.call("update_task", {"id": key, "title": "Renamed by its holder"})["success"]
+    assert other.call("update_task", {"id": "t000001", "priority": 0})["success"]
+    assert Task.objects.get(key=key).title == "Renamed by its holder"

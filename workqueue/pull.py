@@ -310,6 +310,10 @@ class PullSession:
             )
         if word in ("done", "blocked", "queued", "ready") and self._mine(task) is None:
             return self._not_yours(task, f"set it {word}")
+        held_by_another = task.status == Status.CLAIMED and self._mine(task) is None
+        if changes and word != "claimed" and held_by_another:
+            # The task's text is its holder's instructions: not rewritten under it.
+            return self._not_yours(task, "edit it")
         try:
             validate(changes, task)
         except EditError as exc:
