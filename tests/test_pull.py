@@ -449,3 +449,26 @@ def test_a_session_cannot_rewrite_a_task_another_session_holds():
     assert holder.call("update_task", {"id": key, "title": "Renamed by its holder"})["success"]
     assert other.call("update_task", {"id": "t000001", "priority": 0})["success"]
     assert Task.objects.get(key=key).title == "Renamed by its holder"
+
+
+def test_an_http_agent_is_told_of_a_claim_whose_answer_it_never_got():
+    """Every call of a token renews its claims' leases, so a claim whose answer was lost (a
+    dropped connection) would stay held, unnamed, while the agent works on."""
+    make_tasks("q", 2)
+    agent = session("laptop", stateless=True, lease_seconds=60)
+    lost = agent.call("claim_next_task")["task"]["id"]  # the answer never reached it
+    second = agent.call("claim_next_task")
+    assert second["success"]
+    assert second["message"].endswith(
+        f"; this token also holds {lost}: finish it with complete_task or block_task, or give "
+        "it back with release_task"
+    )
+    assert agent.call("complete_task", {"id": second["task"]["id"]})["success"]
+    empty = agent.call("claim_next_task")
+    assert empty["message"].startswith("QUEUE EMPTY")
+    assert f"this token also holds {lost}" in empty["message"]
+    assert agent.call("release_task", {"id": lost})["success"]
+    # A local session hears every answer it is given: nothing to add.
+    local = session("local")
+    local.call("claim_next_task")
+    assert "also holds" not in local.call("claim_next_task")["message"]

@@ -82,6 +82,7 @@ WRITE_TOOLS = (
     "create_task",
 )
 TOOLS = (*WRITE_TOOLS[:1], *READ_TOOLS, *WRITE_TOOLS[1:])
+HELD_LISTED = 5  # a token's other claims an answer names
 
 
 class BadInput(ValueError):
@@ -202,13 +203,33 @@ class PullSession:
             return refused(f"{QUEUE_EMPTY}: this worker is stopping ({self.stop_reason})")
         taken = self._claim(routing or None, self.busy)
         if not taken:
-            return refused(f"{QUEUE_EMPTY}: {self._why_empty(routing)}")
+            return refused(f"{QUEUE_EMPTY}: {self._why_empty(routing)}{self._also_held()}")
         task = self._task(taken[0].key)
         return answer(
             True,
             f"claimed {task.key}: work on it, then complete_task(id={task.key!r}) "
-            f"or block_task(id={task.key!r}, reason=...)",
+            f"or block_task(id={task.key!r}, reason=...){self._also_held(task.key)}",
             task=self._task_dict(task, body=True),
+        )
+
+    def _also_held(self, new: str = "") -> str:
+        """Over HTTP, an answer lost on the way (a dropped connection) leaves a claim the
+        agent never heard of, kept alive by its token's every call: name what it holds."""
+        if not self.stateless:
+            return ""
+        keys = list(
+            Task.objects.held_by(self.identity.worker)
+            .filter(queue=self.queue)
+            .exclude(key=new)
+            .order_by("claimed_at")
+            .values_list("key", flat=True)[: HELD_LISTED + 1]
+        )
+        if not keys:
+            return ""
+        named = ", ".join(keys[:HELD_LISTED]) + (" and more" if len(keys) > HELD_LISTED else "")
+        return (
+            f"; this token also holds {named}: finish it with complete_task or block_task, "
+            "or give it back with release_task"
         )
 
     def list_tasks(
