@@ -14,7 +14,7 @@ from tests.conftest import make_tasks
 from workqueue import locks, reaper
 from workqueue.importer import Importer
 from workqueue.locks import Identity
-from workqueue.models import Dependency, EventKind, Status, Task
+from workqueue.models import Dependency, EventKind, Queue, Status, Task
 from workqueue.pull import QUEUE_EMPTY, TOOLS, PullSession, blocked_parts, local_session
 
 pytestmark = pytest.mark.django_db
@@ -472,3 +472,24 @@ def test_an_http_agent_is_told_of_a_claim_whose_answer_it_never_got():
     local = session("local")
     local.call("claim_next_task")
     assert "also holds" not in local.call("claim_next_task")["message"]
+
+
+def test_a_where_value_of_the_wrong_type_and_a_new_task_that_cannot_become_ready_are_said(
+    settings, tmp_path
+):
+    make_tasks("q", 1)
+    agent = session("a")
+    answer = agent.call("claim_next_task", {"where": {"project": ["a"]}})
+    assert answer == {
+        "success": False,
+        "message": "claim_next_task: where: each field's value is one text or number",
+    }
+    settings.HYPERVISOR_IMPORT_ROOTS = [tmp_path]
+    Queue.objects.filter(name="q").update(folder=str(tmp_path))
+    created = agent.call("create_task", {"title": "Later", "depends_on": ["no-such-task"]})
+    assert created["success"]
+    assert created["message"].endswith(
+        "; it cannot become ready as things stand: depends on 'no-such-task': no task of "
+        "queue 'q' has that id"
+    )
+    assert "cannot become ready" not in agent.call("create_task", {"title": "Now"})["message"]

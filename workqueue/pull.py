@@ -38,7 +38,7 @@ from django.db.models import Count
 
 from workqueue import claims, locks, signals, transitions
 from workqueue.authoring import NEW_TASK_FIELDS, AuthoringError, create_task_file
-from workqueue.dependencies import STUCK_LISTED, in_words, stuck
+from workqueue.dependencies import STUCK_LISTED, in_words, stuck, why_stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import Queue, Status, Task
@@ -430,9 +430,11 @@ class PullSession:
             )
         except AuthoringError as exc:
             raise BadInput(str(exc)) from None
+        waits = why_stuck(task) if task.depends_on else ""
         return answer(
             True,
-            f"created {task.key} in {task.source_path}",
+            f"created {task.key} in {task.source_path}"
+            + (f"; it cannot become ready as things stand: {waits}" if waits else ""),
             task=self._task_dict(task, body=True),
         )
 
@@ -735,6 +737,8 @@ def _where(value) -> list[str]:
     if isinstance(value, str):
         return [part for part in re.split(r"\s*[,;]\s*", value.strip()) if part]
     if isinstance(value, dict):
+        if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value.values()):
+            raise BadInput("where: each field's value is one text or number")
         return [f"{k}={v}" for k, v in value.items()]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
