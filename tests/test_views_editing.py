@@ -177,6 +177,20 @@ def test_file_changed_on_disk_is_refused_with_the_difference_and_a_reload(editor
     assert "Reloaded from the file on disk.</" in plain.content.decode()
 
 
+def test_a_file_rewritten_with_other_line_endings_is_refused_with_words_not_an_empty_diff(
+    editor, task
+):
+    form = opened_form(editor, task)
+    task.path.write_bytes(task.path.read_bytes().replace(b"\n", b"\r\n"))
+    response = editor.post(f"/tasks/{task.pk}/edit/", {**form, "title": "Mine"}, **HX)
+    assert response.status_code == 409
+    assert (
+        "a.md says the same as when it was imported, written another way (line endings, a "
+        "byte-order mark, comments, quoting, spacing or the order of its keys): reload it to "
+        "edit it as it is now."
+    ) in response.content.decode()
+
+
 def test_viewer_sees_no_edit_control_and_gets_403(viewer, task):
     html = viewer.get(f"/tasks/{task.pk}/").content.decode()
     assert "/edit/" not in html and "Edit</a>" not in html

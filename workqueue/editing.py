@@ -997,7 +997,14 @@ def file_difference(task: Task, raw: bytes | None = None) -> str:
         now_lines = raw.decode("utf-8", "replace").splitlines(keepends=True)
     before = _canonical(task.frontmatter, task.body)
     name = Path(task.source_path).name
-    return diff_lines(before, now_lines, f"{name} (imported)", f"{name} (on disk now)")
+    diff = diff_lines(before, now_lines, f"{name} (imported)", f"{name} (on disk now)")
+    if diff or hashlib.sha256(raw).hexdigest() == task.source_sha256:
+        return diff
+    return (
+        f"{name} says the same as when it was imported, written another way (line endings, "
+        "a byte-order mark, comments, quoting, spacing or the order of its keys): reload it "
+        "to edit it as it is now."
+    )
 
 
 def _canonical(frontmatter: dict, body: str) -> list[str]:
