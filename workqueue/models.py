@@ -3,6 +3,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import itertools
 import json
 import os
 from datetime import timedelta
@@ -887,12 +888,15 @@ class TaskSearch(models.Model):
         if db.vendor == "sqlite":
             # Under three characters there is no trigram to look up: a scan of the tasks'
             # own columns, which SQLite reads three times faster than the FTS5 copy.
-            like = "LIKE %s ESCAPE '\\'"
+            # SQLite's LIKE folds ASCII letters only: "ü" is also looked for as "Ü".
+            patterns = _case_variants(pattern)
+            like = " OR ".join(["{column} LIKE %s ESCAPE '\\'"] * len(patterns))
+            title, key, body = (like.format(column=c) for c in ("title", "key", "text"))
             return (
-                f"SELECT id FROM queue_task WHERE title {like} OR key {like} "  # noqa: S608
+                f"SELECT id FROM queue_task WHERE {title} OR {key} "  # noqa: S608
                 # UNION ALL, so that the probe stops at its limit; ids kept are unique.
-                f"UNION ALL SELECT task_id FROM queue_taskbody WHERE text {like}",
-                [pattern] * 3,
+                f"UNION ALL SELECT task_id FROM queue_taskbody WHERE {body}",
+                patterns * 3,
             )
         # The copy is lowercase (migration 0016): a LIKE the pg_trgm indexes answer,
         # cheaper per row than ILIKE where it scans. The pattern is folded by the same
@@ -949,6 +953,18 @@ class TaskSearch(models.Model):
             parts.insert(0, "SELECT rowid FROM queue_tasksearch WHERE queue_tasksearch MATCH %s")
             params.insert(0, " OR ".join(words))
         return " UNION ALL ".join(parts), params
+
+
+def _case_variants(pattern: str) -> list[str]:
+    """`pattern` with each non-ASCII letter in its lower and its upper case (a short text:
+    at most four patterns for two letters)."""
+    choices = [
+        dict.fromkeys((c.lower(), c.upper()))
+        if not c.isascii() and len(c.lower()) == len(c.upper()) == 1
+        else (c,)
+        for c in pattern
+    ]
+    return ["".join(p) for p in itertools.product(*choices)]
 
 
 def _phrase(text: str) -> str:
