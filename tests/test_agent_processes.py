@@ -156,12 +156,43 @@ def test_stopping_worker_ends_an_agent_child_that_escaped_with_setsid(
     # Out of the agent's session and group, still its child.
     assert os.getsid(pids["escaped"]) == os.getpgid(pids["escaped"]) == pids["escaped"]
     assert psutil.Process(pids["escaped"]).ppid() == pids["agent"]
-    worker.send_signal(signal.SIGTERM)  # a herd's cancel or drain, or Ctrl-C
-    worker.communicate(timeout=30)
+    # The first Ctrl-C (or SIGTERM) lets the task at hand finish: the agent works on.
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    assert alive(pids["agent"]) and worker.poll() is None
+    worker.send_signal(signal.SIGTERM)  # the second ends it now
+    _out, err = worker.communicate(timeout=30)
     assert worker.returncode == 0
+    assert "SIGTERM again ends its agent now" in err
     assert not alive(pids["agent"]) and not alive(pids["escaped"])
     task = Task.objects.get()
     assert task.status == Status.QUEUED and task.reason == "worker stopped"
+
+
+def test_a_first_ctrl_c_lets_the_agent_finish_its_task_and_claims_no_more(process_env, tmp_path):
+    """README: SIGINT or SIGTERM stops a worker from claiming; it finishes the task at hand.
+    The agent was ended at once, its work thrown away and the task run again later."""
+    make_tasks("q", 2)
+    started = tmp_path / "started"
+    agent = (
+        "import pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text('x'); time.sleep(3); "
+        "print('finished the work')"
+    )
+    worker = start_manage(
+        ["work", "--queue", "q", "--processor", "command", "--", sys.executable, "-c", agent,
+         str(started)],
+        process_env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGINT)
+    _out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "finishing t00000" in err and "then stopping; SIGINT again ends its agent now" in err
+    statuses = sorted(Task.objects.values_list("status", flat=True))
+    assert statuses == [Status.DONE, Status.QUEUED]
+    assert "finished the work" in Task.objects.get(status=Status.DONE).output_tail
 
 
 def test_a_child_left_behind_by_an_agent_that_exited_is_ended(process_env, tmp_path, cleanup):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -9,7 +11,9 @@ from django.test.utils import CaptureQueriesContext
 from herds import receivers
 from herds.models import Herd, HerdStatus, Profile
 from tests.conftest import make_tasks
-from workqueue.processors import NoopProcessor
+from workqueue import signals
+from workqueue.models import Status, Task
+from workqueue.processors import CommandProcessor, NoopProcessor
 from workqueue.worker import Worker
 
 pytestmark = pytest.mark.django_db
@@ -106,3 +110,35 @@ def test_a_drain_lets_the_task_just_started_run_to_its_end(herd_worker):
     assert worker.stop_requested  # heeded at the finish, as before
     row.refresh_from_db()
     assert row.done == 1
+
+
+class DrainedWhileTheAgentWorks(CommandProcessor):
+    """A person presses Drain while the agent works, and the worker's heartbeat (every 10 s
+    in a herd) beats before the agent is done."""
+
+    def __init__(self, herd, worker_of):
+        agent = "import time; time.sleep(0.5); print('the work is done')"
+        super().__init__([sys.executable, "-c", agent])
+        self.herd, self.worker_of = herd, worker_of
+
+    def process(self, claim, context, extra=None, cwd=None):
+        self.herd.drain("drained by the test")
+        signals.worker_heartbeat.send(sender=self.worker_of())
+        return super().process(claim, context, extra, cwd)
+
+
+def test_a_drain_heard_at_a_heartbeat_lets_the_agent_at_work_finish(herd_worker):
+    """README: Drain "stops claiming and lets current tasks finish". The heartbeat heard
+    the drain and stopped the worker, and the agent was ended on the same flag: the task
+    went back as "worker stopped", its work thrown away and an attempt counted."""
+    herd, _row = herd_worker
+    make_tasks("hot", 2)
+    worker = None
+    processor = DrainedWhileTheAgentWorks(herd, lambda: worker)
+    worker = Worker("hot", processor, prefetch=1, herd=herd.pk, name="herd-w0")
+    worker.work_one_batch()
+    first = Task.objects.get(key="t000000")
+    assert (first.status, first.reason) == (Status.DONE, "")
+    assert "the work is done" in first.output_tail
+    assert worker.stop_requested and not worker.work_one_batch()
+    assert Task.objects.get(key="t000001").status == Status.QUEUED

@@ -211,7 +211,7 @@ class AgentRun:
         cwd: str | None,
         timeout: float | None,
         mask: Masker,
-        stopping: Callable[[], bool],
+        ending: Callable[[], bool],
         log_path: Path | None = None,
         on_line: Callable[[str, str], None] | None = None,
         grace: float | None = None,
@@ -221,7 +221,7 @@ class AgentRun:
         self.cwd = cwd
         self.timeout = timeout
         self.mask = mask
-        self.stopping = stopping
+        self.ending = ending
         self.grace = settings.HYPERVISOR_AGENT_GRACE if grace is None else grace
         self.log = AgentLog(log_path, settings.HYPERVISOR_AGENT_LOG_BYTES)
         self.on_line = on_line
@@ -274,7 +274,7 @@ class AgentRun:
                     if deadline is not None and now >= deadline:
                         result.timed_out = True
                         break
-                    if self.stopping():
+                    if self.ending():
                         result.stopped = True
                         break
                 if now >= next_look:
@@ -317,7 +317,7 @@ class AgentRun:
             if deadline is not None and time.monotonic() >= deadline:
                 result.timed_out = True
                 return
-            if self.stopping():
+            if self.ending():
                 result.stopped = True
                 return
             self._look_at_descendants()

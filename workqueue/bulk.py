@@ -25,7 +25,7 @@ BUTTONS = [
     ("assign", "Assign…", "Assignee", "text", "Assign"),
     ("priority", "Priority…", "Priority (0 is most urgent)", "number", "Priority for"),
     ("complexity", "Complexity…", "Complexity", "text", "Complexity for"),
-    ("tags", "Tags…", "Tags: +add -remove (+\"two words\")", "text", "Tags for"),
+    ("tags", "Tags…", 'Tags: +add -remove (+"two words")', "text", "Tags for"),
     ("project", "Project…", "Project", "text", "Project for"),
     ("close", "Close…", "Reason for closing", "text", "Close"),
     ("block", "Block…", "Reason for blocking", "text", "Block"),

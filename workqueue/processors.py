@@ -159,7 +159,7 @@ class CommandProcessor(Processor):
             cwd or self.cwd,
             self.timeout,
             mask,
-            context.stopping,
+            context.ending,
             log_path=agent_log_path(claim),
             on_line=adapter.feed,
         )
@@ -198,8 +198,8 @@ class CommandProcessor(Processor):
                 reason=f"the agent's processes could not be ended (pids {pids})",
             )
         elif ended.stopped or (ended.code is not None and ended.code < 0 and context.stopping()):
-            # Stopped with the herd (cancel or Ctrl-C, which may signal the agent before
-            # the worker): the task is not at fault.
+            # Ended with the worker (a second Ctrl-C) or with the herd (a cancel, which
+            # signals the agent before the worker): the task is not at fault.
             result = Result(status=Status.QUEUED, reason="worker stopped")
         elif ended.timed_out:
             adapter.finish_stream()

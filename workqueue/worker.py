@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import signal
 import threading
@@ -92,8 +94,14 @@ class Worker:
         self.database_patience = 120.0  # seconds a worker waits for its database to return
         self.stop_reason = ""
         self.current: Claim | None = None
+        self.end_requested = False  # end the agent at work now, not only claim no more
+        self.signals_received = 0
         self.context = WorkContext(
-            self.identity.worker, lambda: self.stop_requested, dry_run, self._agent_started
+            self.identity.worker,
+            lambda: self.stop_requested,
+            dry_run,
+            self._agent_started,
+            ending=lambda: self.end_requested,
         )
         # Tasks to pass over: an outside process holds their lock, or this worker gave
         # them back.
@@ -103,13 +111,27 @@ class Worker:
         self._held_lock = threading.Lock()
         self._beating = threading.Event()
 
-    # Signals only set a flag; the loop notices between tasks.
+    # Signals only set flags: the first stops claiming and lets the task at hand finish,
+    # the second ends its agent now (the task goes back to the queue).
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop(f"received {signal.Signals(signum).name}")
+        name = signal.Signals(signum).name
+        self.signals_received += 1
+        if self.signals_received > 1:
+            self.end_requested = True
+            self.stop(f"received {name} twice")
+            return
+        self.stop(f"received {name}")
+        if self.current is not None and not self.processor.finish_in_batches:
+            with contextlib.suppress(OSError):  # print() is not safe in a signal handler
+                os.write(
+                    2,
+                    f"{self.identity.worker}: finishing {self.current.key}, then stopping; "
+                    f"{name} again ends its agent now\n".encode(errors="replace"),
+                )
 
     def stop(self, reason: str) -> None:
         if not self.stop_requested:
