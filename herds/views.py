@@ -19,6 +19,9 @@ from workqueue.views import task_transcript_of
 
 VIEW = "herds.view_herd"
 OPERATE = "herds.add_herd"  # launching, draining and cancelling
+# Each of those answers with the herd's page: operating a herd takes seeing it too.
+OPERATE_AND_VIEW = [OPERATE, VIEW]
+LISTED = 100  # herds on the list, newest first
 
 
 def _get_herd(pk: int) -> Herd:
@@ -60,14 +63,17 @@ def live_transcripts(herd: Herd) -> list[dict]:
 @login_required
 @permission_required(VIEW, raise_exception=True)
 def herd_list(request: HttpRequest) -> HttpResponse:
-    herds = Herd.objects.select_related("profile", "created_by").annotate(
-        done=Sum("workers__done"), blocked=Sum("workers__blocked")
-    )[:100]
+    # Newest first, explicitly: a grouped query leaves out Meta.ordering.
+    herds = (
+        Herd.objects.select_related("profile", "created_by")
+        .annotate(done=Sum("workers__done"), blocked=Sum("workers__blocked"))
+        .order_by("-id")[:LISTED]
+    )
     return render(request, "herds/herd_list.html", {"herds": herds})
 
 
 @login_required
-@permission_required(OPERATE, raise_exception=True)
+@permission_required(OPERATE_AND_VIEW, raise_exception=True)
 @require_http_methods(["GET", "POST"])
 def launch(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
@@ -147,7 +153,7 @@ def _after_action(request: HttpRequest, herd: Herd) -> HttpResponse:
 
 
 @login_required
-@permission_required(OPERATE, raise_exception=True)
+@permission_required(OPERATE_AND_VIEW, raise_exception=True)
 @require_POST
 def drain(request: HttpRequest, pk: int) -> HttpResponse:
     herd = _get_herd(pk)
@@ -157,7 +163,7 @@ def drain(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@permission_required(OPERATE, raise_exception=True)
+@permission_required(OPERATE_AND_VIEW, raise_exception=True)
 @require_POST
 def cancel(request: HttpRequest, pk: int) -> HttpResponse:
     herd = _get_herd(pk)

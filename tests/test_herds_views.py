@@ -93,6 +93,22 @@ def test_launching_draining_cancelling_need_add_herd(herd, viewer):
     assert client.post(reverse("herds:cancel", args=[herd.pk])).status_code == 403
     herd.refresh_from_db()
     assert not herd.draining and not herd.cancel_requested
+    # Launching without seeing: each action answers with the herd's page it cannot see.
+    blind = client_for(user_with("blind", "add_herd"))
+    assert blind.get(reverse("herds:launch")).status_code == 403
+    assert blind.post(reverse("herds:drain", args=[herd.pk])).status_code == 403
+    herd.refresh_from_db()
+    assert not herd.draining
+
+
+def test_the_list_shows_the_newest_herds(herd, viewer, profile):
+    Herd.objects.bulk_create(
+        Herd(queue="q", profile=profile, size=1, status=HerdStatus.FINISHED) for _ in range(100)
+    )
+    newest = Herd.objects.create(queue="q", profile=profile, size=1)
+    page = client_for(viewer).get(reverse("herds:list")).content.decode()
+    assert reverse("herds:detail", args=[newest.pk]) in page
+    assert reverse("herds:detail", args=[herd.pk]) not in page  # the oldest, past 100
 
 
 def test_actions_are_post_only(herd, operator):
