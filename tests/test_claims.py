@@ -495,6 +495,30 @@ def test_options_past_a_database_integer_are_refused_before_any_claim(option, va
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("timeout", ["-5", "0", "nan"])
+def test_a_timeout_that_is_no_time_is_refused_before_any_claim(timeout):
+    """`--timeout -5` claimed every ready task and blocked each "timed out after -5 s"."""
+    from django.core.management import CommandError, call_command
+
+    make_tasks("q", 2)
+    with pytest.raises(CommandError, match="--timeout a number of seconds above 0"):
+        call_command("work", "--queue", "q", "--processor", "command", "--timeout", timeout,
+                     "--", sys.executable, "-c", "pass")  # fmt: skip
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.QUEUED}
+
+
+@pytest.mark.django_db
+def test_reap_locks_names_a_queue_that_does_not_exist():
+    from django.core.management import CommandError
+
+    make_tasks("q", 1)
+    with pytest.raises(CommandError, match="no task is in a queue named 'qq'"):
+        call_command("reap_locks", "--queue", "qq")
+    with pytest.raises(CommandError, match="--queue"):
+        call_command("reap_locks", "--queue", "bad/name")
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("workers", [257, 5000, 10**20])
 def test_a_typo_in_workers_does_not_fork_thousands_of_processes(workers):
     """`work --workers 5000` forked 5,000 processes (and as many database connections)."""

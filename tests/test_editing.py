@@ -645,9 +645,7 @@ ONE = "---\nid: ex-1\ntitle: Original title\npriority: 2\n---\nBody.\n"
 
 
 @pytest.mark.parametrize("how", ["release_task", "session ends", "reaper"])
-def test_an_edit_made_while_an_agent_held_the_task_is_written_however_the_claim_ends(
-    folder, how
-):
+def test_an_edit_made_while_an_agent_held_the_task_is_written_however_the_claim_ends(folder, how):
     """Only a finish wrote the edits that waited for the claim: a release, a session's end
     or the reaper left the file as it was, and the next edit took them out of the row."""
     from tests.test_pull import session

@@ -69,6 +69,18 @@ def test_a_cost_budget_that_is_not_a_number_is_a_usage_error():
     assert not Herd.objects.exists()
 
 
+@pytest.mark.parametrize("option", ["--token-budget", "--wall-clock", "--cost-budget"])
+def test_a_budget_of_zero_is_refused_as_the_launch_form_does(option):
+    """0 was taken and read as "no budget": a herd given one ran without any."""
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("inbox", 1)
+    with pytest.raises(CommandError, match=f"^{option} must be above 0 "):
+        call_command(
+            "herd", "--queue", "inbox", "--profile", "noop", "--workers", "1", option, "0"
+        )
+    assert not Herd.objects.exists()
+
+
 def test_launch_without_wait_enqueues_after_commit_and_prints_the_id(
     django_capture_on_commit_callbacks,
 ):

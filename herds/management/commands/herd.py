@@ -21,6 +21,13 @@ def dollars(value: str) -> Decimal:
         raise argparse.ArgumentTypeError(f"{value!r} is not an amount in USD") from None
 
 
+BUDGETS = {
+    "--token-budget": "token_budget",
+    "--wall-clock": "wall_clock",
+    "--cost-budget": "cost_budget",
+}
+
+
 class Command(BaseCommand):
     help = "Launch a herd of workers on a queue through Huey; --wait follows it to the end."
     # A launch is timed from this command; `manage.py check` and the server run the checks.
@@ -49,6 +56,10 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="print only the summary JSON")
 
     def handle(self, *args, **options):
+        for option, name in BUDGETS.items():
+            if options[name] is not None and not options[name] > 0:
+                # As the launch form: 0 read as "no budget" would silently ignore one.
+                raise CommandError(f"{option} must be above 0 (leave it out for no budget)")
         missing = Queue.objects.missing(options["queue"])
         if missing:  # a herd on it would end at once, having done nothing
             raise CommandError(missing)

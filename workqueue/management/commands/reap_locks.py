@@ -1,7 +1,9 @@
 import json
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
+from workqueue.models import Queue
+from workqueue.names import queue_name_argument
 from workqueue.reaper import release_stale_claims
 
 
@@ -9,11 +11,18 @@ class Command(BaseCommand):
     help = "Release claims whose holder died or whose lease ran out, and orphan lock folders."
 
     def add_arguments(self, parser):
-        parser.add_argument("--queue", help="only this queue's claims (default: every queue)")
+        parser.add_argument(
+            "--queue",
+            type=queue_name_argument,
+            help="only this queue's claims (default: every queue)",
+        )
         parser.add_argument("--dry-run", action="store_true", help="list, change nothing")
         parser.add_argument("--json", action="store_true", help="the report as one JSON object")
 
     def handle(self, *args, **options):
+        missing = options["queue"] and Queue.objects.missing(options["queue"])
+        if missing:  # a typo would read as "nothing stale"
+            raise CommandError(missing)
         report = release_stale_claims(options["queue"], dry_run=options["dry_run"])
         if options["json"]:
             self.stdout.write(json.dumps(report.as_dict()))

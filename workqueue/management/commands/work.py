@@ -2,6 +2,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -123,9 +124,11 @@ class Command(BaseCommand):
             options["batch"] < 0
             or min(options["prefetch"], options["lease"], options["workers"]) < 1
             or (options["max_attempts"] is not None and options["max_attempts"] < 1)
+            or (options["timeout"] is not None and not 0 < options["timeout"] < math.inf)
         ):
             raise CommandError(
-                "--batch must be >= 0; --prefetch, --lease, --workers, --max-attempts >= 1"
+                "--batch must be >= 0; --prefetch, --lease, --workers, --max-attempts >= 1; "
+                "--timeout a number of seconds above 0"
             )
         # Past a database integer a claim fails on its column (or a lease on the date).
         too_big = [n for n in BOUNDED if (options[n] or 0) > MAX_SETTING]
