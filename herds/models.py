@@ -588,6 +588,11 @@ class Herd(models.Model):
             return HerdStatus.FAILED
         return HerdStatus.FINISHED
 
+    def failure(self) -> str:
+        """Why a herd whose every worker crashed failed: the first one's end, in words."""
+        first = self.workers.exclude(exit_detail="").order_by("finished_at", "index").first()
+        return f"every worker crashed ({first.name}: {first.exit_detail})" if first else ""
+
     def planned_tasks(self) -> int:
         ready = int(self.preflight.get("ready", 0))
         if self.batch:

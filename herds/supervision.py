@@ -183,7 +183,8 @@ def supervise(herd: Herd) -> bool:
             return not herd.finish(
                 HerdStatus.FAILED, "the launching consumer stopped before any worker started"
             )
-    herd.finish(herd.end_status())
+    status = herd.end_status()
+    herd.finish(status, herd.failure() if status == HerdStatus.FAILED else "")
     return False
 
 
@@ -217,10 +218,11 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
         return
     returncode = child.poll() if child is not None else None
     seen = processes.sample(worker.pid, worker.process_started)
+    silent_since = worker.heartbeat_at or worker.started_at
+    silence = (timezone.now() - silent_since).total_seconds()
+    timed_out = silence > settings.HYPERVISOR_LEASE_SECONDS
     if seen.alive and returncode is None:
-        silent_since = worker.heartbeat_at or worker.started_at
-        silence = (timezone.now() - silent_since).total_seconds()
-        if silence > settings.HYPERVISOR_LEASE_SECONDS:
+        if timed_out:
             processes.terminate_trees([(worker.pid, worker.process_started)], cancel_grace())
             code = child.wait(timeout=5) if child is not None else None
             worker.record_exit(code, ExitClass.TIMED_OUT, f"no heartbeat for {silence:.0f} s")
@@ -238,6 +240,13 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
         exit_class, detail = ExitClass.CANCELLED, herd.reason or "cancelled"
     else:
         exit_class, detail = worker.classify_exit(code)
+        if exit_class == ExitClass.CRASHED and timed_out:
+            # Killed for its silence by a pass that has not recorded it yet (it waits out
+            # the grace before it does): the SIGKILL's code is not a crash.
+            exit_class, detail = ExitClass.TIMED_OUT, f"no heartbeat for {silence:.0f} s"
+        last = last_log_line(worker) if exit_class == ExitClass.CRASHED else ""
+        if last:  # a start-up check's refusal, a traceback's last line: why it died
+            detail = f"{detail}: {last}"
         found = quota_in_log(herd, worker) if exit_class == ExitClass.CRASHED else None
         if found:
             # A worker that died of the rate limit: the rest of the herd would too.
@@ -260,6 +269,18 @@ def check_remote_worker(worker: HerdWorker) -> None:
         worker.record_exit(
             None, ExitClass.TIMED_OUT, f"no heartbeat from host {worker.host} for {silence:.0f} s"
         )
+
+
+def last_log_line(worker: HerdWorker, tail_bytes: int = 4096) -> str:
+    if not worker.log_path:
+        return ""
+    try:
+        with open(worker.log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip()[:300] for line in reversed(lines) if line.strip()), "")
 
 
 def quota_in_log(herd: Herd, worker: HerdWorker, tail_bytes: int = 64 * 1024) -> str | None:

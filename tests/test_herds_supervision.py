@@ -115,6 +115,60 @@ def test_silent_worker_is_ended_as_timed_out(running_herd, settings):
         processes.terminate_trees([(sleeper.pid, None)], grace=1)
 
 
+def test_a_silent_worker_is_timed_out_when_another_pass_looks_during_its_grace(
+    running_herd, settings, monkeypatch
+):
+    """The pass that ends a silent worker waits out the grace before it records the end; a
+    pass on another consumer thread meanwhile found the pid gone and recorded "crashed:
+    killed by signal 9", and the herd ended failed."""
+    settings.HYPERVISOR_LEASE_SECONDS = 1
+    sleeper = start_sleeper()
+    worker = running_herd.workers.create(
+        index=0,
+        name="herd-w0",
+        host=supervision.settings.HYPERVISOR_HOST,
+        pid=sleeper.pid,
+        process_started=processes.create_time(sleeper.pid),
+        heartbeat_at=timezone.now() - timedelta(seconds=30),
+    )
+    real_terminate = processes.terminate_trees
+
+    def terminate_while_another_pass_looks(targets, grace):
+        killed = real_terminate(targets, grace)
+        sleeper.wait(timeout=10)
+        supervision.check_worker(running_herd, type(worker).objects.get(pk=worker.pk), None)
+        return killed
+
+    monkeypatch.setattr(processes, "terminate_trees", terminate_while_another_pass_looks)
+    try:
+        supervision.supervise(running_herd)
+    finally:
+        monkeypatch.setattr(processes, "terminate_trees", real_terminate)
+        real_terminate([(sleeper.pid, None)], grace=1)
+    worker.refresh_from_db()
+    running_herd.refresh_from_db()
+    assert (worker.exit_class, worker.exit_detail[:15]) == (ExitClass.TIMED_OUT, "no heartbeat fo")
+    assert running_herd.status == HerdStatus.FINISHED
+
+
+def test_a_herd_whose_workers_all_crashed_says_why(running_herd, tmp_path):
+    """It ended failed with no reason: the cause was a traceback's last line in a log."""
+    worker = exited_worker(running_herd)
+    log = tmp_path / "worker-0.log"
+    log.write_text(
+        "Traceback (most recent call last):\n  ...\ndjango.core.management.base."
+        "CommandError: --worktree-repo /srv/x: not a git checkout\n\n"
+    )
+    type(worker).objects.filter(pk=worker.pk).update(log_path=str(log))
+    supervision.supervise(running_herd)
+    running_herd.refresh_from_db()
+    assert running_herd.status == HerdStatus.FAILED
+    assert running_herd.reason == (
+        "every worker crashed (herd-w0: died without reporting an exit code: "
+        "django.core.management.base.CommandError: --worktree-repo /srv/x: not a git checkout)"
+    )
+
+
 def test_live_worker_gets_cpu_memory_and_children_sampled(running_herd):
     sleeper = start_sleeper()
     try:
