@@ -620,12 +620,6 @@ class Herd(models.Model):
     def total_cost_usd(self) -> Decimal:
         return self.workers.aggregate(c=Sum("cost_usd"))["c"] or Decimal(0)
 
-    def total_task_cost(self) -> Decimal:
-        finished = Task.objects.filter(
-            holder_herd=self.pk, status__in=(Status.DONE, Status.BLOCKED)
-        )
-        return finished.aggregate(c=Sum("cost_usd"))["c"] or Decimal(0)
-
     def runtime_seconds(self) -> float:
         if not self.started_at:
             return 0.0
@@ -813,8 +807,10 @@ class Herd(models.Model):
             "blocked": sum(1 for r in rows if r["status"] == Status.BLOCKED),
             "worker_processes": [w.summary_row() for w in self.workers.order_by("index")],
             "runtime_seconds": runtime,
-            "total_tokens": sum(r.get("tokens", 0) for r in rows),
-            "total_cost_usd": float(self.total_task_cost()),
+            # What the herd spent, as its page and its budget count it: tasks given back
+            # (a drain, a quota, exit 75) cost tokens too.
+            "total_tokens": self.total_tokens(),
+            "total_cost_usd": float(self.total_cost_usd()),
             "quota_resets_at": self.quota_resets_at.isoformat() if self.quota_resets_at else None,
             "items_per_second": round(finished / runtime, 2) if runtime else 0.0,
             "started": self.started_at.isoformat() if self.started_at else None,

@@ -13,6 +13,7 @@ from herds.models import Herd, HerdStatus, Profile
 from tests.conftest import make_tasks
 from workqueue import signals
 from workqueue.models import Status, Task
+from workqueue.processing import Result
 from workqueue.processors import CommandProcessor, NoopProcessor
 from workqueue.worker import Worker
 
@@ -142,3 +143,23 @@ def test_a_drain_heard_at_a_heartbeat_lets_the_agent_at_work_finish(herd_worker)
     assert "the work is done" in first.output_tail
     assert worker.stop_requested and not worker.work_one_batch()
     assert Task.objects.get(key="t000001").status == Status.QUEUED
+
+
+class GivesBackAfterSpending(NoopProcessor):
+    """An agent that spent tokens, then gave its task back (a drain, a quota, exit 75)."""
+
+    finish_in_batches = False
+
+    def process(self, claim, context):
+        return Result(status=Status.QUEUED, reason="worker stopped", tokens=500)
+
+
+def test_the_run_summary_counts_the_tokens_the_herd_page_counts(herd_worker):
+    """The page said "8,193 tokens" above a run summary of "0 tokens": the summary counted
+    only the tasks done or blocked."""
+    herd, _row = herd_worker
+    make_tasks("hot", 1)
+    worker = Worker("hot", GivesBackAfterSpending(), prefetch=1, herd=herd.pk, name="herd-w0")
+    worker.work_one_batch()
+    assert herd.total_tokens() == 500
+    assert herd.build_summary()["total_tokens"] == 500
