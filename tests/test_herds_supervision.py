@@ -62,6 +62,18 @@ def exited_worker(herd: Herd):
     )
 
 
+def silent_worker(herd: Herd, process: subprocess.Popen):
+    """A worker row of this host for a live process, its last heartbeat 30 s ago."""
+    return herd.workers.create(
+        index=0,
+        name="herd-w0",
+        host=supervision.settings.HYPERVISOR_HOST,
+        pid=process.pid,
+        process_started=processes.create_time(process.pid),
+        heartbeat_at=timezone.now() - timedelta(seconds=30),
+    )
+
+
 def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_herd):
     make_tasks("supq", 2)
     worker = exited_worker(running_herd)
@@ -93,14 +105,7 @@ def test_silent_worker_is_ended_as_timed_out(running_herd, settings):
     settings.HYPERVISOR_LEASE_SECONDS = 1
     sleeper = start_sleeper()
     try:
-        worker = running_herd.workers.create(
-            index=0,
-            name="herd-w0",
-            host=supervision.settings.HYPERVISOR_HOST,
-            pid=sleeper.pid,
-            process_started=processes.create_time(sleeper.pid),
-            heartbeat_at=timezone.now() - timedelta(seconds=30),
-        )
+        worker = silent_worker(running_herd, sleeper)
         tree = processes.tree(sleeper.pid, worker.process_started)
         assert len(tree) == 2
 
@@ -123,14 +128,7 @@ def test_a_silent_worker_is_timed_out_when_another_pass_looks_during_its_grace(
     killed by signal 9", and the herd ended failed."""
     settings.HYPERVISOR_LEASE_SECONDS = 1
     sleeper = start_sleeper()
-    worker = running_herd.workers.create(
-        index=0,
-        name="herd-w0",
-        host=supervision.settings.HYPERVISOR_HOST,
-        pid=sleeper.pid,
-        process_started=processes.create_time(sleeper.pid),
-        heartbeat_at=timezone.now() - timedelta(seconds=30),
-    )
+    worker = silent_worker(running_herd, sleeper)
     real_terminate = processes.terminate_trees
 
     def terminate_while_another_pass_looks(targets, grace):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 
 from tests.conftest import start_manage
+from tests.test_views_editing import login
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
 from workqueue.tasks import sync_queue_folders
@@ -28,13 +28,6 @@ def inbox(settings, write_task):
     settings.HYPERVISOR_IMPORT_ROOTS = [write_task.folder]
     assert not Importer("inbox").run([write_task.folder]).errors
     return write_task
-
-
-def login(client, django_user_model, *codenames):
-    user = django_user_model.objects.create_user("u-" + "-".join(codenames), password="pw-12345")
-    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture
