@@ -1008,5 +1008,9 @@ def file_difference(task: Task, raw: bytes | None = None) -> str:
 
 
 def _canonical(frontmatter: dict, body: str) -> list[str]:
-    lines = [f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in frontmatter.items()]
+    # Keys sorted: PostgreSQL's jsonb keeps the row's in an order of its own, not the file's.
+    lines = [
+        f"{k}: {json.dumps(v, ensure_ascii=False, sort_keys=True)}\n"
+        for k, v in sorted(frontmatter.items())
+    ]
     return ["---\n", *lines, "---\n", *body.replace("\r\n", "\n").splitlines(keepends=True)]
