@@ -244,14 +244,8 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
             # Killed for its silence by a pass that has not recorded it yet (it waits out
             # the grace before it does): the SIGKILL's code is not a crash.
             exit_class, detail = ExitClass.TIMED_OUT, f"no heartbeat for {silence:.0f} s"
-        last = last_log_line(worker) if exit_class == ExitClass.CRASHED else ""
-        if last:  # a start-up check's refusal, a traceback's last line: why it died
-            detail = f"{detail}: {last}"
-        found = quota_in_log(herd, worker) if exit_class == ExitClass.CRASHED else None
-        if found:
-            # A worker that died of the rate limit: the rest of the herd would too.
-            exit_class, detail = ExitClass.QUOTA, f"quota or rate limit reached ({found})"
-            herd.drain(f"{detail} in {worker.name}")
+        if exit_class == ExitClass.CRASHED:
+            exit_class, detail = crash_in_log(herd, worker, detail)
     if worker.record_exit(code, exit_class, detail):
         said = f"{exit_class}: {detail}" if detail else exit_class
         log.info("herd %s: %s exited (%s)", herd.pk, worker.name, said)
@@ -271,30 +265,30 @@ def check_remote_worker(worker: HerdWorker) -> None:
         )
 
 
-def last_log_line(worker: HerdWorker, tail_bytes: int = 4096) -> str:
+def crash_in_log(herd: Herd, worker: HerdWorker, detail: str) -> tuple[str, str]:
+    """What the end of a crashed worker's log says: a quota (the rest of the herd would hit
+    it too, so the herd drains), else its last line (a start-up check's refusal, a
+    traceback's last line) after `detail`."""
+    text = log_tail(worker)
+    pattern = herd.profile.quota_regex()
+    found = pattern.search(text) if pattern is not None else None
+    if found:
+        detail = f"quota or rate limit reached ({found.group(0)})"
+        herd.drain(f"{detail} in {worker.name}")
+        return ExitClass.QUOTA, detail
+    last = next((line.strip()[:300] for line in reversed(text.splitlines()) if line.strip()), "")
+    return ExitClass.CRASHED, f"{detail}: {last}" if last else detail
+
+
+def log_tail(worker: HerdWorker, tail_bytes: int = 64 * 1024) -> str:
     if not worker.log_path:
         return ""
     try:
         with open(worker.log_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            lines = f.read().decode(errors="replace").splitlines()
+            return f.read().decode(errors="replace")
     except OSError:
         return ""
-    return next((line.strip()[:300] for line in reversed(lines) if line.strip()), "")
-
-
-def quota_in_log(herd: Herd, worker: HerdWorker, tail_bytes: int = 64 * 1024) -> str | None:
-    pattern = herd.profile.quota_regex()
-    if pattern is None or not worker.log_path:
-        return None
-    try:
-        with open(worker.log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    found = pattern.search(text)
-    return found.group(0) if found else None
 
 
 def record_sample(worker: HerdWorker, seen: processes.Sample) -> None:

@@ -123,29 +123,19 @@ def folder_inside_roots(folder: str, purpose: str) -> Path:
 SYNC_PURPOSE = "to read it again from here (or run manage.py import_tasks)"
 
 
-def sync_folder(queue: str) -> ImportReport:
-    """Import `queue`'s folder again, as `import_tasks` would: new files, edits made on
-    disk, moved and deleted files. Only inside the configured import roots: a folder first
-    imported from the command line outside them is read from the command line only."""
-    folder = Queue.objects.filter(name=queue).values_list("folder", flat=True).first()
+def sync_folder(queue: str, folder: str | None = None) -> ImportReport:
+    """Import `queue`'s folder (`folder`, else read from its row) again, as `import_tasks`
+    would: new files, edits made on disk, moved and deleted files. Only inside the
+    configured import roots: a folder first imported from the command line outside them is
+    read from the command line only."""
+    if folder is None:
+        folder = Queue.objects.filter(name=queue).values_list("folder", flat=True).first()
     if not folder:
         raise ImportRefused(
             f"the queue {queue!r} has no folder: its first import of a folder sets it "
             f"(manage.py import_tasks FOLDER --queue {queue})"
         )
     return Importer(queue).run([folder_inside_roots(folder, SYNC_PURPOSE)])
-
-
-def syncable_queues() -> list[str]:
-    """The queues whose folder the consumer reads again every minute (see sync_folder)."""
-    queues = []
-    for name, folder in Queue.objects.exclude(folder="").values_list("name", "folder"):
-        try:
-            folder_inside_roots(folder, SYNC_PURPOSE)
-        except ImportRefused:
-            continue
-        queues.append(name)
-    return queues
 
 
 class Importer:

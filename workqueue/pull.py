@@ -130,6 +130,7 @@ class PullSession:
         self.batch = batch  # tasks to finish before the session stops claiming; 0 = all
         self.owner_file = OwnerFile(identity)
         self.busy: dict[int, float] = {}
+        self.renewed: list[Claim] = []  # over HTTP: the token's claims as this call began
         # Local sessions: the claims held now, by task id (what the heartbeat renews).
         self.held: dict[int, Claim] = {}
         self._held_lock = threading.Lock()
@@ -217,13 +218,8 @@ class PullSession:
         agent never heard of, kept alive by its token's every call: name what it holds."""
         if not self.stateless:
             return ""
-        keys = list(
-            Task.objects.held_by(self.identity.worker)
-            .filter(queue=self.queue)
-            .exclude(key=new)
-            .order_by("claimed_at")
-            .values_list("key", flat=True)[: HELD_LISTED + 1]
-        )
+        # What this call's renewal of leases found the token holding, before the new claim.
+        keys = [c.key for c in self.renewed if c.key != new]
         if not keys:
             return ""
         named = ", ".join(keys[:HELD_LISTED]) + (" and more" if len(keys) > HELD_LISTED else "")
@@ -515,6 +511,7 @@ class PullSession:
             Claim(i, self.queue, k, "", "", f)
             for i, k, f in mine.values_list("id", "key", "fence")
         ]
+        self.renewed = held
         if held:
             transitions.heartbeat(self.identity, held, self.lease_seconds)
 

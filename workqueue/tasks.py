@@ -11,7 +11,7 @@ from huey import crontab
 from huey.contrib.djhuey import db_periodic_task, on_commit_task
 
 from workqueue import bulk, importer
-from workqueue.models import Task
+from workqueue.models import Queue, Task
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,11 @@ def sync_queue_folders() -> None:
 
 
 def _sync_queue_folders() -> None:
-    for queue in importer.syncable_queues():
+    for queue, folder in Queue.objects.exclude(folder="").values_list("name", "folder"):
         try:
-            report = importer.sync_folder(queue)
-        except importer.ImportRefused as exc:  # moved or gone since it was listed
-            log.warning("queue %s: folder not read again: %s", queue, exc)
-            continue
+            report = importer.sync_folder(queue, folder)
+        except importer.ImportRefused:
+            continue  # outside the import roots (read from the command line only), or gone
         if report.changed:
             log.info("queue %s: folder read again: %s", queue, report.summary())
             for error in report.errors:

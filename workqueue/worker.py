@@ -94,14 +94,13 @@ class Worker:
         self.database_patience = 120.0  # seconds a worker waits for its database to return
         self.stop_reason = ""
         self.current: Claim | None = None
-        self.end_requested = False  # end the agent at work now, not only claim no more
-        self.signals_received = 0
+        self.signals_received = 0  # a second one ends the agent at work now
         self.context = WorkContext(
             self.identity.worker,
             lambda: self.stop_requested,
             dry_run,
             self._agent_started,
-            ending=lambda: self.end_requested,
+            ending=lambda: self.signals_received > 1,
         )
         # Tasks to pass over: an outside process holds their lock, or this worker gave
         # them back.
@@ -121,7 +120,6 @@ class Worker:
         name = signal.Signals(signum).name
         self.signals_received += 1
         if self.signals_received > 1:
-            self.end_requested = True
             self.stop(f"received {name} twice")
             return
         self.stop(f"received {name}")
