@@ -167,6 +167,7 @@ def test_stopping_worker_ends_an_agent_child_that_escaped_with_setsid(
     assert not alive(pids["agent"]) and not alive(pids["escaped"])
     task = Task.objects.get()
     assert task.status == Status.QUEUED and task.reason == "worker stopped"
+    assert task.attempts == 0  # the task was not at fault: a stop is no attempt
 
 
 def test_a_first_ctrl_c_lets_the_agent_finish_its_task_and_claims_no_more(process_env, tmp_path):

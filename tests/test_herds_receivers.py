@@ -12,7 +12,7 @@ from herds import receivers
 from herds.models import Herd, HerdStatus, Profile
 from tests.conftest import make_tasks
 from workqueue import signals
-from workqueue.models import Status, Task
+from workqueue.models import EventKind, Status, Task
 from workqueue.processing import Result
 from workqueue.processors import CommandProcessor, NoopProcessor
 from workqueue.worker import Worker
@@ -111,6 +111,23 @@ def test_a_drain_lets_the_task_just_started_run_to_its_end(herd_worker):
     assert worker.stop_requested  # heeded at the finish, as before
     row.refresh_from_db()
     assert row.done == 1
+
+
+def test_a_drained_workers_tasks_it_never_started_go_back_with_no_attempt_counted(herd_worker):
+    """A worker holding a batch of 10 gave back the 9 it had not started with an attempt
+    counted: three drains and one crash, and a task that never ran was blocked
+    "abandoned after 3 attempts"."""
+    herd, _row = herd_worker
+    make_tasks("hot", 10)
+    worker = None
+    processor = OneAtATime(lambda context: worker.stop("herd draining: by the test"))
+    worker = Worker("hot", processor, prefetch=10, herd=herd.pk, name="herd-w0")
+    assert worker.work_one_batch()
+    assert len(processor.seen) == 1
+    tasks = Task.objects.order_by("key")
+    assert [(t.status, t.attempts) for t in tasks] == [(Status.DONE, 1)] + [(Status.QUEUED, 0)] * 9
+    released = tasks[1].events.get(kind=EventKind.RELEASED)
+    assert released.message == "worker stopping: herd draining: by the test"
 
 
 class DrainedWhileTheAgentWorks(CommandProcessor):

@@ -99,11 +99,15 @@ def finish_claims(
 
 
 def release_claims(
-    identity: Identity, claims: list[Claim], owner_file: OwnerFile, message: str
+    identity: Identity,
+    claims: list[Claim],
+    owner_file: OwnerFile,
+    message: str,
+    counted: bool = True,
 ) -> list[int]:
-    """Give back claims a stopping worker will not process, locks and all; then the edits
-    (and file changes) that waited for the claims to end."""
-    released = set(transitions.release_by_worker(identity, claims, message))
+    """Give back claims, locks and all (a stopping worker's it never started are not
+    `counted` as attempts); then the edits (and file changes) that waited for them."""
+    released = set(transitions.release_by_worker(identity, claims, message, counted))
     owner_file.release_own([locks.lock_path(c.queue, c.key) for c in claims if c.id in released])
     apply_pending_changes(list(released))
     return list(released)

@@ -156,18 +156,19 @@ def give_back(
     return changed
 
 
-def release_by_worker(identity: Identity, claims: list[Claim], message: str) -> list[int]:
-    """claimed -> queued for claims a stopping worker will not process (the attempt
-    stays counted: the task was handed out)."""
+def release_by_worker(
+    identity: Identity, claims: list[Claim], message: str, counted: bool = True
+) -> list[int]:
+    """claimed -> queued for claims given back: an agent's release or a session's end
+    counts the attempt (the task was handed out); a stopping worker's claims it never
+    started do not (`counted=False`), or each drain would bring a batch nearer its
+    attempts' limit."""
+    values = {"status": Status.QUEUED, **no_holder()}
+    if not counted:
+        values["attempts"] = F("attempts") - 1
     changed = []
     for mine in _held(identity, claims):
-        changed += _move(
-            mine,
-            {"status": Status.QUEUED, **no_holder()},
-            EventKind.RELEASED,
-            identity.worker,
-            message,
-        )
+        changed += _move(mine, values, EventKind.RELEASED, identity.worker, message)
     return changed
 
 
@@ -263,11 +264,12 @@ def _finish_values(result: Result, now) -> dict:
     values = result.row_values()
     if result.status != Status.QUEUED:
         return {"updated_at": now, **ended(now), **values}
-    # Given back: the task was not at fault. A quota or rate limit does not count the
-    # attempt either; anything else (the agent asked to be retried) does.
+    # Given back: the task was not at fault. A quota or rate limit, or an agent ended
+    # because its worker or herd stopped, does not count the attempt either; anything
+    # else (the agent asked to be retried) does.
     back = {"updated_at": now, **no_holder()}
     back.update({k: values[k] for k in ("status", "output_tail", "reason", "result")})
-    if result.data.get("quota"):
+    if result.data.get("quota") or result.data.get("stopped"):
         back["attempts"] = F("attempts") - 1
     return back
 

@@ -200,6 +200,7 @@ class Worker:
                     batch[i:],
                     self.owner_file,
                     f"worker stopping: {self.stop_reason}",
+                    False,
                 )
                 self._let_go(batch[i:])
                 self.stats.released += len(batch) - i
