@@ -18,12 +18,14 @@ from pathlib import Path
 import psutil
 import pytest
 from django.conf import settings
+from django.db import OperationalError
 
 from tests.conftest import make_tasks, run_manage, start_manage
-from workqueue import agent_tree, locks, reaper
-from workqueue.models import Status, Task
+from workqueue import agent_tree, locks, reaper, transitions
+from workqueue.models import EventKind, Status, Task
 from workqueue.processing import Claim
 from workqueue.processors import TAIL_CHARS, CommandProcessor
+from workqueue.worker import Worker
 
 AGENT = str(Path(__file__).parent / "scripts" / "hostile_agent.py")
 
@@ -418,3 +420,59 @@ def test_an_agent_working_on_with_closed_pipes_still_meets_its_timeout():
     ended = run.wait()
     assert ended.timed_out and ended.survivors == []
     assert ended.seconds < 1.5 + 10
+
+
+def test_a_worker_paused_past_its_lease_ends_its_agent_tree_as_it_resumes(
+    process_env, tmp_path, cleanup
+):
+    """Another host's reaper cannot end an agent here: it takes back a claim whose lease
+    ran out. A worker paused past its lease (a VM paused, SIGSTOP) resumed with its
+    agent at work beside the agent of whoever claimed the task next: two agents on one
+    task."""
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    there = {**process_env, "HYPERVISOR_HOST": "another-host"}
+    worker = start_manage(work_with_agent(record, "escape", options=["--lease", "3"]), there)
+    cleanup.append(worker.pid)
+    pids = recorded(record, {"agent", "escaped"})
+    cleanup.extend(pids.values())
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        time.sleep(4)
+        assert [s.why for s in reaper.release_stale_claims("q").requeued] == ["lease expired"]
+        assert alive(pids["agent"]) and alive(pids["escaped"])  # not ours to end
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert wait_gone(pids.values(), timeout=3), "the lost claim's agent works on"
+    task = Task.objects.get()
+    deadline = time.monotonic() + 10
+    while not task.events.filter(kind=EventKind.LATE_FINISH_REFUSED).exists():
+        assert time.monotonic() < deadline, "the worker never reported its claim lost"
+        time.sleep(0.1)
+    refused = task.events.get(kind=EventKind.LATE_FINISH_REFUSED)
+    assert refused.data["status"] == Status.QUEUED
+    worker.kill()
+    worker.wait()
+    cleanup.extend(int(line.split()[1]) for line in record.read_text().splitlines())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_that_cannot_renew_its_lease_ends_its_agent_before_the_lease_runs_out(
+    monkeypatch, tmp_path
+):
+    """The database out of a worker's reach (a network cut), the claim's lease runs out
+    and any host may take the task back: its agent must not work on past that."""
+    make_tasks("q", 1)
+
+    def unreachable(*args):
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(transitions, "heartbeat", unreachable)
+    agent = [sys.executable, "-c", "import time; time.sleep(30)"]
+    worker = Worker("q", CommandProcessor(agent), lease_seconds=3)
+    started = time.monotonic()
+    worker.run()
+    assert time.monotonic() - started < 10
+    task = Task.objects.get()
+    assert (task.status, task.attempts) == (Status.QUEUED, 0)
+    assert task.reason.startswith("agent ended: its lease was not renewed for 2 s")

@@ -74,13 +74,16 @@ class WorkContext:
         dry_run: bool = False,
         agent_started: Callable[[Claim, int, float], None] | None = None,
         ending: Callable[[], bool] | None = None,
+        why_ending: Callable[[], str] | None = None,
     ):
         self.worker_name = worker_name
         # The worker claims no more (a drain, a first Ctrl-C): the task at hand finishes,
         # and an agent killed meanwhile (a cancel signals its whole tree) is given back.
         self.stopping = stopping
-        # The agent at work is to be ended now (a second Ctrl-C).
+        # The agent at work is to be ended now (a second Ctrl-C, its claim lost), and why
+        # when it is not the worker's stop.
         self.ending = ending or stopping
+        self.why_ending = why_ending or (lambda: "")
         self.dry_run = dry_run
         # Records an agent's process group on its claim (the worker writes the row).
         self.agent_started = agent_started or (lambda claim, pgid, started: None)

@@ -200,7 +200,9 @@ class CommandProcessor(Processor):
         elif ended.stopped or (ended.code is not None and ended.code < 0 and context.stopping()):
             # Ended with the worker (a second Ctrl-C) or with the herd (a cancel, which
             # signals the agent before the worker): the task is not at fault.
-            result = Result(status=Status.QUEUED, reason="worker stopped", data={"stopped": True})
+            why = context.why_ending()
+            reason = f"agent ended: {why}" if why else "worker stopped"
+            result = Result(status=Status.QUEUED, reason=reason, data={"stopped": True})
         elif ended.timed_out:
             adapter.finish_stream()
             if adapter.quota:  # a CLI retrying a rate limit until the timeout

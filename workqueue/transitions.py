@@ -183,6 +183,11 @@ def heartbeat(identity: Identity, claims: list[Claim], lease_seconds: int) -> in
     return renewed
 
 
+def still_held(identity: Identity, claims: list[Claim]) -> set[int]:
+    """The ids of `claims` this worker holds now (the rest were taken back)."""
+    return {pk for mine in _held(identity, claims) for pk in mine.values_list("pk", flat=True)}
+
+
 def record_agent(identity: Identity, claim: Claim, pgid: int, started: float) -> bool:
     """Note on the claim the process group of the agent working on it."""
     with write_transaction():

@@ -100,13 +100,20 @@ class Worker:
             lambda: self.stop_requested,
             dry_run,
             self._agent_started,
-            ending=lambda: self.signals_received > 1,
+            ending=self._agent_must_end,
+            why_ending=lambda: self.why_ending,
         )
+        self.why_ending = ""
         # Tasks to pass over: an outside process holds their lock, or this worker gave
         # them back.
         self.busy: dict[int, float] = {}
         # The claims held now, by task id: what the heartbeat renews.
         self.held: dict[int, Claim] = {}
+        # When each held claim's lease was last made fresh (monotonic, taken before the
+        # write), and the claims the heartbeat found taken from us (by id and fence).
+        self.renewed: dict[int, float] = {}
+        self.lost: set[tuple[int, int]] = set()
+        self.heartbeat_interval = max(0.5, min(self.lease_seconds / 3, 10))
         self._held_lock = threading.Lock()
         self._beating = threading.Event()
 
@@ -130,6 +137,26 @@ class Worker:
                     f"{self.identity.worker}: finishing {self.current.key}, then stopping; "
                     f"{name} again ends its agent now\n".encode(errors="replace"),
                 )
+
+    def _agent_must_end(self) -> bool:
+        """The agent at work is ended now: a second signal, or its claim is no longer ours
+        to keep. Another host's reaper cannot end our agents; it takes back a claim whose
+        lease ran out, so the holder ends its agent first: when the heartbeat finds the
+        claim taken, or when its lease was last renewed nearly a lease ago (a database
+        out of reach, a worker that was paused)."""
+        claim = self.current
+        if self.signals_received > 1 or claim is None:
+            return self.signals_received > 1
+        if (claim.id, claim.fence) in self.lost:
+            self.why_ending = "its claim was taken back (its lease had run out)"
+            return True
+        unrenewed = time.monotonic() - self.renewed.get(claim.id, time.monotonic())
+        if unrenewed > max(
+            self.lease_seconds - self.heartbeat_interval, 2 * self.heartbeat_interval
+        ):
+            self.why_ending = f"its lease was not renewed for {unrenewed:.0f} s"
+            return True
+        return False
 
     def stop(self, reason: str) -> None:
         if not self.stop_requested:
@@ -190,7 +217,7 @@ class Worker:
         if not batch:
             return False
         self.stats.claimed += len(batch)
-        self._hold(batch)
+        self._hold(batch, started)
         done: list[tuple[Claim, Result]] = []
         for i, claim in enumerate(batch):
             if self.stop_requested:
@@ -205,7 +232,7 @@ class Worker:
                 self._let_go(batch[i:])
                 self.stats.released += len(batch) - i
                 break
-            self.current = claim
+            self.current, self.why_ending = claim, ""
             if not self.processor.finish_in_batches:
                 signals.task_started.send(sender=self, claim=claim)
             result = self.processor.process(claim, self.context)
@@ -278,24 +305,46 @@ class Worker:
                 )
         signals.tasks_finished.send(sender=self, finished=done, refused=report.refused)
 
-    def _hold(self, batch: list[Claim]) -> None:
+    def _hold(self, batch: list[Claim], since: float) -> None:
         with self._held_lock:
             self.held.update((claim.id, claim) for claim in batch)
+            self.renewed.update((claim.id, since) for claim in batch)
 
     def _let_go(self, ended: list[Claim]) -> None:
         with self._held_lock:
             for claim in ended:
                 self.held.pop(claim.id, None)
+                self.renewed.pop(claim.id, None)
+                self.lost.discard((claim.id, claim.fence))
+
+    def _renew(self) -> None:
+        with self._held_lock:
+            held = list(self.held.values())
+        if not held:
+            return
+        since = time.monotonic()
+        kept = {c.id for c in held}
+        if transitions.heartbeat(self.identity, held, self.lease_seconds) < len(held):
+            kept = transitions.still_held(self.identity, held)
+        with self._held_lock:
+            for claim in held:
+                if claim.id not in self.held:
+                    continue  # finished meanwhile
+                if claim.id in kept:
+                    self.renewed[claim.id] = since
+                elif (claim.id, claim.fence) not in self.lost:
+                    self.lost.add((claim.id, claim.fence))
+                    log.warning(
+                        "%s: claim of %s lost: its agent is ended",
+                        self.identity.worker,
+                        claim.key,
+                    )
 
     def _heartbeat_loop(self) -> None:
-        interval = max(0.5, min(self.lease_seconds / 3, 10))
         try:
-            while not self._beating.wait(interval):
+            while not self._beating.wait(self.heartbeat_interval):
                 try:
-                    with self._held_lock:
-                        held = list(self.held.values())
-                    if held:
-                        transitions.heartbeat(self.identity, held, self.lease_seconds)
+                    self._renew()
                     signals.worker_heartbeat.send(sender=self)
                 except Exception:  # a lost heartbeat is retried; the lease covers the gap
                     log.exception("heartbeat failed")
