@@ -360,7 +360,8 @@ def test_short_safe_keys_keep_their_names():
 def foreign_lock(key: str, owner, age: float = 0) -> Path:
     lock = locks.lock_dir("q", key)
     lock.mkdir(parents=True)
-    (lock / "owner.json").write_text(owner if isinstance(owner, str) else json.dumps(owner))
+    if owner is not None:
+        (lock / "owner.json").write_text(owner if isinstance(owner, str) else json.dumps(owner))
     if age:
         then = time.time() - age
         os.utime(lock, (then, then))
@@ -373,6 +374,11 @@ FOREIGN_OWNERS = {
     "bad-pid": lambda: {"host": settings.HYPERVISOR_HOST, "pid": "not a pid"},
     # A digit int() cannot read (str.isdigit() takes it): the reaper raised ValueError.
     "superscript-pid": lambda: {"host": settings.HYPERVISOR_HOST, "pid": "\u00b2"},
+    # An outside tool's `mkdir` alone, or its own words: taken over after a minute, as
+    # if a worker of ours had died making it.
+    "no-owner-file": lambda: None,
+    "a-note": lambda: "held by nic's script\n",
+    "a-list": lambda: "[]",
 }
 
 
@@ -399,6 +405,17 @@ def test_a_worker_takes_over_a_foreign_lock_past_the_age_limit(settings, lock_ro
     assert locks.read_owner(locks.lock_dir("q", "t000000"))["worker"] == "me"
     busy = TaskEvent.objects.get(task__key="t000001", kind=EventKind.LOCK_BUSY)
     assert busy.data["owner"]["since"] == pytest.approx(held.stat().st_mtime)
+
+
+@pytest.mark.django_db
+def test_a_worker_leaves_a_lock_an_outside_tool_made_with_mkdir_alone(settings, lock_root):
+    # It was taken over after 60 s, the outside tool and our agent both at work.
+    make_tasks("q", 1)
+    foreign_lock("t000000", None, age=90)
+    me = Identity.current("me")
+    assert claims.claim_ready_tasks("q", me, OwnerFile(me), limit=1) == []
+    assert locks.read_owner(locks.lock_dir("q", "t000000")) is None
+    assert Task.objects.get().status == Status.QUEUED
 
 
 @pytest.mark.django_db

@@ -240,15 +240,18 @@ def owner_is_dead(host: str | None, pid: int | None, started: float | None) -> b
         return False
 
 
-def abandoned(owner: dict | None, age_seconds: float) -> bool:
-    """A lock-root entry to clean: its owner is dead here, it never got an owner, or its
-    owner is not one of ours and older than HYPERVISOR_FOREIGN_LOCK_MAX_AGE.
+def abandoned(owner: dict | None, age_seconds: float, spare: bool = False) -> bool:
+    """A lock-root entry to clean: its owner is dead here, a spare of ours never got an
+    owner, or its owner is not one of ours and older than HYPERVISOR_FOREIGN_LOCK_MAX_AGE.
 
     A live owner of ours may be between finish and release; a foreign one (no start time,
-    no pid, another format) is judged by its pid and age, never trusted for ever.
+    no pid, another format) is judged by its pid and age, never trusted for ever. A lock
+    directory with no owner record of ours is an outside tool's (`mkdir` alone, a note in
+    its own words): ours appear with their owner, but for the instant between `mkdir` and
+    `link` where renameat2 is missing.
     """
     if owner is None:
-        return age_seconds > 60
+        return age_seconds > (60 if spare else settings.HYPERVISOR_FOREIGN_LOCK_MAX_AGE)
     if owner_record_is_dead(owner):
         return True
     return is_foreign(owner) and age_seconds > settings.HYPERVISOR_FOREIGN_LOCK_MAX_AGE
@@ -732,7 +735,7 @@ def leftovers() -> list[Path]:
                         owner = _read_lock_owner(folder, entry, path)
                     else:
                         owner = _read_owner_at(folder, entry, path)
-                    if abandoned(owner, now - st.st_mtime):
+                    if abandoned(owner, now - st.st_mtime, spare=True):
                         found.append(Path(root, name, entry))
     finally:
         os.close(root_fd)
