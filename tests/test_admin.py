@@ -248,6 +248,49 @@ def test_requeue_and_block_actions_record_events(admin_client):
     assert TaskEvent.objects.filter(task=queued, kind=EventKind.BLOCKED).exists()
 
 
+def test_the_admins_state_actions_write_the_status_into_the_file_as_the_boards_do(
+    admin_client, task_file
+):
+    """Mark done, Block and Requeue changed the row only: the file still said `status:
+    inbox`, and a fresh import brought a closed task back to be worked again."""
+    task, path = task_file
+    steps = [
+        ("mark_done", Status.DONE, ["status: done\n", "close_reason: closed by admin:admin\n"]),
+        ("requeue_tasks", Status.QUEUED, ["status: queued\n"]),
+        ("block_tasks", Status.BLOCKED, ["status: blocked\n", "blocked_reason: blocked by"]),
+    ]
+    for action, status, lines in steps:
+        response = admin_client.post(
+            CHANGELIST, {"action": action, "_selected_action": [task.pk]}, follow=True
+        )
+        assert Task.objects.get(pk=task.pk).status == status
+        text = path.read_text()
+        assert all(line in text for line in lines), (action, text)
+    messages = [str(m) for m in response.context["messages"]]
+    assert messages == ["Blocked 1 task(s)."]
+    response = admin_client.post(
+        CHANGELIST, {"action": "block_tasks", "_selected_action": [task.pk]}, follow=True
+    )
+    messages = [str(m) for m in response.context["messages"]]
+    assert messages == [
+        "Blocked 0 task(s).",
+        "1 selected task(s) not claimed or queued: left alone.",
+    ]
+
+
+def test_an_admin_release_writes_the_edit_that_waited_for_the_claim(admin_client, task_file):
+    task, path = task_file
+    task = claim_with_lock(task, os.getpid())
+    url, data = saved_as_shown(admin_client, task)
+    data["title"] = "Two"
+    assert admin_client.post(url, data).status_code == 302
+    assert "title: 'Fix the login bug'" in path.read_text()  # the holder's file
+    admin_client.post(CHANGELIST, {"action": "release_claims", "_selected_action": [task.pk]})
+    task.refresh_from_db()
+    assert (task.status, task.title, task.change_pending) == (Status.QUEUED, "Two", False)
+    assert "title: 'Two'   # keep this comment" in path.read_text()
+
+
 def test_release_stale_claims_action(admin_client, lock_root):
     (task,) = make_tasks("q", 1)
     task = claim_with_lock(task, dead_pid())

@@ -11,7 +11,6 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from hypervisor_site.writers import write_transaction
-from workqueue import actions as task_actions
 from workqueue import editing, reaper
 from workqueue.editing import FIELDS
 from workqueue.forms import StorableJSONField, TaskAdminForm
@@ -196,54 +195,40 @@ class TaskAdmin(admin.ModelAdmin):
     def _actor(self, request: HttpRequest) -> str:
         return f"admin:{request.user.get_username()}"
 
+    # The board's transitions (editing.edit_tasks): the task's file gets the new status,
+    # and an edit that waited for a released claim is written.
     @admin.action(description="Requeue selected done or blocked tasks", permissions=["change"])
     def requeue_tasks(self, request: HttpRequest, queryset) -> None:
-        actor = self._actor(request)
-        done = self._each(
-            request,
-            queryset.filter(status__in=[Status.DONE, Status.BLOCKED]),
-            lambda task: task_actions.requeue(task, actor, "requeued from the admin"),
-        )
-        self.message_user(request, f"Requeued {done} task(s).", messages.SUCCESS)
+        self._act(request, queryset, "requeue", "", "Requeued {} task(s).")
 
     @admin.action(description="Release selected claims", permissions=["change"])
     def release_claims(self, request: HttpRequest, queryset) -> None:
-        actor = self._actor(request)
-        done = self._each(
-            request,
-            queryset.filter(status=Status.CLAIMED),
-            lambda task: task_actions.release(task, actor, "released from the admin"),
-        )
-        self.message_user(request, f"Released {done} claim(s).", messages.SUCCESS)
+        self._act(request, queryset, "release", "", "Released {} claim(s).")
 
     @admin.action(description="Mark selected tasks done", permissions=["change"])
     def mark_done(self, request: HttpRequest, queryset) -> None:
-        actor = self._actor(request)
-        done = self._each(
-            request,
-            queryset.exclude(status=Status.DONE),
-            lambda task: task_actions.mark_done(task, actor, f"closed by {actor}"),
-        )
-        self.message_user(request, f"Marked {done} task(s) done.", messages.SUCCESS)
+        reason = f"closed by {self._actor(request)}"
+        self._act(request, queryset, "close", reason, "Marked {} task(s) done.")
 
     @admin.action(description="Block selected tasks", permissions=["change"])
     def block_tasks(self, request: HttpRequest, queryset) -> None:
-        actor = self._actor(request)
-        done = self._each(
-            request,
-            queryset.filter(status__in=[Status.QUEUED, Status.CLAIMED]),
-            lambda task: task_actions.block(task, actor, f"blocked by {actor}"),
-        )
-        self.message_user(request, f"Blocked {done} task(s).", messages.SUCCESS)
+        reason = f"blocked by {self._actor(request)}"
+        self._act(request, queryset, "block", reason, "Blocked {} task(s).")
 
-    def _each(self, request: HttpRequest, tasks, change) -> int:
-        done = 0
-        for task in tasks:
-            try:
-                done += change(task)
-            except task_actions.AgentStillRunning as exc:
-                self.message_user(request, str(exc), messages.ERROR)
-        return done
+    def _act(self, request: HttpRequest, queryset, action: str, reason: str, done: str) -> None:
+        applies_to = editing.STATE_ACTIONS[action][1]
+        ids = list(queryset.filter(status__in=applies_to).values_list("pk", flat=True))
+        others = queryset.count() - len(ids)
+        report = editing.edit_tasks(ids, self._actor(request), action=action, reason=reason)
+        self.message_user(request, done.format(report.changed), messages.SUCCESS)
+        if others:
+            states = " or ".join(sorted(applies_to))
+            self.message_user(request, f"{others} selected task(s) not {states}: left alone.")
+        for skipped in report.skipped[:20]:
+            self.message_user(request, f"{skipped['key']}: {skipped['why']}", messages.ERROR)
+        if len(report.skipped) > 20:
+            more = len(report.skipped) - 20
+            self.message_user(request, f"and {more} more left as they were", messages.ERROR)
 
     @admin.action(
         description="Release stale claims in the selected tasks' queues", permissions=["change"]
