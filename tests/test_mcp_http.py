@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 from mcp.shared.exceptions import MCPError
 
@@ -299,3 +301,40 @@ def test_a_body_over_the_upload_limit_is_refused_in_json_naming_the_limit(client
     response = post_json_rpc(client, {**INITIALIZE, "padding": "x" * 1000})
     assert response.status_code == 413
     assert response.json() == {"error": "the request body is over the 1,000-byte limit"}
+
+
+def staff_with(name: str, *codenames: str) -> Client:
+    user = User.objects.create_user(name, is_staff=True)
+    for codename in codenames:
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label="pull_api", codename=codename)
+        )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.django_db
+def test_in_the_admin_a_revoked_token_stays_revoked_and_revoking_takes_change():
+    """A staff user with change permission cleared "Revoked at" and a leaked token worked
+    again; one with view permission alone revoked every user's tokens, with no word."""
+    owner = User.objects.create_user("owner")
+    token, secret = ApiToken.issue(owner, "agent1")
+    viewer = staff_with("viewer", "view_apitoken")
+    response = viewer.post(
+        "/admin/pull_api/apitoken/", {"action": "revoke", "_selected_action": [token.pk]}
+    )
+    assert ApiToken.authenticate(secret) is not None
+    editor = staff_with("editor", "view_apitoken", "change_apitoken")
+    response = editor.post(
+        "/admin/pull_api/apitoken/",
+        {"action": "revoke", "_selected_action": [token.pk]},
+        follow=True,
+    )
+    assert [str(m) for m in response.context["messages"]] == ["Revoked 1 token(s)."]
+    assert ApiToken.authenticate(secret) is None
+    change = reverse("admin:pull_api_apitoken_change", args=[token.pk])
+    editor.post(change, {"revoked_at_0": "", "revoked_at_1": ""})
+    assert ApiToken.authenticate(secret) is None
+    token.refresh_from_db()
+    assert token.revoked_at is not None
