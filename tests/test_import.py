@@ -163,6 +163,52 @@ def test_a_renamed_or_moved_file_keeps_its_task_and_is_not_missing(write_task, e
     assert (again.missing, again.updated, again.unchanged) == (0, 0, 1)
 
 
+def test_a_file_given_a_new_id_gives_its_task_the_new_id_not_a_second_task(write_task):
+    """The old task stayed, ready and not missing, beside a new one made from the same
+    file: two workers worked the one file."""
+    path = write_task("a.md", GOOD.format(id="A-1", title="Alpha"))
+    import_folder(write_task.folder)
+    first = Task.objects.get()
+    path.write_text(GOOD.format(id="A-2", title="Alpha, renamed"))
+    report = import_folder(write_task.folder)
+    assert (report.imported, report.updated, report.errors) == (0, 1, [])
+    task = Task.objects.get()
+    assert (task.pk, task.key, task.title, task.source_missing) == (
+        first.pk,
+        "A-2",
+        "Alpha, renamed",
+        False,
+    )
+    assert task.events.filter(message="id changed from A-1").exists()
+    assert import_folder(write_task.folder).unchanged == 1
+
+
+def test_a_claimed_tasks_new_id_waits_for_the_claim_and_says_so(write_task):
+    path = write_task("a.md", GOOD.format(id="A-1", title="Alpha"))
+    import_folder(write_task.folder)
+    Task.objects.update(status=Status.CLAIMED, holder="w1")
+    path.write_text(GOOD.format(id="A-2", title="Alpha"))
+    report = import_folder(write_task.folder)
+    assert [e["error"] for e in report.errors] == [
+        "its id changed from 'A-1' to 'A-2' while 'A-1' is claimed: an import after the "
+        "claim ends gives the task its new id"
+    ]
+    assert list(Task.objects.values_list("key", flat=True)) == ["A-1"]
+    Task.objects.update(status=Status.QUEUED, holder="")
+    assert import_folder(write_task.folder).updated == 1
+    assert list(Task.objects.values_list("key", flat=True)) == ["A-2"]
+
+
+def test_a_task_file_that_became_a_folder_is_missing(write_task):
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    path.unlink()
+    path.mkdir()
+    report = import_folder(write_task.folder)
+    assert report.missing == 1
+    assert Task.objects.get().source_missing
+
+
 def test_queue_file_lists_paths_and_bare_ids(write_task, tmp_path):
     write_task("a.md", GOOD.format(id="T-1", title="First"))
     queue_file = write_task.folder / "queue.txt"

@@ -356,6 +356,9 @@ class Importer:
         if key in self.seen_keys and self.seen_keys[key] != spath:
             self.report.error(path, f"duplicate id {key!r}: also used by {self.seen_keys[key]}")
             return
+        renamed = known and known[5] != key and key not in self.keys
+        if renamed and not self._rename(known, key, path):
+            return
         existing = self.keys.get(key)
         other = existing[1] if existing else ""
         if other and other != spath and self._still_claims(other, key):
@@ -375,9 +378,30 @@ class Importer:
         else:
             self._create(key, fields, source_fields)
 
+    def _rename(self, known: tuple, key: str, path: Path) -> bool:
+        """A file now says a new id: its task takes it (else a second task would be made
+        from the same file and both worked). Not while a worker holds the task under its
+        old id (its lock is named by it): the file is named, and read again later."""
+        pk, old = known[0], known[5]
+        if self.seen_keys.get(old, str(path)) != str(path):
+            return True  # the old id went to another file in this import: a new task
+        if not Task.objects.filter(pk=pk).exclude(status=Status.CLAIMED).update(key=key):
+            self.report.error(
+                path,
+                f"its id changed from {old!r} to {key!r} while {old!r} is claimed: "
+                "an import after the claim ends gives the task its new id",
+            )
+            return False
+        TaskEvent.objects.create(
+            task_id=pk, kind=EventKind.UPDATED, actor="import", message=f"id changed from {old}"
+        )
+        self.keys[key] = self.keys.pop(old)
+        self.seen_keys.pop(old, None)
+        return True
+
     def _still_claims(self, other: str, key: str) -> bool:
         """Whether the file a task came from still exists and (as far as we know) keeps its id."""
-        if not Path(other).exists():
+        if not Path(other).is_file():
             return False  # the file moved: the task follows it
         return other not in self.seen_paths or self.seen_keys.get(key) == other
 
@@ -490,7 +514,7 @@ class Importer:
             (pk, p)
             for pk, p in gone
             if not self.known[p][4]
-            and not Path(p).exists()
+            and not Path(p).is_file()  # gone, or a folder now
             and self.keys.get(self.known[p][5], (None, p))[1] == p  # not moved elsewhere
         ]
         if not gone:
