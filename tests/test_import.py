@@ -228,7 +228,19 @@ BAD_INPUTS = [
     ("alias.md", b"---\na: &a [x, x]\nb: [*a, *a]\n---\n", "aliases"),
     ("pytag.md", b"---\nx: !!python/object/apply:os.system ['true']\n---\n", "safe loading"),
     ("priority.md", b"---\npriority: whenever\n---\n", "priority: 'whenever'"),
-]
+    # Stored before as Python's repr, or cut to the most urgent priority, without a word.
+    ("id-map.md", b"---\nid: {a: 1}\n---\n", "id: a mapping, not text"),
+    ("id-list.md", b"---\nid: [a, b]\n---\n", "id: a list, not one value"),
+    ("status-list.md", b"---\nstatus: [done, queued]\n---\n", "status: a list, not one"),
+    ("project-map.md", b"---\nproject: {a: [1, 2]}\n---\n", "project: a mapping, not text"),
+    ("title-map.md", b"---\ntitle: {x: 1}\n---\n", "title: a mapping, not text"),
+    ("tags-map.md", b"---\ntags: {x: 1, y: 2}\n---\n", "tags: a mapping, not a list"),
+    ("deps-nested.md", b"---\ndepends_on: [a, [b, c]]\n---\n", "depends_on: item 2 is a list"),
+    ("priority-0.9.md", b"---\npriority: 0.9\n---\n", "priority: 0.9 is not a whole number"),
+    # PyYAML keeps the last of a key given twice: a merge's `status: queued` won.
+    ("twice.md", b"---\nid: d\nstatus: done\ntitle: t\nstatus: queued\n---\n",
+     "status: given twice (line 5)"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "raw", "message"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])

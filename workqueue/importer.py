@@ -347,6 +347,7 @@ class Importer:
             return
         try:
             parsed = taskfile.parse(raw)
+            taskfile.check_shapes(parsed.frontmatter)
             key = self._key(parsed.frontmatter, path, source.base)
             fields = task_fields(parsed, path)
             check_columns({"key": key, "source_path": spath})
@@ -554,6 +555,7 @@ class Importer:
 def task_fields(parsed: taskfile.TaskFile, path: Path | None) -> dict:
     """A file's column values, checked against the columns (TaskFileError names the field)."""
     fm = parsed.frontmatter
+    taskfile.check_shapes(fm)
     title_limit = Task._meta.get_field("title").max_length
     fields = {
         "title": taskfile.title(fm, parsed.body, path.stem if path else "", title_limit),

@@ -18,6 +18,26 @@ try:
 except ImportError:  # PyYAML built without libyaml
     from yaml import SafeLoader
 
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping: PyYAML keeps the last
+    without a word (`status: done`, then a merge's `status: queued`, read as queued)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    line = key_node.start_mark.line + 2  # the file's: after its `---`
+                    raise DuplicateKey(f"{key_node.value[:80]}: given twice (line {line})")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 FENCE = re.compile(r"^---[ \t]*\r?\n", re.ASCII)
 CLOSING = re.compile(r"^(?:---|\.\.\.)[ \t]*\r?$", re.MULTILINE)
 HEADING = re.compile(r"^#[ \t]+(.+)$", re.MULTILINE)  # closing #s are cut in `title`
@@ -130,7 +150,9 @@ def load_yaml(yaml_text: str) -> dict:
         # Aliases let a few lines expand into gigabytes (the "billion laughs").
         raise TaskFileError("YAML aliases (*name) are not allowed in frontmatter")
     try:
-        data = yaml.load(yaml_text, Loader=SafeLoader)  # noqa: S506 - SafeLoader
+        data = yaml.load(yaml_text, Loader=UniqueKeyLoader)  # noqa: S506 - SafeLoader's
+    except DuplicateKey as exc:
+        raise TaskFileError(str(exc)) from None
     except yaml.constructor.ConstructorError as exc:
         tag = getattr(exc, "problem", "") or str(exc)
         raise TaskFileError(
@@ -195,6 +217,29 @@ def _jsonable(value, depth=0):
     return value
 
 
+# The fields that fill columns: text (a list of texts joined), or a list of texts.
+TEXT_FIELDS = ("id", "title", "status", "project", "assignee", "type", "complexity")
+LIST_FIELDS = ("tags", "depends_on")
+ONE_VALUE = ("id", "status")
+
+
+def check_shapes(fm: dict) -> None:
+    """A mapping, or a list inside a list, where a column's text belongs is refused naming
+    the field: stored, it was Python's repr (`{'a': 1}` as a task's id or tag)."""
+    for name in TEXT_FIELDS + LIST_FIELDS:
+        value = fm.get(name)
+        wanted = "a list of texts" if name in LIST_FIELDS else "text"
+        if isinstance(value, dict):
+            raise TaskFileError(f"{name}: a mapping, not {wanted}")
+        if isinstance(value, list):
+            if name in ONE_VALUE:
+                raise TaskFileError(f"{name}: a list, not one value")
+            for i, item in enumerate(value, 1):
+                if isinstance(item, dict | list):
+                    shape = "a mapping" if isinstance(item, dict) else "a list"
+                    raise TaskFileError(f"{name}: item {i} is {shape}, not text")
+
+
 def text_field(fm: dict, name: str, limit: int | None = 200) -> str:
     """A frontmatter value as text, cut to `limit` (None: whole, for callers that validate)."""
     value = fm.get(name)
@@ -224,6 +269,9 @@ def priority(fm: dict) -> int:
         raise TaskFileError(f"priority: {value!r} is not a number or P0-P4/high/medium/low")
     if isinstance(value, float) and not math.isfinite(value):
         raise TaskFileError(f"priority: {value!r} is not a finite number")
+    if isinstance(value, float) and not value.is_integer():
+        # int() would make 0.9 the most urgent, P0.
+        raise TaskFileError(f"priority: {value!r} is not a whole number")
     if isinstance(value, int | float):
         return int(value)
     word = str(value).strip().lower()
