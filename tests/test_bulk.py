@@ -8,10 +8,11 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import OperationalError
 from django.test import Client
 from django.utils import timezone
 
-from workqueue import bulk
+from workqueue import bulk, editing
 from workqueue.importer import Importer
 from workqueue.models import BulkAction, BulkChange, EventKind, SavedView, Status, Task, TaskEvent
 
@@ -309,3 +310,22 @@ def test_an_action_no_consumer_picks_up_says_what_it_waits_for(alice, inbox):
     assert "python manage.py run_huey" in html
     BulkAction.objects.filter(pk=action.pk).update(status="running")
     assert "consumer" not in alice.get(f"/bulk/{action.pk}/").content.decode()
+
+
+def test_a_batch_the_database_fails_leaves_no_temporary_beside_its_files(
+    db, inbox, write_task, monkeypatch
+):
+    """The batch's temporaries are written before its transaction: a database error there
+    (a lost connection, "database is locked") left one beside every file, and nothing
+    ever removed them (the reaper removes dead workers' only)."""
+    tasks = inbox(3)
+    before = snapshot(inbox, tasks)
+
+    def lost(*args):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(editing, "_transitions", lost)
+    with pytest.raises(OperationalError):
+        editing.edit_tasks([t.pk for t in tasks], "me", action="close", reason="done")
+    assert sorted(p.name for p in write_task.folder.iterdir()) == ["t000.md", "t001.md", "t002.md"]
+    assert snapshot(inbox, tasks) == before

@@ -451,6 +451,17 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
                 discard(plan.temporary)
                 report.skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
         live = [p for p in live if not p.temporary]
+    try:
+        return _commit_live(live, actor, report, now)
+    finally:
+        # A database error before a rename left its temporary: none is left behind (a
+        # renamed one is gone from its name already).
+        for plan in live:
+            if plan.temporary:
+                discard(plan.temporary)
+
+
+def _commit_live(live: list[_Plan], actor: str, report: BulkReport, now) -> list[Applied]:
     applied, updates, events = [], [], []
     with transaction.atomic():
         rows = dict(
