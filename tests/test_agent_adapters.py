@@ -363,3 +363,72 @@ def test_a_final_message_streamed_in_pieces_keeps_only_its_end():
     assert len(adapter.final) == FINAL_LIMIT  # not the 5 MB the agent printed
     assert adapter.final.endswith("x\nBLOCKED: t1")
     assert result.status == Status.BLOCKED
+
+
+# A helper's audit of the adapters (stop 35): each fails on the code before it.
+
+
+@pytest.mark.parametrize("name", ["gemini", "codex"])
+def test_a_cli_that_exits_0_with_no_result_is_blocked_not_done(name):
+    """A wrapper, a crash that exits 0, Gemini CLI heeding a SIGTERM: closed as done with
+    nothing done (Claude's adapter already blocked it)."""
+    _adapter, result = run(name, "", "", code=0)
+    assert (result.status, result.reason) == (Status.BLOCKED, f"{name} ended without a result")
+    _adapter, done = run(
+        name, sample({"gemini": "gemini_stream.jsonl"}.get(name, "codex_exec.jsonl"))
+    )
+    assert done.status == Status.DONE
+
+
+def test_claude_on_overage_that_finished_is_done_not_given_back():
+    """Claude Code on overage says `rejected` with `isUsingOverage` and goes on; a run that
+    met any limit on the way and ended in success is done, not done twice."""
+    overage = {
+        "type": "rate_limit_event",
+        "rate_limit_info": {
+            "status": "rejected", "overageStatus": "allowed", "isUsingOverage": True,
+            "resetsAt": 1785651000, "rateLimitType": "five_hour",
+        },
+    }  # fmt: skip
+    stream = sample("claude_stream.jsonl").splitlines()
+    adapter, result = run("claude", "\n".join([stream[0], json.dumps(overage), *stream[1:]]))
+    assert result.status == Status.DONE and not adapter.quota
+    rejected = {**overage, "rate_limit_info": {"status": "rejected", "resetsAt": 1785651000}}
+    _adapter, result = run("claude", "\n".join([stream[0], json.dumps(rejected), *stream[1:]]))
+    assert result.status == Status.DONE  # its result is a success: the limit came and went
+
+
+def test_a_completed_line_naming_another_task_finishes_nothing():
+    final = {"type": "result", "subtype": "success", "result": "All good.\nCOMPLETED: t2"}
+    _adapter, result = run("claude", json.dumps(final))
+    assert (result.status, result.reason) == (
+        Status.BLOCKED,
+        "the agent reported another task done (t2), not t1",
+    )
+    for words in ("COMPLETED: t1", "COMPLETED: `t1`.", "COMPLETED: fixed the login bug"):
+        _adapter, result = run("claude", json.dumps({**final, "result": words}))
+        assert result.status == Status.DONE, words
+
+
+def test_an_agents_own_blocked_verdict_about_a_429_is_not_its_quota():
+    options = AgentOptions(quota_pattern=r"\b429\b|rate limit|quota exceeded")
+    said = '{"status": "blocked", "reason": "the vendor API answers 429 to bulk calls"}'
+    _adapter, result = run("generic", said, "", code=0, options=options)
+    assert (result.status, result.reason) == (
+        Status.BLOCKED,
+        "the vendor API answers 429 to bulk calls",
+    )
+    lines = "BLOCKED: t1\nReason: their rate limit is the question\n"
+    _adapter, result = run("generic", lines, "", code=0, options=options)
+    assert result.status == Status.BLOCKED and "quota" not in result.data
+
+
+def test_claude_counts_many_api_calls_in_linear_time_and_memory():
+    """Every assistant message summed every message's usage again: 8,000 took 2.2 s."""
+    adapter = adapter_class("claude")(AgentOptions(), Transcript(None))
+    usage = {"input_tokens": 1, "output_tokens": 2}
+    for i in range(40_000):
+        message = {"id": f"m{i // 2}", "usage": usage, "content": [{"type": "text", "text": "x"}]}
+        adapter.feed("stdout", json.dumps({"type": "assistant", "message": message}))
+    assert (adapter.usage.total, adapter.turns) == (20_000 * 3, 20_000)
+    assert not hasattr(adapter, "per_message")

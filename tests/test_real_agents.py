@@ -18,8 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from herds.models import Herd, HerdStatus
+from tests.conftest import ROOT, run_manage, start_manage
 from tests.test_agent_profiles import shipped_profile, task_files, work
+from tests.test_herds_processes import wait_until, worker_logs
 from tests.vendor_stubs.anthropic import AnthropicStub
 from tests.vendor_stubs.gemini import GeminiStub
 from tests.vendor_stubs.openai import OpenAIStub
@@ -239,3 +241,51 @@ def test_real_cli_waiting_on_a_silent_api_ends_at_the_timeout(
         except psutil.Error:
             continue
     assert left == []
+
+
+@pytest.fixture
+def cli_consumer(huey_env, tmp_path):
+    """A real consumer whose herds' workers find the real CLIs."""
+    env = {
+        **huey_env,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "HYPERVISOR_AGENT_GRACE": "1",
+        # What the shipped profiles pass on to their CLIs.
+        "ANTHROPIC_API_KEY": "sk-ant-stand-in-key",
+        "GEMINI_API_KEY": "gemini-stand-in-key",
+        "OPENAI_API_KEY": "sk-openai-stand-in-key",
+    }
+    with open(tmp_path / "consumer.log", "w") as log:
+        proc = start_manage(["run_huey"], env, stdout=log, stderr=log)
+    yield env
+    proc.terminate()
+    proc.wait(timeout=15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli", list(STUBS))
+def test_cancelling_a_herd_of_real_clis_puts_every_task_back(
+    cli, cli_consumer, tmp_path, write_task
+):
+    """A cancel signals every process of each worker's tree at once, and the CLIs heed
+    it before their worker does: Gemini CLI exited 0 with no result (its tasks closed as
+    done, nothing done), Claude Code 143 (blocked, "exited with code 143")."""
+    with STUBS[cli]() as stub:
+        stub.mode = "hang"
+        shipped_profile(cli, tmp_path / "ledger", env=stub_env(cli, stub, tmp_path / "home"))
+        tasks = task_files(write_task, f"cx{cli}", ["", ""])
+        out = run_manage(
+            ["herd", "--queue", f"cx{cli}", "--profile", cli, "--workers", "2", "--json"],
+            cli_consumer,
+            timeout=60,
+        )
+        herd = Herd.objects.get(pk=json.loads(out.stdout.strip().splitlines()[-1])["herd"])
+        claimed = Task.objects.filter(queue=f"cx{cli}", status=Status.CLAIMED)
+        wait_until(lambda: len(stub.requests) >= 2 and claimed.count() == 2, 90, what="asks")
+        herd.request_cancel("cancelled by the test")
+        wait_until(lambda: Herd.objects.get(pk=herd.pk).ended, 90, what="the herd's end")
+    herd.refresh_from_db()
+    assert herd.status == HerdStatus.CANCELLED, (herd.reason, worker_logs())
+    for task in tasks:
+        task.refresh_from_db()
+        assert (task.status, task.attempts) == (Status.QUEUED, 0), (task.reason, task.result)

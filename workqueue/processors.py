@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,9 +198,9 @@ class CommandProcessor(Processor):
                 status=Status.BLOCKED,
                 reason=f"the agent's processes could not be ended (pids {pids})",
             )
-        elif ended.stopped or (ended.code is not None and ended.code < 0 and context.stopping()):
-            # Ended with the worker (a second Ctrl-C) or with the herd (a cancel, which
-            # signals the agent before the worker): the task is not at fault.
+        elif ended.stopped or (context.stopping() and _ended_by_the_stop(ended, adapter)):
+            # Ended with the worker (a second Ctrl-C) or with the herd (a cancel signals
+            # every process of the tree at once): the task is not at fault.
             why = context.why_ending()
             reason = f"agent ended: {why}" if why else "worker stopped"
             result = Result(status=Status.QUEUED, reason=reason, data={"stopped": True})
@@ -315,3 +316,17 @@ class _FunctionProcessor(Processor):
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         return self.function(claim, context)
+
+
+# Exits that say "ended by SIGTERM or SIGINT", as node and shells give them.
+SIGNAL_EXITS = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+
+
+def _ended_by_the_stop(ended, adapter) -> bool:
+    """An agent that ended while its worker stops, without its own last word: killed, or
+    heeding the same signal by itself (Claude Code exits 143, Gemini CLI 0 with no
+    result). One that finished its task while a drain waited for it has its result."""
+    if ended.code is not None and (ended.code < 0 or ended.code in SIGNAL_EXITS):
+        return True
+    adapter.finish_stream()
+    return not adapter.concluded

@@ -310,6 +310,8 @@ class Adapter:
         self.stderr_rest = Loose()
         self.events = 0
         self.skipped = 0
+        self.concluded = False  # the CLI's own last word (its result) was read
+        self.stream_finished = False
 
     # The command line.
     def command(self, prompt: str) -> list[str]:
@@ -356,7 +358,10 @@ class Adapter:
 
     def finish_stream(self) -> None:
         """After the last line: output that was one JSON document over many lines
-        (pretty-printed) is read whole, stdout then stderr."""
+        (pretty-printed) is read whole, stdout then stderr. Once."""
+        if self.stream_finished:
+            return
+        self.stream_finished = True
         for rest in (self.stdout_rest, self.stderr_rest):
             for document in json_documents(rest.parts):
                 for event in document if isinstance(document, list) else [document]:
@@ -377,21 +382,26 @@ class Adapter:
 
     # The verdict.
     def verdict(self, code: int | None, stderr: str) -> tuple[str, str]:
-        """(status, reason) for a run that ended by itself and was not over quota."""
+        """(status, reason) for a run that ended by itself."""
         if code == 0 and not self.errors:
+            if not self.concluded:  # a wrapper, a crash that exits 0, a signal heeded
+                return Status.BLOCKED, f"{self.name} ended without a result"
             return Status.DONE, ""
         return Status.BLOCKED, self.errors[-1] if self.errors else exit_reason(code, stderr)
 
     def result(self, code: int | None, stdout: str, stderr: str, key: str) -> Result:
         self.finish_stream()
-        if not self.quota:
-            self.look_for_quota(code, stderr)
-        if self.quota:
-            return self.quota_result()
         status, reason = self.verdict(code, stderr)
+        # A run that ended in success is done, whatever limit it met on the way (Claude
+        # Code on overage says "rejected" and goes on).
+        if status != Status.DONE:
+            if not self.quota:
+                self.look_for_quota(code, stderr)
+            if self.quota:
+                return self.quota_result()
         result = Result(status=status, reason=reason)
         if status == Status.DONE:
-            read_agent_lines(result, self.final)
+            read_agent_lines(result, self.final, key)
         self.fill(result)
         return result
 
@@ -450,12 +460,21 @@ def exit_reason(code: int | None, stderr: str) -> str:
     return tail or f"exited with code {code}"
 
 
-def read_agent_lines(result: Result, text: str) -> None:
-    """`COMPLETED: <key>` or `BLOCKED: <key>` with `Reason:` and `Next:` lines."""
+def read_agent_lines(result: Result, text: str, key: str = "") -> bool:
+    """`COMPLETED: <key>` or `BLOCKED: <key>` with `Reason:` and `Next:` lines; whether
+    the agent said either. A COMPLETED naming another id (one word that is not this
+    task's key) finishes nothing: blocked. Words after it are the agent's own."""
     found = list(AGENT_LINE.finditer(text))
     if not found:
-        return
+        return False
     last = found[-1]
+    named = (last.group(2) or "").strip().strip("`*'\".")
+    another = key and named and not named.startswith(key) and len(named.split()) == 1
+    if last.group(1) == "COMPLETED" and another:
+        result.status = Status.BLOCKED
+        result.outcome = ""
+        result.reason = f"the agent reported another task done ({short(named, 200)}), not {key}"
+        return True
     after = text[last.end() :]
     reason = REASON_LINE.search(after)
     following = NEXT_LINE.search(after)
@@ -469,6 +488,7 @@ def read_agent_lines(result: Result, text: str) -> None:
         result.reason = ""
     if following:
         result.next_step = following.group(1).strip()
+    return True
 
 
 TRANSCRIPT_READ_LIMIT = 512 * 1024

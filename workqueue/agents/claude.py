@@ -24,7 +24,11 @@ class ClaudeAdapter(Adapter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.outcome: dict | None = None  # the `result` event
-        self.per_message: dict[str, Usage] = {}  # usage per API call, until the result
+        # Usage until the result: an API call's usage rides on each of its messages, so
+        # the last call's is kept aside and the earlier ones summed (one sum a call).
+        self.earlier = Usage()
+        self.last_call: tuple[str, Usage] | None = None
+        self.calls = 0
 
     def command(self, prompt: str) -> list[str]:
         options = self.options
@@ -60,7 +64,8 @@ class ClaudeAdapter(Adapter):
             return None
         if kind == "rate_limit_event":
             info = event.get("rate_limit_info") or {}
-            if info.get("status") == "rejected":
+            # On overage Claude Code says "rejected" and goes on: no stop.
+            if info.get("status") == "rejected" and not info.get("isUsingOverage"):
                 what = info.get("rateLimitType") or "rate limit"
                 self.note_quota(f"rate limit rejected ({what})", from_epoch(info.get("resetsAt")))
             return None
@@ -75,7 +80,7 @@ class ClaudeAdapter(Adapter):
             self.note_quota(_text_of(message.get("content")) or "rate limit")
         usage = message.get("usage")
         if isinstance(usage, dict):
-            self.per_message[str(message.get("id") or len(self.per_message))] = _usage(usage)
+            self.count_call(str(message.get("id") or ""), _usage(usage))
         for block in _content(event):
             if block.get("type") == "text" and block.get("text"):
                 self.final = str(block["text"])
@@ -83,12 +88,20 @@ class ClaudeAdapter(Adapter):
             elif block.get("type") == "tool_use":
                 name = str(block.get("name") or "tool")
                 self.transcript.add("tool", short_arguments(block.get("input")), name)
+
+    def count_call(self, message_id: str, usage: Usage) -> None:
+        if self.last_call and (not message_id or self.last_call[0] != message_id):
+            self.earlier = _summed([self.earlier, self.last_call[1]])
+        if not self.last_call or not message_id or self.last_call[0] != message_id:
+            self.calls += 1
+        self.last_call = (message_id, usage)
         if not self.outcome:
-            self.usage = _summed(self.per_message.values())
-            self.turns = len(self.per_message)
+            self.usage = _summed([self.earlier, usage])
+            self.turns = self.calls
 
     def take_result(self, event: dict) -> None:
         self.outcome = event
+        self.concluded = True
         if isinstance(event.get("result"), str):
             self.final = event["result"]
         self.turns = whole(event.get("num_turns")) or self.turns

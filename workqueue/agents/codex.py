@@ -43,6 +43,7 @@ class CodexAdapter(Adapter):
         elif kind == "turn.started":
             self.turns += 1
         elif kind == "turn.completed":
+            self.concluded = True
             usage = event.get("usage") or {}
             self.usage = Usage(
                 input=whole(usage.get("input_tokens")),
@@ -51,6 +52,7 @@ class CodexAdapter(Adapter):
             )
             self.usage.total = self.usage.input + self.usage.output
         elif kind == "turn.failed":
+            self.concluded = True
             self.note_error(str((event.get("error") or {}).get("message") or "turn failed"))
         elif kind == "error":
             message = str(event.get("message") or "error")

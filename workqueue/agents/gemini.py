@@ -76,6 +76,7 @@ class GeminiAdapter(Adapter):
         elif kind == "error":
             self.transcript.add("error", short(event.get("message") or "error", 300))
         elif kind == "result":
+            self.concluded = True
             self.transcript.close_open()
             self.take_stats(event.get("stats") or {})
             if event.get("status") != "success":
@@ -92,6 +93,7 @@ class GeminiAdapter(Adapter):
     def document(self, event: dict) -> bool | None:
         """The json mode's one document (stdout), or its error object (stderr)."""
         if "response" in event or "stats" in event:
+            self.concluded = True
             self.final = str(event.get("response") or "")
             if self.final:
                 self.transcript.add("assistant", self.final)

@@ -23,15 +23,20 @@ from workqueue.processing import Result
 class GenericAdapter(Adapter):
     name = "generic"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.concluded = True  # a command's exit code is its word
+
     def feed(self, stream: str, line: str) -> None:
         text = line.strip()
         if text:
             self.transcript.add("output" if stream == "stdout" else "stderr", text)
 
     def result(self, code: int | None, stdout: str, stderr: str, key: str) -> Result:
-        result = interpret(code, stdout, stderr, key)
+        result, said = interpret(code, stdout, stderr, key)
         pattern = self.options.quota_pattern
-        if pattern and result.status != Status.DONE:
+        # Not over a verdict the agent gave: a task about rate limits may be blocked on one.
+        if pattern and result.status != Status.DONE and not said:
             found = re.search(pattern, stdout + "\n" + stderr, re.IGNORECASE)
             if found:
                 self.note_quota(found.group(0))
@@ -43,30 +48,33 @@ class GenericAdapter(Adapter):
         result.data["quota_pattern"] = self.options.quota_pattern
 
 
-def interpret(code: int | None, stdout: str, stderr: str, key: str) -> Result:
-    """Turn an exit code and output into a result, reading the agent's last words."""
+def interpret(code: int | None, stdout: str, stderr: str, key: str) -> tuple[Result, bool]:
+    """Turn an exit code and output into a result, reading the agent's last words; and
+    whether the agent gave a verdict of its own."""
     if code == GIVE_BACK_EXIT:
-        return Result(status=Status.QUEUED, reason="the command gave the task back (exit 75)")
+        back = Result(status=Status.QUEUED, reason="the command gave the task back (exit 75)")
+        return back, True
     result = (
         Result(status=Status.DONE, outcome="success")
         if code == 0
         else Result(status=Status.BLOCKED, reason=exit_reason(code, stderr))
     )
-    read_agent_lines(result, stdout)
-    read_json_line(result, stdout)
-    return result
+    said = read_agent_lines(result, stdout, key)
+    said = read_json_line(result, stdout) or said
+    return result, said
 
 
-def read_json_line(result: Result, stdout: str) -> None:
+def read_json_line(result: Result, stdout: str) -> bool:
+    """The last line's JSON object, if it is one; whether it gave a status."""
     lines = stdout.strip().splitlines()
     if not lines:
-        return
+        return False
     try:
         data = json.loads(lines[-1])
     except ValueError:
-        return
+        return False
     if not isinstance(data, dict):
-        return
+        return False
     status = data.get("status")
     if status in (Status.DONE, "success", "completed"):
         result.status = Status.DONE
@@ -86,3 +94,4 @@ def read_json_line(result: Result, stdout: str) -> None:
     result.tokens = whole(data.get("tokens"))
     if result.status == Status.DONE and not result.outcome:
         result.outcome = "success"
+    return status in (Status.DONE, "success", "completed", Status.BLOCKED)
