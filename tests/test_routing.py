@@ -300,3 +300,21 @@ def test_two_herds_with_overlapping_filters_share_no_task(huey_env, consumer, tm
         Task.objects.filter(status=Status.DONE).values_list("holder_herd", flat=True)
     )
     assert set(done_by) == set(herds) and sum(done_by.values()) == len(expected)
+
+
+def test_an_agent_that_removes_its_worktree_blocks_its_task_and_the_worker_goes_on(
+    process_env, repo
+):
+    """The worker's `git rev-parse HEAD` in a worktree its agent removed raised out of the
+    processor: the worker died with a traceback, holding its claims until the reaper."""
+    make_tasks("q", 2)
+    agent = "import shutil, sys; shutil.rmtree(sys.argv[1]); print('COMPLETED: ' + sys.argv[2])"
+    result = run_manage(
+        ["work", "--queue", "q", "--processor", "command", "--worktree-repo", str(repo),
+         "--", sys.executable, "-c", agent, "{worktree}", "{key}"],
+        process_env,
+    )  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-1500:]
+    for task in Task.objects.all():
+        assert task.status == Status.BLOCKED
+        assert task.reason.startswith(f"the task's worktree {task.worktree} is gone or broken")

@@ -161,16 +161,25 @@ class WorktreeProcessor(Processor):
         result = self.inner.process(
             claim, context, extra={"worktree": str(tree.path)}, cwd=str(tree.path)
         )
-        head = git(tree.path, "rev-parse", "HEAD")
-        committed = head != tree.start
         result.data.update({"worktree": str(tree.path), "branch": tree.branch})
+        try:
+            head = git(tree.path, "rev-parse", "HEAD")
+        except (WorktreeError, OSError) as exc:  # the agent removed or broke its worktree
+            result.status, result.outcome = Status.BLOCKED, ""
+            result.reason = f"the task's worktree {tree.path} is gone or broken: {exc}"
+            return result
+        committed = head != tree.start
         if committed:
             result.commit = result.commit or head
         if result.status == Status.DONE and self.require_commit and not committed:
             result = self._without_commit(claim, tree, result)
         if result.status == Status.BLOCKED:
             return result  # kept for a person to inspect; the task detail shows where
-        remove(self.repo, tree.path)
+        try:
+            remove(self.repo, tree.path)
+        except (WorktreeError, OSError) as exc:
+            result.data["worktree_left"] = f"not removed: {exc}"
+            return result
         Task.objects.filter(pk=claim.id, fence=claim.fence).update(worktree="")
         return result
 
