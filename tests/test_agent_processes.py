@@ -22,6 +22,7 @@ from django.db import OperationalError
 
 from tests.conftest import make_tasks, run_manage, start_manage
 from workqueue import agent_tree, locks, reaper, transitions
+from workqueue.agents import AgentOptions, Transcript, adapter_class
 from workqueue.models import EventKind, Status, Task
 from workqueue.processing import Claim
 from workqueue.processors import TAIL_CHARS, CommandProcessor
@@ -331,6 +332,19 @@ def test_known_secrets_cover_the_servers_own_and_passwords_inside_urls(monkeypat
         "url postgres://app:db-pass-word@db and ghp-token-value"
     )
     assert "db-pass-word" not in masked and "ghp-token-value" not in masked
+
+
+def test_a_secret_a_cli_prints_json_escaped_is_masked_before_its_adapter_decodes_it():
+    """A secret with a quote, a backslash or a non-ASCII letter is printed escaped by a
+    JSON-printing CLI: the raw bytes did not hold it, and the adapter stored it decoded,
+    in clear, as the task's final message."""
+    secret = 'Pa"ss\\word-ü-4711'
+    mask = agent_tree.Masker([secret])
+    adapter = adapter_class("claude")(AgentOptions(), Transcript(None))
+    result = {"type": "result", "subtype": "success", "result": f"It is {secret}. COMPLETED: t1"}
+    for line in (json.dumps(result), json.dumps(result, ensure_ascii=False)):
+        adapter.feed("stdout", mask(line.encode()).decode())
+        assert secret not in adapter.final and "********" in adapter.final
 
 
 def test_placeholders_are_filled_once_and_values_never_scanned_again():

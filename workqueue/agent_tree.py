@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import selectors
@@ -76,8 +77,16 @@ def known_secrets(agent_env: dict[str, str], passed: Iterable[str]) -> list[str]
 
 
 class Masker:
+    """Each secret as given, and as JSON writes it inside a string (`"` and `\\` escaped,
+    non-ASCII as `\\u` escapes): the agent CLIs print JSON, and their adapters decode it."""
+
     def __init__(self, secrets: Iterable[str]):
-        self.secrets = [s.encode() for s in secrets if s]
+        forms = set()
+        for secret in filter(None, secrets):
+            forms.add(secret)
+            forms.add(json.dumps(secret)[1:-1])
+            forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+        self.secrets = [f.encode() for f in sorted(forms, key=len, reverse=True)]
 
     def __call__(self, data: bytes) -> bytes:
         for secret in self.secrets:
