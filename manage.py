@@ -5,6 +5,9 @@ import sys
 
 if __name__ == "__main__":
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hypervisor_site.settings")
+    from hypervisor_site.privacy import hide_environment
+
+    hide_environment()  # agents run as our user: /proc/<pid>/environ must not be theirs
     if sys.argv[1:2] == ["work"]:
         # Loading Django makes a few hundred thousand objects that live as long as the
         # worker, and the cyclic collector would walk them again and again as they are made

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,6 +211,22 @@ def test_a_child_left_behind_by_an_agent_that_exited_is_ended(process_env, tmp_p
     assert Task.objects.get().status == Status.DONE
 
 
+def test_a_grandchild_that_vanished_through_a_double_fork_is_ended_with_the_agent(
+    process_env, tmp_path, cleanup
+):
+    """In no group of the agent's, with no claim marker, its parent gone before any look
+    at the tree: it outlived its task, and another agent could take the task meanwhile.
+    The worker adopts orphans (PR_SET_CHILD_SUBREAPER) and ends it with the agent."""
+    make_tasks("q", 1)
+    record = tmp_path / "record"
+    result = run_manage(work_with_agent(record, "vanish"), process_env)
+    assert result.returncode == 0, result.stderr
+    vanished = recorded(record, {"vanished"})["vanished"]
+    cleanup.append(vanished)
+    assert wait_gone([vanished], timeout=2), "the agent's grandchild outlived its task"
+    assert Task.objects.get().status == Status.DONE
+
+
 def test_timeout_bounds_a_task_whose_agent_exited_but_left_a_child_on_its_pipes(
     process_env, tmp_path, cleanup
 ):
@@ -345,6 +362,36 @@ def test_a_secret_a_cli_prints_json_escaped_is_masked_before_its_adapter_decodes
     for line in (json.dumps(result), json.dumps(result, ensure_ascii=False)):
         adapter.feed("stdout", mask(line.encode()).decode())
         assert secret not in adapter.final and "********" in adapter.final
+
+
+def test_our_processes_keep_their_environment_from_agents_running_as_our_user(process_env):
+    """An agent runs as its worker's user, and that user may read /proc/<pid>/environ of
+    each of its processes: the worker's (the agent's parent), the consumer's, the web
+    server's SECRET_KEY and DATABASE_URL. Ours are not "dumpable": root's to read only."""
+    probe = "import ctypes; print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
+    result = run_manage(["shell", "-c", probe], process_env)
+    assert result.stdout.strip().splitlines()[-1] == "0", result.stderr
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("the same-user read needs root to take on another user (CI runs as root)")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    holder = "import ctypes, sys, time; ctypes.CDLL(None).prctl(4, int(sys.argv[1]), 0, 0, 0); "
+    holder += "print('ready', flush=True); time.sleep(30)"
+    for dumpable in (1, 0):
+        process = subprocess.Popen(
+            [*nobody, "/usr/bin/python3", "-c", holder, str(dumpable)],
+            env={"PATH": "/usr/bin:/bin", "A_SECRET": "held-by-the-worker"},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout.readline() == "ready\n"
+            read = subprocess.run(
+                [*nobody, "cat", f"/proc/{process.pid}/environ"], capture_output=True
+            )
+        finally:
+            process.kill()
+            process.wait()
+        assert (b"held-by-the-worker" in read.stdout) == bool(dumpable), read.stderr
 
 
 def test_placeholders_are_filled_once_and_values_never_scanned_again():

@@ -338,10 +338,15 @@ class AgentRun:
 
     def _look_at_descendants(self) -> None:
         # setsid() takes a process out of the group, not out of the tree: remember the
-        # tree while its parents live, so that an escaped grandchild is still found.
+        # tree while its parents live, so that an escaped grandchild is still found. A
+        # worker that adopts orphans (hypervisor_site.privacy) is given those whose
+        # parent died before a look: any process under us started since the agent is its.
+        since = self.started_at - START_TIME_SLACK
         with contextlib.suppress(psutil.Error):
-            for process in psutil.Process(self.child.pid).children(recursive=True):
-                self.known.setdefault(process.pid, process)
+            for process in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if process.pid != self.child.pid and process.create_time() >= since:
+                        self.known.setdefault(process.pid, process)
 
     def end(self) -> list[int]:
         """End the agent and everything it started; return the pids still alive."""
@@ -358,6 +363,9 @@ class AgentRun:
             return {agent: [p for p in found[agent] if p.pid != child.pid]}
 
         survivors = terminate(rest, self.grace).get(agent, [])
+        for process in self.known.values():  # adopted ones that ended by themselves
+            with contextlib.suppress(psutil.Error):
+                process.wait(timeout=0)
         try:
             child.wait(timeout=self.grace)
         except subprocess.TimeoutExpired:

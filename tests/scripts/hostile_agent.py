@@ -10,6 +10,8 @@ Modes:
   flood MB         print MB megabytes of lines, then exit 0
   env              record the environment as JSON, print it as NAME=VALUE lines, exit 0
   midline          print half a line and SIGKILL itself
+  vanish           double-fork through setsid() into `sleep 60` with an empty environment
+                   (no claim marker, in no group of ours, its parent gone at once), exit 0
 """
 
 import json
@@ -38,6 +40,16 @@ def escaped_child(path: str) -> None:
         sleep_for_ever()
 
 
+def vanished_grandchild(path: str) -> None:
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            record(path, "vanished")
+            os.execve("/bin/sleep", ["sleep", "60"], {})  # noqa: S606 - no shell
+        os._exit(0)
+    os.wait()
+
+
 def main() -> int:
     path, mode = sys.argv[1], sys.argv[2]
     record(path, "agent")
@@ -49,6 +61,11 @@ def main() -> int:
         escaped_child(path)
         print("working", flush=True)
         sleep_for_ever()
+    if mode == "vanish":
+        vanished_grandchild(path)
+        time.sleep(0.2)  # it has recorded itself
+        print("COMPLETED: left a process behind", flush=True)
+        return 0
     if mode == "orphan":
         escaped_child(path)
         time.sleep(0.5)  # the child has recorded itself

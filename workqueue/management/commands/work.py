@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
+from hypervisor_site import privacy
 from hypervisor_site.env import MAX_SETTING
 from workqueue import cpu_slots
 from workqueue.cpu_slots import CpuSlot
@@ -259,6 +260,7 @@ class Command(BaseCommand):
     def run_worker(self, options, processor, worker_settings, name) -> dict:
         worker = Worker(options["queue"], processor, name=name, **worker_settings)
         worker.install_signal_handlers()
+        privacy.adopt_orphans()  # per process: a fork does not inherit it
         code = worker.run()
         return {
             "worker": worker.identity.worker,
