@@ -339,11 +339,15 @@ class TaskEditForm(forms.Form):
         """
         data = self.cleaned_data
         base = data.get("base_values")
+        # A field the form did not send (a script's POST) is left as it is, not emptied.
         changes = {
             name: data[name]
             for name in editing.FIELDS
             if name in data
-            and (base is None or base.get(name) != fingerprint(self.data.get(name, "")))
+            and (
+                base is None
+                or (name in self.data and base.get(name) != fingerprint(self.data[name]))
+            )
         }
         if not changes.get("status"):
             changes.pop("status", None)  # a claimed task's form has no status to send
@@ -456,6 +460,13 @@ class NewTaskForm(forms.Form):
         super().__init__(*args, auto_id="new_%s", **kwargs)
         names = Queue.objects.order_by("name").values_list("name", flat=True)
         self.fields["queue"].choices = [(name, name) for name in names]
+
+    def clean_tags(self) -> list[str]:
+        # As the editor reads them: "needs review" in quotes is one tag, not two.
+        try:
+            return list_items(self.cleaned_data["tags"])
+        except ValueError as exc:
+            raise forms.ValidationError(f"tags: {exc}") from None
 
     def fields_given(self) -> dict:
         data = self.cleaned_data
