@@ -92,9 +92,18 @@
     }
   });
 
+  // Esc closes the drawer, but never throws away what a person typed into its editor
+  // without asking (an Esc meant for a field's suggestions, or by habit).
+  document.addEventListener("input", function (event) {
+    const form = event.target.closest && event.target.closest("aside#drawer form");
+    if (form) form.dataset.typed = "1";
+  });
+
   document.addEventListener("keydown", function (event) {
     const drawer = document.querySelector("aside#drawer");
-    if (event.key === "Escape" && drawer && drawer.children.length) closeDrawer(drawer);
+    if (event.key !== "Escape" || !drawer || !drawer.children.length) return;
+    if (drawer.querySelector("form[data-typed]") && !window.confirm("Close the editor and lose what you typed?")) return;
+    closeDrawer(drawer);
   });
 
   // The board polls only while its tab is visible. This is not an hx-trigger filter because

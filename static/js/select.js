@@ -5,8 +5,9 @@
   "use strict";
 
   const selection = { ids: new Set(), all: false };
-  let lastPicked = null; // the checkbox a shift-click extends from
+  let lastPickedId = null; // the card whose checkbox a shift-click extends from
   let focusedId = null; // the card j/k moved to
+  let focusedBoxId = null; // the card whose checkbox has the focus
 
   const board = () => document.getElementById("board");
   const bar = () => document.getElementById("bulk-bar");
@@ -32,7 +33,11 @@
     document.getElementById("bulk-count").textContent = count().toLocaleString() + " selected";
     b.querySelectorAll("[data-total]").forEach((el) => (el.textContent = total().toLocaleString()));
     b.querySelector("[data-select-all]").hidden = selection.all;
-    if (focusedId) {
+    const lost = !document.activeElement || document.activeElement === document.body;
+    const focusedBox = focusedBoxId && document.querySelector("#task-" + focusedBoxId + " input.pick");
+    if (lost && focusedBox) {
+      focusedBox.focus({ preventScroll: true }); // the board was swapped under it
+    } else if (focusedId) {
       // The board was swapped under the focused card: it gets the focus back.
       const card = document.getElementById("task-" + focusedId);
       if (card) card.classList.add("focused");
@@ -46,7 +51,7 @@
   function clearSelection() {
     selection.ids.clear();
     selection.all = false;
-    lastPicked = null;
+    lastPickedId = null;
     paint();
   }
 
@@ -61,13 +66,14 @@
     }
     const boxes = Array.from(document.querySelectorAll("#board input.pick"));
     let chosen = [box];
-    if (range && lastPicked && boxes.indexOf(lastPicked) >= 0) {
-      const a = boxes.indexOf(lastPicked);
-      const b = boxes.indexOf(box);
-      chosen = boxes.slice(Math.min(a, b), Math.max(a, b) + 1);
+    // By the card's id: a refresh of the board replaces the checkbox elements.
+    const from = boxes.findIndex((el) => idOf(el) === lastPickedId);
+    if (range && from >= 0) {
+      const to = boxes.indexOf(box);
+      chosen = boxes.slice(Math.min(from, to), Math.max(from, to) + 1);
     }
     chosen.forEach((el) => (on ? selection.ids.add(idOf(el)) : selection.ids.delete(idOf(el))));
-    lastPicked = box;
+    lastPickedId = idOf(box);
     paint();
   }
 
@@ -138,6 +144,13 @@
       .then(function () {
         const status = document.getElementById("bulk-status");
         if (status && !status.querySelector("[role=alert]")) clearSelection();
+        // The bar that opened the dialog is hidden now: the focus goes to what happened.
+        const at = document.activeElement;
+        const lost = !at || at === document.body || (bar().hidden && bar().contains(at));
+        if (status && lost) {
+          status.tabIndex = -1;
+          status.focus({ preventScroll: true });
+        }
       });
   }
 
@@ -160,6 +173,27 @@
     const form = dialog.querySelector("form");
     if (form) form.reset();
   }
+
+  document.addEventListener("focusin", function (event) {
+    const box = event.target.closest && event.target.closest("#board input.pick");
+    focusedBoxId = box ? idOf(box) : null;
+  });
+
+  // "Load more" replaces itself with the next cards: the focus goes to the first of them.
+  let loading = null;
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    const more = event.detail.elt.closest && event.detail.elt.closest("#board a.more");
+    if (!more || document.activeElement !== more) return;
+    const column = more.closest("section.column");
+    loading = { status: column.dataset.status, shown: column.querySelectorAll(".card").length };
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!loading) return;
+    const column = document.querySelector('#board section.column[data-status="' + loading.status + '"]');
+    const first = column && column.querySelectorAll("article.card")[loading.shown];
+    loading = null;
+    if (first) focusCard(first);
+  });
 
   document.addEventListener("htmx:afterSettle", paint);
   document.addEventListener("DOMContentLoaded", paint);
@@ -214,7 +248,9 @@
       case "k":
         moveFocus(-1);
         break;
-      case "x": {
+      case "x":
+      case "X": {
+        // Shift+x sends "X": a range, as a shift-click does.
         const box = card && card.querySelector("input.pick");
         if (!box) return;
         box.checked = !box.checked;

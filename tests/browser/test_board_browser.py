@@ -399,3 +399,73 @@ def test_a_file_written_on_disk_reaches_the_board_with_read_the_folder_again(
     expect(column(page, "queued").locator("article", has_text="Written by hand")).to_have_count(1)
     assert page.url == f"{live_url}/?queue=synced"
     screenshot(page, "board-folder-read-again")
+
+
+# Selection and focus across the board's own refresh (a helper's audit, stop 35).
+
+
+def board_changes(page, task: Task) -> None:
+    """Another person or a worker changes a task; the board's refresh swaps it in."""
+    version = page.get_attribute("#board", "data-version")
+    Task.objects.filter(pk=task.pk).update(title="Changed meanwhile", updated_at=timezone.now())
+    wait_until(lambda: page.get_attribute("#board", "data-version") != version, 20, "no refresh")
+    page.wait_for_timeout(300)
+
+
+def test_a_shift_click_after_a_refresh_selects_the_range(logged_in_page, live_url):
+    """The first checkbox was remembered as an element, gone with the refresh that
+    replaced it: 2 selected instead of 6 (a refresh every 2 s while workers run)."""
+    tasks = make_tasks("q", 10)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    cards = column(page, "queued").locator("article.card")
+    ids = [cards.nth(i).get_attribute("data-id") for i in range(6)]
+    page.locator(f"#task-{ids[0]} input.pick").check()
+    board_changes(page, tasks[-1])
+    page.locator(f"#task-{ids[5]} input.pick").click(modifiers=["Shift"])
+    expect(page.locator("#bulk-count")).to_have_text("6 selected")
+
+
+def test_shift_x_selects_a_range_from_the_keyboard(logged_in_page, live_url):
+    """A real Shift+x sends "X", which no key case took: no range without a mouse."""
+    make_tasks("q", 6)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    page.locator("body").focus()
+    for key in ["j", "x", "j", "j", "j", "Shift+KeyX"]:
+        page.keyboard.press(key)
+    expect(page.locator("#bulk-count")).to_have_text("4 selected")
+
+
+def test_the_focus_stays_on_the_board_across_a_refresh_an_apply_and_load_more(
+    logged_in_page, live_url
+):
+    """Each sent a keyboard or screen-reader user back to the top of the page: a
+    focused checkbox replaced by the refresh, Apply in a dialog whose opener the cleared
+    selection hides, and "Load more" replacing itself with the next cards."""
+    tasks = make_tasks("q", views.PAGE_SIZE + 5)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    first = column(page, "queued").locator("article.card").first
+    first_id = first.get_attribute("data-id")
+    first.locator("input.pick").focus()
+    board_changes(page, tasks[-1])
+    focused = "(document.activeElement.closest('article.card') || {}).id"
+    assert page.evaluate(focused) == f"task-{first_id}"
+
+    first.locator("input.pick").check()
+    page.get_by_role("button", name="Assign…").click()
+    dialog = page.get_by_role("dialog", name="Assign 1 task")
+    dialog.get_by_label("Assignee").fill("carol")
+    dialog.get_by_role("button", name="Apply").click()
+    expect(page.locator("#bulk-status")).to_contain_text("Assigned 1 task")
+    page.wait_for_timeout(300)
+    assert page.evaluate("document.activeElement.id") == "bulk-status"
+
+    more = column(page, "queued").locator("a.more")
+    more.focus()
+    page.keyboard.press("Enter")
+    expect(column(page, "queued").locator("article.card")).to_have_count(views.PAGE_SIZE + 5)
+    page.wait_for_timeout(300)
+    cards = column(page, "queued").locator("article.card")
+    assert page.evaluate(focused) == cards.nth(views.PAGE_SIZE).get_attribute("id")

@@ -101,6 +101,32 @@ def test_edit_assignee_and_title_in_the_drawer_changes_exactly_those_lines(
     screenshot(page, "drawer-edit-saved")
 
 
+def test_escape_asks_before_it_throws_away_what_was_typed_in_the_editor(
+    logged_in_page, live_url, inbox
+):
+    """Esc in a field of the editor (for a field's suggestions, or by habit) closed the
+    drawer at once, everything typed gone."""
+    inbox(1)
+    task = Task.objects.get(key="t000")
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    drawer = open_drawer(page, task)
+    drawer.get_by_role("link", name="Edit").click()
+    body = drawer.get_by_label("Body")
+    body.fill("A long description typed for ten minutes")
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    body.press("Escape")
+    expect(body).to_have_value("A long description typed for ten minutes")
+    assert asked == ["Close the editor and lose what you typed?"]
+    page.once("dialog", lambda dialog: dialog.accept())
+    body.press("Escape")
+    expect(drawer.locator("form")).to_have_count(0)
+    drawer = open_drawer(page, task)
+    page.keyboard.press("Escape")  # nothing typed: closes without a question
+    expect(drawer.locator("header h1")).to_have_count(0)
+
+
 def test_a_save_over_an_outside_edit_is_refused_and_the_outside_edit_kept(
     logged_in_page, live_url, inbox
 ):
