@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from decimal import Decimal
 
 import pytest
 from django.db import connection
@@ -180,3 +181,32 @@ def test_the_run_summary_counts_the_tokens_the_herd_page_counts(herd_worker):
     worker.work_one_batch()
     assert herd.total_tokens() == 500
     assert herd.build_summary()["total_tokens"] == 500
+
+
+class SpendsThenFinishes(NoopProcessor):
+    """A run that spent and gave its task back (a quota, a drain), then one that did it."""
+
+    finish_in_batches = False
+
+    def __init__(self):
+        self.results = [
+            Result(status=Status.QUEUED, reason="quota", tokens=5000, cost_usd=Decimal("0.027"),
+                   data={"quota": True}),
+            Result(status=Status.DONE, tokens=300, cost_usd=Decimal("0.002")),
+        ]  # fmt: skip
+
+    def process(self, claim, context):
+        return self.results.pop(0)
+
+
+def test_every_runs_spend_reaches_the_task_and_the_queues_totals():
+    """A run that gave its task back kept its spend off the task's row: `queue_stats` said
+    0 where the worker counted 5,000 tokens, and the next run's finish overwrote it."""
+    make_tasks("hot", 1)
+    runs = SpendsThenFinishes()
+    for _ in runs.results[:]:  # a worker stopped by its quota; another one later
+        Worker("hot", runs, prefetch=1).work_one_batch()
+    task = Task.objects.get()
+    assert (task.status, task.tokens, task.cost_usd) == (Status.DONE, 5300, Decimal("0.029"))
+    usage = Task.objects.stats("hot")["usage"]["hot"]
+    assert usage == {"tokens": 5300, "cost_usd": 0.029}

@@ -15,9 +15,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 
 from django.db import connection
-from django.db.models import F
+from django.db.models import DecimalField, ExpressionWrapper, F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from hypervisor_site.writers import write_transaction
@@ -267,16 +269,30 @@ def finish(identity: Identity, finished: list[tuple[Claim, Result]]) -> FinishRe
 
 def _finish_values(result: Result, now) -> dict:
     values = result.row_values()
+    del values["tokens"], values["cost_usd"]  # added to the earlier runs', not set
+    values.update(_spent(result))
     if result.status != Status.QUEUED:
         return {"updated_at": now, **ended(now), **values}
     # Given back: the task was not at fault. A quota or rate limit, or an agent ended
     # because its worker or herd stopped, does not count the attempt either; anything
     # else (the agent asked to be retried) does.
     back = {"updated_at": now, **no_holder()}
-    back.update({k: values[k] for k in ("status", "output_tail", "reason", "result")})
+    keep = ("status", "output_tail", "reason", "result", "tokens", "cost_usd")
+    back.update({k: values[k] for k in keep if k in values})
     if result.data.get("quota") or result.data.get("stopped"):
         back["attempts"] = F("attempts") - 1
     return back
+
+
+def _spent(result: Result) -> dict:
+    """A run's tokens and cost added to what the task's earlier runs spent (those that
+    gave it back too): a task's, a queue's and a herd's totals say what was spent."""
+    spent = {"tokens": F("tokens") + result.tokens} if result.tokens else {}
+    if result.cost_usd is not None:
+        cost = DecimalField(max_digits=20, decimal_places=10)
+        before = Coalesce(F("cost_usd"), Value(Decimal(0)), output_field=cost)
+        spent["cost_usd"] = ExpressionWrapper(before + result.cost_usd, output_field=cost)
+    return spent
 
 
 def _refusal_event(identity: Identity, claim_: Claim, result: Result, now) -> tuple:
