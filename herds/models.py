@@ -480,6 +480,22 @@ class Herd(models.Model):
                 }
             )
 
+        if self.cost_budget_usd and self.profile_id and not self.reports_cost:
+            # Only Claude Code says what a run cost: the budget would never be reached.
+            raise ValidationError(
+                {
+                    "cost_budget_usd": f"Profile {self.profile.name}'s agent "
+                    f"({self.profile.adapter}) reports no cost, so a cost budget could "
+                    "never stop this herd: give a token budget."
+                }
+            )
+
+    @property
+    def reports_cost(self) -> bool:
+        """Whether its agents say what a run cost (Claude Code does; the others give none,
+        so their pages say so rather than $0)."""
+        return self.profile.adapter == AdapterKind.CLAUDE
+
     def all_filters(self) -> list[str]:
         return list(dict.fromkeys([*self.profile.filters, *self.filters]))
 

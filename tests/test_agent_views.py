@@ -149,6 +149,14 @@ def test_herd_page_shows_cost_quota_reset_resume_webhook_and_live_transcripts(wa
     assert "What the agents are doing" in page and "&lt;i&gt;ls&lt;/i&gt;" in page
 
 
+def test_the_page_of_a_herd_whose_agents_report_no_cost_says_so_not_zero(watcher):
+    profile = shipped_profile("gemini", Path("/nonexistent"))
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, status=HerdStatus.RUNNING)
+    herd.workers.create(index=0, name="herd1-w0", host="h", tokens=3624)
+    page = client_for(watcher).get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert "3,624 tokens · no cost reported" in page and "$0.0000" not in page
+
+
 def test_launch_form_takes_budgets_and_resume_after_quota(
     watcher, django_capture_on_commit_callbacks
 ):

@@ -81,6 +81,24 @@ def test_a_budget_of_zero_is_refused_as_the_launch_form_does(option):
     assert not Herd.objects.exists()
 
 
+@pytest.mark.parametrize("adapter", ["gemini", "codex", "generic"])
+def test_a_cost_budget_for_agents_that_report_no_cost_is_refused(adapter):
+    """Only Claude Code says what a run cost: a cost budget on another agent was taken,
+    could never be reached, and the herd's page said $0.0000."""
+    command = ["true"] if adapter == "generic" else []
+    defaults = {"processor": "command", "adapter": adapter, "command": command}
+    Profile.objects.update_or_create(name=adapter, defaults=defaults)
+    make_tasks("inbox", 1)
+    with pytest.raises(CommandError, match=f"agent \\({adapter}\\) reports no cost"):
+        call_command(
+            "herd", "--queue", "inbox", "--profile", adapter, "--workers", "1",
+            "--cost-budget", "5",
+        )  # fmt: skip
+    assert not Herd.objects.exists()
+    herd = Herd(queue="inbox", profile=Profile.objects.get(name=adapter), size=1)
+    assert not herd.reports_cost
+
+
 def test_launch_without_wait_enqueues_after_commit_and_prints_the_id(
     django_capture_on_commit_callbacks,
 ):
