@@ -18,6 +18,7 @@ from django.db.models import Count, Sum
 from django.urls import reverse
 from django.utils import timezone
 
+from hypervisor_site.env import server_secrets_in
 from workqueue import cpu_slots, locks
 from workqueue.dependencies import stuck
 from workqueue.models import Status, Task, consumer_wait
@@ -89,6 +90,9 @@ def validate_pass_env(value) -> None:
         isinstance(n, str) and ENV_NAME.match(n) for n in value
     ):
         raise ValidationError("Passed-through environment is a list of variable names.")
+    ours = server_secrets_in(value)
+    if ours:  # whoever edits a profile
+        raise ValidationError(ours)
 
 
 def validate_arguments(value) -> None:

@@ -64,3 +64,14 @@ def envurl(name: str) -> str:
     if value and not value.lower().startswith(("http://", "https://")):
         raise ImproperlyConfigured(f"{name} must be an http:// or https:// URL, not {value!r}")
     return value
+
+
+# Hypervisor's own secrets, which no agent is given (`--pass-env`, a profile's pass_env).
+SERVER_SECRETS = {"SECRET_KEY", "DATABASE_URL", "HUEY_REDIS_URL", "HYPERVISOR_METRICS_TOKEN",
+                  "HYPERVISOR_HERD_WEBHOOK"}  # fmt: skip
+
+
+def server_secrets_in(names) -> str:
+    """Why these names may not be passed to an agent, or ""."""
+    ours = sorted(SERVER_SECRETS.intersection(names))
+    return f"{', '.join(ours)}: Hypervisor's own secrets never reach an agent" if ours else ""

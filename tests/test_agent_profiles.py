@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from django.core.exceptions import ValidationError
 from django.core.management import call_command
 
 from herds.models import AdapterKind, Herd, HerdStatus, Profile
@@ -511,3 +512,24 @@ def test_command_line_options_never_leak_the_profile(capsys):
     # `work --profile` refuses a second source of truth.
     with pytest.raises(Exception, match="--profile brings its own processor"):
         call_command("work", "--queue", "q", "--profile", "claude", "--processor", "noop")
+
+
+def test_hypervisors_own_secrets_cannot_be_passed_to_an_agent(process_env):
+    """A profile editor (staff, not a superuser) could pass SECRET_KEY or DATABASE_URL to
+    every agent of the profile, though the README says they never reach one."""
+    profile = Profile(name="leaky", processor="command", command=["true"])
+    profile.pass_env = ["GITHUB_TOKEN", "DATABASE_URL", "SECRET_KEY"]
+    with pytest.raises(ValidationError) as refused:
+        profile.full_clean()
+    assert refused.value.message_dict["pass_env"] == [
+        "DATABASE_URL, SECRET_KEY: Hypervisor's own secrets never reach an agent"
+    ]
+    result = run_manage(
+        ["work", "--queue", "q", "--processor", "command", "--pass-env", "HUEY_REDIS_URL",
+         "--", "true"],
+        process_env,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--pass-env HUEY_REDIS_URL: Hypervisor's own secrets never reach an agent" in (
+        result.stderr
+    )

@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
 from hypervisor_site import privacy
-from hypervisor_site.env import MAX_SETTING
+from hypervisor_site.env import MAX_SETTING, server_secrets_in
 from workqueue import cpu_slots
 from workqueue.cpu_slots import CpuSlot
 from workqueue.models import Queue
@@ -141,6 +141,8 @@ class Command(BaseCommand):
                 f"--workers {options['workers']}: one command forks at most {MAX_WORKERS} "
                 "workers; start more commands for more"
             )
+        if server_secrets_in(options["pass_env"]):
+            raise CommandError(f"--pass-env {server_secrets_in(options['pass_env'])}")
         options["processor"] = options["processor"] or "noop"
         if argv and options["processor"] not in ("command", "pull"):
             raise CommandError("a command after -- needs --processor command or pull")
