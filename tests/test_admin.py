@@ -210,6 +210,7 @@ def test_bad_values_are_errors_naming_the_field_and_nothing_is_written(admin_cli
     wide = "".join(chr(0x4E00 + i * 7) for i in range(200))  # 600 bytes in UTF-8
     for name, value, error in [
         ("title", "", "title: a task needs a title"),
+        ("title", "\u200f\u200b", "title: a task needs a title"),  # nothing to see
         ("title", "two\nlines", "title: one line only"),
         ("depends_on", "ex-1", "depends_on: a task cannot depend on itself"),
         ("body", "a\x00b", "Null characters are not allowed."),

@@ -167,6 +167,18 @@ def login(client, django_user_model, *codenames):
     return user
 
 
+def test_triage_of_a_queue_there_is_not_is_refused_naming_the_queues(
+    client, django_user_model, inbox
+):
+    """The board of ?queue=nosuch offered "Triage this view", and a herd ran on nothing."""
+    login(client, django_user_model, "view_task", "change_task", "add_herd")
+    response = client.post("/triage/", {"filters": "queue=nosuch"}, follow=True)
+    assert not Herd.objects.exists()
+    assert "Cannot triage this view: no task is in a queue named &#x27;nosuch&#x27; (queues:" in (
+        response.content.decode()
+    )
+
+
 def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_user_model, inbox):
     user = login(client, django_user_model, "view_task", "change_task", "add_herd")
     board = client.get("/?queue=inbox&project=web").content.decode()
@@ -343,7 +355,8 @@ def test_reject_all_puts_every_proposal_back_and_no_decision_is_no_change(
         f"/triage/{herd.pk}/apply/", {f"decision-{a.pk}": "accept"}, follow=True
     )
     assert "Applied 0, rejected 0, 1 skipped." in stale_tab.content.decode()
-    assert f"task {a.pk}: no longer waits for a decision" in stale_tab.content.decode()
+    # Named by its key, as everywhere else (it said "task 6", the row's id).
+    assert "<code>a</code>: no longer waits for a decision" in stale_tab.content.decode()
     assert {n: (inbox / n).read_text() for n in FILES} == FILES
 
 
@@ -390,7 +403,8 @@ def test_decisions_recorded_twice_are_carried_out_once_and_the_second_says_so(
     assert {s["why"] for s in second.skipped} == {"no longer waits for a decision"}
     page = client.get(f"/triage/{herd.pk}/").content.decode()
     assert "Applied 0, rejected 0, 3 skipped." in page
-    assert f"task {ids[0]}: no longer waits for a decision" in page
+    first_key = Task.objects.get(pk=ids[0]).key
+    assert f"<code>{first_key}</code>: no longer waits for a decision" in page
     assert TaskEvent.objects.filter(kind=EventKind.EDITED).count() == 3  # written once
 
 

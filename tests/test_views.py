@@ -186,9 +186,21 @@ def test_bad_filter_values_are_a_clear_400(viewer, query, names):
     assert names in response.content
 
 
-@pytest.mark.parametrize("query", ["offset=abc", "offset=-1", "offset=", "offset=1e99"])
-def test_bad_load_more_offset_is_a_400(viewer, query):
-    assert viewer.get(f"/board/queued/?{query}").status_code == 400
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("offset=abc", "offset: Enter a whole number."),
+        ("offset=-1", "offset: Ensure this value is greater than or equal to 0."),
+        ("offset=", "offset: This field is required."),
+        ("offset=1e99", "offset: Enter a whole number."),
+        # It said "offset must be a whole number" of a whole number, and of no offset.
+        ("offset=99999999999", "offset: Ensure this value is less than or equal to 10000000."),
+        ("limit=10", "offset: This field is required."),
+    ],
+)
+def test_bad_load_more_offset_is_a_400_that_says_what_is_wrong(viewer, query, said):
+    response = viewer.get(f"/board/queued/?{query}")
+    assert (response.status_code, response.content.decode()) == (400, said)
 
 
 def test_unknown_column_and_unknown_task_are_404(viewer):
@@ -330,7 +342,11 @@ def test_block_needs_a_reason(operator):
     (task,) = make_tasks("q", 1)
     response = operator.post(f"/tasks/{task.pk}/action/", {"action": "block", "reason": "  "})
     assert response.status_code == 400
+    assert response.content.decode() == "Say why the task is blocked."
     assert Task.objects.get(pk=task.pk).status == Status.QUEUED
+    # A reason too long is said as such, not as a reason missing as well.
+    long = operator.post(f"/tasks/{task.pk}/action/", {"action": "block", "reason": "x" * 2001})
+    assert long.content.decode() == "Ensure this value has at most 2000 characters (it has 2001)."
 
 
 @pytest.mark.parametrize(

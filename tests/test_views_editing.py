@@ -177,6 +177,16 @@ def test_file_changed_on_disk_is_refused_with_the_difference_and_a_reload(editor
     assert "Reloaded from the file on disk.</" in plain.content.decode()
 
 
+def test_a_reload_of_a_file_gone_from_disk_says_so_rather_than_reloaded(editor, task):
+    """It said "Reloaded from the file on disk" and the next save was refused the same
+    way: a person went round in a loop."""
+    task.path.unlink()
+    response = editor.post(f"/tasks/{task.pk}/reload/", {"typed-title": "Mine"}, **HX)
+    page = response.content.decode()
+    assert "Reloaded" not in page
+    assert f"The task&#x27;s file is missing on disk ({task.path}): there is nothing" in page
+
+
 def test_a_file_rewritten_with_other_line_endings_is_refused_with_words_not_an_empty_diff(
     editor, task
 ):

@@ -233,7 +233,8 @@ def _clean(name: str, value, task: Task | None):
         return items
     text = _one_line(value)
     if name == "title":
-        if not text:
+        # Something to see: a title of format characters alone (U+200F) is a blank link.
+        if not any(c.isprintable() and not c.isspace() for c in text):
             raise ValueError("a task needs a title")
         check_columns({"title": text})
     elif name == "status":

@@ -243,7 +243,8 @@ class TaskActionForm(forms.Form):
 
     def clean(self):
         data = super().clean()
-        if data.get("action") == "block" and not (data.get("reason") or "").strip():
+        given = "reason" in self.errors or (data.get("reason") or "").strip()  # too long
+        if data.get("action") == "block" and not given:
             self.add_error("reason", "Say why the task is blocked.")
         return data
 

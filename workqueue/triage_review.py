@@ -28,7 +28,7 @@ from django.db import transaction
 
 from herds.models import Herd, Profile
 from workqueue import actions, bulk, editing
-from workqueue.models import BulkAction, Status, Task
+from workqueue.models import BulkAction, Queue, Status, Task
 from workqueue.triage import ChildIndex, rules_for
 from workqueue.triage_rules import triage_bytes, unified_diff
 
@@ -44,6 +44,9 @@ class CannotTriage(ValueError):
 
 def start(user, queue: str, conditions: list[str]) -> Herd:
     """Launch the dry run over the ready tasks of `queue` that match `conditions`."""
+    missing = Queue.objects.missing(queue)
+    if missing:  # a herd on it would end at once, having done nothing
+        raise CannotTriage(missing)
     profile = Profile.objects.filter(name=PROFILE).first()
     if profile is None:
         raise CannotTriage("there is no 'triage' profile: add one in the admin")
@@ -187,10 +190,11 @@ def review(
 
     editing.rewrite_tasks(take, actor, apply_proposal, "triage applied", on_batch=applied_batch)
     # Decided meanwhile (a second tab, another person's "Apply all"): said, not dropped.
+    gone = [pk for pk in dict.fromkeys([*accepted, *rejected]) if pk not in pending]
+    keys = dict(Task.objects.filter(pk__in=gone).values_list("pk", "key"))  # as shown
     result.skipped += [
-        {"task": pk, "key": "", "path": "", "why": "no longer waits for a decision"}
-        for pk in dict.fromkeys([*accepted, *rejected])
-        if pk not in pending
+        {"task": pk, "key": keys.get(pk, ""), "path": "", "why": "no longer waits for a decision"}
+        for pk in gone
     ]
     back = [pk for pk in rejected if pk in pending and pk not in take]
     for n, pk in enumerate(back, 1):

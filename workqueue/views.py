@@ -361,7 +361,8 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
         return _bad_filters(request.GET)
     page = LoadMoreForm(request.GET)
     if not page.is_valid():
-        return HttpResponseBadRequest("offset must be a whole number", content_type="text/plain")
+        problems = "; ".join(f"{name}: {' '.join(e)}" for name, e in page.errors.items())
+        return HttpResponseBadRequest(problems, content_type="text/plain")
     offset = page.cleaned_data["offset"]
     counts = view_version(form).counts  # kept with the view's version since its render
     cards = _cards(form, status, counts[status] if counts else 0, offset)
@@ -619,7 +620,12 @@ def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
     }
     form.initial.update(typed)
     notice = "Reloaded from the file on disk."
-    if typed:
+    if task.source_missing:  # a save would be refused again: say so, no loop
+        notice = (
+            f"The task's file is missing on disk ({task.source_path}): there is nothing to "
+            "reload, and an edit is saved only once the file is back."
+        )
+    elif typed:
         notice += f" What you typed into {', '.join(typed)} is kept: check it, then save."
     return _render_part(request, "edit", _edit_context(request, task, form, notice=notice))
 
