@@ -273,7 +273,9 @@
         if (!bar()) return;
         if (count() === 0 && card) {
           const done = card.querySelector("button[value=done]");
-          if (done) done.click();
+          // One key must not throw away an agent's run without a word.
+          const running = card.dataset.status === "claimed";
+          if (done && (!running || window.confirm("A worker holds this task: end its agent and mark it done?"))) done.click();
         } else if (count() > 0) {
           act("close");
         }

@@ -332,3 +332,19 @@ def test_the_other_keys_edit_mark_done_search_and_list_the_keys(logged_in_page, 
     assert sum("status: done\n" in p.read_text() for p in paths) == 1
     page.keyboard.press("/")
     expect(page.get_by_role("searchbox", name="Search")).to_be_focused()
+
+
+def test_d_on_a_card_a_worker_holds_asks_before_it_ends_the_agent(logged_in_page, live_url, inbox):
+    """One stray key marked a claimed task done and ended its agent's run, no question."""
+    inbox(1)
+    Task.objects.update(status="claimed", holder="w1", holder_pid=None)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    page.locator("body").focus()
+    page.keyboard.press("j")
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.keyboard.press("d")
+    page.wait_for_timeout(500)
+    assert asked == ["A worker holds this task: end its agent and mark it done?"]
+    assert Task.objects.get().status == "claimed"
