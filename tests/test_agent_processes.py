@@ -200,30 +200,21 @@ def test_a_first_ctrl_c_lets_the_agent_finish_its_task_and_claims_no_more(proces
     assert "finished the work" in Task.objects.get(status=Status.DONE).output_tail
 
 
-def test_a_child_left_behind_by_an_agent_that_exited_is_ended(process_env, tmp_path, cleanup):
-    make_tasks("q", 1)
-    record = tmp_path / "record"
-    result = run_manage(work_with_agent(record, "orphan"), process_env)
-    assert result.returncode == 0, result.stderr
-    escaped = recorded(record, {"escaped"})["escaped"]
-    cleanup.append(escaped)
-    assert not alive(escaped)
-    assert Task.objects.get().status == Status.DONE
-
-
-def test_a_grandchild_that_vanished_through_a_double_fork_is_ended_with_the_agent(
-    process_env, tmp_path, cleanup
+@pytest.mark.parametrize(("mode", "role"), [("orphan", "escaped"), ("vanish", "vanished")])
+def test_what_an_agent_that_exited_left_behind_is_ended(
+    process_env, tmp_path, cleanup, mode, role
 ):
-    """In no group of the agent's, with no claim marker, its parent gone before any look
-    at the tree: it outlived its task, and another agent could take the task meanwhile.
-    The worker adopts orphans (PR_SET_CHILD_SUBREAPER) and ends it with the agent."""
+    """orphan: a setsid() child, its claim marker still on it. vanish: a grandchild in no
+    group of the agent's, with no marker, its parent gone before any look at the tree; it
+    outlived its task, and another agent could take the task meanwhile. The worker adopts
+    orphans (PR_SET_CHILD_SUBREAPER) and ends it with the agent."""
     make_tasks("q", 1)
     record = tmp_path / "record"
-    result = run_manage(work_with_agent(record, "vanish"), process_env)
+    result = run_manage(work_with_agent(record, mode), process_env)
     assert result.returncode == 0, result.stderr
-    vanished = recorded(record, {"vanished"})["vanished"]
-    cleanup.append(vanished)
-    assert wait_gone([vanished], timeout=2), "the agent's grandchild outlived its task"
+    left = recorded(record, {role})[role]
+    cleanup.append(left)
+    assert wait_gone([left], timeout=2), "what the agent left behind outlived its task"
     assert Task.objects.get().status == Status.DONE
 
 
