@@ -333,12 +333,14 @@ class Worker:
                 if claim.id in kept:
                     self.renewed[claim.id] = since
                 elif (claim.id, claim.fence) not in self.lost:
+                    # Taken back, or finished a moment ago: only an agent at work cares.
                     self.lost.add((claim.id, claim.fence))
-                    log.warning(
-                        "%s: claim of %s lost: its agent is ended",
-                        self.identity.worker,
-                        claim.key,
-                    )
+                    if self.current is not None and self.current.id == claim.id:
+                        log.warning(
+                            "%s: claim of %s lost: its agent is ended",
+                            self.identity.worker,
+                            claim.key,
+                        )
 
     def _heartbeat_loop(self) -> None:
         try:
