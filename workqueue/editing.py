@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +235,7 @@ def _clean(name: str, value, task: Task | None):
     text = _one_line(value)
     if name == "title":
         # Something to see: a title of format characters alone (U+200F) is a blank link.
-        if not any(c.isprintable() and not c.isspace() for c in text):
+        if all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text):
             raise ValueError("a task needs a title")
         check_columns({"title": text})
     elif name == "status":
