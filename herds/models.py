@@ -830,7 +830,8 @@ class Herd(models.Model):
             # What the herd spent, as its page and its budget count it: tasks given back
             # (a drain, a quota, exit 75) cost tokens too.
             "total_tokens": self.total_tokens(),
-            "total_cost_usd": float(self.total_cost_usd()),
+            # null where the agents report no cost: not "free".
+            "total_cost_usd": float(self.total_cost_usd()) if self.reports_cost else None,
             "quota_resets_at": self.quota_resets_at.isoformat() if self.quota_resets_at else None,
             "items_per_second": round(finished / runtime, 2) if runtime else 0.0,
             "started": self.started_at.isoformat() if self.started_at else None,

@@ -139,7 +139,11 @@ class Command(BaseCommand):
             f"herd {data['herd']} {data['status']}: {data['done']} done, "
             f"{data['blocked']} blocked in {data['runtime_seconds']} s "
             f"({data['items_per_second']}/s), {data['total_tokens']} tokens, "
-            f"${data.get('total_cost_usd', 0):.4f}"
+            + (
+                f"${data['total_cost_usd']:.4f}"
+                if data.get("total_cost_usd") is not None
+                else "no cost reported"
+            )
             + (f"; {data['reason']}" if data.get("reason") else "")
         )
         self.stdout.write(
