@@ -498,7 +498,9 @@ class Herd(models.Model):
     def reports_cost(self) -> bool:
         """Whether its agents say what a run cost (Claude Code does; the others give none,
         so their pages say so rather than $0)."""
-        return self.profile.adapter == AdapterKind.CLAUDE
+        from workqueue.agents import adapter_class
+
+        return adapter_class(self.profile.adapter).reports_cost
 
     def all_filters(self) -> list[str]:
         return list(dict.fromkeys([*self.profile.filters, *self.filters]))

@@ -296,16 +296,10 @@ class TaskEditForm(forms.Form):
         return cls(initial=initial)
 
     def clean_tags(self) -> list[str]:
-        return self._list("tags")
+        return cleaned_list(self, "tags")
 
     def clean_depends_on(self) -> list[str]:
-        return self._list("depends_on")
-
-    def _list(self, name: str) -> list[str]:
-        try:
-            return list_items(self.cleaned_data[name])
-        except ValueError as exc:
-            raise forms.ValidationError(f"{name}: {exc}") from None
+        return cleaned_list(self, "depends_on")
 
     def clean_base_values(self) -> dict[str, str] | None:
         try:
@@ -362,6 +356,14 @@ class TaskEditForm(forms.Form):
                     "\n".join(f"{name} is now: {now[name]}" for name in moved),
                 )
         return changes
+
+
+def cleaned_list(form: forms.Form, name: str) -> list[str]:
+    """A list field's text as items (`a, "two words"`), or a ValidationError naming it."""
+    try:
+        return list_items(form.cleaned_data[name])
+    except ValueError as exc:
+        raise forms.ValidationError(f"{name}: {exc}") from None
 
 
 def fingerprint(value) -> str:
@@ -464,10 +466,7 @@ class NewTaskForm(forms.Form):
 
     def clean_tags(self) -> list[str]:
         # As the editor reads them: "needs review" in quotes is one tag, not two.
-        try:
-            return list_items(self.cleaned_data["tags"])
-        except ValueError as exc:
-            raise forms.ValidationError(f"tags: {exc}") from None
+        return cleaned_list(self, "tags")
 
     def fields_given(self) -> dict:
         data = self.cleaned_data

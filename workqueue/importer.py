@@ -347,9 +347,8 @@ class Importer:
             return
         try:
             parsed = taskfile.parse(raw)
-            taskfile.check_shapes(parsed.frontmatter)
+            fields = task_fields(parsed, path)  # first: it checks the values' shapes
             key = self._key(parsed.frontmatter, path, source.base)
-            fields = task_fields(parsed, path)
             check_columns({"key": key, "source_path": spath})
         except TaskFileError as exc:
             self.report.error(path, str(exc))
@@ -386,16 +385,20 @@ class Importer:
         pk, old = known[0], known[5]
         if self.seen_keys.get(old, str(path)) != str(path):
             return True  # the old id went to another file in this import: a new task
-        if not Task.objects.filter(pk=pk).exclude(status=Status.CLAIMED).update(key=key):
-            self.report.error(
-                path,
-                f"its id changed from {old!r} to {key!r} while {old!r} is claimed: "
-                "an import after the claim ends gives the task its new id",
+        with transaction.atomic():
+            if not Task.objects.filter(pk=pk).exclude(status=Status.CLAIMED).update(key=key):
+                self.report.error(
+                    path,
+                    f"its id changed from {old!r} to {key!r} while {old!r} is claimed: "
+                    "an import after the claim ends gives the task its new id",
+                )
+                return False
+            TaskEvent.objects.create(
+                task_id=pk,
+                kind=EventKind.UPDATED,
+                actor="import",
+                message=f"id changed from {old}",
             )
-            return False
-        TaskEvent.objects.create(
-            task_id=pk, kind=EventKind.UPDATED, actor="import", message=f"id changed from {old}"
-        )
         self.keys[key] = self.keys.pop(old)
         self.seen_keys.pop(old, None)
         return True

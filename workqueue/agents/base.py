@@ -286,6 +286,7 @@ class Adapter:
 
     name = "generic"
     program = ""
+    reports_cost = False  # whether the CLI says what a run cost
     resume: tuple[str, ...] = ()  # the command that resumes a session, "{session}" filled
     # Exit codes and output that mean "out of quota or rate-limited", in the CLI's words.
     quota_words = re.compile(

@@ -19,6 +19,7 @@ ROOT_REFUSAL = "cannot be used with root/sudo privileges"
 class ClaudeAdapter(Adapter):
     name = "claude"
     program = "claude"
+    reports_cost = True  # `total_cost_usd`
     resume = ("claude", "--resume", "{session}")
 
     def __init__(self, *args, **kwargs):
@@ -90,9 +91,10 @@ class ClaudeAdapter(Adapter):
                 self.transcript.add("tool", short_arguments(block.get("input")), name)
 
     def count_call(self, message_id: str, usage: Usage) -> None:
-        if self.last_call and (not message_id or self.last_call[0] != message_id):
-            self.earlier = _summed([self.earlier, self.last_call[1]])
+        # A message without an id is a call of its own.
         if not self.last_call or not message_id or self.last_call[0] != message_id:
+            if self.last_call:
+                self.earlier = _summed([self.earlier, self.last_call[1]])
             self.calls += 1
         self.last_call = (message_id, usage)
         if not self.outcome:

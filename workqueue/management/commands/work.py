@@ -141,8 +141,8 @@ class Command(BaseCommand):
                 f"--workers {options['workers']}: one command forks at most {MAX_WORKERS} "
                 "workers; start more commands for more"
             )
-        if server_secrets_in(options["pass_env"]):
-            raise CommandError(f"--pass-env {server_secrets_in(options['pass_env'])}")
+        if refused := server_secrets_in(options["pass_env"]):
+            raise CommandError(f"--pass-env {refused}")
         options["processor"] = options["processor"] or "noop"
         if argv and options["processor"] not in ("command", "pull"):
             raise CommandError("a command after -- needs --processor command or pull")
