@@ -334,15 +334,25 @@ def test_a_file_named_on_the_command_line_is_allowed_like_a_named_folder(tmp_pat
     assert "outside the import roots" in Importer("q").run([queue_file]).errors[0]["error"]
 
 
-def test_command_exits_non_zero_only_when_nothing_imported(process_env, write_task):
+def test_command_exits_non_zero_when_any_file_is_refused(process_env, write_task):
     write_task("bad.md", b"")
     result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
     assert result.returncode == 1
     assert json.loads(result.stdout)["errors"][0]["error"] == "empty file"
+    assert "nothing could be imported" in result.stderr
+    # One refused file among good ones still fails the command (a cron job hears of
+    # it); the good ones are in.
     write_task("good.md", GOOD.format(id="G", title="Good"))
     result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1
     assert json.loads(result.stdout)["imported"] == 1
+    assert "1 file could not be imported (each named with its path); the others were" in (
+        result.stderr
+    )
+    assert Task.objects.filter(key="G").exists()
+    (write_task.folder / "bad.md").unlink()
+    result = run_manage(["import_tasks", str(write_task.folder)], process_env)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.django_db(transaction=True)

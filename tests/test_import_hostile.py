@@ -197,7 +197,7 @@ def test_a_file_name_that_is_not_utf8_is_named_and_the_rest_imported(write_task,
     assert sorted(Task.objects.values_list("title", flat=True)) == ["A newline", "Good"]
     for output in (["--json"], []):  # and printed to a terminal's UTF-8
         out = run_manage(["import_tasks", "--queue", "q", *output, str(folder)], process_env)
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == 1, out.stderr  # one file refused
         said = json.loads(out.stdout)["errors"][0]["path"] if output else out.stderr
         assert "caf\ufffd \ufffd.md" in said
 
@@ -248,7 +248,7 @@ def test_unreadable_folder_is_named(write_task, process_env):
         )
     finally:
         locked.chmod(0o700)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # the folder was refused
     report = json.loads(result.stdout)
     assert report["errors"] == [
         {"path": str(locked), "error": "cannot read folder: Permission denied"}

@@ -107,12 +107,33 @@
     if (!dialog) return null;
     const counter = dialog.querySelector("[data-dialog-count]");
     if (counter) counter.textContent = plural(count());
+    const claimed = dialog.querySelector("[data-dialog-claimed]");
+    if (claimed) {
+      // Closing or blocking a claimed task ends the agent at work on it: say so first.
+      const n = claimedCount();
+      claimed.hidden = n === 0;
+      claimed.textContent =
+        (n === count() ? (n === 1 ? "It is" : "All of them are") : n.toLocaleString() + " of them " + (n === 1 ? "is" : "are")) +
+        " being worked: " + (n === 1 ? "its agent is" : "their agents are") + " ended.";
+    }
     const form = dialog.querySelector("form.bulk-form");
     if (form) form.reset();
     dialog.showModal();
     const field = dialog.querySelector("input, select, textarea, button");
     if (field) field.focus();
     return dialog;
+  }
+
+  // How many of the selection are claimed: the claimed column's count for "all matching"
+  // (the column counts the same filter), else the selected cards in that column.
+  function claimedCount() {
+    const column = document.querySelector('#board section.column[data-status="claimed"]');
+    if (!column) return 0;
+    if (selection.all) {
+      const shown = column.querySelector(".count");
+      return parseInt(((shown && shown.textContent) || "0").replace(/[^0-9]/g, ""), 10) || 0;
+    }
+    return Array.from(column.querySelectorAll("article.card")).filter((card) => selection.ids.has(card.dataset.id)).length;
   }
 
   // A bulk action: a dialog for those that take a value, at once for the others.

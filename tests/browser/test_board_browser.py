@@ -469,3 +469,38 @@ def test_the_focus_stays_on_the_board_across_a_refresh_an_apply_and_load_more(
     page.wait_for_timeout(300)
     cards = column(page, "queued").locator("article.card")
     assert page.evaluate(focused) == cards.nth(views.PAGE_SIZE).get_attribute("id")
+
+
+def test_the_close_and_block_dialogs_say_how_many_of_the_selection_are_being_worked(
+    logged_in_page, live_url
+):
+    """"Select all N matching" spans every column: a bulk Close over a filter ended the
+    agents of its claimed tasks without a word in the dialog that asked for the reason."""
+    tasks = make_tasks("q", 5)
+    now = timezone.now()
+    Task.objects.filter(pk__in=[t.pk for t in tasks[:2]]).update(
+        status=Status.CLAIMED, holder="w-1", claimed_at=now, updated_at=now
+    )
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    column(page, "queued").locator("article.card input.pick").first.check()
+    page.get_by_role("button", name="Close…").click()
+    dialog = page.get_by_role("dialog", name="Close 1 task")
+    expect(dialog.locator("[data-dialog-claimed]")).to_be_hidden()
+    dialog.get_by_role("button", name="Cancel").click()
+
+    page.get_by_role("button", name="Select all 5 matching").click()
+    page.get_by_role("button", name="Close…").click()
+    dialog = page.get_by_role("dialog", name="Close 5 tasks")
+    expect(dialog.locator("[data-dialog-claimed]")).to_have_text(
+        "2 of them are being worked: their agents are ended."
+    )
+    dialog.get_by_role("button", name="Cancel").click()
+
+    page.get_by_role("button", name="Clear selection").click()
+    column(page, "claimed").locator("article.card input.pick").first.check()
+    page.get_by_role("button", name="Block…").click()
+    dialog = page.get_by_role("dialog", name="Block 1 task")
+    expect(dialog.locator("[data-dialog-claimed]")).to_have_text(
+        "It is being worked: its agent is ended."
+    )

@@ -49,5 +49,13 @@ class Command(BaseCommand):
             self.stdout.write(report.summary())
             for line in report_lines(cannot, options["queue"]):
                 self.stderr.write(f"warning: {line}")
+        # A refused file fails the command even when the rest went in, so a script or a
+        # cron job that checks the exit code hears of it; the rest stay imported.
         if report.errors and not report.accepted:
             raise CommandError("nothing could be imported")
+        if report.errors:
+            refused = len(report.errors)
+            raise CommandError(
+                f"{refused:,} file{'s' if refused != 1 else ''} could not be imported "
+                "(each named with its path); the others were"
+            )
