@@ -428,9 +428,10 @@ def test_decisions_recorded_twice_are_carried_out_once_and_the_second_says_so(
         ),
         (
             {"action": "assign:nic", "changes": ["added_wikilink", "something new"]},
-            "assign to nic",
+            "keep nic as assignee",
             "project link added to the body, something new",
         ),
+        ({"action": "assign:nic"}, "assign to nic", ""),
     ],
 )
 def test_triage_decisions_read_as_words(result, decision, changes):

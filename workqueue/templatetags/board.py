@@ -147,7 +147,11 @@ def decision_words(result: dict) -> str:
         reason = result.get("close_reason", "")
         return f"close: {CLOSE_REASONS.get(reason, reason)}" if reason else "close"
     if action.startswith("assign:"):
-        return f"assign to {action.removeprefix('assign:')}"
+        name = action.removeprefix("assign:")
+        changes = result.get("changes")
+        if changes is None or f"assignee->{name}" in changes:
+            return f"assign to {name}"
+        return f"keep {name} as assignee"  # the task had them already: no line changes
     return action
 
 
