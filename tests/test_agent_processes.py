@@ -528,3 +528,39 @@ def test_a_worker_that_cannot_renew_its_lease_ends_its_agent_before_the_lease_ru
     task = Task.objects.get()
     assert (task.status, task.attempts) == (Status.QUEUED, 0)
     assert task.reason.startswith("agent ended: its lease was not renewed for 2 s")
+
+
+NUL_OUTPUTS = {
+    # Binary garbage, then its verdict with a NUL in it.
+    "raw": (
+        "import sys; sys.stdout.buffer.write(b'\\x00\\x01\\xff garbage\\n'); "
+        "sys.stdout.buffer.write(b'COMPLETED: did it\\x00\\n')",
+        Status.DONE,
+    ),
+    # A NUL written as JSON's escape: decoded, it is a NUL in the reason.
+    "json": (
+        "print('{\"status\": \"blocked\", \"reason\": \"bad\\\\u0000byte\", \"next\": \"x\"}')",
+        Status.BLOCKED,
+    ),
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kind", NUL_OUTPUTS)
+def test_an_agent_printing_a_nul_character_has_its_task_finished(process_env, kind):
+    """PostgreSQL refuses NUL in text and JSON: the finish failed, the worker died with a
+    traceback and the task stayed claimed, to crash the next worker that took it."""
+    program, status = NUL_OUTPUTS[kind]
+    make_tasks("nul", 1)
+    command = [sys.executable, "-c", program]
+    done = run_manage(
+        ["work", "--queue", "nul", "--processor", "command", "--", *command], process_env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    task = Task.objects.get(queue="nul")
+    assert task.status == status
+    if kind == "raw":
+        assert "COMPLETED: did it\ufffd" in task.output_tail
+    else:
+        assert task.reason == "bad\ufffdbyte"
+    assert "\x00" not in json.dumps(task.result)

@@ -49,6 +49,17 @@ class Result:
             for value in vars(self).values()
         )
 
+    def storable(self) -> Result:
+        """This result with each NUL character (an agent's binary output, a JSON
+        `\\u0000`) made U+FFFD: PostgreSQL refuses NUL in text and JSON, and a finish it
+        refused would crash the worker and leave the task claimed."""
+        for name, value in vars(self).items():
+            if isinstance(value, str) and "\x00" in value:
+                setattr(self, name, value.replace("\x00", "\ufffd"))
+        if self.data:
+            self.data = _without_nul(self.data)
+        return self
+
     def row_values(self) -> dict:
         return {
             "status": self.status,
@@ -62,6 +73,16 @@ class Result:
             "output_tail": self.output_tail,
             "result": self.data,
         }
+
+
+def _without_nul(value):
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 class WorkContext:

@@ -235,7 +235,7 @@ class Worker:
             self.current, self.why_ending = claim, ""
             if not self.processor.finish_in_batches:
                 signals.task_started.send(sender=self, claim=claim)
-            result = self.processor.process(claim, self.context)
+            result = self.processor.process(claim, self.context).storable()
             self.current = None
             done.append((claim, result))
             if not self.processor.finish_in_batches:
