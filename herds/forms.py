@@ -3,7 +3,7 @@ from decimal import Decimal
 from django import forms
 from django.core.exceptions import ValidationError
 
-from herds.models import Profile
+from herds.models import MAX_TOKEN_BUDGET, MAX_WALL_CLOCK, Profile
 from workqueue.models import Queue
 from workqueue.names import validate_queue_name
 from workqueue.routing import FilterError, TaskFilter
@@ -28,11 +28,15 @@ class LaunchForm(forms.Form):
         help_text="Optional, space separated: complexity=mechanical project=web",
     )
     token_budget = forms.IntegerField(
-        required=False, min_value=1, help_text="Optional: drain once this many tokens are used."
+        required=False,
+        min_value=1,
+        max_value=MAX_TOKEN_BUDGET,
+        help_text="Optional: drain once this many tokens are used.",
     )
     wall_clock_limit = forms.IntegerField(
         required=False,
         min_value=1,
+        max_value=MAX_WALL_CLOCK,
         label="Wall-clock limit",
         help_text="Optional, seconds: drain once the herd has run this long.",
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.db.models import Count, Sum
 from django.urls import reverse
@@ -350,6 +350,12 @@ class HerdQuerySet(models.QuerySet):
         return {(profile, status): n for profile, status, n in rows}
 
 
+# Past any real herd, inside what every database and `timedelta` hold (a wall clock of
+# 10**14 s was taken and then broke every supervision pass of its herd).
+MAX_WALL_CLOCK = 366 * 24 * 3600  # a year, in seconds
+MAX_TOKEN_BUDGET = 10**15
+
+
 class Herd(models.Model):
     queue = models.CharField(max_length=100)
     profile = models.ForeignKey(Profile, on_delete=models.PROTECT, related_name="herds")
@@ -362,9 +368,14 @@ class Herd(models.Model):
     draining = models.BooleanField(default=False)
     cancel_requested = models.BooleanField(default=False)
     reason = models.TextField(blank=True, help_text="Why it drained, failed or stopped.")
-    token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+    token_budget = models.PositiveBigIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(MAX_TOKEN_BUDGET)]
+    )
     wall_clock_limit = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Seconds; the herd drains when reached."
+        null=True,
+        blank=True,
+        validators=[MaxValueValidator(MAX_WALL_CLOCK)],
+        help_text="Seconds; the herd drains when reached.",
     )
     dry_run = models.BooleanField(
         default=False, help_text="Processors that write files only report what they would do."
@@ -652,7 +663,7 @@ class Herd(models.Model):
         return bool(
             self.wall_clock_limit
             and self.started_at
-            and timezone.now() - self.started_at > timedelta(seconds=self.wall_clock_limit)
+            and (timezone.now() - self.started_at).total_seconds() > self.wall_clock_limit
         )
 
     def budget_spent(self) -> str:

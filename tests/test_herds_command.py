@@ -58,14 +58,31 @@ def test_more_workers_than_the_profile_allows_is_refused():
     assert not Herd.objects.exists()
 
 
-def test_a_cost_budget_that_is_not_a_number_is_a_usage_error():
-    """Decimal's own error passed through argparse: a traceback."""
+@pytest.mark.parametrize("value", ["abc", "NaN", "sNaN"])
+def test_a_cost_budget_that_is_not_a_number_is_a_usage_error(value):
+    """Decimal's own error passed through argparse: a traceback; so did a NaN, which
+    compares with nothing."""
     Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
-    with pytest.raises(CommandError, match="--cost-budget: 'abc' is not an amount in USD"):
+    with pytest.raises(CommandError, match=f"--cost-budget: '{value}' is not an amount in USD"):
         call_command(
             "herd", "--queue", "inbox", "--profile", "noop", "--workers", "1",
-            "--cost-budget", "abc",
+            "--cost-budget", value,
         )  # fmt: skip
+    assert not Herd.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "too_many"), [("--wall-clock", "99999999999999"), ("--token-budget", str(10**16))]
+)
+def test_a_limit_past_any_herd_is_refused(option, too_many):
+    """A wall clock of 10**14 s was taken, and every supervision pass of its herd then
+    died in timedelta: the herd stayed running after its workers ended, no summary."""
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("inbox", 1)
+    with pytest.raises(CommandError, match="less than or equal to"):
+        call_command(
+            "herd", "--queue", "inbox", "--profile", "noop", "--workers", "1", option, too_many
+        )
     assert not Herd.objects.exists()
 
 

@@ -253,6 +253,19 @@ def test_launch_form_refuses_a_malformed_filter(operator, profile):
     assert "unknown field" in page.content.decode()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("wall_clock_limit", "99999999999999"), ("token_budget", 10**16)]
+)
+def test_launch_form_refuses_a_limit_past_any_herd(operator, profile, field, value):
+    """A wall clock of 10**14 s was taken; supervision then failed on its herd for ever."""
+    make_tasks("inbox", 1)
+    form = {"queue": "inbox", "profile": "noop", "workers": 1, "batch": 0, "confirm": "1"}
+    page = client_for(operator).post(reverse("herds:launch"), {**form, field: value})
+    assert page.status_code == 400
+    assert "less than or equal to" in page.content.decode()
+    assert not Herd.objects.exists()
+
+
 def test_launch_form_takes_a_profile_never_a_command(operator, profile):
     make_tasks("inbox", 1)
     client = client_for(operator)

@@ -16,9 +16,12 @@ from workqueue.names import queue_name_argument
 def dollars(value: str) -> Decimal:
     """An argparse `type=`: Decimal's own error is not one argparse turns into usage."""
     try:
-        return Decimal(value)
+        amount = Decimal(value)
     except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an amount in USD") from None
+        amount = None
+    if amount is None or amount.is_nan():  # NaN compares with nothing: a traceback later
+        raise argparse.ArgumentTypeError(f"{value!r} is not an amount in USD")
+    return amount
 
 
 BUDGETS = {
