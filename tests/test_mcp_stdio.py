@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import anyio
+import psutil
 import pytest
 
 from tests.conftest import MANAGE, ROOT, make_tasks, run_manage
@@ -218,6 +220,40 @@ def test_a_session_that_ends_gives_back_what_it_holds(process_env):
     row = Task.objects.get()
     assert (row.status, row.holder) == (Status.QUEUED, "")
     assert row.events.filter(kind=EventKind.RELEASED, message="MCP session ended").exists()
+    assert not locks.list_locks("q")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signals",
+    [[signal.SIGINT, signal.SIGTERM], [signal.SIGTERM], [signal.SIGHUP]],
+    ids=["sigint-then-sigterm", "sigterm", "sighup"],
+)
+def test_a_session_its_client_ends_with_a_signal_gives_back_what_it_holds(process_env, signals):
+    """Claude Code ends its servers with SIGINT and SIGTERM 0.1 s apart, stdin still open:
+    the server died holding its claim (held by a dead pid until a reaper on this host took
+    it back, an attempt counted), or hung on its reader thread."""
+    make_tasks("q", 2)
+
+    def signal_the_holder(key: str) -> None:
+        pid = Task.objects.get(key=key).holder_pid
+        for number in signals:
+            os.kill(pid, number)
+            time.sleep(0.1)
+        psutil.Process(pid).wait(timeout=30)
+
+    async def claim_then_be_ended():
+        try:
+            async with stdio_session("q", process_env, "--name", "ended") as client:
+                answer = await call(client, "claim_next_task")
+                assert answer["success"], answer
+                await in_thread(signal_the_holder, answer["task"]["id"])
+        except Exception:  # noqa: S110 - the client sees its server gone
+            pass
+
+    run(claim_then_be_ended)
+    assert Task.objects.filter(status=Status.QUEUED, holder="").count() == 2
+    assert TaskEvent.objects.filter(kind=EventKind.RELEASED, message="MCP session ended").count() == 1
     assert not locks.list_locks("q")
 
 

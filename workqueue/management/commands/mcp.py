@@ -1,5 +1,9 @@
 """`manage.py mcp --queue NAME`: this queue's claim engine as an MCP server over stdio."""
 
+import os
+import signal
+import threading
+
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
@@ -10,6 +14,13 @@ from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 from workqueue.pull import Heartbeat, local_session
 from workqueue.routing import FilterError, TaskFilter
+
+
+# Clients end their stdio servers with signals (Claude Code: SIGINT, then SIGTERM 0.1 s
+# later), often with stdin still open, where the server's reader thread would keep the
+# process alive: the first signal ends the session and the process, the rest are ignored
+# so that none cuts short the giving back of what the session holds.
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Command(BaseCommand):
@@ -45,9 +56,12 @@ class Command(BaseCommand):
         session = local_session(options["queue"], options["name"], filters, options["lease"])
         beat = Heartbeat(session)
         beat.start()
-        try:
-            serve_stdio(session)
-        finally:
+
+        def ignore_signals():
+            for each in ENDING_SIGNALS:
+                signal.signal(each, signal.SIG_IGN)
+
+        def end():
             beat.stop()
             released = session.release_all("MCP session ended")
             if released:
@@ -55,3 +69,21 @@ class Command(BaseCommand):
             session.owner_file.discard()
             signals.worker_stopped.send(sender=session, exit_code=0)
             connection.close()
+
+        def end_on_signal(number, frame):
+            # The handler runs inside the server's event loop, where Django refuses the
+            # database: the ending runs in a thread of its own.
+            ignore_signals()
+            ending = threading.Thread(target=end)
+            ending.start()
+            ending.join()
+            self.stderr.flush()
+            os._exit(128 + number)
+
+        for number in ENDING_SIGNALS:
+            signal.signal(number, end_on_signal)
+        try:
+            serve_stdio(session)
+        finally:
+            ignore_signals()
+            end()
