@@ -16,6 +16,7 @@ from workqueue.importer import Importer
 from workqueue.locks import Identity
 from workqueue.models import Dependency, EventKind, Queue, Status, Task
 from workqueue.pull import QUEUE_EMPTY, TOOLS, PullSession, blocked_parts, local_session
+from workqueue.routing import TaskFilter
 
 pytestmark = pytest.mark.django_db
 
@@ -493,3 +494,32 @@ def test_a_where_value_of_the_wrong_type_and_a_new_task_that_cannot_become_ready
         "queue 'q' has that id"
     )
     assert "cannot become ready" not in agent.call("create_task", {"title": "Now"})["message"]
+
+
+def test_a_sessions_filters_bind_the_old_prompts_claim_and_its_list():
+    """`update_task(status="in_progress")` claimed through a one-task filter alone: a
+    session for project=web took an ops task, and `list_tasks` steered it there."""
+    make_tasks("q", 3)
+    Task.objects.filter(key__in=["t000000", "t000002"]).update(project="web")
+    Task.objects.filter(key="t000001").update(project="ops")
+    web = PullSession("q", Identity.current("mcp:web"), filters=TaskFilter.parse(["project=web"]))
+    listed = web.call("list_tasks", {"status": "active", "limit": 10})
+    assert [t["id"] for t in listed["tasks"]] == ["t000000", "t000002"]
+    assert listed["message"].startswith("2 of 2 tasks this session takes (project=web)")
+    answer = web.call("update_task", {"id": "t000001", "status": "in_progress"})
+    assert answer == {
+        "success": False,
+        "message": "t000001: not claimed: this session only takes project=web",
+    }
+    assert Task.objects.get(key="t000001").status == Status.QUEUED
+    assert web.call("update_task", {"id": "t000002", "status": "in_progress"})["success"]
+    # Over HTTP a session keeps nothing between requests: the URL's filters still bind.
+    http = PullSession(
+        "q",
+        Identity("mcp:alice/web", "http:host", 1, 1.0),
+        TaskFilter.parse(["project=web"]),
+        1800,
+        stateless=True,
+    )
+    assert not http.call("update_task", {"id": "t000001", "status": "in_progress"})["success"]
+    assert Task.objects.get(key="t000001").status == Status.QUEUED

@@ -103,9 +103,11 @@ class _OnlyTask:
     through the same statement as any claim, or nothing."""
 
     pk: int
+    filters: TaskFilter | None = None  # the session's: no claim outside them by this way
 
     def apply(self, tasks):
-        return tasks.filter(pk=self.pk)
+        tasks = tasks.filter(pk=self.pk)
+        return self.filters.apply(tasks) if self.filters else tasks
 
 
 class PullSession:
@@ -239,6 +241,8 @@ class PullSession:
         limit=5,
     ) -> dict:
         tasks = Task.objects.filter(queue=self.queue)
+        if self.filters:  # the session's share of the queue, as its claims are
+            tasks = self.filters.apply(tasks)
         if status not in (None, ""):
             tasks = _with_status(tasks, _status_word(status))
         for name, value in (("project", project), ("type", type), ("assignee", assignee)):
@@ -257,9 +261,10 @@ class PullSession:
         )
         for row in rows:
             row["id"] = row.pop("key")
+        only = f" this session takes ({', '.join(self.filters.as_list())})" if self.filters else ""
         return answer(
             True,
-            f"{len(rows)} of {total} tasks" + (" (highest priority first)" if rows else ""),
+            f"{len(rows)} of {total} tasks{only}" + (" (highest priority first)" if rows else ""),
             tasks=rows,
             count=len(rows),
             total=total,
@@ -461,7 +466,7 @@ class PullSession:
             return refused(
                 f"{task.key}: not claimed: this worker is stopping ({self.stop_reason})"
             )
-        if self._claim(_OnlyTask(task.pk), {}):
+        if self._claim(_OnlyTask(task.pk, self.filters), {}):
             return answer(True, f"claimed {task.key}")
         # A claim racing ours may not have committed yet (PostgreSQL skipped its locked
         # row): wait for that row, then say who won.
