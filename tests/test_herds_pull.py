@@ -4,13 +4,16 @@ and runs one agent that claims tasks over it until QUEUE EMPTY."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
+import psutil
 import pytest
 
 from herds.models import ExitClass, Herd, HerdStatus, Profile
-from tests.conftest import ROOT, make_tasks, run_manage
+from tests.conftest import ROOT, make_tasks, run_manage, start_manage
 from tests.test_herds_processes import descendants, launch, processes, wait_until, worker_logs
+from workqueue import reaper
 from workqueue.models import EventKind, Status, Task, TaskEvent
 from workqueue.pull_agent import fill, pull_prompt, write_configs
 
@@ -172,3 +175,39 @@ def test_placeholders_and_configs(tmp_path):
     assert fill(["-p", "{prompt}", "{mcp_config}", "{unknown}"], {"prompt": "{mcp_config}",
                 "mcp_config": "/x"}) == ["-p", "{mcp_config}", "/x", "{unknown}"]  # fmt: skip
     assert "{queue}" not in pull_prompt("inbox") and "`inbox`" in pull_prompt("inbox")
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_pull_workers_agent_never_outlives_it_onto_a_task_given_to_another(process_env, how):
+    """A pull worker recorded no agent on its claims and had no SIGTERM handler: once it
+    was gone its agent (in a session of its own) worked on, while the reaper gave its task
+    to the next worker. Now SIGTERM ends the agent and gives the task back; after a
+    SIGKILL the reaper ends the agent it finds on the claim before the task goes back."""
+    make_tasks("q", 1)
+    agent = str(ROOT / "examples" / "agents" / "pull_agent.py")
+    worker = start_manage(
+        [
+            "work", "--queue", "q", "--processor", "pull", "--name", "pull-1", "--",
+            sys.executable, agent, "--mcp-config", "{mcp_config}", "--hold",
+        ],
+        process_env,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: Task.objects.filter(status=Status.CLAIMED).exists(), 60)
+        task = Task.objects.get()
+        agents = psutil.Process(worker.pid).children(recursive=True)
+        assert task.agent_pgid in [p.pid for p in agents]
+        worker.send_signal(how)
+        worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    if how == signal.SIGKILL:
+        assert Task.objects.get().status == Status.CLAIMED  # held by a dead pid
+        report = reaper.release_stale_claims("q")
+        assert [s.task.key for s in report.requeued] == [task.key]
+    else:
+        assert worker.returncode == 0
+    assert not [p.pid for p in agents if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert Task.objects.get().status == Status.QUEUED

@@ -139,6 +139,9 @@ class PullSession:
         self.stop_requested = False
         self.stop_reason = ""
         self.claimed = self.done = self.blocked = self.released = 0
+        # A pull worker's agent (process group, start time), written on each claim it
+        # takes: the reaper ends it before the task goes to anyone else.
+        self.agent: tuple[int, float] | None = None
 
     # What the herds' receivers ask of a worker (workqueue.signals) -------------------
 
@@ -454,6 +457,9 @@ class PullSession:
         )
         if taken:
             self.claimed += len(taken)
+            if self.agent:
+                for claim in taken:
+                    transitions.record_agent(self.identity, claim, *self.agent)
             if not self.stateless:
                 with self._held_lock:
                     self.held.update((c.id, c) for c in taken)

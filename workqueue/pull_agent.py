@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -216,14 +217,21 @@ def run_agent(
         None,
         timeout,
         mask,
-        lambda: session.stop_requested and not session.held,
+        lambda: signalled.is_set() or (session.stop_requested and not session.held),
         log_path=log_path,
     )
+    # SIGTERM (a `kill`, systemd) or Ctrl-C ends the agent and gives back what it holds,
+    # as a push worker's second signal does: an agent left running would work on beside
+    # whoever takes its task next.
+    signalled = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, lambda number, frame: signalled.set())
     try:
         run.start()
     except OSError as exc:
         print(f"cannot start {args[0]}: {exc.strerror}", file=sys.stderr)
         return 127
+    session.agent = (run.pgid, run.started_at)
     ended = run.wait()
     # The worker's log gets the agent's last words: supervision reads it for quota errors.
     sys.stdout.write(ended.stdout[-4000:])
