@@ -539,7 +539,7 @@ NUL_OUTPUTS = {
     ),
     # A NUL written as JSON's escape: decoded, it is a NUL in the reason.
     "json": (
-        "print('{\"status\": \"blocked\", \"reason\": \"bad\\\\u0000byte\", \"next\": \"x\"}')",
+        'print(\'{"status": "blocked", "reason": "bad\\\\u0000byte", "next": "x"}\')',
         Status.BLOCKED,
     ),
 }

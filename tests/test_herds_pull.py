@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
+import stat
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -116,7 +118,8 @@ def test_the_agent_gets_only_its_sessions_url_and_secret(tmp_path, process_env):
         "import json, os, stat, sys\n"
         "config, out = sys.argv[1], sys.argv[3]\n"
         "seen = {'env': dict(os.environ), 'mode': stat.S_IMODE(os.stat(config).st_mode),\n"
-        "        'config': json.load(open(config)), 'prompt': sys.argv[2]}\n"
+        "        'config': json.load(open(config)), 'prompt': sys.argv[2], 'path': config,\n"
+        "        'folder': stat.S_IMODE(os.stat(os.path.dirname(config)).st_mode)}\n"
         "open(out, 'w').write(json.dumps(seen))\n"
         "print('my token is', os.environ['HYPERVISOR_MCP_TOKEN'])\n"
     )
@@ -133,6 +136,11 @@ def test_the_agent_gets_only_its_sessions_url_and_secret(tmp_path, process_env):
     assert "OTHER_TOKEN" not in agent_env
     assert agent_env["HYPERVISOR_MCP_URL"].startswith("http://127.0.0.1:")
     assert seen["mode"] == 0o600
+    # Not below /tmp: Gemini CLI skips a settings file any other user could have written.
+    run = Path(process_env["HYPERVISOR_DATA_DIR"], "run")
+    assert Path(seen["path"]).parent.parent == run and seen["folder"] == 0o700
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    assert not list(run.iterdir())  # the session's folder went with it
     server = seen["config"]["mcpServers"]["hypervisor"]
     assert server["url"] == agent_env["HYPERVISOR_MCP_URL"]
     assert server["headers"]["Authorization"] == "Bearer " + agent_env["HYPERVISOR_MCP_TOKEN"]

@@ -253,7 +253,8 @@ def test_a_session_its_client_ends_with_a_signal_gives_back_what_it_holds(proces
 
     run(claim_then_be_ended)
     assert Task.objects.filter(status=Status.QUEUED, holder="").count() == 2
-    assert TaskEvent.objects.filter(kind=EventKind.RELEASED, message="MCP session ended").count() == 1
+    ended = TaskEvent.objects.filter(kind=EventKind.RELEASED, message="MCP session ended")
+    assert ended.count() == 1
     assert not locks.list_locks("q")
 
 
@@ -265,6 +266,19 @@ def test_bad_command_line_is_a_usage_error(process_env):
     assert result.returncode != 0 and "unknown field 'colour'" in result.stderr
     result = run_manage(["mcp", "--queue", "q", "--name", "x" * 101], process_env)
     assert result.returncode != 0 and "--name: at most 100" in result.stderr
+
+
+def test_a_server_given_no_database_settings_says_so_in_one_line(process_env, tmp_path):
+    """Gemini CLI and Codex pass no DATABASE_URL to their servers: the default SQLite,
+    never migrated, ended the server in a traceback the agent's MCP log hid."""
+    env = {k: v for k, v in process_env.items() if k != "DATABASE_URL"}
+    result = run_manage(["mcp", "--queue", "inbox"], {**env, "HYPERVISOR_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"CommandError: cannot read the sqlite database {tmp_path}/hypervisor.sqlite3 (no such "
+        "table: queue_queue): give DATABASE_URL and HYPERVISOR_DATA_DIR in the agent's MCP "
+        "config (its env)"
+    )
 
 
 def test_a_session_on_a_queue_no_task_is_in_warns_naming_the_queues(process_env):

@@ -118,6 +118,14 @@ def write_configs(folder: Path, url: str, secret: str) -> dict[str, str]:
     return paths
 
 
+def config_root() -> Path:
+    """Where a session's config files go: Gemini CLI skips a settings file when any
+    folder above it is writable by others (as /tmp is), so not the temporary folder."""
+    root = Path(settings.HYPERVISOR_DATA_DIR, "run")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return root
+
+
 def pull_prompt(queue: str) -> str:
     return PROMPT.read_text(encoding="utf-8").replace("{queue}", queue)
 
@@ -156,7 +164,7 @@ def run_pull_worker(
     try:
         beat.start()
         server.start()
-        with tempfile.TemporaryDirectory(prefix="hypervisor-pull-") as folder:
+        with tempfile.TemporaryDirectory(prefix="pull-", dir=config_root()) as folder:
             configs = write_configs(Path(folder), server.url, server.secret)
             values = {
                 "python": sys.executable,

@@ -5,20 +5,28 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('herds', '0009_profile_pull_kind'),
+        ("herds", "0009_profile_pull_kind"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='herd',
-            name='token_budget',
-            field=models.PositiveBigIntegerField(blank=True, null=True, validators=[django.core.validators.MaxValueValidator(1000000000000000)]),
+            model_name="herd",
+            name="token_budget",
+            field=models.PositiveBigIntegerField(
+                blank=True,
+                null=True,
+                validators=[django.core.validators.MaxValueValidator(1000000000000000)],
+            ),
         ),
         migrations.AlterField(
-            model_name='herd',
-            name='wall_clock_limit',
-            field=models.PositiveIntegerField(blank=True, help_text='Seconds; the herd drains when reached.', null=True, validators=[django.core.validators.MaxValueValidator(31622400)]),
+            model_name="herd",
+            name="wall_clock_limit",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="Seconds; the herd drains when reached.",
+                null=True,
+                validators=[django.core.validators.MaxValueValidator(31622400)],
+            ),
         ),
     ]

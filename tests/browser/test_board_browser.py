@@ -474,7 +474,7 @@ def test_the_focus_stays_on_the_board_across_a_refresh_an_apply_and_load_more(
 def test_the_close_and_block_dialogs_say_how_many_of_the_selection_are_being_worked(
     logged_in_page, live_url
 ):
-    """"Select all N matching" spans every column: a bulk Close over a filter ended the
+    """ "Select all N matching" spans every column: a bulk Close over a filter ended the
     agents of its claimed tasks without a word in the dialog that asked for the reason."""
     tasks = make_tasks("q", 5)
     now = timezone.now()

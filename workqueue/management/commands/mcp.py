@@ -6,7 +6,7 @@ import threading
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connection
+from django.db import DatabaseError, connection
 
 from workqueue import signals
 from workqueue.mcp_server import serve_stdio
@@ -14,7 +14,6 @@ from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 from workqueue.pull import Heartbeat, local_session
 from workqueue.routing import FilterError, TaskFilter
-
 
 # Clients end their stdio servers with signals (Claude Code: SIGINT, then SIGTERM 0.1 s
 # later), often with stdin still open, where the server's reader thread would keep the
@@ -50,7 +49,16 @@ class Command(BaseCommand):
             raise CommandError("--name: at most 100 printable characters")
         # stdout is the protocol's: the SDK points fd 1 at stderr while it serves, and
         # logging goes to stderr anyway.
-        missing = Queue.objects.missing(options["queue"])
+        try:
+            missing = Queue.objects.missing(options["queue"])
+        except DatabaseError as exc:
+            # Most likely a client that did not pass DATABASE_URL on (Gemini CLI, Codex):
+            # the default database was opened, and it was never migrated.
+            raise CommandError(
+                f"cannot read the {connection.vendor} database {connection.settings_dict['NAME']}"
+                f" ({str(exc).strip()}): give DATABASE_URL and HYPERVISOR_DATA_DIR in the "
+                "agent's MCP config (its env)"
+            ) from None
         if missing:  # the agent would be told there is no work, for ever
             self.stderr.write(f"warning: {missing}")
         session = local_session(options["queue"], options["name"], filters, options["lease"])
