@@ -76,7 +76,9 @@ HYPERVISOR_HERD_WEBHOOK_TIMEOUT = envint("HYPERVISOR_HERD_WEBHOOK_TIMEOUT", 5, m
 HYPERVISOR_MCP_LEASE_SECONDS = envint("HYPERVISOR_MCP_LEASE_SECONDS", 1800, minimum=1)
 # Prometheus scrapes /metrics with this bearer token (staff sessions need none). Unset:
 # staff only. Long, since a scraper's token is not throttled like a login.
-HYPERVISOR_METRICS_TOKEN = os.environ.get("HYPERVISOR_METRICS_TOKEN", "")
+# Stripped: a token kept in a file (a mounted secret) ends in a newline its scraper
+# does not send.
+HYPERVISOR_METRICS_TOKEN = os.environ.get("HYPERVISOR_METRICS_TOKEN", "").strip()
 if HYPERVISOR_METRICS_TOKEN and len(HYPERVISOR_METRICS_TOKEN) < 32:
     raise ImproperlyConfigured("HYPERVISOR_METRICS_TOKEN must be at least 32 characters")
 

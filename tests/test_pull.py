@@ -14,7 +14,7 @@ from tests.conftest import make_tasks
 from workqueue import locks, reaper
 from workqueue.importer import Importer
 from workqueue.locks import Identity
-from workqueue.models import Dependency, EventKind, Queue, Status, Task
+from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
 from workqueue.pull import QUEUE_EMPTY, TOOLS, PullSession, blocked_parts, local_session
 from workqueue.routing import TaskFilter
 
@@ -523,3 +523,23 @@ def test_a_sessions_filters_bind_the_old_prompts_claim_and_its_list():
     )
     assert not http.call("update_task", {"id": "t000001", "status": "in_progress"})["success"]
     assert Task.objects.get(key="t000001").status == Status.QUEUED
+
+
+@pytest.mark.parametrize("stateless", [False, True], ids=["local", "http"])
+def test_a_finish_sent_again_says_it_went_through(stateless):
+    """Its answer lost, a client sends complete_task again: it was told "claim it first"
+    of a task it had just finished."""
+    make_tasks("q", 2)
+    agent = PullSession("q", Identity.current("mcp:alice/laptop"), None, 1800, stateless=stateless)
+    assert agent.call("claim_next_task")["task"]["id"] == "t000000"
+    assert agent.call("complete_task", {"id": "t000000", "summary": "done"})["success"]
+    again = agent.call("complete_task", {"id": "t000000", "summary": "done"})
+    assert again == {
+        "success": True,
+        "message": "completed t000000 already; claim_next_task for the next one",
+    }
+    assert TaskEvent.objects.filter(kind=EventKind.DONE).count() == 1
+    # Blocking what it completed, or another session's retry, is still refused.
+    assert not agent.call("block_task", {"id": "t000000", "reason": "r"})["success"]
+    other = PullSession("q", Identity.current("mcp:bob/laptop"), None, 1800, stateless=stateless)
+    assert not other.call("complete_task", {"id": "t000000"})["success"]

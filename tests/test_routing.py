@@ -25,6 +25,9 @@ AGENT = str(Path(__file__).parent.parent / "examples" / "agents" / "git_agent.py
         ("project>=a", "only priority takes >= or <="),
         ("priority>=high", "priority is a whole number"),
         ("tag=", "a tag is a non-empty word"),
+        # One &where= or --where holding two (the tool's `where` splits them itself).
+        ("project=web,type=task", "give each condition on its own"),
+        ("project=web; priority<=2", "give each condition on its own"),
     ],
 )
 def test_bad_filters_are_refused_with_the_reason(expression, message):

@@ -89,3 +89,13 @@ def test_a_new_sqlite_database_is_made_in_wal_mode_with_16_kib_pages(tmp_path):
         [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
     )
     assert result.stdout.split() == ["16384", "wal"], result.stderr
+
+
+def test_a_metrics_token_read_from_a_file_loses_its_final_newline():
+    """A mounted secret keeps its file's newline; the scraper's token never has one, and
+    every scrape was 401 "wrong metrics token"."""
+    env = {**os.environ, "HYPERVISOR_METRICS_TOKEN": "m" * 40 + "\n"}
+    show = "from django.conf import settings; print(repr(settings.HYPERVISOR_METRICS_TOKEN))"
+    args = [sys.executable, MANAGE, "shell", "--no-imports", "-c", show]
+    shown = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert shown.stdout.strip() == repr("m" * 40), shown.stderr

@@ -41,7 +41,7 @@ from workqueue.authoring import NEW_TASK_FIELDS, AuthoringError, create_task_fil
 from workqueue.dependencies import STUCK_LISTED, in_words, stuck, why_stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
-from workqueue.models import Queue, Status, Task
+from workqueue.models import EventKind, Queue, Status, Task
 from workqueue.processors import Claim, Result
 from workqueue.routing import FilterError, TaskFilter, field_is
 
@@ -491,6 +491,9 @@ class PullSession:
 
     def _finish(self, task: Task, result: Result, verb: str) -> dict:
         claim = self._mine(task)
+        if claim is None and self._finished_by_me(task, result.status):
+            # A finish sent again (its answer was lost): it went through the first time.
+            return answer(True, f"{verb} {task.key} already; claim_next_task for the next one")
         if claim is None:
             return self._not_yours(task, "finish it")
         report = claims.finish_claims(self.identity, [(claim, result)], self.owner_file)
@@ -506,6 +509,15 @@ class PullSession:
             self.stop(f"its batch of {self.batch} tasks is done")
         signals.tasks_finished.send(sender=self, finished=[(claim, result)], refused=[])
         return answer(True, f"{verb} {task.key}; claim_next_task for the next one")
+
+    def _finished_by_me(self, task: Task, status: str) -> bool:
+        kind = {Status.DONE: EventKind.DONE, Status.BLOCKED: EventKind.BLOCKED}.get(status)
+        return (
+            task.status == status
+            and task.events.filter(
+                kind=kind, actor=self.identity.worker, fence=task.fence
+            ).exists()
+        )
 
     def _let_go(self, claim: Claim, task: Task, released: bool) -> None:
         with self._held_lock:

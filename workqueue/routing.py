@@ -82,6 +82,9 @@ class TaskFilter:
                 raise FilterError(f"{expression!r}: priority is a whole number")
             if field == "tag" and ("|" in value or not value):
                 raise FilterError(f"{expression!r}: a tag is a non-empty word")
+            if re.search(r"[,;]\s*\w+\s*(=|>=|<=)", value):
+                # `a=1,b=2` in one --where or &where= was one condition on "1,b=2".
+                raise FilterError(f"{expression!r}: give each condition on its own")
             conditions.append(Condition(field, op, value))
         return cls(tuple(conditions))
 
