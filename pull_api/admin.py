@@ -18,5 +18,5 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke the selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
-        revoked = sum(token.revoke() for token in queryset)
+        revoked = sum(token.revoke(by=request.user.get_username()) for token in queryset)
         self.message_user(request, f"Revoked {revoked} token(s).", messages.SUCCESS)

@@ -14,7 +14,7 @@ from django.db import models
 from django.utils import timezone
 
 from workqueue.locks import Identity
-from workqueue.models import HTTP_HOST
+from workqueue.models import HTTP_HOST, Status, Task
 
 PREFIX = "hv_"
 NAME = RegexValidator(
@@ -78,12 +78,25 @@ class ApiToken(models.Model):
                 ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
         return token
 
-    def revoke(self) -> bool:
-        return bool(
+    def revoke(self, by: str = "") -> bool:
+        """Revoke the token, and give back what its agent holds: it can no longer finish
+        it, and its claims would otherwise stay held until their leases ran out."""
+        revoked = bool(
             ApiToken.objects.filter(pk=self.pk, revoked_at__isnull=True).update(
                 revoked_at=timezone.now()
             )
         )
+        if revoked:
+            from workqueue import claims, reaper, transitions  # not in a worker's start-up
+
+            held = list(Task.objects.filter(status=Status.CLAIMED, holder=self.worker_name))
+            why = f"its token {self.name} was revoked"
+            released = set(transitions.release_by_person(held, by or self.worker_name, why))
+            for task in held:
+                if task.pk in released:
+                    reaper.let_go(task, by or self.worker_name)
+            claims.apply_pending_changes(list(released))
+        return revoked
 
     @property
     def worker_name(self) -> str:

@@ -128,5 +128,5 @@ def tokens(request: HttpRequest) -> HttpResponse:
 @require_POST
 def revoke(request: HttpRequest, pk: int) -> HttpResponse:
     token = get_object_or_404(ApiToken, pk=pk, user=request.user)
-    token.revoke()
+    token.revoke(by=request.user.get_username())
     return redirect("pull_api:tokens")

@@ -213,7 +213,15 @@ def test_a_revoked_token_stops_working_at_once(live_server, transactional_db):
                 await call(client, "claim_next_task")
 
     run(main)
-    assert Task.objects.filter(status=Status.CLAIMED).count() == 1  # the second never ran
+    # The second claim never ran, and the first went back with the revocation: the agent
+    # can no longer finish it.
+    assert not Task.objects.filter(status=Status.CLAIMED).exists()
+    assert (
+        TaskEvent.objects.filter(
+            kind=EventKind.RELEASED, message="its token laptop was revoked"
+        ).count()
+        == 1
+    )
     # What the client saw as an error is the endpoint's 401, from the first request on.
     request = urllib.request.Request(  # noqa: S310 - the test's own server
         url,
@@ -224,7 +232,8 @@ def test_a_revoked_token_stops_working_at_once(live_server, transactional_db):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)  # noqa: S310 - the test's own server
     assert refused.value.code == 401
-    assert Task.objects.filter(status=Status.CLAIMED).count() == 1
+    assert not Task.objects.filter(status=Status.CLAIMED).exists()
+    assert not locks.list_locks("q")  # its lock directory went with the claim
 
 
 @pytest.mark.django_db(transaction=True)
