@@ -309,6 +309,25 @@ def test_reset_time_in_words(text, delta):
     assert reset_time(text, now) == now + delta
 
 
+@pytest.mark.parametrize("adapter", ["gemini", "codex", "claude"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Quota exceeded for this model. Please try again in 3000000 days.",
+        "rate limit reached; retry after 99999999999 d",
+        "quota exceeded: try again in 32 days",
+    ],
+)
+def test_a_quota_wait_past_any_real_limit_is_a_quota_with_no_reset_time(adapter, text):
+    """timedelta overflowed on "3000000 days" and the worker died mid-finish, its task
+    claimed until the reaper (an attempt counted), the next worker dying the same way."""
+    assert reset_time(text) is None
+    run = adapter_class(adapter)()
+    result = run.result(1, "", text, "k1")
+    assert result.status == Status.QUEUED
+    assert result.data["quota"] is True and result.data["resets_at"] is None
+
+
 def test_reset_clock_time_already_past_is_tomorrow():
     now = datetime(2026, 8, 22, 16, 0).astimezone()
     assert reset_time("Try again at 3:28 PM.", now) == now.replace(hour=15, minute=28) + timedelta(

@@ -564,3 +564,21 @@ def test_an_agent_printing_a_nul_character_has_its_task_finished(process_env, ki
     else:
         assert task.reason == "bad\ufffdbyte"
     assert "\x00" not in json.dumps(task.result)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_outcome_and_commit_longer_than_their_columns_are_clipped(process_env):
+    """PostgreSQL refused the finish (varchar(100)): the worker died, the task claimed."""
+    said = {"status": "done", "outcome": "verified " + "x" * 300, "commit": "c" * 200}
+    make_tasks("long", 1)
+    command = [sys.executable, "-c", f"print({json.dumps(json.dumps(said))})"]
+    done = run_manage(
+        ["work", "--queue", "long", "--processor", "command", "--", *command], process_env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    task = Task.objects.get(queue="long")
+    assert (task.status, task.outcome, task.commit) == (
+        Status.DONE,
+        ("verified " + "x" * 300)[:100],
+        "c" * 100,
+    )

@@ -24,6 +24,9 @@ class Claim:
     fence: int
 
 
+COLUMN = 100  # characters of the task's outcome and commit columns
+
+
 @dataclass
 class Result:
     """What a processor reports for one claim."""
@@ -50,12 +53,14 @@ class Result:
         )
 
     def storable(self) -> Result:
-        """This result with each NUL character (an agent's binary output, a JSON
-        `\\u0000`) made U+FFFD: PostgreSQL refuses NUL in text and JSON, and a finish it
-        refused would crash the worker and leave the task claimed."""
+        """This result as its columns hold it: each NUL character (an agent's binary
+        output, a JSON `\\u0000`) made U+FFFD, and an agent's outcome or commit clipped to
+        its column. PostgreSQL refuses both, and a finish it refused would crash the worker
+        and leave the task claimed."""
         for name, value in vars(self).items():
             if isinstance(value, str) and "\x00" in value:
                 setattr(self, name, value.replace("\x00", "\ufffd"))
+        self.outcome, self.commit = self.outcome[:COLUMN], self.commit[:COLUMN]
         if self.data:
             self.data = _without_nul(self.data)
         return self

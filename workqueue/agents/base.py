@@ -249,6 +249,9 @@ DELAY = re.compile(
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+MAX_RESET_WAIT = timedelta(days=31)
+
+
 def reset_time(text: str, now: datetime | None = None) -> datetime | None:
     """When a quota message says the limit lifts, as an aware datetime, if it says."""
     now = now or datetime.now().astimezone()
@@ -262,9 +265,12 @@ def reset_time(text: str, now: datetime | None = None) -> datetime | None:
             return at if at > now else at + timedelta(days=1)
     found = DELAY.search(text)
     if found:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, OverflowError):
             seconds = float(found.group(1)) * UNIT_SECONDS[found.group(2)[0].lower()]
-            return now + timedelta(seconds=seconds)
+            # "try again in 3000000 days" (a vendor's words, or a task's echoed) overflowed
+            # and crashed the worker: a wait past any real limit's is no reset time.
+            if seconds <= MAX_RESET_WAIT.total_seconds():
+                return now + timedelta(seconds=seconds)
     return None
 
 
@@ -273,7 +279,9 @@ def from_epoch(value) -> datetime | None:
         seconds = float(value)
         if seconds > 1e12:  # milliseconds
             seconds /= 1000
-        return datetime.fromtimestamp(seconds).astimezone()
+        at = datetime.fromtimestamp(seconds).astimezone()
+        if at - datetime.now().astimezone() <= MAX_RESET_WAIT:
+            return at
     return None
 
 
