@@ -556,7 +556,10 @@ class Herd(models.Model):
         return timezone.now() - self.started_at > LAUNCH_STALL
 
     def drain(self, reason: str) -> bool:
-        """Stop claiming; current tasks finish. The first reason given is kept."""
+        """Stop claiming; current tasks finish. The first reason given is kept (clipped
+        to the workers' column: a reason too long for it failed every supervision pass on
+        PostgreSQL)."""
+        reason = reason if len(reason) <= 500 else reason[:499] + "…"
         changed = Herd.objects.filter(pk=self.pk, draining=False, status__in=ACTIVE).update(
             draining=True, reason=reason
         )

@@ -273,7 +273,7 @@ def crash_in_log(herd: Herd, worker: HerdWorker, detail: str) -> tuple[str, str]
     pattern = herd.profile.quota_regex()
     found = pattern.search(text) if pattern is not None else None
     if found:
-        detail = f"quota or rate limit reached ({found.group(0)})"
+        detail = f"quota or rate limit reached ({found.group(0)[:200]})"
         herd.drain(f"{detail} in {worker.name}")
         return ExitClass.QUOTA, detail
     last = next((line.strip()[:300] for line in reversed(text.splitlines()) if line.strip()), "")

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from django.conf import settings
-from django.db import OperationalError
+from django.db import OperationalError, connection
 
 from tests.conftest import make_tasks, run_manage, start_manage
 from workqueue import agent_tree, locks, reaper, transitions
@@ -582,3 +582,40 @@ def test_an_outcome_and_commit_longer_than_their_columns_are_clipped(process_env
         ("verified " + "x" * 300)[:100],
         "c" * 100,
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_holds_one_database_connection_while_its_agent_runs(process_env):
+    """The heartbeat thread kept a second connection for the worker's life: a herd of 50
+    held 100, PostgreSQL's default limit. (SQLite: a file; the count is PostgreSQL's.)"""
+    if connection.vendor != "postgresql":
+        pytest.skip("counts PostgreSQL's connections; runs in the PostgreSQL pass")
+    make_tasks("conn", 1)
+    worker = start_manage(
+        ["work", "--queue", "conn", "--lease", "3", "--processor", "command", "--",
+         "sleep", "6"],
+        process_env,
+    )  # fmt: skip
+
+    def others() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+            return cursor.fetchone()[0]
+
+    try:
+        seen = []
+        deadline = time.monotonic() + 5.5  # beats every second (a third of the lease)
+        while time.monotonic() < deadline:
+            seen.append(others())
+            time.sleep(0.05)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert Task.objects.get(queue="conn").status == Status.DONE
+    # The main thread's, and for a moment a beat's.
+    assert seen.count(2) < len(seen) / 4 and max(seen) <= 2, seen

@@ -251,6 +251,31 @@ def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path
     assert running_herd.draining and "quota or rate limit reached (429)" in running_herd.reason
 
 
+def test_a_long_quota_match_in_a_crashed_workers_log_still_ends_the_herd(running_herd, tmp_path):
+    """The match went whole into the workers' drain reason (500 characters): PostgreSQL
+    refused it in every pass, and the herd stayed running for ever."""
+    Profile.objects.filter(pk=running_herd.profile_id).update(quota_pattern=r"rate limit.*")
+    running_herd.refresh_from_db()
+    log = tmp_path / "worker-0.log"
+    log.write_text("t1 blocked: upstream said: rate limit " + "x" * 700 + "\n")
+    gone = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    started = processes.create_time(gone.pid)
+    gone.wait()
+    worker = running_herd.workers.create(
+        index=0,
+        name="herd-w0",
+        host=supervision.settings.HYPERVISOR_HOST,
+        pid=gone.pid,
+        process_started=started,
+        log_path=str(log),
+    )
+    assert supervision.supervise(running_herd) is False
+    running_herd.refresh_from_db()
+    worker.refresh_from_db()
+    assert running_herd.ended and worker.exit_class == ExitClass.QUOTA
+    assert running_herd.reason == f"quota or rate limit reached (rate limit {'x' * 189}) in herd-w0"
+
+
 def test_exit_code_reported_after_the_pass_loaded_the_row_is_used(running_herd):
     # A consumer restarted mid-herd is not the workers' parent: it only has the code each
     # worker writes as it stops, which may land between loading the row and sampling the pid.

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from django.db import InterfaceError, OperationalError, close_old_connections, connection
+from django.db import InterfaceError, OperationalError, connection
 
 from hypervisor_site.writers import writer_clock
 from workqueue import claims, signals, transitions
@@ -350,6 +350,9 @@ class Worker:
                     signals.worker_heartbeat.send(sender=self)
                 except Exception:  # a lost heartbeat is retried; the lease covers the gap
                     log.exception("heartbeat failed")
-                    close_old_connections()
+                finally:
+                    # Not kept between beats: a herd of N workers would hold 2N of the
+                    # database's connections (PostgreSQL's default is 100).
+                    connection.close()
         finally:
             connection.close()
