@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 from io import StringIO
 
 import pytest
@@ -10,7 +12,7 @@ from django.core.management import CommandError, call_command
 
 from herds.management.commands.herd import Command
 from herds.models import Herd, Profile
-from tests.conftest import make_tasks
+from tests.conftest import make_tasks, start_manage
 from workqueue.models import Queue
 
 pytestmark = pytest.mark.django_db
@@ -162,3 +164,26 @@ def test_a_person_waiting_on_a_herd_gets_a_line_per_worker_not_every_task():
     out = StringIO()
     Command(stdout=out).report(summary, as_json=True)  # --json: the whole summary, one line
     assert json.loads(out.getvalue())["workers"][1] == {"task_id": "t1.md", "status": "done"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ctrl_c_on_herd_wait_says_the_herd_goes_on(huey_env):
+    """A traceback, and nothing said of the herd: a person used to `work` thought it
+    stopped (no consumer runs here: the herd waits as pending)."""
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("inbox", 3)
+    waiting = start_manage(
+        ["herd", "--queue", "inbox", "--profile", "noop", "--workers", "1", "--wait"], huey_env
+    )
+    deadline = time.monotonic() + 60
+    while not Herd.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=30)
+    herd = Herd.objects.get()
+    assert waiting.returncode == 130, err
+    assert err.strip() == (
+        f"stopped following herd {herd.pk}; it goes on: drain or cancel it on the Herds page"
+    )
+    assert herd.status == "pending"

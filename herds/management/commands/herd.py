@@ -87,7 +87,15 @@ class Command(BaseCommand):
         if not options["wait"]:
             self.report({"herd": herd.pk, "status": herd.status}, options["json"])
             return
-        herd = self.follow(herd, show_progress=not options["json"])
+        try:
+            herd = self.follow(herd, show_progress=not options["json"])
+        except KeyboardInterrupt:
+            # Ctrl-C stops a `work` but not a herd: its workers are the consumer's.
+            self.stderr.write(
+                f"\nstopped following herd {herd.pk}; it goes on: drain or cancel it on the "
+                "Herds page"
+            )
+            sys.exit(130)
         self.report(herd.summary, options["json"])
         if herd.status == "failed":
             sys.exit(1)
