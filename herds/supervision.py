@@ -50,25 +50,20 @@ def log_path(herd: Herd, index: int):
 def worker_argv(herd: Herd, worker: HerdWorker) -> list[str]:
     """The arguments of `manage.py work` for one worker of this herd: the worker reads
     its profile (adapter, prompt, environment, limits, routing) from the database."""
+    # `--name=value`: a value starting with "-" (a profile named `-fast`) is no option.
     argv = [
-        "--queue",
-        herd.queue,
-        "--herd",
-        str(herd.pk),
-        "--name",
-        worker.name,
-        "--batch",
-        str(herd.batch),
-        "--profile",
-        herd.profile.name,
+        f"--queue={herd.queue}",
+        f"--herd={herd.pk}",
+        f"--name={worker.name}",
+        f"--batch={herd.batch}",
+        f"--profile={herd.profile.name}",
     ]
     if herd.dry_run:
         argv.append("--dry-run")
-    for where in herd.filters:
-        argv += ["--where", where]
+    argv += [f"--where={where}" for where in herd.filters]
     if herd.cores_taken_in_turns:
         folder = log_path(herd, worker.index).parent
-        argv += ["--cpu-slot", str(cpu_slots.slot_path(folder, worker.index))]
+        argv.append(f"--cpu-slot={cpu_slots.slot_path(folder, worker.index)}")
     return argv
 
 

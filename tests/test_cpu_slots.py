@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from django.core.management import get_commands, load_command_class
 from django.dispatch import receiver
 
 from herds.models import Herd, Profile
@@ -189,7 +190,7 @@ def test_a_herd_of_a_cpu_bound_profile_larger_than_the_cores_gives_each_worker_a
     slots = [
         worker_argv(big, big.workers.create(index=i, name=f"w{i}", host="h")) for i in range(size)
     ]
-    paths = [argv[argv.index("--cpu-slot") + 1] for argv in slots]
+    paths = [a.removeprefix("--cpu-slot=") for argv in slots for a in argv if "--cpu-slot" in a]
     # Round robin: one slot file per core, shared by every cores-th worker.
     assert len(set(paths)) == cpu_slots.cores()
     assert paths[0] == paths[cpu_slots.cores()] != paths[1]
@@ -199,7 +200,7 @@ def test_a_herd_of_a_cpu_bound_profile_larger_than_the_cores_gives_each_worker_a
         Herd.objects.create(queue="inbox", profile=noop, size=cpu_slots.cores()),
     ):
         worker = herd.workers.create(index=0, name="w0", host="h")
-        assert "--cpu-slot" not in worker_argv(herd, worker)
+        assert not [a for a in worker_argv(herd, worker) if "--cpu-slot" in a]
 
 
 def cgroup(tmp_path, membership: str, files: dict[str, str]):
@@ -304,3 +305,17 @@ def test_triage_passes_its_turn_on_before_its_files_wait_on_the_disk(db, write_t
         "noop processing": False,
         "noop writing": False,  # a short finish keeps its turn: passing it cost 20%
     }
+
+
+@pytest.mark.django_db
+def test_a_worker_of_a_profile_named_with_a_leading_dash_parses_its_arguments():
+    """`-fast` is a slug the admin takes; `--profile -fast` read it as an option and
+    every worker of the herd died on argparse."""
+    profile = Profile(name="-fast", processor="noop")
+    profile.full_clean()
+    profile.save()
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, filters=["project=-x"])
+    worker = herd.workers.create(index=0, name="herd-w0", host="h")
+    command = load_command_class(get_commands()["work"], "work")
+    options = command.create_parser("manage.py", "work").parse_args(worker_argv(herd, worker))
+    assert (options.profile, options.where, options.herd) == ("-fast", ["project=-x"], herd.pk)
