@@ -35,6 +35,14 @@ def test_bad_filters_are_refused_with_the_reason(expression, message):
         TaskFilter.parse([expression])
 
 
+def test_more_filters_than_any_routing_needs_are_refused():
+    """600 conditions were an error page at the herd's pre-flight on SQLite (its
+    expression tree too deep), and a crashed launch from the command line."""
+    assert len(TaskFilter.parse([f"project!=p{n}" for n in range(50)]).conditions) == 50
+    with pytest.raises(FilterError, match="^at most 50 filters, not 600$"):
+        TaskFilter.parse([f"project=p{n}" for n in range(600)])
+
+
 @pytest.mark.django_db
 def test_filters_apply_inside_the_claim_query():
     make_tasks("q", 6)
