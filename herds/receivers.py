@@ -43,10 +43,12 @@ def _row(sender):
 
 
 def _update_or_stop(sender, HerdWorker, worker_id: int, **values) -> None:
-    if HerdWorker.objects.filter(pk=worker_id, drain_reason="").update(**values):
+    # Only a live row: one recorded exited (a cancel during the launch, before this
+    # process came up) is not made "running" again on a herd that may have ended.
+    if HerdWorker.objects.filter(pk=worker_id, drain_reason="").live().update(**values):
         return
     reason = HerdWorker.objects.filter(pk=worker_id).values_list("drain_reason", flat=True).first()
-    HerdWorker.objects.filter(pk=worker_id).update(**values)
+    HerdWorker.objects.filter(pk=worker_id).live().update(**values)
     sender.stop(f"herd draining: {reason}" if reason else "herd worker row is gone")
 
 

@@ -10,7 +10,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from herds import receivers
-from herds.models import Herd, HerdStatus, Profile
+from herds.models import ExitClass, Herd, HerdStatus, Profile, WorkerState
 from tests.conftest import make_tasks
 from workqueue import signals
 from workqueue.models import EventKind, Status, Task
@@ -210,3 +210,22 @@ def test_every_runs_spend_reaches_the_task_and_the_queues_totals():
     assert (task.status, task.tokens, task.cost_usd) == (Status.DONE, 5300, Decimal("0.029"))
     usage = Task.objects.stats("hot")["usage"]["hot"]
     assert usage == {"tokens": 5300, "cost_usd": 0.029}
+
+
+def test_a_worker_coming_up_after_its_row_was_recorded_exited_leaves_it_exited(monkeypatch):
+    """A cancel during the launch records a row not yet started exited; the process
+    arriving later wrote "running" back, on a herd already ended: its page and the admin
+    showed the worker running, its heartbeat ageing for ever."""
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="hot", profile=profile, size=1, status=HerdStatus.RUNNING)
+    row = herd.workers.create(index=0, name="herd-w0", host="here")
+    herd.request_cancel("cancelled by the test")
+    row.refresh_from_db()
+    row.record_exit(None, ExitClass.CANCELLED, "cancelled by the test")
+    herd.finish(HerdStatus.CANCELLED, "cancelled by the test")
+    monkeypatch.setenv(receivers.WORKER_ENV, str(row.pk))
+    worker = Worker("hot", NoopProcessor(), herd=herd.pk, name="herd-w0")
+    worker.run()
+    row.refresh_from_db()
+    assert worker.stop_requested
+    assert (row.state, row.exit_class, row.pid) == (WorkerState.EXITED, ExitClass.CANCELLED, None)
