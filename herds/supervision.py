@@ -312,8 +312,10 @@ def reap_worker(herd: Herd, worker: HerdWorker) -> None:
 
 
 def end_processes(herd: Herd) -> None:
-    """Cancel: every live worker's tree gets SIGTERM, a grace period, then SIGKILL."""
-    live = list(herd.workers.live())
+    """Cancel: every live worker's tree on this host gets SIGTERM, a grace period, then
+    SIGKILL. Another host's workers are its consumer's to end (their pids mean other
+    processes here), in its own pass; they drain meanwhile."""
+    live = list(herd.workers.live().filter(host=settings.HYPERVISOR_HOST))
     if not live:
         return
     killed = processes.terminate_trees([(w.pid, w.process_started) for w in live], cancel_grace())

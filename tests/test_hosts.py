@@ -3,12 +3,14 @@
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 from django.utils import timezone
 
-from herds import processes
+from herds import processes, supervision
 from herds.models import Herd, HerdWorker, Profile
 from tests.conftest import ROOT, make_tasks, run_manage, start_manage
 from tests.test_herds_processes import launch, wait_until, worker_logs
@@ -88,3 +90,44 @@ def test_a_dead_hosts_claims_wait_for_their_lease_then_the_other_host_works_them
         for worker in HerdWorker.objects.all():
             if worker.pid and worker.pid != os.getpid():
                 processes.terminate_trees([(worker.pid, worker.process_started)], grace=1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_taken_by_another_hosts_consumer_leaves_this_hosts_workers_to_it(settings):
+    """Every consumer runs every herd's passes. Host B's signalled host A's worker pids on
+    host B (other processes there, in sessions of their own like B's workers) and recorded
+    A's workers cancelled, ending the herd: A's consumer never looked again, A's agents ran
+    on."""
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    now = timezone.now()
+    herd = Herd.objects.create(
+        queue="q", profile=profile, size=1, status="running",
+        started_at=now, launched_at=now, preflight={"ready": 1},
+    )  # fmt: skip
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        wait_until(lambda: processes.create_time(bystander.pid), 10)
+        # Host A's worker has the pid of one of host B's processes (pids are per host).
+        worker = herd.workers.create(
+            index=0, name="herd-w0", host="host-a", pid=bystander.pid,
+            process_started=processes.create_time(bystander.pid) - 60, heartbeat_at=now,
+            state="running",
+        )  # fmt: skip
+        herd.request_cancel("cancelled by someone")
+        settings.HYPERVISOR_HOST = "host-b"
+        assert supervision.supervise(herd) is True
+        time.sleep(0.5)
+        assert bystander.poll() is None
+        worker.refresh_from_db()
+        assert worker.state == "running"
+        # Host A's consumer ends its own worker in its pass, and the herd with it.
+        settings.HYPERVISOR_HOST = "host-a"
+        assert supervision.supervise(herd) is False
+        herd.refresh_from_db()
+        worker.refresh_from_db()
+        assert (herd.status, worker.state, worker.exit_class) == ("cancelled", "exited", "cancelled")
+    finally:
+        bystander.kill()
+        bystander.wait()
