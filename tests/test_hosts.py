@@ -127,7 +127,8 @@ def test_a_cancel_taken_by_another_hosts_consumer_leaves_this_hosts_workers_to_i
         assert supervision.supervise(herd) is False
         herd.refresh_from_db()
         worker.refresh_from_db()
-        assert (herd.status, worker.state, worker.exit_class) == ("cancelled", "exited", "cancelled")
+        ended = (herd.status, worker.state, worker.exit_class)
+        assert ended == ("cancelled", "exited", "cancelled")
     finally:
         bystander.kill()
         bystander.wait()
