@@ -10,6 +10,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from tests.conftest import run_manage
+from workqueue import transitions
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Status, Task
 
@@ -369,3 +370,45 @@ def test_migration_moves_bodies_out_of_the_task_rows():
     finally:
         call_command("migrate", verbosity=0)
     assert Task.objects.get(key="k").body == "# Kept\n"
+
+
+@pytest.mark.parametrize(
+    ("word", "status", "outcome"),
+    [
+        ("completed", Status.DONE, "closed"),
+        ("Finished", Status.DONE, "closed"),
+        ("resolved", Status.DONE, "closed"),
+        ("wontfix", Status.DONE, "cancelled"),
+        ("todo", Status.QUEUED, ""),
+        ("review", Status.QUEUED, ""),  # no one knows: queued, as a new task
+    ],
+)
+def test_the_common_words_for_a_finished_task_close_it(write_task, word, status, outcome):
+    """`status: completed` (a word many folders use) was imported queued, and the finished
+    task handed to an agent again."""
+    write_task("a.md", f"---\nid: a\nstatus: {word}\n---\nBody.\n")
+    import_folder(write_task.folder)
+    assert Task.objects.values_list("status", "outcome").get() == (status, outcome)
+
+
+@pytest.mark.parametrize("word", ["in_progress", "todo", "review", "completed"])
+def test_a_status_word_moves_a_finished_task_only_when_it_means_another_state(write_task, word):
+    """A worker finished the task; then its agent wrote `status: completed` before that
+    was a known word, or `in_progress` as it started (mkdir-era agents do), or a person
+    changed the folder's word `open` to `todo`: each re-import requeued the task (or held
+    it "outside" for ever) and it was worked again."""
+    path = write_task("a.md", "---\nid: a\nstatus: open\n---\nBody.\n")
+    import_folder(write_task.folder)
+    transitions.mark_done([Task.objects.get()], "w-1", "", "success")
+    path.write_text(f"---\nid: a\nstatus: {word}\n---\nBody.\n")
+    import_folder(write_task.folder)
+    assert Task.objects.values_list("status", "outcome").get() == (Status.DONE, "success")
+
+
+def test_a_file_that_says_open_after_it_said_closed_reopens_its_task(write_task):
+    path = write_task("a.md", "---\nid: a\nstatus: done\n---\nBody.\n")
+    import_folder(write_task.folder)
+    assert Task.objects.get().status == Status.DONE
+    path.write_text("---\nid: a\nstatus: todo\n---\nBody.\n")
+    import_folder(write_task.folder)
+    assert Task.objects.get().status == Status.QUEUED

@@ -661,7 +661,7 @@ def status_fields(fm: dict, body: str) -> dict:
             "reason": taskfile.text_field(fm, "blocked_reason", None)
             or "blocked in the task file",
         }
-    if status in ("in_progress", "in-progress", "claimed"):
+    if status in taskfile.CLAIMED_WORDS:
         # Held by someone outside Hypervisor; no process of ours can vouch for it.
         holder = taskfile.text_field(fm, "assignee") or "outside holder"
         return {"status": Status.CLAIMED, "holder": holder, "claimed_at": timezone.now()}
@@ -699,9 +699,21 @@ def apply_fields(task: Task, fields: dict, source_fields: dict) -> bool:
         Dependency.objects.filter(task=task).delete()
         Dependency.objects.bulk_create([Dependency(task=task, key=k) for k in deps])
     task.save(update_fields=Task.file_fields())
-    if file_status == old_status and not closes:
+    if not closes and not _says_another_state(old_status, file_status, task.status):
         return False
     return follow_file_status(task, wanted) and wanted["status"] == Status.DONE
+
+
+def _says_another_state(old: str, new: str, status: str) -> bool:
+    """Whether a file's new status word moves its task. Not when it means what the old
+    one did (`open` to `todo` across a folder requeued every finished task), not when no
+    one knows what it means (an agent's `completed` before it was a word, `review`), and
+    not an `in_progress` on a task already finished: its agent wrote it during our claim,
+    and the claim's outcome stands."""
+    meaning = taskfile.status_meaning(new)
+    if old == new or not meaning or meaning == taskfile.status_meaning(old):
+        return False
+    return not (meaning == "claimed" and status in (Status.DONE, Status.BLOCKED))
 
 
 def follow_file_status(task: Task, wanted: dict) -> bool:

@@ -298,7 +298,28 @@ def title(fm: dict, body: str, fallback: str, limit: int = 500) -> str:
     return text.strip()[:limit]
 
 
-CLOSED_STATUSES = ("done", "closed", "cancelled", "canceled")
+# The status words a file may use, by what they mean. A word in none of them (`review`,
+# a typo) reads as queued for a new task and moves no task that has a state already.
+DONE_WORDS = ("done", "closed", "completed", "complete", "finished", "resolved", "fixed")
+CANCELLED_WORDS = ("cancelled", "canceled", "wontfix", "won't fix", "wont-fix", "obsolete")
+CLOSED_STATUSES = DONE_WORDS + CANCELLED_WORDS
+OPEN_WORDS = ("", "inbox", "queued", "todo", "to do", "to-do", "open", "ready", "active", "new")
+OPEN_WORDS += ("backlog", "pending", "next", "planned", "reopened")
+CLAIMED_WORDS = ("in_progress", "in-progress", "in progress", "claimed")
+
+
+def status_meaning(word: str) -> str:
+    """What a file's status word says: open, closed, blocked, claimed, or "" (unknown)."""
+    word = word.strip().lower()
+    for meaning, words in (
+        ("open", OPEN_WORDS),
+        ("closed", CLOSED_STATUSES),
+        ("blocked", ("blocked",)),
+        ("claimed", CLAIMED_WORDS),
+    ):
+        if word in words:
+            return meaning
+    return ""
 
 
 def close_rule(fm: dict, body: str) -> tuple[str, str] | None:
@@ -310,7 +331,9 @@ def close_rule(fm: dict, body: str) -> tuple[str, str] | None:
     status = text_field(fm, "status").lower()
     if status in ("done", "closed"):
         return f"status_{status}", "closed"
-    if status in ("cancelled", "canceled"):
+    if status in DONE_WORDS:
+        return "status_done", "closed"
+    if status in CANCELLED_WORDS:
         return "status_cancelled", "cancelled"
     if fm.get("close_reason"):
         return "close_reason_field", "closed"
