@@ -412,3 +412,14 @@ def test_a_file_that_says_open_after_it_said_closed_reopens_its_task(write_task)
     path.write_text("---\nid: a\nstatus: todo\n---\nBody.\n")
     import_folder(write_task.folder)
     assert Task.objects.get().status == Status.QUEUED
+
+
+def test_a_comma_list_keeps_an_item_with_a_space_whole(write_task):
+    """`tags: bug, needs review, ui` became four tags (needs, review), unlike the board's
+    editor; a list without commas is still split on spaces."""
+    write_task("a.md", "---\nid: a\ntags: bug, needs review, ui\ndepends_on: x y\n---\nB.\n")
+    import_folder(write_task.folder)
+    assert Task.objects.values_list("tags", "depends_on").get() == (
+        ["bug", "needs review", "ui"],
+        ["x", "y"],
+    )

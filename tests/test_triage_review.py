@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from types import SimpleNamespace
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -16,7 +17,7 @@ from workqueue.importer import Importer
 from workqueue.models import BulkAction, EventKind, Queue, Status, Task, TaskEvent
 from workqueue.processors import load_processor
 from workqueue.routing import TaskFilter
-from workqueue.templatetags.board import change_words, decision_words
+from workqueue.templatetags.board import bulk_summary, change_words, decision_words
 from workqueue.triage import rules_for
 from workqueue.triage_rules import triage_bytes
 from workqueue.worker import Worker
@@ -492,3 +493,9 @@ def test_a_bulk_action_after_the_decisions_takes_their_undo_away(client, django_
     refused = client.post(f"/triage/{herd.pk}/undo/", follow=True).content.decode()
     assert "Only your latest decisions can be undone, once." in refused
     assert "complexity: mechanical" in (inbox / "a.md").read_text()
+
+
+def test_the_board_says_what_a_reviews_decisions_did_in_a_sentence():
+    """The bar after Apply read "triage 17 tasks." (the action's name)."""
+    bulk = SimpleNamespace(action="triage", finished=True, changed=17, unchanged=0)
+    assert bulk_summary(bulk) == "Applied triage's decisions to 17 tasks."

@@ -255,7 +255,10 @@ def list_field(fm: dict, name: str) -> list[str]:
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        return [p for p in re.split(r"[,\s]+", value) if p]
+        # `bug, needs review` is two items, as the board's editor reads it; without a
+        # comma, `bug auth` is two words.
+        parts = value.split(",") if "," in value else value.split()
+        return [p.strip() for p in parts if p.strip()]
     if isinstance(value, list):
         return [str(v).strip() for v in value if v is not None and str(v).strip()]
     return [str(value)]

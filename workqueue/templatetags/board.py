@@ -77,6 +77,7 @@ DONE_WORDS = {
     "requeue": "Requeued",
     "release": "Released the claims of",
     "undo": "Undid the changes to",
+    "triage": "Applied triage's decisions to",  # a triage review's (triage_review.ACTION)
 }
 
 
