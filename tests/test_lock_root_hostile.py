@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from tests.conftest import make_tasks
+from tests.conftest import make_tasks, run_manage
 from workqueue import actions, claims, locks, reaper
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Status, Task, TaskEvent
@@ -452,3 +452,23 @@ def test_a_fifo_as_owner_file_does_not_hang_the_reaper(lock_root):
     started = time.monotonic()
     [info] = locks.list_locks("q")
     assert info.owner is None and time.monotonic() - started < 5
+
+
+def test_an_outside_script_locking_a_path_key_by_lock_path_keeps_workers_off_it(process_env):
+    """The README named the lock `LOCK_ROOT/<queue>/<key>/`; a key that is a path is
+    percent-encoded there, so a script that made `projects/web/t.md/` kept no worker off
+    the task. `lock_path` gives the name; the README says how it is made."""
+    (held,) = make_tasks("q", 1)
+    Task.objects.filter(pk=held.pk).update(key="projects/web/t.md")
+    shown = run_manage(["lock_path", "q", "projects/web/t.md", "plain-key"], process_env)
+    assert shown.returncode == 0, shown.stderr
+    path, plain = shown.stdout.split()
+    root = process_env["HYPERVISOR_LOCK_ROOT"]
+    assert (path, plain) == (f"{root}/q/projects%2Fweb%2Ft.md", f"{root}/q/plain-key")
+    os.makedirs(path)
+    outside = {"host": settings.HYPERVISOR_HOST, "pid": os.getpid()}
+    Path(path, "owner.json").write_text(json.dumps(outside))
+    worked = run_manage(["work", "--queue", "q", "--processor", "noop"], process_env)
+    assert worked.returncode == 0, worked.stderr
+    assert Task.objects.get().status == Status.QUEUED
+    assert Path(path, "owner.json").exists()
