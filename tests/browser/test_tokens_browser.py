@@ -61,5 +61,7 @@ def test_a_token_is_made_shown_once_used_and_revoked(logged_in_page, live_url):
     screenshot(page, "tokens-revoked")
     assert ApiToken.objects.get().revoked_at is not None
     assert post_claim(live_url, secret) == 401
-    assert Task.objects.filter(status=Status.CLAIMED).count() == 1
+    # What it held went back with the revocation, and nothing was claimed after.
+    assert not Task.objects.filter(status=Status.CLAIMED).exists()
+    assert Task.objects.get(pk=row.pk).events.filter(message="its token laptop-claude was revoked")
     problems.assert_none()
