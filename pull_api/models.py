@@ -87,15 +87,12 @@ class ApiToken(models.Model):
             )
         )
         if revoked:
-            from workqueue import claims, reaper, transitions  # not in a worker's start-up
+            from workqueue import actions, claims  # not in a worker's start-up
 
-            held = list(Task.objects.filter(status=Status.CLAIMED, holder=self.worker_name))
+            held = Task.objects.filter(status=Status.CLAIMED, holder=self.worker_name)
             why = f"its token {self.name} was revoked"
-            released = set(transitions.release_by_person(held, by or self.worker_name, why))
-            for task in held:
-                if task.pk in released:
-                    reaper.let_go(task, by or self.worker_name)
-            claims.apply_pending_changes(list(released))
+            released = actions.act(held, "release", by or self.worker_name, message=why)
+            claims.apply_pending_changes(released.changed)
         return revoked
 
     @property

@@ -223,25 +223,29 @@ def test_limits_drain_the_herd_and_tell_its_workers(running_herd, limits, reason
         sleeper.wait(timeout=10)
 
 
-def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path):
-    Profile.objects.filter(pk=running_herd.profile_id).update(quota_pattern=r"\b429\b")
-    running_herd.refresh_from_db()
-    log = tmp_path / "worker-0.log"
-    crashed = subprocess.Popen(
-        [sys.executable, "-c", "import sys; print('HTTP 429 Too Many Requests'); sys.exit(1)"],
-        stdout=log.open("w"),
-    )
+def crashed_worker(herd, log, program: str, **fields):
+    """A worker row of `herd` whose process ran `program` (its output into `log`, added
+    to what is there) and is gone."""
+    with log.open("a") as out:
+        crashed = subprocess.Popen([sys.executable, "-c", program], stdout=out)
     started = processes.create_time(crashed.pid)
     crashed.wait()
-    worker = running_herd.workers.create(
+    return herd.workers.create(
         index=0,
         name="herd-w0",
         host=supervision.settings.HYPERVISOR_HOST,
         pid=crashed.pid,
         process_started=started,
         log_path=str(log),
-        exit_code=1,
+        **fields,
     )
+
+
+def test_worker_that_died_of_a_rate_limit_drains_the_herd(running_herd, tmp_path):
+    Profile.objects.filter(pk=running_herd.profile_id).update(quota_pattern=r"\b429\b")
+    running_herd.refresh_from_db()
+    program = "import sys; print('HTTP 429 Too Many Requests'); sys.exit(1)"
+    worker = crashed_worker(running_herd, tmp_path / "worker-0.log", program, exit_code=1)
 
     supervision.supervise(running_herd)
 
@@ -258,17 +262,7 @@ def test_a_long_quota_match_in_a_crashed_workers_log_still_ends_the_herd(running
     running_herd.refresh_from_db()
     log = tmp_path / "worker-0.log"
     log.write_text("t1 blocked: upstream said: rate limit " + "x" * 700 + "\n")
-    gone = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
-    started = processes.create_time(gone.pid)
-    gone.wait()
-    worker = running_herd.workers.create(
-        index=0,
-        name="herd-w0",
-        host=supervision.settings.HYPERVISOR_HOST,
-        pid=gone.pid,
-        process_started=started,
-        log_path=str(log),
-    )
+    worker = crashed_worker(running_herd, log, "import os; os.kill(os.getpid(), 9)")
     assert supervision.supervise(running_herd) is False
     running_herd.refresh_from_db()
     worker.refresh_from_db()

@@ -112,6 +112,23 @@ def test_two_sessions_following_the_old_prompt_never_both_hold_a_task(process_en
     assert set(Task.objects.values_list("assignee", flat=True)) == {"polecat"}
 
 
+def claim_then(process_env: dict, name: str, to_the_server) -> None:
+    """A session `name` of queue q claims a task, then `to_the_server(key)` ends its
+    server (the client sees it gone)."""
+
+    async def main():
+        try:
+            async with stdio_session("q", process_env, "--name", name) as client:
+                answer = await call(client, "claim_next_task")
+                assert answer["success"], answer
+                await in_thread(to_the_server, answer["task"]["id"])
+                await call(client, "get_index_stats")  # the pipe is gone now
+        except Exception:  # noqa: S110 - the client sees its server gone
+            pass
+
+    run(main)
+
+
 @pytest.mark.slow
 def test_a_killed_sessions_task_is_reaped_and_its_late_complete_refused(process_env):
     make_tasks("q", 2)
@@ -124,17 +141,7 @@ def test_a_killed_sessions_task_is_reaped_and_its_late_complete_refused(process_
         os.kill(row.holder_pid, signal.SIGKILL)
         killed.append(row.holder_pid)
 
-    async def hold_then_die():
-        try:
-            async with stdio_session("q", process_env, "--name", "doomed") as client:
-                answer = await call(client, "claim_next_task")
-                assert answer["success"], answer
-                await in_thread(kill_the_holder, answer["task"]["id"])
-                await call(client, "get_index_stats")  # the pipe is gone now
-        except Exception:  # noqa: S110 - the client sees its server die
-            pass
-
-    run(hold_then_die)
+    claim_then(process_env, "doomed", kill_the_holder)
     assert killed
     held = Task.objects.get(status=Status.CLAIMED)
     assert held.holder == "mcp:doomed"
@@ -242,16 +249,7 @@ def test_a_session_its_client_ends_with_a_signal_gives_back_what_it_holds(proces
             time.sleep(0.1)
         psutil.Process(pid).wait(timeout=30)
 
-    async def claim_then_be_ended():
-        try:
-            async with stdio_session("q", process_env, "--name", "ended") as client:
-                answer = await call(client, "claim_next_task")
-                assert answer["success"], answer
-                await in_thread(signal_the_holder, answer["task"]["id"])
-        except Exception:  # noqa: S110 - the client sees its server gone
-            pass
-
-    run(claim_then_be_ended)
+    claim_then(process_env, "ended", signal_the_holder)
     assert Task.objects.filter(status=Status.QUEUED, holder="").count() == 2
     ended = TaskEvent.objects.filter(kind=EventKind.RELEASED, message="MCP session ended")
     assert ended.count() == 1

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from workqueue.models import Status
+from workqueue.models import Status, Task
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,6 @@ class Claim:
     title: str
     path: str
     fence: int
-
-
-COLUMN = 100  # characters of the task's outcome and commit columns
 
 
 @dataclass
@@ -60,7 +57,8 @@ class Result:
         for name, value in vars(self).items():
             if isinstance(value, str) and "\x00" in value:
                 setattr(self, name, value.replace("\x00", "\ufffd"))
-        self.outcome, self.commit = self.outcome[:COLUMN], self.commit[:COLUMN]
+        for name in ("outcome", "commit"):
+            setattr(self, name, getattr(self, name)[: Task._meta.get_field(name).max_length])
         if self.data:
             self.data = _without_nul(self.data)
         return self

@@ -1,7 +1,9 @@
 """`manage.py mcp --queue NAME`: this queue's claim engine as an MCP server over stdio."""
 
+import functools
 import os
 import signal
+import sys
 import threading
 
 from django.conf import settings
@@ -64,34 +66,36 @@ class Command(BaseCommand):
         session = local_session(options["queue"], options["name"], filters, options["lease"])
         beat = Heartbeat(session)
         beat.start()
-
-        def ignore_signals():
-            for each in ENDING_SIGNALS:
-                signal.signal(each, signal.SIG_IGN)
-
-        def end():
-            beat.stop()
-            released = session.release_all("MCP session ended")
-            if released:
-                self.stderr.write(f"{session.identity.worker}: gave back {released} task(s)")
-            session.owner_file.discard()
-            signals.worker_stopped.send(sender=session, exit_code=0)
-            connection.close()
-
-        def end_on_signal(number, frame):
-            # The handler runs inside the server's event loop, where Django refuses the
-            # database: the ending runs in a thread of its own.
-            ignore_signals()
-            ending = threading.Thread(target=end)
-            ending.start()
-            ending.join()
-            self.stderr.flush()
-            os._exit(128 + number)
-
+        end = functools.partial(self.end_session, session, beat)
         for number in ENDING_SIGNALS:
-            signal.signal(number, end_on_signal)
+            signal.signal(number, functools.partial(end_on_signal, end))
         try:
             serve_stdio(session)
         finally:
-            ignore_signals()
+            ignore_ending_signals()
             end()
+
+    def end_session(self, session, beat: Heartbeat) -> None:
+        beat.stop()
+        released = session.release_all("MCP session ended")
+        if released:
+            self.stderr.write(f"{session.identity.worker}: gave back {released} task(s)")
+        session.owner_file.discard()
+        signals.worker_stopped.send(sender=session, exit_code=0)
+        connection.close()
+
+
+def ignore_ending_signals() -> None:
+    for number in ENDING_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def end_on_signal(end, number, frame) -> None:
+    # The handler runs inside the server's event loop, where Django refuses the database:
+    # the ending runs in a thread of its own, then the process exits.
+    ignore_ending_signals()
+    ending = threading.Thread(target=end)
+    ending.start()
+    ending.join()
+    sys.stderr.flush()
+    os._exit(128 + number)
