@@ -423,3 +423,59 @@ def test_a_comma_list_keeps_an_item_with_a_space_whole(write_task):
         ["bug", "needs review", "ui"],
         ["x", "y"],
     )
+
+
+PROJECT_DOCUMENTS = [
+    "README.md",
+    "CHANGELOG.md",
+    "CONTRIBUTING.md",
+    "LICENSE.md",
+    "code_of_conduct.md",
+    "TEMPLATE.md",
+    "_template.md",
+    "templates/bug.md",
+]
+
+
+def test_project_documents_without_frontmatter_are_left_out_and_named(write_task, process_env):
+    """A task folder's README, CHANGELOG, LICENSE and templates came in as queued tasks:
+    workers worked them, and triage wrote frontmatter into the README."""
+    for name in PROJECT_DOCUMENTS:
+        write_task(name, f"# {name}\n\nThe project's own words.\n")
+    readme = write_task.folder / "README.md"
+    before = readme.read_bytes()
+    write_task("notes.md", "# A task without frontmatter\n")
+    write_task("docs/README.md", "---\nid: doc-task\ntitle: Rewrite the README\n---\nB.\n")
+    report = import_folder(write_task.folder)
+    assert (report.imported, report.errors) == (2, [])
+    assert sorted(Task.objects.values_list("key", flat=True)) == ["doc-task", "notes.md"]
+    assert report.left_out == sorted(str(write_task.folder / n) for n in PROJECT_DOCUMENTS)
+    assert report.summary().endswith(
+        "; left out 8 files that are not tasks (no frontmatter): CHANGELOG.md, "
+        "CONTRIBUTING.md, LICENSE.md, README.md, TEMPLATE.md, _template.md, "
+        "code_of_conduct.md, templates/bug.md"
+    )
+    assert readme.read_bytes() == before
+    result = run_manage(["import_tasks", str(write_task.folder), "--queue", "q"], process_env)
+    assert result.returncode == 0, result.stderr  # not an error
+    assert "left out 8 files that are not tasks (no frontmatter): CHANGELOG.md" in result.stdout
+    result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
+    assert len(json.loads(result.stdout)["left_out"]) == 8
+
+
+def test_a_task_made_earlier_from_a_project_document_is_flagged_missing_once(write_task):
+    """Imported before documents were left out: the task is kept, with its history, and
+    marked missing like a task whose file was deleted (its file is no task any more)."""
+    write_task("README.md", "# Read me\n")
+    Importer("q", [write_task.folder]).run([write_task.folder / "README.md"])
+    task = Task.objects.get(key="README.md")
+    report = import_folder(write_task.folder)
+    assert (report.missing, report.left_out) == (1, [str(write_task.folder / "README.md")])
+    task.refresh_from_db()
+    assert (task.status, task.source_missing) == (Status.QUEUED, True)
+    assert task.events.get(kind=EventKind.MISSING).message == (
+        f"left out: {write_task.folder / 'README.md'} is a project document without "
+        "frontmatter, not a task"
+    )
+    assert import_folder(write_task.folder).missing == 0
+    assert task.events.filter(kind=EventKind.MISSING).count() == 1

@@ -33,6 +33,7 @@ from workqueue.names import validate_queue_name
 from workqueue.taskfile import TaskFileError
 
 CHUNK = 500
+LEFT_OUT_NAMED = 10
 # An import of this many new tasks checks the planner's statistics (Task.keep_statistics).
 STATISTICS_AFTER = 100
 
@@ -46,9 +47,15 @@ class ImportReport:
     deferred: int = 0
     missing: int = 0
     errors: list[dict] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # project documents, not tasks
+    left_out_names: list[str] = field(default_factory=list)  # the same, from their root
 
     def error(self, path, message: str) -> None:
         self.errors.append({"path": shown(path), "error": message})
+
+    def leave_out(self, path: Path, name: str) -> None:
+        self.left_out.append(shown(path))
+        self.left_out_names.append(shown(name))
 
     @property
     def accepted(self) -> int:
@@ -63,14 +70,23 @@ class ImportReport:
             "deferred": self.deferred,
             "missing": self.missing,
             "errors": self.errors,
+            "left_out": self.left_out,
         }
 
     def summary(self) -> str:
-        return (
+        counts = (
             f"{self.imported} imported, {self.updated} updated, {self.unchanged} unchanged, "
             f"{self.closed} closed, {self.deferred} deferred (claimed), {self.missing} missing, "
             f"{len(self.errors)} errors"
         )
+        if not self.left_out:
+            return counts
+        n = len(self.left_out)
+        files = "1 file that is not a task" if n == 1 else f"{n:,} files that are not tasks"
+        names = ", ".join(self.left_out_names[:LEFT_OUT_NAMED])
+        if n > LEFT_OUT_NAMED:
+            names += f" and {n - LEFT_OUT_NAMED:,} more"
+        return f"{counts}; left out {files} (no frontmatter): {names}"
 
     @property
     def changed(self) -> bool:
@@ -92,6 +108,33 @@ class ImportRefused(Exception):
 class _Source:
     path: Path  # resolved
     base: Path  # the root the key is relative to
+    folder: Path | None = None  # the folder whose walk found it (not a file named)
+
+
+# A project's own documents, which lie in task folders too: without frontmatter they are
+# left out of a folder's import (a file of these names with frontmatter is a task).
+DOCUMENT_NAMES = frozenset(
+    ("readme", "changelog", "changes", "contributing", "license", "licence")
+    + ("code_of_conduct", "security", "authors", "notice", "template")
+)
+TEMPLATE_FOLDERS = frozenset(("templates", "_templates"))
+
+
+def _name_in_folder(source: _Source) -> str | None:
+    """A file found in a folder, named from that folder (the folders above it are not the
+    task folder's); None for a file named on the command line or in a queue file."""
+    if source.folder is None:
+        return None
+    folder, path = str(source.folder) + os.sep, str(source.path)
+    return path[len(folder) :] if path.startswith(folder) else source.path.name
+
+
+def project_document(name: str) -> bool:
+    """Whether a file's name, from the folder imported, is a project document's:
+    README.md, CHANGELOG.md, _anything.md, templates/bug.md (in any case)."""
+    *folders, file_name = name.lower().split(os.sep)
+    stem = file_name.removesuffix(".md").replace("-", "_")
+    return stem in DOCUMENT_NAMES or stem.startswith("_") or bool(TEMPLATE_FOLDERS & set(folders))
 
 
 def configured_roots() -> list[Path]:
@@ -227,12 +270,14 @@ class Importer:
                             visited.add(target)
                             folders.append((path, target))
                     elif entry.name.endswith(".md"):
-                        files.extend(self._confine([path], folder_base))
+                        for source in self._confine([path], folder_base):
+                            source.folder = top
+                            files.append(source)
                 elif is_dir:
                     visited.add(real / entry.name)
                     folders.append((path, real / entry.name))
                 elif entry.name.endswith(".md"):
-                    files.append(_Source(real / entry.name, folder_base))
+                    files.append(_Source(real / entry.name, folder_base, top))
             found.extend(files)
             pending.extend(reversed(folders))  # depth first, in name order, like os.walk
         return found
@@ -325,7 +370,16 @@ class Importer:
             self.report.error(path, str(exc))
             return
         known = self.known.get(spath)
-        if known and known[1] == stat.st_size and known[2] == stat.st_mtime_ns and not known[4]:
+        name = _name_in_folder(source)
+        # A document is read every time: a task made of it before may have to be let go.
+        document = name is not None and project_document(name)
+        if (
+            known
+            and not document
+            and known[1] == stat.st_size
+            and known[2] == stat.st_mtime_ns
+            and not known[4]
+        ):
             self.report.unchanged += 1
             self.seen_keys.setdefault(known[5], spath)
             return
@@ -336,6 +390,9 @@ class Importer:
             return
         except TaskFileError as exc:
             self.report.error(path, str(exc))
+            return
+        if document and not taskfile.opens_with_frontmatter(raw):
+            self._leave_out(path, name, known)
             return
         digest = hashlib.sha256(raw).hexdigest()
         if known and known[3] == digest and not known[4]:
@@ -377,6 +434,26 @@ class Importer:
             self.keys[key] = (existing[0], spath)  # moved here: its old path is not missing
         else:
             self._create(key, fields, source_fields)
+
+    def _leave_out(self, path: Path, name: str, known: tuple | None) -> None:
+        """A project document is no task. One made of it by an earlier import is kept,
+        marked missing as if its file had gone: its file is no task any more."""
+        self.report.leave_out(path, name)
+        if not known:
+            return
+        with transaction.atomic():
+            flagged = Task.objects.filter(pk=known[0], source_missing=False).update(
+                source_missing=True, updated_at=timezone.now()
+            )
+            if flagged:
+                TaskEvent.objects.create(
+                    task_id=known[0],
+                    kind=EventKind.MISSING,
+                    actor="import",
+                    message=f"left out: {path} is a project document without frontmatter, "
+                    "not a task",
+                )
+        self.report.missing += flagged
 
     def _rename(self, known: tuple, key: str, path: Path) -> bool:
         """A file now says a new id: its task takes it (else a second task would be made

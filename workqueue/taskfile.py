@@ -129,6 +129,12 @@ def decode(raw: bytes) -> str:
     return text.removeprefix("\ufeff")
 
 
+def opens_with_frontmatter(raw: bytes) -> bool:
+    """Whether a file's first line is the `---` that opens frontmatter (as parse reads it)."""
+    line, newline, _ = raw.removeprefix("\ufeff".encode()).partition(b"\n")
+    return bool(newline) and re.fullmatch(rb"---[ \t]*\r?", line) is not None
+
+
 def parse(raw: bytes, known: dict | None = None) -> TaskFile:
     """The frontmatter and body of a file. `known`: the frontmatter as loaded before from
     these very bytes (same hash), so the YAML is not loaded a second time."""
