@@ -10,7 +10,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from tests.conftest import run_manage
-from workqueue import transitions
+from workqueue import editing, transitions
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Status, Task
 
@@ -241,6 +241,9 @@ BAD_INPUTS = [
     # PyYAML keeps the last of a key given twice: a merge's `status: queued` won.
     ("twice.md", b"---\nid: d\nstatus: done\ntitle: t\nstatus: queued\n---\n",
      "status: given twice (line 5)"),
+    # Read in any case, `Status` is the `status` above it given again.
+    ("twice-cased.md", b"---\nid: d\nstatus: done\ntitle: t\nStatus: queued\n---\n",
+     "status (line 3) and Status (line 5): one key given twice, in two spellings"),
 ]  # fmt: skip
 
 
@@ -479,3 +482,28 @@ def test_a_task_made_earlier_from_a_project_document_is_flagged_missing_once(wri
     )
     assert import_folder(write_task.folder).missing == 0
     assert task.events.filter(kind=EventKind.MISSING).count() == 1
+
+
+def test_capitalised_keys_are_read_and_written_back_as_spelt(write_task):
+    """`Status: done`, `Title:`, `Priority: P1` were not read: the task came in queued and
+    untitled. An edit then added a second, lower-case key beside the file's own."""
+    done = write_task("done.md", "---\nID: c-1\nStatus: done\nTitle: Ship it\n---\nB.\n")
+    path = write_task(
+        "open.md", "---\nId: c-2\nStatus: todo\nTitle: Fix it\nPriority: P1\nTags: [x]\n---\nB.\n"
+    )
+    report = import_folder(write_task.folder)
+    assert (report.imported, report.closed, report.errors) == (2, 1, [])
+    rows = Task.objects.order_by("key").values_list("key", "title", "status", "priority", "tags")
+    assert list(rows) == [
+        ("c-1", "Ship it", Status.DONE, 2, []),
+        ("c-2", "Fix it", Status.QUEUED, 1, ["x"]),
+    ]
+    task = Task.objects.get(key="c-2")
+    editing.edit_task(task, {"status": Status.BLOCKED, "priority": 0}, "user:alice", "waits")
+    assert path.read_text() == (
+        "---\nId: c-2\nStatus: blocked\nTitle: Fix it\nPriority: P0\nTags: [x]\n"
+        "blocked_reason: waits\n---\nB.\n"
+    )
+    assert done.read_text().startswith("---\nID: c-1\nStatus: done\n")
+    assert import_folder(write_task.folder).errors == []
+    assert Task.objects.get(key="c-2").status == Status.BLOCKED

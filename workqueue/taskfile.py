@@ -25,16 +25,32 @@ class DuplicateKey(yaml.YAMLError):
 
 class UniqueKeyLoader(SafeLoader):
     """Safe loading that refuses a key given twice in one mapping: PyYAML keeps the last
-    without a word (`status: done`, then a merge's `status: queued`, read as queued)."""
+    without a word (`status: done`, then a merge's `status: queued`, read as queued).
+    Frontmatter's own keys are read in any case (load_yaml), so there `status` and
+    `Status` are one key given twice too."""
+
+    def construct_document(self, node):
+        self.frontmatter_node = node
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
+        spellings: dict[str, tuple[str, int]] = {}
+        top = node is getattr(self, "frontmatter_node", None)
         for key_node, _value in node.value:
             if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in seen:
-                    line = key_node.start_mark.line + 2  # the file's: after its `---`
-                    raise DuplicateKey(f"{key_node.value[:80]}: given twice (line {line})")
-                seen.add(key_node.value)
+                key, line = key_node.value, key_node.start_mark.line + 2  # after its `---`
+                if key in seen:
+                    raise DuplicateKey(f"{key[:80]}: given twice (line {line})")
+                seen.add(key)
+                if not top:
+                    continue
+                first, first_line = spellings.setdefault(key.lower(), (key, line))
+                if first != key:
+                    raise DuplicateKey(
+                        f"{first[:80]} (line {first_line}) and {key[:80]} (line {line}): "
+                        "one key given twice, in two spellings"
+                    )
         return super().construct_mapping(node, deep)
 
 
@@ -175,7 +191,8 @@ def load_yaml(yaml_text: str) -> dict:
         raise TaskFileError(f"frontmatter is a {type(data).__name__}, not a mapping of fields")
     fields = {}
     for key, value in data.items():
-        name = _name(key)
+        # `Status: done` is the status (a file's own spelling stays in the file: writeback).
+        name = _name(key).lower()
         try:
             fields[name] = _jsonable(value)
         except TaskFileError as exc:

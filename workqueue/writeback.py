@@ -105,9 +105,9 @@ def _with_changes(frontmatter: dict, changes: dict[str, Value | None]) -> dict:
     expected = dict(frontmatter)
     for key, value in changes.items():
         if value is None:
-            expected.pop(key, None)
+            expected.pop(key.lower(), None)
         else:
-            expected[key] = value
+            expected[key.lower()] = value  # as load_yaml names it, whatever its spelling
     return expected
 
 
@@ -117,8 +117,8 @@ def edit_yaml(yaml_text: str, changes: dict[str, Value | None], newline: str = "
     # Edit from the bottom up so that earlier spans keep their line numbers.
     edits = []
     for key, value in changes.items():
-        if key in spans:
-            start, end = spans[key]
+        if key.lower() in spans:
+            start, end = spans[key.lower()]
             if value is None:
                 edits.append((start, end, []))
             else:
@@ -128,7 +128,7 @@ def edit_yaml(yaml_text: str, changes: dict[str, Value | None], newline: str = "
     added = [
         f"{key}: {yaml_value(value)}{newline}"
         for key, value in changes.items()
-        if key not in spans and value is not None
+        if key.lower() not in spans and value is not None
     ]
     if added and lines and not lines[-1].endswith("\n"):
         lines[-1] += newline
@@ -136,7 +136,9 @@ def edit_yaml(yaml_text: str, changes: dict[str, Value | None], newline: str = "
 
 
 def _key_spans(lines: list[str]) -> dict[str, tuple[int, int]]:
-    """Top-level key -> (first line, end line) of its value, continuation lines included."""
+    """Top-level key, in lower case -> (first line, end line) of its value, continuation
+    lines included. A key is read in any case (taskfile.load_yaml): a change of `status`
+    edits the file's `Status:` line, spelt as it is."""
     spans: dict[str, tuple[int, int]] = {}
     current, start, last = None, 0, 0
     for i, line in enumerate(lines):
@@ -144,7 +146,7 @@ def _key_spans(lines: list[str]) -> dict[str, tuple[int, int]]:
         if found:
             if current is not None:
                 spans[current] = (start, last + 1)
-            current, start, last = found.group(1), i, i
+            current, start, last = found.group(1).lower(), i, i
         elif current is not None and _continues(line):
             if line.strip():
                 last = i
