@@ -278,7 +278,13 @@ BAD_VALUES = [
     ("many-tags.md", "tags: [" + ", ".join(["tag"] * 300) + "]", "tag_index: 1,201 characters"),
     ("long-dep.md", "depends_on: [" + "d" * 501 + "]", "depends_on: an id of 501 characters"),
     # What PyYAML's constructor raises past its syntax errors stopped the whole import.
-    ("bad-date.md", "due: 2024-13-45", "YAML value that cannot be read: month must be in 1..12"),
+    # The YAML loader's "month must be in 1..12" named no field.
+    ("bad-date.md", "due: 2024-13-45", "due: 2024-13-45 is not a date"),
+    ("feb-30.md", "title: t\ndue: 2026-02-30", "due: 2026-02-30 is not a date"),
+    ("month-13.md", "Created: 2026-13-01", "Created: 2026-13-01 is not a date"),
+    ("bad-time.md", "at: 2026-01-01 25:00:00", "at: 2026-01-01 25:00:00 is not a date"),
+    ("nested-date.md", "plan:\n  due: 2026-02-30", "due: 2026-02-30 is not a date"),
+    ("listed-date.md", "dates: [2026-02-30]", "2026-02-30 is not a date (line 2)"),
     ("long-int.md", "estimate: 1" + "0" * 5000, "cannot be read: Exceeds the limit (4300"),
     ("sexagesimal.md", "estimate: 1:" + "59:" * 3000 + "1", "estimate: a number of more than"),
     ("sexagesimal-key.md", "? 1:" + "59:" * 3000 + "1\n: x", "a field name of more than 4,000"),

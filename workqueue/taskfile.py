@@ -23,6 +23,19 @@ class DuplicateKey(yaml.YAMLError):
     pass
 
 
+class NotADate(yaml.YAMLError):
+    """A value YAML reads as a date that is none (`2026-02-30`), with its key when known."""
+
+    def __init__(self, node: yaml.Node):
+        self.node, self.key = node, None
+
+    def __str__(self) -> str:
+        value = self.node.value[:80]
+        if self.key is None:  # an item of a list
+            return f"{value} is not a date (line {self.node.start_mark.line + 2})"
+        return f"{self.key[:80]}: {value} is not a date"
+
+
 class UniqueKeyLoader(SafeLoader):
     """Safe loading that refuses a key given twice in one mapping: PyYAML keeps the last
     without a word (`status: done`, then a merge's `status: queued`, read as queued).
@@ -51,7 +64,23 @@ class UniqueKeyLoader(SafeLoader):
                         f"{first[:80]} (line {first_line}) and {key[:80]} (line {line}): "
                         "one key given twice, in two spellings"
                     )
-        return super().construct_mapping(node, deep)
+        try:
+            return super().construct_mapping(node, deep)
+        except NotADate as exc:
+            if exc.key is None:
+                keys = (k for k, v in node.value if v is exc.node)
+                exc.key = next((k.value for k in keys if isinstance(k, yaml.ScalarNode)), None)
+            raise
+
+    def construct_date(self, node):
+        # PyYAML's own ValueError ("month must be in 1..12") names no field and no value.
+        try:
+            return self.construct_yaml_timestamp(node)
+        except ValueError:
+            raise NotADate(node) from None
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", UniqueKeyLoader.construct_date)
 
 
 FENCE = re.compile(r"^---[ \t]*\r?\n", re.ASCII)
@@ -173,7 +202,7 @@ def load_yaml(yaml_text: str) -> dict:
         raise TaskFileError("YAML aliases (*name) are not allowed in frontmatter")
     try:
         data = yaml.load(yaml_text, Loader=UniqueKeyLoader)  # noqa: S506 - SafeLoader's
-    except DuplicateKey as exc:
+    except (DuplicateKey, NotADate) as exc:
         raise TaskFileError(str(exc)) from None
     except yaml.constructor.ConstructorError as exc:
         tag = getattr(exc, "problem", "") or str(exc)
@@ -182,7 +211,7 @@ def load_yaml(yaml_text: str) -> dict:
         ) from None
     except yaml.YAMLError as exc:
         raise TaskFileError(f"YAML syntax error {_where(exc)}: {_problem(exc)}") from None
-    except (ValueError, ArithmeticError) as exc:  # a date like 2024-13-45, 5,000 digits
+    except (ValueError, ArithmeticError) as exc:  # 5,000 digits
         reason = str(exc).split(":")[0].split(";")[0]
         raise TaskFileError(f"YAML value that cannot be read: {reason}") from None
     if data is None:
