@@ -177,3 +177,37 @@ def test_a_running_consumer_brings_a_file_written_by_hand_onto_the_board(
         consumer.wait(timeout=15)
     assert Task.objects.get(key="ex-2").title == "Written by hand"
     assert "queue inbox: folder read again: 1 imported" in (tmp_path / "consumer.log").read_text()
+
+
+def test_the_consumer_logs_a_broken_file_once_until_it_changes_or_is_mended(
+    settings, inbox, caplog
+):
+    """Each minute's pass logged every broken file again, for ever."""
+    settings.HYPERVISOR_SYNC_FOLDERS = True
+    bad = inbox("bad.md", "---\nid: bad\ntitle: [unclosed\n---\n")
+
+    def logged() -> list[str]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="workqueue.tasks"):
+            sync_queue_folders.call_local()
+        return [r.getMessage() for r in caplog.records]
+
+    first = logged()
+    assert first[0].endswith("0 missing, 1 errors")
+    assert first[1:] == [
+        f"queue inbox: {bad}: YAML syntax error at line 4, column 1: did not "
+        "find expected ',' or ']'"
+    ]
+    assert logged() == []  # the next minute: nothing new
+    # The board (and import_tasks) still name it each time a person asks.
+    assert [e["path"] for e in Importer("inbox").run([inbox.folder]).errors] == [str(bad)]
+    bad.write_text("---\nid: bad\ntitle: [still unclosed\n---\n")
+    assert any(str(bad) in m for m in logged())  # changed, still broken: said again
+    assert logged() == []
+    bad.write_text(task_text("bad", "Mended"))
+    assert logged() == [
+        "queue inbox: folder read again: 1 imported, 0 updated, 2 unchanged, "
+        "0 closed, 0 deferred (claimed), 0 missing, 0 errors"
+    ]
+    bad.write_text("---\nid: bad\ntitle: [broken again\n---\n")
+    assert any(str(bad) in m for m in logged())  # mended, then broken again: said again

@@ -90,7 +90,8 @@ class ImportReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.imported or self.updated or self.closed or self.missing or self.errors)
+        """Whether the queue changed (a file it refused is named apart: workqueue.tasks)."""
+        return bool(self.imported or self.updated or self.closed or self.missing)
 
 
 def shown(path) -> str:

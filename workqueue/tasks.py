@@ -4,6 +4,7 @@ again, and the planner's statistics, run here, off the request."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from django.conf import settings
@@ -49,7 +50,34 @@ def _sync_queue_folders() -> None:
             report = importer.sync_folder(queue, folder)
         except importer.ImportRefused:
             continue  # outside the import roots (read from the command line only), or gone
-        if report.changed:
+        news = _errors_not_logged(queue, report.errors)
+        if report.changed or news:
             log.info("queue %s: folder read again: %s", queue, report.summary())
-            for error in report.errors:
-                log.warning("queue %s: %s: %s", queue, error["path"], error["error"])
+        for error in news:
+            log.warning("queue %s: %s: %s", queue, error["path"], error["error"])
+
+
+# Per queue, the errors the passes have logged, each with its file's size and mtime then: a
+# broken file was logged every minute for ever. It is logged again once it changes, or
+# breaks again after it was mended; the board and import_tasks name it each time.
+_logged_errors: dict[str, dict[tuple[str, str], tuple[int, int] | None]] = {}
+
+
+def _errors_not_logged(queue: str, errors: list[dict]) -> list[dict]:
+    before = _logged_errors.get(queue, {})
+    now, news = {}, []
+    for error in errors:
+        said = (error["path"], error["error"])
+        now[said] = _file_state(error["path"])
+        if said not in before or before[said] != now[said]:
+            news.append(error)
+    _logged_errors[queue] = now  # a mended file is forgotten
+    return news
+
+
+def _file_state(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.lstat(path)
+    except (OSError, ValueError):  # gone, a queue file's line (`list.txt:3`), a NUL
+        return None
+    return stat.st_size, stat.st_mtime_ns
