@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import random
 import threading
@@ -393,6 +394,39 @@ def test_outside_holders_file_is_edited_at_once(folder):
     result = editing.edit_task(task, {"priority": 3}, ACTOR)
     assert result.written
     assert "priority: P3" in folder.path("a.md").read_text()
+
+
+def test_a_file_an_outside_lock_holds_is_not_edited_until_let_go(folder, lock_root):
+    # An outside script holding the task's lock directory may be rewriting the file: an
+    # edit written now would be undone by its write, or undo it.
+    tasks = folder({"a.md": TASK, "b.md": TASK.replace("ex-1", "ex-2")})
+    task, other = tasks["a.md"], tasks["b.md"]
+    path = folder.path("a.md")
+    before = path.read_bytes()
+    outside = locks.lock_dir("inbox", task.key)
+    outside.mkdir(parents=True)
+    (outside / "owner.json").write_text(
+        json.dumps({"host": "elsewhere", "pid": 4242, "worker": "mkdir-script"})
+    )
+    for attempt in (
+        lambda: editing.edit_task(task, {"priority": 3}, ACTOR),
+        lambda: editing.edit_task(task, {"status": "done"}, ACTOR, reason="dup"),
+    ):
+        with pytest.raises(EditError) as refused:
+            attempt()
+        why = refused.value.errors["file"]
+        assert "held by an outside process: host elsewhere, pid 4242" in why
+    assert path.read_bytes() == before
+    assert Task.objects.get(pk=task.pk).status == Status.QUEUED
+
+    report = editing.edit_tasks([task.pk, other.pk], ACTOR, changes={"assignee": "bob"})
+    assert len(report.skipped) == 1 and "outside process" in report.skipped[0]["why"]
+    assert "assignee: bob" in folder.path("b.md").read_text()
+    assert path.read_bytes() == before
+
+    locks.remove(outside)
+    editing.edit_task(task, {"priority": 3}, ACTOR)
+    assert "priority: P3" in path.read_text()
 
 
 def test_status_edits_go_through_the_engine_and_into_the_file(folder):

@@ -361,6 +361,10 @@ def _plan(task: Task, values: dict, status: str | None, reason: str) -> _Plan | 
         return plan
     if not task.source_path:
         return plan
+    if task.outside_holder:
+        # An outside tool's lock: it may be rewriting the file now, undoing this or undone.
+        plan.unwritable = f"{task.outside_holder}; edit the task when it lets go"
+        return plan
     plan.path = task.source_path
     try:
         raw, stat = taskfile.read_regular_file(plan.path, settings.HYPERVISOR_MAX_FILE_BYTES)
