@@ -507,3 +507,20 @@ def test_capitalised_keys_are_read_and_written_back_as_spelt(write_task):
     assert done.read_text().startswith("---\nID: c-1\nStatus: done\n")
     assert import_folder(write_task.folder).errors == []
     assert Task.objects.get(key="c-2").status == Status.BLOCKED
+
+
+def test_a_folder_another_queue_imports_is_refused_naming_that_queue(write_task, tmp_path):
+    # Each queue locks its own tasks: one file in two queues could be worked twice at once.
+    write_task("a.md", GOOD.format(id="T-1", title="First"))
+    write_task("sub/b.md", GOOD.format(id="T-2", title="Second"))
+    assert import_folder(write_task.folder, queue="q").imported == 2
+    for path in (write_task.folder, write_task.folder / "sub", write_task.folder / "a.md"):
+        report = Importer("r", [tmp_path]).run([path])
+        assert [e["path"] for e in report.errors] == [str(path)]
+        assert "the queue 'q' imports" in report.errors[0]["error"]
+    assert not Task.objects.filter(queue="r").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "c.md").write_text(GOOD.format(id="T-3", title="Third"))
+    assert Importer("r", [tmp_path]).run([tmp_path / "other"]).imported == 1
+    report = Importer("s", [tmp_path]).run([tmp_path])  # around both queues' folders
+    assert len(report.errors) == 1 and not Task.objects.filter(queue="s").exists()

@@ -205,7 +205,10 @@ class Importer:
         for raw in paths:
             path = Path(raw).expanduser()
             try:
-                if path.is_dir():
+                taken = self._another_queues(path.resolve())
+                if taken:
+                    self.report.error(path, taken)
+                elif path.is_dir():
                     folders.append(path.resolve())
                     sources.extend(self._walk(path))
                 elif path.suffix == ".txt":
@@ -231,6 +234,20 @@ class Importer:
             # The board's plans follow the table's size at once, not at the next check.
             Task.objects.keep_statistics()
         return self.report
+
+    def _another_queues(self, path: Path) -> str:
+        """Why `path` is refused when another queue imports it (its folder, or one inside or
+        around it): each queue locks its own tasks, so a file in two could be worked twice
+        at once."""
+        folders = Queue.objects.exclude(name=self.queue).exclude(folder="")
+        for name, folder in folders.values_list("name", "folder"):
+            other = Path(folder)
+            if path.is_relative_to(other) or other.is_relative_to(path):
+                return (
+                    f"the queue {name!r} imports {folder}: a file is a task of one queue "
+                    "(each queue locks its own tasks, so two could work one file at once)"
+                )
+        return ""
 
     # Finding files ----------------------------------------------------------
 
