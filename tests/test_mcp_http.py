@@ -127,6 +127,10 @@ def test_one_json_rpc_post_claims_over_plain_http(client):
     assert response.status_code == 200, response.content
     answer = response.json()["result"]["structuredContent"]
     assert answer["success"] is True and answer["task"]["id"] == "t000000"
+    # Nothing watches a remote agent: it is told how long its silence may last.
+    assert (
+        "the claim lasts 30 minutes from your last call: any call keeps it" in (answer["message"])
+    )
     row = Task.objects.get()
     assert (row.status, row.holder, row.holder_host) == (
         Status.CLAIMED,

@@ -214,8 +214,21 @@ class PullSession:
         return answer(
             True,
             f"claimed {task.key}: work on it, then complete_task(id={task.key!r}) "
-            f"or block_task(id={task.key!r}, reason=...){self._also_held(task.key)}",
+            f"or block_task(id={task.key!r}, reason=...){self._keep_alive(task.key)}"
+            f"{self._also_held(task.key)}",
             task=self._task_dict(task, body=True),
+        )
+
+    def _keep_alive(self, key: str) -> str:
+        """Over HTTP nothing watches the agent: its claim lives by its calls alone, so say
+        how long that is (an agent silent past it finds the task gone to another)."""
+        if not self.stateless:
+            return ""
+        lease = self.lease_seconds
+        lasts = f"{lease // 60} minutes" if lease >= 120 else f"{lease} seconds"
+        return (
+            f"; the claim lasts {lasts} from your last call: "
+            f"any call keeps it (get_task(id={key!r}) while a long step runs)"
         )
 
     def _also_held(self, new: str = "") -> str:
