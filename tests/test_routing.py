@@ -44,6 +44,23 @@ def test_more_filters_than_any_routing_needs_are_refused():
 
 
 @pytest.mark.django_db
+def test_a_tag_matches_in_its_own_case_on_every_database():
+    # SQLite's LIKE ignores ASCII case, PostgreSQL's does not: the same filter must pick
+    # the same tasks on both (the dropdown lists `Bug` and `bug` as two tags).
+    make_tasks("q", 4)
+    for key, tags in {"t000000": "|bug|", "t000001": "|Bug|", "t000002": "|BUG|ui|"}.items():
+        Task.objects.filter(key=key).update(tag_index=tags)
+    tasks = Task.objects.order_by("key")
+    assert [t.key for t in TaskFilter.parse(["tag=bug"]).apply(tasks)] == ["t000000"]
+    assert [t.key for t in TaskFilter.parse(["tag=Bug"]).apply(tasks)] == ["t000001"]
+    assert [t.key for t in TaskFilter.parse(["tag!=bug"]).apply(tasks)] == [
+        "t000001",
+        "t000002",
+        "t000003",
+    ]
+
+
+@pytest.mark.django_db
 def test_filters_apply_inside_the_claim_query():
     make_tasks("q", 6)
     Task.objects.filter(key__in=["t000001", "t000003"]).update(

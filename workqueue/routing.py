@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from django.db.models import Q, QuerySet
+from django.db.models import Q, QuerySet, Value
+from django.db.models.functions import StrIndex
+from django.db.models.lookups import GreaterThan
 
 TEXT_FIELDS = ("project", "assignee", "complexity", "type")
 FIELDS = (*TEXT_FIELDS, "tag", "priority")
@@ -40,7 +42,10 @@ class Condition:
 
     def q(self) -> Q:
         if self.field == "tag":
-            q = Q(tag_index__contains=f"|{self.value}|")
+            tag = f"|{self.value}|"
+            # SQLite's LIKE ignores ASCII case, PostgreSQL's does not: the position check
+            # makes a tag match in its own case on both, on the rows LIKE already found.
+            q = Q(tag_index__contains=tag) & Q(GreaterThan(StrIndex("tag_index", Value(tag)), 0))
         elif self.field == "priority":
             lookup = {
                 "=": "priority",
