@@ -186,7 +186,9 @@ def test_placeholders_and_configs(tmp_path):
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_a_pull_workers_agent_never_outlives_it_onto_a_task_given_to_another(process_env, how):
+def test_a_pull_workers_agent_never_outlives_it_onto_a_task_given_to_another(
+    process_env, how, settings
+):
     """A pull worker recorded no agent on its claims and had no SIGTERM handler: once it
     was gone its agent (in a session of its own) worked on, while the reaper gave its task
     to the next worker. Now SIGTERM ends the agent and gives the task back; after a
@@ -211,11 +213,17 @@ def test_a_pull_workers_agent_never_outlives_it_onto_a_task_given_to_another(pro
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+    settings.HYPERVISOR_DATA_DIR = process_env["HYPERVISOR_DATA_DIR"]
+    sessions = Path(process_env["HYPERVISOR_DATA_DIR"], "run")
     if how == signal.SIGKILL:
         assert Task.objects.get().status == Status.CLAIMED  # held by a dead pid
+        left = list(sessions.glob("pull-*"))  # its config files: nothing removed them
+        assert len(left) == 1
         report = reaper.release_stale_claims("q")
         assert [s.task.key for s in report.requeued] == [task.key]
+        assert left[0] in report.orphan_locks
     else:
         assert worker.returncode == 0
+    assert not list(sessions.glob("pull-*"))
     assert not [p.pid for p in agents if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert Task.objects.get().status == Status.QUEUED

@@ -472,3 +472,29 @@ def test_an_outside_script_locking_a_path_key_by_lock_path_keeps_workers_off_it(
     assert worked.returncode == 0, worked.stderr
     assert Task.objects.get().status == Status.QUEUED
     assert Path(path, "owner.json").exists()
+
+
+@pytest.mark.django_db
+def test_a_dead_pull_workers_session_folder_goes_never_through_a_link(settings, tmp_path):
+    # A SIGKILLed pull worker leaves its config files; the reaper removes them once its
+    # owner is dead, and follows no link planted where such a folder goes.
+    settings.HYPERVISOR_DATA_DIR = tmp_path / "data"
+    sessions = tmp_path / "data" / "run"
+    sessions.mkdir(parents=True)
+    dead = {"host": settings.HYPERVISOR_HOST, "pid": dead_pid(), "started": 1.0}
+    live = Identity.current("me").owner_record()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "owner.json").write_text(json.dumps(dead))
+    (outside / "keep.txt").write_text("mine")
+    for name, owner in {"pull-dead": dead, "pull-live": live, "other-dead": dead}.items():
+        (sessions / name).mkdir()
+        (sessions / name / "owner.json").write_text(json.dumps(owner))
+        (sessions / name / "claude_mcp.json").write_text("{}")
+    (sessions / "pull-dead" / "escape").symlink_to(outside)
+    (sessions / "pull-link").symlink_to(outside)
+    assert reaper.release_orphan_locks(dry_run=True) == [sessions / "pull-dead"]
+    assert (sessions / "pull-dead").exists()
+    assert reaper.release_orphan_locks() == [sessions / "pull-dead"]
+    assert sorted(p.name for p in sessions.iterdir()) == ["other-dead", "pull-link", "pull-live"]
+    assert (outside / "keep.txt").read_text() == "mine"

@@ -196,6 +196,21 @@ def read_owner(directory: Path | str) -> dict | None:
         return None
 
 
+def read_owner_outside(directory: str) -> dict | None:
+    """The owner record of a folder outside the lock root (a pull worker's session
+    folder), the folder itself not followed through a link."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return _read_owner_at(fd, OWNER_FILE, f"{directory}/{OWNER_FILE}")
+    except (OSError, LockError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_owner_at(directory: int, name: str, path: str) -> dict | None:
     """A regular file's JSON object, or None: nothing there, a FIFO, garbage. A symlink
     is refused (LockError): whatever it names is not the lock's owner."""

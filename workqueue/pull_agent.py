@@ -27,7 +27,7 @@ import uvicorn
 from django.conf import settings
 from django.db import connection
 
-from workqueue import agent_tree, signals
+from workqueue import agent_tree, locks, reaper, signals
 from workqueue.mcp_server import SessionThread, build_server
 from workqueue.processors import PLACEHOLDER
 from workqueue.pull import Heartbeat, PullSession, local_session
@@ -121,7 +121,7 @@ def write_configs(folder: Path, url: str, secret: str) -> dict[str, str]:
 def config_root() -> Path:
     """Where a session's config files go: Gemini CLI skips a settings file when any
     folder above it is writable by others (as /tmp is), so not the temporary folder."""
-    root = Path(settings.HYPERVISOR_DATA_DIR, "run")
+    root = reaper.session_folders()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     return root
 
@@ -165,6 +165,9 @@ def run_pull_worker(
         beat.start()
         server.start()
         with tempfile.TemporaryDirectory(prefix="pull-", dir=config_root()) as folder:
+            # Whose it is: the reaper removes it once this worker is dead (a SIGKILL).
+            owner = json.dumps(session.identity.owner_record())
+            Path(folder, locks.OWNER_FILE).write_text(owner, encoding="utf-8")
             configs = write_configs(Path(folder), server.url, server.secret)
             values = {
                 "python": sys.executable,

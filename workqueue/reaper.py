@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from django.conf import settings
 from django.utils import timezone
 
 from workqueue import agent_tree, claims, locks, signals, transitions, writeback
@@ -177,7 +179,31 @@ def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> lis
         if not dry_run:
             with suppress(LockError):
                 locks.remove_leftover(path)
+    for path in leftover_session_folders():
+        removed.append(path)
+        if not dry_run:
+            # Not through a link: rmtree refuses one, and opens what is below without
+            # following any.
+            with suppress(OSError):
+                shutil.rmtree(path)
     return removed
+
+
+def session_folders() -> Path:
+    """Where pull workers keep a session's config files (workqueue.pull_agent), each
+    folder with its worker's owner record."""
+    return Path(settings.HYPERVISOR_DATA_DIR, "run")
+
+
+def leftover_session_folders() -> list[Path]:
+    """Session folders of pull workers that died without removing them (a SIGKILL)."""
+    found = []
+    with suppress(OSError), os.scandir(session_folders()) as entries:
+        for entry in entries:
+            ours = entry.name.startswith("pull-") and entry.is_dir(follow_symlinks=False)
+            if ours and locks.owner_record_is_dead(locks.read_owner_outside(entry.path)):
+                found.append(Path(entry.path))
+    return found
 
 
 def lock_report() -> tuple[list[dict], ReapReport]:
