@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Count, Sum
 from django.urls import reverse
 from django.utils import timezone
@@ -327,6 +327,16 @@ class HerdStatus(models.TextChoices):
 
 
 LAUNCH_FAILED = "launch failed"
+
+
+class LaunchRepeated(Exception):
+    """A launch sent again with a launch token already taken: its herd exists."""
+
+    def __init__(self, herd: Herd):
+        super().__init__(f"herd {herd.pk} was launched with this launch token already")
+        self.herd = herd
+
+
 # A launch is a pre-flight and N forks: seconds. One still unfinished after this is dead.
 LAUNCH_STALL = timedelta(minutes=2)
 ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED, HerdStatus.QUOTA)
@@ -398,6 +408,9 @@ class Herd(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resumed_by"
     )
     webhook_result = models.CharField(max_length=500, blank=True)
+    # The launch form's one-time token: the same form sent twice (a double-click, a
+    # browser's retry) finds the herd the first launched.
+    launch_token = models.CharField(max_length=64, null=True, blank=True, unique=True)
     preflight = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     summary = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     # [[seconds since start, tasks finished]] sampled by supervision, for the chart.
@@ -460,8 +473,10 @@ class Herd(models.Model):
         cost_budget_usd: Decimal | None = None,
         resume_after_quota: bool = False,
         resumed_from: Herd | None = None,
+        launch_token: str | None = None,
     ) -> Herd:
-        """Create a herd and enqueue its launch once the row is committed."""
+        """Create a herd and enqueue its launch once the row is committed. A launch token
+        is taken once: a second launch with it raises LaunchRepeated with the first herd."""
         from herds.tasks import launch_herd
 
         herd = cls(
@@ -477,11 +492,20 @@ class Herd(models.Model):
             cost_budget_usd=cost_budget_usd,
             resume_after_quota=resume_after_quota,
             resumed_from=resumed_from,
+            launch_token=launch_token or None,
         )
-        herd.full_clean()
-        with transaction.atomic():
-            herd.save()
-            launch_herd(herd.pk)
+        # The unique column decides who took a token, not a look before the insert (two
+        # requests of one double-click arrive together).
+        herd.full_clean(validate_unique=False)
+        try:
+            with transaction.atomic():
+                herd.save()
+                launch_herd(herd.pk)
+        except IntegrityError:
+            earlier = launch_token and cls.objects.filter(launch_token=launch_token).first()
+            if not earlier:
+                raise
+            raise LaunchRepeated(earlier) from None
         return herd
 
     def clean(self) -> None:

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from herds.models import Herd, HerdStatus, Profile
+from herds.models import Herd, HerdStatus, LaunchRepeated, Profile
 from herds.supervision import worker_argv
 from tests.conftest import make_tasks
 from workqueue import cpu_slots
@@ -215,6 +215,52 @@ def test_launch_shows_preflight_then_starts_on_confirm(
         operator,
     )
     assert len(callbacks) == 1
+
+
+def launch_token_in(page: str) -> str:
+    found = re.search(r'name="launch_token" value="([^"]+)"', page)
+    assert found, "the launch form carries its one-time launch token"
+    return found.group(1)
+
+
+def test_a_launch_form_sent_twice_launches_one_herd(
+    operator, profile, django_capture_on_commit_callbacks
+):
+    """A double-click on Start (or a browser's retry) sends the same form twice: the
+    second is taken to the first herd, not launched as a second herd on the same queue."""
+    make_tasks("inbox", 5)
+    client = client_for(operator)
+    form = {"queue": "inbox", "profile": "noop", "workers": 3, "batch": 0, "where": ""}
+    token = launch_token_in(client.get(reverse("herds:launch")).content.decode())
+    preflight = client.post(reverse("herds:launch"), {**form, "launch_token": token})
+    assert launch_token_in(preflight.content.decode()) == token
+
+    sent = {**form, "launch_token": token, "confirm": "1"}
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        first = client.post(reverse("herds:launch"), sent)
+        second = client.post(reverse("herds:launch"), sent, follow=True)
+    herd = Herd.objects.get()
+    assert len(callbacks) == 1, "one launch enqueued"
+    assert first["Location"] == second.redirect_chain[0][0] == herd.get_absolute_url()
+    text = second.content.decode()
+    assert f"Herd {herd.pk} was launched from this form already" in text
+    # A fresh form is a new launch.
+    again = launch_token_in(client.get(reverse("herds:launch")).content.decode())
+    assert again != token
+    with django_capture_on_commit_callbacks(execute=False):
+        client.post(reverse("herds:launch"), {**sent, "launch_token": again})
+    assert Herd.objects.count() == 2
+
+
+def test_a_launch_token_is_taken_once_even_by_two_launches_at_once(profile):
+    """The second of two launches racing with one token finds the first herd (a unique
+    column decides, not a look before the insert)."""
+    make_tasks("inbox", 2)
+    first = Herd.launch("inbox", profile, 1, launch_token="t" * 22)
+    with pytest.raises(LaunchRepeated) as repeat:
+        Herd.launch("inbox", profile, 2, launch_token="t" * 22)
+    assert repeat.value.herd == first
+    assert Herd.objects.count() == 1
 
 
 def test_preflight_counts_respect_profile_and_form_filters(operator):
