@@ -407,6 +407,8 @@ class Herd(models.Model):
     resumed_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resumed_by"
     )
+    # Why the resume after a quota launched nothing (its profile refuses the herd now).
+    resume_refused = models.CharField(max_length=500, blank=True)
     webhook_result = models.CharField(max_length=500, blank=True)
     # The launch form's one-time token: the same form sent twice (a double-click, a
     # browser's retry) finds the herd the first launched.
@@ -728,22 +730,34 @@ class Herd(models.Model):
         return delay
 
     def resume(self) -> Herd | None:
-        """The herd of the same shape, once; None if one was launched already."""
-        if self.resumed_by.exists():
+        """The herd of the same shape, once; None if one was launched already, or if its
+        profile refuses it now (then `resume_refused` says why, naming the profile)."""
+        if self.resumed_by.exists() or self.resume_refused:
             return None
-        return Herd.launch(
-            self.queue,
-            self.profile,
-            self.size,
-            batch=self.batch,
-            filters=self.filters,
-            created_by=self.created_by,
-            token_budget=self.token_budget,
-            wall_clock_limit=self.wall_clock_limit,
-            cost_budget_usd=self.cost_budget_usd,
-            resume_after_quota=True,
-            resumed_from=self,
-        )
+        try:
+            return Herd.launch(
+                self.queue,
+                self.profile,
+                self.size,
+                batch=self.batch,
+                filters=self.filters,
+                created_by=self.created_by,
+                token_budget=self.token_budget,
+                wall_clock_limit=self.wall_clock_limit,
+                cost_budget_usd=self.cost_budget_usd,
+                resume_after_quota=True,
+                resumed_from=self,
+            )
+        except ValidationError as exc:
+            # The profile was changed since (fewer workers, an agent without cost): the
+            # launch check refuses the same herd.
+            refused = (
+                f"Not resumed: profile {self.profile.name} refuses this herd now: "
+                + " ".join(exc.messages)
+            )
+            self.resume_refused = refused if len(refused) <= 500 else refused[:499] + "…"
+            Herd.objects.filter(pk=self.pk).update(resume_refused=self.resume_refused)
+            return None
 
     def record_pass(self) -> None:
         """Stamp a supervision pass and add a point to the throughput chart."""

@@ -493,3 +493,45 @@ def test_a_herd_larger_than_the_cores_of_a_cpu_bound_processor_says_its_workers_
     Herd.objects.filter(queue="inbox", size=8, profile=profile).update(status="finished")
     herd = Herd.objects.get(queue="inbox", size=8, profile=profile)
     assert "take turns" not in client.get(reverse("herds:live", args=[herd.pk])).content.decode()
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"max_workers": 2}, "Profile noop allows at most 2 workers."),
+        # A profile whose agent says no cost: the herd's cost budget could never stop it.
+        ({"processor": "command", "adapter": "gemini"}, "reports no cost"),
+    ],
+)
+def test_a_resume_the_profile_no_longer_allows_says_why(profile, viewer, caplog, change, why):
+    """A herd stopped on quota resumes as a herd of the same shape; when its profile
+    changed since so that the launch refuses it, the quota herd's page and the consumer's
+    log say why, naming the profile (nothing happened, and nothing was said)."""
+    from herds import tasks as herd_tasks
+
+    make_tasks("inbox", 3)
+    herd = Herd.objects.create(
+        queue="inbox",
+        profile=profile,
+        size=4,
+        status=HerdStatus.QUOTA,
+        resume_after_quota=True,
+        resume_at=timezone.now(),
+        cost_budget_usd=1 if "adapter" in change else None,
+    )
+    Profile.objects.filter(pk=profile.pk).update(**change)
+
+    with caplog.at_level("WARNING", logger="herds"):
+        herd_tasks.resume_herd.call_local(herd.pk)
+
+    assert not Herd.objects.filter(resumed_from=herd).exists()
+    herd.refresh_from_db()
+    assert herd.resume_refused.startswith("Not resumed: profile noop refuses this herd now: ")
+    assert why in herd.resume_refused
+    assert f"herd {herd.pk}" in caplog.text and herd.resume_refused in caplog.text
+    page = client_for(viewer).get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert "Not resumed: profile noop refuses this herd now" in page
+    assert "A herd of the same shape starts at" not in page
+    # Tried once: a second run of the task (a consumer's retry) says the same, once.
+    herd_tasks.resume_herd.call_local(herd.pk)
+    assert not Herd.objects.filter(resumed_from=herd).exists()
