@@ -453,6 +453,18 @@ class Herd(models.Model):
         return consumer_wait(self.status == HerdStatus.PENDING, self.created_at)
 
     @property
+    def unsupervised_minutes(self) -> int:
+        """Minutes since a supervision pass last looked at this running herd, once that is
+        longer than a few passes' period (no consumer is running: nothing launches or ends
+        it), else 0. Read from the row: no query."""
+        if self.status != HerdStatus.RUNNING or self.supervised_at is None:
+            return 0
+        # Passes come every interval, or with Huey's minute tick when the interval is longer.
+        period = max(settings.HYPERVISOR_SUPERVISE_INTERVAL, 60)
+        silent = (timezone.now() - self.supervised_at).total_seconds()
+        return max(1, round(silent / 60)) if silent > 2 * period else 0
+
+    @property
     def cores_taken_in_turns(self) -> int | None:
         """The cores its workers take turns on (a processor that works on the CPU alone, more
         workers than cores: workqueue.cpu_slots), or None when each runs as it likes."""

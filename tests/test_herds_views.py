@@ -535,3 +535,27 @@ def test_a_resume_the_profile_no_longer_allows_says_why(profile, viewer, caplog,
     # Tried once: a second run of the task (a consumer's retry) says the same, once.
     herd_tasks.resume_herd.call_local(herd.pk)
     assert not Herd.objects.filter(resumed_from=herd).exists()
+
+
+def test_a_running_herd_no_consumer_looks_at_says_so(herd, viewer, settings):
+    """A herd whose consumer is down is unsupervised: nothing launches or ends. Its page
+    and the list say so once the last pass is older than a few passes' period."""
+    settings.HYPERVISOR_SUPERVISE_INTERVAL = 2
+    client = client_for(viewer)
+    said = "No consumer has looked at this herd for 7 minutes"
+    hint = "is <code>manage.py start</code> (or the Huey consumer, <code>run_huey</code>) running?"
+
+    Herd.objects.filter(pk=herd.pk).update(supervised_at=timezone.now())
+    assert said[:40] not in client.get(reverse("herds:detail", args=[herd.pk])).content.decode()
+
+    Herd.objects.filter(pk=herd.pk).update(supervised_at=timezone.now() - timedelta(minutes=7))
+    for url in (reverse("herds:detail", args=[herd.pk]), reverse("herds:live", args=[herd.pk])):
+        page = client.get(url).content.decode()
+        assert said in page and hint in page, url
+    listed = client.get(reverse("herds:list")).content.decode()
+    assert "no consumer for 7 min" in listed
+
+    # An ended herd is looked at by nobody, rightly.
+    Herd.objects.filter(pk=herd.pk).update(status=HerdStatus.FINISHED)
+    assert said not in client.get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert "no consumer for" not in client.get(reverse("herds:list")).content.decode()
