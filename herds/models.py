@@ -14,14 +14,14 @@ from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import IntegrityError, models, transaction
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, Sum
 from django.urls import reverse
 from django.utils import timezone
 
 from hypervisor_site.env import server_secrets_in
 from workqueue import cpu_slots, locks
 from workqueue.dependencies import stuck
-from workqueue.models import Status, Task, consumer_wait
+from workqueue.models import EventKind, Status, Task, TaskEvent, consumer_wait
 from workqueue.processing import Processor
 from workqueue.processors import (
     CommandProcessor,
@@ -327,6 +327,8 @@ class HerdStatus(models.TextChoices):
 
 
 LAUNCH_FAILED = "launch failed"
+# A worker's own giving back of a claim (a reaped claim is the reaper's event).
+GIVEN_BACK_BY_WORKER = (EventKind.RELEASED, EventKind.LOCK_BUSY, EventKind.LOCK_FAILED)
 
 
 class LaunchRepeated(Exception):
@@ -869,8 +871,30 @@ class Herd(models.Model):
             rows.append(row)
         return rows
 
+    def claims_given_back(self) -> tuple[int, dict[str, int]]:
+        """How many tasks its workers claimed, and how many of those claims went back to
+        the queue, by the event that took them back: released (the agent's exit 75 or its
+        release, a quota, a drained worker's unstarted claims), lock busy or lock failed
+        (never started), reaped (a dead worker's). One query over the queue's events."""
+        names = self.workers.values_list("name", flat=True)
+        actors = [actor for name in names for actor in (name, f"mcp:{name}")]
+        by_workers = Q(
+            actor__in=actors,
+            kind__in=(EventKind.CLAIMED, *GIVEN_BACK_BY_WORKER),
+        )
+        reaped = Q(kind=EventKind.REAPED, data__herd=self.pk, data__status=Status.QUEUED)
+        events = TaskEvent.objects.filter(by_workers | reaped, task__queue=self.queue)
+        if self.started_at:
+            events = events.filter(at__gte=self.started_at)
+        counts = dict(events.values_list("kind").annotate(n=Count("id")).order_by())
+        given_back = (*GIVEN_BACK_BY_WORKER, EventKind.REAPED)
+        return counts.get(EventKind.CLAIMED, 0), {
+            kind.replace("_", " "): counts[kind] for kind in given_back if counts.get(kind)
+        }
+
     def build_summary(self) -> dict:
         rows = self.task_rows()
+        claimed, given_back_by = self.claims_given_back()
         by_outcome: dict[str, int] = {}
         for row in rows:
             what = row["status"] if row["status"] == Status.BLOCKED else row.get("outcome", "")
@@ -891,6 +915,11 @@ class Herd(models.Model):
             "counts": by_outcome,
             "done": sum(1 for r in rows if r["status"] != Status.BLOCKED),
             "blocked": sum(1 for r in rows if r["status"] == Status.BLOCKED),
+            # Claims that went back to the queue (exit 75, drain, release, reaped): with done
+            # and blocked they add up to what was claimed.
+            "given_back": sum(given_back_by.values()),
+            "given_back_by": given_back_by,
+            "claimed": claimed,
             "worker_processes": [w.summary_row() for w in self.workers.order_by("index")],
             "runtime_seconds": runtime,
             # What the herd spent, as its page and its budget count it: tasks given back
