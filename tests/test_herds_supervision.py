@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from herds import processes, supervision
 from herds.models import ExitClass, Herd, HerdStatus, Profile, WorkerState
-from tests.conftest import make_tasks
+from tests.conftest import make_tasks, run_manage
 from tests.test_herds_views import client_for
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -473,3 +473,25 @@ def test_passes_never_pause_between_two_periodic_ticks(monkeypatch, started_at_s
     assert times[-1] >= last_tick + 60 - interval  # the third tick reaches the fourth
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert max(gaps) <= interval + 0.5, max(gaps)
+
+
+def test_a_directory_given_as_the_command_is_called_a_directory(tmp_path, process_env):
+    """`--command /some/dir` (or a profile's) was refused as "not on the workers' PATH",
+    which sent people looking at their PATH: it is a directory, not a program."""
+    folder = tmp_path / "agents"
+    folder.mkdir()
+    said = f"{folder} is a directory, not a program"
+    make_tasks("dirq", 1)
+
+    worker = run_manage(
+        ["work", "--queue", "dirq", "--processor", "command", "--", str(folder)], process_env
+    )
+    assert worker.returncode == 1
+    assert f"{said}: no task was claimed" in worker.stderr
+
+    profile = Profile.objects.create(name="dir", processor="command", command=[str(folder)])
+    herd = Herd.objects.create(queue="dirq", profile=profile, size=1)
+    supervision.launch(herd.pk)
+    herd.refresh_from_db()
+    assert (herd.status, herd.reason) == (HerdStatus.FAILED, f"launch failed: {said}")
+    assert Task.objects.get(queue="dirq").status == Status.QUEUED
