@@ -148,7 +148,7 @@ def test_the_summary_counts_the_tasks_its_workers_gave_back(running_herd):
     )
     text = page.content.decode()
     assert "1 done, 1 blocked, 4 given back (of 6 claims)" in text
-    assert "Given back to the queue: 2 released, 1 lock busy, 1 reaped" in text
+    assert "Given back to the queue: 1 lock busy, 1 reaped, 2 released" in text
     # Another herd's events on the same queue are not this herd's.
     other = Herd.objects.create(queue="supq", profile=running_herd.profile, size=1)
     other.started_at = running_herd.started_at
