@@ -1,3 +1,4 @@
+import secrets
 from decimal import Decimal
 
 from django import forms
@@ -7,6 +8,10 @@ from herds.models import MAX_TOKEN_BUDGET, MAX_WALL_CLOCK, Profile
 from workqueue.models import Queue
 from workqueue.names import validate_queue_name
 from workqueue.routing import FilterError, TaskFilter
+
+
+def new_launch_token() -> str:
+    return secrets.token_urlsafe(16)
 
 
 def queue_choices() -> list[tuple[str, str]]:
@@ -55,8 +60,18 @@ class LaunchForm(forms.Form):
         "lifts.",
     )
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # One per form shown: the server launches once per token, whatever a double-click or a
+    # browser's retry sends again (a post without one, from a script, is launched as sent).
+    launch_token = forms.CharField(
+        required=False, max_length=64, widget=forms.HiddenInput, initial=new_launch_token
+    )
+
+    def __init__(self, data=None, *args, **kwargs):
+        if data is not None and not data.get("launch_token"):
+            # A pre-flight posted without one: the Start button it shows gets its token.
+            data = data.copy()
+            data["launch_token"] = new_launch_token()
+        super().__init__(data, *args, **kwargs)
         self.fields["queue"].choices = queue_choices()
 
     def clean_where(self) -> list[str]:

@@ -13,15 +13,15 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models, transaction
-from django.db.models import Count, Sum
+from django.db import IntegrityError, models, transaction
+from django.db.models import Count, Q, Sum
 from django.urls import reverse
 from django.utils import timezone
 
 from hypervisor_site.env import server_secrets_in
 from workqueue import cpu_slots, locks
 from workqueue.dependencies import stuck
-from workqueue.models import Status, Task, consumer_wait
+from workqueue.models import EventKind, Status, Task, TaskEvent, consumer_wait
 from workqueue.processing import Processor
 from workqueue.processors import (
     CommandProcessor,
@@ -327,6 +327,18 @@ class HerdStatus(models.TextChoices):
 
 
 LAUNCH_FAILED = "launch failed"
+# A worker's own giving back of a claim (a reaped claim is the reaper's event).
+GIVEN_BACK_BY_WORKER = (EventKind.RELEASED, EventKind.LOCK_BUSY, EventKind.LOCK_FAILED)
+
+
+class LaunchRepeated(Exception):
+    """A launch sent again with a launch token already taken: its herd exists."""
+
+    def __init__(self, herd: Herd):
+        super().__init__(f"herd {herd.pk} was launched with this launch token already")
+        self.herd = herd
+
+
 # A launch is a pre-flight and N forks: seconds. One still unfinished after this is dead.
 LAUNCH_STALL = timedelta(minutes=2)
 ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED, HerdStatus.QUOTA)
@@ -397,7 +409,12 @@ class Herd(models.Model):
     resumed_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resumed_by"
     )
+    # Why the resume after a quota launched nothing (its profile refuses the herd now).
+    resume_refused = models.CharField(max_length=500, blank=True)
     webhook_result = models.CharField(max_length=500, blank=True)
+    # The launch form's one-time token: the same form sent twice (a double-click, a
+    # browser's retry) finds the herd the first launched.
+    launch_token = models.CharField(max_length=64, null=True, blank=True, unique=True)
     preflight = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     summary = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     # [[seconds since start, tasks finished]] sampled by supervision, for the chart.
@@ -438,6 +455,18 @@ class Herd(models.Model):
         return consumer_wait(self.status == HerdStatus.PENDING, self.created_at)
 
     @property
+    def unsupervised_minutes(self) -> int:
+        """Minutes since a supervision pass last looked at this running herd, once that is
+        longer than a few passes' period (no consumer is running: nothing launches or ends
+        it), else 0. Read from the row: no query."""
+        if self.status != HerdStatus.RUNNING or self.supervised_at is None:
+            return 0
+        # Passes come every interval, or with Huey's minute tick when the interval is longer.
+        period = max(settings.HYPERVISOR_SUPERVISE_INTERVAL, 60)
+        silent = (timezone.now() - self.supervised_at).total_seconds()
+        return max(1, round(silent / 60)) if silent > 2 * period else 0
+
+    @property
     def cores_taken_in_turns(self) -> int | None:
         """The cores its workers take turns on (a processor that works on the CPU alone, more
         workers than cores: workqueue.cpu_slots), or None when each runs as it likes."""
@@ -460,8 +489,10 @@ class Herd(models.Model):
         cost_budget_usd: Decimal | None = None,
         resume_after_quota: bool = False,
         resumed_from: Herd | None = None,
+        launch_token: str | None = None,
     ) -> Herd:
-        """Create a herd and enqueue its launch once the row is committed."""
+        """Create a herd and enqueue its launch once the row is committed. A launch token
+        is taken once: a second launch with it raises LaunchRepeated with the first herd."""
         from herds.tasks import launch_herd
 
         herd = cls(
@@ -477,11 +508,20 @@ class Herd(models.Model):
             cost_budget_usd=cost_budget_usd,
             resume_after_quota=resume_after_quota,
             resumed_from=resumed_from,
+            launch_token=launch_token or None,
         )
-        herd.full_clean()
-        with transaction.atomic():
-            herd.save()
-            launch_herd(herd.pk)
+        # The unique column decides who took a token, not a look before the insert (two
+        # requests of one double-click arrive together).
+        herd.full_clean(validate_unique=False)
+        try:
+            with transaction.atomic():
+                herd.save()
+                launch_herd(herd.pk)
+        except IntegrityError:
+            earlier = launch_token and cls.objects.filter(launch_token=launch_token).first()
+            if not earlier:
+                raise
+            raise LaunchRepeated(earlier) from None
         return herd
 
     def clean(self) -> None:
@@ -704,22 +744,34 @@ class Herd(models.Model):
         return delay
 
     def resume(self) -> Herd | None:
-        """The herd of the same shape, once; None if one was launched already."""
-        if self.resumed_by.exists():
+        """The herd of the same shape, once; None if one was launched already, or if its
+        profile refuses it now (then `resume_refused` says why, naming the profile)."""
+        if self.resumed_by.exists() or self.resume_refused:
             return None
-        return Herd.launch(
-            self.queue,
-            self.profile,
-            self.size,
-            batch=self.batch,
-            filters=self.filters,
-            created_by=self.created_by,
-            token_budget=self.token_budget,
-            wall_clock_limit=self.wall_clock_limit,
-            cost_budget_usd=self.cost_budget_usd,
-            resume_after_quota=True,
-            resumed_from=self,
-        )
+        try:
+            return Herd.launch(
+                self.queue,
+                self.profile,
+                self.size,
+                batch=self.batch,
+                filters=self.filters,
+                created_by=self.created_by,
+                token_budget=self.token_budget,
+                wall_clock_limit=self.wall_clock_limit,
+                cost_budget_usd=self.cost_budget_usd,
+                resume_after_quota=True,
+                resumed_from=self,
+            )
+        except ValidationError as exc:
+            # The profile was changed since (fewer workers, an agent without cost): the
+            # launch check refuses the same herd.
+            refused = (
+                f"Not resumed: profile {self.profile.name} refuses this herd now: "
+                + " ".join(exc.messages)
+            )
+            self.resume_refused = refused if len(refused) <= 500 else refused[:499] + "…"
+            Herd.objects.filter(pk=self.pk).update(resume_refused=self.resume_refused)
+            return None
 
     def record_pass(self) -> None:
         """Stamp a supervision pass and add a point to the throughput chart."""
@@ -819,8 +871,30 @@ class Herd(models.Model):
             rows.append(row)
         return rows
 
+    def claims_given_back(self) -> tuple[int, dict[str, int]]:
+        """How many tasks its workers claimed, and how many of those claims went back to
+        the queue, by the event that took them back: released (the agent's exit 75 or its
+        release, a quota, a drained worker's unstarted claims), lock busy or lock failed
+        (never started), reaped (a dead worker's). One query over the queue's events."""
+        names = self.workers.values_list("name", flat=True)
+        actors = [actor for name in names for actor in (name, f"mcp:{name}")]
+        by_workers = Q(
+            actor__in=actors,
+            kind__in=(EventKind.CLAIMED, *GIVEN_BACK_BY_WORKER),
+        )
+        reaped = Q(kind=EventKind.REAPED, data__herd=self.pk, data__status=Status.QUEUED)
+        events = TaskEvent.objects.filter(by_workers | reaped, task__queue=self.queue)
+        if self.started_at:
+            events = events.filter(at__gte=self.started_at)
+        counts = dict(events.values_list("kind").annotate(n=Count("id")).order_by())
+        given_back = (*GIVEN_BACK_BY_WORKER, EventKind.REAPED)
+        return counts.get(EventKind.CLAIMED, 0), {
+            kind.replace("_", " "): counts[kind] for kind in given_back if counts.get(kind)
+        }
+
     def build_summary(self) -> dict:
         rows = self.task_rows()
+        claimed, given_back_by = self.claims_given_back()
         by_outcome: dict[str, int] = {}
         for row in rows:
             what = row["status"] if row["status"] == Status.BLOCKED else row.get("outcome", "")
@@ -841,6 +915,11 @@ class Herd(models.Model):
             "counts": by_outcome,
             "done": sum(1 for r in rows if r["status"] != Status.BLOCKED),
             "blocked": sum(1 for r in rows if r["status"] == Status.BLOCKED),
+            # Claims that went back to the queue (exit 75, drain, release, reaped): with done
+            # and blocked they add up to what was claimed.
+            "given_back": sum(given_back_by.values()),
+            "given_back_by": given_back_by,
+            "claimed": claimed,
             "worker_processes": [w.summary_row() for w in self.workers.order_by("index")],
             "runtime_seconds": runtime,
             # What the herd spent, as its page and its budget count it: tasks given back

@@ -91,10 +91,14 @@ def resume_herd(herd_id: int) -> None:
     from herds.models import Herd
 
     herd = Herd.objects.select_related("profile", "created_by").filter(pk=herd_id).first()
-    if herd is not None:
-        resumed = herd.resume()
-        if resumed is not None:
-            log.info("herd %s resumes herd %s after its quota", resumed.pk, herd.pk)
+    if herd is None:
+        return
+    said = herd.resume_refused
+    resumed = herd.resume()
+    if resumed is not None:
+        log.info("herd %s resumes herd %s after its quota", resumed.pk, herd.pk)
+    elif herd.resume_refused and not said:
+        log.warning("herd %s after its quota: %s", herd.pk, herd.resume_refused)
 
 
 @db_task()

@@ -15,7 +15,7 @@ from django.views.decorators.vary import vary_on_headers
 
 from herds.charts import throughput_chart
 from herds.forms import LaunchForm
-from herds.models import Herd, HerdWorker
+from herds.models import Herd, HerdWorker, LaunchRepeated
 from workqueue.models import Task
 from workqueue.views import task_transcript_of
 
@@ -112,7 +112,15 @@ def launch(request: HttpRequest) -> HttpResponse:
             wall_clock_limit=data["wall_clock_limit"],
             cost_budget_usd=data["cost_budget_usd"],
             resume_after_quota=data["resume_after_quota"],
+            launch_token=data["launch_token"],
         )
+    except LaunchRepeated as repeat:
+        messages.info(
+            request,
+            f"Herd {repeat.herd.pk} was launched from this form already: not launched again. "
+            "To launch another herd, open the launch form again.",
+        )
+        return redirect(repeat.herd)
     except ValidationError as exc:
         form.add_error(None, exc)
         return render(request, "herds/launch.html", {"form": form}, status=400)

@@ -156,6 +156,8 @@ def test_a_person_waiting_on_a_herd_gets_a_line_per_worker_not_every_task():
     assert lines[0].startswith(f"  herd{herd.pk}-w0: finished (exit 0), 6000 done, 0 blocked")
     assert lines[2] == "  outcomes: 10 blocked, 9990 success"
     assert lines[3].startswith(f"herd {herd.pk} finished: ")
+    # Claims that went back to the queue are counted beside done and blocked.
+    assert ", 0 given back (of 0 claims) in " in lines[3]
     # Its agents report no cost: not "$0.0000", which reads as free.
     assert lines[3].endswith(" 0 tokens, no cost reported")
     assert summary["total_cost_usd"] is None

@@ -11,11 +11,14 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.contrib.auth.models import User
+from django.urls import reverse
 from django.utils import timezone
 
 from herds import processes, supervision
 from herds.models import ExitClass, Herd, HerdStatus, Profile, WorkerState
-from tests.conftest import make_tasks
+from tests.conftest import make_tasks, run_manage
+from tests.test_herds_views import client_for
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -99,6 +102,57 @@ def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_
     running_herd.refresh_from_db()
     assert running_herd.status == HerdStatus.FAILED  # its only worker crashed
     assert running_herd.summary["worker_processes"][0]["exit_class"] == "crashed"
+
+
+def test_the_summary_counts_the_tasks_its_workers_gave_back(running_herd):
+    """done + blocked + given back adds up to what the herd claimed: a task given back
+    (exit 75, a drain, a release, a dead worker's claim reaped) is counted, not lost."""
+    from workqueue import transitions
+    from workqueue.locks import Identity
+    from workqueue.processing import Result
+
+    make_tasks("supq", 6)
+    worker = exited_worker(running_herd)
+    me = Identity(
+        "herd-w0",
+        supervision.settings.HYPERVISOR_HOST,
+        worker.pid,
+        worker.process_started,
+        running_herd.pk,
+    )
+    claims = transitions.claim("supq", me, 6, 3600)
+    done, blocked, exit_75, busy, drained, left = claims
+    transitions.finish(
+        me,
+        [
+            (done, Result()),
+            (blocked, Result(status=Status.BLOCKED, reason="no tests")),
+            (exit_75, Result(status=Status.QUEUED, reason="agent asked to retry (exit 75)")),
+        ],
+    )
+    transitions.give_back(me, [busy], EventKind.LOCK_BUSY, "lock directory held")
+    transitions.release_by_worker(me, [drained], "herd draining", counted=False)
+    # `left` is still claimed as the worker dies: supervision reaps it back to the queue.
+
+    supervision.supervise_running_herds()
+
+    running_herd.refresh_from_db()
+    summary = running_herd.summary
+    assert (summary["claimed"], summary["done"], summary["blocked"]) == (6, 1, 1)
+    assert summary["given_back"] == 4
+    assert summary["given_back_by"] == {"released": 2, "lock busy": 1, "reaped": 1}
+    assert summary["done"] + summary["blocked"] + summary["given_back"] == summary["claimed"]
+    assert Task.objects.get(pk=left.id).status == Status.QUEUED
+    page = client_for(User.objects.create_superuser("admin")).get(
+        reverse("herds:detail", args=[running_herd.pk])
+    )
+    text = page.content.decode()
+    assert "1 done, 1 blocked, 4 given back (of 6 claims)" in text
+    assert "Given back to the queue: 1 lock busy, 1 reaped, 2 released" in text
+    # Another herd's events on the same queue are not this herd's.
+    other = Herd.objects.create(queue="supq", profile=running_herd.profile, size=1)
+    other.started_at = running_herd.started_at
+    assert other.build_summary()["claimed"] == 0
 
 
 def test_silent_worker_is_ended_as_timed_out(running_herd, settings):
@@ -419,3 +473,25 @@ def test_passes_never_pause_between_two_periodic_ticks(monkeypatch, started_at_s
     assert times[-1] >= last_tick + 60 - interval  # the third tick reaches the fourth
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert max(gaps) <= interval + 0.5, max(gaps)
+
+
+def test_a_directory_given_as_the_command_is_called_a_directory(tmp_path, process_env):
+    """`--command /some/dir` (or a profile's) was refused as "not on the workers' PATH",
+    which sent people looking at their PATH: it is a directory, not a program."""
+    folder = tmp_path / "agents"
+    folder.mkdir()
+    said = f"{folder} is a directory, not a program"
+    make_tasks("dirq", 1)
+
+    worker = run_manage(
+        ["work", "--queue", "dirq", "--processor", "command", "--", str(folder)], process_env
+    )
+    assert worker.returncode == 1
+    assert f"{said}: no task was claimed" in worker.stderr
+
+    profile = Profile.objects.create(name="dir", processor="command", command=[str(folder)])
+    herd = Herd.objects.create(queue="dirq", profile=profile, size=1)
+    supervision.launch(herd.pk)
+    herd.refresh_from_db()
+    assert (herd.status, herd.reason) == (HerdStatus.FAILED, f"launch failed: {said}")
+    assert Task.objects.get(queue="dirq").status == Status.QUEUED

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from herds.models import Herd, HerdStatus, Profile
+from herds.models import Herd, HerdStatus, LaunchRepeated, Profile
 from herds.supervision import worker_argv
 from tests.conftest import make_tasks
 from workqueue import cpu_slots
@@ -215,6 +215,52 @@ def test_launch_shows_preflight_then_starts_on_confirm(
         operator,
     )
     assert len(callbacks) == 1
+
+
+def launch_token_in(page: str) -> str:
+    found = re.search(r'name="launch_token" value="([^"]+)"', page)
+    assert found, "the launch form carries its one-time launch token"
+    return found.group(1)
+
+
+def test_a_launch_form_sent_twice_launches_one_herd(
+    operator, profile, django_capture_on_commit_callbacks
+):
+    """A double-click on Start (or a browser's retry) sends the same form twice: the
+    second is taken to the first herd, not launched as a second herd on the same queue."""
+    make_tasks("inbox", 5)
+    client = client_for(operator)
+    form = {"queue": "inbox", "profile": "noop", "workers": 3, "batch": 0, "where": ""}
+    token = launch_token_in(client.get(reverse("herds:launch")).content.decode())
+    preflight = client.post(reverse("herds:launch"), {**form, "launch_token": token})
+    assert launch_token_in(preflight.content.decode()) == token
+
+    sent = {**form, "launch_token": token, "confirm": "1"}
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        first = client.post(reverse("herds:launch"), sent)
+        second = client.post(reverse("herds:launch"), sent, follow=True)
+    herd = Herd.objects.get()
+    assert len(callbacks) == 1, "one launch enqueued"
+    assert first["Location"] == second.redirect_chain[0][0] == herd.get_absolute_url()
+    text = second.content.decode()
+    assert f"Herd {herd.pk} was launched from this form already" in text
+    # A fresh form is a new launch.
+    again = launch_token_in(client.get(reverse("herds:launch")).content.decode())
+    assert again != token
+    with django_capture_on_commit_callbacks(execute=False):
+        client.post(reverse("herds:launch"), {**sent, "launch_token": again})
+    assert Herd.objects.count() == 2
+
+
+def test_a_launch_token_is_taken_once_even_by_two_launches_at_once(profile):
+    """The second of two launches racing with one token finds the first herd (a unique
+    column decides, not a look before the insert)."""
+    make_tasks("inbox", 2)
+    first = Herd.launch("inbox", profile, 1, launch_token="t" * 22)
+    with pytest.raises(LaunchRepeated) as repeat:
+        Herd.launch("inbox", profile, 2, launch_token="t" * 22)
+    assert repeat.value.herd == first
+    assert Herd.objects.count() == 1
 
 
 def test_preflight_counts_respect_profile_and_form_filters(operator):
@@ -447,3 +493,69 @@ def test_a_herd_larger_than_the_cores_of_a_cpu_bound_processor_says_its_workers_
     Herd.objects.filter(queue="inbox", size=8, profile=profile).update(status="finished")
     herd = Herd.objects.get(queue="inbox", size=8, profile=profile)
     assert "take turns" not in client.get(reverse("herds:live", args=[herd.pk])).content.decode()
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"max_workers": 2}, "Profile noop allows at most 2 workers."),
+        # A profile whose agent says no cost: the herd's cost budget could never stop it.
+        ({"processor": "command", "adapter": "gemini"}, "reports no cost"),
+    ],
+)
+def test_a_resume_the_profile_no_longer_allows_says_why(profile, viewer, caplog, change, why):
+    """A herd stopped on quota resumes as a herd of the same shape; when its profile
+    changed since so that the launch refuses it, the quota herd's page and the consumer's
+    log say why, naming the profile (nothing happened, and nothing was said)."""
+    from herds import tasks as herd_tasks
+
+    make_tasks("inbox", 3)
+    herd = Herd.objects.create(
+        queue="inbox",
+        profile=profile,
+        size=4,
+        status=HerdStatus.QUOTA,
+        resume_after_quota=True,
+        resume_at=timezone.now(),
+        cost_budget_usd=1 if "adapter" in change else None,
+    )
+    Profile.objects.filter(pk=profile.pk).update(**change)
+
+    with caplog.at_level("WARNING", logger="herds"):
+        herd_tasks.resume_herd.call_local(herd.pk)
+
+    assert not Herd.objects.filter(resumed_from=herd).exists()
+    herd.refresh_from_db()
+    assert herd.resume_refused.startswith("Not resumed: profile noop refuses this herd now: ")
+    assert why in herd.resume_refused
+    assert f"herd {herd.pk}" in caplog.text and herd.resume_refused in caplog.text
+    page = client_for(viewer).get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert "Not resumed: profile noop refuses this herd now" in page
+    assert "A herd of the same shape starts at" not in page
+    # Tried once: a second run of the task (a consumer's retry) says the same, once.
+    herd_tasks.resume_herd.call_local(herd.pk)
+    assert not Herd.objects.filter(resumed_from=herd).exists()
+
+
+def test_a_running_herd_no_consumer_looks_at_says_so(herd, viewer, settings):
+    """A herd whose consumer is down is unsupervised: nothing launches or ends. Its page
+    and the list say so once the last pass is older than a few passes' period."""
+    settings.HYPERVISOR_SUPERVISE_INTERVAL = 2
+    client = client_for(viewer)
+    said = "No consumer has looked at this herd for 7 minutes"
+    hint = "is <code>manage.py start</code> (or the Huey consumer, <code>run_huey</code>) running?"
+
+    Herd.objects.filter(pk=herd.pk).update(supervised_at=timezone.now())
+    assert said[:40] not in client.get(reverse("herds:detail", args=[herd.pk])).content.decode()
+
+    Herd.objects.filter(pk=herd.pk).update(supervised_at=timezone.now() - timedelta(minutes=7))
+    for url in (reverse("herds:detail", args=[herd.pk]), reverse("herds:live", args=[herd.pk])):
+        page = client.get(url).content.decode()
+        assert said in page and hint in page, url
+    listed = client.get(reverse("herds:list")).content.decode()
+    assert "no consumer for 7 min" in listed
+
+    # An ended herd is looked at by nobody, rightly.
+    Herd.objects.filter(pk=herd.pk).update(status=HerdStatus.FINISHED)
+    assert said not in client.get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert "no consumer for" not in client.get(reverse("herds:list")).content.decode()

@@ -345,6 +345,7 @@ def release_by_reaper(task: Task, why: str, actor: str, queue_limit: int) -> str
         "herd": task.holder_herd,
         "attempts": task.attempts,
         "limit": limit,
+        "status": values["status"],  # back to the queue, or blocked: a herd's summary counts
     }
     guard = Task.objects.filter(pk=task.pk, status=Status.CLAIMED, fence=task.fence)
     if _move(guard, values, EventKind.REAPED, actor, f"{why}; {reason}", data):

@@ -142,6 +142,37 @@ def test_launch_a_herd_from_the_button_and_watch_the_board_fill_done(
     assert Task.objects.filter(queue="herdui", status=Status.DONE).count() == 30
 
 
+def test_a_double_click_on_start_launches_one_herd(page, login, operator, live_url, consumer_huey):
+    """No consumer: the herd stays pending; what counts is that there is one."""
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("herdtwice", 4)
+    login(page, operator.username)
+    page.goto(f"{live_url}/herds/launch/")
+    page.select_option("select[name=queue]", "herdtwice")
+    page.select_option("select[name=profile]", "noop")
+    page.fill("input[name=workers]", "2")
+    page.get_by_role("button", name="Pre-flight check").click()
+    start = page.get_by_role("button", name="Start 2 workers")
+    expect(start).to_be_enabled()
+
+    start.dblclick()
+    page.wait_for_url(re.compile(r"/herds/\d+/$"))
+    herd = Herd.objects.get()
+    expect(page.locator("h1")).to_contain_text(f"Herd {herd.pk}: 2 × noop on herdtwice")
+    # The second click's request (if the page let one go) is turned away, not launched.
+    page.wait_for_timeout(500)
+    assert Herd.objects.count() == 1
+
+    # Sent again anyway (back, then Start once more): the first herd, said so.
+    page.go_back()
+    page.get_by_role("button", name="Start 2 workers").click()
+    page.wait_for_url(re.compile(r"/herds/\d+/$"))
+    expect(page.locator("body")).to_contain_text(
+        f"Herd {herd.pk} was launched from this form already"
+    )
+    assert Herd.objects.count() == 1
+
+
 def test_cancel_a_running_herd_from_its_page(
     page, login, operator, live_url, consumer_huey, consumer, lock_root, tmp_path
 ):

@@ -148,7 +148,13 @@ class Command(BaseCommand):
             self.stdout.write(f"  outcomes: {counts}")
         self.stdout.write(
             f"herd {data['herd']} {data['status']}: {data['done']} done, "
-            f"{data['blocked']} blocked in {data['runtime_seconds']} s "
+            f"{data['blocked']} blocked"
+            + (
+                f", {data['given_back']} given back (of {data['claimed']} claims)"
+                if "given_back" in data
+                else ""
+            )
+            + f" in {data['runtime_seconds']} s "
             f"({data['items_per_second']}/s), {data['total_tokens']} tokens, "
             + (
                 f"${data['total_cost_usd']:.4f}"
