@@ -340,14 +340,18 @@ def test_a_file_named_on_the_command_line_is_allowed_like_a_named_folder(tmp_pat
 
 def test_command_exits_non_zero_when_any_file_is_refused(process_env, write_task):
     write_task("bad.md", b"")
-    result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
+    result = run_manage(
+        ["import_tasks", str(write_task.folder), "--queue", "q", "--json"], process_env
+    )
     assert result.returncode == 1
     assert json.loads(result.stdout)["errors"][0]["error"] == "empty file"
     assert "nothing could be imported" in result.stderr
     # One refused file among good ones still fails the command (a cron job hears of
     # it); the good ones are in.
     write_task("good.md", GOOD.format(id="G", title="Good"))
-    result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
+    result = run_manage(
+        ["import_tasks", str(write_task.folder), "--queue", "q", "--json"], process_env
+    )
     assert result.returncode == 1
     assert json.loads(result.stdout)["imported"] == 1
     assert "1 file could not be imported (each named with its path); the others were" in (
@@ -355,7 +359,7 @@ def test_command_exits_non_zero_when_any_file_is_refused(process_env, write_task
     )
     assert Task.objects.filter(key="G").exists()
     (write_task.folder / "bad.md").unlink()
-    result = run_manage(["import_tasks", str(write_task.folder)], process_env)
+    result = run_manage(["import_tasks", str(write_task.folder), "--queue", "q"], process_env)
     assert result.returncode == 0, result.stderr
 
 
@@ -462,7 +466,9 @@ def test_project_documents_without_frontmatter_are_left_out_and_named(write_task
     result = run_manage(["import_tasks", str(write_task.folder), "--queue", "q"], process_env)
     assert result.returncode == 0, result.stderr  # not an error
     assert "left out 8 files that are not tasks (no frontmatter): CHANGELOG.md" in result.stdout
-    result = run_manage(["import_tasks", str(write_task.folder), "--json"], process_env)
+    result = run_manage(
+        ["import_tasks", str(write_task.folder), "--queue", "q", "--json"], process_env
+    )
     assert len(json.loads(result.stdout)["left_out"]) == 8
 
 
