@@ -20,6 +20,7 @@ from django.utils import timezone
 from hypervisor_site.writers import write_transaction, writer_clock, writer_lock_path
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
 from workqueue import actions, claims, locks, reaper
+from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import Dependency, EventKind, Queue, Status, Task
 from workqueue.processing import Result
@@ -58,6 +59,82 @@ def test_eight_workers_run_every_task_exactly_once(process_env, lock_root, tmp_p
     assert lock_dirs(lock_root) == []
     summaries = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
     assert sum(s["done"] for s in summaries) == 2000
+
+
+FINISHING_AGENT = str(Path(__file__).parent / "scripts" / "finishing_agent.py")
+
+
+def finishing_run(process_env, folder: Path, kinds: list[str]) -> dict[str, Path]:
+    """Import a task file per kind (`status: inbox`), work them all with a worker process
+    whose command (tests/scripts/finishing_agent.py) finishes each as its kind says."""
+    folder.mkdir()
+    paths = {}
+    for kind in kinds:
+        paths[kind] = folder / f"{kind}.md"
+        paths[kind].write_text(
+            f"---\nid: {kind}-1\ntitle: {kind}  # a comment stays\nstatus: inbox\n---\nBody.\n"
+        )
+    report = Importer("q", roots=[folder]).run([folder])
+    assert (report.imported, report.errors) == (len(kinds), [])
+    argv = ["work", "--queue", "q", "--processor", "command", "--json", "--", sys.executable]
+    result = run_manage([*argv, FINISHING_AGENT, "{path}", "{key}"], process_env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return paths
+
+
+def test_a_worker_writes_done_and_blocked_into_the_task_files(process_env, tmp_path):
+    """The file kept `status: inbox` after its task was done: a re-import into a new
+    database, or anyone reading the folder, saw the work as open and did it again."""
+    folder = tmp_path / "tasks"
+    paths = finishing_run(process_env, folder, ["done", "blocked"])
+    assert paths["done"].read_text() == (
+        "---\nid: done-1\ntitle: done  # a comment stays\nstatus: done\n---\nBody.\n"
+    )
+    assert paths["blocked"].read_text() == (
+        "---\nid: blocked-1\ntitle: blocked  # a comment stays\nstatus: blocked\n"
+        "blocked_reason: needs a key\n---\nBody.\n"
+    )
+    blocked = Task.objects.get(key="blocked-1")
+    assert blocked.reason == "needs a key\nasked ops on Monday"  # the row keeps it whole
+    assert not list(folder.glob(".*.tmp"))
+    # The rows know the files as written: an import finds nothing changed.
+    again = Importer("q", roots=[folder]).run([folder])
+    assert (again.unchanged, again.updated) == (2, 0)
+    # A new database (here: the same one emptied) imports the work as it ended.
+    Task.objects.all().delete()
+    Importer("fresh", roots=[folder]).run([folder])
+    statuses = dict(Task.objects.values_list("key", "status"))
+    assert statuses == {"done-1": Status.DONE, "blocked-1": Status.BLOCKED}
+    assert Task.objects.get(key="blocked-1").reason == "needs a key"
+
+
+def test_an_agents_edit_of_its_task_file_is_kept_and_the_status_added(process_env, tmp_path):
+    paths = finishing_run(process_env, tmp_path / "tasks", ["edits", "completed"])
+    assert paths["edits"].read_text() == (
+        "---\nid: edits-1\ntitle: edits  # a comment stays\nstatus: done\n"
+        "notes: the agent was here\n---\nBody.\n\nThe agent's line.\n"
+    )
+    edited = Task.objects.get(key="edits-1")
+    assert edited.status == Status.DONE
+    assert edited.frontmatter["notes"] == "the agent was here"
+    assert "The agent's line." in edited.body
+    # Its own word for done is left as it wrote it.
+    assert "status: completed\n" in paths["completed"].read_text()
+    assert Task.objects.get(key="completed-1").status == Status.DONE
+    again = Importer("q", roots=[tmp_path / "tasks"]).run([tmp_path / "tasks"])
+    assert (again.unchanged, again.updated) == (2, 0)
+
+
+def test_a_finish_whose_file_is_gone_or_a_symlink_stands_and_says_why(process_env, tmp_path):
+    paths = finishing_run(process_env, tmp_path / "tasks", ["removed", "symlink"])
+    assert not paths["removed"].exists()
+    assert paths["symlink"].is_symlink()
+    assert "status: inbox" in (tmp_path / "elsewhere.md").read_text()  # not followed
+    for key, why in (("removed-1", "missing on disk"), ("symlink-1", "not a regular file")):
+        task = Task.objects.get(key=key)
+        assert task.status == Status.DONE
+        note = task.events.get(kind=EventKind.NOTE)
+        assert "done, but not written into" in note.message and why in note.message
 
 
 def test_prefetched_batches_are_exclusive(process_env, lock_root):

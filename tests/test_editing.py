@@ -366,13 +366,15 @@ def test_claimed_task_edit_waits_for_the_claim_to_end(folder):
     with pytest.raises(EditError) as refused:
         editing.edit_task(task, {"status": "done"}, ACTOR)
     assert list(refused.value.errors) == ["status"]
-    # The worker finishes; the file gets the edit as the claim ends.
+    # The worker finishes; the file gets the edit as the claim ends, then its status.
     claims.finish_claims(identity, [(c, Result()) for c in taken], OWNER_FILES[identity.worker])
     after = path.read_bytes()
     assert changed_lines(before, after) == [
         "- title: 'Fix the login bug'   # keep this comment",
+        "- status: inbox",
         "- assignee: nic",
         "+ title: 'Renamed'   # keep this comment",
+        "+ status: done",
         "+ assignee: bot",
     ]
     task.refresh_from_db()

@@ -297,6 +297,33 @@ def test_field_changes_are_written_back_into_the_file(inbox):
     assert (row.priority, row.tags, row.complexity) == (0, ["bug"], "small")
 
 
+def test_an_agents_finish_over_mcp_is_written_into_the_task_files(inbox):
+    """complete_task and update_task(status=done|blocked) left the file saying `inbox`."""
+    (inbox / "b.md").write_text("---\nid: ex-002\ntitle: B\nstatus: inbox\n---\n# B\n")
+    (inbox / "c.md").write_text("---\nid: ex-003\ntitle: C\nstatus: todo\n---\n# C\n")
+    assert not Importer("inbox").run([inbox]).errors
+    agent = session("a", queue="inbox")
+    for _ in range(3):
+        assert agent.call("claim_next_task")["success"] is True
+    # An edit and the finish in one call: the edit waits for the claim, then both land.
+    done = agent.call("update_task", {"id": "ex-001", "status": "done", "priority": 0})
+    assert done["success"] is True, done
+    assert agent.call("complete_task", {"id": "ex-002"})["success"] is True
+    blocked = agent.call("update_task", {"id": "ex-003", "status": "blocked", "body": (
+        "**Reason**: no key\n**Evidence**: 403\n**Next step**: ask ops"
+    )})  # fmt: skip
+    assert blocked["success"] is True, blocked
+    assert (inbox / "a.md").read_text() == (
+        "---\nid: ex-001\ntitle: A\nstatus: done\npriority: 0\n---\n# A\n"
+    )
+    assert "status: done\n" in (inbox / "b.md").read_text()
+    assert (inbox / "c.md").read_text() == (
+        "---\nid: ex-003\ntitle: C\nstatus: blocked\nblocked_reason: no key\n---\n# C\n"
+    )
+    again = Importer("inbox").run([inbox])
+    assert (again.unchanged, again.updated, again.errors) == (3, 0, [])
+
+
 def test_create_task_writes_a_file_into_the_queue_folder_and_imports_it(inbox):
     answer = session("a", queue="inbox").call(
         "create_task",

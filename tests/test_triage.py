@@ -135,8 +135,10 @@ def test_existing_complexity_is_kept():
 # Assignee -------------------------------------------------------------------
 
 ASSIGNEE_CASES = [
-    ("blocked-human overrides", {"assignee": "alice", "type": "learn"}, "x", "t", "nic"),
-    ("mechanical overrides", {"assignee": "alice"}, "x", "Remove dead code", "bot"),
+    ("blocked-human keeps a person", {"assignee": "alice", "type": "learn"}, "x", "t", "alice"),
+    ("mechanical keeps a person", {"assignee": "alice"}, "x", "Remove dead code", "alice"),
+    ("blocked-human takes it from the bot", {"assignee": "bot", "type": "learn"}, "x", "t", "nic"),
+    ("mechanical takes it from the human", {"assignee": "Nic"}, "x", "Remove it", "bot"),
     ("existing kept", {"assignee": "alice"}, "refactor it", "t", "alice"),
     ("respond to email", {}, "respond quickly to the email", "t", "nic"),
     ("design decision", {}, "a design choice", "t", "nic"),
@@ -257,7 +259,7 @@ ORIGINAL = (
     "id: t-1   # the id\n"
     "title: 'Rename: the \"old\" module'\n"
     "status: todo\n"
-    'assignee: "alice"  # was assigned on Monday\n'
+    'assignee: "nic"  # was assigned on Monday\n'
     "tags:\n"
     "  - infra   # infra team\n"
     "  - cleanup\n"
@@ -282,13 +284,13 @@ def test_one_change_differs_only_in_that_line():
     new, decision, _ = triage_bytes(ORIGINAL.encode(), "t-1", no_children, RULES)
     assert decision.changes == ["assignee->bot"]
     assert changed_lines(ORIGINAL.encode(), new) == [
-        '-assignee: "alice"  # was assigned on Monday',
+        '-assignee: "nic"  # was assigned on Monday',
         '+assignee: "bot"  # was assigned on Monday',
     ]
 
 
 def test_added_key_goes_at_the_end_of_the_frontmatter():
-    raw = ORIGINAL.replace("complexity: mechanical\n", "").replace('"alice"', "bot").encode()
+    raw = ORIGINAL.replace("complexity: mechanical\n", "").replace('"nic"', "bot").encode()
     new, decision, _ = triage_bytes(raw, "t-1", no_children, RULES)
     assert decision.changes == ["complexity->mechanical"]
     assert changed_lines(raw, new) == ["+complexity: mechanical"]
@@ -296,14 +298,14 @@ def test_added_key_goes_at_the_end_of_the_frontmatter():
 
 
 def test_link_insertion_touches_nothing_else():
-    raw = ORIGINAL.replace('"alice"', "bot").replace("due:", "project: aops\ndue:").encode()
+    raw = ORIGINAL.replace('"nic"', "bot").replace("due:", "project: aops\ndue:").encode()
     new, decision, _ = triage_bytes(raw, "t-1", no_children, RULES)
     assert decision.changes == ["added_wikilink"]
     assert changed_lines(raw, new) == ["+Project: [[academicOps]]", "+"]
 
 
 def test_crlf_file_keeps_its_line_endings():
-    raw = ORIGINAL.replace('"alice"', "bot").replace("due:", "project: x\ndue:")
+    raw = ORIGINAL.replace('"nic"', "bot").replace("due:", "project: x\ndue:")
     raw = raw.replace("\n", "\r\n").encode()
     new, _, _ = triage_bytes(raw, "t-1", no_children, RULES)
     assert new.count(b"\n") == new.count(b"\r\n")
@@ -396,6 +398,21 @@ def test_no_change_file_is_not_touched(queue_folder):
     assert task.status == Status.DONE
     assert task.result["action"] == "assign:bot"
     assert task.result["changes"] == []
+
+
+def test_a_persons_name_in_the_file_is_kept_with_the_default_names(db, write_task):
+    # blocked-human and mechanical work went to `human` and `bot` over anyone's name.
+    write_task("a.md", "---\nid: a\ntype: learn\nassignee: alice\n---\nRead up on it.\n")
+    write_task("b.md", "---\nid: b\nassignee: bob\n---\n# Rename the module\n")
+    write_task("c.md", "---\nid: c\ntype: learn\nassignee: bot\n---\nRead up on it.\n")
+    Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    work()
+    text = {n: (write_task.folder / f"{n}.md").read_text() for n in "abc"}
+    assert "assignee: alice\n" in text["a"] and "assignee: bob\n" in text["b"]
+    assert "assignee: human\n" in text["c"]  # triage's own name moves to the other
+    assignees = dict(Task.objects.values_list("key", "assignee"))
+    assert assignees == {"a": "alice", "b": "bob", "c": "human"}
+    assert Task.objects.get(key="a").result["action"] == "assign:alice"
 
 
 def test_written_file_and_row_agree_so_reimport_sees_no_change(queue_folder):

@@ -87,14 +87,26 @@ def _take_locks(identity, owner_file, claims):
 
 
 def finish_claims(
-    identity: Identity, finished: list[tuple[Claim, Result]], owner_file: OwnerFile
+    identity: Identity,
+    finished: list[tuple[Claim, Result]],
+    owner_file: OwnerFile,
+    write_status: bool = True,
 ) -> FinishReport:
-    """Record results (transitions.finish), then let go of the lock directories of the
-    claims that were still ours, and apply file changes that waited for them."""
+    """Record results (transitions.finish); apply the file changes that waited for the
+    claims; write each finished task's state into its file (`write_status`: not for
+    triage, whose files are its own output, nor a dry run); then let go of the lock
+    directories of the claims that were still ours, so that a script that waits for a
+    lock finds the file saying what happened."""
     report = transitions.finish(identity, finished)
     kept = set(report.finished)
-    owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in kept])
     apply_pending_changes(report.finished)
+    if write_status:
+        ended = [c.id for c, r in finished if c.id in kept and r.status != Status.QUEUED]
+        if ended:
+            from workqueue.editing import write_finished_status
+
+            write_finished_status(ended, identity.worker)
+    owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in kept])
     return report
 
 

@@ -45,8 +45,9 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from hypervisor_site.writers import write_transaction
 from workqueue import actions, taskfile
-from workqueue.importer import check_columns, task_fields
+from workqueue.importer import check_columns, refresh_from_source, status_fields, task_fields
 from workqueue.models import (
     BOARD_INDEX_FIELDS,
     Dependency,
@@ -421,7 +422,7 @@ def _status_keys(fm: dict, status: str, reason: str) -> dict:
     closes = taskfile.close_rule(fm, "") is not None
     keys: dict = {}
     if status == Status.DONE:
-        if current not in ("done", "closed", "cancelled", "canceled"):
+        if taskfile.status_meaning(current) != "closed":  # `completed`, `wontfix` say it
             keys["status"] = FILE_STATUS[status]
         if reason:
             keys["close_reason"] = reason
@@ -945,6 +946,145 @@ def _rewrite_plan(task: Task, transform, message: str) -> _Plan | str:
 
 
 # Claims ending, reloads, differences ------------------------------------------
+
+
+FILE_REASON_CHARS = 500  # a blocked reason's first line, in the file: the row keeps it whole
+
+
+def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
+    """Write into each task's file the state its finish gave it: `status: done`, or
+    `status: blocked` with `blocked_reason` (the folder, outside scripts and an import into
+    a new database then say what the board says).
+
+    Nothing is written where the file already means that state (an agent's own `status:
+    completed`). A file the agent changed during its run is taken in first, as an import
+    would take it (its edit kept), and the status written over it. A file that is gone, not
+    a regular file, or cannot be written is left alone: the finish stands, and an event on
+    the task says why. A batch's files take one sync, as an edit's do.
+    """
+    columns = ("id", "fence", "status", "reason", "source_path", "source_sha256", "frontmatter")
+    finished = (
+        Task.objects.filter(pk__in=list(task_ids), status__in=(Status.DONE, Status.BLOCKED))
+        .exclude(source_path="")
+        .only(*columns)
+    )
+    plans, notes, changed = [], [], []
+    for task in finished:
+        plan = _finish_plan(task, notes)
+        if plan == CHANGED_ON_DISK:
+            changed.append(task)
+        elif plan is not None:
+            plans.append(plan)
+    for task in changed:  # the agent edited its file: its edit is taken in first
+        refresh_from_source(task)
+    for task in finished.filter(pk__in=[t.pk for t in changed]) if changed else ():
+        plan = _finish_plan(task, notes)
+        if plan == CHANGED_ON_DISK:  # changed again meanwhile: its next import tells
+            notes.append((task, CHANGED_ON_DISK))
+        elif plan is not None:
+            plans.append(plan)
+    _write_finish_plans(plans, notes)
+    now = timezone.now()
+    TaskEvent.objects.record(
+        [
+            (
+                task.pk,
+                now,
+                EventKind.NOTE,
+                actor,
+                task.fence,
+                f"{task.status}, but not written into {task.source_path}: {why}",
+                {"file_written": False},
+            )
+            for task, why in notes
+        ]
+    )
+
+
+def _finish_plan(task: Task, notes: list) -> _Plan | str | None:
+    """The file with the task's state written, CHANGED_ON_DISK for a file that differs
+    from the row, or None (nothing to write, or a note saying why not)."""
+    try:
+        raw, stat = taskfile.read_regular_file(
+            task.source_path, settings.HYPERVISOR_MAX_FILE_BYTES
+        )
+    except FileNotFoundError:
+        notes.append((task, MISSING))
+        return None
+    except (OSError, TaskFileError) as exc:
+        notes.append((task, f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"))
+        return None
+    if hashlib.sha256(raw).hexdigest() != task.source_sha256:
+        return CHANGED_ON_DISK
+    try:
+        doc = Document.parse(raw, dict(task.frontmatter))
+        if status_fields(doc.frontmatter, doc.body)["status"] == task.status:
+            return None  # the file says so already, in its own words
+        reason = task.reason.strip().split("\n")[0][:FILE_REASON_CHARS]
+        keys = _status_keys(doc.frontmatter, task.status, "")
+        if task.status == Status.BLOCKED and not reason:
+            keys.pop("blocked_reason", None)
+        elif task.status == Status.BLOCKED:
+            keys["blocked_reason"] = reason
+        doc.set_keys(keys)
+    except (TaskFileError, EditRefused) as exc:
+        notes.append((task, f"cannot edit the file in place: {exc}"))
+        return None
+    plan = _Plan(task, {}, {}, None, "", path=task.source_path, raw=raw, doc=doc)
+    plan.new, plan.seen, plan.mode = doc.render(), file_identity(stat), stat.st_mode
+    return plan
+
+
+def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
+    """Temporaries, one sync, then each renamed over its file while its row still shows
+    the state and the file written from (a person may have moved it meanwhile)."""
+    # A command's finish is one task: a fsync of its file, not a sync of the whole
+    # filesystem (every other writer's data too).
+    one = len(plans) == 1
+    for plan in plans:
+        try:
+            plan.temporary = write_temporary(plan.path, plan.new, plan.mode, sync=one)
+        except OSError as exc:
+            notes.append((plan.task, f"cannot write the file: {exc.strerror or exc}"))
+    plans = [p for p in plans if p.temporary]
+    try:
+        sync_temporaries([] if one else [p.temporary for p in plans])
+    except OSError as exc:
+        notes.extend((p.task, f"cannot write the file: {exc.strerror or exc}") for p in plans)
+        plans = []
+    now = timezone.now()
+    updates = []
+    try:
+        with write_transaction():
+            rows = Task.objects.select_for_update().filter(pk__in=[p.task.pk for p in plans])
+            seen = {
+                pk: (status, sha256)
+                for pk, status, sha256 in rows.values_list("pk", "status", "source_sha256")
+            }
+            for plan in plans:
+                if seen.get(plan.task.pk) != (plan.task.status, plan.task.source_sha256):
+                    continue  # moved or edited meanwhile: its own change wrote the file
+                try:
+                    stat = replace_if_unchanged(plan.temporary, plan.path, plan.seen)
+                except OSError as exc:
+                    notes.append((plan.task, f"cannot write the file: {exc.strerror or exc}"))
+                    continue
+                if stat is None:
+                    notes.append((plan.task, CHANGED_ON_DISK))
+                    continue
+                values = {
+                    "frontmatter": plan.doc.frontmatter,
+                    "source_size": stat.st_size,
+                    "source_mtime_ns": stat.st_mtime_ns,
+                    "source_sha256": hashlib.sha256(plan.new).hexdigest(),
+                    "source_missing": False,
+                    "updated_at": now,
+                }
+                updates.append((plan.task.pk, values))
+            _save_rows(updates)
+    finally:
+        for plan in plans:
+            discard(plan.temporary)  # renamed ones are gone from their names already
 
 
 def apply_pending_edit(task: Task) -> None:

@@ -125,6 +125,9 @@ class Processor:
     # worker computes while this one waits. Not for noop: its finish is short, and passing
     # the turn each batch cost 20% (bench/bench_triage.py, A/B against the same code).
     ends_on_disk = False
+    # A finish writes the task's new state (done, blocked) into its file. Not triage's:
+    # its decisions are what it writes, and a triaged task is not a finished one.
+    writes_status = True
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         raise NotImplementedError

@@ -135,6 +135,7 @@ class TriageProcessor(Processor):
     finish_in_batches = True
     cpu_bound = True
     ends_on_disk = True
+    writes_status = False
 
     def __init__(self):
         self.rules: dict[str, Rules] = {}  # per queue, read once per worker

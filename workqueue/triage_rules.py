@@ -71,6 +71,10 @@ class Rules:
     bot: str = "bot"
     project_links: tuple[tuple[str, str], ...] = ()
 
+    def names(self) -> frozenset[str]:
+        """Triage's own assignees, casefolded: the names it may move a task between."""
+        return frozenset({self.human.casefold(), self.bot.casefold()})
+
     def project_link(self, project: str) -> str:
         if project.startswith("[[") and project.endswith("]]"):
             return project
@@ -133,11 +137,15 @@ def classify(fm: dict, body: str, title: str, has_children: bool) -> str:
 
 
 def choose_assignee(fm: dict, body: str, title: str, complexity: str, rules: Rules) -> str:
+    existing = taskfile.text_field(fm, "assignee")
+    # A person's name stays: triage moves work only between its own two names (a task
+    # given to the bot that needs a human goes to the human).
+    if existing and existing.casefold() not in rules.names():
+        return existing
     if complexity == "blocked-human":
         return rules.human
     if complexity == "mechanical":
         return rules.bot
-    existing = taskfile.text_field(fm, "assignee")
     if existing:
         return existing
     text = f"{body}\n{title}".lower()

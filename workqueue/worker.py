@@ -278,7 +278,13 @@ class Worker:
         if not done:
             return
         signals.tasks_processed.send(sender=self, done=done)
-        report = self.with_database(claims.finish_claims, self.identity, done, self.owner_file)
+        report = self.with_database(
+            claims.finish_claims,
+            self.identity,
+            done,
+            self.owner_file,
+            self.processor.writes_status and not self.context.dry_run,
+        )
         self._let_go([claim for claim, _ in done])
         refused = set(report.refused)
         for claim, result in done:
