@@ -102,6 +102,7 @@ def test_a_worker_writes_done_and_blocked_into_the_task_files(process_env, tmp_p
     assert (again.unchanged, again.updated) == (2, 0)
     # A new database (here: the same one emptied) imports the work as it ended.
     Task.objects.all().delete()
+    Queue.objects.all().delete()
     Importer("fresh", roots=[folder]).run([folder])
     statuses = dict(Task.objects.values_list("key", "status"))
     assert statuses == {"done-1": Status.DONE, "blocked-1": Status.BLOCKED}
