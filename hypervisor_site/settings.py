@@ -32,12 +32,13 @@ CSRF_FAILURE_VIEW = "hypervisor_site.errors.csrf_failure"
 
 HYPERVISOR_DATA_DIR = envpath("HYPERVISOR_DATA_DIR", BASE_DIR / "var")
 HYPERVISOR_LOCK_ROOT = envpath("HYPERVISOR_LOCK_ROOT", HYPERVISOR_DATA_DIR / "locks")
-# Unset, the examples that `make run` imports on a first start are the one root, so that
-# "New task" works there out of the box; set, only the folders it names.
+# Unset, the copy of the examples that `make run` imports on a first start (in the data
+# folder: finishes and edits write task files) is the one root, so that "New task" works
+# there out of the box; set, only the folders it names.
 HYPERVISOR_IMPORT_ROOTS = (
     envpaths("HYPERVISOR_IMPORT_ROOTS")
     if "HYPERVISOR_IMPORT_ROOTS" in os.environ
-    else [(BASE_DIR / "examples").resolve()]
+    else [(HYPERVISOR_DATA_DIR / "examples").resolve()]
 )
 # The consumer reads each queue's folder (inside the import roots) again every minute, so
 # files written or edited by hand or by other tools reach the board: 0 turns it off.

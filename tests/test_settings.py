@@ -43,14 +43,16 @@ def test_production_without_secret_key_refuses_to_start():
     assert "SECRET_KEY must be set when HYPERVISOR_PRODUCTION is on" in result.stderr
 
 
-def test_unset_import_roots_are_the_examples_so_new_tasks_work_after_make_run():
+def test_unset_import_roots_are_the_examples_so_new_tasks_work_after_make_run(tmp_path):
     # `make run` imports examples/inbox on a first start; "New task" writes only inside the
     # configured roots, so with none set it refused the one queue a new user has.
+    # They are a copy in the data folder: workers and the board write into task files.
     env = {k: v for k, v in os.environ.items() if k != "HYPERVISOR_IMPORT_ROOTS"}
+    env["HYPERVISOR_DATA_DIR"] = str(tmp_path)
     show = "from django.conf import settings; print(settings.HYPERVISOR_IMPORT_ROOTS)"
     args = [sys.executable, MANAGE, "shell", "--no-imports", "-c", show]
     unset = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert unset.stdout.strip() == repr([(ROOT / "examples").resolve()]), unset.stderr
+    assert unset.stdout.strip() == repr([(tmp_path / "examples").resolve()]), unset.stderr
     env["HYPERVISOR_IMPORT_ROOTS"] = ""
     empty = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert empty.stdout.strip() == "[]", empty.stderr

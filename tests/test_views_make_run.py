@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -15,7 +16,7 @@ from django.contrib.auth import get_user_model
 from django.test import override_settings
 
 from tests.conftest import run_manage, start_manage
-from workqueue.models import Task
+from workqueue.models import Queue, Task
 
 pytestmark = pytest.mark.slow  # each starts the web server and a Huey consumer
 
@@ -36,6 +37,11 @@ def test_setup_creates_one_admin_and_imports_examples_once(process_env):
         assert get_user_model().objects.get().check_password(password)  # the real hashers'
     imported = Task.objects.filter(queue="examples").count()
     assert imported >= 5
+    # A copy in the data folder: the repository's files are never the ones written.
+    copy = (Path(process_env["HYPERVISOR_DATA_DIR"]) / "examples" / "inbox").resolve()
+    paths = [Path(p) for p in Task.objects.values_list("source_path", flat=True)]
+    assert all(path.is_relative_to(copy) for path in paths), paths
+    assert Queue.objects.get(name="examples").folder == str(copy)
     Task.objects.filter(queue="examples").delete()
     again = run_manage(["start", "--setup-only"], process_env)
     assert again.returncode == 0, again.stderr
@@ -50,7 +56,8 @@ def test_examples_outside_the_import_roots_are_not_imported_on_a_first_start(
 ):
     """HYPERVISOR_IMPORT_ROOTS set empty ("none") or elsewhere: the board could not write
     the examples' files, and the person chose their own folders."""
-    for roots in ("", str(tmp_path)):
+    (tmp_path / "elsewhere").mkdir()
+    for roots in ("", str(tmp_path / "elsewhere")):
         setup = run_manage(
             ["start", "--setup-only"], {**process_env, "HYPERVISOR_IMPORT_ROOTS": roots}
         )

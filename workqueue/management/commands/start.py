@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,14 +57,19 @@ class Command(BaseCommand):
         return "admin", password
 
     def import_examples_once(self) -> None:
-        marker = Path(settings.HYPERVISOR_DATA_DIR) / ".examples-imported"
+        """A copy of examples/inbox in the data folder, imported: workers' finishes and the
+        board write into their tasks' files, which must not be the repository's."""
+        data = Path(settings.HYPERVISOR_DATA_DIR)
+        marker = data / ".examples-imported"
         if marker.exists() or not EXAMPLES.is_dir():
             return
-        if not inside(EXAMPLES.resolve(), configured_roots()):
+        copy = data.resolve() / "examples" / "inbox"
+        if not inside(copy, configured_roots()):
             return  # HYPERVISOR_IMPORT_ROOTS leaves the examples out: the board could not
             # write their files, and the person chose other folders
-        call_command("import_tasks", str(EXAMPLES), queue="examples", stdout=self.stdout)
-        marker.write_text("examples/inbox was imported into queue 'examples' on first start\n")
+        shutil.copytree(EXAMPLES, copy, dirs_exist_ok=True)
+        call_command("import_tasks", str(copy), queue="examples", stdout=self.stdout)
+        marker.write_text(f"examples/inbox was copied to {copy} and imported on first start\n")
 
     def say_where_to_log_in(self, addr: str, login: tuple[str, str] | None) -> None:
         self.stdout.write(self.style.SUCCESS(f"\nHypervisor is running at http://{addr}/"))
