@@ -303,6 +303,25 @@ def test_reaper_blocks_a_task_abandoned_too_often(lock_root):
 
 
 @pytest.mark.django_db
+def test_a_task_the_reaper_blocks_says_so_in_its_file(lock_root, tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    path = folder / "a.md"
+    path.write_text("---\nid: a\ntitle: A  # kept\nstatus: inbox\n---\nBody.\n")
+    Importer("q", roots=[folder]).run([folder])
+    Queue.objects.filter(name="q").update(max_attempts=1)
+    me = Identity.current("w0")
+    claims.claim_ready_tasks("q", me, OwnerFile(me))
+    Task.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert [s.task.key for s in reaper.release_stale_claims("q").blocked] == ["a"]
+    assert path.read_text() == (
+        "---\nid: a\ntitle: A  # kept\nstatus: blocked\n"
+        "blocked_reason: abandoned after 1 attempt (queue limit 1)\n---\nBody.\n"
+    )
+    assert Importer("q", roots=[folder]).run([folder]).unchanged == 1
+
+
+@pytest.mark.django_db
 def test_reaper_removes_orphan_locks_of_dead_owners_only(lock_root):
     dead = locks.lock_dir("q", "gone")
     live = locks.lock_dir("q", "alive")

@@ -125,6 +125,10 @@ def release_stale_claims(
         report.temporaries = remove_temporaries_of_dead([s for s in released if s.holder_dead])
         # Edits made while the dead worker held them were waiting for the claim's end.
         claims.apply_pending_changes([s.task.pk for s in released])
+        if report.blocked:  # its file says so, as a worker's block writes it
+            from workqueue.editing import write_finished_status
+
+            write_finished_status([s.task.pk for s in report.blocked], actor)
     if holder_pid is None:
         report.orphan_locks = release_orphan_locks(queue, dry_run)
     return report
