@@ -256,7 +256,7 @@ def test_a_command_whose_place_depends_on_the_task_is_not_judged_before_it_runs(
     for argv in (["{path}"], ["./run.sh"], ["bin/agent"], ["{python}", "x.py"], ["true"]):
         assert CommandProcessor(argv).missing_program() == "", argv
     assert CommandProcessor(["/no/such/agent"]).missing_program() == (
-        "/no/such/agent is not on the workers' PATH"
+        "/no/such/agent does not exist"
     )
 
 

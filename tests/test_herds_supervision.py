@@ -495,3 +495,11 @@ def test_a_directory_given_as_the_command_is_called_a_directory(tmp_path, proces
     herd.refresh_from_db()
     assert (herd.status, herd.reason) == (HerdStatus.FAILED, f"launch failed: {said}")
     assert Task.objects.get(queue="dirq").status == Status.QUEUED
+    # Nor is a path that is not there, or a file without its x bit, "not on the PATH".
+    plain = folder / "run.sh"
+    plain.write_text("#!/bin/sh\n")
+    for program, why in ((plain, "is not executable"), (folder / "gone", "does not exist")):
+        argv = ["work", "--queue", "dirq", "--processor", "command", "--", str(program)]
+        worker = run_manage(argv, process_env)
+        assert worker.returncode == 1
+        assert f"{program} {why}: no task was claimed" in worker.stderr

@@ -230,9 +230,12 @@ def program_path(program: str, agent_env: dict[str, str]) -> str | None:
 
 def not_on_path(program: str) -> str:
     """Why `program`, which no PATH lookup found, cannot start."""
-    if "/" in program and Path(program).is_dir():
-        # Found, but not something to run: "not on the PATH" sent people to their PATH.
-        return f"{program} is a directory, not a program"
+    if "/" in program:
+        # A path is not looked up on the PATH: "not on the PATH" sent people to theirs.
+        path = Path(program)
+        if path.is_dir():
+            return f"{program} is a directory, not a program"
+        return f"{program} is not executable" if path.exists() else f"{program} does not exist"
     return f"{program} is not on the workers' PATH"
 
 
