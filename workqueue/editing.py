@@ -439,25 +439,35 @@ def _status_keys(fm: dict, status: str, reason: str) -> dict:
     return {k: v for k, v in keys.items() if v is not None or k in fm}
 
 
-def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]:
-    """Write a batch: temporaries and one sync, then in one transaction (the rows locked,
-    so two saves of one task take turns) the transitions, renames, rows and events."""
-    now = timezone.now()
-    for plan in plans:
-        if plan.doc is not None:
-            try:
-                plan.temporary = write_temporary(plan.path, plan.new, plan.mode, sync=False)
-            except OSError as exc:
-                report.skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
+def _write_temporaries(plans: list[_Plan], skip: Callable[[Task, str], None]) -> list[_Plan]:
+    """Each plan's new file in a temporary beside it, on disk before any is renamed: one
+    sync for a batch, a lone file its own fsync (a syncfs waits on every writer of the
+    filesystem). Returns the plans to go on with (row-only ones too); `skip` hears why of
+    the others, whose temporaries are gone."""
+    files = [p for p in plans if p.doc is not None]
+    lone = len(files) == 1
+    for plan in files:
+        try:
+            plan.temporary = write_temporary(plan.path, plan.new, plan.mode, sync=lone)
+        except OSError as exc:
+            skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
     live = [p for p in plans if p.doc is None or p.temporary]
     try:
-        sync_temporaries([p.temporary for p in live if p.temporary])
+        sync_temporaries([] if lone else [p.temporary for p in live if p.temporary])
     except OSError as exc:
         for plan in live:
             if plan.temporary:
                 discard(plan.temporary)
-                report.skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
+                skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
         live = [p for p in live if not p.temporary]
+    return live
+
+
+def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]:
+    """Write a batch: temporaries and one sync, then in one transaction (the rows locked,
+    so two saves of one task take turns) the transitions, renames, rows and events."""
+    now = timezone.now()
+    live = _write_temporaries(plans, report.skip)
     try:
         return _commit_live(live, actor, report, now)
     finally:
@@ -1038,20 +1048,7 @@ def _finish_plan(task: Task, notes: list) -> _Plan | str | None:
 def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
     """Temporaries, one sync, then each renamed over its file while its row still shows
     the state and the file written from (a person may have moved it meanwhile)."""
-    # A command's finish is one task: a fsync of its file, not a sync of the whole
-    # filesystem (every other writer's data too).
-    one = len(plans) == 1
-    for plan in plans:
-        try:
-            plan.temporary = write_temporary(plan.path, plan.new, plan.mode, sync=one)
-        except OSError as exc:
-            notes.append((plan.task, f"cannot write the file: {exc.strerror or exc}"))
-    plans = [p for p in plans if p.temporary]
-    try:
-        sync_temporaries([] if one else [p.temporary for p in plans])
-    except OSError as exc:
-        notes.extend((p.task, f"cannot write the file: {exc.strerror or exc}") for p in plans)
-        plans = []
+    plans = _write_temporaries(plans, lambda task, why: notes.append((task, why)))
     now = timezone.now()
     updates = []
     try:
