@@ -126,6 +126,23 @@ def test_an_agents_edit_of_its_task_file_is_kept_and_the_status_added(process_en
     assert (again.unchanged, again.updated) == (2, 0)
 
 
+def test_a_block_over_a_close_section_the_agent_wrote_stays_blocked(process_env, tmp_path):
+    """An agent wrote a `## Close Reason` section, then its run was blocked: the file said
+    `status: blocked` and the section, and the section won, so the next read of the file
+    (an edit, a re-import into a new database) closed the unfinished task as done."""
+    folder = tmp_path / "tasks"
+    paths = finishing_run(process_env, folder, ["closeblock"])
+    text = paths["closeblock"].read_text()
+    assert "status: blocked\nblocked_reason: the tests need a key\n" in text
+    assert "## Close Reason" in text
+    assert Task.objects.get(key="closeblock-1").status == Status.BLOCKED
+    Task.objects.all().delete()
+    Queue.objects.all().delete()
+    Importer("fresh", roots=[folder]).run([folder])
+    task = Task.objects.get(key="closeblock-1")
+    assert (task.status, task.reason) == (Status.BLOCKED, "the tests need a key")
+
+
 def test_a_finish_whose_file_is_gone_or_a_symlink_stands_and_says_why(process_env, tmp_path):
     paths = finishing_run(process_env, tmp_path / "tasks", ["removed", "symlink"])
     assert not paths["removed"].exists()

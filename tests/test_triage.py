@@ -45,6 +45,7 @@ CLOSE_CASES = [
     ("status cancelled", {"status": "cancelled"}, "body", "status_cancelled"),
     ("close_reason field", {"close_reason": "dup"}, "body", "close_reason_field"),
     ("section wins over status", {"status": "done"}, "## Closed\n", "close_reason_section"),
+    ("blocked wins over section", {"status": "blocked"}, "## Close Reason\nx\n", ""),
     ("status wins over field", {"status": "done", "close_reason": "x"}, "b", "status_done"),
     ("open task", {"status": "todo", "close_reason": ""}, "## Closing thoughts? no", ""),
     ("a closed subsection", {"status": "todo"}, "## Plan\n### Closed\nold items\n", ""),

@@ -985,8 +985,8 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
             changed.append(task)
         elif plan is not None:
             plans.append(plan)
-    for task in changed:  # the agent edited its file: its edit is taken in first
-        refresh_from_source(task)
+    for task in changed:  # the agent edited its file: its edit is taken in first, but
+        refresh_from_source(task, follow_status=False)  # the run's outcome is the status
     for task in finished.filter(pk__in=[t.pk for t in changed]) if changed else ():
         plan = _finish_plan(task, notes)
         if plan == CHANGED_ON_DISK:  # changed again meanwhile: its next import tells

@@ -766,13 +766,16 @@ def status_fields(fm: dict, body: str) -> dict:
 STATUS_KEYS = ("status", "closed_by", "outcome", "finished_at", "reason", "holder", "claimed_at")
 
 
-def apply_fields(task: Task, fields: dict, source_fields: dict) -> bool:
+def apply_fields(
+    task: Task, fields: dict, source_fields: dict, follow_status: bool = True
+) -> bool:
     """Update a task from its re-read file (in the caller's transaction, the row locked).
     Returns True when the file now closes it.
 
     The file's status is followed only when the file's status itself changed (or it now
     says closed); otherwise a done task would be requeued by every edit of its file. The
-    status changes through its transition, like any other.
+    status changes through its transition, like any other. With follow_status False (a
+    finish taking in its agent's edit) the finish's status stands and the file follows.
     """
     fields = dict(fields)
     deps = fields.pop("depends_on")
@@ -781,7 +784,7 @@ def apply_fields(task: Task, fields: dict, source_fields: dict) -> bool:
     wanted = {k: fields.pop(k) for k in STATUS_KEYS if k in fields}
     file_status = taskfile.text_field(fields["frontmatter"], "status").lower()
     old_status = taskfile.text_field(task.frontmatter, "status").lower()
-    closes = "closed_by" in wanted and not task.closed_by
+    closes = follow_status and "closed_by" in wanted and not task.closed_by
     if closes:
         fields["closed_by"] = wanted["closed_by"]
     for name, value in {**fields, **source_fields}.items():
@@ -794,6 +797,8 @@ def apply_fields(task: Task, fields: dict, source_fields: dict) -> bool:
         Dependency.objects.filter(task=task).delete()
         Dependency.objects.bulk_create([Dependency(task=task, key=k) for k in deps])
     task.save(update_fields=Task.file_fields())
+    if not follow_status:
+        return False
     if not closes and not _says_another_state(old_status, file_status, task.status):
         return False
     return follow_file_status(task, wanted) and wanted["status"] == Status.DONE
@@ -829,9 +834,9 @@ def follow_file_status(task: Task, wanted: dict) -> bool:
     return bool(transitions.requeue([task], actor, "requeued in its file"))
 
 
-def refresh_from_source(task: Task) -> None:
+def refresh_from_source(task: Task, follow_status: bool = True) -> None:
     """Apply a change to a task's file that arrived while the task was claimed, then the
-    edits a person made meanwhile (workqueue.editing)."""
+    edits a person made meanwhile (workqueue.editing). follow_status: apply_fields."""
     path = Path(task.source_path)
     try:
         raw, stat = taskfile.read_regular_file(path, settings.HYPERVISOR_MAX_FILE_BYTES)
@@ -866,7 +871,7 @@ def refresh_from_source(task: Task) -> None:
         }
         # Also when the file is the same: the row then drops the edits it showed while
         # they waited, and the pending edit below writes them into the file.
-        apply_fields(task, fields, source)
+        apply_fields(task, fields, source, follow_status)
         if changed:
             TaskEvent.objects.create(
                 task=task,

@@ -380,10 +380,14 @@ def status_meaning(word: str) -> str:
 def close_rule(fm: dict, body: str) -> tuple[str, str] | None:
     """(rule, outcome) when the file says the task is closed: the one rule, for the import
     and for triage. A `## Close Reason` or `## Closed` section first (a level-2 heading,
-    not `### Closed` inside some other section), then the status, then a `close_reason`."""
+    not `### Closed` inside some other section), then the status, then a `close_reason`.
+    Only `status: blocked` beats the section: the block came later (a worker's, or the
+    board's, over a file whose body an agent or a person had given a close section)."""
+    status = text_field(fm, "status").lower()
+    if status == "blocked":
+        return None
     if CLOSE_SECTION.search(body):
         return "close_reason_section", "closed"
-    status = text_field(fm, "status").lower()
     if status in ("done", "closed"):
         return f"status_{status}", "closed"
     if status in DONE_WORDS:

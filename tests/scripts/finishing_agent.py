@@ -2,7 +2,7 @@
 
 done: nothing; blocked: says so on its last line; edits: adds a key and a body line;
 completed: writes `status: completed` itself; removed: deletes the file; symlink: puts a
-symlink in its place.
+symlink in its place; closeblock: gives the body a `## Close Reason` section, then blocks.
 """
 
 import json
@@ -24,6 +24,10 @@ elif kind == "completed":
         text = f.read()
     with open(path, "w", encoding="utf-8") as f:
         f.write(text.replace("status: inbox", "status: completed"))
+elif kind == "closeblock":
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n## Close Reason\nHalf done: the tests need a key.\n")
+    print(json.dumps({"status": "blocked", "reason": "the tests need a key"}))
 elif kind == "removed":
     os.remove(path)
 elif kind == "symlink":
