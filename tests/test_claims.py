@@ -193,6 +193,34 @@ def test_claim_takes_the_row_and_the_lock_directory(lock_root):
 
 
 @pytest.mark.django_db
+def test_a_task_whose_file_is_gone_is_not_claimed_until_it_is_back(lock_root, tmp_path, capsys):
+    """A queued task whose file was deleted or moved away was claimed and worked: its agent
+    was sent to a path that was not there and its finish written into nothing."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for key in ("gone", "here"):
+        (folder / f"{key}.md").write_text(f"---\nid: {key}\npriority: P0\n---\nBody.\n")
+    Importer("q", roots=[folder]).run([folder])
+    text = (folder / "gone.md").read_bytes()
+    (folder / "gone.md").unlink()
+    Importer("q", roots=[folder]).run([folder])
+    assert Task.objects.get(key="gone").source_missing
+    me = Identity.current("w1")
+    assert [c.key for c in claims.claim_ready_tasks("q", me, OwnerFile(me), limit=5)] == ["here"]
+    assert Task.objects.get(key="gone").status == Status.QUEUED
+    assert Task.objects.filter(queue="q").ready().count() == 0
+    with pytest.raises(SystemExit):
+        call_command("work", "--queue", "q", "--processor", "noop")
+    assert (
+        "1 queued task waits for a file missing on disk: put it back and import again, "
+        "or close the task"
+    ) in capsys.readouterr().err
+    (folder / "gone.md").write_bytes(text)  # back: it is work again
+    Importer("q", roots=[folder]).run([folder])
+    assert [c.key for c in claims.claim_ready_tasks("q", me, OwnerFile(me), limit=5)] == ["gone"]
+
+
+@pytest.mark.django_db
 def test_fence_grows_on_every_claim():
     make_tasks("q", 1)
     me = Identity.current("w1")

@@ -379,6 +379,38 @@ def test_migration_moves_bodies_out_of_the_task_rows():
     assert Task.objects.get(key="k").body == "# Kept\n"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_rows_read_before_keys_were_read_in_any_case_are_read_again(write_task):
+    """`Status: done` was read as no status before keys were read in any case; the row
+    kept it queued, and its file, unchanged since, was never read again."""
+    write_task("a.md", "---\nid: a\nStatus: done\nTitle: Ship it\n---\nBody.\n")
+    write_task("b.md", "---\nid: b\nstatus: done\n---\nBody.\n")
+    import_folder(write_task.folder)
+    # As the earlier reader left them: the keys as spelt, what they say missed.
+    Task.objects.filter(key="a").update(
+        frontmatter={"id": "a", "Status": "done", "Title": "Ship it"},
+        status=Status.QUEUED,
+        title="a",
+        outcome="",
+    )
+    executor = MigrationExecutor(connection)
+    executor.migrate([("queue", "0020_board_field_indexes_hold_values_only")])
+    try:
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(executor.loader.graph.leaf_nodes())
+    finally:
+        call_command("migrate", verbosity=0)
+    report = import_folder(write_task.folder)
+    assert (report.updated, report.unchanged) == (1, 1)
+    task = Task.objects.get(key="a")
+    assert (task.status, task.title, task.frontmatter["status"]) == (
+        Status.DONE,
+        "Ship it",
+        "done",
+    )
+
+
 @pytest.mark.parametrize(
     ("word", "status", "outcome"),
     [

@@ -126,8 +126,12 @@ class TaskQuerySet(models.QuerySet):
         return self.queued().filter(has_dependencies=True).filter(Exists(_unmet_dependencies()))
 
     def ready(self) -> TaskQuerySet:
-        """Queued tasks whose every dependency is done."""
-        return self.queued().filter(Q(has_dependencies=False) | ~Exists(_unmet_dependencies()))
+        """Queued tasks whose every dependency is done and whose file is there: a task
+        whose file went (deleted, moved away) waits for it, rather than set an agent to
+        work on a file that is not there and finish into nothing."""
+        return self.queued().filter(
+            Q(has_dependencies=False) | ~Exists(_unmet_dependencies()), source_missing=False
+        )
 
     def matching_text(self, text: str) -> TaskQuerySet:
         """Tasks whose title, key or body contains `text`, ignoring case, found through

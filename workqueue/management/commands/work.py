@@ -211,7 +211,7 @@ class Command(BaseCommand):
 
     def why_nothing_was_ready(self, queue: str, where: list[str]) -> None:
         """A worker that found nothing while tasks are queued says why: its --where left
-        out the ready ones, or they wait on dependencies."""
+        out the ready ones, their files are missing, or they wait on dependencies."""
         from workqueue.dependencies import stuck
         from workqueue.models import Task, waiting_by_queue
 
@@ -223,6 +223,13 @@ class Command(BaseCommand):
                 f"in queue {queue!r} outside it"
             )
             return
+        missing = Task.objects.filter(queue=queue, source_missing=True).queued().count()
+        if missing:
+            tasks_wait = "task waits" if missing == 1 else "tasks wait"
+            self.stderr.write(
+                f"{missing} queued {tasks_wait} for a file missing on disk: put it back "
+                "and import again, or close the task"
+            )
         waiting = waiting_by_queue().get(queue, 0)
         if not waiting:
             return
