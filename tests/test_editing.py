@@ -480,6 +480,7 @@ def test_task_without_a_file_is_edited_in_its_row(db):
 
 def test_two_people_saving_at_once_never_both_win(transactional_db, folder):
     task = folder({"a.md": TASK})["a.md"]
+    seen = task.source_sha256  # what both people opened
     barrier = threading.Barrier(2)
     outcomes = []
 
@@ -488,7 +489,9 @@ def test_two_people_saving_at_once_never_both_win(transactional_db, folder):
 
         try:
             barrier.wait()
-            editing.edit_task(task, {"assignee": name}, f"user:{name}", task.source_sha256)
+            # Both saves are of the version both opened (a save started after the other's
+            # whole save was, without it, an edit of the newer version, and won too).
+            editing.edit_task(task, {"assignee": name}, f"user:{name}", base_sha256=seen)
             outcomes.append(name)
         except (FileChanged, editing.Conflict):
             outcomes.append("refused")
