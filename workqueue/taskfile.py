@@ -87,6 +87,10 @@ FENCE = re.compile(r"^---[ \t]*\r?\n", re.ASCII)
 CLOSING = re.compile(r"^(?:---|\.\.\.)[ \t]*\r?$", re.MULTILINE)
 HEADING = re.compile(r"^#[ \t]+(.+)$", re.MULTILINE)  # closing #s are cut in `title`
 CLOSE_SECTION = re.compile(r"^##[ \t]+(?:Close Reason|Closed)\b", re.MULTILINE | re.IGNORECASE)
+# A line git leaves around an unresolved merge conflict: seven marks, then a space and a
+# label, or nothing.
+CONFLICT_MARK = re.compile(r"([<=>])\1{6}(?: |$)")
+CODE_FENCE = ("```", "~~~")
 
 PRIORITY_WORDS = {
     "critical": 0,
@@ -184,6 +188,8 @@ def parse(raw: bytes, known: dict | None = None) -> TaskFile:
     """The frontmatter and body of a file. `known`: the frontmatter as loaded before from
     these very bytes (same hash), so the YAML is not loaded a second time."""
     text = decode(raw)
+    if known is None:
+        check_merge_conflict(text)
     opening = FENCE.match(text)
     if not opening:
         return TaskFile({}, text)
@@ -194,6 +200,29 @@ def parse(raw: bytes, known: dict | None = None) -> TaskFile:
     body = text[closing.end() :].removeprefix("\r").removeprefix("\n")
     frontmatter = known if known is not None else load_yaml(yaml_text)
     return TaskFile(frontmatter, body, opening.end(), closing.start())
+
+
+def check_merge_conflict(text: str) -> None:
+    """Refuse a file git left with an unresolved conflict: its YAML error (or a body of
+    both sides) would not say so. Marks inside a fenced code block are an example."""
+    if "<<<<<<<" not in text:
+        return
+    fenced, opened, seen = False, 0, ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith(CODE_FENCE):
+            fenced = not fenced
+        found = not fenced and CONFLICT_MARK.match(line)
+        if not found:
+            continue
+        if found[1] == "<":
+            opened, seen = number, "<"
+        elif seen + found[1] in ("<=", "=>"):
+            seen = found[1]
+        if seen == ">":
+            raise TaskFileError(
+                f"unresolved merge conflict (git's '<<<<<<<' at line {opened}): "
+                "resolve it, then import again"
+            )
 
 
 def load_yaml(yaml_text: str) -> dict:

@@ -1,0 +1,81 @@
+"""A task folder kept in a git repository and worked with git while workers run: real
+repositories, real `git`, real worker processes."""
+
+import subprocess
+
+import pytest
+
+from tests.conftest import run_manage
+from workqueue.models import Status, Task
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def git(repo, *args) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout + done.stderr
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A repository whose `tasks/` folder holds three committed task files."""
+    root = tmp_path / "repo"
+    (root / "tasks").mkdir(parents=True)
+    git(root, "init", "-q", "-b", "main")
+    for n in (1, 2, 3):
+        (root / "tasks" / f"t{n}.md").write_text(
+            f"---\nid: t{n}\ntitle: Task {n}  # kept\nstatus: inbox\npriority: 1\n---\n"
+            f"# Task {n}\n\nBody {n}.\n"
+        )
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "tasks")
+    return root
+
+
+def test_a_file_git_left_in_a_merge_conflict_is_named_as_one_and_its_task_kept(repo, process_env):
+    folder = str(repo / "tasks")
+    assert run_manage(["import_tasks", folder, "--queue", "q"], process_env).returncode == 0
+    assert run_manage(["work", "--queue", "q"], process_env).returncode == 0
+    git(repo, "commit", "-q", "-am", "worked")  # status: done in all three
+    git(repo, "checkout", "-q", "-b", "other", "HEAD~1")
+    text = (repo / "tasks" / "t1.md").read_text()
+    (repo / "tasks" / "t1.md").write_text(text.replace("status: inbox", "status: wontfix"))
+    body = (repo / "tasks" / "t2.md").read_text()
+    (repo / "tasks" / "t2.md").write_text(body.replace("Body 2.", "Body two."))
+    git(repo, "commit", "-q", "-am", "other")
+    git(repo, "checkout", "-q", "main")
+    body = (repo / "tasks" / "t2.md").read_text()
+    (repo / "tasks" / "t2.md").write_text(body.replace("Body 2.", "Body 2, more."))
+    git(repo, "commit", "-q", "-am", "body")
+    assert "CONFLICT" in git(repo, "merge", "other")
+    assert "<<<<<<<" in (repo / "tasks" / "t2.md").read_text()  # in its body only
+
+    result = run_manage(["import_tasks", folder, "--queue", "q"], process_env)
+
+    assert result.returncode == 1
+    for name, line in (("t1.md", 4), ("t2.md", 9)):
+        assert (
+            f"{folder}/{name}: unresolved merge conflict (git's '<<<<<<<' at line {line}): "
+            "resolve it, then import again"
+        ) in result.stderr
+    # The rows stay as they were imported: a half-merged file says nothing yet.
+    tasks = Task.objects.filter(queue="q").order_by("key")
+    assert [t.status for t in tasks] == [Status.DONE] * 3
+    assert "<<<<<<<" not in tasks[1].body
+
+
+def test_conflict_marks_shown_in_a_code_block_are_a_task_like_any_other(write_task):
+    from workqueue.importer import Importer
+
+    write_task(
+        "t.md",
+        "---\nid: t\n---\nResolve this:\n\n```\n<<<<<<< HEAD\na\n=======\nb\n>>>>>>> x\n```\n",
+    )
+    report = Importer("q", [write_task.folder]).run([write_task.folder])
+    assert report.errors == []
+    assert "<<<<<<< HEAD" in Task.objects.get(key="t").body
