@@ -79,3 +79,30 @@ def test_conflict_marks_shown_in_a_code_block_are_a_task_like_any_other(write_ta
     report = Importer("q", [write_task.folder]).run([write_task.folder])
     assert report.errors == []
     assert "<<<<<<< HEAD" in Task.objects.get(key="t").body
+
+
+def test_a_checkout_of_an_older_revision_says_the_tasks_it_sent_back_to_the_queue(
+    repo, process_env
+):
+    folder = str(repo / "tasks")
+    run_manage(["import_tasks", folder, "--queue", "q"], process_env)
+    assert run_manage(["work", "--queue", "q", "--workers", "2"], process_env).returncode == 0
+    # The finish wrote only the status lines.
+    diff = git(repo, "diff", "-U0", "--no-color", "tasks")
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in "---+++"]
+    assert sorted(changed) == ["+status: done"] * 3 + ["-status: inbox"] * 3
+    git(repo, "commit", "-q", "-am", "worked")
+
+    git(repo, "checkout", "-q", "HEAD~1")
+    result = run_manage(["import_tasks", folder, "--queue", "q"], process_env)
+
+    assert result.stdout.splitlines()[0] == (
+        "0 imported, 3 updated, 0 unchanged, 0 closed, 0 deferred (claimed), 0 missing, "
+        "0 errors; 3 done or blocked tasks went back to the queue (their files say open again)"
+    )
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.QUEUED}
+    # Back on the branch, the files close them again, and the import says nothing more.
+    git(repo, "checkout", "-q", "main")
+    result = run_manage(["import_tasks", folder, "--queue", "q", "--json"], process_env)
+    assert '"closed": 3, "requeued": 0' in result.stdout
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.DONE}

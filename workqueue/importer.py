@@ -44,6 +44,7 @@ class ImportReport:
     updated: int = 0
     unchanged: int = 0
     closed: int = 0
+    requeued: int = 0  # done or blocked tasks whose files say open again
     deferred: int = 0
     missing: int = 0
     errors: list[dict] = field(default_factory=list)
@@ -67,6 +68,7 @@ class ImportReport:
             "updated": self.updated,
             "unchanged": self.unchanged,
             "closed": self.closed,
+            "requeued": self.requeued,
             "deferred": self.deferred,
             "missing": self.missing,
             "errors": self.errors,
@@ -79,6 +81,12 @@ class ImportReport:
             f"{self.closed} closed, {self.deferred} deferred (claimed), {self.missing} missing, "
             f"{len(self.errors)} errors"
         )
+        if self.requeued:
+            # Worth saying: a checkout of an older revision of the folder does this.
+            counts += (
+                f"; {self.requeued:,} done or blocked tasks went back to the queue "
+                "(their files say open again)"
+            )
         if not self.left_out:
             return counts
         n = len(self.left_out)
@@ -547,7 +555,10 @@ class Importer:
                 return
             pending = task.pending_edit
             was = task.source_path
+            finished = task.status in (Status.DONE, Status.BLOCKED)
             closed = apply_fields(task, fields, source_fields)
+            if finished and Task.objects.filter(pk=task.pk, status=Status.QUEUED).exists():
+                self.report.requeued += 1
             moved = bool(was) and was != task.source_path
             TaskEvent.objects.create(
                 task=task,
