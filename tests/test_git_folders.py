@@ -106,3 +106,41 @@ def test_a_checkout_of_an_older_revision_says_the_tasks_it_sent_back_to_the_queu
     result = run_manage(["import_tasks", folder, "--queue", "q", "--json"], process_env)
     assert '"closed": 3, "requeued": 0' in result.stdout
     assert set(Task.objects.values_list("status", flat=True)) == {Status.DONE}
+
+
+def test_git_mergetools_copies_of_a_conflicted_file_are_no_tasks(repo, process_env):
+    folder = str(repo / "tasks")
+    run_manage(["import_tasks", folder, "--queue", "q"], process_env)
+    run_manage(["work", "--queue", "q"], process_env)
+    git(repo, "commit", "-q", "-am", "worked")
+    git(repo, "checkout", "-q", "-b", "other", "HEAD~1")
+    text = (repo / "tasks" / "t1.md").read_text()
+    (repo / "tasks" / "t1.md").write_text(text.replace("status: inbox", "status: wontfix"))
+    git(repo, "commit", "-q", "-am", "other")
+    git(repo, "checkout", "-q", "main")
+    assert "CONFLICT" in git(repo, "merge", "other")
+    # A merge tool that takes its time: git leaves the base, both sides and a backup of
+    # the conflicted file beside it while the tool runs.
+    git(repo, "config", "mergetool.slow.cmd", 'while [ ! -e "$MERGED.go" ]; do sleep 0.05; done')
+    tool = subprocess.Popen(
+        ["git", "mergetool", "--tool=slow", "--no-prompt", "tasks/t1.md"],
+        cwd=repo,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while len(list((repo / "tasks").glob("t1_*.md"))) < 4:
+            assert tool.poll() is None
+        result = run_manage(["import_tasks", folder, "--queue", "q"], process_env)
+    finally:
+        (repo / "tasks" / "t1.md.go").touch()
+        tool.wait(timeout=30)
+
+    assert result.stderr.splitlines()[:-1] == [
+        f"{folder}/t1.md: unresolved merge conflict (git's '<<<<<<<' at line 4): "
+        "resolve it, then import again"
+    ]
+    task = Task.objects.get(key="t1")
+    assert (task.status, task.source_path) == (Status.DONE, f"{folder}/t1.md")
+    assert Task.objects.count() == 3

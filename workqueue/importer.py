@@ -6,6 +6,7 @@ import errno
 import hashlib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ from workqueue.names import validate_queue_name
 from workqueue.taskfile import TaskFileError
 
 CHUNK = 500
+# What `git mergetool` writes beside a conflicted file while its tool runs (the base, both
+# sides, a backup), gone when it ends: `t1_BASE_4242.md` beside `t1.md`.
+MERGETOOL_COPY = re.compile(r"(.+)_(?:BASE|LOCAL|REMOTE|BACKUP)_[0-9]+(\.md)")
 LEFT_OUT_NAMED = 10
 # An import of this many new tasks checks the planner's statistics (Task.keep_statistics).
 STATISTICS_AFTER = 100
@@ -100,6 +104,11 @@ class ImportReport:
     def changed(self) -> bool:
         """Whether the queue changed (a file it refused is named apart: workqueue.tasks)."""
         return bool(self.imported or self.updated or self.closed or self.missing)
+
+
+def _mergetool_copy(name: str, names: set[str]) -> bool:
+    copy = MERGETOOL_COPY.fullmatch(name)
+    return copy is not None and copy[1] + copy[2] in names
 
 
 def shown(path) -> str:
@@ -275,8 +284,9 @@ class Importer:
                 continue
             folder_base = base if real.is_relative_to(base) else self._base_for(real) or base
             files, folders = [], []
+            names = {e.name for e in entries}
             for entry in entries:
-                if entry.name.startswith("."):
+                if entry.name.startswith(".") or _mergetool_copy(entry.name, names):
                     continue
                 path = Path(dirpath) / entry.name
                 try:
