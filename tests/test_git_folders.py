@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import run_manage
+from tests.conftest import run_manage, work_appending
 from workqueue.models import Status, Task
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -144,3 +144,32 @@ def test_git_mergetools_copies_of_a_conflicted_file_are_no_tasks(repo, process_e
     task = Task.objects.get(key="t1")
     assert (task.status, task.source_path) == (Status.DONE, f"{folder}/t1.md")
     assert Task.objects.count() == 3
+
+
+def test_a_task_whose_file_git_left_half_merged_is_blocked_not_given_to_its_command(
+    repo, process_env, tmp_path
+):
+    folder = str(repo / "tasks")
+    run_manage(["import_tasks", folder, "--queue", "q"], process_env)
+    git(repo, "checkout", "-q", "-b", "other")
+    body = (repo / "tasks" / "t1.md").read_text()
+    (repo / "tasks" / "t1.md").write_text(body.replace("Body 1.", "Do it this way."))
+    git(repo, "commit", "-q", "-am", "other")
+    git(repo, "checkout", "-q", "main")
+    (repo / "tasks" / "t1.md").write_text(body.replace("Body 1.", "Do it that way."))
+    git(repo, "commit", "-q", "-am", "main")
+    assert "CONFLICT" in git(repo, "merge", "other")
+    conflicted = (repo / "tasks" / "t1.md").read_bytes()
+    log = tmp_path / "ran.log"
+
+    result = run_manage([*work_appending(log), "--workers", "2"], process_env)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(log.read_text().split()) == ["t2", "t3"]
+    task = Task.objects.get(key="t1")
+    assert (task.status, task.reason) == (
+        Status.BLOCKED,
+        "its file has an unresolved merge conflict (git's '<<<<<<<' at line 9): "
+        "resolve it, then requeue",
+    )
+    assert (repo / "tasks" / "t1.md").read_bytes() == conflicted  # nothing written into it

@@ -144,8 +144,13 @@ class CommandProcessor(Processor):
     def process(
         self, claim: Claim, context: WorkContext, extra: dict | None = None, cwd: str | None = None
     ) -> Result:
-        from workqueue import agent_tree, agents
+        from workqueue import agent_tree, agents, taskfile
 
+        conflict = merge_conflict_line(claim.path)
+        if conflict:
+            # An agent would work from both sides of it, and its file cannot say the end.
+            reason = f"its file has an {taskfile.conflict_reason(conflict)}"
+            return Result(status=Status.BLOCKED, reason=f"{reason}: resolve it, then requeue")
         env = self.environment(claim, context)
         mask = agent_tree.Masker(
             [*self.secrets, *agent_tree.known_secrets(env, [*self.pass_env, *self.env])]
@@ -221,6 +226,19 @@ class CommandProcessor(Processor):
 
 DEFAULT_PROMPT = "prompts/worker.md"
 PROMPT_LIMIT = 64 * 1024
+
+
+def merge_conflict_line(path: str) -> int:
+    """Where git left a merge conflict in a task's file (taskfile.merge_conflict), or 0."""
+    from workqueue import taskfile  # YAML with it: not for a worker that runs no command
+
+    if not path:
+        return 0
+    try:
+        raw, _ = taskfile.read_regular_file(path, settings.HYPERVISOR_MAX_FILE_BYTES)
+    except (OSError, taskfile.TaskFileError):
+        return 0  # the agent meets what cannot be read, as it always has
+    return taskfile.merge_conflict(raw.decode("utf-8", "replace"))
 
 
 def program_path(program: str, agent_env: dict[str, str]) -> str | None:

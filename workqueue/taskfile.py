@@ -188,8 +188,9 @@ def parse(raw: bytes, known: dict | None = None) -> TaskFile:
     """The frontmatter and body of a file. `known`: the frontmatter as loaded before from
     these very bytes (same hash), so the YAML is not loaded a second time."""
     text = decode(raw)
-    if known is None:
-        check_merge_conflict(text)
+    # A half-merged file's YAML error (or a body of both sides) would not say what it is.
+    if known is None and (line := merge_conflict(text)):
+        raise TaskFileError(f"{conflict_reason(line)}: resolve it, then import again")
     opening = FENCE.match(text)
     if not opening:
         return TaskFile({}, text)
@@ -202,11 +203,11 @@ def parse(raw: bytes, known: dict | None = None) -> TaskFile:
     return TaskFile(frontmatter, body, opening.end(), closing.start())
 
 
-def check_merge_conflict(text: str) -> None:
-    """Refuse a file git left with an unresolved conflict: its YAML error (or a body of
-    both sides) would not say so. Marks inside a fenced code block are an example."""
+def merge_conflict(text: str) -> int:
+    """The line of the `<<<<<<<` of a conflict git left unresolved in `text`, or 0. Marks
+    inside a fenced code block are an example, not a conflict."""
     if "<<<<<<<" not in text:
-        return
+        return 0
     fenced, opened, seen = False, 0, ""
     for number, line in enumerate(text.splitlines(), 1):
         if line.startswith(CODE_FENCE):
@@ -219,10 +220,12 @@ def check_merge_conflict(text: str) -> None:
         elif seen + found[1] in ("<=", "=>"):
             seen = found[1]
         if seen == ">":
-            raise TaskFileError(
-                f"unresolved merge conflict (git's '<<<<<<<' at line {opened}): "
-                "resolve it, then import again"
-            )
+            return opened
+    return 0
+
+
+def conflict_reason(line: int) -> str:
+    return f"unresolved merge conflict (git's '<<<<<<<' at line {line})"
 
 
 def load_yaml(yaml_text: str) -> dict:
