@@ -341,6 +341,17 @@ def test_frontmatter_that_cannot_be_edited_in_place_is_refused_untouched(folder)
     assert folder.path("f.md").read_text() == flow
 
 
+def test_a_read_only_task_file_is_not_edited(folder):
+    text = "---\nid: r-1\ntitle: Locked\n---\nbody\n"
+    task = folder({"r.md": text})["r.md"]
+    folder.path("r.md").chmod(0o444)
+    # As any file that cannot be written: the form says why.
+    with pytest.raises(editing.Conflict, match="^cannot write the file: the file is read-only$"):
+        editing.edit_task(task, {"assignee": "bot"}, ACTOR)
+    assert folder.path("r.md").read_text() == text
+    assert Task.objects.get(pk=task.pk).assignee == ""
+
+
 OWNER_FILES: dict[str, OwnerFile] = {}
 
 

@@ -173,3 +173,24 @@ def test_a_task_whose_file_git_left_half_merged_is_blocked_not_given_to_its_comm
         "resolve it, then requeue",
     )
     assert (repo / "tasks" / "t1.md").read_bytes() == conflicted  # nothing written into it
+
+
+def test_a_task_file_made_read_only_is_not_written_by_its_finish(repo, process_env):
+    # As `git lfs lock` leaves a lockable file that is not locked, or a person's chmod a-w.
+    folder = str(repo / "tasks")
+    run_manage(["import_tasks", folder, "--queue", "q"], process_env)
+    locked = repo / "tasks" / "t1.md"
+    locked.chmod(0o444)
+    before = locked.read_bytes()
+
+    assert run_manage(["work", "--queue", "q"], process_env).returncode == 0
+
+    assert locked.read_bytes() == before
+    assert oct(locked.stat().st_mode & 0o777) == "0o444"
+    task = Task.objects.get(key="t1")
+    assert task.status == Status.DONE  # the finish stands, and says why the file did not
+    assert task.events.filter(
+        message=f"done, but not written into {locked}: cannot write the file: the file is "
+        "read-only"
+    ).exists()
+    assert "status: done" in (repo / "tasks" / "t2.md").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import functools
 import json
 import os
@@ -264,12 +265,17 @@ def atomic_write(path: str, data: bytes) -> os.stat_result:
 
 
 def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool = True) -> str:
-    """The new content in a temporary file beside `path`, with the file's permissions.
+    """The new content in a temporary file beside `path`, with the file's permissions;
+    none for a file no one may write.
 
     With sync=False the caller makes it durable (sync_temporaries) before renaming it.
     """
     if mode is None:
         mode = os.stat(path).st_mode
+    if not mode & 0o222:
+        # Made read-only (git lfs locks a file so, a person's chmod): a writer in place
+        # would be refused, and a rename must not go round that.
+        raise PermissionError(errno.EACCES, "the file is read-only", path)
     folder, name = os.path.split(path)
     # Unique per write: the board's threads and a worker may write beside one file at once.
     # The pid in the name lets the reaper find what a dead worker left (TEMPORARY).
