@@ -504,3 +504,20 @@ def test_the_close_and_block_dialogs_say_how_many_of_the_selection_are_being_wor
     expect(dialog.locator("[data-dialog-claimed]")).to_have_text(
         "It is being worked: its agent is ended."
     )
+
+
+def test_the_focus_on_a_card_button_or_load_more_survives_the_refresh(logged_in_page, live_url):
+    """A card's "Mark done" or "Load more", reached with Tab, lost the focus to the page's
+    top with the next refresh (every 2 s while workers run): they had no id to find again."""
+    tasks = make_tasks("q", views.PAGE_SIZE + 5)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    second = column(page, "queued").locator("article.card").nth(1)
+    for focused in (
+        second.get_by_role("button", name="Mark done"),
+        second.get_by_role("link", name="Block…"),
+        column(page, "queued").locator("a.more"),
+    ):
+        focused.focus()
+        board_changes(page, tasks[-1])
+        expect(focused).to_be_focused()
