@@ -250,3 +250,34 @@ def descendants(herd: Herd) -> list:
     for worker in herd.workers.all():
         found += processes.tree(worker.pid, worker.process_started)
     return found
+
+
+def test_the_herd_page_keeps_the_focus_across_its_refresh_and_says_a_change_of_state_once(
+    logged_in_page, live_url
+):
+    """Drain and Cancel, reached with Tab, lost the focus to the top of the page with each
+    refresh (every 2 s), and a Drain took its own button away with the focus; the herd's
+    state changed (running to finished) without a word to a screen reader."""
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, status=HerdStatus.RUNNING)
+    herd.workers.create(index=0, name=f"herd{herd.pk}-w0", host="h")
+    page = logged_in_page
+    page.goto(f"{live_url}/herds/{herd.pk}/")
+    said = page.get_by_role("status").and_(page.locator("#herd-state"))
+    drain = page.get_by_role("button", name="Drain")
+    drain.focus()
+    page.evaluate("window.__refreshes = 0")
+    page.evaluate("document.addEventListener('htmx:afterSettle', () => window.__refreshes++)")
+    wait_until(lambda: page.evaluate("window.__refreshes") >= 2, 10, "no refresh")
+    expect(drain).to_be_focused()
+    expect(said).to_have_text("")  # a refresh that changes nothing says nothing
+
+    page.keyboard.press("Enter")
+    expect(page.locator("#herd-notice")).to_contain_text("is draining")
+    expect(page.locator("#herd-notice")).to_be_focused()
+
+    Herd.objects.filter(pk=herd.pk).update(status=HerdStatus.FINISHED)
+    expect(said).to_have_text(f"Herd {herd.pk} is now finished.")
+    page.evaluate("window.__refreshes = 0")
+    page.wait_for_timeout(2500)
+    expect(said).to_have_text(f"Herd {herd.pk} is now finished.")
