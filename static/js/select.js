@@ -30,8 +30,12 @@
     const b = bar();
     if (!b) return;
     b.hidden = count() === 0;
-    document.getElementById("bulk-count").textContent = count().toLocaleString() + " selected";
-    b.querySelectorAll("[data-total]").forEach((el) => (el.textContent = total().toLocaleString()));
+    // "All matching" is every task of the view, in every column, loaded or not: said so.
+    const said = selection.all
+      ? "All " + plural(total()) + " of this view selected, in every column, shown or not"
+      : count().toLocaleString() + " selected";
+    setText(document.getElementById("bulk-count"), said);
+    b.querySelectorAll("[data-total]").forEach((el) => setText(el, total().toLocaleString()));
     b.querySelector("[data-select-all]").hidden = selection.all;
     const lost = !document.activeElement || document.activeElement === document.body;
     const focusedBox = focusedBoxId && document.querySelector("#task-" + focusedBoxId + " input.pick");
@@ -46,6 +50,12 @@
         card.focus({ preventScroll: true });
       }
     }
+  }
+
+  // The count is a live region and the board refreshes every 2 s: text written again,
+  // even the same, is a change a screen reader may read out again.
+  function setText(el, text) {
+    if (el.textContent !== text) el.textContent = text;
   }
 
   function clearSelection() {
@@ -83,11 +93,17 @@
       pick(box, box.checked, event.shiftKey);
       return;
     }
+    // Each button hides itself (the bar goes with the selection): the focus moves on
+    // rather than fall to the top of the page.
     if (event.target.closest("[data-select-all]")) {
       selection.all = true;
       paint();
+      bar().querySelector("[data-clear-selection]").focus();
     } else if (event.target.closest("[data-clear-selection]")) {
+      const back = lastPickedId && document.querySelector("#task-" + lastPickedId + " input.pick");
       clearSelection();
+      if (back) back.focus();
+      else focusCard(cards()[0] || null);
     } else if (event.target.closest("[data-bulk]")) {
       act(event.target.closest("[data-bulk]").dataset.bulk);
     } else if (event.target.closest("[data-dialog-cancel]")) {

@@ -521,3 +521,35 @@ def test_the_focus_on_a_card_button_or_load_more_survives_the_refresh(logged_in_
         focused.focus()
         board_changes(page, tasks[-1])
         expect(focused).to_be_focused()
+
+
+def test_select_all_says_what_it_selects_and_the_count_is_not_rewritten_by_a_refresh(
+    logged_in_page, live_url
+):
+    """ "Select all 5 matching" said only "5 selected" with one card shown of five, in
+    two columns; it and Clear selection hid themselves with the focus on them, which fell
+    to the top of the page; and every refresh wrote the count, a live region, again."""
+    tasks = make_tasks("q", 5)
+    Task.objects.filter(pk=tasks[0].pk).update(status=Status.DONE, updated_at=timezone.now())
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    count = page.locator("#bulk-count")
+    first = column(page, "queued").locator("article.card input.pick").first
+    first.focus()
+    page.keyboard.press("Space")
+    expect(count).to_have_text("1 selected")
+    page.evaluate(
+        "window.__writes = 0; new MutationObserver(() => window.__writes++).observe("
+        "document.getElementById('bulk-count'), {childList: true, characterData: true,"
+        " subtree: true})"
+    )
+    board_changes(page, tasks[-1])
+    assert page.evaluate("window.__writes") == 0
+
+    page.get_by_role("button", name="Select all 5 matching").focus()
+    page.keyboard.press("Enter")
+    expect(count).to_have_text("All 5 tasks of this view selected, in every column, shown or not")
+    expect(page.get_by_role("button", name="Clear selection")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#bulk-bar")).to_be_hidden()
+    expect(first).to_be_focused()
