@@ -553,3 +553,30 @@ def test_select_all_says_what_it_selects_and_the_count_is_not_rewritten_by_a_ref
     page.keyboard.press("Enter")
     expect(page.locator("#bulk-bar")).to_be_hidden()
     expect(first).to_be_focused()
+
+
+def test_nothing_is_cut_off_at_360_px(logged_in_page, live_url):
+    """On a 360 px phone the menu ran 20 px past the screen (Log out half cut off), and an
+    empty bordered box stood under the filters where a bulk action's status goes."""
+    (task,) = make_tasks("q", 1)
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, status=HerdStatus.RUNNING)
+    herd.workers.create(index=0, name=f"herd{herd.pk}-w0", host="h")
+    page = logged_in_page
+    page.set_viewport_size({"width": 360, "height": 740})
+    past = (
+        "Array.from(document.querySelectorAll('body *')).filter(e => {"
+        " const box = e.getBoundingClientRect();"
+        " return box.width > 0 && box.right > 360 && !e.closest('.herd-table'); })"
+        ".map(e => e.outerHTML.slice(0, 60))"
+    )
+    for url in ("/?queue=q", f"/herds/{herd.pk}/", "/herds/", "/herds/launch/"):
+        page.goto(live_url + url)
+        assert page.evaluate(past) == [], url
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 360, url
+        expect(page.get_by_role("button", name="Log out")).to_be_in_viewport(ratio=1)
+    page.goto(f"{live_url}/?queue=q")
+    expect(page.locator("#bulk-status")).to_be_hidden()
+    page.locator(f"#task-{task.pk} input.pick").check()
+    assert page.evaluate(past) == []
+    screenshot(page, "board-phone-selection")
