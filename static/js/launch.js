@@ -7,6 +7,11 @@
   const form = document.querySelector("form.herd-form");
   if (!form) return;
 
+  // A form sent back with errors: the focus goes to the first field named by one (it is
+  // described by its error), not to the top of a page that looks as it did.
+  const wrong = form.querySelector("[aria-invalid=true]");
+  if (wrong) wrong.focus();
+
   form.addEventListener("submit", function (event) {
     if (form.dataset.sent) {
       event.preventDefault();

@@ -281,3 +281,29 @@ def test_the_herd_page_keeps_the_focus_across_its_refresh_and_says_a_change_of_s
     page.evaluate("window.__refreshes = 0")
     page.wait_for_timeout(2500)
     expect(said).to_have_text(f"Herd {herd.pk} is now finished.")
+
+
+def test_the_launch_form_ties_help_and_errors_to_their_fields_and_focuses_the_first_error(
+    logged_in_page, live_url
+):
+    """The fields named help texts that had no id (aria-describedby pointed at nothing), and
+    a form sent back with an error left the focus at the top of a page that looked unchanged."""
+    make_tasks("q", 1)
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    page = logged_in_page
+    page.goto(f"{live_url}/herds/launch/")
+    page.get_by_label("Profile").select_option("noop")
+    page.get_by_label("Filters").fill("nonsense")
+    page.get_by_role("button", name="Pre-flight check").click()
+    where = page.get_by_label("Filters")
+    expect(where).to_have_attribute("aria-invalid", "true")
+    expect(where).to_be_focused()
+    expect(where).to_have_accessible_description(re.compile(r"^Optional, space separated.*\S"))
+    described = where.get_attribute("aria-describedby").split()
+    assert described == ["id_where_helptext", "id_where_error"]
+    for ident in described:
+        expect(page.locator(f"#{ident}")).to_be_visible()
+    for field in page.locator("form.herd-form [aria-describedby]").all():
+        for ident in field.get_attribute("aria-describedby").split():
+            assert page.locator(f"#{ident}").count() == 1, ident
+    screenshot(page, "herd-launch-error")
