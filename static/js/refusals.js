@@ -52,6 +52,10 @@
   });
 
   document.addEventListener("click", function (event) {
-    if (event.target.closest && event.target.closest("[data-dismiss-refusal]")) clear();
+    if (!event.target.closest || !event.target.closest("[data-dismiss-refusal]")) return;
+    clear();
+    // The button hid with its line: the focus goes on to the page's content.
+    const main = document.getElementById("main");
+    if (main) main.focus({ preventScroll: true });
   });
 })();

@@ -115,6 +115,8 @@
     } else if (event.target.closest("[data-dismiss-status]")) {
       const status = document.getElementById("bulk-status");
       status.innerHTML = "";
+      // The button went with what it dismissed: the focus goes on to the board below.
+      board().focus({ preventScroll: true });
     }
   });
 

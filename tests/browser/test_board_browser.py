@@ -580,3 +580,35 @@ def test_nothing_is_cut_off_at_360_px(logged_in_page, live_url):
     page.locator(f"#task-{task.pk} input.pick").check()
     assert page.evaluate(past) == []
     screenshot(page, "board-phone-selection")
+
+
+def test_dismissing_a_bulk_status_or_a_refusal_keeps_the_focus_on_the_page(
+    logged_in_page, live_url
+):
+    """Both Dismiss buttons went with what they dismissed, and the focus with them, to the
+    top of the page: a keyboard user tabbed through the menu and filters again."""
+    tasks = make_tasks("q", 2)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    page.locator(f"#task-{tasks[0].pk} input.pick").check()
+    page.get_by_role("button", name="Assign…").click()
+    dialog = page.get_by_role("dialog", name="Assign 1 task")
+    dialog.get_by_label("Assignee").fill("carol")
+    dialog.get_by_role("button", name="Apply").click()
+    status = page.locator("#bulk-status")
+    expect(status).to_contain_text("Assigned 1 task")
+    status.get_by_role("button", name="Dismiss").focus()
+    page.keyboard.press("Enter")
+    expect(status).to_be_hidden()
+    expect(page.locator("#board")).to_be_focused()
+
+    gone = Task.objects.get(pk=tasks[1].pk)
+    card = page.locator(f"#task-{gone.pk}")
+    gone.delete()
+    card.get_by_role("button", name="Mark done").click()
+    line = page.locator("#refusal")
+    expect(line).to_be_visible()
+    line.get_by_role("button", name="Dismiss").focus()
+    page.keyboard.press("Enter")
+    expect(line).to_be_hidden()
+    expect(page.locator("main")).to_be_focused()
