@@ -612,3 +612,40 @@ def test_dismissing_a_bulk_status_or_a_refusal_keeps_the_focus_on_the_page(
     page.keyboard.press("Enter")
     expect(line).to_be_hidden()
     expect(page.locator("main")).to_be_focused()
+
+
+def test_the_focus_given_to_a_running_bulk_status_survives_its_refresh(
+    logged_in_page, live_url, browser_user
+):
+    """After Apply the focus goes to the bulk action's status; while it ran, its refresh
+    every second replaced it with an element that could not take the focus, which fell to
+    the top of the page."""
+    from workqueue.models import BulkAction, BulkStatus
+
+    make_tasks("q", 1)
+    bulk = BulkAction.objects.create(
+        user=browser_user,
+        actor="user:browser",
+        action="assign",
+        status=BulkStatus.RUNNING,
+        total=10,
+        processed=2,
+        started_at=timezone.now(),
+    )
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    page.evaluate(
+        "(url) => htmx.ajax('GET', url, {target: '#bulk-status', swap: 'outerHTML'})",
+        f"/bulk/{bulk.pk}/",
+    )
+    status = page.locator("#bulk-status")
+    expect(status).to_contain_text("10")
+    # As Apply does.
+    page.evaluate(
+        "() => { const s = document.getElementById('bulk-status'); s.tabIndex = -1; s.focus(); }"
+    )
+    expect(status).to_be_focused()
+    page.evaluate("window.__swaps = 0")
+    page.evaluate("document.addEventListener('htmx:afterSettle', () => window.__swaps++)")
+    wait_until(lambda: page.evaluate("window.__swaps") >= 2, 10, "no refresh")
+    expect(status).to_be_focused()
