@@ -14,12 +14,23 @@
     said = words();
   });
 
+  let scrolled = {}; // how far each wide table was scrolled sideways, by its box's id
+
   document.addEventListener("htmx:beforeSwap", function (event) {
     const live = document.getElementById("herd-live");
     hadFocus = !!live && event.detail.target === live && live.contains(document.activeElement);
+    scrolled = {};
+    document.querySelectorAll("#herd-live .table-scroll[id]").forEach(function (box) {
+      scrolled[box.id] = box.scrollLeft;
+    });
   });
 
   document.addEventListener("htmx:afterSettle", function () {
+    // The refresh must not throw a table scrolled sideways (a phone) back to its start.
+    Object.keys(scrolled).forEach(function (id) {
+      const box = document.getElementById(id);
+      if (box) box.scrollLeft = scrolled[id];
+    });
     const now = words();
     const region = document.getElementById("herd-state");
     if (region && said !== null && now && now !== said) {

@@ -567,7 +567,7 @@ def test_nothing_is_cut_off_at_360_px(logged_in_page, live_url):
     past = (
         "Array.from(document.querySelectorAll('body *')).filter(e => {"
         " const box = e.getBoundingClientRect();"
-        " return box.width > 0 && box.right > 360 && !e.closest('.herd-table'); })"
+        " return box.width > 0 && box.right > 360 && !e.closest('.table-scroll'); })"
         ".map(e => e.outerHTML.slice(0, 60))"
     )
     for url in ("/?queue=q", f"/herds/{herd.pk}/", "/herds/", "/herds/launch/"):

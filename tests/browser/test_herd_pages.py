@@ -307,3 +307,34 @@ def test_the_launch_form_ties_help_and_errors_to_their_fields_and_focuses_the_fi
         for ident in field.get_attribute("aria-describedby").split():
             assert page.locator(f"#{ident}").count() == 1, ident
     screenshot(page, "herd-launch-error")
+
+
+def test_a_wide_table_on_a_phone_scrolls_from_the_keyboard_and_stays_scrolled(
+    logged_in_page, live_url
+):
+    """At 360 px the worker and herd tables scroll sideways, but the keyboard could not
+    reach the scrolling box, and the herd page's refresh threw a table scrolled to its
+    right half back to its start every 2 s."""
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=2, status=HerdStatus.RUNNING)
+    for index in range(2):
+        herd.workers.create(index=index, name=f"herd{herd.pk}-w{index}", host="h")
+    page = logged_in_page
+    page.set_viewport_size({"width": 360, "height": 740})
+    page.goto(f"{live_url}/herds/")
+    expect(page.get_by_role("region", name="Herds").get_by_role("table")).to_be_visible()
+    page.goto(f"{live_url}/herds/{herd.pk}/")
+    box = page.get_by_role("region", name="Workers")
+    expect(box.get_by_role("table")).to_be_visible()
+    page.get_by_role("button", name="Cancel").focus()
+    page.keyboard.press("Tab")
+    expect(box).to_be_focused()
+    for _ in range(6):
+        page.keyboard.press("ArrowRight")
+    wait_until(lambda: box.evaluate("b => b.scrollLeft") > 100, 5, "the arrows did not scroll")
+    left = box.evaluate("b => b.scrollLeft")
+    page.evaluate("window.__refreshes = 0")
+    page.evaluate("document.addEventListener('htmx:afterSettle', () => window.__refreshes++)")
+    wait_until(lambda: page.evaluate("window.__refreshes") >= 2, 10, "no refresh")
+    assert box.evaluate("b => b.scrollLeft") == left
+    expect(box).to_be_focused()
