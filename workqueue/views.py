@@ -52,6 +52,7 @@ from workqueue.models import (
 )
 from workqueue.processors import transcript_path
 from workqueue.rendering import render_body
+from workqueue.templatetags.board import transcript_version
 from workqueue.text import as_id
 
 PAGE_SIZE = 25
@@ -433,6 +434,8 @@ def task_transcript(request: HttpRequest, pk: int) -> HttpResponse:
     """The live transcript of a task's agent: what the drawer polls while it runs."""
     task = get_object_or_404(Task.objects.only("id", "status", "fence"), pk=pk)
     context = {"task": task, "transcript": task_transcript_of(task)}
+    if request.GET.get("shown") == transcript_version(context["transcript"], task.status):
+        return HttpResponse(status=204)  # nothing new: htmx leaves the drawer as it is
     return render(request, "workqueue/transcript.html", context)
 
 

@@ -53,3 +53,38 @@ def test_drawer_shows_the_agents_tool_call_while_it_runs(
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=30)
+
+
+def test_the_drawers_transcript_is_put_in_again_only_when_it_changed(
+    logged_in_page, live_url, settings, tmp_path
+):
+    """The drawer is a live region, and its running agent's transcript was put in anew
+    every 2 s, the same or not: a screen reader could read it all out every 2 s."""
+    from tests.test_agent_views import running_task, write_transcript
+
+    settings.HYPERVISOR_DATA_DIR = tmp_path / "data"
+    task = running_task()
+    write_transcript(task, ("tool", "file_path=a.py", "Read"))
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    page.locator(f"#task-{task.pk} a.title").click()
+    transcript = page.locator(f"#transcript-{task.pk}")
+    expect(transcript.locator(".tool-name")).to_have_text("Read")
+    page.evaluate(
+        "() => { window.__polls = 0; window.__changes = 0;"
+        " document.addEventListener('htmx:afterRequest', (e) => {"
+        "   if (e.detail.pathInfo.requestPath.includes('/transcript/')) window.__polls++; });"
+        " new MutationObserver(() => window.__changes++).observe("
+        "   document.getElementById('drawer'), {childList: true, subtree: true,"
+        "   characterData: true}); }"
+    )
+    wait_until(lambda: page.evaluate("window.__polls") >= 2, 10, "the transcript never polled")
+    assert page.evaluate("window.__changes") == 0
+
+    write_transcript(task, ("tool", "file_path=a.py", "Read"), ("tool", "b.py", "Edit"))
+    expect(transcript.locator(".tool-name")).to_have_text(["Read", "Edit"])
+    changes = page.evaluate("window.__changes")
+    assert changes > 0
+    page.evaluate("window.__polls = 0")
+    wait_until(lambda: page.evaluate("window.__polls") >= 2, 10, "the transcript stopped polling")
+    assert page.evaluate("window.__changes") == changes

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from datetime import datetime, timedelta
 
 from django import template
@@ -170,3 +172,12 @@ def change_words(result: dict) -> str:
         else:
             words.append(str(change))
     return ", ".join(words)
+
+
+@register.filter
+def transcript_version(transcript: dict | None, status: str) -> str:
+    """What the drawer's transcript shows, in a few characters: its refresh sends it back,
+    and is answered with nothing to swap while it is the same (the drawer is a live region:
+    the same transcript put in again every 2 s was read out again)."""
+    shown = json.dumps([status, transcript], sort_keys=True, default=str)
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
