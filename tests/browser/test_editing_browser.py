@@ -6,6 +6,7 @@ Every check reads the task files themselves: the files are the source of truth.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,35 @@ def test_d_on_a_card_a_worker_holds_asks_before_it_ends_the_agent(logged_in_page
     page.wait_for_timeout(500)
     assert asked == ["A worker holds this task: end its agent and mark it done?"]
     assert Task.objects.get().status == "claimed"
+
+
+def test_the_drawer_is_not_read_out_whole_and_its_notice_describes_what_has_the_focus(
+    logged_in_page, live_url, inbox
+):
+    """The drawer was a live region: opening a task read out the whole task (body,
+    history) besides its heading, which has the focus; and what the drawer says after a
+    save or a reload ("Saved assignee.") was not tied to what had the focus."""
+    (path,) = inbox(1)
+    task = Task.objects.get(key="t000")
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    drawer = page.locator("aside#drawer")
+    assert drawer.get_attribute("aria-live") is None
+    open_drawer(page, task)
+    heading = drawer.locator("header h1")
+    expect(heading).to_be_focused()
+    expect(heading).to_have_accessible_description("")
+    drawer.get_by_role("link", name="Edit").click()
+    drawer.get_by_label("Assignee").fill("bot")
+    drawer.get_by_role("button", name="Save").click()
+    expect(heading).to_be_focused()
+    expect(heading).to_have_accessible_description("Saved assignee.")
+
+    drawer.get_by_role("link", name="Edit").click()
+    drawer.get_by_label("Assignee").fill("carol")
+    path.write_text(path.read_text().replace("priority: 2", "priority: 0"))
+    drawer.get_by_role("button", name="Save").click()
+    drawer.get_by_role("button", name="Reload from disk and edit again").click()
+    edit = drawer.get_by_role("heading", name="Edit t000")
+    expect(edit).to_be_focused()
+    expect(edit).to_have_accessible_description(re.compile("What you typed into assignee is kept"))
