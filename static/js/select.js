@@ -276,8 +276,35 @@
     return true;
   }
 
+  // The one-letter keys can be turned off (in the keys dialog): speech input types words,
+  // and a stray letter must not mark a task done.
+  const KEYS = "hypervisor-keys";
+  function keysOn() {
+    try {
+      return window.localStorage.getItem(KEYS) !== "off";
+    } catch (e) {
+      return true;
+    }
+  }
+
+  document.addEventListener("change", function (event) {
+    if (!event.target.matches || !event.target.matches("[data-keys-on]")) return;
+    try {
+      if (event.target.checked) window.localStorage.removeItem(KEYS);
+      else window.localStorage.setItem(KEYS, "off");
+    } catch (e) {
+      // No storage: the keys stay as they are.
+    }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    const box = document.querySelector("[data-keys-on]");
+    if (box) box.checked = keysOn();
+  });
+
   document.addEventListener("keydown", function (event) {
     if (event.ctrlKey || event.metaKey || event.altKey || typing(event.target)) return;
+    if (!keysOn()) return;
     if (document.querySelector("dialog[open]")) return;
     const card = currentCard();
     switch (event.key) {

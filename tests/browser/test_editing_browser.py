@@ -383,3 +383,33 @@ def test_the_drawer_is_not_read_out_whole_and_its_notice_describes_what_has_the_
     edit = drawer.get_by_role("heading", name="Edit t000")
     expect(edit).to_be_focused()
     expect(edit).to_have_accessible_description(re.compile("What you typed into assignee is kept"))
+
+
+def test_the_one_letter_keys_can_be_turned_off_and_stay_off(logged_in_page, live_url, inbox):
+    """j, x, d and the rest acted on any letter typed outside a field, with no way to
+    turn them off: a speech-input user's words, or a stray key, selected and closed tasks."""
+    inbox(2)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=inbox")
+    page.get_by_role("button", name="Keys (?)").click()
+    dialog = page.get_by_role("dialog", name="Keyboard")
+    use = dialog.get_by_role("checkbox", name="Use these keys")
+    expect(use).to_be_checked()
+    use.press("Space")
+    dialog.get_by_role("button", name="Close").click()
+    page.reload()
+    page.locator("body").focus()
+    for key in ["j", "x", "?"]:
+        page.keyboard.press(key)
+    expect(page.locator("#bulk-bar")).to_be_hidden()
+    expect(page.locator("dialog[open]")).to_have_count(0)
+    assert page.evaluate("document.activeElement === document.body")
+
+    page.get_by_role("button", name="Keys (?)").click()
+    expect(use).not_to_be_checked()
+    use.press("Space")
+    dialog.get_by_role("button", name="Close").click()
+    page.locator("body").focus()
+    page.keyboard.press("j")
+    page.keyboard.press("x")
+    expect(page.locator("#bulk-count")).to_have_text("1 selected")
