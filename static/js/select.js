@@ -34,7 +34,14 @@
     const said = selection.all
       ? "All " + plural(total()) + " of this view selected, in every column, shown or not"
       : count().toLocaleString() + " selected";
-    setText(document.getElementById("bulk-count"), said);
+    const shown = document.getElementById("bulk-count");
+    const before = shown.textContent;
+    setText(shown, said);
+    // Said once each time the selection changes (not on the page's first paint).
+    const region = document.getElementById("bulk-said");
+    if (region && before !== said) {
+      setText(region, count() > 0 ? said : "Selection cleared");
+    }
     b.querySelectorAll("[data-total]").forEach((el) => setText(el, total().toLocaleString()));
     b.querySelector("[data-select-all]").hidden = selection.all;
     const lost = !document.activeElement || document.activeElement === document.body;

@@ -649,3 +649,25 @@ def test_the_focus_given_to_a_running_bulk_status_survives_its_refresh(
     page.evaluate("document.addEventListener('htmx:afterSettle', () => window.__swaps++)")
     wait_until(lambda: page.evaluate("window.__swaps") >= 2, 10, "no refresh")
     expect(status).to_be_focused()
+
+
+def test_the_first_pick_and_a_cleared_selection_are_said_in_a_region_that_is_not_hidden(
+    logged_in_page, live_url
+):
+    """The selected count was a live region inside the bulk bar, which is hidden until
+    something is selected: the first pick, shown and changed at once, was not said, nor
+    was the end of a selection (the bar hid again)."""
+    tasks = make_tasks("q", 3)
+    page = logged_in_page
+    page.goto(f"{live_url}/?queue=q")
+    said = page.get_by_role("status").and_(page.locator("#bulk-said"))
+    expect(said).to_have_text("")
+    assert said.evaluate("e => !e.closest('[hidden]')")
+    page.locator(f"#task-{tasks[0].pk} input.pick").check()
+    expect(said).to_have_text("1 selected")
+    page.locator(f"#task-{tasks[1].pk} input.pick").check()
+    expect(said).to_have_text("2 selected")
+    board_changes(page, tasks[2])
+    expect(said).to_have_text("2 selected")
+    page.get_by_role("button", name="Clear selection").click()
+    expect(said).to_have_text("Selection cleared")
