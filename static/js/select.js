@@ -144,7 +144,7 @@
     const form = dialog.querySelector("form.bulk-form");
     if (form) form.reset();
     dialog.showModal();
-    const field = dialog.querySelector("input, select, textarea, button");
+    const field = dialog.querySelector("[autofocus]") || dialog.querySelector("input, select, textarea, button");
     if (field) field.focus();
     return dialog;
   }
