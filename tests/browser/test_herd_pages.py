@@ -332,9 +332,11 @@ def test_a_wide_table_on_a_phone_scrolls_from_the_keyboard_and_stays_scrolled(
     for _ in range(6):
         page.keyboard.press("ArrowRight")
     wait_until(lambda: box.evaluate("b => b.scrollLeft") > 100, 5, "the arrows did not scroll")
+    page.wait_for_timeout(500)  # the arrows scroll smoothly
     left = box.evaluate("b => b.scrollLeft")
     page.evaluate("window.__refreshes = 0")
     page.evaluate("document.addEventListener('htmx:afterSettle', () => window.__refreshes++)")
     wait_until(lambda: page.evaluate("window.__refreshes") >= 2, 10, "no refresh")
-    assert box.evaluate("b => b.scrollLeft") == left
+    # Within a pixel or two: a refreshed row may be a little wider or narrower.
+    assert abs(box.evaluate("b => b.scrollLeft") - left) <= 3
     expect(box).to_be_focused()
