@@ -306,6 +306,52 @@ def test_missing_file_is_refused(folder):
     assert not folder.path("a.md").exists()
 
 
+def test_a_task_whose_file_is_gone_can_be_closed_or_blocked_but_not_edited(folder):
+    """Its field edits have nowhere to go, but closing it was refused too: a task whose
+    file was deleted could leave the queue only through the admin's delete."""
+    tasks = folder({"a.md": TASK, "b.md": TASK.replace("ex-1", "ex-2")})
+    for name in ("a.md", "b.md"):
+        folder.path(name).unlink()
+    Importer("inbox", roots=[folder.path(".")]).run([folder.path(".")])
+    a, b = (Task.objects.get(pk=tasks[n].pk) for n in ("a.md", "b.md"))
+    assert a.source_missing and b.source_missing
+    editing.edit_task(a, {"status": "done"}, ACTOR, reason="deleted: not needed")
+    editing.edit_task(b, {"status": "blocked"}, ACTOR, reason="the file went")
+    assert Task.objects.get(pk=a.pk).status == Status.DONE
+    assert Task.objects.get(pk=b.pk).status == Status.BLOCKED
+    assert list(folder.path(".").iterdir()) == []  # no file made for them
+    with pytest.raises(FileChanged, match="missing"):
+        editing.edit_task(Task.objects.get(pk=a.pk), {"title": "Mine"}, ACTOR)
+
+
+def test_a_file_left_out_as_no_task_is_not_written_by_an_edit(folder):
+    """A README imported as a task at an earlier stop, left out now and its task marked
+    missing: an edit wrote frontmatter into the README. Closing the task is its row's."""
+    readme = "# Our tasks\n\nHow we work.\n"
+    task = folder({"notes.md": "---\nid: n\n---\nx\n"})["notes.md"]
+    Task.objects.filter(pk=task.pk).update(source_missing=True)  # as the import marks it
+    folder.path("notes.md").write_text(readme)
+    Task.objects.filter(pk=task.pk).update(
+        source_sha256=hashlib.sha256(readme.encode()).hexdigest()
+    )
+    task = Task.objects.get(pk=task.pk)
+    with pytest.raises(FileChanged, match="missing"):
+        editing.edit_task(task, {"assignee": "bot"}, ACTOR)
+    editing.edit_task(task, {"status": "done"}, ACTOR, reason="not a task")
+    assert folder.path("notes.md").read_text() == readme
+    assert Task.objects.get(pk=task.pk).status == Status.DONE
+
+
+def test_a_finish_does_not_write_a_file_its_task_was_let_go_of(folder):
+    task = folder({"notes.md": "---\nid: n\n---\nx\n"})["notes.md"]
+    before = folder.path("notes.md").read_bytes()
+    Task.objects.filter(pk=task.pk).update(source_missing=True, status=Status.DONE)
+    editing.write_finished_status([task.pk], "w1")
+    assert folder.path("notes.md").read_bytes() == before
+    note = TaskEvent.objects.filter(task=task, kind=EventKind.NOTE).get()
+    assert note.message.endswith("the file is missing on disk")
+
+
 def test_a_save_from_an_older_form_is_refused(folder):
     task = folder({"a.md": TASK})["a.md"]
     opened_with = task.source_sha256

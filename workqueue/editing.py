@@ -348,6 +348,15 @@ def _current(task: Task, name: str):
     return getattr(task, name)
 
 
+def _missing(plan: _Plan) -> _Plan:
+    """A task whose file is gone: a field edit has nowhere to go and is refused, but
+    closing or blocking it is its row's alone (else a task whose file was deleted could
+    never leave the queue but through the admin's delete)."""
+    if plan.values:
+        plan.unwritable = MISSING
+    return plan
+
+
 def _plan(task: Task, values: dict, status: str | None, reason: str) -> _Plan | None:
     changed = {n: v for n, v in values.items() if _current(task, n) != v}
     if not changed and not status:
@@ -366,12 +375,14 @@ def _plan(task: Task, values: dict, status: str | None, reason: str) -> _Plan | 
         # An outside tool's lock: it may be rewriting the file now, undoing this or undone.
         plan.unwritable = f"{task.outside_holder}; edit the task when it lets go"
         return plan
+    if task.source_missing:
+        return _missing(plan)  # a README left out stays as its author wrote it
     plan.path = task.source_path
     try:
         raw, stat = taskfile.read_regular_file(plan.path, settings.HYPERVISOR_MAX_FILE_BYTES)
     except FileNotFoundError:
-        plan.unwritable = MISSING
-        return plan
+        plan.path = ""
+        return _missing(plan)
     except (OSError, TaskFileError) as exc:
         plan.unwritable = f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"
         return plan
@@ -973,6 +984,7 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
     the task says why. A batch's files take one sync, as an edit's do.
     """
     columns = ("id", "fence", "status", "reason", "source_path", "source_sha256", "frontmatter")
+    columns += ("source_missing",)
     finished = (
         Task.objects.filter(pk__in=list(task_ids), status__in=(Status.DONE, Status.BLOCKED))
         .exclude(source_path="")
@@ -1014,6 +1026,9 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
 def _finish_plan(task: Task, notes: list) -> _Plan | str | None:
     """The file with the task's state written, CHANGED_ON_DISK for a file that differs
     from the row, or None (nothing to write, or a note saying why not)."""
+    if task.source_missing:  # gone, or no task now (a README left out): not written
+        notes.append((task, MISSING))
+        return None
     try:
         raw, stat = taskfile.read_regular_file(
             task.source_path, settings.HYPERVISOR_MAX_FILE_BYTES
