@@ -52,6 +52,25 @@ def test_claim_next_task_claims_like_a_worker_row_fence_and_lock():
     json.dumps(answer)  # one JSON object
 
 
+def test_a_pull_workers_claim_carries_its_agent_in_its_own_write(monkeypatch):
+    """The agent was noted on the claim in a second write: a pull worker killed between
+    the two left a claim without its agent, which the reaper then could not end before the
+    task went to another."""
+    from workqueue import transitions
+
+    make_tasks("q", 1)
+    agent = session("pulling")
+    agent.agent = (4242, 1700000000.5)
+    monkeypatch.setattr(transitions, "record_agent", lambda *a, **k: False)  # never reached
+    assert agent.call("claim_next_task")["success"] is True
+    row = Task.objects.get()
+    assert (row.status, row.agent_pgid, row.agent_started) == (
+        Status.CLAIMED,
+        4242,
+        1700000000.5,
+    )
+
+
 def test_an_empty_queue_says_queue_empty_and_why():
     make_tasks("q", 2)
     first = Task.objects.get(key="t000001")

@@ -38,6 +38,7 @@ def claim_ready_tasks(
     filters=None,
     busy: dict[int, float] | None = None,
     max_attempts: int | None = None,
+    agent: tuple[int, float] | None = None,
 ) -> list[Claim]:
     """Claim up to `limit` ready tasks: the database row first, then the lock directory.
 
@@ -51,7 +52,7 @@ def claim_ready_tasks(
         now = time.monotonic()
         skip = [i for i, until in busy.items() if until > now]
         claims = transitions.claim(
-            queue, identity, limit, lease_seconds, filters, skip, max_attempts
+            queue, identity, limit, lease_seconds, filters, skip, max_attempts, agent
         )
         if not claims:
             return []

@@ -467,12 +467,10 @@ class PullSession:
             routing,
             busy,
             self.max_attempts,
+            self.agent,  # in the claim's own write: never a claim without its agent
         )
         if taken:
             self.claimed += len(taken)
-            if self.agent:
-                for claim in taken:
-                    transitions.record_agent(self.identity, claim, *self.agent)
             if not self.stateless:
                 with self._held_lock:
                     self.held.update((c.id, c) for c in taken)

@@ -105,10 +105,13 @@ def claim(
     filters=None,
     skip: Iterable[int] = (),
     max_attempts: int | None = None,
+    agent: tuple[int, float] | None = None,
 ) -> list[Claim]:
     """queued (and ready) -> claimed: up to `limit` tasks in claim order, one new fence
     above every fence they had. `max_attempts` (a profile's) rides on the claim, so
-    whoever reaps it applies it in the same write."""
+    whoever reaps it applies it in the same write; so does `agent` (the process group and
+    start of an agent already at work, a pull worker's), so that no claim is ever without
+    the agent a reaper must end before the task goes to another."""
     candidates = Task.objects.filter(queue=queue).ready().claim_order()
     if skip:
         candidates = candidates.exclude(pk__in=list(skip))
@@ -136,6 +139,7 @@ def claim(
             attempts=F("attempts") + 1,
             max_attempts=max_attempts,
             updated_at=now,
+            **({"agent_pgid": agent[0], "agent_started": agent[1]} if agent else {}),
         )
         TaskEvent.objects.record(
             [(i, now, EventKind.CLAIMED, identity.worker, fence, "", {}) for i in ids]
