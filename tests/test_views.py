@@ -7,6 +7,7 @@ import re
 import subprocess
 from datetime import timedelta
 from html.parser import HTMLParser
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -97,6 +98,18 @@ def test_board_shows_each_column_with_its_exact_count(viewer):
     assert "Task 2" in column_html(response.content, "blocked")
     assert "needs a human" in column_html(response.content, "blocked")
     assert "Task 6" in column_html(response.content, "queued")
+
+
+def test_no_template_comment_shows_on_a_page(viewer):
+    """`{# … #}` is a comment only on one line: one over two lines was shown at the foot
+    of the board as text."""
+    templates = Path(__file__).resolve().parent.parent / "templates"
+    for path in templates.rglob("*.html"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "{#" in line:
+                assert "#}" in line.split("{#", 1)[1], f"{path.name}:{number}"
+    make_tasks("q", 1)
+    assert "{#" not in viewer.get("/").content.decode()
 
 
 def test_cards_are_ordered_by_priority_then_age(viewer):
