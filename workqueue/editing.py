@@ -983,8 +983,8 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
     a regular file, or cannot be written is left alone: the finish stands, and an event on
     the task says why. A batch's files take one sync, as an edit's do.
     """
-    columns = ("id", "fence", "status", "reason", "source_path", "source_sha256", "frontmatter")
-    columns += ("source_missing",)
+    columns = ("id", "fence", "status", "reason", "frontmatter")
+    columns += ("source_path", "source_sha256", "source_missing")
     finished = (
         Task.objects.filter(pk__in=list(task_ids), status__in=(Status.DONE, Status.BLOCKED))
         .exclude(source_path="")
