@@ -435,20 +435,24 @@ def test_written_file_and_row_agree_so_reimport_sees_no_change(queue_folder):
     assert (report.unchanged, report.updated) == (1, 0)
 
 
-def test_a_file_as_imported_is_loaded_once_its_frontmatter_taken_from_the_row(
+def test_a_file_as_imported_is_not_loaded_again_its_frontmatter_taken_from_the_row(
     queue_folder, monkeypatch
 ):
-    # The hash says the file is the one imported, so its row holds its frontmatter: the
-    # only YAML loaded is the edit's own check (it was two loads a task, a third of the
-    # worker's CPU in bench/bench_triage.py).
-    queue_folder({f"b{i}.md": NEEDS_WORK.replace("id: b", f"id: b{i}") for i in range(3)})
+    # The hash says the file is the one imported, so its row holds its frontmatter (it was
+    # two loads a task, a third of the worker's CPU in bench/bench_triage.py). A plain
+    # frontmatter's edit needs no load to be checked either; a quoted value's does.
+    files = {f"b{i}.md": NEEDS_WORK.replace("id: b", f"id: b{i}") for i in range(3)}
+    quoted = NEEDS_WORK.replace("id: b", "id: q").replace("title: Fix", "title: 'Fix")
+    queue_folder({**files, "q.md": quoted.replace(".py\n", ".py'\n")})
     loads = []
     load_yaml = taskfile.load_yaml
     monkeypatch.setattr(taskfile, "load_yaml", lambda text: loads.append(text) or load_yaml(text))
     work()
-    assert Task.objects.filter(status=Status.DONE).count() == 3
-    assert len(loads) == 3
-    assert all("complexity: mechanical" in text for text in loads)
+    assert Task.objects.filter(status=Status.DONE).count() == 4
+    assert len(loads) == 1
+    assert "id: q" in loads[0] and "complexity: mechanical" in loads[0]
+    for name in files:
+        assert "\ncomplexity: mechanical\n" in (queue_folder.folder / name).read_text()
 
 
 def test_a_row_edited_apart_from_its_file_never_puts_the_rows_keys_in_the_file(queue_folder):
@@ -469,11 +473,17 @@ def test_a_row_edited_apart_from_its_file_never_puts_the_rows_keys_in_the_file(q
 
 
 def test_an_edit_judged_on_a_frontmatter_that_is_not_the_files_checks_the_file():
-    raw = b"---\nid: a\nowner: nic\n---\nbody\n"
+    raw = b"---\nid: a\nowner: 'nic'\n---\nbody\n"
     doc = Document.parse(raw, {"id": "a", "owner": "someone else"})
     doc.set_keys({"status": "done"})
     assert doc.frontmatter == {"id": "a", "owner": "nic", "status": "done"}
-    assert doc.render() == b"---\nid: a\nowner: nic\nstatus: done\n---\nbody\n"
+    assert doc.render() == b"---\nid: a\nowner: 'nic'\nstatus: done\n---\nbody\n"
+    # A plain frontmatter's edit is judged by its lines, against the keys given: a key
+    # the file does not have (a row edited apart from it) sends it to the file's own.
+    plain = Document.parse(b"---\nid: a\n---\nbody\n", {"id": "a", "x": 1})
+    plain.set_keys({"status": "done"})
+    assert plain.frontmatter == {"id": "a", "status": "done"}
+    assert plain.render() == b"---\nid: a\nstatus: done\n---\nbody\n"
     flow = Document.parse(b"---\n{id: a}\n---\n", {"id": "a"})
     with pytest.raises(EditRefused):
         flow.set_keys({"status": "done"})

@@ -1,8 +1,9 @@
 """Writing a task file back without damage.
 
 Only the frontmatter lines of changed keys are rewritten; every other byte (other keys,
-their order and quoting, comments, the body) stays as it was. The edited frontmatter is
-parsed again and must load as exactly the expected mapping, or nothing is written.
+their order and quoting, comments, the body) stays as it was. The edited frontmatter must
+load as exactly the expected mapping, or nothing is written: it is parsed again, unless its
+lines alone show it (see _linewise).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from workqueue.taskfile import SafeLoader
 BOM = "\ufeff"
 KEY_LINE = re.compile(r"([A-Za-z_][\w.-]*)[ \t]*:(?=[ \t\r\n]|$)")
 BLOCK_ITEM = re.compile(r"([ \t]*)-[ \t]")
+# What can make YAML's structure differ from its lines: an indicator where a value may
+# begin (quotes, anchors, aliases, tags, block scalars, directives, complex and merge
+# keys), a tab, or a line break that Python and YAML count differently.
+NOT_LINEWISE = re.compile(
+    r"""(?:^|[\s\[{,])['"&*!|>%@`?<]|[\t\x0b\x0c\x1c-\x1e\x85\u2028\u2029]""", re.M
+)
+FLOW = re.compile(r"[\[\]{}]")
 # A value set_keys can write: a string, a whole number, a flag, a list of strings.
 Value = str | int | bool | list[str]
 
@@ -88,6 +96,10 @@ class Document:
         a flow list (`[a, b]`).
         """
         edited = edit_yaml(self.yaml_text, changes, self.newline)
+        if _linewise(self.yaml_text, self.frontmatter, changes):
+            self.yaml_text, self.known = edited, False
+            self.frontmatter = _with_changes(self.frontmatter, changes)
+            return
         try:
             result = taskfile.load_yaml(edited)
         except taskfile.TaskFileError:
@@ -100,6 +112,47 @@ class Document:
         if result != expected:
             raise EditRefused("cannot edit this frontmatter in place without changing other keys")
         self.yaml_text, self.frontmatter, self.known = edited, expected, False
+
+
+def _linewise(yaml_text: str, frontmatter: dict, changes: dict[str, Value | None]) -> bool:
+    """Whether the edit's result is known without loading it: each top-level key's value
+    is the text of its own lines (block style, plain values, any flow collection closed on
+    its line), every key loaded is a key line, and each changed key is one line, or new,
+    and gets a plain word. Then whole lines replaced change those keys and no other.
+    (A finish's status and triage's keys: a YAML load was two thirds of their edit.)"""
+    if NOT_LINEWISE.search(yaml_text):
+        return False
+    lines = yaml_text.splitlines(keepends=True)
+    commented = False  # a comment at the left edge ends a key's lines (_key_spans), not YAML's
+    keyed = False
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.strip() and line[:1] in (" ", "-") and (commented or not keyed):
+            return False  # a value's line after a comment at the edge, or before any key
+        commented = line[:1] == "#" or (commented and not line.strip())
+        keyed = keyed or bool(KEY_LINE.match(line))
+        depth = 0
+        for found in FLOW.finditer(line):
+            depth += 1 if found[0] in "[{" else -1
+            if depth < 0:
+                return False
+        if depth:
+            return False
+        # At the left edge: a key, an item of a key's list, a comment, or nothing.
+        if not (line[:1] in ("", " ", "#") or line[:2] in ("-", "- ") or KEY_LINE.match(line)):
+            return False
+    spans = _key_spans(lines)
+    if spans.keys() != frontmatter.keys():
+        return False
+    if sum(1 for line in lines if KEY_LINE.match(line)) != len(spans):
+        return False
+    for key, value in changes.items():
+        start, end = spans.get(key.lower(), (0, 1))
+        if end - start != 1 or not (
+            value is None or (isinstance(value, str) and _plain_is_safe(value))
+        ):
+            return False
+    return True
 
 
 def _with_changes(frontmatter: dict, changes: dict[str, Value | None]) -> dict:
@@ -162,7 +215,8 @@ def _key_spans(lines: list[str]) -> dict[str, tuple[int, int]]:
 def _continues(line: str) -> bool:
     # Indented lines, blank lines and an indentless block sequence ("- item") belong to
     # the key above; a comment or anything else at column 0 does not.
-    return line[:1] in (" ", "\t") or not line.strip() or line.startswith(("- ", "-\n", "-\r"))
+    item = line.startswith("- ") or line.rstrip("\r\n") == "-"  # the last line may end bare
+    return line[:1] in (" ", "\t") or not line.strip() or item
 
 
 def _replace_value(span: list[str], value: Value, newline: str) -> str:
@@ -180,6 +234,8 @@ def _replace_value(span: list[str], value: Value, newline: str) -> str:
         return f"{key} {yaml_value(value)}{ending}"
     old, tail = _split_comment(rest)
     lead = old[: len(old) - len(old.lstrip())] or " "
+    if tail[:1] == "#":  # `key: # note` had no value: the comment keeps its space
+        tail = " " + tail
     return f"{key}{lead}{yaml_value(value, old.strip())}{tail}{ending}"
 
 
@@ -208,7 +264,7 @@ def _split_comment(rest: str) -> tuple[str, str]:
                 continue
             if ch == quote:
                 quote = ""
-        elif ch == "#" and stripped[i - 1] in " \t":
+        elif ch == "#" and (i == 0 or stripped[i - 1] in " \t"):
             value = stripped[:i].rstrip()
             return rest[: offset + len(value)], rest[offset + len(value) :]
         i += 1
