@@ -589,3 +589,35 @@ def test_a_finish_sent_again_says_it_went_through(stateless):
     assert not agent.call("block_task", {"id": "t000000", "reason": "r"})["success"]
     other = PullSession("q", Identity.current("mcp:bob/laptop"), None, 1800, stateless=stateless)
     assert not other.call("complete_task", {"id": "t000000"})["success"]
+
+
+def test_a_task_whose_file_git_left_half_merged_is_blocked_not_given_to_the_agent(inbox):
+    # An agent pulling work was sent to a file holding both sides of a merge; a worker's
+    # command has been spared it since the conflict check (processors.merge_conflict_line).
+    (inbox / "b.md").write_text(
+        "---\nid: ex-002\ntitle: B\nstatus: inbox\npriority: 0\n---\n# B\n"
+    )
+    assert not Importer("inbox").run([inbox]).errors
+    conflicted = (
+        "---\nid: ex-002\ntitle: B\nstatus: inbox\npriority: 0\n---\n# B\n\n"
+        "<<<<<<< HEAD\nDo it this way.\n=======\nDo it that way.\n>>>>>>> other\n"
+    )
+    (inbox / "b.md").write_text(conflicted)
+    agent = session("a", queue="inbox")
+
+    answer = agent.call("claim_next_task")
+
+    assert answer["success"] is True and answer["task"]["id"] == "ex-001", answer
+    row = Task.objects.get(key="ex-002")
+    assert (row.status, row.reason) == (
+        Status.BLOCKED,
+        "its file has an unresolved merge conflict (git's '<<<<<<<' at line 9): "
+        "resolve it, then requeue",
+    )
+    assert held_lock(row) is None
+    assert (inbox / "b.md").read_text() == conflicted  # nothing written into it
+    row.status = Status.QUEUED
+    row.save(update_fields=["status"])
+    again = agent.call("update_task", {"id": "ex-002", "status": "claimed"})
+    assert again["success"] is False and "merge conflict" in again["message"], again
+    assert Task.objects.get(key="ex-002").status == Status.BLOCKED

@@ -42,8 +42,9 @@ from workqueue.dependencies import STUCK_LISTED, in_words, stuck, why_stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task
-from workqueue.processors import Claim, Result
+from workqueue.processors import Claim, Result, merge_conflict_line
 from workqueue.routing import FilterError, TaskFilter, field_is
+from workqueue.taskfile import conflict_reason
 
 log = logging.getLogger("workqueue.pull")
 
@@ -458,7 +459,7 @@ class PullSession:
     # Claims --------------------------------------------------------------------------
 
     def _claim(self, routing, busy: dict) -> list[Claim]:
-        taken = claims.claim_ready_tasks(
+        while taken := claims.claim_ready_tasks(
             self.queue,
             self.identity,
             self.owner_file,
@@ -468,13 +469,28 @@ class PullSession:
             busy,
             self.max_attempts,
             self.agent,  # in the claim's own write: never a claim without its agent
-        )
+        ):
+            if not self._blocked_as_conflicted(taken[0]):
+                break
         if taken:
             self.claimed += len(taken)
             if not self.stateless:
                 with self._held_lock:
                     self.held.update((c.id, c) for c in taken)
         return taken
+
+    def _blocked_as_conflicted(self, claim: Claim) -> bool:
+        """Block a claimed task whose file git left half merged, as a worker's command
+        does (processors.merge_conflict_line): an agent would work from both sides."""
+        line = merge_conflict_line(claim.path)
+        if not line:
+            return False
+        reason = f"its file has an {conflict_reason(line)}: resolve it, then requeue"
+        report = claims.finish_claims(
+            self.identity, [(claim, Result(status=Status.BLOCKED, reason=reason))], self.owner_file
+        )
+        self.blocked += claim.id in report.finished
+        return True
 
     def _claim_this(self, task: Task) -> dict:
         if self._mine(task) is not None:
