@@ -482,8 +482,7 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
     try:
         return _commit_live(live, actor, report, now)
     finally:
-        # A database error before a rename left its temporary: none is left behind (a
-        # renamed one is gone from its name already).
+        # A database error before a rename left its temporary: none is left behind.
         for plan in live:
             if plan.temporary:
                 discard(plan.temporary)
@@ -530,6 +529,8 @@ def _write(plan: _Plan, sha256: str | None, left_alone: dict[int, str]) -> str:
             plan.stat = replace_if_unchanged(plan.temporary, plan.path, plan.seen)
         except OSError as exc:
             return f"cannot write the file: {exc.strerror or exc}"
+        finally:  # renamed, or removed by replace_if_unchanged: nothing left to discard
+            plan.temporary = ""
         return "" if plan.stat is not None else CHANGED_ON_DISK
     if plan.temporary:
         discard(plan.temporary)
@@ -1081,6 +1082,8 @@ def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
                 except OSError as exc:
                     notes.append((plan.task, f"cannot write the file: {exc.strerror or exc}"))
                     continue
+                finally:  # renamed, or removed by replace_if_unchanged: nothing to discard
+                    plan.temporary = ""
                 if stat is None:
                     notes.append((plan.task, CHANGED_ON_DISK))
                     continue
@@ -1096,7 +1099,8 @@ def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
             _save_rows(updates)
     finally:
         for plan in plans:
-            discard(plan.temporary)  # renamed ones are gone from their names already
+            if plan.temporary:  # not reached: a row changed meanwhile, or the write failed
+                discard(plan.temporary)
 
 
 def apply_pending_edit(task: Task) -> None:
