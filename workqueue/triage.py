@@ -134,7 +134,6 @@ class TriageProcessor(Processor):
     name = "triage"
     finish_in_batches = True
     cpu_bound = True
-    ends_on_disk = True
     writes_status = False
 
     def __init__(self):

@@ -10,6 +10,7 @@ from workqueue.processing import Processor, Result
 class Probe(Processor):
     name = "probe"
     cpu_bound = True
+    ends_on_disk = False  # its tasks have no files: a turn is kept through the finish
 
     def process(self, claim, context) -> Result:
         started = time.monotonic()
