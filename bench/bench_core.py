@@ -5,7 +5,8 @@ Prints JSON.
                                [--postgres]
 
 The peers, each doing the same per item (read the task file, write a result file): the
-mkdir-lock script, Huey's consumer on its SQLite storage, and the django-tasks database
+mkdir-lock script (and again giving each task file `status: done` as `sed -i` does, as
+ours gives it durably), Huey's consumer on its SQLite storage, and the django-tasks database
 backend on the same kind of database as ours. With --postgres, ours runs on a PostgreSQL
 server ($BENCH_POSTGRES_URL, else the local one) and Procrastinate's worker joins, on the
 same server; every peer on a database gets a fresh one per run. Each row gives the ratio
@@ -265,7 +266,30 @@ def run_on_tmpfs(env: dict, workers: int, prefetch: int) -> dict:
         shutil.rmtree(shm, ignore_errors=True)
 
 
-PEERS = ("mkdir_script", "huey_sqlite", "django_tasks", "procrastinate_postgres")
+PEERS = (
+    "mkdir_script", "mkdir_script_writing_status", "huey_sqlite", "django_tasks",
+    "procrastinate_postgres",
+)  # fmt: skip
+
+
+def run_mkdir_writing_status(tmp: Path, n: int, rep: int) -> dict:
+    """The mkdir script giving each task file `status: done` as ours does, on a copy of
+    the folder of its own (ours reads the originals, put back between its runs)."""
+    folder = tmp / f"mkdir-status-tasks-{n}-{rep}"
+    shutil.copytree(tmp / "tasks", folder)
+    queue_file = tmp / f"mkdir-status-queue-{n}-{rep}.txt"
+    queue_file.write_text("".join(f"{p}\n" for p in sorted(map(str, folder.iterdir()))))
+    return run_script(
+        [
+            str(ROOT / "bench" / "mkdir_baseline.py"),
+            str(queue_file),
+            str(tmp / f"mkdir-status-locks-{n}-{rep}"),
+            str(tmp / f"mkdir-status-results-{n}-{rep}"),
+            str(n),
+            "--write-status",
+        ],
+        whole_process=True,
+    )
 
 
 def peer(script: str, tmp: Path, queue_file: Path, n: int, new_database) -> dict:
@@ -326,6 +350,9 @@ def run(
                         ],
                         whole_process=True,
                     ),
+                    "mkdir_script_writing_status": functools.partial(
+                        run_mkdir_writing_status, tmp, n, rep
+                    ),
                     "huey_sqlite": functools.partial(
                         run_script,
                         [
@@ -357,6 +384,9 @@ def run(
             row["hypervisor"]["empty_queue_seconds"] = empty_queue_seconds(env, n, repeat)
             ours = row["hypervisor"]["items_per_second"]
             row["ratio_vs_mkdir"] = round(ours / row["mkdir_script"]["items_per_second"], 2)
+            row["ratio_vs_mkdir_writing_status"] = round(
+                ours / row["mkdir_script_writing_status"]["items_per_second"], 2
+            )
             row["ratio_vs_huey"] = round(ours / row["huey_sqlite"]["items_per_second"], 2)
             best = max((p for p in PEERS if p in row), key=lambda p: row[p]["items_per_second"])
             row["best_peer"] = best
