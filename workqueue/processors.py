@@ -144,13 +144,10 @@ class CommandProcessor(Processor):
     def process(
         self, claim: Claim, context: WorkContext, extra: dict | None = None, cwd: str | None = None
     ) -> Result:
-        from workqueue import agent_tree, agents, taskfile
+        from workqueue import agent_tree, agents
 
-        conflict = merge_conflict_line(claim.path)
-        if conflict:
-            # An agent would work from both sides of it, and its file cannot say the end.
-            reason = f"its file has an {taskfile.conflict_reason(conflict)}"
-            return Result(status=Status.BLOCKED, reason=f"{reason}: resolve it, then requeue")
+        if blocked := blocked_if_half_merged(claim.path):
+            return blocked
         env = self.environment(claim, context)
         mask = agent_tree.Masker(
             [*self.secrets, *agent_tree.known_secrets(env, [*self.pass_env, *self.env])]
@@ -226,6 +223,18 @@ class CommandProcessor(Processor):
 
 DEFAULT_PROMPT = "prompts/worker.md"
 PROMPT_LIMIT = 64 * 1024
+
+
+def blocked_if_half_merged(path: str) -> Result | None:
+    """A blocked result for a task whose file git left in a merge conflict, or None: an
+    agent would work from both sides of it, and its file cannot say the end."""
+    from workqueue import taskfile
+
+    line = merge_conflict_line(path)
+    if not line:
+        return None
+    reason = f"its file has an {taskfile.conflict_reason(line)}: resolve it, then requeue"
+    return Result(status=Status.BLOCKED, reason=reason)
 
 
 def merge_conflict_line(path: str) -> int:

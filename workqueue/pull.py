@@ -42,9 +42,8 @@ from workqueue.dependencies import STUCK_LISTED, in_words, stuck, why_stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task
-from workqueue.processors import Claim, Result, merge_conflict_line
+from workqueue.processors import Claim, Result, blocked_if_half_merged
 from workqueue.routing import FilterError, TaskFilter, field_is
-from workqueue.taskfile import conflict_reason
 
 log = logging.getLogger("workqueue.pull")
 
@@ -481,14 +480,11 @@ class PullSession:
 
     def _blocked_as_conflicted(self, claim: Claim) -> bool:
         """Block a claimed task whose file git left half merged, as a worker's command
-        does (processors.merge_conflict_line): an agent would work from both sides."""
-        line = merge_conflict_line(claim.path)
-        if not line:
+        does: an agent would work from both sides."""
+        blocked = blocked_if_half_merged(claim.path)
+        if blocked is None:
             return False
-        reason = f"its file has an {conflict_reason(line)}: resolve it, then requeue"
-        report = claims.finish_claims(
-            self.identity, [(claim, Result(status=Status.BLOCKED, reason=reason))], self.owner_file
-        )
+        report = claims.finish_claims(self.identity, [(claim, blocked)], self.owner_file)
         self.blocked += claim.id in report.finished
         return True
 

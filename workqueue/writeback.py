@@ -124,13 +124,14 @@ def _linewise(yaml_text: str, frontmatter: dict, changes: dict[str, Value | None
         return False
     lines = yaml_text.splitlines(keepends=True)
     commented = False  # a comment at the left edge ends a key's lines (_key_spans), not YAML's
-    keyed = False
+    key_lines = 0
     for line in lines:
         line = line.rstrip("\r\n")
-        if line.strip() and line[:1] in (" ", "-") and (commented or not keyed):
+        if line.strip() and line[:1] in (" ", "-") and (commented or not key_lines):
             return False  # a value's line after a comment at the edge, or before any key
         commented = line[:1] == "#" or (commented and not line.strip())
-        keyed = keyed or bool(KEY_LINE.match(line))
+        is_key = KEY_LINE.match(line) is not None
+        key_lines += is_key
         depth = 0
         for found in FLOW.finditer(line):
             depth += 1 if found[0] in "[{" else -1
@@ -139,12 +140,10 @@ def _linewise(yaml_text: str, frontmatter: dict, changes: dict[str, Value | None
         if depth:
             return False
         # At the left edge: a key, an item of a key's list, a comment, or nothing.
-        if not (line[:1] in ("", " ", "#") or line[:2] in ("-", "- ") or KEY_LINE.match(line)):
+        if not (is_key or line[:1] in ("", " ", "#") or line[:2] in ("-", "- ")):
             return False
     spans = _key_spans(lines)
-    if spans.keys() != frontmatter.keys():
-        return False
-    if sum(1 for line in lines if KEY_LINE.match(line)) != len(spans):
+    if spans.keys() != frontmatter.keys() or key_lines != len(spans):
         return False
     for key, value in changes.items():
         start, end = spans.get(key.lower(), (0, 1))
