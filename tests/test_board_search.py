@@ -473,12 +473,12 @@ def test_a_text_in_all_but_a_few_tasks_is_the_board_less_those_few(viewer, monke
         f"k{i}" for i in range(8)
     }
     assert not [sql for sql in ran if searches_text(sql)], "kept: nothing changed"
-    # A claim changes no text: SQLite's search index tells, and the search is kept.
+    # A claim changes no text: the database tells (SQLite's search index, PostgreSQL's
+    # count of commits that wrote text), and the search is kept.
     Task.objects.filter(key="k2").update(status=Status.DONE, updated_at=timezone.now())
     response, ran = rendered(q="common")
     assert column_counts(response) == {"queued": 5, "claimed": 0, "done": 3, "blocked": 0}
-    searched = bool([sql for sql in ran if searches_text(sql)])
-    assert searched == (connection.vendor != "sqlite")
+    assert not [sql for sql in ran if searches_text(sql)], "kept: no text changed"
     # A change of text: one task loses it, one gains it, one more is added without it.
     now = timezone.now()
     Task.objects.filter(key="k0").update(title="gone", updated_at=now)
@@ -493,16 +493,20 @@ def test_a_text_in_all_but_a_few_tasks_is_the_board_less_those_few(viewer, monke
     assert found(viewer, q="common", project="web") == {"k3"}
 
 
-def test_a_search_index_without_fts5s_layout_keeps_a_search_with_the_boards_version(
-    viewer, monkeypatch
-):
-    task("k", title="common")
+def test_the_generation_changes_with_searched_text_alone(viewer, monkeypatch):
+    made = task("k", title="common", body="a body")
     before = TaskSearch.generation()
-    assert bool(before) == (connection.vendor == "sqlite")
+    assert before
     Task.objects.filter(key="k").update(status=Status.DONE)  # no text changed
+    Task.objects.filter(key="k").update(title="common")  # the same text written again
     assert TaskSearch.generation() == before
     Task.objects.filter(key="k").update(title="common and new")
-    assert TaskSearch.generation() != before or connection.vendor != "sqlite"
+    after_title = TaskSearch.generation()
+    assert after_title != before
+    TaskBody.objects.filter(task=made).update(text="another body")
+    assert TaskSearch.generation() not in (before, after_title)
+    if connection.vendor != "sqlite":
+        return
     # Where the structure record cannot be read, nothing fails: no generation, and the
     # form keeps its search with the board's version.
     monkeypatch.setattr(TaskSearch._meta, "db_table", "queue_no_such_search")
@@ -635,3 +639,47 @@ def test_two_characters_without_the_index_vocabulary_are_found_by_a_scan(viewer)
     with CaptureQueriesContext(connection) as statements:
         assert found(viewer, q="ui") == {"a-1"}
     assert any("LIKE" in q["sql"] for q in statements.captured_queries)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_change_of_text_counts_when_it_commits_and_writers_of_text_do_not_queue():
+    """The generation read before a search is never one that an uncommitted change of
+    text was already part of (the search would be kept without it). On PostgreSQL two
+    transactions that change text at once both go on: neither waits for the other."""
+    from django.db import connections, transaction
+
+    first, second = task("a", title="first"), task("b", title="second")
+    before = TaskSearch.generation()
+    changed, committed = threading.Event(), threading.Event()
+    failures, middle = [], None
+
+    def change(pk: int, title: str, hold: threading.Event | None) -> None:
+        try:
+            with transaction.atomic():
+                Task.objects.filter(pk=pk).update(title=title)
+                if hold is not None:
+                    changed.set()
+                    hold.wait(10)
+        except Exception as exc:  # noqa: BLE001 - told to the test below
+            failures.append(exc)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=change, args=(first.pk, "first, renamed", committed))
+    holder.start()
+    try:
+        assert changed.wait(10)
+        assert TaskSearch.generation() == before, "an uncommitted change is not seen"
+        if connection.vendor == "postgresql":
+            other = threading.Thread(target=change, args=(second.pk, "second, renamed", None))
+            other.start()
+            other.join(5)
+            assert not other.is_alive(), "a second writer of text waited for the first"
+            middle = TaskSearch.generation()
+            assert middle != before, "the second writer's commit is seen"
+    finally:
+        committed.set()
+        holder.join(10)
+    assert not failures
+    assert TaskSearch.generation() not in (before, middle)
+    assert "first, renamed" in set(Task.objects.values_list("title", flat=True))

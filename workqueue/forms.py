@@ -88,7 +88,7 @@ class BoardFilterForm(forms.Form):
         """The text search, once per request: the counts, pages, version and facets all
         apply it. A search that ends in a list of ids (TaskSearch.search) is kept for the
         requests that follow: until the searched text of any task changes where the
-        database tells (SQLite), else until the board's version given to the form does.
+        database tells (SQLite, PostgreSQL), else until the board's version given to the form does.
         Read before the search, either is at worst older than what was found."""
         text = self.cleaned_data["q"]
         since = TaskSearch.generation() or self.version

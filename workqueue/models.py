@@ -821,10 +821,19 @@ class TaskSearch(models.Model):
     @classmethod
     def generation(cls, using: str = "default") -> str:
         """What changes when any task's searched text changes, and only then ("" where
-        there is no such thing: PostgreSQL). SQLite's FTS5 rewrites its structure record
-        (its index's segments, with a count of their writes) at each commit that changes
-        the index, and only then: claims and finishes, which change no text, leave it."""
+        the database cannot tell). SQLite's FTS5 rewrites its structure record (its
+        index's segments, with a count of their writes) at each commit that changes the
+        index, and only then; on PostgreSQL the commits that wrote the search copy are
+        counted (migration 0022). Claims and finishes, which change no text, leave it."""
         db = connections[using]
+        if db.vendor == "postgresql":
+            with db.cursor() as cursor:
+                cursor.execute(
+                    "SELECT sum(commits), current_setting('hypervisor.search_changes', true) "
+                    "FROM queue_search_generation"
+                )
+                commits, own = cursor.fetchone()
+                return f"commits-{commits}-{own or ''}"
         if db.vendor != "sqlite":
             return ""
         try:
