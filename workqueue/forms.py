@@ -88,8 +88,9 @@ class BoardFilterForm(forms.Form):
         """The text search, once per request: the counts, pages, version and facets all
         apply it. A search that ends in a list of ids (TaskSearch.search) is kept for the
         requests that follow: until the searched text of any task changes where the
-        database tells (SQLite, PostgreSQL), else until the board's version given to the form does.
-        Read before the search, either is at worst older than what was found."""
+        database tells (TaskSearch.generation), else until the board's version given to
+        the form does. Read before the search, either is at worst older than what was
+        found."""
         text = self.cleaned_data["q"]
         since = TaskSearch.generation() or self.version
         key = "board-search:" + hashlib.sha256(f"{text}|{since}".encode()).hexdigest()
