@@ -683,3 +683,38 @@ def test_a_change_of_text_counts_when_it_commits_and_writers_of_text_do_not_queu
     assert not failures
     assert TaskSearch.generation() not in (before, middle)
     assert "first, renamed" in set(Task.objects.values_list("title", flat=True))
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's slots")
+@pytest.mark.django_db(transaction=True)
+def test_a_writer_of_text_that_finds_every_slot_held_goes_on_and_is_counted():
+    """With every slot held by open transactions, a writer of text once waited for its
+    own slot's holder (and a holder waiting back on it was a deadlock): now it neither
+    waits nor goes uncounted, and a migration back folds its row into the slots."""
+    first = task("a", title="first")
+    before = TaskSearch.generation()
+    holder = connection.get_new_connection(connection.get_connection_params())
+    try:
+        with holder.cursor() as cursor:  # opens the holder's transaction
+            cursor.execute("SELECT slot FROM queue_search_generation FOR UPDATE")
+            assert len(cursor.fetchall()) >= 64
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '3s'")  # a wait fails the test, not hangs it
+        try:
+            Task.objects.filter(pk=first.pk).update(title="first, renamed")
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+        during = TaskSearch.generation()
+        assert during != before, "the writer's commit is counted while the slots are held"
+    finally:
+        holder.rollback()
+        holder.close()
+    assert TaskSearch.generation() == during
+    executor = MigrationExecutor(connection)
+    try:
+        executor.migrate([("queue", "0022_search_generation_postgresql")])
+        assert TaskSearch.generation() == during, "the way back keeps the sum"
+    finally:
+        call_command("migrate", verbosity=0)
+    assert TaskSearch.generation() == during

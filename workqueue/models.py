@@ -824,7 +824,7 @@ class TaskSearch(models.Model):
         the database cannot tell). SQLite's FTS5 rewrites its structure record (its
         index's segments, with a count of their writes) at each commit that changes the
         index, and only then; on PostgreSQL the commits that wrote the search copy are
-        counted (migration 0022). Claims and finishes, which change no text, leave it."""
+        counted (migrations 0022 and 0023). Claims and finishes, which change no text, leave it."""
         db = connections[using]
         if db.vendor == "postgresql":
             with db.cursor() as cursor:
