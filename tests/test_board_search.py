@@ -8,6 +8,7 @@ import re
 import threading
 
 import pytest
+from django.core.cache import cache
 from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
@@ -18,7 +19,7 @@ from django.utils import timezone
 from hypervisor_site.writers import writer_lock_path
 from tests.conftest import make_tasks
 from tests.test_triage import NEEDS_WORK, queue_folder, work  # noqa: F401 - a fixture
-from workqueue import editing, forms, views
+from workqueue import editing, forms, search_hits, views
 from workqueue.importer import Importer
 from workqueue.models import Status, Task, TaskBody, TaskSearch
 
@@ -138,8 +139,74 @@ def test_many_matches_are_searched_once_into_a_table_dropped_with_the_request(
     # sixth, and the one fill of the table; every other statement reads the table (SQLite
     # looks for the few in it).
     assert len(searches) == (3 if connection.vendor == "postgresql" else 2), searches
-    assert any("search_hits_" in q["sql"] for q in queries if "COUNT" in q["sql"])
+    # PostgreSQL keeps the board's search in the database (the next test); SQLite in a
+    # temporary table, for the request.
+    table = "queue_kept_hits_" if connection.vendor == "postgresql" else "search_hits_"
+    assert any(table in q["sql"] for q in queries if "COUNT" in q["sql"])
     assert kept_search_tables() == []
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's kept searches")
+def test_a_search_of_many_tasks_is_kept_in_the_database_until_its_text_changes(
+    viewer, monkeypatch
+):
+    monkeypatch.setattr(TaskSearch, "FEW", 2)  # found in more than 2, missing from more
+    for i in range(6):
+        task(f"p{i}", title=f"parser {i}", status="done" if i < 2 else "queued")
+    for i in range(4):
+        task(f"o{i}", title=f"other {i}")
+
+    def rendered() -> tuple[dict[str, int], list[str]]:
+        with CaptureQueriesContext(connection) as statements:
+            response = viewer.get("/", {"q": "parser"})
+        columns = response.context["columns"]
+        searched = [q["sql"] for q in statements.captured_queries if searches_text(q["sql"])]
+        return {column["status"]: column["count"] for column in columns}, searched
+
+    def kept() -> list[int]:
+        """How many tasks each search kept now holds; no table is left unlisted."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT id FROM queue_kept_search ORDER BY id")
+            tables = [search_hits.kept_table(search) for (search,) in cursor.fetchall()]
+            cursor.execute(
+                "SELECT relname FROM pg_class "
+                "WHERE relkind = 'r' AND starts_with(relname::text, 'queue_kept_hits_')"
+            )
+            assert sorted(tables) == sorted(name for (name,) in cursor.fetchall())
+            held = []
+            for table in tables:
+                cursor.execute(f"SELECT count(*) FROM {table}")  # noqa: S608
+                held.append(cursor.fetchone()[0])
+            return held
+
+    counts, searched = rendered()
+    assert counts == {"queued": 4, "claimed": 0, "done": 2, "blocked": 0} and searched
+    assert kept() == [6]
+    # A claim changes no text: the kept rows are read, the text not searched again.
+    Task.objects.filter(key="p2").update(status=Status.DONE, updated_at=timezone.now())
+    counts, searched = rendered()
+    assert counts == {"queued": 3, "claimed": 0, "done": 3, "blocked": 0} and not searched
+    # Another web process (a cache of its own) uses the same rows.
+    cache.clear()
+    assert rendered()[0] == counts and kept() == [6]
+    # A crash empties the unlogged list and tables (and leaves the tables): searched
+    # again, never an empty board, and the table left behind goes.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM queue_kept_search")
+        (search,) = cursor.fetchone()
+        cursor.execute(f"TRUNCATE queue_kept_search, {search_hits.kept_table(search)}")
+    counts, searched = rendered()
+    assert counts == {"queued": 3, "claimed": 0, "done": 3, "blocked": 0} and searched
+    assert kept() == [6]
+    # A change of text is searched again; searches of another generation idle for a
+    # minute go when the next is kept, as do those beyond the newest few.
+    Task.objects.filter(key="o0").update(title="parser at last", updated_at=timezone.now())
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE queue_kept_search SET used_at = now() - interval '61 seconds'")
+    counts, searched = rendered()
+    assert counts == {"queued": 4, "claimed": 0, "done": 3, "blocked": 0} and searched
+    assert kept() == [7]
+    assert found(viewer, q="parser") == {"o0", *(f"p{i}" for i in range(6))}
 
 
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's writers' queue")

@@ -86,17 +86,21 @@ class BoardFilterForm(forms.Form):
     @cached_property
     def found(self) -> Found:
         """The text search, once per request: the counts, pages, version and facets all
-        apply it. A search that ends in a list of ids (TaskSearch.search) is kept for the
-        requests that follow: until the searched text of any task changes where the
-        database tells (TaskSearch.generation), else until the board's version given to
-        the form does. Read before the search, either is at worst older than what was
-        found."""
+        apply it. A search that ends in a list of ids, or one PostgreSQL keeps in the
+        database (TaskSearch.search), is kept for the requests that follow: until the
+        searched text of any task changes where the database tells
+        (TaskSearch.generation), else until the board's version given to the form does.
+        Read before the search, either is at worst older than what was found."""
         text = self.cleaned_data["q"]
-        since = TaskSearch.generation() or self.version
+        generation = TaskSearch.generation()
+        since = generation or self.version
         key = "board-search:" + hashlib.sha256(f"{text}|{since}".encode()).hexdigest()
         found = cache.get(key) if since else None
+        if found is not None and not found.still_kept():
+            found = None
         if found is None:
-            found = TaskSearch.search(text)
+            kept = {"keep_as": key, "generation": generation} if generation else {}
+            found = TaskSearch.search(text, **kept)
             if since and not found.table:
                 cache.set(key, found, SEARCH_KEPT_SECONDS)
         return found

@@ -756,11 +756,14 @@ class TaskBody(models.Model):
 class Found(NamedTuple):
     """The tasks a text search found: their `ids` when they are few, or else the few it
     did not find (`missing`), or else the name of a temporary table of their ids, which
-    lasts for the request (search_hits). The first two may be kept across requests."""
+    lasts for the request, or (PostgreSQL, the board) the number of a search `kept` in
+    the database as `key` (search_hits). All but the table may be kept across requests."""
 
     ids: list[int] | None = None
     missing: list[int] | None = None
     table: str = ""
+    kept: int = 0
+    key: str = ""
     # Where the pages of its columns may walk the board's index (SQLite; 0 elsewhere):
     count: int = 0  # the ids in the table
     last: int = 0  # the highest task id when it was made: no more tasks than that
@@ -772,6 +775,10 @@ class Found(NamedTuple):
         if self.missing is not None:
             return ~Q(id__in=self.missing)
         return Q(id__in=self._table_ids())
+
+    def still_kept(self, using: str = "default") -> bool:
+        """False for a kept search whose rows are gone (search_hits.still_kept)."""
+        return not self.kept or search_hits.still_kept(connections[using], self.kept, self.key)
 
     def filter(self, tasks: TaskQuerySet, page: tuple[int, int] | None = None) -> TaskQuerySet:
         """The tasks it found among `tasks`. For a page of a column in board order, given
@@ -790,6 +797,8 @@ class Found(NamedTuple):
         return tasks.alias(plain_id=plain).filter(plain_id__in=self._table_ids())
 
     def _table_ids(self) -> RawSQL:
+        if self.kept:
+            return RawSQL(f"SELECT id FROM {search_hits.kept_table(self.kept)}", [])  # noqa: S611, S608
         return RawSQL(f"SELECT id FROM {self.table}", [])  # noqa: S611, S608 - our name
 
 
@@ -824,7 +833,8 @@ class TaskSearch(models.Model):
         the database cannot tell). SQLite's FTS5 rewrites its structure record (its
         index's segments, with a count of their writes) at each commit that changes the
         index, and only then; on PostgreSQL the commits that wrote the search copy are
-        counted (migrations 0022 and 0023). Claims and finishes, which change no text, leave it."""
+        counted (migrations 0022 and 0023). Claims and finishes, which change no text,
+        leave it."""
         db = connections[using]
         if db.vendor == "postgresql":
             with db.cursor() as cursor:
@@ -850,8 +860,11 @@ class TaskSearch(models.Model):
         return cls.search(text, using).q
 
     @classmethod
-    def search(cls, text: str, using: str = "default") -> Found:
-        """Which tasks contain `text`: see Found."""
+    def search(
+        cls, text: str, using: str = "default", keep_as: str = "", generation: str = ""
+    ) -> Found:
+        """Which tasks contain `text`: see Found. Given `keep_as` (the board's key for it
+        under `generation`), PostgreSQL keeps a search of many tasks in the database."""
         db = connections[using]
         sql, params = cls.matching_sql(db, text)
         # OFFSET 0 keeps PostgreSQL from planning for the LIMIT: it would read the table
@@ -879,7 +892,10 @@ class TaskSearch(models.Model):
             missing = [row[0] for row in cursor.fetchall()]
         if len(missing) <= cls.FEW:
             return Found(missing=sorted(missing))
-        if not table:  # PostgreSQL plans a page of a column over the table well itself
+        if not table and keep_as:  # PostgreSQL plans a column's page over them itself
+            kept = search_hits.keep_shared(db, sql, params, keep_as, generation)
+            return Found(kept=kept, key=keep_as)
+        if not table:
             return Found(table=search_hits.keep(db, sql, params)[0])
         last = Task.objects.using(using).aggregate(last=Max("id"))["last"] or 0
         return Found(table=table, count=count, last=last)

@@ -5,6 +5,9 @@ a page of cards per column, the facets). Handed the search as a subquery, each w
 it again, and for a text that matches most tasks each run reads every task; handed a table
 of ids with a primary key, each looks ids up instead. The table lives on the request's
 connection and is dropped when the request ends (or with the connection).
+
+On PostgreSQL the board's search is kept across requests instead (keep_shared), in a table
+every web process reads (migration 0024), for as long as its text's generation holds.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import itertools
 import weakref
 
 from django.core.signals import request_finished
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, connections, transaction
 from django.dispatch import receiver
 
 KEEP = 2  # tables per connection: one search per request, and the one before it
@@ -53,6 +56,71 @@ def _drop(db, name: str) -> None:
             cursor.execute(f"DROP TABLE IF EXISTS {name}")
     except DatabaseError:  # a failed transaction: they go when it is rolled back or closed
         pass
+
+
+# Kept searches (PostgreSQL): one unused this long may go, since any request that used it
+# is long over; beyond the newest few, or with text of another generation, one does.
+IDLE = "interval '60 seconds'"
+KEPT_SEARCHES = 16
+FORGOTTEN = "interval '600 seconds'"  # forms.SEARCH_KEPT_SECONDS: no cache names it now
+KEPT_PREFIX = "queue_kept_hits_"
+
+
+def kept_table(search: int) -> str:
+    return f"{KEPT_PREFIX}{int(search)}"
+
+
+def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
+    """PostgreSQL: run `sql` (selecting ids) once into a table of its own that every
+    connection reads (migration 0024), listed as `key` (what the board's cache keeps it
+    under: its text and generation); the search's number. A table per search, not one
+    for all: PostgreSQL plans for its size without being told, and one goes whole.
+    Another web process (its own cache) may have kept it already: that one is used."""
+    with transaction.atomic(using=db.alias), db.cursor() as cursor:
+        cursor.execute(
+            "UPDATE queue_kept_search SET used_at = now() WHERE id = "
+            "(SELECT max(id) FROM queue_kept_search WHERE key = %s) RETURNING id",
+            [key],
+        )
+        already = cursor.fetchone()
+        if already:
+            return already[0]
+        cursor.execute(
+            f"DELETE FROM queue_kept_search WHERE used_at < now() - {IDLE} AND ("  # noqa: S608
+            f"generation <> %s OR used_at < now() - {FORGOTTEN} OR id NOT IN "
+            f"(SELECT id FROM queue_kept_search ORDER BY used_at DESC LIMIT {KEPT_SEARCHES}))",
+            [generation],
+        )
+        # The tables no listed search names: those just let go, and any a crash left
+        # (it empties the unlogged list and tables, but leaves the tables).
+        cursor.execute(
+            "SELECT relname FROM pg_class WHERE relkind = 'r' AND pg_table_is_visible(oid) "
+            "AND starts_with(relname::text, %s) "
+            "AND relname NOT IN (SELECT %s || id::text FROM queue_kept_search)",
+            [KEPT_PREFIX, KEPT_PREFIX],
+        )
+        for (name,) in cursor.fetchall():
+            cursor.execute(f"DROP TABLE IF EXISTS {name}")  # noqa: S608 - named by us
+        cursor.execute(
+            "INSERT INTO queue_kept_search (key, generation) VALUES (%s, %s) RETURNING id",
+            [key, generation],
+        )
+        search = cursor.fetchone()[0]
+        table = kept_table(search)
+        cursor.execute(f"CREATE UNLOGGED TABLE {table} (id bigint PRIMARY KEY)")
+        cursor.execute(f"INSERT INTO {table} (id) {sql}", params)  # noqa: S608
+    return search
+
+
+def still_kept(db, search: int, key: str) -> bool:
+    """Whether kept search `search` is still there as `key`, marked as used now: gone once
+    idle, or when a crash emptied the unlogged list."""
+    with db.cursor() as cursor:
+        cursor.execute(
+            "UPDATE queue_kept_search SET used_at = now() WHERE id = %s AND key = %s RETURNING id",
+            [search, key],
+        )
+        return cursor.fetchone() is not None
 
 
 @receiver(request_finished)
