@@ -197,6 +197,19 @@ def _text_counts(repeat: int) -> dict:
     return found
 
 
+def _forget_kept_searches() -> None:
+    from django.db import connection
+
+    from workqueue import search_hits
+
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM queue_kept_search RETURNING id")
+        for (search,) in cursor.fetchall():
+            cursor.execute(f"DROP TABLE {search_hits.kept_table(search)}")  # noqa: S608
+
+
 def _measure(repeat: int) -> dict:
     from django.contrib.auth import get_user_model
     from django.core.cache import cache
@@ -228,8 +241,10 @@ def _measure(repeat: int) -> dict:
 
     def first_render(filters=None):
         # The first render after a change: the view's version is worked out again (later
-        # renders find it in the cache) and the board is sent without its dropdowns.
+        # renders find it in the cache) and the board is sent without its dropdowns. A
+        # search PostgreSQL kept in the database is gone too, as after a change of text.
         cache.clear()
+        _forget_kept_searches()
         render(filters)
 
     def after_first_render(call, filters=None, shown=None) -> float:
