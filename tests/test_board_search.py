@@ -198,15 +198,21 @@ def test_a_search_of_many_tasks_is_kept_in_the_database_until_its_text_changes(
     counts, searched = rendered()
     assert counts == {"queued": 3, "claimed": 0, "done": 3, "blocked": 0} and searched
     assert kept() == [6]
-    # A change of text is searched again; searches of another generation idle for a
-    # minute go when the next is kept, as do those beyond the newest few.
+    # A change of text is searched again; searches of another generation idle for ten
+    # seconds go when the next is kept (of this generation, those idle for a minute
+    # beyond the newest few).
     Task.objects.filter(key="o0").update(title="parser at last", updated_at=timezone.now())
     with connection.cursor() as cursor:
-        cursor.execute("UPDATE queue_kept_search SET used_at = now() - interval '61 seconds'")
+        cursor.execute("UPDATE queue_kept_search SET used_at = now() - interval '11 seconds'")
     counts, searched = rendered()
     assert counts == {"queued": 4, "claimed": 0, "done": 3, "blocked": 0} and searched
     assert kept() == [7]
     assert found(viewer, q="parser") == {"o0", *(f"p{i}" for i in range(6))}
+    # One of this generation idle as long stays.
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE queue_kept_search SET used_at = now() - interval '11 seconds'")
+    assert found(viewer, q="other") == {"o1", "o2", "o3"}
+    assert kept() == [7, 3]
 
 
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's writers' queue")

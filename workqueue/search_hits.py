@@ -58,8 +58,11 @@ def _drop(db, name: str) -> None:
         pass
 
 
-# Kept searches (PostgreSQL): one unused this long may go, since any request that used it
-# is long over; beyond the newest few, or with text of another generation, one does.
+# Kept searches (PostgreSQL) go once no request can still be reading them (each use marks
+# it, and a request lasts well under ten seconds): one of another generation's text after
+# ten seconds unused (no request asks for it again, and while text keeps changing each
+# render keeps one), one beyond the newest few after a minute, any after ten minutes.
+STALE = "interval '10 seconds'"
 IDLE = "interval '60 seconds'"
 KEPT_SEARCHES = 16
 FORGOTTEN = "interval '600 seconds'"  # forms.SEARCH_KEPT_SECONDS: no cache names it now
@@ -86,9 +89,9 @@ def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
         if already:
             return already[0]
         cursor.execute(
-            f"DELETE FROM queue_kept_search WHERE used_at < now() - {IDLE} AND ("  # noqa: S608
-            f"generation <> %s OR used_at < now() - {FORGOTTEN} OR id NOT IN "
-            f"(SELECT id FROM queue_kept_search ORDER BY used_at DESC LIMIT {KEPT_SEARCHES}))",
+            f"DELETE FROM queue_kept_search WHERE (generation <> %s AND used_at < now() - {STALE})"  # noqa: S608
+            f" OR (used_at < now() - {IDLE} AND (used_at < now() - {FORGOTTEN} OR id NOT IN "
+            f"(SELECT id FROM queue_kept_search ORDER BY used_at DESC LIMIT {KEPT_SEARCHES})))",
             [generation],
         )
         # The tables no listed search names: those just let go, and any a crash left
