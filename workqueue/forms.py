@@ -96,12 +96,10 @@ class BoardFilterForm(forms.Form):
         since = generation or self.version
         key = "board-search:" + hashlib.sha256(f"{text}|{since}".encode()).hexdigest()
         found = cache.get(key) if since else None
-        if found is not None and not found.still_kept():
-            found = None
         if found is None:
             kept = {"keep_as": key, "generation": generation} if generation else {}
             found = TaskSearch.search(text, **kept)
-            if since and not found.table:
+            if since and not (found.table or found.kept):  # those the database keeps
                 cache.set(key, found, SEARCH_KEPT_SECONDS)
         return found
 

@@ -757,13 +757,12 @@ class Found(NamedTuple):
     """The tasks a text search found: their `ids` when they are few, or else the few it
     did not find (`missing`), or else the name of a temporary table of their ids, which
     lasts for the request, or (PostgreSQL, the board) the number of a search `kept` in
-    the database as `key` (search_hits). All but the table may be kept across requests."""
+    the database across requests (search_hits). The ids and the missing may be cached."""
 
     ids: list[int] | None = None
     missing: list[int] | None = None
     table: str = ""
     kept: int = 0
-    key: str = ""
     # Where the pages of its columns may walk the board's index (SQLite; 0 elsewhere):
     count: int = 0  # the ids in the table
     last: int = 0  # the highest task id when it was made: no more tasks than that
@@ -775,10 +774,6 @@ class Found(NamedTuple):
         if self.missing is not None:
             return ~Q(id__in=self.missing)
         return Q(id__in=self._table_ids())
-
-    def still_kept(self, using: str = "default") -> bool:
-        """False for a kept search whose rows are gone (search_hits.still_kept)."""
-        return not self.kept or search_hits.still_kept(connections[using], self.kept, self.key)
 
     def filter(self, tasks: TaskQuerySet, page: tuple[int, int] | None = None) -> TaskQuerySet:
         """The tasks it found among `tasks`. For a page of a column in board order, given
@@ -864,8 +859,13 @@ class TaskSearch(models.Model):
         cls, text: str, using: str = "default", keep_as: str = "", generation: str = ""
     ) -> Found:
         """Which tasks contain `text`: see Found. Given `keep_as` (the board's key for it
-        under `generation`), PostgreSQL keeps a search of many tasks in the database."""
+        under `generation`), PostgreSQL keeps a search of many tasks in the database, and
+        a search kept so by any web process is used without searching."""
         db = connections[using]
+        keep_as = keep_as if db.vendor == "postgresql" else ""
+        kept = search_hits.kept_as(db, keep_as) if keep_as else None
+        if kept:
+            return Found(kept=kept)
         sql, params = cls.matching_sql(db, text)
         # OFFSET 0 keeps PostgreSQL from planning for the LIMIT: it would read the table
         # in order hoping to stop early, every row of it when there are fewer matches.
@@ -893,8 +893,7 @@ class TaskSearch(models.Model):
         if len(missing) <= cls.FEW:
             return Found(missing=sorted(missing))
         if not table and keep_as:  # PostgreSQL plans a column's page over them itself
-            kept = search_hits.keep_shared(db, sql, params, keep_as, generation)
-            return Found(kept=kept, key=keep_as)
+            return Found(kept=search_hits.keep_shared(db, sql, params, keep_as, generation))
         if not table:
             return Found(table=search_hits.keep(db, sql, params)[0])
         last = Task.objects.using(using).aggregate(last=Max("id"))["last"] or 0

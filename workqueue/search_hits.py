@@ -77,17 +77,8 @@ def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
     """PostgreSQL: run `sql` (selecting ids) once into a table of its own that every
     connection reads (migration 0024), listed as `key` (what the board's cache keeps it
     under: its text and generation); the search's number. A table per search, not one
-    for all: PostgreSQL plans for its size without being told, and one goes whole.
-    Another web process (its own cache) may have kept it already: that one is used."""
+    for all: PostgreSQL plans for its size without being told, and one goes whole."""
     with transaction.atomic(using=db.alias), db.cursor() as cursor:
-        cursor.execute(
-            "UPDATE queue_kept_search SET used_at = now() WHERE id = "
-            "(SELECT max(id) FROM queue_kept_search WHERE key = %s) RETURNING id",
-            [key],
-        )
-        already = cursor.fetchone()
-        if already:
-            return already[0]
         cursor.execute(
             f"DELETE FROM queue_kept_search WHERE (generation <> %s AND used_at < now() - {STALE})"  # noqa: S608
             f" OR (used_at < now() - {IDLE} AND (used_at < now() - {FORGOTTEN} OR id NOT IN "
@@ -115,15 +106,17 @@ def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
     return search
 
 
-def still_kept(db, search: int, key: str) -> bool:
-    """Whether kept search `search` is still there as `key`, marked as used now: gone once
-    idle, or when a crash emptied the unlogged list."""
+def kept_as(db, key: str) -> int | None:
+    """The number of the search kept as `key` by any web process, marked as used now; None
+    once it went (idle, or a crash emptied the unlogged list)."""
     with db.cursor() as cursor:
         cursor.execute(
-            "UPDATE queue_kept_search SET used_at = now() WHERE id = %s AND key = %s RETURNING id",
-            [search, key],
+            "UPDATE queue_kept_search SET used_at = now() WHERE id = "
+            "(SELECT max(id) FROM queue_kept_search WHERE key = %s) RETURNING id",
+            [key],
         )
-        return cursor.fetchone() is not None
+        row = cursor.fetchone()
+        return row[0] if row else None
 
 
 @receiver(request_finished)
