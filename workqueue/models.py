@@ -878,17 +878,24 @@ class TaskSearch(models.Model):
                 return Found(ids=sorted(set(ids)))
             # The tasks it did not find, up to a few: a read that stops at the limit, so
             # for a search that found half the tasks it stops almost at once. SQLite's
-            # FTS5 answers a phrase whole, not per task: its ids are kept first. PostgreSQL
-            # hashes the search's ids for the anti-join.
-            table, hits, hit_params = "", f"({sql}) AS hits (id)", params
+            # FTS5 answers a phrase whole, not per task: its ids are kept first.
+            table = ""
             if db.vendor == "sqlite":
                 table, count = search_hits.keep(db, sql, params)
-                hits, hit_params = f"{table} AS hits", []
-            cursor.execute(
-                f"SELECT t.id FROM {Task._meta.db_table} t WHERE NOT EXISTS "  # noqa: S608
-                f"(SELECT 1 FROM {hits} WHERE hits.id = t.id) LIMIT {cls.FEW + 1}",
-                hit_params,
-            )
+                cursor.execute(
+                    f"SELECT t.id FROM {Task._meta.db_table} t WHERE NOT EXISTS "  # noqa: S608
+                    f"(SELECT 1 FROM {table} AS hits WHERE hits.id = t.id) LIMIT {cls.FEW + 1}"
+                )
+            else:
+                # Every task has its copy, written in the task's own transaction (0014):
+                # the copies the text is not in, read until the limit. A text in every
+                # task is one scan, not a scan hashed for an anti-join of every task.
+                where, where_params = cls._folded_condition(text)
+                cursor.execute(
+                    f"SELECT task_id FROM queue_tasksearch WHERE ({where}) IS NOT TRUE "  # noqa: S608
+                    f"LIMIT {cls.FEW + 1}",
+                    where_params,
+                )
             missing = [row[0] for row in cursor.fetchall()]
         if len(missing) <= cls.FEW:
             return Found(missing=sorted(missing))
@@ -926,15 +933,18 @@ class TaskSearch(models.Model):
                 f"UNION ALL SELECT task_id FROM queue_taskbody WHERE {body}",
                 patterns * 3,
             )
-        # The copy is lowercase (migration 0016): a LIKE the pg_trgm indexes answer,
-        # cheaper per row than ILIKE where it scans. The pattern is folded by the same
-        # lower() as the copy, not by Python's.
+        where, params = cls._folded_condition(text)
+        return f"SELECT task_id FROM queue_tasksearch WHERE {where}", params  # noqa: S608
+
+    @classmethod
+    def _folded_condition(cls, text: str) -> tuple[str, list[str]]:
+        """PostgreSQL: the condition on a copy that it contains `text`. The copy is
+        lowercase (migration 0016): a LIKE the pg_trgm indexes answer, cheaper per row
+        than ILIKE where it scans. The pattern is folded by the same lower() as the copy,
+        not by Python's."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         like = "LIKE lower(%s)"
-        return (
-            "SELECT task_id FROM queue_tasksearch "  # noqa: S608 - fixed names only
-            f"WHERE title {like} OR key {like} OR body {like}",
-            [pattern] * 3,
-        )
+        return f"title {like} OR key {like} OR body {like}", [pattern] * 3
 
     @classmethod
     def _two_characters_sql(cls, db, text: str) -> tuple[str, list[str]] | None:
