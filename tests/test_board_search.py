@@ -179,9 +179,21 @@ def test_a_search_of_many_tasks_is_kept_in_the_database_until_its_text_changes(
                 held.append(cursor.fetchone()[0])
             return held
 
+    def planner_costs() -> tuple[str, str]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('parallel_setup_cost'), "
+                "current_setting('parallel_tuple_cost')"
+            )
+            return cursor.fetchone()
+
+    costs = planner_costs()
     counts, searched = rendered()
     assert counts == {"queued": 4, "claimed": 0, "done": 2, "blocked": 0} and searched
     assert kept() == [6]
+    # The fill is planned in parallel; the request's later statements (here inside the
+    # test's transaction, which a SET LOCAL outlives) are planned as before.
+    assert planner_costs() == costs
     # A claim changes no text: the kept rows are read, the text not searched again.
     Task.objects.filter(key="p2").update(status=Status.DONE, updated_at=timezone.now())
     counts, searched = rendered()

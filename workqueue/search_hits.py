@@ -101,8 +101,23 @@ def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
         )
         search = cursor.fetchone()[0]
         table = kept_table(search)
-        cursor.execute(f"CREATE UNLOGGED TABLE {table} (id bigint PRIMARY KEY)")
-        cursor.execute(f"INSERT INTO {table} (id) {sql}", params)  # noqa: S608
+        # Made by a query, which PostgreSQL may read in parallel (an INSERT it does not),
+        # and told to: it plans a scan that hands on a third of 100,000 rows as dearer in
+        # parallel. Ids indexed after the fill, in one sort. 104 -> 68 ms for that third.
+        cursor.execute(
+            "SELECT current_setting('parallel_setup_cost'), "
+            "current_setting('parallel_tuple_cost'), "
+            "set_config('parallel_setup_cost', '0', true), "
+            "set_config('parallel_tuple_cost', '0', true)"
+        )
+        setup, per_row = cursor.fetchone()[:2]
+        cursor.execute(f"CREATE UNLOGGED TABLE {table} (id) AS {sql}", params)  # noqa: S608
+        cursor.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (id)")
+        cursor.execute(
+            "SELECT set_config('parallel_setup_cost', %s, true), "
+            "set_config('parallel_tuple_cost', %s, true)",
+            [setup, per_row],
+        )
     return search
 
 
