@@ -202,12 +202,8 @@ def _forget_kept_searches() -> None:
 
     from workqueue import search_hits
 
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("DELETE FROM queue_kept_search RETURNING id")
-        for (search,) in cursor.fetchall():
-            cursor.execute(f"DROP TABLE {search_hits.kept_table(search)}")  # noqa: S608
+    if connection.vendor == "postgresql":
+        search_hits.forget_kept(connection)
 
 
 def _measure(repeat: int) -> dict:

@@ -99,7 +99,7 @@ class BoardFilterForm(forms.Form):
         if found is None:
             kept = {"keep_as": key, "generation": generation} if generation else {}
             found = TaskSearch.search(text, **kept)
-            if since and not (found.table or found.kept):  # those the database keeps
+            if since and not found.table:  # the request's, or kept by the database
                 cache.set(key, found, SEARCH_KEPT_SECONDS)
         return found
 

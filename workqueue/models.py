@@ -755,14 +755,13 @@ class TaskBody(models.Model):
 
 class Found(NamedTuple):
     """The tasks a text search found: their `ids` when they are few, or else the few it
-    did not find (`missing`), or else the name of a temporary table of their ids, which
-    lasts for the request, or (PostgreSQL, the board) the number of a search `kept` in
-    the database across requests (search_hits). The ids and the missing may be cached."""
+    did not find (`missing`), or else the name of a `table` of their ids: a temporary one
+    that lasts for the request, or (PostgreSQL, the board) one kept in the database across
+    requests (search_hits). The ids and the missing may be cached."""
 
     ids: list[int] | None = None
     missing: list[int] | None = None
     table: str = ""
-    kept: int = 0
     # Where the pages of its columns may walk the board's index (SQLite; 0 elsewhere):
     count: int = 0  # the ids in the table
     last: int = 0  # the highest task id when it was made: no more tasks than that
@@ -792,8 +791,6 @@ class Found(NamedTuple):
         return tasks.alias(plain_id=plain).filter(plain_id__in=self._table_ids())
 
     def _table_ids(self) -> RawSQL:
-        if self.kept:
-            return RawSQL(f"SELECT id FROM {search_hits.kept_table(self.kept)}", [])  # noqa: S611, S608
         return RawSQL(f"SELECT id FROM {self.table}", [])  # noqa: S611, S608 - our name
 
 
@@ -865,7 +862,7 @@ class TaskSearch(models.Model):
         keep_as = keep_as if db.vendor == "postgresql" else ""
         kept = search_hits.kept_as(db, keep_as) if keep_as else None
         if kept:
-            return Found(kept=kept)
+            return Found(table=kept)
         sql, params = cls.matching_sql(db, text)
         # OFFSET 0 keeps PostgreSQL from planning for the LIMIT: it would read the table
         # in order hoping to stop early, every row of it when there are fewer matches.
@@ -900,7 +897,7 @@ class TaskSearch(models.Model):
         if len(missing) <= cls.FEW:
             return Found(missing=sorted(missing))
         if not table and keep_as:  # PostgreSQL plans a column's page over them itself
-            return Found(kept=search_hits.keep_shared(db, sql, params, keep_as, generation))
+            return Found(table=search_hits.keep_shared(db, sql, params, keep_as, generation))
         if not table:
             return Found(table=search_hits.keep(db, sql, params)[0])
         last = Task.objects.using(using).aggregate(last=Max("id"))["last"] or 0

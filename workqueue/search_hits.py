@@ -73,11 +73,11 @@ def kept_table(search: int) -> str:
     return f"{KEPT_PREFIX}{int(search)}"
 
 
-def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
+def keep_shared(db, sql: str, params: list, key: str, generation: str) -> str:
     """PostgreSQL: run `sql` (selecting ids) once into a table of its own that every
     connection reads (migration 0024), listed as `key` (what the board's cache keeps it
-    under: its text and generation); the search's number. A table per search, not one
-    for all: PostgreSQL plans for its size without being told, and one goes whole."""
+    under: its text and generation); the table's name. A table per search, not one for
+    all: PostgreSQL plans for its size without being told, and one goes whole."""
     with transaction.atomic(using=db.alias), db.cursor() as cursor:
         cursor.execute(
             f"DELETE FROM queue_kept_search WHERE (generation <> %s AND used_at < now() - {STALE})"  # noqa: S608
@@ -85,16 +85,7 @@ def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
             f"(SELECT id FROM queue_kept_search ORDER BY used_at DESC LIMIT {KEPT_SEARCHES})))",
             [generation],
         )
-        # The tables no listed search names: those just let go, and any a crash left
-        # (it empties the unlogged list and tables, but leaves the tables).
-        cursor.execute(
-            "SELECT relname FROM pg_class WHERE relkind = 'r' AND pg_table_is_visible(oid) "
-            "AND starts_with(relname::text, %s) "
-            "AND relname NOT IN (SELECT %s || id::text FROM queue_kept_search)",
-            [KEPT_PREFIX, KEPT_PREFIX],
-        )
-        for (name,) in cursor.fetchall():
-            cursor.execute(f"DROP TABLE IF EXISTS {name}")  # noqa: S608 - named by us
+        _drop_unlisted(cursor)
         cursor.execute(
             "INSERT INTO queue_kept_search (key, generation) VALUES (%s, %s) RETURNING id",
             [key, generation],
@@ -118,11 +109,31 @@ def keep_shared(db, sql: str, params: list, key: str, generation: str) -> int:
             "set_config('parallel_tuple_cost', %s, true)",
             [setup, per_row],
         )
-    return search
+    return table
 
 
-def kept_as(db, key: str) -> int | None:
-    """The number of the search kept as `key` by any web process, marked as used now; None
+def _drop_unlisted(cursor) -> None:
+    """Drop the kept tables no listed search names: those just let go, and any a crash
+    left (it empties the unlogged list and tables, but leaves the tables)."""
+    cursor.execute(
+        "SELECT relname FROM pg_class WHERE relkind = 'r' AND pg_table_is_visible(oid) "
+        "AND starts_with(relname::text, %s) "
+        "AND relname NOT IN (SELECT %s || id::text FROM queue_kept_search)",
+        [KEPT_PREFIX, KEPT_PREFIX],
+    )
+    for (name,) in cursor.fetchall():
+        cursor.execute(f"DROP TABLE IF EXISTS {name}")  # noqa: S608 - named by us
+
+
+def forget_kept(db) -> None:
+    """PostgreSQL: let every kept search go, as a change of text does (the bench)."""
+    with transaction.atomic(using=db.alias), db.cursor() as cursor:
+        cursor.execute("DELETE FROM queue_kept_search")
+        _drop_unlisted(cursor)
+
+
+def kept_as(db, key: str) -> str | None:
+    """The table of the search kept as `key` by any web process, marked as used now; None
     once it went (idle, or a crash emptied the unlogged list)."""
     with db.cursor() as cursor:
         cursor.execute(
@@ -131,7 +142,7 @@ def kept_as(db, key: str) -> int | None:
             [key],
         )
         row = cursor.fetchone()
-        return row[0] if row else None
+        return kept_table(row[0]) if row else None
 
 
 @receiver(request_finished)
