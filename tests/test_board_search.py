@@ -611,7 +611,7 @@ def test_a_text_in_every_task_is_told_by_counting_not_by_a_table_of_its_ids(view
     assert counted == {"queued": 5, "claimed": 0, "done": 2, "blocked": 0}
     if connection.vendor == "sqlite":
         assert told_by_counting(ran) and any("temp.search_hits" in sql for sql in ran)
-    # Found in fewer than a few of the tasks before the first it found: not counted.
+    # The first it finds leave out more than a few tasks before them: not counted.
     Task.objects.exclude(key="x").delete()
     for i in range(8):
         task(f"r{i}", title=f"rare {i}")

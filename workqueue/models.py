@@ -873,42 +873,43 @@ class TaskSearch(models.Model):
             ids = [row[0] for row in cursor.fetchall()]
             if len(ids) <= cls.FEW:  # every match (an id may come twice)
                 return Found(ids=sorted(set(ids)))
-            # The tasks it did not find, up to a few: a read that stops at the limit, so
-            # for a search that found half the tasks it stops almost at once. SQLite's
-            # FTS5 answers a phrase whole, not per task: its ids are kept first.
-            table, missing = "", []
             if db.vendor == "sqlite":
-                unfound = cls._unfound(cursor, text, sql, params, ids)
-                if unfound == 0:
-                    return Found(missing=[])
-                table, count = search_hits.keep(db, sql, params)
-                if unfound is None or unfound <= cls.FEW:
-                    cursor.execute(
-                        f"SELECT t.id FROM {Task._meta.db_table} t WHERE NOT EXISTS "  # noqa: S608
-                        f"(SELECT 1 FROM {table} AS hits WHERE hits.id = t.id) "
-                        f"LIMIT {cls.FEW + 1}"
-                    )
-                    missing = [row[0] for row in cursor.fetchall()]
-                else:  # counted: more than a few
-                    missing = None
-            else:
-                # Every task has its copy, written in the task's own transaction (0014):
-                # the copies the text is not in, read until the limit. A text in every
-                # task is one scan, not a scan hashed for an anti-join of every task.
-                where, where_params = cls._folded_condition(text)
-                cursor.execute(
-                    f"SELECT task_id FROM queue_tasksearch WHERE ({where}) IS NOT TRUE "  # noqa: S608
-                    f"LIMIT {cls.FEW + 1}",
-                    where_params,
-                )
-                missing = [row[0] for row in cursor.fetchall()]
-        if missing is not None and len(missing) <= cls.FEW:
+                return cls._found_in_table(db, cursor, text, sql, params, ids)
+            # The tasks it did not find, up to a few: every task has its copy, written in
+            # the task's own transaction (0014), so the copies the text is not in, read
+            # until the limit. A text in every task is one scan, not a scan hashed for an
+            # anti-join of every task; one in half the tasks stops almost at once.
+            where, where_params = cls._folded_condition(text)
+            cursor.execute(
+                f"SELECT task_id FROM queue_tasksearch WHERE ({where}) IS NOT TRUE "  # noqa: S608
+                f"LIMIT {cls.FEW + 1}",
+                where_params,
+            )
+            missing = [row[0] for row in cursor.fetchall()]
+        if len(missing) <= cls.FEW:
             return Found(missing=sorted(missing))
-        if not table and keep_as:  # PostgreSQL plans a column's page over them itself
+        if keep_as:  # PostgreSQL plans a column's page over them itself
             return Found(table=search_hits.keep_shared(db, sql, params, keep_as, generation))
-        if not table:
-            return Found(table=search_hits.keep(db, sql, params)[0])
-        last = Task.objects.using(using).aggregate(last=Max("id"))["last"] or 0
+        return Found(table=search_hits.keep(db, sql, params)[0])
+
+    @classmethod
+    def _found_in_table(cls, db, cursor, text: str, sql: str, params: list, ids: list) -> Found:
+        """SQLite, a search found in more than a few tasks: FTS5 answers a phrase whole,
+        not per task, so its ids are kept in a table first, and the tasks not in it looked
+        for until the few, unless counting tells every task or more than a few missing."""
+        unfound = cls._unfound(cursor, text, sql, params, ids)
+        if unfound == 0:
+            return Found(missing=[])
+        table, count = search_hits.keep(db, sql, params)
+        if unfound is None or unfound <= cls.FEW:
+            cursor.execute(
+                f"SELECT t.id FROM {Task._meta.db_table} t WHERE NOT EXISTS "  # noqa: S608
+                f"(SELECT 1 FROM {table} AS hits WHERE hits.id = t.id) LIMIT {cls.FEW + 1}"
+            )
+            missing = [row[0] for row in cursor.fetchall()]
+            if len(missing) <= cls.FEW:
+                return Found(missing=sorted(missing))
+        last = Task.objects.using(db.alias).aggregate(last=Max("id"))["last"] or 0
         return Found(table=table, count=count, last=last)
 
     @classmethod
@@ -946,12 +947,11 @@ class TaskSearch(models.Model):
             short = cls._two_characters_sql(db, text)
             if short:
                 return short
-        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         if db.vendor == "sqlite":
             # Under three characters there is no trigram to look up: a scan of the tasks'
             # own columns, which SQLite reads three times faster than the FTS5 copy.
             # SQLite's LIKE folds ASCII letters only: "ü" is also looked for as "Ü".
-            patterns = _case_variants(pattern)
+            patterns = _case_variants(_contains_pattern(text))
             like = " OR ".join(["{column} LIKE %s ESCAPE '\\'"] * len(patterns))
             title, key, body = (like.format(column=c) for c in ("title", "key", "text"))
             return (
@@ -969,9 +969,8 @@ class TaskSearch(models.Model):
         lowercase (migration 0016): a LIKE the pg_trgm indexes answer, cheaper per row
         than ILIKE where it scans. The pattern is folded by the same lower() as the copy,
         not by Python's."""
-        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         like = "LIKE lower(%s)"
-        return f"title {like} OR key {like} OR body {like}", [pattern] * 3
+        return f"title {like} OR key {like} OR body {like}", [_contains_pattern(text)] * 3
 
     @classmethod
     def _two_characters_sql(cls, db, text: str) -> tuple[str, list[str]] | None:
@@ -1030,6 +1029,11 @@ def _case_variants(pattern: str) -> list[str]:
         for c in pattern
     ]
     return ["".join(p) for p in itertools.product(*choices)]
+
+
+def _contains_pattern(text: str) -> str:
+    """A LIKE pattern for `text` anywhere, its wildcards taken literally."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _phrase(text: str) -> str:
