@@ -379,13 +379,13 @@ def test_a_save_from_an_older_form_is_refused(folder):
 def test_a_file_changed_between_read_and_rename_is_not_replaced(folder, monkeypatch):
     task = folder({"a.md": TASK})["a.md"]
     path = folder.path("a.md")
-    real_sync = writeback.sync_temporaries
+    real_sync = writeback.sync_files
 
     def someone_saves_meanwhile(temporaries):
         real_sync(temporaries)
         path.write_text(TASK + "A person's line.\n")
 
-    monkeypatch.setattr(editing, "sync_temporaries", someone_saves_meanwhile)
+    monkeypatch.setattr(editing, "sync_files", someone_saves_meanwhile)
     with pytest.raises(FileChanged):
         editing.edit_task(task, {"assignee": "bot"}, ACTOR)
     assert path.read_text() == TASK + "A person's line.\n"
@@ -637,10 +637,8 @@ def test_bulk_assign_writes_in_batches_with_one_sync_each_and_lists_changed_file
     changed_outside = folder.path("t004.md")
     changed_outside.write_text(changed_outside.read_text() + "outside edit\n")
     syncs, batches = [], []
-    real_sync = writeback.sync_temporaries
-    monkeypatch.setattr(
-        editing, "sync_temporaries", lambda t: (syncs.append(len(t)), real_sync(t))
-    )
+    real_sync = writeback.sync_files
+    monkeypatch.setattr(editing, "sync_files", lambda t: (syncs.append(len(t)), real_sync(t)))
     report = editing.edit_tasks(
         [t.pk for t in tasks],
         ACTOR,

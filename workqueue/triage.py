@@ -41,7 +41,7 @@ from workqueue.writeback import (
     discard,
     file_identity,
     replace_if_unchanged,
-    sync_temporaries,
+    sync_files,
     write_temporary,
 )
 
@@ -273,7 +273,7 @@ class TriageProcessor(Processor):
         pending, self.pending = self.pending, []
         temporaries = [_write_temporary(w) for w in pending]
         try:
-            sync_temporaries([t for t in temporaries if isinstance(t, str)])
+            sync_files([t for t in temporaries if isinstance(t, str)])
         except OSError as exc:
             temporaries = [_discarded(t, exc) for t in temporaries]
         written = []

@@ -80,6 +80,10 @@ class Document:
             known=known is not None,
         )
 
+    def frontmatter_end(self) -> int:
+        """Where the YAML text ends in the rendered bytes."""
+        return len(((BOM if self.bom else "") + self.head + self.yaml_text).encode("utf-8"))
+
     def render(self) -> bytes:
         head, closing = self.head, self.closing
         if self.yaml_text and not head:
@@ -235,6 +239,8 @@ def _replace_value(span: list[str], value: Value, newline: str) -> str:
     lead = old[: len(old) - len(old.lstrip())] or " "
     if tail[:1] == "#":  # `key: # note` had no value: the comment keeps its space
         tail = " " + tail
+    elif not tail.strip():  # spaces alone (a status written in place padded its line)
+        tail = ""
     return f"{key}{lead}{yaml_value(value, old.strip())}{tail}{ending}"
 
 
@@ -323,7 +329,7 @@ def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool 
     """The new content in a temporary file beside `path`, with the file's permissions;
     none for a file no one may write.
 
-    With sync=False the caller makes it durable (sync_temporaries) before renaming it.
+    With sync=False the caller makes it durable (sync_files) before renaming it.
     """
     if mode is None:
         mode = os.stat(path).st_mode
@@ -349,21 +355,21 @@ def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool 
     return temporary
 
 
-def sync_temporaries(temporaries: list[str]) -> None:
-    """Put a batch of temporaries on disk before any of them is renamed.
+def sync_files(paths: list[str]) -> None:
+    """Put a batch of written files on disk (temporaries before any of them is renamed).
 
     On Linux one syncfs per filesystem: a fsync per file costs several times the CPU
     (measured in bench/bench_triage.py). Elsewhere, a fsync per file.
     """
     if _syncfs is None:
-        for temporary in temporaries:
-            fd = os.open(temporary, os.O_RDONLY)
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         return
-    folders = {os.path.dirname(t) or "." for t in temporaries}
+    folders = {os.path.dirname(p) or "." for p in paths}
     devices = {os.stat(folder).st_dev: folder for folder in folders}
     for folder in devices.values():
         fd = os.open(folder, os.O_RDONLY)
@@ -383,6 +389,62 @@ def _load_syncfs():
 
 
 _syncfs = _load_syncfs()
+
+
+# What a disk writes whole: a crash leaves a sector's old bytes or its new ones.
+SECTOR = 512
+
+
+def overwrite_spot(
+    raw: bytes, new: bytes, frontmatter_end: int, pad: bool = False
+) -> tuple[int, bytes] | None:
+    """Where `new` differs from `raw` in one frontmatter line only, and that line's change
+    fits in one sector and in the bytes it replaces: its offset and bytes, to write over
+    the file in place. With `pad`, a shorter top-level value (`status: inbox` -> `done`)
+    is padded with spaces at the end of its line, which YAML ignores. None: replace the
+    file whole.
+
+    `frontmatter_end`: where the frontmatter's YAML ends in `new`."""
+    if len(new) > len(raw) or raw == new or (len(new) < len(raw) and not pad):
+        return None
+    start = next(i for i, (a, b) in enumerate(zip(raw, new, strict=False)) if a != b)
+    if start >= frontmatter_end:
+        return None
+    line = raw.rfind(b"\n", 0, start) + 1
+    old_end, new_end = raw.find(b"\n", start), new.find(b"\n", start)
+    if old_end < 0 or new_end < 0 or new_end > frontmatter_end:
+        return None
+    if raw[old_end:] != new[new_end:]:  # more than this line changed
+        return None
+    cr = raw[old_end - 1 : old_end] == b"\r" and new[new_end - 1 : new_end] == b"\r"
+    pad = old_end - new_end
+    if pad and (raw[line : line + 1].isspace() or not KEY_LINE.match(raw[line:old_end].decode())):
+        return None  # only a top-level key's line takes padding without meaning anything
+    data = new[start : new_end - cr] + b" " * pad + (b"\r" if cr else b"")
+    if start // SECTOR != (start + len(data) - 1) // SECTOR:
+        return None
+    return start, data
+
+
+def overwrite_if_unchanged(
+    path: str, seen: tuple[int, int, int], offset: int, data: bytes
+) -> os.stat_result | None:
+    """Write `data` over the file at `offset` unless it is no longer the one we read (nor
+    a lone regular file: a link elsewhere would be written through)."""
+    if file_identity(os.lstat(path)) != seen:  # not opened: a device swapped in has effects
+        return None
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        before = os.fstat(fd)
+        if file_identity(before) != seen or not stat.S_ISREG(before.st_mode):
+            return None
+        if before.st_nlink != 1:
+            return None
+        if os.pwrite(fd, data, offset) != len(data):
+            raise OSError(errno.EIO, "short write", path)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def file_identity(stat: os.stat_result) -> tuple[int, int, int]:

@@ -7,7 +7,7 @@ import signal
 from workqueue import triage
 from workqueue.triage import TriageProcessor as Triage
 
-_sync = triage.sync_temporaries
+_sync = triage.sync_files
 
 
 def _sync_then_die(temporaries):
@@ -15,6 +15,6 @@ def _sync_then_die(temporaries):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-triage.sync_temporaries = _sync_then_die
+triage.sync_files = _sync_then_die
 
 __all__ = ["Triage"]
