@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_manage
+from tests.conftest import run_manage, start_manage
 from workqueue import claims, editing
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
@@ -237,3 +239,44 @@ def test_a_command_finishing_tasks_one_by_one_gives_exact_files(process_env, tmp
     argv = ["work", "--queue", "q", "--processor", "command", "--", sys.executable, "-c", "pass"]
     assert run_manage(argv, process_env).returncode == 0
     assert {p.read_text().split("status: ")[1] for p in folder.iterdir()} == {"done\n---\n"}
+
+
+@pytest.mark.slow
+def test_workers_killed_mid_run_leave_every_file_whole_and_a_rerun_ends_them_all(
+    process_env, tmp_path
+):
+    """SIGKILL while batches are written in place: each file is its old bytes or its new,
+    never torn; the reaper gives the dead workers' claims back and a second run ends every
+    task, each file saying so."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    before, after = {}, {}
+    for i in range(3000):
+        name = f"t{i:04d}.md"
+        before[name] = f"---\nid: t-{i}\ntitle: T{i}\nstatus: inbox\n---\n# T{i}\n"
+        after[name] = before[name].replace("status: inbox", "status: done ")
+        (folder / name).write_text(before[name])
+    assert not Importer("q", roots=[folder]).run([folder]).errors
+    argv = ["work", "--queue", "q", "--processor", "noop", "--prefetch", "50", "--workers", "4"]
+    herd = start_manage(argv, process_env, start_new_session=True)
+    wait_until = time.monotonic() + 60
+    while Task.objects.filter(status=Status.DONE).count() < 600:
+        assert time.monotonic() < wait_until and herd.poll() is None
+        time.sleep(0.01)
+    os.killpg(herd.pid, signal.SIGKILL)
+    herd.wait()
+    texts = {path.name: path.read_text() for path in folder.iterdir()}
+    assert set(texts) == set(before)
+    torn = [n for n, text in texts.items() if text not in (before[n], after[n])]
+    assert torn == []
+    assert 0 < sum(texts[n] == after[n] for n in texts) < 3000
+    # Killed between a batch's finish and its files, a worker may hold no claim: the
+    # owner file it did not live to discard names it to the reaper.
+    assert run_manage(["reap_locks", "--queue", "q"], process_env).returncode == 0
+    done = set(Task.objects.filter(status=Status.DONE).values_list("source_path", flat=True))
+    saying_done = {str(p.resolve()) for p in folder.iterdir() if "status: done" in p.read_text()}
+    assert done == saying_done
+    assert run_manage(argv, process_env).returncode == 0
+    assert Task.objects.filter(status=Status.DONE).count() == 3000
+    lagging = sorted(p.name for p in folder.iterdir() if "status: done" not in p.read_text())
+    assert lagging == []

@@ -734,6 +734,30 @@ def list_locks(queue: str | None = None) -> list[LockInfo]:
 
 def leftovers() -> list[Path]:
     """Spare lock directories and owner files of workers gone without discarding them."""
+    return [path for path, _ in _leftovers((SPARES, OWNERS))]
+
+
+def dead_owners() -> list[tuple[str, str, int, float]]:
+    """(worker, host, pid, start) of our workers dead on this host that did not live to
+    discard their owner files (killed). An owner file is anyone's to write: only its
+    fields' shapes are taken, and only when the pid it names is provably not that worker."""
+    found = []
+    for _, owner in _leftovers((OWNERS,)):
+        if owner and not is_foreign(owner) and owner_record_is_dead(owner):
+            worker = owner.get("worker")
+            host = owner.get("host")
+            found.append(
+                (
+                    worker if isinstance(worker, str) else "",
+                    host if isinstance(host, str) else "",
+                    _pid(owner["pid"]),
+                    float(owner["started"]),
+                )
+            )
+    return found
+
+
+def _leftovers(folders: tuple[str, ...]) -> list[tuple[Path, dict | None]]:
     root = str(settings.HYPERVISOR_LOCK_ROOT)
     now = time.time()
     found = []
@@ -742,7 +766,7 @@ def leftovers() -> list[Path]:
     except OSError:
         return []
     try:
-        for name in (SPARES, OWNERS):
+        for name in folders:
             with _listing(root_fd, name, f"{root}/{name}") as folder:
                 for entry, st in _entries(folder, f"{root}/{name}"):
                     path = f"{root}/{name}/{entry}"
@@ -751,7 +775,7 @@ def leftovers() -> list[Path]:
                     else:
                         owner = _read_owner_at(folder, entry, path)
                     if abandoned(owner, now - st.st_mtime, spare=True):
-                        found.append(Path(root, name, entry))
+                        found.append((Path(root, name, entry), owner))
     finally:
         os.close(root_fd)
     return found

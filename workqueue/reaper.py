@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from workqueue import agent_tree, claims, locks, signals, transitions, writeback
@@ -125,13 +126,51 @@ def release_stale_claims(
         report.temporaries = remove_temporaries_of_dead([s for s in released if s.holder_dead])
         # Edits made while the dead worker held them were waiting for the claim's end.
         claims.apply_pending_changes([s.task.pk for s in released])
-        if report.blocked:  # its file says so, as a worker's block writes it
-            from workqueue.editing import write_finished_status
+        from workqueue.editing import write_finished_status
 
-            write_finished_status([s.task.pk for s in report.blocked], actor)
+        # Its file says so, as a worker's block writes it; and a dead worker may have been
+        # killed between recording its last finishes and writing their files (with no
+        # claim left: its owner file, which it did not live to discard, names it).
+        dead = {
+            (t.holder, t.holder_host, t.holder_pid, t.holder_started)
+            for t in (s.task for s in released if s.holder_dead)
+        }
+        dead |= {owner for owner in locks.dead_owners() if holder_pid in (None, owner[2])}
+        lagging = finished_unwritten(dead, queue)
+        if report.blocked or lagging:
+            write_finished_status([s.task.pk for s in report.blocked] + lagging, actor)
     if holder_pid is None:
         report.orphan_locks = release_orphan_locks(queue, dry_run)
     return report
+
+
+def finished_unwritten(holders: set[tuple], queue: str | None = None) -> list[int]:
+    """The tasks these dead holders (worker, host, pid, start) finished whose rows still
+    keep their files as imported: a worker writes a finished task's file after the finish's
+    commit. The worker's name only where known (an owner file need not carry it)."""
+    from workqueue.importer import status_fields
+
+    if not holders:
+        return []
+    same_holder = Q()
+    for worker, host, pid, started in holders:
+        # The start as the owner file carried it, to the millisecond its name has.
+        near = Q(holder_started__gte=started - 0.001, holder_started__lte=started + 0.001)
+        named = Q(holder=worker) if worker else Q()
+        same_holder |= Q(named, near, holder_host=host, holder_pid=pid)
+    finished = (
+        Task.objects.in_queue(queue)
+        .filter(same_holder, status__in=(Status.DONE, Status.BLOCKED))
+        .exclude(source_path="")
+        .only("id", "status", "frontmatter")
+    )
+    # A row's frontmatter is the file's as last read or written: one that does not say the
+    # task's state is one whose file was not written (write_finished_status reads each).
+    return [
+        task.pk
+        for task in finished.iterator()
+        if status_fields(task.frontmatter, "")["status"] != task.status
+    ]
 
 
 def let_go(task: Task, actor: str) -> None:
