@@ -417,10 +417,10 @@ def overwrite_spot(
     if raw[old_end:] != new[new_end:]:  # more than this line changed
         return None
     cr = raw[old_end - 1 : old_end] == b"\r" and new[new_end - 1 : new_end] == b"\r"
-    pad = old_end - new_end
-    if pad and (raw[line : line + 1].isspace() or not KEY_LINE.match(raw[line:old_end].decode())):
+    spaces = old_end - new_end
+    if spaces and not KEY_LINE.match(raw[line:old_end].decode()):
         return None  # only a top-level key's line takes padding without meaning anything
-    data = new[start : new_end - cr] + b" " * pad + (b"\r" if cr else b"")
+    data = new[start : new_end - cr] + b" " * spaces + (b"\r" if cr else b"")
     if start // SECTOR != (start + len(data) - 1) // SECTOR:
         return None
     return start, data
