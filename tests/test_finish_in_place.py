@@ -218,6 +218,10 @@ def test_only_one_top_level_line_in_one_sector_no_longer_than_before_is_written_
     start = long.index("status: ") + len("status: ")
     assert start // SECTOR != (start + 4) // SECTOR
     assert spot(long, {"status": "done"}) is None
+    # Bytes cut from the end only: no line of the frontmatter changed.
+    assert (
+        overwrite_spot(b"---\nstatus: x\n---\nab", b"---\nstatus: x\n---\na", 14, pad=True) is None
+    )
 
 
 def test_only_a_top_level_keys_line_is_padded():

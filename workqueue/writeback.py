@@ -407,7 +407,7 @@ def overwrite_spot(
     `frontmatter_end`: where the frontmatter's YAML ends in `new`."""
     if len(new) > len(raw) or raw == new or (len(new) < len(raw) and not pad):
         return None
-    start = next(i for i, (a, b) in enumerate(zip(raw, new, strict=False)) if a != b)
+    start = next((i for i, (a, b) in enumerate(zip(raw, new, strict=False)) if a != b), len(new))
     if start >= frontmatter_end:
         return None
     line = raw.rfind(b"\n", 0, start) + 1
