@@ -734,19 +734,19 @@ def list_locks(queue: str | None = None) -> list[LockInfo]:
 
 def leftovers() -> list[Path]:
     """Spare lock directories and owner files of workers gone without discarding them."""
-    return [path for path, _ in _leftovers((SPARES, OWNERS))]
+    return [path for path, _ in leftover_records()]
 
 
-def dead_owners() -> list[tuple[str, str, int, float]]:
-    """(worker, host, pid, start) of our workers dead on this host that did not live to
-    discard their owner files (killed). An owner file is anyone's to write: only its
-    fields' shapes are taken, and only when the pid it names is provably not that worker."""
-    found = []
-    for _, owner in _leftovers((OWNERS,)):
+def dead_owners(records: list[tuple[Path, dict | None]]) -> set[tuple[str, str, int, float]]:
+    """(worker, host, pid, start) of our workers dead on this host among leftover_records
+    (their spares and owner files carry the same record). An owner record is anyone's to
+    write: only its fields' shapes are taken, and only when the pid it names is provably
+    not that worker."""
+    found = set()
+    for _, owner in records:
         if owner and not is_foreign(owner) and owner_record_is_dead(owner):
-            worker = owner.get("worker")
-            host = owner.get("host")
-            found.append(
+            worker, host = owner.get("worker"), owner.get("host")
+            found.add(
                 (
                     worker if isinstance(worker, str) else "",
                     host if isinstance(host, str) else "",
@@ -757,7 +757,8 @@ def dead_owners() -> list[tuple[str, str, int, float]]:
     return found
 
 
-def _leftovers(folders: tuple[str, ...]) -> list[tuple[Path, dict | None]]:
+def leftover_records() -> list[tuple[Path, dict | None]]:
+    """leftovers() with the owner record each carries."""
     root = str(settings.HYPERVISOR_LOCK_ROOT)
     now = time.time()
     found = []
@@ -766,7 +767,7 @@ def _leftovers(folders: tuple[str, ...]) -> list[tuple[Path, dict | None]]:
     except OSError:
         return []
     try:
-        for name in folders:
+        for name in (SPARES, OWNERS):
             with _listing(root_fd, name, f"{root}/{name}") as folder:
                 for entry, st in _entries(folder, f"{root}/{name}"):
                     path = f"{root}/{name}/{entry}"

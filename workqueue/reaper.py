@@ -97,6 +97,8 @@ def release_stale_claims(
     """Put stale claims back in the queue (or block them past their attempt limit)."""
     report = ReapReport()
     limits = dict(Queue.objects.values_list("name", "max_attempts"))
+    # What dead workers left in the lock root, read once: it names them below, and goes.
+    leftover = locks.leftover_records()
     stale_claims = find_stale_claims(queue, holder_pid)
     # The dead worker's agent goes first: two agents must never work on one task.
     alive = {} if dry_run else agent_tree.end_agents_of(s.task for s in stale_claims)
@@ -135,12 +137,12 @@ def release_stale_claims(
             (t.holder, t.holder_host, t.holder_pid, t.holder_started)
             for t in (s.task for s in released if s.holder_dead)
         }
-        dead |= {owner for owner in locks.dead_owners() if holder_pid in (None, owner[2])}
+        dead |= {owner for owner in locks.dead_owners(leftover) if holder_pid in (None, owner[2])}
         lagging = finished_unwritten(dead, queue)
         if report.blocked or lagging:
             write_finished_status([s.task.pk for s in report.blocked] + lagging, actor)
     if holder_pid is None:
-        report.orphan_locks = release_orphan_locks(queue, dry_run)
+        report.orphan_locks = release_orphan_locks(queue, dry_run, leftover)
     return report
 
 
@@ -201,8 +203,13 @@ def remove_temporaries_of_dead(released: list[StaleClaim]) -> list[str]:
     return removed
 
 
-def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> list[Path]:
-    """Lock directories with no claim behind them whose owner is dead on this host."""
+def release_orphan_locks(
+    queue: str | None = None,
+    dry_run: bool = False,
+    leftover: list[tuple[Path, dict | None]] | None = None,
+) -> list[Path]:
+    """Lock directories with no claim behind them whose owner is dead on this host, and
+    what dead workers left (`leftover`: locks.leftover_records(), read here if not given)."""
     held = set(
         (locks.lock_name(q), locks.lock_name(k))
         for q, k in Task.objects.claimed().in_queue(queue).values_list("queue", "key")
@@ -217,7 +224,7 @@ def release_orphan_locks(queue: str | None = None, dry_run: bool = False) -> lis
                 with suppress(LockError):  # a link planted since the listing: refused
                     locks.remove(lock.path)
     # Spare lock directories and owner files that dead workers of ours left behind.
-    for path in locks.leftovers():
+    for path, _ in locks.leftover_records() if leftover is None else leftover:
         removed.append(path)
         if not dry_run:
             with suppress(LockError):

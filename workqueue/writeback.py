@@ -438,7 +438,7 @@ def overwrite_if_unchanged(
         before = os.fstat(fd)
         if file_identity(before) != seen or not stat.S_ISREG(before.st_mode):
             return None
-        if before.st_nlink != 1:
+        if before.st_nlink != 1:  # given a second name since it was read
             return None
         if os.pwrite(fd, data, offset) != len(data):
             raise OSError(errno.EIO, "short write", path)
