@@ -120,10 +120,9 @@ class Processor:
     # Works in the worker's own process, on the CPU alone (noop, triage): with more workers
     # than cores, such workers take turns on the cores (workqueue.cpu_slots).
     cpu_bound = False
-    # Its batch ends in writes that wait on the disk (each finished task's file, triage's
-    # edits: temporaries, syncfs, renames), so its turn on a core is passed on before the
-    # finish rather than after: another worker computes while this one waits (8 no-op
-    # workers on 2 cores: 5-14% less time in four A/B pairs, once finishes wrote files).
+    # Its batch ends in writes that wait on the disk (triage's edits: temporaries, syncfs,
+    # renames), so its turn on a core is passed on before the finish rather than after:
+    # another worker computes while this one waits.
     ends_on_disk = True
     # A finish writes the task's new state (done, blocked) into its file. Not triage's:
     # its decisions are what it writes, and a triaged task is not a finished one.
