@@ -60,7 +60,7 @@ HYPERVISOR_REAP_INTERVAL = envint("HYPERVISOR_REAP_INTERVAL", 30, minimum=1)
 HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minimum=1)
 # Workers of a CPU-bound processor, more of them than cores, take turns on the cores of
 # at least this long (workqueue.cpu_slots); 0 passes the turn on after every batch.
-HYPERVISOR_CPU_TURN_MS = envint("HYPERVISOR_CPU_TURN_MS", 500)
+HYPERVISOR_CPU_TURN_MS = envint("HYPERVISOR_CPU_TURN_MS", 2000)
 # An agent's output is read this long after it exits (a background child may hold its
 # pipes open), and its tree gets this long between SIGTERM and SIGKILL.
 HYPERVISOR_AGENT_GRACE = envint("HYPERVISOR_AGENT_GRACE", 2, minimum=0)

@@ -12,10 +12,11 @@ Turns are passed on: a worker first takes the slot's gate (byte 0), then the slo
 (byte 1), then lets the gate go. The next worker waits on the slot holding the gate, so
 the holder, once done, cannot take the slot straight back: it queues at the gate.
 
-A turn lasts several batches (HYPERVISOR_CPU_TURN_MS, half a second): a worker taking
-its turn starts cold, and passing the slot on after every batch of 250 no-op tasks made
-8 workers a fifth slower than 2; with half-second turns they are within a tenth of 2
-(2026-12-04, 10,000 tasks, medians of six runs in turn).
+A turn lasts several batches (HYPERVISOR_CPU_TURN_MS, two seconds): a worker's first
+turn starts cold (its connection, its spare lock directories), and passing the slot on
+after every batch of 250 no-op tasks made 8 workers a fifth slower than 2; with
+half-second turns they were a tenth slower, with two-second turns as fast (2026-12-06,
+10,000 tasks, medians of four runs in turn).
 """
 
 from __future__ import annotations
