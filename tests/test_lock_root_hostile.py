@@ -170,7 +170,7 @@ def reap_orphans(run: Run) -> None:
     run.planted()
     reaper.release_stale_claims()
     reaper.release_orphan_locks("q")
-    for path in locks.leftovers():
+    for path, _ in locks.leftover_records():
         locks.remove_leftover(path)
 
 

@@ -732,11 +732,6 @@ def list_locks(queue: str | None = None) -> list[LockInfo]:
     return found
 
 
-def leftovers() -> list[Path]:
-    """Spare lock directories and owner files of workers gone without discarding them."""
-    return [path for path, _ in leftover_records()]
-
-
 def dead_owners(records: list[tuple[Path, dict | None]]) -> set[tuple[str, str, int, float]]:
     """(worker, host, pid, start) of our workers dead on this host among leftover_records
     (their spares and owner files carry the same record). An owner record is anyone's to
@@ -758,7 +753,8 @@ def dead_owners(records: list[tuple[Path, dict | None]]) -> set[tuple[str, str, 
 
 
 def leftover_records() -> list[tuple[Path, dict | None]]:
-    """leftovers() with the owner record each carries."""
+    """Spare lock directories and owner files of workers gone without discarding them,
+    with the owner record each carries."""
     root = str(settings.HYPERVISOR_LOCK_ROOT)
     now = time.time()
     found = []

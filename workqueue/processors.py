@@ -47,11 +47,6 @@ class NoopProcessor(Processor):
 
     name = "noop"
     cpu_bound = True
-    # Its batch's finish writes each status word in place (editing._write_finish_plans):
-    # work on the CPU, not a wait on the disk. Passed on before it, the turn let more
-    # workers than cores run at once, and the one holding the write lock was descheduled:
-    # 8 workers on 2 cores held it twice as long as 2 and ran 35% slower than 2.
-    ends_on_disk = False
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         if claim.path:
