@@ -987,23 +987,24 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
     a regular file, or cannot be written is left alone: the finish stands, and an event on
     the task says why. A batch's files take one sync, as an edit's do.
     """
-    columns = ("id", "fence", "status", "reason", "frontmatter")
+    finished = Task.objects.filter(
+        pk__in=list(task_ids), status__in=(Status.DONE, Status.BLOCKED)
+    ).exclude(source_path="")
+    # Rows as named tuples, not models: a batch is hundreds of tasks, and making a model
+    # of each was a tenth of a no-op worker's time. Only a changed file needs its model.
+    columns = ("pk", "fence", "status", "reason", "frontmatter")
     columns += ("source_path", "source_sha256", "source_missing")
-    finished = (
-        Task.objects.filter(pk__in=list(task_ids), status__in=(Status.DONE, Status.BLOCKED))
-        .exclude(source_path="")
-        .only(*columns)
-    )
     plans, notes, changed = [], [], []
-    for task in finished:
+    for task in finished.values_list(*columns, named=True):
         plan = _finish_plan(task, notes)
         if plan == CHANGED_ON_DISK:
-            changed.append(task)
+            changed.append(task.pk)
         elif plan is not None:
             plans.append(plan)
-    for task in changed:  # the agent edited its file: its edit is taken in first, but
-        refresh_from_source(task, follow_status=False)  # the run's outcome is the status
-    for task in finished.filter(pk__in=[t.pk for t in changed]) if changed else ():
+    for task in Task.objects.filter(pk__in=changed) if changed else ():
+        # The agent edited its file: its edit is taken in first, but the run's outcome
+        refresh_from_source(task, follow_status=False)  # is the status written
+    for task in finished.filter(pk__in=changed) if changed else ():
         plan = _finish_plan(task, notes)
         if plan == CHANGED_ON_DISK:  # changed again meanwhile: its next import tells
             notes.append((task, CHANGED_ON_DISK))
@@ -1027,9 +1028,10 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
     )
 
 
-def _finish_plan(task: Task, notes: list) -> _Plan | str | None:
+def _finish_plan(task, notes: list) -> _Plan | str | None:
     """The file with the task's state written, CHANGED_ON_DISK for a file that differs
-    from the row, or None (nothing to write, or a note saying why not)."""
+    from the row, or None (nothing to write, or a note saying why not). `task` is a Task
+    or a row of write_finished_status's columns."""
     if task.source_missing:  # gone, or no task now (a README left out): not written
         notes.append((task, MISSING))
         return None
