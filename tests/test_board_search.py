@@ -385,7 +385,12 @@ def test_refresh_keeps_the_cards_loaded_with_load_more(viewer):
     queued = html[html.index('data-status="queued"') : html.index('data-status="claimed"')]
     assert queued.count('class="card"') == 100
     assert "Changed" in queued
-    assert "offset=100&amp;queue=q" in queued  # "Load more" goes on from there
+    last = Task.objects.filter(queue="q", status="queued").order_by("priority", "id")[99]
+    # "Load more" goes on from there: the 100th card.
+    assert (
+        f"offset=100&amp;after_priority={last.priority}&amp;after_id={last.pk}&amp;queue=q"
+        in queued
+    )
     # A shown count out of range is ignored: one page.
     refresh = viewer.get("/", {"queue": "q", "shown_queued": -1})
     assert len(refresh.context["columns"][0]["cards"]) == views.PAGE_SIZE

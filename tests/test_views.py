@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 import re
 import subprocess
@@ -154,6 +155,64 @@ def test_first_page_of_cards_then_load_more(viewer):
     last = viewer.get(f"/board/queued/?offset={2 * size}")
     assert last.content.decode().count('<article class="card"') == 20
     assert "Load more" not in last.content.decode()
+
+
+def _more_link(html: str) -> str:
+    return html_lib.unescape(re.search(r'class="more"[^>]* href="([^"]+)"', html).group(1))
+
+
+def test_load_more_goes_on_after_the_last_card_shown_while_a_herd_moves_cards(viewer):
+    """From an offset alone, cards leaving the column above the page made "Load more"
+    skip as many, and cards coming in repeat the last ones shown."""
+    size = views.PAGE_SIZE
+    tasks = make_tasks("q", 3 * size)
+    tasks[size + 3].priority = 0  # the order is priority then id, wherever the id is
+    tasks[size + 3].save(update_fields=["priority"])
+    order = list(Task.objects.order_by("priority", "id").values_list("key", flat=True))
+    shown = order[:size]
+    assert (
+        re.findall(r"<code>(t\d+)</code>", column_html(viewer.get("/").content, "queued")) == shown
+    )
+    link = _more_link(column_html(viewer.get("/").content, "queued"))
+    # Meanwhile workers claim five of the cards shown, and a person requeues a done task
+    # that sorts among them.
+    Task.objects.filter(key__in=shown[:5]).update(status=Status.CLAIMED)
+    Task.objects.create(queue="q", key="a-new-one", title="New", status=Status.QUEUED, priority=0)
+    more = viewer.get(link).content.decode()
+    assert re.findall(r"<code>([^<]+)</code>", more) == order[size : 2 * size]
+    after = viewer.get(_more_link(more)).content.decode()
+    assert re.findall(r"<code>([^<]+)</code>", after) == order[2 * size :]
+    assert "Load more" not in after
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("offset=25&after_id=7", "after_priority: Give it with after_id: the last card shown."),
+        ("offset=25&after_priority=1", "after_id: Give it with after_priority"),
+        ("offset=25&after_priority=1&after_id=0", "after_id: Ensure this value is greater"),
+        ("offset=25&after_priority=99999999999&after_id=1", "after_priority: Ensure this"),
+        ("offset=25&after_priority=1&after_id=x", "after_id: Enter a whole number."),
+    ],
+)
+def test_a_bad_last_card_for_load_more_is_a_400_that_names_it(viewer, query, said):
+    response = viewer.get(f"/board/queued/?{query}")
+    assert response.status_code == 400
+    assert said in response.content.decode()
+
+
+def test_load_more_after_the_extreme_last_cards_a_column_can_name(viewer):
+    make_tasks("q", 3)
+    for priority, pk, cards in (
+        (2**31 - 1, 2**63 - 1, 0),  # after every card
+        (-(2**31), 2**63 - 1, 3),  # every card's priority comes after
+        (2, 2**63 - 1, 0),
+        (1, 1, 3),
+    ):
+        page = {"offset": 25, "after_priority": priority, "after_id": pk}
+        response = viewer.get("/board/queued/", page)
+        assert response.status_code == 200
+        assert response.content.decode().count('class="card"') == cards, (priority, pk)
 
 
 @pytest.mark.parametrize(

@@ -358,7 +358,7 @@ def test_a_nul_character_in_the_query_string_is_a_bad_request(admin_client, url,
 HOSTILE_VALUES = ["a" * 5000, "%_\\'\"", "\U0001f600\u00b2", "-1", "9" * 25, "1e309", "NaN", "a|b"]
 PARAMETERS = [
     "q", "tag", "assignee", "project", "complexity", "type", "queue", "status",
-    "since", "offset", "shown", "view", "next", "tail",
+    "since", "offset", "after_priority", "after_id", "shown", "view", "next", "tail",
 ]  # fmt: skip
 
 

@@ -209,6 +209,25 @@ def _offered(counts: dict[str, int]) -> list[tuple[str, int]]:
 
 class LoadMoreForm(forms.Form):
     offset = forms.IntegerField(min_value=0, max_value=10_000_000)
+    # The column's last card shown: the next cards are those after it in board order,
+    # wherever the cards above it went meanwhile (from an offset alone, a herd moving
+    # cards out of the column made "Load more" skip as many, and one moving in repeat).
+    after_priority = forms.IntegerField(required=False, min_value=-(2**31), max_value=2**31 - 1)
+    after_id = forms.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
+
+    def clean(self):
+        data = super().clean()
+        names = ("after_priority", "after_id")
+        given = [n for n in names if data.get(n) is not None]
+        if len(given) == 1 and not self.errors:
+            missing = next(n for n in names if n not in given)
+            self.add_error(missing, f"Give it with {given[0]}: the last card shown.")
+        return data
+
+    @property
+    def after(self) -> tuple[int, int] | None:
+        data = self.cleaned_data
+        return None if data["after_id"] is None else (data["after_priority"], data["after_id"])
 
 
 MAX_SHOWN = 5000  # cards per column a refresh keeps: a hundred "Load more"s

@@ -6,14 +6,14 @@ import hashlib
 import time
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -141,14 +141,31 @@ def view_version(form: BoardFilterForm) -> View:
     return View(f"v{stamp}-{whole.rsplit('-', 1)[1]}", counts, whole)
 
 
-def _cards(form, status: str, count: int, offset: int = 0, limit: int = PAGE_SIZE) -> list[Task]:
-    """One page of a column of `count` cards, plus one card to tell whether there is more."""
+def _cards(
+    form,
+    status: str,
+    count: int,
+    offset: int = 0,
+    limit: int = PAGE_SIZE,
+    after: tuple[int, int] | None = None,
+) -> list[Task]:
+    """One page of a column of `count` cards, plus one card to tell whether there is more:
+    from `offset`, or after the card `after` (its priority and id) when given, `offset`
+    then saying only how deep the page is."""
     tasks = form.apply(Task.objects.all(), page=(offset + limit + 1, count))
-    return list(
-        tasks.filter(status=status)
-        .order_by("priority", "id")
-        .only(*CARD_FIELDS)[offset : offset + limit + 1]
-    )
+    tasks = tasks.filter(status=status)
+    if after is not None:
+        priority, pk = after
+        tasks = tasks.filter(Q(priority__gt=priority) | Q(pk__gt=pk), priority__gte=priority)
+        offset = 0
+    return list(tasks.order_by("priority", "id").only(*CARD_FIELDS)[offset : offset + limit + 1])
+
+
+def _more_url(status: str, cards: list[Task], offset: int) -> str:
+    """Where "Load more" gets the cards after the last of `cards`, the column's `offset`th."""
+    last = cards[-1]
+    page = {"offset": offset, "after_priority": last.priority, "after_id": last.pk}
+    return f"{reverse('board-column', args=[status])}?{urlencode(page)}"
 
 
 def _columns(form, shown: dict[str, int], counts: dict[str, int] | None) -> list[dict]:
@@ -168,7 +185,7 @@ def _columns(form, shown: dict[str, int], counts: dict[str, int] | None) -> list
                 "count": counts[status],
                 "cards": cards[:limit],
                 "more": len(cards) > limit,
-                "next_offset": limit,
+                "more_url": _more_url(status, cards[:limit], limit) if len(cards) > limit else "",
                 "actions": card_actions(status),
             }
         )
@@ -366,13 +383,15 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
         return HttpResponseBadRequest(problems, content_type="text/plain")
     offset = page.cleaned_data["offset"]
     counts = view_version(form).counts  # kept with the view's version since its render
-    cards = _cards(form, status, counts[status] if counts else 0, offset)
+    cards = _cards(form, status, counts[status] if counts else 0, offset, after=page.after)
     context = {
         "column": {
             "status": status,
             "cards": cards[:PAGE_SIZE],
             "more": len(cards) > PAGE_SIZE,
-            "next_offset": offset + PAGE_SIZE,
+            "more_url": _more_url(status, cards[:PAGE_SIZE], offset + PAGE_SIZE)
+            if len(cards) > PAGE_SIZE
+            else "",
             "actions": card_actions(status),
         },
         "form": form,
