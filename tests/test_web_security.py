@@ -333,6 +333,27 @@ def test_a_body_past_the_render_limit_goes_on_as_written_after_its_formatted_sta
     assert '<pre class="rest">' in drawer and "&lt;script&gt;alert(1)" in drawer
 
 
+def test_a_long_body_is_rendered_once_and_kept_by_its_hash(monkeypatch):
+    from django.core.cache import cache
+
+    from workqueue import rendering
+
+    cache.clear()
+    rendered = []
+    real = rendering.render_markdown
+    monkeypatch.setattr(rendering, "render_markdown", lambda t: rendered.append(t) or real(t))
+    body = "# Long\n\n" + "- [y](javascript:alert(1)) <b>z</b> ![x\n" * 500
+    assert rendering.KEPT_FROM < len(body) < rendering.RENDER_LIMIT
+    first = rendering.render_body(body)
+    assert rendering.render_body(body) == first and len(rendered) == 1
+    assert first.count("<li>") == 500  # kept as sanitised
+    assert 'href="javascript' not in first and "<b>" not in first
+    assert rendering.render_body(body + "more") != first and len(rendered) == 2
+    short = "# Short\n"  # not kept: it would crowd the board's counts out of the cache
+    rendering.render_body(short), rendering.render_body(short)
+    assert rendered[2:] == [short, short]
+
+
 @pytest.mark.parametrize(
     ("url", "name"),
     [

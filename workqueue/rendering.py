@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from urllib.parse import urlsplit
 
 import nh3
+from django.core.cache import cache
 from django.utils.html import escape, format_html
 from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
@@ -16,6 +18,11 @@ from markdown_it.token import Token
 # (`![` repeated is the slowest), so a crafted 1 MB body held a request for 14 s; past
 # this the body is shown as written, escaped, which costs nothing.
 RENDER_LIMIT = 64 * 1024
+# Bodies this long are rendered once and kept (a few milliseconds and more each); shorter
+# ones would only crowd the board's kept counts and searches out of the cache.
+KEPT_FROM = 8 * 1024
+KEPT_SECONDS = 3600
+RENDERING = 1  # raise it when the rendering or the sanitising changes
 
 # Browsers drop tabs and newlines inside a URL and read a backslash as a slash: a src of
 # slash, backslash, "tracker.example/p.gif" still loads from another host.
@@ -119,7 +126,20 @@ def _keep_attribute(tag: str, attribute: str, value: str) -> str | None:
 
 
 def render_body(text: str) -> SafeString:
-    """A task's body for a page: markdown, and past RENDER_LIMIT the rest as plain text."""
+    """A task's body for a page: markdown, and past RENDER_LIMIT the rest as plain text.
+    A long body's rendering is kept by its hash: a crafted one takes up to a second, and a
+    drawer is opened again and again while a person triages."""
+    if len(text) < KEPT_FROM:
+        return _render_body(text)
+    key = f"body-html:{RENDERING}:{hashlib.sha256(text.encode()).hexdigest()}"
+    html = cache.get(key)
+    if html is None:
+        html = _render_body(text)
+        cache.set(key, str(html), KEPT_SECONDS)
+    return mark_safe(html)  # noqa: S308 - sanitised by render_markdown before it was kept
+
+
+def _render_body(text: str) -> SafeString:
     if len(text) <= RENDER_LIMIT:
         return render_markdown(text)
     cut = text.rfind("\n", 0, RENDER_LIMIT) + 1 or RENDER_LIMIT  # at a line's start
