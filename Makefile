@@ -40,8 +40,9 @@ $(AGENTS_STAMP): package.json package-lock.json
 
 agents: $(AGENTS_STAMP)
 
+# `make run ADDR=0.0.0.0:9000` serves elsewhere.
 run: bytecode
-	$(PY) manage.py start
+	$(PY) manage.py start $(if $(ADDR),--addr $(ADDR))
 
 test: bytecode browser agents
 	$(PY) -m pytest
