@@ -161,9 +161,12 @@ def _cards(
     return list(tasks.order_by("priority", "id").only(*CARD_FIELDS)[offset : offset + limit + 1])
 
 
-def _more_url(status: str, cards: list[Task], offset: int) -> str:
-    """Where "Load more" gets the cards after the last of `cards`, the column's `offset`th."""
-    last = cards[-1]
+def _more_url(status: str, cards: list[Task], shown: int, offset: int) -> str:
+    """Where "Load more" gets the cards after the last of the `shown` (the column's
+    `offset`th), or "" when `cards`, those and one more, end the column."""
+    if len(cards) <= shown:
+        return ""
+    last = cards[shown - 1]
     page = {"offset": offset, "after_priority": last.priority, "after_id": last.pk}
     return f"{reverse('board-column', args=[status])}?{urlencode(page)}"
 
@@ -184,8 +187,7 @@ def _columns(form, shown: dict[str, int], counts: dict[str, int] | None) -> list
                 "label": Status(status).label,
                 "count": counts[status],
                 "cards": cards[:limit],
-                "more": len(cards) > limit,
-                "more_url": _more_url(status, cards[:limit], limit) if len(cards) > limit else "",
+                "more_url": _more_url(status, cards, limit, limit),
                 "actions": card_actions(status),
             }
         )
@@ -388,10 +390,7 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
         "column": {
             "status": status,
             "cards": cards[:PAGE_SIZE],
-            "more": len(cards) > PAGE_SIZE,
-            "more_url": _more_url(status, cards[:PAGE_SIZE], offset + PAGE_SIZE)
-            if len(cards) > PAGE_SIZE
-            else "",
+            "more_url": _more_url(status, cards, PAGE_SIZE, offset + PAGE_SIZE),
             "actions": card_actions(status),
         },
         "form": form,
