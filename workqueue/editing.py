@@ -1005,7 +1005,7 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
     # status written.
     for task in Task.objects.filter(pk__in=changed) if changed else ():
         refresh_from_source(task, follow_status=False)
-    for task in finished.filter(pk__in=changed) if changed else ():
+    for task in finished.filter(pk__in=changed).values_list(*columns, named=True):
         plan = _finish_plan(task, notes)
         if plan == CHANGED_ON_DISK:  # changed again meanwhile: its next import tells
             notes.append((task, CHANGED_ON_DISK))
@@ -1031,8 +1031,8 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
 
 def _finish_plan(task, notes: list) -> _Plan | str | None:
     """The file with the task's state written, CHANGED_ON_DISK for a file that differs
-    from the row, or None (nothing to write, or a note saying why not). `task` is a Task
-    or a row of write_finished_status's columns."""
+    from the row, or None (nothing to write, or a note saying why not). `task` is a row of
+    write_finished_status's columns."""
     if task.source_missing:  # gone, or no task now (a README left out): not written
         notes.append((task, MISSING))
         return None

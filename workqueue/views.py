@@ -154,21 +154,24 @@ def _cards(
     then saying only how deep the page is."""
     tasks = form.apply(Task.objects.all(), page=(offset + limit + 1, count))
     tasks = tasks.filter(status=status)
+    start = offset
     if after is not None:
         priority, pk = after
         tasks = tasks.filter(Q(priority__gt=priority) | Q(pk__gt=pk), priority__gte=priority)
-        offset = 0
-    return list(tasks.order_by("priority", "id").only(*CARD_FIELDS)[offset : offset + limit + 1])
+        start = 0
+    return list(tasks.order_by("priority", "id").only(*CARD_FIELDS)[start : start + limit + 1])
 
 
-def _more_url(status: str, cards: list[Task], shown: int, offset: int) -> str:
+def _more_url(form, status: str, cards: list[Task], shown: int, offset: int) -> str:
     """Where "Load more" gets the cards after the last of the `shown` (the column's
-    `offset`th), or "" when `cards`, those and one more, end the column."""
+    `offset`th) in the view of `form`, or "" when `cards`, those and one more, end the
+    column."""
     if len(cards) <= shown:
         return ""
     last = cards[shown - 1]
-    page = {"offset": offset, "after_priority": last.priority, "after_id": last.pk}
-    return f"{reverse('board-column', args=[status])}?{urlencode(page)}"
+    page = urlencode({"offset": offset, "after_priority": last.priority, "after_id": last.pk})
+    query = form.querystring()
+    return f"{reverse('board-column', args=[status])}?{page}{'&' + query if query else ''}"
 
 
 def _columns(form, shown: dict[str, int], counts: dict[str, int] | None) -> list[dict]:
@@ -187,7 +190,7 @@ def _columns(form, shown: dict[str, int], counts: dict[str, int] | None) -> list
                 "label": Status(status).label,
                 "count": counts[status],
                 "cards": cards[:limit],
-                "more_url": _more_url(status, cards, limit, limit),
+                "more_url": _more_url(form, status, cards, limit, limit),
                 "actions": card_actions(status),
             }
         )
@@ -390,11 +393,10 @@ def column(request: HttpRequest, status: str) -> HttpResponse:
         "column": {
             "status": status,
             "cards": cards[:PAGE_SIZE],
-            "more_url": _more_url(status, cards, PAGE_SIZE, offset + PAGE_SIZE),
+            "more_url": _more_url(form, status, cards, PAGE_SIZE, offset + PAGE_SIZE),
             "actions": card_actions(status),
         },
         "form": form,
-        "query": form.querystring(),
         "can_change": request.user.has_perm("queue.change_task"),
     }
     return render(request, "workqueue/board.html#cards", context)
