@@ -142,7 +142,13 @@ TEMPLATES = [
                 "django.contrib.messages.context_processors.messages",
             ],
         },
-    }
+    },
+    # The board's cards only (workqueue.templatetags.board.cards): a hundred a render.
+    {
+        "BACKEND": "django.template.backends.jinja2.Jinja2",
+        "DIRS": [BASE_DIR / "templates" / "jinja2"],
+        "OPTIONS": {"environment": "workqueue.templatetags.board.jinja_environment"},
+    },
 ]
 
 # Two test runs on one machine keep separate test databases: the processes a test starts

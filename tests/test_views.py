@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 from datetime import timedelta
+from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ from django.utils import timezone
 from tests.conftest import make_tasks
 from workqueue import claims, locks, transitions, views
 from workqueue.locks import Identity, OwnerFile
-from workqueue.models import EventKind, Status, Task, TaskEvent
+from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
 
 pytestmark = pytest.mark.django_db
 
@@ -330,6 +331,101 @@ def test_claimed_card_shows_holder_lease_and_stale_in_words(viewer):
     assert "pid " in cards["t000001"]
     assert "lease expired" in cards["t000002"]
     assert "stale claim" in cards["t000002"]
+
+
+def every_kind_of_card() -> None:
+    """A card of each thing a card can say (queue "k"), titles and reasons with markup."""
+    keys = [
+        "plain",
+        "badges",
+        "waiting",
+        "quota",
+        "missing",
+        "live",
+        "stale",
+        "outside",
+        "over-http",
+        "pending",
+        "outcome",
+        "proposal",
+        "blocked",
+        "untitled",
+    ]
+    Queue.objects.create(name="k")
+    tasks = {}
+    for key in keys:
+        tasks[key] = Task.objects.create(
+            queue="k", key=key, title=f"<b>{key}</b> \"quoted\" & 'said'", status=Status.QUEUED
+        )
+    Task.objects.filter(key="untitled").update(title="")
+    Task.objects.filter(key="badges").update(
+        assignee="ann", complexity="large", tags=["ui", "<x>"], project="atlas"
+    )
+    Task.objects.filter(key="waiting").update(has_dependencies=True)
+    Dependency.objects.create(task=tasks["waiting"], key="nowhere")
+    Task.objects.filter(key="quota").update(
+        result={"quota": True, "resets_at": "2026-12-07T03:00Z"}
+    )
+    Task.objects.filter(key="missing").update(source_missing=True)
+    claim(tasks["live"], pid=None, holder="herd-1-w1")
+    claim(tasks["stale"], pid=dead_pid(), holder="herd-1-w2")
+    claim(tasks["pending"], pid=None, holder="herd-1-w3", change_pending=True)
+    transitions.hold_for_outside([tasks["outside"]], "li")
+    claim(tasks["over-http"], pid=4242, holder="puller")
+    Task.objects.filter(key="over-http").update(holder_host="http:10.0.0.9")
+    Task.objects.filter(key="outcome").update(
+        status=Status.DONE, outcome="merged <ok>", tokens=1234, cost_usd=Decimal("0.0123456")
+    )
+    Task.objects.filter(key="proposal").update(
+        status=Status.DONE,
+        result={"action": "assign:bot", "dry_run": True, "changes": ["assignee->bot"]},
+    )
+    Task.objects.filter(key="blocked").update(status=Status.BLOCKED, reason="<why> " + "x" * 200)
+
+
+def test_each_kind_of_card_says_what_it_is_with_its_text_escaped(operator):
+    every_kind_of_card()
+    page = operator.get("/?queue=k").content.decode()
+    cards = {
+        re.search(r"<code>([^<]+)</code>", card).group(1): card
+        for card in page.split('<article class="card"')[1:]
+    }
+    assert len(cards) == 14
+    for key, card in cards.items():
+        assert "<b>" not in card and "&lt;b&gt;" in card or key == "untitled", key
+        assert card.count('name="csrfmiddlewaretoken"') == 1, key
+        assert f'hx-post="/tasks/{Task.objects.get(key=key).pk}/action/"' in card, key
+    assert '<a class="title" id="t' in cards["untitled"] and ">untitled</a>" in cards["untitled"]
+    assert (
+        '<p class="badges"><span class="who">@ann</span><span class="cx">large</span></p>'
+        in cards["badges"]
+    )
+    assert "<li>ui<li>&lt;x&gt;</ul>" in cards["badges"] and "· atlas ·" in cards["badges"]
+    assert '<span class="wait">waiting on 1</span>' in cards["waiting"]
+    assert "given back on quota, resets 2026-12-07T03:00Z" in cards["quota"]
+    assert "file missing: not worked until it is back" in cards["missing"]
+    assert "held by herd-1-w1 on " in cards["live"] and " left</p>" in cards["live"]
+    assert "stale claim" not in cards["live"] and "stale claim" in cards["stale"]
+    assert "pid " in cards["stale"] and "pid " not in cards["over-http"]
+    assert "held by li · in progress in its file" in cards["outside"]
+    assert "file changed while claimed" in cards["pending"]
+    assert '<p class="outcome">merged &lt;ok&gt;</p>' in cards["outcome"]
+    assert '<p class="usage">1234 tokens · $0.0123</p>' in cards["outcome"]
+    assert "proposed: <strong>assign to bot</strong>" in cards["proposal"]
+    reason = re.search(r'<p class="reason">([^<]*)</p>', cards["blocked"]).group(1)
+    assert reason.startswith("&lt;why&gt; xxx") and reason.endswith("…")
+    assert len(html_lib.unescape(reason)) == 120
+    # What a person may do to each, by its column.
+    assert 'value="release"' in cards["live"] and 'value="requeue"' in cards["blocked"]
+    assert 'id="block-' in cards["plain"] and 'draggable="true"' in cards["plain"]
+
+
+def test_a_viewer_s_cards_have_no_controls(viewer):
+    every_kind_of_card()
+    page = viewer.get("/?queue=k").content.decode()
+    assert page.count('<article class="card"') == 14
+    for needle in ('draggable="true"', 'class="pick"', 'class="acts"', "csrfmiddlewaretoken"):
+        assert needle not in page.split('<div id="board"')[1], needle
 
 
 def test_card_shows_the_triage_action(viewer):
