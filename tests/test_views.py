@@ -333,8 +333,9 @@ def test_claimed_card_shows_holder_lease_and_stale_in_words(viewer):
     assert "stale claim" in cards["t000002"]
 
 
-def every_kind_of_card() -> None:
-    """A card of each thing a card can say (queue "k"), titles and reasons with markup."""
+def every_kind_of_card() -> dict[str, int]:
+    """A card of each thing a card can say (queue "k"), titles and reasons with markup;
+    each one's id by its key."""
     keys = [
         "plain",
         "badges",
@@ -381,10 +382,11 @@ def every_kind_of_card() -> None:
         result={"action": "assign:bot", "dry_run": True, "changes": ["assignee->bot"]},
     )
     Task.objects.filter(key="blocked").update(status=Status.BLOCKED, reason="<why> " + "x" * 200)
+    return {key: task.pk for key, task in tasks.items()}
 
 
 def test_each_kind_of_card_says_what_it_is_with_its_text_escaped(operator):
-    every_kind_of_card()
+    pks = every_kind_of_card()
     page = operator.get("/?queue=k").content.decode()
     cards = {
         re.search(r"<code>([^<]+)</code>", card).group(1): card
@@ -394,7 +396,7 @@ def test_each_kind_of_card_says_what_it_is_with_its_text_escaped(operator):
     for key, card in cards.items():
         assert "<b>" not in card and "&lt;b&gt;" in card or key == "untitled", key
         assert card.count('name="csrfmiddlewaretoken"') == 1, key
-        assert f'hx-post="/tasks/{Task.objects.get(key=key).pk}/action/"' in card, key
+        assert f'hx-post="/tasks/{pks[key]}/action/"' in card, key
     assert '<a class="title" id="t' in cards["untitled"] and ">untitled</a>" in cards["untitled"]
     assert (
         '<p class="badges"><span class="who">@ann</span><span class="cx">large</span></p>'
