@@ -263,6 +263,39 @@ def test_a_kept_search_is_counted_from_the_narrow_index_of_statuses(viewer, monk
     assert definition.endswith("btree (id) INCLUDE (status, updated_at)"), definition
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's kept searches")
+def test_a_kept_search_alone_is_counted_in_id_order_and_the_planner_is_put_back(
+    viewer, monkeypatch
+):
+    """A kept search's ids and the narrow index are merged in id order, not hashed (at a
+    third of 1,000,000 tasks 129-136 against 203-258 ms): told to PostgreSQL for the
+    count of the text alone, and put back after, inside the test's transaction too."""
+    monkeypatch.setattr(TaskSearch, "FEW", 2)
+    for i in range(6):
+        task(f"p{i}", title=f"parser {i}", project="one" if i < 3 else "")
+    for i in range(4):
+        task(f"o{i}", title=f"other {i}")
+    hash_joins = []
+
+    def note_the_setting(execute, sql, params, many, context):
+        if 'AS "queued"' in sql:
+            context["cursor"].execute("SELECT current_setting('enable_hashjoin')")
+            hash_joins.append(context["cursor"].fetchone()[0])
+        return execute(sql, params, many, context)
+
+    def hash_join_now() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('enable_hashjoin')")
+            return cursor.fetchone()[0]
+
+    with connection.execute_wrapper(note_the_setting):
+        alone = viewer.get("/", {"q": "parser"})
+        with_a_field = viewer.get("/", {"q": "parser", "project": "one"})
+    assert alone.context["total"] == 6 and with_a_field.context["total"] == 3
+    assert hash_joins == ["off", "on"]
+    assert hash_join_now() == "on"
+
+
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's writers' queue")
 @pytest.mark.django_db(transaction=True)
 def test_a_search_kept_in_a_table_does_not_wait_for_the_writers_turn(monkeypatch):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 
 from django import forms
 from django.core.cache import cache
@@ -12,7 +13,7 @@ from django.db.models.functions import Coalesce
 from django.http import QueryDict
 from django.utils.functional import cached_property
 
-from workqueue import bulk, editing
+from workqueue import bulk, editing, search_hits
 from workqueue.importer import check_json
 from workqueue.models import Found, Queue, Status, Task, TaskQuerySet, TaskSearch, stamp
 from workqueue.routing import TEXT_FIELDS, Condition, TaskFilter
@@ -108,9 +109,13 @@ class BoardFilterForm(forms.Form):
         and no field filter, is counted as the board without it less those few: index
         ranges and lookups, where counting what it found reads every task."""
         tasks = self.apply(Task.objects.all())
-        missing = self.found.missing if self.cleaned_data.get("q") else None
+        data = self.cleaned_data
+        missing = self.found.missing if data.get("q") else None
         if missing is None or self.routing().conditions:
-            return tasks.counts_and_stamp()
+            # A kept search alone: its ids and the narrow index of statuses, both by id.
+            alone = data.get("q") and self.found.table and not self.active_besides("q")
+            with search_hits.counted_in_id_order(connection) if alone else nullcontext():
+                return tasks.counts_and_stamp()
         board = self.apply(Task.objects.all(), leave_out="q")
         counts = board.counts_by_index()
         for status, n in board.filter(id__in=missing).counts().items():
@@ -191,7 +196,10 @@ class BoardFilterForm(forms.Form):
 
     @property
     def active(self) -> bool:
-        return any(self.cleaned_data.get(name) for name in FILTER_FIELDS)
+        return self.active_besides("")
+
+    def active_besides(self, name: str) -> bool:
+        return any(self.cleaned_data.get(other) for other in FILTER_FIELDS if other != name)
 
 
 def _tag_counts(combinations) -> dict[str, int]:
