@@ -108,16 +108,20 @@ def planned_with(cursor, **settings: str):
     setting lasts until the transaction ends (a test's, or a request's under
     ATOMIC_REQUESTS), so each is put back after. A statement that fails takes them back
     with its transaction or savepoint."""
-    cursor.execute("SELECT " + ", ".join(["current_setting(%s)"] * len(settings)), list(settings))
-    before = dict(zip(settings, cursor.fetchone(), strict=True))
-    _set_local(cursor, settings)
+    # Read and set in one statement (its columns are worked out in order): one round trip.
+    read = ["current_setting(%s)"] * len(settings)
+    cursor.execute(_set_local(settings, read), [*settings, *_pairs(settings)])
+    before = dict(zip(settings, cursor.fetchone()[: len(settings)], strict=True))
     yield
-    _set_local(cursor, before)
+    cursor.execute(_set_local(before), _pairs(before))
 
 
-def _set_local(cursor, settings: dict[str, str]) -> None:
-    pairs = [value for pair in settings.items() for value in pair]
-    cursor.execute("SELECT " + ", ".join(["set_config(%s, %s, true)"] * len(settings)), pairs)
+def _set_local(settings: dict[str, str], read: list[str] | None = None) -> str:
+    return "SELECT " + ", ".join([*(read or []), *["set_config(%s, %s, true)"] * len(settings)])
+
+
+def _pairs(settings: dict[str, str]) -> list[str]:
+    return [value for pair in settings.items() for value in pair]
 
 
 @contextmanager

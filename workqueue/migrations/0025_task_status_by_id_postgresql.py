@@ -5,8 +5,9 @@ A board filtered by a text found in many tasks counts them by joining its kept i
 first render at 100,000 tasks for two letters in a third of them, and again after every
 claim while the board is open. The board's own indexes hold status, id and updated_at too,
 but with every filtered field beside them in each entry: this one holds only what the
-count reads, and the count reads it alone (18-25 ms). SQLite counts such a board from its temporary table of
-ids instead, and its workers' claims would pay for an index it does not use.
+count reads, and the count reads it alone (18-25 ms). SQLite counts such a board from its
+temporary table of ids instead, and its workers' claims would pay for an index it does not
+use.
 """
 
 from importlib import import_module
