@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.test_herds_processes import wait_until, worker_logs
 from tests.vendor_stubs.anthropic import AnthropicStub
 from tests.vendor_stubs.gemini import GeminiStub
 from tests.vendor_stubs.openai import OpenAIStub
+from workqueue import agent_tree
 from workqueue.models import Status, Task
 from workqueue.processors import transcript_path
 
@@ -225,22 +227,42 @@ def test_real_cli_waiting_on_a_silent_api_ends_at_the_timeout(
         stub.mode = "hang"
         shipped_profile(cli, tmp_path / "ledger", env=stub_env(cli, stub, tmp_path / "home"))
         (task,) = task_files(write_task, f"rh{cli}", [""])
+        # The agent's processes carry the claim's marker (this installation's, then the
+        # task's id and fence): watched while the CLI hangs, and none may be left after.
+        ours = agent_tree.claim_marker(task.pk, 0).rsplit(".", 1)[0] + "."
+        seen, stop = set(), threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.2):
+                seen.update(m for _, m in carrying(ours))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         started = time.monotonic()
-        work(worker_env, f"rh{cli}", cli, "--timeout", "8", timeout=240)
+        try:
+            work(worker_env, f"rh{cli}", cli, "--timeout", "8", timeout=240)
+        finally:
+            stop.set()
+            watcher.join()
         took = time.monotonic() - started
     task.refresh_from_db()
     assert (task.status, task.outcome) == (Status.BLOCKED, "timed_out"), task.reason
     assert took < 8 + 2 * 1 + 15
-    marker = f"{task.pk}.{task.fence}"
-    left = []
+    assert seen == {agent_tree.claim_marker(task.pk, task.fence)}
+    assert carrying(ours) == []
+
+
+def carrying(prefix: str) -> list[tuple[int, str]]:
+    """The live processes whose claim marker starts with `prefix`: pid and marker."""
+    found = []
     for process in psutil.process_iter(["status"]):
         try:
-            alive = process.info["status"] != psutil.STATUS_ZOMBIE
-            if alive and process.environ().get("HYPERVISOR_TASK_CLAIM") == marker:
-                left.append(process.pid)
+            marker = process.environ().get(agent_tree.CLAIM_VARIABLE, "")
+            if process.info["status"] != psutil.STATUS_ZOMBIE and marker.startswith(prefix):
+                found.append((process.pid, marker))
         except psutil.Error:
             continue
-    assert left == []
+    return found
 
 
 @pytest.fixture
