@@ -44,12 +44,18 @@ agents: $(AGENTS_STAMP)
 run: bytecode
 	$(PY) manage.py start $(if $(ADDR),--addr $(ADDR))
 
+# Tests run in TEST_PROCESSES processes, each with its own test database: most tests
+# wait on the worker processes, servers and browser they start, and the machine idled
+# through a serial run. Those marked `alone` (one restarts the database server) run after.
+TEST_PROCESSES ?= 2
+
 test: bytecode browser agents
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not alone"
+	$(PY) -m pytest -m alone
 
 # The development loop: no browser, no tests that start many processes.
 test-fast: bytecode
-	$(PY) -m pytest -q -m "not slow and not browser"
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist worksteal -m "not slow and not browser"
 
 # The peers the benchmarks compare with (django-tasks, Procrastinate): only `make bench`.
 $(BENCH_STAMP): $(STAMP)

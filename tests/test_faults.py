@@ -195,6 +195,7 @@ def test_other_hosts_claims_wait_for_their_lease_not_for_a_pid(process_env, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.skipif(
     os.environ.get("DATABASE_URL", "").startswith("postgres") is False,
     reason="restarts the PostgreSQL server; runs in the PostgreSQL pass",
