@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 
 from django.conf import settings
+from django.utils import timezone
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task, on_commit_task, on_startup
 
@@ -22,6 +24,7 @@ from workqueue.reaper import release_stale_claims
 log = logging.getLogger("herds")
 
 PASSES = "herds:supervision-passes"
+LAUNCH_UNSENT = 60  # seconds a herd may wait for its launch before it is sent again
 REAPS = "herds:reaps"
 
 _first_start = threading.Lock()
@@ -43,6 +46,7 @@ def start_consumer() -> None:
     # the next minute's tick.
     from herds.models import Herd
 
+    launch_unsent(older_than=0)
     supervise_herds_now()
     if Herd.objects.running().exists():
         keep_covered(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)
@@ -106,11 +110,26 @@ def supervise_herds_now() -> None:
     supervision.supervise_running_herds()
 
 
+def launch_unsent(older_than: float) -> None:
+    """Send the launch of every herd still pending after `older_than` seconds again. A
+    launch is sent once the herd's row is committed: a process that died (or Huey's
+    storage that was down) between the two left a herd no consumer was told of. A launch
+    sent twice starts the herd once (Herd.start), so one merely slow to come is harmless."""
+    from herds.models import Herd
+
+    waited = Herd.objects.pending().filter(
+        created_at__lte=timezone.now() - timedelta(seconds=older_than)
+    )
+    for herd_id in waited.values_list("pk", flat=True):
+        launch_herd(herd_id)
+
+
 @db_periodic_task(crontab())
 def supervise_herds() -> None:
     from herds.models import Herd
 
     forget_earlier_minutes(PASSES)
+    launch_unsent(older_than=LAUNCH_UNSENT)
     if Herd.objects.running().exists():
         supervise_herds_now.call_local()
         keep_covered(supervise_herds_now, PASSES, settings.HYPERVISOR_SUPERVISE_INTERVAL)

@@ -168,10 +168,16 @@ def test_a_person_waiting_on_a_herd_gets_a_line_per_worker_not_every_task():
     assert json.loads(out.getvalue())["workers"][1] == {"task_id": "t1.md", "status": "done"}
 
 
+LAUNCH = "launch_herd"  # a Huey task's name: its function's
+
+
+@pytest.mark.parametrize("after", [0, 0.05, 0.5])
 @pytest.mark.django_db(transaction=True)
-def test_ctrl_c_on_herd_wait_says_the_herd_goes_on(huey_env):
+def test_ctrl_c_on_herd_wait_says_the_herd_goes_on(huey_env, consumer_huey, after):
     """A traceback, and nothing said of the herd: a person used to `work` thought it
-    stopped (no consumer runs here: the herd waits as pending)."""
+    stopped (no consumer runs here: the herd waits as pending). Pressed just after the
+    herd's row was committed, before its launch was sent to Huey, it left a traceback and
+    a herd no consumer was told of: Ctrl-C waits for the launch to be sent."""
     Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
     make_tasks("inbox", 3)
     waiting = start_manage(
@@ -179,8 +185,8 @@ def test_ctrl_c_on_herd_wait_says_the_herd_goes_on(huey_env):
     )
     deadline = time.monotonic() + 60
     while not Herd.objects.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+        time.sleep(0.002)
+    time.sleep(after)
     waiting.send_signal(signal.SIGINT)
     out, err = waiting.communicate(timeout=30)
     herd = Herd.objects.get()
@@ -189,3 +195,6 @@ def test_ctrl_c_on_herd_wait_says_the_herd_goes_on(huey_env):
         f"stopped following herd {herd.pk}; it goes on: drain or cancel it on the Herds page"
     )
     assert herd.status == "pending"
+    from herds import tasks  # noqa: F401 - registers the launch with this Huey, to read it
+
+    assert [t.args for t in consumer_huey.pending() if t.name == LAUNCH] == [(herd.pk,)]

@@ -8,12 +8,14 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 
 import psutil
 import pytest
+from django.utils import timezone
 
 from herds import processes
-from herds.models import ExitClass, Herd, HerdStatus, HerdWorker
+from herds.models import ExitClass, Herd, HerdStatus, HerdWorker, Profile
 from tests.conftest import make_tasks, start_manage
 from tests.test_herds_processes import agent_profile, launch, wait_until, worker_logs
 from workqueue.models import EventKind, Status, Task, TaskEvent
@@ -220,3 +222,45 @@ def test_ten_herds_on_two_consumer_threads_all_start_and_the_reaper_still_runs(
     processes.signal_tree(lone_tree, signal.SIGKILL)
     assert set(Herd.objects.values_list("status", flat=True)) == {HerdStatus.FINISHED}
     assert Task.objects.filter(queue__startswith="ten", status=Status.DONE).count() == 100
+
+
+def unsent_herd(queue: str, profile: Profile, **fields) -> Herd:
+    """A herd's row without its launch sent to Huey, as a process that died between the
+    two (or a Huey storage down then) left it."""
+    herd = Herd(queue=queue, profile=profile, size=2, **fields)
+    herd.save()
+    return herd
+
+
+def test_a_consumer_that_starts_launches_a_herd_whose_launch_was_never_sent(
+    huey_env, consumer_huey, tmp_path, end_workers
+):
+    """Such a herd waited as pending for ever, its page saying to start a consumer that
+    was running."""
+    profile, _ = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("unsent", 6)
+    herd = unsent_herd("unsent", profile)
+    assert consumer_huey.pending() == []
+    with running_consumer(huey_env, tmp_path / "consumer.log"):
+        wait_until(lambda: Herd.objects.get(pk=herd.pk).ended, 60, what="the herd to end")
+    herd.refresh_from_db()
+    assert herd.status == HerdStatus.FINISHED, herd.reason
+    assert Task.objects.filter(queue="unsent", status=Status.DONE).count() == 6
+    claims = TaskEvent.objects.filter(task__queue="unsent", kind=EventKind.CLAIMED)
+    assert claims.count() == 6
+
+
+def test_a_minutes_pass_sends_again_the_launch_of_a_herd_pending_for_over_a_minute(
+    huey_env, consumer_huey
+):
+    from herds import tasks
+
+    profile, _ = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("late", 1)
+    long_ago = timezone.now() - timedelta(seconds=tasks.LAUNCH_UNSENT + 5)
+    waited = unsent_herd("late", profile, created_at=long_ago)
+    unsent_herd("late", profile)  # just made: its launch may be on its way
+    unsent_herd("late", profile, created_at=long_ago, status=HerdStatus.RUNNING)
+    tasks.supervise_herds.call_local()
+    launches = [t.args for t in consumer_huey.pending() if t.name == "launch_herd"]
+    assert launches == [(waited.pk,)]

@@ -1,7 +1,10 @@
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
@@ -29,6 +32,23 @@ BUDGETS = {
     "--wall-clock": "wall_clock",
     "--cost-budget": "cost_budget",
 }
+
+
+@contextmanager
+def ctrl_c_held():
+    """Ctrl-C while the herd is made waits until it is made and its launch sent: between
+    the row's commit and the launch's enqueue it left a herd no consumer was told of (a
+    consumer's next look launches such a herd, herds.tasks.launch_unsent). Yields a list
+    that holds True once Ctrl-C was pressed."""
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+    before = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 class Command(BaseCommand):
@@ -71,25 +91,31 @@ class Command(BaseCommand):
             names = ", ".join(Profile.objects.values_list("name", flat=True))
             raise CommandError(f"no profile {options['profile']!r}; profiles: {names}")
         try:
-            herd = Herd.launch(
-                options["queue"],
-                profile,
-                options["workers"],
-                batch=options["batch"],
-                filters=options["where"],
-                token_budget=options["token_budget"],
-                wall_clock_limit=options["wall_clock"],
-                cost_budget_usd=options["cost_budget"],
-                resume_after_quota=options["resume_after_quota"],
-            )
+            with ctrl_c_held() as pressed:
+                herd = Herd.launch(
+                    options["queue"],
+                    profile,
+                    options["workers"],
+                    batch=options["batch"],
+                    filters=options["where"],
+                    token_budget=options["token_budget"],
+                    wall_clock_limit=options["wall_clock"],
+                    cost_budget_usd=options["cost_budget"],
+                    resume_after_quota=options["resume_after_quota"],
+                )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         if not options["wait"]:
             self.report({"herd": herd.pk, "status": herd.status}, options["json"])
+            if pressed:
+                sys.exit(130)
             return
         try:
-            herd = self.follow(herd, show_progress=not options["json"])
+            if not pressed:
+                herd = self.follow(herd, show_progress=not options["json"])
         except KeyboardInterrupt:
+            pressed.append(True)
+        if pressed:
             # Ctrl-C stops a `work` but not a herd: its workers are the consumer's.
             self.stderr.write(
                 f"\nstopped following herd {herd.pk}; it goes on: drain or cancel it on the "
