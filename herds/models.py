@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -35,6 +36,8 @@ from workqueue.routing import FilterError, TaskFilter
 
 if TYPE_CHECKING:
     from workqueue import agents
+
+log = logging.getLogger("herds")
 
 
 class ProcessorKind(models.TextChoices):
@@ -415,6 +418,7 @@ class Herd(models.Model):
     # The launch form's one-time token: the same form sent twice (a double-click, a
     # browser's retry) finds the herd the first launched.
     launch_token = models.CharField(max_length=64, null=True, blank=True, unique=True)
+    launch_sent = True  # not a column: False where Herd.launch could not send the launch
     preflight = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     summary = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     # [[seconds since start, tasks finished]] sampled by supervision, for the chart.
@@ -492,7 +496,8 @@ class Herd(models.Model):
         launch_token: str | None = None,
     ) -> Herd:
         """Create a herd and enqueue its launch once the row is committed. A launch token
-        is taken once: a second launch with it raises LaunchRepeated with the first herd."""
+        is taken once: a second launch with it raises LaunchRepeated with the first herd.
+        `launch_sent` is False on the herd returned when Huey's storage refused the launch."""
         from herds.tasks import launch_herd
 
         herd = cls(
@@ -516,12 +521,19 @@ class Herd(models.Model):
         try:
             with transaction.atomic():
                 herd.save()
-                launch_herd(herd.pk)
         except IntegrityError:
             earlier = launch_token and cls.objects.filter(launch_token=launch_token).first()
             if not earlier:
                 raise
             raise LaunchRepeated(earlier) from None
+        # Sent on commit: at once, or when the caller's transaction commits.
+        try:
+            launch_herd(herd.pk)
+        except Exception:
+            # Huey's storage is down (Redis stopped, its SQLite file unwritable): the herd
+            # is made, and a consumer sends its launch again (herds.tasks.launch_unsent).
+            log.exception("herd %s: its launch could not be sent to Huey", herd.pk)
+            herd.launch_sent = False
         return herd
 
     def clean(self) -> None:

@@ -124,6 +124,13 @@ def launch(request: HttpRequest) -> HttpResponse:
     except ValidationError as exc:
         form.add_error(None, exc)
         return render(request, "herds/launch.html", {"form": form}, status=400)
+    if not herd.launch_sent:
+        messages.warning(
+            request,
+            f"Herd {herd.pk} is made, but Huey's queue could not be reached to launch it: a "
+            "consumer launches it as it starts, or within two minutes while one runs.",
+        )
+        return redirect("herds:detail", pk=herd.pk)
     messages.success(request, f"Herd {herd.pk} launched.")
     return redirect("herds:detail", pk=herd.pk)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,3 +213,20 @@ def consumer_huey(huey_env, monkeypatch):
     monkeypatch.setattr(HUEY, "name", theirs["name"])
     monkeypatch.setattr(HUEY, "storage", type(HUEY.storage)(theirs["name"], **theirs["kwargs"]))
     return HUEY
+
+
+@pytest.fixture
+def huey_down(monkeypatch, tmp_path):
+    """Huey's real storage, out of reach: Redis on a port nothing listens on, or SQLite
+    in a folder that is gone."""
+    from huey.contrib.djhuey import HUEY
+    from huey.storage import RedisStorage
+
+    if isinstance(HUEY.storage, RedisStorage):
+        down = RedisStorage(HUEY.name, url="redis://127.0.0.1:1/0")
+    else:
+        folder = tmp_path / "huey"
+        folder.mkdir()
+        down = type(HUEY.storage)(HUEY.name, filename=str(folder / "huey.sqlite3"))
+        shutil.rmtree(folder)  # made its tables and closed: the next write opens it again
+    monkeypatch.setattr(HUEY, "storage", down)

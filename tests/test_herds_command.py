@@ -198,3 +198,19 @@ def test_ctrl_c_on_herd_wait_says_the_herd_goes_on(huey_env, consumer_huey, afte
     from herds import tasks  # noqa: F401 - registers the launch with this Huey, to read it
 
     assert [t.args for t in consumer_huey.pending() if t.name == LAUNCH] == [(herd.pk,)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_herd_says_so_when_hueys_queue_could_not_be_reached(huey_down):
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("inbox", 1)
+    out, err = StringIO(), StringIO()
+    call_command(
+        "herd", "--queue", "inbox", "--profile", "noop", "--workers", "1", stdout=out, stderr=err
+    )
+    herd = Herd.objects.get()
+    assert err.getvalue().strip() == (
+        f"herd {herd.pk} is made, but Huey's queue could not be reached to launch it: a "
+        "consumer launches it as it starts, or within two minutes while one runs"
+    )
+    assert out.getvalue().strip() == f"herd {herd.pk} launched (pending)"

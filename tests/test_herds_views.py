@@ -559,3 +559,23 @@ def test_a_running_herd_no_consumer_looks_at_says_so(herd, viewer, settings):
     Herd.objects.filter(pk=herd.pk).update(status=HerdStatus.FINISHED)
     assert said not in client.get(reverse("herds:detail", args=[herd.pk])).content.decode()
     assert "no consumer for" not in client.get(reverse("herds:list")).content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_launch_while_hueys_queue_is_down_makes_the_herd_and_says_so(
+    operator, profile, huey_down, caplog
+):
+    """The launch is sent once the herd's row is committed: it raised out of the view, a
+    server error for a herd that was made (a consumer sends its launch again)."""
+    make_tasks("inbox", 2)
+    form = {"queue": "inbox", "profile": "noop", "workers": 1, "batch": 0, "confirm": "1"}
+    response = client_for(operator).post(reverse("herds:launch"), form, follow=True)
+    herd = Herd.objects.get()
+    assert response.status_code == 200
+    assert response.redirect_chain == [(reverse("herds:detail", args=[herd.pk]), 302)]
+    assert (
+        f"Herd {herd.pk} is made, but Huey&#x27;s queue could not be reached to launch it"
+        in response.content.decode()
+    )
+    assert herd.status == HerdStatus.PENDING
+    assert f"herd {herd.pk}: its launch could not be sent to Huey" in caplog.text

@@ -105,6 +105,11 @@ class Command(BaseCommand):
                 )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
+        if not herd.launch_sent:
+            self.stderr.write(
+                f"herd {herd.pk} is made, but Huey's queue could not be reached to launch it: "
+                "a consumer launches it as it starts, or within two minutes while one runs"
+            )
         if not options["wait"]:
             self.report({"herd": herd.pk, "status": herd.status}, options["json"])
             if pressed:
