@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from workqueue import agents
 
 log = logging.getLogger("herds")
+# What the launch form and `herd` say after "herd N" when Huey's storage refused a launch.
+LAUNCH_UNSENT_SAID = (
+    "is made, but Huey's queue could not be reached to launch it: a consumer launches it as "
+    "it starts, or within two minutes while one runs"
+)
 
 
 class ProcessorKind(models.TextChoices):

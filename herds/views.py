@@ -15,7 +15,7 @@ from django.views.decorators.vary import vary_on_headers
 
 from herds.charts import throughput_chart
 from herds.forms import LaunchForm
-from herds.models import Herd, HerdWorker, LaunchRepeated
+from herds.models import LAUNCH_UNSENT_SAID, Herd, HerdWorker, LaunchRepeated
 from workqueue.models import Task
 from workqueue.views import task_transcript_of
 
@@ -125,11 +125,7 @@ def launch(request: HttpRequest) -> HttpResponse:
         form.add_error(None, exc)
         return render(request, "herds/launch.html", {"form": form}, status=400)
     if not herd.launch_sent:
-        messages.warning(
-            request,
-            f"Herd {herd.pk} is made, but Huey's queue could not be reached to launch it: a "
-            "consumer launches it as it starts, or within two minutes while one runs.",
-        )
+        messages.warning(request, f"Herd {herd.pk} {LAUNCH_UNSENT_SAID}.")
         return redirect("herds:detail", pk=herd.pk)
     messages.success(request, f"Herd {herd.pk} launched.")
     return redirect("herds:detail", pk=herd.pk)

@@ -17,6 +17,7 @@ from django.utils import timezone
 from herds import processes
 from herds.models import ExitClass, Herd, HerdStatus, HerdWorker, Profile
 from tests.conftest import make_tasks, start_manage
+from tests.test_herds_command import LAUNCH
 from tests.test_herds_processes import agent_profile, launch, wait_until, worker_logs
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -262,5 +263,5 @@ def test_a_minutes_pass_sends_again_the_launch_of_a_herd_pending_for_over_a_minu
     unsent_herd("late", profile)  # just made: its launch may be on its way
     unsent_herd("late", profile, created_at=long_ago, status=HerdStatus.RUNNING)
     tasks.supervise_herds.call_local()
-    launches = [t.args for t in consumer_huey.pending() if t.name == "launch_herd"]
+    launches = [t.args for t in consumer_huey.pending() if t.name == LAUNCH]
     assert launches == [(waited.pk,)]

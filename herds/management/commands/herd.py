@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from herds.models import Herd, Profile
+from herds.models import LAUNCH_UNSENT_SAID, Herd, Profile
 from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 
@@ -106,10 +106,7 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         if not herd.launch_sent:
-            self.stderr.write(
-                f"herd {herd.pk} is made, but Huey's queue could not be reached to launch it: "
-                "a consumer launches it as it starts, or within two minutes while one runs"
-            )
+            self.stderr.write(f"herd {herd.pk} {LAUNCH_UNSENT_SAID}")
         if not options["wait"]:
             self.report({"herd": herd.pk, "status": herd.status}, options["json"])
             if pressed:
