@@ -206,7 +206,9 @@ def test_quota_message_drains_the_herd_without_respawn(huey_env, consumer):
     herd = Herd.objects.get(pk=summary["herd"])
     assert herd.status == HerdStatus.QUOTA and herd.draining
     assert "quota or rate limit" in herd.reason
-    assert herd.workers.count() == 2  # never respawned
+    # No worker is started in its place, and none after the drain: the second may never
+    # start when the first meets the quota before the launch reaches it (a busy machine).
+    assert sorted(herd.workers.values_list("index", flat=True)) in ([0], [0, 1])
     assert ExitClass.QUOTA in {w.exit_class for w in herd.workers.all()}
     # The rate limit is not the tasks' fault: none is blocked, all are back in the queue.
     assert Task.objects.filter(queue="quotaq", status=Status.QUEUED).count() == 10
