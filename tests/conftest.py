@@ -29,6 +29,12 @@ def pytest_configure(config):
     # Logins in tests need no deliberately slow hashing (the throttling tests log in dozens
     # of times); processes a test starts keep the real hashers.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # A run started as a background job (`make test &` from a script) inherits SIGINT
+    # ignored, and so would every process a test starts: a command that keeps the
+    # handler it found (`herd`) would then ignore the Ctrl-C a test sends it, as it
+    # rightly does in such a job. The tests stand for a terminal's foreground.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
