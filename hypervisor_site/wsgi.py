@@ -3,7 +3,9 @@ import os
 from django.core.wsgi import get_wsgi_application
 
 from hypervisor_site.privacy import hide_environment
+from hypervisor_site.server import ready_to_serve
 
 hide_environment()  # the agents of its herds must not read its environment
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hypervisor_site.settings")
 application = get_wsgi_application()
+ready_to_serve()
