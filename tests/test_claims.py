@@ -3,6 +3,7 @@
 import fcntl
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -229,6 +230,30 @@ def test_fence_grows_on_every_claim():
     claims.finish_claims(me, [(first, Result(status=Status.QUEUED))], mine)
     second = claims.claim_ready_tasks("q", me, mine)[0]
     assert second.fence > first.fence
+
+
+@pytest.mark.django_db
+def test_a_pass_over_list_longer_than_a_statement_takes_parameters_still_claims(lock_root):
+    """A worker never claims again the tasks it gave back in its run, and the list grows
+    with each. Sent as a parameter a task, a list of 250,001 made every later claim fail
+    on this SQLite ("too many SQL variables"; 32,767 on older builds), and every claim
+    on PostgreSQL quoted the whole list into its statement."""
+    make_tasks("q", 3)
+    first, second, third = Task.objects.order_by("id").values_list("id", flat=True)
+    passed_over = {first: math.inf, third: math.inf}
+    # Ids no task has: the list of a long run, whose tasks were since deleted or done.
+    passed_over.update((third + n, math.inf) for n in range(1, 300_000))
+    me = Identity.current("w1")
+    parameters = []
+
+    def counted(run, sql, params, many, context):
+        parameters.append(len(params or ()))
+        return run(sql, params, many, context)
+
+    with connection.execute_wrapper(counted):
+        batch = claims.claim_ready_tasks("q", me, OwnerFile(me), limit=3, busy=passed_over)
+    assert [c.id for c in batch] == [second]
+    assert max(parameters) < 100
 
 
 @pytest.mark.django_db

@@ -138,6 +138,19 @@ class TaskQuerySet(models.QuerySet):
         the search index (TaskSearch)."""
         return self.filter(TaskSearch.matching(text, self.db))
 
+    def excluding(self, ids: list[int]) -> TaskQuerySet:
+        """All but the tasks `ids`, sent as one parameter however many they are: a
+        worker's pass-over list grows with each task it gives back, and a parameter an
+        id passed SQLite's limit (250,000 here, 32,766 in older builds) and made every
+        PostgreSQL claim quote them all."""
+        if not ids:
+            return self
+        if connections[self.db].vendor == "postgresql":
+            listed = RawSQL("SELECT unnest(%s::bigint[])", [list(ids)])
+        else:
+            listed = RawSQL("SELECT value FROM json_each(%s)", [json.dumps(list(ids))])
+        return self.exclude(pk__in=listed)
+
     def claim_order(self) -> TaskQuerySet:
         # Priority follows the P0..P4 convention: a lower number is more urgent.
         return self.order_by("priority", "id")

@@ -113,8 +113,7 @@ def claim(
     start of an agent already at work, a pull worker's), so that no claim is ever without
     the agent a reaper must end before the task goes to another."""
     candidates = Task.objects.filter(queue=queue).ready().claim_order()
-    if skip:
-        candidates = candidates.exclude(pk__in=list(skip))
+    candidates = candidates.excluding(list(skip))
     if filters is not None:
         candidates = filters.apply(candidates)
     candidates = candidates.select_for_update(skip_locked=True, of=("self",))
