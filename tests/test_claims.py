@@ -20,10 +20,10 @@ from django.utils import timezone
 
 from hypervisor_site.writers import write_transaction, writer_clock, writer_lock_path
 from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
-from workqueue import actions, claims, locks, reaper
+from workqueue import actions, claims, locks, reaper, transitions
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
-from workqueue.models import Dependency, EventKind, Queue, Status, Task
+from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
 from workqueue.processing import Result
 
 
@@ -254,6 +254,37 @@ def test_a_pass_over_list_longer_than_a_statement_takes_parameters_still_claims(
         batch = claims.claim_ready_tasks("q", me, OwnerFile(me), limit=3, busy=passed_over)
     assert [c.id for c in batch] == [second]
     assert max(parameters) < 100
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("way", ["finish", "release"])
+def test_a_task_given_back_can_be_claimed_at_once_by_another_worker(lock_root, monkeypatch, way):
+    """Its row went back to the queue before its lock directory was let go: a worker that
+    claimed it in between found the lock held, passed the task over for 30 s, and could end
+    its run with the task left queued (1 of 40 tasks, in one of three runs of two workers
+    over a command that gives each task back once)."""
+    make_tasks("q", 1)
+    first, second = Identity.current("w1"), Identity.current("w2")
+    mine, theirs = OwnerFile(first), OwnerFile(second)
+    claim = claims.claim_ready_tasks("q", first, mine)[0]
+    taken, passed_over = [], {}
+    name = "finish" if way == "finish" else "release_by_worker"
+    give_back = getattr(transitions, name)
+
+    def then_another_claims(*args):
+        changed = give_back(*args)  # committed: the row is queued
+        taken.extend(claims.claim_ready_tasks("q", second, theirs, busy=passed_over))
+        return changed
+
+    monkeypatch.setattr(transitions, name, then_another_claims)
+    if way == "finish":
+        claims.finish_claims(first, [(claim, Result(status=Status.QUEUED))], mine)
+    else:
+        claims.release_claims(first, [claim], mine, "given back")
+    assert [c.id for c in taken] == [claim.id] and passed_over == {}
+    assert not TaskEvent.objects.filter(kind=EventKind.LOCK_BUSY).exists()
+    owner = locks.read_owner(locks.lock_dir("q", claim.key))
+    assert owner["worker"] == "w2"
 
 
 @pytest.mark.django_db

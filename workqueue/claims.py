@@ -97,17 +97,24 @@ def finish_claims(
     claims; write each finished task's state into its file (`write_status`: not for
     triage, whose files are its own output, nor a dry run); then let go of the lock
     directories of the claims that were still ours, so that a script that waits for a
-    lock finds the file saying what happened."""
+    lock finds the file saying what happened. A task given back goes the other way round,
+    see release_claims."""
+    given_back = {c.id for c, r in finished if r.status == Status.QUEUED}
+    owner_file.release_own(
+        [locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in given_back]
+    )
     report = transitions.finish(identity, finished)
     kept = set(report.finished)
     apply_pending_changes(report.finished)
     if write_status:
-        ended = [c.id for c, r in finished if c.id in kept and r.status != Status.QUEUED]
+        ended = [c.id for c, _ in finished if c.id in kept - given_back]
         if ended:
             from workqueue.editing import write_finished_status
 
             write_finished_status(ended, identity.worker)
-    owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in kept])
+    owner_file.release_own(
+        [locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in kept - given_back]
+    )
     return report
 
 
@@ -119,9 +126,14 @@ def release_claims(
     counted: bool = True,
 ) -> list[int]:
     """Give back claims, locks and all (a stopping worker's it never started are not
-    `counted` as attempts); then the edits (and file changes) that waited for them."""
+    `counted` as attempts); then the edits (and file changes) that waited for them.
+
+    The lock directories go first: with the rows queued first, a worker that claimed one
+    in between found its lock still held, passed the task over for 30 s and could end its
+    run leaving it queued. A lock is let go only where it is ours (release_own), and
+    while the row is still our claim no worker of ours can take the task."""
+    owner_file.release_own([locks.lock_path(c.queue, c.key) for c in claims])
     released = set(transitions.release_by_worker(identity, claims, message, counted))
-    owner_file.release_own([locks.lock_path(c.queue, c.key) for c in claims if c.id in released])
     apply_pending_changes(list(released))
     return list(released)
 
