@@ -124,10 +124,10 @@ def launch(request: HttpRequest) -> HttpResponse:
     except ValidationError as exc:
         form.add_error(None, exc)
         return render(request, "herds/launch.html", {"form": form}, status=400)
-    if not herd.launch_sent:
+    if herd.launch_sent:
+        messages.success(request, f"Herd {herd.pk} launched.")
+    else:
         messages.warning(request, f"Herd {herd.pk} {LAUNCH_UNSENT_SAID}.")
-        return redirect("herds:detail", pk=herd.pk)
-    messages.success(request, f"Herd {herd.pk} launched.")
     return redirect("herds:detail", pk=herd.pk)
 
 

@@ -228,9 +228,7 @@ def test_ten_herds_on_two_consumer_threads_all_start_and_the_reaper_still_runs(
 def unsent_herd(queue: str, profile: Profile, **fields) -> Herd:
     """A herd's row without its launch sent to Huey, as a process that died between the
     two (or a Huey storage down then) left it."""
-    herd = Herd(queue=queue, profile=profile, size=2, **fields)
-    herd.save()
-    return herd
+    return Herd.objects.create(queue=queue, profile=profile, size=2, **fields)
 
 
 def test_a_consumer_that_starts_launches_a_herd_whose_launch_was_never_sent(

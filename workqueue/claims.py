@@ -104,17 +104,13 @@ def finish_claims(
         [locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in given_back]
     )
     report = transitions.finish(identity, finished)
-    kept = set(report.finished)
+    ended = set(report.finished) - given_back
     apply_pending_changes(report.finished)
-    if write_status:
-        ended = [c.id for c, _ in finished if c.id in kept - given_back]
-        if ended:
-            from workqueue.editing import write_finished_status
+    if write_status and ended:
+        from workqueue.editing import write_finished_status
 
-            write_finished_status(ended, identity.worker)
-    owner_file.release_own(
-        [locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in kept - given_back]
-    )
+        write_finished_status([c.id for c, _ in finished if c.id in ended], identity.worker)
+    owner_file.release_own([locks.lock_path(c.queue, c.key) for c, _ in finished if c.id in ended])
     return report
 
 
