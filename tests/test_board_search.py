@@ -866,6 +866,37 @@ def test_two_characters_without_the_index_vocabulary_are_found_by_a_scan(viewer)
     assert any("LIKE" in q["sql"] for q in statements.captured_queries)
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's indexes of last characters")
+def test_two_characters_are_looked_up_by_their_end_however_alike_the_ends_are(viewer):
+    # Every title ends alike: the statistics tell SQLite a lookup of an end reads the
+    # whole table, and it scanned every task for the titles ending in "ui" instead.
+    for i in range(300):
+        task(f"t{i}", title=f"task {i} in the area")
+    task("key-ui", title="its key ends with them, in the area")
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+    sql, params = TaskSearch.matching_sql(connection, "ui")
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {sql}", params)
+        plan = [row[-1] for row in cursor.fetchall()]
+    assert any("USING INDEX task_title_end" in step for step in plan), plan
+    assert not any(step.startswith("SCAN queue_task") for step in plan), plan
+    assert found(viewer, q="ui") == {"key-ui"}
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's indexes of last characters")
+def test_two_characters_without_an_index_of_last_characters_are_found_by_a_scan(viewer):
+    # A later migration that remade the task table drops the indexes it had from 0019.
+    task("a-1", title="the ui")
+    task("b-1", title="nothing", body="build")
+    with connection.cursor() as cursor:
+        cursor.execute("DROP INDEX task_title_end")
+    with CaptureQueriesContext(connection) as statements:
+        assert found(viewer, q="ui") == {"a-1", "b-1"}
+    ran = [q["sql"] for q in statements.captured_queries]
+    assert any("LIKE" in sql for sql in ran) and not any("INDEXED BY" in sql for sql in ran)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_change_of_text_counts_when_it_commits_and_writers_of_text_do_not_queue():
     """The generation read before a search is never one that an uncommitted change of

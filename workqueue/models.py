@@ -1000,6 +1000,15 @@ class TaskSearch(models.Model):
         words = []
         try:
             with db.cursor() as cursor:
+                # The indexes of last characters are named below: gone (a later migration
+                # that remakes a table drops them), scan instead.
+                cursor.execute(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' "
+                    "AND name IN (%s, %s, %s)",
+                    list(LAST_TWO_INDEXES),
+                )
+                if cursor.fetchone()[0] != len(LAST_TWO_INDEXES):
+                    return None
                 cursor.execute(
                     "SELECT term, doc FROM queue_tasksearch_terms WHERE term >= %s AND term < %s",
                     [folded, folded + chr(0x10FFFF)],
@@ -1020,16 +1029,27 @@ class TaskSearch(models.Model):
             }
         )
         marks = ", ".join(["%s"] * len(ends))
+        # Each index named: where most values are alike (every title ending in "area"),
+        # SQLite's statistics tell it a lookup reads most of the table, and it scans every
+        # task instead (167 ms at 1,000,000 against 0.1), though the index alone answers,
+        # ids included, and never reads more than a scan would.
+        title, key, body = LAST_TWO_INDEXES
         parts = [
-            f"SELECT id FROM queue_task WHERE substr(title, -2) IN ({marks})",  # noqa: S608
-            f"SELECT id FROM queue_task WHERE substr(key, -2) IN ({marks})",  # noqa: S608
-            f"SELECT task_id FROM queue_taskbody WHERE substr(text, -2) IN ({marks})",  # noqa: S608
+            f"SELECT id FROM queue_task INDEXED BY {title} "  # noqa: S608
+            f"WHERE substr(title, -2) IN ({marks})",
+            f"SELECT id FROM queue_task INDEXED BY {key} WHERE substr(key, -2) IN ({marks})",  # noqa: S608
+            f"SELECT task_id FROM queue_taskbody INDEXED BY {body} "  # noqa: S608
+            f"WHERE substr(text, -2) IN ({marks})",
         ]
         params = ends * 3
         if words:
             parts.insert(0, "SELECT rowid FROM queue_tasksearch WHERE queue_tasksearch MATCH %s")
             params.insert(0, " OR ".join(words))
         return " UNION ALL ".join(parts), params
+
+
+# SQLite's indexes of the last two characters of a title, a key and a body (migration 0019).
+LAST_TWO_INDEXES = ("task_title_end", "task_key_end", "taskbody_text_end")
 
 
 def _case_variants(pattern: str) -> list[str]:
