@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 from datetime import timedelta
 from decimal import Decimal
@@ -1085,7 +1086,11 @@ class HerdWorker(models.Model):
         if exit_code is None:
             return ExitClass.CRASHED, "died without reporting an exit code"
         if exit_code < 0:
-            return ExitClass.CRASHED, f"killed by signal {-exit_code}"
+            try:
+                by = f"{signal.Signals(-exit_code).name} (signal {-exit_code})"
+            except ValueError:
+                by = f"signal {-exit_code}"
+            return ExitClass.CRASHED, f"killed by {by}"
         return ExitClass.CRASHED, f"exited with code {exit_code}"
 
     def summary_row(self) -> dict:

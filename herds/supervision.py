@@ -240,7 +240,7 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
             # the grace before it does): the SIGKILL's code is not a crash.
             exit_class, detail = ExitClass.TIMED_OUT, f"no heartbeat for {silence:.0f} s"
         if exit_class == ExitClass.CRASHED:
-            exit_class, detail = crash_in_log(herd, worker, detail)
+            exit_class, detail = crash_in_log(herd, worker, detail, code)
     if worker.record_exit(code, exit_class, detail):
         said = f"{exit_class}: {detail}" if detail else exit_class
         log.info("herd %s: %s exited (%s)", herd.pk, worker.name, said)
@@ -260,10 +260,13 @@ def check_remote_worker(worker: HerdWorker) -> None:
         )
 
 
-def crash_in_log(herd: Herd, worker: HerdWorker, detail: str) -> tuple[str, str]:
+def crash_in_log(
+    herd: Herd, worker: HerdWorker, detail: str, code: int | None = None
+) -> tuple[str, str]:
     """What the end of a crashed worker's log says: a quota (the rest of the herd would hit
     it too, so the herd drains), else its last line (a start-up check's refusal, a
-    traceback's last line) after `detail`."""
+    traceback's last line) after `detail`. Not for a worker a signal killed: its last
+    line is whatever it was doing, not why it ended."""
     text = log_tail(worker)
     pattern = herd.profile.quota_regex()
     found = pattern.search(text) if pattern is not None else None
@@ -271,6 +274,8 @@ def crash_in_log(herd: Herd, worker: HerdWorker, detail: str) -> tuple[str, str]
         detail = f"quota or rate limit reached ({found.group(0)[:200]})"
         herd.drain(f"{detail} in {worker.name}")
         return ExitClass.QUOTA, detail
+    if code is not None and code < 0:
+        return ExitClass.CRASHED, detail
     last = next((line.strip()[:300] for line in reversed(text.splitlines()) if line.strip()), "")
     return ExitClass.CRASHED, f"{detail}: {last}" if last else detail
 

@@ -221,6 +221,22 @@ def test_a_herd_whose_workers_all_crashed_says_why(running_herd, tmp_path):
     )
 
 
+def test_a_worker_killed_by_a_signal_is_not_said_to_have_died_of_its_last_log_line(
+    running_herd, tmp_path
+):
+    """Its last line is whatever it was doing (a task it finished), not why it ended."""
+    worker = exited_worker(running_herd)
+    log = tmp_path / "worker-0.log"
+    log.write_text("2026-12-07 10:00:35,531 INFO workqueue.worker: v-074 done ok\n")
+    type(worker).objects.filter(pk=worker.pk).update(log_path=str(log), exit_code=-9)
+    supervision.supervise(running_herd)
+    worker.refresh_from_db()
+    assert (worker.exit_class, worker.exit_detail) == (
+        ExitClass.CRASHED,
+        "killed by SIGKILL (signal 9)",
+    )
+
+
 def test_live_worker_gets_cpu_memory_and_children_sampled(running_herd):
     sleeper = start_sleeper()
     try:
