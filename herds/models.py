@@ -23,7 +23,7 @@ from django.utils import timezone
 from hypervisor_site.env import server_secrets_in
 from workqueue import cpu_slots, locks
 from workqueue.dependencies import stuck
-from workqueue.models import EventKind, Status, Task, TaskEvent, consumer_wait
+from workqueue.models import EventKind, Status, Task, TaskEvent, TaskQuerySet, consumer_wait
 from workqueue.processing import Processor
 from workqueue.processors import (
     CommandProcessor,
@@ -811,8 +811,7 @@ class Herd(models.Model):
         """What this herd would find: ready, already complete, waiting, locks held."""
         tasks = Task.objects.filter(queue=self.queue)
         ready_in_queue = tasks.ready().count()
-        routing = TaskFilter.parse(self.all_filters())
-        ready = routing.apply(tasks.ready()).count() if routing else ready_in_queue
+        ready = self.ready_tasks().count()
         held = locks.list_locks(self.queue)
         owners: dict[str, int] = {}
         for lock in held:
@@ -838,6 +837,12 @@ class Herd(models.Model):
             "filters": self.all_filters(),
             "at": timezone.now().isoformat(),
         }
+
+    def ready_tasks(self) -> TaskQuerySet:
+        """The tasks of its queue and filters ready to claim now."""
+        ready = Task.objects.filter(queue=self.queue).ready()
+        routing = TaskFilter.parse(self.all_filters())
+        return routing.apply(ready) if routing else ready
 
     def record_preflight(self) -> dict:
         self.preflight = self.compute_preflight()
@@ -938,6 +943,9 @@ class Herd(models.Model):
             "given_back": sum(given_back_by.values()),
             "given_back_by": given_back_by,
             "claimed": claimed,
+            # Ready in its view as it ended: left by a batch, a drain or a cancel, or a dead
+            # worker's claim reaped after the others had found nothing more and stopped.
+            "left_ready": self.ready_tasks().count(),
             "worker_processes": [w.summary_row() for w in self.workers.order_by("index")],
             "runtime_seconds": runtime,
             # What the herd spent, as its page and its budget count it: tasks given back

@@ -147,7 +147,9 @@ def test_the_summary_counts_the_tasks_its_workers_gave_back(running_herd):
         reverse("herds:detail", args=[running_herd.pk])
     )
     text = page.content.decode()
-    assert "1 done, 1 blocked, 4 given back (of 6 claims)" in text
+    # The four given back are ready again as the herd ends: its one worker is gone.
+    assert summary["left_ready"] == 4
+    assert "1 done, 1 blocked, 4 given back (of 6 claims), 4 still ready in" in text
     assert "Given back to the queue: 1 lock busy, 1 reaped, 2 released" in text
     # Another herd's events on the same queue are not this herd's.
     other = Herd.objects.create(queue="supq", profile=running_herd.profile, size=1)

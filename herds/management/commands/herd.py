@@ -182,6 +182,7 @@ class Command(BaseCommand):
                 if "given_back" in data
                 else ""
             )
+            + (f", {data['left_ready']} still ready" if data.get("left_ready") else "")
             + f" in {data['runtime_seconds']} s "
             f"({data['items_per_second']}/s), {data['total_tokens']} tokens, "
             + (
