@@ -181,8 +181,7 @@ class Profile(models.Model):
     max_workers = models.PositiveIntegerField(default=8)
     quota_pattern = models.CharField(
         max_length=500,
-        blank=True,
-        validators=[validate_pattern],
+        blank=True,  # checked by clean(), on every save: a validator here said it twice
         help_text="A regular expression that marks output as 'quota or rate limit reached'.",
     )
     filters = models.JSONField(

@@ -396,6 +396,14 @@ def test_profile_save_refuses_invalid_settings(fields, field):
     assert not Profile.objects.filter(name="bad").exists()
 
 
+def test_a_bad_quota_pattern_is_said_once_in_the_admin():
+    """The field's validator and the profile's own check both said it."""
+    with pytest.raises(ValidationError) as caught:
+        Profile(name="bad", quota_pattern="(unclosed").full_clean()
+    said = caught.value.message_dict["quota_pattern"]
+    assert len(said) == 1 and said[0].startswith("Not a regular expression: missing )")
+
+
 def test_a_herd_worker_is_started_with_its_profile_and_the_herd_filters(profile):
     plain = Herd.objects.create(queue="inbox", profile=profile, size=1)
     worker = plain.workers.create(index=0, name="w0", host="h")
