@@ -349,6 +349,7 @@ def every_kind_of_card() -> dict[str, int]:
         "pending",
         "outcome",
         "proposal",
+        "rejected",
         "blocked",
         "untitled",
     ]
@@ -381,6 +382,10 @@ def every_kind_of_card() -> dict[str, int]:
         status=Status.DONE,
         result={"action": "assign:bot", "dry_run": True, "changes": ["assignee->bot"]},
     )
+    # A proposal a person rejected: back in the queue, its dry run kept for the timeline.
+    Task.objects.filter(key="rejected").update(
+        result={"action": "assign:bot", "dry_run": True, "review": "rejected"},
+    )
     Task.objects.filter(key="blocked").update(status=Status.BLOCKED, reason="<why> " + "x" * 200)
     return {key: task.pk for key, task in tasks.items()}
 
@@ -392,7 +397,7 @@ def test_each_kind_of_card_says_what_it_is_with_its_text_escaped(operator):
         re.search(r"<code>([^<]+)</code>", card).group(1): card
         for card in page.split('<article class="card"')[1:]
     }
-    assert len(cards) == 14
+    assert len(cards) == 15
     for key, card in cards.items():
         assert "<b>" not in card and "&lt;b&gt;" in card or key == "untitled", key
         assert card.count('name="csrfmiddlewaretoken"') == 1, key
@@ -414,6 +419,7 @@ def test_each_kind_of_card_says_what_it_is_with_its_text_escaped(operator):
     assert '<p class="outcome">merged &lt;ok&gt;</p>' in cards["outcome"]
     assert '<p class="usage">1234 tokens · $0.0123</p>' in cards["outcome"]
     assert "proposed: <strong>assign to bot</strong>" in cards["proposal"]
+    assert "assign to bot" not in cards["rejected"]
     reason = re.search(r'<p class="reason">([^<]*)</p>', cards["blocked"]).group(1)
     assert reason.startswith("&lt;why&gt; xxx") and reason.endswith("…")
     assert len(html_lib.unescape(reason)) == 120
@@ -425,7 +431,7 @@ def test_each_kind_of_card_says_what_it_is_with_its_text_escaped(operator):
 def test_a_viewer_s_cards_have_no_controls(viewer):
     every_kind_of_card()
     page = viewer.get("/?queue=k").content.decode()
-    assert page.count('<article class="card"') == 14
+    assert page.count('<article class="card"') == 15
     for needle in ('draggable="true"', 'class="pick"', 'class="acts"', "csrfmiddlewaretoken"):
         assert needle not in page.split('<div id="board"')[1], needle
 
