@@ -88,6 +88,28 @@ def test_a_limit_past_any_herd_is_refused(option, too_many):
     assert not Herd.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--workers", "-2", "--workers: Ensure this value is greater than or equal to 0. "),
+        ("--batch", "-1", "--batch: Ensure this value is greater than or equal to 0."),
+        ("--where", "colour=red", "--where: "),
+    ],
+)
+def test_a_refused_launch_names_the_option(option, value, said):
+    """Each message was said without the option it was about ("Ensure this value is
+    greater than or equal to 0.; A herd has at least one worker.")."""
+    Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
+    make_tasks("inbox", 1)
+    given = {"--workers": "1", option: value}
+    with pytest.raises(CommandError) as caught:
+        call_command(
+            "herd", "--queue", "inbox", "--profile", "noop", *(a for p in given.items() for a in p)
+        )
+    assert str(caught.value).startswith(said), str(caught.value)
+    assert not Herd.objects.exists()
+
+
 @pytest.mark.parametrize("option", ["--token-budget", "--wall-clock", "--cost-budget"])
 def test_a_budget_of_zero_is_refused_as_the_launch_form_does(option):
     """0 was taken and read as "no budget": a herd given one ran without any."""

@@ -51,6 +51,27 @@ def ctrl_c_held():
         signal.signal(signal.SIGINT, before)
 
 
+# The herd's fields, as this command's options name them.
+OPTIONS = {
+    "size": "--workers",
+    "batch": "--batch",
+    "filters": "--where",
+    "token_budget": "--token-budget",
+    "wall_clock_limit": "--wall-clock",
+    "cost_budget_usd": "--cost-budget",
+}
+
+
+def said_by_option(exc: ValidationError) -> str:
+    """A refused launch in words, each message after the option it is about."""
+    if not hasattr(exc, "error_dict"):
+        return "; ".join(exc.messages)
+    return "; ".join(
+        f"{OPTIONS.get(field, field)}: {' '.join(messages)}"
+        for field, messages in exc.message_dict.items()
+    )
+
+
 class Command(BaseCommand):
     help = "Launch a herd of workers on a queue through Huey; --wait follows it to the end."
     # A launch is timed from this command; `manage.py check` and the server run the checks.
@@ -104,7 +125,7 @@ class Command(BaseCommand):
                     resume_after_quota=options["resume_after_quota"],
                 )
         except ValidationError as exc:
-            raise CommandError("; ".join(exc.messages)) from None
+            raise CommandError(said_by_option(exc)) from None
         if not herd.launch_sent:
             self.stderr.write(f"herd {herd.pk} {LAUNCH_UNSENT_SAID}")
         if not options["wait"]:
