@@ -201,6 +201,32 @@ def test_bad_requests_are_named(alice, inbox):
     assert not BulkAction.objects.exists()
 
 
+def test_select_all_with_filters_that_are_not_the_boards_is_refused(alice, inbox):
+    # Garbage parsed leniently was no filter at all: every task of every queue assigned.
+    tasks = inbox(3)
+    before = snapshot(inbox, tasks)
+    for filters in ("%%%&&&==", "project=web&&", "==", "colour=red", "queue=inbox&x=1"):
+        response = post(alice, "assign", "x", all="on", filters=filters)
+        assert response.status_code == 422, filters
+        assert "The board&#x27;s filters are not valid." in response.content.decode(), filters
+    assert snapshot(inbox, tasks) == before
+    assert not Task.objects.filter(assignee="x").exists()
+    assert not BulkAction.objects.exists()
+    # The board's own bar sends the filters as the server read them, not the page's URL.
+    html = alice.get("/?queue=inbox&project=web&x=1").content.decode()
+    assert 'data-filters="queue=inbox&amp;project=web"' in html
+
+
+def test_an_empty_priority_is_refused_not_read_as_the_default(alice, inbox):
+    task = inbox(1)[0]
+    Task.objects.filter(pk=task.pk).update(priority=-5)
+    response = post(alice, "priority", "", [task])
+    assert response.status_code == 422
+    assert "priority: give a number" in response.content.decode()
+    assert Task.objects.get(pk=task.pk).priority == -5
+    assert not BulkAction.objects.exists()
+
+
 def test_a_view_only_person_gets_403_and_sees_no_bulk_controls(client, django_user_model, inbox):
     tasks = inbox(2)
     before = snapshot(inbox, tasks)

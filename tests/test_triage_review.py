@@ -244,6 +244,9 @@ def test_triage_this_view_launches_a_dry_run_herd_and_reviews_it(client, django_
         ("project=web", "choose a queue first"),
         ("queue=inbox&q=bug", "clear the search first"),
         ("queue=inbox&tag=a|b", "not valid"),
+        # Not the board's own keys: read leniently it was the whole queue.
+        ("queue=inbox&colour=red", "not valid"),
+        ("queue=inbox&&&", "not valid"),
     ],
 )
 def test_a_view_that_cannot_be_triaged_says_why(client, django_user_model, inbox, filters, why):

@@ -59,6 +59,9 @@ class Plan:
         value = value.strip()
         if action not in ACTIONS:
             raise editing.EditError({"action": f"{action!r}: choose {', '.join(ACTIONS)}"})
+        if action == "priority" and not value:
+            # Read as a file's missing priority, empty would set the default to all of them.
+            raise editing.EditError({"priority": "give a number: lower is more urgent"})
         if action in FIELD_OF:
             return cls({FIELD_OF[action]: value}, None, "", (), ())
         if action == "tags":

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import nullcontext
+from urllib.parse import parse_qsl
 
 from django import forms
 from django.core.cache import cache
@@ -200,6 +201,27 @@ class BoardFilterForm(forms.Form):
 
     def active_besides(self, name: str) -> bool:
         return any(self.cleaned_data.get(other) for other in FILTER_FIELDS if other != name)
+
+
+class PostedFilterForm(BoardFilterForm):
+    """The board's filters posted back as its query string (select all matching, triage
+    this view). Only the board's own keys, well formed: anything else parsed leniently
+    would be no filter at all, which is every task of every queue."""
+
+    def __init__(self, query: str):
+        super().__init__(QueryDict(query))
+        self.query = query
+
+    def clean(self):
+        data = super().clean()
+        try:
+            pairs = parse_qsl(self.query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise forms.ValidationError("not a query string of the board's filters") from None
+        unknown = sorted({key for key, _value in pairs} - set(FILTER_FIELDS))
+        if unknown:
+            raise forms.ValidationError(f"not filters of the board: {', '.join(unknown)}")
+        return data
 
 
 def _tag_counts(combinations) -> dict[str, int]:
@@ -456,7 +478,7 @@ class BulkForm(forms.Form):
         """The selected ids, or every task matching the board's filters right now."""
         if not self.cleaned_data["all"]:
             return self.cleaned_data["ids"]
-        board = BoardFilterForm(QueryDict(self.cleaned_data["filters"]))
+        board = PostedFilterForm(self.cleaned_data["filters"])
         if not board.is_valid():
             raise forms.ValidationError("The board's filters are not valid.")
         tasks = board.apply(Task.objects.all()).order_by("priority", "id")

@@ -37,6 +37,7 @@ from workqueue.forms import (
     BulkForm,
     LoadMoreForm,
     NewTaskForm,
+    PostedFilterForm,
     SavedViewForm,
     ShownForm,
     TaskActionForm,
@@ -759,7 +760,7 @@ LAUNCH = "herds.add_herd"
 @require_POST
 def triage_start(request: HttpRequest) -> HttpResponse:
     """A dry-run herd of the triage rules over the board's current view."""
-    form = BoardFilterForm(QueryDict(request.POST.get("filters", "")))
+    form = PostedFilterForm(request.POST.get("filters", ""))
     problem = ""
     if not form.is_valid():
         problem = "the board's filters are not valid"

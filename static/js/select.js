@@ -175,7 +175,8 @@
     const values = { action: action, value: value };
     if (selection.all) {
       values.all = "on";
-      values.filters = window.location.search.replace(/^\?/, "");
+      // The board's filters as the server read them: the server refuses anything else.
+      values.filters = bar().dataset.filters || "";
     } else {
       values.ids = Array.from(selection.ids).join(",");
     }
