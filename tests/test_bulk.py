@@ -302,6 +302,18 @@ def test_saved_view_keeps_only_valid_filters(alice, inbox):
     assert alice.get("/").content.decode().count(">web bugs</a>") == 1
 
 
+@pytest.mark.parametrize("name", ["", " ", "x" * 150])
+def test_a_view_not_saved_goes_back_to_the_same_filtered_board(alice, inbox, name):
+    # It went back to the unfiltered board: the person lost the filters they had.
+    inbox(1)
+    response = alice.post("/views/", {"name": name, "query": "queue=inbox&project=web"})
+    assert response.status_code == 302
+    assert response["Location"] == "/?queue=inbox&project=web"
+    html = alice.get(response["Location"]).content.decode()
+    assert "View not saved: name:" in html
+    assert not SavedView.objects.exists()
+
+
 def test_a_saved_view_replaced_says_so_and_one_can_be_deleted(alice, inbox, django_user_model):
     # Saving under a name in use replaced the view without a word, and none could go.
     inbox(1)

@@ -12,6 +12,7 @@ from django.db import connection
 from django.db.models import Count, F, Value
 from django.db.models.functions import Coalesce
 from django.http import QueryDict
+from django.urls import reverse
 from django.utils.functional import cached_property
 
 from workqueue import bulk, editing, search_hits
@@ -495,6 +496,12 @@ class SavedViewForm(forms.Form):
         if not board.is_valid():
             raise forms.ValidationError("not a valid board filter")
         return board.querystring()
+
+    def board_url(self) -> str:
+        """The board the form was sent from, with its filters: saved or not, the person
+        goes back to the view they were looking at."""
+        query = self.cleaned_data.get("query")
+        return f"{reverse('board')}?{query}" if query else reverse("board")
 
 
 class NewTaskForm(forms.Form):

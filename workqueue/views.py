@@ -725,7 +725,7 @@ def saved_view(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         problems = "; ".join(f"{n}: {' '.join(e)}" for n, e in form.errors.items())
         messages.error(request, f"View not saved: {problems}")
-        return redirect("board")
+        return redirect(form.board_url())
     name, query = form.cleaned_data["name"], form.cleaned_data["query"]
     mine = SavedView.objects.filter(user=request.user, name=name)
     old = mine.values_list("query", flat=True).first()
@@ -736,7 +736,7 @@ def saved_view(request: HttpRequest) -> HttpResponse:
         messages.success(request, f"Replaced the view {name!r} (it showed ?{old}).")
     else:
         messages.info(request, f"The view {name!r} was saved already.")
-    return redirect(f"{reverse('board')}?{query}" if query else "board")
+    return redirect(form.board_url())
 
 
 @login_required
