@@ -5,9 +5,38 @@ from django import forms
 from django.core.exceptions import ValidationError
 
 from herds.models import MAX_TOKEN_BUDGET, MAX_WALL_CLOCK, Profile
-from workqueue.models import Queue
+from workqueue.editing import TAG_LIMIT
+from workqueue.models import Queue, Task
 from workqueue.names import validate_queue_name
 from workqueue.routing import FilterError, TaskFilter
+
+MAX_WORKERS = 1000  # past any machine's agents; the profile's own cap is checked too
+MAX_BATCH = 1_000_000  # tasks per worker; 0 is "until the queue is empty", however long
+PRIORITY_RANGE = range(-(2**31), 2**31)  # the column's (PostgreSQL integer)
+
+
+def filter_problem(condition) -> str:
+    """Why a condition can never match a task: a value longer than its column holds, or
+    a priority past the column's range. "" when it can."""
+    if condition.field == "priority":
+        # Digits counted first: int() refuses a few thousand.
+        digits = condition.value.lstrip("-")
+        if len(digits) > 10 or int(condition.value) not in PRIORITY_RANGE:
+            return (
+                f"priority: past any task's priority "
+                f"({PRIORITY_RANGE.start} to {PRIORITY_RANGE.stop - 1})"
+            )
+        return ""
+    if condition.field == "tag":
+        limit = TAG_LIMIT
+    else:
+        limit = Task._meta.get_field(condition.field).max_length
+    if len(condition.value) > limit:
+        return (
+            f"{condition.field}: {len(condition.value):,} characters, longer than any "
+            f"task's {condition.field} (at most {limit})"
+        )
+    return ""
 
 
 def new_launch_token() -> str:
@@ -23,9 +52,12 @@ class LaunchForm(forms.Form):
 
     queue = forms.ChoiceField(validators=[validate_queue_name])
     profile = forms.ModelChoiceField(Profile.objects.all(), to_field_name="name")
-    workers = forms.IntegerField(min_value=1, initial=4)
+    workers = forms.IntegerField(min_value=1, max_value=MAX_WORKERS, initial=4)
     batch = forms.IntegerField(
-        min_value=0, initial=0, help_text="Tasks per worker; 0 works until the queue is empty."
+        min_value=0,
+        max_value=MAX_BATCH,
+        initial=0,
+        help_text="Tasks per worker; 0 works until the queue is empty.",
     )
     where = forms.CharField(
         required=False,
@@ -77,9 +109,12 @@ class LaunchForm(forms.Form):
     def clean_where(self) -> list[str]:
         filters = self.cleaned_data["where"].split()
         try:
-            TaskFilter.parse(filters)
+            parsed = TaskFilter.parse(filters)
         except FilterError as exc:
             raise ValidationError(str(exc)) from None
+        problems = [p for p in map(filter_problem, parsed.conditions) if p]
+        if problems:
+            raise ValidationError(problems)
         return filters
 
     def clean(self):

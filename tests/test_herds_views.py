@@ -303,6 +303,39 @@ def test_launch_form_refuses_a_malformed_filter(operator, profile):
 
 
 @pytest.mark.parametrize(
+    ("where", "problem"),
+    [
+        # A value longer than its column can never match (a 100,000-character project
+        # made a herd whose page was 900,000 px wide).
+        ("project=" + "x" * 100_000, "project: 100,000 characters, longer than any task"),
+        ("complexity=" + "x" * 101, "complexity: 101 characters"),
+        ("tag=" + "x" * 201, "tag: 201 characters"),
+        ("assignee!=" + "x" * 201, "assignee: 201 characters"),
+        ("priority<=" + "9" * 5000, "priority: past any task&#x27;s priority"),
+        ("priority>=-2147483649", "priority: past any task&#x27;s priority"),
+    ],
+)
+def test_launch_form_refuses_a_filter_no_task_can_match(operator, profile, where, problem):
+    make_tasks("inbox", 1)
+    form = {"queue": "inbox", "profile": "noop", "workers": 1, "batch": 0, "where": where}
+    page = client_for(operator).post(reverse("herds:launch"), form)
+    assert page.status_code == 400
+    assert problem in page.content.decode()
+    ok = {**form, "where": f"project={'x' * 200} priority>=-2147483648"}
+    assert client_for(operator).post(reverse("herds:launch"), ok).status_code == 200
+
+
+@pytest.mark.parametrize(("field", "value"), [("batch", "9" * 23), ("workers", "9" * 23)])
+def test_preflight_refuses_a_number_start_would_refuse(operator, profile, field, value):
+    """batch=99999999999999999999999 passed the pre-flight and was refused only at Start."""
+    make_tasks("inbox", 1)
+    form = {"queue": "inbox", "profile": "noop", "workers": 1, "batch": 0, field: value}
+    page = client_for(operator).post(reverse("herds:launch"), form)
+    assert page.status_code == 400
+    assert "less than or equal to" in page.content.decode()  # not a pre-flight (200)
+
+
+@pytest.mark.parametrize(
     ("field", "value"), [("wall_clock_limit", "99999999999999"), ("token_budget", 10**16)]
 )
 def test_launch_form_refuses_a_limit_past_any_herd(operator, profile, field, value):
