@@ -206,6 +206,32 @@ def test_bad_value_names_its_field_and_writes_nothing(folder, changes, field):
     assert not TaskEvent.objects.filter(kind=EventKind.EDITED).exists()
 
 
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+@pytest.mark.parametrize("field", ["title", "project", "assignee", "complexity", "type", "parent"])
+@pytest.mark.parametrize("line_break", LINE_BREAKS)
+def test_any_line_break_in_a_one_line_field_is_one_line_only(folder, field, line_break):
+    # U+2028 or U+0085 got "cannot edit this frontmatter in place" instead.
+    task = folder({"a.md": TASK})["a.md"]
+    before = folder.path("a.md").read_bytes()
+    with pytest.raises(EditError) as refused:
+        editing.edit_task(task, {field: f"two{line_break}lines"}, ACTOR)
+    assert refused.value.errors == {field: "one line only"}
+    assert folder.path("a.md").read_bytes() == before
+
+
+@pytest.mark.parametrize("field", ["tags", "depends_on"])
+@pytest.mark.parametrize("line_break", LINE_BREAKS)
+def test_any_line_break_in_an_item_of_a_list_is_one_line_only(folder, field, line_break):
+    task = folder({"a.md": TASK})["a.md"]
+    before = folder.path("a.md").read_bytes()
+    with pytest.raises(EditError) as refused:
+        editing.edit_task(task, {field: ["ok", f"two{line_break}lines"]}, ACTOR)
+    assert refused.value.errors[field].endswith(": one line only")
+    assert folder.path("a.md").read_bytes() == before
+
+
 def cjk(count: int, seed: int) -> str:
     """3 bytes a character in UTF-8, incompressible."""
     rng = random.Random(seed)

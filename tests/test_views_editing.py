@@ -155,6 +155,14 @@ def test_bad_value_comes_back_in_the_form_naming_the_field(editor, task):
     assert task.path.read_bytes() == before
 
 
+@pytest.mark.parametrize("title", ["two\nlines", "two\u2028lines", "two\x85lines"])
+def test_a_title_of_two_lines_is_refused_the_same_whatever_breaks_it(editor, task, title):
+    # U+2028 and U+0085 got "file: cannot edit the file in place".
+    response = editor.post(f"/tasks/{task.pk}/edit/", form_values(task, title=title), **HX)
+    assert response.status_code == 422
+    assert "title: one line only" in response.content.decode()
+
+
 def test_file_changed_on_disk_is_refused_with_the_difference_and_a_reload(editor, task):
     outside = TASK.replace("assignee: nic", "assignee: carol")
     task.path.write_text(outside)

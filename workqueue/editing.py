@@ -223,6 +223,9 @@ def _clean(name: str, value, task: Task | None):
         return number
     if name in LIST_FIELDS:
         items = taskfile.list_field({name: value}, name)
+        for item in items:
+            if len(item.splitlines()) > 1:
+                raise ValueError(f"{item[:40]!r}: one line only")
         if name == "tags":
             for tag in items:
                 if "|" in tag or len(tag) > TAG_LIMIT:
@@ -259,7 +262,9 @@ def _one_line(value) -> str:
     if not isinstance(value, str | int):
         raise TypeError("text expected")
     text = str(value).strip()
-    if "\n" in text or "\r" in text:
+    # Every break str.splitlines() knows (U+2028, U+0085, ...): YAML breaks a line at
+    # some of them too, and the file could not be written in place.
+    if len(text.splitlines()) > 1:
         raise ValueError("one line only")
     if "\x00" in text:
         raise ValueError("contains a NUL character")
