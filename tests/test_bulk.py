@@ -227,6 +227,16 @@ def test_an_empty_priority_is_refused_not_read_as_the_default(alice, inbox):
     assert not BulkAction.objects.exists()
 
 
+def test_the_bulk_priority_takes_what_the_editor_takes(alice, inbox):
+    # The dialog said min=0 while the editor and a file's YAML take -5: more urgent than P0.
+    tasks = inbox(2)
+    html = alice.get("/?queue=inbox").content.decode()
+    assert 'name="value" type="number" required autocomplete="off" step="1"' in html
+    assert "Priority (lower is more urgent)" in html
+    assert post(alice, "priority", "-5", tasks[:1]).status_code == 200
+    assert Task.objects.get(pk=tasks[0].pk).priority == -5
+
+
 def test_a_view_only_person_gets_403_and_sees_no_bulk_controls(client, django_user_model, inbox):
     tasks = inbox(2)
     before = snapshot(inbox, tasks)

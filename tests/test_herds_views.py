@@ -179,6 +179,9 @@ def test_cancel_requests_supervision_and_enqueues_after_commit(
     herd.refresh_from_db()
     assert herd.cancel_requested and herd.draining
     assert len(callbacks) == 1
+    # It is cancelling, not draining, until it ends.
+    detail = client.get(reverse("herds:detail", args=[herd.pk])).content.decode()
+    assert "Running (cancelling)</span>" in detail and "(draining)" not in detail
 
 
 def test_cancelling_a_pending_herd_ends_it_at_once(profile, operator):

@@ -505,3 +505,8 @@ def test_the_board_says_what_a_reviews_decisions_did_in_a_sentence():
     """The bar after Apply read "triage 17 tasks." (the action's name)."""
     bulk = SimpleNamespace(action="triage", finished=True, changed=17, unchanged=0)
     assert bulk_summary(bulk) == "Applied triage's decisions to 17 tasks."
+    # The proposals not applied were rejected, not "already so".
+    bulk = SimpleNamespace(action="triage", finished=True, changed=3, unchanged=11)
+    assert bulk_summary(bulk) == "Applied triage's decisions to 3 tasks; 11 rejected."
+    bulk = SimpleNamespace(action="assign", finished=True, changed=3, unchanged=11)
+    assert bulk_summary(bulk) == "Assigned 3 tasks; 11 already so."

@@ -23,7 +23,7 @@ from workqueue.text import list_items
 # the field's input type, the dialog's title before "N tasks").
 BUTTONS = [
     ("assign", "Assign…", "Assignee", "text", "Assign"),
-    ("priority", "Priority…", "Priority (0 is most urgent)", "number", "Priority for"),
+    ("priority", "Priority…", "Priority (lower is more urgent)", "number", "Priority for"),
     ("complexity", "Complexity…", "Complexity", "text", "Complexity for"),
     ("tags", "Tags…", 'Tags: +add -remove (+"two words")', "text", "Tags for"),
     ("project", "Project…", "Project", "text", "Project for"),

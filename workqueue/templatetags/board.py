@@ -96,7 +96,9 @@ def bulk_summary(bulk) -> str:
     tasks = "task" if bulk.changed == 1 else "tasks"
     line = f"{what} {bulk.changed:,} {tasks}"
     if bulk.unchanged:
-        line += f"; {bulk.unchanged:,} already so"
+        # A triage review's unchanged tasks are the proposals a person rejected.
+        left = "rejected" if bulk.action == "triage" else "already so"
+        line += f"; {bulk.unchanged:,} {left}"
     return line + "."
 
 
