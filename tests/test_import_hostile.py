@@ -158,6 +158,41 @@ def test_import_tasks_names_a_fifo_given_on_its_command_line(write_task):
     ]
 
 
+# What import_tasks names, and how it reaches outside the folder it names.
+NAMED_WAYS_OUT = {
+    "a linked file": ("tasks/x.md", "symlink points outside the import roots (to {decoy})"),
+    "a linked folder": ("tasks/linked", "symlink points outside the import roots (to {out})"),
+    "a file in a linked folder": ("tasks/linked/decoy.md", "path is outside the import roots"),
+    "a `..` after a link": ("tasks/deep/../decoy.md", "path is outside the import roots"),
+}
+
+
+@pytest.mark.parametrize("named", NAMED_WAYS_OUT.values(), ids=NAMED_WAYS_OUT.keys())
+def test_a_symlink_named_on_the_command_line_is_confined_like_one_in_a_folder(
+    tmp_path, monkeypatch, named
+):
+    """A work run writes the task's status into its file: a decoy imported through a link
+    named on the command line had it written outside the import roots."""
+    name, error = named
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    decoy = outside / "decoy.md"
+    decoy.write_text("---\nstatus: inbox\n---\nx\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "x.md").symlink_to(decoy)
+    (tasks / "linked").symlink_to(outside)
+    (tasks / "deep").symlink_to(outside / "deep")
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="nothing could be imported"):
+        call_command("import_tasks", name, "--queue", "q", "--json", stdout=out)
+    [refused] = json.loads(out.getvalue())["errors"]
+    assert refused["path"] in (name, str(decoy))
+    assert error.format(decoy=decoy, out=outside) in refused["error"]
+    assert not Task.objects.exists()
+
+
 def test_symlink_loops_are_named_and_the_rest_imported(write_task):
     write_task("good.md", GOOD)
     folder = write_task.folder

@@ -165,6 +165,19 @@ def inside(real: Path, roots: list[Path]) -> bool:
     return any(real.is_relative_to(root) for root in roots)
 
 
+def named_place(path: str | Path) -> Path:
+    """Where a path an operator names is, its last step not followed: the folders above it
+    resolved, `..` taken as written. A symlink named (or reached through `..`) is then not
+    a root itself, and what it leads to is confined like any symlink a walk meets."""
+    named = Path(os.path.abspath(Path(path).expanduser()))
+    return named.parent.resolve() / named.name
+
+
+def named_folder(path: str | Path) -> Path:
+    """The folder a file is named in, taken as named_place takes a folder."""
+    return named_place(Path(os.path.abspath(Path(path).expanduser())).parent)
+
+
 def folder_inside_roots(folder: str, purpose: str) -> Path:
     """`folder` resolved, when it is a folder inside a configured import root (no symlink
     leads out of them); ImportRefused saying which it is not, and what adding it is for."""
@@ -204,7 +217,7 @@ class Importer:
         validate_queue_name(queue)
         self.queue = queue
         self.configured = configured_roots()
-        self.roots = self.configured + [Path(r).resolve() for r in roots or []]
+        self.roots = self.configured + [named_place(r) for r in roots or []]
         self.progress = progress
         self.report = ImportReport()
         self.known: dict[str, tuple] = {}
@@ -226,6 +239,8 @@ class Importer:
                 if taken:
                     self.report.error(path, taken)
                 elif path.is_dir():
+                    if self._leads_out(path):
+                        continue
                     folders.append(path.resolve())
                     sources.extend(self._walk(path))
                 elif path.suffix == ".txt":
@@ -251,6 +266,17 @@ class Importer:
             # The board's plans follow the table's size at once, not at the next check.
             Task.objects.keep_statistics()
         return self.report
+
+    def _leads_out(self, folder: Path) -> bool:
+        """Whether a folder named to the import is a symlink (or a `..` after one) leading
+        out of the import roots; if so it is named. A folder not under any root is read
+        when its caller names it (import_tasks makes it a root)."""
+        real = folder.resolve()
+        if real == named_place(folder) or self._inside(real):
+            return False
+        what = "symlink points" if folder.is_symlink() else "path is"
+        self.report.error(folder, f"{what} outside the import roots (to {real})")
+        return True
 
     def _another_queues(self, path: Path) -> str:
         """Why `path` is refused when another queue imports it (its folder, or one inside or
@@ -347,6 +373,9 @@ class Importer:
             self.report.error(queue_file, str(exc))
             return []
         folder = queue_file.resolve().parent
+        # The folder the queue file is named in, not its symlink's: a link must not make
+        # the folder it leads to a root.
+        listed_in = named_folder(queue_file)
         paths = []
         for number, line in enumerate(text.splitlines(), 1):
             entry = line.strip()
@@ -357,7 +386,7 @@ class Importer:
                 paths.append(candidate if candidate.is_absolute() else folder / candidate)
             else:
                 self._import_bare_id(entry, f"{queue_file}:{number}")
-        return self._confine(paths, folder, extra_root=folder)
+        return self._confine(paths, folder, extra_root=listed_in)
 
     def _confine(self, paths: list[Path], fallback_base: Path, extra_root=None) -> list[_Source]:
         sources = []
@@ -370,7 +399,7 @@ class Importer:
                 continue
             if not self._inside(real, extra_root):
                 what = "symlink points" if path.is_symlink() else "path is"
-                self.report.error(path, f"{what} outside the import roots ({real})")
+                self.report.error(path, f"{what} outside the import roots (to {real})")
                 continue
             base = self._base_for(real, extra_root) or fallback_base.resolve()
             sources.append(_Source(real, base))

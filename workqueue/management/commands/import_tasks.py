@@ -5,7 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from workqueue.dependencies import report_lines, stuck
-from workqueue.importer import Importer
+from workqueue.importer import Importer, named_folder
 from workqueue.names import queue_name_argument
 
 
@@ -33,8 +33,9 @@ class Command(BaseCommand):
         # What the command line names is allowed for this run: a folder is an import root,
         # and so is the folder of a named .md file (only that file is read from it). Paths
         # listed in a queue file stay confined to the roots and the queue file's folder.
-        roots = [p.resolve() for p in paths if p.is_dir()]
-        roots += [p.resolve().parent for p in paths if p.suffix == ".md" and p.exists()]
+        # A root is the place named, not a symlink's target (workqueue.importer.named_place).
+        roots = [p for p in paths if p.is_dir()]
+        roots += [named_folder(p) for p in paths if p.suffix == ".md" and p.exists()]
         progress = sys.stderr.isatty() and not options["json"]
         report = Importer(options["queue"], roots, progress=progress).run(paths)
         # Tasks that wait for ever say nothing on their own: say it now (not an error: the
