@@ -5,14 +5,14 @@ import json
 import os
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from tests.conftest import run_manage
 from workqueue import editing, transitions
 from workqueue.importer import Importer
-from workqueue.models import EventKind, Status, Task
+from workqueue.models import EventKind, Queue, Status, Task
 
 pytestmark = pytest.mark.django_db
 
@@ -336,6 +336,23 @@ def test_a_file_named_on_the_command_line_is_allowed_like_a_named_folder(tmp_pat
     queue_file = tmp_path / "lists" / "queue.txt"
     queue_file.write_text(f"{tmp_path / 'inbox' / 'other.md'}\n")
     assert "outside the import roots" in Importer("q").run([queue_file]).errors[0]["error"]
+
+
+def test_a_refused_import_makes_no_queue(write_task, tmp_path):
+    """An empty queue made by a mistyped path was listed as one of the queues, and a herd
+    could be launched on it."""
+    write_task("bad.md", b"")
+    for path in (tmp_path / "nonexistent", write_task.folder):
+        with pytest.raises(CommandError, match="nothing could be imported"):
+            call_command("import_tasks", str(path), "--queue", "q9", stdout=io.StringIO())
+    assert not Queue.objects.filter(name="q9").exists()
+    assert "q9" not in Queue.objects.names()
+    # A queue there already stays; one file taken makes the queue.
+    Queue.objects.create(name="kept")
+    assert Importer("kept").run([tmp_path / "nonexistent"]).refused
+    write_task("good.md", "# good\n")
+    assert not import_folder(write_task.folder).refused
+    assert set(Queue.objects.values_list("name", flat=True)) == {"kept", "q"}
 
 
 def test_command_exits_non_zero_when_any_file_is_refused(process_env, write_task):

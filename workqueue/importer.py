@@ -101,6 +101,11 @@ class ImportReport:
         return f"{counts}; left out {files} (no frontmatter): {names}"
 
     @property
+    def refused(self) -> bool:
+        """Whether the import was refused: files named, and none of them taken."""
+        return bool(self.errors) and not self.accepted
+
+    @property
     def changed(self) -> bool:
         """Whether the queue changed (a file it refused is named apart: workqueue.tasks)."""
         return bool(self.imported or self.updated or self.closed or self.missing)
@@ -229,7 +234,6 @@ class Importer:
     # Entry points -----------------------------------------------------------
 
     def run(self, paths: list[str | Path]) -> ImportReport:
-        queue, _ = Queue.objects.get_or_create(name=self.queue)
         self._load_known()
         sources, folders = [], []
         for raw in paths:
@@ -259,7 +263,10 @@ class Importer:
         self._flush()
         for folder in folders:
             self._flag_missing(folder)
-        if len(folders) == 1 and not queue.folder:
+        # A refused import makes no queue: it would be listed, and a herd sent to it.
+        if not self.report.refused:
+            Queue.objects.get_or_create(name=self.queue)
+        if len(folders) == 1:
             # New tasks of the queue (workqueue.authoring) go where its first folder was.
             Queue.objects.filter(name=self.queue, folder="").update(folder=str(folders[0]))
         if self.report.imported >= STATISTICS_AFTER:

@@ -52,7 +52,7 @@ class Command(BaseCommand):
                 self.stderr.write(f"warning: {line}")
         # A refused file fails the command even when the rest went in, so a script or a
         # cron job that checks the exit code hears of it; the rest stay imported.
-        if report.errors and not report.accepted:
+        if report.refused:
             raise CommandError("nothing could be imported")
         if report.errors:
             refused = len(report.errors)
