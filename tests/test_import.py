@@ -13,6 +13,7 @@ from tests.conftest import run_manage
 from workqueue import editing, transitions
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Queue, Status, Task
+from workqueue.text import list_items
 
 pytestmark = pytest.mark.django_db
 
@@ -479,6 +480,21 @@ def test_a_comma_list_keeps_an_item_with_a_space_whole(write_task):
         ["bug", "needs review", "ui"],
         ["x", "y"],
     )
+
+
+QUOTED_TAGS = 'bug, urgent, "needs review", "a, b"'
+
+
+def test_quoted_items_of_a_list_written_as_text_are_read_as_the_editor_reads_them(write_task):
+    """`tags: bug, urgent, "needs review"` kept its quotes in the tag; the board's editor
+    reads the same text as `needs review`. A quote left open stays part of its item."""
+    write_task("a.md", f"---\nid: a\ntags: '{QUOTED_TAGS}'\ndepends_on: '\"x y\" z'\n---\n")
+    write_task("b.md", "---\nid: b\ntags: '6\" screen, bug'\n---\n")
+    assert not import_folder(write_task.folder).errors
+    tags = dict(Task.objects.values_list("key", "tags"))
+    assert tags["a"] == ["bug", "urgent", "needs review", "a, b"] == list_items(QUOTED_TAGS)
+    assert tags["b"] == ['6" screen', "bug"]
+    assert Task.objects.get(key="a").depends_on == ["x y", "z"]
 
 
 PROJECT_DOCUMENTS = [

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from workqueue.text import ascii_number
+from workqueue.text import ascii_number, list_items
 
 try:
     from yaml import CSafeLoader as SafeLoader
@@ -339,10 +339,15 @@ def list_field(fm: dict, name: str) -> list[str]:
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        # `bug, needs review` is two items, as the board's editor reads it; without a
-        # comma, `bug auth` is two words.
-        parts = value.split(",") if "," in value else value.split()
-        return [p.strip() for p in parts if p.strip()]
+        # Read as the board's editor reads a list (`bug, "needs review"`: the quotes go),
+        # but a file's `bug, needs review` is two items; without a comma, `bug auth` is
+        # two words.
+        try:
+            return list_items(value, words="," not in value)
+        except ValueError:
+            # A quote left open (`6" screen`) is kept as written, not the file refused.
+            parts = value.split(",") if "," in value else value.split()
+            return [p.strip() for p in parts if p.strip()]
     if isinstance(value, list):
         return [str(v).strip() for v in value if v is not None and str(v).strip()]
     return [str(value)]

@@ -21,6 +21,8 @@ def as_text(value) -> str:
 
 
 LIST_ITEM = re.compile(r'([+-]?)"((?:[^"\\]|\\.)*)"|[^,\s"]+')
+# The same, an item without quotes running to the next comma, spaces and all.
+COMMA_ITEM = re.compile(r'([+-]?)"((?:[^"\\]|\\.)*)"|[^,"]+')
 
 
 def list_text(items: list[str]) -> str:
@@ -32,16 +34,17 @@ def list_text(items: list[str]) -> str:
     )
 
 
-def list_items(text: str) -> list[str]:
+def list_items(text: str, words: bool = True) -> list[str]:
     """The items of a list as a person typed it (list_text); a + or - before a quoted item
-    stays in front of it. ValueError for a quote left open."""
+    stays in front of it. With words False an item without quotes is all up to the next
+    comma (a task file's `bug, needs review`). ValueError for a quote left open."""
     items, end = [], 0
-    for match in LIST_ITEM.finditer(text):
+    for match in (LIST_ITEM if words else COMMA_ITEM).finditer(text):
         if text[end : match.start()].strip(", \t\r\n"):
             break
         end = match.end()
         if match.group(2) is None:
-            items.append(match.group(0))
+            items.append(match.group(0).strip())
         else:
             items.append(match.group(1) + json.loads(f'"{match.group(2)}"'))
     if text[end:].strip(", \t\r\n"):
