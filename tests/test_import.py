@@ -10,9 +10,11 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from tests.conftest import run_manage
-from workqueue import editing, transitions
+from workqueue import claims, editing, transitions
 from workqueue.importer import Importer
+from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task
+from workqueue.processing import Result
 from workqueue.text import list_items
 
 pytestmark = pytest.mark.django_db
@@ -199,6 +201,25 @@ def test_a_claimed_tasks_new_id_waits_for_the_claim_and_says_so(write_task):
     Task.objects.update(status=Status.QUEUED, holder="")
     assert import_folder(write_task.folder).updated == 1
     assert list(Task.objects.values_list("key", flat=True)) == ["A-2"]
+
+
+def test_a_new_id_that_waited_for_a_claim_is_given_by_the_next_import(write_task, lock_root):
+    """The claim's finish took in the file, new id and all, and the next import found it
+    unchanged: the task kept its old id for good."""
+    path = write_task("a.md", GOOD.format(id="A-1", title="Alpha"))
+    import_folder(write_task.folder)
+    identity = Identity.current("w-test")
+    owner_file = OwnerFile(identity)
+    [claim] = claims.claim_ready_tasks("q", identity, owner_file, limit=1)
+    path.write_text(GOOD.format(id="A-2", title="Alpha"))
+    assert "while 'A-1' is claimed" in import_folder(write_task.folder).errors[0]["error"]
+    claims.finish_claims(identity, [(claim, Result(status=Status.DONE))], owner_file)
+    assert Task.objects.get().change_pending  # the board says the file's change waits
+    report = import_folder(write_task.folder)
+    assert (report.updated, report.errors) == (1, [])
+    task = Task.objects.get()
+    assert (task.key, task.status, task.change_pending) == ("A-2", Status.DONE, False)
+    assert import_folder(write_task.folder).unchanged == 1
 
 
 def test_a_task_file_that_became_a_folder_is_missing(write_task):

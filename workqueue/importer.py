@@ -937,6 +937,11 @@ def refresh_from_source(task: Task, follow_status: bool = True) -> None:
                 message="deferred file change applied after the claim ended",
             )
     _apply_pending_edit(task)
+    # A new id in the file is an import's to give (Importer._rename): the change stays
+    # pending until then, or the import finds the file as recorded here and skips it.
+    new_id = taskfile.text_field(parsed.frontmatter, "id", None)
+    if new_id and new_id != task.key:
+        Task.objects.filter(pk=task.pk).update(change_pending=True)
 
 
 def _apply_pending_edit(task: Task) -> None:
