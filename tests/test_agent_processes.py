@@ -620,3 +620,71 @@ def test_a_worker_holds_one_database_connection_while_its_agent_runs(process_env
     assert Task.objects.get(queue="conn").status == Status.DONE
     # The main thread's, and for a moment a beat's.
     assert seen.count(2) < len(seen) / 4 and max(seen) <= 2, seen
+
+
+FINISHING_AGENT = (
+    "import pathlib, sys, time; pathlib.Path(sys.argv[1], sys.argv[2]).write_text('x'); "
+    "time.sleep(4); print('finished the work')"
+)
+
+
+def start_two_workers_at_work(process_env, started: Path) -> subprocess.Popen:
+    """`work --workers 2` in a process group of its own, as a terminal's foreground job,
+    once both workers' agents are at work."""
+    for name in started.iterdir():
+        name.unlink()
+    work = start_manage(
+        ["work", "--queue", "q", "--workers", "2", "--processor", "command", "--",
+         sys.executable, "-c", FINISHING_AGENT, str(started), "{key}"],
+        process_env,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return work
+
+
+def test_one_ctrl_c_to_forked_workers_counts_once_though_it_reaches_them_twice(
+    process_env, tmp_path
+):
+    """A terminal's Ctrl-C reaches the whole foreground group: `work --workers 2` and its
+    forked workers, which the parent forwards it to as well. One press lets each agent
+    finish its task; a second ends them now."""
+    make_tasks("q", 6)
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def finished_both(err: str) -> None:
+        assert err.count("then stopping; SIGINT again ends its agent now") == 2, err
+        done = Task.objects.filter(status=Status.DONE).exclude(pk__in=finished)
+        assert len(done) == 2, err
+        assert all("finished the work" in t.output_tail for t in done)
+        finished.extend(t.pk for t in done)
+
+    finished: list[int] = []
+    work = start_two_workers_at_work(process_env, started)
+    os.killpg(work.pid, signal.SIGINT)
+    _out, err = work.communicate(timeout=60)
+    assert work.returncode == 0, err
+    finished_both(err)
+
+    # The same press with the parent's share arriving late: no window of time decides.
+    work = start_two_workers_at_work(process_env, started)
+    for child in psutil.Process(work.pid).children():
+        child.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    work.send_signal(signal.SIGINT)
+    _out, err = work.communicate(timeout=60)
+    assert work.returncode == 0, err
+    finished_both(err)
+
+    # Pressed twice, the agents end at once and their tasks go back.
+    work = start_two_workers_at_work(process_env, started)
+    os.killpg(work.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(work.pid, signal.SIGINT)
+    _out, err = work.communicate(timeout=60)
+    assert work.returncode == 0, err
+    assert Task.objects.filter(status=Status.DONE).count() == 4, err
+    assert Task.objects.filter(status=Status.QUEUED).count() == 2, err

@@ -64,6 +64,34 @@ class WorkerStats:
         }
 
 
+class ParentStops:
+    """The stop signals (SIGINT, SIGTERM) the parent of forked workers received, counted
+    in memory shared with them. A terminal's Ctrl-C reaches the whole foreground group,
+    so each worker gets it from the terminal and again through the parent's forward; a
+    signal sent to the parent alone reaches the workers only through it. A worker counts
+    the larger of the signals it got itself and the parent's count: one press is one,
+    whichever way it came and however late either way arrived."""
+
+    # What the parent sends its workers: told apart from a signal of their own.
+    notice = signal.SIGUSR1
+
+    def __init__(self, context):
+        self._count = context.RawValue("i", 0)
+        self._signum = context.RawValue("i", 0)
+
+    def record(self, signum: int) -> None:
+        self._signum.value = signum
+        self._count.value += 1
+
+    @property
+    def count(self) -> int:
+        return self._count.value
+
+    @property
+    def signum(self) -> int:
+        return self._signum.value
+
+
 class Worker:
     def __init__(
         self,
@@ -95,6 +123,8 @@ class Worker:
         self.stop_reason = ""
         self.current: Claim | None = None
         self.signals_received = 0  # a second one ends the agent at work now
+        self.own_signals = 0  # sent to this process itself, not forwarded by a parent
+        self.parent_stops: ParentStops | None = None
         self.context = WorkContext(
             self.identity.worker,
             lambda: self.stop_requested,
@@ -119,13 +149,28 @@ class Worker:
 
     # Signals only set flags: the first stops claiming and lets the task at hand finish,
     # the second ends its agent now (the task goes back to the queue).
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, parent_stops: ParentStops | None = None) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if parent_stops is not None:
+            self.parent_stops = parent_stops
+            signal.signal(parent_stops.notice, self._on_parent_stop)
+            if parent_stops.count:  # the parent was stopped while this worker started
+                self._on_parent_stop(parent_stops.notice, None)
 
     def _on_signal(self, signum, frame) -> None:
+        self.own_signals += 1
+        self._count_stop(signum)
+
+    def _on_parent_stop(self, notice, frame) -> None:
+        self._count_stop(self.parent_stops.signum)
+
+    def _count_stop(self, signum: int) -> None:
+        presses = max(self.own_signals, self.parent_stops.count if self.parent_stops else 0)
+        if presses <= self.signals_received:
+            return  # a press already counted, reaching us the other way too
+        self.signals_received = presses
         name = signal.Signals(signum).name
-        self.signals_received += 1
         if self.signals_received > 1:
             self.stop(f"received {name} twice")
             return

@@ -22,7 +22,7 @@ from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 from workqueue.processors import CommandProcessor, load_processor
 from workqueue.routing import TaskFilter
-from workqueue.worker import Worker, WorkerStats
+from workqueue.worker import ParentStops, Worker, WorkerStats
 from workqueue.worktrees import WorktreeProcessor
 
 BOUNDED = ("prefetch", "lease", "max_attempts")
@@ -266,9 +266,9 @@ class Command(BaseCommand):
         profile_env = [n for n in os.environ.get("HYPERVISOR_MASK_ENV", "").split(",") if n]
         return {"timeout": options["timeout"], "pass_env": profile_env + options["pass_env"]}
 
-    def run_worker(self, options, processor, worker_settings, name) -> dict:
+    def run_worker(self, options, processor, worker_settings, name, parent_stops=None) -> dict:
         worker = Worker(options["queue"], processor, name=name, **worker_settings)
-        worker.install_signal_handlers()
+        worker.install_signal_handlers(parent_stops)
         privacy.adopt_orphans()  # per process: a fork does not inherit it
         code = worker.run()
         return {
@@ -301,10 +301,13 @@ class Command(BaseCommand):
                 worker_settings["cpu_slot"] = cpu_slot(
                     cpu_slots.slot_path(Path(slots_dir.name), index)
                 )
-            summary = self.run_worker(options, processor, worker_settings, name)
+            summary = self.run_worker(options, processor, worker_settings, name, stops)
             connections.close_all()
             pipe.send(summary)
 
+        stops = ParentStops(context)
+        # Until a child has its handler, a notice must not end it (SIGUSR1's default).
+        before = signal.signal(stops.notice, signal.SIG_IGN)
         children = []
         for index in range(options["workers"]):
             reader, writer = context.Pipe(duplex=False)
@@ -312,11 +315,13 @@ class Command(BaseCommand):
             process.start()
             writer.close()  # the child holds the only writer: its exit ends our read
             children.append((process, reader))
+        signal.signal(stops.notice, before)
 
         def forward(signum, frame):
+            stops.record(signum)
             for process, _ in children:
                 if process.pid and process.exitcode is None:
-                    os.kill(process.pid, signum)
+                    os.kill(process.pid, stops.notice)
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
