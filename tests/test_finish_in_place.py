@@ -284,3 +284,28 @@ def test_workers_killed_mid_run_leave_every_file_whole_and_a_rerun_ends_them_all
     assert Task.objects.filter(status=Status.DONE).count() == 3000
     lagging = sorted(p.name for p in folder.iterdir() if "status: done" not in p.read_text())
     assert lagging == []
+
+
+def test_the_reaper_removes_the_temporaries_of_a_worker_killed_after_its_finish(
+    process_env, tmp_path
+):
+    """Files without a status key are replaced whole: a temporary each, renamed after the
+    batch's finish was recorded. A worker killed between the two holds no claim, yet its
+    temporaries lie beside the files of the tasks it finished."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"t{i}.md").write_text(f"---\nid: t-{i}\ntitle: T{i}\n---\n# T{i}\n")
+    assert not Importer("q", roots=[folder]).run([folder]).errors
+    argv = ["work", "--queue", "q", "--prefetch", "5"]
+    died = run_manage([*argv, "--processor", "tests.scripts.killed_writing_finishes.Noop"],
+                      process_env)  # fmt: skip
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.DONE}
+    assert len(list(folder.glob(".*.tmp"))) == 5
+
+    reaped = run_manage(["reap_locks", "--queue", "q"], process_env)
+    assert reaped.returncode == 0, reaped.stderr
+    assert list(folder.glob(".*.tmp")) == [], reaped.stdout
+    assert reaped.stdout.splitlines()[-1].endswith(", 5 temporary files"), reaped.stdout
+    assert all("status: done" in p.read_text() for p in folder.iterdir())

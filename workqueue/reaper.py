@@ -125,7 +125,6 @@ def release_stale_claims(
         let_go(task, actor)
     if not dry_run:
         released = [*report.requeued, *report.blocked]
-        report.temporaries = remove_temporaries_of_dead([s for s in released if s.holder_dead])
         # Edits made while the dead worker held them were waiting for the claim's end.
         claims.apply_pending_changes([s.task.pk for s in released])
         from workqueue.editing import write_finished_status
@@ -138,6 +137,11 @@ def release_stale_claims(
             for t in (s.task for s in released if s.holder_dead)
         }
         dead |= {owner for owner in locks.dead_owners(leftover) if holder_pid in (None, owner[2])}
+        # Its temporaries lie beside the files of the claims just released, and beside
+        # those of the tasks it finished but did not live to rename into place.
+        beside = [(s.task.source_path, s.task.holder_pid) for s in released if s.holder_dead]
+        beside += files_finished_by(dead, queue)
+        report.temporaries = remove_temporaries_of_dead(beside)
         lagging = finished_unwritten(dead, queue)
         if report.blocked or lagging:
             write_finished_status([s.task.pk for s in report.blocked] + lagging, actor)
@@ -154,15 +158,9 @@ def finished_unwritten(holders: set[tuple], queue: str | None = None) -> list[in
 
     if not holders:
         return []
-    same_holder = Q()
-    for worker, host, pid, started in holders:
-        # The start as the owner file carried it, to the millisecond its name has.
-        near = Q(holder_started__gte=started - 0.001, holder_started__lte=started + 0.001)
-        named = Q(holder=worker) if worker else Q()
-        same_holder |= Q(named, near, holder_host=host, holder_pid=pid)
     finished = (
         Task.objects.in_queue(queue)
-        .filter(same_holder, status__in=(Status.DONE, Status.BLOCKED))
+        .filter(held_by(holders), status__in=(Status.DONE, Status.BLOCKED))
         .exclude(source_path="")
         .only("id", "status", "frontmatter")
     )
@@ -173,6 +171,31 @@ def finished_unwritten(holders: set[tuple], queue: str | None = None) -> list[in
         for task in finished.iterator()
         if status_fields(task.frontmatter, "")["status"] != task.status
     ]
+
+
+def held_by(holders: set[tuple]) -> Q:
+    """Tasks whose last holder is one of these (worker, host, pid, start); the worker's
+    name only where known (an owner file need not carry it)."""
+    same_holder = Q(pk__in=[])
+    for worker, host, pid, started in holders:
+        # The start as the owner file carried it, to the millisecond its name has.
+        near = Q(holder_started__gte=started - 0.001, holder_started__lte=started + 0.001)
+        named = Q(holder=worker) if worker else Q()
+        same_holder |= Q(named, near, holder_host=host, holder_pid=pid)
+    return same_holder
+
+
+def files_finished_by(holders: set[tuple], queue: str | None = None) -> list[tuple[str, int]]:
+    """(task file, pid) of the tasks these dead holders finished: a finish writes its
+    batch's temporaries after the rows say so."""
+    if not holders:
+        return []
+    finished = (
+        Task.objects.in_queue(queue)
+        .filter(held_by(holders), status__in=(Status.DONE, Status.BLOCKED))
+        .exclude(source_path="")
+    )
+    return list(finished.values_list("source_path", "holder_pid"))
 
 
 def let_go(task: Task, actor: str) -> None:
@@ -186,15 +209,15 @@ def let_go(task: Task, actor: str) -> None:
     signals.claim_released.send(sender=Task, task=task, actor=actor)
 
 
-def remove_temporaries_of_dead(released: list[StaleClaim]) -> list[str]:
-    """The temporary files dead workers left beside the files of the claims just
-    released (killed between writing a batch and renaming it into place), folder by
-    folder: a folder is read once however many of its tasks were reaped."""
+def remove_temporaries_of_dead(beside: list[tuple[str, int]]) -> list[str]:
+    """The temporary files dead workers left beside task files (killed between writing
+    a batch and renaming it into place), given as (task file, dead worker's pid), folder
+    by folder: a folder is read once however many of its tasks were reaped."""
     left: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-    for stale in released:
-        if stale.task.source_path:
-            folder, name = os.path.split(stale.task.source_path)
-            left[folder][name].add(stale.task.holder_pid)
+    for path, pid in beside:
+        if path:
+            folder, name = os.path.split(path)
+            left[folder][name].add(pid)
     removed = []
     for folder, names in left.items():
         removed += writeback.remove_temporaries(folder, names)
