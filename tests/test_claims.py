@@ -732,3 +732,23 @@ def test_a_typo_in_workers_does_not_fork_thousands_of_processes(workers):
     ):
         call_command("work", "--queue", "q", "--workers", str(workers))
     assert Task.objects.get().status == Status.QUEUED
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "processor",
+    [
+        ["--processor", "command", "--", sys.executable, "-c", "pass"],
+        ["--processor", "pull", "--", sys.executable, "-c", "pass"],
+        ["--processor", "noop"],
+    ],
+)
+def test_dry_run_is_refused_for_a_processor_that_has_none(processor, tmp_path):
+    """`work --dry-run --processor command` ran the command and marked its tasks done,
+    while their files stayed as they were: only triage reports what it would do."""
+    from django.core.management import CommandError, call_command
+
+    make_tasks("q", 2)
+    with pytest.raises(CommandError, match=r"^--dry-run: the .* processor has no dry run"):
+        call_command("work", "--queue", "q", "--dry-run", *processor)
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.QUEUED}

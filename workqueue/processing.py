@@ -130,6 +130,10 @@ class Processor:
     # A finish writes the task's new state (done, blocked) into its file. Not triage's:
     # its decisions are what it writes, and a triaged task is not a finished one.
     writes_status = True
+    # Under --dry-run it works out what it would do and does none of it. Others are
+    # refused a dry run: a command or an agent would run for real and its tasks be
+    # marked done while their files say otherwise.
+    has_dry_run = False
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         raise NotImplementedError

@@ -137,6 +137,7 @@ class TriageProcessor(Processor):
     # Its edits are temporaries, one syncfs and renames (+4-9% items/s passing the turn on).
     ends_on_disk = True
     writes_status = False
+    has_dry_run = True  # each task's diff goes into its result, no file is written
 
     def __init__(self):
         self.rules: dict[str, Rules] = {}  # per queue, read once per worker

@@ -35,6 +35,13 @@ def cpu_slot(path) -> CpuSlot:
     return CpuSlot(path, settings.HYPERVISOR_CPU_TURN_MS / 1000)
 
 
+def no_dry_run(processor: str) -> str:
+    return (
+        f"--dry-run: the {processor} processor has no dry run (it would do the work and "
+        "mark its tasks done); only triage reports what it would do"
+    )
+
+
 class Command(BaseCommand):
     help = "Claim ready tasks of a queue and process them until none is left (or --batch)."
     # Workers start often and in herds; `manage.py check` and the server run the checks.
@@ -63,7 +70,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="processors that write files only report what they would do",
+            help="triage reports what it would do and writes nothing; other processors refuse it",
         )
         parser.add_argument(
             "--where",
@@ -147,6 +154,8 @@ class Command(BaseCommand):
         if argv and options["processor"] not in ("command", "pull"):
             raise CommandError("a command after -- needs --processor command or pull")
         if options["processor"] == "pull" or (profile and profile.processor == "pull"):
+            if options["dry_run"]:
+                raise CommandError(no_dry_run("pull"))
             return self.run_pull_worker(options, argv, profile)
         try:
             filters = TaskFilter.parse([*(profile.filters if profile else []), *options["where"]])
@@ -157,6 +166,8 @@ class Command(BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        if options["dry_run"] and not processor.has_dry_run:
+            raise CommandError(no_dry_run(processor.name))
         missing = isinstance(processor, CommandProcessor) and processor.missing_program()
         if missing:  # every task claimed would be blocked for it
             raise CommandError(f"{missing}: no task was claimed")
