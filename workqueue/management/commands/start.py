@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import secrets
 import shutil
 import signal
@@ -140,16 +141,24 @@ def refuse_a_taken_address(addr: str) -> None:
     host, _, port = addr.rpartition(":")
     try:
         number = int(port)
+    except ValueError:
+        raise CommandError(f"--addr {addr!r}: give host:port, such as 127.0.0.1:8000") from None
+    if not 0 < number <= 65535:  # 0 would be any free port, which no one could be told
+        raise CommandError(f"--addr {addr}: the port must be 1 to 65535")
+    try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host.strip("[]") or "127.0.0.1", number))
-    except ValueError:
-        raise CommandError(f"--addr {addr!r}: give host:port, such as 127.0.0.1:8000") from None
+    except socket.gaierror as exc:
+        raise CommandError(f"--addr {addr}: no host {host!r} here ({exc.strerror})") from None
     except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+            # Not an address of this machine, say: another port would not help.
+            raise CommandError(f"cannot serve on {addr}: {exc.strerror or exc}") from None
         raise CommandError(
             f"cannot serve on {addr}: {exc.strerror or exc} (another server there?); "
             f"stop it, or pass another port: `python manage.py start --addr {host or '127.0.0.1'}:"
-            f"{number + 1 if port.isdigit() else 8001}`"
+            f"{number + 1 if number < 65535 else 8001}`"
         ) from None
 
 
