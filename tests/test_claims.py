@@ -752,3 +752,32 @@ def test_dry_run_is_refused_for_a_processor_that_has_none(processor, tmp_path):
     with pytest.raises(CommandError, match=r"^--dry-run: the .* processor has no dry run"):
         call_command("work", "--queue", "q", "--dry-run", *processor)
     assert set(Task.objects.values_list("status", flat=True)) == {Status.QUEUED}
+
+
+@pytest.mark.django_db
+def test_queue_stats_names_a_queue_that_does_not_exist():
+    """It reported zeros for a typo, where reap_locks and herd refuse the name."""
+    from django.core.management import CommandError
+
+    make_tasks("q", 1)
+    with pytest.raises(CommandError, match=r"^no task is in a queue named 'nosuch' \(queues: q\)"):
+        call_command("queue_stats", "--queue", "nosuch")
+    with pytest.raises(CommandError, match="--queue"):
+        call_command("queue_stats", "--queue", "bad/name")
+    out = io.StringIO()
+    call_command("queue_stats", "--queue", "q", stdout=out)
+    assert "  queued: 1" in out.getvalue()
+
+
+def test_queue_stats_into_a_pipe_its_reader_closed_ends_without_a_traceback(process_env):
+    """`queue_stats | head -1`: the reader leaves after one line."""
+    make_tasks("q", 1)
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the command writes a byte
+    try:
+        stats = start_manage(["queue_stats", "--queue", "q"], process_env, stdout=writer)
+    finally:
+        os.close(writer)
+    _out, err = stats.communicate(timeout=60)
+    assert err == ""
+    assert stats.returncode == 1

@@ -1,9 +1,12 @@
 import json
+import os
+import sys
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from workqueue.dependencies import Stuck, report_lines
-from workqueue.models import Task
+from workqueue.models import Queue, Task
+from workqueue.names import queue_name_argument
 
 
 class Command(BaseCommand):
@@ -13,11 +16,26 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--queue", help="one queue (default: every queue)")
+        parser.add_argument(
+            "--queue", type=queue_name_argument, help="one queue (default: every queue)"
+        )
         parser.add_argument("--json", action="store_true", help="the figures as one JSON object")
 
     def handle(self, *args, **options):
+        missing = options["queue"] and Queue.objects.missing(options["queue"])
+        if missing:  # a typo would read as an empty queue
+            raise CommandError(missing)
         stats = Task.objects.stats(options["queue"])
+        try:
+            self.report(stats, options)
+            self.stdout.flush()  # here, not at exit: a closed pipe is heard of below
+        except BrokenPipeError:
+            # The reader went away (`| head -1`): nothing is wrong but the rest is unread.
+            # Python would say so again flushing stdout at exit: it goes nowhere now.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+
+    def report(self, stats: dict, options) -> None:
         if options["json"]:
             self.stdout.write(json.dumps(stats))
             return
