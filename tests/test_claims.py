@@ -702,7 +702,9 @@ def test_a_timeout_that_is_no_time_is_refused_before_any_claim(timeout):
     from django.core.management import CommandError, call_command
 
     make_tasks("q", 2)
-    with pytest.raises(CommandError, match="--timeout a number of seconds above 0"):
+    with pytest.raises(
+        CommandError, match=f"^--timeout {timeout}: give a number of seconds above 0$"
+    ):
         call_command("work", "--queue", "q", "--processor", "command", "--timeout", timeout,
                      "--", sys.executable, "-c", "pass")  # fmt: skip
     assert set(Task.objects.values_list("status", flat=True)) == {Status.QUEUED}
@@ -781,3 +783,38 @@ def test_queue_stats_into_a_pipe_its_reader_closed_ends_without_a_traceback(proc
     _out, err = stats.communicate(timeout=60)
     assert err == ""
     assert stats.returncode == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--prefetch", "-1", "--prefetch -1: give 1 or more"),
+        ("--timeout", "0", "--timeout 0: give a number of seconds above 0"),
+        ("--workers", "0", "--workers 0: give 1 or more"),
+        ("--lease", "-10", "--lease -10: give 1 or more"),
+        ("--max-attempts", "-1", "--max-attempts -1: give 1 or more"),
+        ("--batch", "-3", "--batch -3: give 0 (every task) or more"),
+    ],
+)
+def test_a_number_that_makes_no_sense_is_named_with_its_flag(option, value, said):
+    """Each was told with one message listing every rule, naming none that was broken."""
+    from django.core.management import CommandError
+
+    make_tasks("q", 1)
+    with pytest.raises(CommandError) as refused:
+        call_command("work", "--queue", "q", option, value)
+    assert str(refused.value) == said
+    assert Task.objects.get().status == Status.QUEUED
+
+
+@pytest.mark.django_db
+def test_an_unknown_processor_is_told_every_one_there_is():
+    from django.core.management import CommandError
+
+    make_tasks("q", 1)
+    with pytest.raises(CommandError) as refused:
+        call_command("work", "--queue", "q", "--processor", "nosuch")
+    assert str(refused.value) == (
+        "unknown processor 'nosuch': use noop, triage, command, pull or a dotted path"
+    )

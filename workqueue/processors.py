@@ -331,7 +331,9 @@ def load_processor(name: str, command: list[str] | None = None, **options) -> Pr
         return CommandProcessor(command or [], **options)
     target = BUILT_IN.get(name, name)
     if "." not in target:
-        raise ValueError(f"unknown processor {name!r}: use noop, triage, command or a dotted path")
+        raise ValueError(
+            f"unknown processor {name!r}: use noop, triage, command, pull or a dotted path"
+        )
     try:
         found = import_string(target)
     except ImportError as exc:

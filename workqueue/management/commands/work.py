@@ -35,6 +35,19 @@ def cpu_slot(path) -> CpuSlot:
     return CpuSlot(path, settings.HYPERVISOR_CPU_TURN_MS / 1000)
 
 
+def number_out_of_range(options) -> str:
+    """'--FLAG VALUE: what it takes' for the first number given that makes no sense."""
+    if options["batch"] < 0:
+        return f"--batch {options['batch']}: give 0 (every task) or more"
+    for name in ("prefetch", "lease", "workers", "max_attempts"):
+        if options[name] is not None and options[name] < 1:
+            return f"--{name.replace('_', '-')} {options[name]}: give 1 or more"
+    timeout = options["timeout"]
+    if timeout is not None and not 0 < timeout < math.inf:
+        return f"--timeout {timeout:g}: give a number of seconds above 0"
+    return ""
+
+
 def no_dry_run(processor: str) -> str:
     return (
         f"--dry-run: the {processor} processor has no dry run (it would do the work and "
@@ -128,16 +141,8 @@ class Command(BaseCommand):
         profile = self.profile(options, argv)
         if options["prefetch"] is None:
             options["prefetch"] = profile.prefetch if profile else 1
-        if (
-            options["batch"] < 0
-            or min(options["prefetch"], options["lease"], options["workers"]) < 1
-            or (options["max_attempts"] is not None and options["max_attempts"] < 1)
-            or (options["timeout"] is not None and not 0 < options["timeout"] < math.inf)
-        ):
-            raise CommandError(
-                "--batch must be >= 0; --prefetch, --lease, --workers, --max-attempts >= 1; "
-                "--timeout a number of seconds above 0"
-            )
+        if wrong := number_out_of_range(options):
+            raise CommandError(wrong)
         # Past a database integer a claim fails on its column (or a lease on the date).
         too_big = [n for n in BOUNDED if (options[n] or 0) > MAX_SETTING]
         if too_big:
