@@ -65,9 +65,12 @@ def test_eight_workers_run_every_task_exactly_once(process_env, lock_root, tmp_p
 FINISHING_AGENT = str(Path(__file__).parent / "scripts" / "finishing_agent.py")
 
 
-def finishing_run(process_env, folder: Path, kinds: list[str]) -> dict[str, Path]:
+def finishing_run(
+    process_env, folder: Path, kinds: list[str], said: list[str] | None = None
+) -> dict[str, Path]:
     """Import a task file per kind (`status: inbox`), work them all with a worker process
-    whose command (tests/scripts/finishing_agent.py) finishes each as its kind says."""
+    whose command (tests/scripts/finishing_agent.py) finishes each as its kind says; what
+    the worker said on stderr is added to `said`."""
     folder.mkdir()
     paths = {}
     for kind in kinds:
@@ -80,6 +83,8 @@ def finishing_run(process_env, folder: Path, kinds: list[str]) -> dict[str, Path
     argv = ["work", "--queue", "q", "--processor", "command", "--json", "--", sys.executable]
     result = run_manage([*argv, FINISHING_AGENT, "{path}", "{key}"], process_env, timeout=60)
     assert result.returncode == 0, result.stderr
+    if said is not None:
+        said.append(result.stderr)
     return paths
 
 
@@ -145,7 +150,8 @@ def test_a_block_over_a_close_section_the_agent_wrote_stays_blocked(process_env,
 
 
 def test_a_finish_whose_file_is_gone_or_a_symlink_stands_and_says_why(process_env, tmp_path):
-    paths = finishing_run(process_env, tmp_path / "tasks", ["removed", "symlink"])
+    said = []
+    paths = finishing_run(process_env, tmp_path / "tasks", ["removed", "symlink"], said)
     assert not paths["removed"].exists()
     assert paths["symlink"].is_symlink()
     assert "status: inbox" in (tmp_path / "elsewhere.md").read_text()  # not followed
@@ -154,6 +160,10 @@ def test_a_finish_whose_file_is_gone_or_a_symlink_stands_and_says_why(process_en
         assert task.status == Status.DONE
         note = task.events.get(kind=EventKind.NOTE)
         assert "done, but not written into" in note.message and why in note.message
+        # Said where the run is watched too, not only on the task's timeline.
+        warned = f"WARNING workqueue.editing: done, but not written into {paths[key[:-2]]}: "
+        assert warned in said[0]
+        assert why in said[0]
 
 
 def test_prefetched_batches_are_exclusive(process_env, lock_root):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -71,6 +72,10 @@ from workqueue.writeback import (
     sync_files,
     write_temporary,
 )
+
+log = logging.getLogger("workqueue.editing")
+# A batch whose files could not be written names this many in the log, then counts.
+NAMED_UNWRITTEN = 5
 
 # The fields a person may edit, in the order the form shows them.
 FIELDS = (
@@ -1017,6 +1022,13 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
         elif plan is not None:
             plans.append(plan)
     _write_finish_plans(plans, notes)
+    # Said where the run is watched too (the worker's output, a herd worker's log), not
+    # only on each task's timeline: the folder no longer tells what happened.
+    for task, why in notes[:NAMED_UNWRITTEN]:
+        log.warning("%s, but not written into %s: %s", task.status, task.source_path, why)
+    if len(notes) > NAMED_UNWRITTEN:
+        more = len(notes) - NAMED_UNWRITTEN
+        log.warning("and %d more finished tasks not written into their files", more)
     now = timezone.now()
     TaskEvent.objects.record(
         [
