@@ -310,7 +310,7 @@ def test_dependencies_hold_a_task_back_until_done():
 
 
 @pytest.mark.django_db
-def test_lock_held_by_a_live_outside_holder_sends_the_task_back(lock_root):
+def test_lock_held_by_a_live_outside_holder_sends_the_task_back(lock_root, caplog):
     make_tasks("q", 2)
     outside = locks.lock_dir("q", "t000000")
     outside.mkdir(parents=True)
@@ -324,6 +324,10 @@ def test_lock_held_by_a_live_outside_holder_sends_the_task_back(lock_root):
     assert (held_elsewhere.status, held_elsewhere.attempts) == (Status.QUEUED, 0)
     assert held_elsewhere.events.filter(kind=EventKind.LOCK_BUSY).exists()
     assert outside.exists()
+    # Said where the run is watched (a run that did nothing said nothing of it), once.
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1, said
+    assert said[0].startswith("t000000 passed over: held by an outside process: host elsewhere")
 
 
 @pytest.mark.django_db

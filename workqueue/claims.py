@@ -57,7 +57,9 @@ def claim_ready_tasks(
         if not claims:
             return []
         held, taken_by_others = _take_locks(identity, owner_file, claims)
-        for claim, _owner in taken_by_others:
+        for claim, owner in taken_by_others:
+            if claim.id not in busy:  # said once a run, not at each try again
+                log.warning("%s passed over: %s", claim.key, locks.describe_holder(owner))
             busy[claim.id] = now + BUSY_RETRY_SECONDS
         if held:
             return held
