@@ -158,12 +158,7 @@ def finished_unwritten(holders: set[tuple], queue: str | None = None) -> list[in
 
     if not holders:
         return []
-    finished = (
-        Task.objects.in_queue(queue)
-        .filter(held_by(holders), status__in=(Status.DONE, Status.BLOCKED))
-        .exclude(source_path="")
-        .only("id", "status", "frontmatter")
-    )
+    finished = finished_by(holders, queue).only("id", "status", "frontmatter")
     # A row's frontmatter is the file's as last read or written: one that does not say the
     # task's state is one whose file was not written (write_finished_status reads each).
     return [
@@ -185,17 +180,21 @@ def held_by(holders: set[tuple]) -> Q:
     return same_holder
 
 
+def finished_by(holders: set[tuple], queue: str | None = None):
+    """The tasks with a file these holders finished (done or blocked)."""
+    return (
+        Task.objects.in_queue(queue)
+        .filter(held_by(holders), status__in=(Status.DONE, Status.BLOCKED))
+        .exclude(source_path="")
+    )
+
+
 def files_finished_by(holders: set[tuple], queue: str | None = None) -> list[tuple[str, int]]:
     """(task file, pid) of the tasks these dead holders finished: a finish writes its
     batch's temporaries after the rows say so."""
     if not holders:
         return []
-    finished = (
-        Task.objects.in_queue(queue)
-        .filter(held_by(holders), status__in=(Status.DONE, Status.BLOCKED))
-        .exclude(source_path="")
-    )
-    return list(finished.values_list("source_path", "holder_pid"))
+    return list(finished_by(holders, queue).values_list("source_path", "holder_pid"))
 
 
 def let_go(task: Task, actor: str) -> None:
