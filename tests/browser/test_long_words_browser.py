@@ -46,9 +46,13 @@ def test_long_words_stay_inside_the_card_the_drawer_and_the_filter_bar(logged_in
     expect(card).to_be_visible()
     assert card.evaluate(OVERFLOW) == {"past": 0, "what": "", "scroll": 0}
 
-    # The filter bar's dropdowns keep a width of their own, whatever their longest value.
-    for name in ("assignee", "tag"):
-        width = page.locator(f"form.filters select[name={name}]").bounding_box()["width"]
+    # The filter bar's dropdowns keep a width of their own, whatever their longest value:
+    # measured once they hold it (they are counted after the board is on screen, and
+    # swapped in whole).
+    for name, value in (("assignee", ASSIGNEE), ("tag", TAG)):
+        select = page.locator(f"form.filters select[name={name}]")
+        expect(select.locator(f'option[value="{value}"]')).to_have_count(1)
+        width = select.bounding_box()["width"]
         assert width <= 260, (name, width)
 
     card.locator("a.title").click()
