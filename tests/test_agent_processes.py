@@ -503,9 +503,16 @@ def test_a_worker_paused_past_its_lease_ends_its_agent_tree_as_it_resumes(
         time.sleep(0.1)
     refused = task.events.get(kind=EventKind.LATE_FINISH_REFUSED)
     assert refused.data["status"] == Status.QUEUED
-    worker.kill()
-    worker.wait()
-    cleanup.extend(int(line.split()[1]) for line in record.read_text().splitlines())
+    # Resumed, the worker claims the task again and starts another agent: stopped as a
+    # person would (a second signal ends its agent now), it leaves none running. A SIGKILL
+    # here left that agent, one this host's reaper may not end ("another-host").
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+    started = [int(line.split()[1]) for line in record.read_text().splitlines()]
+    cleanup.extend(started)
+    assert wait_gone(started, timeout=5), "an agent outlived its worker's stop"
 
 
 @pytest.mark.django_db(transaction=True)
