@@ -243,7 +243,7 @@ def test_no_code_path_deletes_through_a_symlink_in_the_lock_root(
 
 
 @pytest.mark.django_db
-def test_claim_skips_a_symlinked_lock_and_records_why(lock_root, victim):
+def test_claim_skips_a_symlinked_lock_and_records_why(lock_root, victim, caplog):
     make_tasks("q", 2)
     plant_lock(lock_root, victim)
     me = Identity.current("me")
@@ -252,6 +252,9 @@ def test_claim_skips_a_symlinked_lock_and_records_why(lock_root, victim):
     event = TaskEvent.objects.get(task__key="t000000", kind=EventKind.LOCK_BUSY)
     assert event.data["owner"]["refused"] == f"{lock_root}/q/t000000 {REFUSED}"
     assert Task.objects.get(key="t000000").status == Status.QUEUED
+    # The worker's output says why, not "held by an outside process: host ?, pid ?".
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"t000000 passed over: not a lock directory: {lock_root}/q/t000000 {REFUSED}"]
 
 
 @pytest.mark.django_db

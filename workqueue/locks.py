@@ -301,6 +301,8 @@ def describe_holder(owner: dict | None, since: float | None = None) -> str:
     """How the board and the admin name a lock's holder that is not one of our workers.
     `since` (a timestamp) stands in when the owner record carries no time."""
     owner = owner or {}
+    if owner.get("refused"):  # no lock directory there: a symlink, a file (_held)
+        return f"not a lock directory: {owner['refused']}"
     when = next((t for t in (owner.get("time"), owner.get("since"), since) if t), None)
     if _is_number(when):
         with suppress(OverflowError, OSError, ValueError):
