@@ -3,6 +3,7 @@ from decimal import Decimal
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.db.backends.base.operations import BaseDatabaseOperations
 
 from herds.models import MAX_TOKEN_BUDGET, MAX_WALL_CLOCK, Profile
 from workqueue.editing import TAG_LIMIT
@@ -12,7 +13,10 @@ from workqueue.routing import FilterError, TaskFilter
 
 MAX_WORKERS = 1000  # past any machine's agents; the profile's own cap is checked too
 MAX_BATCH = 1_000_000  # tasks per worker; 0 is "until the queue is empty", however long
-PRIORITY_RANGE = range(-(2**31), 2**31)  # the column's (PostgreSQL integer)
+# The priority column's portable range, as the import checks a file's (check_columns).
+LOWEST, HIGHEST = BaseDatabaseOperations.integer_field_ranges[
+    Task._meta.get_field("priority").get_internal_type()
+]
 
 
 def filter_problem(condition) -> str:
@@ -21,11 +25,8 @@ def filter_problem(condition) -> str:
     if condition.field == "priority":
         # Digits counted first: int() refuses a few thousand.
         digits = condition.value.lstrip("-")
-        if len(digits) > 10 or int(condition.value) not in PRIORITY_RANGE:
-            return (
-                f"priority: past any task's priority "
-                f"({PRIORITY_RANGE.start} to {PRIORITY_RANGE.stop - 1})"
-            )
+        if len(digits) > 10 or not LOWEST <= int(condition.value) <= HIGHEST:
+            return f"priority: past any task's priority ({LOWEST} to {HIGHEST})"
         return ""
     if condition.field == "tag":
         limit = TAG_LIMIT
