@@ -21,7 +21,7 @@ from tests.conftest import make_tasks
 from tests.test_triage import NEEDS_WORK, queue_folder, work  # noqa: F401 - a fixture
 from workqueue import editing, forms, search_hits, views
 from workqueue.importer import Importer
-from workqueue.models import Status, Task, TaskBody, TaskSearch
+from workqueue.models import Found, Status, Task, TaskBody, TaskSearch
 
 pytestmark = pytest.mark.django_db
 
@@ -974,3 +974,51 @@ def test_a_writer_of_text_that_finds_every_slot_held_goes_on_and_is_counted():
     finally:
         call_command("migrate", verbosity=0)
     assert TaskSearch.generation() == during
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's table of the request")
+@pytest.mark.parametrize("text", ["parser", "pa"])  # a phrase, and two characters
+@pytest.mark.parametrize("first", [Status.DONE, Status.QUEUED])  # the commonest guessed or not
+def test_a_search_in_a_table_is_counted_from_the_statuses_indexes_not_its_tasks_rows(
+    viewer, monkeypatch, text, first
+):
+    monkeypatch.setattr(TaskSearch, "FEW", 5)  # 40 found and 20 not: kept in a table
+    ids = [made.pk for made in make_tasks("q", 40, body="the parser\n")]
+    make_tasks("other", 20, body="nothing\n")
+    # The first it finds, which the commonest status is guessed from, are `first`; most
+    # of the others are done.
+    Task.objects.filter(pk__in=ids[:6]).update(status=first)
+    Task.objects.filter(pk__in=ids[6:30]).update(status=Status.DONE)
+    Task.objects.filter(pk__in=ids[30:33]).update(status=Status.BLOCKED)
+    Task.objects.filter(pk=ids[33]).update(status=Status.CLAIMED, updated_at=timezone.now())
+    expected = Task.objects.filter(pk__in=ids).counts()
+    with CaptureQueriesContext(connection) as statements:
+        response = viewer.get("/", {"q": text})
+    assert {c["status"]: c["count"] for c in response.context["columns"]} == expected
+    counting = [q["sql"] for q in statements.captured_queries if "COUNT(" in q["sql"]]
+    walks = '+"queue_task"."id" IN (SELECT id FROM temp.search_hits'
+    assert any(walks in sql and "queue_tasksearch_data" in sql for sql in counting)
+    assert not any("FILTER (WHERE" in sql for sql in counting)  # no row of theirs read
+    # The same version as counting their rows gives, so a refresh finds nothing new.
+    monkeypatch.setattr(Found, "counts_and_stamp", lambda found: None)
+    cache.clear()
+    with CaptureQueriesContext(connection) as statements:
+        assert version_of(viewer.get("/", {"q": text})) == version_of(response)
+    assert any("FILTER (WHERE" in q["sql"] for q in statements.captured_queries)
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's table of the request")
+@pytest.mark.django_db(transaction=True)
+def test_a_task_deleted_between_its_search_and_its_count_is_not_counted(viewer, monkeypatch):
+    monkeypatch.setattr(TaskSearch, "FEW", 5)
+    made = make_tasks("q", 30, body="the parser\n")
+    make_tasks("other", 20, body="nothing\n")
+    keep = search_hits.keep
+
+    def keep_then_delete(db, sql, params):
+        kept = keep(db, sql, params)
+        Task.objects.filter(pk=made[-1].pk).delete()  # its id is in the table now
+        return kept
+
+    monkeypatch.setattr(search_hits, "keep", keep_then_delete)
+    assert counts(viewer, q="parser") == {"queued": 29, "claimed": 0, "done": 0, "blocked": 0}

@@ -116,6 +116,9 @@ class BoardFilterForm(forms.Form):
         if missing is None or self.routing().conditions:
             # A kept search alone: its ids and the narrow index of statuses, both by id.
             alone = data.get("q") and self.found.table and not self.active_besides("q")
+            counted = self.found.counts_and_stamp() if alone else None
+            if counted:
+                return counted
             with search_hits.counted_in_id_order(connection) if alone else nullcontext():
                 return tasks.counts_and_stamp()
         board = self.apply(Task.objects.all(), leave_out="q")

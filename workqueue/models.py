@@ -778,6 +778,10 @@ class Found(NamedTuple):
     # Where the pages of its columns may walk the board's index (SQLite; 0 elsewhere):
     count: int = 0  # the ids in the table
     last: int = 0  # the highest task id when it was made: no more tasks than that
+    # SQLite: the status most of its first ids have, and the search text's generation
+    # read before the table was filled (counts_and_stamp).
+    commonest: str = ""
+    generation: str = ""
 
     @property
     def q(self) -> Q:
@@ -799,9 +803,56 @@ class Found(NamedTuple):
         every task standing for the column's size (at most that)."""
         if not (page and page[0] * self.last < 3 * page[1] * self.count):
             return tasks.filter(self.q)
-        # A unary plus: the same id, but not one SQLite can start the read from.
+        return self._walked(tasks)
+
+    def _walked(self, tasks: TaskQuerySet) -> TaskQuerySet:
+        """The tasks it found among `tasks`, read from whichever index of `tasks` fits
+        and each looked up in the table: a unary plus gives the same id, but not one SQLite
+        can start the read from."""
         plain = Func(F("id"), template="+%(expressions)s", output_field=models.BigIntegerField())
         return tasks.alias(plain_id=plain).filter(plain_id__in=self._table_ids())
+
+    def counts_and_stamp(self, using: str = "default") -> tuple[dict[str, int], str] | None:
+        """SQLite, a table of ids and no other filter: TaskQuerySet.counts_and_stamp of the
+        tasks in it, without reading their rows. The tasks of each status but the commonest
+        are walked in that status's index and looked up in the table (small, and read
+        already); the commonest are what is left of the table; the newest is the first of
+        the index of updated_at found in it. For a third of 1,000,000 tasks 186 -> 47 ms.
+        All in one statement, one snapshot. None where the search text changed since the
+        table was filled: a task deleted since would be left in it and counted."""
+        if not (self.count and self.generation):
+            return None
+        db = connections[using]
+        tasks = Task.objects.using(using).order_by()
+        others = [status for status in Status.values if status != self.commonest]
+        parts, params = [], []
+        for status in others:
+            sql, found = (
+                self._walked(tasks.filter(status=status)).values("pk").query.sql_with_params()
+            )
+            parts.append(f"(SELECT COUNT(*) FROM ({sql}) AS counted)")  # noqa: S608
+            params.extend(found)
+        sql, found = (
+            self._walked(tasks)
+            .order_by("-updated_at")
+            .values("updated_at")[:1]
+            .query.sql_with_params()
+        )
+        parts += [
+            f"({sql})",
+            f"(SELECT COUNT(*) FROM {self.table})",  # noqa: S608 - our name
+            f"({TaskSearch.generation_sql()})",
+        ]
+        params.extend(found)
+        with db.cursor() as cursor:
+            cursor.execute("SELECT " + ", ".join(parts), params)
+            *counted, newest, total, generation = cursor.fetchone()
+        if TaskSearch.generation_of(generation) != self.generation:
+            return None
+        counts = dict(zip(others, counted, strict=True))
+        counts[self.commonest] = total - sum(counted)
+        newest = db.ops.convert_datetimefield_value(newest, None, db) if newest else None
+        return {status: counts[status] for status in Status.values}, stamp(total, newest)
 
     def _table_ids(self) -> RawSQL:
         return RawSQL(f"SELECT id FROM {self.table}", [])  # noqa: S611, S608 - our name
@@ -853,11 +904,20 @@ class TaskSearch(models.Model):
             return ""
         try:
             with db.cursor() as cursor:
-                cursor.execute(f"SELECT block FROM {cls._meta.db_table}_data WHERE id = 10")  # noqa: S608
+                cursor.execute(cls.generation_sql())
                 row = cursor.fetchone()
         except DatabaseError:  # not FTS5's layout: keep with the board's version instead
             return ""
-        return hashlib.sha256(row[0]).hexdigest() if row else ""
+        return cls.generation_of(row[0] if row else None)
+
+    @classmethod
+    def generation_sql(cls) -> str:
+        """SQLite: the statement that reads FTS5's structure record."""
+        return f"SELECT block FROM {cls._meta.db_table}_data WHERE id = 10"  # noqa: S608
+
+    @staticmethod
+    def generation_of(block: bytes | None) -> str:
+        return hashlib.sha256(block).hexdigest() if block else ""
 
     @classmethod
     def matching(cls, text: str, using: str = "default") -> Q:
@@ -913,6 +973,7 @@ class TaskSearch(models.Model):
         unfound = cls._unfound(cursor, text, sql, params, ids)
         if unfound == 0:
             return Found(missing=[])
+        generation = cls.generation(db.alias)
         table, count = search_hits.keep(db, sql, params)
         if unfound is None or unfound <= cls.FEW:
             cursor.execute(
@@ -922,8 +983,15 @@ class TaskSearch(models.Model):
             missing = [row[0] for row in cursor.fetchall()]
             if len(missing) <= cls.FEW:
                 return Found(missing=sorted(missing))
-        last = Task.objects.using(db.alias).aggregate(last=Max("id"))["last"] or 0
-        return Found(table=table, count=count, last=last)
+        tasks = Task.objects.using(db.alias)
+        last = tasks.aggregate(last=Max("id"))["last"] or 0
+        # Which status to count as what is left (Found.counts_and_stamp): a guess from the
+        # first it found, right or wrong only as fast.
+        sample = tasks.filter(id__in=set(ids)).counts()
+        commonest = max(sample, key=sample.get)
+        return Found(
+            table=table, count=count, last=last, commonest=commonest, generation=generation
+        )
 
     @classmethod
     def _unfound(cls, cursor, text: str, sql: str, params: list, ids: list[int]) -> int | None:
