@@ -309,10 +309,15 @@ def record_sample(worker: HerdWorker, seen: processes.Sample) -> None:
 
 def reap_worker(herd: Herd, worker: HerdWorker) -> None:
     """A dead worker's claims go back at once: its pid is gone, no need to wait for the lease.
-    Each claim carries its profile's attempt limit, so the reaper applies it in the same write."""
+    Each claim carries its profile's attempt limit, so the reaper applies it in the same write.
+    A cancel's kill (its agent outlived the grace) is no fault of the task: not counted, or
+    a few cancels would block it as abandoned."""
     if worker.pid:
         release_stale_claims(
-            herd.queue, actor=f"herd {herd.pk} supervision", holder_pid=worker.pid
+            herd.queue,
+            actor=f"herd {herd.pk} supervision",
+            holder_pid=worker.pid,
+            counted=not herd.cancel_requested,
         )
 
 

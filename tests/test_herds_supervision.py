@@ -157,6 +157,37 @@ def test_the_summary_counts_the_tasks_its_workers_gave_back(running_herd):
     assert other.build_summary()["claimed"] == 0
 
 
+def test_a_cancel_that_must_kill_a_worker_gives_its_claim_back_uncounted(running_herd, settings):
+    """A worker whose agent ignores SIGTERM outlives the cancel's grace and is killed: its
+    task was not at fault. Counted, the third such cancel blocked it as abandoned."""
+    from workqueue import transitions
+    from workqueue.locks import Identity
+
+    settings.HYPERVISOR_CANCEL_GRACE = 0.5
+    make_tasks("supq", 1)
+    deaf = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(15, 1); time.sleep(60)"],
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.3)  # its SIGTERM handler is set
+        worker = silent_worker(running_herd, deaf)
+        host = supervision.settings.HYPERVISOR_HOST
+        me = Identity("herd-w0", host, deaf.pid, worker.process_started, running_herd.pk)
+        (claim,) = transitions.claim("supq", me, 1, 3600)
+        Task.objects.filter(pk=claim.id).update(attempts=3)  # its third cancel
+        running_herd.request_cancel("cancelled by the test")
+
+        assert supervision.supervise(running_herd) is False
+
+        task = Task.objects.get(pk=claim.id)
+        assert (task.status, task.attempts) == (Status.QUEUED, 2), task.reason
+        worker.refresh_from_db()
+        assert "killed after the grace period" in worker.exit_detail
+    finally:
+        processes.terminate_trees([(deaf.pid, None)], grace=1)
+
+
 def test_silent_worker_is_ended_as_timed_out(running_herd, settings):
     settings.HYPERVISOR_LEASE_SECONDS = 1
     sleeper = start_sleeper()

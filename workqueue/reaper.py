@@ -93,8 +93,10 @@ def release_stale_claims(
     dry_run: bool = False,
     actor: str = "reaper",
     holder_pid: int | None = None,
+    counted: bool = True,
 ) -> ReapReport:
-    """Put stale claims back in the queue (or block them past their attempt limit)."""
+    """Put stale claims back in the queue (or block them past their attempt limit; with
+    `counted=False`, as for the workers a cancel killed, back uncounted)."""
     report = ReapReport()
     limits = dict(Queue.objects.values_list("name", "max_attempts"))
     # What dead workers left in the lock root, read once: it names them below, and goes.
@@ -118,7 +120,7 @@ def release_stale_claims(
             limit = min(queue_limit, task.max_attempts or queue_limit)
             (report.blocked if task.attempts >= limit else report.requeued).append(stale)
             continue
-        status = transitions.release_by_reaper(task, stale.why, actor, queue_limit)
+        status = transitions.release_by_reaper(task, stale.why, actor, queue_limit, counted)
         if not status:
             continue  # its claim changed since it was judged
         (report.blocked if status == Status.BLOCKED else report.requeued).append(stale)

@@ -326,21 +326,26 @@ def _finish_event(identity: Identity, claim_: Claim, result: Result, now) -> tup
 # The reaper's transition ----------------------------------------------------------
 
 
-def release_by_reaper(task: Task, why: str, actor: str, queue_limit: int) -> str:
+def release_by_reaper(
+    task: Task, why: str, actor: str, queue_limit: int, counted: bool = True
+) -> str:
     """claimed -> queued, or blocked once the attempts reach the limit (the queue's, or
     the profile's that rode on the claim, whichever is lower), in one write. The task is
     the row the reaper judged: nothing happens if its claim changed since. Returns the
-    new status, or "" when nothing changed."""
+    new status, or "" when nothing changed. A worker killed by its herd's cancel
+    (`counted=False`) was not failed by its task: the attempt is not counted."""
     limit = min(queue_limit, task.max_attempts or queue_limit)
-    blocked = task.attempts >= limit
+    blocked = counted and task.attempts >= limit
     if blocked:
         source = "profile" if limit < queue_limit else "queue"
         tries = f"{task.attempts} attempt{'s' if task.attempts != 1 else ''}"
         reason = f"abandoned after {tries} ({source} limit {limit})"
         values = {"status": Status.BLOCKED, "reason": reason, **ended()}
     else:
-        reason = "back to queued"
+        reason = "back to queued" if counted else "back to queued, attempt not counted"
         values = {"status": Status.QUEUED, **no_holder()}
+        if not counted:
+            values["attempts"] = F("attempts") - 1
     data = {
         "holder": task.holder,
         "host": task.holder_host,
