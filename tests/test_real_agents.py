@@ -219,6 +219,23 @@ def test_real_gemini_turn_limit_blocks_with_a_plain_reason(worker_env, tmp_path,
     assert task.tokens == vendor_total("gemini", stub.usage) > 0
 
 
+@pytest.mark.parametrize("extra_args", [[], ["--output-format", "json"]])
+def test_real_gemini_stopped_by_its_loop_detection_is_blocked(
+    extra_args, worker_env, tmp_path, write_task
+):
+    """Gemini CLI stops a run that repeats itself and still reports success: the task,
+    never finished, was closed as done."""
+    with GeminiStub() as stub:
+        stub.mode = "loop"
+        env = stub_env("gemini", stub, tmp_path / "home")
+        shipped_profile("gemini", tmp_path / "ledger", env=env, extra_args=extra_args)
+        (task,) = task_files(write_task, "rgl", [""])
+        work(worker_env, "rgl", "gemini", timeout=240)
+    task.refresh_from_db()
+    assert task.status == Status.BLOCKED, (task.outcome, task.output_tail)
+    assert task.reason == "the CLI stopped the agent: Loop detected, stopping execution"
+
+
 @pytest.mark.parametrize("cli", list(STUBS))
 def test_real_cli_waiting_on_a_silent_api_ends_at_the_timeout(
     cli, worker_env, tmp_path, write_task

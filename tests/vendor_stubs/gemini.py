@@ -3,7 +3,8 @@
 
 In "ok" mode the first turn calls the CLI's `read_file` tool on the task file and the next
 ends with `COMPLETED: <key>`. In "quota" mode: HTTP 429 whose details say the per-day
-quota is spent, which the CLI does not retry.
+quota is spent, which the CLI does not retry. In "loop" mode the final answer says one
+sentence over and over, which the CLI's loop detection stops.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class GeminiStub(Stub):
             part = {"text": '{"reasoning": "simple", "model_choice": "flash"}'}
         elif tool and task_file and not answered:
             part = {"functionCall": {"name": tool[0], "args": {tool[1]: task_file.group(1)}}}
+        elif self.mode == "loop":
+            part = {"text": "I am still checking the task file once more. " * 40}
         else:
             part = {"text": f"The task is done.\n\nCOMPLETED: {task_key(contents)}"}
         usage = {

@@ -8,7 +8,15 @@ error object on stderr: both are read whole at the end. Tokens: `total` summed o
 
 from __future__ import annotations
 
-from workqueue.agents.base import FINAL_LIMIT, Adapter, Usage, short, short_arguments, whole
+from workqueue.agents.base import (
+    AGENT_LINE,
+    FINAL_LIMIT,
+    Adapter,
+    Usage,
+    short,
+    short_arguments,
+    whole,
+)
 from workqueue.models import Status
 
 QUOTA_EXIT = 173  # HTTP 429 modulo 256: the daily quota is spent
@@ -24,11 +32,14 @@ EXIT_REASONS = {
     "GEMINI_CLI_TRUST_WORKSPACE=true in its env",
     130: "cancelled (exit 130)",
 }
+# Its loop detection stops the run, which it still reports as a success.
+LOOP_DETECTED = "Loop detected"
 
 
 class GeminiAdapter(Adapter):
     name = "gemini"
     program = "gemini"
+    stopped_by = ""  # the CLI's own words when it stopped the agent (its loop detection)
 
     def command(self, prompt: str) -> list[str]:
         options = self.options
@@ -74,7 +85,9 @@ class GeminiAdapter(Adapter):
                 error = event.get("error") or {}
                 self.transcript.add("error", short(error.get("message") or "tool failed", 300))
         elif kind == "error":
-            self.transcript.add("error", short(event.get("message") or "error", 300))
+            message = short(event.get("message") or "error", 300)
+            self.transcript.add("error", message)
+            self.note_stop(message)
         elif kind == "result":
             self.concluded = True
             self.transcript.close_open()
@@ -98,6 +111,8 @@ class GeminiAdapter(Adapter):
             if self.final:
                 self.transcript.add("assistant", self.final)
             self.take_stats(event.get("stats") or {})
+            for warning in event.get("warnings") or []:
+                self.note_stop(str(warning))
         if isinstance(event.get("error"), dict):
             error = event["error"]
             message = str(error.get("message") or error.get("type") or "error")
@@ -107,6 +122,10 @@ class GeminiAdapter(Adapter):
         elif "response" not in event and "stats" not in event:
             return False
         return None
+
+    def note_stop(self, message: str) -> None:
+        if message.startswith(LOOP_DETECTED):
+            self.stopped_by = message
 
     def take_stats(self, stats: dict) -> None:
         models = stats.get("models")
@@ -142,6 +161,9 @@ class GeminiAdapter(Adapter):
         super().look_for_quota(code, stderr)
 
     def verdict(self, code: int | None, stderr: str) -> tuple[str, str]:
+        if code == 0 and self.stopped_by and not AGENT_LINE.search(self.final):
+            # Stopped before its last word: "success" here is not the task done.
+            return Status.BLOCKED, f"the CLI stopped the agent: {self.stopped_by}"
         if code in EXIT_REASONS:
             detail = f": {self.errors[-1]}" if self.errors else ""
             return Status.BLOCKED, EXIT_REASONS[code] + detail
