@@ -189,6 +189,25 @@ def test_real_cli_quota_gives_the_task_back_uncounted(
     assert summary["stop_reason"].startswith("quota or rate limit reached")
 
 
+@pytest.mark.parametrize("extra_args", [[], ["--output-format", "json", "--verbose"]])
+def test_real_claude_final_message_over_a_megabyte_is_read(
+    extra_args, worker_env, tmp_path, write_task
+):
+    """Its result line carries the whole final message (json mode with --verbose, every
+    message too): cut into pieces at 1 MiB, the task was blocked "ended without a result"
+    and its tokens and cost lost."""
+    with AnthropicStub() as stub:
+        stub.mode = "long"
+        env = stub_env("claude", stub, tmp_path / "home")
+        shipped_profile("claude", tmp_path / "ledger", env=env, extra_args=extra_args)
+        (task,) = task_files(write_task, "rcl", [""])
+        work(worker_env, "rcl", "claude", timeout=240)
+    task.refresh_from_db()
+    assert task.status == Status.DONE, task.reason
+    assert task.tokens == vendor_total("claude", stub.usage) > 0
+    assert task.cost_usd > 0 and task.outcome == "success"
+
+
 def test_real_claude_max_turns_blocks_with_a_plain_reason(worker_env, tmp_path, write_task):
     with AnthropicStub() as stub:
         env = stub_env("claude", stub, tmp_path / "home")

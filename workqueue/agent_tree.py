@@ -37,6 +37,9 @@ URL_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
 MASK = b"********"
 READ_CHUNK = 64 * 1024
 LINE_LIMIT = 1024 * 1024  # a longer "line" is written out in pieces
+# ...but reaches the adapter whole up to this size: a CLI's result line carries its whole
+# final message (Claude's json mode with --verbose, every message of the session).
+ADAPTER_LINE_LIMIT = 16 * 1024 * 1024
 LOOK_INTERVAL = 0.5  # seconds between looks at the agent's descendants
 
 
@@ -134,6 +137,7 @@ class Stream:
     log: AgentLog
     on_line: Callable[[str, str], None] | None = None
     pending: bytearray = field(default_factory=bytearray)
+    long_line: bytearray = field(default_factory=bytearray)  # its pieces, for on_line
 
     def feed(self, chunk: bytes) -> None:
         self.pending += chunk
@@ -149,14 +153,26 @@ class Stream:
         if self.pending:
             self._emit(bytes(self.pending))
             self.pending.clear()
+        if self.long_line:
+            self._pass_on(b"")
 
     def _emit(self, block: bytes) -> None:
         block = self.mask(block)
         self.tail.add(block)
         self.log.write(block)
-        if self.on_line is not None:
-            for line in block.decode("utf-8", "replace").splitlines():
-                self.on_line(self.name, line)
+        if self.on_line is None:
+            return
+        if not block.endswith(b"\n") and len(self.long_line) + len(block) < ADAPTER_LINE_LIMIT:
+            self.long_line += block  # a piece of a long line: the rest is to come
+            return
+        self._pass_on(block)
+
+    def _pass_on(self, block: bytes) -> None:
+        if self.long_line:
+            block = bytes(self.long_line) + block
+            self.long_line.clear()
+        for line in block.decode("utf-8", "replace").splitlines():
+            self.on_line(self.name, line)
 
 
 class AgentLog:

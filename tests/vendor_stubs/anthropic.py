@@ -2,7 +2,8 @@
 
 In "ok" mode a request that offers tools gets a `Read` tool call on the task file first,
 then, once the tool's result comes back, a final message ending `COMPLETED: <key>`.
-In "quota" mode every request gets HTTP 429 with a long retry-after.
+In "quota" mode every request gets HTTP 429 with a long retry-after. In "long" mode the
+final message is a report of some 1.6 MB before its last line.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class AnthropicStub(Stub):
             arguments = None
             stop = "end_turn"
             text = f"The task is done.\n\nCOMPLETED: {task_key(messages)}"
+            if self.mode == "long":
+                text = "A line of the report.\n" * 75_000 + text
         self.note_usage(model=model, output=output, **usage)
         message_id = f"msg_{next(ids)}"
         if not body.get("stream"):
