@@ -1022,3 +1022,19 @@ def test_a_task_deleted_between_its_search_and_its_count_is_not_counted(viewer, 
 
     monkeypatch.setattr(search_hits, "keep", keep_then_delete)
     assert counts(viewer, q="parser") == {"queued": 29, "claimed": 0, "done": 0, "blocked": 0}
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's table of the request")
+def test_a_search_in_a_table_among_many_more_tasks_of_other_statuses_reads_its_rows(
+    viewer, monkeypatch
+):
+    monkeypatch.setattr(TaskSearch, "FEW", 5)
+    ids = [made.pk for made in make_tasks("q", 20, body="the parser\n")]
+    make_tasks("other", 60, body="nothing\n")  # queued: 60 steps to walk for 20 found
+    Task.objects.filter(pk__in=ids).update(status=Status.DONE)
+    Task.objects.filter(pk=ids[0]).update(status=Status.BLOCKED)
+    with CaptureQueriesContext(connection) as statements:
+        assert counts(viewer, q="parser") == {"queued": 0, "claimed": 0, "done": 19, "blocked": 1}
+    counting = [q["sql"] for q in statements.captured_queries if "COUNT(" in q["sql"]]
+    assert any("FILTER (WHERE" in sql for sql in counting)
+    assert not any("queue_tasksearch_data" in sql for sql in counting)

@@ -819,12 +819,21 @@ class Found(NamedTuple):
         already); the commonest are what is left of the table; the newest is the first of
         the index of updated_at found in it. For a third of 1,000,000 tasks 186 -> 47 ms.
         All in one statement, one snapshot. None where the search text changed since the
-        table was filled: a task deleted since would be left in it and counted."""
+        table was filled (a task deleted since would be left in it and counted), or where
+        the walk would step through more than twice as many tasks as the table holds
+        (5,000 of 1,000,000: 60 ms against 26 for looking them up), told by counting them
+        up to that bound, which costs less than the lookups."""
         if not (self.count and self.generation):
             return None
         db = connections[using]
         tasks = Task.objects.using(using).order_by()
         others = [status for status in Status.values if status != self.commonest]
+        bound = 2 * self.count
+        walked = tasks.filter(status__in=others).values("pk")[:bound].query.sql_with_params()
+        with db.cursor() as cursor:
+            cursor.execute(f"SELECT COUNT(*) FROM ({walked[0]})", walked[1])  # noqa: S608
+            if cursor.fetchone()[0] >= bound:
+                return None
         parts, params = [], []
         for status in others:
             sql, found = (
