@@ -842,6 +842,22 @@ def test_two_characters_are_found_wherever_they_stand_in_any_case(viewer):
     assert found(viewer, q="é") == {"cafe-1"} and found(viewer, q="ü") == {"uber-1"}
 
 
+def test_a_dotless_i_is_found_as_itself_not_as_every_i(viewer):
+    # "I" is the upper case of both "i" and "ı"; the search copies fold it to "i".
+    task("dotless", title="kırmızı")
+    task("dotted", title="Inbox")
+    task("end", title="the end: xı")
+    for text, expected in (
+        ("ı", {"dotless", "end"}),
+        ("ız", {"dotless"}),
+        ("xı", {"end"}),
+        ("mızı", {"dotless"}),
+        ("i", {"dotted"}),
+        ("I", {"dotted"}),
+    ):
+        assert found(viewer, q=text) == expected, text
+
+
 def test_two_characters_that_begin_many_words_are_found_by_a_scan(viewer):
     # Each task has three trigrams that begin with "ab": reading their lists of tasks
     # would read three times the table.

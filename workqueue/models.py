@@ -1098,13 +1098,7 @@ class TaskSearch(models.Model):
         except DatabaseError:  # no vocabulary (not FTS5's, or not migrated): scan instead
             return None
         # Any case of each character, as the index folds it.
-        ends = sorted(
-            {
-                a + b
-                for a in {text[0].lower(), text[0].upper()}
-                for b in {text[1].lower(), text[1].upper()}
-            }
-        )
+        ends = sorted({a + b for a in _cases(text[0]) for b in _cases(text[1])})
         marks = ", ".join(["%s"] * len(ends))
         # Each index named: where most values are alike (every title ending in "area"),
         # SQLite's statistics tell it a lookup reads most of the table, and it scans every
@@ -1129,15 +1123,21 @@ class TaskSearch(models.Model):
 LAST_TWO_INDEXES = ("task_title_end", "task_key_end", "taskbody_text_end")
 
 
+def _cases(c: str) -> list[str]:
+    """`c` in each of its cases that folds as it does, as the search copies fold text:
+    not "I" for the dotless "ı" (its upper case, but "I" folds to "i"), whose search would
+    then find every "i"."""
+    return list(
+        dict.fromkeys(
+            v for v in (c, c.lower(), c.upper()) if len(v) == 1 and v.lower() == c.lower()
+        )
+    )
+
+
 def _case_variants(pattern: str) -> list[str]:
-    """`pattern` with each non-ASCII letter in its lower and its upper case (a short text:
-    at most four patterns for two letters)."""
-    choices = [
-        dict.fromkeys((c.lower(), c.upper()))
-        if not c.isascii() and len(c.lower()) == len(c.upper()) == 1
-        else (c,)
-        for c in pattern
-    ]
+    """`pattern` with each non-ASCII letter in its cases (_cases; a short text: at most
+    four patterns for two letters). SQLite's LIKE folds ASCII letters itself."""
+    choices = [(c,) if c.isascii() else _cases(c) for c in pattern]
     return ["".join(p) for p in itertools.product(*choices)]
 
 
