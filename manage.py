@@ -13,6 +13,16 @@ if __name__ == "__main__":
         # worker, and the cyclic collector would walk them again and again as they are made
         # (a tenth of a worker's start-up). The work command freezes them and turns it on.
         gc.disable()
+    from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
+    from django.db import OperationalError
 
-    execute_from_command_line(sys.argv)
+    try:
+        execute_from_command_line(sys.argv)
+    except (ImproperlyConfigured, OperationalError) as exc:
+        # A setting the environment got wrong, or a database out of reach, is the
+        # operator's to mend: one line saying which, not a traceback (--traceback shows it).
+        if "--traceback" in sys.argv:
+            raise
+        what = "database" if isinstance(exc, OperationalError) else "settings"
+        sys.exit(f"manage.py {' '.join(sys.argv[1:2])}: {what}: {' '.join(str(exc).split())}")

@@ -77,6 +77,31 @@ def test_bad_environment_value_names_the_variable(name, value, message):
     assert message in result.stderr
 
 
+def test_a_bad_setting_or_a_database_out_of_reach_is_one_line_not_a_traceback(tmp_path):
+    # An operator's mistake in the environment printed forty lines of Django's internals
+    # before the sentence that names it, on every command.
+    bad = manage_check({"HYPERVISOR_LEASE_SECONDS": "abc"})
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "manage.py check: settings: HYPERVISOR_LEASE_SECONDS must be a whole number, not 'abc'"
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path}/no-such-folder/db.sqlite3"
+    args = [sys.executable, MANAGE, "queue_stats", "--queue", "inbox"]
+    unreachable = subprocess.run(
+        args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.strip().splitlines() == [
+        "manage.py queue_stats: database: unable to open database file"
+    ]
+    # --traceback still shows where.
+    traced = subprocess.run(
+        [*args, "--traceback"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert "Traceback" in traced.stderr
+
+
 def test_a_new_sqlite_database_is_made_in_wal_mode_with_16_kib_pages(tmp_path):
     # Runs in both passes: the embedded default is SQLite whatever the suite runs on.
     database = tmp_path / "fresh.sqlite3"
