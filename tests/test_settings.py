@@ -2,6 +2,7 @@
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 
@@ -100,6 +101,41 @@ def test_a_bad_setting_or_a_database_out_of_reach_is_one_line_not_a_traceback(tm
         [*args, "--traceback"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert "Traceback" in traced.stderr
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_consumer_that_cannot_reach_its_queue_or_the_database_says_so_and_stops(tmp_path):
+    # It ran on: its threads took launches off the shared queue only to fail them without
+    # a database, or logged a traceback each four times a second without Redis.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    env["HUEY_REDIS_URL"] = f"redis://127.0.0.1:{closed_port()}/0"
+    args = [sys.executable, MANAGE, "run_huey"]
+    no_redis = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert no_redis.returncode == 1
+    [line] = no_redis.stderr.strip().splitlines()
+    assert line.startswith("CommandError: cannot reach Huey's queue: Error 111 connecting to")
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path}/no-such-folder/db.sqlite3"
+    no_db = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert no_db.returncode == 1
+    assert no_db.stderr.strip().splitlines() == [
+        "manage.py run_huey: database: unable to open database file"
+    ]
+    # And once running, a Redis gone away is retried every 10 s at most, not 4 times a second.
+    show = "from django.conf import settings; print(settings.HUEY['consumer']['max_delay'])"
+    shown = subprocess.run(
+        [sys.executable, MANAGE, "shell", "--no-imports", "-c", show],
+        env={**env, "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.stdout.strip() == "10", shown.stderr
 
 
 def test_a_new_sqlite_database_is_made_in_wal_mode_with_16_kib_pages(tmp_path):

@@ -5,4 +5,22 @@ not import Huey at start-up; its consumer command is used unchanged from here. I
 imports each app's `tasks` module (herds.tasks) before consuming.
 """
 
-from huey.contrib.djhuey.management.commands.run_huey import Command  # noqa: F401
+from django.core.management.base import CommandError
+from django.db import connection
+from huey.contrib.djhuey.management.commands.run_huey import Command as HueyCommand
+
+
+class Command(HueyCommand):
+    def handle(self, *args, **options):
+        # A consumer that cannot reach the database would still take launches and bulk
+        # actions off the shared queue, only to fail them; one that cannot reach the queue
+        # logs a traceback per thread several times a second. Either is said once, here.
+        connection.ensure_connection()  # manage.py names the database's refusal
+        connection.close()
+        from huey.contrib.djhuey import HUEY
+
+        try:
+            HUEY.pending_count()
+        except Exception as exc:
+            raise CommandError(f"cannot reach Huey's queue: {' '.join(str(exc).split())}") from exc
+        super().handle(*args, **options)
