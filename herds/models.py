@@ -534,10 +534,12 @@ class Herd(models.Model):
         # Sent on commit: at once, or when the caller's transaction commits.
         try:
             launch_herd(herd.pk)
-        except Exception:
+        except Exception as exc:
             # Huey's storage is down (Redis stopped, its SQLite file unwritable): the herd
             # is made, and a consumer sends its launch again (herds.tasks.launch_unsent).
-            log.exception("herd %s: its launch could not be sent to Huey", herd.pk)
+            # Why, in one line: `herd` prints this log before its own sentence.
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            log.warning("herd %s: its launch could not be sent to Huey: %s", herd.pk, why)
             herd.launch_sent = False
         return herd
 

@@ -223,7 +223,7 @@ def test_ctrl_c_on_herd_wait_says_the_herd_goes_on(huey_env, consumer_huey, afte
 
 
 @pytest.mark.django_db(transaction=True)
-def test_herd_says_so_when_hueys_queue_could_not_be_reached(huey_down):
+def test_herd_says_so_when_hueys_queue_could_not_be_reached(huey_down, caplog):
     Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})
     make_tasks("inbox", 1)
     out, err = StringIO(), StringIO()
@@ -236,3 +236,10 @@ def test_herd_says_so_when_hueys_queue_could_not_be_reached(huey_down):
         "consumer launches it as it starts, or within two minutes while one runs"
     )
     assert out.getvalue().strip() == f"herd {herd.pk} launched (pending)"
+    # The storage's refusal in one line, not its traceback above those sentences.
+    [record] = [r for r in caplog.records if r.name == "herds"]
+    assert record.exc_info is None
+    assert record.getMessage().startswith(
+        f"herd {herd.pk}: its launch could not be sent to Huey: "
+    )
+    assert "\n" not in record.getMessage()
