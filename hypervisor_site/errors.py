@@ -1,14 +1,18 @@
 """Answers to requests refused outside our views' own forms: a form over the upload
-limits, a CSRF failure, a task gone meanwhile, a permission missing.
+limits, a CSRF failure, a task gone meanwhile, a permission missing, the database out of
+reach.
 
 Every page shows the text of an htmx request's refusal to the person as it is (refusals.js),
 so an htmx request gets a sentence, not one of Django's pages as raw HTML."""
 
 from __future__ import annotations
 
+import sys
+
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
-from django.http import HttpRequest, HttpResponse
+from django.db import OperationalError
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import csrf, defaults
 
 
@@ -59,3 +63,18 @@ def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     """A card on a board not yet refreshed whose task was deleted meanwhile."""
     text = f"Not found: {request.path} (deleted meanwhile?). Reload the page."
     return _to_htmx(request, text, 404, lambda: defaults.page_not_found(request, exception))
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """The database stopped or cut off is no fault of the page: 503 saying so (to an agent
+    on /mcp/ in JSON, as its other refusals), not a bare "Server Error (500)". Plain text:
+    a page would need the database to render."""
+    if not isinstance(sys.exc_info()[1], OperationalError):
+        return defaults.server_error(request)
+    text = "The database did not answer (out of reach or busy): try again in a minute."
+    headers = {"Retry-After": "60"}
+    if request.path_info.startswith("/mcp"):
+        return JsonResponse({"error": text}, status=503, headers=headers)
+    return HttpResponse(
+        text, status=503, content_type="text/plain; charset=utf-8", headers=headers
+    )

@@ -22,3 +22,4 @@ urlpatterns = [
 handler400 = "hypervisor_site.errors.bad_request"
 handler403 = "hypervisor_site.errors.permission_denied"
 handler404 = "hypervisor_site.errors.page_not_found"
+handler500 = "hypervisor_site.errors.server_error"

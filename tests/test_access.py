@@ -199,3 +199,37 @@ def test_token_endpoints_refuse_everyone_without_a_token(django_user_model, name
     browser = Client(enforce_csrf_checks=True)
     browser.force_login(user)
     assert browser.post(url, {"action": "done"}).status_code == 401, f"{name} {url}"
+
+
+@pytest.mark.django_db
+def test_the_database_out_of_reach_is_a_503_saying_so_not_a_bare_server_error(
+    django_user_model, monkeypatch
+):
+    from django.db import OperationalError
+
+    from pull_api.models import ApiToken
+    from workqueue import views
+
+    def refused(*args, **kwargs):
+        raise OperationalError('connection to server at "db-host", port 5432 failed')
+
+    user = django_user_model.objects.create_user("viewer", password="pw")
+    user.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    monkeypatch.setattr(views, "_board_context", refused)
+    page = client.get("/")
+    assert page.status_code == 503
+    assert page["Retry-After"] == "60"
+    said = "The database did not answer (out of reach or busy): try again in a minute."
+    assert page.content.decode() == said
+    # An agent on another machine reads JSON, as from every other refusal of /mcp/.
+    monkeypatch.setattr(ApiToken, "authenticate", refused)
+    answer = Client(raise_request_exception=False).post(
+        "/mcp/?queue=q", "{}", content_type="application/json", HTTP_AUTHORIZATION="Bearer hv_x"
+    )
+    assert answer.status_code == 503
+    assert answer.json() == {"error": said}
+    # Any other error stays Django's own 500.
+    monkeypatch.setattr(views, "_board_context", lambda *a, **k: 1 / 0)
+    assert client.get("/").status_code == 500
