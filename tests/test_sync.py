@@ -129,6 +129,8 @@ def test_a_queue_without_a_folder_says_how_it_gets_one(author, settings):
         "import of a folder sets it (manage.py import_tasks FOLDER --queue bare)."
     ]
     assert author.post("/queues/sync/", {"queue": "nope"}).status_code == 404
+    # A name no queue can have: PostgreSQL refused the NUL in its lookup, a server error.
+    assert author.post("/queues/sync/", {"queue": "bare\x00"}).status_code == 404
 
 
 def test_reading_a_folder_again_needs_the_add_and_change_permissions(

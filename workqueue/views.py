@@ -15,6 +15,7 @@ from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db.models import Max, Q
 from django.http import (
+    Http404,
     HttpRequest,
     HttpResponse,
     HttpResponseBadRequest,
@@ -51,6 +52,7 @@ from workqueue.models import (
     Task,
     unmet_dependency_counts,
 )
+from workqueue.names import QUEUE_NAME
 from workqueue.processors import transcript_path
 from workqueue.rendering import render_body
 from workqueue.templatetags.board import transcript_version
@@ -866,7 +868,10 @@ SYNC_ERRORS_SHOWN = 5
 def queue_sync(request: HttpRequest) -> HttpResponse:
     """Import the queue's folder again now: files added, edited, moved or deleted on disk
     since its last import (the consumer also does it every minute)."""
-    queue = get_object_or_404(Queue, name=request.POST.get("queue", ""))
+    name = request.POST.get("queue", "")
+    if not QUEUE_NAME.fullmatch(name):  # none has it; and PostgreSQL refuses a NUL in text
+        raise Http404("no queue by that name")
+    queue = get_object_or_404(Queue, name=name)
     try:
         report = importer.sync_folder(queue.name)
     except importer.ImportRefused as exc:
