@@ -276,8 +276,9 @@ if os.environ.get("HUEY_REDIS_URL"):
         "immediate": envbool("HUEY_IMMEDIATE", False),
         "blocking": True,
         # A blocking read waits for work itself: a thread sleeps only after a failed read,
-        # longer each time, so a Redis that is down is a line every 10 s, not four a second.
-        "consumer": {**_consumer, "max_delay": 10},
+        # twice as long each time, so a Redis that is down is a line every 10 s per thread,
+        # not four a second.
+        "consumer": {**_consumer, "backoff": 2, "max_delay": 10},
     }
 else:
     HUEY = {

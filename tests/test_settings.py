@@ -125,8 +125,12 @@ def test_a_consumer_that_cannot_reach_its_queue_or_the_database_says_so_and_stop
     assert no_db.stderr.strip().splitlines() == [
         "manage.py run_huey: database: unable to open database file"
     ]
-    # And once running, a Redis gone away is retried every 10 s at most, not 4 times a second.
-    show = "from django.conf import settings; print(settings.HUEY['consumer']['max_delay'])"
+    # And once running, a thread whose read of Redis failed waits longer each time: a
+    # handful of tracebacks in the first minute, then one each 10 s, not four a second.
+    show = (
+        "from django.conf import settings; c = settings.HUEY['consumer']; "
+        "print(c['initial_delay'], c['backoff'], c['max_delay'])"
+    )
     shown = subprocess.run(
         [sys.executable, MANAGE, "shell", "--no-imports", "-c", show],
         env={**env, "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"},
@@ -135,7 +139,13 @@ def test_a_consumer_that_cannot_reach_its_queue_or_the_database_says_so_and_stop
         text=True,
         timeout=60,
     )
-    assert shown.stdout.strip() == "10", shown.stderr
+    delay, backoff, longest = map(float, shown.stdout.split())
+    failures = waited = 0
+    while waited < 60:  # huey's Worker.sleep after each failed read
+        failures, waited = failures + 1, waited + min(delay, longest)
+        delay *= backoff
+    assert longest == 10
+    assert failures <= 15
 
 
 def test_a_new_sqlite_database_is_made_in_wal_mode_with_16_kib_pages(tmp_path):
