@@ -34,3 +34,24 @@ def test_the_web_process_freezes_what_its_start_made(process_env, module):
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["views"] == ["workqueue.views", "herds.views"]
     assert found["frozen"] > 10 * found["tracked"], found
+
+
+def test_gunicorns_master_keeps_its_environment_from_agents(process_env):
+    """The README runs `gunicorn hypervisor_site.wsgi` from the repository's root. Its
+    master process never imports the application, whose wsgi.py hides only the workers'
+    environment: an agent running as the same user read the master's SECRET_KEY and
+    DATABASE_URL in /proc/<pid>/environ. The master reads gunicorn.conf.py there."""
+    master = (
+        "import ctypes, sys; sys.argv = ['gunicorn', 'hypervisor_site.wsgi']; "
+        "from gunicorn.app.wsgiapp import WSGIApplication; WSGIApplication(); "
+        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE, after its start-up
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", master],
+        env=process_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == "0", result.stderr
