@@ -17,10 +17,14 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.process
+import multiprocessing.resource_tracker
 import os
 import sys
 import threading
 from pathlib import Path
+
+from hypervisor_site.env import SERVER_SECRETS
+from hypervisor_site.privacy import hide_environment
 
 PRELOAD_FLAG = "HYPERVISOR_ZYGOTE_PRELOAD"
 _context = multiprocessing.get_context("forkserver")
@@ -60,10 +64,26 @@ def start(args: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess
     return WorkerProcess(process)
 
 
+_warming = threading.Lock()
+
+
 def warm_up() -> None:
     """Start the fork server (once) rather than at the first launch."""
-    os.environ[PRELOAD_FLAG] = "1"
-    multiprocessing.forkserver.ensure_running()
+    with _warming:
+        os.environ[PRELOAD_FLAG] = "1"
+        _start_resource_tracker()
+        multiprocessing.forkserver.ensure_running()
+
+
+def _start_resource_tracker() -> None:
+    """multiprocessing starts its resource tracker with our whole environment, of which it
+    uses nothing, and any process of our user (an agent) may read it in /proc/<pid>/environ:
+    it is started without the server's secrets."""
+    kept = {name: os.environ.pop(name) for name in SERVER_SECRETS if name in os.environ}
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+    finally:
+        os.environ.update(kept)
 
 
 def run_worker(args: list[str], env: dict[str, str], log_path: str) -> None:
@@ -95,5 +115,8 @@ def _setup_django() -> None:
 
 
 if os.environ.get(PRELOAD_FLAG) == "1":
-    # Imported as the fork server's preload: pay for the imports once, there.
+    # Imported as the fork server's preload: pay for the imports once, there. Started by
+    # exec, the fork server is "dumpable" again, and so would be every worker it forks: the
+    # agents' parents, whose environment holds SECRET_KEY and DATABASE_URL.
+    hide_environment()
     _setup_django()

@@ -385,6 +385,49 @@ def test_our_processes_keep_their_environment_from_agents_running_as_our_user(pr
         assert (b"held-by-the-worker" in read.stdout) == bool(dumpable), read.stderr
 
 
+HERD_PROCESSES = """
+import ctypes, multiprocessing.resource_tracker as tracker, os
+from herds import zygote
+
+def probe(answers):
+    answers.put(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+
+if __name__ == "__main__":
+    zygote.warm_up()  # as the consumer's start does
+    answers = zygote._context.Queue()
+    worker = zygote._context.Process(target=probe, args=(answers,))
+    worker.start()
+    print(answers.get())
+    worker.join()
+    with open(f"/proc/{tracker._resource_tracker._pid}/environ", "rb") as environ:
+        print(b"probe-secret-key" in environ.read())
+"""
+
+
+def test_herd_workers_and_the_consumers_helpers_keep_the_secrets_from_agents(
+    process_env, tmp_path
+):
+    """A herd's workers are forks of a fork server that multiprocessing starts by exec,
+    with the consumer's whole environment: "dumpable" again, so every agent could read
+    SECRET_KEY and DATABASE_URL in its own worker's /proc/<pid>/environ, and in that of
+    the resource tracker beside it."""
+    script = tmp_path / "herd_processes.py"
+    script.write_text(HERD_PROCESSES)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        env={
+            **process_env,
+            "SECRET_KEY": "probe-secret-key",
+            "PYTHONPATH": str(settings.BASE_DIR),
+        },
+        cwd=settings.BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.split() == ["0", "False"], result.stderr
+
+
 def test_placeholders_are_filled_once_and_values_never_scanned_again():
     processor = CommandProcessor(["agent", "{path}", "--key={key}", "{title}", "{unknown}"])
     claim = Claim(1, "q", "../outside", "{queue} {path}", "imp/{key}/secret.md", 1)
