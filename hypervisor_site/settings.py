@@ -305,4 +305,9 @@ LOGGING = {
     },
 }
 
-HYPERVISOR_DATA_DIR.mkdir(parents=True, exist_ok=True)
+try:
+    HYPERVISOR_DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:  # a folder the service's user may not make: said in one line
+    raise ImproperlyConfigured(
+        f"HYPERVISOR_DATA_DIR: cannot make {HYPERVISOR_DATA_DIR}: {exc.strerror}"
+    ) from exc

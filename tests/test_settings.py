@@ -70,6 +70,8 @@ def test_unset_import_roots_are_the_examples_so_new_tasks_work_after_make_run(tm
         ("HYPERVISOR_IMPORT_ROOTS", "/nonexistent/folder", "HYPERVISOR_IMPORT_ROOTS:"),
         ("DATABASE_URL", "nosuchdb://x", "DATABASE_URL is not a valid database URL"),
         ("HYPERVISOR_METRICS_TOKEN", "short", "HYPERVISOR_METRICS_TOKEN must be at least 32"),
+        # A folder no one may make there: a traceback of pathlib's, not the variable's name.
+        ("HYPERVISOR_DATA_DIR", "/proc/hypervisor", "HYPERVISOR_DATA_DIR: cannot make /proc/"),
     ],
 )
 def test_bad_environment_value_names_the_variable(name, value, message):
