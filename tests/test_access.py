@@ -13,6 +13,8 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.urls.resolvers import RoutePattern
 
+from tests.conftest import make_tasks
+
 # Served by Django itself with its own rules: the login page, logout and the admin.
 PUBLIC = {"login", "logout"}
 # Authenticated by an API token in a header, never by the session: 401 without one.
@@ -233,3 +235,24 @@ def test_the_database_out_of_reach_is_a_503_saying_so_not_a_bare_server_error(
     # Any other error stays Django's own 500.
     monkeypatch.setattr(views, "_board_context", lambda *a, **k: 1 / 0)
     assert client.get("/").status_code == 500
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_acting_on_cards_takes_seeing_them_too(client, django_user_model, method):
+    """Each action answers with the card, the drawer or the board, and the editor shows the
+    task's file: an account with queue.change_task but not queue.view_task read any task in
+    its editor, though the board and the task's page refused it (as herds take seeing them
+    to be operated)."""
+    (task,) = make_tasks("q", 1, body="what only viewers may read")
+    user = django_user_model.objects.create_user("changer", password="pw-changer-123")
+    for codename in ("change_task", "add_task", "add_herd", "view_herd"):
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client.force_login(user)
+    acting = [f"/tasks/{task.pk}/{part}" for part in ("edit/", "action/", "reload/")]
+    acting += ["/bulk/", "/bulk/1/", "/bulk/1/undo/", "/queues/sync/"]
+    acting += ["/triage/", "/triage/1/", "/triage/1/apply/", "/triage/1/undo/"]
+    for url in acting:
+        response = getattr(client, method)(url)
+        assert response.status_code == 403, f"{url} answered {response.status_code}"
+        assert "what only viewers may read" not in response.content.decode()

@@ -58,6 +58,9 @@ from workqueue.rendering import render_body
 from workqueue.templatetags.board import transcript_version
 from workqueue.text import as_id
 
+CHANGE = "queue.change_task"
+# Acting on cards answers with the card, the drawer or the board: it takes seeing them too.
+CHANGE_AND_VIEW = ["queue.view_task", CHANGE]
 PAGE_SIZE = 25
 # Ages and lease countdowns change with the clock, not the rows: re-render that often.
 CLOCK_SECONDS = 15
@@ -468,7 +471,7 @@ def card_actions(status: str) -> list[tuple[str, str]]:
 
 
 @login_required
-@permission_required("queue.change_task", raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_POST
 def task_action(request: HttpRequest, pk: int) -> HttpResponse:
     task = get_object_or_404(Task, pk=pk)
@@ -544,8 +547,6 @@ def _safe_next(request: HttpRequest) -> str:
 
 # Edit mode ----------------------------------------------------------------------
 
-CHANGE = "queue.change_task"
-
 
 def _actor(request: HttpRequest) -> str:
     return f"user:{request.user.get_username()}"
@@ -572,7 +573,7 @@ def _field_choices(queue: str) -> dict[str, list[str]]:
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_http_methods(["GET", "POST"])
 @vary_on_headers("HX-Request")
 def task_edit(request: HttpRequest, pk: int) -> HttpResponse:
@@ -630,7 +631,7 @@ TYPED = "typed-"  # the reload form's fields: what the person typed into the ref
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_POST
 def task_reload(request: HttpRequest, pk: int) -> HttpResponse:
     """Read the task's file again after a refused save, and edit from what it says now."""
@@ -672,7 +673,7 @@ def _bulk_status(request: HttpRequest, bulk_action: BulkAction | None, status: i
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_POST
 def bulk_start(request: HttpRequest) -> HttpResponse:
     form = BulkForm(request.POST)
@@ -693,14 +694,14 @@ def bulk_start(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_GET
 def bulk_status(request: HttpRequest, pk: int) -> HttpResponse:
     return _bulk_status(request, get_object_or_404(BulkAction, pk=pk))
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_POST
 def bulk_undo(request: HttpRequest, pk: int) -> HttpResponse:
     original = get_object_or_404(BulkAction, pk=pk)
@@ -758,7 +759,7 @@ LAUNCH = "herds.add_herd"
 
 
 @login_required
-@permission_required([CHANGE, LAUNCH], raise_exception=True)
+@permission_required([*CHANGE_AND_VIEW, LAUNCH], raise_exception=True)
 @require_POST
 def triage_start(request: HttpRequest) -> HttpResponse:
     """A dry-run herd of the triage rules over the board's current view."""
@@ -804,7 +805,7 @@ def _triage_context(request: HttpRequest, herd) -> dict:
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_GET
 @vary_on_headers("HX-Request")
 def triage_detail(request: HttpRequest, pk: int) -> HttpResponse:
@@ -816,7 +817,7 @@ def triage_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_POST
 def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
     """The decisions on the proposals shown, or on every one ("Apply all", "Reject
@@ -843,7 +844,7 @@ def triage_apply(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@permission_required(CHANGE, raise_exception=True)
+@permission_required(CHANGE_AND_VIEW, raise_exception=True)
 @require_POST
 def triage_undo(request: HttpRequest, pk: int) -> HttpResponse:
     """Undo the latest decisions on a review: the applied proposals' files and rows as
@@ -863,7 +864,7 @@ SYNC_ERRORS_SHOWN = 5
 
 
 @login_required
-@permission_required(["queue.add_task", CHANGE], raise_exception=True)
+@permission_required(["queue.add_task", *CHANGE_AND_VIEW], raise_exception=True)
 @require_POST
 def queue_sync(request: HttpRequest) -> HttpResponse:
     """Import the queue's folder again now: files added, edited, moved or deleted on disk
