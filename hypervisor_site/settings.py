@@ -188,8 +188,9 @@ AUTH_PASSWORD_VALIDATORS = [
 # Login throttling (django-axes): after HYPERVISOR_LOGIN_FAILURE_LIMIT failures for one
 # username from one address, that pair is refused, even with the right password, until the
 # cool-off has passed since its last attempt. The site's login and the admin's both go through
-# the backend. Axes sees REMOTE_ADDR: behind a proxy every client shares the proxy's address,
-# so the lockout then holds per username.
+# the backend. Behind HYPERVISOR_PROXIES reverse proxies of ours, the address is the one the
+# outermost of them saw (login_throttle.client_address); else REMOTE_ADDR, which behind an
+# unannounced proxy every client shares, so that anyone could lock any account out.
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
@@ -199,6 +200,8 @@ AXES_COOLOFF_TIME = timedelta(minutes=envint("HYPERVISOR_LOGIN_COOLOFF_MINUTES",
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "hypervisor_site.login_throttle.lockout_response"
+AXES_CLIENT_IP_CALLABLE = "hypervisor_site.login_throttle.client_address"
+HYPERVISOR_PROXIES = envint("HYPERVISOR_PROXIES", 0)
 
 # A worker, and the command that launches a herd (a launch is timed from it), start often
 # and serve no page: they load without the web-only apps.

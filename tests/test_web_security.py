@@ -93,6 +93,26 @@ def test_the_lockout_holds_for_one_username_from_one_address(client, user, djang
     assert log_in(elsewhere, PASSWORD).status_code == 302
 
 
+@pytest.mark.parametrize("proxies", [0, 1, 2])
+def test_behind_proxies_the_lockout_holds_for_the_address_the_outermost_saw(
+    user, settings, proxies
+):
+    """All logins come from the proxy's address: read from it alone, five failures of one
+    client locked the account for everyone. The client's own X-Forwarded-For is no escape."""
+    settings.HYPERVISOR_PROXIES = proxies
+    ours = ", ".join(["10.0.0.9"] * (proxies - 1))  # what our inner proxies add after it
+
+    def from_address(address: str, written: str = "") -> Client:
+        seen = ", ".join(a for a in (written, address, ours) if a)
+        return Client(REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR=seen)
+
+    for written in ("", "192.0.2.99", "198.51.100.1"):  # the attacker's own header varies
+        fail(from_address("203.0.113.5", written), 2)
+    assert log_in(from_address("203.0.113.5"), PASSWORD).status_code == 429
+    someone_else = log_in(from_address("198.51.100.20"), PASSWORD).status_code
+    assert someone_else == (429 if proxies == 0 else 302)
+
+
 def test_the_lockout_ends_after_the_cool_off(client, user):
     fail(client, 5)
     assert log_in(client, PASSWORD).status_code == 429
