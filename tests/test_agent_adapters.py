@@ -215,6 +215,20 @@ def test_gemini_exit_173_is_quota():
     assert result.status == Status.QUEUED and result.data["quota"]
 
 
+def test_gemini_json_error_object_of_a_503_is_the_vendors_server_not_quota():
+    # What Gemini CLI 0.61 prints on stderr in json mode, its retries spent on a 503.
+    stderr = (
+        "Attempt 1 failed: An internal error has occurred. Max attempts reached\n"
+        "Error when talking to Gemini API RetryableQuotaError: An internal error has occurred\n"
+        "    at classifyGoogleError (file:///x/chunk.js:307333:14) {\n  status: 503\n}\n"
+        '{\n  "session_id": "s1",\n  "error": {\n    "type": "Error",\n'
+        '    "message": "An internal error has occurred.",\n    "code": 503\n  }\n}\n'
+    )
+    _adapter, result = run("gemini", "", stderr, code=247)
+    assert result.status == Status.QUEUED and result.data["server_error"] is True
+    assert result.reason == "vendor server error: An internal error has occurred."
+
+
 def test_codex_jsonl_reports_tokens_as_input_plus_output_and_the_thread():
     _adapter, result = run("codex", sample("codex_exec.jsonl"))
     assert result.status == Status.DONE

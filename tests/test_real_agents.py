@@ -189,6 +189,74 @@ def test_real_cli_quota_gives_the_task_back_uncounted(
     assert summary["stop_reason"].startswith("quota or rate limit reached")
 
 
+# Gemini retries a 5xx ten times over minutes: one attempt here, as a short timeout would.
+ONE_ATTEMPT = {"general": {"maxAttempts": 1}}
+
+
+@pytest.mark.parametrize(
+    "cli, status, words",
+    [
+        ("claude", 500, "API Error: 500"),
+        ("claude", 503, "API Error: 503"),
+        ("codex", 500, "high demand"),  # Codex's words for a 500
+        ("codex", 502, "unexpected status 502 Bad Gateway"),
+        ("gemini", 500, '"code":500'),
+        ("gemini", 503, "An internal error has occurred"),  # only its exit (247) says 503
+        ("gemini", 504, '"code":504'),
+    ],
+)
+def test_real_cli_vendor_server_error_gives_the_task_back_uncounted(
+    cli, status, words, worker_env, tmp_path, write_task
+):
+    """A vendor's 5xx blocked the task in a second, and the next one, and so through the
+    queue for as long as the outage lasted: it is the vendor's, as a quota is."""
+    with STUBS[cli]() as stub:
+        stub.mode, stub.error_status = "server_error", status
+        env = stub_env(cli, stub, tmp_path / "home", gemini_settings=ONE_ATTEMPT)
+        shipped_profile(cli, tmp_path / "ledger", env=env)
+        first, second = task_files(write_task, f"rs{cli}", ["", ""])
+        result, summary = work(worker_env, f"rs{cli}", cli, timeout=240)
+    assert result.returncode == 0, result.stderr
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, first.attempts) == (Status.QUEUED, 0), (first.reason, first.output_tail)
+    assert first.reason.startswith("vendor server error: ") and words in first.reason
+    assert first.result["quota"] is True and first.result["server_error"] is True
+    # The worker stopped claiming: the second task was never tried.
+    assert (second.status, second.attempts) == (Status.QUEUED, 0)
+    assert summary["stop_reason"] == first.reason
+
+
+def test_a_herd_stopped_by_a_vendor_server_error_resumes_after_the_backoff(
+    cli_consumer, tmp_path, write_task
+):
+    with AnthropicStub() as stub:
+        stub.mode = "server_error"
+        shipped_profile(
+            "claude", tmp_path / "ledger", env=stub_env("claude", stub, tmp_path / "h")
+        )
+        tasks = task_files(write_task, "rsh", ["", ""])
+        out = run_manage(
+            ["herd", "--queue", "rsh", "--profile", "claude", "--workers", "1"]
+            + ["--resume-after-quota", "--json"],
+            cli_consumer,
+            timeout=60,
+        )
+        first = Herd.objects.get(pk=json.loads(out.stdout.strip().splitlines()[-1])["herd"])
+        wait_until(lambda: Herd.objects.get(pk=first.pk).ended, 90, what="the first herd's end")
+        first.refresh_from_db()
+        assert first.status == HerdStatus.QUOTA, (first.reason, worker_logs())
+        assert first.reason.startswith("vendor server error: API Error: 500"), first.reason
+        assert first.finished_tasks() == 0  # none blocked
+        stub.mode = "ok"  # the vendor is back
+        resumed = Herd.objects.filter(resumed_from=first)
+        wait_until(lambda: resumed.exists() and resumed.get().ended, 120, what="the resume")
+    assert resumed.get().status == HerdStatus.FINISHED, resumed.get().reason
+    for task in tasks:
+        task.refresh_from_db()
+        assert (task.status, task.attempts) == (Status.DONE, 1), task.reason
+
+
 @pytest.mark.parametrize("extra_args", [[], ["--output-format", "json", "--verbose"]])
 def test_real_claude_final_message_over_a_megabyte_is_read(
     extra_args, worker_env, tmp_path, write_task
@@ -308,6 +376,7 @@ def cli_consumer(huey_env, tmp_path):
         **huey_env,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "HYPERVISOR_AGENT_GRACE": "1",
+        "HYPERVISOR_QUOTA_BACKOFF": "2",  # a herd ended on quota resumes in seconds
         # What the shipped profiles pass on to their CLIs.
         "ANTHROPIC_API_KEY": "sk-ant-stand-in-key",
         "GEMINI_API_KEY": "gemini-stand-in-key",

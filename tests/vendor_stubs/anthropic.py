@@ -2,7 +2,8 @@
 
 In "ok" mode a request that offers tools gets a `Read` tool call on the task file first,
 then, once the tool's result comes back, a final message ending `COMPLETED: <key>`.
-In "quota" mode every request gets HTTP 429 with a long retry-after. In "long" mode the
+In "quota" mode every request gets HTTP 429 with a long retry-after; in "server_error"
+mode, the stub's `error_status` (500) with the API's own error body. In "long" mode the
 final message is a report of some 1.6 MB before its last line.
 """
 
@@ -32,6 +33,10 @@ class AnthropicStub(Stub):
                 },
                 {"retry-after": "3600", "anthropic-ratelimit-unified-status": "rejected"},
             )
+            return
+        if self.mode == "server_error":
+            error = {"type": "api_error", "message": "Internal server error"}
+            send_json(handler, self.error_status, {"type": "error", "error": error})
             return
         messages = body.get("messages") or []
         model = str(body.get("model") or "claude-sonnet-stub")

@@ -12,11 +12,13 @@ KEY_IN_PROMPT = re.compile(r"task (\S+) in queue")
 
 class Stub:
     """One vendor API. `mode` is "ok" (answer with a tool call, then a final message),
-    "quota" (HTTP 429), or "hang" (never answer). Every request and the usage each answer
-    reported are kept."""
+    "quota" (HTTP 429), "server_error" (HTTP `error_status`, 500 unless set: the vendor's
+    own server failing), or "hang" (never answer). Every request and the usage each
+    answer reported are kept."""
 
     def __init__(self):
         self.mode = "ok"
+        self.error_status = 500
         self.requests: list[dict] = []
         self.usage: list[dict] = []  # what each answer told the CLI it used
         self.lock = threading.Lock()

@@ -3,8 +3,9 @@
 
 In "ok" mode the first turn calls the CLI's `read_file` tool on the task file and the next
 ends with `COMPLETED: <key>`. In "quota" mode: HTTP 429 whose details say the per-day
-quota is spent, which the CLI does not retry. In "loop" mode the final answer says one
-sentence over and over, which the CLI's loop detection stops.
+quota is spent, which the CLI does not retry. In "server_error" mode: the stub's
+`error_status` (500) with the API's error body, which the CLI retries. In "loop" mode the
+final answer says one sentence over and over, which the CLI's loop detection stops.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ DAILY_QUOTA = {
     }
 }
 
+SERVER_STATUS = {500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+SERVER_WORDS = (
+    "An internal error has occurred. Please retry or report in "
+    "https://developers.generativeai.google/guide/troubleshooting"
+)
+
 
 def read_file_tool(tools: list) -> tuple[str, str] | None:
     for group in tools or []:
@@ -60,6 +67,11 @@ class GeminiStub(Stub):
             return
         if self.mode == "quota":
             send_json(handler, 429, DAILY_QUOTA)
+            return
+        if self.mode == "server_error":
+            status = SERVER_STATUS.get(self.error_status, "INTERNAL")
+            error = {"code": self.error_status, "message": SERVER_WORDS, "status": status}
+            send_json(handler, self.error_status, {"error": error})
             return
         contents = body.get("contents") or []
         answered = any(

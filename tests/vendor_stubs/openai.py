@@ -1,7 +1,8 @@
 """A stand-in of OpenAI's Responses API (POST /v1/responses, server-sent events).
 
 In "ok" mode the first turn runs the task file through Codex's shell tool, and the next
-ends with a message `COMPLETED: <key>`. In "quota" mode: HTTP 429 `insufficient_quota`.
+ends with a message `COMPLETED: <key>`. In "quota" mode: HTTP 429 `insufficient_quota`; in
+"server_error" mode, the stub's `error_status` (500) with the API's `server_error` body.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ class OpenAIStub(Stub):
                     }
                 },
             )
+            return
+        if self.mode == "server_error":
+            error = {
+                "message": "The server had an error while processing your request. Sorry "
+                "about that!",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+            send_json(handler, self.error_status, {"error": error})
             return
         items = body.get("input") or []
         ran_tool = any(

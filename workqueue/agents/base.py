@@ -247,6 +247,8 @@ DELAY = re.compile(
     re.IGNORECASE,
 )
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A vendor's own server failing: the next task would meet it too, and it passes.
+SERVER_STATUSES = {500, 502, 503, 504}
 
 
 MAX_RESET_WAIT = timedelta(days=31)
@@ -301,6 +303,12 @@ class Adapter:
         r"usage limit|rate.?limit|quota|too many requests|\b429\b|resource.?exhausted",
         re.IGNORECASE,
     )
+    # Its last error saying the vendor's server failed (HTTP 500, 502, 503, 504).
+    server_error_words = re.compile(
+        r"\b(?:status|error|code)\W{0,3}50[0234]\b|internal server error|bad gateway|"
+        r"service unavailable|gateway time-?out|high demand",
+        re.IGNORECASE,
+    )
 
     def __init__(self, options: AgentOptions | None = None, transcript: Transcript | None = None):
         self.options = options or AgentOptions()
@@ -314,6 +322,7 @@ class Adapter:
         self.duration_ms: int | None = None
         self.quota = ""  # the words that said the quota or rate limit was reached
         self.resets_at: datetime | None = None
+        self.server_error = ""  # the words that said the vendor's server failed
         self.errors: list[str] = []
         self.stdout_rest = Loose()
         self.stderr_rest = Loose()
@@ -383,6 +392,10 @@ class Adapter:
             self.quota = short(message, 300) or "quota or rate limit reached"
         self.resets_at = resets_at or self.resets_at or reset_time(message)
 
+    def note_server_error(self, message: str) -> None:
+        if not self.server_error:
+            self.server_error = short(message, 300) or "the vendor's server failed"
+
     def note_error(self, message: str) -> None:
         message = short(message, 1000)
         if message and message not in self.errors:
@@ -404,9 +417,13 @@ class Adapter:
         # A run that ended in success is done, whatever limit it met on the way (Claude
         # Code on overage says "rejected" and goes on).
         if status != Status.DONE:
-            if not self.quota:
-                self.look_for_quota(code, stderr)
-            if self.quota:
+            if not (self.quota or self.server_error):
+                # The server's failing first: Gemini's stack traces on a 503 name a
+                # "RetryableQuotaError".
+                self.look_for_server_error(code)
+                if not self.server_error:
+                    self.look_for_quota(code, stderr)
+            if self.quota or self.server_error:
                 return self.quota_result()
         result = Result(status=status, reason=reason)
         if status == Status.DONE:
@@ -422,14 +439,25 @@ class Adapter:
                 self.note_quota(text)
                 return
 
+    def look_for_server_error(self, code: int | None) -> None:
+        """Its last error only: what the agent's own tools printed may name a 500."""
+        if self.errors and self.server_error_words.search(self.errors[-1]):
+            self.note_server_error(self.errors[-1])
+
     def quota_result(self) -> Result:
-        """Not the task's fault: back to the queue, the attempt not counted."""
-        reason = f"quota or rate limit reached: {self.quota}"
+        """Not the task's fault: back to the queue, the attempt not counted. The herd stops
+        claiming and resumes later, on a quota as on the vendor's server failing."""
+        if self.quota:
+            reason = f"quota or rate limit reached: {self.quota}"
+        else:
+            reason = f"vendor server error: {self.server_error}"
         if self.resets_at:
             reason += f" (resets at {self.resets_at.isoformat(timespec='minutes')})"
         result = Result(status=Status.QUEUED, reason=reason)
         self.fill(result)
         result.data["quota"] = True
+        if not self.quota:
+            result.data["server_error"] = True
         result.data["attempt_counted"] = False
         result.data["resets_at"] = self.resets_at.isoformat() if self.resets_at else None
         return result

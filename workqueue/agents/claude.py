@@ -3,12 +3,22 @@
 Tokens are summed over `modelUsage` (input + output + cache read + cache creation), the
 cost is `total_cost_usd`. Quota: `api_error_status` 429 or 529 in the result, a
 `rate_limit_event` whose status is `rejected` (with `resetsAt`), or an assistant message
-marked `"error": "rate_limit"`.
+marked `"error": "rate_limit"`. The vendor's server failing: `api_error_status` 500, 502, 503
+or 504.
 """
 
 from __future__ import annotations
 
-from workqueue.agents.base import Adapter, Usage, from_epoch, money, short, short_arguments, whole
+from workqueue.agents.base import (
+    SERVER_STATUSES,
+    Adapter,
+    Usage,
+    from_epoch,
+    money,
+    short,
+    short_arguments,
+    whole,
+)
 from workqueue.models import Status
 
 QUOTA_STATUSES = {429, 529}
@@ -128,6 +138,8 @@ class ClaudeAdapter(Adapter):
         status = event.get("api_error_status")
         if status in QUOTA_STATUSES:
             self.note_quota(self.final or f"API error {status}")
+        elif status in SERVER_STATUSES:
+            self.note_server_error(self.final or f"API error {status}")
         elif event.get("is_error"):
             errors = event.get("errors")
             text = "; ".join(map(str, errors)) if isinstance(errors, list) and errors else ""

@@ -3,7 +3,9 @@
 `thread.started` names the session; `turn.completed` carries the usage (cumulative:
 input + output of the last one is the total; `cached_input_tokens` is part of the input).
 Codex gives no cost. Quota: "You've hit your usage limit. Try again at 3:28 PM.",
-"Quota exceeded…", "exceeded retry limit, last status: 429 Too Many Requests".
+"Quota exceeded…", "exceeded retry limit, last status: 429 Too Many Requests". The
+vendor's server failing: "We're currently experiencing high demand…" (a 500), "unexpected
+status 503 Service Unavailable: …".
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class CodexAdapter(Adapter):
         elif what == "error" and done:
             self.transcript.add("error", str(item.get("message") or "error"))
 
-    def look_for_quota(self, code: int | None, stderr: str) -> None:
+    def look_for_server_error(self, code: int | None) -> None:
+        # Read before the quota's words: the retries' last word is the reason.
         if code and not self.errors and self.warnings:
-            self.errors.append(self.warnings[-1])  # the retries' last word is the reason
-        super().look_for_quota(code, stderr)
+            self.errors.append(self.warnings[-1])
+        super().look_for_server_error(code)

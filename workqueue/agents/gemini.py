@@ -11,6 +11,7 @@ from __future__ import annotations
 from workqueue.agents.base import (
     AGENT_LINE,
     FINAL_LIMIT,
+    SERVER_STATUSES,
     Adapter,
     Usage,
     short,
@@ -20,6 +21,9 @@ from workqueue.agents.base import (
 from workqueue.models import Status
 
 QUOTA_EXIT = 173  # HTTP 429 modulo 256: the daily quota is spent
+# After its retries it exits with the HTTP status modulo 256 (500: 244), which its last
+# error does not always name ("[API Error: An internal error has occurred…]" for a 503).
+SERVER_EXITS = {status % 256 for status in SERVER_STATUSES}
 EXIT_REASONS = {
     41: "authentication failed (exit 41): set GEMINI_API_KEY or choose an auth type in "
     "the CLI's settings",
@@ -118,6 +122,8 @@ class GeminiAdapter(Adapter):
             message = str(error.get("message") or error.get("type") or "error")
             if error.get("code") == 429:
                 self.note_quota(message)
+            elif error.get("code") in SERVER_STATUSES:
+                self.note_server_error(message)
             self.note_error(message)
         elif "response" not in event and "stats" not in event:
             return False
@@ -159,6 +165,12 @@ class GeminiAdapter(Adapter):
             self.note_quota(self.errors[-1] if self.errors else "quota exhausted (exit 173)")
             return
         super().look_for_quota(code, stderr)
+
+    def look_for_server_error(self, code: int | None) -> None:
+        if code in SERVER_EXITS:
+            self.note_server_error(self.errors[-1] if self.errors else f"exit {code}")
+            return
+        super().look_for_server_error(code)
 
     def verdict(self, code: int | None, stderr: str) -> tuple[str, str]:
         if code == 0 and self.stopped_by and not AGENT_LINE.search(self.final):
