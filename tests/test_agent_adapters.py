@@ -229,6 +229,17 @@ def test_gemini_json_error_object_of_a_503_is_the_vendors_server_not_quota():
     assert result.reason == "vendor server error: An internal error has occurred."
 
 
+def test_a_gemini_retry_answered_before_the_timeout_is_not_why_it_timed_out():
+    adapter = adapter_class("gemini")(AgentOptions(), Transcript(None))
+    adapter.feed("stderr", "Attempt 1 failed with status 429. Retrying with backoff...")
+    adapter.feed("stdout", json.dumps({"type": "message", "role": "assistant", "content": "Hi"}))
+    adapter.timed_out()
+    assert not adapter.quota and not adapter.server_error
+    adapter.feed("stderr", "Attempt 1 failed with status 503. Retrying with backoff...")
+    adapter.timed_out()
+    assert adapter.server_error.startswith("still retrying when the timeout ended it: Attempt")
+
+
 def test_codex_jsonl_reports_tokens_as_input_plus_output_and_the_thread():
     _adapter, result = run("codex", sample("codex_exec.jsonl"))
     assert result.status == Status.DONE

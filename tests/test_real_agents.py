@@ -227,6 +227,38 @@ def test_real_cli_vendor_server_error_gives_the_task_back_uncounted(
     assert summary["stop_reason"] == first.reason
 
 
+@pytest.mark.parametrize(
+    "cli, mode, words",
+    [
+        ("gemini", "rate_limit", "quota or rate limit reached: still retrying when the timeout "
+         "ended it: Attempt"),
+        ("gemini", "server_error", "vendor server error: still retrying when the timeout "
+         "ended it: Attempt"),
+        ("claude", "server_error", "vendor server error: still retrying when the timeout "
+         "ended it: retry"),
+    ],
+)  # fmt: skip
+def test_real_cli_still_retrying_the_vendor_at_the_timeout_gives_the_task_back(
+    cli, mode, words, worker_env, tmp_path, write_task
+):
+    """Gemini CLI retries a plain 429 for minutes ("Attempt 2 failed with status 429.
+    Retrying with backoff..."): the timeout ended it, and the task was blocked "timed out"
+    while every other task would meet the same limit."""
+    with STUBS[cli]() as stub:
+        stub.mode = mode
+        env = stub_env(cli, stub, tmp_path / "home")
+        if cli == "claude":
+            env["CLAUDE_CODE_MAX_RETRIES"] = "10"  # its own retries, as it ships
+        shipped_profile(cli, tmp_path / "ledger", env=env)
+        first, second = task_files(write_task, f"rr{cli}", ["", ""])
+        work(worker_env, f"rr{cli}", cli, "--timeout", "12", timeout=240)
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, first.attempts) == (Status.QUEUED, 0), (first.reason, first.outcome)
+    assert first.reason.startswith(words), first.reason
+    assert (second.status, second.attempts) == (Status.QUEUED, 0)
+
+
 def test_a_herd_stopped_by_a_vendor_server_error_resumes_after_the_backoff(
     cli_consumer, tmp_path, write_task
 ):

@@ -207,8 +207,8 @@ class CommandProcessor(Processor):
             reason = f"agent ended: {why}" if why else "worker stopped"
             result = Result(status=Status.QUEUED, reason=reason, data={"stopped": True})
         elif ended.timed_out:
-            adapter.finish_stream()
-            if adapter.quota:  # a CLI retrying a rate limit until the timeout
+            adapter.timed_out()
+            if adapter.quota or adapter.server_error:  # retrying the vendor's answer
                 return adapter.quota_result()
             result = Result(
                 status=Status.BLOCKED,

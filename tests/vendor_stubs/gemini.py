@@ -3,7 +3,8 @@
 
 In "ok" mode the first turn calls the CLI's `read_file` tool on the task file and the next
 ends with `COMPLETED: <key>`. In "quota" mode: HTTP 429 whose details say the per-day
-quota is spent, which the CLI does not retry. In "server_error" mode: the stub's
+quota is spent, which the CLI does not retry; in "rate_limit" mode, a plain 429, which it
+retries for minutes. In "server_error" mode: the stub's
 `error_status` (500) with the API's error body, which the CLI retries. In "loop" mode the
 final answer says one sentence over and over, which the CLI's loop detection stops.
 """
@@ -45,6 +46,14 @@ SERVER_WORDS = (
     "https://developers.generativeai.google/guide/troubleshooting"
 )
 
+RATE_LIMIT = {
+    "error": {
+        "code": 429,
+        "message": "Resource has been exhausted (e.g. check quota).",
+        "status": "RESOURCE_EXHAUSTED",
+    }
+}
+
 
 def read_file_tool(tools: list) -> tuple[str, str] | None:
     for group in tools or []:
@@ -67,6 +76,9 @@ class GeminiStub(Stub):
             return
         if self.mode == "quota":
             send_json(handler, 429, DAILY_QUOTA)
+            return
+        if self.mode == "rate_limit":
+            send_json(handler, 429, RATE_LIMIT)
             return
         if self.mode == "server_error":
             status = SERVER_STATUS.get(self.error_status, "INTERNAL")

@@ -303,6 +303,7 @@ class Adapter:
         r"usage limit|rate.?limit|quota|too many requests|\b429\b|resource.?exhausted",
         re.IGNORECASE,
     )
+    quota_statuses = {429}  # HTTP statuses a retrying CLI gives up on as a quota
     # Its last error saying the vendor's server failed (HTTP 500, 502, 503, 504).
     server_error_words = re.compile(
         r"\b(?:status|error|code)\W{0,3}50[0234]\b|internal server error|bad gateway|"
@@ -323,6 +324,8 @@ class Adapter:
         self.quota = ""  # the words that said the quota or rate limit was reached
         self.resets_at: datetime | None = None
         self.server_error = ""  # the words that said the vendor's server failed
+        # (HTTP status, the CLI's words) while it retries a vendor's answer, until it goes on
+        self.retrying: tuple[int, str] | None = None
         self.errors: list[str] = []
         self.stdout_rest = Loose()
         self.stderr_rest = Loose()
@@ -363,6 +366,7 @@ class Adapter:
 
     def _event(self, event: dict) -> None:
         self.events += 1
+        self.retrying = None  # it went on: the retry, if any, was answered
         try:
             known = self.event(event)
         except (AttributeError, KeyError, TypeError, ValueError, IndexError):
@@ -391,6 +395,19 @@ class Adapter:
         if not self.quota:
             self.quota = short(message, 300) or "quota or rate limit reached"
         self.resets_at = resets_at or self.resets_at or reset_time(message)
+
+    def timed_out(self) -> None:
+        """Its timeout ended the run: one still retrying a vendor's 429 or 5xx was stopped
+        by the vendor, not by its task."""
+        retrying = self.retrying  # before the documents read whole at the end
+        self.finish_stream()
+        if retrying:
+            status, words = retrying
+            words = f"still retrying when the timeout ended it: {words}"
+            if status in self.quota_statuses:
+                self.note_quota(words)
+            elif status in SERVER_STATUSES:
+                self.note_server_error(words)
 
     def note_server_error(self, message: str) -> None:
         if not self.server_error:

@@ -29,6 +29,7 @@ ROOT_REFUSAL = "cannot be used with root/sudo privileges"
 class ClaudeAdapter(Adapter):
     name = "claude"
     program = "claude"
+    quota_statuses = QUOTA_STATUSES
     reports_cost = True  # `total_cost_usd`
     resume = ("claude", "--resume", "{session}")
 
@@ -65,6 +66,11 @@ class ClaudeAdapter(Adapter):
             if event.get("subtype") == "init":
                 self.model = str(event.get("model") or self.model)
                 self.transcript.add("note", f"session started with {self.model}")
+            elif event.get("subtype") == "api_retry":
+                status = whole(event.get("error_status"))
+                what = f"API error {status} ({event.get('error') or 'error'})"
+                self.retrying = (status, f"retry {event.get('attempt')}: {what}")
+                self.transcript.add("error", f"retrying after {what}")
             return None
         if kind == "assistant":
             return self.assistant(event)

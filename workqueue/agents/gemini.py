@@ -8,6 +8,8 @@ error object on stderr: both are read whole at the end. Tokens: `total` summed o
 
 from __future__ import annotations
 
+import re
+
 from workqueue.agents.base import (
     AGENT_LINE,
     FINAL_LIMIT,
@@ -36,6 +38,8 @@ EXIT_REASONS = {
     "GEMINI_CLI_TRUST_WORKSPACE=true in its env",
     130: "cancelled (exit 130)",
 }
+# On stderr while it retries a 429 or a 5xx (a plain 429 for minutes, by default).
+RETRY_LINE = re.compile(r"^Attempt \d+ failed with status (\d{3})\b")
 # Its loop detection stops the run, which it still reports as a success.
 LOOP_DETECTED = "Loop detected"
 
@@ -58,6 +62,12 @@ class GeminiAdapter(Adapter):
             args += ["--model", options.model]
         # One argument `--prompt=…`: the prompt is never taken for an option.
         return [*args, *options.extra_args, f"--prompt={prompt}"]
+
+    def feed(self, stream: str, line: str) -> None:
+        retry = RETRY_LINE.match(line)
+        if retry:
+            self.retrying = (int(retry.group(1)), short(line, 300))
+        super().feed(stream, line)
 
     def event(self, event: dict) -> bool | None:
         kind = event.get("type")
