@@ -257,6 +257,47 @@ def test_a_session_its_client_ends_with_a_signal_gives_back_what_it_holds(proces
 
 
 @pytest.mark.slow
+def test_a_server_whose_client_is_killed_mid_answer_ends_quietly(process_env, tmp_path):
+    """A client killed with SIGKILL leaves answers unwritten: the server gave back what
+    it held, then ended in a BrokenPipeError traceback through the SDK's task group."""
+    make_tasks("q", 2)
+    with open(tmp_path / "stderr", "w+") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, MANAGE, "mcp", "--queue", "q", "--name", "killed"],
+            env=process_env,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+
+        def send(number: int, method: str, **params) -> None:
+            message = {"jsonrpc": "2.0", "method": method, "params": params}
+            if number:
+                message["id"] = number
+            server.stdin.write(json.dumps(message).encode() + b"\n")
+            server.stdin.flush()
+
+        hello = {"name": "test", "version": "1"}
+        send(1, "initialize", protocolVersion="2025-06-18", capabilities={}, clientInfo=hello)
+        server.stdout.readline()
+        send(0, "notifications/initialized")
+        for number in (2, 3):
+            send(number, "tools/call", name="claim_next_task", arguments={})
+            assert json.loads(server.stdout.readline())["id"] == number
+        # The client dies: what it asked last is answered into a pipe no one reads.
+        server.stdout.close()
+        for number in range(10, 60):
+            send(number, "tools/call", name="get_index_stats", arguments={})
+        server.stdin.close()
+        server.wait(timeout=30)
+        stderr.seek(0)
+        said = stderr.read()
+    assert said.strip() == "mcp:killed: gave back 2 task(s)", said
+    assert Task.objects.filter(status=Status.QUEUED, holder="").count() == 2
+
+
+@pytest.mark.slow
 def test_bad_command_line_is_a_usage_error(process_env):
     result = run_manage(["mcp", "--queue", "../x"], process_env)
     assert result.returncode != 0 and "queue name" in result.stderr

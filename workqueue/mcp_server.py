@@ -187,6 +187,8 @@ def serve_stdio(session: PullSession) -> None:
 
     try:
         anyio.run(main)
+    except* BrokenPipeError:
+        pass  # its client is gone (killed) with answers still to write: no one to read them
     finally:
         thread.close()
 
