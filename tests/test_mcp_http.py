@@ -261,6 +261,32 @@ def test_http_claims_live_by_lease_not_by_the_web_process_pid(client):
     assert [s.why for s in report.requeued] == ["lease expired"]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_refusal_over_http_names_the_session_by_its_token_not_the_web_process_pid(client):
+    make_tasks("q", 1)
+    alice = person("alice", "view_task", "change_task")
+    secrets = {name: ApiToken.issue(alice, name)[1] for name in ("laptop", "desk")}
+
+    def ask(token: str, message: dict) -> dict:
+        response = client.post(
+            "/mcp/?queue=q",
+            json.dumps(message),
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {secrets[token]}",
+            **MCP_HEADERS,
+        )
+        return json.loads(response.json()["result"]["content"][0]["text"])
+
+    assert ask("laptop", CLAIM)["success"]
+    key = Task.objects.get().key
+    complete = {"name": "complete_task", "arguments": {"id": key}}
+    refused = ask("desk", {**CLAIM, "params": complete})
+    assert refused["message"] == (
+        f"{key}: cannot finish it: it is held by mcp:alice/laptop (over HTTP, until its lease "
+        "runs out), not by this session (mcp:alice/desk, over HTTP)"
+    )
+
+
 @pytest.mark.django_db
 def test_tokens_page_creates_shows_once_and_revokes(client):
     alice = person("alice", "view_task", "change_task")

@@ -584,9 +584,11 @@ class PullSession:
 
     def _not_yours(self, task: Task, what: str) -> dict:
         if task.status == Status.CLAIMED:
+            # Over HTTP the pid is the web server's: the token's name is the one its user knows.
+            this = "over HTTP" if self.stateless else f"pid {self.identity.pid}"
             return refused(
                 f"{task.key}: cannot {what}: it is held by {describe_holder(task)}, not by "
-                f"this session ({self.identity.worker}, pid {self.identity.pid})"
+                f"this session ({self.identity.worker}, {this})"
             )
         return refused(
             f"{task.key}: cannot {what}: this session does not hold it (it is {task.status}); "
