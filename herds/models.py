@@ -331,7 +331,7 @@ class HerdStatus(models.TextChoices):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    QUOTA = "quota", "stopped by quota"
+    QUOTA = "quota", "stopped by quota or vendor error"
 
 
 LAUNCH_FAILED = "launch failed"
@@ -974,7 +974,7 @@ class ExitClass(models.TextChoices):
     FINISHED = "finished", "finished (no more work or batch reached)"
     CRASHED = "crashed"
     TIMED_OUT = "timed_out", "timed out"
-    QUOTA = "quota", "quota or rate limit"
+    QUOTA = "quota", "quota, rate limit or vendor error"
     CANCELLED = "cancelled"
 
 
@@ -1089,7 +1089,10 @@ class HerdWorker(models.Model):
 
     def classify_exit(self, exit_code: int | None) -> tuple[str, str]:
         if self.quota_hit:
-            return ExitClass.QUOTA, "quota or rate limit reached"
+            return (
+                ExitClass.QUOTA,
+                "quota, rate limit or vendor server error (the herd's reason says which)",
+            )
         if exit_code == 0:
             return ExitClass.FINISHED, self.drain_reason
         if exit_code is None:
