@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.views.decorators.cache import never_cache
-from django.views.decorators.csrf import csrf_exempt
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -179,9 +178,6 @@ def _unauthorized(message: str) -> HttpResponse:
     return response
 
 
-# A scraper's bearer token is no cookie a page could make a browser send, and nothing here
-# changes anything: exempt, so a POST gets this view's answers (401, 403, 405), not a CSRF page.
-@csrf_exempt
 @never_cache
 def metrics(request: HttpRequest) -> HttpResponse:
     # Who asks comes before how: a stranger learns nothing, not even the methods.

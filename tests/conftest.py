@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from django.db import connection, reset_queries
 
 from herds import processes
 from herds.models import HerdWorker
+from hypervisor_site.writers import writer_lock_path
 from workqueue.models import Queue, Status, Task, TaskBody
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,3 +239,33 @@ def huey_down(monkeypatch, tmp_path):
         down = type(HUEY.storage)(HUEY.name, filename=str(folder / "huey.sqlite3"))
         shutil.rmtree(folder)  # made its tables and closed: the next write opens it again
     monkeypatch.setattr(HUEY, "storage", down)
+
+
+def freeze_outside_a_write(pid: int) -> None:
+    """SIGSTOP a worker at a moment it is not inside a write: frozen mid-transaction (its
+    heartbeat renews its lease twice a second) it would hold SQLite's writers' lock or a
+    PostgreSQL row lock against the reaper, which is another fault than the one tested."""
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        if not _someone_writes():
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} was inside a write at each of 100 tries")
+
+
+def _someone_writes() -> bool:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')"
+            )
+            return cursor.fetchone()[0] > 0
+    with open(writer_lock_path(connection.settings_dict["NAME"]), "a") as turn:
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(turn, fcntl.LOCK_UN)
+        return False

@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 from django.db import OperationalError, connection
 
-from tests.conftest import make_tasks, run_manage, start_manage
+from tests.conftest import freeze_outside_a_write, make_tasks, run_manage, start_manage
 from workqueue import agent_tree, locks, reaper, transitions
 from workqueue.agents import AgentOptions, Transcript, adapter_class
 from workqueue.models import EventKind, Status, Task
@@ -531,7 +531,7 @@ def test_a_worker_paused_past_its_lease_ends_its_agent_tree_as_it_resumes(
     cleanup.append(worker.pid)
     pids = recorded(record, {"agent", "escaped"})
     cleanup.extend(pids.values())
-    os.kill(worker.pid, signal.SIGSTOP)
+    freeze_outside_a_write(worker.pid)
     try:
         time.sleep(4)
         assert [s.why for s in reaper.release_stale_claims("q").requeued] == ["lease expired"]

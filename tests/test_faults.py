@@ -14,7 +14,14 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from tests.conftest import APPEND, make_tasks, run_manage, start_manage, work_appending
+from tests.conftest import (
+    APPEND,
+    freeze_outside_a_write,
+    make_tasks,
+    run_manage,
+    start_manage,
+    work_appending,
+)
 from tests.test_claims import lock_dirs, wait_for
 from workqueue import claims, locks, reaper
 from workqueue.importer import Importer
@@ -49,7 +56,7 @@ def test_frozen_holder_that_wakes_after_losing_its_claim_is_refused(process_env,
         process_env,
     )
     wait_for(lambda: Task.objects.filter(status=Status.CLAIMED).exists(), message="claim")
-    os.kill(frozen.pid, signal.SIGSTOP)
+    freeze_outside_a_write(frozen.pid)
     try:
         wait_for(lambda: Task.objects.get().lease_expires_at < timezone.now(), message="expiry")
         reaped = run_manage(["reap_locks", "--json"], process_env)

@@ -10,7 +10,6 @@ import pytest
 import yaml
 from django.db import connection
 from django.db.models import Count
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
@@ -135,13 +134,6 @@ def test_metrics_answer_only_get_and_only_to_readers(client, django_user_model, 
     client.force_login(staff)
     assert client.post("/metrics").status_code == 405
     assert client.head("/metrics").status_code == 200
-
-
-@pytest.mark.django_db
-def test_a_post_gets_the_metrics_answers_not_a_csrf_page(token):
-    strict = Client(enforce_csrf_checks=True)
-    assert strict.post("/metrics").status_code == 401
-    assert strict.post("/metrics", **bearer(token)).status_code == 405
 
 
 # The numbers --------------------------------------------------------------------------
