@@ -116,6 +116,9 @@ def test_a_consumer_that_cannot_reach_its_queue_or_the_database_says_so_and_stop
     # a database, or logged a traceback each four times a second without Redis.
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     env["HUEY_REDIS_URL"] = f"redis://127.0.0.1:{closed_port()}/0"
+    env["DATABASE_URL"] = (
+        f"sqlite:///{tmp_path}/db.sqlite3"  # a database it reaches, in both passes
+    )
     args = [sys.executable, MANAGE, "run_huey"]
     no_redis = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert no_redis.returncode == 1
