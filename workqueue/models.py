@@ -956,7 +956,7 @@ class TaskSearch(models.Model):
             if len(ids) <= cls.FEW:  # every match (an id may come twice)
                 return Found(ids=sorted(set(ids)))
             if db.vendor == "sqlite":
-                return cls._found_in_table(db, cursor, text, sql, params, ids)
+                return cls._found_in_table(db, cursor, text, sql, params, ids, generation)
             # The tasks it did not find, up to a few: every task has its copy, written in
             # the task's own transaction (0014), so the copies the text is not in, read
             # until the limit. A text in every task is one scan, not a scan hashed for an
@@ -975,14 +975,17 @@ class TaskSearch(models.Model):
         return Found(table=search_hits.keep(db, sql, params)[0])
 
     @classmethod
-    def _found_in_table(cls, db, cursor, text: str, sql: str, params: list, ids: list) -> Found:
+    def _found_in_table(
+        cls, db, cursor, text: str, sql: str, params: list, ids: list, generation: str
+    ) -> Found:
         """SQLite, a search found in more than a few tasks: FTS5 answers a phrase whole,
         not per task, so its ids are kept in a table first, and the tasks not in it looked
         for until the few, unless counting tells every task or more than a few missing."""
         unfound = cls._unfound(cursor, text, sql, params, ids)
         if unfound == 0:
             return Found(missing=[])
-        generation = cls.generation(db.alias)
+        # The board read it before searching; read now for other callers.
+        generation = generation or cls.generation(db.alias)
         table, count = search_hits.keep(db, sql, params)
         if unfound is None or unfound <= cls.FEW:
             cursor.execute(

@@ -50,6 +50,12 @@ def no_holder() -> dict:
     }
 
 
+def given_back(counted: bool = False) -> dict:
+    """What a claim given back leaves: no holder, and (`counted=False`) the attempt its
+    claim counted taken back, the task not being at fault."""
+    return {**no_holder(), **({} if counted else {"attempts": F("attempts") - 1})}
+
+
 def ended(now=None) -> dict:
     """What a claim leaves when its task ends, done or blocked: no lease, no agent (the
     holder stays, to say who had it)."""
@@ -153,7 +159,7 @@ def give_back(
 ) -> list[int]:
     """claimed -> queued for claims that never started (their lock was busy or could not
     be taken): the attempt is not counted."""
-    values = {"status": Status.QUEUED, "attempts": F("attempts") - 1, **no_holder()}
+    values = {"status": Status.QUEUED, **given_back()}
     data = {"owner": owner} if owner else {}
     changed = []
     for mine in _held(identity, claims):
@@ -168,9 +174,7 @@ def release_by_worker(
     counts the attempt (the task was handed out); a stopping worker's claims it never
     started do not (`counted=False`), or each drain would bring a batch nearer its
     attempts' limit."""
-    values = {"status": Status.QUEUED, **no_holder()}
-    if not counted:
-        values["attempts"] = F("attempts") - 1
+    values = {"status": Status.QUEUED, **given_back(counted)}
     changed = []
     for mine in _held(identity, claims):
         changed += _move(mine, values, EventKind.RELEASED, identity.worker, message)
@@ -279,11 +283,10 @@ def _finish_values(result: Result, now) -> dict:
     # Given back: the task was not at fault. A quota or rate limit, or an agent ended
     # because its worker or herd stopped, does not count the attempt either; anything
     # else (the agent asked to be retried) does.
-    back = {"updated_at": now, **no_holder()}
+    counted = not (result.data.get("quota") or result.data.get("stopped"))
+    back = {"updated_at": now, **given_back(counted)}
     keep = ("status", "output_tail", "reason", "result", "tokens", "cost_usd")
     back.update({k: values[k] for k in keep if k in values})
-    if result.data.get("quota") or result.data.get("stopped"):
-        back["attempts"] = F("attempts") - 1
     return back
 
 
@@ -343,9 +346,7 @@ def release_by_reaper(
         values = {"status": Status.BLOCKED, "reason": reason, **ended()}
     else:
         reason = "back to queued" if counted else "back to queued, attempt not counted"
-        values = {"status": Status.QUEUED, **no_holder()}
-        if not counted:
-            values["attempts"] = F("attempts") - 1
+        values = {"status": Status.QUEUED, **given_back(counted)}
     data = {
         "holder": task.holder,
         "host": task.holder_host,
