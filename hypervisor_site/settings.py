@@ -279,8 +279,9 @@ if os.environ.get("HUEY_REDIS_URL"):
         "immediate": envbool("HUEY_IMMEDIATE", False),
         "blocking": True,
         # A blocking read waits for work itself: a thread sleeps only after a failed read,
-        # twice as long each time, so a Redis that is down is a line every 10 s per thread,
-        # not four a second.
+        # twice as long each time, so a Redis that is down is read every 10 s per thread,
+        # not four times a second (and said in a line, then a reminder each 10 s:
+        # herds.consumer).
         "consumer": {**_consumer, "backoff": 2, "max_delay": 10},
     }
 else:

@@ -131,7 +131,8 @@ def test_a_consumer_that_cannot_reach_its_queue_or_the_database_says_so_and_stop
         "manage.py run_huey: database: unable to open database file"
     ]
     # And once running, a thread whose read of Redis failed waits longer each time: a
-    # handful of tracebacks in the first minute, then one each 10 s, not four a second.
+    # handful of reads in the first minute, then one each 10 s, not four a second (what
+    # the log says of them: tests/test_consumer_outage.py).
     show = (
         "from django.conf import settings; c = settings.HUEY['consumer']; "
         "print(c['initial_delay'], c['backoff'], c['max_delay'])"
