@@ -15,10 +15,12 @@ import shutil
 import subprocess
 import time
 from datetime import timedelta
+from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.utils import timezone
 
 from tests.conftest import make_tasks, run_manage
@@ -501,3 +503,66 @@ def test_a_dead_pull_workers_session_folder_goes_never_through_a_link(settings, 
     assert reaper.release_orphan_locks() == [sessions / "pull-dead"]
     assert sorted(p.name for p in sessions.iterdir()) == ["other-dead", "pull-link", "pull-live"]
     assert (outside / "keep.txt").read_text() == "mine"
+
+
+# A symlink the reaper meets at every pass (issue: logged every minute, for ever).
+
+
+def reaper_pass() -> None:
+    """What the consumer runs every minute (herds.tasks.reap_stale_claims_now)."""
+    reaper.release_stale_claims(actor="reaper (huey)")
+
+
+def refusals(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("plant", PLANTS)
+def test_the_reaper_logs_a_symlink_in_the_lock_root_once_not_at_every_pass(
+    lock_root, victim, plant, caplog
+):
+    before = snapshot(victim)
+    planted = PLANTS[plant](lock_root, victim)
+    caplog.set_level(logging.WARNING, logger="workqueue.locks")
+    reaper_pass()
+    reaper_pass()
+    assert refusals(caplog) == [f"{planted} {REFUSED}"]
+    # Still refused at the second pass, quietly: nothing followed, nothing deleted through.
+    assert planted.is_symlink() and snapshot(victim) == before
+
+
+@pytest.mark.django_db
+def test_a_symlink_planted_again_is_logged_again_and_a_person_who_asks_hears_of_it(
+    lock_root, victim, caplog, admin_client
+):
+    before = snapshot(victim)
+    planted = plant_lock(lock_root, victim)
+    said = f"{planted} {REFUSED}"
+    caplog.set_level(logging.WARNING, logger="workqueue.locks")
+    reaper_pass()
+    reaper_pass()
+    assert refusals(caplog) == [said]
+    planted.unlink()
+    reaper_pass()
+    time.sleep(0.05)  # a link made anew, not the same one seen again
+    planted.symlink_to(victim)
+    reaper_pass()
+    reaper_pass()
+    assert refusals(caplog) == [said, said]
+    # A person running reap_locks, or looking at the admin's locks page, is told each time.
+    caplog.clear()
+    for _ in range(2):
+        assert run_in_process_reap_locks() == "0 requeued, 0 blocked, 0 orphan locks"
+    assert refusals(caplog) == [said, said]
+    caplog.clear()
+    assert admin_client.get(LOCKS_PAGE).status_code == 200
+    assert said in refusals(caplog)
+    assert planted.is_symlink() and snapshot(victim) == before
+
+
+def run_in_process_reap_locks() -> str:
+    """`reap_locks` in this process, which has logged the link already."""
+    out = StringIO()
+    call_command("reap_locks", stdout=out)
+    return out.getvalue().strip()

@@ -11,7 +11,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from hypervisor_site.writers import write_transaction
-from workqueue import editing, reaper
+from workqueue import editing, locks, reaper
 from workqueue.editing import FIELDS
 from workqueue.forms import StorableJSONField, TaskAdminForm
 from workqueue.models import Queue, Status, Task, TaskEvent
@@ -233,6 +233,7 @@ class TaskAdmin(admin.ModelAdmin):
     @admin.action(
         description="Release stale claims in the selected tasks' queues", permissions=["change"]
     )
+    @locks.every_refusal()  # asked for: each symlink met is logged, as often as asked
     def release_stale(self, request: HttpRequest, queryset) -> None:
         actor = self._actor(request)
         queues = sorted(set(queryset.values_list("queue", flat=True)))
@@ -258,6 +259,7 @@ class TaskAdmin(admin.ModelAdmin):
             *super().get_urls(),
         ]
 
+    @locks.every_refusal()  # asked for: each symlink met is logged, as often as asked
     def locks_view(self, request: HttpRequest) -> HttpResponse:
         """Filesystem locks, with a dry run of the reaper and a button that runs it."""
         if not self.has_view_permission(request):

@@ -12,6 +12,7 @@ is resolved once, when it is opened.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import errno
 import hashlib
@@ -55,8 +56,56 @@ class LockError(Exception):
     """The lock root cannot take a lock (read-only, full, no permission, a symlink)."""
 
 
-def symlink_refused(path: str | Path) -> LockError:
-    return LockError(f"{path} is a symlink; refusing to follow it")
+class SymlinkRefused(LockError):
+    """A symlink where a folder, lock directory or owner file of the lock root goes."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(f"{path} is a symlink; refusing to follow it")
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (type(self), (self.path,))
+
+
+def symlink_refused(path: str | Path) -> SymlinkRefused:
+    return SymlinkRefused(path)
+
+
+# The symlinks a listing of the lock root met and logged, by path: the link's (device,
+# inode, change time, target). The reaper lists the root at each pass (every minute, and
+# at each supervision pass), and a link planted there stays until a person removes it: it
+# is logged once per process, and again only once another link stands at that path.
+_refusals_said: dict[str, tuple] = {}
+_REFUSALS_KEPT = 10_000
+_every_refusal = contextvars.ContextVar("every_refusal", default=False)
+
+
+@contextmanager
+def every_refusal():
+    """Within it, each symlink a listing meets is logged, however often it was before:
+    for a person who asked (`reap_locks`, the admin's locks page)."""
+    token = _every_refusal.set(True)
+    try:
+        yield
+    finally:
+        _every_refusal.reset(token)
+
+
+def _say_refused(refused: SymlinkRefused) -> None:
+    """Log a symlink met in the lock root where a folder, lock or owner file goes."""
+    try:
+        link = os.lstat(refused.path)
+        seen = (link.st_dev, link.st_ino, link.st_ctime_ns, os.readlink(refused.path))
+    except OSError:  # gone already, or no longer a link
+        seen = None
+    if seen is not None and not _every_refusal.get() and _refusals_said.get(refused.path) == seen:
+        log.debug("%s (logged before)", refused)
+        return
+    if seen is not None:
+        if len(_refusals_said) >= _REFUSALS_KEPT:
+            _refusals_said.clear()
+        _refusals_said[refused.path] = seen
+    log.warning("%s", refused)
 
 
 @dataclass(frozen=True)
@@ -800,6 +849,9 @@ def _listing(parent: int, name: str, path: str):
     """A folder's fd to list, or None (nothing to list) when it is missing or a link."""
     try:
         fd = open_dir(parent, name, path)
+    except SymlinkRefused as exc:
+        _say_refused(exc)
+        fd = None
     except LockError as exc:
         log.warning("%s", exc)
         fd = None
@@ -822,7 +874,7 @@ def _entries(folder: int | None, path: str):
         except FileNotFoundError:
             continue
         if stat.S_ISLNK(st.st_mode):
-            log.warning("%s", symlink_refused(f"{path}/{entry.name}"))
+            _say_refused(symlink_refused(f"{path}/{entry.name}"))
             continue
         yield entry.name, st
 
@@ -836,6 +888,8 @@ def _subdirs(folder: int | None, path: str):
 def _read_lock_owner(folder: int, name: str, path: str) -> dict | None:
     try:
         return _read_lock(folder, name, path)[0]
+    except SymlinkRefused as exc:
+        _say_refused(exc)
     except LockError as exc:
         log.warning("%s", exc)
     except OSError:

@@ -2,6 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
+from workqueue.locks import every_refusal
 from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 from workqueue.reaper import release_stale_claims
@@ -19,6 +20,7 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true", help="list, change nothing")
         parser.add_argument("--json", action="store_true", help="the report as one JSON object")
 
+    @every_refusal()  # a person asked: each symlink met in the lock root is logged
     def handle(self, *args, **options):
         missing = options["queue"] and Queue.objects.missing(options["queue"])
         if missing:  # a typo would read as "nothing stale"
