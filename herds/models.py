@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import IntegrityError, models, transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, F, Q, Sum
 from django.urls import reverse
 from django.utils import timezone
 
@@ -441,6 +441,9 @@ class Herd(models.Model):
     launch_host = models.CharField(max_length=200, blank=True)
     launch_pid = models.IntegerField(null=True, blank=True)
     launch_started = models.FloatField(null=True, blank=True, help_text="psutil create_time")
+    # Workers started in place of crashed or timed-out ones, and why it starts no more.
+    replacements = models.PositiveIntegerField(default=0)
+    replacements_stopped = models.CharField(max_length=500, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     objects = HerdQuerySet.as_manager()
@@ -687,6 +690,82 @@ class Herd(models.Model):
         """Why a herd whose every worker crashed failed: the first one's end, in words."""
         first = self.workers.exclude(exit_detail="").order_by("finished_at", "index").first()
         return f"every worker crashed ({first.name}: {first.exit_detail})" if first else ""
+
+    def end_reason(self, status: str) -> str:
+        """The reason a herd ends with when nothing (a drain, a cancel) gave one: why it
+        failed, after why it stopped replacing its dead workers, if it did."""
+        self.refresh_from_db(fields=["replacements", "replacements_stopped"])
+        said = [self.replacement_words if self.replacements_stopped else ""]
+        said.append(self.failure() if status == HerdStatus.FAILED else "")
+        return "; ".join(filter(None, said))
+
+    @property
+    def replacement_words(self) -> str:
+        """ "3 workers replaced; no more replacements: why", for its page and its reason."""
+        said = f"{self.replacements} worker{'s' if self.replacements != 1 else ''} replaced"
+        if self.replacements_stopped:
+            said += f"; no more replacements: {self.replacements_stopped}"
+        return said
+
+    def restart_budget(self) -> int:
+        """How many workers it may start in place of dead ones over its life."""
+        configured = settings.HYPERVISOR_HERD_RESTARTS
+        return self.size if configured is None else configured
+
+    def take_replacement(self, worker: HerdWorker) -> bool:
+        """Whether to start a worker in place of this dead one: decided once per dead worker
+        (a conditional UPDATE of its row: overlapping passes never start two), and only for
+        a local worker that crashed or timed out, while the herd runs on (launched, neither
+        draining nor cancelled) and tasks are ready for it. A replacement counts against
+        the restart budget; once the budget is spent, or a replacement died at its start as
+        the worker it replaced may have (a crash loop), the herd starts no more."""
+        runs_on = Herd.objects.filter(
+            pk=self.pk,
+            status=HerdStatus.RUNNING,
+            draining=False,
+            cancel_requested=False,
+            launched_at__isnull=False,
+            replacements_stopped="",
+        )
+        if not runs_on.exists() or not self.ready_tasks().exists():
+            return False
+        decided = (
+            HerdWorker.objects.filter(
+                pk=worker.pk,
+                herd=self,
+                host=settings.HYPERVISOR_HOST,
+                exit_class__in=REPLACEABLE,
+                replacement_decided=False,
+            )
+            .exited()
+            .update(replacement_decided=True)
+        )
+        if not decided:
+            return False
+        worker.refresh_from_db(fields=["state", "done", "blocked", "started_at", "finished_at"])
+        budget = self.restart_budget()
+        within = Herd.objects.filter(pk=self.pk, replacements__lt=budget)
+        if not within.exists():
+            self.stop_replacements(f"the restart budget of {budget} is spent")
+            return False
+        if worker.replaces_id is not None and worker.died_at_start():
+            self.stop_replacements(
+                f"{worker.name}, itself a replacement, died {worker.runtime_seconds():.0f} s "
+                "after it started with no task finished (a crash loop)"
+            )
+            return False
+        if not within.update(replacements=F("replacements") + 1):
+            self.stop_replacements(f"the restart budget of {budget} is spent")
+            return False
+        return True
+
+    def stop_replacements(self, why: str) -> None:
+        """Start no more replacements, saying why (the first reason is kept)."""
+        why = why if len(why) <= 500 else why[:499] + "…"
+        if Herd.objects.filter(pk=self.pk, replacements_stopped="").update(
+            replacements_stopped=why
+        ):
+            log.info("herd %s: no more replacements: %s", self.pk, why)
 
     def planned_tasks(self) -> int:
         ready = int(self.preflight.get("ready", 0))
@@ -947,7 +1026,12 @@ class Herd(models.Model):
             # Ready in its view as it ended: left by a batch, a drain or a cancel, or a dead
             # worker's claim reaped after the others had found nothing more and stopped.
             "left_ready": self.ready_tasks().count(),
-            "worker_processes": [w.summary_row() for w in self.workers.order_by("index")],
+            "worker_processes": [
+                w.summary_row() for w in self.workers.select_related("replaces").order_by("index")
+            ],
+            # Workers started in place of crashed or timed-out ones; why it stopped, if it did.
+            "replacements": self.replacements,
+            "replacements_stopped": self.replacements_stopped,
             "runtime_seconds": runtime,
             # What the herd spent, as its page and its budget count it: tasks given back
             # (a drain, a quota, exit 75) cost tokens too.
@@ -976,6 +1060,12 @@ class ExitClass(models.TextChoices):
     TIMED_OUT = "timed_out", "timed out"
     QUOTA = "quota", "quota, rate limit or vendor error"
     CANCELLED = "cancelled"
+
+
+# The ends a worker is started again after (not a quota, a cancel or a clean exit).
+REPLACEABLE = (ExitClass.CRASHED, ExitClass.TIMED_OUT)
+# A worker that dies this soon after its start with no task finished died of its start.
+DIED_AT_START_SECONDS = 10
 
 
 class HerdWorkerQuerySet(models.QuerySet):
@@ -1036,6 +1126,12 @@ class HerdWorker(models.Model):
     cost_usd = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal(0))
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # A worker started in place of a crashed or timed-out one: that one.
+    replaces = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replacement"
+    )
+    # Set by the one supervision pass that decided whether this dead worker is replaced.
+    replacement_decided = models.BooleanField(default=False)
 
     objects = HerdWorkerQuerySet.as_manager()
 
@@ -1057,6 +1153,11 @@ class HerdWorker(models.Model):
     def runtime_seconds(self) -> float:
         end = self.finished_at or timezone.now()
         return round((end - self.started_at).total_seconds(), 3)
+
+    def died_at_start(self) -> bool:
+        """It ended within seconds of its start, with no task finished."""
+        quick = self.runtime_seconds() < DIED_AT_START_SECONDS
+        return self.state == WorkerState.EXITED and quick and not (self.done or self.blocked)
 
     def record_exit(self, exit_code: int | None, exit_class: str, detail: str = "") -> bool:
         """Mark the process gone, once; a second supervisor finds it already done."""
@@ -1121,4 +1222,5 @@ class HerdWorker(models.Model):
             "cost_usd": float(self.cost_usd),
             "runtime_seconds": self.runtime_seconds(),
             "log": self.log_path,
+            "replaces": self.replaces.name if self.replaces_id else None,
         }

@@ -62,19 +62,29 @@ def worker_argv(herd: Herd, worker: HerdWorker) -> list[str]:
         argv.append("--dry-run")
     argv += [f"--where={where}" for where in herd.filters]
     if herd.cores_taken_in_turns:
+        # A replacement (index + size) takes the slot of the worker it replaces.
         folder = log_path(herd, worker.index).parent
-        argv.append(f"--cpu-slot={cpu_slots.slot_path(folder, worker.index)}")
+        argv.append(f"--cpu-slot={cpu_slots.slot_path(folder, worker.index % herd.size)}")
     return argv
 
 
-def start_worker(herd: Herd, index: int) -> tuple[HerdWorker, zygote.WorkerProcess | None]:
+def start_worker(
+    herd: Herd, index: int, replaces: HerdWorker | None = None
+) -> tuple[HerdWorker, zygote.WorkerProcess | None]:
     worker = HerdWorker.objects.create(
         herd=herd,
         index=index,
         name=f"herd{herd.pk}-w{index}",
         host=settings.HYPERVISOR_HOST,
         log_path=str(log_path(herd, index)),
+        replaces=replaces,
     )
+    # A drain that came after the caller looked passed this row by: it tells live rows only.
+    drained = Herd.objects.filter(pk=herd.pk, draining=True).values_list("reason", flat=True)
+    for reason in drained:
+        HerdWorker.objects.filter(pk=worker.pk, drain_reason="").update(
+            drain_reason=reason[:500] or "draining"
+        )
     # The profile's own environment (API keys, perhaps) goes to its agents only: the
     # worker reads it from the profile.
     env = {**os.environ, WORKER_ENV: str(worker.pk), "PYTHONUNBUFFERED": "1"}
@@ -179,7 +189,7 @@ def supervise(herd: Herd) -> bool:
                 HerdStatus.FAILED, "the launching consumer stopped before any worker started"
             )
     status = herd.end_status()
-    herd.finish(status, herd.failure() if status == HerdStatus.FAILED else "")
+    herd.finish(status, herd.end_reason(status))
     return False
 
 
@@ -222,6 +232,7 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
             code = child.wait(timeout=5) if child is not None else None
             worker.record_exit(code, ExitClass.TIMED_OUT, f"no heartbeat for {silence:.0f} s")
             reap_worker(herd, worker)
+            replace_worker(herd, worker)
             return
         record_sample(worker, seen)
         return
@@ -245,6 +256,7 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
         said = f"{exit_class}: {detail}" if detail else exit_class
         log.info("herd %s: %s exited (%s)", herd.pk, worker.name, said)
     reap_worker(herd, worker)
+    replace_worker(herd, worker)
 
 
 def check_remote_worker(worker: HerdWorker) -> None:
@@ -319,6 +331,25 @@ def reap_worker(herd: Herd, worker: HerdWorker) -> None:
             holder_pid=worker.pid,
             counted=not herd.cancel_requested,
         )
+
+
+def replace_worker(herd: Herd, dead: HerdWorker) -> HerdWorker | None:
+    """Start a worker in place of a dead one, once, when the herd wants it
+    (Herd.take_replacement): after reap_worker gave the dead one's claims back. Its index
+    is the dead one's plus the herd's size, free since each worker is replaced once."""
+    if not herd.take_replacement(dead):
+        return None
+    worker, _ = start_worker(herd, dead.index + herd.size, replaces=dead)
+    log.info(
+        "herd %s: %s started in place of %s (%s; replacement %s of %s)",
+        herd.pk,
+        worker.name,
+        dead.name,
+        dead.exit_class,
+        Herd.objects.filter(pk=herd.pk).values_list("replacements", flat=True)[0],
+        herd.restart_budget(),
+    )
+    return worker
 
 
 def end_processes(herd: Herd) -> None:

@@ -35,7 +35,7 @@ def _live_context(herd: Herd) -> dict:
     finished = herd.finished_tasks()
     return {
         "herd": herd,
-        "workers": list(herd.workers.all()),
+        "workers": list(herd.workers.select_related("replaces")),
         "planned": planned,
         "finished": finished,
         # Tasks that became ready during the run count too: never "6 of 5".

@@ -58,6 +58,9 @@ HYPERVISOR_FOREIGN_LOCK_MAX_AGE = envint("HYPERVISOR_FOREIGN_LOCK_MAX_AGE", 6 * 
 HYPERVISOR_HOST = os.environ.get("HYPERVISOR_HOST") or socket.gethostname()
 HYPERVISOR_REAP_INTERVAL = envint("HYPERVISOR_REAP_INTERVAL", 30, minimum=1)
 HYPERVISOR_SUPERVISE_INTERVAL = envint("HYPERVISOR_SUPERVISE_INTERVAL", 2, minimum=1)
+# Workers a herd may start in place of crashed or timed-out ones over its life; unset:
+# as many as the herd has workers. 0: none is ever replaced.
+HYPERVISOR_HERD_RESTARTS = envint("HYPERVISOR_HERD_RESTARTS", None, minimum=0)
 # Workers of a CPU-bound processor, more of them than cores, take turns on the cores of
 # at least this long (workqueue.cpu_slots); 0 passes the turn on after every batch.
 HYPERVISOR_CPU_TURN_MS = envint("HYPERVISOR_CPU_TURN_MS", 2000)

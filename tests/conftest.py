@@ -17,8 +17,9 @@ from django.core.cache import cache
 from django.core.signals import request_started
 from django.db import connection, reset_queries
 
-from herds import processes
+from herds import processes, zygote
 from herds.models import HerdWorker
+from herds.receivers import WORKER_ENV
 from hypervisor_site.writers import writer_lock_path
 from workqueue.models import Queue, Status, Task, TaskBody
 
@@ -81,6 +82,62 @@ def database_url() -> str:
     port = db.get("PORT") or 5432
     password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
     return f"postgres://{user}{password}@{host}:{port}/{db['NAME']}"
+
+
+@pytest.fixture(autouse=True)
+def no_fork_server_in_tests(monkeypatch):
+    """A supervision pass run in the test process (not in a consumer) never forks a worker
+    from a fork server of its own: that server would load the settings afresh and its
+    workers would open the development database, not the test's. A test that wants a
+    pass to start workers uses `workers_by_popen`."""
+
+    def refuse(args, env, log_path):
+        raise AssertionError(f"a worker would be forked in the test process: work {args}")
+
+    monkeypatch.setattr(zygote, "start", refuse)
+
+
+class PopenWorker:
+    """A `manage.py work` started by Popen, with the poll/wait of zygote.WorkerProcess."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.pid = process, process.pid
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+@pytest.fixture
+def workers_by_popen(monkeypatch, settings, process_env) -> list[PopenWorker]:
+    """Supervision passes in the test process start real workers on the test database:
+    `manage.py work` processes in sessions of their own, as the fork server's are."""
+    settings.HYPERVISOR_DATA_DIR = Path(process_env["HYPERVISOR_DATA_DIR"])
+    started: list[PopenWorker] = []
+
+    def start(args, env, log_path):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            process = start_manage(
+                ["work", *args],
+                {**process_env, WORKER_ENV: env[WORKER_ENV]},
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        started.append(PopenWorker(process))
+        return started[-1]
+
+    monkeypatch.setattr(zygote, "start", start)
+    yield started
+    for worker in started:
+        processes.terminate_trees([(worker.pid, None)], grace=1)
+        worker.process.wait(timeout=10)
 
 
 @pytest.fixture

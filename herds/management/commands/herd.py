@@ -190,6 +190,7 @@ class Command(BaseCommand):
                 f"{worker['done']} done, {worker['blocked']} blocked in "
                 f"{worker['runtime_seconds']} s"
                 + (f"; {worker['exit_detail']}" if worker["exit_detail"] else "")
+                + (f"; replaces {worker['replaces']}" if worker.get("replaces") else "")
                 + f"  log: {worker['log']}"
             )
         if data["counts"]:
