@@ -172,6 +172,9 @@ def test_killed_worker_is_noticed_and_its_claim_reaped(huey_env, consumer):
     rows = {w["index"]: w for w in herd.summary["worker_processes"]}
     assert rows[0]["exit_class"] == "crashed" and rows[0]["exit_code"] == -signal.SIGKILL
     assert rows[1]["exit_class"] == "finished"
+    # Its task back in the queue, a worker was started in its place.
+    assert rows[2]["exit_class"] == "finished" and rows[2]["replaces"] == rows[0]["name"]
+    assert sorted(rows) == [0, 1, 2] and herd.summary["replacements"] == 1
     assert Task.objects.filter(queue="killq", status=Status.DONE).count() == 6
 
 

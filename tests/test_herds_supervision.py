@@ -77,7 +77,9 @@ def silent_worker(herd: Herd, process: subprocess.Popen):
     )
 
 
-def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_herd):
+def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(
+    running_herd, workers_by_popen
+):
     make_tasks("supq", 2)
     worker = exited_worker(running_herd)
     task = Task.objects.get(key="t000000")
@@ -93,15 +95,26 @@ def test_periodic_pass_reaps_a_dead_workers_claim_and_finishes_the_herd(running_
     )
 
     assert supervision.supervise_running_herds() == 1
-    assert supervision.supervise_running_herds() == 0  # ended once; a second pass finds nothing
 
     worker.refresh_from_db()
     assert worker.state == WorkerState.EXITED and worker.exit_class == ExitClass.CRASHED
-    assert Task.objects.get(pk=task.pk).status == Status.QUEUED
     assert TaskEvent.objects.filter(task=task, kind=EventKind.REAPED).count() == 1
+    # Its claim went back before a worker was started in its place, which takes it.
+    (replacement,) = workers_by_popen
+    reaped = TaskEvent.objects.get(task=task, kind=EventKind.REAPED).at
+    assert reaped <= running_herd.workers.get(replaces=worker).started_at
+    replacement.process.wait(timeout=60)
+    assert supervision.supervise_running_herds() == 1
+    assert supervision.supervise_running_herds() == 0  # ended once; a second pass finds nothing
+    assert Task.objects.filter(status=Status.DONE).count() == 2
+    assert TaskEvent.objects.filter(task=task, kind=EventKind.DONE).count() == 1
     running_herd.refresh_from_db()
-    assert running_herd.status == HerdStatus.FAILED  # its only worker crashed
-    assert running_herd.summary["worker_processes"][0]["exit_class"] == "crashed"
+    assert running_herd.status == HerdStatus.FINISHED  # its replacement finished
+    rows = running_herd.summary["worker_processes"]
+    assert [(row["exit_class"], row["replaces"]) for row in rows] == [
+        ("crashed", None),
+        ("finished", "herd-w0"),
+    ]
 
 
 def test_the_summary_counts_the_tasks_its_workers_gave_back(running_herd):
@@ -132,7 +145,9 @@ def test_the_summary_counts_the_tasks_its_workers_gave_back(running_herd):
     )
     transitions.give_back(me, [busy], EventKind.LOCK_BUSY, "lock directory held")
     transitions.release_by_worker(me, [drained], "herd draining", counted=False)
-    # `left` is still claimed as the worker dies: supervision reaps it back to the queue.
+    # `left` is still claimed as the worker stops (with code 0, or another would be started
+    # in its place to take the four given back): supervision reaps it back to the queue.
+    type(worker).objects.filter(pk=worker.pk).update(exit_code=0)
 
     supervision.supervise_running_herds()
 
