@@ -727,8 +727,9 @@ class Herd(models.Model):
             launched_at__isnull=False,
             replacements_stopped="",
         )
-        if not runs_on.exists() or not self.ready_tasks().exists():
-            return False
+        budget = self.restart_budget()
+        if not budget or not runs_on.exists() or not self.ready_tasks().exists():
+            return False  # a budget of 0 is no replacing at all, and nothing to say
         decided = (
             HerdWorker.objects.filter(
                 pk=worker.pk,
@@ -742,8 +743,9 @@ class Herd(models.Model):
         )
         if not decided:
             return False
-        worker.refresh_from_db(fields=["state", "done", "blocked", "started_at", "finished_at"])
-        budget = self.restart_budget()
+        worker.refresh_from_db(
+            fields=["state", "exit_class", "done", "blocked", "started_at", "finished_at"]
+        )
         within = Herd.objects.filter(pk=self.pk, replacements__lt=budget)
         if not within.exists():
             self.stop_replacements(f"the restart budget of {budget} is spent")
