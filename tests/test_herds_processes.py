@@ -138,11 +138,8 @@ def test_cancel_ends_every_process_and_puts_tasks_back(huey_env, consumer, lock_
     assert herd.summary["status"] == "cancelled"
 
 
-def test_killed_worker_is_noticed_and_its_claim_reaped(huey_env, consumer):
-    agent_profile("steady", "--sleep", "1.5")
-    make_tasks("killq", 6)
-    herd_id = launch(huey_env, "--queue", "killq", "--profile", "steady", "--workers", "2")
-
+def kill_worker_holding_a_claim(herd_id: int) -> tuple[HerdWorker, Task]:
+    """SIGKILL the herd's worker 0 once it runs and holds a claim: it, and the task."""
     victim = wait_until(
         lambda: HerdWorker.objects.filter(herd_id=herd_id, index=0, state="running").first(),
         60,
@@ -154,6 +151,15 @@ def test_killed_worker_is_noticed_and_its_claim_reaped(huey_env, consumer):
         what="a claim by worker 0",
     )
     os.kill(victim.pid, signal.SIGKILL)
+    return victim, held
+
+
+def test_killed_worker_is_noticed_and_its_claim_reaped(huey_env, consumer):
+    agent_profile("steady", "--sleep", "1.5")
+    make_tasks("killq", 6)
+    herd_id = launch(huey_env, "--queue", "killq", "--profile", "steady", "--workers", "2")
+
+    victim, held = kill_worker_holding_a_claim(herd_id)
     killed_at = time.monotonic()
 
     wait_until(

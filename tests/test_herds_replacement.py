@@ -19,7 +19,14 @@ from django.utils import timezone
 from herds import processes, supervision
 from herds.models import ExitClass, Herd, HerdStatus, HerdWorker, Profile
 from tests.conftest import APPEND, make_tasks, start_manage
-from tests.test_herds_processes import agent_profile, launch, wait_until, worker_logs
+from tests.test_herds_processes import (
+    agent_profile,
+    kill_worker_holding_a_claim,
+    launch,
+    wait_until,
+    worker_logs,
+)
+from tests.test_herds_supervision import running_noop_herd
 from tests.test_herds_views import client_for
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
@@ -71,17 +78,7 @@ def test_a_sigkilled_worker_is_replaced_and_the_herd_does_every_task_once(
     )
     make_tasks("replq", 16)
     herd_id = launch(huey_env, "--queue", "replq", "--profile", "append-slowly", "--workers", "2")
-    victim = wait_until(
-        lambda: HerdWorker.objects.filter(herd_id=herd_id, index=0, state="running").first(),
-        60,
-        what="worker 0 running",
-    )
-    held = wait_until(
-        lambda: Task.objects.filter(status=Status.CLAIMED, holder_pid=victim.pid).first(),
-        30,
-        what="a claim by worker 0",
-    )
-    os.kill(victim.pid, signal.SIGKILL)
+    victim, held = kill_worker_holding_a_claim(herd_id)
 
     replacement = wait_until(
         lambda: HerdWorker.objects.filter(herd_id=herd_id, replaces=victim).first(),
@@ -190,17 +187,7 @@ def test_a_replacement_that_dies_at_its_start_ends_the_replacing(huey_env, tmp_p
 
 @pytest.fixture
 def running_herd() -> Herd:
-    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
-    now = timezone.now()
-    return Herd.objects.create(
-        queue="replq",
-        profile=profile,
-        size=1,
-        status=HerdStatus.RUNNING,
-        started_at=now,
-        launched_at=now,
-        preflight={"ready": 3},
-    )
+    return running_noop_herd("replq", ready=3)
 
 
 def dead_worker(herd: Herd, program: str = "pass", log=None, **fields) -> HerdWorker:

@@ -24,19 +24,24 @@ from workqueue.models import EventKind, Status, Task, TaskEvent
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def running_herd() -> Herd:
+def running_noop_herd(queue: str, ready: int) -> Herd:
+    """A herd of one no-op worker, launched and running, as a supervision pass finds it."""
     profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
     now = timezone.now()
     return Herd.objects.create(
-        queue="supq",
+        queue=queue,
         profile=profile,
         size=1,
         status=HerdStatus.RUNNING,
         started_at=now,
         launched_at=now,
-        preflight={"ready": 2},
+        preflight={"ready": ready},
     )
+
+
+@pytest.fixture
+def running_herd() -> Herd:
+    return running_noop_herd("supq", ready=2)
 
 
 def start_sleeper(seconds: str = "60") -> subprocess.Popen:
