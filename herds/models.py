@@ -730,6 +730,8 @@ class Herd(models.Model):
         budget = self.restart_budget()
         if not budget or not runs_on.exists() or not self.ready_tasks().exists():
             return False  # a budget of 0 is no replacing at all, and nothing to say
+        if self.batch_left(worker.index) == 0:
+            return False  # its place's batch is done: a replacement would go past the plan
         decided = (
             HerdWorker.objects.filter(
                 pk=worker.pk,
@@ -760,6 +762,17 @@ class Herd(models.Model):
             self.stop_replacements(f"the restart budget of {budget} is spent")
             return False
         return True
+
+    def batch_left(self, index: int) -> int | None:
+        """The tasks a worker in the place of worker `index` may still finish: the herd's
+        batch less what that place's workers (the first, and those started in its place,
+        index plus a multiple of the size) finished. None without a batch."""
+        if not self.batch:
+            return None
+        place = index % self.size
+        finished = self.workers.annotate(place=F("index") % self.size).filter(place=place)
+        spent = finished.aggregate(spent=Sum(F("done") + F("blocked")))["spent"] or 0
+        return max(self.batch - spent, 0)
 
     def stop_replacements(self, why: str) -> None:
         """Start no more replacements, saying why (the first reason is kept)."""

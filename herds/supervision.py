@@ -55,7 +55,8 @@ def worker_argv(herd: Herd, worker: HerdWorker) -> list[str]:
         f"--queue={herd.queue}",
         f"--herd={herd.pk}",
         f"--name={worker.name}",
-        f"--batch={herd.batch}",
+        # A replacement finishes what is left of the batch of the worker it replaces.
+        f"--batch={herd.batch_left(worker.index) or 0}",
         f"--profile={herd.profile.name}",
     ]
     if herd.dry_run:

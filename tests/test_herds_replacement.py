@@ -227,6 +227,28 @@ def test_a_pass_replaces_a_crashed_worker_whose_tasks_are_ready(running_herd, wo
     assert Task.objects.filter(status=Status.DONE).count() == 3
 
 
+@pytest.mark.parametrize("finished_before", [1, 3])
+def test_a_replacement_finishes_what_is_left_of_its_places_batch(
+    running_herd, workers_by_popen, finished_before
+):
+    """A herd of batches of 3: the worker started in a dead one's place finishes what is
+    left of that one's batch, not a batch more (the plan is what the herd does); a worker
+    that died with its batch done is not replaced."""
+    Herd.objects.filter(pk=running_herd.pk).update(batch=3)
+    running_herd.refresh_from_db()
+    make_tasks("replq", 6)
+    dead = dead_worker(running_herd, CRASH, done=finished_before)
+
+    herd = supervise_until_ended(running_herd)
+
+    replacement = HerdWorker.objects.filter(replaces=dead).first()
+    if finished_before == 3:
+        assert replacement is None and herd.replacements == 0 and not workers_by_popen
+        return
+    assert (replacement.exit_class, replacement.done) == (ExitClass.FINISHED, 2), worker_logs()
+    assert Task.objects.filter(status=Status.DONE).count() == 2
+
+
 CONDITIONS = {
     "draining": lambda herd, settings: herd.drain("drained by the test"),
     "cancel requested": lambda herd, settings: herd.request_cancel("cancelled by the test"),
