@@ -57,14 +57,9 @@ def describe(huey) -> str:
     url = huey.storage_kwargs.get("url")
     if url:
         return without_password(url)
+    # settings.HUEY gives Redis by its URL, or else SQLite's file.
     filename = getattr(huey.storage, "filename", None)
-    if filename:
-        return str(filename)
-    pool = getattr(huey.storage, "pool", None)
-    kwargs = getattr(pool, "connection_kwargs", None) or {}
-    if "host" in kwargs:
-        return f"redis://{kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-    return f"{type(huey.storage).__name__} {huey.name!r}"
+    return str(filename) if filename else f"{type(huey.storage).__name__} {huey.name!r}"
 
 
 class QueueOutage:

@@ -695,8 +695,9 @@ class Herd(models.Model):
         """The reason a herd ends with when nothing (a drain, a cancel) gave one: why it
         failed, after why it stopped replacing its dead workers, if it did."""
         self.refresh_from_db(fields=["replacements", "replacements_stopped"])
-        said = [self.replacement_words if self.replacements_stopped else ""]
-        said.append(self.failure() if status == HerdStatus.FAILED else "")
+        said = [self.replacement_words] if self.replacements_stopped else []
+        if status == HerdStatus.FAILED:
+            said.append(self.failure())
         return "; ".join(filter(None, said))
 
     @property
@@ -749,8 +750,9 @@ class Herd(models.Model):
             fields=["state", "exit_class", "done", "blocked", "started_at", "finished_at"]
         )
         within = Herd.objects.filter(pk=self.pk, replacements__lt=budget)
-        if not within.exists():
-            self.stop_replacements(f"the restart budget of {budget} is spent")
+        spent = f"the restart budget of {budget} is spent"
+        if not within.exists():  # said before a crash loop, which would not count
+            self.stop_replacements(spent)
             return False
         if worker.replaces_id is not None and worker.died_at_start():
             self.stop_replacements(
@@ -759,7 +761,7 @@ class Herd(models.Model):
             )
             return False
         if not within.update(replacements=F("replacements") + 1):
-            self.stop_replacements(f"the restart budget of {budget} is spent")
+            self.stop_replacements(spent)
             return False
         return True
 
