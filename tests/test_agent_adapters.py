@@ -240,6 +240,18 @@ def test_a_gemini_retry_answered_before_the_timeout_is_not_why_it_timed_out():
     assert adapter.server_error.startswith("still retrying when the timeout ended it: Attempt")
 
 
+def test_a_gemini_retry_read_before_the_sessions_start_is_still_retrying():
+    """The retry line (stderr) and the session's first events (stdout) are printed 50 ms
+    apart, and a busy worker reads both pipes at once, in either order: the echo of the
+    prompt answered no retry (CI saw the run blocked "timed out" once)."""
+    adapter = adapter_class("gemini")(AgentOptions(), Transcript(None))
+    adapter.feed("stderr", "Attempt 1 failed with status 500. Retrying with backoff...")
+    adapter.feed("stdout", json.dumps({"type": "init", "session_id": "s", "model": "auto"}))
+    adapter.feed("stdout", json.dumps({"type": "message", "role": "user", "content": "Do it"}))
+    adapter.timed_out()
+    assert adapter.server_error.startswith("still retrying when the timeout ended it: Attempt")
+
+
 def test_codex_jsonl_reports_tokens_as_input_plus_output_and_the_thread():
     _adapter, result = run("codex", sample("codex_exec.jsonl"))
     assert result.status == Status.DONE

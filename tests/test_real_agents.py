@@ -251,7 +251,9 @@ def test_real_cli_still_retrying_the_vendor_at_the_timeout_gives_the_task_back(
             env["CLAUDE_CODE_MAX_RETRIES"] = "10"  # its own retries, as it ships
         shipped_profile(cli, tmp_path / "ledger", env=env)
         first, second = task_files(write_task, f"rr{cli}", ["", ""])
-        work(worker_env, f"rr{cli}", cli, "--timeout", "12", timeout=240)
+        # Its first retry comes 0.2 s after the CLI is up, which takes 1.5 s here and 7 s
+        # with the two cores ten times over-committed; Gemini's next are 5, 17 and 35 s on.
+        work(worker_env, f"rr{cli}", cli, "--timeout", "20", timeout=240)
     first.refresh_from_db()
     second.refresh_from_db()
     assert (first.status, first.attempts) == (Status.QUEUED, 0), (first.reason, first.outcome)

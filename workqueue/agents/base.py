@@ -366,7 +366,8 @@ class Adapter:
 
     def _event(self, event: dict) -> None:
         self.events += 1
-        self.retrying = None  # it went on: the retry, if any, was answered
+        if self.answers(event):
+            self.retrying = None  # it went on: the retry, if any, was answered
         try:
             known = self.event(event)
         except (AttributeError, KeyError, TypeError, ValueError, IndexError):
@@ -377,6 +378,10 @@ class Adapter:
     def event(self, event: dict) -> bool | None:
         """Take one JSON event; return False for one this adapter does not know."""
         return False
+
+    def answers(self, event: dict) -> bool:
+        """Whether this event shows the vendor answered, ending a retry the CLI reported."""
+        return True
 
     def finish_stream(self) -> None:
         """After the last line: output that was one JSON document over many lines

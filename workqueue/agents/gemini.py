@@ -69,6 +69,12 @@ class GeminiAdapter(Adapter):
             self.retrying = (int(retry.group(1)), short(line, 300))
         super().feed(stream, line)
 
+    def answers(self, event: dict) -> bool:
+        # The session's start and the prompt's echo come before any request; on stdout,
+        # they may be read after the retry line printed on stderr just after them.
+        kind = event.get("type")
+        return not (kind == "init" or (kind == "message" and event.get("role") == "user"))
+
     def event(self, event: dict) -> bool | None:
         kind = event.get("type")
         if event.get("session_id"):
