@@ -212,7 +212,9 @@ def test_ten_herds_on_two_consumer_threads_all_start_and_the_reaper_still_runs(
             interval=0.05,
             what="ten herds launched",
         )
-        assert time.monotonic() - asked < 5
+        # Under a herd's run (ten tasks of 1 s): no launch waited for another herd to end,
+        # with room for a loaded machine (5 s failed once at a load of 7 to 10).
+        assert time.monotonic() - asked < 9
         assert Herd.objects.filter(pk__in=[h.pk for h in herds], status="running").count() == 10
 
         lone.kill()
