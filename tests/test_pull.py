@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 
 from tests.conftest import make_tasks
-from workqueue import locks, reaper
+from workqueue import actions, locks, reaper
 from workqueue.importer import Importer
 from workqueue.locks import Identity
 from workqueue.models import Dependency, EventKind, Queue, Status, Task, TaskEvent
@@ -216,6 +216,27 @@ def test_a_stale_identitys_late_complete_is_refused_by_the_fence():
     assert (row.status, row.holder) == (Status.CLAIMED, "mcp:fresh")
     assert row.events.filter(kind=EventKind.LATE_FINISH_REFUSED, actor="mcp:frozen").count() == 1
     assert held_lock(row)["worker"] == "mcp:fresh"
+
+
+def test_a_session_whose_claim_was_taken_back_is_not_told_it_holds_the_task():
+    """A person released the task on the board and another session claimed it: the first
+    was still told `yours: true` and "you already hold", and could rewrite the new holder's
+    instructions."""
+    make_tasks("q", 1)
+    first, second = session("first"), session("second")
+    first.call("claim_next_task")
+    actions.act(Task.objects.all(), "release", "alice")
+    assert second.call("claim_next_task")["success"]
+    assert first.call("get_task", {"id": "t000000"})["task"]["yours"] is False
+    for args in ({"status": "in_progress"}, {"title": "Taken over"}):
+        answer = first.call("update_task", {"id": "t000000", **args})
+        assert answer["success"] is False, answer
+        assert "held by mcp:second (pid" in answer["message"], answer
+    row = Task.objects.get()
+    assert (row.title, row.holder, row.change_pending) == ("Task 0", "mcp:second", False)
+    late = first.call("complete_task", {"id": "t000000"})
+    assert "claim was lost" in late["message"], late
+    assert second.call("get_task", {"id": "t000000"})["task"]["yours"] is True
 
 
 def test_old_blocked_body_fills_reason_evidence_and_next_step():

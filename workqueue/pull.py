@@ -348,7 +348,7 @@ class PullSession:
             )
         if word in ("done", "blocked", "queued", "ready") and self._mine(task) is None:
             return self._not_yours(task, f"set it {word}")
-        held_by_another = task.status == Status.CLAIMED and self._mine(task) is None
+        held_by_another = task.status == Status.CLAIMED and not self._holds(task)
         if changes and word != "claimed" and held_by_another:
             # The task's text is its holder's instructions: not rewritten under it.
             return self._not_yours(task, "edit it")
@@ -489,7 +489,7 @@ class PullSession:
         return True
 
     def _claim_this(self, task: Task) -> dict:
-        if self._mine(task) is not None:
+        if self._holds(task):
             return answer(True, f"you already hold {task.key}")
         if self.stop_requested:
             return refused(
@@ -504,13 +504,24 @@ class PullSession:
         return refused(f"{task.key}: not claimed: {self._why_not_claimable(task)}")
 
     def _mine(self, task: Task) -> Claim | None:
-        """This session's claim of `task`, if it holds it now."""
+        """This session's claim of `task`: the one a finish or release presents, refused
+        by its fence if the claim was lost meanwhile (see _holds)."""
         if not self.stateless:
             with self._held_lock:
                 return self.held.get(task.pk)
         if task.status == Status.CLAIMED and task.holder == self.identity.worker:
             return Claim(task.pk, task.queue, task.key, task.title, task.source_path, task.fence)
         return None
+
+    def _holds(self, task: Task) -> bool:
+        """Whether this session holds `task` now: a local session's claim may have been
+        taken back (a person's release, the reaper) and the task claimed by another."""
+        claim = self._mine(task)
+        return (
+            claim is not None
+            and task.status == Status.CLAIMED
+            and (task.holder, task.fence) == (self.identity.worker, claim.fence)
+        )
 
     def _finish(self, task: Task, result: Result, verb: str) -> dict:
         claim = self._mine(task)
@@ -671,7 +682,7 @@ class PullSession:
         }
         if task.status == Status.CLAIMED:
             row["holder"] = describe_holder(task)
-            row["yours"] = self._mine(task) is not None
+            row["yours"] = self._holds(task)
             row["lease_expires_at"] = (
                 task.lease_expires_at.isoformat() if task.lease_expires_at else None
             )
