@@ -412,6 +412,12 @@ BAD_INPUT = [
     ("update_task", {"id": "t000000", "status": "done"}, "this session does not hold it"),
     ("complete_task", {"id": "t000000"}, "this session does not hold it (it is queued)"),
     ("complete_task", {"id": "t000000", "tokens": -1}, "tokens: -1 is out of range"),
+    # As an agent CLI's count is capped: two runs of 2**62 overflowed the queue's SUM.
+    (
+        "complete_task",
+        {"id": "t000000", "tokens": 2**62},
+        "tokens: 4611686018427387904 is out of range (0..1000000000000)",
+    ),
     ("complete_task", {"id": "t000000", "commit": "x" * 101}, "commit: 101 characters"),
     ("complete_task", {"id": "t000000", "summary": "a\x00b"}, "summary: contains a NUL"),
     ("block_task", {"id": "t000000"}, "reason: say why"),

@@ -13,6 +13,10 @@ from decimal import Decimal
 
 from workqueue.models import Status, Task
 
+# The most tokens one run may report, by an agent's CLI or its complete_task: far past any
+# real run, and small enough that the sums of a queue and a herd stay inside their columns.
+MAX_RUN_TOKENS = 10**12
+
 
 @dataclass(frozen=True)
 class Claim:

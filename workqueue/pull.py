@@ -42,6 +42,7 @@ from workqueue.dependencies import STUCK_LISTED, in_words, stuck, why_stuck
 from workqueue.editing import Conflict, EditError, FileChanged, edit_task, validate
 from workqueue.locks import Identity, LockError, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task
+from workqueue.processing import MAX_RUN_TOKENS
 from workqueue.processors import Claim, Result, blocked_if_half_merged
 from workqueue.routing import FilterError, TaskFilter, field_is
 
@@ -386,12 +387,13 @@ class PullSession:
         self, id=None, summary=None, evidence=None, commit=None, tokens=None
     ) -> dict:
         task = self._task(_key(id))
+        spent = 0 if tokens is None else _number(tokens, "tokens", low=0, high=MAX_RUN_TOKENS)
         result = Result(
             status=Status.DONE,
             outcome="success",
             evidence=_text(evidence, "evidence", TEXT_LIMIT),
             commit=_text(commit, "commit", 100),
-            tokens=_number(tokens, "tokens", low=0, high=2**62) if tokens is not None else 0,
+            tokens=spent,
             output_tail=_text(summary, "summary", TEXT_LIMIT),
         )
         if summary:

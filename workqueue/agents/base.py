@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from workqueue.models import Status
-from workqueue.processing import Result
+from workqueue.processing import MAX_RUN_TOKENS, Result
 
 GIVE_BACK_EXIT = 75  # EX_TEMPFAIL: "not now, give the task to someone else"
 # `[^\w\n]`, not `\W`: a `\W*` at each line start ran on over every line below it, and
@@ -64,9 +64,9 @@ class Usage:
         return asdict(self)
 
 
-# The most one run may report: far past any real run, and small enough that a herd's sums
-# stay inside their columns (a CLI saying 1e30 made the finish fail on its column).
-MAX_RUN_TOKENS = 10**12
+# The most one run may report (tokens: processing.MAX_RUN_TOKENS): far past any real run,
+# and small enough that a herd's sums stay inside their columns (a CLI saying 1e30 made
+# the finish fail on its column).
 MAX_RUN_COST_USD = Decimal(100_000)
 
 
