@@ -21,6 +21,7 @@ NAME = RegexValidator(
     r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,49}\Z",
     "1 to 50 letters, digits, '_', '.' or '-', starting with a letter or digit.",
 )
+HOLDER_CHARS = Task._meta.get_field("holder").max_length
 # last_used_at is written at most this often: a busy agent must not make a write per call.
 USE_STAMP_INTERVAL = timedelta(minutes=1)
 
@@ -97,8 +98,15 @@ class ApiToken(models.Model):
 
     @property
     def worker_name(self) -> str:
-        """The holder name of this token's claims: one token, one agent."""
-        return f"mcp:{self.user.get_username()}/{self.name}"
+        """The holder name of this token's claims: one token, one agent. A username too
+        long for the holder's column is cut short, and told apart again by the user's id
+        (no Django username has a '~')."""
+        user, tail = self.user.get_username(), f"/{self.name}"
+        room = HOLDER_CHARS - len("mcp:") - len(tail)
+        if len(user) > room:
+            mark = f"~{self.user_id}"
+            user = user[: room - len(mark)] + mark
+        return f"mcp:{user}{tail}"
 
     def identity(self) -> Identity:
         """Claims over HTTP live by lease: the host is marked so that no reaper judges

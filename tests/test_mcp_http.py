@@ -287,6 +287,34 @@ def test_a_refusal_over_http_names_the_session_by_its_token_not_the_web_process_
     )
 
 
+@pytest.mark.django_db(transaction=True)
+def test_tokens_of_users_with_the_longest_usernames_claim_each_as_itself(client):
+    """`mcp:<user>/<token>` ran to 205 characters, past the holder's column: on PostgreSQL
+    every claim was a database error. Cut short, the names of two such users must differ."""
+    make_tasks("q", 2)
+    tokens = [
+        ApiToken.issue(person(letter * 149 + "x", "view_task", "change_task"), "n" * 50)
+        for letter in "uv"
+    ]
+    for _, secret in tokens:
+        response = client.post(
+            "/mcp/?queue=q",
+            json.dumps(CLAIM),
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {secret}",
+            **MCP_HEADERS,
+        )
+        answer = json.loads(response.json()["result"]["content"][0]["text"])
+        assert answer["success"], answer
+    holders = [token.worker_name for token, _ in tokens]
+    assert sorted(Task.objects.values_list("holder", flat=True)) == sorted(holders)
+    assert len(set(holders)) == 2
+    assert all(len(h) <= Task._meta.get_field("holder").max_length for h in holders)
+    tokens[0][0].revoke()
+    assert Task.objects.get(holder=holders[1]).status == Status.CLAIMED
+    assert Task.objects.filter(status=Status.QUEUED).count() == 1
+
+
 @pytest.mark.django_db
 def test_tokens_page_creates_shows_once_and_revokes(client):
     alice = person("alice", "view_task", "change_task")
