@@ -6,6 +6,16 @@ import difflib
 import json
 import re
 
+# Every control character but a tab and a newline: C0, DEL and C1 (ECMA-48's escape and
+# control sequences, which move a terminal's cursor, clear it or write its clipboard).
+CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` as a terminal shows it and never obeys: each control character written as its
+    escape (`\\x1b`), the way Python writes it in a string."""
+    return CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
 
 def as_text(value) -> str:
     """`[bug, auth]` reads "bug, auth"; `{a: 1}` reads "a: 1"; None reads ""."""

@@ -8,10 +8,11 @@ from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from tqdm import tqdm
 
 from herds.models import LAUNCH_UNSENT_SAID, Herd, Profile
+from hypervisor_site.terminal import PrintableCommand
 from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 
@@ -72,7 +73,7 @@ def said_by_option(exc: ValidationError) -> str:
     )
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = "Launch a herd of workers on a queue through Huey; --wait follows it to the end."
     # A launch is timed from this command; `manage.py check` and the server run the checks.
     requires_system_checks = []

@@ -2,14 +2,15 @@ import json
 import sys
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from hypervisor_site.terminal import PrintableCommand
 from workqueue.dependencies import report_lines, stuck
 from workqueue.importer import Importer, named_folder
 from workqueue.names import queue_name_argument
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = "Import markdown task files (folders, .md files or .txt queue files) into a queue."
 
     def add_arguments(self, parser):

@@ -1,13 +1,12 @@
 """`manage.py lock_path QUEUE KEY`: the lock directory a task's claim takes, for outside
 tools that lock tasks the way workers do (`mkdir` of that path, `owner.json` inside)."""
 
-from django.core.management.base import BaseCommand
-
+from hypervisor_site.terminal import PrintableCommand
 from workqueue import locks
 from workqueue.names import queue_name_argument
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = "Print the lock directory of a task (a key that is a path is percent-encoded)."
     requires_system_checks = []
 

@@ -7,9 +7,10 @@ import sys
 import threading
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import DatabaseError, connection
 
+from hypervisor_site.terminal import PrintableCommand
 from workqueue import signals
 from workqueue.mcp_server import serve_stdio
 from workqueue.models import Queue
@@ -24,7 +25,7 @@ from workqueue.routing import FilterError, TaskFilter
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = "Serve the queue's tools (claim_next_task, complete_task, ...) to an agent over MCP."
     requires_system_checks = []
 

@@ -2,14 +2,15 @@ import json
 import os
 import sys
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from hypervisor_site.terminal import PrintableCommand
 from workqueue.dependencies import Stuck, report_lines
 from workqueue.models import Queue, Task
 from workqueue.names import queue_name_argument
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = (
         "Counts per status, claims per worker, stale claims, the oldest claim's age, and "
         "tokens and cost per queue."

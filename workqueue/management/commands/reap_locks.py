@@ -1,14 +1,15 @@
 import json
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from hypervisor_site.terminal import PrintableCommand
 from workqueue.locks import every_refusal
 from workqueue.models import Queue
 from workqueue.names import queue_name_argument
 from workqueue.reaper import release_stale_claims
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = "Release claims whose holder died or whose lease ran out, and orphan lock folders."
 
     def add_arguments(self, parser):

@@ -15,15 +15,16 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from hypervisor_site.terminal import PrintableCommand
 from workqueue.importer import configured_roots, inside
 
 EXAMPLES = Path(settings.BASE_DIR) / "examples" / "inbox"
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = "Migrate, set up a first start, and run the Huey consumer and the web server."
 
     def add_arguments(self, parser):
@@ -73,7 +74,8 @@ class Command(BaseCommand):
         marker.write_text(f"examples/inbox was copied to {copy} and imported on first start\n")
 
     def say_where_to_log_in(self, addr: str, login: tuple[str, str] | None) -> None:
-        self.stdout.write(self.style.SUCCESS(f"\nHypervisor is running at http://{addr}/"))
+        # The style as the write's, not in its text: the text's escapes are written out.
+        self.stdout.write(f"\nHypervisor is running at http://{addr}/", self.style.SUCCESS)
         if login:
             self.stdout.write(self.first_start_words(login))
         else:

@@ -11,11 +11,12 @@ import tempfile
 from pathlib import Path
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import connections
 
 from hypervisor_site import privacy
 from hypervisor_site.env import MAX_SETTING, server_secrets_in
+from hypervisor_site.terminal import PrintableCommand
 from workqueue import cpu_slots
 from workqueue.cpu_slots import CpuSlot
 from workqueue.models import Queue
@@ -55,7 +56,7 @@ def no_dry_run(processor: str) -> str:
     )
 
 
-class Command(BaseCommand):
+class Command(PrintableCommand):
     help = "Claim ready tasks of a queue and process them until none is left (or --batch)."
     # Workers start often and in herds; `manage.py check` and the server run the checks.
     requires_system_checks = []
