@@ -232,6 +232,37 @@ def test_a_task_file_that_became_a_folder_is_missing(write_task):
     assert Task.objects.get().source_missing
 
 
+def test_a_file_moved_with_a_symlink_left_in_its_place_takes_its_task_along(write_task):
+    """`mv a.md archive/ && ln -s archive/a.md a.md`: the import named the moved file a
+    duplicate of the link at every run, and the task stayed at the link, which no write
+    goes through (its finishes and edits were refused for ever)."""
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    moved = write_task.folder / "archive" / "a.md"
+    moved.parent.mkdir()
+    path.rename(moved)
+    path.symlink_to("archive/a.md")
+    report = import_folder(write_task.folder)
+    assert (report.errors, report.updated, report.missing) == ([], 1, 0)
+    task = Task.objects.get()
+    assert (task.source_path, task.source_missing) == (str(moved), False)
+    assert import_folder(write_task.folder).as_dict()["errors"] == []
+
+
+def test_a_task_file_replaced_by_a_symlink_to_another_is_missing(write_task):
+    """The link leads to b.md, b's task: a's file is gone, and a's task with it (it
+    stayed ready, its file a link that nothing of ours writes through)."""
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    write_task("b.md", GOOD.format(id="T-2", title="Second"))
+    import_folder(write_task.folder)
+    path.unlink()
+    path.symlink_to("b.md")
+    report = import_folder(write_task.folder)
+    assert (report.errors, report.missing) == ([], 1)
+    assert Task.objects.get(key="T-1").source_missing
+    assert not Task.objects.get(key="T-2").source_missing
+
+
 def test_queue_file_lists_paths_and_bare_ids(write_task, tmp_path):
     write_task("a.md", GOOD.format(id="T-1", title="First"))
     queue_file = write_task.folder / "queue.txt"

@@ -10,6 +10,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from django.conf import settings
 from django.db import models, transaction
@@ -554,8 +555,8 @@ class Importer:
 
     def _still_claims(self, other: str, key: str) -> bool:
         """Whether the file a task came from still exists and (as far as we know) keeps its id."""
-        if not Path(other).is_file():
-            return False  # the file moved: the task follows it
+        if not is_task_file(other):
+            return False  # the file moved (a link left in its place too): the task follows it
         return other not in self.seen_paths or self.seen_keys.get(key) == other
 
     def _key(self, fm: dict, path: Path, base: Path) -> str:
@@ -670,7 +671,7 @@ class Importer:
             (pk, p)
             for pk, p in gone
             if not self.known[p][4]
-            and not Path(p).is_file()  # gone, or a folder now
+            and not is_task_file(p)  # gone, or a folder or a link now
             and self.keys.get(self.known[p][5], (None, p))[1] == p  # not moved elsewhere
         ]
         if not gone:
@@ -705,6 +706,15 @@ class Importer:
                 # A missing or pending task is always re-read.
                 self.known[path] = (pk, size, mtime, sha, missing or pending, key)
             self.keys[key] = (pk, path)
+
+
+def is_task_file(path: str) -> bool:
+    """Whether a task's recorded path is still a regular file of its own: a symlink there
+    now is another file's name (the moved file's, or another task's), never written through."""
+    try:
+        return S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def task_fields(parsed: taskfile.TaskFile, path: Path | None) -> dict:
