@@ -9,11 +9,11 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from tests.conftest import run_manage
+from tests.conftest import run_manage, start_manage
 from workqueue import claims, editing, transitions
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
-from workqueue.models import EventKind, Queue, Status, Task
+from workqueue.models import EventKind, Queue, Status, Task, TaskBody, TaskEvent
 from workqueue.processing import Result
 from workqueue.text import list_items
 
@@ -431,6 +431,51 @@ def test_command_exits_non_zero_when_any_file_is_refused(process_env, write_task
     (write_task.folder / "bad.md").unlink()
     result = run_manage(["import_tasks", str(write_task.folder), "--queue", "q"], process_env)
     assert result.returncode == 0, result.stderr
+
+
+def test_an_import_that_another_beat_to_its_new_files_counts_them_unchanged(
+    write_task, monkeypatch
+):
+    """The other import's insert lands between this one's read of the files and its own."""
+    for i in range(3):
+        write_task(f"t{i}.md", GOOD.format(id=f"T-{i}", title=f"Task {i}"))
+    write_task("done.md", GOOD.format(id="D", title="Done").replace("priority", "status: done\np"))
+    first = Importer("q", [write_task.folder])
+    flush = Importer._flush
+    other = []
+
+    def beaten(importer):
+        if importer is first and not other:
+            other.append(import_folder(write_task.folder))
+        flush(importer)
+
+    monkeypatch.setattr(Importer, "_flush", beaten)
+    report = first.run([write_task.folder])
+    assert other[0].imported == 4
+    assert (report.imported, report.unchanged, report.closed, report.errors) == (0, 4, 0, [])
+    assert Task.objects.count() == 4
+    assert TaskEvent.objects.filter(kind=EventKind.IMPORTED).count() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_imports_of_one_folder_at_once_each_finish_and_make_each_task_once(
+    process_env, write_task
+):
+    """The consumer's minute, the board's "Read the folder again" and an import_tasks can
+    read one folder at once: all but the first to insert its new files died of the
+    unique key (`IntegrityError`, a traceback), whatever else they had to do."""
+    for i in range(300):
+        write_task(f"t{i:03d}.md", GOOD.format(id=f"T-{i}", title=f"Task {i}"))
+    args = ["import_tasks", str(write_task.folder), "--queue", "q", "--json"]
+    imports = [start_manage(args, process_env) for _ in range(3)]
+    results = [(*p.communicate(timeout=120), p.returncode) for p in imports]
+    assert [code for _, _, code in results] == [0, 0, 0], [err for _, err, _ in results]
+    reports = [json.loads(out) for out, _, _ in results]
+    assert sum(r["imported"] for r in reports) == 300
+    assert all(r["imported"] + r["unchanged"] == 300 for r in reports)
+    assert Task.objects.count() == 300
+    assert TaskEvent.objects.filter(kind=EventKind.IMPORTED).count() == 300
+    assert TaskBody.objects.count() == 300
 
 
 @pytest.mark.django_db(transaction=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from stat import S_ISREG
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.backends.base.operations import BaseDatabaseOperations
 from django.utils import timezone
 from tqdm import tqdm
@@ -636,7 +636,16 @@ class Importer:
         if not self.new:
             return
         with transaction.atomic():
-            Task.objects.insert_new([t for t, _, _ in self.new])
+            while True:
+                try:
+                    with transaction.atomic():
+                        Task.objects.insert_new([t for t, _, _ in self.new])
+                    break
+                except IntegrityError:
+                    if not self._drop_taken():
+                        raise
+            if not self.new:
+                return
             now = timezone.now()
             deps, events, bodies = [], [], []
             for task, depends_on, body in self.new:
@@ -659,6 +668,32 @@ class Importer:
             TaskBody.objects.bulk_create(bodies)
             TaskEvent.objects.record(events)
         self.new = []
+
+    def _drop_taken(self) -> bool:
+        """Leave out the new tasks another import of this queue (the consumer's, the board's,
+        a command's, reading the same files) made since this one began: theirs stand.
+        Returns whether there were any."""
+        keys, taken = [task.key for task, _, _ in self.new], {}
+        for start in range(0, len(keys), CHUNK):  # a queue file's bare ids are not chunked
+            rows = Task.objects.filter(queue=self.queue, key__in=keys[start : start + CHUNK])
+            taken.update(
+                (k, (pk, path)) for k, pk, path in rows.values_list("key", "pk", "source_path")
+            )
+        for task, _, _ in self.new:
+            if task.key not in taken:
+                continue
+            self.keys[task.key] = taken[task.key]
+            self.report.imported -= 1
+            self.report.closed -= task.status == Status.DONE
+            other = taken[task.key][1]
+            if other == task.source_path:
+                self.report.unchanged += 1
+            else:
+                self.report.error(
+                    task.source_path, f"duplicate id {task.key!r}: also used by {other}"
+                )
+        self.new = [entry for entry in self.new if entry[0].key not in taken]
+        return bool(taken)
 
     def _flag_missing(self, folder: Path) -> None:
         prefix = str(folder) + os.sep
