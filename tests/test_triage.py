@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import os
 import shutil
+import signal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -555,6 +556,59 @@ def test_file_changed_between_read_and_write_is_refused(queue_folder):
     assert (task.status, task.reason) == (Status.BLOCKED, "changed on disk since claim")
     assert path.read_text() == NEEDS_WORK + "A person adds a line.\n"
     assert [p.name for p in queue_folder.folder.iterdir()] == ["b.md"]
+
+
+@pytest.mark.parametrize("processor", ["triage", "noop"])
+def test_a_task_file_swapped_for_a_fifo_or_a_link_is_not_read_through_it(
+    queue_folder, tmp_path, processor
+):
+    """Each opened the path as it found it: a FIFO held the worker until someone wrote
+    into it (its lease ran out meanwhile), and a link was read through."""
+    queue_folder({"b.md": NEEDS_WORK, "c.md": NEEDS_WORK.replace("id: b", "id: c")})
+    (queue_folder.folder / "b.md").unlink()
+    os.mkfifo(queue_folder.folder / "b.md")
+    (queue_folder.folder / "c.md").unlink()
+    (tmp_path / "elsewhere.md").write_text(NEEDS_WORK.replace("id: b", "id: c"))
+    (queue_folder.folder / "c.md").symlink_to(tmp_path / "elsewhere.md")
+    worker = Worker("inbox", load_processor(processor), prefetch=10)
+    claimed = claims.claim_ready_tasks("inbox", worker.identity, worker.owner_file, 10)
+
+    class Held(Exception):  # no OSError: the processors turn those into a block
+        pass
+
+    def held(signum, frame):
+        raise Held("still waiting on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, held)
+    signal.alarm(60)  # not a measure of speed: what ends the wait the FIFO would hold
+    try:
+        results = {c.key: worker.processor.process(c, worker.context) for c in claimed}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert {key: result.status for key, result in results.items()} == {
+        "b": Status.BLOCKED,
+        "c": Status.BLOCKED,
+    }
+    assert "a FIFO" in results["b"].reason and "a symlink" in results["c"].reason
+
+
+def test_a_file_moved_and_linked_back_between_read_and_write_is_not_replaced(queue_folder):
+    """The link named the file as it was read (same inode, size and time), so the rename
+    replaced the link with the new file, and the moved file kept the old text."""
+    originals = queue_folder({"b.md": NEEDS_WORK})
+    path = queue_folder.folder / "b.md"
+    worker = Worker("inbox", load_processor("triage"), prefetch=10)
+    [claim] = claims.claim_ready_tasks("inbox", worker.identity, worker.owner_file, 10)
+    result = worker.processor.process(claim, worker.context)
+    moved = queue_folder.folder / "archive" / "b.md"
+    moved.parent.mkdir()
+    path.rename(moved)
+    path.symlink_to("archive/b.md")
+    worker.finish([(claim, result)])
+    task = Task.objects.get(key="b")
+    assert (task.status, task.reason) == (Status.BLOCKED, "changed on disk since claim")
+    assert path.is_symlink() and moved.read_bytes() == originals["b.md"]
 
 
 def test_dry_run_stores_the_diff_and_writes_nothing(queue_folder):

@@ -50,10 +50,11 @@ class NoopProcessor(Processor):
 
     def process(self, claim: Claim, context: WorkContext) -> Result:
         if claim.path:
+            from workqueue.taskfile import TaskFileError, read_regular_file  # loads YAML
+
             try:
-                with open(claim.path, "rb") as f:
-                    f.read()
-            except OSError as exc:
+                read_regular_file(claim.path, settings.HYPERVISOR_MAX_FILE_BYTES)
+            except (OSError, TaskFileError) as exc:
                 return Result(status=Status.BLOCKED, reason=f"cannot read {claim.path}: {exc}")
         return Result(status=Status.DONE, outcome="success")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.dispatch import receiver
 from django.utils import timezone
@@ -25,7 +26,7 @@ from django.utils import timezone
 from workqueue import signals
 from workqueue.models import Queue, Status, Task, TaskBody
 from workqueue.processing import Claim, Processor, Result, WorkContext
-from workqueue.taskfile import TaskFileError
+from workqueue.taskfile import TaskFileError, read_regular_file
 from workqueue.triage_rules import (
     Decision,
     Rules,
@@ -168,9 +169,8 @@ class TriageProcessor(Processor):
                 outcome="skipped",
                 data={"action": "skip", "changes": [], "reason": "no task file"},
             )
-        with open(claim.path, "rb") as f:
-            raw = f.read()
-            stat = os.fstat(f.fileno())
+        # Not open(): a FIFO swapped in would hold the worker, a link be read through.
+        raw, stat = read_regular_file(claim.path, settings.HYPERVISOR_MAX_FILE_BYTES)
         seen = file_identity(stat)
         if held.sha256 and hashlib.sha256(raw).hexdigest() != held.sha256:
             adopted = self._earlier_attempts_write(claim, context, held, raw, stat)

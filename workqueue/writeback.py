@@ -454,9 +454,10 @@ def file_identity(stat: os.stat_result) -> tuple[int, int, int]:
 def replace_if_unchanged(
     temporary: str, path: str, seen: tuple[int, int, int]
 ) -> os.stat_result | None:
-    """Rename the temporary over `path` unless the file is no longer the one we read."""
+    """Rename the temporary over `path` unless the file is no longer the one we read (a
+    link to it now is another file: the rename would replace the link, not it)."""
     try:
-        unchanged = file_identity(os.stat(path)) == seen
+        unchanged = file_identity(os.lstat(path)) == seen
         if unchanged:
             os.replace(temporary, path)
             return os.stat(path)
