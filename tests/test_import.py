@@ -263,6 +263,34 @@ def test_a_task_file_replaced_by_a_symlink_to_another_is_missing(write_task):
     assert not Task.objects.get(key="T-2").source_missing
 
 
+def test_a_fields_text_is_read_as_written_not_as_a_yaml_number_flag_or_date(write_task):
+    """YAML 1.1 read `id: 007` as 7, `1.10` as 1.1, `no` as False (stored "False"),
+    `12:30` as 750, and refused `title: 2026-02-30` as no date: the board, the agent's
+    {key} and a dependency said other than the file (`id: 1.1` and `id: 1.10`, one id)."""
+    write_task(
+        "a.md",
+        "---\nid: 007\ntitle: 2026-02-30\nassignee: no\nproject: 12:30\n"
+        "tags: [1.10, on]\ndepends_on:\n  - 0x1F\nparent: 1.0\n---\nBody\n",
+    )
+    write_task("b.md", "---\nid: 0x1F\ntitle: 1.10\nstatus: done\n---\nBody\n")
+    write_task("c.md", "---\nid: 1.1\ntitle: yes\n---\nBody\n")
+    report = import_folder(write_task.folder)
+    assert (report.imported, report.errors) == (3, [])
+    a = Task.objects.get(key="007")
+    assert (a.title, a.assignee, a.project, a.tags) == (
+        "2026-02-30",
+        "no",
+        "12:30",
+        ["1.10", "on"],
+    )
+    assert (a.depends_on, a.frontmatter["parent"]) == (["0x1F"], "1.0")
+    assert Task.objects.get(key="0x1F").title == "1.10"
+    assert Task.objects.get(key="1.1").title == "yes"
+    assert set(Task.objects.ready().values_list("key", flat=True)) == {"1.1", "007"}
+    editing.edit_task(a, {"assignee": "nic"}, "user:alice")
+    assert import_folder(write_task.folder).unchanged == 3
+
+
 def test_queue_file_lists_paths_and_bare_ids(write_task, tmp_path):
     write_task("a.md", GOOD.format(id="T-1", title="First"))
     queue_file = write_task.folder / "queue.txt"

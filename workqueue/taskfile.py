@@ -50,7 +50,7 @@ class UniqueKeyLoader(SafeLoader):
         seen = set()
         spellings: dict[str, tuple[str, int]] = {}
         top = node is getattr(self, "frontmatter_node", None)
-        for key_node, _value in node.value:
+        for key_node, value in node.value:
             if isinstance(key_node, yaml.ScalarNode):
                 key, line = key_node.value, key_node.start_mark.line + 2  # after its `---`
                 if key in seen:
@@ -58,6 +58,8 @@ class UniqueKeyLoader(SafeLoader):
                 seen.add(key)
                 if not top:
                     continue
+                if key.lower() in WRITTEN_TEXT:
+                    _as_written(value)
                 first, first_line = spellings.setdefault(key.lower(), (key, line))
                 if first != key:
                     raise DuplicateKey(
@@ -81,6 +83,20 @@ class UniqueKeyLoader(SafeLoader):
 
 
 UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", UniqueKeyLoader.construct_date)
+
+# Fields whose values are text, an id or a name: `id: 007`, `title: 1.10`, `assignee: no`
+# mean what they say, not YAML 1.1's 7, 1.1 and False (nor is `title: 2026-02-30` a date).
+WRITTEN_TEXT = ("id", "title", "status", "project", "assignee", "type", "complexity")
+WRITTEN_TEXT += ("tags", "depends_on", "parent")
+PLAIN_TEXT = "tag:yaml.org,2002:str"
+NOT_TEXT = ("int", "float", "bool", "timestamp")
+
+
+def _as_written(node: yaml.Node) -> None:
+    """Read a plain (unquoted) number, flag or date, or a list's, as its text."""
+    for item in node.value if isinstance(node, yaml.SequenceNode) else [node]:
+        if isinstance(item, yaml.ScalarNode) and item.tag.rpartition(":")[2] in NOT_TEXT:
+            item.tag = PLAIN_TEXT
 
 
 FENCE = re.compile(r"^---[ \t]*\r?\n", re.ASCII)
