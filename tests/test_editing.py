@@ -488,6 +488,30 @@ def test_claimed_task_edit_waits_for_the_claim_to_end(folder):
     assert edited[1]["deferred"] is False
 
 
+def test_a_field_changed_in_the_file_while_claimed_is_not_overwritten_by_a_waiting_edit(folder):
+    """Both changed the title from the same text while a worker held the task: the edit
+    that waited wrote its title over the file's when the claim ended, saying only
+    `from 'Hand title'` in its event. The file wins, as it does over an edit made from an
+    older form; the waiting edit's other fields are written, and the one left is noted."""
+    task = folder({"a.md": ONE})["a.md"]
+    path = folder.path("a.md")
+    identity, taken = claim_all()
+    editing.edit_task(task, {"title": "Board title", "priority": 0}, ACTOR)
+    editing.edit_task(task, {"title": "Board title, again"}, ACTOR)
+    path.write_text(ONE.replace("Original title", "Hand title").replace("Body.", "Hand body."))
+    claims.finish_claims(identity, [(c, Result()) for c in taken], OWNER_FILES[identity.worker])
+    assert path.read_text() == (
+        "---\nid: ex-1\ntitle: Hand title\npriority: 0\nstatus: done\n---\nHand body.\n"
+    )
+    task.refresh_from_db()
+    assert (task.title, task.priority, task.pending_edit) == ("Hand title", 0, {})
+    note = task.events.filter(kind=EventKind.NOTE).get()
+    assert note.message == (
+        "edit made while claimed not written: title: the file was changed to say 'Hand title' "
+        "meanwhile (the edit said 'Board title, again')"
+    )
+
+
 def test_outside_holders_file_is_edited_at_once(folder):
     task = folder({"a.md": TASK.replace("status: inbox", "status: in_progress")})["a.md"]
     assert (task.status, task.holder_pid) == (Status.CLAIMED, None)

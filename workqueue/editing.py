@@ -630,7 +630,10 @@ def _record(plan: _Plan, actor: str, now) -> tuple[Applied, dict]:
         if plan.deferred:
             pending = dict(task.pending_edit.get("changes", {}))
             pending.update(plan.values)
-            values["pending_edit"] = {"changes": pending, "actor": actor}
+            # What the file said when each field was first edited: a field the file
+            # changes meanwhile is the file's (apply_pending_edit).
+            was = {**plan.old, **task.pending_edit.get("was", {})}
+            values["pending_edit"] = {"changes": pending, "was": was, "actor": actor}
             values["change_pending"] = True
     if deps is not None and deps != task.depends_on:
         values["depends_on"], values["has_dependencies"] = deps, bool(deps)
@@ -1167,6 +1170,15 @@ def apply_pending_edit(task: Task) -> None:
     actor = pending.get("actor", "")
     try:
         values = validate(changes, task)
+        if overwritten := _changed_in_the_file(task, values, pending.get("was", {})):
+            values = {n: v for n, v in values.items() if n not in overwritten}
+            TaskEvent.objects.create(
+                task=task,
+                kind=EventKind.NOTE,
+                actor=actor,
+                message=f"edit made while claimed not written: {'; '.join(overwritten.values())}",
+                data={"changes": {n: changes[n] for n in overwritten}},
+            )
         plan = _plan(task, values, None, "")
         if plan is None:
             return
@@ -1184,6 +1196,23 @@ def apply_pending_edit(task: Task) -> None:
             message=f"edit made while claimed not written: {exc}",
             data={"changes": changes},
         )
+
+
+def _changed_in_the_file(task: Task, values: dict, was: dict) -> dict[str, str]:
+    """The fields of a waiting edit that the file changed too since (by hand, or an agent):
+    the file's word stands, as over an edit from an older form. Name -> why."""
+    found = {}
+    for name, value in values.items():
+        now = _current(task, name)
+        if name not in was or now in (was[name], value):
+            continue
+        if name == "body":
+            found[name] = "body: the file's body was changed meanwhile"
+        else:
+            found[name] = (
+                f"{name}: the file was changed to say {now!r} meanwhile (the edit said {value!r})"
+            )
+    return found
 
 
 def reload_from_disk(task: Task) -> Task:
