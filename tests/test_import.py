@@ -222,6 +222,42 @@ def test_a_new_id_that_waited_for_a_claim_is_given_by_the_next_import(write_task
     assert import_folder(write_task.folder).unchanged == 1
 
 
+def test_a_file_the_finish_writes_while_an_import_reads_it_is_not_taken_back(
+    write_task, lock_root, monkeypatch
+):
+    """A person's edit waits for the claim; an import reads the edited file, and before it
+    records it the worker's finish takes the edit in and writes `status: done`. The
+    import then recorded the text it had read, `status: inbox` and all: the finished task
+    went back to the queue (a herd worked it again) and the row said other than the file."""
+    from workqueue import importer
+
+    path = write_task("a.md", GOOD.format(id="A-1", title="Alpha"))
+    import_folder(write_task.folder)
+    identity = Identity.current("w-test")
+    owner_file = OwnerFile(identity)
+    [claim] = claims.claim_ready_tasks("q", identity, owner_file, limit=1)
+    path.write_text(
+        GOOD.format(id="A-1", title="Alpha, edited").replace("id:", "status: inbox\nid:")
+    )
+    assert import_folder(write_task.folder).deferred == 1
+    read = importer.taskfile.read_regular_file
+
+    def read_then_finish(*args):
+        found = read(*args)
+        if Task.objects.filter(status=Status.CLAIMED).exists():
+            claims.finish_claims(identity, [(claim, Result(status=Status.DONE))], owner_file)
+        return found
+
+    monkeypatch.setattr(importer.taskfile, "read_regular_file", read_then_finish)
+    report = import_folder(write_task.folder)
+    assert (report.updated, report.requeued) == (0, 0)
+    task = Task.objects.get()
+    assert (task.status, task.title) == (Status.DONE, "Alpha, edited")
+    assert "status: done" in path.read_text()
+    monkeypatch.undo()
+    assert import_folder(write_task.folder).unchanged == 1
+
+
 def test_a_task_file_that_became_a_folder_is_missing(write_task):
     path = write_task("a.md", GOOD.format(id="T-1", title="First"))
     import_folder(write_task.folder)

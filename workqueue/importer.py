@@ -503,7 +503,7 @@ class Importer:
             "source_missing": False,
         }
         if existing:
-            self._update(existing[0], fields, source_fields)
+            self._update(existing[0], fields, source_fields, stat.st_ino)
             self.keys[key] = (existing[0], spath)  # moved here: its old path is not missing
         else:
             self._create(key, fields, source_fields)
@@ -585,9 +585,14 @@ class Importer:
             self.report.closed += 1
         self.report.imported += 1
 
-    def _update(self, task_id: int, fields: dict, source_fields: dict) -> None:
+    def _update(self, task_id: int, fields: dict, source_fields: dict, inode: int) -> None:
         with transaction.atomic():
             task = Task.objects.select_for_update().get(pk=task_id)
+            if not _still_as_read(source_fields, inode):
+                # Written since it was read (a finish, an edit): the text read is older
+                # than the file and maybe than the row, and the next import reads it anew.
+                self.report.unchanged += 1
+                return
             if task.status == Status.CLAIMED and task.holder_pid is not None:
                 # A worker holds it now: keep the file's news until the claim ends.
                 task.change_pending = True
@@ -741,6 +746,18 @@ class Importer:
                 # A missing or pending task is always re-read.
                 self.known[path] = (pk, size, mtime, sha, missing or pending, key)
             self.keys[key] = (pk, path)
+
+
+def _still_as_read(source_fields: dict, inode: int) -> bool:
+    try:
+        now = os.lstat(source_fields["source_path"])
+    except OSError:
+        return False
+    return (now.st_ino, now.st_size, now.st_mtime_ns) == (
+        inode,
+        source_fields["source_size"],
+        source_fields["source_mtime_ns"],
+    )
 
 
 def is_task_file(path: str) -> bool:
