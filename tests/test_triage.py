@@ -659,9 +659,9 @@ def test_stamp_is_in_the_file_while_held_and_gone_when_done(queue_folder, monkey
     stamps = []
     real_write = triage.atomic_write
 
-    def record(path, data):
+    def record(path, data, *seen_and_mode):
         stamps.append((os.path.basename(path), Document.parse(data).frontmatter))
-        return real_write(path, data)
+        return real_write(path, data, *seen_and_mode)
 
     monkeypatch.setattr(triage, "atomic_write", record)
     work()
@@ -672,6 +672,28 @@ def test_stamp_is_in_the_file_while_held_and_gone_when_done(queue_folder, monkey
     assert final["complexity"] == "mechanical"
     assert not set(final) & set(triage.STAMP_KEYS)
     assert Task.objects.filter(status=Status.DONE).count() == 2
+
+
+def test_a_save_between_the_read_and_the_claim_stamp_is_not_written_over(
+    queue_folder, monkeypatch
+):
+    """The stamp replaced the file with the text read plus the stamp, whatever had been
+    saved since: the person's save was gone without a word."""
+    queue_folder({"b.md": NEEDS_WORK}, stamp=True)
+    path = queue_folder.folder / "b.md"
+    saved = NEEDS_WORK.replace("Text.", "Saved by a person meanwhile.")
+    decide = triage.triage_bytes
+
+    def decide_then_save(*args):
+        found = decide(*args)
+        path.write_text(saved)
+        return found
+
+    monkeypatch.setattr(triage, "triage_bytes", decide_then_save)
+    work()
+    assert path.read_text() == saved
+    task = Task.objects.get(key="b")
+    assert (task.status, task.reason) == (Status.BLOCKED, "changed on disk since claim")
 
 
 def stamped_by_a_dead_worker(raw: bytes) -> bytes:

@@ -206,7 +206,10 @@ class TriageProcessor(Processor):
         )
         stamped = self._stamps(claim.queue)
         if stamped:
-            seen = file_identity(self._stamp(claim, context, raw, held))
+            written = self._stamp(claim, context, raw, held, seen, stat.st_mode)
+            if written is None:  # saved since it was read: the save stands
+                return Result(status=Status.BLOCKED, reason=CHANGED_ON_DISK)
+            seen = file_identity(written)
         if new != raw or stamped:
             self.pending.append(
                 _Write(claim, result, new, seen, stat.st_mode, _row_values(decision, doc))
@@ -317,8 +320,8 @@ class TriageProcessor(Processor):
         return self.stamping[queue]
 
     def _stamp(
-        self, claim: Claim, context: WorkContext, raw: bytes, held: _Held
-    ) -> os.stat_result:
+        self, claim: Claim, context: WorkContext, raw: bytes, held: _Held, seen: tuple, mode: int
+    ) -> os.stat_result | None:
         doc = Document.parse(raw)
         doc.set_keys(
             {
@@ -327,7 +330,7 @@ class TriageProcessor(Processor):
                 "claimed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
         )
-        return atomic_write(claim.path, doc.render())
+        return atomic_write(claim.path, doc.render(), seen, mode)
 
 
 @receiver(signals.tasks_processed)

@@ -314,15 +314,12 @@ def _plain_is_safe(value: str) -> bool:
         return False
 
 
-def atomic_write(path: str, data: bytes) -> os.stat_result:
-    """Replace a file so that a crash leaves the old or the new one, never a torn one."""
-    temporary = write_temporary(path, data)
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        discard(temporary)
-        raise
-    return os.stat(path)
+def atomic_write(
+    path: str, data: bytes, seen: tuple[int, int, int], mode: int
+) -> os.stat_result | None:
+    """Replace a file so that a crash leaves the old or the new one, never a torn one,
+    unless it is no longer the one read (`seen`, file_identity): then None."""
+    return replace_if_unchanged(write_temporary(path, data, mode), path, seen)
 
 
 def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool = True) -> str:
