@@ -187,6 +187,23 @@ def test_a_file_given_a_new_id_gives_its_task_the_new_id_not_a_second_task(write
     assert import_folder(write_task.folder).unchanged == 1
 
 
+def test_two_files_that_swap_ids_each_give_their_task_its_new_file(write_task):
+    """A checkout or a renumbering that swaps two files' ids: a.md was named a duplicate of
+    b.md at every import, both tasks pointed at b.md (two workers could work it), and
+    a.md's text never reached the board."""
+    write_task("a.md", GOOD.format(id="A", title="Alpha"))
+    write_task("b.md", GOOD.format(id="B", title="Beta"))
+    import_folder(write_task.folder)
+    write_task("a.md", GOOD.format(id="B", title="Alpha, now B"))
+    write_task("b.md", GOOD.format(id="A", title="Beta, now A"))
+    report = import_folder(write_task.folder)
+    assert (report.errors, report.updated) == ([], 2)
+    tasks = {t.key: (t.title, os.path.basename(t.source_path)) for t in Task.objects.all()}
+    assert tasks == {"A": ("Beta, now A", "b.md"), "B": ("Alpha, now B", "a.md")}
+    again = import_folder(write_task.folder)
+    assert (again.errors, again.unchanged) == ([], 2)
+
+
 def test_a_claimed_tasks_new_id_waits_for_the_claim_and_says_so(write_task):
     path = write_task("a.md", GOOD.format(id="A-1", title="Alpha"))
     import_folder(write_task.folder)

@@ -557,7 +557,24 @@ class Importer:
         """Whether the file a task came from still exists and (as far as we know) keeps its id."""
         if not is_task_file(other):
             return False  # the file moved (a link left in its place too): the task follows it
-        return other not in self.seen_paths or self.seen_keys.get(key) == other
+        if other in self.seen_paths:
+            return self.seen_keys.get(key) == other
+        return self._keeps_id(other, key)
+
+    def _keeps_id(self, path: str, key: str) -> bool:
+        """Whether a file this import has not reached yet still says `key`: unchanged since
+        it was recorded, or read now (two files that swapped ids each named the other a
+        duplicate, for ever). A file that cannot be read keeps it."""
+        known = self.known.get(path)
+        try:
+            st = os.lstat(path)
+            if known and (known[1], known[2]) == (st.st_size, st.st_mtime_ns):
+                return True
+            raw, _ = taskfile.read_regular_file(path, settings.HYPERVISOR_MAX_FILE_BYTES)
+            frontmatter = taskfile.parse(raw).frontmatter
+        except (OSError, TaskFileError):
+            return True
+        return taskfile.text_field(frontmatter, "id", None) == key
 
     def _key(self, fm: dict, path: Path, base: Path) -> str:
         key = taskfile.text_field(fm, "id", None)
