@@ -782,8 +782,10 @@ def is_task_file(path: str) -> bool:
     now is another file's name (the moved file's, or another task's), never written through."""
     try:
         return S_ISREG(os.lstat(path).st_mode)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError:
+        return True  # there, but not ours to look at (a folder made unreadable): not gone
 
 
 def task_fields(parsed: taskfile.TaskFile, path: Path | None) -> dict:
