@@ -392,6 +392,20 @@ def test_a_renamed_temporary_is_not_removed_again(folder, monkeypatch):
     assert sorted(p.name for p in folder.path(".").iterdir()) == ["t0.md", "t1.md", "t2.md"]
 
 
+def test_a_temporary_name_taken_by_a_link_is_not_written_through(folder, monkeypatch, tmp_path):
+    """The temporary was opened with O_TRUNC, following whatever lay at its name: a link
+    planted there had what it led to emptied and written."""
+    task = folder({"a.md": TASK})["a.md"]
+    monkeypatch.setattr(writeback.secrets, "token_hex", lambda n: "0badf00d")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    folder.path(f".a.md.{os.getpid()}.0badf00d.tmp").symlink_to(victim)
+    with pytest.raises(editing.Conflict, match="cannot write the file: File exists"):
+        editing.edit_task(task, {"assignee": "bot"}, ACTOR)
+    assert victim.read_text() == "keep me\n"
+    assert folder.path("a.md").read_text() == TASK
+
+
 def test_a_save_from_an_older_form_is_refused(folder):
     task = folder({"a.md": TASK})["a.md"]
     opened_with = task.source_sha256

@@ -322,14 +322,12 @@ def atomic_write(
     return replace_if_unchanged(write_temporary(path, data, mode), path, seen)
 
 
-def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool = True) -> str:
-    """The new content in a temporary file beside `path`, with the file's permissions;
-    none for a file no one may write.
+def write_temporary(path: str, data: bytes, mode: int, sync: bool = True) -> str:
+    """The new content in a temporary file beside `path`, with the file's permissions
+    (`mode`, as read); none for a file no one may write.
 
     With sync=False the caller makes it durable (sync_files) before renaming it.
     """
-    if mode is None:
-        mode = os.stat(path).st_mode
     if not mode & 0o222:
         # Made read-only (git lfs locks a file so, a person's chmod): a writer in place
         # would be refused, and a rename must not go round that.
@@ -338,7 +336,8 @@ def write_temporary(path: str, data: bytes, mode: int | None = None, sync: bool 
     # Unique per write: the board's threads and a worker may write beside one file at once.
     # The pid in the name lets the reaper find what a dead worker left (TEMPORARY).
     temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A new file, or nothing: whatever already lies at the name (a link) is not followed.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
