@@ -167,6 +167,29 @@ def test_a_renamed_or_moved_file_keeps_its_task_and_is_not_missing(write_task, e
     assert (again.missing, again.updated, again.unchanged) == (0, 0, 1)
 
 
+def test_a_file_moved_while_its_task_was_finished_gets_the_finish_when_found(
+    write_task, lock_root
+):
+    """The finish found no file to write `status: done` into (it was being moved); the
+    import then followed the file to its new place, and it said `inbox` for good: the
+    folder, and an import into a new database, saw an open task."""
+    path = write_task("a.md", GOOD.format(id="T-1", title="First"))
+    import_folder(write_task.folder)
+    identity = Identity.current("w-test")
+    owner_file = OwnerFile(identity)
+    [claim] = claims.claim_ready_tasks("q", identity, owner_file, limit=1)
+    moved = write_task.folder / "done" / "a.md"
+    moved.parent.mkdir()
+    path.rename(moved)
+    claims.finish_claims(identity, [(claim, Result(status=Status.DONE))], owner_file)
+    assert "status" not in moved.read_text()
+    assert import_folder(write_task.folder).updated == 1
+    assert "status: done" in moved.read_text()
+    task = Task.objects.get()
+    assert (task.status, task.source_path) == (Status.DONE, str(moved))
+    assert import_folder(write_task.folder).unchanged == 1
+
+
 def test_a_file_given_a_new_id_gives_its_task_the_new_id_not_a_second_task(write_task):
     """The old task stayed, ready and not missing, beside a new one made from the same
     file: two workers worked the one file."""

@@ -623,7 +623,7 @@ class Importer:
                 self.report.deferred += 1
                 return
             pending = task.pending_edit
-            was = task.source_path
+            was, found_again = task.source_path, task.source_missing
             finished = task.status in (Status.DONE, Status.BLOCKED)
             closed = apply_fields(task, fields, source_fields)
             if finished and Task.objects.filter(pk=task.pk, status=Status.QUEUED).exists():
@@ -638,6 +638,11 @@ class Importer:
             )
         if pending:
             _apply_pending_edit(task)
+        if finished and (moved or found_again):
+            # Its finish (or the board's close) found no file to write into: it is here now.
+            from workqueue.editing import write_finished_status
+
+            write_finished_status([task.pk], "import")
         self.report.updated += 1
         self.report.closed += int(closed)
 
