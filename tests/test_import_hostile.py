@@ -407,6 +407,17 @@ def test_a_nul_in_the_body_past_the_binary_sniff_is_refused(write_task):
     assert list(Task.objects.values_list("key", flat=True)) == ["good"]
 
 
+def test_a_file_saved_as_latin_1_is_named_with_the_line_of_its_first_such_byte(write_task):
+    """It said only `invalid byte at offset 27`: a count no editor shows."""
+    write_task("good.md", GOOD)
+    bad = write_task("latin.md", "---\nid: l1\ntitle: Caf\u00e9\n---\n".encode("latin-1"))
+    report = import_folder(write_task.folder)
+    assert errors_by_path(report) == {
+        str(bad): "not UTF-8 text: byte 0xe9 at line 3, column 11 (saved as Latin-1 or "
+        "Windows-1252?): save it as UTF-8"
+    }
+
+
 def test_a_bare_id_too_long_in_a_queue_file_is_named_by_line(write_task):
     queue_file = write_task.folder / "list.txt"
     queue_file.write_text("fine-id\n" + "k" * 501 + "\n")

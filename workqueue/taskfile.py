@@ -190,7 +190,12 @@ def decode(raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TaskFileError(f"not UTF-8 text (invalid byte at offset {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise TaskFileError(
+            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line}, column {column} "
+            "(saved as Latin-1 or Windows-1252?): save it as UTF-8"
+        ) from None
     return text.removeprefix("\ufeff")
 
 
