@@ -590,7 +590,14 @@ def test_a_task_file_swapped_for_a_fifo_or_a_link_is_not_read_through_it(
         "b": Status.BLOCKED,
         "c": Status.BLOCKED,
     }
-    assert "a FIFO" in results["b"].reason and "a symlink" in results["c"].reason
+    folder = queue_folder.folder
+    assert (
+        results["b"].reason
+        == f"cannot read {folder / 'b.md'}: not a regular file: a FIFO, not read"
+    )
+    assert results["c"].reason == (
+        f"cannot read {folder / 'c.md'}: not a regular file: a symlink, not read"
+    )
 
 
 def test_a_file_moved_and_linked_back_between_read_and_write_is_not_replaced(queue_folder):

@@ -170,7 +170,10 @@ class TriageProcessor(Processor):
                 data={"action": "skip", "changes": [], "reason": "no task file"},
             )
         # Not open(): a FIFO swapped in would hold the worker, a link be read through.
-        raw, stat = read_regular_file(claim.path, settings.HYPERVISOR_MAX_FILE_BYTES)
+        try:
+            raw, stat = read_regular_file(claim.path, settings.HYPERVISOR_MAX_FILE_BYTES)
+        except TaskFileError as exc:
+            return Result(status=Status.BLOCKED, reason=f"cannot read {claim.path}: {exc}")
         seen = file_identity(stat)
         if held.sha256 and hashlib.sha256(raw).hexdigest() != held.sha256:
             adopted = self._earlier_attempts_write(claim, context, held, raw, stat)
