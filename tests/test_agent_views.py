@@ -93,6 +93,43 @@ def test_a_broken_transcript_file_shows_nothing_rather_than_an_error(watcher):
     )
 
 
+def test_a_transcript_an_agent_swapped_for_a_fifo_or_a_link_is_not_read(watcher, tmp_path):
+    """An agent runs as our user and can replace its transcript file: a FIFO held every
+    request that read it (the drawer, its poll, the herd page with its cancel button) until
+    something wrote to it, and a link was read through."""
+    herd = Herd.objects.create(
+        queue="q", profile=shipped_profile("claude", Path("/nonexistent")), size=1
+    )
+    task = running_task(herd=herd.pk)
+    path = transcript_path(task.pk, task.fence)
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    # Opened for writing, a FIFO waits for a reader: whether a page opened it shows here.
+    read = threading.Event()
+
+    def writer():
+        with open(path, "wb"):
+            read.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    client = client_for(watcher)
+    urls = [reverse(name, args=[task.pk]) for name in ("task-transcript", "task-detail")]
+    for url in [*urls, reverse("herds:detail", args=[herd.pk])]:
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert not read.is_set(), f"{url} opened the FIFO"
+    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
+    thread.join()
+
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"entries": [{"kind": "tool", "text": "not its own"}]}))
+    path.unlink()
+    path.symlink_to(elsewhere)
+    for url in urls:
+        assert "not its own" not in client.get(url).content.decode(), url
+
+
 def test_drawer_and_card_show_tokens_cost_session_and_resume_command(watcher):
     task = Task.objects.create(
         queue="q",

@@ -555,9 +555,12 @@ TRANSCRIPT_READ_LIMIT = 512 * 1024
 
 def read_transcript(path: Path, last: int | None = None) -> dict | None:
     """A transcript file as the board shows it; None when there is none (yet)."""
+    from workqueue.taskfile import read_regular_file  # loads YAML: not at a worker's start
+
+    # The agent can replace its transcript: a FIFO held the page that read it until
+    # something wrote to it, and a link was read through (TaskFileError is a ValueError).
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(TRANSCRIPT_READ_LIMIT))
+        data = json.loads(read_regular_file(path, TRANSCRIPT_READ_LIMIT)[0])
     except (OSError, ValueError):
         return None
     entries = data.get("entries") if isinstance(data, dict) else None
