@@ -20,6 +20,7 @@ from workqueue.models import Task
 from workqueue.views import task_transcript_of
 
 VIEW = "herds.view_herd"
+SEE_TASKS = "queue.view_task"
 OPERATE = "herds.add_herd"  # launching, draining and cancelling
 # Each of those answers with the herd's page: operating a herd takes seeing it too.
 OPERATE_AND_VIEW = [OPERATE, VIEW]
@@ -30,7 +31,7 @@ def _get_herd(pk: int) -> Herd:
     return get_object_or_404(Herd.objects.select_related("profile", "created_by"), pk=pk)
 
 
-def _live_context(herd: Herd) -> dict:
+def _live_context(herd: Herd, user) -> dict:
     planned = herd.planned_tasks()
     finished = herd.finished_tasks()
     return {
@@ -46,7 +47,10 @@ def _live_context(herd: Herd) -> dict:
         "tokens": herd.total_tokens(),
         "cost": herd.total_cost_usd(),
         "chart": throughput_chart(herd.samples, planned),
-        "transcripts": [] if herd.ended else live_transcripts(herd),
+        # The tasks' titles and transcripts take seeing tasks, as on the tasks' own pages.
+        "transcripts": live_transcripts(herd)
+        if not herd.ended and user.has_perm(SEE_TASKS)
+        else [],
     }
 
 
@@ -145,7 +149,7 @@ def live(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _page_context(request: HttpRequest, pk: int) -> dict:
-    context = _live_context(_get_herd(pk))
+    context = _live_context(_get_herd(pk), request.user)
     context["can_operate"] = request.user.has_perm(OPERATE)
     return context
 
@@ -166,7 +170,7 @@ def summary_json(request: HttpRequest, pk: int) -> HttpResponse:
 def _after_action(request: HttpRequest, herd: Herd) -> HttpResponse:
     if request.htmx:
         herd.refresh_from_db()
-        context = _live_context(herd)
+        context = _live_context(herd, request.user)
         context["can_operate"] = True
         # The herd's section, and what the action did said beside it (not by the poll,
         # which would take it away 2 s later, nor by the next page of another herd).

@@ -186,6 +186,25 @@ def test_herd_page_shows_cost_quota_reset_resume_webhook_and_live_transcripts(wa
     assert "What the agents are doing" in page and "&lt;i&gt;ls&lt;/i&gt;" in page
 
 
+def test_a_herd_page_shows_its_agents_transcripts_only_to_those_who_may_see_the_tasks():
+    """A task's transcript and title take queue.view_task on the task's page and its
+    poll: the herd page showed them to anyone who may see herds."""
+    herd = Herd.objects.create(
+        queue="q", profile=shipped_profile("claude", Path("/nonexistent")), size=1
+    )
+    task = running_task(herd=herd.pk)
+    write_transcript(task, ("tool", "cat secrets.env", "Bash"))
+    herds_only = client_for(user_with("herds-only", "view_herd", "add_herd"))
+    urls = [reverse(name, args=[herd.pk]) for name in ("herds:detail", "herds:live")]
+    for url in urls:
+        page = herds_only.get(url).content.decode()
+        assert "cat secrets.env" not in page and "Fix it" not in page, url
+    drained = herds_only.post(reverse("herds:drain", args=[herd.pk]), HTTP_HX_REQUEST="true")
+    assert drained.status_code == 200 and "cat secrets.env" not in drained.content.decode()
+    watcher = client_for(user_with("watcher", "view_herd", "view_task"))
+    assert "cat secrets.env" in watcher.get(urls[0]).content.decode()
+
+
 def test_the_page_of_a_herd_whose_agents_report_no_cost_says_so_not_zero(watcher):
     profile = shipped_profile("gemini", Path("/nonexistent"))
     herd = Herd.objects.create(queue="q", profile=profile, size=1, status=HerdStatus.RUNNING)
