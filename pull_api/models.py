@@ -10,7 +10,7 @@ from datetime import timedelta
 import psutil
 from django.conf import settings
 from django.core.validators import RegexValidator
-from django.db import models
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
 from workqueue.locks import Identity
@@ -29,6 +29,10 @@ USE_STAMP_INTERVAL = timedelta(minutes=1)
 def digest(secret: str) -> str:
     # The secret is 256 random bits: a plain hash cannot be reversed or guessed.
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class NameTaken(Exception):
+    """The user has a token of that name already."""
 
 
 class ApiTokenQuerySet(models.QuerySet):
@@ -62,9 +66,13 @@ class ApiToken(models.Model):
     def issue(cls, user, name: str) -> tuple[ApiToken, str]:
         """A new token for `user`; the secret is returned here and never stored."""
         secret = PREFIX + secrets.token_urlsafe(32)
-        token = cls.objects.create(
-            user=user, name=name, digest=digest(secret), hint=secret[: len(PREFIX) + 6]
-        )
+        try:
+            with transaction.atomic():
+                token = cls.objects.create(
+                    user=user, name=name, digest=digest(secret), hint=secret[: len(PREFIX) + 6]
+                )
+        except IntegrityError:  # two creations of one name at once: the constraint decides
+            raise NameTaken(name) from None
         return token, secret
 
     @classmethod

@@ -12,7 +12,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_POST
 
-from pull_api.models import NAME, ApiToken
+from pull_api.models import NAME, ApiToken, NameTaken
 from workqueue.names import validate_queue_name
 from workqueue.pull import PullSession
 from workqueue.routing import FilterError, TaskFilter
@@ -85,6 +85,9 @@ def mcp_endpoint(request: HttpRequest) -> HttpResponse:
     return response
 
 
+NAME_TAKEN = "You already have a token of that name."
+
+
 class TokenForm(forms.Form):
     name = forms.CharField(max_length=50, validators=[NAME], help_text="e.g. laptop-claude")
 
@@ -95,7 +98,7 @@ class TokenForm(forms.Form):
     def clean_name(self) -> str:
         name = self.cleaned_data["name"]
         if ApiToken.objects.filter(user=self.user, name=name).exists():
-            raise ValidationError("You already have a token of that name.")
+            raise ValidationError(NAME_TAKEN)
         return name
 
 
@@ -109,8 +112,11 @@ def tokens(request: HttpRequest) -> HttpResponse:
     secret = None
     created = None
     if request.method == "POST" and form.is_valid():
-        created, secret = ApiToken.issue(request.user, form.cleaned_data["name"])
-        form = TokenForm(user=request.user)
+        try:
+            created, secret = ApiToken.issue(request.user, form.cleaned_data["name"])
+            form = TokenForm(user=request.user)
+        except NameTaken:  # taken since the form's check (Create sent twice)
+            form.add_error("name", NAME_TAKEN)
     context = {
         "form": form,
         "tokens": ApiToken.objects.filter(user=request.user),

@@ -342,6 +342,28 @@ def test_tokens_page_creates_shows_once_and_revokes(client):
 
 
 @pytest.mark.django_db
+def test_a_token_name_taken_while_the_form_was_checked_is_said_on_the_form(client, monkeypatch):
+    """Create sent twice at once (a double-click): both requests found the name free, and
+    the second ended in the unique constraint, a server error."""
+    from pull_api.views import TokenForm
+
+    checked = TokenForm.clean_name
+
+    def first_click_lands_meanwhile(form):
+        name = checked(form)
+        ApiToken.issue(form.user, name)
+        return name
+
+    monkeypatch.setattr(TokenForm, "clean_name", first_click_lands_meanwhile)
+    client.force_login(person("alice", "view_task"))
+    second = client.post("/tokens/", {"name": "laptop"})
+    assert second.status_code == 200
+    assert b"already have a token of that name" in second.content
+    assert b'class="secret"' not in second.content
+    assert list(ApiToken.objects.values_list("name", flat=True)) == ["laptop"]
+
+
+@pytest.mark.django_db
 def test_tokens_page_needs_login_and_csrf(client):
     assert client.get("/tokens/").status_code == 302
     from django.test import Client
