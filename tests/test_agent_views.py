@@ -130,6 +130,21 @@ def test_a_transcript_an_agent_swapped_for_a_fifo_or_a_link_is_not_read(watcher,
         assert "not its own" not in client.get(url).content.decode(), url
 
 
+def test_a_link_at_a_transcripts_temporary_name_is_not_written_through(tmp_path):
+    """The worker writes the transcript through `.<name>.<pid>.tmp` beside it, a name the
+    agent (our user) can guess: a link planted there had what it led to overwritten."""
+    path = tmp_path / "t" / "transcript.json"
+    path.parent.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("kept")
+    (path.parent / f".{path.name}.{os.getpid()}.tmp").symlink_to(victim)
+    transcript = Transcript(path)
+    transcript.add("tool", "ran ls")
+    transcript.close()
+    assert victim.read_text() == "kept"
+    assert [e["text"] for e in json.loads(path.read_text())["entries"]] == ["ran ls"]
+
+
 def test_drawer_and_card_show_tokens_cost_session_and_resume_command(watcher):
     task = Task.objects.create(
         queue="q",

@@ -178,7 +178,15 @@ class Transcript:
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             with contextlib.suppress(OSError):
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                temporary.write_text(json.dumps(data), encoding="utf-8")
+                # The agent runs as our user and knows the name: whatever lies there (a
+                # link) is removed, not written through.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                fd = os.open(
+                    temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644
+                )
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(data))
                 os.replace(temporary, self.path)
 
     def _flush(self) -> None:
