@@ -11,6 +11,8 @@ import psutil
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import IntegrityError, models, transaction
+from django.db.models.signals import post_save, pre_delete
+from django.dispatch import receiver
 from django.utils import timezone
 
 from workqueue.locks import Identity
@@ -96,13 +98,17 @@ class ApiToken(models.Model):
             )
         )
         if revoked:
-            from workqueue import actions, claims  # not in a worker's start-up
-
-            held = Task.objects.filter(status=Status.CLAIMED, holder=self.worker_name)
-            why = f"its token {self.name} was revoked"
-            released = actions.act(held, "release", by or self.worker_name, message=why)
-            claims.apply_pending_changes(released.changed)
+            self.give_back(f"its token {self.name} was revoked", by)
         return revoked
+
+    def give_back(self, why: str, by: str = "") -> None:
+        """Give back what this token's agent holds, which it can no longer finish: held,
+        it would wait for its lease to run out."""
+        from workqueue import actions, claims  # not in a worker's start-up
+
+        held = Task.objects.filter(status=Status.CLAIMED, holder=self.worker_name)
+        released = actions.act(held, "release", by or self.worker_name, message=why)
+        claims.apply_pending_changes(released.changed)
 
     @property
     def worker_name(self) -> str:
@@ -134,3 +140,18 @@ class ApiToken(models.Model):
 
         need = "queue.view_task" if tool in READ_TOOLS else "queue.change_task"
         return self.user.has_perm(need)
+
+
+@receiver(post_save, sender=settings.AUTH_USER_MODEL)
+def give_back_a_deactivated_accounts_claims(sender, instance, **kwargs) -> None:
+    """A deactivated account's tokens stop at once (ApiTokenQuerySet.active): what their
+    agents hold goes back with them, as on a revocation."""
+    if not instance.is_active:
+        for token in instance.api_tokens.filter(revoked_at__isnull=True):
+            token.give_back(f"its account {instance.get_username()} was deactivated")
+
+
+@receiver(pre_delete, sender=settings.AUTH_USER_MODEL)
+def give_back_a_deleted_accounts_claims(sender, instance, **kwargs) -> None:
+    for token in instance.api_tokens.filter(revoked_at__isnull=True):
+        token.give_back(f"its account {instance.get_username()} was deleted")

@@ -241,6 +241,26 @@ def test_a_revoked_token_stops_working_at_once(live_server, transactional_db):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("end", ["deactivated", "deleted"])
+def test_an_accounts_claims_go_back_when_it_is_deactivated_or_deleted(client, end):
+    """Its tokens stop at once, and its agents can no longer finish what they hold: it
+    waited for the leases to run out (30 minutes), where a revoked token's went back."""
+    make_tasks("q", 2)
+    assert post_json_rpc(client, CLAIM).status_code == 200
+    assert Task.objects.filter(status=Status.CLAIMED).count() == 1
+    alice = User.objects.get(username="alice")
+    if end == "deactivated":
+        alice.is_active = False
+        alice.save()
+    else:
+        alice.delete()
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.QUEUED}
+    released = TaskEvent.objects.get(kind=EventKind.RELEASED)
+    assert released.message == f"its account alice was {end}"
+    assert not locks.list_locks("q")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_http_claims_live_by_lease_not_by_the_web_process_pid(client):
     make_tasks("q", 1)
     response = post_json_rpc(client, CLAIM)
