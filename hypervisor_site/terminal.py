@@ -39,9 +39,9 @@ class _Printable:
 
     def __set__(self, command, wrapper: OutputWrapper) -> None:
         if not isinstance(wrapper, PrintableOutput):
-            printable = PrintableOutput(wrapper._out, wrapper.ending)
-            printable.style_func = wrapper.style_func
-            wrapper = printable
+            output = PrintableOutput(wrapper._out, wrapper.ending)
+            output.style_func = wrapper.style_func
+            wrapper = output
         setattr(command, self.attribute, wrapper)
 
 
