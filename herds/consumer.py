@@ -22,6 +22,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis.exceptions
 from huey import consumer as huey_consumer
 
+from hypervisor_site.terminal import PrintableFormatter
+
 log = logging.getLogger("huey.consumer")
 
 REMIND_SECONDS = 10.0
@@ -165,6 +167,11 @@ class Consumer(huey_consumer.Consumer):
         for process in (huey_consumer.Worker, huey_consumer.Scheduler):
             # The loggers Huey's scheduler and workers log their failures to.
             logging.getLogger(f"huey.consumer.{process.process_name}").addFilter(OUTAGE_FILTER)
+        # The handler Huey's command gave its logger just before, in Huey's format: its
+        # lines (a task's exception) printable as ours are.
+        for handler in logging.getLogger("huey").handlers:
+            if not isinstance(handler.formatter, PrintableFormatter):
+                handler.setFormatter(PrintableFormatter.around(handler.formatter))
         super().__init__(huey, **options)
 
     def _create_worker(self):

@@ -18,8 +18,16 @@ from workqueue.text import printable
 
 
 class PrintableFormatter(logging.Formatter):
+    inner: logging.Formatter | None = None  # another's format, made printable
+
+    @classmethod
+    def around(cls, formatter: logging.Formatter | None) -> PrintableFormatter:
+        made = cls()
+        made.inner = formatter
+        return made
+
     def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record))
+        return printable((self.inner or super()).format(record))
 
 
 class PrintableOutput(OutputWrapper):

@@ -2,6 +2,7 @@
 sequences it obeys: the workers' log lines, the commands' own lines."""
 
 import io
+import logging
 import sys
 
 import pytest
@@ -44,3 +45,23 @@ def test_a_file_names_escape_sequences_reach_import_tasks_lines_as_text(write_ta
     assert f"bad{WRITTEN}.md: " in err.getvalue()
     assert not any(c in out.getvalue() + err.getvalue() for c in "\x1b\x07\x9b")
     assert not Task.objects.exists()
+
+
+def test_the_consumers_lines_in_hueys_own_format_are_printable_too():
+    """Huey's command gives its logger a handler of its own (its format) just before it
+    makes the consumer: a task's exception reached the terminal as it was."""
+    from huey import MemoryHuey
+
+    from herds.consumer import Consumer
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[huey] %(levelname)s:%(name)s:%(message)s"))
+    huey_log = logging.getLogger("huey")
+    huey_log.addHandler(handler)
+    try:
+        Consumer(MemoryHuey("printable"))
+        logging.getLogger("huey.consumer").error("task failed: %s", SEQUENCES)
+    finally:
+        huey_log.removeHandler(handler)
+    assert stream.getvalue() == f"[huey] ERROR:huey.consumer:task failed: {WRITTEN}\n"
