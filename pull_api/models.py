@@ -147,11 +147,14 @@ def give_back_a_deactivated_accounts_claims(sender, instance, **kwargs) -> None:
     """A deactivated account's tokens stop at once (ApiTokenQuerySet.active): what their
     agents hold goes back with them, as on a revocation."""
     if not instance.is_active:
-        for token in instance.api_tokens.filter(revoked_at__isnull=True):
-            token.give_back(f"its account {instance.get_username()} was deactivated")
+        _give_back_claims_of(instance, "deactivated")
 
 
 @receiver(pre_delete, sender=settings.AUTH_USER_MODEL)
 def give_back_a_deleted_accounts_claims(sender, instance, **kwargs) -> None:
-    for token in instance.api_tokens.filter(revoked_at__isnull=True):
-        token.give_back(f"its account {instance.get_username()} was deleted")
+    _give_back_claims_of(instance, "deleted")
+
+
+def _give_back_claims_of(user, ended: str) -> None:
+    for token in user.api_tokens.filter(revoked_at__isnull=True):
+        token.give_back(f"its account {user.get_username()} was {ended}")

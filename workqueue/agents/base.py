@@ -174,20 +174,19 @@ class Transcript:
             self.written_at = time.monotonic()
             self.dirty = False
             data = {"entries": list(self.entries), "count": self.count, "running": not force}
-            # Under the lock: the timer's write and the last one never cross.
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            # Under the lock: the timer's write and the last one never cross. A temporary
+            # as a task file's: a new file of a name no agent can plant a link at first.
+            from workqueue.writeback import discard, write_temporary  # loads YAML
+
             with contextlib.suppress(OSError):
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                # The agent runs as our user and knows the name: whatever lies there (a
-                # link) is removed, not written through.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temporary)
-                fd = os.open(
-                    temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644
-                )
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(json.dumps(data))
-                os.replace(temporary, self.path)
+                text = json.dumps(data).encode()
+                temporary = write_temporary(str(self.path), text, 0o644, sync=False)
+                try:
+                    os.replace(temporary, self.path)
+                except OSError:
+                    discard(temporary)
+                    raise
 
     def _flush(self) -> None:
         with self.lock:
