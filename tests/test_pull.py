@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from tests.conftest import make_tasks
@@ -481,6 +483,57 @@ def test_release_all_gives_back_what_a_closing_session_holds():
     assert agent.release_all("MCP session ended") == 2
     assert Task.objects.filter(status=Status.QUEUED).count() == 2
     assert not list(locks.list_locks("q"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_session_ended_during_a_claim_gives_that_claim_back_and_takes_no_more(monkeypatch):
+    """A signal ends a stdio session in a thread of its own while the session's thread
+    may be claiming: a claim committed but not yet noted as the session's was not given
+    back, and the task waited for the reaper."""
+    from workqueue import claims
+
+    make_tasks("q", 2)
+    agent = session("ending")
+    committed, go_on = threading.Event(), threading.Event()
+    claim_ready_tasks = claims.claim_ready_tasks
+
+    def claim_then_pause(*args, **kwargs):
+        taken = claim_ready_tasks(*args, **kwargs)
+        committed.set()
+        go_on.wait(30)
+        return taken
+
+    monkeypatch.setattr(claims, "claim_ready_tasks", claim_then_pause)
+    claimed, released = [], []
+
+    def in_a_thread(function):
+        def run():
+            try:
+                function()
+            finally:
+                connection.close()
+
+        return threading.Thread(target=run)
+
+    calling = in_a_thread(lambda: claimed.append(agent.call("claim_next_task")))
+    calling.start()
+    assert committed.wait(30)
+    ending = in_a_thread(lambda: released.append(agent.release_all("MCP session ended")))
+    ending.start()
+    ending.join(0.5)
+    assert ending.is_alive()  # it waits for the claim under way
+    go_on.set()
+    calling.join(30)
+    ending.join(30)
+    assert claimed[0]["success"] is True
+    assert released == [1]
+    assert Task.objects.filter(status=Status.CLAIMED).count() == 0
+    assert not list(locks.list_locks("q"))
+    assert agent.call("claim_next_task") == {
+        "success": False,
+        "message": "claim_next_task: this session has ended",
+    }
+    assert Task.objects.filter(status=Status.CLAIMED).count() == 0
 
 
 def test_the_board_shows_the_sessions_name_and_pid(client):

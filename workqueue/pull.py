@@ -137,6 +137,11 @@ class PullSession:
         # Local sessions: the claims held now, by task id (what the heartbeat renews).
         self.held: dict[int, Claim] = {}
         self._held_lock = threading.Lock()
+        # One call at a time, and the session's end after the call under way: a signal
+        # ends a stdio session from another thread, maybe between a claim's commit and
+        # its noting in `held`, which would leave that claim to the reaper.
+        self._calling = threading.Lock()
+        self.ended = False
         self.stop_requested = False
         self.stop_reason = ""
         self.claimed = self.done = self.blocked = self.released = 0
@@ -176,6 +181,12 @@ class PullSession:
         if not self.permitted(tool):
             need = "queue.view_task" if tool in READ_TOOLS else "queue.change_task"
             return refused(f"{tool}: permission denied: your account needs {need}")
+        with self._calling:
+            if self.ended:
+                return refused(f"{tool}: this session has ended")
+            return self._run(tool, method, arguments)
+
+    def _run(self, tool: str, method, arguments: dict) -> dict:
         try:
             if self.stateless:
                 self._renew_leases()
@@ -583,15 +594,18 @@ class PullSession:
         return renewed
 
     def release_all(self, message: str) -> int:
-        """The session ends: whatever it still holds goes back to the queue."""
-        with self._held_lock:
-            held = list(self.held.values())
-            self.held.clear()
-        if not held:
-            return 0
-        released = claims.release_claims(self.identity, held, self.owner_file, message)
-        self.released += len(released)
-        return len(released)
+        """The session ends: whatever it still holds goes back to the queue, and it takes
+        no more."""
+        with self._calling:
+            self.ended = True
+            with self._held_lock:
+                held = list(self.held.values())
+                self.held.clear()
+            if not held:
+                return 0
+            released = claims.release_claims(self.identity, held, self.owner_file, message)
+            self.released += len(released)
+            return len(released)
 
     # Explanations --------------------------------------------------------------------
 
