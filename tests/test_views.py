@@ -130,6 +130,21 @@ def test_a_queue_that_does_not_exist_is_said_not_shown_as_an_empty_board(viewer)
     assert "There is no queue" not in viewer.get("/?queue=q").content.decode()
 
 
+def test_keys_that_are_not_the_boards_filters_are_said_not_silently_left_out(viewer):
+    # `?status=done` or a misspelt `?assigne=` showed every task without a word.
+    make_tasks("q", 2)
+    page = viewer.get("/?status=done&assigne=bob&queue=q").content.decode()
+    assert (
+        "Not filters of the board, so left out: <code>assigne</code>, <code>status</code>. "
+        "The filters are queue, project, assignee, tag, type, complexity, and q (the search)."
+    ) in page
+    assert "Task 0" in page and "Task 1" in page  # every task, as without the keys
+    many = "&".join(f"k{n:02}=1" for n in range(12))
+    assert "<code>k09</code> and 2 more." in viewer.get(f"/?{many}").content.decode()
+    own = "/?queue=q&q=Task&since=1-2-3&shown_queued=40&shown_done=0"
+    assert "Not filters" not in viewer.get(own).content.decode()
+
+
 def test_a_task_in_progress_in_its_file_says_so_not_an_empty_live_transcript(viewer):
     # Its card said "no lease" and its page "Agent transcript (live): Nothing from the agent
     # yet", for a task no agent of ours will ever run.

@@ -203,6 +203,13 @@ class BoardFilterForm(forms.Form):
     def active(self) -> bool:
         return self.active_besides("")
 
+    @property
+    def not_filters(self) -> list[str]:
+        """The address's keys that are none of the board's own: a misspelt filter
+        (`assigne=`) or another page's word (`status=`) is said, not silently left out."""
+        own = {*FILTER_FIELDS, "since", *(f"shown_{status}" for status in Status.values)}
+        return sorted(set(self.data) - own)
+
     def active_besides(self, name: str) -> bool:
         return any(self.cleaned_data.get(other) for other in FILTER_FIELDS if other != name)
 

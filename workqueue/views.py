@@ -238,6 +238,7 @@ def _board_context(
         context.update(
             queues=queues,
             unknown_queue=chosen if chosen and chosen not in queues else "",
+            not_filters=form.not_filters,
             facets=facets,
             facets_pending=len(facets) < len(ROUTED_FIELDS),
             saved_views=SavedView.objects.filter(user=request.user),
