@@ -185,6 +185,37 @@ def test_placeholders_and_configs(tmp_path):
     assert "{queue}" not in pull_prompt("inbox") and "`inbox`" in pull_prompt("inbox")
 
 
+def test_gemini_gets_a_home_of_its_own_with_the_users_settings_and_files(tmp_path):
+    """Gemini CLI skipped the system settings file we gave it (root owns none of ours):
+    its session's server goes into a Gemini home of its own, beside the user's files."""
+    user = tmp_path / "user" / ".gemini"
+    user.mkdir(parents=True)
+    theirs = {"security": {"auth": {"selectedType": "oauth-personal"}}, "mcpServers": {"x": {}}}
+    (user / "settings.json").write_text(json.dumps(theirs))
+    (user / "oauth_creds.json").write_text("{}")
+    (tmp_path / "session").mkdir()
+    paths = write_configs(tmp_path / "session", "http://127.0.0.1:1/mcp", "abc", user)
+    home = Path(paths["gemini_home"]) / ".gemini"
+    assert paths["gemini_settings"] == str(home / "settings.json")
+    settings = json.loads((home / "settings.json").read_text())
+    assert settings["security"] == theirs["security"]
+    assert settings["mcpServers"] == {
+        "x": {},
+        "hypervisor": {
+            "httpUrl": "http://127.0.0.1:1/mcp",
+            "headers": {"Authorization": "Bearer abc"},
+        },
+    }
+    assert stat.S_IMODE((home / "settings.json").stat().st_mode) == 0o600
+    assert (home / "oauth_creds.json").readlink() == user / "oauth_creds.json"
+    assert json.loads((user / "settings.json").read_text()) == theirs  # theirs untouched
+    # Settings we cannot read (Gemini also takes comments) give way to ours alone.
+    (user / "settings.json").write_text("// a comment\n{}")
+    (tmp_path / "again").mkdir()
+    paths = write_configs(tmp_path / "again", "http://127.0.0.1:1/mcp", "abc", user)
+    assert list(json.loads(Path(paths["gemini_settings"]).read_text())) == ["mcpServers"]
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_a_pull_workers_agent_never_outlives_it_onto_a_task_given_to_another(
     process_env, how, settings

@@ -97,30 +97,67 @@ class LocalServer:
         self.socket.close()
 
 
-def write_configs(folder: Path, url: str, secret: str) -> dict[str, str]:
-    """The agent CLIs' config files for this session, readable by this user only."""
+def write_configs(
+    folder: Path, url: str, secret: str, gemini_dir: Path | None = None
+) -> dict[str, str]:
+    """The agent CLIs' config files for this session, readable by this user only.
+
+    Gemini CLI reads MCP servers from settings files alone, and skips a system settings
+    file (GEMINI_CLI_SYSTEM_SETTINGS_PATH) unless root owns it and every folder above it:
+    so it gets a Gemini home of its own (`gemini_home`, for GEMINI_CLI_HOME) whose
+    settings are the user's (from `gemini_dir`, their ~/.gemini) with this session's
+    server added, and whose other files (credentials, trusted folders) are links to the
+    user's."""
     headers = {"Authorization": f"Bearer {secret}"}
+    gemini = folder / "gemini" / ".gemini"
+    gemini.mkdir(mode=0o700, parents=True)
     files = {
         # Claude Code: `claude --mcp-config FILE`.
-        "mcp_config": {
+        folder / "mcp_config.json": {
             "mcpServers": {SERVER_NAME: {"type": "http", "url": url, "headers": headers}}
         },
-        # Gemini CLI: a system settings file (GEMINI_CLI_SYSTEM_SETTINGS_PATH).
-        "gemini_settings": {"mcpServers": {SERVER_NAME: {"httpUrl": url, "headers": headers}}},
+        gemini / "settings.json": gemini_settings(
+            gemini_dir, {"httpUrl": url, "headers": headers}
+        ),
     }
-    paths = {}
-    for name, content in files.items():
-        path = folder / f"{name}.json"
+    for path, content in files.items():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(content, f, indent=2)
-        paths[name] = str(path)
-    return paths
+    if gemini_dir is not None and gemini_dir.is_dir():
+        for entry in gemini_dir.iterdir():
+            if entry.name != "settings.json":
+                (gemini / entry.name).symlink_to(entry)
+    return {
+        "mcp_config": str(folder / "mcp_config.json"),
+        "gemini_settings": str(gemini / "settings.json"),
+        "gemini_home": str(gemini.parent),
+    }
+
+
+def gemini_settings(gemini_dir: Path | None, server: dict) -> dict:
+    """The user's Gemini settings with this session's server in them."""
+    settings = {}
+    if gemini_dir is not None:
+        try:
+            settings = json.loads((gemini_dir / "settings.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:  # Gemini also takes comments; we do not
+            log.warning("the agent's Gemini settings are not used: %s", exc)
+    if not isinstance(settings, dict):
+        settings = {}
+    servers = settings.get("mcpServers")
+    settings["mcpServers"] = {
+        **(servers if isinstance(servers, dict) else {}),
+        SERVER_NAME: server,
+    }
+    return settings
 
 
 def config_root() -> Path:
-    """Where a session's config files go: Gemini CLI skips a settings file when any
-    folder above it is writable by others (as /tmp is), so not the temporary folder."""
+    """Where a session's config files go: a folder of the data folder only this user may
+    enter, not the temporary folder others can list."""
     root = reaper.session_folders()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     return root
@@ -168,7 +205,21 @@ def run_pull_worker(
             # Whose it is: the reaper removes it once this worker is dead (a SIGKILL).
             owner = json.dumps(session.identity.owner_record())
             Path(folder, locks.OWNER_FILE).write_text(owner, encoding="utf-8")
-            configs = write_configs(Path(folder), server.url, server.secret)
+            agent_env = agent_tree.agent_environment(
+                {
+                    URL_VARIABLE: server.url,
+                    TOKEN_VARIABLE: server.secret,
+                    "HYPERVISOR_TASK_QUEUE": queue,
+                    "HYPERVISOR_TASK_WORKER": session.identity.worker,
+                },
+                env or {},
+                pass_env or [],
+            )
+            home = agent_env.get("GEMINI_CLI_HOME") or agent_env.get("HOME")
+            configs = write_configs(
+                Path(folder), server.url, server.secret, Path(home, ".gemini") if home else None
+            )
+            agent_env["GEMINI_CLI_HOME"] = configs.pop("gemini_home")
             values = {
                 "python": sys.executable,
                 "base_dir": str(settings.BASE_DIR),
@@ -177,17 +228,6 @@ def run_pull_worker(
                 "prompt": pull_prompt(queue),
                 **configs,
             }
-            agent_env = agent_tree.agent_environment(
-                {
-                    URL_VARIABLE: server.url,
-                    TOKEN_VARIABLE: server.secret,
-                    "GEMINI_CLI_SYSTEM_SETTINGS_PATH": configs["gemini_settings"],
-                    "HYPERVISOR_TASK_QUEUE": queue,
-                    "HYPERVISOR_TASK_WORKER": session.identity.worker,
-                },
-                env or {},
-                pass_env or [],
-            )
             passed = [*(pass_env or []), *(env or {})]  # their values are masked in output
             code = run_agent(session, fill(argv, values), agent_env, timeout, passed)
     finally:
