@@ -4,7 +4,8 @@ In "ok" mode a request that offers tools gets a `Read` tool call on the task fil
 then, once the tool's result comes back, a final message ending `COMPLETED: <key>`.
 In "quota" mode every request gets HTTP 429 with a long retry-after; in "server_error"
 mode, the stub's `error_status` (500) with the API's own error body. In "long" mode the
-final message is a report of some 1.6 MB before its last line.
+final message is a report of some 1.6 MB before its last line. In "pull" mode it works a
+queue through the MCP tools the CLI offers (base.pull_step).
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from __future__ import annotations
 import itertools
 import re
 
-from tests.vendor_stubs.base import Stub, prompt_text, send_events, send_json, task_key
+from tests.vendor_stubs.base import (
+    Stub,
+    prompt_text,
+    send_events,
+    send_json,
+    task_key,
+)
 
 TASK_FILE = re.compile(r"Its file is (\S+?)\.?\s*$", re.MULTILINE)
+DEFERRED_CLAIM = re.compile(r"\b(\w+__)claim_next_task\b")
 ids = itertools.count(1)
 
 
@@ -53,7 +61,15 @@ class AnthropicStub(Stub):
             if isinstance(m, dict)
         )
         path = TASK_FILE.search(prompt_text(messages))
-        if body.get("tools") and path and not answered_tool:
+        step = None
+        if self.mode == "pull":
+            step = deferred_search(body, messages) or self.pull(
+                tool_names(body), tool_calls(messages)
+            )
+        if isinstance(step, tuple):
+            block = {"type": "tool_use", "id": f"toolu_{next(ids)}", "name": step[0], "input": {}}
+            arguments, stop = step[1], "tool_use"
+        elif body.get("tools") and path and not answered_tool and step is None:
             block = {"type": "tool_use", "id": f"toolu_{next(ids)}", "name": "Read", "input": {}}
             arguments = {"file_path": path.group(1)}
             stop = "tool_use"
@@ -61,13 +77,15 @@ class AnthropicStub(Stub):
             block = {"type": "text", "text": ""}
             arguments = None
             stop = "end_turn"
-            text = f"The task is done.\n\nCOMPLETED: {task_key(messages)}"
+            text = step or f"The task is done.\n\nCOMPLETED: {task_key(messages)}"
             if self.mode == "long":
                 text = "A line of the report.\n" * 75_000 + text
         self.note_usage(model=model, output=output, **usage)
         message_id = f"msg_{next(ids)}"
         if not body.get("stream"):
-            content = [{**block, "input": arguments} if arguments else {**block, "text": text}]
+            content = [
+                {**block, "input": arguments} if arguments is not None else {**block, "text": text}
+            ]
             send_json(
                 handler,
                 200,
@@ -123,3 +141,37 @@ class AnthropicStub(Stub):
                 ("message_stop", {"type": "message_stop"}),
             ],
         )
+
+
+def tool_names(body: dict) -> list[str]:
+    return [str(tool.get("name")) for tool in body.get("tools") or [] if isinstance(tool, dict)]
+
+
+def tool_calls(messages: list) -> list[tuple[str, object]]:
+    """Each `tool_use` of the conversation, by name, with the `tool_result` sent back."""
+    names, calls = {}, []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                names[block.get("id")] = block.get("name")
+            elif block.get("type") == "tool_result":
+                calls.append((names.get(block.get("tool_use_id"), ""), block.get("content")))
+    return calls
+
+
+def deferred_search(body: dict, messages: list) -> tuple[str, dict] | None:
+    """Claude Code offers MCP tools by name only ("deferred"), to be loaded with its
+    ToolSearch tool: do as a model does, once, when ours are not loaded yet."""
+    names = tool_names(body)
+    if any(n.endswith("claim_next_task") for n in names) or "ToolSearch" not in names:
+        return None
+    if any(name == "ToolSearch" for name, _ in tool_calls(messages)):
+        return None  # searched already, and still not loaded: pull_step says so
+    found = DEFERRED_CLAIM.search(prompt_text(body.get("system")) + prompt_text(messages))
+    if not found:
+        return None
+    prefix = found.group(1)
+    return "ToolSearch", {"query": f"select:{prefix}claim_next_task,{prefix}complete_task"}

@@ -6,14 +6,21 @@ ends with `COMPLETED: <key>`. In "quota" mode: HTTP 429 whose details say the pe
 quota is spent, which the CLI does not retry; in "rate_limit" mode, a plain 429, which it
 retries for minutes. In "server_error" mode: the stub's
 `error_status` (500) with the API's error body, which the CLI retries. In "loop" mode the
-final answer says one sentence over and over, which the CLI's loop detection stops.
+final answer says one sentence over and over, which the CLI's loop detection stops. In
+"pull" mode it works a queue through the MCP tools the CLI offers (base.pull_step).
 """
 
 from __future__ import annotations
 
 import re
 
-from tests.vendor_stubs.base import Stub, prompt_text, send_events, send_json, task_key
+from tests.vendor_stubs.base import (
+    Stub,
+    prompt_text,
+    send_events,
+    send_json,
+    task_key,
+)
 
 TASK_FILE = re.compile(r"Its file is (\S+?)\.?\s*$", re.MULTILINE)
 DAILY_QUOTA = {
@@ -65,6 +72,25 @@ def read_file_tool(tools: list) -> tuple[str, str] | None:
     return None
 
 
+def function_names(tools: list) -> list[str]:
+    return [
+        str(declaration.get("name"))
+        for group in tools or []
+        for declaration in group.get("functionDeclarations") or []
+    ]
+
+
+def function_calls(contents: list) -> list[tuple[str, object]]:
+    """Each `functionResponse` of the conversation: the function's name and its answer."""
+    return [
+        (part["functionResponse"].get("name", ""), part["functionResponse"].get("response"))
+        for content in contents
+        if isinstance(content, dict)
+        for part in content.get("parts") or []
+        if isinstance(part, dict) and "functionResponse" in part
+    ]
+
+
 class GeminiStub(Stub):
     def answer_post(self, handler, body: dict) -> None:
         path = handler.path
@@ -95,9 +121,16 @@ class GeminiStub(Stub):
         )
         task_file = TASK_FILE.search(prompt_text(contents))
         tool = read_file_tool(body.get("tools"))
+        step = None
+        if self.mode == "pull" and ":streamGenerateContent" in path:
+            step = self.pull(function_names(body.get("tools")), function_calls(contents))
         if ":generateContent" in path:
             # The routing classifier (or another side call): a short JSON answer.
             part = {"text": '{"reasoning": "simple", "model_choice": "flash"}'}
+        elif isinstance(step, tuple):
+            part = {"functionCall": {"name": step[0], "args": step[1]}}
+        elif step:
+            part = {"text": step}
         elif tool and task_file and not answered:
             part = {"functionCall": {"name": tool[0], "args": {tool[1]: task_file.group(1)}}}
         elif self.mode == "loop":

@@ -3,6 +3,7 @@
 In "ok" mode the first turn runs the task file through Codex's shell tool, and the next
 ends with a message `COMPLETED: <key>`. In "quota" mode: HTTP 429 `insufficient_quota`; in
 "server_error" mode, the stub's `error_status` (500) with the API's `server_error` body.
+In "pull" mode it works a queue through the MCP tools the CLI offers (base.pull_step).
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import itertools
 import json
 import re
 
-from tests.vendor_stubs.base import Stub, prompt_text, send_events, send_json, task_key
+from tests.vendor_stubs.base import (
+    Stub,
+    prompt_text,
+    send_events,
+    send_json,
+    task_key,
+)
 
 TASK_FILE = re.compile(r"Its file is (\S+?)\.?\s*$", re.MULTILINE)
 ids = itertools.count(1)
@@ -23,6 +30,36 @@ def shell_tool(tools: list) -> dict | None:
         if tool.get("type") == "function" and ("shell" in name or "exec" in name):
             return tool
     return None
+
+
+def function_names(body: dict) -> list[str]:
+    """The function tools offered, those of a namespace (Codex puts an MCP server's tools
+    in one, `mcp__<server>`) as `<namespace>__<name>`."""
+    names = []
+    for tool in body.get("tools") or []:
+        if tool.get("type") == "function":
+            names.append(str(tool.get("name")))
+        elif tool.get("type") == "namespace":
+            names += [f"{tool['name']}__{t.get('name')}" for t in tool.get("tools") or []]
+    return names
+
+
+def qualified(item: dict) -> str:
+    namespace = item.get("namespace")
+    return f"{namespace}__{item.get('name')}" if namespace else str(item.get("name"))
+
+
+def function_calls(items: list) -> list[tuple[str, object]]:
+    """Each `function_call_output` of the input, by the name of the call it answers."""
+    names, calls = {}, []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call":
+            names[item.get("call_id")] = qualified(item)
+        elif item.get("type") == "function_call_output":
+            calls.append((names.get(item.get("call_id"), ""), item.get("output")))
+    return calls
 
 
 class OpenAIStub(Stub):
@@ -68,7 +105,20 @@ class OpenAIStub(Stub):
         path = TASK_FILE.search(prompt_text(items) + "\n" + str(body.get("instructions") or ""))
         tool = shell_tool(body.get("tools"))
         response_id = f"resp_{next(ids)}"
-        if tool and path and not ran_tool:
+        step = (
+            self.pull(function_names(body), function_calls(items)) if self.mode == "pull" else None
+        )
+        if isinstance(step, tuple):
+            namespace, _, name = step[0].rpartition("__")
+            item = {
+                "type": "function_call",
+                "id": f"fc_{next(ids)}",
+                "call_id": f"call_{next(ids)}",
+                **({"namespace": namespace, "name": name} if namespace else {"name": name}),
+                "arguments": json.dumps(step[1]),
+                "status": "completed",
+            }
+        elif tool and path and not ran_tool and step is None:
             # The shell tool's own schema: `cmd` (a string) in recent versions, `command`
             # (an argument list) in older ones.
             properties = (tool.get("parameters") or {}).get("properties") or {}
@@ -85,7 +135,7 @@ class OpenAIStub(Stub):
                 "status": "completed",
             }
         else:
-            text = f"The task is done.\n\nCOMPLETED: {task_key(items)}"
+            text = step or f"The task is done.\n\nCOMPLETED: {task_key(items)}"
             item = {
                 "type": "message",
                 "id": f"msg_{next(ids)}",

@@ -1,0 +1,103 @@
+"""The real agent CLIs as pull workers, with the commands README.md documents, against
+local stand-ins of their vendors' APIs scripted to work the queue over our MCP tools:
+claim, complete with a summary, claim again, until QUEUE EMPTY.
+
+What the stand-in was offered and answered is all the CLI did: each task done once with
+the stand-in's summary on it means the CLI found our server with the generated config,
+called its tools without asking anyone, and passed the results back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from herds.models import Profile
+from tests import test_real_agents as real
+from tests.conftest import ROOT
+from tests.test_agent_profiles import task_files, work
+from tests.vendor_stubs import anthropic, gemini, openai
+from tests.vendor_stubs.base import CLAIM, PULL_SUMMARY
+from workqueue.models import EventKind, Status, Task, TaskEvent
+
+pytestmark = pytest.mark.slow
+STUBS, stub_env = real.STUBS, real.stub_env
+installed, worker_env = real.installed, real.worker_env  # the fixtures, used here too
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The pull profiles' commands for the real CLIs, as README.md documents them."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Herds of pulling agents") :]
+    section = section[: section.index("\n### ", 1)]
+    lines = [line for line in section.splitlines() if line.startswith('["')]
+    return {json.loads(line)[0]: json.loads(line) for line in lines}
+
+
+COMMANDS = readme_commands()
+API_KEYS = {"claude": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY", "codex": "OPENAI_API_KEY"}
+CODEX_MODEL = "gpt-5-codex"
+SECRET_KEY = "pull-test-secret-key-never-for-agents"
+
+
+# What each CLI calls our claim_next_task: Claude Code lists it by name only until its
+# ToolSearch loads it; Codex offers it in a namespace `mcp__hypervisor`.
+CLAIM_TOOL = {
+    "claude": "mcp__hypervisor__claim_next_task",
+    "gemini": "mcp_hypervisor_claim_next_task",
+    "codex": "mcp__hypervisor__claim_next_task",
+}
+# The tool names each CLI offers its model, read from what it sent the stand-in.
+OFFERED = {
+    "claude": anthropic.tool_names,
+    "gemini": lambda body: gemini.function_names(body.get("tools")),
+    "codex": openai.function_names,
+}
+
+
+@pytest.mark.parametrize("cli", list(STUBS))
+def test_real_cli_pull_worker_drains_the_queue_each_task_once(
+    cli, worker_env, tmp_path, write_task
+):
+    with STUBS[cli]() as stub:
+        stub.mode = "pull"
+        env = stub_env(cli, stub, tmp_path / "home")
+        if cli == "codex":
+            # The user's default model, in their config (the command names none): one that
+            # is offered MCP tools as functions (newer ones reach them through code mode).
+            config = Path(env["CODEX_HOME"], "config.toml")
+            config.write_text(f'model = "{CODEX_MODEL}"\n' + config.read_text())
+        Profile.objects.update_or_create(
+            name=f"pull-{cli}",
+            defaults={
+                "processor": "pull",
+                "command": COMMANDS[cli],
+                "timeout_seconds": 200,
+                "pass_env": [API_KEYS[cli]],
+                "env": env,
+            },
+        )
+        tasks = task_files(write_task, f"p{cli}", ["", "", ""])
+        result, summary = work(
+            {**worker_env, "SECRET_KEY": SECRET_KEY}, f"p{cli}", f"pull-{cli}", timeout=300
+        )
+
+    bodies = [r["body"] for r in stub.requests if r["body"]]
+    names = sorted({n for body in bodies for n in OFFERED[cli](body) if n.endswith(CLAIM)})
+    assert result.returncode == 0, (result.stderr[-3000:], result.stdout[-3000:], names)
+    assert names == [CLAIM_TOOL[cli]]
+    assert summary["done"] == 3 and summary["claimed"] == 3, summary
+    for task in tasks:
+        task.refresh_from_db()
+        assert (task.status, task.attempts) == (Status.DONE, 1), (task.reason, names)
+        assert task.result["summary"] == PULL_SUMMARY.format(key=task.key)
+        kinds = list(TaskEvent.objects.filter(task=task).values_list("kind", flat=True))
+        assert kinds.count(EventKind.CLAIMED) == 1 and kinds.count(EventKind.DONE) == 1, kinds
+    assert not Task.objects.filter(status=Status.CLAIMED).exists()
+    # The stand-in ended the run only on our server's QUEUE EMPTY.
+    assert stub.ended_with == "QUEUE EMPTY"
+    # Nothing of Hypervisor's own reached the vendor: the agent's env is allow-listed.
+    sent = json.dumps(stub.requests)
+    assert SECRET_KEY not in sent and worker_env["DATABASE_URL"] not in sent
