@@ -14,17 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from herds.models import Profile
+from herds.models import ExitClass, Profile
 from tests import test_real_agents as real
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_manage
 from tests.test_agent_profiles import task_files, work
+from tests.test_herds_processes import worker_logs
 from tests.vendor_stubs import anthropic, gemini, openai
 from tests.vendor_stubs.base import CLAIM, PULL_SUMMARY
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 pytestmark = pytest.mark.slow
 STUBS, stub_env = real.STUBS, real.stub_env
-installed, worker_env = real.installed, real.worker_env  # the fixtures, used here too
+# The fixtures, used here too.
+installed, worker_env, cli_consumer = real.installed, real.worker_env, real.cli_consumer
 
 
 def readme_commands() -> dict[str, list[str]]:
@@ -57,47 +59,82 @@ OFFERED = {
 }
 
 
+def pull_profile(cli: str, stub, home: Path) -> str:
+    """A pull profile with the README's command for `cli`, pointed at the stand-in."""
+    env = stub_env(cli, stub, home)
+    if cli == "codex":
+        # The user's default model, in their config (the command names none): one that is
+        # offered MCP tools as functions (newer ones reach them through code mode).
+        config = Path(env["CODEX_HOME"], "config.toml")
+        config.write_text(f'model = "{CODEX_MODEL}"\n' + config.read_text())
+    values = {
+        "processor": "pull",
+        "command": COMMANDS[cli],
+        "timeout_seconds": 200,
+        "pass_env": [API_KEYS[cli]],
+        "env": env,
+    }
+    return Profile.objects.update_or_create(name=f"pull-{cli}", defaults=values)[0].name
+
+
+def claim_tools(cli: str, stub) -> list[str]:
+    bodies = [r["body"] for r in stub.requests if r["body"]]
+    return sorted({n for body in bodies for n in OFFERED[cli](body) if n.endswith(CLAIM)})
+
+
+def assert_each_done_once(tasks: list[Task]) -> None:
+    for task in tasks:
+        task.refresh_from_db()
+        assert (task.status, task.attempts) == (Status.DONE, 1), (task.reason, task.result)
+        assert task.result["summary"] == PULL_SUMMARY.format(key=task.key)
+        kinds = list(TaskEvent.objects.filter(task=task).values_list("kind", flat=True))
+        assert kinds.count(EventKind.CLAIMED) == 1 and kinds.count(EventKind.DONE) == 1, kinds
+    assert not Task.objects.filter(status=Status.CLAIMED).exists()
+
+
 @pytest.mark.parametrize("cli", list(STUBS))
 def test_real_cli_pull_worker_drains_the_queue_each_task_once(
     cli, worker_env, tmp_path, write_task
 ):
     with STUBS[cli]() as stub:
         stub.mode = "pull"
-        env = stub_env(cli, stub, tmp_path / "home")
-        if cli == "codex":
-            # The user's default model, in their config (the command names none): one that
-            # is offered MCP tools as functions (newer ones reach them through code mode).
-            config = Path(env["CODEX_HOME"], "config.toml")
-            config.write_text(f'model = "{CODEX_MODEL}"\n' + config.read_text())
-        Profile.objects.update_or_create(
-            name=f"pull-{cli}",
-            defaults={
-                "processor": "pull",
-                "command": COMMANDS[cli],
-                "timeout_seconds": 200,
-                "pass_env": [API_KEYS[cli]],
-                "env": env,
-            },
-        )
+        profile = pull_profile(cli, stub, tmp_path / "home")
         tasks = task_files(write_task, f"p{cli}", ["", "", ""])
-        result, summary = work(
-            {**worker_env, "SECRET_KEY": SECRET_KEY}, f"p{cli}", f"pull-{cli}", timeout=300
-        )
+        env = {**worker_env, "SECRET_KEY": SECRET_KEY}
+        result, summary = work(env, f"p{cli}", profile, timeout=300)
 
-    bodies = [r["body"] for r in stub.requests if r["body"]]
-    names = sorted({n for body in bodies for n in OFFERED[cli](body) if n.endswith(CLAIM)})
+    names = claim_tools(cli, stub)
     assert result.returncode == 0, (result.stderr[-3000:], result.stdout[-3000:], names)
     assert names == [CLAIM_TOOL[cli]]
     assert summary["done"] == 3 and summary["claimed"] == 3, summary
-    for task in tasks:
-        task.refresh_from_db()
-        assert (task.status, task.attempts) == (Status.DONE, 1), (task.reason, names)
-        assert task.result["summary"] == PULL_SUMMARY.format(key=task.key)
-        kinds = list(TaskEvent.objects.filter(task=task).values_list("kind", flat=True))
-        assert kinds.count(EventKind.CLAIMED) == 1 and kinds.count(EventKind.DONE) == 1, kinds
-    assert not Task.objects.filter(status=Status.CLAIMED).exists()
+    assert_each_done_once(tasks)
     # The stand-in ended the run only on our server's QUEUE EMPTY.
     assert stub.ended_with == "QUEUE EMPTY"
     # Nothing of Hypervisor's own reached the vendor: the agent's env is allow-listed.
     sent = json.dumps(stub.requests)
     assert SECRET_KEY not in sent and worker_env["DATABASE_URL"] not in sent
+
+
+@pytest.mark.parametrize("cli", list(STUBS))
+def test_a_herd_of_two_real_cli_pull_workers_drains_the_queue_each_task_once(
+    cli, cli_consumer, tmp_path, write_task
+):
+    with STUBS[cli]() as stub:
+        stub.mode = "pull"
+        profile = pull_profile(cli, stub, tmp_path / "home")
+        tasks = task_files(write_task, f"h{cli}", ["", "", "", ""])
+        result = run_manage(
+            ["herd", "--queue", f"h{cli}", "--profile", profile, "--workers", "2"]
+            + ["--wait", "--json"],
+            cli_consumer,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stderr + result.stdout + worker_logs()
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["status"], summary["done"], summary["blocked"]) == ("finished", 4, 0), (
+        summary,
+        worker_logs(),
+    )
+    workers = summary["worker_processes"]
+    assert [w["exit_class"] for w in workers] == [ExitClass.FINISHED] * 2, worker_logs()
+    assert_each_done_once(tasks)
