@@ -21,6 +21,7 @@ from tests.test_agent_profiles import task_files, work
 from tests.test_herds_processes import worker_logs
 from tests.vendor_stubs import anthropic, gemini, openai
 from tests.vendor_stubs.base import CLAIM, PULL_SUMMARY
+from tests.vendor_stubs.openai import OpenAIStub
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 pytestmark = pytest.mark.slow
@@ -59,14 +60,14 @@ OFFERED = {
 }
 
 
-def pull_profile(cli: str, stub, home: Path) -> str:
+def pull_profile(cli: str, stub, home: Path, codex_model: str | None = CODEX_MODEL) -> str:
     """A pull profile with the README's command for `cli`, pointed at the stand-in."""
     env = stub_env(cli, stub, home)
-    if cli == "codex":
+    if cli == "codex" and codex_model:
         # The user's default model, in their config (the command names none): one that is
         # offered MCP tools as functions (newer ones reach them through code mode).
         config = Path(env["CODEX_HOME"], "config.toml")
-        config.write_text(f'model = "{CODEX_MODEL}"\n' + config.read_text())
+        config.write_text(f'model = "{codex_model}"\n' + config.read_text())
     values = {
         "processor": "pull",
         "command": COMMANDS[cli],
@@ -138,3 +139,24 @@ def test_a_herd_of_two_real_cli_pull_workers_drains_the_queue_each_task_once(
     workers = summary["worker_processes"]
     assert [w["exit_class"] for w in workers] == [ExitClass.FINISHED] * 2, worker_logs()
     assert_each_done_once(tasks)
+
+
+def test_real_codex_pull_worker_with_its_default_model_in_code_mode(
+    worker_env, tmp_path, write_task
+):
+    """Codex's own default model gets one tool, `exec`, that runs JavaScript calling the
+    others (`await tools.<name>(…)`), ours among them though not described."""
+    with OpenAIStub() as stub:
+        stub.mode = "pull"
+        profile = pull_profile("codex", stub, tmp_path / "home", codex_model=None)
+        tasks = task_files(write_task, "pcode", ["", ""])
+        result, summary = work(worker_env, "pcode", profile, timeout=300)
+    assert result.returncode == 0, (result.stderr[-3000:], result.stdout[-3000:])
+    assert summary["done"] == 2, (summary, stub.ended_with, result.stderr[-2000:])
+    assert_each_done_once(tasks)
+    assert stub.ended_with == "QUEUE EMPTY"
+    # Through JavaScript, under the name ALL_TOOLS gave it.
+    scripts = [
+        i["input"] for i in stub.requests[-1]["body"]["input"] if i["type"] == "custom_tool_call"
+    ]
+    assert sum("tools.mcp__hypervisor__complete_task(" in code for code in scripts) == 2

@@ -3,7 +3,8 @@
 In "ok" mode the first turn runs the task file through Codex's shell tool, and the next
 ends with a message `COMPLETED: <key>`. In "quota" mode: HTTP 429 `insufficient_quota`; in
 "server_error" mode, the stub's `error_status` (500) with the API's `server_error` body.
-In "pull" mode it works a queue through the MCP tools the CLI offers (base.pull_step).
+In "pull" mode it works a queue through the MCP tools the CLI offers (base.pull_step), as
+function calls or, when Codex offers only its code-mode `exec` tool, from JavaScript.
 """
 
 from __future__ import annotations
@@ -62,6 +63,59 @@ def function_calls(items: list) -> list[tuple[str, object]]:
     return calls
 
 
+LIST_TOOLS = "text(JSON.stringify(ALL_TOOLS.map((tool) => tool.name)))"
+CALLED = re.compile(r"await tools\.(\w+)\(")
+
+
+def code_mode(items: list) -> bool:
+    """Codex's newer models get one `exec` tool that runs JavaScript calling every other
+    tool (`await tools.<name>(…)`), listed in an `additional_tools` input item."""
+    return any(
+        isinstance(item, dict)
+        and item.get("type") == "additional_tools"
+        and "'name': 'exec'" in str(item.get("tools"))
+        for item in items
+    )
+
+
+def code_step(items: list, pull) -> dict | str:
+    """The pull script in code mode: list the tools (ALL_TOOLS), then call ours from
+    JavaScript, one call per `exec`. Returns the `custom_tool_call` item, or final words."""
+    inputs, listed, calls = {}, None, []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "custom_tool_call":
+            inputs[item.get("call_id")] = str(item.get("input"))
+        elif item.get("type") == "custom_tool_call_output":
+            code, output = inputs.get(item.get("call_id"), ""), item.get("output")
+            if code == LIST_TOOLS:
+                listed = decoded_list(output)
+            elif called := CALLED.search(code):
+                calls.append((called.group(1), output))
+    if listed is None:
+        code = LIST_TOOLS
+    else:
+        step = pull(listed, calls)
+        if isinstance(step, str):
+            return step
+        code = f"text(await tools.{step[0]}({json.dumps(step[1])}))"
+    return {
+        "type": "custom_tool_call",
+        "id": f"ctc_{next(ids)}",
+        "call_id": f"call_{next(ids)}",
+        "name": "exec",
+        "input": code,
+        "status": "completed",
+    }
+
+
+def decoded_list(output) -> list[str]:
+    """The tool names `exec` printed, however the output wraps them."""
+    found = re.search(r'\[\s*"[^\]]*\]', prompt_text(output) or str(output))
+    return json.loads(found.group(0)) if found else []
+
+
 class OpenAIStub(Stub):
     def answer_get(self, handler) -> None:
         if handler.path.rstrip("/").endswith("/models"):
@@ -105,10 +159,14 @@ class OpenAIStub(Stub):
         path = TASK_FILE.search(prompt_text(items) + "\n" + str(body.get("instructions") or ""))
         tool = shell_tool(body.get("tools"))
         response_id = f"resp_{next(ids)}"
-        step = (
-            self.pull(function_names(body), function_calls(items)) if self.mode == "pull" else None
-        )
-        if isinstance(step, tuple):
+        step = None
+        if self.mode == "pull" and code_mode(items):
+            step = code_step(items, self.pull)
+        elif self.mode == "pull":
+            step = self.pull(function_names(body), function_calls(items))
+        if isinstance(step, dict):
+            item = step
+        elif isinstance(step, tuple):
             namespace, _, name = step[0].rpartition("__")
             item = {
                 "type": "function_call",
