@@ -27,7 +27,7 @@ from django.utils import timezone
 from herds.models import Profile
 from tests.conftest import make_tasks
 from workqueue import claims, locks, transitions
-from workqueue.admin import TaskAdmin
+from workqueue.admin import CappedCountPaginator, TaskAdmin
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
@@ -369,6 +369,40 @@ def test_task_events_are_read_only(admin_client):
     assert response.status_code == 403
     assert admin_client.get(f"/admin/queue/taskevent/{event.pk}/delete/").status_code == 403
     assert TaskEvent.objects.get(pk=event.pk).message == "hello"
+
+
+def test_the_event_list_counts_no_further_than_its_cap(admin_client, monkeypatch):
+    # Counting every event of a kind read millions of rows for a number on the page.
+    monkeypatch.setattr(CappedCountPaginator, "CAP", 5)
+    (task,) = make_tasks("q", 1)
+    TaskEvent.objects.bulk_create(
+        TaskEvent(task=task, kind=EventKind.NOTE, message=f"n{i}") for i in range(8)
+    )
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get("/admin/queue/taskevent/", {"kind__exact": "note"})
+    assert page.status_code == 200
+    assert "More than 5 task events" in page.content.decode()
+    counts = [q["sql"] for q in queries if "COUNT(" in q["sql"]]
+    assert counts and all("LIMIT 6" in sql for sql in counts)
+    # Newest first by the primary key's index, not a sort of every event by its time.
+    (listing,) = [q["sql"] for q in queries if '"queue_taskevent"."message"' in q["sql"]]
+    assert 'ORDER BY "queue_taskevent"."id" DESC' in listing
+    assert '"queue_taskevent"."at" DESC' not in listing
+    few = admin_client.get("/admin/queue/taskevent/", {"kind__exact": "created"})
+    assert "0 task events" in few.content.decode()
+
+
+def test_events_are_searched_by_their_tasks_key_through_the_timeline(admin_client):
+    first, second = make_tasks("q", 2)
+    TaskEvent.objects.create(task=first, kind=EventKind.NOTE, message="of the first")
+    TaskEvent.objects.create(task=second, kind=EventKind.NOTE, message="of the second")
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get("/admin/queue/taskevent/", {"q": first.key.upper()})
+    text = page.content.decode()
+    assert "of the first" in text and "of the second" not in text
+    # No text search of every event's message, nor a join of every event with its task.
+    searched = [q["sql"] for q in queries if "LIKE" in q["sql"] or "UPPER" in q["sql"]]
+    assert searched and all("queue_taskevent" not in sql for sql in searched)
 
 
 def test_queue_is_editable(admin_client):
