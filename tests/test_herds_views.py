@@ -15,7 +15,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from herds.models import Herd, HerdStatus, LaunchRepeated, Profile
+from herds.admin import WORKERS_INLINE
+from herds.models import Herd, HerdStatus, HerdWorker, LaunchRepeated, Profile
 from herds.supervision import worker_argv
 from tests.conftest import make_tasks
 from workqueue import cpu_slots
@@ -482,6 +483,29 @@ def test_admin_lists_herds_read_only_and_drains_by_action(herd):
     assert response.status_code == 200
     herd.refresh_from_db()
     assert herd.draining
+
+
+def test_the_admins_herd_page_links_many_workers_and_the_summary_instead_of_listing_them(
+    herd,
+):
+    admin = User.objects.create_superuser("admin", password="pw-for-tests")
+    client = client_for(admin)
+    HerdWorker.objects.bulk_create(
+        HerdWorker(herd=herd, index=i, name=f"w-{i}", host="h") for i in range(WORKERS_INLINE + 1)
+    )
+    rows = [{"task_id": f"row-{i}", "status": "success"} for i in range(300)]
+    Herd.objects.filter(pk=herd.pk).update(summary={"done": 300, "blocked": 0, "workers": rows})
+    page = client.get(reverse("admin:herds_herd_change", args=[herd.pk])).content.decode()
+    assert "row-299" not in page and "w-50" not in page  # neither listed in full
+    assert reverse("herds:summary_json", args=[herd.pk]) in page
+    workers = reverse("admin:herds_herdworker_changelist") + f"?herd__id__exact={herd.pk}"
+    assert workers in page
+    listed = client.get(workers).content.decode()
+    assert "w-50" in listed and f"{WORKERS_INLINE + 1} herd workers" in listed
+    # A herd of a few workers still shows them on its page.
+    few = Herd.objects.create(queue="inbox", profile=herd.profile, size=1)
+    HerdWorker.objects.create(herd=few, index=0, name="only-one", host="h")
+    assert "only-one" in client.get(reverse("admin:herds_herd_change", args=[few.pk])).text
 
 
 def test_admin_profile_form_shows_validation_errors():
