@@ -6,6 +6,7 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.exceptions import RequestDataTooBig, ValidationError
+from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
@@ -86,6 +87,8 @@ def mcp_endpoint(request: HttpRequest) -> HttpResponse:
 
 
 NAME_TAKEN = "You already have a token of that name."
+# Tokens stay listed once revoked: a page at a time (2,000 were 600 KB and 0.2-0.4 s).
+TOKENS_PER_PAGE = 50
 
 
 class TokenForm(forms.Form):
@@ -119,7 +122,10 @@ def tokens(request: HttpRequest) -> HttpResponse:
             form.add_error("name", NAME_TAKEN)
     context = {
         "form": form,
-        "tokens": ApiToken.objects.filter(user=request.user),
+        "tokens": Paginator(
+            ApiToken.objects.filter(user=request.user).order_by("-created_at", "-id"),
+            TOKENS_PER_PAGE,
+        ).get_page(request.GET.get("page")),
         "created": created,
         "secret": secret,  # shown on this response only
         "endpoint": request.build_absolute_uri("/mcp/"),

@@ -362,6 +362,32 @@ def test_tokens_page_creates_shows_once_and_revokes(client):
 
 
 @pytest.mark.django_db
+def test_tokens_page_shows_a_page_of_tokens_at_a_time(client, django_assert_max_num_queries):
+    from pull_api.views import TOKENS_PER_PAGE
+
+    alice = person("alice", "view_task")
+    now = timezone.now()
+    ApiToken.objects.bulk_create(
+        ApiToken(
+            user=alice,
+            name=f"agent-{i:03d}",
+            digest=f"{i:064x}",
+            hint="hv_x",
+            created_at=now - timezone.timedelta(minutes=i),
+            revoked_at=now if i % 2 else None,
+        )
+        for i in range(TOKENS_PER_PAGE + 3)
+    )
+    client.force_login(alice)
+    with django_assert_max_num_queries(6):
+        first = client.get("/tokens/").content.decode()
+    assert "agent-000" in first and f"agent-{TOKENS_PER_PAGE - 1:03d}" in first
+    assert f"agent-{TOKENS_PER_PAGE:03d}" not in first and '?page=2">Older' in first
+    older = client.get("/tokens/?page=2").content.decode()
+    assert f"agent-{TOKENS_PER_PAGE + 2:03d}" in older and "agent-000" not in older
+
+
+@pytest.mark.django_db
 def test_a_token_name_taken_while_the_form_was_checked_is_said_on_the_form(client, monkeypatch):
     """Create sent twice at once (a double-click): both requests found the name free, and
     the second ended in the unique constraint, a server error."""
