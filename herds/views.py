@@ -5,9 +5,6 @@ import json
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.exceptions import ValidationError
-from django.db.models import FloatField, OuterRef, Subquery, Sum
-from django.db.models.fields.json import KeyTextTransform
-from django.db.models.functions import Cast
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
@@ -15,8 +12,9 @@ from django.views.decorators.vary import vary_on_headers
 
 from herds.charts import throughput_chart
 from herds.forms import LaunchForm
-from herds.models import LAUNCH_UNSENT_SAID, Herd, HerdWorker, LaunchRepeated
+from herds.models import LAUNCH_UNSENT_SAID, Herd, LaunchRepeated
 from workqueue.models import Task
+from workqueue.text import as_id
 from workqueue.views import task_transcript_of
 
 VIEW = "herds.view_herd"
@@ -24,7 +22,7 @@ SEE_TASKS = "queue.view_task"
 OPERATE = "herds.add_herd"  # launching, draining and cancelling
 # Each of those answers with the herd's page: operating a herd takes seeing it too.
 OPERATE_AND_VIEW = [OPERATE, VIEW]
-LISTED = 100  # herds on the list, newest first
+LISTED = 100  # herds a page of the list, newest first
 
 
 def _get_herd(pk: int) -> Herd:
@@ -69,22 +67,15 @@ def live_transcripts(herd: Herd) -> list[dict]:
 @login_required
 @permission_required(VIEW, raise_exception=True)
 def herd_list(request: HttpRequest) -> HttpResponse:
-    # Two figures of each summary, not the summaries: one holds a row per task, and a
-    # hundred past herds of 20,000 tasks took 3 s to parse. Sums by subquery: grouping
-    # the herds would group by their summaries too (no ordering: it joined the herds again).
-    workers = HerdWorker.objects.filter(herd=OuterRef("pk")).order_by().values("herd")
-    herds = (
-        Herd.objects.select_related("profile", "created_by")
-        .defer("summary", "preflight", "samples")
-        .annotate(
-            done=Subquery(workers.annotate(n=Sum("done")).values("n")),
-            blocked=Subquery(workers.annotate(n=Sum("blocked")).values("n")),
-            rate=Cast(KeyTextTransform("items_per_second", "summary"), FloatField()),
-            runtime=Cast(KeyTextTransform("runtime_seconds", "summary"), FloatField()),
-        )
-        .order_by("-id")[:LISTED]
-    )
-    return render(request, "herds/herd_list.html", {"herds": herds})
+    # A page of the newest, then older ones by id: an index range however many herds ran.
+    herds = Herd.objects.listed()
+    before = as_id(request.GET.get("before", ""))
+    if before is not None:
+        herds = herds.filter(pk__lt=before)
+    herds = list(herds[: LISTED + 1])
+    older = herds[LISTED - 1].pk if len(herds) > LISTED else None
+    context = {"herds": herds[:LISTED], "older": older, "paged": before is not None}
+    return render(request, "herds/herd_list.html", context)
 
 
 @login_required

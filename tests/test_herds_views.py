@@ -398,6 +398,24 @@ def test_herd_list_shows_past_herds(herd, viewer):
     assert f"#{herd.pk}" in page and "Finished" in page
 
 
+def test_herd_list_pages_back_to_the_oldest_herd(profile, viewer, monkeypatch):
+    # The newest hundred were all it showed: older herds were out of reach but for the admin.
+    monkeypatch.setattr("herds.views.LISTED", 2)
+    first, second, third = (
+        Herd.objects.create(queue="inbox", profile=profile, size=1) for _ in range(3)
+    )
+    client = client_for(viewer)
+    newest = client.get(reverse("herds:list")).content.decode()
+    assert (
+        f"#{third.pk}<" in newest and f"#{second.pk}<" in newest and f"#{first.pk}<" not in newest
+    )
+    assert f'href="?before={second.pk}"' in newest
+    older = client.get(reverse("herds:list"), {"before": second.pk}).content.decode()
+    assert f"#{first.pk}<" in older and f"#{second.pk}<" not in older
+    assert "?before=" not in older
+    assert client.get(reverse("herds:list"), {"before": "x"}).status_code == 200
+
+
 def test_herd_list_reads_two_figures_of_each_summary_not_the_summaries(herd, viewer):
     """A summary holds a row per task: the list parsed a hundred past herds' whole
     summaries (3 s at 20,000 tasks each) to show two figures."""
