@@ -30,7 +30,7 @@ from workqueue import claims, locks, transitions
 from workqueue.admin import CappedCountPaginator, TaskAdmin
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
-from workqueue.models import EventKind, Queue, Status, Task, TaskEvent
+from workqueue.models import EventKind, Queue, Status, Task, TaskEvent, field_values
 from workqueue.processing import Result
 
 pytestmark = pytest.mark.django_db
@@ -85,6 +85,46 @@ def test_task_changelist_filters_and_search(admin_client):
     assert [t.key for t in response.context["cl"].queryset] == ["t000001"]
     for query in ({"queue": "q"}, {"project": ""}, {"assignee": ""}, {"stale": "bogus"}):
         assert admin_client.get(CHANGELIST, query).status_code == 200
+
+
+def test_task_changelist_reads_no_whole_table_at_a_million_tasks(admin_client):
+    """Its filters' values, its order, its count and its search each read every task:
+    1.5 s a page at a million tasks on PostgreSQL."""
+    tasks = make_tasks("q", 4)
+    make_tasks("r", 1)
+    for task, project in zip(tasks, ["web", "api", "", "web"], strict=True):
+        Task.objects.filter(pk=task.pk).update(project=project)
+    Task.objects.filter(pk=tasks[3].pk).update(status=Status.CLAIMED, holder="host:4242")
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(CHANGELIST)
+    sql = [q["sql"] for q in queries]
+    assert not [s for s in sql if "DISTINCT" in s]
+    (listing,) = [s for s in sql if '"queue_task"."frontmatter"' in s]
+    # The board's order, which its indexes hold, not priority alone: a sort of every task.
+    order = '"queue_task"."status" ASC, "queue_task"."priority" ASC, "queue_task"."id" ASC'
+    assert f"ORDER BY {order}" in listing
+    assert [s for s in sql if "COUNT(" in s and "LIMIT" in s]
+    choices = {
+        spec.title: [c["display"] for c in spec.choices(page.context["cl"])]
+        for spec in page.context["cl"].filter_specs
+    }
+    assert choices["project"] == ["All", "api", "web"] and choices["queue"] == ["All", "q", "r"]
+    chosen = admin_client.get(CHANGELIST, {"project__exact": "web"}).context["cl"].queryset
+    assert sorted(t.pk for t in chosen) == [tasks[0].pk, tasks[3].pk]
+    with CaptureQueriesContext(connection) as queries:
+        held = admin_client.get(CHANGELIST, {"q": "4242"}).context["cl"].queryset
+    assert [t.pk for t in held] == [tasks[3].pk]
+    assert not [q for q in queries if '"queue_task"."title" LIKE' in q["sql"]]
+
+
+def test_field_values_are_a_fields_values_in_order_without_the_empty_one():
+    Queue.objects.get_or_create(name="q")
+    Task.objects.bulk_create(
+        Task(queue="q", key=f"k{i}", project=p) for i, p in enumerate(["b", "a", "", "b", "c"])
+    )
+    assert field_values("project") == ["a", "b", "c"]
+    assert field_values("project", limit=2) == ["a", "b"]
+    assert field_values("assignee") == []
 
 
 TASK = """---

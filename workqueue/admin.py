@@ -6,6 +6,7 @@ from django.contrib.admin.actions import delete_selected as delete_confirmed
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import models
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -15,7 +16,7 @@ from hypervisor_site.writers import write_transaction
 from workqueue import editing, locks, reaper
 from workqueue.editing import FIELDS
 from workqueue.forms import StorableJSONField, TaskAdminForm
-from workqueue.models import Queue, Status, Task, TaskEvent
+from workqueue.models import Queue, Status, Task, TaskEvent, TaskSearch, field_values
 
 # What the admin's JSON fields accept: what every database can store.
 STORABLE_JSON = {models.JSONField: {"form_class": StorableJSONField}}
@@ -56,6 +57,24 @@ class StaleFilter(admin.SimpleListFilter):
         return queryset.exclude(pk__in=stale_ids)
 
 
+class ValueFilter(admin.SimpleListFilter):
+    """A field's values, found by field_values (an index probe per value) where Django's
+    own filter read every task for them; under Django's own parameter, `<field>__exact`."""
+
+    field = ""
+
+    def lookups(self, request, model_admin):
+        return [(value, value) for value in field_values(self.field)]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(**{self.field: self.value()}) if self.value() else queryset
+
+
+def value_filter(field: str) -> type[ValueFilter]:
+    attributes = {"field": field, "title": field, "parameter_name": f"{field}__exact"}
+    return type(f"{field.title()}Filter", (ValueFilter,), attributes)
+
+
 # The row's columns by what they say; the admin edits what the file says (TaskAdminForm).
 SOURCE_FIELDS = (
     "key", "queue", "status", "source_path", "source_sha256", "source_missing",
@@ -78,11 +97,19 @@ class TaskAdmin(admin.ModelAdmin):
         "key", "title", "queue", "status", "priority", "project", "assignee", "holder",
         "lease_expires_at", "attempts", "updated_at",
     )  # fmt: skip
-    list_filter = ("status", StaleFilter, "queue", "project", "assignee")
-    search_fields = ("key", "title", "holder")
+    list_filter = (
+        "status", StaleFilter, value_filter("queue"), value_filter("project"),
+        value_filter("assignee"),
+    )  # fmt: skip
+    search_fields = ("key", "title", "holder")  # see get_search_results
+    search_help_text = "Text in a task's key, title or body, or a claimed task's holder."
     list_select_related = False
     show_full_result_count = False
-    ordering = ("priority", "id")
+    paginator = CappedCountPaginator
+    # Each column of the board in turn, in claim order: what the board's indexes hold in
+    # this order, filtered or not. By priority alone, a page sorted every task (0.4 s at
+    # a million on PostgreSQL).
+    ordering = ("status", "priority", "id")
     form = TaskAdminForm
     fieldsets = (
         (
@@ -108,6 +135,16 @@ class TaskAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # a new task is a new file: the board's "New task" writes it
+
+    def get_search_results(self, request, queryset, search_term):
+        """The board's search (TaskSearch: key, title, body), and the holders of claims:
+        a substring of every task's key, title and holder read the whole table (1.5 s at
+        a million tasks on PostgreSQL)."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        holding = Q(status=Status.CLAIMED, holder__icontains=term)
+        return queryset.filter(TaskSearch.matching(term, queryset.db) | holding), False
 
     def has_delete_permission(self, request: HttpRequest, task: Task | None = None) -> bool:
         # A worker's claim ends through the transitions (its agent first), not by deletion.

@@ -56,7 +56,7 @@ class QueueQuerySet(models.QuerySet):
 
     def names(self) -> list[str]:
         names = set(self.values_list("name", flat=True))
-        names |= set(Task.objects.order_by().values_list("queue", flat=True).distinct())
+        names |= set(field_values("queue", limit=10_000))
         return sorted(names)
 
 
@@ -320,6 +320,27 @@ def unmet_dependency_counts(task_ids: list[int]) -> dict[int, int]:
         .order_by()
     )
     return dict(rows)
+
+
+def field_values(field: str, limit: int = 500) -> list[str]:
+    """The tasks' values of `field` but "", in order: an index probe per value (each field
+    filtered by has an index that leads with it, Task.Meta.indexes), where a DISTINCT read
+    every row (0.1-0.2 s a field at a million tasks on PostgreSQL). At most `limit`.
+    "NOT (x = '')" as the partial indexes say it: SQLite uses one only then."""
+    db = connections[Task.objects.db]
+    column = db.ops.quote_name(Task._meta.get_field(field).column)
+    table = db.ops.quote_name(Task._meta.db_table)
+    # Our table's and field's names only.
+    probe = f"MIN({column}) FROM {table} WHERE NOT ({column} = '')"  # noqa: S608
+    sql = (
+        f"WITH RECURSIVE found(value, n) AS (SELECT (SELECT {probe}), 1 "  # noqa: S608
+        f"UNION ALL SELECT (SELECT {probe} AND {column} > found.value), n + 1 "
+        "FROM found WHERE found.value IS NOT NULL AND n < %s"
+        ") SELECT value FROM found WHERE value IS NOT NULL"
+    )
+    with db.cursor() as cursor:
+        cursor.execute(sql, [limit])
+        return [value for (value,) in cursor.fetchall()]
 
 
 def waiting_by_queue() -> dict[str, int]:
