@@ -513,6 +513,12 @@ class Task(models.Model):
             models.Index(
                 fields=["lease_expires_at"], name="task_claimed", condition=Q(status="claimed")
             ),
+            # A herd's tasks: its triage review, polled while it runs, and its summary.
+            models.Index(
+                fields=["holder_herd", "status"],
+                name="task_herd",
+                condition=Q(holder_herd__isnull=False),
+            ),
             models.Index(fields=["queue", "source_path"], name="task_source"),
             models.Index(fields=["updated_at"], name="task_updated"),
             # File changes waiting for a claim to end: almost always none, checked per batch.
