@@ -64,6 +64,8 @@ def test_old_logs_and_transcripts_go_but_a_held_claims_and_a_running_herds_stay(
     held_log = aged(agents / f"task-{held.pk}-7.log", 40)
     recent = aged(agents / f"task-{idle.pk}-4.log", 1)
     stranger = aged(agents / "notes.txt", 40)
+    pull_log = aged(agents / "pull-web1-4242.log", 40)
+    pull_recent = aged(agents / "pull-web1-4243.log", 1)
     profile = Profile.objects.get(name="noop")
     now = timezone.now()
     ended = Herd.objects.create(
@@ -78,12 +80,13 @@ def test_old_logs_and_transcripts_go_but_a_held_claims_and_a_running_herds_stay(
         aged(herds / str(herd.pk) / "worker-0.log", 40)
 
     assert prune("--days", "30", "--dry-run") == {
-        "events": 0, "claim_files": 2, "herd_folders": 1, "bytes": 3,
+        "events": 0, "claim_files": 3, "herd_folders": 1, "bytes": 4,
     }  # fmt: skip
     assert old_log.exists() and (herds / str(ended.pk)).exists()
 
     prune("--days", "30")
-    assert not old_log.exists() and not old_transcript.exists()
+    assert not old_log.exists() and not old_transcript.exists() and not pull_log.exists()
+    assert pull_recent.exists()
     assert held_log.exists() and recent.exists() and stranger.exists()
     assert not (herds / str(ended.pk)).exists()
     assert (herds / str(running.pk)).exists() and (herds / str(lately.pk)).exists()

@@ -22,6 +22,9 @@ from workqueue.models import Task, TaskEvent
 
 # logs/agents/task-<id>-<fence>.log and .transcript.json (workqueue.processors)
 CLAIM_FILE = re.compile(r"task-(\d+)-(\d+)\.(?:log|transcript\.json)\Z")
+# logs/agents/pull-<host>-<pid>.log: a pull worker's agent (workqueue.pull_agent); one
+# still running writes to it as it goes (and would keep its file, unlinked, if not).
+PULL_LOG = re.compile(r"pull-.+\.log\Z")
 
 
 @dataclass
@@ -48,7 +51,8 @@ def logs() -> Path:
 
 
 def prune_claim_files(before: datetime, report: PruneReport, dry_run: bool) -> None:
-    """Agents' logs and transcripts last written before `before`, but a held claim's."""
+    """Agents' logs and transcripts last written before `before`, but a held claim's;
+    and pull workers' agents' logs."""
     folder = logs() / "agents"
     if not folder.is_dir():
         return
@@ -57,10 +61,12 @@ def prune_claim_files(before: datetime, report: PruneReport, dry_run: bool) -> N
     with os.scandir(folder) as entries:  # a file per claim: never listed whole
         for entry in entries:
             found = CLAIM_FILE.match(entry.name)
-            if not found or not entry.is_file(follow_symlinks=False):
+            if not (found or PULL_LOG.match(entry.name)):
+                continue
+            if not entry.is_file(follow_symlinks=False):
                 continue
             stat = entry.stat(follow_symlinks=False)
-            if stat.st_mtime >= cutoff or (int(found[1]), int(found[2])) in held:
+            if stat.st_mtime >= cutoff or (found and (int(found[1]), int(found[2])) in held):
                 continue
             if not dry_run:
                 os.unlink(entry.path)
