@@ -5,6 +5,8 @@ from django.utils.html import format_html
 from herds.models import Herd, HerdWorker, Profile
 from workqueue.admin import STORABLE_JSON
 
+PROTECTED_NAMED = 20  # herds a refused delete of their profile names
+
 
 @admin.register(Profile)
 class ProfileAdmin(admin.ModelAdmin):
@@ -13,6 +15,19 @@ class ProfileAdmin(admin.ModelAdmin):
     list_filter = ["processor", "adapter"]
     search_fields = ["name", "description"]
     formfield_overrides = STORABLE_JSON
+
+    def get_deleted_objects(self, objs, request):
+        """A profile a herd ran with is kept (its herds protect it): the delete page names
+        a few of them and counts the rest, where Django's listed each (10,000 herds made a
+        page of 880 KB that took 1.3 s)."""
+        herds = Herd.objects.filter(profile__in=objs).select_related("profile")
+        count = herds.count()
+        if not count:
+            return super().get_deleted_objects(objs, request)
+        protected = [f"Herd: {herd}" for herd in herds[:PROTECTED_NAMED]]
+        if count > PROTECTED_NAMED:
+            protected.append(f"and {count - PROTECTED_NAMED:,} more herds")
+        return [], {}, set(), protected
 
 
 class WorkerInline(admin.TabularInline):

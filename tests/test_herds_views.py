@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from herds.admin import WORKERS_INLINE
+from herds.admin import PROTECTED_NAMED, WORKERS_INLINE
 from herds.models import Herd, HerdStatus, HerdWorker, LaunchRepeated, Profile
 from herds.supervision import worker_argv
 from tests.conftest import make_tasks
@@ -524,6 +524,23 @@ def test_the_admins_herd_page_links_many_workers_and_the_summary_instead_of_list
     few = Herd.objects.create(queue="inbox", profile=herd.profile, size=1)
     HerdWorker.objects.create(herd=few, index=0, name="only-one", host="h")
     assert "only-one" in client.get(reverse("admin:herds_herd_change", args=[few.pk])).text
+
+
+def test_a_profile_many_herds_ran_with_is_kept_and_its_delete_page_counts_them(profile):
+    admin = User.objects.create_superuser("admin", password="pw-for-tests")
+    client = client_for(admin)
+    Herd.objects.bulk_create(
+        Herd(queue=f"queue-{i}", profile=profile, size=1) for i in range(PROTECTED_NAMED + 2)
+    )
+    url = reverse("admin:herds_profile_delete", args=[profile.pk])
+    page = client.get(url).content.decode()
+    assert "and 2 more herds" in page
+    assert page.count("Herd: herd ") == PROTECTED_NAMED
+    assert client.post(url, {"post": "yes"}).status_code == 200
+    assert Profile.objects.filter(pk=profile.pk).exists()
+    unused = Profile.objects.create(name="unused", processor="noop")
+    client.post(reverse("admin:herds_profile_delete", args=[unused.pk]), {"post": "yes"})
+    assert not Profile.objects.filter(pk=unused.pk).exists()
 
 
 def test_admin_profile_form_shows_validation_errors():
