@@ -122,8 +122,12 @@ def test_field_values_are_a_fields_values_in_order_without_the_empty_one():
     Task.objects.bulk_create(
         Task(queue="q", key=f"k{i}", project=p) for i, p in enumerate(["b", "a", "", "b", "c"])
     )
-    assert field_values("project") == ["a", "b", "c"]
+    Task.objects.create(queue="r", key="k", project="d")
+    assert field_values("project") == ["a", "b", "c", "d"]
     assert field_values("project", limit=2) == ["a", "b"]
+    assert field_values("project", queue="q") == ["a", "b", "c"]
+    assert field_values("project", queue="r") == ["d"]
+    assert field_values("project", queue="none") == []
     assert field_values("assignee") == []
 
 

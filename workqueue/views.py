@@ -50,6 +50,7 @@ from workqueue.models import (
     SavedView,
     Status,
     Task,
+    field_values,
     unmet_dependency_counts,
 )
 from workqueue.names import QUEUE_NAME
@@ -566,9 +567,8 @@ def _edit_context(request: HttpRequest, task: Task, form: TaskEditForm, **extra)
 
 def _field_choices(queue: str) -> dict[str, list[str]]:
     """Values the queue already uses, offered as suggestions while editing."""
-    tasks = Task.objects.filter(queue=queue).order_by()
     return {
-        name: sorted(v for v in tasks.values_list(name, flat=True).distinct()[:200] if v)
+        name: sorted(field_values(name, limit=200, queue=queue))
         for name in ("project", "assignee", "complexity", "type")
     }
 
