@@ -88,8 +88,8 @@ def test_task_changelist_filters_and_search(admin_client):
 
 
 def test_task_changelist_reads_no_whole_table_at_a_million_tasks(admin_client):
-    """Its filters' values, its order, its count and its search each read every task:
-    1.5 s a page at a million tasks on PostgreSQL."""
+    """Its filters' values, its order and its search each read every task: 1.5 s a page
+    at a million tasks on PostgreSQL."""
     tasks = make_tasks("q", 4)
     make_tasks("r", 1)
     for task, project in zip(tasks, ["web", "api", "", "web"], strict=True):
@@ -103,7 +103,8 @@ def test_task_changelist_reads_no_whole_table_at_a_million_tasks(admin_client):
     # The board's order, which its indexes hold, not priority alone: a sort of every task.
     order = '"queue_task"."status" ASC, "queue_task"."priority" ASC, "queue_task"."id" ASC'
     assert f"ORDER BY {order}" in listing
-    assert [s for s in sql if "COUNT(" in s and "LIMIT" in s]
+    # A full count: "Select all N tasks" names how many an action changes.
+    assert 'SELECT COUNT(*) AS "__count" FROM "queue_task"' in sql
     choices = {
         spec.title: [c["display"] for c in spec.choices(page.context["cl"])]
         for spec in page.context["cl"].filter_specs
