@@ -602,6 +602,32 @@ def test_a_task_claimed_before_its_delete_page_is_confirmed_is_kept(admin_client
     assert not LogEntry.objects.filter(action_flag=3).exists()
 
 
+@pytest.mark.parametrize("how", ["page", "action"])
+def test_a_task_with_events_is_deleted_with_them_its_events_counted_not_listed(admin_client, how):
+    # Every imported task has an event, and the events' admin deletes none on its own:
+    # Django refused each such delete for a permission no one has.
+    doomed, kept = make_tasks("q", 2)
+    TaskEvent.objects.bulk_create(
+        TaskEvent(task=task, kind=EventKind.NOTE, actor="t", message=f"note {n}")
+        for task in (doomed, kept)
+        for n in range(30)
+    )
+    if how == "page":
+        url, confirm = reverse("admin:queue_task_delete", args=[doomed.pk]), {}
+    else:
+        url, confirm = CHANGELIST, {"action": "delete_selected", "_selected_action": [doomed.pk]}
+    page = admin_client.post(url, confirm) if confirm else admin_client.get(url)
+    text = page.content.decode()
+    assert page.status_code == 200
+    assert "permission to delete" not in text
+    assert "<li>Tasks: 1</li>" in text and "<li>Task events: 30</li>" in text
+    assert "note 1" not in text  # counted, not listed
+    admin_client.post(url, {**confirm, "post": "yes"})
+    assert list(Task.objects.values_list("pk", flat=True)) == [kept.pk]
+    assert TaskEvent.objects.filter(task=kept).count() == 30
+    assert TaskEvent.objects.count() == 30
+
+
 def test_the_delete_action_says_how_many_it_deleted_and_logs_each(admin_client):
     tasks = make_tasks("q", 3)
     selected = {"action": "delete_selected", "_selected_action": [t.pk for t in tasks[:2]]}

@@ -11,6 +11,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.text import capfirst
 
 from hypervisor_site.writers import write_transaction
 from workqueue import editing, locks, reaper
@@ -151,6 +152,29 @@ class TaskAdmin(admin.ModelAdmin):
         # A worker's claim ends through the transitions (its agent first), not by deletion.
         held = task is not None and task.status == Status.CLAIMED
         return not held and super().has_delete_permission(request, task)
+
+    def get_deleted_objects(self, objs, request):
+        """The tasks, and how many events go with them: a task's timeline is part of it.
+        Django asks each related model's admin, and the events' deletes none on its own,
+        so it refused every task with an event (every imported one) for a permission no
+        one has; and it listed each event (0.9 s for a task of 10,000)."""
+        tasks = list(objs)
+        listed = [
+            format_html(
+                '{}: <a href="{}">{}</a>',
+                capfirst(Task._meta.verbose_name),
+                reverse("admin:queue_task_change", args=[task.pk]),
+                task,
+            )
+            for task in tasks
+        ]
+        counts = {Task._meta.verbose_name_plural: len(tasks)}
+        chosen = objs.values("pk") if isinstance(objs, models.QuerySet) else tasks
+        events = TaskEvent.objects.filter(task__in=chosen).count()
+        if events:
+            counts[TaskEvent._meta.verbose_name_plural] = events
+        needed = set() if self.has_delete_permission(request) else {Task._meta.verbose_name}
+        return listed, counts, needed, []
 
     @admin.action(
         description="Delete selected tasks' rows (their files stay; claimed tasks are left)",
