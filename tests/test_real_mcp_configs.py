@@ -29,7 +29,7 @@ from tests.test_agent_profiles import task_files
 from tests.test_mcp_http import person
 from tests.test_real_pull_agents import API_KEYS, CLAIM_TOOL, assert_each_done_once, claim_tools
 from workqueue import locks
-from workqueue.models import EventKind, TaskEvent
+from workqueue.models import EventKind, Status, TaskEvent
 from workqueue.pull_agent import pull_prompt
 
 pytestmark = pytest.mark.slow
@@ -60,6 +60,7 @@ def stdio_config(form: str) -> str:
     """`claude mcp add …` (given inline), or the config file of a CLI."""
     if form == "claude-add":
         return " ".join(re.search(r"`(claude mcp add hypervisor -- [^`]+)`", STDIO)[1].split())
+    form = form.removesuffix("-project")
     (claude, gemini), (codex,) = blocks(STDIO, "json"), blocks(STDIO, "toml")
     return {"claude": claude, "gemini": gemini, "codex": codex}[form]
 
@@ -69,8 +70,9 @@ def http_config(form: str) -> str:
     return {"claude-add": add, "claude": claude, "gemini": gemini, "codex": codex}[form]
 
 
-def run_commands(queue: str) -> dict[str, list[str]]:
-    """README's unattended command for each CLI, with its prompt line run as written."""
+def run_commands(queue: str) -> dict[str, tuple[dict[str, str], list[str]]]:
+    """README's unattended command for each CLI (the environment it sets, its argv),
+    with its prompt line run as written."""
     (script,) = blocks(STDIO, "sh")
     for path, here in EXAMPLE.items():
         script = script.replace(path, here)
@@ -83,8 +85,14 @@ def run_commands(queue: str) -> dict[str, list[str]]:
     ).stdout
     assert prompt == pull_prompt(queue).rstrip("\n")
     lines = [line.replace('"$prompt"', shlex.quote(prompt)) for line in lines]
-    commands = [shlex.split(line, comments=True) for line in lines]
-    return {argv[0]: argv for argv in commands}
+    commands = [with_env(shlex.split(line, comments=True)) for line in lines]
+    return {argv[0]: (env, argv) for env, argv in commands}
+
+
+def with_env(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A shell command's leading NAME=value words (its environment), and its argv."""
+    n = next(i for i, word in enumerate(words) if not re.fullmatch(r"[A-Z_]+=.*", word))
+    return dict(word.split("=", 1) for word in words[:n]), words[n:]
 
 
 def cli_env(cli: str, stub, home: Path) -> dict[str, str]:
@@ -111,6 +119,9 @@ def install(form: str, config: str, env: dict[str, str], project: Path) -> None:
         assert added.returncode == 0, added.stderr + added.stdout
     elif form == "claude":
         (project / ".mcp.json").write_text(config)
+    elif form == "gemini-project":
+        (project / ".gemini").mkdir()
+        (project / ".gemini" / "settings.json").write_text(config)
     elif form == "gemini":
         path = Path(env["HOME"], ".gemini", "settings.json")
         path.write_text(json.dumps(json.loads(path.read_text()) | json.loads(config)))
@@ -119,9 +130,9 @@ def install(form: str, config: str, env: dict[str, str], project: Path) -> None:
         path.write_text(path.read_text() + config)
 
 
-def drain(form: str, config: str, queue: str, tmp_path, write_task, extra_env=None):
-    """Install `config`, run the CLI as README says; the tasks and what happened."""
-    cli = form.removesuffix("-add")
+def run_cli(form: str, config: str, queue: str, tmp_path, write_task, extra_env=None):
+    """Install `config`, run the CLI as README says: its stand-in, result and tasks."""
+    cli = form.split("-")[0]
     project = tmp_path / "project"
     project.mkdir()
     with STUBS[cli]() as stub:
@@ -129,15 +140,23 @@ def drain(form: str, config: str, queue: str, tmp_path, write_task, extra_env=No
         env = cli_env(cli, stub, tmp_path / "home") | (extra_env or {})
         install(form, config, env, project)
         tasks = task_files(write_task, queue, ["", ""])
+        command_env, argv = run_commands(queue)[cli]
         result = subprocess.run(
-            run_commands(queue)[cli],
-            env=env,
+            argv,
+            env=env | command_env,
             cwd=project,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=180,
         )
+    return stub, result, tasks
+
+
+def drain(form: str, config: str, queue: str, tmp_path, write_task, extra_env=None):
+    """The CLI run with `config` did every task once; the tasks."""
+    cli = form.split("-")[0]
+    stub, result, tasks = run_cli(form, config, queue, tmp_path, write_task, extra_env)
     names = claim_tools(cli, stub)
     assert result.returncode == 0, (result.stderr[-3000:], result.stdout[-3000:], names)
     assert names == [CLAIM_TOOL[cli]], (result.stderr[-3000:], names)
@@ -151,20 +170,24 @@ def claimed_by(tasks) -> set[str]:
     return set(events.values_list("actor", flat=True))
 
 
-@pytest.mark.parametrize("form", ["claude", "claude-add", "gemini", "codex"])
+def local_config(form: str, queue: str, process_env) -> str:
+    """README's stdio config for `form` with the test's paths, database and queue."""
+    config = stdio_config(form)
+    for path, here in EXAMPLE.items():
+        config = config.replace(path, here)
+    return (
+        config.replace("postgres://hypervisor@db/hypervisor", process_env["DATABASE_URL"])
+        .replace("/srv/hypervisor/var", process_env["HYPERVISOR_DATA_DIR"])
+        .replace("inbox", queue)
+    )
+
+
+@pytest.mark.parametrize("form", ["claude", "claude-add", "gemini", "gemini-project", "codex"])
 def test_readme_stdio_config_drains_the_queue_with_the_real_cli(
     form, process_env, settings, tmp_path, write_task
 ):
     queue = f"s{form}".replace("-", "")
-    data_dir = process_env["HYPERVISOR_DATA_DIR"]
-    config = stdio_config(form)
-    for path, here in EXAMPLE.items():
-        config = config.replace(path, here)
-    config = (
-        config.replace("postgres://hypervisor@db/hypervisor", process_env["DATABASE_URL"])
-        .replace("/srv/hypervisor/var", data_dir)
-        .replace("inbox", queue)
-    )
+    config = local_config(form, queue, process_env)
     name = re.search(r'--name"?,? "?([\w-]+)', config)[1]
     # README: Claude Code's config gives no env, its own environment has the settings;
     # Gemini's and Codex's never reach the server, so theirs are left without.
@@ -172,8 +195,34 @@ def test_readme_stdio_config_drains_the_queue_with_the_real_cli(
     tasks = drain(form, config, queue, tmp_path, write_task, own if "claude" in form else None)
     assert claimed_by(tasks) == {f"mcp:{name}"}
     # The server's locks, under the data folder's default lock root, all released.
-    settings.HYPERVISOR_LOCK_ROOT = Path(data_dir) / "locks"
+    settings.HYPERVISOR_LOCK_ROOT = Path(process_env["HYPERVISOR_DATA_DIR"]) / "locks"
     assert not locks.list_locks(queue)
+
+
+@pytest.mark.parametrize("cli", ["gemini", "codex"])
+def test_gemini_and_codex_never_pass_their_database_url_to_the_server(
+    cli, process_env, tmp_path, write_task
+):
+    """README: with them every setting goes in the config's `env`. Here DATABASE_URL is
+    in the CLI's environment alone: the server opens the data folder's default SQLite,
+    never migrated, and the test database's tasks are not touched."""
+    queue = f"n{cli}"
+    config = local_config(cli, queue, process_env)
+    url = process_env["DATABASE_URL"]
+    if cli == "gemini":
+        data = json.loads(config)
+        del data["mcpServers"]["hypervisor"]["env"]["DATABASE_URL"]
+        config = json.dumps(data)
+    else:
+        config = config.replace(f'DATABASE_URL = "{url}", ', "")
+    assert url not in config
+    stub, _, tasks = run_cli(cli, config, queue, tmp_path, write_task, {"DATABASE_URL": url})
+    for task in tasks:
+        task.refresh_from_db()
+        assert (task.status, task.attempts) == (Status.QUEUED, 0)
+    assert not TaskEvent.objects.filter(task__in=tasks).exists()
+    # The server refused that database and never came up: no tools were offered.
+    assert claim_tools(cli, stub) == []
 
 
 @pytest.mark.parametrize("form", ["claude", "claude-add", "gemini", "codex"])
