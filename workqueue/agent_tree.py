@@ -184,10 +184,13 @@ class AgentLog:
         self.written = 0
         self.dropped = 0
         self.file = None
+        self.error = ""  # why the log is missing or stops short (a full disk), or ""
         if path is not None:
-            with contextlib.suppress(OSError):
+            try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                self.error = f"cannot write the agent's log {path}: {exc.strerror or exc}"
 
     def write(self, block: bytes) -> None:
         if self.file is None:
@@ -196,16 +199,30 @@ class AgentLog:
         if room <= 0:
             self.dropped += len(block)
             return
-        self.file.write(block[:room])
+        try:
+            self.file.write(block[:room])
+        except OSError as exc:
+            # A full disk ends the log, not the agent's run: the tail still has its end.
+            self._give_up(exc)
+            return
         self.written += min(room, len(block))
         self.dropped += max(0, len(block) - room)
 
     def close(self) -> None:
         if self.file is None:
             return
-        if self.dropped:
-            self.file.write(f"\n[{self.dropped} more bytes not kept]\n".encode())
-        self.file.close()
+        try:
+            if self.dropped:
+                self.file.write(f"\n[{self.dropped} more bytes not kept]\n".encode())
+            self.file.close()
+        except OSError as exc:
+            self._give_up(exc)
+        self.file = None
+
+    def _give_up(self, exc: OSError) -> None:
+        self.error = f"the agent's log {self.path} stops short: {exc.strerror or exc}"
+        with contextlib.suppress(OSError):
+            self.file.close()  # its buffer cannot be written either: dropped with it
         self.file = None
 
 
@@ -219,6 +236,7 @@ class AgentExit:
     seconds: float = 0.0
     survivors: list[int] = field(default_factory=list)  # pids that could not be ended
     log_path: str = ""
+    log_error: str = ""  # why its log is missing or incomplete
 
 
 class AgentRun:
@@ -330,6 +348,7 @@ class AgentRun:
         if not (result.timed_out or result.stopped):
             result.code = child.returncode
         result.stdout, result.stderr = out.tail.text(), err.tail.text()
+        result.log_error = self.log.error
         result.seconds = round(time.monotonic() - begun, 3)
         return result
 

@@ -6,6 +6,7 @@ argument list, never through a shell.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import signal
@@ -37,6 +38,8 @@ def __getattr__(name: str):
         return interpret
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+log = logging.getLogger(__name__)
 
 TAIL_CHARS = 4000
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
@@ -184,6 +187,10 @@ class CommandProcessor(Processor):
         result.data.setdefault("seconds", ended.seconds)
         if ended.log_path:
             result.data.setdefault("log", ended.log_path)
+        if ended.log_error:
+            # The run stands (its tail is kept); the drawer says why its log is short.
+            result.reason = "\n".join(filter(None, [result.reason, ended.log_error]))
+            log.warning("%s: %s", claim.key, ended.log_error)
         return result
 
     def interpret_exit(
