@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_tasks
+from workqueue.authoring import AuthoringError, create_task_file
+from workqueue.importer import Importer
 from workqueue.models import Status, Task
 from workqueue.processors import CommandProcessor
 from workqueue.worker import EXIT_OK, Worker
@@ -49,6 +51,15 @@ def fill(folder: Path) -> None:
             pass
 
 
+def use_up_inodes(folder: Path) -> None:
+    """Take every inode left in `folder`'s filesystem."""
+    for i in range(1000):
+        try:
+            (folder / f"empty-{i}").touch()
+        except OSError:
+            return
+
+
 @pytest.mark.django_db(transaction=True)
 def test_agent_output_that_fills_the_data_dir_ends_its_log_not_the_worker(
     settings, tiny_filesystem
@@ -66,3 +77,37 @@ def test_agent_output_that_fills_the_data_dir_ends_its_log_not_the_worker(
         log = settings.HYPERVISOR_DATA_DIR / "logs" / "agents" / f"task-{task.pk}-1.log"
         assert task.reason == f"the agent's log {log} stops short: No space left on device"
         assert task.output_tail.endswith("the end\n")
+
+
+def task_folder(settings, folder: Path, queue: str = "inbox") -> list[Path]:
+    """Two task files in `folder`, imported into `queue` with `folder` as its root."""
+    files = []
+    for key in ("ex-001", "ex-002"):
+        path = folder / f"{key}.md"
+        path.write_text(f"---\nid: {key}\ntitle: Task {key}\nstatus: todo\n---\n# {key}\n")
+        files.append(path)
+    settings.HYPERVISOR_IMPORT_ROOTS = [folder]
+    assert not Importer(queue).run([folder]).errors
+    return files
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("full", ["blocks", "inodes"])
+def test_a_new_task_in_a_full_folder_is_refused_naming_the_folder(settings, tiny_filesystem, full):
+    folder = tiny_filesystem("tasks")
+    task_folder(settings, folder)
+    fill(folder) if full == "blocks" else use_up_inodes(folder)
+    before = contents(folder)
+
+    with pytest.raises(AuthoringError) as refused:
+        create_task_file("inbox", "Fix the login bug", "Body\n")
+
+    assert refused.value.errors == {
+        "folder": f"cannot write a new task file into {folder}: No space left on device"
+    }
+    assert contents(folder) == before  # no temporary, no half-made file
+    assert Task.objects.count() == 2

@@ -77,7 +77,11 @@ def create_task_file(
     folder = queue_folder(queue)
     task_id = _unused_id(queue, folder)
     text = _render(task_id, values, _open_status_word(queue))
-    path = _write_new(folder, values["title"], text.encode("utf-8"))
+    try:
+        path = _write_new(folder, values["title"], text.encode("utf-8"))
+    except OSError as exc:  # a full disk, no inodes left, a read-only folder
+        problem = f"cannot write a new task file into {folder}: {exc.strerror or exc}"
+        raise AuthoringError({"folder": problem}) from None
     report = Importer(queue).run([path])
     task = Task.objects.filter(queue=queue, key=task_id, source_path=str(path)).first()
     if task is None:
