@@ -7,6 +7,7 @@ so an htmx request gets a sentence, not one of Django's pages as raw HTML."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 from django.conf import settings
@@ -69,12 +70,27 @@ def server_error(request: HttpRequest) -> HttpResponse:
     """The database stopped or cut off is no fault of the page: 503 saying so (to an agent
     on /mcp/ in JSON, as its other refusals), not a bare "Server Error (500)". Plain text:
     a page would need the database to render."""
-    if not isinstance(sys.exc_info()[1], OperationalError):
+    error = sys.exc_info()[1]
+    if not isinstance(error, OperationalError):
         return defaults.server_error(request)
     text = "The database did not answer (out of reach or busy): try again in a minute."
+    if _disk_full(error):
+        text = (
+            "The database's disk is full: nothing was saved. Free space where the database "
+            "lives, then try again."
+        )
     headers = {"Retry-After": "60"}
     if request.path_info.startswith("/mcp"):
         return JsonResponse({"error": text}, status=503, headers=headers)
     return HttpResponse(
         text, status=503, content_type="text/plain; charset=utf-8", headers=headers
+    )
+
+
+def _disk_full(error: OperationalError) -> bool:
+    """SQLite's SQLITE_FULL or PostgreSQL's disk_full: waiting a minute will not help."""
+    cause = error.__cause__
+    return (
+        getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or getattr(cause, "sqlstate", None) == "53100"
     )

@@ -3,11 +3,15 @@ dir and the database: nothing lost or half-written, no claim kept for good, and 
 that names what could not be written."""
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test import Client
 
 from tests.conftest import make_tasks
 from workqueue.authoring import AuthoringError, create_task_file
@@ -111,3 +115,35 @@ def test_a_new_task_in_a_full_folder_is_refused_naming_the_folder(settings, tiny
     }
     assert contents(folder) == before  # no temporary, no half-made file
     assert Task.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_a_full_database_disk_is_a_503_saying_so(django_user_model, monkeypatch, tiny_filesystem):
+    from workqueue import views
+
+    folder = tiny_filesystem("database", size="64k")
+
+    def write_past_the_disk(*args, **kwargs):
+        # A real SQLite database on a full filesystem, its error as Django's backend gives it.
+        with connection.wrap_database_errors:
+            database = sqlite3.connect(folder / "db.sqlite3")
+            try:
+                database.execute("CREATE TABLE t (x BLOB)")
+                database.execute("INSERT INTO t VALUES (zeroblob(1000000))")
+                database.commit()
+            finally:
+                database.close()
+
+    user = django_user_model.objects.create_user("viewer", password="pw")
+    user.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    monkeypatch.setattr(views, "_board_context", write_past_the_disk)
+
+    page = client.get("/")
+
+    assert page.status_code == 503
+    assert page.content.decode() == (
+        "The database's disk is full: nothing was saved. Free space where the database "
+        "lives, then try again."
+    )
