@@ -16,8 +16,8 @@ from django.test import Client
 from tests.conftest import make_tasks
 from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
-from workqueue.models import Status, Task
-from workqueue.processors import CommandProcessor
+from workqueue.models import EventKind, Status, Task
+from workqueue.processors import CommandProcessor, NoopProcessor
 from workqueue.worker import EXIT_OK, Worker
 
 
@@ -147,3 +147,49 @@ def test_a_full_database_disk_is_a_503_saying_so(django_user_model, monkeypatch,
         "The database's disk is full: nothing was saved. Free space where the database "
         "lives, then try again."
     )
+
+
+NO_SPACE = "No space left on device"
+
+
+def notes_of(task: Task) -> list[str]:
+    return list(
+        task.events.filter(kind=EventKind.NOTE).order_by("id").values_list("message", flat=True)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_finish_the_full_folder_could_not_take_is_written_by_the_import_once_space_returns(
+    settings, tiny_filesystem
+):
+    folder = tiny_filesystem("tasks")
+    settings.HYPERVISOR_IMPORT_ROOTS = [folder]
+    path = folder / "ex-001.md"
+    path.write_text("---\nid: ex-001\ntitle: First\n---\n# First\n")  # no status key to overwrite
+    assert not Importer("inbox").run([folder]).errors
+    fill(folder)
+    before = contents(folder)
+
+    worker = Worker("inbox", NoopProcessor())
+    assert worker.run() == EXIT_OK
+    task = Task.objects.get()
+    assert task.status == Status.DONE
+    unwritten = (
+        f"done, but not written into {path}: cannot write the file: No space left on device"
+    )
+    assert notes_of(task) == [unwritten]
+    assert contents(folder) == before  # the file as it was, no temporary beside it
+
+    # Still full: the import tries again, says nothing new, leaves nothing behind.
+    assert not Importer("inbox").run([folder]).errors
+    assert notes_of(task) == [unwritten]
+    assert contents(folder) == before
+
+    (folder / "filler").unlink()
+    assert not Importer("inbox").run([folder]).errors
+    assert path.read_text() == "---\nid: ex-001\ntitle: First\nstatus: done\n---\n# First\n"
+    assert notes_of(task) == [unwritten, f"done, now written into {path}"]
+    assert sorted(p.name for p in folder.iterdir()) == ["ex-001.md"]
+    # Written once: the next import has nothing to write.
+    assert not Importer("inbox").run([folder]).errors
+    assert len(notes_of(task)) == 2

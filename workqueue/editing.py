@@ -989,7 +989,7 @@ def _rewrite_plan(task: Task, transform, message: str) -> _Plan | str:
 FILE_REASON_CHARS = 500  # a blocked reason's first line, in the file: the row keeps it whole
 
 
-def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
+def write_finished_status(task_ids: Iterable[int], actor: str, quiet: bool = False) -> None:
     """Write into each task's file the state its finish gave it: `status: done`, or
     `status: blocked` with `blocked_reason` (the folder, outside scripts and an import into
     a new database then say what the board says).
@@ -998,7 +998,8 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
     completed`). A file the agent changed during its run is taken in first, as an import
     would take it (its edit kept), and the status written over it. A file that is gone, not
     a regular file, or cannot be written is left alone: the finish stands, and an event on
-    the task says why. A batch's files take one sync, as an edit's do.
+    the task says why (unless `quiet`: a retry whose first failure already said so). A
+    batch's files take one sync, as an edit's do.
     """
     finished = Task.objects.filter(
         pk__in=list(task_ids), status__in=(Status.DONE, Status.BLOCKED)
@@ -1025,6 +1026,8 @@ def write_finished_status(task_ids: Iterable[int], actor: str) -> None:
         elif plan is not None:
             plans.append(plan)
     _write_finish_plans(plans, notes)
+    if quiet:
+        return
     # Said where the run is watched too (the worker's output, a herd worker's log), not
     # only on each task's timeline: the folder no longer tells what happened.
     for task, why in notes[:NAMED_UNWRITTEN]:

@@ -264,6 +264,8 @@ class Importer:
         self._flush()
         for folder in folders:
             self._flag_missing(folder)
+        if folders:
+            self._write_unwritten_finishes()
         # A refused import makes no queue: it would be listed, and a herd sent to it.
         if not self.report.refused:
             Queue.objects.get_or_create(name=self.queue)
@@ -752,6 +754,44 @@ class Importer:
             )
         self.report.missing += len(gone)
 
+    def _write_unwritten_finishes(self) -> None:
+        """Finishes whose status could not be written into their files (a full disk, a
+        read-only file) are written now: the folder says again what the board says, and
+        an import into a new database does not run them again. A file that still cannot
+        be written is left quietly: its task's first note says why."""
+        from workqueue.editing import write_finished_status
+
+        noted = TaskEvent.objects.filter(
+            task__queue=self.queue,
+            task__status__in=(Status.DONE, Status.BLOCKED),
+            kind=EventKind.NOTE,
+            data__file_written=False,
+            fence=models.F("task__fence"),
+        )
+        lagging = status_unwritten(Task.objects.filter(pk__in=noted.values("task_id")))
+        if not lagging:
+            return
+        write_finished_status(lagging, "import", quiet=True)
+        written = set(lagging) - set(status_unwritten(Task.objects.filter(pk__in=lagging)))
+        now = timezone.now()
+        rows = Task.objects.filter(pk__in=written).values_list(
+            "pk", "fence", "status", "source_path"
+        )
+        TaskEvent.objects.record(
+            [
+                (
+                    pk,
+                    now,
+                    EventKind.NOTE,
+                    "import",
+                    fence,
+                    f"{status}, now written into {path}",
+                    {"file_written": True},
+                )
+                for pk, fence, status, path in rows
+            ]
+        )
+
     def _load_known(self) -> None:
         rows = Task.objects.filter(queue=self.queue).values_list(
             "id",
@@ -904,6 +944,19 @@ def status_fields(fm: dict, body: str) -> dict:
         holder = taskfile.text_field(fm, "assignee") or "outside holder"
         return {"status": Status.CLAIMED, "holder": holder, "claimed_at": timezone.now()}
     return {"status": Status.QUEUED}
+
+
+def status_unwritten(tasks: models.QuerySet) -> list[int]:
+    """Those of these tasks finished (done or blocked) whose rows keep their files as last
+    read or written without that state: files their finish could not write."""
+    finished = tasks.filter(status__in=(Status.DONE, Status.BLOCKED)).exclude(source_path="")
+    return [
+        pk
+        for pk, status, frontmatter in finished.values_list(
+            "pk", "status", "frontmatter"
+        ).iterator()
+        if status_fields(frontmatter, "")["status"] != status
+    ]
 
 
 STATUS_KEYS = ("status", "closed_by", "outcome", "finished_at", "reason", "holder", "claimed_at")

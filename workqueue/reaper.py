@@ -156,18 +156,11 @@ def finished_unwritten(holders: set[tuple], queue: str | None = None) -> list[in
     """The tasks these dead holders (worker, host, pid, start) finished whose rows still
     keep their files as imported: a worker writes a finished task's file after the finish's
     commit. The worker's name only where known (an owner file need not carry it)."""
-    from workqueue.importer import status_fields
+    from workqueue.importer import status_unwritten
 
     if not holders:
         return []
-    finished = finished_by(holders, queue).only("id", "status", "frontmatter")
-    # A row's frontmatter is the file's as last read or written: one that does not say the
-    # task's state is one whose file was not written (write_finished_status reads each).
-    return [
-        task.pk
-        for task in finished.iterator()
-        if status_fields(task.frontmatter, "")["status"] != task.status
-    ]
+    return status_unwritten(finished_by(holders, queue))
 
 
 def held_by(holders: set[tuple]) -> Q:
