@@ -13,7 +13,7 @@ from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test import Client
 
-from tests.conftest import make_tasks
+from tests.conftest import make_tasks, start_manage
 from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
 from workqueue.models import EventKind, Status, Task
@@ -193,3 +193,17 @@ def test_a_finish_the_full_folder_could_not_take_is_written_by_the_import_once_s
     # Written once: the next import has nothing to write.
     assert not Importer("inbox").run([folder]).errors
     assert len(notes_of(task)) == 2
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["herd-worker", "terminal"])
+def test_a_worker_whose_log_is_on_a_full_disk_finishes_its_tasks_and_exits_cleanly(
+    process_env, tiny_filesystem, buffered
+):
+    make_tasks("q", 3)
+    logs = tiny_filesystem("logs", size="64k")
+    fill(logs)
+    env = {k: v for k, v in process_env.items() if buffered is False or k != "PYTHONUNBUFFERED"}
+    with open(logs / "worker.log", "ab") as log:
+        worker = start_manage(["work", "--queue", "q"], env, stdout=log, stderr=log)
+        assert worker.wait(timeout=120) == EXIT_OK  # a herd would have called it a crash
+    assert Task.objects.counts()["done"] == 3

@@ -212,19 +212,31 @@ class Command(PrintableCommand):
             summaries = self.fork_workers(options, processor, settings_for_worker)
         else:
             summaries = [self.run_worker(options, processor, settings_for_worker, options["name"])]
-        for summary in summaries:
-            if options["json"]:
-                self.stdout.write(json.dumps(summary))
-            else:
-                self.stdout.write(
-                    f"{summary['worker']}: {summary['done']} done, {summary['blocked']} "
-                    f"blocked, {summary['released']} released, {summary['refused']} refused "
-                    f"in {summary['runtime_seconds']} s (database write lock: waited "
-                    f"{summary['writer_wait_seconds']} s, held {summary['writer_hold_seconds']} s)"
-                )
-        if not options["herd"] and not sum(s.get("claimed", 0) for s in summaries):
-            self.why_nothing_was_ready(options["queue"], options["where"])
+        try:
+            for summary in summaries:
+                self.write_summary(summary, options["json"])
+            if not options["herd"] and not sum(s.get("claimed", 0) for s in summaries):
+                self.why_nothing_was_ready(options["queue"], options["where"])
+            sys.stdout.flush()
+        except OSError:
+            # The output (a herd worker's log on a full disk) cannot take the summary: the
+            # work is done and recorded, and a lost report is no crash. What is still
+            # buffered goes nowhere rather than fail the exit (Python's code 120).
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         sys.exit(max(s["exit_code"] for s in summaries))
+
+    def write_summary(self, summary: dict, as_json: bool) -> None:
+        if as_json:
+            self.stdout.write(json.dumps(summary))
+            return
+        self.stdout.write(
+            f"{summary['worker']}: {summary['done']} done, {summary['blocked']} "
+            f"blocked, {summary['released']} released, {summary['refused']} refused "
+            f"in {summary['runtime_seconds']} s (database write lock: waited "
+            f"{summary['writer_wait_seconds']} s, held {summary['writer_hold_seconds']} s)"
+        )
 
     def why_nothing_was_ready(self, queue: str, where: list[str]) -> None:
         """A worker that found nothing while tasks are queued says why: its --where left
