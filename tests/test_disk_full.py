@@ -12,11 +12,12 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test import Client
+from django.utils.html import escape
 
 from tests.conftest import make_tasks, start_manage
 from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
-from workqueue.models import EventKind, Status, Task
+from workqueue.models import BulkAction, BulkStatus, EventKind, Status, Task
 from workqueue.processors import CommandProcessor, NoopProcessor
 from workqueue.worker import EXIT_OK, Worker
 
@@ -207,3 +208,37 @@ def test_a_worker_whose_log_is_on_a_full_disk_finishes_its_tasks_and_exits_clean
         worker = start_manage(["work", "--queue", "q"], env, stdout=log, stderr=log)
         assert worker.wait(timeout=120) == EXIT_OK  # a herd would have called it a crash
     assert Task.objects.counts()["done"] == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bulk_action_hueys_full_storage_cannot_take_fails_saying_so(
+    django_user_model, write_task, tiny_filesystem, monkeypatch
+):
+    from huey.contrib.djhuey import HUEY
+    from huey.storage import SqliteStorage
+
+    for n in range(30):  # past what a request does itself: the action goes to Huey
+        write_task(f"t{n:03d}.md", f"---\nid: t{n:03d}\ntitle: Task {n}\n---\nBody\n")
+    assert not Importer("inbox", roots=[write_task.folder]).run([write_task.folder]).errors
+    before = contents(write_task.folder)
+    folder = tiny_filesystem("huey", size="512k")
+    monkeypatch.setattr(HUEY, "storage", SqliteStorage(HUEY.name, filename=str(folder / "q.db")))
+    monkeypatch.setattr(HUEY, "immediate", False)
+    fill(folder)
+    user = django_user_model.objects.create_user("alice", password="pw-12345")
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_task", "change_task"])
+    )
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    ids = ",".join(str(pk) for pk in Task.objects.values_list("pk", flat=True))
+
+    page = client.post("/bulk/", {"action": "priority", "value": "1", "ids": ids})
+
+    assert page.status_code == 200
+    bulk = BulkAction.objects.get()
+    assert bulk.status == BulkStatus.FAILED
+    assert bulk.error.startswith("not started: Huey's queue could not take it (")
+    assert f"Stopped: {escape(bulk.error)}" in page.content.decode()
+    assert contents(write_task.folder) == before
+    assert set(Task.objects.values_list("priority", flat=True)) == {2}

@@ -8,6 +8,7 @@ transaction per batch, one event per task, changed files skipped and listed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,8 @@ from django.utils import timezone
 from workqueue import editing
 from workqueue.models import BulkAction, BulkChange, BulkStatus
 from workqueue.text import list_items
+
+log = logging.getLogger(__name__)
 
 # The bulk bar's buttons: (action, button text, the dialog's field label or "" for none,
 # the field's input type, the dialog's title before "N tasks").
@@ -146,10 +149,20 @@ def _undoable(bulk: BulkAction, user) -> bool:
 def dispatch(bulk: BulkAction) -> None:
     if bulk.total <= INLINE_LIMIT:
         run(bulk.pk)
-    else:
-        from workqueue.tasks import run_bulk_action
+        return
+    from herds.consumer import UNREACHABLE
+    from workqueue.tasks import run_bulk_action
 
+    try:
         run_bulk_action(bulk.pk)
+    except UNREACHABLE as exc:
+        # Huey's storage full (its SQLite file lives in the data dir) or out of reach: the
+        # action says so where its progress is shown, rather than wait for ever.
+        error = f"not started: Huey's queue could not take it ({exc}); nothing was changed"
+        BulkAction.objects.filter(pk=bulk.pk, status=BulkStatus.PENDING).update(
+            status=BulkStatus.FAILED, error=error, finished_at=timezone.now()
+        )
+        log.warning("bulk action %s %s", bulk.pk, error)
 
 
 def run(pk: int) -> None:
