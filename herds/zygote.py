@@ -55,6 +55,9 @@ class WorkerProcess:
 def start(args: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess:
     """Start `manage.py work ARGS` as a fork of the server, logging to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # Made here, so that a data dir out of space or inodes is the launcher's error (the
+    # herd's worker row says "could not start: ..."), not a fork that dies unheard.
+    os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
     warm_up()
     process = _context.Process(target=run_worker, args=(args, env, str(log_path)))
     process.start()

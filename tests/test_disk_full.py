@@ -14,6 +14,8 @@ from django.db import connection
 from django.test import Client
 from django.utils.html import escape
 
+from herds import supervision, zygote
+from herds.models import ExitClass, Herd, Profile
 from tests.conftest import make_tasks, start_manage
 from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
@@ -151,6 +153,7 @@ def test_a_full_database_disk_is_a_503_saying_so(django_user_model, monkeypatch,
 
 
 NO_SPACE = "No space left on device"
+fork_a_worker = zygote.start  # before the tests' own fixture refuses forks
 
 
 def notes_of(task: Task) -> list[str]:
@@ -242,3 +245,23 @@ def test_a_bulk_action_hueys_full_storage_cannot_take_fails_saying_so(
     assert f"Stopped: {escape(bulk.error)}" in page.content.decode()
     assert contents(write_task.folder) == before
     assert set(Task.objects.values_list("priority", flat=True)) == {2}
+
+
+@pytest.mark.django_db
+def test_a_herd_worker_the_full_data_dir_cannot_log_for_is_not_started_and_says_why(
+    settings, tiny_filesystem, monkeypatch
+):
+    settings.HYPERVISOR_DATA_DIR = tiny_filesystem("data")
+    profile = Profile.objects.get_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1)
+    log = supervision.log_path(herd, 0)
+    log.parent.mkdir(parents=True)
+    use_up_inodes(settings.HYPERVISOR_DATA_DIR)
+    monkeypatch.setattr(zygote, "start", fork_a_worker)  # the real one: it forks no test worker
+
+    worker, child = supervision.start_worker(herd, 0)
+
+    assert child is None
+    worker.refresh_from_db()
+    assert worker.exit_class == ExitClass.CRASHED
+    assert worker.exit_detail == f"could not start: [Errno 28] {NO_SPACE}: '{log}'"
