@@ -17,6 +17,7 @@ from django.utils.html import escape
 from herds import supervision, zygote
 from herds.models import ExitClass, Herd, Profile
 from tests.conftest import make_tasks, start_manage
+from workqueue import editing
 from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
 from workqueue.models import BulkAction, BulkStatus, EventKind, Status, Task
@@ -120,28 +121,29 @@ def test_a_new_task_in_a_full_folder_is_refused_naming_the_folder(settings, tiny
     assert Task.objects.count() == 2
 
 
+def write_past_the_disk(folder: Path) -> None:
+    """Fail as a database on a full disk fails: a real SQLite database in `folder` (a small
+    filesystem) outgrows it, its error raised as Django's backend raises it."""
+    with connection.wrap_database_errors:
+        database = sqlite3.connect(folder / "db.sqlite3")
+        try:
+            database.execute("CREATE TABLE t (x BLOB)")
+            database.execute("INSERT INTO t VALUES (zeroblob(1000000))")
+            database.commit()
+        finally:
+            database.close()
+
+
 @pytest.mark.django_db
 def test_a_full_database_disk_is_a_503_saying_so(django_user_model, monkeypatch, tiny_filesystem):
     from workqueue import views
 
     folder = tiny_filesystem("database", size="64k")
-
-    def write_past_the_disk(*args, **kwargs):
-        # A real SQLite database on a full filesystem, its error as Django's backend gives it.
-        with connection.wrap_database_errors:
-            database = sqlite3.connect(folder / "db.sqlite3")
-            try:
-                database.execute("CREATE TABLE t (x BLOB)")
-                database.execute("INSERT INTO t VALUES (zeroblob(1000000))")
-                database.commit()
-            finally:
-                database.close()
-
     user = django_user_model.objects.create_user("viewer", password="pw")
     user.user_permissions.add(Permission.objects.get(codename="view_task"))
     client = Client(raise_request_exception=False)
     client.force_login(user)
-    monkeypatch.setattr(views, "_board_context", write_past_the_disk)
+    monkeypatch.setattr(views, "_board_context", lambda *a, **k: write_past_the_disk(folder))
 
     page = client.get("/")
 
@@ -265,3 +267,33 @@ def test_a_herd_worker_the_full_data_dir_cannot_log_for_is_not_started_and_says_
     worker.refresh_from_db()
     assert worker.exit_class == ExitClass.CRASHED
     assert worker.exit_detail == f"could not start: [Errno 28] {NO_SPACE}: '{log}'"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_full_after_a_finish_commits_is_tried_again_not_refused(
+    settings, write_task, tiny_filesystem, monkeypatch, lock_root, caplog
+):
+    path = write_task("a.md", "---\nid: A\ntitle: First\n---\nbody\n")
+    assert not Importer("q", roots=[path.parent]).run([path.parent]).errors
+    database_folder = tiny_filesystem("database", size="64k")
+    write_status = editing.write_finished_status
+    tries = []
+
+    def full_once(*args, **kwargs):
+        # The finish is committed; the database's disk fills before the file is written.
+        tries.append(args)
+        if len(tries) == 1:
+            write_past_the_disk(database_folder)
+        return write_status(*args, **kwargs)
+
+    monkeypatch.setattr(editing, "write_finished_status", full_once)
+    worker = Worker("q", NoopProcessor())
+
+    assert worker.run() == EXIT_OK
+
+    task = Task.objects.get()
+    assert (task.status, worker.stats.done, worker.stats.refused) == (Status.DONE, 1, 0)
+    assert len(tries) == 2 and "database or disk is full" in caplog.text
+    assert not task.events.filter(kind=EventKind.LATE_FINISH_REFUSED).exists()
+    assert path.read_text() == "---\nid: A\ntitle: First\nstatus: done\n---\nbody\n"
+    assert not (lock_root / "q" / "A").exists()  # let go at once, not left for a reaper
