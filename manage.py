@@ -25,4 +25,10 @@ if __name__ == "__main__":
         if "--traceback" in sys.argv:
             raise
         what = "database" if isinstance(exc, OperationalError) else "settings"
-        sys.exit(f"manage.py {' '.join(sys.argv[1:2])}: {what}: {' '.join(str(exc).split())}")
+        said = " ".join(str(exc).split())
+        if isinstance(exc, OperationalError):
+            from hypervisor_site.errors import disk_full
+
+            if disk_full(exc):
+                said += " (its disk is full: free space there, then run this again)"
+        sys.exit(f"manage.py {' '.join(sys.argv[1:2])}: {what}: {said}")

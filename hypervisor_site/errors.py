@@ -7,7 +7,6 @@ so an htmx request gets a sentence, not one of Django's pages as raw HTML."""
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 
 from django.conf import settings
@@ -74,7 +73,7 @@ def server_error(request: HttpRequest) -> HttpResponse:
     if not isinstance(error, OperationalError):
         return defaults.server_error(request)
     text = "The database did not answer (out of reach or busy): try again in a minute."
-    if _disk_full(error):
+    if disk_full(error):
         text = (
             "The database's disk is full: nothing was saved. Free space where the database "
             "lives, then try again."
@@ -87,10 +86,16 @@ def server_error(request: HttpRequest) -> HttpResponse:
     )
 
 
-def _disk_full(error: OperationalError) -> bool:
-    """SQLite's SQLITE_FULL or PostgreSQL's disk_full: waiting a minute will not help."""
+# SQLite's words for a full disk: its file cannot grow, or (a "disk I/O error") the
+# shared-memory file every connection in WAL mode needs cannot be made.
+SQLITE_FULL_NAMES = ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
+
+
+def disk_full(error: OperationalError) -> bool:
+    """The database's disk is full (SQLite's, or PostgreSQL's disk_full): waiting a minute
+    will not help, freeing space will."""
     cause = error.__cause__
     return (
-        getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        getattr(cause, "sqlite_errorname", None) in SQLITE_FULL_NAMES
         or getattr(cause, "sqlstate", None) == "53100"
     )

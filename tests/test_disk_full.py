@@ -16,7 +16,7 @@ from django.utils.html import escape
 
 from herds import supervision, zygote
 from herds.models import ExitClass, Herd, Profile
-from tests.conftest import make_tasks, start_manage
+from tests.conftest import make_tasks, run_manage, start_manage
 from workqueue import editing
 from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
@@ -297,3 +297,28 @@ def test_a_database_full_after_a_finish_commits_is_tried_again_not_refused(
     assert not task.events.filter(kind=EventKind.LATE_FINISH_REFUSED).exists()
     assert path.read_text() == "---\nid: A\ntitle: First\nstatus: done\n---\nbody\n"
     assert not (lock_root / "q" / "A").exists()  # let go at once, not left for a reaper
+
+
+def test_a_command_whose_database_disk_is_full_says_so_and_harms_nothing(
+    tiny_filesystem, tmp_path
+):
+    folder = tiny_filesystem("database", size="16m")
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{folder}/db.sqlite3",
+        "HYPERVISOR_DATA_DIR": str(tmp_path / "data"),
+        "HYPERVISOR_LOCK_ROOT": str(tmp_path / "locks"),
+    }
+    assert run_manage(["migrate", "-v0"], env).returncode == 0
+    fill(folder)
+
+    stats = run_manage(["queue_stats"], env)
+
+    assert stats.returncode == 1
+    assert stats.stderr.startswith("manage.py queue_stats: database: ")
+    assert stats.stderr.endswith(" (its disk is full: free space there, then run this again)\n")
+    (folder / "filler").unlink()
+    assert run_manage(["queue_stats"], env).returncode == 0
+    check = sqlite3.connect(folder / "db.sqlite3")
+    assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    check.close()
