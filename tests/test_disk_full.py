@@ -87,6 +87,23 @@ def test_agent_output_that_fills_the_data_dir_ends_its_log_not_the_worker(
         assert task.output_tail.endswith("the end\n")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_an_agent_the_data_dir_has_no_inode_left_for_runs_without_its_log(
+    settings, tiny_filesystem
+):
+    settings.HYPERVISOR_DATA_DIR = data = tiny_filesystem("data")
+    (data / "logs" / "agents").mkdir(parents=True)
+    use_up_inodes(data)
+    make_tasks("q", 1)
+    worker = Worker("q", CommandProcessor([sys.executable, "-c", "print('the end')"]))
+
+    assert worker.run() == EXIT_OK
+    task = Task.objects.get()
+    log = data / "logs" / "agents" / f"task-{task.pk}-1.log"
+    assert (task.status, task.output_tail) == (Status.DONE, "the end\n")
+    assert task.reason == f"cannot write the agent's log {log}: No space left on device"
+
+
 def task_folder(settings, folder: Path, queue: str = "inbox") -> list[Path]:
     """Two task files in `folder`, imported into `queue` with `folder` as its root."""
     files = []
