@@ -17,7 +17,7 @@ from django.utils.html import escape
 from herds import supervision, zygote
 from herds.models import ExitClass, Herd, Profile
 from tests.conftest import make_tasks, run_manage, start_manage
-from workqueue import editing
+from workqueue import editing, transitions
 from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
 from workqueue.models import BulkAction, BulkStatus, EventKind, Status, Task
@@ -339,3 +339,27 @@ def test_a_command_whose_database_disk_is_full_says_so_and_harms_nothing(
     check = sqlite3.connect(folder / "db.sqlite3")
     assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     check.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_heartbeat_the_full_database_refuses_says_so_in_a_line_not_a_traceback(
+    tiny_filesystem, monkeypatch, caplog
+):
+    database_folder = tiny_filesystem("database", size="64k")
+    monkeypatch.setattr(
+        transitions, "heartbeat", lambda *args: write_past_the_disk(database_folder)
+    )
+    make_tasks("q", 1)
+    worker = Worker("q", CommandProcessor([sys.executable, "-c", "import time; time.sleep(2)"]))
+    worker.heartbeat_interval = 0.5
+
+    assert worker.run() == EXIT_OK
+
+    assert Task.objects.get().status == Status.DONE
+    beats = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
+    assert beats and all(r.exc_info is None for r in beats)
+    assert (
+        beats[0]
+        .getMessage()
+        .endswith("heartbeat failed: database unavailable (database or disk is full)")
+    )

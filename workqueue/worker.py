@@ -399,6 +399,14 @@ class Worker:
                 try:
                     self._renew()
                     signals.worker_heartbeat.send(sender=self)
+                except (OperationalError, InterfaceError) as exc:
+                    # Out of reach or its disk full: one line a beat, as a claim's retries
+                    # say it, not a traceback. The lease covers the gap.
+                    log.warning(
+                        "%s: heartbeat failed: database unavailable (%s)",
+                        self.identity.worker,
+                        str(exc).strip()[:200],
+                    )
                 except Exception:  # a lost heartbeat is retried; the lease covers the gap
                     log.exception("heartbeat failed")
                 finally:
