@@ -22,7 +22,7 @@ from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
 from workqueue.models import BulkAction, BulkStatus, EventKind, Status, Task
 from workqueue.processors import CommandProcessor, NoopProcessor
-from workqueue.worker import EXIT_OK, Worker
+from workqueue.worker import EXIT_LOCK_ROOT, EXIT_OK, Worker
 
 
 @pytest.fixture
@@ -363,3 +363,20 @@ def test_a_heartbeat_the_full_database_refuses_says_so_in_a_line_not_a_traceback
         .getMessage()
         .endswith("heartbeat failed: database unavailable (database or disk is full)")
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lock_root_out_of_blocks_claims_nothing_and_leaves_nothing_half_made(
+    settings, tiny_filesystem
+):
+    settings.HYPERVISOR_LOCK_ROOT = root = tiny_filesystem("tiny-locks", size="64k")
+    fill(root)  # directories can still be made; an owner file's bytes cannot
+    make_tasks("q", 5)
+    worker = Worker("q", NoopProcessor(), prefetch=5)
+
+    assert worker.run() == EXIT_LOCK_ROOT
+    assert "the lock root is full" in worker.stop_reason
+    assert Task.objects.counts() == {"queued": 5, "claimed": 0, "done": 0, "blocked": 0}
+    assert set(Task.objects.values_list("attempts", flat=True)) == {0}
+    assert not (root / "q").exists()
+    assert not [p for p in root.rglob("*") if p.is_file() and p.name != "filler"]
