@@ -22,6 +22,7 @@ from workqueue.authoring import AuthoringError, create_task_file
 from workqueue.importer import Importer
 from workqueue.models import BulkAction, BulkStatus, EventKind, Status, Task
 from workqueue.processors import CommandProcessor, NoopProcessor
+from workqueue.triage import TriageProcessor
 from workqueue.worker import EXIT_LOCK_ROOT, EXIT_OK, Worker
 
 
@@ -380,3 +381,20 @@ def test_a_lock_root_out_of_blocks_claims_nothing_and_leaves_nothing_half_made(
     assert set(Task.objects.values_list("attempts", flat=True)) == {0}
     assert not (root / "q").exists()
     assert not [p for p in root.rglob("*") if p.is_file() and p.name != "filler"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_triage_in_a_full_folder_blocks_its_tasks_naming_each_file_and_writes_nothing(
+    settings, tiny_filesystem
+):
+    folder = tiny_filesystem("tasks")
+    files = task_folder(settings, folder)
+    fill(folder)
+    before = contents(folder)
+
+    assert Worker("inbox", TriageProcessor(), prefetch=2).run() == EXIT_OK
+
+    assert contents(folder) == before
+    reasons = dict(Task.objects.values_list("source_path", "reason"))
+    assert reasons == {str(p): f"cannot write {p}: {NO_SPACE}" for p in files}
+    assert set(Task.objects.values_list("status", flat=True)) == {Status.BLOCKED}

@@ -160,7 +160,8 @@ class TriageProcessor(Processor):
         except (TaskFileError, EditRefused) as exc:
             return Result(status=Status.BLOCKED, reason=str(exc))
         except OSError as exc:
-            return Result(status=Status.BLOCKED, reason=f"cannot triage {claim.path}: {exc}")
+            why = exc.strerror or exc
+            return Result(status=Status.BLOCKED, reason=f"cannot triage {claim.path}: {why}")
 
     def _triage(self, claim: Claim, context: WorkContext, held: _Held) -> Result:
         if not claim.path:
@@ -288,12 +289,12 @@ class TriageProcessor(Processor):
         written = []
         for write, temporary in zip(pending, temporaries, strict=True):
             if isinstance(temporary, OSError):
-                _block(write.result, f"cannot write {write.claim.path}: {temporary}")
+                _block(write.result, _cannot_write(write, temporary))
                 continue
             try:
                 stat = replace_if_unchanged(temporary, write.claim.path, write.seen)
             except OSError as exc:
-                _block(write.result, f"cannot write {write.claim.path}: {exc}")
+                _block(write.result, _cannot_write(write, exc))
                 continue
             if stat is None:
                 _block(write.result, CHANGED_ON_DISK)
@@ -341,6 +342,10 @@ def write_triaged_files(sender, done, **kwargs) -> None:
     processor = getattr(sender, "processor", None)
     if isinstance(processor, TriageProcessor):
         processor.write_batch()
+
+
+def _cannot_write(write: _Write, error: OSError) -> str:
+    return f"cannot write {write.claim.path}: {error.strerror or error}"
 
 
 def _write_temporary(write: _Write) -> str | OSError:
