@@ -11,6 +11,7 @@ tail, so the worker's memory does not follow what the agent prints.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ SECRET_NAME = re.compile(
 URL_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
 MASK = b"********"
 READ_CHUNK = 64 * 1024
+LOG_KEPT_WHEN_FULL = 64 * 1024  # of an agent's log that filled its disk (AgentLog)
 LINE_LIMIT = 1024 * 1024  # a longer "line" is written out in pieces
 # ...but reaches the adapter whole up to this size: a CLI's result line carries its whole
 # final message (Claude's json mode with --verbose, every message of the session).
@@ -188,7 +190,9 @@ class AgentLog:
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+                # Unbuffered (blocks come a read at a time): a write the disk refuses
+                # leaves nothing behind to fail again at close.
+                self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
             except OSError as exc:
                 self.error = f"cannot write the agent's log {path}: {exc.strerror or exc}"
 
@@ -221,8 +225,15 @@ class AgentLog:
 
     def _give_up(self, exc: OSError) -> None:
         self.error = f"the agent's log {self.path} stops short: {exc.strerror or exc}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Cut back to its opening: the space it took goes back to what must still be
+            # written (the finish's row, the task's file, often on the same disk), and
+            # the task keeps the output's tail.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.file.fileno(), min(self.written, LOG_KEPT_WHEN_FULL))
+                self.error += f"; cut to its first {LOG_KEPT_WHEN_FULL // 1024} KiB"
         with contextlib.suppress(OSError):
-            self.file.close()  # its buffer cannot be written either: dropped with it
+            self.file.close()
         self.file = None
 
 
