@@ -3,11 +3,14 @@ dir and the database: nothing lost or half-written, no claim kept for good, and 
 that names what could not be written."""
 
 import os
+import pwd
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psycopg
 import pytest
 from django.contrib.auth.models import Permission
 from django.db import connection
@@ -24,6 +27,8 @@ from workqueue.models import BulkAction, BulkStatus, EventKind, Status, Task
 from workqueue.processors import CommandProcessor, NoopProcessor
 from workqueue.triage import TriageProcessor
 from workqueue.worker import EXIT_LOCK_ROOT, EXIT_OK, Worker
+
+NO_SPACE = "No space left on device"
 
 
 @pytest.fixture
@@ -146,29 +151,91 @@ def test_a_new_task_in_a_full_folder_is_refused_naming_the_folder(settings, tiny
     assert Task.objects.count() == 2
 
 
-def write_past_the_disk(folder: Path) -> None:
-    """Fail as a database on a full disk fails: a real SQLite database in `folder` (a small
-    filesystem) outgrows it, its error raised as Django's backend raises it."""
-    with connection.wrap_database_errors:
-        database = sqlite3.connect(folder / "db.sqlite3")
-        try:
-            database.execute("CREATE TABLE t (x BLOB)")
-            database.execute("INSERT INTO t VALUES (zeroblob(1000000))")
-            database.commit()
-        finally:
-            database.close()
+class FullDatabaseDisk:
+    """The database in use failing as it fails on a full disk, raised as Django's backend
+    raises it: SQLite, a real database file that outgrows a small filesystem; PostgreSQL,
+    a table in a tablespace on a small filesystem that the server cannot extend."""
+
+    def __init__(self, tiny_filesystem):
+        self.vendor = connection.vendor
+        if self.vendor == "postgresql":
+            self._tablespace()
+        else:
+            self.folder = tiny_filesystem("database", size="64k")
+        # What each says: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100).
+        self.words = NO_SPACE if self.vendor == "postgresql" else "database or disk is full"
+
+    def _tablespace(self) -> None:
+        db = connection.settings_dict
+        if db["HOST"] not in ("", "localhost", "127.0.0.1", "::1"):
+            pytest.skip("a tablespace on a small filesystem needs the server on this machine")
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root (CI runs these as root)")
+        server = pwd.getpwnam("postgres")
+        # Not below the tests' own folders: the server's user must reach it.
+        self.folder = Path(tempfile.mkdtemp(prefix="hypervisor-full-"))
+        options = f"size=64k,nr_inodes=64,uid={server.pw_uid},gid={server.pw_gid},mode=700"
+        mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(self.folder)]
+        if subprocess.run(mount, capture_output=True).returncode != 0:
+            self.folder.rmdir()
+            pytest.skip("mount refused")
+        self.name = f"full_disk_{os.getpid()}"
+        self.server = psycopg.connect(
+            host=db["HOST"] or "127.0.0.1",
+            port=db["PORT"] or 5432,
+            user=db["USER"],
+            password=db["PASSWORD"],
+            dbname=connection.settings_dict["NAME"],
+            autocommit=True,
+        )
+        self.server.execute(f"CREATE TABLESPACE {self.name} LOCATION '{self.folder}'")
+        self.server.execute(f"CREATE TABLE {self.name} (n int) TABLESPACE {self.name}")
+
+    def write_past_it(self) -> None:
+        with connection.wrap_database_errors:
+            if self.vendor == "postgresql":
+                self.server.execute(
+                    f"INSERT INTO {self.name} SELECT n FROM generate_series(1, 100000) n"  # noqa: S608
+                )
+                return
+            database = sqlite3.connect(self.folder / "db.sqlite3")
+            try:
+                database.execute("CREATE TABLE t (x BLOB)")
+                database.execute("INSERT INTO t VALUES (zeroblob(1000000))")
+                database.commit()
+            finally:
+                database.close()
+
+    def close(self) -> None:
+        if self.vendor != "postgresql":
+            return  # tiny_filesystem unmounts it
+        self.server.execute(f"DROP TABLE IF EXISTS {self.name}")
+        self.server.execute(f"DROP TABLESPACE IF EXISTS {self.name}")
+        self.server.close()
+        subprocess.run(["umount", "-l", str(self.folder)], check=False)
+        self.folder.rmdir()
+
+
+@pytest.fixture
+def full_database_disk(tiny_filesystem):
+    disk = FullDatabaseDisk(tiny_filesystem)
+    yield disk
+    disk.close()
 
 
 @pytest.mark.django_db
-def test_a_full_database_disk_is_a_503_saying_so(django_user_model, monkeypatch, tiny_filesystem):
+def test_a_full_database_disk_is_a_503_saying_so(
+    django_user_model, monkeypatch, full_database_disk
+):
     from workqueue import views
 
-    folder = tiny_filesystem("database", size="64k")
     user = django_user_model.objects.create_user("viewer", password="pw")
     user.user_permissions.add(Permission.objects.get(codename="view_task"))
     client = Client(raise_request_exception=False)
     client.force_login(user)
-    monkeypatch.setattr(views, "_board_context", lambda *a, **k: write_past_the_disk(folder))
+    monkeypatch.setattr(
+        views, "_board_context", lambda *a, **k: full_database_disk.write_past_it()
+    )
 
     page = client.get("/")
 
@@ -179,7 +246,6 @@ def test_a_full_database_disk_is_a_503_saying_so(django_user_model, monkeypatch,
     )
 
 
-NO_SPACE = "No space left on device"
 fork_a_worker = zygote.start  # before the tests' own fixture refuses forks
 
 
@@ -296,11 +362,10 @@ def test_a_herd_worker_the_full_data_dir_cannot_log_for_is_not_started_and_says_
 
 @pytest.mark.django_db(transaction=True)
 def test_a_database_full_after_a_finish_commits_is_tried_again_not_refused(
-    settings, write_task, tiny_filesystem, monkeypatch, lock_root, caplog
+    settings, write_task, full_database_disk, monkeypatch, lock_root, caplog
 ):
     path = write_task("a.md", "---\nid: A\ntitle: First\n---\nbody\n")
     assert not Importer("q", roots=[path.parent]).run([path.parent]).errors
-    database_folder = tiny_filesystem("database", size="64k")
     write_status = editing.write_finished_status
     tries = []
 
@@ -308,7 +373,7 @@ def test_a_database_full_after_a_finish_commits_is_tried_again_not_refused(
         # The finish is committed; the database's disk fills before the file is written.
         tries.append(args)
         if len(tries) == 1:
-            write_past_the_disk(database_folder)
+            full_database_disk.write_past_it()
         return write_status(*args, **kwargs)
 
     monkeypatch.setattr(editing, "write_finished_status", full_once)
@@ -318,7 +383,7 @@ def test_a_database_full_after_a_finish_commits_is_tried_again_not_refused(
 
     task = Task.objects.get()
     assert (task.status, worker.stats.done, worker.stats.refused) == (Status.DONE, 1, 0)
-    assert len(tries) == 2 and "database or disk is full" in caplog.text
+    assert len(tries) == 2 and full_database_disk.words in caplog.text
     assert not task.events.filter(kind=EventKind.LATE_FINISH_REFUSED).exists()
     assert path.read_text() == "---\nid: A\ntitle: First\nstatus: done\n---\nbody\n"
     assert not (lock_root / "q" / "A").exists()  # let go at once, not left for a reaper
@@ -351,12 +416,9 @@ def test_a_command_whose_database_disk_is_full_says_so_and_harms_nothing(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_heartbeat_the_full_database_refuses_says_so_in_a_line_not_a_traceback(
-    tiny_filesystem, monkeypatch, caplog
+    full_database_disk, monkeypatch, caplog
 ):
-    database_folder = tiny_filesystem("database", size="64k")
-    monkeypatch.setattr(
-        transitions, "heartbeat", lambda *args: write_past_the_disk(database_folder)
-    )
+    monkeypatch.setattr(transitions, "heartbeat", lambda *args: full_database_disk.write_past_it())
     make_tasks("q", 1)
     worker = Worker("q", CommandProcessor([sys.executable, "-c", "import time; time.sleep(2)"]))
     worker.heartbeat_interval = 0.5
@@ -366,11 +428,9 @@ def test_a_heartbeat_the_full_database_refuses_says_so_in_a_line_not_a_traceback
     assert Task.objects.get().status == Status.DONE
     beats = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
     assert beats and all(r.exc_info is None for r in beats)
-    assert (
-        beats[0]
-        .getMessage()
-        .endswith("heartbeat failed: database unavailable (database or disk is full)")
-    )
+    said = beats[0].getMessage()
+    assert "heartbeat failed: database unavailable (" in said
+    assert full_database_disk.words in said
 
 
 @pytest.mark.django_db(transaction=True)
