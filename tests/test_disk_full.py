@@ -151,6 +151,33 @@ def test_a_new_task_in_a_full_folder_is_refused_naming_the_folder(settings, tiny
     assert Task.objects.count() == 2
 
 
+@pytest.mark.django_db
+def test_a_board_edit_in_a_full_folder_says_the_disk_is_full_not_to_reload(
+    settings, tiny_filesystem, client, django_user_model
+):
+    # It said "…; reload the task and try again", which cannot help.
+    folder = tiny_filesystem("tasks")
+    path = task_folder(settings, folder)[0]
+    fill(folder)
+    before, task = contents(folder), Task.objects.get(key="ex-001")
+    user = django_user_model.objects.create_user("editor", password="pw")
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_task", "change_task"])
+    )
+    client.force_login(user)
+    values = {"title": "Renamed", "status": task.status, "priority": task.priority}
+    values |= {"body": task.body, "base_sha256": task.source_sha256}
+
+    response = client.post(f"/tasks/{task.pk}/edit/", values, HTTP_HX_REQUEST="true")
+
+    assert response.status_code == 422
+    page = response.content.decode()
+    assert f"file: cannot write the file: {NO_SPACE}" in page
+    assert "reload the task" not in page
+    assert contents(folder) == before and "Renamed" not in path.read_text()
+    assert Task.objects.get(pk=task.pk).title == "Task ex-001"
+
+
 class FullDatabaseDisk:
     """The database in use failing as it fails on a full disk, raised as Django's backend
     raises it: SQLite, a real database file that outgrows a small filesystem; PostgreSQL,

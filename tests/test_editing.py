@@ -400,7 +400,7 @@ def test_a_temporary_name_taken_by_a_link_is_not_written_through(folder, monkeyp
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     folder.path(f".a.md.{os.getpid()}.0badf00d.tmp").symlink_to(victim)
-    with pytest.raises(editing.Conflict, match="cannot write the file: File exists"):
+    with pytest.raises(editing.EditError, match="cannot write the file: File exists"):
         editing.edit_task(task, {"assignee": "bot"}, ACTOR)
     assert victim.read_text() == "keep me\n"
     assert folder.path("a.md").read_text() == TASK
@@ -446,7 +446,9 @@ def test_a_read_only_task_file_is_not_edited(folder):
     task = folder({"r.md": text})["r.md"]
     folder.path("r.md").chmod(0o444)
     # As any file that cannot be written: the form says why.
-    with pytest.raises(editing.Conflict, match="^cannot write the file: the file is read-only$"):
+    with pytest.raises(
+        editing.EditError, match="^file: cannot write the file: the file is read-only$"
+    ):
         editing.edit_task(task, {"assignee": "bot"}, ACTOR)
     assert folder.path("r.md").read_text() == text
     assert Task.objects.get(pk=task.pk).assignee == ""

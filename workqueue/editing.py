@@ -125,6 +125,9 @@ class Conflict(Exception):
     """The task moved meanwhile (another person, a worker) or its agent could not be ended."""
 
 
+CANNOT_WRITE = "cannot write the file"  # a full disk, a read-only file: not a conflict
+
+
 @dataclass
 class EditResult:
     task: Task
@@ -320,6 +323,8 @@ def edit_task(
         why = report.skipped[0]["why"]
         if why == CHANGED_ON_DISK:
             raise FileChanged(task, why, file_difference(task))
+        if why.startswith(CANNOT_WRITE):  # reloading the task would not help
+            raise EditError({"file": why})
         raise Conflict(why)
     task = Task.objects.select_related("content").get(pk=task.pk)
     changed = [name for name in FIELDS if name in plan.old or (name == "status" and status)]
@@ -474,7 +479,7 @@ def _write_temporaries(plans: list[_Plan], skip: Callable[[Task, str], None]) ->
         try:
             plan.temporary = write_temporary(plan.path, plan.new, plan.mode, sync=lone)
         except OSError as exc:
-            skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
+            skip(plan.task, f"{CANNOT_WRITE}: {exc.strerror or exc}")
     live = [p for p in plans if p.doc is None or p.temporary]
     try:
         sync_files([] if lone else [p.temporary for p in live if p.temporary])
@@ -482,7 +487,7 @@ def _write_temporaries(plans: list[_Plan], skip: Callable[[Task, str], None]) ->
         for plan in live:
             if plan.temporary:
                 discard(plan.temporary)
-                skip(plan.task, f"cannot write the file: {exc.strerror or exc}")
+                skip(plan.task, f"{CANNOT_WRITE}: {exc.strerror or exc}")
         live = [p for p in live if not p.temporary]
     return live
 
@@ -541,7 +546,7 @@ def _write(plan: _Plan, sha256: str | None, left_alone: dict[int, str]) -> str:
         try:
             plan.stat = replace_if_unchanged(plan.temporary, plan.path, plan.seen)
         except OSError as exc:
-            return f"cannot write the file: {exc.strerror or exc}"
+            return f"{CANNOT_WRITE}: {exc.strerror or exc}"
         finally:  # renamed, or removed by replace_if_unchanged: nothing left to discard
             plan.temporary = ""
         return "" if plan.stat is not None else CHANGED_ON_DISK
@@ -1129,7 +1134,7 @@ def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
                     else:
                         stat = replace_if_unchanged(plan.temporary, plan.path, plan.seen)
                 except OSError as exc:
-                    notes.append((plan.task, f"cannot write the file: {exc.strerror or exc}"))
+                    notes.append((plan.task, f"{CANNOT_WRITE}: {exc.strerror or exc}"))
                     continue
                 finally:  # renamed, or removed by replace_if_unchanged: nothing to discard
                     plan.temporary = ""
