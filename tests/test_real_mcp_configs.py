@@ -225,6 +225,29 @@ def test_gemini_and_codex_never_pass_their_database_url_to_the_server(
     assert claim_tools(cli, stub) == []
 
 
+@pytest.mark.parametrize("required", [True, False], ids=["as-the-readme", "not-required"])
+def test_codex_waits_for_a_stdio_server_slow_to_start_only_when_it_is_required(
+    required, process_env, tmp_path, write_task
+):
+    """Codex leaves out of its model's tools, without a word, a server not marked
+    `required` that has not answered within a second of its start, as `manage.py mcp`
+    may not on a busy machine (it failed CI so). README's config marks it required."""
+    slow = tmp_path / "slow_start.py"
+    slow.write_text(
+        "import os, sys, time\ntime.sleep(3)\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    queue = "sslow" if required else "sfast"
+    config = local_config("codex", queue, process_env).replace('args = ["', f'args = ["{slow}", "')
+    if required:
+        drain("codex", config, queue, tmp_path, write_task)
+        return
+    config = config.replace("\nrequired = true", "\n")
+    stub, _, tasks = run_cli("codex", config, queue, tmp_path, write_task)
+    assert claim_tools("codex", stub) == []
+    assert not TaskEvent.objects.filter(task__in=tasks, kind=EventKind.CLAIMED).exists()
+
+
 @pytest.mark.parametrize("form", ["claude", "claude-add", "gemini", "codex"])
 def test_readme_http_config_drains_the_queue_with_the_real_cli(
     form, live_server, process_env, tmp_path, write_task
