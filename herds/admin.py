@@ -85,14 +85,21 @@ class HerdAdmin(ReadOnlyAdmin):
     readonly_fields = ["run_summary", "worker_list"]
 
     def get_inlines(self, request, herd):
-        if herd is not None and herd.workers.count() > WORKERS_INLINE:
+        if herd is not None and self._worker_count(herd) > WORKERS_INLINE:
             return []
         return super().get_inlines(request, herd)
 
     @admin.display(description="Workers")
     def worker_list(self, herd: Herd) -> str:
         url = reverse("admin:herds_herdworker_changelist") + f"?herd__id__exact={herd.pk}"
-        return format_html('<a href="{}">{} worker(s)</a>', url, herd.workers.count())
+        return format_html('<a href="{}">{} worker(s)</a>', url, self._worker_count(herd))
+
+    @staticmethod
+    def _worker_count(herd: Herd) -> int:
+        # Asked by the inlines (more than once a page) and by the workers' link: once.
+        if not hasattr(herd, "_worker_count"):
+            herd._worker_count = herd.workers.count()
+        return herd._worker_count
 
     @admin.display(description="Run summary")
     def run_summary(self, herd: Herd) -> str:
