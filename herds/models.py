@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from hypervisor_site.env import server_secrets_in
-from workqueue import cpu_slots, locks
+from workqueue import clock, cpu_slots, locks
 from workqueue.dependencies import stuck
 from workqueue.models import EventKind, Status, Task, TaskEvent, TaskQuerySet, consumer_wait
 from workqueue.processing import Processor
@@ -603,7 +603,7 @@ class Herd(models.Model):
         """Pending to running, once, recording this process as the one that launches it."""
         from herds import processes
 
-        now = timezone.now()
+        now = clock.now()  # another host's consumer judges the launch by it (launch_lost)
         launcher = {
             "launch_host": settings.HYPERVISOR_HOST,
             "launch_pid": os.getpid(),
@@ -635,7 +635,7 @@ class Herd(models.Model):
         here = self.launch_host == settings.HYPERVISOR_HOST and self.launch_pid
         if here and processes.leader(self.launch_pid, self.launch_started) is None:
             return True
-        return timezone.now() - self.started_at > LAUNCH_STALL
+        return clock.now() - self.started_at > LAUNCH_STALL
 
     def drain(self, reason: str) -> bool:
         """Stop claiming; current tasks finish. The first reason given is kept (clipped

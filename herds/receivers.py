@@ -13,9 +13,8 @@ from decimal import Decimal
 
 from django.db.models import F
 from django.dispatch import receiver
-from django.utils import timezone
 
-from workqueue import signals
+from workqueue import clock, signals
 from workqueue.models import Status
 
 log = logging.getLogger("herds")
@@ -66,7 +65,7 @@ def worker_started(sender, **kwargs) -> None:
         host=identity.host,
         process_started=identity.started,
         state="running",
-        heartbeat_at=timezone.now(),
+        heartbeat_at=clock.now(),
     )
 
 
@@ -80,7 +79,7 @@ def worker_heartbeat(sender, **kwargs) -> None:
         sender,
         HerdWorker,
         worker_id,
-        heartbeat_at=timezone.now(),
+        heartbeat_at=clock.now(),
         current_task=current.key[:500] if current else "",
     )
 
@@ -122,7 +121,7 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
         blocked=F("blocked") + blocked,
         tokens=F("tokens") + tokens,
         cost_usd=F("cost_usd") + cost,
-        heartbeat_at=timezone.now(),
+        heartbeat_at=clock.now(),
         current_task="",
     )
     if quota is not None:

@@ -23,7 +23,7 @@ from django.utils import timezone
 from herds import processes, zygote
 from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, HerdWorker
 from herds.receivers import WORKER_ENV
-from workqueue import cpu_slots
+from workqueue import clock, cpu_slots
 from workqueue.dependencies import in_words
 from workqueue.reaper import release_stale_claims
 
@@ -225,7 +225,7 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
     returncode = child.poll() if child is not None else None
     seen = processes.sample(worker.pid, worker.process_started)
     silent_since = worker.heartbeat_at or worker.started_at
-    silence = (timezone.now() - silent_since).total_seconds()
+    silence = (clock.now() - silent_since).total_seconds()
     timed_out = silence > settings.HYPERVISOR_LEASE_SECONDS
     if seen.alive and returncode is None:
         if timed_out:
@@ -266,7 +266,7 @@ def check_remote_worker(worker: HerdWorker) -> None:
     Its claims are not touched: they end with their lease, and the reaper takes them.
     """
     silent_since = worker.heartbeat_at or worker.started_at
-    silence = (timezone.now() - silent_since).total_seconds()
+    silence = (clock.now() - silent_since).total_seconds()
     if silence > settings.HYPERVISOR_LEASE_SECONDS:
         worker.record_exit(
             None, ExitClass.TIMED_OUT, f"no heartbeat from host {worker.host} for {silence:.0f} s"

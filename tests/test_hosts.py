@@ -1,19 +1,23 @@
 """Two hosts sharing one database and one Huey queue (Redis in the PostgreSQL pass)."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from herds import processes, supervision
 from herds.models import Herd, HerdWorker, Profile
 from tests.conftest import ROOT, make_tasks, run_manage, start_manage
 from tests.test_herds_processes import launch, wait_until, worker_logs
+from workqueue import clock
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 AGENT = str(ROOT / "examples" / "agents" / "example_agent.py")
@@ -132,3 +136,110 @@ def test_a_cancel_taken_by_another_hosts_consumer_leaves_this_hosts_workers_to_i
     finally:
         bystander.kill()
         bystander.wait()
+
+
+SKEWED = str(ROOT / "tests" / "scripts" / "skewed_clock.py")
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+postgres_only = pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="hosts share a PostgreSQL database; SQLite is one host's, its clock the database's",
+)
+
+
+def skewed(seconds: float, args: list[str]) -> list[str]:
+    """A manage.py command line run as a host whose clock is off by `seconds`."""
+    return [sys.executable, SKEWED, str(seconds), *args]
+
+
+def reap_as(seconds: float, env: dict[str, str]) -> dict:
+    result = subprocess.run(
+        skewed(seconds, ["reap_locks", "--json"]),
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@postgres_only
+@pytest.mark.parametrize(
+    "worker_clock, reaper_clock",
+    [(0, 600), (-600, 0)],
+    ids=["reaper-ten-minutes-ahead", "worker-ten-minutes-behind"],
+)
+def test_a_live_claim_is_not_reaped_by_a_host_whose_clock_disagrees(
+    process_env, tmp_path, worker_clock, reaper_clock
+):
+    """Judged by each host's own clock, a host ten minutes ahead took every other host's
+    live claim as expired and gave it to another worker while its agent ran on; a worker
+    ten minutes behind wrote leases every other host took as long expired."""
+    make_tasks("skew", 1)
+    worker_env = {**process_env, "HYPERVISOR_HOST": "host-b", "HYPERVISOR_LEASE_SECONDS": "6"}
+    with open(tmp_path / "worker.log", "w") as out:
+        worker = subprocess.Popen(
+            skewed(worker_clock, ["work", "--queue", "skew", "--processor", "command",
+                                  "--", *SLEEPER]),
+            env=worker_env, cwd=ROOT, stdout=out, stderr=out, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: Task.objects.filter(status=Status.CLAIMED, agent_pgid__isnull=False).exists(),
+            30,
+            what="host B's claim and agent",
+        )
+        fence = Task.objects.get().fence
+        time.sleep(7)  # past the claim's own lease: what stands now is a heartbeat's renewal
+        report = reap_as(reaper_clock, {**process_env, "HYPERVISOR_HOST": "host-a"})
+        assert report["requeued"] == [], report
+        task = Task.objects.get()
+        assert (task.status, task.holder_host, task.fence) == (Status.CLAIMED, "host-b", fence)
+        assert not TaskEvent.objects.filter(kind=EventKind.REAPED).exists()
+        assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        pgid = Task.objects.get().agent_pgid
+        if pgid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+@postgres_only
+def test_a_dead_hosts_claim_is_reaped_at_its_lease_by_a_host_whose_clock_runs_behind(
+    process_env, tmp_path
+):
+    make_tasks("skew", 1)
+    worker_env = {**process_env, "HYPERVISOR_HOST": "host-b", "HYPERVISOR_LEASE_SECONDS": "3"}
+    worker = start_manage(
+        ["work", "--queue", "skew", "--processor", "command", "--", *SLEEPER],
+        worker_env,
+        start_new_session=True,
+    )
+    wait_until(
+        lambda: Task.objects.filter(status=Status.CLAIMED, agent_pgid__isnull=False).exists(),
+        30,
+        what="host B's claim and agent",
+    )
+    os.killpg(worker.pid, signal.SIGKILL)  # host B is gone, its agent with it
+    os.killpg(Task.objects.get().agent_pgid, signal.SIGKILL)
+    worker.wait()
+    time.sleep(4)
+    report = reap_as(-600, {**process_env, "HYPERVISOR_HOST": "host-a"})
+    assert [row["why"] for row in report["requeued"]] == ["lease expired"], report
+    assert Task.objects.get().status == Status.QUEUED
+
+
+@postgres_only
+@pytest.mark.django_db
+def test_a_live_worker_of_another_host_is_not_timed_out_by_a_clock_ahead(monkeypatch):
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, status="running")
+    # As the worker's heartbeat writes it, on host B.
+    worker = herd.workers.create(
+        index=0, name="herd-w0", host="host-b", pid=4242, state="running",
+        heartbeat_at=clock.now(),
+    )  # fmt: skip
+    true_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: true_now() + timedelta(minutes=10))
+    supervision.check_remote_worker(worker)
+    worker.refresh_from_db()
+    assert (worker.state, worker.exit_class) == ("running", "")

@@ -20,7 +20,7 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 
 from hypervisor_site.writers import write_transaction
-from workqueue import search_hits
+from workqueue import clock, search_hits
 from workqueue.names import validate_queue_name
 from workqueue.routing import TEXT_FIELDS
 
@@ -157,7 +157,7 @@ class TaskQuerySet(models.QuerySet):
 
     def lease_expired(self, now=None) -> TaskQuerySet:
         return self.claimed().filter(
-            lease_expires_at__lt=now or timezone.now(), holder_pid__isnull=False
+            lease_expires_at__lt=now or clock.now(self.db), holder_pid__isnull=False
         )
 
     def held_by(self, worker: str) -> TaskQuerySet:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db.models import Q
-from django.utils import timezone
 
-from workqueue import agent_tree, claims, locks, signals, transitions, writeback
+from workqueue import agent_tree, claims, clock, locks, signals, transitions, writeback
 from workqueue.locks import LockError
 from workqueue.models import Queue, Status, Task
 
@@ -70,7 +69,7 @@ class ReapReport:
 
 def find_stale_claims(queue: str | None = None, holder_pid: int | None = None) -> list[StaleClaim]:
     """Claims whose holder is provably dead on this host, or whose lease ran out."""
-    now = timezone.now()
+    now = clock.now()
     # Outside holders (a file that says in_progress) have no pid: only a person releases them.
     claimed = Task.objects.claimed().in_queue(queue).filter(holder_pid__isnull=False)
     if holder_pid is not None:

@@ -23,6 +23,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from hypervisor_site.writers import write_transaction
+from workqueue import clock
 from workqueue.locks import Identity
 from workqueue.models import EventKind, Status, Task, TaskEvent, TransitionTally
 from workqueue.processing import Claim, Result
@@ -128,7 +129,7 @@ def claim(
         rows = list(candidates.values_list(*fields)[:limit])
         if not rows:
             return []
-        now = timezone.now()
+        now = clock.now()  # the lease's start, as every host judges it
         fence = max(r[4] for r in rows) + 1
         ids = [r[0] for r in rows]
         Task.objects.filter(pk__in=ids).update(
@@ -185,7 +186,7 @@ def heartbeat(identity: Identity, claims: list[Claim], lease_seconds: int) -> in
     """Renew the lease of the claims this worker holds now (by id and fence): not of
     every row that names it. No event: the lease on the task says it."""
     renewed = 0
-    until = timezone.now() + timedelta(seconds=lease_seconds)
+    until = clock.now() + timedelta(seconds=lease_seconds)
     with write_transaction():
         for mine in _held(identity, claims):
             renewed += mine.update(lease_expires_at=until)
