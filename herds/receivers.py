@@ -65,7 +65,7 @@ def worker_started(sender, **kwargs) -> None:
         host=identity.host,
         process_started=identity.started,
         state="running",
-        heartbeat_at=clock.now(),
+        heartbeat_at=clock.stamp(),
     )
 
 
@@ -79,7 +79,7 @@ def worker_heartbeat(sender, **kwargs) -> None:
         sender,
         HerdWorker,
         worker_id,
-        heartbeat_at=clock.now(),
+        heartbeat_at=clock.stamp(),
         current_task=current.key[:500] if current else "",
     )
 
@@ -121,7 +121,7 @@ def tasks_finished(sender, finished, refused, **kwargs) -> None:
         blocked=F("blocked") + blocked,
         tokens=F("tokens") + tokens,
         cost_usd=F("cost_usd") + cost,
-        heartbeat_at=clock.now(),
+        heartbeat_at=clock.stamp(),
         current_task="",
     )
     if quota is not None:

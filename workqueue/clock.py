@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.db import connections
+from django.db.models.functions import Now
 from django.utils import timezone
 
 
@@ -24,3 +25,9 @@ def now(using: str = "default") -> datetime:
     with db.cursor() as cursor:
         cursor.execute("SELECT statement_timestamp()")
         return cursor.fetchone()[0]
+
+
+def stamp(using: str = "default") -> Now | datetime:
+    """The time by the database's clock, for an UPDATE to write: on PostgreSQL its own
+    clock read in the statement (no query of its own), a timedelta may be added."""
+    return Now() if connections[using].vendor == "postgresql" else timezone.now()

@@ -129,7 +129,7 @@ def claim(
         rows = list(candidates.values_list(*fields)[:limit])
         if not rows:
             return []
-        now = clock.now()  # the lease's start, as every host judges it
+        now = timezone.now()
         fence = max(r[4] for r in rows) + 1
         ids = [r[0] for r in rows]
         Task.objects.filter(pk__in=ids).update(
@@ -140,7 +140,7 @@ def claim(
             holder_started=identity.started,
             holder_herd=identity.herd,
             fence=fence,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            lease_expires_at=clock.stamp() + timedelta(seconds=lease_seconds),
             claimed_at=now,
             attempts=F("attempts") + 1,
             max_attempts=max_attempts,
@@ -186,7 +186,7 @@ def heartbeat(identity: Identity, claims: list[Claim], lease_seconds: int) -> in
     """Renew the lease of the claims this worker holds now (by id and fence): not of
     every row that names it. No event: the lease on the task says it."""
     renewed = 0
-    until = clock.now() + timedelta(seconds=lease_seconds)
+    until = clock.stamp() + timedelta(seconds=lease_seconds)
     with write_transaction():
         for mine in _held(identity, claims):
             renewed += mine.update(lease_expires_at=until)
