@@ -492,3 +492,25 @@ def test_triage_in_a_full_folder_blocks_its_tasks_naming_each_file_and_writes_no
     reasons = dict(Task.objects.values_list("source_path", "reason"))
     assert reasons == {str(p): f"cannot write {p}: {NO_SPACE}" for p in files}
     assert set(Task.objects.values_list("status", flat=True)) == {Status.BLOCKED}
+
+
+def test_a_pull_worker_says_its_agents_log_stopped_short_on_a_full_disk(
+    process_env, tiny_filesystem
+):
+    """A push worker's task says why its agent's log is short; a pull worker's agent has
+    no one task to say it on: its worker's own output says it."""
+    data = Path(process_env["HYPERVISOR_DATA_DIR"])
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    logs = tiny_filesystem("agent-logs")
+    (data / "logs" / "agents").symlink_to(logs)
+    make_tasks("q", 1)
+    loud = "for i in range(12000): print('x' * 80)\nprint('the end')"
+    result = run_manage(
+        ["work", "--queue", "q", "--processor", "pull", "--", sys.executable, "-c", loud],
+        process_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the end\n" in result.stdout  # the agent's last words, in its worker's output
+    log = data / "logs" / "agents"
+    assert f"the agent's log {log}/pull-" in result.stderr
+    assert f"stops short: {NO_SPACE}; cut to its first 64 KiB" in result.stderr

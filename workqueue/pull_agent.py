@@ -287,6 +287,8 @@ def run_agent(
     # The worker's log gets the agent's last words: supervision reads it for quota errors.
     sys.stdout.write(ended.stdout[-4000:])
     sys.stderr.write(ended.stderr[-4000:])
+    if ended.log_error:  # a disk full under the agent's log: said, as a push worker says it
+        print(ended.log_error, file=sys.stderr)
     if ended.timed_out:
         print(f"the agent timed out after {timeout:g} s", file=sys.stderr)
         return 124
