@@ -1185,7 +1185,7 @@ class HerdWorker(models.Model):
     def heartbeat_age(self) -> float | None:
         if not self.heartbeat_at:
             return None
-        return (timezone.now() - self.heartbeat_at).total_seconds()
+        return (clock.shown_now() - self.heartbeat_at).total_seconds()
 
     def runtime_seconds(self) -> float:
         end = self.finished_at or timezone.now()

@@ -10,6 +10,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.db import connection
 from django.utils import timezone
 
@@ -17,7 +18,8 @@ from herds import processes, supervision
 from herds.models import Herd, HerdWorker, Profile
 from tests.conftest import ROOT, make_tasks, run_manage, start_manage
 from tests.test_herds_processes import launch, wait_until, worker_logs
-from workqueue import clock
+from workqueue import clock, transitions
+from workqueue.locks import Identity
 from workqueue.models import EventKind, Status, Task, TaskEvent
 
 AGENT = str(ROOT / "examples" / "agents" / "example_agent.py")
@@ -243,3 +245,27 @@ def test_a_live_worker_of_another_host_is_not_timed_out_by_a_clock_ahead(monkeyp
     supervision.check_remote_worker(worker)
     worker.refresh_from_db()
     assert (worker.state, worker.exit_class) == ("running", "")
+
+
+@postgres_only
+@pytest.mark.django_db
+def test_the_board_shows_a_live_claim_by_the_databases_clock_on_a_web_host_ahead(
+    client, django_user_model, monkeypatch
+):
+    """A board served by a host ten minutes ahead marked every live claim "stale claim",
+    its lease long over: a person would release claims whose agents are at work."""
+    user = django_user_model.objects.create_user("viewer", password="pw-viewer-123")
+    user.user_permissions.add(Permission.objects.get(codename="view_task"))
+    client.force_login(user)
+    make_tasks("q", 1)
+    transitions.claim("q", Identity.current("w1"), 1, lease_seconds=300)
+    true_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: true_now() + timedelta(minutes=10))
+    monkeypatch.setattr(clock, "_offset", None)  # as a web process just started
+
+    task = Task.objects.get()
+    assert not task.is_stale()
+    assert timedelta(minutes=4) < task.lease_left <= timedelta(minutes=5)
+    page = client.get("/", {"queue": "q"}).content.decode()
+    assert "held by w1" in page
+    assert "stale claim" not in page

@@ -10,7 +10,8 @@ clock is its database's.
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import datetime, timedelta
 
 from django.db import connections
 from django.db.models.functions import Now
@@ -31,3 +32,20 @@ def stamp(using: str = "default") -> Now | datetime:
     """The time by the database's clock, for an UPDATE to write: on PostgreSQL its own
     clock read in the statement (no query of its own), a timedelta may be added."""
     return Now() if connections[using].vendor == "postgresql" else timezone.now()
+
+
+SHOWN_OFFSET_SECONDS = 60.0
+_offset: tuple[float, timedelta] | None = None  # when read (monotonic), database's - ours
+
+
+def shown_now() -> datetime:
+    """The database's time for pages to show leases by (a card's lease left, "stale
+    claim"), without a query per card: this process's clock plus how far the database's
+    differs from it, read again each minute."""
+    global _offset
+    if connections["default"].vendor != "postgresql":
+        return timezone.now()
+    if _offset is None or time.monotonic() - _offset[0] > SHOWN_OFFSET_SECONDS:
+        ours = timezone.now()
+        _offset = (time.monotonic(), now() - ours)
+    return timezone.now() + _offset[1]

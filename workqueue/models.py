@@ -612,14 +612,14 @@ class Task(models.Model):
     def lease_left(self) -> timedelta | None:
         if self.status != Status.CLAIMED or self.lease_expires_at is None:
             return None
-        return self.lease_expires_at - timezone.now()
+        return self.lease_expires_at - clock.shown_now()
 
     def is_stale(self) -> bool:
         from workqueue.locks import owner_is_dead
 
         if self.status != Status.CLAIMED:
             return False
-        if self.lease_expires_at and self.lease_expires_at < timezone.now():
+        if self.lease_expires_at and self.lease_expires_at < clock.shown_now():
             return True
         return owner_is_dead(self.holder_host, self.holder_pid, self.holder_started)
 
