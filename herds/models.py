@@ -1161,7 +1161,9 @@ class HerdWorker(models.Model):
     blocked = models.PositiveIntegerField(default=0)
     tokens = models.BigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal(0))
-    started_at = models.DateTimeField(default=timezone.now)
+    # By the database's clock, as its heartbeats and end (workqueue.clock): its silence is
+    # judged from its start until its first beat, by whichever host's consumer looks.
+    started_at = models.DateTimeField(default=clock.now)
     finished_at = models.DateTimeField(null=True, blank=True)
     # A worker started in place of a crashed or timed-out one: that one.
     replaces = models.OneToOneField(
@@ -1188,7 +1190,7 @@ class HerdWorker(models.Model):
         return (clock.shown_now() - self.heartbeat_at).total_seconds()
 
     def runtime_seconds(self) -> float:
-        end = self.finished_at or timezone.now()
+        end = self.finished_at or clock.shown_now()
         return round((end - self.started_at).total_seconds(), 3)
 
     def died_at_start(self) -> bool:
@@ -1198,7 +1200,7 @@ class HerdWorker(models.Model):
 
     def record_exit(self, exit_code: int | None, exit_class: str, detail: str = "") -> bool:
         """Mark the process gone, once; a second supervisor finds it already done."""
-        now = timezone.now()
+        now = clock.now()
         won = (
             HerdWorker.objects.filter(pk=self.pk)
             .live()

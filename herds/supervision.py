@@ -18,7 +18,6 @@ import threading
 import time
 
 from django.conf import settings
-from django.utils import timezone
 
 from herds import processes, zygote
 from herds.models import LAUNCH_FAILED, ExitClass, Herd, HerdStatus, HerdWorker
@@ -198,7 +197,7 @@ def never_started(worker: HerdWorker) -> bool:
     worker.refresh_from_db(fields=["pid", "heartbeat_at"])
     if worker.pid is not None or worker.heartbeat_at is not None:
         return False
-    return (timezone.now() - worker.started_at).total_seconds() > START_GRACE_SECONDS
+    return (clock.now() - worker.started_at).total_seconds() > START_GRACE_SECONDS
 
 
 def child_of(worker: HerdWorker) -> zygote.WorkerProcess | None:

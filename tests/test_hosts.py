@@ -269,3 +269,26 @@ def test_the_board_shows_a_live_claim_by_the_databases_clock_on_a_web_host_ahead
     page = client.get("/", {"queue": "q"}).content.decode()
     assert "held by w1" in page
     assert "stale claim" not in page
+
+
+@postgres_only
+def test_a_worker_started_by_a_host_behind_is_not_timed_out_before_its_first_beat(process_env):
+    """Until its first heartbeat a worker's silence runs from its start: written by the
+    launching host's clock, ten minutes behind, it read as ten minutes of silence."""
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, status="running")
+    # Host B's consumer makes the worker's row as it starts the worker.
+    create = (
+        "from herds.models import HerdWorker; HerdWorker.objects.create("
+        f"herd_id={herd.pk}, index=0, name='herd-w0', host='host-b', pid=4242)"
+    )
+    result = subprocess.run(
+        skewed(-600, ["shell", "-c", create]),
+        env={**process_env, "HYPERVISOR_HOST": "host-b"}, cwd=ROOT, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    worker = herd.workers.get()
+    supervision.check_remote_worker(worker)
+    worker.refresh_from_db()
+    assert (worker.state, worker.exit_class) == ("starting", "")
