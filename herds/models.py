@@ -676,7 +676,7 @@ class Herd(models.Model):
 
     def finish(self, status: str, reason: str = "", from_status: str = HerdStatus.RUNNING) -> bool:
         """Write the run summary and end the herd, once."""
-        now = timezone.now()
+        now = clock.now()
         self.finished_at = now
         self.reason = self.reason or reason
         self.status = status
@@ -834,14 +834,14 @@ class Herd(models.Model):
     def runtime_seconds(self) -> float:
         if not self.started_at:
             return 0.0
-        end = self.finished_at or timezone.now()
+        end = self.finished_at or clock.shown_now()
         return round((end - self.started_at).total_seconds(), 3)
 
     def deadline_passed(self) -> bool:
         return bool(
             self.wall_clock_limit
             and self.started_at
-            and (timezone.now() - self.started_at).total_seconds() > self.wall_clock_limit
+            and (clock.now() - self.started_at).total_seconds() > self.wall_clock_limit
         )
 
     def budget_spent(self) -> str:

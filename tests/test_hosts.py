@@ -292,3 +292,15 @@ def test_a_worker_started_by_a_host_behind_is_not_timed_out_before_its_first_bea
     supervision.check_remote_worker(worker)
     worker.refresh_from_db()
     assert (worker.state, worker.exit_class) == ("starting", "")
+
+
+@postgres_only
+@pytest.mark.django_db
+def test_a_herds_wall_clock_limit_runs_from_its_start_on_any_hosts_clock(monkeypatch):
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1, wall_clock_limit=3600)
+    assert herd.start()
+    true_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: true_now() + timedelta(hours=2))
+    assert not herd.deadline_passed()
+    assert herd.runtime_seconds() < 60
