@@ -526,7 +526,13 @@ def test_a_worker_paused_past_its_lease_ends_its_agent_tree_as_it_resumes(
     task."""
     make_tasks("q", 1)
     record = tmp_path / "record"
-    there = {**process_env, "HYPERVISOR_HOST": "another-host"}
+    # Another host has a lock root of its own, which its agents' claim markers name: this
+    # host's reaper cannot tell them from another machine's.
+    there = {
+        **process_env,
+        "HYPERVISOR_HOST": "another-host",
+        "HYPERVISOR_LOCK_ROOT": str(tmp_path / "another-hosts-locks"),
+    }
     worker = start_manage(work_with_agent(record, "escape", options=["--lease", "3"]), there)
     cleanup.append(worker.pid)
     pids = recorded(record, {"agent", "escaped"})

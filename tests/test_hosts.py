@@ -305,3 +305,36 @@ def test_a_herds_wall_clock_limit_runs_from_its_start_on_any_hosts_clock(monkeyp
     monkeypatch.setattr(clock, "_offset", None)  # as a process on that host
     assert not herd.deadline_passed()
     assert herd.runtime_seconds() < 60
+
+
+def test_an_agent_left_under_this_hosts_old_name_is_ended_before_its_task_goes_again(
+    process_env,
+):
+    """HYPERVISOR_HOST changed while a claim was held (the README says not to): the
+    reaper under the new name took the claim back at its lease but left its agent at work
+    beside the next one."""
+    make_tasks("renamed", 1)
+    old_name = {**process_env, "HYPERVISOR_HOST": "old-name", "HYPERVISOR_LEASE_SECONDS": "3"}
+    worker = start_manage(
+        ["work", "--queue", "renamed", "--processor", "command", "--", *SLEEPER],
+        old_name,
+        start_new_session=True,
+    )
+    wait_until(
+        lambda: Task.objects.filter(status=Status.CLAIMED, agent_pgid__isnull=False).exists(),
+        30,
+        what="the claim and its agent",
+    )
+    agent = Task.objects.get().agent_pgid
+    try:
+        worker.kill()  # the worker alone: its agent leads a group of its own, and runs on
+        worker.wait()
+        assert processes.leader(agent, None) is not None
+        time.sleep(4)  # past the lease
+        new_name = {**process_env, "HYPERVISOR_HOST": "new-name"}
+        report = json.loads(run_manage(["reap_locks", "--json"], new_name).stdout)
+        assert [row["why"] for row in report["requeued"]] == ["lease expired"], report
+        wait_until(lambda: processes.leader(agent, None) is None, 10, what="the agent's end")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent, signal.SIGKILL)

@@ -520,12 +520,17 @@ def agent_of(task) -> AgentRef:
 def end_agents_of(tasks: Iterable, grace: float | None = None) -> dict[int, list[int]]:
     """End what is left of the agents that (dead) workers ran for these claimed tasks on
     this host. Returns, per task id, the pids that could not be ended: while there are
-    any, that task must not be given to another worker."""
-    here = {
-        agent_of(t): t.pk
-        for t in tasks
-        if not t.holder_host or t.holder_host == settings.HYPERVISOR_HOST
-    }
+    any, that task must not be given to another worker.
+
+    A claim of another host name is looked for by its marker alone (its process group
+    means nothing here): none is found for a host that is another machine, but this one's
+    agents are, left by a worker that ran under an older HYPERVISOR_HOST."""
+    here = {}
+    for task in tasks:
+        agent = agent_of(task)
+        if task.holder_host and task.holder_host != settings.HYPERVISOR_HOST:
+            agent = AgentRef(agent.marker, None, agent.started)
+        here[agent] = task.pk
     if not here:
         return {}
     grace = settings.HYPERVISOR_AGENT_GRACE if grace is None else grace
