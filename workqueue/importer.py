@@ -271,7 +271,7 @@ class Importer:
             Queue.objects.get_or_create(name=self.queue)
         if len(folders) == 1:
             # New tasks of the queue (workqueue.authoring) go where its first folder was.
-            Queue.objects.filter(name=self.queue, folder="").update(folder=str(folders[0]))
+            Queue.objects.record_folder(self.queue, folders[0])
         if self.report.imported >= STATISTICS_AFTER:
             # The board's plans follow the table's size at once, not at the next check.
             Task.objects.keep_statistics()

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import NamedTuple
 
 from django.conf import settings
@@ -58,6 +59,15 @@ class QueueQuerySet(models.QuerySet):
         names = set(self.values_list("name", flat=True))
         names |= set(field_values("queue", limit=10_000))
         return sorted(names)
+
+    def record_folder(self, name: str, folder: Path) -> None:
+        """Where new tasks of the queue go and the consumer reads it again: the first folder
+        imported into it, or the one imported now when that one is gone (moved, renamed),
+        which was otherwise kept for good and read and written nowhere."""
+        recorded = self.filter(name=name).values_list("folder", flat=True).first()
+        if recorded is None or recorded == str(folder) or (recorded and Path(recorded).is_dir()):
+            return
+        self.filter(name=name, folder=recorded).update(folder=str(folder))
 
 
 class Queue(models.Model):
