@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import shutil
+from pathlib import Path
+
 import pytest
+from django.core.management import call_command
 
 from workqueue.authoring import create_task_file
 from workqueue.importer import Importer
+from workqueue.management.commands import start
 from workqueue.models import Queue, Task
 from workqueue.tasks import sync_queue_folders
 
@@ -48,3 +54,43 @@ def test_a_queue_keeps_its_folder_while_that_folder_is_there(settings, write_tas
     (other / "b.md").write_text(task_text("ex-2", "B"))
     assert not Importer("inbox").run([other]).errors
     assert Queue.objects.get(name="inbox").folder == str(write_task.folder.resolve())
+
+
+def test_an_install_that_imported_the_repositorys_examples_moves_them_to_its_data_folder(
+    settings, tmp_path, monkeypatch
+):
+    """A first start before examples were copied imported the repository's examples/inbox
+    itself, and an upgrade kept it: finishes and the board went on writing the repository's
+    own files (which `git pull` then meets). The next start moves the queue to the copy,
+    with the files as they are now."""
+    repository = tmp_path / "repository" / "examples" / "inbox"
+    shutil.copytree(start.EXAMPLES, repository)
+    monkeypatch.setattr(start, "EXAMPLES", repository)
+    data = tmp_path / "var"
+    data.mkdir()
+    settings.HYPERVISOR_DATA_DIR = data
+    settings.HYPERVISOR_IMPORT_ROOTS = [data / "examples"]  # the default
+    # What such a start did (and an upgrade's migrate leaves as it was):
+    assert not Importer("examples", roots=[repository]).run([repository]).errors
+    (data / ".examples-imported").write_text("examples/inbox was imported on first start\n")
+    first = Task.objects.filter(queue="examples").order_by("key").first()
+    finished = Path(first.source_path)
+    finished.write_text(finished.read_text().replace("status: inbox", "status: done"))
+    keys = sorted(Task.objects.filter(queue="examples").values_list("key", flat=True))
+    said = io.StringIO()
+    call_command("start", "--setup-only", stdout=said)
+    copy = (data / "examples" / "inbox").resolve()
+    assert Queue.objects.get(name="examples").folder == str(copy)
+    paths = Task.objects.filter(queue="examples").values_list("source_path", flat=True)
+    assert all(Path(path).is_relative_to(copy) for path in paths), list(paths)
+    assert str(copy) in said.getvalue()
+    # The same tasks, read from the copy as they were left (nothing to import again), and
+    # the finish written into the repository's file is there too.
+    sync_queue_folders.call_local()
+    assert sorted(Task.objects.filter(queue="examples").values_list("key", flat=True)) == keys
+    assert not Task.objects.filter(queue="examples", source_missing=True).exists()
+    moved = Path(Task.objects.get(pk=first.pk).source_path)
+    assert "status: done" in moved.read_text()
+    # Moved once: the next start leaves it.
+    call_command("start", "--setup-only", stdout=io.StringIO())
+    assert Queue.objects.get(name="examples").folder == str(copy)

@@ -14,8 +14,9 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, connections, models
-from django.db.models import Count, Exists, F, Func, Max, Min, OuterRef, Q, Subquery, Sum
+from django.db.models import Count, Exists, F, Func, Max, Min, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.expressions import RawSQL
+from django.db.models.functions import Concat, Substr
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 from django.utils.functional import cached_property
@@ -68,6 +69,14 @@ class QueueQuerySet(models.QuerySet):
         if recorded is None or recorded == str(folder) or (recorded and Path(recorded).is_dir()):
             return
         self.filter(name=name, folder=recorded).update(folder=str(folder))
+
+    def move_folder(self, name: str, old: str, new: Path) -> None:
+        """The queue's folder and its tasks' files are at `new` now, not `old`."""
+        with write_transaction(self.db):
+            self.filter(name=name, folder=old).update(folder=str(new))
+            Task.objects.filter(queue=name, source_path__startswith=old + os.sep).update(
+                source_path=Concat(Value(str(new)), Substr("source_path", len(old) + 1))
+            )
 
 
 class Queue(models.Model):

@@ -19,6 +19,7 @@ from django.core.management.base import CommandError
 
 from hypervisor_site.terminal import PrintableCommand
 from workqueue.importer import configured_roots, inside
+from workqueue.models import Queue
 
 EXAMPLES = Path(settings.BASE_DIR) / "examples" / "inbox"
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
@@ -63,15 +64,34 @@ class Command(PrintableCommand):
         board write into their tasks' files, which must not be the repository's."""
         data = Path(settings.HYPERVISOR_DATA_DIR)
         marker = data / ".examples-imported"
-        if marker.exists() or not EXAMPLES.is_dir():
-            return
         copy = data.resolve() / "examples" / "inbox"
+        if marker.exists():
+            self.move_examples_out_of_the_repository(copy)
+            return
+        if not EXAMPLES.is_dir():
+            return
         if not inside(copy, configured_roots()):
             return  # HYPERVISOR_IMPORT_ROOTS leaves the examples out: the board could not
             # write their files, and the person chose other folders
         shutil.copytree(EXAMPLES, copy, dirs_exist_ok=True)
         call_command("import_tasks", str(copy), queue="examples", stdout=self.stdout)
         marker.write_text(f"examples/inbox was copied to {copy} and imported on first start\n")
+
+    def move_examples_out_of_the_repository(self, copy: Path) -> None:
+        """A first start before the copy (an install upgraded since) imported the
+        repository's examples/inbox itself: finishes and edits still wrote there, and a
+        `git pull` meets them. Its files as they are now go to the copy, the tasks with them."""
+        repository = str(EXAMPLES.resolve())
+        if not inside(copy, configured_roots()):
+            return
+        if not Queue.objects.filter(name="examples", folder=repository).exists():
+            return
+        shutil.copytree(EXAMPLES, copy, dirs_exist_ok=True)  # copy2: mtimes kept, not re-read
+        Queue.objects.move_folder("examples", repository, copy)
+        self.stdout.write(
+            f"The examples queue now reads its copy in {copy}, no longer the repository's "
+            "examples/inbox (`git checkout -- examples/inbox` undoes what was written there)."
+        )
 
     def say_where_to_log_in(self, addr: str, login: tuple[str, str] | None) -> None:
         # The style as the write's, not in its text: the text's escapes are written out.
