@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
+from herds.models import Herd, HerdStatus, HerdWorker, Profile
+from tests.conftest import make_tasks
 from workqueue.authoring import create_task_file
 from workqueue.importer import Importer
 from workqueue.management.commands import start
-from workqueue.models import Queue, Task
+from workqueue.models import EventKind, Queue, Task, TaskEvent
 from workqueue.tasks import sync_queue_folders
 
 pytestmark = pytest.mark.django_db
@@ -94,3 +98,39 @@ def test_an_install_that_imported_the_repositorys_examples_moves_them_to_its_dat
     # Moved once: the next start leaves it.
     call_command("start", "--setup-only", stdout=io.StringIO())
     assert Queue.objects.get(name="examples").folder == str(copy)
+
+
+def test_prune_keeps_the_events_a_running_herd_counts_its_claims_from():
+    """`prune --days 1` from cron while a herd has run for two days: the herd's run summary
+    counts its claims from their events, and lost those older than a day."""
+    profile = Profile.objects.get(name="noop")
+    now = timezone.now()
+    herd = Herd.objects.create(
+        queue="q", profile=profile, size=1, status=HerdStatus.RUNNING,
+        started_at=now - timedelta(days=2),
+    )  # fmt: skip
+    Herd.objects.filter(pk=herd.pk).update(created_at=now - timedelta(days=2))
+    worker = HerdWorker.objects.create(herd=herd, index=0, name="herd-w0")
+    early, late, before = make_tasks("q", 3)
+    TaskEvent.objects.bulk_create(
+        [
+            TaskEvent(task=before, kind=EventKind.NOTE, at=now - timedelta(days=3)),
+            TaskEvent(
+                task=early,
+                kind=EventKind.CLAIMED,
+                actor=worker.name,
+                at=now - timedelta(days=2) + timedelta(minutes=1),
+            ),
+            TaskEvent(task=late, kind=EventKind.CLAIMED, actor=worker.name, at=now),
+        ]  # fmt: skip
+    )
+    assert herd.claims_given_back()[0] == 2
+    call_command("prune", "--days", "1", stdout=io.StringIO())
+    assert herd.claims_given_back()[0] == 2
+    # What is older than the herd goes as before; once it has ended, its events go too.
+    assert not TaskEvent.objects.filter(task=before).exists()
+    Herd.objects.filter(pk=herd.pk).update(
+        status=HerdStatus.FINISHED, finished_at=now - timedelta(hours=1)
+    )
+    call_command("prune", "--days", "1", stdout=io.StringIO())
+    assert herd.claims_given_back()[0] == 1

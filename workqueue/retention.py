@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
+from django.db.models import Min
 
 from herds.models import Herd
 from workqueue.models import Task, TaskEvent
@@ -40,10 +41,17 @@ class PruneReport:
 
 def prune(before: datetime, dry_run: bool = False) -> PruneReport:
     report = PruneReport()
-    report.events = TaskEvent.objects.prune(before, dry_run=dry_run)
+    report.events = TaskEvent.objects.prune(events_before(before), dry_run=dry_run)
     prune_claim_files(before, report, dry_run)
     prune_herd_folders(before, report, dry_run)
     return report
+
+
+def events_before(before: datetime) -> datetime:
+    """`before`, or the start of the oldest herd not ended when that is earlier: a herd's
+    run summary counts its claims from their events (Herd.claims_given_back)."""
+    oldest = Herd.objects.active().aggregate(first=Min("created_at"))["first"]
+    return min(before, oldest) if oldest else before
 
 
 def logs() -> Path:
