@@ -134,3 +134,30 @@ def test_prune_keeps_the_events_a_running_herd_counts_its_claims_from():
     )
     call_command("prune", "--days", "1", stdout=io.StringIO())
     assert herd.claims_given_back()[0] == 1
+
+
+def test_the_consumer_says_once_that_a_queues_folder_is_gone(settings, write_task, caplog):
+    """A queue's folder moved or renamed without an import from its new place: each
+    minute's pass skipped it without a word, and the board stood still."""
+    write_task("a.md", task_text("ex-1", "A"))
+    settings.HYPERVISOR_IMPORT_ROOTS = [write_task.folder.parent]
+    settings.HYPERVISOR_SYNC_FOLDERS = True
+    Importer("inbox").run([write_task.folder])
+    folder = str(write_task.folder.resolve())
+    write_task.folder.rename(write_task.folder.parent / "renamed")
+
+    def logged() -> list[str]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="workqueue.tasks"):
+            sync_queue_folders.call_local()
+        return [r.getMessage() for r in caplog.records]
+
+    assert logged() == [
+        f"queue inbox: its folder {folder} is gone (moved or renamed?): import it from "
+        "where it is now (import_tasks FOLDER --queue inbox), and the queue follows it"
+    ]
+    assert logged() == []  # once
+    (write_task.folder.parent / "renamed").rename(write_task.folder)
+    assert logged() == []  # back, unchanged: nothing to say
+    write_task.folder.rename(write_task.folder.parent / "renamed")
+    assert len(logged()) == 1  # gone again: said again

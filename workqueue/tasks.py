@@ -46,15 +46,38 @@ def sync_queue_folders() -> None:
 
 def _sync_queue_folders() -> None:
     for queue, folder in Queue.objects.exclude(folder="").values_list("name", "folder"):
+        if not _folder_is_there(queue, folder):
+            continue
         try:
             report = importer.sync_folder(queue, folder)
         except importer.ImportRefused:
-            continue  # outside the import roots (read from the command line only), or gone
+            continue  # outside the import roots: read from the command line only
         news = _errors_not_logged(queue, report.errors)
         if report.changed or news:
             log.info("queue %s: folder read again: %s", queue, report.summary())
         for error in news:
             log.warning("queue %s: %s: %s", queue, error["path"], error["error"])
+
+
+# The queues whose folder a pass found gone, and said so: once, not every minute.
+_gone: set[tuple[str, str]] = set()
+
+
+def _folder_is_there(queue: str, folder: str) -> bool:
+    if os.path.isdir(folder):
+        _gone.discard((queue, folder))
+        return True
+    if (queue, folder) not in _gone:
+        # Moved or renamed: without a word its board would stand still for good.
+        _gone.add((queue, folder))
+        log.warning(
+            "queue %s: its folder %s is gone (moved or renamed?): import it from where it "
+            "is now (import_tasks FOLDER --queue %s), and the queue follows it",
+            queue,
+            folder,
+            queue,
+        )
+    return False
 
 
 # Per queue, the errors the passes have logged, each with its file's size and mtime then: a
