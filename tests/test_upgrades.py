@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
 from herds.models import Herd, HerdStatus, HerdWorker, Profile
@@ -161,3 +163,44 @@ def test_the_consumer_says_once_that_a_queues_folder_is_gone(settings, write_tas
     assert logged() == []  # back, unchanged: nothing to say
     write_task.folder.rename(write_task.folder.parent / "renamed")
     assert len(logged()) == 1  # gone again: said again
+
+
+OLD = [("queue", "0020_board_field_indexes_hold_values_only"), ("herds", "0009_profile_pull_kind")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tasks_of_an_install_at_migration_0020_migrate_to_today_and_are_found_on_the_board(
+    client, django_user_model
+):
+    """The rows older code made, through every migration since (search copies, their
+    generation, kept searches, the board's indexes): found as a fresh import's are, and
+    those read before keys were read in any case marked to be read again."""
+    executor = MigrationExecutor(connection)
+    executor.migrate(OLD)
+    try:
+        apps = executor.loader.project_state(OLD).apps
+        OldTask, OldBody = apps.get_model("queue", "Task"), apps.get_model("queue", "TaskBody")
+        for i, (title, frontmatter) in enumerate(
+            [("Webhook retry", {"title": "Webhook retry"}), ("Shout", {"Status": "done"})]
+            + [(f"Filler {i}", {"title": f"Filler {i}"}) for i in range(30)]
+        ):
+            task = OldTask.objects.create(
+                queue="up", key=f"up-{i}", title=title, status="queued", priority=2,
+                project="web", source_path=f"/tasks/up-{i}.md", source_size=10,
+                source_sha256="ab" * 32, frontmatter=frontmatter,
+            )  # fmt: skip
+            OldBody.objects.create(task=task, text=f"# {title}\n\nbody of {i}")
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
+    # Read again by the next import: only the row whose keys were capitalised.
+    assert list(Task.objects.filter(source_sha256="").values_list("key", flat=True)) == ["up-1"]
+    assert Task.objects.get(key="up-0").source_size == 10
+    assert list(Task.objects.matching_text("hook ret").values_list("key", flat=True)) == ["up-0"]
+    assert Task.objects.matching_text("body of").count() == 32
+    login = django_user_model.objects.create_superuser("ann", "", "x")
+    client.force_login(login)
+    for text in ("webhook", "fi"):  # one task; two letters in most
+        page = client.get("/", {"q": text, "queue": "up"}).content.decode()
+        assert ("Webhook retry" in page) == (text == "webhook"), text
+        assert ("Filler 1<" in page) == (text == "fi"), text
