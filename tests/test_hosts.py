@@ -338,3 +338,45 @@ def test_an_agent_left_under_this_hosts_old_name_is_ended_before_its_task_goes_a
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(agent, signal.SIGKILL)
+
+
+@postgres_only
+def test_hosts_twenty_minutes_apart_work_one_queue_each_task_once(process_env, tmp_path):
+    """Two hosts, one ten minutes ahead and one ten minutes behind the database, work one
+    queue while both reap again and again: no claim is taken back, no agent runs twice."""
+    make_tasks("apart", 8)
+    runs = tmp_path / "runs"
+    agent = (
+        "import os, sys, time; start = time.time(); time.sleep(3); "
+        "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT); "
+        "os.write(fd, f'{sys.argv[2]} {start} {time.time()}\\n'.encode())"
+    )
+    hosts = {"ahead": 600, "behind": -600}
+    envs = {
+        name: {**process_env, "HYPERVISOR_HOST": name, "HYPERVISOR_LEASE_SECONDS": "4",
+               "HYPERVISOR_LOCK_ROOT": str(tmp_path / f"locks-{name}")}
+        for name in hosts
+    }  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            skewed(seconds, ["work", "--queue", "apart", "--workers", "2", "--processor",
+                             "command", "--", sys.executable, "-c", agent, str(runs), "{key}"]),
+            env=envs[name], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, seconds in hosts.items()
+    ]  # fmt: skip
+    try:
+        while any(w.poll() is None for w in workers):
+            for name, seconds in hosts.items():
+                reap_as(seconds, envs[name])
+        assert [w.returncode for w in workers] == [0, 0], [w.stderr.read() for w in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    assert Task.objects.filter(queue="apart").counts()["done"] == 8
+    assert not TaskEvent.objects.filter(kind=EventKind.REAPED).exists()
+    keys = sorted(line.split()[0] for line in runs.read_text().splitlines())
+    assert keys == [f"t{i:06d}" for i in range(8)]
+    assert {t.holder_host for t in Task.objects.all()} == set(hosts)  # both worked it
