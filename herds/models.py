@@ -495,7 +495,7 @@ class Herd(models.Model):
             return 0
         # Passes come every interval, or with Huey's minute tick when the interval is longer.
         period = max(settings.HYPERVISOR_SUPERVISE_INTERVAL, 60)
-        silent = (timezone.now() - self.supervised_at).total_seconds()
+        silent = (clock.shown_now() - self.supervised_at).total_seconds()
         return max(1, round(silent / 60)) if silent > 2 * period else 0
 
     @property
@@ -921,7 +921,7 @@ class Herd(models.Model):
         if len(samples) > 240:
             # Keep the chart cheap: halve the resolution, keep the last point.
             samples = samples[:-1:2] + samples[-1:]
-        self.samples, self.supervised_at = samples, timezone.now()
+        self.samples, self.supervised_at = samples, clock.now()
         Herd.objects.filter(pk=self.pk).update(samples=samples, supervised_at=self.supervised_at)
 
     def compute_preflight(self) -> dict:

@@ -380,3 +380,16 @@ def test_hosts_twenty_minutes_apart_work_one_queue_each_task_once(process_env, t
     keys = sorted(line.split()[0] for line in runs.read_text().splitlines())
     assert keys == [f"t{i:06d}" for i in range(8)]
     assert {t.holder_host for t in Task.objects.all()} == set(hosts)  # both worked it
+
+
+@postgres_only
+@pytest.mark.django_db
+def test_a_web_host_ahead_does_not_say_no_consumer_looked_at_a_supervised_herd(monkeypatch):
+    profile = Profile.objects.update_or_create(name="noop", defaults={"processor": "noop"})[0]
+    herd = Herd.objects.create(queue="q", profile=profile, size=1)
+    assert herd.start()
+    herd.record_pass()  # a supervision pass of the consumer's
+    true_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: true_now() + timedelta(minutes=10))
+    monkeypatch.setattr(clock, "_offset", None)
+    assert Herd.objects.get(pk=herd.pk).unsupervised_minutes == 0
