@@ -153,6 +153,23 @@ def skewed(seconds: float, args: list[str]) -> list[str]:
     return [sys.executable, SKEWED, str(seconds), *args]
 
 
+def holding_one_task(queue: str, env: dict[str, str], seconds: float = 0) -> subprocess.Popen:
+    """A `work` of `env`'s host, its clock off by `seconds`, in a session of its own,
+    once it has claimed the one task of `queue` and started its agent (a sleeper)."""
+    make_tasks(queue, 1)
+    args = ["work", "--queue", queue, "--processor", "command", "--", *SLEEPER]
+    worker = subprocess.Popen(
+        skewed(seconds, args), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    wait_until(
+        lambda: Task.objects.filter(status=Status.CLAIMED, agent_pgid__isnull=False).exists(),
+        30,
+        what="a claim and its agent",
+    )
+    return worker
+
+
 def reap_as(seconds: float, env: dict[str, str]) -> dict:
     result = subprocess.run(
         skewed(seconds, ["reap_locks", "--json"]),
@@ -169,25 +186,14 @@ def reap_as(seconds: float, env: dict[str, str]) -> dict:
     ids=["reaper-ten-minutes-ahead", "worker-ten-minutes-behind"],
 )
 def test_a_live_claim_is_not_reaped_by_a_host_whose_clock_disagrees(
-    process_env, tmp_path, worker_clock, reaper_clock
+    process_env, worker_clock, reaper_clock
 ):
     """Judged by each host's own clock, a host ten minutes ahead took every other host's
     live claim as expired and gave it to another worker while its agent ran on; a worker
     ten minutes behind wrote leases every other host took as long expired."""
-    make_tasks("skew", 1)
     worker_env = {**process_env, "HYPERVISOR_HOST": "host-b", "HYPERVISOR_LEASE_SECONDS": "6"}
-    with open(tmp_path / "worker.log", "w") as out:
-        worker = subprocess.Popen(
-            skewed(worker_clock, ["work", "--queue", "skew", "--processor", "command",
-                                  "--", *SLEEPER]),
-            env=worker_env, cwd=ROOT, stdout=out, stderr=out, start_new_session=True,
-        )  # fmt: skip
+    worker = holding_one_task("skew", worker_env, worker_clock)
     try:
-        wait_until(
-            lambda: Task.objects.filter(status=Status.CLAIMED, agent_pgid__isnull=False).exists(),
-            30,
-            what="host B's claim and agent",
-        )
         fence = Task.objects.get().fence
         time.sleep(7)  # past the claim's own lease: what stands now is a heartbeat's renewal
         report = reap_as(reaper_clock, {**process_env, "HYPERVISOR_HOST": "host-a"})
@@ -195,7 +201,7 @@ def test_a_live_claim_is_not_reaped_by_a_host_whose_clock_disagrees(
         task = Task.objects.get()
         assert (task.status, task.holder_host, task.fence) == (Status.CLAIMED, "host-b", fence)
         assert not TaskEvent.objects.filter(kind=EventKind.REAPED).exists()
-        assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+        assert worker.poll() is None
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
@@ -207,20 +213,10 @@ def test_a_live_claim_is_not_reaped_by_a_host_whose_clock_disagrees(
 
 @postgres_only
 def test_a_dead_hosts_claim_is_reaped_at_its_lease_by_a_host_whose_clock_runs_behind(
-    process_env, tmp_path
+    process_env,
 ):
-    make_tasks("skew", 1)
     worker_env = {**process_env, "HYPERVISOR_HOST": "host-b", "HYPERVISOR_LEASE_SECONDS": "3"}
-    worker = start_manage(
-        ["work", "--queue", "skew", "--processor", "command", "--", *SLEEPER],
-        worker_env,
-        start_new_session=True,
-    )
-    wait_until(
-        lambda: Task.objects.filter(status=Status.CLAIMED, agent_pgid__isnull=False).exists(),
-        30,
-        what="host B's claim and agent",
-    )
+    worker = holding_one_task("skew", worker_env)
     os.killpg(worker.pid, signal.SIGKILL)  # host B is gone, its agent with it
     os.killpg(Task.objects.get().agent_pgid, signal.SIGKILL)
     worker.wait()
@@ -313,18 +309,8 @@ def test_an_agent_left_under_this_hosts_old_name_is_ended_before_its_task_goes_a
     """HYPERVISOR_HOST changed while a claim was held (the README says not to): the
     reaper under the new name took the claim back at its lease but left its agent at work
     beside the next one."""
-    make_tasks("renamed", 1)
     old_name = {**process_env, "HYPERVISOR_HOST": "old-name", "HYPERVISOR_LEASE_SECONDS": "3"}
-    worker = start_manage(
-        ["work", "--queue", "renamed", "--processor", "command", "--", *SLEEPER],
-        old_name,
-        start_new_session=True,
-    )
-    wait_until(
-        lambda: Task.objects.filter(status=Status.CLAIMED, agent_pgid__isnull=False).exists(),
-        30,
-        what="the claim and its agent",
-    )
+    worker = holding_one_task("renamed", old_name)
     agent = Task.objects.get().agent_pgid
     try:
         worker.kill()  # the worker alone: its agent leads a group of its own, and runs on
