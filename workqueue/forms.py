@@ -303,6 +303,8 @@ ACTIONS = {
 class TaskActionForm(forms.Form):
     action = forms.ChoiceField(choices=[(a, label) for a, (label, _) in ACTIONS.items()])
     reason = forms.CharField(required=False, max_length=2000)
+    # Task.seen_as as the page showed it; without it (a script), the task as it is now.
+    seen = forms.CharField(required=False, max_length=40)
 
     def clean(self):
         data = super().clean()

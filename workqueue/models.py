@@ -607,6 +607,13 @@ class Task(models.Model):
             return ""
 
     @property
+    def seen_as(self) -> str:
+        """The state a page shows the task in, sent back with its card's actions: from a
+        page not refreshed since a worker took the task (or another person moved it), an
+        action would end a run no one saw, or a claim other than the one shown."""
+        return f"{self.status}:{self.fence}"
+
+    @property
     def held_outside(self) -> bool:
         """Claimed because its file says in progress (transitions.hold_for_outside): no
         worker, no lease, no agent; it ends when the file says so or a person releases it."""

@@ -87,7 +87,7 @@ CARD_FIELDS = (
     "complexity", "tags", "has_dependencies",
     "created_at", "updated_at", "holder", "holder_host", "holder_pid", "holder_started",
     "lease_expires_at", "outcome", "reason", "result", "source_missing", "change_pending",
-    "tokens", "cost_usd",
+    "tokens", "cost_usd", "fence",
 )  # fmt: skip
 
 
@@ -482,6 +482,9 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
         problems = "; ".join(" ".join(errs) for errs in form.errors.values())
         return HttpResponseBadRequest(problems, content_type="text/plain")
     action = form.cleaned_data["action"]
+    seen = form.cleaned_data["seen"]
+    if seen and seen != task.seen_as:
+        return _moved_meanwhile(request, task)
     if task.status not in ACTIONS[action][1]:
         return HttpResponse(
             f"Cannot {ACTIONS[action][0].lower()} a {task.status} task.",
@@ -512,6 +515,18 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
     if request.htmx and request.htmx.target == "drawer":
         return _drawer_after_action(request, task.pk)
     return redirect(_safe_next(request))
+
+
+def _moved_meanwhile(request: HttpRequest, task: Task) -> HttpResponse:
+    """A card's action from a page that showed the task in another state: nothing done."""
+    now = task.status + (f", held by {task.holder}" if task.status == Status.CLAIMED else "")
+    message = f"{task.key} moved since your page showed it (it is {now}); nothing done."
+    if not request.htmx:
+        messages.error(request, message)
+        return redirect(_safe_next(request))
+    response = HttpResponse(message, status=409, content_type="text/plain")
+    response["HX-Trigger"] = "board-changed"  # the board shows where it is now
+    return response
 
 
 def _board_after_action(request: HttpRequest) -> HttpResponse:

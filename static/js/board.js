@@ -50,14 +50,17 @@
     zone.classList.remove("drop-ok");
     const action = actionFor(dragged.dataset.status, zone.dataset.drop);
     if (!action) return;
-    const values = { action: action };
+    const form = dragged.querySelector("form.acts");
+    // The state the card showed: a task moved meanwhile is not acted on (views.task_action).
+    const seen = form.querySelector("input[name=seen]");
+    const values = { action: action, seen: seen ? seen.value : "" };
     if (action === "block") {
       const reason = window.prompt("Why is this task blocked?");
       if (!reason || !reason.trim()) return;
       values.reason = reason.trim();
     }
     // The CSRF header comes from the body's hx-headers, inherited through the card.
-    htmx.ajax("POST", dragged.querySelector("form.acts").getAttribute("action"), {
+    htmx.ajax("POST", form.getAttribute("action"), {
       source: dragged,
       target: "#board",
       swap: "outerHTML",

@@ -1,0 +1,124 @@
+"""Two people on one board while workers take its tasks, through the test client.
+
+Each test posts what the page a person has open would post (its forms' own fields, read
+from the page), after the task moved under that page.
+"""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.db.models import F
+from django.utils import timezone
+
+from tests.conftest import make_tasks
+from workqueue.models import EventKind, Status, Task
+
+pytestmark = pytest.mark.django_db
+
+HX_BOARD = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "board"}
+
+
+class FormFields(HTMLParser):
+    """The fields of the first form inside the element with id `inside`."""
+
+    def __init__(self, inside: str):
+        super().__init__()
+        self.inside, self.depth, self.done = inside, 0, False
+        self.action, self.fields = "", {}
+        self.in_form = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if self.done:
+            return
+        if attrs.get("id") == self.inside:
+            self.depth = 1
+            return
+        if not self.depth:
+            return
+        if tag == "form" and not self.action:
+            self.in_form, self.action = True, attrs.get("action", "")
+        elif tag == "input" and self.in_form and attrs.get("type") == "hidden":
+            self.fields[attrs["name"]] = attrs.get("value", "")
+
+    def handle_endtag(self, tag):
+        if self.in_form and tag == "form":
+            self.in_form, self.done = False, True
+
+
+def card_form(html: str, task: Task) -> tuple[str, dict]:
+    parser = FormFields(f"task-{task.pk}")
+    parser.feed(html)
+    assert parser.action, f"no form on the card of {task.key}"
+    return parser.action, parser.fields
+
+
+@pytest.fixture
+def triager(client, django_user_model):
+    """A person with only what triage needs: to see the board and change tasks."""
+    user = django_user_model.objects.create_user("tri", password="pw-12345")
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_task", "change_task"])
+    )
+    client.force_login(user)
+    return client
+
+
+def claim(task: Task, holder: str) -> None:
+    """A worker's claim, as the claim query makes it: a new fence."""
+    now = timezone.now()
+    Task.objects.filter(pk=task.pk).update(
+        status=Status.CLAIMED,
+        holder=holder,
+        fence=F("fence") + 1,
+        claimed_at=now,
+        lease_expires_at=now + timezone.timedelta(minutes=5),
+        updated_at=now,
+    )
+
+
+def test_mark_done_on_a_card_a_worker_took_after_the_page_showed_it_is_refused(triager):
+    """The board showed the task queued; a worker claimed it before the page refreshed.
+    "Mark done" on that card closed the task and ended the worker's run: the question a
+    claimed card asks first ("A worker holds this task...") was never asked."""
+    task, other = make_tasks("q", 2)
+    action, fields = card_form(triager.get("/?queue=q").content.decode(), task)
+    claim(task, "w-2")
+    answer = triager.post(action, {**fields, "action": "done"}, **HX_BOARD)
+    assert answer.status_code == 409
+    assert answer.content.decode() == (
+        "t000000 moved since your page showed it (it is claimed, held by w-2); nothing done."
+    )
+    assert answer["HX-Trigger"] == "board-changed"
+    task.refresh_from_db()
+    assert (task.status, task.holder) == (Status.CLAIMED, "w-2")
+    assert not task.events.filter(kind=EventKind.DONE).exists()
+    # A card the page shows as it is is acted on.
+    action, fields = card_form(triager.get("/?queue=q").content.decode(), other)
+    answer = triager.post(action, {**fields, "action": "done"}, **HX_BOARD)
+    assert answer.status_code == 200
+    assert Task.objects.get(pk=other.pk).status == Status.DONE
+
+
+def test_release_from_a_stale_page_leaves_the_claim_taken_after_the_one_it_showed(triager):
+    """The page showed w-1's claim; w-1 finished, the task was requeued and w-2 took it.
+    "Release claim" on the old card released w-2's claim, a run the person never saw."""
+    (task,) = make_tasks("q", 1)
+    claim(task, "w-1")
+    page = triager.get(f"/tasks/{task.pk}/").content.decode()
+    Task.objects.filter(pk=task.pk).update(status=Status.QUEUED, holder="")
+    claim(task, "w-2")
+    parser = FormFields("main")
+    parser.feed(page.replace('class="actions"', 'class="actions" id="main"', 1))
+    assert parser.action == f"/tasks/{task.pk}/action/"
+    answer = triager.post(parser.action, {**parser.fields, "action": "release"})
+    assert answer.status_code == 302
+    messages = [str(m) for m in answer.wsgi_request._messages]
+    assert messages == [
+        "t000000 moved since your page showed it (it is claimed, held by w-2); nothing done."
+    ]
+    task.refresh_from_db()
+    assert (task.status, task.holder) == (Status.CLAIMED, "w-2")
