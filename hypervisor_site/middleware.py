@@ -68,6 +68,9 @@ def login_page_for_htmx(get_response):
         if urlsplit(response["Location"]).path != login:
             return response
         page = request.htmx.current_url_abs_path or "/"
-        return HttpResponseClientRedirect(f"{login}?{urlencode({'next': page})}")
+        response = HttpResponseClientRedirect(f"{login}?{urlencode({'next': page})}")
+        # Named, so the page can stay where it holds what the person typed (refusals.js).
+        response["X-Session-Ended"] = "1"
+        return response
 
     return middleware

@@ -96,12 +96,8 @@
   });
 
   // Esc closes the drawer, but never throws away what a person typed into its editor
-  // without asking (an Esc meant for a field's suggestions, or by habit).
-  document.addEventListener("input", function (event) {
-    const form = event.target.closest && event.target.closest("aside#drawer form");
-    if (form) form.dataset.typed = "1";
-  });
-
+  // without asking (an Esc meant for a field's suggestions, or by habit). refusals.js marks
+  // a form typed into.
   document.addEventListener("keydown", function (event) {
     const drawer = document.querySelector("aside#drawer");
     if (event.key !== "Escape" || !drawer || !drawer.children.length) return;

@@ -43,9 +43,54 @@
     return /\b(every|load)\b/.test((elt.getAttribute && elt.getAttribute("hx-trigger")) || "");
   }
 
+  // What a person typed and has not sent: the drawer's editor, an open dialog's field.
+  document.addEventListener("input", function (event) {
+    const form = event.target.closest && event.target.closest("#drawer form, dialog form");
+    if (form) form.dataset.typed = "1";
+  });
+
+  // ... or selected (the bulk bar shows while cards are), or sent and refused for a
+  // session that had ended (below).
+  let refusedSend = false;
+  function typedAndUnsent() {
+    const kept = "#drawer form[data-typed], dialog[open] form[data-typed], #bulk-bar:not([hidden])";
+    return refusedSend || document.querySelector(kept);
+  }
+
+  const SESSION_ENDED =
+    "Your session has ended (logged out in another tab, or expired): nothing was saved or " +
+    "done. What you typed is still on this page: log in again in another tab, then send it again.";
+
+  // A session that ended sends the page to the login form (the middleware's redirect), but
+  // not from what the person just sent (a save, a bulk action: it did nothing, and going
+  // threw away what they typed into it) nor while they have typed into a form not sent yet.
+  // The next save takes the CSRF token the login elsewhere renewed (below).
+  function keptFromTheLogin(event) {
+    if (!event.detail.xhr.getResponseHeader("X-Session-Ended")) {
+      refusedSend = false; // logged in again
+      return false;
+    }
+    const sent = event.detail.requestConfig && event.detail.requestConfig.verb !== "get";
+    if (!sent && !typedAndUnsent()) return false;
+    refusedSend = refusedSend || sent;
+    event.preventDefault(); // htmx follows no redirect
+    say(SESSION_ENDED, event.detail.elt);
+    return true;
+  }
+
+  document.addEventListener("htmx:configRequest", function (event) {
+    if (event.detail.verb === "get") return;
+    // The cookie's token, not the page's: a login in another tab renewed it.
+    const cookie = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    if (!cookie) return;
+    event.detail.headers["x-csrftoken"] = cookie[1];
+    event.detail.parameters["csrfmiddlewaretoken"] = cookie[1];
+  });
+
   // Before the response is swapped in: a refresh may replace its own element, and the
   // events after the swap then name the nearest element left instead.
   document.addEventListener("htmx:beforeOnLoad", function (event) {
+    if (keptFromTheLogin(event)) return;
     const elt = event.detail.elt;
     const answered = event.detail.xhr.status < 400;
     if (refused && answered && (elt === refused || !automatic(elt))) clear();

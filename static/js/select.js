@@ -142,7 +142,8 @@
         " being worked: " + (n === 1 ? "its agent is" : "their agents are") + " ended.";
     }
     const form = dialog.querySelector("form.bulk-form");
-    if (form) form.reset();
+    if (form && !form.dataset.unsent) form.reset();
+    if (form) delete form.dataset.unsent;
     dialog.showModal();
     const field = dialog.querySelector("[autofocus]") || dialog.querySelector("input, select, textarea, button");
     if (field) field.focus();
@@ -181,6 +182,7 @@
       values.ids = Array.from(selection.ids).join(",");
     }
     // The CSRF header comes from the body's hx-headers, inherited through the bar.
+    const before = document.getElementById("bulk-status");
     htmx
       .ajax("POST", bar().dataset.url || "/bulk/", {
         source: bar(),
@@ -190,6 +192,13 @@
       })
       .then(function () {
         const status = document.getElementById("bulk-status");
+        // Nothing swapped in (refused, a session ended, no answer): nothing was done, and
+        // the selection stays to be sent again.
+        if (status === before) {
+          const form = document.querySelector('form.bulk-form[data-action="' + action + '"]');
+          if (form) form.dataset.unsent = "1"; // its value too (openDialog)
+          return;
+        }
         if (status && !status.querySelector("[role=alert]")) clearSelection();
         // The bar that opened the dialog is hidden now: the focus goes to what happened.
         const at = document.activeElement;

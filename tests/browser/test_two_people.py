@@ -15,6 +15,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import PASSWORD, screenshot, wait_until
 from tests.conftest import make_tasks, start_manage
+from workqueue.importer import Importer
 from workqueue.models import EventKind, Status, Task
 
 
@@ -96,3 +97,88 @@ def test_a_stale_card_is_not_closed_or_dragged_once_a_worker_holds_its_task(
         screenshot(tri, "two-people-stale-card-refused")
     finally:
         stop(worker)
+
+
+@pytest.fixture
+def inbox(tmp_path, settings):
+    """Task files in a folder, imported into the queue `inbox`."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    settings.HYPERVISOR_IMPORT_ROOTS = [tmp_path]
+
+    def make(count: int) -> list:
+        paths = []
+        for i in range(count):
+            path = folder / f"t{i:03d}.md"
+            path.write_text(f"---\nid: t{i:03d}\ntitle: Task {i}\nassignee: nic\n---\n")
+            paths.append(path)
+        report = Importer("inbox").run([folder])
+        assert not report.errors, report.errors
+        return paths
+
+    return make
+
+
+def log_out_in_another_tab(page, live_url) -> object:
+    other = page.context.new_page()
+    other.goto(f"{live_url}/")
+    other.get_by_role("button", name="Log out").click()
+    other.wait_for_url("**/login/**")
+    return other
+
+
+def test_a_session_ended_in_another_tab_keeps_what_was_typed_and_sends_it_after_a_login(
+    people, live_url, login, inbox
+):
+    """Logged out in another tab while typing into the editor: the board's refresh, two
+    seconds later, took the page to the login form and the typing was gone, without a
+    word. Sent after that, a save or a bulk action went the same way. Now the page stays,
+    says so, and what was typed is sent once the person has logged in again elsewhere."""
+    staff, tri = people
+    paths = inbox(3)
+    task = Task.objects.get(key="t000")
+    page = tri
+    page.goto(f"{live_url}/?queue=inbox")
+    page.locator(f"#task-{task.pk} a.title").click()
+    drawer = page.locator("aside#drawer")
+    drawer.get_by_role("link", name="Edit").click()
+    body = drawer.get_by_label("Body")
+    body.fill("# Task 0\n\nTen minutes of notes on what was found.\n")
+    other = log_out_in_another_tab(page, live_url)
+    line = page.locator("#refusal")
+    expect(line).to_contain_text("Your session has ended", timeout=10_000)
+    page.wait_for_timeout(2500)  # another refresh: the page stays
+    assert "/login/" not in page.url
+    expect(body).to_have_value("# Task 0\n\nTen minutes of notes on what was found.\n")
+    drawer.get_by_role("button", name="Save").click()  # not logged in yet: nothing saved
+    expect(line).to_contain_text("nothing was saved or done")
+    assert "Ten minutes" not in paths[0].read_text()
+    assert "/login/" not in page.url
+
+    login(other, "tri")  # a new session, and a new CSRF token
+    drawer.get_by_role("button", name="Save").click()
+    expect(drawer.locator(".notice")).to_have_text("Saved body.")
+    assert "Ten minutes of notes on what was found." in paths[0].read_text()
+    expect(line).to_be_hidden()
+
+    # A bulk action: its dialog open, and applied after the session ended.
+    page.keyboard.press("Escape")
+    for key in ("t001", "t002"):
+        page.locator(f"#task-{Task.objects.get(key=key).pk} input.pick").check()
+    page.get_by_role("button", name="Assign…").click()
+    dialog = page.get_by_role("dialog", name="Assign 2 tasks")
+    dialog.get_by_label("Assignee").fill("carol")
+    log_out_in_another_tab(page, live_url).close()
+    expect(line).to_contain_text("Your session has ended", timeout=10_000)
+    dialog.get_by_role("button", name="Apply").click()
+    expect(line).to_contain_text("nothing was saved or done")
+    page.wait_for_timeout(2500)  # a refresh: the selection stays
+    assert "/login/" not in page.url
+    assert not Task.objects.filter(assignee="carol").exists()
+    expect(page.locator("#bulk-count")).to_have_text("2 selected")
+    login(other, "tri")
+    page.get_by_role("button", name="Assign…").click()
+    expect(dialog.get_by_label("Assignee")).to_have_value("carol")
+    dialog.get_by_role("button", name="Apply").click()
+    expect(page.locator("#bulk-status")).to_contain_text("Assigned 2 tasks.")
+    assert ["assignee: carol" in p.read_text() for p in paths] == [False, True, True]
