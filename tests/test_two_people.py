@@ -14,6 +14,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from tests.conftest import make_tasks
+from workqueue import editing
+from workqueue.forms import TaskEditForm
+from workqueue.importer import Importer
 from workqueue.models import EventKind, Status, Task
 
 pytestmark = pytest.mark.django_db
@@ -122,3 +125,53 @@ def test_release_from_a_stale_page_leaves_the_claim_taken_after_the_one_it_showe
     ]
     task.refresh_from_db()
     assert (task.status, task.holder) == (Status.CLAIMED, "w-2")
+
+
+TASK = """---
+id: ex-1
+title: Fix the login bug
+status: inbox
+priority: 1
+assignee: nic
+---
+# Fix the login bug
+"""
+
+
+@pytest.fixture
+def task(write_task) -> Task:
+    write_task("a.md", TASK)
+    report = Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    assert not report.errors
+    found = Task.objects.get(key="ex-1")
+    found.path = write_task.folder / "a.md"
+    return found
+
+
+def edit_form(task: Task, **typed) -> dict:
+    """What the drawer's editor posts: the form as it was shown, with what was typed."""
+    shown = TaskEditForm.for_task(task).initial
+    return {name: str(value) for name, value in {**shown, **typed}.items()}
+
+
+def test_a_save_that_lands_while_anothers_save_of_the_same_field_is_under_way_is_refused(
+    triager, task, monkeypatch
+):
+    """Both opened the task with assignee nic. The other person's save of the assignee
+    was written between this save's look at the task (nobody had changed the field) and
+    its write: this one wrote over it, and both were told "Saved assignee."."""
+    posted = edit_form(task, assignee="carol")
+    original = editing.edit_task
+
+    def the_other_save_lands_first(*args, **kwargs):
+        original(Task.objects.get(pk=task.pk), {"assignee": "alice"}, "user:staff")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(editing, "edit_task", the_other_save_lands_first)
+    answer = triager.post(f"/tasks/{task.pk}/edit/", posted, HTTP_HX_REQUEST="true")
+    assert answer.status_code == 409
+    assert "The task changed since you opened it" in answer.content.decode()
+    text = task.path.read_text()
+    assert "assignee: alice\n" in text and "carol" not in text
+    assert Task.objects.get(pk=task.pk).assignee == "alice"
+

@@ -609,8 +609,12 @@ def task_edit(request: HttpRequest, pk: int) -> HttpResponse:
             _actor(request),
             reason=data["reason"],
             # With the fields' own fingerprints, two people's edits of different fields
-            # both save; without them (an older form), any change since refuses it.
-            base_sha256=None if data["base_values"] is not None else data["base_sha256"] or None,
+            # both save; without them (an older form), any change since refuses it. With
+            # them, the file the fingerprints were checked against above: a save landing
+            # between that check and this write (of the same field, perhaps) refuses it.
+            base_sha256=task.source_sha256
+            if data["base_values"] is not None
+            else data["base_sha256"] or None,
         )
     except editing.EditError as exc:
         for name, problem in exc.errors.items():
