@@ -14,10 +14,12 @@ from django.db.models import F
 from django.utils import timezone
 
 from tests.conftest import make_tasks
-from workqueue import editing
+from workqueue import claims, editing
 from workqueue.forms import TaskEditForm
 from workqueue.importer import Importer
+from workqueue.locks import Identity, OwnerFile
 from workqueue.models import EventKind, Status, Task
+from workqueue.processing import Result
 
 pytestmark = pytest.mark.django_db
 
@@ -175,3 +177,38 @@ def test_a_save_that_lands_while_anothers_save_of_the_same_field_is_under_way_is
     assert "assignee: alice\n" in text and "carol" not in text
     assert Task.objects.get(pk=task.pk).assignee == "alice"
 
+
+def test_a_bulk_assign_leaves_the_file_of_a_task_a_worker_claimed_while_it_ran(
+    write_task, monkeypatch
+):
+    """A worker claimed one of the selected tasks after the bulk action had read them and
+    before it wrote them: its file was rewritten under the worker (a triage worker then
+    blocked the task, "changed on disk since claim"), where an edit of a claimed task
+    waits for the claim to end."""
+    for key in ("a", "b"):
+        write_task(f"{key}.md", TASK.replace("ex-1", key))
+    Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    first, second = Task.objects.order_by("key")
+    before = (write_task.folder / "a.md").read_bytes()
+    identity = Identity.current("w-test")
+    owner_file = OwnerFile(identity)
+    original = editing._write_temporaries
+    taken = []
+
+    def a_worker_claims_first(plans, skip):
+        if not taken:
+            taken.extend(claims.claim_ready_tasks("inbox", identity, owner_file, limit=1))
+        return original(plans, skip)
+
+    monkeypatch.setattr(editing, "_write_temporaries", a_worker_claims_first)
+    report = editing.edit_tasks([first.pk, second.pk], "user:tri", {"assignee": "carol"})
+    assert [claim.key for claim in taken] == ["a"]
+    assert (report.changed, report.skipped) == (2, [])
+    assert (write_task.folder / "a.md").read_bytes() == before  # the worker's, untouched
+    assert "assignee: carol\n" in (write_task.folder / "b.md").read_text()
+    first.refresh_from_db()
+    assert (first.status, first.assignee, first.change_pending) == (Status.CLAIMED, "carol", True)
+    # The claim ends: the file gets the edit, then its status.
+    claims.finish_claims(identity, [(claim, Result()) for claim in taken], owner_file)
+    text = (write_task.folder / "a.md").read_text()
+    assert "assignee: carol\n" in text and "status: done\n" in text

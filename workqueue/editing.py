@@ -509,11 +509,17 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
 def _commit_live(live: list[_Plan], actor: str, report: BulkReport, now) -> list[Applied]:
     applied, updates, events = [], [], []
     with transaction.atomic():
-        rows = dict(
-            Task.objects.select_for_update()
-            .filter(pk__in=[p.task.pk for p in live])
-            .values_list("pk", "source_sha256")
-        )
+        locked = Task.objects.select_for_update().filter(pk__in=[p.task.pk for p in live])
+        rows, held = {}, set()
+        for pk, sha256, status, pid in locked.values_list(
+            "pk", "source_sha256", "status", "holder_pid"
+        ):
+            rows[pk] = sha256
+            if status == Status.CLAIMED and pid is not None:
+                held.add(pk)
+        for plan in live:
+            if plan.task.pk in held and plan.temporary and not plan.status:
+                _defer(plan)
         unchanged = [p for p in live if rows.get(p.task.pk) == p.task.source_sha256]
         left_alone = _transitions([p for p in unchanged if p.status], actor)
         for plan in live:
@@ -532,6 +538,13 @@ def _commit_live(live: list[_Plan], actor: str, report: BulkReport, now) -> list
         TaskEvent.objects.record(events)
     report.changed += len(applied)
     return applied
+
+
+def _defer(plan: _Plan) -> None:
+    """A worker of ours claimed the task after its edit was planned: the file is its
+    worker's until the claim ends, and gets the edit then, as an edit made while claimed."""
+    discard(plan.temporary)
+    plan.temporary, plan.doc, plan.path, plan.deferred = "", None, "", True
 
 
 def _write(plan: _Plan, sha256: str | None, left_alone: dict[int, str]) -> str:
