@@ -6,10 +6,14 @@ from the page), after the task moved under that page.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from html.parser import HTMLParser
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 
@@ -212,3 +216,48 @@ def test_a_bulk_assign_leaves_the_file_of_a_task_a_worker_claimed_while_it_ran(
     claims.finish_claims(identity, [(claim, Result()) for claim in taken], owner_file)
     text = (write_task.folder / "a.md").read_text()
     assert "assignee: carol\n" in text and "status: done\n" in text
+
+
+def test_a_title_saved_while_a_bulk_assign_is_writing_the_same_task_saves_too(
+    transactional_db, write_task, monkeypatch
+):
+    """The bulk action had renamed the task's new file into place and not yet committed
+    its row (on a busy board the commit waits its turn behind the workers' writes) when
+    the staff member saved the title: the save found a file newer than its row and was
+    refused as "The file changed on disk", though nobody had touched the title."""
+    write_task("a.md", TASK)
+    Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    task = Task.objects.get(key="ex-1")
+    renamed = threading.Event()
+    original = editing._save_rows
+
+    def a_slow_commit(updates):
+        if threading.current_thread().name == "bulk":
+            renamed.set()
+            time.sleep(0.5)
+        return original(updates)
+
+    monkeypatch.setattr(editing, "_save_rows", a_slow_commit)
+
+    def bulk():
+        try:
+            editing.edit_tasks([task.pk], "user:tri", {"assignee": "carol"})
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=bulk, name="bulk")
+    thread.start()
+    try:
+        assert renamed.wait(10)
+        posted = edit_form(task, title="Renamed by staff")
+        form = TaskEditForm(posted)
+        assert form.is_valid()
+        result = editing.edit_task(task, form.changes(), "user:staff", check=form.changes)
+    finally:
+        thread.join()
+    assert result.changed == ["title"]
+    text = (write_task.folder / "a.md").read_text()
+    assert "title: Renamed by staff\n" in text and "assignee: carol\n" in text
+    task.refresh_from_db()
+    assert (task.title, task.assignee) == ("Renamed by staff", "carol")
+    assert task.source_sha256 == hashlib.sha256(text.encode()).hexdigest()

@@ -18,7 +18,7 @@ updates the row from what was written and records one `edited` event naming the 
 Public API (the board, bulk actions in the background and the MCP server use these):
     FIELDS, STATE_ACTIONS
     validate(changes, task=None) -> dict                    EditError names each field
-    edit_task(task, changes, actor, reason="", base_sha256=None) -> EditResult
+    edit_task(task, changes, actor, reason="", base_sha256=None, check=None) -> EditResult
     check_bulk(changes=None, action=None, reason="", add_tags=(), remove_tags=())
     edit_tasks(task_ids, actor, changes=None, action=None, reason="", add_tags=(),
                remove_tags=(), batch_size=BATCH, on_batch=None) -> BulkReport
@@ -292,14 +292,52 @@ def edit_task(
     actor: str,
     reason: str = "",
     base_sha256: str | None = None,
+    check: Callable[[Task], object] | None = None,
 ) -> EditResult:
     """Apply a person's edit of one task: the file, then the row, then one event.
 
     `base_sha256` is the file hash the person's form was made from: a file changed since
-    (on disk or by someone else's save) is refused as FileChanged. Raises EditError for
-    bad values, FileChanged, and Conflict when the task moved meanwhile.
+    (on disk or by someone else's save) is refused as FileChanged. `check(task)` is given
+    the task as this edit reads it, and raises FileChanged when a field the person changed
+    was changed since their form was shown (forms.TaskEditForm.changes). Raises EditError
+    for bad values, FileChanged, and Conflict when the task moved meanwhile.
+
+    Another save of the task under way as this one reads it (a person's, a bulk action's:
+    its file renamed, its row not committed yet) is waited for, and this edit is planned
+    again over it, once: an edit of another field then saves too.
     """
+    for last in (False, True):
+        task, plan = _edit_plan(task.pk, changes, reason, base_sha256, check)
+        if plan is None:
+            return EditResult(task, [], False, False)
+        if plan.unwritable == CHANGED_ON_DISK and not last and _saved_meanwhile(task):
+            continue
+        if plan.unwritable in (CHANGED_ON_DISK, MISSING):
+            raise FileChanged(task, plan.unwritable, plan.diff)
+        if plan.unwritable:
+            raise EditError({"file": plan.unwritable})
+        report = BulkReport(total=1)
+        _commit([plan], actor, report)
+        if not report.skipped:
+            break
+        why = report.skipped[0]["why"]
+        if why == CHANGED_ON_DISK and not last:
+            continue  # saved by someone else between this read and the row's lock
+        if why == CHANGED_ON_DISK:
+            raise FileChanged(task, why, file_difference(task))
+        if why.startswith(CANNOT_WRITE):  # reloading the task would not help
+            raise EditError({"file": why})
+        raise Conflict(why)
     task = Task.objects.select_related("content").get(pk=task.pk)
+    changed = [name for name in FIELDS if name in plan.old or (name == "status" and plan.status)]
+    return EditResult(task, changed, plan.path != "" and not plan.deferred, plan.deferred)
+
+
+def _edit_plan(pk: int, changes: dict, reason: str, base_sha256: str | None, check):
+    """edit_task's task as it is now, and its plan (None: nothing changes)."""
+    task = Task.objects.select_related("content").get(pk=pk)
+    if check is not None:
+        check(task)
     values = validate(changes, task)
     if base_sha256 is not None and base_sha256 != task.source_sha256:
         raise FileChanged(task, "changed since you opened it", file_difference(task))
@@ -310,25 +348,17 @@ def edit_task(
         raise EditError({"status": "a claimed task's status is not edited: release it first"})
     if status == Status.BLOCKED and not reason.strip():
         raise EditError({"reason": "say why the task is blocked"})
-    plan = _plan(task, values, status, reason.strip())
-    if plan is None:
-        return EditResult(task, [], False, False)
-    if plan.unwritable in (CHANGED_ON_DISK, MISSING):
-        raise FileChanged(task, plan.unwritable, plan.diff)
-    if plan.unwritable:
-        raise EditError({"file": plan.unwritable})
-    report = BulkReport(total=1)
-    _commit([plan], actor, report)
-    if report.skipped:
-        why = report.skipped[0]["why"]
-        if why == CHANGED_ON_DISK:
-            raise FileChanged(task, why, file_difference(task))
-        if why.startswith(CANNOT_WRITE):  # reloading the task would not help
-            raise EditError({"file": why})
-        raise Conflict(why)
-    task = Task.objects.select_related("content").get(pk=task.pk)
-    changed = [name for name in FIELDS if name in plan.old or (name == "status" and status)]
-    return EditResult(task, changed, plan.path != "" and not plan.deferred, plan.deferred)
+    return task, _plan(task, values, status, reason.strip())
+
+
+def _saved_meanwhile(task: Task) -> bool:
+    """Whether the task's row moved since `task` was read, once a write of it under way has
+    ended (its row's lock; on SQLite the writers' turn): a save renames its file before its
+    row commits, so a file newer than the row may be that save's, not an outside change."""
+    with write_transaction():
+        rows = Task.objects.select_for_update().filter(pk=task.pk)
+        now = rows.values_list("source_sha256", flat=True).first()
+    return now is not None and now != task.source_sha256
 
 
 @dataclass

@@ -605,16 +605,16 @@ def task_edit(request: HttpRequest, pk: int) -> HttpResponse:
     try:
         result = editing.edit_task(
             task,
-            form.changes(task),
+            form.changes(),
             _actor(request),
             reason=data["reason"],
             # With the fields' own fingerprints, two people's edits of different fields
-            # both save; without them (an older form), any change since refuses it. With
-            # them, the file the fingerprints were checked against above: a save landing
-            # between that check and this write (of the same field, perhaps) refuses it.
-            base_sha256=task.source_sha256
-            if data["base_values"] is not None
-            else data["base_sha256"] or None,
+            # both save; without them (an older form), any change since refuses it.
+            base_sha256=None if data["base_values"] is not None else data["base_sha256"] or None,
+            # A field someone else changed since the form was shown, checked against the
+            # task as the save reads it (as the view read it, a save landing in between
+            # was written over).
+            check=form.changes,
         )
     except editing.EditError as exc:
         for name, problem in exc.errors.items():
