@@ -182,3 +182,132 @@ def test_a_session_ended_in_another_tab_keeps_what_was_typed_and_sends_it_after_
     dialog.get_by_role("button", name="Apply").click()
     expect(page.locator("#bulk-status")).to_contain_text("Assigned 2 tasks.")
     assert ["assignee: carol" in p.read_text() for p in paths] == [False, True, True]
+
+
+def test_a_bulk_assign_of_50_while_workers_finish_them_and_another_person_edits_one(
+    people, live_url, inbox, process_env, consumer_huey, consumer
+):
+    """The triager assigns 50 cards while two workers claim and finish tasks of the same
+    queue and the staff member saves an edit of one of the 50: the summary's counts and
+    its skipped list are what happened to each task, and each file says what its row does."""
+    staff, tri = people
+    paths = inbox(300)
+    tri.goto(f"{live_url}/?queue=inbox")
+    queued = column(tri, "queued")
+    queued.locator("a.more").click()
+    cards = queued.locator("article.card")
+    expect(cards).to_have_count(50)
+    picked = [cards.nth(i).get_attribute("data-id") for i in range(50)]
+    cards.nth(0).locator("input.pick").check()
+    cards.nth(49).locator("input.pick").click(modifiers=["Shift"])
+    expect(tri.locator("#bulk-count")).to_have_text("50 selected")
+    workers = [
+        start_manage(
+            ["work", "--queue", "inbox", "--processor", "command", "--", "sleep", "0.2"],
+            process_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    try:
+        # The herd works the selected tasks first (the board's order is the claim order).
+        wait_until(lambda: Task.objects.filter(status=Status.DONE).count() >= 5, 60)
+        # The staff member edits the last of them meanwhile.
+        edited = Task.objects.get(pk=picked[-1])
+        staff.goto(f"{live_url}/tasks/{edited.pk}/")
+        staff.get_by_role("link", name="Edit").click()
+        staff.get_by_label("Title").fill("Renamed by staff")
+        tri.get_by_role("button", name="Assign…").click()
+        dialog = tri.get_by_role("dialog", name="Assign 50 tasks")
+        dialog.get_by_label("Assignee").fill("carol")
+        dialog.get_by_role("button", name="Apply").click()
+        staff.get_by_role("button", name="Save").click()
+        status = tri.locator("#bulk-status")
+        expect(status).to_contain_text("Assigned", timeout=60_000)
+        expect(status).not_to_contain_text("…")
+        screenshot(tri, "two-people-bulk-assign-50")
+    finally:
+        for worker in workers:
+            stop(worker)
+    expect(staff.get_by_text("Saved title.")).to_be_visible()
+    from workqueue.models import BulkAction
+
+    bulk = BulkAction.objects.get(action="assign")
+    tasks = Task.objects.in_bulk([int(pk) for pk in picked])
+    skipped = {s["task"] for s in bulk.skipped}
+    carol = {pk for pk, t in tasks.items() if t.assignee == "carol"}
+    assert bulk.changed == len(carol) and carol.isdisjoint(skipped)
+    assert bulk.changed + bulk.unchanged + len(skipped) == 50
+    summary = status.locator("p[role=status]").inner_text()
+    assert summary == f"Assigned {bulk.changed} task{'s' if bulk.changed != 1 else ''}."
+    if skipped:
+        expect(status.locator("details.skipped summary")).to_have_text(f"{len(skipped)} skipped")
+    assert Task.objects.get(pk=edited.pk).title == "Renamed by staff"
+    for pk, task in tasks.items():
+        path = paths[int(task.key[1:])]
+        text = path.read_text()
+        # One version each: the row's (or an edit waiting for a claim that still runs).
+        if task.status != Status.CLAIMED:
+            import hashlib
+
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == task.source_sha256, task.key
+            assert ("assignee: carol\n" in text) == (pk in carol), task.key
+        if task.status == Status.DONE:
+            assert "status: done\n" in text, task.key
+    assert "title: Renamed by staff\n" in paths[int(edited.key[1:])].read_text() or (
+        Task.objects.get(pk=edited.pk).status == Status.CLAIMED
+    )
+
+
+def test_a_permission_taken_away_while_the_page_is_open_refuses_each_action_in_words(
+    people, live_url, inbox
+):
+    """The staff member takes the triager's "Can change task" away while the triager's
+    board, editor and selection are open: each action is refused in the page's line,
+    with no error page, and nothing changes in the database or the files."""
+    _staff, tri = people
+    paths = inbox(3)
+    before = [p.read_bytes() for p in paths]
+    first, second, third = Task.objects.order_by("key")
+    Task.objects.filter(pk=third.pk).update(status=Status.DONE)
+    tri.goto(f"{live_url}/?queue=inbox")
+    tri.locator(f"#task-{second.pk} input.pick").check()
+    tri.locator(f"#task-{first.pk} a.title").click()
+    drawer = tri.locator("aside#drawer")
+    drawer.get_by_role("link", name="Edit").click()
+    drawer.get_by_label("Assignee").fill("carol")
+    from django.contrib.auth.models import User
+
+    User.objects.get(username="tri").user_permissions.remove(
+        Permission.objects.get(codename="change_task")
+    )
+    line = tri.locator("#refusal")
+    refused = "Refused: your account does not have the permission this needs"
+    drawer.get_by_role("button", name="Save").click()
+    expect(line).to_contain_text(refused)
+    expect(drawer.get_by_label("Assignee")).to_have_value("carol")
+    line.get_by_role("button", name="Dismiss").click()
+    tri.locator(f"#task-{second.pk}").get_by_role("button", name="Mark done").click()
+    expect(line).to_contain_text(refused)
+    line.get_by_role("button", name="Dismiss").click()
+    tri.once("dialog", lambda dialog: dialog.accept())  # "lose what you typed?"
+    drawer.get_by_label("Assignee").press("Escape")
+    expect(drawer.locator("form")).to_have_count(0)
+    tri.locator(f"#task-{third.pk}").drag_to(column(tri, "queued").locator(".cards"))
+    expect(line).to_contain_text(refused)
+    line.get_by_role("button", name="Dismiss").click()
+    tri.get_by_role("button", name="Assign…").click()
+    dialog = tri.get_by_role("dialog", name="Assign 1 task")
+    dialog.get_by_label("Assignee").fill("dave")
+    dialog.get_by_role("button", name="Apply").click()
+    expect(line).to_contain_text(refused)
+    expect(tri.locator("#bulk-count")).to_have_text("1 selected")
+    assert "/login/" not in tri.url and tri.locator("h1", has_text="Not permitted").count() == 0
+    assert [p.read_bytes() for p in paths] == before
+    assert list(Task.objects.order_by("key").values_list("status", "assignee")) == [
+        (Status.QUEUED, "nic"),
+        (Status.QUEUED, "nic"),
+        (Status.DONE, "nic"),
+    ]
+    assert not Task.objects.filter(events__actor="user:tri").exists()
