@@ -125,6 +125,23 @@
     });
   });
 
+  // A refresh renders as many cards per column as the page showed when it was sent: one
+  // answered after "Load more" added cards (sent before it, answered after) took them
+  // away again, the focus with them. It is left unswapped, and the board asked again.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    const board = document.getElementById("board");
+    if (!board || event.detail.target !== board || !event.detail.xhr.responseURL) return;
+    const asked = new URL(event.detail.xhr.responseURL).searchParams;
+    const fewer = Array.from(board.querySelectorAll("section.column[data-status]")).some(function (column) {
+      const shown = asked.get("shown_" + column.dataset.status);
+      return shown !== null && column.querySelectorAll(".card").length > parseInt(shown, 10);
+    });
+    if (fewer) {
+      event.detail.shouldSwap = false;
+      htmx.trigger(document.body, "board-changed");
+    }
+  });
+
   // A form the server refused comes back as HTML to show in place (422: a value named
   // by its field; 409: the file changed on disk, with the difference): swap it in.
   document.addEventListener("htmx:beforeSwap", function (event) {

@@ -11,6 +11,7 @@ import subprocess
 import psutil
 import pytest
 from django.contrib.auth.models import Permission
+from django.utils import timezone
 from playwright.sync_api import expect
 
 from tests.browser.conftest import PASSWORD, screenshot, wait_until
@@ -311,3 +312,32 @@ def test_a_permission_taken_away_while_the_page_is_open_refuses_each_action_in_w
         (Status.DONE, "nic"),
     ]
     assert not Task.objects.filter(events__actor="user:tri").exists()
+
+
+def test_a_refresh_answered_after_load_more_keeps_the_cards_it_brought(people, live_url):
+    """While a herd works the queue the board refreshes every two seconds. A refresh sent
+    just before "Load more" and answered just after it rendered the 25 cards per column
+    it was asked for, and the 25 that "Load more" had brought were gone again."""
+    _staff, tri = people
+    tasks = make_tasks("herd", 300)
+    tri.goto(f"{live_url}/?queue=herd")
+    queued = column(tri, "queued").locator("article.card")
+    expect(queued).to_have_count(25)
+    held = []
+    tri.route("**/*since=*", lambda route: held.append(route))
+    # The herd changes a task: the next refresh is a render.
+    Task.objects.filter(pk=tasks[-1].pk).update(title="Changed", updated_at=timezone.now())
+    for _ in range(50):
+        if held:
+            break
+        tri.wait_for_timeout(100)
+    assert held, "no refresh was sent"
+    column(tri, "queued").locator("a.more").click()
+    expect(queued).to_have_count(50)
+    held[0].continue_()  # the refresh sent with 25 shown is answered now
+    tri.wait_for_timeout(1000)
+    expect(queued).to_have_count(50)
+    tri.unroute("**/*since=*")  # and the refreshes after it
+    tri.wait_for_timeout(2500)
+    expect(queued).to_have_count(50)
+    assert len(set(queued.evaluate_all("cards => cards.map(c => c.id)"))) == 50
