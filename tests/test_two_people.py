@@ -261,3 +261,16 @@ def test_a_title_saved_while_a_bulk_assign_is_writing_the_same_task_saves_too(
     task.refresh_from_db()
     assert (task.title, task.assignee) == ("Renamed by staff", "carol")
     assert task.source_sha256 == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_closing_a_task_in_the_editor_after_a_worker_took_it_names_its_state(triager, task):
+    """The editor showed the task queued; a worker claimed it; the person set the status
+    to done and saved. Refused, rightly, but the conflict said "status is now: " and
+    nothing after it: a claimed task's form has no status to show."""
+    posted = edit_form(task, status="done", reason="a duplicate")
+    claim(task, "w-2")
+    answer = triager.post(f"/tasks/{task.pk}/edit/", posted, HTTP_HX_REQUEST="true")
+    assert answer.status_code == 409
+    assert "status is now: claimed (held by w-2)" in answer.content.decode()
+    assert Task.objects.get(pk=task.pk).status == Status.CLAIMED
+    assert "status: inbox\n" in task.path.read_text()

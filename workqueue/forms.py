@@ -418,9 +418,17 @@ class TaskEditForm(forms.Form):
                 raise editing.FileChanged(
                     task,
                     "changed since you opened it",
-                    "\n".join(f"{name} is now: {now[name]}" for name in moved),
+                    "\n".join(f"{name} is now: {_now_words(task, now, name)}" for name in moved),
                 )
         return changes
+
+
+def _now_words(task: Task, now: dict, name: str) -> str:
+    """A field's value now, as a conflict names it: a claimed task's form has no status
+    (a person does not set it), so its state is said instead."""
+    if name == "status" and task.status == Status.CLAIMED:
+        return f"claimed (held by {task.holder or '?'})"
+    return str(now[name])
 
 
 def cleaned_list(form: forms.Form, name: str) -> list[str]:
