@@ -22,7 +22,7 @@ from workqueue import claims, editing
 from workqueue.forms import TaskEditForm
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
-from workqueue.models import EventKind, Status, Task
+from workqueue.models import BulkAction, EventKind, Status, Task
 from workqueue.processing import Result
 
 pytestmark = pytest.mark.django_db
@@ -274,3 +274,29 @@ def test_closing_a_task_in_the_editor_after_a_worker_took_it_names_its_state(tri
     assert "status is now: claimed (held by w-2)" in answer.content.decode()
     assert Task.objects.get(pk=task.pk).status == Status.CLAIMED
     assert "status: inbox\n" in task.path.read_text()
+
+
+def test_a_bulk_close_leaves_a_selected_task_a_worker_took_after_the_page_showed_it(triager):
+    """Three cards selected in Queued, and the Close dialog said none was being worked;
+    a worker took one before Apply: the bulk close ended its run anyway, and the summary
+    said "Closed 3 tasks."."""
+    tasks = make_tasks("q", 3)
+    page = triager.get("/?queue=q").content.decode()
+    seen = ",".join(f"{t.pk}={card_form(page, t)[1]['seen']}" for t in tasks)
+    claim(tasks[1], "w-2")
+    ids = ",".join(str(t.pk) for t in tasks)
+    posted = {"action": "close", "value": "duplicates", "ids": ids, "seen": seen}
+    answer = triager.post("/bulk/", posted, HTTP_HX_REQUEST="true")
+    assert answer.status_code == 200
+    bulk = BulkAction.objects.get()
+    assert (bulk.changed, bulk.skipped_count) == (2, 1)
+    assert [(s["key"], s["why"]) for s in bulk.skipped] == [
+        ("t000001", "moved since your page showed it (it is claimed, held by w-2)")
+    ]
+    assert "Closed 2 tasks." in answer.content.decode()
+    statuses = dict(Task.objects.values_list("key", "status"))
+    assert statuses == {"t000000": "done", "t000001": "claimed", "t000002": "done"}
+    # An assignment is no state action: the task a worker holds is assigned too.
+    posted = {"action": "assign", "value": "carol", "ids": ids, "seen": seen}
+    triager.post("/bulk/", posted, HTTP_HX_REQUEST="true")
+    assert set(Task.objects.values_list("assignee", flat=True)) == {"carol"}

@@ -87,16 +87,22 @@ class Plan:
         editing.check_bulk(self.changes, self.action, self.reason, self.add_tags, self.remove_tags)
 
 
-def start(user, action: str, value: str, task_ids: Iterable[int]) -> BulkAction:
-    """Record a bulk action and run it: here when small, else on Huey. EditError first."""
+def start(
+    user, action: str, value: str, task_ids: Iterable[int], seen: dict[int, str] | None = None
+) -> BulkAction:
+    """Record a bulk action and run it: here when small, else on Huey. EditError first.
+    `seen`: the state the page showed each task in (Task.seen_as), for a state action."""
     plan = Plan.of(action, value)
     plan.check()
     ids = list(dict.fromkeys(int(i) for i in task_ids))
+    params = {"value": value.strip()}
+    if seen and plan.action:
+        params["seen"] = {str(pk): state for pk, state in seen.items()}
     bulk = BulkAction.objects.create(
         user=user,
         actor=f"user:{user.get_username()}",
         action=action,
-        params={"value": value.strip()},
+        params=params,
         task_ids=ids,
         total=len(ids),
     )
@@ -201,6 +207,7 @@ def _apply(bulk: BulkAction) -> None:
         add_tags=plan.add_tags,
         remove_tags=plan.remove_tags,
         on_batch=_progress(bulk, keep=True),
+        seen={int(pk): state for pk, state in bulk.params.get("seen", {}).items()},
     )
 
 

@@ -780,8 +780,12 @@ def edit_tasks(
     remove_tags: Iterable[str] = (),
     batch_size: int = BATCH,
     on_batch: Callable[[BulkReport, list[Applied]], None] | None = None,
+    seen: dict[int, str] | None = None,
 ) -> BulkReport:
     """The same edit (or one state action of STATE_ACTIONS) over many tasks, in batches.
+
+    `seen` maps tasks to the state a person's page showed them in (Task.seen_as): a state
+    action leaves a task that moved since alone (a worker took it: its run is not ended).
 
     Each batch writes its files together (temporaries, one sync, renames) and its rows in
     one transaction. A task whose file changed on disk, that moved meanwhile, or that the
@@ -798,6 +802,10 @@ def edit_tasks(
         tasks = Task.objects.filter(pk__in=chunk).defer(*UNUSED).order_by("id")
         plans = []
         for task in tasks:
+            moved = task.moved_since(seen.get(task.pk, "")) if seen and action else ""
+            if moved:
+                report.skip(task, moved)
+                continue
             if applies_to is not None and task.status not in applies_to:
                 report.skip(task, f"is {task.status}")
                 continue

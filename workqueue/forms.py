@@ -482,6 +482,16 @@ class BulkForm(forms.Form):
     ids = forms.CharField(required=False, max_length=2_000_000)
     all = forms.BooleanField(required=False)
     filters = forms.CharField(required=False, max_length=4000)
+    # `id=Task.seen_as` of the selected cards, for the actions that may end a claim.
+    seen = forms.CharField(required=False, max_length=2_000_000)
+
+    def clean_seen(self) -> dict[int, str]:
+        seen = {}
+        for item in self.cleaned_data["seen"].split(","):
+            pk, _, state = item.strip().partition("=")
+            if as_id(pk) is not None and state:
+                seen[as_id(pk)] = state
+        return seen
 
     def clean_ids(self) -> list[int]:
         ids = [as_id(p) for p in self.cleaned_data["ids"].split(",") if p.strip()]

@@ -613,6 +613,13 @@ class Task(models.Model):
         action would end a run no one saw, or a claim other than the one shown."""
         return f"{self.status}:{self.fence}"
 
+    def moved_since(self, seen: str) -> str:
+        """Why a page that showed the task as `seen` (seen_as) is not acted on, or ""."""
+        if not seen or seen == self.seen_as:
+            return ""
+        now = self.status + (f", held by {self.holder}" if self.status == Status.CLAIMED else "")
+        return f"moved since your page showed it (it is {now})"
+
     @property
     def held_outside(self) -> bool:
         """Claimed because its file says in progress (transitions.hold_for_outside): no

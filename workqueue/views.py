@@ -483,8 +483,8 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
         return HttpResponseBadRequest(problems, content_type="text/plain")
     action = form.cleaned_data["action"]
     seen = form.cleaned_data["seen"]
-    if seen and seen != task.seen_as:
-        return _moved_meanwhile(request, task)
+    if moved := task.moved_since(seen):
+        return _moved_meanwhile(request, f"{task.key} {moved}; nothing done.")
     if task.status not in ACTIONS[action][1]:
         return HttpResponse(
             f"Cannot {ACTIONS[action][0].lower()} a {task.status} task.",
@@ -517,10 +517,8 @@ def task_action(request: HttpRequest, pk: int) -> HttpResponse:
     return redirect(_safe_next(request))
 
 
-def _moved_meanwhile(request: HttpRequest, task: Task) -> HttpResponse:
+def _moved_meanwhile(request: HttpRequest, message: str) -> HttpResponse:
     """A card's action from a page that showed the task in another state: nothing done."""
-    now = task.status + (f", held by {task.holder}" if task.status == Status.CLAIMED else "")
-    message = f"{task.key} moved since your page showed it (it is {now}); nothing done."
     if not request.htmx:
         messages.error(request, message)
         return redirect(_safe_next(request))
@@ -703,7 +701,11 @@ def bulk_start(request: HttpRequest) -> HttpResponse:
     try:
         ids = form.task_ids()
         bulk_action = bulk.start(
-            request.user, form.cleaned_data["action"], form.cleaned_data["value"], ids
+            request.user,
+            form.cleaned_data["action"],
+            form.cleaned_data["value"],
+            ids,
+            seen=form.cleaned_data["seen"],
         )
     except forms.ValidationError as exc:
         return _bulk_status(request, None, status=422, error=" ".join(exc.messages))

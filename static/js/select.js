@@ -180,6 +180,15 @@
       values.filters = bar().dataset.filters || "";
     } else {
       values.ids = Array.from(selection.ids).join(",");
+      // The state each selected card shows: a task a worker took since is not closed,
+      // blocked or released from under its run (views.bulk_start).
+      values.seen = Array.from(selection.ids)
+        .map(function (id) {
+          const seen = document.querySelector("#task-" + id + " form.acts input[name=seen]");
+          return seen ? id + "=" + seen.value : "";
+        })
+        .filter(Boolean)
+        .join(",");
     }
     // The CSRF header comes from the body's hx-headers, inherited through the bar.
     const before = document.getElementById("bulk-status");

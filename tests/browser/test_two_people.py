@@ -87,6 +87,22 @@ def test_a_stale_card_is_not_closed_or_dragged_once_a_worker_holds_its_task(
         card.drag_to(column(tri, "done").locator(".cards"))
         expect(line).to_be_visible()
         expect(line).to_contain_text("t000000 moved since your page showed it")
+        line.get_by_role("button", name="Dismiss").click()
+        # Selected with the two cards after it and closed: those two only.
+        cards = column(tri, "queued").locator("article.card")
+        cards.nth(0).locator("input.pick").check()
+        cards.nth(2).locator("input.pick").click(modifiers=["Shift"])
+        tri.get_by_role("button", name="Close…").click()
+        dialog = tri.get_by_role("dialog", name="Close 3 tasks")
+        expect(dialog.locator("[data-dialog-claimed]")).to_be_hidden()  # as the page shows
+        dialog.get_by_label("Reason for closing").fill("duplicates")
+        dialog.get_by_role("button", name="Apply").click()
+        status = tri.locator("#bulk-status")
+        expect(status.locator("p[role=status]")).to_have_text("Closed 2 tasks.")
+        expect(status.locator("details.skipped")).to_contain_text(
+            "t000000: moved since your page showed it (it is claimed, held by"
+        )
+        assert Task.objects.filter(status=Status.DONE).count() == 2
         first.refresh_from_db()
         assert first.status == Status.CLAIMED
         assert not first.events.filter(kind=EventKind.DONE).exists()
