@@ -18,7 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from tests.conftest import make_tasks
-from workqueue import claims, editing
+from workqueue import claims, editing, transitions
 from workqueue.forms import TaskEditForm
 from workqueue.importer import Importer
 from workqueue.locks import Identity, OwnerFile
@@ -300,3 +300,33 @@ def test_a_bulk_close_leaves_a_selected_task_a_worker_took_after_the_page_showed
     posted = {"action": "assign", "value": "carol", "ids": ids, "seen": seen}
     triager.post("/bulk/", posted, HTTP_HX_REQUEST="true")
     assert set(Task.objects.values_list("assignee", flat=True)) == {"carol"}
+
+
+def test_an_edit_recorded_while_its_claim_was_ending_reaches_the_file(write_task, monkeypatch):
+    """The bulk assign found the task claimed and kept its change for the claim's end. The
+    worker finished and looked for waiting edits just before the bulk recorded it, then
+    wrote `status: done` into the file: the row said carol, the file nic, and nothing
+    was left to write it (until an import of the folder came by)."""
+    write_task("a.md", TASK)
+    Importer("inbox", roots=[write_task.folder]).run([write_task.folder])
+    task = Task.objects.get()
+    identity = Identity.current("w-test")
+    owner_file = OwnerFile(identity)
+    taken = claims.claim_ready_tasks("inbox", identity, owner_file, limit=1)
+    original = editing._write_temporaries
+
+    def the_claim_ends_first(plans, skip):
+        # finish_claims' first half: the finish, then its look for waiting edits.
+        report = transitions.finish(identity, [(claim, Result()) for claim in taken])
+        claims.apply_pending_changes(report.finished)
+        return original(plans, skip)
+
+    monkeypatch.setattr(editing, "_write_temporaries", the_claim_ends_first)
+    report = editing.edit_tasks([task.pk], "user:tri", {"assignee": "carol"})
+    assert report.changed == 1
+    editing.write_finished_status([task.pk], identity.worker)  # and its second half
+    text = (write_task.folder / "a.md").read_text()
+    assert "assignee: carol\n" in text and "status: done\n" in text
+    task.refresh_from_db()
+    assert (task.status, task.assignee, task.change_pending) == (Status.DONE, "carol", False)
+    assert task.source_sha256 == hashlib.sha256(text.encode()).hexdigest()

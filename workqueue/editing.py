@@ -528,12 +528,16 @@ def _commit(plans: list[_Plan], actor: str, report: BulkReport) -> list[Applied]
     now = timezone.now()
     live = _write_temporaries(plans, report.skip)
     try:
-        return _commit_live(live, actor, report, now)
+        applied = _commit_live(live, actor, report, now)
     finally:
         # A database error before a rename left its temporary: none is left behind.
         for plan in live:
             if plan.temporary:
                 discard(plan.temporary)
+    # An edit kept for a claim's end that ended meanwhile: its worker looked for waiting
+    # edits before this one was recorded, and nothing else would write it.
+    apply_pending_after_release(p.task for p in live if p.deferred)
+    return applied
 
 
 def _commit_live(live: list[_Plan], actor: str, report: BulkReport, now) -> list[Applied]:
