@@ -357,3 +357,51 @@ def test_a_refresh_answered_after_load_more_keeps_the_cards_it_brought(people, l
     tri.wait_for_timeout(2500)
     expect(queued).to_have_count(50)
     assert len(set(queued.evaluate_all("cards => cards.map(c => c.id)"))) == 50
+
+
+def test_the_same_person_in_two_tabs_undoes_only_their_latest_action_and_is_told(
+    browser, people, live_url, login
+):
+    """Held up: Undo in the tab of an earlier action, after a later one in another tab of
+    the same person, is refused in words and undoes nothing; a save from the older of two
+    editors of the same task names the other tab's change."""
+    staff, _tri = people
+    tasks = make_tasks("q", 3)
+    other = staff.context.new_page()  # the same person, a second tab
+    for page in (staff, other):
+        page.goto(f"{live_url}/?queue=q")
+
+    def assign(page, task, name):
+        page.locator(f"#task-{task.pk} input.pick").check()
+        page.get_by_role("button", name="Assign…").click()
+        dialog = page.get_by_role("dialog", name="Assign 1 task")
+        dialog.get_by_label("Assignee").fill(name)
+        dialog.get_by_role("button", name="Apply").click()
+        expect(page.locator("#bulk-status")).to_contain_text("Assigned 1 task.")
+
+    assign(staff, tasks[0], "carol")
+    assign(other, tasks[1], "dave")
+    staff.locator("#bulk-status").get_by_role("button", name="Undo").click()
+    expect(staff.locator("#refusal")).to_contain_text(
+        "Only your latest bulk action can be undone, once."
+    )
+    assert list(Task.objects.order_by("key").values_list("assignee", flat=True)) == [
+        "carol",
+        "dave",
+        "",
+    ]
+    # Both tabs edit the third task's assignee: the second save is refused, naming it.
+    drawers = []
+    for page in (staff, other):
+        page.locator(f"#task-{tasks[2].pk} a.title").click()
+        drawer = page.locator("aside#drawer")
+        drawer.get_by_role("link", name="Edit").click()
+        drawers.append(drawer)
+    drawers[1].get_by_label("Assignee").fill("erin")
+    drawers[1].get_by_role("button", name="Save").click()
+    expect(drawers[1].locator(".notice")).to_have_text("Saved assignee.")
+    drawers[0].get_by_label("Assignee").fill("frank")
+    drawers[0].get_by_role("button", name="Save").click()
+    expect(drawers[0].get_by_role("alert")).to_contain_text("The task changed since you opened it")
+    expect(drawers[0].locator("pre.diff")).to_contain_text("assignee is now: erin")
+    assert Task.objects.get(pk=tasks[2].pk).assignee == "erin"
