@@ -5,7 +5,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django.db.backends.base.operations import BaseDatabaseOperations
 
-from herds.models import MAX_TOKEN_BUDGET, MAX_WALL_CLOCK, Profile
+from herds.models import MAX_TOKEN_BUDGET, MAX_WALL_CLOCK, Profile, connections_problem
 from workqueue.editing import TAG_LIMIT
 from workqueue.models import Queue, Task
 from workqueue.names import validate_queue_name
@@ -125,4 +125,6 @@ class LaunchForm(forms.Form):
             self.add_error(
                 "workers", f"Profile {profile.name} allows at most {profile.max_workers} workers."
             )
+        elif workers and (problem := connections_problem(workers)):
+            self.add_error("workers", problem)
         return data

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import Count, F, FloatField, OuterRef, Q, Subquery, Sum
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast
@@ -352,6 +352,34 @@ class LaunchRepeated(Exception):
 # A launch is a pre-flight and N forks: seconds. One still unfinished after this is dead.
 LAUNCH_STALL = timedelta(minutes=2)
 ENDED = (HerdStatus.FINISHED, HerdStatus.FAILED, HerdStatus.CANCELLED, HerdStatus.QUOTA)
+# PostgreSQL connections a herd leaves to the web, the consumers and everyone else.
+CONNECTIONS_LEFT = 10
+
+
+def connections_problem(size: int) -> str:
+    """PostgreSQL: why a herd of `size` workers would take the connections the web and the
+    consumers need, or "". Each worker holds one (its heartbeat one more while it beats);
+    past max_connections the workers wait and retry, but the board is refused meanwhile."""
+    db = connections["default"]
+    if db.vendor != "postgresql":
+        return ""
+    with db.cursor() as cursor:
+        cursor.execute(
+            "SELECT current_setting('max_connections')::int, "
+            "current_setting('superuser_reserved_connections')::int, "
+            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+        )
+        most, reserved, used = cursor.fetchone()
+    free = most - reserved - used
+    if size + CONNECTIONS_LEFT <= free:
+        return ""
+    return (
+        f"A herd of {size} workers needs {size} of the database's connections, and "
+        f"PostgreSQL has {free} free now (max_connections {most}, {used} in use, {reserved} "
+        f"kept for superusers), of which {CONNECTIONS_LEFT} are left to the web and the "
+        f"consumers: launch at most {max(0, free - CONNECTIONS_LEFT)} workers, or raise "
+        "max_connections."
+    )
 
 
 class HerdQuerySet(models.QuerySet):
@@ -576,6 +604,8 @@ class Herd(models.Model):
                     f"{self.profile.max_workers} workers."
                 }
             )
+        if self.size and (problem := connections_problem(self.size)):
+            raise ValidationError({"size": problem})
 
         if self.cost_budget_usd and self.profile_id and not self.reports_cost:
             # Only Claude Code says what a run cost: the budget would never be reached.

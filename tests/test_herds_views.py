@@ -18,7 +18,7 @@ from django.utils import timezone
 from herds.admin import PROTECTED_NAMED, WORKERS_INLINE
 from herds.models import Herd, HerdStatus, HerdWorker, LaunchRepeated, Profile
 from herds.supervision import worker_argv
-from tests.conftest import make_tasks
+from tests.conftest import make_tasks, run_manage
 from workqueue import cpu_slots
 from workqueue.models import Status, Task
 
@@ -682,3 +682,31 @@ def test_a_launch_while_hueys_queue_is_down_makes_the_herd_and_says_so(
     )
     assert herd.status == HerdStatus.PENDING
     assert f"herd {herd.pk}: its launch could not be sent to Huey" in caplog.text
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's max_connections")
+def test_a_herd_that_would_take_the_webs_database_connections_is_refused(
+    operator, profile, huey_env
+):
+    """Each worker holds a connection: a herd of as many workers as PostgreSQL has free
+    ones started, its workers waited and retried, and the board was refused meanwhile."""
+    Profile.objects.filter(pk=profile.pk).update(max_workers=1000)
+    make_tasks("inbox", 1)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('max_connections')::int")
+        most = cursor.fetchone()[0]
+    form = {"queue": "inbox", "profile": "noop", "workers": most, "batch": 0, "where": ""}
+    page = client_for(operator).post(reverse("herds:launch"), form).content.decode()
+    assert f"A herd of {most} workers needs {most} of the database&#x27;s connections" in page
+    assert "launch at most" in page and "or raise max_connections" in page
+    done = run_manage(
+        ["herd", "--queue", "inbox", "--profile", "noop", "--workers", str(most)], huey_env
+    )
+    assert done.returncode != 0
+    assert f"A herd of {most} workers needs {most}" in done.stderr
+    assert not Herd.objects.exists()
+    # As many as it says it can take are launched.
+    fewer = int(re.search(r"launch at most (\d+) workers", page).group(1))
+    assert fewer > 0
+    page = client_for(operator).post(reverse("herds:launch"), {**form, "workers": fewer})
+    assert "connections" not in page.content.decode()
