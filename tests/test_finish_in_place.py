@@ -309,3 +309,31 @@ def test_the_reaper_removes_the_temporaries_of_a_worker_killed_after_its_finish(
     assert list(folder.glob(".*.tmp")) == [], reaped.stdout
     assert reaped.stdout.splitlines()[-1].endswith(", 5 temporary files"), reaped.stdout
     assert all("status: done" in p.read_text() for p in folder.iterdir())
+
+
+@pytest.mark.django_db
+def test_a_finish_overtaken_by_an_edit_planned_before_it_still_writes_its_status(
+    tasks, monkeypatch
+):
+    """A bulk assign planned while the task was queued wrote its file after the finish had
+    read it and before it wrote: the finish took the new file for its own change's and
+    left it, and the file never said done (seen by a herd finishing a bulk's tasks)."""
+    paths = tasks({"todo.md": FILES["todo.md"]})
+    task = Task.objects.get(key="a-2")
+    bulk = editing._plan(task, editing.validate({"assignee": "carol"}, task), None, "")
+    real = editing._write_finish_plans
+    overtaken = []
+
+    def overtaken_by_an_edit(plans, notes):
+        if not overtaken:  # the bulk's write, between the finish's read and its write
+            overtaken.append(editing._commit([bulk], "user:ann", editing.BulkReport(total=1)))
+        return real(plans, notes)
+
+    monkeypatch.setattr(editing, "_write_finish_plans", overtaken_by_an_edit)
+    finish_all()
+    text = paths["todo.md"].read_text()
+    assert "assignee: carol\n" in text and "status: done\n" in text
+    task = Task.objects.get(key="a-2")
+    assert task.status == Status.DONE
+    assert hashlib.sha256(paths["todo.md"].read_bytes()).hexdigest() == task.source_sha256
+    assert notes() == {}

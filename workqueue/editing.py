@@ -1085,7 +1085,13 @@ def write_finished_status(task_ids: Iterable[int], actor: str, quiet: bool = Fal
             notes.append((task, CHANGED_ON_DISK))
         elif plan is not None:
             plans.append(plan)
-    _write_finish_plans(plans, notes)
+    overtaken = _write_finish_plans(plans, notes)
+    # Another save wrote the file between this finish's read and its write (an edit planned
+    # before the finish, of another field): it did not write the status. Read again, once.
+    for task in finished.filter(pk__in=overtaken).values_list(*columns, named=True):
+        plan = _finish_plan(task, notes)
+        if plan == CHANGED_ON_DISK or (plan and _write_finish_plans([plan], notes)):
+            notes.append((task, CHANGED_ON_DISK))  # overtaken twice: the next import writes it
     if quiet:
         return
     # Said where the run is watched too (the worker's output, a herd worker's log), not
@@ -1152,9 +1158,10 @@ def _finish_plan(task, notes: list) -> _Plan | str | None:
     return plan
 
 
-def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
+def _write_finish_plans(plans: list[_Plan], notes: list) -> list[int]:
     """Temporaries, one sync, then each renamed over its file while its row still shows
-    the state and the file written from (a person may have moved it meanwhile).
+    the state and the file written from (a person may have moved it meanwhile). Returns
+    the tasks whose state stands but whose file another save wrote meanwhile.
 
     A status word written over the old one in place (overwrite_spot) needs no temporary:
     creating and renaming files in one folder queue on the folder's lock and the
@@ -1172,7 +1179,7 @@ def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
         [p for p in plans if not p.spot], lambda task, why: notes.append((task, why))
     )
     now = timezone.now()
-    updates, in_place = [], []
+    updates, in_place, overtaken = [], [], []
     try:
         with write_transaction():
             rows = Task.objects.select_for_update().filter(pk__in=[p.task.pk for p in plans])
@@ -1181,8 +1188,12 @@ def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
                 for pk, status, sha256 in rows.values_list("pk", "status", "source_sha256")
             }
             for plan in plans:
-                if seen.get(plan.task.pk) != (plan.task.status, plan.task.source_sha256):
-                    continue  # moved or edited meanwhile: its own change wrote the file
+                status, sha256 = seen.get(plan.task.pk, (None, None))
+                if status != plan.task.status:
+                    continue  # moved meanwhile: its own change wrote the file
+                if sha256 != plan.task.source_sha256:
+                    overtaken.append(plan.task.pk)
+                    continue
                 try:
                     if plan.spot:
                         stat = overwrite_if_unchanged(plan.path, plan.seen, *plan.spot)
@@ -1216,6 +1227,7 @@ def _write_finish_plans(plans: list[_Plan], notes: list) -> None:
         sync_files([p.path for p in in_place])
     except OSError as exc:
         notes.extend((p.task, f"written, but not synced: {exc.strerror or exc}") for p in in_place)
+    return overtaken
 
 
 def apply_pending_edit(task: Task) -> None:
