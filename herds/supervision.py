@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+from datetime import datetime
 
 from django.conf import settings
 
@@ -167,15 +168,16 @@ def supervise(herd: Herd) -> bool:
         elif spent := herd.budget_spent():
             herd.drain(spent)
     lost = herd.launch_lost()
+    now = clock.now()  # one read of the database's clock for the pass, not one a worker
     for worker in herd.workers.live():
         if worker.pid is None:
             # Being started right now by the launch task, unless that launch is over.
-            if (lost or herd.launched_at is not None) and never_started(worker):
+            if (lost or herd.launched_at is not None) and never_started(worker, now):
                 worker.record_exit(
                     None, ExitClass.CRASHED, "never started: its launch stopped first"
                 )
             continue
-        check_worker(herd, worker, child_of(worker))
+        check_worker(herd, worker, child_of(worker), now)
     herd.record_pass()
     if herd.workers.live().exists():
         return True
@@ -193,11 +195,11 @@ def supervise(herd: Herd) -> bool:
     return False
 
 
-def never_started(worker: HerdWorker) -> bool:
+def never_started(worker: HerdWorker, now: datetime | None = None) -> bool:
     worker.refresh_from_db(fields=["pid", "heartbeat_at"])
     if worker.pid is not None or worker.heartbeat_at is not None:
         return False
-    return (clock.now() - worker.started_at).total_seconds() > START_GRACE_SECONDS
+    return ((now or clock.now()) - worker.started_at).total_seconds() > START_GRACE_SECONDS
 
 
 def child_of(worker: HerdWorker) -> zygote.WorkerProcess | None:
@@ -217,14 +219,20 @@ def forget_exited_children() -> None:
             children.pop(pk, None)
 
 
-def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | None) -> None:
+def check_worker(
+    herd: Herd,
+    worker: HerdWorker,
+    child: zygote.WorkerProcess | None,
+    now: datetime | None = None,
+) -> None:
+    """`now`: the database's clock (workqueue.clock), read once by the caller's pass."""
     if worker.host != settings.HYPERVISOR_HOST:
-        check_remote_worker(worker)
+        check_remote_worker(worker, now)
         return
     returncode = child.poll() if child is not None else None
     seen = processes.sample(worker.pid, worker.process_started)
     silent_since = worker.heartbeat_at or worker.started_at
-    silence = (clock.now() - silent_since).total_seconds()
+    silence = ((now or clock.now()) - silent_since).total_seconds()
     timed_out = silence > settings.HYPERVISOR_LEASE_SECONDS
     if seen.alive and returncode is None:
         if timed_out:
@@ -259,13 +267,13 @@ def check_worker(herd: Herd, worker: HerdWorker, child: zygote.WorkerProcess | N
     replace_worker(herd, worker)
 
 
-def check_remote_worker(worker: HerdWorker) -> None:
+def check_remote_worker(worker: HerdWorker, now: datetime | None = None) -> None:
     """A worker of another host: its pid means nothing here, only its heartbeat does.
 
     Its claims are not touched: they end with their lease, and the reaper takes them.
     """
     silent_since = worker.heartbeat_at or worker.started_at
-    silence = (clock.now() - silent_since).total_seconds()
+    silence = ((now or clock.now()) - silent_since).total_seconds()
     if silence > settings.HYPERVISOR_LEASE_SECONDS:
         worker.record_exit(
             None, ExitClass.TIMED_OUT, f"no heartbeat from host {worker.host} for {silence:.0f} s"
